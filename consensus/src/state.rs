@@ -1,0 +1,378 @@
+//! `ClusterState`: everything the hubs agree on, and the commands that change it.
+//!
+//! [`ClusterState::apply`] is a pure function of the state and one command. It validates before
+//! it mutates, so a rejected command changes nothing. Time comes in the command (stamped by the
+//! proposer), never from the clock of the hub applying it.
+
+use std::collections::BTreeMap;
+
+use hubmesh_storage::Hash;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Epoch, NodeId};
+
+/// Whether a task keeps memory across invocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskKind {
+    /// One instance, memory persists, invocations run one at a time.
+    Stateful,
+    /// Interchangeable instances, invocations run concurrently.
+    Stateless,
+}
+
+/// How a stateful task's state is checkpointed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckpointPolicy {
+    /// Never: the state lives in memory only.
+    None,
+    /// Every `every_ms` milliseconds while the state changes.
+    Periodic { every_ms: u64 },
+    /// Before each answer.
+    Durable,
+}
+
+/// Per-task resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub timeout_ms: u64,
+    pub max_input_bytes: u64,
+    pub max_output_bytes: u64,
+    pub queue: u32,
+}
+
+/// What a user deployed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub name: String,
+    pub kind: TaskKind,
+    /// The module as run (instrumented by the hub that accepted the deploy).
+    pub module_hash: Hash,
+    /// The module as uploaded.
+    pub source_hash: Hash,
+    pub limits: Limits,
+    pub checkpoint: CheckpointPolicy,
+    /// Interval of `hm_tick`, if the module exports it.
+    pub tick_ms: Option<u64>,
+}
+
+/// Where an instance runs, with its fencing epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub node: NodeId,
+    pub epoch: Epoch,
+}
+
+/// A task with its version history and placements.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub spec: TaskSpec,
+    /// 1 on creation, +1 per explicit update.
+    pub version: u64,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// Instance index -> placement. A stateful task has the single instance 0.
+    pub instances: BTreeMap<u32, Placement>,
+}
+
+/// Health of a hub as the leader sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeStatus {
+    Up,
+    Suspect,
+    Down,
+    Draining,
+}
+
+/// A hub of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub name: String,
+    pub api_addr: String,
+    pub labels: BTreeMap<String, String>,
+    /// How many instances the hub offers to run.
+    pub slots: u32,
+    pub status: NodeStatus,
+}
+
+/// The replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub tasks: BTreeMap<String, TaskRecord>,
+    /// The last epoch handed out; the next placement gets `last_epoch + 1`.
+    pub last_epoch: Epoch,
+}
+
+/// Whether a deploy creates a task or replaces an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeployMode {
+    /// The name must be free.
+    Create,
+    /// The task must exist; it gets a new version and its instances new epochs.
+    Update,
+}
+
+/// A change of the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Adds a hub or updates its addresses, labels and capacity.
+    RegisterNode { node: NodeRecord },
+    /// Creates or updates a task.
+    DeployTask { spec: TaskSpec, mode: DeployMode, at_ms: u64 },
+    /// Deletes a task and its placements.
+    DeleteTask { name: String },
+    /// Places (or re-places) one instance. `expected` is the epoch the proposer saw, so a
+    /// placement decided on a stale view is rejected instead of overriding a newer one.
+    PlaceInstance { task: String, instance: u32, node: NodeId, expected: Option<Epoch> },
+    /// Independent commands committed as one log entry (group commit); each has its own result.
+    Batch(Vec<Command>),
+}
+
+/// What an applied command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Nothing to report (blank and membership entries).
+    Noop,
+    NodeRegistered,
+    Deployed { version: u64, created: bool },
+    Deleted,
+    Placed { epoch: Epoch },
+    Batch(Vec<CommandResult>),
+}
+
+/// Why a command was refused. A refused command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejected {
+    /// A task with this name exists; deploy it as an explicit update.
+    #[error("task {0:?} already exists")]
+    TaskExists(String),
+    /// No task has this name.
+    #[error("no task named {0:?}")]
+    NoSuchTask(String),
+    /// No hub has this id.
+    #[error("no hub with id {0}")]
+    NoSuchNode(NodeId),
+    /// No such instance of the task.
+    #[error("task {task:?} has no instance {instance}")]
+    NoSuchInstance { task: String, instance: u32 },
+    /// The placement changed since the proposer looked; re-read and decide again.
+    #[error("stale epoch: the instance is at epoch {current:?}")]
+    StaleEpoch { current: Option<Epoch> },
+    /// The command is malformed.
+    #[error("invalid command: {0}")]
+    Invalid(String),
+}
+
+/// The state machine's answer to one command.
+pub type CommandResult = Result<Outcome, Rejected>;
+
+/// Longest task name; names are also used in URLs and file names.
+pub const MAX_TASK_NAME: usize = 64;
+
+/// Checks a task name: 1–64 characters of `[a-z0-9_-]`, starting with a letter or digit.
+pub fn validate_task_name(name: &str) -> Result<(), Rejected> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_TASK_NAME
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(Rejected::Invalid(format!(
+            "task name {name:?} must be 1-{MAX_TASK_NAME} characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
+        )))
+    }
+}
+
+impl ClusterState {
+    /// Applies one command. Deterministic; on `Err` the state is unchanged.
+    pub fn apply(&mut self, cmd: &Command) -> CommandResult {
+        match cmd {
+            Command::RegisterNode { node } => {
+                self.nodes.insert(node.id, node.clone());
+                Ok(Outcome::NodeRegistered)
+            }
+            Command::DeployTask { spec, mode, at_ms } => self.deploy(spec, *mode, *at_ms),
+            Command::DeleteTask { name } => {
+                self.tasks.remove(name).ok_or_else(|| Rejected::NoSuchTask(name.clone()))?;
+                Ok(Outcome::Deleted)
+            }
+            Command::PlaceInstance { task, instance, node, expected } => self.place(task, *instance, *node, *expected),
+            Command::Batch(cmds) => {
+                if cmds.iter().any(|c| matches!(c, Command::Batch(_))) {
+                    return Err(Rejected::Invalid("batches do not nest".into()));
+                }
+                Ok(Outcome::Batch(cmds.iter().map(|c| self.apply(c)).collect()))
+            }
+        }
+    }
+
+    fn next_epoch(&mut self) -> Epoch {
+        self.last_epoch = Epoch(self.last_epoch.0 + 1);
+        self.last_epoch
+    }
+
+    fn deploy(&mut self, spec: &TaskSpec, mode: DeployMode, at_ms: u64) -> CommandResult {
+        validate_task_name(&spec.name)?;
+        if spec.limits.memory_bytes == 0 || spec.limits.timeout_ms == 0 {
+            return Err(Rejected::Invalid("memory and timeout limits must be positive".into()));
+        }
+        match (mode, self.tasks.contains_key(&spec.name)) {
+            (DeployMode::Create, true) => Err(Rejected::TaskExists(spec.name.clone())),
+            (DeployMode::Update, false) => Err(Rejected::NoSuchTask(spec.name.clone())),
+            (DeployMode::Create, false) => {
+                let record = TaskRecord {
+                    spec: spec.clone(),
+                    version: 1,
+                    created_ms: at_ms,
+                    updated_ms: at_ms,
+                    instances: BTreeMap::new(),
+                };
+                self.tasks.insert(spec.name.clone(), record);
+                Ok(Outcome::Deployed { version: 1, created: true })
+            }
+            (DeployMode::Update, true) => {
+                let mut record = self.tasks.remove(&spec.name).expect("checked: the task exists");
+                record.spec = spec.clone();
+                record.version += 1;
+                record.updated_ms = at_ms;
+                // New epochs fence the instances that still run the old version.
+                let nodes: Vec<(u32, NodeId)> = record.instances.iter().map(|(i, p)| (*i, p.node)).collect();
+                for (i, node) in nodes {
+                    let epoch = self.next_epoch();
+                    record.instances.insert(i, Placement { node, epoch });
+                }
+                let version = record.version;
+                self.tasks.insert(spec.name.clone(), record);
+                Ok(Outcome::Deployed { version, created: false })
+            }
+        }
+    }
+
+    fn place(&mut self, task: &str, instance: u32, node: NodeId, expected: Option<Epoch>) -> CommandResult {
+        if !self.nodes.contains_key(&node) {
+            return Err(Rejected::NoSuchNode(node));
+        }
+        let record = self.tasks.get(task).ok_or_else(|| Rejected::NoSuchTask(task.to_owned()))?;
+        if record.spec.kind == TaskKind::Stateful && instance != 0 {
+            return Err(Rejected::NoSuchInstance { task: task.to_owned(), instance });
+        }
+        let current = record.instances.get(&instance).map(|p| p.epoch);
+        if current != expected {
+            return Err(Rejected::StaleEpoch { current });
+        }
+        let epoch = self.next_epoch();
+        let record = self.tasks.get_mut(task).expect("checked: the task exists");
+        record.instances.insert(instance, Placement { node, epoch });
+        Ok(Outcome::Placed { epoch })
+    }
+
+    /// The placement of `task`'s instance `instance`, if placed.
+    pub fn placement(&self, task: &str, instance: u32) -> Option<Placement> {
+        self.tasks.get(task)?.instances.get(&instance).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u64) -> NodeRecord {
+        NodeRecord {
+            id: NodeId(id),
+            name: format!("hub{id}"),
+            api_addr: "127.0.0.1:7070".into(),
+            labels: BTreeMap::new(),
+            slots: 100,
+            status: NodeStatus::Up,
+        }
+    }
+
+    fn spec(name: &str, kind: TaskKind) -> TaskSpec {
+        TaskSpec {
+            name: name.into(),
+            kind,
+            module_hash: Hash::of(name.as_bytes()),
+            source_hash: Hash::of(b"src"),
+            limits: Limits { memory_bytes: 1 << 20, timeout_ms: 1000, max_input_bytes: 1024, max_output_bytes: 1024, queue: 8 },
+            checkpoint: CheckpointPolicy::None,
+            tick_ms: None,
+        }
+    }
+
+    fn deploy(name: &str, mode: DeployMode) -> Command {
+        Command::DeployTask { spec: spec(name, TaskKind::Stateful), mode, at_ms: 5 }
+    }
+
+    #[test]
+    fn create_then_second_create_is_rejected_and_changes_nothing() {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(&deploy("counter", DeployMode::Create)), Ok(Outcome::Deployed { version: 1, created: true }));
+        let before = s.clone();
+        assert_eq!(s.apply(&deploy("counter", DeployMode::Create)), Err(Rejected::TaskExists("counter".into())));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn update_bumps_version_and_epochs() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::RegisterNode { node: node(1) }).unwrap();
+        s.apply(&deploy("c", DeployMode::Create)).unwrap();
+        let placed = s.apply(&Command::PlaceInstance { task: "c".into(), instance: 0, node: NodeId(1), expected: None });
+        assert_eq!(placed, Ok(Outcome::Placed { epoch: Epoch(1) }));
+        assert_eq!(s.apply(&deploy("c", DeployMode::Update)), Ok(Outcome::Deployed { version: 2, created: false }));
+        assert_eq!(s.placement("c", 0), Some(Placement { node: NodeId(1), epoch: Epoch(2) }));
+        assert_eq!(s.apply(&deploy("nope", DeployMode::Update)), Err(Rejected::NoSuchTask("nope".into())));
+    }
+
+    #[test]
+    fn placement_with_a_stale_epoch_is_rejected() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::RegisterNode { node: node(1) }).unwrap();
+        s.apply(&deploy("c", DeployMode::Create)).unwrap();
+        let place = |expected| Command::PlaceInstance { task: "c".into(), instance: 0, node: NodeId(1), expected };
+        s.apply(&place(None)).unwrap();
+        let before = s.clone();
+        assert_eq!(s.apply(&place(None)), Err(Rejected::StaleEpoch { current: Some(Epoch(1)) }));
+        assert_eq!(s, before);
+        assert_eq!(s.apply(&place(Some(Epoch(1)))), Ok(Outcome::Placed { epoch: Epoch(2) }));
+        let bad_node = Command::PlaceInstance { task: "c".into(), instance: 0, node: NodeId(9), expected: Some(Epoch(2)) };
+        assert_eq!(s.apply(&bad_node), Err(Rejected::NoSuchNode(NodeId(9))));
+    }
+
+    #[test]
+    fn epochs_never_repeat_across_delete_and_recreate() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::RegisterNode { node: node(1) }).unwrap();
+        s.apply(&deploy("c", DeployMode::Create)).unwrap();
+        let place = Command::PlaceInstance { task: "c".into(), instance: 0, node: NodeId(1), expected: None };
+        assert_eq!(s.apply(&place), Ok(Outcome::Placed { epoch: Epoch(1) }));
+        s.apply(&Command::DeleteTask { name: "c".into() }).unwrap();
+        s.apply(&deploy("c", DeployMode::Create)).unwrap();
+        assert_eq!(s.apply(&place), Ok(Outcome::Placed { epoch: Epoch(2) }));
+    }
+
+    #[test]
+    fn bad_names_and_nested_batches_are_rejected() {
+        let mut s = ClusterState::default();
+        for bad in ["", "Caps", "-lead", "a/b", &"x".repeat(65)] {
+            let cmd = Command::DeployTask { spec: spec(bad, TaskKind::Stateless), mode: DeployMode::Create, at_ms: 0 };
+            assert!(matches!(s.apply(&cmd), Err(Rejected::Invalid(_))), "{bad:?}");
+        }
+        let nested = Command::Batch(vec![Command::Batch(vec![])]);
+        assert!(matches!(s.apply(&nested), Err(Rejected::Invalid(_))));
+        assert_eq!(s, ClusterState::default());
+    }
+
+    #[test]
+    fn batch_results_are_per_command() {
+        let mut s = ClusterState::default();
+        let out = s.apply(&Command::Batch(vec![deploy("a", DeployMode::Create), deploy("a", DeployMode::Create)]));
+        assert_eq!(
+            out,
+            Ok(Outcome::Batch(vec![Ok(Outcome::Deployed { version: 1, created: true }), Err(Rejected::TaskExists("a".into()))]))
+        );
+    }
+}

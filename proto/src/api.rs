@@ -1,0 +1,170 @@
+//! JSON bodies of the HTTP API. Field names are the public contract documented in `docs/api.md`;
+//! add fields, never rename them.
+
+use serde::{Deserialize, Serialize};
+
+/// The one error shape of the API: every non-2xx answer carries it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// A stable snake_case code, e.g. `not_found` or `payload_too_large`.
+    pub code: String,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// What to do about it, when there is something to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+/// Whether a task keeps memory across invocations.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// One instance whose memory persists; invocations are queued and run one at a time.
+    Stateful,
+    /// A pool of interchangeable instances; invocations run concurrently.
+    Stateless,
+}
+
+/// How a stateful task's state is saved.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointMode {
+    /// No checkpoints: the state lives only in memory.
+    None,
+    /// A checkpoint every `checkpoint_every_ms` while the state changes.
+    Periodic,
+    /// Every invocation's state is on disk before its answer is sent.
+    Durable,
+}
+
+/// Query parameters of `POST/PUT /v1/tasks/{name}`; the body is the module (`.wasm` or `.wat`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeployParams {
+    /// Deploy a stateful task (default: stateless).
+    #[serde(default)]
+    pub stateful: bool,
+    /// Durable checkpoints (implies stateful).
+    #[serde(default)]
+    pub durable: bool,
+    /// Periodic checkpoints, a humantime duration such as `5s` (implies stateful).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<String>,
+    /// Memory cap, e.g. `64MiB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// CPU deadline per invocation, e.g. `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Largest accepted input, e.g. `1MiB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_input: Option<String>,
+    /// Largest output the task may return, e.g. `1MiB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output: Option<String>,
+    /// How many invocations may wait for a stateful instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<u32>,
+    /// Interval of the `hm_tick` entry, e.g. `1s`, for tasks that export it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tick: Option<String>,
+}
+
+/// Limits of a task, as applied.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LimitsInfo {
+    pub memory_bytes: u64,
+    pub timeout_ms: u64,
+    pub max_input_bytes: u64,
+    pub max_output_bytes: u64,
+    pub queue: u32,
+}
+
+/// Where a task instance runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PlacementInfo {
+    pub node_id: u64,
+    pub node_name: String,
+    pub epoch: u64,
+}
+
+/// The last checkpoint a hub holds for a stateful task.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    pub sequence: u64,
+    pub epoch: u64,
+    pub age_ms: u64,
+    /// Bytes of the non-zero pages the checkpoint refers to.
+    pub size_bytes: u64,
+    pub pages: u32,
+}
+
+/// One task as `task list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub name: String,
+    pub version: u64,
+    pub kind: TaskKind,
+    pub checkpoint: CheckpointMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tick_ms: Option<u64>,
+    /// blake3 of the module as run (after hubmesh's instrumentation), hex.
+    pub module_hash: String,
+    /// blake3 of the module as uploaded, hex.
+    pub source_hash: String,
+    pub limits: LimitsInfo,
+    /// `running`, `pending` or `failed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<CheckpointInfo>,
+    /// Invocations answered by this hub's instance since it started.
+    pub invocations: u64,
+}
+
+/// Answer to a deploy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeployResponse {
+    pub task: TaskInfo,
+    /// True for a new task, false for a new version of an existing one.
+    pub created: bool,
+}
+
+/// Answer to `POST /v1/tasks/{name}/checkpoint`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckpointResponse {
+    pub checkpoint: CheckpointInfo,
+}
+
+/// One hub of the mesh.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: u64,
+    pub name: String,
+    pub api_addr: String,
+    pub role: String,
+    pub instances: u32,
+}
+
+/// `GET /v1/status`: the hub and the mesh at a glance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatusInfo {
+    pub version: String,
+    pub node_id: u64,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub last_applied: u64,
+    pub voters: Vec<u64>,
+    pub nodes: Vec<NodeInfo>,
+    pub tasks_total: u32,
+    pub tasks_placed: u32,
+    pub tasks_pending: u32,
+    pub uptime_ms: u64,
+}
