@@ -17,4 +17,4 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/hubmesh.v1.rs"));
 }
 
-pub use prost::Message;
+pub use prost::{DecodeError, Message};

@@ -1,0 +1,53 @@
+//! Recent idempotency keys and their answers, kept per instance and saved in its checkpoints,
+//! so a retried key gets the first answer and is not applied twice.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::executor::Answer;
+
+/// How many keys an instance remembers.
+pub(crate) const CAPACITY: usize = 1024;
+
+#[derive(Debug, Default, Clone)]
+pub(crate) struct AnswerCache {
+    order: VecDeque<String>,
+    answers: HashMap<String, Answer>,
+}
+
+impl AnswerCache {
+    pub(crate) fn get(&self, key: &str) -> Option<&Answer> {
+        self.answers.get(key)
+    }
+
+    pub(crate) fn insert(&mut self, key: String, answer: Answer) {
+        if self.answers.insert(key.clone(), answer).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.answers.remove(&old);
+            }
+        }
+    }
+
+    /// Oldest first.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&String, &Answer)> {
+        self.order.iter().filter_map(|k| self.answers.get(k).map(|a| (k, a)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_newest_keys() {
+        let mut c = AnswerCache::default();
+        for i in 0..CAPACITY + 10 {
+            c.insert(format!("k{i}"), Answer { status: 0, output: vec![i as u8] });
+        }
+        assert!(c.get("k0").is_none());
+        assert_eq!(c.get(&format!("k{}", CAPACITY + 9)).unwrap().output, vec![(CAPACITY + 9) as u8]);
+        assert_eq!(c.entries().count(), CAPACITY);
+    }
+}

@@ -1,0 +1,200 @@
+//! The base image of a stateful instance: its memory and globals as of the last successful
+//! invocation, plus which pages changed since the last checkpoint.
+
+use hubmesh_storage::{Hash, PageLog};
+
+use super::manifest::{GlobalValue, Manifest};
+use crate::executor::instance::Instance;
+use crate::executor::InvokeError;
+
+/// Checkpoint page size: one wasm page.
+pub(crate) const PAGE: usize = 65536;
+
+pub(crate) struct MemoryImage {
+    base: Vec<u8>,
+    /// Pages changed since the last checkpoint.
+    ckpt_dirty: Vec<bool>,
+    /// Hash of each page as of the last checkpoint (`None`: all zero).
+    hashes: Vec<Option<Hash>>,
+    globals: Vec<GlobalValue>,
+    /// Something (pages, size or globals) changed since the last checkpoint.
+    changed: bool,
+    scratch: Vec<u32>,
+}
+
+/// Identity of a checkpoint, filled in by the caller.
+pub(crate) struct CheckpointHeader {
+    pub(crate) task: String,
+    pub(crate) task_version: u64,
+    pub(crate) epoch: u64,
+    pub(crate) sequence: u64,
+    pub(crate) module_hash: Hash,
+    pub(crate) invocations: u64,
+    pub(crate) created_unix_ms: u64,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let words = page.chunks_exact(8);
+    let tail = words.remainder();
+    words.map(|c| u64::from_ne_bytes(c.try_into().expect("chunks_exact(8) yields 8 bytes"))).all(|w| w == 0)
+        && tail.iter().all(|b| *b == 0)
+}
+
+impl MemoryImage {
+    /// Captures a fresh instance whole: every page counts as changed.
+    pub(crate) fn capture(inst: &mut Instance) -> Self {
+        let base = inst.memory.data(&inst.store).to_vec();
+        let pages = base.len() / PAGE;
+        inst.dirty.data_mut(&mut inst.store).fill(0);
+        let globals = inst.read_globals().iter().filter_map(GlobalValue::from_val).collect();
+        Self { base, ckpt_dirty: vec![true; pages], hashes: vec![None; pages], globals, changed: true, scratch: Vec::new() }
+    }
+
+    /// Rebuilds the image from a manifest, verifying every page.
+    pub(crate) fn restore(manifest: &Manifest, pages: &PageLog) -> Result<Self, String> {
+        let n = manifest.memory_pages as usize;
+        let mut base = vec![0u8; n * PAGE];
+        let mut hashes = vec![None; n];
+        for (index, hash) in &manifest.pages {
+            let bytes = pages.read_page(hash).map_err(|e| e.to_string())?;
+            if bytes.len() != PAGE {
+                return Err(format!("page {hash} has {} bytes", bytes.len()));
+            }
+            let i = *index as usize;
+            base[i * PAGE..(i + 1) * PAGE].copy_from_slice(&bytes);
+            hashes[i] = Some(*hash);
+        }
+        Ok(Self {
+            base,
+            ckpt_dirty: vec![false; n],
+            hashes,
+            globals: manifest.globals.iter().map(|(_, v)| *v).collect(),
+            changed: false,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Copies into the image the pages the instance changed since the last sync (as marked in
+    /// its dirty map) and its globals. Returns how many pages were copied.
+    pub(crate) fn sync(&mut self, inst: &mut Instance) -> usize {
+        let len = inst.memory_len();
+        let pages = len / PAGE;
+        if pages > self.hashes.len() {
+            self.base.resize(pages * PAGE, 0);
+            self.ckpt_dirty.resize(pages, false);
+            self.hashes.resize(pages, None);
+            self.changed = true;
+        }
+        self.scratch.clear();
+        {
+            let map = inst.dirty.data_mut(&mut inst.store);
+            let n = pages.min(map.len());
+            let map = &mut map[..n];
+            for (w, chunk) in map.chunks_mut(8).enumerate() {
+                if chunk.iter().all(|b| *b == 0) {
+                    continue;
+                }
+                for (j, b) in chunk.iter_mut().enumerate() {
+                    if *b != 0 {
+                        *b = 0;
+                        self.scratch.push((w * 8 + j) as u32);
+                    }
+                }
+            }
+        }
+        let mem = inst.memory.data(&inst.store);
+        for &p in &self.scratch {
+            let r = p as usize * PAGE..(p as usize + 1) * PAGE;
+            self.base[r.clone()].copy_from_slice(&mem[r]);
+            self.ckpt_dirty[p as usize] = true;
+        }
+        let globals: Vec<GlobalValue> = inst.read_globals().iter().filter_map(GlobalValue::from_val).collect();
+        if globals != self.globals {
+            self.globals = globals;
+            self.changed = true;
+        }
+        if !self.scratch.is_empty() {
+            self.changed = true;
+        }
+        self.scratch.len()
+    }
+
+    /// Overwrites a freshly instantiated instance with the image.
+    pub(crate) fn apply_to(&self, inst: &mut Instance) -> Result<(), InvokeError> {
+        let have = inst.memory_len() / PAGE;
+        let want = self.hashes.len();
+        if want < have {
+            return Err(InvokeError::Unavailable(format!("saved memory ({want} pages) is smaller than the module's minimum ({have})")));
+        }
+        if want > have {
+            inst.memory
+                .grow(&mut inst.store, (want - have) as u64)
+                .map_err(|e| InvokeError::Unavailable(format!("growing memory to the saved size: {e}")))?;
+        }
+        inst.memory.data_mut(&mut inst.store)[..self.base.len()].copy_from_slice(&self.base);
+        if self.globals.len() != inst.globals.len() {
+            return Err(InvokeError::Unavailable("saved globals do not match the module".into()));
+        }
+        for (value, (name, g)) in self.globals.iter().zip(inst.globals.clone()) {
+            g.set(&mut inst.store, value.to_val())
+                .map_err(|e| InvokeError::Unavailable(format!("restoring global {name}: {e}")))?;
+        }
+        inst.dirty.data_mut(&mut inst.store).fill(0);
+        Ok(())
+    }
+
+    /// Makes the next checkpoint consider every page again (after a failed write).
+    pub(crate) fn mark_all_changed(&mut self) {
+        self.ckpt_dirty.iter_mut().for_each(|d| *d = true);
+        self.hashes.iter_mut().for_each(|h| *h = None);
+        self.changed = true;
+    }
+
+    /// Whether anything changed since the last checkpoint.
+    pub(crate) fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// Builds the next checkpoint: the manifest and the changed non-zero pages that `known` does
+    /// not already hold. Afterwards nothing counts as changed.
+    pub(crate) fn checkpoint(
+        &mut self,
+        header: CheckpointHeader,
+        global_names: &[String],
+        answers: Vec<(String, crate::executor::Answer)>,
+        known: impl Fn(&Hash) -> bool,
+    ) -> (Manifest, Vec<(Hash, Vec<u8>)>) {
+        let mut new_pages = Vec::new();
+        for (i, dirty) in self.ckpt_dirty.iter_mut().enumerate() {
+            if !*dirty {
+                continue;
+            }
+            *dirty = false;
+            let page = &self.base[i * PAGE..(i + 1) * PAGE];
+            if is_zero(page) {
+                self.hashes[i] = None;
+                continue;
+            }
+            let h = Hash::of(page);
+            if self.hashes[i] != Some(h) && !known(&h) {
+                new_pages.push((h, page.to_vec()));
+            }
+            self.hashes[i] = Some(h);
+        }
+        self.changed = false;
+        let manifest = Manifest {
+            task: header.task,
+            task_version: header.task_version,
+            epoch: header.epoch,
+            sequence: header.sequence,
+            module_hash: header.module_hash,
+            memory_pages: self.hashes.len() as u32,
+            pages: self.hashes.iter().enumerate().filter_map(|(i, h)| h.map(|h| (i as u32, h))).collect(),
+            globals: global_names.iter().cloned().zip(self.globals.iter().copied()).collect(),
+            answers,
+            invocations: header.invocations,
+            created_unix_ms: header.created_unix_ms,
+        };
+        (manifest, new_pages)
+    }
+}

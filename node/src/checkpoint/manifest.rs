@@ -1,0 +1,191 @@
+//! The checkpoint manifest as a domain type, and its protobuf form (`pb::CheckpointManifest`).
+
+use hubmesh_proto::{pb, Message};
+use hubmesh_storage::Hash;
+use wasmtime::Val;
+
+use crate::executor::Answer;
+
+/// Format of manifests written by this build.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+
+/// One mutable global's value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GlobalValue {
+    I32(i32),
+    I64(i64),
+    F32(u32),
+    F64(u64),
+}
+
+impl GlobalValue {
+    pub(crate) fn from_val(v: &Val) -> Option<Self> {
+        Some(match v {
+            Val::I32(x) => Self::I32(*x),
+            Val::I64(x) => Self::I64(*x),
+            Val::F32(x) => Self::F32(*x),
+            Val::F64(x) => Self::F64(*x),
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn to_val(self) -> Val {
+        match self {
+            Self::I32(x) => Val::I32(x),
+            Self::I64(x) => Val::I64(x),
+            Self::F32(x) => Val::F32(x),
+            Self::F64(x) => Val::F64(x),
+        }
+    }
+}
+
+/// Everything needed to restore an instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    pub task: String,
+    pub task_version: u64,
+    pub epoch: u64,
+    pub sequence: u64,
+    pub module_hash: Hash,
+    pub memory_pages: u32,
+    /// Non-zero pages: (index, hash).
+    pub pages: Vec<(u32, Hash)>,
+    pub globals: Vec<(String, GlobalValue)>,
+    pub answers: Vec<(String, Answer)>,
+    pub invocations: u64,
+    pub created_unix_ms: u64,
+}
+
+/// Why a stored manifest could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest does not decode: {0}")]
+    Decode(#[from] hubmesh_proto::DecodeError),
+    #[error("manifest format {0} is newer than this hub understands")]
+    Version(u32),
+    #[error("manifest field {0} is malformed")]
+    Field(&'static str),
+}
+
+impl Manifest {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        pb::CheckpointManifest::from(self).encode_to_vec()
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
+        Self::try_from(pb::CheckpointManifest::decode(bytes)?)
+    }
+
+    /// Bytes of the pages the manifest refers to.
+    pub fn size_bytes(&self) -> u64 {
+        self.pages.len() as u64 * super::image::PAGE as u64
+    }
+}
+
+impl From<&Manifest> for pb::CheckpointManifest {
+    fn from(m: &Manifest) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            task: m.task.clone(),
+            task_version: m.task_version,
+            epoch: m.epoch,
+            sequence: m.sequence,
+            module_hash: m.module_hash.0.to_vec(),
+            memory_pages: m.memory_pages,
+            page_size: super::image::PAGE as u32,
+            pages: m.pages.iter().map(|(i, h)| pb::PageRef { index: *i, hash: h.0.to_vec() }).collect(),
+            globals: m
+                .globals
+                .iter()
+                .map(|(name, v)| {
+                    let (kind, bits) = match *v {
+                        GlobalValue::I32(x) => (pb::GlobalKind::I32, x as u32 as u64),
+                        GlobalValue::I64(x) => (pb::GlobalKind::I64, x as u64),
+                        GlobalValue::F32(x) => (pb::GlobalKind::F32, u64::from(x)),
+                        GlobalValue::F64(x) => (pb::GlobalKind::F64, x),
+                    };
+                    pb::GlobalValue { name: name.clone(), kind: kind as i32, bits }
+                })
+                .collect(),
+            answers: m
+                .answers
+                .iter()
+                .map(|(k, a)| pb::IdempotentAnswer { key: k.clone(), output: a.output.clone(), status: a.status })
+                .collect(),
+            invocations: m.invocations,
+            created_unix_ms: m.created_unix_ms,
+        }
+    }
+}
+
+impl TryFrom<pb::CheckpointManifest> for Manifest {
+    type Error = ManifestError;
+
+    fn try_from(p: pb::CheckpointManifest) -> Result<Self, ManifestError> {
+        if p.format_version > FORMAT_VERSION {
+            return Err(ManifestError::Version(p.format_version));
+        }
+        if p.page_size as usize != super::image::PAGE {
+            return Err(ManifestError::Field("page_size"));
+        }
+        let module_hash = Hash::from_slice(&p.module_hash).ok_or(ManifestError::Field("module_hash"))?;
+        let mut pages = Vec::with_capacity(p.pages.len());
+        for r in p.pages {
+            if r.index >= p.memory_pages {
+                return Err(ManifestError::Field("pages.index"));
+            }
+            pages.push((r.index, Hash::from_slice(&r.hash).ok_or(ManifestError::Field("pages.hash"))?));
+        }
+        let mut globals = Vec::with_capacity(p.globals.len());
+        for g in p.globals {
+            let v = match pb::GlobalKind::try_from(g.kind) {
+                Ok(pb::GlobalKind::I32) => GlobalValue::I32(g.bits as u32 as i32),
+                Ok(pb::GlobalKind::I64) => GlobalValue::I64(g.bits as i64),
+                Ok(pb::GlobalKind::F32) => GlobalValue::F32(g.bits as u32),
+                Ok(pb::GlobalKind::F64) => GlobalValue::F64(g.bits),
+                _ => return Err(ManifestError::Field("globals.kind")),
+            };
+            globals.push((g.name, v));
+        }
+        Ok(Self {
+            task: p.task,
+            task_version: p.task_version,
+            epoch: p.epoch,
+            sequence: p.sequence,
+            module_hash,
+            memory_pages: p.memory_pages,
+            pages,
+            globals,
+            answers: p.answers.into_iter().map(|a| (a.key, Answer { status: a.status, output: a.output })).collect(),
+            invocations: p.invocations,
+            created_unix_ms: p.created_unix_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_garbage() {
+        let m = Manifest {
+            task: "counter".into(),
+            task_version: 2,
+            epoch: 7,
+            sequence: 9,
+            module_hash: Hash::of(b"m"),
+            memory_pages: 3,
+            pages: vec![(0, Hash::of(b"p0")), (2, Hash::of(b"p2"))],
+            globals: vec![("hm:g0".into(), GlobalValue::I32(-5)), ("hm:g1".into(), GlobalValue::F64(1.5f64.to_bits()))],
+            answers: vec![("k".into(), Answer { status: 0, output: b"42".to_vec() })],
+            invocations: 11,
+            created_unix_ms: 123,
+        };
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+        assert!(Manifest::decode(b"\xff\xff\xff").is_err());
+        let mut bad = pb::CheckpointManifest::from(&m);
+        bad.pages[0].index = 99;
+        assert!(Manifest::try_from(bad).is_err());
+    }
+}

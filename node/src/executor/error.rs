@@ -1,0 +1,42 @@
+//! Errors of the executor, named for what the caller should do.
+
+/// Why an invocation did not produce an answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvokeError {
+    /// No task of this name runs on this hub.
+    #[error("no task named {0:?} runs on this hub")]
+    NotFound(String),
+    /// The input is larger than the task accepts.
+    #[error("input of {size} bytes is over the task's limit of {limit} bytes")]
+    InputTooLarge { size: u64, limit: u64 },
+    /// The task tried to return more than its output limit.
+    #[error("the task's output is over its limit of {limit} bytes")]
+    OutputTooLarge { limit: u64 },
+    /// The invocation ran past its deadline and was stopped.
+    #[error("the invocation ran past its deadline of {timeout_ms} ms and was stopped")]
+    DeadlineExceeded { timeout_ms: u64 },
+    /// The task asked for more memory than its cap.
+    #[error("the task needed more memory than its cap of {limit} bytes")]
+    MemoryLimit { limit: u64 },
+    /// The task trapped.
+    #[error("the task trapped: {0}")]
+    Trapped(String),
+    /// Too many invocations are waiting for this task.
+    #[error("the task's queue is full ({limit} waiting)")]
+    QueueFull { limit: u32 },
+    /// The task is stopping, restarting or its state could not be saved; the outcome of a
+    /// durable invocation that fails this way is unknown.
+    #[error("the task is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Why a task could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartTaskError {
+    /// The module does not compile or instantiate.
+    #[error("the module does not load: {0}")]
+    Module(String),
+    /// The saved state could not be restored.
+    #[error("restoring the task's checkpoint: {0}")]
+    Restore(String),
+}

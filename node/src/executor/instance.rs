@@ -1,0 +1,174 @@
+//! One instantiated task module, with the handles the executor needs, and the classification of
+//! what went wrong in a call.
+
+use std::sync::Arc;
+
+use wasmtime::{Engine, Global, InstancePre, Memory, Module, Store, Trap, TypedFunc, Val};
+
+use super::abi;
+use super::engine::ticks_for;
+use super::error::InvokeError;
+use super::host::{HostFault, HostState};
+use super::instrument::{DIRTY_EXPORT, GLOBAL_PREFIX, MEMORY_EXPORT};
+
+/// The limits an instance runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstanceLimits {
+    pub memory_bytes: u64,
+    pub timeout_ms: u64,
+    pub max_input_bytes: u64,
+    pub max_output_bytes: u64,
+}
+
+/// A compiled module ready to instantiate.
+#[derive(Clone)]
+pub(crate) struct LoadedModule {
+    pub(crate) engine: Engine,
+    pub(crate) pre: InstancePre<HostState>,
+    pub(crate) global_names: Arc<[String]>,
+    pub(crate) has_tick: bool,
+    pub(crate) has_initialize: bool,
+}
+
+impl LoadedModule {
+    pub(crate) fn new(engine: &Engine, linker: &wasmtime::Linker<HostState>, module: &Module) -> wasmtime::Result<Self> {
+        let pre = linker.instantiate_pre(module)?;
+        let mut global_names: Vec<String> =
+            module.exports().map(|e| e.name().to_owned()).filter(|n| n.starts_with(GLOBAL_PREFIX)).collect();
+        global_names.sort();
+        let has = |name: &str| module.exports().any(|e| e.name() == name);
+        Ok(Self {
+            engine: engine.clone(),
+            pre,
+            global_names: global_names.into(),
+            has_tick: has(abi::TICK_EXPORT),
+            has_initialize: has(abi::INITIALIZE_EXPORT),
+        })
+    }
+}
+
+/// A running instance.
+pub(crate) struct Instance {
+    pub(crate) store: Store<HostState>,
+    invoke: TypedFunc<i32, i32>,
+    tick: Option<TypedFunc<(), ()>>,
+    pub(crate) memory: Memory,
+    pub(crate) dirty: Memory,
+    pub(crate) globals: Vec<(String, Global)>,
+    limits: InstanceLimits,
+}
+
+/// The answer of one successful call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// 0 for success, otherwise the task's own error status.
+    pub status: i32,
+    pub output: Vec<u8>,
+}
+
+impl Instance {
+    /// Instantiates `module`. With `initialize`, runs `_initialize` (a fresh start, not a
+    /// restore).
+    pub(crate) fn new(
+        module: &LoadedModule,
+        task: Arc<str>,
+        limits: InstanceLimits,
+        initialize: bool,
+    ) -> Result<Self, InvokeError> {
+        let mut store = Store::new(&module.engine, HostState::new(task, limits.memory_bytes, limits.max_output_bytes));
+        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(ticks_for(limits.timeout_ms));
+        let instance = module.pre.instantiate(&mut store).map_err(|e| classify(&e, &mut store, limits))?;
+        let missing = |what: &str| InvokeError::Unavailable(format!("instrumented module lacks {what}"));
+        let memory = instance.get_memory(&mut store, MEMORY_EXPORT).ok_or_else(|| missing(MEMORY_EXPORT))?;
+        let dirty = instance.get_memory(&mut store, DIRTY_EXPORT).ok_or_else(|| missing(DIRTY_EXPORT))?;
+        let invoke = instance
+            .get_typed_func::<i32, i32>(&mut store, abi::INVOKE_EXPORT)
+            .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
+        let tick = if module.has_tick {
+            Some(instance.get_typed_func::<(), ()>(&mut store, abi::TICK_EXPORT).map_err(|e| InvokeError::Unavailable(e.to_string()))?)
+        } else {
+            None
+        };
+        let mut globals = Vec::with_capacity(module.global_names.len());
+        for name in module.global_names.iter() {
+            let g = instance.get_global(&mut store, name).ok_or_else(|| missing(name))?;
+            globals.push((name.clone(), g));
+        }
+        store.data_mut().memory = Some(memory);
+        store.data_mut().dirty = Some(dirty);
+        let mut inst = Self { store, invoke, tick, memory, dirty, globals, limits };
+        if initialize && module.has_initialize {
+            let init = instance
+                .get_typed_func::<(), ()>(&mut inst.store, abi::INITIALIZE_EXPORT)
+                .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
+            inst.arm();
+            init.call(&mut inst.store, ()).map_err(|e| classify(&e, &mut inst.store, limits))?;
+        }
+        Ok(inst)
+    }
+
+    fn arm(&mut self) {
+        self.store.set_epoch_deadline(ticks_for(self.limits.timeout_ms));
+        self.store.data_mut().fault = None;
+    }
+
+    /// Runs `hm_invoke` with `input`.
+    pub(crate) fn call(&mut self, input: &[u8]) -> Result<Answer, InvokeError> {
+        if input.len() as u64 > self.limits.max_input_bytes {
+            return Err(InvokeError::InputTooLarge { size: input.len() as u64, limit: self.limits.max_input_bytes });
+        }
+        self.arm();
+        let data = self.store.data_mut();
+        data.input.clear();
+        data.input.extend_from_slice(input);
+        data.output.clear();
+        let res = self.invoke.call(&mut self.store, input.len() as i32);
+        match res {
+            Ok(status) => Ok(Answer { status, output: std::mem::take(&mut self.store.data_mut().output) }),
+            Err(e) => Err(classify(&e, &mut self.store, self.limits)),
+        }
+    }
+
+    /// Runs `hm_tick`, if the module has it.
+    pub(crate) fn tick(&mut self) -> Result<bool, InvokeError> {
+        let Some(tick) = self.tick.clone() else { return Ok(false) };
+        self.arm();
+        tick.call(&mut self.store, ()).map_err(|e| classify(&e, &mut self.store, self.limits))?;
+        Ok(true)
+    }
+
+    /// Current size of the task's memory in bytes.
+    pub(crate) fn memory_len(&self) -> usize {
+        self.memory.data_size(&self.store)
+    }
+
+    /// Reads every exported mutable global.
+    pub(crate) fn read_globals(&mut self) -> Vec<Val> {
+        let mut out = Vec::with_capacity(self.globals.len());
+        for (_, g) in &self.globals {
+            out.push(g.get(&mut self.store));
+        }
+        out
+    }
+}
+
+/// Turns a wasmtime error into what the caller should hear.
+fn classify(err: &wasmtime::Error, store: &mut Store<HostState>, limits: InstanceLimits) -> InvokeError {
+    match store.data_mut().fault.take() {
+        Some(HostFault::MemoryDenied { cap }) => return InvokeError::MemoryLimit { limit: cap },
+        Some(HostFault::OutputTooLarge { limit }) => return InvokeError::OutputTooLarge { limit },
+        Some(HostFault::Exit(code)) => return InvokeError::Trapped(format!("the task exited with status {code}")),
+        None => {}
+    }
+    if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
+        return InvokeError::DeadlineExceeded { timeout_ms: limits.timeout_ms };
+    }
+    let text = format!("{err:?}");
+    if text.contains("memory minimum size") || text.contains("exceeds memory limits") || text.contains("resource limit") {
+        return InvokeError::MemoryLimit { limit: limits.memory_bytes };
+    }
+    // The first line names the trap; the rest is a wasm backtrace, useful in logs only.
+    InvokeError::Trapped(err.to_string().lines().next().unwrap_or("unknown trap").to_owned())
+}

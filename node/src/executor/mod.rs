@@ -1,0 +1,303 @@
+//! The WebAssembly executor of a hub (wasmtime).
+//!
+//! ```text
+//!  deploy:  source --instrument--> instrumented wasm --ModuleCache (memory/disk/compile)--> Module
+//!  start:   Module + TaskConfig --> StatefulTask (actor thread, image, checkpoints)
+//!                                 | StatelessTask (pool of warm instances)
+//!  invoke:  Executor::invoke(name, input, key) --> the task's runtime --> Answer | InvokeError
+//! ```
+//!
+//! Limits per task: memory cap (a `ResourceLimiter`), CPU deadline (epoch interruption, one
+//! engine-wide ticker thread), input and output size, queue length. A limit hit fails that
+//! invocation only; a stateful instance is rolled back to its state before the invocation.
+//! The executor knows nothing of Raft: the node's reconciler tells it which tasks to run.
+
+mod abi;
+mod engine;
+mod error;
+mod host;
+pub(crate) mod instance;
+mod instrument;
+mod module_cache;
+mod stateful;
+mod stateless;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use hubmesh_consensus::state::{CheckpointPolicy, TaskKind};
+use hubmesh_storage::{Hash, PageLog};
+use wasmtime::{Engine, Linker};
+
+pub use engine::EngineLimits;
+pub use error::{InvokeError, StartTaskError};
+pub use instance::{Answer, InstanceLimits};
+pub use instrument::PrepareError;
+pub use stateful::StatefulStatus;
+
+use crate::checkpoint::{Manifest, Writer};
+use host::HostState;
+use module_cache::ModuleCache;
+use stateful::StatefulTask;
+use stateless::StatelessTask;
+
+/// What the executor needs to run one task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskConfig {
+    pub name: String,
+    pub version: u64,
+    pub epoch: u64,
+    pub kind: TaskKind,
+    pub module_hash: Hash,
+    pub limits: InstanceLimits,
+    pub queue: u32,
+    pub checkpoint: CheckpointPolicy,
+    pub tick_ms: Option<u64>,
+}
+
+/// A module accepted at deploy.
+#[derive(Debug, Clone)]
+pub struct PreparedModule {
+    /// The instrumented module, as stored and run.
+    pub wasm: Vec<u8>,
+    pub has_tick: bool,
+}
+
+/// The last checkpoint of a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointSummary {
+    pub sequence: u64,
+    pub epoch: u64,
+    pub created_unix_ms: u64,
+    pub size_bytes: u64,
+    pub pages: u32,
+}
+
+impl CheckpointSummary {
+    pub(crate) fn of(m: &Manifest) -> Self {
+        Self {
+            sequence: m.sequence,
+            epoch: m.epoch,
+            created_unix_ms: m.created_unix_ms,
+            size_bytes: m.size_bytes(),
+            pages: m.pages.len() as u32,
+        }
+    }
+
+    /// Milliseconds since the checkpoint was taken.
+    pub fn age_ms(&self) -> u64 {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        now.saturating_sub(self.created_unix_ms)
+    }
+}
+
+/// What a running task reports.
+#[derive(Debug, Clone)]
+pub struct TaskStatus {
+    pub config: TaskConfig,
+    pub invocations: u64,
+    pub last_checkpoint: Option<CheckpointSummary>,
+    pub broken: Option<String>,
+}
+
+enum Runtime {
+    Stateful(StatefulTask),
+    Stateless(Arc<StatelessTask>),
+}
+
+struct Running {
+    config: TaskConfig,
+    runtime: Runtime,
+}
+
+/// The executor. Cheap to share behind an `Arc`.
+pub struct Executor {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache: ModuleCache,
+    pages: Arc<PageLog>,
+    writer: Writer,
+    tasks: RwLock<HashMap<String, Arc<Running>>>,
+    max_task_memory: u64,
+    _ticker: engine::Ticker,
+}
+
+impl Executor {
+    /// Builds the engine, starts the epoch ticker and the checkpoint writer.
+    pub fn new(limits: EngineLimits, cache_dir: &Path, pages: Arc<PageLog>) -> anyhow::Result<Self> {
+        let engine = engine::build(limits).map_err(anyhow::Error::from)?;
+        let mut linker = Linker::new(&engine);
+        abi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
+        let cache = ModuleCache::open(cache_dir, engine.clone())?;
+        let writer = Writer::start(pages.clone())?;
+        let ticker = engine::Ticker::start(engine.clone())?;
+        Ok(Self {
+            engine,
+            linker,
+            cache,
+            pages,
+            writer,
+            tasks: RwLock::new(HashMap::new()),
+            max_task_memory: limits.max_task_memory,
+            _ticker: ticker,
+        })
+    }
+
+    /// The largest memory cap a task may ask for.
+    pub fn max_task_memory(&self) -> u64 {
+        self.max_task_memory
+    }
+
+    /// Checks and instruments an uploaded module, and proves it compiles and instantiates under
+    /// `limits`. Nothing is stored or started.
+    pub fn prepare(&self, source: &[u8], limits: InstanceLimits) -> Result<PreparedModule, PrepareError> {
+        let (wasm, facts) = instrument::instrument(source)?;
+        let hash = Hash::of(&wasm);
+        let (module, _) = self.cache.get(&hash, &wasm).map_err(|e| PrepareError::Unsupported(format!("{e:?}")))?;
+        let loaded = instance::LoadedModule::new(&self.engine, &self.linker, &module)
+            .map_err(|e| PrepareError::Unsupported(e.to_string()))?;
+        instance::Instance::new(&loaded, "deploy-check".into(), limits, false)
+            .map_err(|e| PrepareError::Unsupported(format!("the module does not start: {e}")))?;
+        Ok(PreparedModule { wasm, has_tick: facts.has_tick })
+    }
+
+    fn load(&self, hash: &Hash, wasm: &[u8]) -> Result<instance::LoadedModule, StartTaskError> {
+        let (module, source) = self.cache.get(hash, wasm).map_err(|e| StartTaskError::Module(format!("{e:?}")))?;
+        tracing::debug!(module = %hash, ?source, "module loaded");
+        instance::LoadedModule::new(&self.engine, &self.linker, &module).map_err(|e| StartTaskError::Module(e.to_string()))
+    }
+
+    /// Starts `config` with the instrumented module `wasm`, replacing a running task of the
+    /// same name (which is stopped with a final checkpoint).
+    pub fn start_task(&self, config: TaskConfig, wasm: &[u8]) -> Result<(), StartTaskError> {
+        let started = Instant::now();
+        if let Some(old) = self.tasks.write().unwrap_or_else(|p| p.into_inner()).remove(&config.name) {
+            stop(&old, true);
+        }
+        let module = self.load(&config.module_hash, wasm)?;
+        let runtime = match config.kind {
+            TaskKind::Stateful => Runtime::Stateful(StatefulTask::start(
+                config.clone(),
+                module,
+                self.pages.clone(),
+                self.writer.clone(),
+            )?),
+            TaskKind::Stateless => Runtime::Stateless(Arc::new(
+                StatelessTask::start(&config.name, module, config.limits, config.queue)
+                    .map_err(|e| StartTaskError::Module(e.to_string()))?,
+            )),
+        };
+        tracing::info!(task = %config.name, version = config.version, epoch = config.epoch, took = ?started.elapsed(), "task started");
+        let name = config.name.clone();
+        self.tasks.write().unwrap_or_else(|p| p.into_inner()).insert(name, Arc::new(Running { config, runtime }));
+        Ok(())
+    }
+
+    /// Stops a task. With `forget_state` its checkpoint is deleted too (the task was removed).
+    pub fn stop_task(&self, name: &str, forget_state: bool) {
+        let removed = self.tasks.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        if let Some(old) = removed {
+            stop(&old, !forget_state);
+            self.cache.forget(&old.config.module_hash);
+        }
+        if forget_state {
+            if let Err(e) = self.pages.remove(name) {
+                tracing::warn!(task = name, error = %e, "could not delete the task's checkpoint");
+            }
+        }
+    }
+
+    /// Stops every task, saving the state of stateful ones.
+    pub fn shutdown(&self) {
+        let all: Vec<_> = self.tasks.write().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        for (_, t) in all {
+            stop(&t, true);
+        }
+    }
+
+    fn running(&self, name: &str) -> Result<Arc<Running>, InvokeError> {
+        self.tasks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| InvokeError::NotFound(name.to_owned()))
+    }
+
+    /// The configuration of every running task.
+    pub fn configs(&self) -> Vec<TaskConfig> {
+        self.tasks.read().unwrap_or_else(|p| p.into_inner()).values().map(|r| r.config.clone()).collect()
+    }
+
+    /// Invokes a task. `key` makes a stateful invocation idempotent.
+    pub async fn invoke(&self, name: &str, input: Vec<u8>, key: Option<String>) -> Result<Answer, InvokeError> {
+        let task = self.running(name)?;
+        match &task.runtime {
+            Runtime::Stateful(s) => s.invoke(input, key).await,
+            Runtime::Stateless(p) => {
+                let pool = p.clone();
+                tokio::task::spawn_blocking(move || pool.invoke(&input))
+                    .await
+                    .map_err(|e| InvokeError::Unavailable(format!("the invocation thread failed: {e}")))?
+            }
+        }
+    }
+
+    /// Invokes a stateless task on the calling thread (benchmarks and embedding).
+    pub fn invoke_stateless_blocking(&self, name: &str, input: &[u8]) -> Result<Answer, InvokeError> {
+        let task = self.running(name)?;
+        match &task.runtime {
+            Runtime::Stateless(p) => p.invoke(input),
+            Runtime::Stateful(_) => Err(InvokeError::Unavailable("the task is stateful; use invoke".into())),
+        }
+    }
+
+    /// Takes a checkpoint of a stateful task now.
+    pub async fn checkpoint(&self, name: &str) -> Result<CheckpointSummary, InvokeError> {
+        let task = self.running(name)?;
+        match &task.runtime {
+            Runtime::Stateful(s) => s.checkpoint().await,
+            Runtime::Stateless(_) => Err(InvokeError::Unavailable("stateless tasks have no state to checkpoint".into())),
+        }
+    }
+
+    /// What a running task reports.
+    pub fn status(&self, name: &str) -> Option<TaskStatus> {
+        let task = self.running(name).ok()?;
+        Some(match &task.runtime {
+            Runtime::Stateful(s) => {
+                let st = s.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                TaskStatus {
+                    config: task.config.clone(),
+                    invocations: st.invocations,
+                    last_checkpoint: st.last_checkpoint,
+                    broken: st.broken,
+                }
+            }
+            Runtime::Stateless(p) => TaskStatus {
+                config: task.config.clone(),
+                invocations: p.invocations.load(Ordering::Relaxed),
+                last_checkpoint: None,
+                broken: None,
+            },
+        })
+    }
+}
+
+fn stop(task: &Running, final_checkpoint: bool) {
+    if let Runtime::Stateful(s) = &task.runtime {
+        s.stop(final_checkpoint);
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,322 @@
+//! A stateful task: one instance owned by one thread (an actor). Invocations wait in a bounded
+//! queue and run one at a time; after each the base image is synced, and depending on the
+//! checkpoint policy the state is written before (durable) or after (periodic) the answer.
+//!
+//! ```text
+//!  invoke --try_send--> [queue] --> actor thread: call -> ok:   sync image -> (durable: checkpoint) -> answer
+//!                                                      -> trap: re-instantiate from image -> error
+//!                                   idle: hm_tick on its interval, periodic checkpoint when due
+//! ```
+
+use std::sync::mpsc::{self, RecvTimeoutError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hubmesh_consensus::state::CheckpointPolicy;
+use hubmesh_storage::{PageLog, PageWrite};
+use tokio::sync::oneshot;
+
+use super::instance::{Answer, Instance, LoadedModule};
+use super::{CheckpointSummary, InvokeError, StartTaskError, TaskConfig};
+use crate::checkpoint::{AnswerCache, Manifest, MemoryImage, Writer};
+
+enum Msg {
+    Invoke { input: Vec<u8>, key: Option<String>, reply: oneshot::Sender<Result<Answer, InvokeError>> },
+    Checkpoint { reply: oneshot::Sender<Result<CheckpointSummary, InvokeError>> },
+    Stop { final_checkpoint: bool },
+}
+
+/// What a stateful task reports about itself.
+#[derive(Debug, Clone, Default)]
+pub struct StatefulStatus {
+    pub invocations: u64,
+    pub last_checkpoint: Option<CheckpointSummary>,
+    /// Sequence of the checkpoint the instance was restored from at start.
+    pub restored_from: Option<u64>,
+    /// Set when the instance could not be rebuilt after a trap.
+    pub broken: Option<String>,
+}
+
+/// Handle to a running stateful task.
+pub(crate) struct StatefulTask {
+    tx: mpsc::SyncSender<Msg>,
+    queue: u32,
+    pub(crate) status: Arc<Mutex<StatefulStatus>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Actor {
+    cfg: TaskConfig,
+    module: LoadedModule,
+    inst: Instance,
+    image: MemoryImage,
+    answers: AnswerCache,
+    sequence: u64,
+    invocations: u64,
+    pages: Arc<PageLog>,
+    writer: Writer,
+    status: Arc<Mutex<StatefulStatus>>,
+    last_checkpoint: Instant,
+    next_tick: Option<Instant>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl StatefulTask {
+    /// Restores the task from its last checkpoint (if the module is the same) or starts it
+    /// fresh, then starts its thread.
+    pub(crate) fn start(
+        cfg: TaskConfig,
+        module: LoadedModule,
+        pages: Arc<PageLog>,
+        writer: Writer,
+    ) -> Result<Self, StartTaskError> {
+        let name: Arc<str> = cfg.name.as_str().into();
+        let mut status = StatefulStatus::default();
+        let saved = match pages.read_manifest(&cfg.name) {
+            Ok(Some(bytes)) => match Manifest::decode(&bytes) {
+                Ok(m) if m.module_hash == cfg.module_hash && cfg.checkpoint != CheckpointPolicy::None => Some(m),
+                Ok(m) => {
+                    tracing::info!(task = %cfg.name, old = m.task_version, "the saved state belongs to another module version; starting fresh");
+                    let _ = pages.remove(&cfg.name);
+                    None
+                }
+                Err(e) => return Err(StartTaskError::Restore(e.to_string())),
+            },
+            Ok(None) => None,
+            Err(e) => return Err(StartTaskError::Restore(e.to_string())),
+        };
+        let (inst, image, answers, sequence, invocations) = match saved {
+            Some(m) => {
+                let image = MemoryImage::restore(&m, &pages).map_err(StartTaskError::Restore)?;
+                let mut inst =
+                    Instance::new(&module, name, cfg.limits, false).map_err(|e| StartTaskError::Module(e.to_string()))?;
+                image.apply_to(&mut inst).map_err(|e| StartTaskError::Restore(e.to_string()))?;
+                let mut answers = AnswerCache::default();
+                for (k, a) in m.answers.clone() {
+                    answers.insert(k, a);
+                }
+                status.restored_from = Some(m.sequence);
+                status.invocations = m.invocations;
+                status.last_checkpoint = Some(CheckpointSummary::of(&m));
+                tracing::info!(task = %cfg.name, sequence = m.sequence, pages = m.pages.len(), "restored from checkpoint");
+                (inst, image, answers, m.sequence, m.invocations)
+            }
+            None => {
+                let mut inst =
+                    Instance::new(&module, name, cfg.limits, true).map_err(|e| StartTaskError::Module(e.to_string()))?;
+                let image = MemoryImage::capture(&mut inst);
+                (inst, image, AnswerCache::default(), 0, 0)
+            }
+        };
+        let status = Arc::new(Mutex::new(status));
+        let next_tick = match (module.has_tick, cfg.tick_ms) {
+            (true, Some(ms)) => Some(Instant::now() + Duration::from_millis(ms)),
+            _ => None,
+        };
+        let queue = cfg.queue;
+        let (tx, rx) = mpsc::sync_channel(queue.max(1) as usize);
+        let actor = Actor {
+            cfg,
+            module,
+            inst,
+            image,
+            answers,
+            sequence,
+            invocations,
+            pages,
+            writer,
+            status: status.clone(),
+            last_checkpoint: Instant::now(),
+            next_tick,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("hm-task-{}", actor.cfg.name))
+            .spawn(move || actor.run(rx))
+            .map_err(|e| StartTaskError::Module(format!("spawning the task thread: {e}")))?;
+        Ok(Self { tx, queue, status, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Queues an invocation and waits for its answer.
+    pub(crate) async fn invoke(&self, input: Vec<u8>, key: Option<String>) -> Result<Answer, InvokeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::Invoke { input, key, reply })?;
+        rx.await.map_err(|_| InvokeError::Unavailable("the task stopped".into()))?
+    }
+
+    /// Takes a checkpoint now.
+    pub(crate) async fn checkpoint(&self) -> Result<CheckpointSummary, InvokeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::Checkpoint { reply })?;
+        rx.await.map_err(|_| InvokeError::Unavailable("the task stopped".into()))?
+    }
+
+    fn send(&self, msg: Msg) -> Result<(), InvokeError> {
+        self.tx.try_send(msg).map_err(|e| match e {
+            TrySendError::Full(_) => InvokeError::QueueFull { limit: self.queue },
+            TrySendError::Disconnected(_) => InvokeError::Unavailable("the task stopped".into()),
+        })
+    }
+
+    /// Stops the actor after the invocations already queued; with `final_checkpoint` the state
+    /// is saved first (graceful shutdown). Blocks until the thread has ended.
+    pub(crate) fn stop(&self, final_checkpoint: bool) {
+        // A full queue must not keep the task alive: `send` blocks until there is room.
+        let _ = self.tx.send(Msg::Stop { final_checkpoint });
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Actor {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            let timeout = self.next_wakeup().map(|t| t.saturating_duration_since(Instant::now()));
+            let msg = match timeout {
+                Some(t) => rx.recv_timeout(t),
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match msg {
+                Ok(Msg::Invoke { input, key, reply }) => {
+                    let res = self.invoke(input, key);
+                    let _ = reply.send(res);
+                }
+                Ok(Msg::Checkpoint { reply }) => {
+                    let res = self.checkpoint().map_err(InvokeError::Unavailable);
+                    let _ = reply.send(res);
+                }
+                Ok(Msg::Stop { final_checkpoint }) => {
+                    if final_checkpoint && self.cfg.checkpoint != CheckpointPolicy::None && self.image.changed() {
+                        if let Err(e) = self.checkpoint() {
+                            tracing::error!(task = %self.cfg.name, error = %e, "final checkpoint failed");
+                        }
+                    }
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => self.on_timer(),
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn periodic_every(&self) -> Option<Duration> {
+        match self.cfg.checkpoint {
+            CheckpointPolicy::Periodic { every_ms } => Some(Duration::from_millis(every_ms)),
+            _ => None,
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let ckpt = self.periodic_every().filter(|_| self.image.changed()).map(|every| self.last_checkpoint + every);
+        match (ckpt, self.next_tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if let (Some(at), Some(ms)) = (self.next_tick, self.cfg.tick_ms) {
+            if now >= at {
+                self.next_tick = Some(now + Duration::from_millis(ms));
+                match self.inst.tick() {
+                    Ok(_) => {
+                        self.image.sync(&mut self.inst);
+                    }
+                    Err(e) => {
+                        tracing::warn!(task = %self.cfg.name, error = %e, "tick failed; state rolled back");
+                        metrics::counter!("hubmesh_tick_failures_total").increment(1);
+                        self.rollback();
+                    }
+                }
+            }
+        }
+        if let Some(every) = self.periodic_every() {
+            if self.image.changed() && now >= self.last_checkpoint + every {
+                if let Err(e) = self.checkpoint() {
+                    tracing::error!(task = %self.cfg.name, error = %e, "periodic checkpoint failed");
+                }
+            }
+        }
+    }
+
+    fn invoke(&mut self, input: Vec<u8>, key: Option<String>) -> Result<Answer, InvokeError> {
+        if let Some(reason) = self.status.lock().unwrap_or_else(|p| p.into_inner()).broken.clone() {
+            return Err(InvokeError::Unavailable(reason));
+        }
+        if let Some(answer) = key.as_deref().and_then(|k| self.answers.get(k)) {
+            metrics::counter!("hubmesh_invoke_deduplicated_total").increment(1);
+            return Ok(answer.clone());
+        }
+        let answer = match self.inst.call(&input) {
+            Ok(a) => a,
+            Err(e @ InvokeError::InputTooLarge { .. }) => return Err(e),
+            Err(e) => {
+                self.rollback();
+                return Err(e);
+            }
+        };
+        self.image.sync(&mut self.inst);
+        self.invocations += 1;
+        if let Some(k) = key {
+            self.answers.insert(k, answer.clone());
+        }
+        match self.cfg.checkpoint {
+            CheckpointPolicy::Durable => {
+                self.checkpoint().map_err(|e| InvokeError::Unavailable(format!("the state could not be saved: {e}")))?;
+            }
+            CheckpointPolicy::Periodic { every_ms } => {
+                if self.last_checkpoint.elapsed() >= Duration::from_millis(every_ms) {
+                    if let Err(e) = self.checkpoint() {
+                        tracing::error!(task = %self.cfg.name, error = %e, "periodic checkpoint failed");
+                    }
+                }
+            }
+            CheckpointPolicy::None => {}
+        }
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).invocations = self.invocations;
+        Ok(answer)
+    }
+
+    /// Replaces the instance with a fresh one carrying the image (the state before the failed
+    /// call).
+    fn rollback(&mut self) {
+        let fresh = Instance::new(&self.module, self.cfg.name.as_str().into(), self.cfg.limits, false)
+            .and_then(|mut inst| self.image.apply_to(&mut inst).map(|()| inst));
+        match fresh {
+            Ok(inst) => self.inst = inst,
+            Err(e) => {
+                tracing::error!(task = %self.cfg.name, error = %e, "could not rebuild the instance");
+                self.status.lock().unwrap_or_else(|p| p.into_inner()).broken = Some(format!("the instance could not be rebuilt: {e}"));
+            }
+        }
+    }
+
+    fn checkpoint(&mut self) -> Result<CheckpointSummary, String> {
+        let header = crate::checkpoint::image_header(&self.cfg, self.sequence + 1, self.invocations, now_ms());
+        let answers = self.answers.entries().map(|(k, a)| (k.clone(), a.clone())).collect();
+        let pages = &self.pages;
+        let (manifest, new_pages) = self.image.checkpoint(header, &self.module.global_names, answers, |h| pages.has_page(h));
+        let write = PageWrite {
+            pages: new_pages,
+            key: self.cfg.name.clone(),
+            manifest: manifest.encode(),
+            refs: manifest.pages.iter().map(|(_, h)| *h).collect(),
+        };
+        if let Err(e) = self.writer.write_durable(write) {
+            // The pages this checkpoint marked clean were not written: make the next one write
+            // them again.
+            self.image.mark_all_changed();
+            return Err(e);
+        }
+        self.sequence += 1;
+        self.last_checkpoint = Instant::now();
+        let summary = CheckpointSummary::of(&manifest);
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).last_checkpoint = Some(summary.clone());
+        metrics::counter!("hubmesh_checkpoints_total").increment(1);
+        Ok(summary)
+    }
+}

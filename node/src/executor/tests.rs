@@ -1,0 +1,258 @@
+//! Executor tests against real wasmtime and a real page log, with the example tasks.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use std::sync::Arc;
+
+use hubmesh_consensus::state::{CheckpointPolicy, TaskKind};
+use hubmesh_storage::{Hash, PageLog};
+
+use super::*;
+
+fn example(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/tasks").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+const LIMITS: InstanceLimits =
+    InstanceLimits { memory_bytes: 16 << 20, timeout_ms: 200, max_input_bytes: 1 << 20, max_output_bytes: 1 << 20 };
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    exec: Executor,
+}
+
+fn executor_in(dir: &Path) -> Executor {
+    let pages = Arc::new(PageLog::open(dir).unwrap());
+    Executor::new(EngineLimits { max_instances: 32, max_task_memory: 64 << 20 }, &dir.join("cache"), pages).unwrap()
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor_in(dir.path());
+    Fixture { dir, exec }
+}
+
+fn start(exec: &Executor, name: &str, file: &str, kind: TaskKind, checkpoint: CheckpointPolicy) -> Hash {
+    let prepared = exec.prepare(&example(file), LIMITS).unwrap();
+    let hash = Hash::of(&prepared.wasm);
+    let config = TaskConfig {
+        name: name.into(),
+        version: 1,
+        epoch: 1,
+        kind,
+        module_hash: hash,
+        limits: LIMITS,
+        queue: 8,
+        checkpoint,
+        tick_ms: Some(5),
+    };
+    exec.start_task(config, &prepared.wasm).unwrap();
+    hash
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+async fn call(exec: &Executor, name: &str, input: &str) -> Result<String, InvokeError> {
+    exec.invoke(name, input.as_bytes().to_vec(), None).await.map(|a| String::from_utf8(a.output).unwrap())
+}
+
+#[test]
+fn echo_answers_its_input_and_big_inputs_grow_memory() {
+    let f = fixture();
+    start(&f.exec, "echo", "echo.wat", TaskKind::Stateless, CheckpointPolicy::None);
+    let big = vec![7u8; 200_000];
+    let a = f.exec.invoke_stateless_blocking("echo", &big).unwrap();
+    assert_eq!(a.output, big);
+    assert_eq!(f.exec.invoke_stateless_blocking("echo", b"hi").unwrap().output, b"hi");
+}
+
+#[test]
+fn input_over_the_limit_is_refused() {
+    let f = fixture();
+    start(&f.exec, "echo", "echo.wat", TaskKind::Stateless, CheckpointPolicy::None);
+    let err = f.exec.invoke_stateless_blocking("echo", &vec![0u8; (1 << 20) + 1]).unwrap_err();
+    assert_eq!(err, InvokeError::InputTooLarge { size: (1 << 20) + 1, limit: 1 << 20 });
+}
+
+#[test]
+fn endless_loop_is_stopped_and_the_hub_goes_on() {
+    let f = fixture();
+    start(&f.exec, "loop", "loop.wat", TaskKind::Stateless, CheckpointPolicy::None);
+    start(&f.exec, "echo", "echo.wat", TaskKind::Stateless, CheckpointPolicy::None);
+    let err = f.exec.invoke_stateless_blocking("loop", b"").unwrap_err();
+    assert_eq!(err, InvokeError::DeadlineExceeded { timeout_ms: 200 });
+    assert_eq!(f.exec.invoke_stateless_blocking("echo", b"still here").unwrap().output, b"still here");
+    assert!(matches!(f.exec.invoke_stateless_blocking("loop", b""), Err(InvokeError::DeadlineExceeded { .. })));
+}
+
+#[test]
+fn memory_hog_fails_only_its_invocation() {
+    let f = fixture();
+    start(&f.exec, "grow", "grow.wat", TaskKind::Stateless, CheckpointPolicy::None);
+    let err = f.exec.invoke_stateless_blocking("grow", b"").unwrap_err();
+    assert_eq!(err, InvokeError::MemoryLimit { limit: 16 << 20 });
+    start(&f.exec, "echo", "echo.wat", TaskKind::Stateless, CheckpointPolicy::None);
+    assert_eq!(f.exec.invoke_stateless_blocking("echo", b"ok").unwrap().output, b"ok");
+}
+
+#[test]
+fn trap_leaves_stateful_state_as_before() {
+    let f = fixture();
+    start(&f.exec, "counter", "counter.wat", TaskKind::Stateful, CheckpointPolicy::None);
+    rt().block_on(async {
+        assert_eq!(call(&f.exec, "counter", "5").await.unwrap(), "5");
+        assert!(matches!(call(&f.exec, "counter", "boom").await, Err(InvokeError::Trapped(_))));
+        assert_eq!(call(&f.exec, "counter", "").await.unwrap(), "6");
+        let bad = f.exec.invoke("counter", b"x".to_vec(), None).await.unwrap();
+        assert_eq!((bad.status, bad.output.as_slice()), (1, &b"not a number"[..]));
+        assert_eq!(call(&f.exec, "counter", "-10").await.unwrap(), "-4");
+    });
+}
+
+#[test]
+fn idempotency_key_applies_once() {
+    let f = fixture();
+    start(&f.exec, "counter", "counter.wat", TaskKind::Stateful, CheckpointPolicy::Durable);
+    rt().block_on(async {
+        let k = Some("op-1".to_owned());
+        let a = f.exec.invoke("counter", b"3".to_vec(), k.clone()).await.unwrap();
+        let b = f.exec.invoke("counter", b"3".to_vec(), k).await.unwrap();
+        assert_eq!(a, b);
+        assert_eq!(call(&f.exec, "counter", "0").await.unwrap(), "3");
+    });
+}
+
+#[test]
+fn durable_state_and_keys_survive_a_restart() {
+    let f = fixture();
+    start(&f.exec, "counter", "counter.wat", TaskKind::Stateful, CheckpointPolicy::Durable);
+    rt().block_on(async {
+        for _ in 0..10 {
+            call(&f.exec, "counter", "2").await.unwrap();
+        }
+        f.exec.invoke("counter", b"1".to_vec(), Some("k".into())).await.unwrap();
+    });
+    // Forget the executor without a final checkpoint, as a crash would.
+    f.exec.stop_task("counter", false);
+    let exec = executor_in(f.dir.path());
+    start(&exec, "counter", "counter.wat", TaskKind::Stateful, CheckpointPolicy::Durable);
+    rt().block_on(async {
+        let again = exec.invoke("counter", b"1".to_vec(), Some("k".into())).await.unwrap();
+        assert_eq!(again.output, b"21", "the retried key answers the first answer");
+        assert_eq!(call(&exec, "counter", "").await.unwrap(), "22");
+    });
+    assert_eq!(exec.status("counter").unwrap().invocations, 12);
+}
+
+#[test]
+fn new_module_version_starts_fresh() {
+    let f = fixture();
+    start(&f.exec, "t", "counter.wat", TaskKind::Stateful, CheckpointPolicy::Durable);
+    rt().block_on(async { call(&f.exec, "t", "9").await.unwrap() });
+    f.exec.stop_task("t", false);
+    start(&f.exec, "t", "ticker.wat", TaskKind::Stateful, CheckpointPolicy::Durable);
+    rt().block_on(async {
+        let ticks: u64 = call(&f.exec, "t", "").await.unwrap().parse().unwrap();
+        assert!(ticks < 1000);
+    });
+}
+
+#[test]
+fn ticks_run_between_invocations() {
+    let f = fixture();
+    start(&f.exec, "ticker", "ticker.wat", TaskKind::Stateful, CheckpointPolicy::None);
+    rt().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n: u64 = call(&f.exec, "ticker", "").await.unwrap().parse().unwrap();
+            if n >= 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "ticks did not advance");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+}
+
+#[test]
+fn checkpoints_write_only_dirty_pages() {
+    let f = fixture();
+    start(&f.exec, "big", "bigstate.wat", TaskKind::Stateful, CheckpointPolicy::Durable);
+    let pages = PageLog::open(&f.dir.path().join("probe")).unwrap();
+    drop(pages);
+    rt().block_on(async {
+        // 64 pages (4 MiB), then touch 2 pages per call.
+        f.exec.invoke("big", 64u32.to_le_bytes().to_vec(), None).await.unwrap();
+        let first = f.exec.status("big").unwrap().last_checkpoint.unwrap();
+        f.exec.invoke("big", 2u32.to_le_bytes().to_vec(), None).await.unwrap();
+        let second = f.exec.status("big").unwrap().last_checkpoint.unwrap();
+        assert_eq!(second.sequence, first.sequence + 1);
+        // Only the two written pages (plus page 0 with the output) are non-zero.
+        assert!(second.pages <= 3, "{second:?}");
+    });
+}
+
+#[test]
+fn corrupted_compiled_cache_is_rebuilt() {
+    let f = fixture();
+    let hash = start(&f.exec, "echo", "echo.wat", TaskKind::Stateless, CheckpointPolicy::None);
+    let file = f.exec.cache.file_of(&hash);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    drop(f.exec);
+    let exec = executor_in(f.dir.path());
+    let wasm = exec.prepare(&example("echo.wat"), LIMITS).unwrap().wasm;
+    let (_, source) = exec.cache.get(&Hash::of(&wasm), &wasm).unwrap();
+    assert_eq!(source, module_cache::CacheSource::Memory, "prepare already rebuilt it");
+    let on_disk = std::fs::read(&file).unwrap();
+    assert_ne!(on_disk, bytes, "the corrupt file was replaced");
+}
+
+#[test]
+fn bad_modules_are_refused_with_a_reason() {
+    let f = fixture();
+    assert!(matches!(f.exec.prepare(b"definitely not wasm", LIMITS), Err(PrepareError::Malformed(_))));
+    let huge = br#"(module (memory 1000) (func (export "hm_invoke") (param i32) (result i32) i32.const 0))"#;
+    let err = f.exec.prepare(huge, LIMITS).unwrap_err();
+    assert!(err.to_string().contains("does not start"), "{err}");
+}
+
+#[test]
+fn c_task_runs_when_built() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/tasks/c/thermostat.wasm");
+    if !path.exists() {
+        assert!(std::env::var_os("CI").is_none(), "CI must build the C example (examples/tasks/c/build.sh)");
+        eprintln!("skipped: {} not built (run examples/tasks/c/build.sh)", path.display());
+        return;
+    }
+    let f = fixture();
+    let prepared = f.exec.prepare(&std::fs::read(&path).unwrap(), LIMITS).unwrap();
+    let config = TaskConfig {
+        name: "thermo".into(),
+        version: 1,
+        epoch: 1,
+        kind: TaskKind::Stateful,
+        module_hash: Hash::of(&prepared.wasm),
+        limits: LIMITS,
+        queue: 8,
+        checkpoint: CheckpointPolicy::Durable,
+        tick_ms: None,
+    };
+    f.exec.start_task(config.clone(), &prepared.wasm).unwrap();
+    rt().block_on(async {
+        call(&f.exec, "thermo", "set=210").await.unwrap();
+        let out = call(&f.exec, "thermo", "190").await.unwrap();
+        assert!(out.contains("\"heating\":true") && out.contains("\"readings\":1"), "{out}");
+    });
+    f.exec.stop_task("thermo", false);
+    f.exec.start_task(config, &prepared.wasm).unwrap();
+    rt().block_on(async {
+        let out = call(&f.exec, "thermo", "230").await.unwrap();
+        assert!(out.contains("\"heating\":false") && out.contains("\"readings\":2") && out.contains("\"mean\":210"), "{out}");
+    });
+}
