@@ -1,14 +1,25 @@
 //! hubmesh: one hub of the mesh.
 //!
 //! ```text
-//!   cli (clap) --HTTP--> api (axum) --> invoke::Router --> executor (wasmtime) --> checkpoint --> storage::PageLog
-//!                          |                                   ^
-//!                          +--> deploy --> consensus (openraft) --watch--> reconcile --+
-//!                                               ^
-//!                                  scheduler (leader only, a pure policy)
+//!   cli (clap) --HTTP--> api (axum) --> Hub::invoke (router) --> executor (wasmtime) --> checkpoint --> PageLog
+//!                          |                                        ^
+//!                          +--> Hub::deploy --> consensus (openraft) --watch--> reconcile --+
+//!                                                  ^
+//!                                  leader: scheduler::plan (a pure policy) --propose-->
 //! ```
 //!
 //! `server::run` is the boot script; `main.rs` only parses the command line.
 
+mod api;
 pub mod checkpoint;
+pub mod cli;
+pub mod client;
+pub mod config;
+mod deploy;
 pub mod executor;
+mod hub;
+mod invoke;
+mod leader;
+mod reconcile;
+pub mod scheduler;
+pub mod server;

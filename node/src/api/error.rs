@@ -1,0 +1,115 @@
+//! The one place where errors become HTTP status codes and the `{code, message, hint}` body.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use hubmesh_consensus::ProposeError;
+use hubmesh_proto::api::ErrorBody;
+
+use crate::deploy::DeployError;
+use crate::executor::InvokeError;
+use crate::invoke::RouteError;
+
+/// An error answer of the API.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self { status, body: ErrorBody { code: code.into(), message: message.into(), hint: None } }
+    }
+
+    pub(crate) fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.body.hint = Some(hint.into());
+        self
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub(crate) fn not_found(what: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", what).hint("`hubmesh task list` shows the tasks")
+    }
+
+    pub(crate) fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong API token")
+            .hint("send `Authorization: Bearer <token>`; the token is in DATA_DIR/admin.token (HUBMESH_TOKEN or --token-file for the CLI)")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        metrics::counter!("hubmesh_api_errors_total", "code" => self.body.code.clone()).increment(1);
+        let mut resp = (self.status, Json(self.body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<ProposeError> for ApiError {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::Rejected(r) => Self::new(StatusCode::CONFLICT, "rejected", r.to_string()),
+            ProposeError::NotLeader { leader } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_leader", e.to_string())
+                .hint(match leader {
+                    Some(l) => format!("hub {l} leads; retry there"),
+                    None => "no leader is known; the mesh may have lost its quorum".into(),
+                }),
+            ProposeError::Timeout => Self::new(StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", e.to_string())
+                .hint("check with `hubmesh task list` before retrying"),
+            ProposeError::Unavailable(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+        }
+    }
+}
+
+impl From<DeployError> for ApiError {
+    fn from(e: DeployError) -> Self {
+        let msg = e.to_string();
+        match e {
+            DeployError::BadRequest(_) => Self::bad_request(msg),
+            DeployError::InvalidModule(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_module", msg)
+                .hint("see docs/task-abi.md for what a task module must export and may import"),
+            DeployError::TooLarge { .. } => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", msg),
+            DeployError::Exists(_) => Self::new(StatusCode::CONFLICT, "task_exists", msg)
+                .hint("deploy with --update (HTTP PUT) to publish a new version"),
+            DeployError::NotFound(_) => Self::not_found(msg),
+            DeployError::Propose(p) => p.into(),
+            DeployError::Storage(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
+        }
+    }
+}
+
+impl From<InvokeError> for ApiError {
+    fn from(e: InvokeError) -> Self {
+        let msg = e.to_string();
+        let (status, code) = match e {
+            InvokeError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            InvokeError::InputTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            InvokeError::OutputTooLarge { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "output_too_large"),
+            InvokeError::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
+            InvokeError::MemoryLimit { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "memory_limit"),
+            InvokeError::Trapped(_) => (StatusCode::UNPROCESSABLE_ENTITY, "task_trapped"),
+            InvokeError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            InvokeError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        Self::new(status, code, msg)
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        let msg = e.to_string();
+        match e {
+            RouteError::NotFound(_) => Self::not_found(msg),
+            RouteError::NotReady(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
+            RouteError::Elsewhere { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
+            RouteError::Invoke(i) => i.into(),
+        }
+    }
+}

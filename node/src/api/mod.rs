@@ -1,0 +1,60 @@
+//! The HTTP API (axum): `/v1/...` behind a bearer token, `/health` and `/metrics` open.
+//! `docs/api.md` documents every route; `error.rs` is the only place that picks status codes.
+
+mod auth;
+mod error;
+mod tasks;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::middleware;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hubmesh_proto::api;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::hub::Hub;
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub(crate) struct ApiState {
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) metrics: Option<PrometheusHandle>,
+}
+
+/// Builds the router.
+pub(crate) fn router(state: ApiState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/tasks", get(tasks::list))
+        .route("/v1/tasks/{name}", get(tasks::show).post(tasks::create).put(tasks::update).delete(tasks::remove))
+        .route("/v1/tasks/{name}/invoke", post(tasks::invoke))
+        .route("/v1/tasks/{name}/checkpoint", post(tasks::checkpoint))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(v1)
+        .fallback(|| async { error::ApiError::not_found("no such route").hint("see docs/api.md") })
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn health(State(s): State<ApiState>) -> Json<serde_json::Value> {
+    let status = s.hub.consensus.status();
+    Json(serde_json::json!({"status": "ok", "node_id": status.node_id, "leader": status.leader}))
+}
+
+async fn metrics(State(s): State<ApiState>) -> String {
+    s.metrics.as_ref().map(|h| h.render()).unwrap_or_default()
+}
+
+async fn status(State(s): State<ApiState>) -> Json<api::StatusInfo> {
+    Json(s.hub.status())
+}
+
+async fn nodes(State(s): State<ApiState>) -> Json<Vec<api::NodeInfo>> {
+    Json(s.hub.status().nodes)
+}

@@ -1,0 +1,139 @@
+//! `/v1/tasks/...` handlers.
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use hubmesh_proto::api;
+
+use super::error::ApiError;
+use super::ApiState;
+
+/// Header carrying an idempotency key.
+pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const MAX_KEY: usize = 256;
+
+pub(crate) async fn list(State(s): State<ApiState>) -> Json<Vec<api::TaskInfo>> {
+    let state = s.hub.consensus.state();
+    Json(state.tasks.values().map(|r| s.hub.task_info(&state, r)).collect())
+}
+
+pub(crate) async fn show(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<api::TaskInfo>, ApiError> {
+    let state = s.hub.consensus.state();
+    let record = state.tasks.get(&name).ok_or_else(|| ApiError::not_found(format!("no task named {name:?}")))?;
+    Ok(Json(s.hub.task_info(&state, record)))
+}
+
+async fn deploy(
+    s: ApiState,
+    name: String,
+    params: Result<Query<api::DeployParams>, QueryRejection>,
+    body: Bytes,
+    update: bool,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let resp = s.hub.deploy(&name, &body, &params, update).await?;
+    let status = if resp.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(resp)).into_response())
+}
+
+pub(crate) async fn create(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    params: Result<Query<api::DeployParams>, QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_module(&s, body).await?;
+    deploy(s, name, params, body, false).await
+}
+
+pub(crate) async fn update(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    params: Result<Query<api::DeployParams>, QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_module(&s, body).await?;
+    deploy(s, name, params, body, true).await
+}
+
+async fn read_module(s: &ApiState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = s.hub.config.executor.max_module_size.as_u64();
+    axum::body::to_bytes(body, limit as usize).await.map_err(|_| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the module is over the limit of {limit} bytes"))
+            .hint("raise executor.max_module_size in the hub's config")
+    })
+}
+
+pub(crate) async fn remove(State(s): State<ApiState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    use hubmesh_consensus::state::Rejected;
+    use hubmesh_consensus::{Command, ProposeError};
+    match s.hub.consensus.propose(Command::DeleteTask { name: name.clone() }).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(ProposeError::Rejected(Rejected::NoSuchTask(_))) => Err(ApiError::not_found(format!("no task named {name:?}"))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(crate) async fn invoke(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(v) => {
+            let k = v.to_str().map_err(|_| ApiError::bad_request("the idempotency key must be visible ASCII"))?;
+            if k.is_empty() || k.len() > MAX_KEY {
+                return Err(ApiError::bad_request(format!("the idempotency key must be 1-{MAX_KEY} characters")));
+            }
+            Some(k.to_owned())
+        }
+    };
+    let limit = s.hub.input_limit(&name).ok_or_else(|| ApiError::not_found(format!("no task named {name:?}")))?;
+    let input = axum::body::to_bytes(body, limit as usize).await.map_err(|_| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the input is over the task's limit of {limit} bytes"))
+            .hint("deploy the task with a larger --max-input")
+    })?;
+    let res = s.hub.invoke(&name, input.to_vec(), key).await;
+    let outcome = match &res {
+        Ok((a, _)) if a.status == 0 => "ok",
+        Ok(_) => "task_error",
+        Err(_) => "error",
+    };
+    metrics::counter!("hubmesh_invoke_total", "outcome" => outcome).increment(1);
+    let (answer, placement) = res?;
+    if answer.status != 0 {
+        let text = String::from_utf8_lossy(&answer.output[..answer.output.len().min(1024)]).into_owned();
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "task_error",
+            format!("the task answered status {}: {text}", answer.status),
+        ));
+    }
+    let mut resp = answer.output.into_response();
+    let h = resp.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("application/octet-stream"));
+    h.insert("x-hubmesh-epoch", HeaderValue::from(placement.epoch.0));
+    h.insert("x-hubmesh-node", HeaderValue::from(placement.node.0));
+    Ok(resp)
+}
+
+pub(crate) async fn checkpoint(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<api::CheckpointResponse>, ApiError> {
+    if s.hub.consensus.state().tasks.get(&name).is_none() {
+        return Err(ApiError::not_found(format!("no task named {name:?}")));
+    }
+    let c = s.hub.executor.checkpoint(&name).await?;
+    Ok(Json(api::CheckpointResponse {
+        checkpoint: api::CheckpointInfo {
+            sequence: c.sequence,
+            epoch: c.epoch,
+            age_ms: c.age_ms(),
+            size_bytes: c.size_bytes,
+            pages: c.pages,
+        },
+    }))
+}

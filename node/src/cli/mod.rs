@@ -1,0 +1,127 @@
+//! The command line (clap, noun-verb). `hubmesh up` runs a hub; every other command is a client
+//! of a hub's HTTP API (`--hub`, `HUBMESH_HUB`, default http://127.0.0.1:7070) with the token
+//! from `HUBMESH_TOKEN`, `--token-file`, or `DATA_DIR/admin.token`.
+
+mod output;
+mod task;
+mod up;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::Client;
+use crate::config::default_data_dir;
+use crate::server::TOKEN_FILE;
+
+/// hubmesh: several home or edge machines as one fault-tolerant hub for WebAssembly tasks.
+#[derive(Debug, Parser)]
+#[command(name = "hubmesh", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How client commands reach a hub.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// URL of the hub's API.
+    #[arg(long, global = true, env = "HUBMESH_HUB", default_value = "http://127.0.0.1:7070")]
+    pub hub: String,
+    /// File with the API token (default: DATA_DIR/admin.token; HUBMESH_TOKEN wins over both).
+    #[arg(long, global = true, env = "HUBMESH_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The hub's data directory (for `up`, and to find admin.token).
+    #[arg(long, global = true, env = "HUBMESH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a hub (embedded defaults; no config file needed).
+    Up(up::UpArgs),
+    /// Deploy, invoke, list and remove tasks.
+    Task {
+        #[command(subcommand)]
+        cmd: task::TaskCmd,
+    },
+    /// The hubs of the mesh.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// The mesh at a glance: leader, term, voters, hubs, tasks.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the configuration `up` would use.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List the hubs.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print the effective configuration as TOML.
+    Show(up::UpArgs),
+}
+
+impl ConnArgs {
+    /// A client with the token found the documented way.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let token = match std::env::var("HUBMESH_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+            _ => {
+                let path = match &self.token_file {
+                    Some(p) => p.clone(),
+                    None => self.data_dir.clone().unwrap_or_else(default_data_dir).join(TOKEN_FILE),
+                };
+                match std::fs::read_to_string(&path) {
+                    Ok(t) => Some(t.trim().to_owned()),
+                    Err(e) if self.token_file.is_some() => {
+                        return Err(e).with_context(|| format!("reading the token file {}", path.display()))
+                    }
+                    // No token: the hub will answer 401 with a hint.
+                    Err(_) => None,
+                }
+            }
+        };
+        Ok(Client::new(&self.hub, token))
+    }
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up(args) => up::run(args, &cli.conn).await,
+        Command::Config { cmd: ConfigCmd::Show(args) } => {
+            print!("{}", up::config_of(&args, &cli.conn)?.to_toml()?);
+            Ok(())
+        }
+        Command::Task { cmd } => task::run(cmd, &cli.conn.client()?).await,
+        Command::Status { json } => {
+            let s = cli.conn.client()?.status().await?;
+            output::status(&s, json)
+        }
+        Command::Node { cmd: NodeCmd::List { json } } => {
+            let nodes = cli.conn.client()?.nodes().await?;
+            output::nodes(&nodes, json)
+        }
+    }
+}

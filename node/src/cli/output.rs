@@ -1,0 +1,96 @@
+//! Tables for people, JSON for scripts.
+
+use hubmesh_proto::api;
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Prints rows as aligned columns.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn bytes(n: u64) -> String {
+    bytesize::ByteSize(n).to_string()
+}
+
+pub(super) fn tasks(tasks: &[api::TaskInfo], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&tasks);
+    }
+    let rows = tasks
+        .iter()
+        .map(|t| {
+            let kind = match (t.kind, t.checkpoint) {
+                (api::TaskKind::Stateless, _) => "stateless".to_owned(),
+                (api::TaskKind::Stateful, api::CheckpointMode::Durable) => "stateful/durable".to_owned(),
+                (api::TaskKind::Stateful, api::CheckpointMode::Periodic) => {
+                    format!("stateful/every {}ms", t.checkpoint_every_ms.unwrap_or(0))
+                }
+                (api::TaskKind::Stateful, api::CheckpointMode::None) => "stateful".to_owned(),
+            };
+            let state = match &t.reason {
+                Some(r) => format!("{} ({r})", t.state),
+                None => t.state.clone(),
+            };
+            let host = t.placement.as_ref().map(|p| format!("{} e{}", p.node_name, p.epoch)).unwrap_or_else(|| "-".into());
+            let ckpt = t
+                .last_checkpoint
+                .as_ref()
+                .map(|c| format!("#{} {} ago, {}", c.sequence, humantime::format_duration(std::time::Duration::from_millis(c.age_ms / 1000 * 1000)), bytes(c.size_bytes)))
+                .unwrap_or_else(|| "-".into());
+            vec![t.name.clone(), format!("v{}", t.version), kind, state, host, t.invocations.to_string(), ckpt]
+        })
+        .collect();
+    table(&["NAME", "VERSION", "KIND", "STATE", "HOST", "INVOCATIONS", "CHECKPOINT"], rows);
+    Ok(())
+}
+
+pub(super) fn status(s: &api::StatusInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(s);
+    }
+    println!("hub       {} (id {}), hubmesh {}", s.name, s.node_id, s.version);
+    println!("leader    {}", s.leader.map_or("none".to_owned(), |l| l.to_string()));
+    println!("term      {}   applied {}", s.term, s.last_applied);
+    println!("voters    {:?}", s.voters);
+    println!("hubs      {} up", s.nodes.len());
+    println!("tasks     {} ({} placed, {} pending)", s.tasks_total, s.tasks_placed, s.tasks_pending);
+    println!("uptime    {}", humantime::format_duration(std::time::Duration::from_secs(s.uptime_ms / 1000)));
+    Ok(())
+}
+
+pub(super) fn nodes(nodes: &[api::NodeInfo], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&nodes);
+    }
+    let rows = nodes
+        .iter()
+        .map(|n| vec![n.name.clone(), n.id.to_string(), n.role.clone(), n.api_addr.clone(), n.instances.to_string()])
+        .collect();
+    table(&["NAME", "ID", "ROLE", "API", "INSTANCES"], rows);
+    Ok(())
+}
+
+pub(super) fn json_or<T: serde::Serialize>(v: &T, json: bool, human: impl FnOnce()) -> anyhow::Result<()> {
+    if json {
+        return print_json(v);
+    }
+    human();
+    Ok(())
+}

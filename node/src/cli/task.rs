@@ -1,0 +1,162 @@
+//! `hubmesh task ...`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use hubmesh_proto::api;
+
+use super::output;
+use crate::client::Client;
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    /// Deploy a module (.wasm or .wat) as a task.
+    Deploy {
+        /// The module file.
+        file: PathBuf,
+        /// Task name (default: the file name without extension).
+        #[arg(long)]
+        name: Option<String>,
+        /// Keep memory across invocations (one instance, invocations queued).
+        #[arg(long)]
+        stateful: bool,
+        /// Save the state before every answer (implies --stateful).
+        #[arg(long)]
+        durable: bool,
+        /// Save the state periodically, e.g. 5s (implies --stateful).
+        #[arg(long, value_name = "DURATION")]
+        checkpoint_every: Option<String>,
+        /// Memory cap, e.g. 64MiB.
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<String>,
+        /// CPU deadline per invocation, e.g. 1s.
+        #[arg(long, value_name = "DURATION")]
+        timeout: Option<String>,
+        /// Largest input, e.g. 1MiB.
+        #[arg(long, value_name = "SIZE")]
+        max_input: Option<String>,
+        /// Largest output, e.g. 1MiB.
+        #[arg(long, value_name = "SIZE")]
+        max_output: Option<String>,
+        /// Invocations that may wait (stateful) or run at once (stateless).
+        #[arg(long)]
+        queue: Option<u32>,
+        /// Interval of hm_tick, e.g. 1s (stateful tasks that export it).
+        #[arg(long, value_name = "DURATION")]
+        tick: Option<String>,
+        /// Publish a new version of an existing task.
+        #[arg(long)]
+        update: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Invoke a task; its output goes to stdout.
+    Invoke {
+        name: String,
+        /// The input, as a string.
+        #[arg(long, conflicts_with = "file")]
+        data: Option<String>,
+        /// The input, from a file (- for stdin).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Idempotency key: a retry with the same key is answered, not applied again.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// List the tasks.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one task.
+    Show {
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a task and its saved state.
+    Rm { name: String },
+    /// Take a checkpoint of a stateful task now.
+    Checkpoint {
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
+    match cmd {
+        TaskCmd::Deploy {
+            file,
+            name,
+            stateful,
+            durable,
+            checkpoint_every,
+            memory,
+            timeout,
+            max_input,
+            max_output,
+            queue,
+            tick,
+            update,
+            json,
+        } => {
+            let module = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let name = match name {
+                Some(n) => n,
+                None => file
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .map(str::to_owned)
+                    .context("give the task a --name")?,
+            };
+            let params = api::DeployParams { stateful, durable, checkpoint_every, memory, timeout, max_input, max_output, queue, tick };
+            let resp = client.deploy(&name, module, &params, update).await?;
+            output::json_or(&resp, json, || {
+                let verb = if resp.created { "deployed" } else { "updated" };
+                let t = &resp.task;
+                let host = t.placement.as_ref().map(|p| format!(" on {} (epoch {})", p.node_name, p.epoch)).unwrap_or_default();
+                println!("{verb} {} v{}{host}: {}", t.name, t.version, t.state);
+            })
+        }
+        TaskCmd::Invoke { name, data, file, key } => {
+            let input = match (data, file) {
+                (Some(d), _) => d.into_bytes(),
+                (None, Some(p)) if p.as_os_str() == "-" => {
+                    let mut buf = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading stdin")?;
+                    buf
+                }
+                (None, Some(p)) => std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+                (None, None) => Vec::new(),
+            };
+            let out = client.invoke(&name, input, key.as_deref()).await?;
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&out)?;
+            if !out.ends_with(b"\n") && std::io::IsTerminal::is_terminal(&stdout) {
+                stdout.write_all(b"\n")?;
+            }
+            Ok(())
+        }
+        TaskCmd::List { json } => output::tasks(&client.tasks().await?, json),
+        TaskCmd::Show { name, json } => output::tasks(&[client.task(&name).await?], json),
+        TaskCmd::Rm { name } => {
+            client.remove(&name).await?;
+            println!("removed {name}");
+            Ok(())
+        }
+        TaskCmd::Checkpoint { name, json } => {
+            let c = client.checkpoint(&name).await?;
+            output::json_or(&c, json, || {
+                println!("checkpoint #{} of {name}: {} pages, {} bytes", c.checkpoint.sequence, c.checkpoint.pages, c.checkpoint.size_bytes)
+            })
+        }
+    }
+}
+

@@ -1,0 +1,68 @@
+//! `hubmesh up`: run a hub.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use super::ConnArgs;
+use crate::config::Config;
+
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// TOML configuration file (optional; flags and HUBMESH_* env override it).
+    #[arg(long, env = "HUBMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The hub's name.
+    #[arg(long, env = "HUBMESH_NAME")]
+    pub name: Option<String>,
+    /// Address of the HTTP API (port 0 picks a free one, written to DATA_DIR/api.addr).
+    #[arg(long, env = "HUBMESH_API")]
+    pub api: Option<SocketAddr>,
+    /// A placement label, `key=value` (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Task instances this hub offers to run.
+    #[arg(long, env = "HUBMESH_SLOTS")]
+    pub slots: Option<u32>,
+}
+
+/// Defaults, then the file, then env and flags.
+pub(super) fn config_of(args: &UpArgs, conn: &ConnArgs) -> anyhow::Result<Config> {
+    let mut c = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &conn.data_dir {
+        c.data_dir = d.clone();
+    }
+    if let Some(n) = &args.name {
+        c.name = n.clone();
+    }
+    if let Some(a) = args.api {
+        c.api = a;
+    }
+    if let Some(s) = args.slots {
+        c.slots = s;
+    }
+    for l in &args.labels {
+        let Some((k, v)) = l.split_once('=') else { bail!("--label {l:?}: expected key=value") };
+        c.labels.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    Ok(c)
+}
+
+pub(super) async fn run(args: UpArgs, conn: &ConnArgs) -> anyhow::Result<()> {
+    let config = config_of(&args, conn)?;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler does not fail on Unix");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested");
+    };
+    crate::server::run(config, shutdown).await.context("the hub stopped with an error")
+}

@@ -1,0 +1,161 @@
+//! A typed client of the HTTP API, used by the CLI, the tests and the chaos suite.
+
+use std::time::Duration;
+
+use hubmesh_proto::api;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The hub answered with an error.
+    #[error("{}{}", .body.message, .body.hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
+    Api { status: u16, body: api::ErrorBody },
+    /// The hub could not be reached or the connection broke.
+    #[error("cannot reach the hub at {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The hub's answer did not parse.
+    #[error("unexpected answer from the hub: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The API error code, if the hub answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api { body, .. } => Some(&body.code),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status, if the hub answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client of one hub.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client of the hub at `base` (e.g. `http://127.0.0.1:7070`).
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("a reqwest client without TLS always builds");
+        Self { http, base: base.trim_end_matches('/').to_owned(), token }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, self.url(path));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, path: &str) -> Result<reqwest::Response, ClientError> {
+        let resp = req.send().await.map_err(|source| ClientError::Transport { url: self.url(path), source })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let body = serde_json::from_str::<api::ErrorBody>(&text).unwrap_or_else(|_| api::ErrorBody {
+            code: format!("http_{status}"),
+            message: if text.is_empty() { format!("HTTP {status}") } else { text },
+            hint: None,
+        });
+        Err(ClientError::Api { status, body })
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder, path: &str) -> Result<T, ClientError> {
+        let resp = self.send(req, path).await?;
+        resp.json().await.map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// `GET /health` (no token needed).
+    pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
+        self.json(self.http.get(self.url("/health")), "/health").await
+    }
+
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Result<api::StatusInfo, ClientError> {
+        self.json(self.req(reqwest::Method::GET, "/v1/status"), "/v1/status").await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Vec<api::NodeInfo>, ClientError> {
+        self.json(self.req(reqwest::Method::GET, "/v1/nodes"), "/v1/nodes").await
+    }
+
+    /// Deploys `module` (wasm or wat bytes) as `name`; `update` publishes a new version.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        module: Vec<u8>,
+        params: &api::DeployParams,
+        update: bool,
+    ) -> Result<api::DeployResponse, ClientError> {
+        let path = format!("/v1/tasks/{name}");
+        let method = if update { reqwest::Method::PUT } else { reqwest::Method::POST };
+        let req = self.req(method, &path).query(params).body(module);
+        self.json(req, &path).await
+    }
+
+    /// Invokes `name` with `input`; returns the output bytes.
+    pub async fn invoke(&self, name: &str, input: Vec<u8>, key: Option<&str>) -> Result<Vec<u8>, ClientError> {
+        let path = format!("/v1/tasks/{name}/invoke");
+        let mut req = self.req(reqwest::Method::POST, &path).body(input);
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let resp = self.send(req, &path).await?;
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Decode(e.to_string()))?;
+        Ok(bytes.to_vec())
+    }
+
+    /// `GET /v1/tasks`.
+    pub async fn tasks(&self) -> Result<Vec<api::TaskInfo>, ClientError> {
+        self.json(self.req(reqwest::Method::GET, "/v1/tasks"), "/v1/tasks").await
+    }
+
+    /// `GET /v1/tasks/{name}`.
+    pub async fn task(&self, name: &str) -> Result<api::TaskInfo, ClientError> {
+        let path = format!("/v1/tasks/{name}");
+        self.json(self.req(reqwest::Method::GET, &path), &path).await
+    }
+
+    /// `DELETE /v1/tasks/{name}`.
+    pub async fn remove(&self, name: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/tasks/{name}");
+        self.send(self.req(reqwest::Method::DELETE, &path), &path).await.map(|_| ())
+    }
+
+    /// `POST /v1/tasks/{name}/checkpoint`.
+    pub async fn checkpoint(&self, name: &str) -> Result<api::CheckpointResponse, ClientError> {
+        let path = format!("/v1/tasks/{name}/checkpoint");
+        self.json(self.req(reqwest::Method::POST, &path), &path).await
+    }
+
+    /// Whether an error means the hub is not there (as opposed to answering).
+    pub fn is_unreachable(e: &ClientError) -> bool {
+        matches!(e, ClientError::Transport { .. })
+    }
+}

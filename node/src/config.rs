@@ -1,0 +1,169 @@
+//! The hub's configuration: embedded defaults, then a TOML file (`--config`), then `HUBMESH_*`
+//! environment variables and flags (clap reads both). `hubmesh config show` prints the result.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// Everything a hub needs to run. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the hub keeps its state (Raft log, modules, checkpoints, token). Default: the
+    /// user's data directory + `/hubmesh` (e.g. `~/.local/share/hubmesh`).
+    pub data_dir: PathBuf,
+    /// The hub's name, shown in listings. Default: the host name.
+    pub name: String,
+    /// Address of the HTTP API. Port 0 picks a free port (written to `DATA_DIR/api.addr`).
+    pub api: SocketAddr,
+    /// Labels for placement constraints, e.g. `room = "attic"`.
+    pub labels: BTreeMap<String, String>,
+    /// How many task instances this hub offers to run.
+    pub slots: u32,
+    /// Limits of the WebAssembly engine.
+    pub executor: ExecutorConfig,
+    /// Defaults for tasks deployed without explicit limits.
+    pub task_defaults: TaskDefaults,
+    /// Raft timing.
+    pub raft: RaftConfig,
+}
+
+/// Limits of the WebAssembly engine on this hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutorConfig {
+    /// Instances the engine can hold at once (sizes the pooling allocator).
+    pub max_instances: u32,
+    /// The largest memory cap a task may ask for.
+    pub max_task_memory: ByteSize,
+    /// The largest module accepted by deploy.
+    pub max_module_size: ByteSize,
+}
+
+/// Limits applied to a task deployed without its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskDefaults {
+    /// Memory cap.
+    pub memory: ByteSize,
+    /// CPU deadline of one invocation.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Largest input.
+    pub max_input: ByteSize,
+    /// Largest output.
+    pub max_output: ByteSize,
+    /// Invocations that may wait for a stateful instance (or run at once on a stateless one).
+    pub queue: u32,
+    /// Interval of `hm_tick` for tasks that export it.
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+}
+
+/// Raft timing. The defaults suit a wired LAN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_max: Duration,
+    /// How long a state change may take before its outcome is reported as unknown.
+    #[serde(with = "humantime_serde")]
+    pub propose_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            name: default_name(),
+            api: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            labels: BTreeMap::new(),
+            slots: 128,
+            executor: ExecutorConfig::default(),
+            task_defaults: TaskDefaults::default(),
+            raft: RaftConfig::default(),
+        }
+    }
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        Self { max_instances: 256, max_task_memory: ByteSize::gib(1), max_module_size: ByteSize::mib(32) }
+    }
+}
+
+impl Default for TaskDefaults {
+    fn default() -> Self {
+        Self {
+            memory: ByteSize::mib(64),
+            timeout: Duration::from_secs(1),
+            max_input: ByteSize::mib(1),
+            max_output: ByteSize::mib(1),
+            queue: 64,
+            tick: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(50),
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
+            propose_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The default data directory: `$XDG_DATA_HOME/hubmesh` or `~/.local/share/hubmesh`.
+pub fn default_data_dir() -> PathBuf {
+    dirs::data_dir().unwrap_or_else(|| PathBuf::from(".")).join("hubmesh")
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "hub".to_owned())
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> anyhow::Result<String> {
+        toml::to_string_pretty(self).context("encoding the configuration")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_unknown_fields_fail() {
+        let c = Config::default();
+        let text = c.to_toml().unwrap();
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), c);
+        assert!(toml::from_str::<Config>("apii = \"127.0.0.1:1\"").is_err());
+        let partial: Config = toml::from_str("[task_defaults]\ntimeout = \"250ms\"\nmemory = \"8 MiB\"").unwrap();
+        assert_eq!(partial.task_defaults.timeout, Duration::from_millis(250));
+        assert_eq!(partial.task_defaults.memory, ByteSize::mib(8));
+        assert_eq!(partial.api, c.api);
+    }
+}

@@ -1,0 +1,106 @@
+//! The reconciler: makes the set of tasks this hub runs match the placements in the replicated
+//! state. It wakes on every applied state (and once a second, to retry), starts what is placed
+//! here, restarts what changed version or epoch, and stops what moved away or was deleted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubmesh_consensus::state::TaskRecord;
+use hubmesh_consensus::ClusterState;
+use tokio::sync::watch;
+
+use crate::executor::{InstanceLimits, TaskConfig};
+use crate::hub::Hub;
+
+/// The executor's configuration for a task record.
+pub(crate) fn config_of(record: &TaskRecord, epoch: u64) -> TaskConfig {
+    let s = &record.spec;
+    TaskConfig {
+        name: s.name.clone(),
+        version: record.version,
+        epoch,
+        kind: s.kind,
+        module_hash: s.module_hash,
+        limits: InstanceLimits {
+            memory_bytes: s.limits.memory_bytes,
+            timeout_ms: s.limits.timeout_ms,
+            max_input_bytes: s.limits.max_input_bytes,
+            max_output_bytes: s.limits.max_output_bytes,
+        },
+        queue: s.limits.queue,
+        checkpoint: s.checkpoint,
+        tick_ms: s.tick_ms,
+    }
+}
+
+/// Runs until `shutdown` flips.
+pub(crate) async fn run(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
+    let mut rx = hub.consensus.watch();
+    loop {
+        let state = rx.borrow_and_update().clone();
+        reconcile_once(&hub, &state).await;
+        tokio::select! {
+            _ = rx.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn reconcile_once(hub: &Arc<Hub>, state: &ClusterState) {
+    let me = hub.consensus.node_id();
+    let desired: HashMap<String, TaskConfig> = state
+        .tasks
+        .values()
+        .filter_map(|t| t.instances.get(&0).filter(|p| p.node == me).map(|p| (t.spec.name.clone(), config_of(t, p.epoch.0))))
+        .collect();
+    let running: HashMap<String, TaskConfig> = hub.executor.configs().into_iter().map(|c| (c.name.clone(), c)).collect();
+
+    for name in running.keys().filter(|n| !desired.contains_key(*n)) {
+        let deleted = !state.tasks.contains_key(name);
+        tracing::info!(task = %name, deleted, "stopping task");
+        let (executor, name2) = (hub.executor.clone(), name.clone());
+        let _ = tokio::task::spawn_blocking(move || executor.stop_task(&name2, deleted)).await;
+    }
+    hub.start_failures.lock().unwrap_or_else(|p| p.into_inner()).retain(|n, _| desired.contains_key(n));
+
+    for (name, cfg) in desired {
+        if running.get(&name) == Some(&cfg) {
+            continue;
+        }
+        let key = format!("{}@{}", cfg.version, cfg.epoch);
+        let failed_before = hub
+            .start_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .is_some_and(|f| f.starts_with(&key));
+        if failed_before {
+            continue;
+        }
+        let wasm = match hub.blobs.get(&cfg.module_hash) {
+            Ok(w) => w,
+            Err(e) => {
+                record_failure(hub, &name, &key, &e.to_string());
+                continue;
+            }
+        };
+        let executor = hub.executor.clone();
+        let cfg2 = cfg.clone();
+        let res = tokio::task::spawn_blocking(move || executor.start_task(cfg2, &wasm)).await;
+        match res {
+            Ok(Ok(())) => {
+                hub.start_failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+            }
+            Ok(Err(e)) => record_failure(hub, &name, &key, &e.to_string()),
+            Err(e) => record_failure(hub, &name, &key, &format!("the start thread failed: {e}")),
+        }
+    }
+    metrics::gauge!("hubmesh_tasks_running").set(hub.executor.configs().len() as f64);
+}
+
+fn record_failure(hub: &Hub, name: &str, key: &str, reason: &str) {
+    tracing::error!(task = name, reason, "task failed to start");
+    hub.start_failures.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), format!("{key}: {reason}"));
+}

@@ -1,0 +1,154 @@
+//! Placement policy, run on the leader only. Pure: it reads a `ClusterState` and returns the
+//! commands that would fix it, so tests check its exact output.
+//!
+//! Policy: every task wants one instance (instance 0). An instance is (re)placed when it has no
+//! placement or its hub is gone, down or draining. The chosen hub is the `Up` hub with the most
+//! free slots (ties: lowest id). A task that fits nowhere stays pending, with a reason.
+
+use std::collections::BTreeMap;
+
+use hubmesh_consensus::state::{ClusterState, NodeStatus};
+use hubmesh_consensus::{Command, NodeId};
+
+/// Instances placed on each hub.
+fn load(state: &ClusterState) -> BTreeMap<NodeId, u32> {
+    let mut load: BTreeMap<NodeId, u32> = state.nodes.keys().map(|id| (*id, 0)).collect();
+    for t in state.tasks.values() {
+        for p in t.instances.values() {
+            *load.entry(p.node).or_default() += 1;
+        }
+    }
+    load
+}
+
+fn usable(state: &ClusterState, node: NodeId) -> bool {
+    state.nodes.get(&node).is_some_and(|n| n.status == NodeStatus::Up)
+}
+
+/// The placements the leader should propose now.
+pub fn plan(state: &ClusterState) -> Vec<Command> {
+    let mut load = load(state);
+    let mut out = Vec::new();
+    for (name, task) in &state.tasks {
+        let current = task.instances.get(&0).copied();
+        if current.is_some_and(|p| usable(state, p.node)) {
+            continue;
+        }
+        let Some(node) = pick(state, &load) else { continue };
+        *load.entry(node).or_default() += 1;
+        out.push(Command::PlaceInstance { task: name.clone(), instance: 0, node, expected: current.map(|p| p.epoch) });
+    }
+    out
+}
+
+fn pick(state: &ClusterState, load: &BTreeMap<NodeId, u32>) -> Option<NodeId> {
+    state
+        .nodes
+        .values()
+        .filter(|n| n.status == NodeStatus::Up)
+        .filter_map(|n| {
+            let used = load.get(&n.id).copied().unwrap_or(0);
+            (used < n.slots).then_some((n.slots - used, n.id))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+        .map(|(_, id)| id)
+}
+
+/// Why `task` has no placement, for `task list`.
+pub fn pending_reason(state: &ClusterState, task: &str) -> Option<String> {
+    let t = state.tasks.get(task)?;
+    if t.instances.get(&0).is_some_and(|p| usable(state, p.node)) {
+        return None;
+    }
+    if state.nodes.values().all(|n| n.status != NodeStatus::Up) {
+        return Some("no hub is up".into());
+    }
+    if pick(state, &load(state)).is_none() {
+        return Some("every hub that is up has all its instance slots in use".into());
+    }
+    Some("waiting for the leader to place it".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use hubmesh_consensus::state::{CheckpointPolicy, DeployMode, Limits, NodeRecord, TaskKind, TaskSpec};
+    use hubmesh_consensus::Epoch;
+    use hubmesh_storage::Hash;
+
+    use super::*;
+
+    fn node(id: u64, slots: u32, status: NodeStatus) -> Command {
+        Command::RegisterNode {
+            node: NodeRecord {
+                id: NodeId(id),
+                name: format!("h{id}"),
+                api_addr: String::new(),
+                labels: Default::default(),
+                slots,
+                status,
+            },
+        }
+    }
+
+    fn deploy(name: &str) -> Command {
+        Command::DeployTask {
+            spec: TaskSpec {
+                name: name.into(),
+                kind: TaskKind::Stateful,
+                module_hash: Hash::of(b"m"),
+                source_hash: Hash::of(b"s"),
+                limits: Limits { memory_bytes: 1, timeout_ms: 1, max_input_bytes: 1, max_output_bytes: 1, queue: 1 },
+                checkpoint: CheckpointPolicy::None,
+                tick_ms: None,
+            },
+            mode: DeployMode::Create,
+            at_ms: 0,
+        }
+    }
+
+    fn state(cmds: &[Command]) -> ClusterState {
+        let mut s = ClusterState::default();
+        for c in cmds {
+            s.apply(c).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn places_unplaced_tasks_on_the_emptiest_up_hub() {
+        let s = state(&[node(1, 1, NodeStatus::Up), node(2, 5, NodeStatus::Up), node(3, 9, NodeStatus::Down), deploy("a"), deploy("b")]);
+        assert_eq!(
+            plan(&s),
+            vec![
+                Command::PlaceInstance { task: "a".into(), instance: 0, node: NodeId(2), expected: None },
+                Command::PlaceInstance { task: "b".into(), instance: 0, node: NodeId(2), expected: None },
+            ]
+        );
+    }
+
+    #[test]
+    fn full_hubs_leave_tasks_pending_with_a_reason() {
+        let mut s = state(&[node(1, 1, NodeStatus::Up), deploy("a"), deploy("b")]);
+        for c in plan(&s) {
+            s.apply(&c).unwrap();
+        }
+        assert_eq!(s.placement("a", 0).map(|p| p.node), Some(NodeId(1)));
+        assert!(plan(&s).is_empty());
+        assert_eq!(pending_reason(&s, "a"), None);
+        assert!(pending_reason(&s, "b").unwrap().contains("slots"));
+    }
+
+    #[test]
+    fn instances_of_a_down_hub_are_replaced_with_the_seen_epoch() {
+        let mut s = state(&[node(1, 4, NodeStatus::Up), deploy("a")]);
+        for c in plan(&s) {
+            s.apply(&c).unwrap();
+        }
+        s.apply(&node(1, 4, NodeStatus::Down)).unwrap();
+        s.apply(&node(2, 4, NodeStatus::Up)).unwrap();
+        assert_eq!(
+            plan(&s),
+            vec![Command::PlaceInstance { task: "a".into(), instance: 0, node: NodeId(2), expected: Some(Epoch(1)) }]
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! The boot script of a hub: each step is narrated in the log, and shutdown runs in reverse.
+//!
+//! ```text
+//!  1 data dir + format marker   2 API token   3 page log, blob store   4 Raft (sled; init or recover)
+//!  5 executor (wasmtime)        6 API listener (api.addr)               7 reconciler, leader worker
+//!  shutdown: stop API -> stop workers -> stop tasks (final checkpoints) -> stop Raft
+//! ```
+
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hubmesh_consensus::{Consensus, ConsensusConfig, NodeAddr};
+use hubmesh_storage::{BlobStore, PageLog};
+use rand::RngCore;
+use tokio::sync::watch;
+
+use crate::api;
+use crate::config::Config;
+use crate::executor::{EngineLimits, Executor};
+use crate::hub::Hub;
+
+const FORMAT_FILE: &str = "FORMAT";
+const FORMAT: &str = "hubmesh-data 1\n";
+/// File holding the API token.
+pub const TOKEN_FILE: &str = "admin.token";
+/// File holding the API's bound address (useful with port 0).
+pub const API_ADDR_FILE: &str = "api.addr";
+
+fn check_format(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join(FORMAT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s == FORMAT => Ok(()),
+        Ok(s) => bail!("{} says {:?}; this hubmesh understands {:?}", path.display(), s.trim(), FORMAT.trim()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write_atomic(&path, FORMAT.as_bytes(), 0o644).with_context(|| format!("writing {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads the API token, creating it (256 random bits, mode 0600) on first start.
+fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => bail!("{} is empty; delete it to get a new token", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    write_atomic(path, format!("{token}\n").as_bytes(), 0o600).with_context(|| format!("writing {}", path.display()))?;
+    tracing::info!(path = %path.display(), "created the API token");
+    Ok(token)
+}
+
+/// Runs a hub until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = config.data_dir.clone();
+    tracing::info!(data_dir = %dir.display(), name = %config.name, "1/7 data dir");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    check_format(&dir)?;
+
+    tracing::info!("2/7 API token");
+    let token = load_or_create_token(&dir.join(TOKEN_FILE))?;
+
+    tracing::info!("3/7 page log and blob store");
+    let pages = Arc::new(PageLog::open(&dir.join("checkpoints")).context("opening the page log")?);
+    let blobs = BlobStore::open(&dir.join("blobs")).context("opening the blob store")?;
+
+    tracing::info!("4/7 raft");
+    let listener = tokio::net::TcpListener::bind(config.api).await.with_context(|| format!("binding the API to {}", config.api))?;
+    let api_addr = listener.local_addr().context("reading the API address")?;
+    let consensus = Consensus::start(ConsensusConfig {
+        dir: dir.join("raft"),
+        fresh_node_id: rand::rng().next_u64() >> 1 | 1,
+        node: NodeAddr { name: config.name.clone(), api_addr: api_addr.to_string(), mesh_addr: String::new() },
+        bootstrap: true,
+        propose_timeout: config.raft.propose_timeout,
+        heartbeat: config.raft.heartbeat,
+        election_timeout_min: config.raft.election_timeout_min,
+        election_timeout_max: config.raft.election_timeout_max,
+    })
+    .await
+    .context("starting raft")?;
+    let leader = consensus.wait_for_leader(Duration::from_secs(10)).await;
+    tracing::info!(node_id = consensus.node_id().0, ?leader, "raft is up");
+
+    tracing::info!("5/7 executor");
+    let limits = EngineLimits {
+        max_instances: config.executor.max_instances,
+        max_task_memory: config.executor.max_task_memory.as_u64(),
+    };
+    let executor = Arc::new(Executor::new(limits, &dir.join("cache"), pages).context("starting the executor")?);
+
+    let hub = Arc::new(Hub {
+        config: config.clone(),
+        consensus,
+        executor,
+        blobs,
+        token,
+        started,
+        start_failures: Mutex::new(Default::default()),
+    });
+
+    tracing::info!(%api_addr, "6/7 API");
+    write_atomic(&dir.join(API_ADDR_FILE), format!("{api_addr}\n").as_bytes(), 0o644).context("writing api.addr")?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| tracing::warn!(error = %e, "metrics are off"))
+        .ok();
+    let app = api::router(api::ApiState { hub: hub.clone(), metrics });
+
+    tracing::info!("7/7 workers");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reconciler = tokio::spawn(crate::reconcile::run(hub.clone(), stop_rx.clone()));
+    let leader_worker = tokio::spawn(crate::leader::run(hub.clone(), api_addr.to_string(), stop_rx.clone()));
+
+    tracing::info!(
+        api = %format!("http://{api_addr}"),
+        token_file = %dir.join(TOKEN_FILE).display(),
+        took = ?started.elapsed(),
+        "hubmesh is up"
+    );
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+
+    tracing::info!("shutting down: workers");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = reconciler.await;
+        let _ = leader_worker.await;
+    })
+    .await;
+    tracing::info!("shutting down: tasks (final checkpoints)");
+    let executor = hub.executor.clone();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || executor.shutdown())).await;
+    tracing::info!("shutting down: raft");
+    hub.consensus.shutdown().await;
+    served.context("serving the API")?;
+    tracing::info!("bye");
+    Ok(())
+}
