@@ -81,6 +81,7 @@ impl Hub {
                 age_ms: c.age_ms(),
                 size_bytes: c.size_bytes,
                 pages: c.pages,
+                invocations: c.invocations,
             }),
             invocations: local.map_or(0, |s| s.invocations),
         }

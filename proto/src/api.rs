@@ -97,6 +97,8 @@ pub struct CheckpointInfo {
     /// Bytes of the non-zero pages the checkpoint refers to.
     pub size_bytes: u64,
     pub pages: u32,
+    /// Invocations the checkpointed state includes.
+    pub invocations: u64,
 }
 
 /// One task as `task list` shows it.

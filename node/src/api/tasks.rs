@@ -134,6 +134,7 @@ pub(crate) async fn checkpoint(State(s): State<ApiState>, Path(name): Path<Strin
             age_ms: c.age_ms(),
             size_bytes: c.size_bytes,
             pages: c.pages,
+            invocations: c.invocations,
         },
     }))
 }

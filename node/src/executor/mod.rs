@@ -74,6 +74,7 @@ pub struct CheckpointSummary {
     pub created_unix_ms: u64,
     pub size_bytes: u64,
     pub pages: u32,
+    pub invocations: u64,
 }
 
 impl CheckpointSummary {
@@ -84,6 +85,7 @@ impl CheckpointSummary {
             created_unix_ms: m.created_unix_ms,
             size_bytes: m.size_bytes(),
             pages: m.pages.len() as u32,
+            invocations: m.invocations,
         }
     }
 

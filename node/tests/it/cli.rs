@@ -1,0 +1,51 @@
+//! The CLI contract: noun-verb commands against a real hub.
+
+use crate::harness::{example, step, Hub};
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "CLI failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_invoke_list_rm_from_the_command_line() {
+    let hub = Hub::start("cli").await;
+    let counter = example("counter.wat");
+    step("task deploy");
+    let out = ok(&hub.cli(&["task", "deploy", counter.to_str().unwrap(), "--name", "counter", "--durable"]));
+    assert!(out.contains("deployed counter v1"), "{out}");
+    step("task invoke writes the output bytes to stdout");
+    assert_eq!(ok(&hub.cli(&["task", "invoke", "counter", "--data", "5"])), "5");
+    assert_eq!(ok(&hub.cli(&["task", "invoke", "counter", "--data", "2", "--key", "k1"])), "7");
+    assert_eq!(ok(&hub.cli(&["task", "invoke", "counter", "--data", "2", "--key", "k1"])), "7");
+    step("listings, in tables and JSON");
+    let table = ok(&hub.cli(&["task", "list"]));
+    assert!(table.starts_with("NAME") && table.contains("counter") && table.contains("stateful/durable"), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&ok(&hub.cli(&["task", "list", "--json"]))).unwrap();
+    assert_eq!(json[0]["name"], "counter");
+    assert_eq!(json[0]["invocations"], 2);
+    let status: serde_json::Value = serde_json::from_str(&ok(&hub.cli(&["status", "--json"]))).unwrap();
+    assert_eq!(status["tasks_total"], 1);
+    assert!(ok(&hub.cli(&["node", "list"])).contains("leader"));
+    assert!(ok(&hub.cli(&["task", "checkpoint", "counter"])).contains("checkpoint #"));
+    step("errors go to stderr with a non-zero exit");
+    let out = hub.cli(&["task", "invoke", "missing"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no task named"));
+    let out = hub.cli(&["task", "deploy", counter.to_str().unwrap(), "--name", "counter"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--update"), "{}", String::from_utf8_lossy(&out.stderr));
+    step("task rm");
+    ok(&hub.cli(&["task", "rm", "counter"]));
+    assert!(ok(&hub.cli(&["task", "list", "--json"])).trim() == "[]");
+}
+
+#[test]
+fn config_show_prints_the_effective_configuration() {
+    let out = std::process::Command::new(crate::harness::bin())
+        .args(["config", "show", "--name", "attic", "--label", "room=attic"])
+        .env("HUBMESH_API", "127.0.0.1:9999")
+        .output()
+        .unwrap();
+    let text = ok(&out);
+    assert!(text.contains("name = \"attic\"") && text.contains("api = \"127.0.0.1:9999\"") && text.contains("room = \"attic\""), "{text}");
+}

@@ -1,0 +1,186 @@
+//! Starts real hubs (the `hubmesh` binary) in their own temp dirs on loopback ports chosen by the
+//! OS (`--api 127.0.0.1:0`; the hub writes the bound address to `DATA_DIR/api.addr`), waits on
+//! conditions rather than sleeping, and kills every child on drop, printing its log tail if the
+//! test failed.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use hubmesh::client::Client;
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hubmesh")
+}
+
+/// An example task's file.
+pub fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/tasks").join(name)
+}
+
+/// An example task's bytes.
+pub fn example_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(example(name)).expect("example tasks are in the repo")
+}
+
+/// Marks a step in the test's output.
+pub fn step(what: &str) {
+    eprintln!("--- step: {what}");
+}
+
+/// Polls `cond` until it returns true, failing the test with `why` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, why: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting until {why}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One hub process.
+pub struct Hub {
+    pub name: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub url: String,
+    pub client: Client,
+    extra: Vec<String>,
+}
+
+impl Hub {
+    /// Starts a hub with a fresh data dir.
+    pub async fn start(name: &str) -> Self {
+        Self::start_with(name, &[]).await
+    }
+
+    /// Starts a hub with extra `up` flags.
+    pub async fn start_with(name: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::Builder::new().prefix(&format!("hubmesh-it-{name}-")).tempdir().expect("temp dir");
+        let mut hub = Self {
+            name: name.to_owned(),
+            dir,
+            child: None,
+            url: String::new(),
+            client: Client::new("http://127.0.0.1:1", None),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        hub.spawn().await;
+        hub
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("hub.log")
+    }
+
+    async fn spawn(&mut self) {
+        let addr_file = self.dir.path().join("api.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        let child = Command::new(bin())
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(["up", "--api", "127.0.0.1:0", "--name", &self.name])
+            .args(&self.extra)
+            .env("HUBMESH_LOG", "info,openraft=warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::from(log.try_clone().expect("log handle")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawning hubmesh");
+        self.child = Some(child);
+        let path = addr_file.clone();
+        wait_until(Duration::from_secs(60), &format!("hub {} writes api.addr", self.name), || {
+            let exists = path.exists();
+            async move { exists }
+        })
+        .await;
+        let addr = std::fs::read_to_string(&addr_file).expect("api.addr").trim().to_owned();
+        self.url = format!("http://{addr}");
+        self.client = Client::new(&self.url, Some(self.token()));
+        let client = self.client.clone();
+        wait_until(Duration::from_secs(60), "the hub answers /health", || {
+            let c = client.clone();
+            async move { c.health().await.is_ok() }
+        })
+        .await;
+        let client = self.client.clone();
+        wait_until(Duration::from_secs(60), "the hub knows a leader and has registered", || {
+            let c = client.clone();
+            async move { c.status().await.is_ok_and(|s| s.leader.is_some() && !s.nodes.is_empty()) }
+        })
+        .await;
+    }
+
+    /// The API token.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin.token")).expect("admin.token").trim().to_owned()
+    }
+
+    /// SIGKILL, as a power cut would (no final checkpoint, no flush).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let status = c.wait().expect("waiting for the hub");
+            assert!(status.success(), "hub {} exited with {status} after SIGTERM", self.name);
+        }
+    }
+
+    /// Starts the hub again on the same data dir (new port).
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the hub before restarting it");
+        self.spawn().await;
+    }
+
+    /// The last lines of the hub's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// A client with another token.
+    pub fn client_with_token(&self, token: Option<&str>) -> Client {
+        Client::new(&self.url, token.map(str::to_owned))
+    }
+
+    /// Runs the CLI against this hub.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .args(["--hub", &self.url, "--data-dir"])
+            .arg(self.dir.path())
+            .args(args)
+            .env_remove("HUBMESH_TOKEN")
+            .output()
+            .expect("running the CLI")
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("===== log tail of hub {} =====\n{}\n=====", self.name, self.log_tail(60));
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests: real `hubmesh` processes on loopback, driven through the HTTP API and the
+//! CLI. One test binary; the harness is in `harness/`, one file per scenario.
+
+#![allow(unreachable_pub)] // the items of a test binary are not an API
+
+mod harness;
+
+mod bad_input;
+mod cli;
+mod invoke;
+mod restart;

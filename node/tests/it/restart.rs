@@ -1,0 +1,95 @@
+//! State across crashes and restarts of a real hub.
+
+use std::time::Duration;
+
+use hubmesh_proto::api::DeployParams;
+
+use crate::harness::{example_bytes, step, wait_until, Hub};
+
+async fn add(hub: &Hub, task: &str, delta: &str, key: Option<&str>) -> i64 {
+    let out = hub.client.invoke(task, delta.as_bytes().to_vec(), key).await.unwrap();
+    String::from_utf8(out).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_task_keeps_every_acknowledged_update_after_kill_9() {
+    let mut hub = Hub::start("durable").await;
+    let params = DeployParams { durable: true, ..Default::default() };
+    hub.client.deploy("counter", example_bytes("counter.wat"), &params, false).await.unwrap();
+    step("100 acknowledged increments, some with keys");
+    for i in 1..=100 {
+        let key = (i % 10 == 0).then(|| format!("op-{i}"));
+        assert_eq!(add(&hub, "counter", "1", key.as_deref()).await, i);
+    }
+    step("kill -9 and restart");
+    hub.kill9();
+    hub.restart().await;
+    step("the next invocation answers N+1, and a retried key is not applied again");
+    assert_eq!(add(&hub, "counter", "1", Some("op-100")).await, 100);
+    assert_eq!(add(&hub, "counter", "1", None).await, 101);
+    let t = hub.client.task("counter").await.unwrap();
+    assert_eq!(t.version, 1);
+    assert!(t.last_checkpoint.is_some_and(|c| c.sequence >= 101));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_task_loses_at_most_its_interval() {
+    let mut hub = Hub::start("periodic").await;
+    let params = DeployParams { checkpoint_every: Some("100ms".into()), ..Default::default() };
+    hub.client.deploy("counter", example_bytes("counter.wat"), &params, false).await.unwrap();
+    for _ in 0..20 {
+        add(&hub, "counter", "1", None).await;
+    }
+    step("the idle task's timer takes a checkpoint covering all 20");
+    let client = hub.client.clone();
+    wait_until(Duration::from_secs(20), "a checkpoint covers the 20 updates", || {
+        let c = client.clone();
+        async move { c.task("counter").await.unwrap().last_checkpoint.is_some_and(|cp| cp.invocations == 20) }
+    })
+    .await;
+    step("5 more, then kill -9 right away: what was checkpointed survives, at most 5 are lost");
+    for _ in 0..5 {
+        add(&hub, "counter", "1", None).await;
+    }
+    hub.kill9();
+    hub.restart().await;
+    let after = add(&hub, "counter", "0", None).await;
+    assert!((20..=25).contains(&after), "after restart the total is {after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_restart_saves_periodic_state_and_keeps_deployments() {
+    let mut hub = Hub::start("graceful").await;
+    let params = DeployParams { checkpoint_every: Some("1h".into()), ..Default::default() };
+    hub.client.deploy("counter", example_bytes("counter.wat"), &params, false).await.unwrap();
+    hub.client.deploy("echo", example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
+    assert_eq!(add(&hub, "counter", "7", None).await, 7);
+    step("SIGTERM: the final checkpoint is taken even though the interval has not passed");
+    hub.terminate();
+    hub.restart().await;
+    assert_eq!(add(&hub, "counter", "1", None).await, 8);
+    assert_eq!(hub.client.invoke("echo", b"back".to_vec(), None).await.unwrap(), b"back");
+    let names: Vec<String> = hub.client.tasks().await.unwrap().into_iter().map(|t| t.name).collect();
+    assert_eq!(names, ["counter", "echo"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_is_a_new_version_and_starts_fresh() {
+    let hub = Hub::start("update").await;
+    let params = DeployParams { durable: true, ..Default::default() };
+    hub.client.deploy("counter", example_bytes("counter.wat"), &params, false).await.unwrap();
+    assert_eq!(add(&hub, "counter", "5", None).await, 5);
+    step("a second deploy without --update is refused and changes nothing");
+    let err = hub.client.deploy("counter", example_bytes("counter.wat"), &params, false).await.unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(409), Some("task_exists")));
+    assert_eq!(add(&hub, "counter", "0", None).await, 5);
+    step("--update publishes version 2 with a new epoch");
+    let before = hub.client.task("counter").await.unwrap();
+    let upd = hub.client.deploy("counter", example_bytes("counter.wat"), &params, true).await.unwrap();
+    assert!(!upd.created);
+    assert_eq!(upd.task.version, 2);
+    assert!(upd.task.placement.unwrap().epoch > before.placement.unwrap().epoch);
+    step("update of a missing task is a 404");
+    let err = hub.client.deploy("ghost", example_bytes("counter.wat"), &params, true).await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"));
+}
