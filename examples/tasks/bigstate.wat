@@ -1,6 +1,6 @@
 ;; bigstate: a stateful task with a large memory, for checkpoint tests and benchmarks.
 ;; Input: a little-endian u32 page count N (optional, first call) to size the memory, then on
-;; each call an optional u32 K: writes one byte into each of K pages, spread over the memory.
+;; each call an optional u32 K: writes 8 bytes into each of K pages, spread over the memory.
 ;; Output: the number of pages.
 (module
   (import "hubmesh" "input" (func $input (param i32)))
@@ -24,9 +24,13 @@
         (block $done
           (loop $w
             (br_if $done (i32.ge_u (local.get $i) (local.get $k)))
-            (i32.store8
+            ;; the round and the page number, so every written page has distinct content
+            (i32.store
               (i32.add (i32.mul (i32.mul (local.get $i) (local.get $stride)) (i32.const 65536)) (i32.const 100))
               (global.get $round))
+            (i32.store
+              (i32.add (i32.mul (i32.mul (local.get $i) (local.get $stride)) (i32.const 65536)) (i32.const 104))
+              (i32.mul (local.get $i) (local.get $stride)))
             (local.set $i (i32.add (local.get $i) (i32.const 1)))
             (br $w)))))
     (i32.store (i32.const 8) (local.get $pages))

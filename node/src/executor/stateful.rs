@@ -296,6 +296,7 @@ impl Actor {
     }
 
     fn checkpoint(&mut self) -> Result<CheckpointSummary, String> {
+        let started = Instant::now();
         let header = crate::checkpoint::image_header(&self.cfg, self.sequence + 1, self.invocations, now_ms());
         let answers = self.answers.entries().map(|(k, a)| (k.clone(), a.clone())).collect();
         let pages = &self.pages;
@@ -306,6 +307,7 @@ impl Actor {
             manifest: manifest.encode(),
             refs: manifest.pages.iter().map(|(_, h)| *h).collect(),
         };
+        let built = Instant::now();
         if let Err(e) = self.writer.write_durable(write) {
             // The pages this checkpoint marked clean were not written: make the next one write
             // them again.
@@ -314,7 +316,11 @@ impl Actor {
         }
         self.sequence += 1;
         self.last_checkpoint = Instant::now();
-        let summary = CheckpointSummary::of(&manifest);
+        let mut summary = CheckpointSummary::of(&manifest);
+        summary.build_micros = built.duration_since(started).as_micros() as u64;
+        summary.write_micros = built.elapsed().as_micros() as u64;
+        metrics::histogram!("hubmesh_checkpoint_build_seconds").record(built.duration_since(started).as_secs_f64());
+        metrics::histogram!("hubmesh_checkpoint_write_seconds").record(built.elapsed().as_secs_f64());
         self.status.lock().unwrap_or_else(|p| p.into_inner()).last_checkpoint = Some(summary.clone());
         metrics::counter!("hubmesh_checkpoints_total").increment(1);
         Ok(summary)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use hubmesh_consensus::state::{CheckpointPolicy, TaskKind};
 use hubmesh_storage::{Hash, PageLog};
+use proptest::prelude::*;
 
 use super::*;
 
@@ -109,6 +110,41 @@ fn trap_leaves_stateful_state_as_before() {
         let bad = f.exec.invoke("counter", b"x".to_vec(), None).await.unwrap();
         assert_eq!((bad.status, bad.output.as_slice()), (1, &b"not a number"[..]));
         assert_eq!(call(&f.exec, "counter", "-10").await.unwrap(), "-4");
+    });
+}
+
+#[test]
+fn a_full_queue_refuses_more_work() {
+    let f = fixture();
+    let prepared = f.exec.prepare(&example("loop.wat"), LIMITS).unwrap();
+    let config = TaskConfig {
+        name: "busy".into(),
+        version: 1,
+        epoch: 1,
+        kind: TaskKind::Stateful,
+        module_hash: Hash::of(&prepared.wasm),
+        limits: InstanceLimits { timeout_ms: 300, ..LIMITS },
+        queue: 1,
+        checkpoint: CheckpointPolicy::None,
+        tick_ms: None,
+    };
+    f.exec.start_task(config, &prepared.wasm).unwrap();
+    rt().block_on(async {
+        // The first call occupies the actor, the second waits in the queue of one, the third
+        // finds it full.
+        let first = f.exec.invoke("busy", vec![], None);
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            f.exec.invoke("busy", vec![], None).await
+        };
+        let third = async {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            f.exec.invoke("busy", vec![], None).await
+        };
+        let (a, b, c) = tokio::join!(first, second, third);
+        assert!(matches!(a, Err(InvokeError::DeadlineExceeded { .. })), "{a:?}");
+        assert!(matches!(b, Err(InvokeError::DeadlineExceeded { .. })), "{b:?}");
+        assert_eq!(c, Err(InvokeError::QueueFull { limit: 1 }));
     });
 }
 
@@ -255,4 +291,53 @@ fn c_task_runs_when_built() {
         let out = call(&f.exec, "thermo", "230").await.unwrap();
         assert!(out.contains("\"heating\":false") && out.contains("\"readings\":2") && out.contains("\"mean\":210"), "{out}");
     });
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Add(i64),
+    Boom,
+    Restart,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Random invocation sequences with restores from the durable checkpoint at random points
+    /// answer exactly like a model that never restarts.
+    #[test]
+    fn restored_instance_behaves_like_the_original(
+        ops in proptest::collection::vec(
+            prop_oneof![
+                6 => (-50i64..50).prop_map(Op::Add),
+                1 => Just(Op::Boom),
+                1 => Just(Op::Restart),
+            ],
+            1..40,
+        )
+    ) {
+        let f = fixture();
+        start(&f.exec, "counter", "counter.wat", TaskKind::Stateful, CheckpointPolicy::Durable);
+        let mut model = 0i64;
+        let rt = rt();
+        for op in ops {
+            match op {
+                Op::Add(d) => {
+                    model += d;
+                    let out = rt.block_on(call(&f.exec, "counter", &d.to_string())).unwrap();
+                    prop_assert_eq!(out, model.to_string());
+                }
+                Op::Boom => {
+                    let err = rt.block_on(call(&f.exec, "counter", "boom")).unwrap_err();
+                    prop_assert!(matches!(err, InvokeError::Trapped(_)));
+                }
+                Op::Restart => {
+                    f.exec.stop_task("counter", false);
+                    start(&f.exec, "counter", "counter.wat", TaskKind::Stateful, CheckpointPolicy::Durable);
+                }
+            }
+        }
+        let out = rt.block_on(call(&f.exec, "counter", "0")).unwrap();
+        prop_assert_eq!(out, model.to_string());
+    }
 }
