@@ -127,7 +127,7 @@ pub enum Command {
     /// placement decided on a stale view is rejected instead of overriding a newer one.
     PlaceInstance { task: String, instance: u32, node: NodeId, expected: Option<Epoch> },
     /// Independent commands committed as one log entry (group commit); each has its own result.
-    Batch(Vec<Command>),
+    Batch(Vec<Self>),
 }
 
 /// What an applied command did.
@@ -136,9 +136,14 @@ pub enum Outcome {
     /// Nothing to report (blank and membership entries).
     Noop,
     NodeRegistered,
-    Deployed { version: u64, created: bool },
+    Deployed {
+        version: u64,
+        created: bool,
+    },
     Deleted,
-    Placed { epoch: Epoch },
+    Placed {
+        epoch: Epoch,
+    },
     Batch(Vec<CommandResult>),
 }
 
@@ -296,7 +301,13 @@ mod tests {
             kind,
             module_hash: Hash::of(name.as_bytes()),
             source_hash: Hash::of(b"src"),
-            limits: Limits { memory_bytes: 1 << 20, timeout_ms: 1000, max_input_bytes: 1024, max_output_bytes: 1024, queue: 8 },
+            limits: Limits {
+                memory_bytes: 1 << 20,
+                timeout_ms: 1000,
+                max_input_bytes: 1024,
+                max_output_bytes: 1024,
+                queue: 8,
+            },
             checkpoint: CheckpointPolicy::None,
             tick_ms: None,
         }
@@ -309,7 +320,10 @@ mod tests {
     #[test]
     fn create_then_second_create_is_rejected_and_changes_nothing() {
         let mut s = ClusterState::default();
-        assert_eq!(s.apply(&deploy("counter", DeployMode::Create)), Ok(Outcome::Deployed { version: 1, created: true }));
+        assert_eq!(
+            s.apply(&deploy("counter", DeployMode::Create)),
+            Ok(Outcome::Deployed { version: 1, created: true })
+        );
         let before = s.clone();
         assert_eq!(s.apply(&deploy("counter", DeployMode::Create)), Err(Rejected::TaskExists("counter".into())));
         assert_eq!(s, before);
@@ -320,7 +334,8 @@ mod tests {
         let mut s = ClusterState::default();
         s.apply(&Command::RegisterNode { node: node(1) }).unwrap();
         s.apply(&deploy("c", DeployMode::Create)).unwrap();
-        let placed = s.apply(&Command::PlaceInstance { task: "c".into(), instance: 0, node: NodeId(1), expected: None });
+        let placed =
+            s.apply(&Command::PlaceInstance { task: "c".into(), instance: 0, node: NodeId(1), expected: None });
         assert_eq!(placed, Ok(Outcome::Placed { epoch: Epoch(1) }));
         assert_eq!(s.apply(&deploy("c", DeployMode::Update)), Ok(Outcome::Deployed { version: 2, created: false }));
         assert_eq!(s.placement("c", 0), Some(Placement { node: NodeId(1), epoch: Epoch(2) }));
@@ -338,7 +353,8 @@ mod tests {
         assert_eq!(s.apply(&place(None)), Err(Rejected::StaleEpoch { current: Some(Epoch(1)) }));
         assert_eq!(s, before);
         assert_eq!(s.apply(&place(Some(Epoch(1)))), Ok(Outcome::Placed { epoch: Epoch(2) }));
-        let bad_node = Command::PlaceInstance { task: "c".into(), instance: 0, node: NodeId(9), expected: Some(Epoch(2)) };
+        let bad_node =
+            Command::PlaceInstance { task: "c".into(), instance: 0, node: NodeId(9), expected: Some(Epoch(2)) };
         assert_eq!(s.apply(&bad_node), Err(Rejected::NoSuchNode(NodeId(9))));
     }
 
@@ -372,7 +388,10 @@ mod tests {
         let out = s.apply(&Command::Batch(vec![deploy("a", DeployMode::Create), deploy("a", DeployMode::Create)]));
         assert_eq!(
             out,
-            Ok(Outcome::Batch(vec![Ok(Outcome::Deployed { version: 1, created: true }), Err(Rejected::TaskExists("a".into()))]))
+            Ok(Outcome::Batch(vec![
+                Ok(Outcome::Deployed { version: 1, created: true }),
+                Err(Rejected::TaskExists("a".into()))
+            ]))
         );
     }
 }

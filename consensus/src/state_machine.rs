@@ -12,8 +12,8 @@ use std::sync::Arc;
 use hubmesh_storage::SnapshotStore;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, Entry, StorageIOError, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StoredMembership,
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -72,7 +72,8 @@ pub(crate) struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
-        let bytes = serde_json::to_vec(&self.data).map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e))))?;
+        let bytes = serde_json::to_vec(&self.data)
+            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e))))?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match self.data.last_applied {
             Some(l) => format!("{}-{}-{seq}", l.leader_id.term, l.index),
@@ -83,11 +84,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: self.data.last_membership.clone(),
             snapshot_id,
         };
-        let meta_bytes = serde_json::to_vec(&meta).map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e))))?;
-        self.store
-            .save(meta_bytes, bytes.clone())
-            .await
-            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))))?;
+        let meta_bytes = serde_json::to_vec(&meta)
+            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e))))?;
+        self.store.save(meta_bytes, bytes.clone()).await.map_err(|e| {
+            StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)))
+        })?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }
@@ -95,7 +96,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, StoredMembership<u64, NodeAddr>), StorageError<u64>> {
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, NodeAddr>), StorageError<u64>> {
         Ok((self.data.last_applied, self.data.last_membership.clone()))
     }
 
@@ -135,16 +138,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
         let bytes = snapshot.into_inner();
-        let mut data: SmData = serde_json::from_slice(&bytes)
-            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))))?;
+        let mut data: SmData = serde_json::from_slice(&bytes).map_err(|e| {
+            StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e)))
+        })?;
         data.last_applied = meta.last_log_id;
         data.last_membership = meta.last_membership.clone();
-        let meta_bytes = serde_json::to_vec(meta).map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e))))?;
-        let data_bytes = serde_json::to_vec(&data).map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e))))?;
-        self.store
-            .save(meta_bytes, data_bytes)
-            .await
-            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))))?;
+        let meta_bytes = serde_json::to_vec(meta)
+            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e))))?;
+        let data_bytes = serde_json::to_vec(&data)
+            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e))))?;
+        self.store.save(meta_bytes, data_bytes).await.map_err(|e| {
+            StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)))
+        })?;
         self.data = data;
         self.publish();
         Ok(())

@@ -46,7 +46,13 @@ fn executor(dir: &Path) -> Executor {
     Executor::new(EngineLimits { max_instances: 64, max_task_memory: 256 << 20 }, &dir.join("cache"), pages).unwrap()
 }
 
-fn start(exec: &Executor, name: &str, file: &str, kind: TaskKind, checkpoint: CheckpointPolicy) -> (TaskConfig, Vec<u8>) {
+fn start(
+    exec: &Executor,
+    name: &str,
+    file: &str,
+    kind: TaskKind,
+    checkpoint: CheckpointPolicy,
+) -> (TaskConfig, Vec<u8>) {
     let prepared = exec.prepare(&example(file), LIMITS).unwrap();
     let config = TaskConfig {
         name: name.into(),
@@ -137,7 +143,12 @@ fn main() {
         1.0 / ours.mean.as_secs_f64(),
         ours.p50.as_secs_f64() / bare.p50.as_secs_f64()
     );
-    println!("| bare wasmtime call of the same `hm_invoke` (same run) | {} | {} | {:.0}/s |", us(bare.p50), us(bare.p99), 1.0 / bare.mean.as_secs_f64());
+    println!(
+        "| bare wasmtime call of the same `hm_invoke` (same run) | {} | {} | {:.0}/s |",
+        us(bare.p50),
+        us(bare.p99),
+        1.0 / bare.mean.as_secs_f64()
+    );
     drop(exec);
 
     // Cold start from the compiled cache: a new executor (as after a restart) loads the module
@@ -156,7 +167,11 @@ fn main() {
         cold.push(t.elapsed());
     }
     let cold = stats(cold);
-    println!("| cold start from the compiled cache (load + instantiate + first invoke) | {} | {} | 30 samples |", ms(cold.p50), ms(cold.p99));
+    println!(
+        "| cold start from the compiled cache (load + instantiate + first invoke) | {} | {} | 30 samples |",
+        ms(cold.p50),
+        ms(cold.p99)
+    );
 
     // Checkpoints: cost against dirty pages and memory size.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -198,7 +213,12 @@ fn main() {
     start(&exec, "counter", "counter.wat", TaskKind::Stateful, CheckpointPolicy::Durable);
     rt.block_on(async {
         let s = stats(sample_async(&exec, "counter", 2000, Duration::from_secs(10)).await);
-        println!("| durable invoke `counter` (one fdatasync each), one client | {} | {} | {:.0}/s |", ms(s.p50), ms(s.p99), 1.0 / s.mean.as_secs_f64());
+        println!(
+            "| durable invoke `counter` (one fdatasync each), one client | {} | {} | {:.0}/s |",
+            ms(s.p50),
+            ms(s.p99),
+            1.0 / s.mean.as_secs_f64()
+        );
     });
     drop(rt);
     let exec = Arc::new(exec);
@@ -227,7 +247,10 @@ fn main() {
         }
         (total, t.elapsed())
     });
-    println!("| durable invokes, 16 tasks × 1 client each (group commit) | | | {:.0}/s in total |", ops as f64 / took.as_secs_f64());
+    println!(
+        "| durable invokes, 16 tasks × 1 client each (group commit) | | | {:.0}/s in total |",
+        ops as f64 / took.as_secs_f64()
+    );
 }
 
 async fn sample_async(exec: &Executor, name: &str, n: usize, budget: Duration) -> Vec<Duration> {

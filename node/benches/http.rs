@@ -114,7 +114,10 @@ fn main() {
         p99.as_secs_f64() * 1e6,
         seq.len() as f64 / seq.iter().sum::<Duration>().as_secs_f64()
     );
-    println!("| invoke `echo` over HTTP, 32 concurrent clients (same 2 cores) | {:.0} µs | | {conc:.0}/s |", conc_p50.as_secs_f64() * 1e6);
+    println!(
+        "| invoke `echo` over HTTP, 32 concurrent clients (same 2 cores) | {:.0} µs | | {conc:.0}/s |",
+        conc_p50.as_secs_f64() * 1e6
+    );
     println!("| idle hub RSS (no tasks) | | | {:.1} MB |", idle as f64 / 1024.0);
     println!("| hub RSS after the HTTP runs (echo deployed) | | | {:.1} MB |", busy as f64 / 1024.0);
     println!("| `hubmesh` release binary, stripped | | | {:.1} MB |", size as f64 / 1e6);

@@ -73,7 +73,11 @@ fn duration(v: &Option<String>, what: &str) -> Result<Option<Duration>, DeployEr
 }
 
 /// Turns the API parameters into a task spec (without module hashes).
-fn spec_of(hub: &Hub, name: &str, p: &api::DeployParams) -> Result<(TaskKind, Limits, CheckpointPolicy, Option<u64>), DeployError> {
+fn spec_of(
+    hub: &Hub,
+    name: &str,
+    p: &api::DeployParams,
+) -> Result<(TaskKind, Limits, CheckpointPolicy, Option<u64>), DeployError> {
     hubmesh_consensus::state::validate_task_name(name).map_err(|e| DeployError::BadRequest(e.to_string()))?;
     let d = &hub.config.task_defaults;
     let every = duration(&p.checkpoint_every, "checkpoint_every")?;
@@ -101,7 +105,10 @@ fn spec_of(hub: &Hub, name: &str, p: &api::DeployParams) -> Result<(TaskKind, Li
     }
     let timeout = duration(&p.timeout, "timeout")?.unwrap_or(d.timeout);
     if timeout.is_zero() || timeout > MAX_TIMEOUT {
-        return Err(DeployError::BadRequest(format!("timeout must be between 1ms and {}", humantime::format_duration(MAX_TIMEOUT))));
+        return Err(DeployError::BadRequest(format!(
+            "timeout must be between 1ms and {}",
+            humantime::format_duration(MAX_TIMEOUT)
+        )));
     }
     let max_input = size(&p.max_input, d.max_input, "max_input")?;
     let max_output = size(&p.max_output, d.max_output, "max_output")?;
@@ -164,8 +171,12 @@ impl Hub {
             .await
             .map_err(|e| DeployError::Storage(format!("the compile thread failed: {e}")))??;
         let tick_ms = match (prepared.has_tick, tick) {
-            (true, t) if kind == TaskKind::Stateful => Some(t.unwrap_or(self.config.task_defaults.tick.as_millis() as u64)),
-            (false, Some(_)) => return Err(DeployError::BadRequest("--tick given, but the module does not export hm_tick".into())),
+            (true, t) if kind == TaskKind::Stateful => {
+                Some(t.unwrap_or(self.config.task_defaults.tick.as_millis() as u64))
+            }
+            (false, Some(_)) => {
+                return Err(DeployError::BadRequest("--tick given, but the module does not export hm_tick".into()))
+            }
             _ => None,
         };
         let module_hash = self.blobs.put(&prepared.wasm).map_err(|e| DeployError::Storage(e.to_string()))?;
@@ -199,7 +210,9 @@ impl Hub {
     async fn settle(&self, name: &str, version: u64) {
         let me = self.consensus.node_id();
         let placed = self
-            .wait_state(SETTLE, |s| s.tasks.get(name).is_some_and(|t| t.version >= version && t.instances.contains_key(&0)))
+            .wait_state(SETTLE, |s| {
+                s.tasks.get(name).is_some_and(|t| t.version >= version && t.instances.contains_key(&0))
+            })
             .await;
         if !placed {
             return;

@@ -9,8 +9,20 @@ use hubmesh_proto::api;
 use hubmesh_storage::BlobStore;
 
 use crate::config::Config;
-use crate::executor::Executor;
+use crate::executor::{CheckpointSummary, Executor};
 use crate::scheduler;
+
+/// The API's view of a checkpoint.
+pub(crate) fn checkpoint_info(c: &CheckpointSummary) -> api::CheckpointInfo {
+    api::CheckpointInfo {
+        sequence: c.sequence,
+        epoch: c.epoch,
+        age_ms: c.age_ms(),
+        size_bytes: c.size_bytes,
+        pages: c.pages,
+        invocations: c.invocations,
+    }
+}
 
 /// The services of a hub.
 pub(crate) struct Hub {
@@ -75,14 +87,7 @@ impl Hub {
             state: state_text.into(),
             reason,
             placement,
-            last_checkpoint: local.as_ref().and_then(|s| s.last_checkpoint.as_ref()).map(|c| api::CheckpointInfo {
-                sequence: c.sequence,
-                epoch: c.epoch,
-                age_ms: c.age_ms(),
-                size_bytes: c.size_bytes,
-                pages: c.pages,
-                invocations: c.invocations,
-            }),
+            last_checkpoint: local.as_ref().and_then(|s| s.last_checkpoint.as_ref()).map(checkpoint_info),
             invocations: local.map_or(0, |s| s.invocations),
         }
     }

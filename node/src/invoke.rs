@@ -43,7 +43,12 @@ impl Hub {
     }
 
     /// Invokes `name` wherever it runs.
-    pub(crate) async fn invoke(&self, name: &str, input: Vec<u8>, key: Option<String>) -> Result<(Answer, Placement), RouteError> {
+    pub(crate) async fn invoke(
+        &self,
+        name: &str,
+        input: Vec<u8>,
+        key: Option<String>,
+    ) -> Result<(Answer, Placement), RouteError> {
         let me = self.consensus.node_id();
         let deadline = Instant::now() + SETTLE;
         loop {
@@ -57,7 +62,10 @@ impl Hub {
             let reason = match placement {
                 Some(p) if p.node != me => return Err(RouteError::Elsewhere { node: p.node.0 }),
                 Some(p) => {
-                    let ready = self.executor.status(name).is_some_and(|s| s.config.epoch == p.epoch.0 && s.config.version == task.version);
+                    let ready = self
+                        .executor
+                        .status(name)
+                        .is_some_and(|s| s.config.epoch == p.epoch.0 && s.config.version == task.version);
                     if ready {
                         let started = std::time::Instant::now();
                         let res = self.executor.invoke(name, input, key).await;

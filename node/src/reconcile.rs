@@ -53,9 +53,12 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &ClusterState) {
     let desired: HashMap<String, TaskConfig> = state
         .tasks
         .values()
-        .filter_map(|t| t.instances.get(&0).filter(|p| p.node == me).map(|p| (t.spec.name.clone(), config_of(t, p.epoch.0))))
+        .filter_map(|t| {
+            t.instances.get(&0).filter(|p| p.node == me).map(|p| (t.spec.name.clone(), config_of(t, p.epoch.0)))
+        })
         .collect();
-    let running: HashMap<String, TaskConfig> = hub.executor.configs().into_iter().map(|c| (c.name.clone(), c)).collect();
+    let running: HashMap<String, TaskConfig> =
+        hub.executor.configs().into_iter().map(|c| (c.name.clone(), c)).collect();
 
     for name in running.keys().filter(|n| !desired.contains_key(*n)) {
         let deleted = !state.tasks.contains_key(name);

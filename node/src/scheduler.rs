@@ -116,7 +116,13 @@ mod tests {
 
     #[test]
     fn places_unplaced_tasks_on_the_emptiest_up_hub() {
-        let s = state(&[node(1, 1, NodeStatus::Up), node(2, 5, NodeStatus::Up), node(3, 9, NodeStatus::Down), deploy("a"), deploy("b")]);
+        let s = state(&[
+            node(1, 1, NodeStatus::Up),
+            node(2, 5, NodeStatus::Up),
+            node(3, 9, NodeStatus::Down),
+            deploy("a"),
+            deploy("b"),
+        ]);
         assert_eq!(
             plan(&s),
             vec![

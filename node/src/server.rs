@@ -62,7 +62,8 @@ fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let token = hex::encode(bytes);
-    write_atomic(path, format!("{token}\n").as_bytes(), 0o600).with_context(|| format!("writing {}", path.display()))?;
+    write_atomic(path, format!("{token}\n").as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))?;
     tracing::info!(path = %path.display(), "created the API token");
     Ok(token)
 }
@@ -83,7 +84,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let blobs = BlobStore::open(&dir.join("blobs")).context("opening the blob store")?;
 
     tracing::info!("4/7 raft");
-    let listener = tokio::net::TcpListener::bind(config.api).await.with_context(|| format!("binding the API to {}", config.api))?;
+    let listener = tokio::net::TcpListener::bind(config.api)
+        .await
+        .with_context(|| format!("binding the API to {}", config.api))?;
     let api_addr = listener.local_addr().context("reading the API address")?;
     let consensus = Consensus::start(ConsensusConfig {
         dir: dir.join("raft"),
@@ -147,7 +150,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     .await;
     tracing::info!("shutting down: tasks (final checkpoints)");
     let executor = hub.executor.clone();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || executor.shutdown())).await;
+    let _ =
+        tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || executor.shutdown())).await;
     tracing::info!("shutting down: raft");
     hub.consensus.shutdown().await;
     served.context("serving the API")?;

@@ -42,19 +42,6 @@ impl fmt::Display for Hash {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hex_round_trip() {
-        let h = Hash::of(b"hubmesh");
-        assert_eq!(Hash::from_hex(&h.to_hex()), Some(h));
-        assert_eq!(Hash::from_hex("zz"), None);
-        assert_eq!(Hash::from_slice(&[1, 2, 3]), None);
-    }
-}
-
 impl serde::Serialize for Hash {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_hex())
@@ -65,5 +52,18 @@ impl<'de> serde::Deserialize<'de> for Hash {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         Self::from_hex(&s).ok_or_else(|| serde::de::Error::custom("expected 64 hex digits"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let h = Hash::of(b"hubmesh");
+        assert_eq!(Hash::from_hex(&h.to_hex()), Some(h));
+        assert_eq!(Hash::from_hex("zz"), None);
+        assert_eq!(Hash::from_slice(&[1, 2, 3]), None);
     }
 }

@@ -25,7 +25,7 @@ pub use blob_store::{BlobError, BlobStore};
 pub use hash::Hash;
 pub use log_store::{open_raft_db, LogStore};
 pub use page_log::{PageLog, PageLogError, PageLogStats, PageWrite};
-pub use snapshot_store::SnapshotStore;
+pub use snapshot_store::{SnapshotParts, SnapshotStore};
 
 /// On-disk format version of everything in this crate; written to `DATA_DIR/FORMAT`.
 pub const FORMAT_VERSION: u32 = 1;

@@ -12,7 +12,10 @@ use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{AnyError, StorageIOError, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogId, RaftTypeConfig, StorageError, Vote};
+use openraft::{
+    AnyError, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogId, RaftTypeConfig, StorageError, StorageIOError,
+    Vote,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -46,20 +49,26 @@ impl<C: RaftTypeConfig> LogStore<C> {
     }
 
     async fn flush(&self, subject: ErrorSubject<C::NodeId>, verb: ErrorVerb) -> Result<(), StorageError<C::NodeId>> {
-        self.db.flush_async().await.map_err(|e| StorageError::from(StorageIOError::new(subject, verb, AnyError::new(&e))))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::new(subject, verb, AnyError::new(&e))))?;
         Ok(())
     }
 
     fn read_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError<C::NodeId>> {
-        let Some(raw) = self.meta.get(key).map_err(|e| StorageError::from(StorageIOError::read(AnyError::new(&e))))? else {
+        let Some(raw) = self.meta.get(key).map_err(|e| StorageError::from(StorageIOError::read(AnyError::new(&e))))?
+        else {
             return Ok(None);
         };
-        let value = serde_json::from_slice(&raw).map_err(|e| StorageError::from(StorageIOError::read(AnyError::new(&e))))?;
+        let value =
+            serde_json::from_slice(&raw).map_err(|e| StorageError::from(StorageIOError::read(AnyError::new(&e))))?;
         Ok(Some(value))
     }
 
     fn write_meta<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError<C::NodeId>> {
-        let raw = serde_json::to_vec(value).map_err(|e| StorageError::from(StorageIOError::write(AnyError::new(&e))))?;
+        let raw =
+            serde_json::to_vec(value).map_err(|e| StorageError::from(StorageIOError::write(AnyError::new(&e))))?;
         self.meta.insert(key, raw).map_err(|e| StorageError::from(StorageIOError::write(AnyError::new(&e))))?;
         Ok(())
     }
@@ -108,10 +117,11 @@ where
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, StorageError<C::NodeId>> {
         let last_purged: Option<LogId<C::NodeId>> = self.read_meta(LAST_PURGED)?;
-        let last = match self.logs.last().map_err(|e| StorageError::from(StorageIOError::read_logs(AnyError::new(&e))))? {
-            Some((_, raw)) => Some(Self::decode_entry(&raw[..])?.get_log_id().clone()),
-            None => None,
-        };
+        let last =
+            match self.logs.last().map_err(|e| StorageError::from(StorageIOError::read_logs(AnyError::new(&e))))? {
+                Some((_, raw)) => Some(Self::decode_entry(&raw[..])?.get_log_id().clone()),
+                None => None,
+            };
         Ok(LogState { last_purged_log_id: last_purged.clone(), last_log_id: last.or(last_purged) })
     }
 
@@ -145,7 +155,8 @@ where
     {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let raw = serde_json::to_vec(&entry).map_err(|e| StorageError::from(StorageIOError::write_logs(AnyError::new(&e))))?;
+            let raw = serde_json::to_vec(&entry)
+                .map_err(|e| StorageError::from(StorageIOError::write_logs(AnyError::new(&e))))?;
             batch.insert(&index_key(entry.get_log_id().index), raw);
         }
         self.logs.apply_batch(batch).map_err(|e| StorageError::from(StorageIOError::write_logs(AnyError::new(&e))))?;

@@ -207,7 +207,9 @@ impl PageLog {
             inner.pages.insert(hash, Loc { offset: base + loc.offset, ..loc });
         }
         for (key, m) in new_manifests {
-            inner.manifests.insert(key, ManifestLoc { loc: Loc { offset: base + m.loc.offset, ..m.loc }, refs: m.refs });
+            inner
+                .manifests
+                .insert(key, ManifestLoc { loc: Loc { offset: base + m.loc.offset, ..m.loc }, refs: m.refs });
         }
         drop(inner);
         self.maybe_compact()?;

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 const CURRENT: &[u8] = b"current";
 
+/// A stored snapshot: `(meta, data)`.
+pub type SnapshotParts = (Vec<u8>, Vec<u8>);
+
 /// Stores one snapshot: opaque metadata bytes and opaque data bytes.
 #[derive(Clone)]
 pub struct SnapshotStore {
@@ -36,7 +39,7 @@ impl SnapshotStore {
     }
 
     /// The stored snapshot as `(meta, data)`, if any.
-    pub fn load(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, sled::Error> {
+    pub fn load(&self) -> Result<Option<SnapshotParts>, sled::Error> {
         let Some(raw) = self.tree.get(CURRENT)? else { return Ok(None) };
         let rec: Record = serde_json::from_slice(&raw)
             .map_err(|e| sled::Error::Unsupported(format!("snapshot record does not decode: {e}")))?;

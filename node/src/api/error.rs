@@ -56,11 +56,12 @@ impl From<ProposeError> for ApiError {
     fn from(e: ProposeError) -> Self {
         match e {
             ProposeError::Rejected(r) => Self::new(StatusCode::CONFLICT, "rejected", r.to_string()),
-            ProposeError::NotLeader { leader } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_leader", e.to_string())
-                .hint(match leader {
+            ProposeError::NotLeader { leader } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_leader", e.to_string()).hint(match leader {
                     Some(l) => format!("hub {l} leads; retry there"),
                     None => "no leader is known; the mesh may have lost its quorum".into(),
-                }),
+                })
+            }
             ProposeError::Timeout => Self::new(StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", e.to_string())
                 .hint("check with `hubmesh task list` before retrying"),
             ProposeError::Unavailable(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),

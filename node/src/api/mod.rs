@@ -29,7 +29,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/nodes", get(nodes))
         .route("/v1/tasks", get(tasks::list))
-        .route("/v1/tasks/{name}", get(tasks::show).post(tasks::create).put(tasks::update).delete(tasks::remove))
+        .route("/v1/tasks/{name}", get(tasks::show).post(tasks::deploy).put(tasks::deploy).delete(tasks::remove))
         .route("/v1/tasks/{name}/invoke", post(tasks::invoke))
         .route("/v1/tasks/{name}/checkpoint", post(tasks::checkpoint))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));

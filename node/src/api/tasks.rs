@@ -3,7 +3,7 @@
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hubmesh_proto::api;
@@ -26,44 +26,30 @@ pub(crate) async fn show(State(s): State<ApiState>, Path(name): Path<String>) ->
     Ok(Json(s.hub.task_info(&state, record)))
 }
 
-async fn deploy(
-    s: ApiState,
-    name: String,
+/// `POST` creates a task, `PUT` publishes a new version of an existing one.
+pub(crate) async fn deploy(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    method: Method,
     params: Result<Query<api::DeployParams>, QueryRejection>,
-    body: Bytes,
-    update: bool,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let resp = s.hub.deploy(&name, &body, &params, update).await?;
+    let body = read_module(&s, body).await?;
+    let resp = s.hub.deploy(&name, &body, &params, method == Method::PUT).await?;
     let status = if resp.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(resp)).into_response())
-}
-
-pub(crate) async fn create(
-    State(s): State<ApiState>,
-    Path(name): Path<String>,
-    params: Result<Query<api::DeployParams>, QueryRejection>,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let body = read_module(&s, body).await?;
-    deploy(s, name, params, body, false).await
-}
-
-pub(crate) async fn update(
-    State(s): State<ApiState>,
-    Path(name): Path<String>,
-    params: Result<Query<api::DeployParams>, QueryRejection>,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let body = read_module(&s, body).await?;
-    deploy(s, name, params, body, true).await
 }
 
 async fn read_module(s: &ApiState, body: Body) -> Result<Bytes, ApiError> {
     let limit = s.hub.config.executor.max_module_size.as_u64();
     axum::body::to_bytes(body, limit as usize).await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the module is over the limit of {limit} bytes"))
-            .hint("raise executor.max_module_size in the hub's config")
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the module is over the limit of {limit} bytes"),
+        )
+        .hint("raise executor.max_module_size in the hub's config")
     })
 }
 
@@ -72,7 +58,9 @@ pub(crate) async fn remove(State(s): State<ApiState>, Path(name): Path<String>) 
     use hubmesh_consensus::{Command, ProposeError};
     match s.hub.consensus.propose(Command::DeleteTask { name: name.clone() }).await {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
-        Err(ProposeError::Rejected(Rejected::NoSuchTask(_))) => Err(ApiError::not_found(format!("no task named {name:?}"))),
+        Err(ProposeError::Rejected(Rejected::NoSuchTask(_))) => {
+            Err(ApiError::not_found(format!("no task named {name:?}")))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -95,8 +83,12 @@ pub(crate) async fn invoke(
     };
     let limit = s.hub.input_limit(&name).ok_or_else(|| ApiError::not_found(format!("no task named {name:?}")))?;
     let input = axum::body::to_bytes(body, limit as usize).await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the input is over the task's limit of {limit} bytes"))
-            .hint("deploy the task with a larger --max-input")
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the input is over the task's limit of {limit} bytes"),
+        )
+        .hint("deploy the task with a larger --max-input")
     })?;
     let res = s.hub.invoke(&name, input.to_vec(), key).await;
     let outcome = match &res {
@@ -122,19 +114,13 @@ pub(crate) async fn invoke(
     Ok(resp)
 }
 
-pub(crate) async fn checkpoint(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<api::CheckpointResponse>, ApiError> {
-    if s.hub.consensus.state().tasks.get(&name).is_none() {
+pub(crate) async fn checkpoint(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<api::CheckpointResponse>, ApiError> {
+    if !s.hub.consensus.state().tasks.contains_key(&name) {
         return Err(ApiError::not_found(format!("no task named {name:?}")));
     }
     let c = s.hub.executor.checkpoint(&name).await?;
-    Ok(Json(api::CheckpointResponse {
-        checkpoint: api::CheckpointInfo {
-            sequence: c.sequence,
-            epoch: c.epoch,
-            age_ms: c.age_ms(),
-            size_bytes: c.size_bytes,
-            pages: c.pages,
-            invocations: c.invocations,
-        },
-    }))
+    Ok(Json(api::CheckpointResponse { checkpoint: crate::hub::checkpoint_info(&c) }))
 }

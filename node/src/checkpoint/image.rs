@@ -47,7 +47,14 @@ impl MemoryImage {
         let pages = base.len() / PAGE;
         inst.dirty.data_mut(&mut inst.store).fill(0);
         let globals = inst.read_globals().iter().filter_map(GlobalValue::from_val).collect();
-        Self { base, ckpt_dirty: vec![true; pages], hashes: vec![None; pages], globals, changed: true, scratch: Vec::new() }
+        Self {
+            base,
+            ckpt_dirty: vec![true; pages],
+            hashes: vec![None; pages],
+            globals,
+            changed: true,
+            scratch: Vec::new(),
+        }
     }
 
     /// Rebuilds the image from a manifest, verifying every page.
@@ -124,7 +131,9 @@ impl MemoryImage {
         let have = inst.memory_len() / PAGE;
         let want = self.hashes.len();
         if want < have {
-            return Err(InvokeError::Unavailable(format!("saved memory ({want} pages) is smaller than the module's minimum ({have})")));
+            return Err(InvokeError::Unavailable(format!(
+                "saved memory ({want} pages) is smaller than the module's minimum ({have})"
+            )));
         }
         if want > have {
             inst.memory

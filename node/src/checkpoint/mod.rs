@@ -27,7 +27,12 @@ pub(crate) use writer::Writer;
 pub(crate) use image::CheckpointHeader;
 
 /// The header of a task's next checkpoint.
-pub(crate) fn image_header(cfg: &crate::executor::TaskConfig, sequence: u64, invocations: u64, now_ms: u64) -> CheckpointHeader {
+pub(crate) fn image_header(
+    cfg: &crate::executor::TaskConfig,
+    sequence: u64,
+    invocations: u64,
+    now_ms: u64,
+) -> CheckpointHeader {
     CheckpointHeader {
         task: cfg.name.clone(),
         task_version: cfg.version,

@@ -57,7 +57,9 @@ impl Writer {
     /// Writes a checkpoint and waits until it is on disk (fdatasync'ed).
     pub(crate) fn write_durable(&self, write: PageWrite) -> Result<(), String> {
         let (done, wait) = mpsc::sync_channel(1);
-        self.tx.send(Job { write, sync: true, done: Some(done) }).map_err(|_| "the checkpoint writer stopped".to_owned())?;
+        self.tx
+            .send(Job { write, sync: true, done: Some(done) })
+            .map_err(|_| "the checkpoint writer stopped".to_owned())?;
         wait.recv().map_err(|_| "the checkpoint writer stopped".to_owned())?
     }
 }

@@ -48,11 +48,19 @@ pub(super) fn tasks(tasks: &[api::TaskInfo], json: bool) -> anyhow::Result<()> {
                 Some(r) => format!("{} ({r})", t.state),
                 None => t.state.clone(),
             };
-            let host = t.placement.as_ref().map(|p| format!("{} e{}", p.node_name, p.epoch)).unwrap_or_else(|| "-".into());
+            let host =
+                t.placement.as_ref().map(|p| format!("{} e{}", p.node_name, p.epoch)).unwrap_or_else(|| "-".into());
             let ckpt = t
                 .last_checkpoint
                 .as_ref()
-                .map(|c| format!("#{} {} ago, {}", c.sequence, humantime::format_duration(std::time::Duration::from_millis(c.age_ms / 1000 * 1000)), bytes(c.size_bytes)))
+                .map(|c| {
+                    format!(
+                        "#{} {} ago, {}",
+                        c.sequence,
+                        humantime::format_duration(std::time::Duration::from_millis(c.age_ms / 1000 * 1000)),
+                        bytes(c.size_bytes)
+                    )
+                })
                 .unwrap_or_else(|| "-".into());
             vec![t.name.clone(), format!("v{}", t.version), kind, state, host, t.invocations.to_string(), ckpt]
         })

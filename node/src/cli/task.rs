@@ -110,18 +110,30 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
             let module = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let name = match name {
                 Some(n) => n,
-                None => file
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .map(str::to_owned)
-                    .context("give the task a --name")?,
+                None => {
+                    file.file_stem().and_then(|s| s.to_str()).map(str::to_owned).context("give the task a --name")?
+                }
             };
-            let params = api::DeployParams { stateful, durable, checkpoint_every, memory, timeout, max_input, max_output, queue, tick };
+            let params = api::DeployParams {
+                stateful,
+                durable,
+                checkpoint_every,
+                memory,
+                timeout,
+                max_input,
+                max_output,
+                queue,
+                tick,
+            };
             let resp = client.deploy(&name, module, &params, update).await?;
             output::json_or(&resp, json, || {
                 let verb = if resp.created { "deployed" } else { "updated" };
                 let t = &resp.task;
-                let host = t.placement.as_ref().map(|p| format!(" on {} (epoch {})", p.node_name, p.epoch)).unwrap_or_default();
+                let host = t
+                    .placement
+                    .as_ref()
+                    .map(|p| format!(" on {} (epoch {})", p.node_name, p.epoch))
+                    .unwrap_or_default();
                 println!("{verb} {} v{}{host}: {}", t.name, t.version, t.state);
             })
         }
@@ -154,9 +166,11 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
         TaskCmd::Checkpoint { name, json } => {
             let c = client.checkpoint(&name).await?;
             output::json_or(&c, json, || {
-                println!("checkpoint #{} of {name}: {} pages, {} bytes", c.checkpoint.sequence, c.checkpoint.pages, c.checkpoint.size_bytes)
+                println!(
+                    "checkpoint #{} of {name}: {} pages, {} bytes",
+                    c.checkpoint.sequence, c.checkpoint.pages, c.checkpoint.size_bytes
+                )
             })
         }
     }
 }
-

@@ -85,7 +85,11 @@ impl Client {
         Err(ClientError::Api { status, body })
     }
 
-    async fn json<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder, path: &str) -> Result<T, ClientError> {
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        path: &str,
+    ) -> Result<T, ClientError> {
         let resp = self.send(req, path).await?;
         resp.json().await.map_err(|e| ClientError::Decode(e.to_string()))
     }

@@ -124,17 +124,21 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
         caller.data_mut().input = input;
         res.map_err(|_| wasmtime::Error::msg("hubmesh.input: the buffer is outside the task's memory"))
     })?;
-    linker.func_wrap(HUBMESH, "output", |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> wasmtime::Result<()> {
-        let limit = caller.data().output_limit;
-        if len as u32 as u64 > limit {
-            caller.data_mut().fault = Some(HostFault::OutputTooLarge { limit });
-            return Err(wasmtime::Error::msg("hubmesh.output: output over the task's limit"));
-        }
-        let bytes = read_guest(&mut caller, ptr, len)
-            .map_err(|_| wasmtime::Error::msg("hubmesh.output: the buffer is outside the task's memory"))?;
-        caller.data_mut().output = bytes;
-        Ok(())
-    })?;
+    linker.func_wrap(
+        HUBMESH,
+        "output",
+        |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> wasmtime::Result<()> {
+            let limit = caller.data().output_limit;
+            if len as u32 as u64 > limit {
+                caller.data_mut().fault = Some(HostFault::OutputTooLarge { limit });
+                return Err(wasmtime::Error::msg("hubmesh.output: output over the task's limit"));
+            }
+            let bytes = read_guest(&mut caller, ptr, len)
+                .map_err(|_| wasmtime::Error::msg("hubmesh.output: the buffer is outside the task's memory"))?;
+            caller.data_mut().output = bytes;
+            Ok(())
+        },
+    )?;
     linker.func_wrap(HUBMESH, "log", |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| {
         let len = (len as u32 as usize).min(MAX_LOG) as i32;
         if let Ok(bytes) = read_guest(&mut caller, ptr, len) {
@@ -155,7 +159,8 @@ fn add_wasi(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let mut text = Vec::new();
             let mut total: u32 = 0;
             for i in 0..iovs_len.clamp(0, 1024) {
-                let (Ok(ptr), Ok(len)) = (read_u32(&mut caller, iovs + i * 8), read_u32(&mut caller, iovs + i * 8 + 4)) else {
+                let (Ok(ptr), Ok(len)) = (read_u32(&mut caller, iovs + i * 8), read_u32(&mut caller, iovs + i * 8 + 4))
+                else {
                     return EFAULT;
                 };
                 let Ok(bytes) = read_guest(&mut caller, ptr as i32, len as i32) else { return EFAULT };
@@ -172,15 +177,29 @@ fn add_wasi(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             errno(write_guest(&mut caller, nwritten, &total.to_le_bytes()))
         },
     )?;
-    linker.func_wrap(WASI, "fd_read", |mut caller: Caller<'_, HostState>, fd: i32, _iovs: i32, _len: i32, nread: i32| -> i32 {
-        if fd != 0 {
-            return EBADF;
+    linker.func_wrap(
+        WASI,
+        "fd_read",
+        |mut caller: Caller<'_, HostState>, fd: i32, _iovs: i32, _len: i32, nread: i32| -> i32 {
+            if fd != 0 {
+                return EBADF;
+            }
+            errno(write_guest(&mut caller, nread, &0u32.to_le_bytes()))
+        },
+    )?;
+    linker.func_wrap(WASI, "fd_close", |fd: i32| -> i32 {
+        if (0..=2).contains(&fd) {
+            ESUCCESS
+        } else {
+            EBADF
         }
-        errno(write_guest(&mut caller, nread, &0u32.to_le_bytes()))
     })?;
-    linker.func_wrap(WASI, "fd_close", |fd: i32| -> i32 { if (0..=2).contains(&fd) { ESUCCESS } else { EBADF } })?;
     linker.func_wrap(WASI, "fd_seek", |fd: i32, _off: i64, _whence: i32, _new: i32| -> i32 {
-        if (0..=2).contains(&fd) { ESPIPE } else { EBADF }
+        if (0..=2).contains(&fd) {
+            ESPIPE
+        } else {
+            EBADF
+        }
     })?;
     linker.func_wrap(WASI, "fd_fdstat_get", |mut caller: Caller<'_, HostState>, fd: i32, ptr: i32| -> i32 {
         if !(0..=2).contains(&fd) {
@@ -197,18 +216,25 @@ fn add_wasi(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(WASI, "fd_prestat_dir_name", |_fd: i32, _ptr: i32, _len: i32| -> i32 { EBADF })?;
     for (sizes, get) in [("environ_sizes_get", "environ_get"), ("args_sizes_get", "args_get")] {
         linker.func_wrap(WASI, sizes, |mut caller: Caller<'_, HostState>, count: i32, size: i32| -> i32 {
-            errno(write_guest(&mut caller, count, &0u32.to_le_bytes()).and_then(|()| write_guest(&mut caller, size, &0u32.to_le_bytes())))
+            errno(
+                write_guest(&mut caller, count, &0u32.to_le_bytes())
+                    .and_then(|()| write_guest(&mut caller, size, &0u32.to_le_bytes())),
+            )
         })?;
         linker.func_wrap(WASI, get, |_a: i32, _b: i32| -> i32 { ESUCCESS })?;
     }
-    linker.func_wrap(WASI, "clock_time_get", |mut caller: Caller<'_, HostState>, id: i32, _precision: i64, out: i32| -> i32 {
-        let nanos: u64 = match id {
-            0 => SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
-            1 => monotonic_origin().elapsed().as_nanos() as u64,
-            _ => return EINVAL,
-        };
-        errno(write_guest(&mut caller, out, &nanos.to_le_bytes()))
-    })?;
+    linker.func_wrap(
+        WASI,
+        "clock_time_get",
+        |mut caller: Caller<'_, HostState>, id: i32, _precision: i64, out: i32| -> i32 {
+            let nanos: u64 = match id {
+                0 => SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+                1 => monotonic_origin().elapsed().as_nanos() as u64,
+                _ => return EINVAL,
+            };
+            errno(write_guest(&mut caller, out, &nanos.to_le_bytes()))
+        },
+    )?;
     linker.func_wrap(WASI, "clock_res_get", |mut caller: Caller<'_, HostState>, id: i32, out: i32| -> i32 {
         if !(0..=1).contains(&id) {
             return EINVAL;

@@ -30,7 +30,16 @@ pub(crate) struct HostState {
 
 impl HostState {
     pub(crate) fn new(task: Arc<str>, memory_cap: u64, output_limit: u64) -> Self {
-        Self { task, input: Vec::new(), output: Vec::new(), output_limit, memory_cap, fault: None, memory: None, dirty: None }
+        Self {
+            task,
+            input: Vec::new(),
+            output: Vec::new(),
+            output_limit,
+            memory_cap,
+            fault: None,
+            memory: None,
+            dirty: None,
+        }
     }
 }
 

@@ -31,7 +31,11 @@ pub(crate) struct LoadedModule {
 }
 
 impl LoadedModule {
-    pub(crate) fn new(engine: &Engine, linker: &wasmtime::Linker<HostState>, module: &Module) -> wasmtime::Result<Self> {
+    pub(crate) fn new(
+        engine: &Engine,
+        linker: &wasmtime::Linker<HostState>,
+        module: &Module,
+    ) -> wasmtime::Result<Self> {
         let pre = linker.instantiate_pre(module)?;
         let mut global_names: Vec<String> =
             module.exports().map(|e| e.name().to_owned()).filter(|n| n.starts_with(GLOBAL_PREFIX)).collect();
@@ -87,7 +91,11 @@ impl Instance {
             .get_typed_func::<i32, i32>(&mut store, abi::INVOKE_EXPORT)
             .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
         let tick = if module.has_tick {
-            Some(instance.get_typed_func::<(), ()>(&mut store, abi::TICK_EXPORT).map_err(|e| InvokeError::Unavailable(e.to_string()))?)
+            Some(
+                instance
+                    .get_typed_func::<(), ()>(&mut store, abi::TICK_EXPORT)
+                    .map_err(|e| InvokeError::Unavailable(e.to_string()))?,
+            )
         } else {
             None
         };
@@ -166,7 +174,8 @@ fn classify(err: &wasmtime::Error, store: &mut Store<HostState>, limits: Instanc
         return InvokeError::DeadlineExceeded { timeout_ms: limits.timeout_ms };
     }
     let text = format!("{err:?}");
-    if text.contains("memory minimum size") || text.contains("exceeds memory limits") || text.contains("resource limit") {
+    if text.contains("memory minimum size") || text.contains("exceeds memory limits") || text.contains("resource limit")
+    {
         return InvokeError::MemoryLimit { limit: limits.memory_bytes };
     }
     // The first line names the trap; the rest is a wasm backtrace, useful in logs only.

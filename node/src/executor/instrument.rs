@@ -126,7 +126,10 @@ fn check_imports(module: &Module) -> Result<(), PrepareError> {
 fn task_memory(module: &Module) -> Result<MemoryId, PrepareError> {
     let mems: Vec<_> = module.memories.iter().collect();
     let [mem] = mems.as_slice() else {
-        return Err(PrepareError::Unsupported(format!("a task needs exactly one memory, this module has {}", mems.len())));
+        return Err(PrepareError::Unsupported(format!(
+            "a task needs exactly one memory, this module has {}",
+            mems.len()
+        )));
     };
     if mem.shared || mem.memory64 {
         return Err(PrepareError::Unsupported("shared and 64-bit memories cannot be checkpointed".into()));
@@ -160,7 +163,10 @@ fn export_mutable_globals(module: &mut Module) -> Result<u32, PrepareError> {
             return Err(PrepareError::Unsupported("imported mutable globals cannot be checkpointed".into()));
         }
         if !matches!(g.ty, ValType::I32 | ValType::I64 | ValType::F32 | ValType::F64) {
-            return Err(PrepareError::Unsupported(format!("mutable globals of type {:?} cannot be checkpointed", g.ty)));
+            return Err(PrepareError::Unsupported(format!(
+                "mutable globals of type {:?} cannot be checkpointed",
+                g.ty
+            )));
         }
         found.push((n, g.id()));
     }
@@ -181,9 +187,13 @@ fn add_mark_range(module: &mut Module, dirty: MemoryId) -> FunctionId {
     b.func_body()
         .local_get(len)
         .unop(walrus::ir::UnaryOp::I32Eqz)
-        .if_else(None, |then| {
-            then.return_();
-        }, |_| {})
+        .if_else(
+            None,
+            |then| {
+                then.return_();
+            },
+            |_| {},
+        )
         .local_get(dst)
         .i32_const(16)
         .binop(BinaryOp::I32ShrU)
@@ -306,7 +316,9 @@ impl Rewriter {
                 out.extend([get(self.temps.addr), get(value), Instr::Store(s)]);
                 out
             }
-            Instr::MemoryFill(f) if f.memory == self.memory => self.ranged(Instr::MemoryFill(MemoryFill { memory: f.memory })),
+            Instr::MemoryFill(f) if f.memory == self.memory => {
+                self.ranged(Instr::MemoryFill(MemoryFill { memory: f.memory }))
+            }
             Instr::MemoryCopy(c) if c.dst == self.memory => {
                 self.ranged(Instr::MemoryCopy(MemoryCopy { src: c.src, dst: c.dst }))
             }
@@ -317,7 +329,11 @@ impl Rewriter {
                 self.refused = Some("atomic instructions (threads) are not supported".into());
                 vec![instr]
             }
-            Instr::TableSet(_) | Instr::TableGrow(_) | Instr::TableFill(_) | Instr::TableCopy(_) | Instr::TableInit(_) => {
+            Instr::TableSet(_)
+            | Instr::TableGrow(_)
+            | Instr::TableFill(_)
+            | Instr::TableCopy(_)
+            | Instr::TableInit(_) => {
                 self.refused = Some("modules that change their tables at run time cannot be checkpointed".into());
                 vec![instr]
             }

@@ -175,7 +175,8 @@ impl Executor {
     fn load(&self, hash: &Hash, wasm: &[u8]) -> Result<instance::LoadedModule, StartTaskError> {
         let (module, source) = self.cache.get(hash, wasm).map_err(|e| StartTaskError::Module(format!("{e:?}")))?;
         tracing::debug!(module = %hash, ?source, "module loaded");
-        instance::LoadedModule::new(&self.engine, &self.linker, &module).map_err(|e| StartTaskError::Module(e.to_string()))
+        instance::LoadedModule::new(&self.engine, &self.linker, &module)
+            .map_err(|e| StartTaskError::Module(e.to_string()))
     }
 
     /// Starts `config` with the instrumented module `wasm`, replacing a running task of the
@@ -187,12 +188,9 @@ impl Executor {
         }
         let module = self.load(&config.module_hash, wasm)?;
         let runtime = match config.kind {
-            TaskKind::Stateful => Runtime::Stateful(StatefulTask::start(
-                config.clone(),
-                module,
-                self.pages.clone(),
-                self.writer.clone(),
-            )?),
+            TaskKind::Stateful => {
+                Runtime::Stateful(StatefulTask::start(config.clone(), module, self.pages.clone(), self.writer.clone())?)
+            }
             TaskKind::Stateless => Runtime::Stateless(Arc::new(
                 StatelessTask::start(&config.name, module, config.limits, config.queue)
                     .map_err(|e| StartTaskError::Module(e.to_string()))?,
@@ -275,7 +273,9 @@ impl Executor {
         let task = self.running(name)?;
         match &task.runtime {
             Runtime::Stateful(s) => s.checkpoint().await,
-            Runtime::Stateless(_) => Err(InvokeError::Unavailable("stateless tasks have no state to checkpoint".into())),
+            Runtime::Stateless(_) => {
+                Err(InvokeError::Unavailable("stateless tasks have no state to checkpoint".into()))
+            }
         }
     }
 

@@ -91,8 +91,8 @@ impl StatefulTask {
         let (inst, image, answers, sequence, invocations) = match saved {
             Some(m) => {
                 let image = MemoryImage::restore(&m, &pages).map_err(StartTaskError::Restore)?;
-                let mut inst =
-                    Instance::new(&module, name, cfg.limits, false).map_err(|e| StartTaskError::Module(e.to_string()))?;
+                let mut inst = Instance::new(&module, name, cfg.limits, false)
+                    .map_err(|e| StartTaskError::Module(e.to_string()))?;
                 image.apply_to(&mut inst).map_err(|e| StartTaskError::Restore(e.to_string()))?;
                 let mut answers = AnswerCache::default();
                 for (k, a) in m.answers.clone() {
@@ -105,8 +105,8 @@ impl StatefulTask {
                 (inst, image, answers, m.sequence, m.invocations)
             }
             None => {
-                let mut inst =
-                    Instance::new(&module, name, cfg.limits, true).map_err(|e| StartTaskError::Module(e.to_string()))?;
+                let mut inst = Instance::new(&module, name, cfg.limits, true)
+                    .map_err(|e| StartTaskError::Module(e.to_string()))?;
                 let image = MemoryImage::capture(&mut inst);
                 (inst, image, AnswerCache::default(), 0, 0)
             }
@@ -266,7 +266,8 @@ impl Actor {
         }
         match self.cfg.checkpoint {
             CheckpointPolicy::Durable => {
-                self.checkpoint().map_err(|e| InvokeError::Unavailable(format!("the state could not be saved: {e}")))?;
+                self.checkpoint()
+                    .map_err(|e| InvokeError::Unavailable(format!("the state could not be saved: {e}")))?;
             }
             CheckpointPolicy::Periodic { every_ms } => {
                 if self.last_checkpoint.elapsed() >= Duration::from_millis(every_ms) {
@@ -290,7 +291,8 @@ impl Actor {
             Ok(inst) => self.inst = inst,
             Err(e) => {
                 tracing::error!(task = %self.cfg.name, error = %e, "could not rebuild the instance");
-                self.status.lock().unwrap_or_else(|p| p.into_inner()).broken = Some(format!("the instance could not be rebuilt: {e}"));
+                self.status.lock().unwrap_or_else(|p| p.into_inner()).broken =
+                    Some(format!("the instance could not be rebuilt: {e}"));
             }
         }
     }
@@ -300,7 +302,8 @@ impl Actor {
         let header = crate::checkpoint::image_header(&self.cfg, self.sequence + 1, self.invocations, now_ms());
         let answers = self.answers.entries().map(|(k, a)| (k.clone(), a.clone())).collect();
         let pages = &self.pages;
-        let (manifest, new_pages) = self.image.checkpoint(header, &self.module.global_names, answers, |h| pages.has_page(h));
+        let (manifest, new_pages) =
+            self.image.checkpoint(header, &self.module.global_names, answers, |h| pages.has_page(h));
         let write = PageWrite {
             pages: new_pages,
             key: self.cfg.name.clone(),

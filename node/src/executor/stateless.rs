@@ -31,7 +31,12 @@ impl Drop for InFlight<'_> {
 
 impl StatelessTask {
     /// Checks that the module instantiates, and keeps that instance warm.
-    pub(crate) fn start(name: &str, module: LoadedModule, limits: InstanceLimits, queue: u32) -> Result<Self, InvokeError> {
+    pub(crate) fn start(
+        name: &str,
+        module: LoadedModule,
+        limits: InstanceLimits,
+        queue: u32,
+    ) -> Result<Self, InvokeError> {
         let name: Arc<str> = name.into();
         let first = Instance::new(&module, name.clone(), limits, true)?;
         Ok(Self {

@@ -1,8 +1,8 @@
 //! Executor tests against real wasmtime and a real page log, with the example tasks.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hubmesh_consensus::state::{CheckpointPolicy, TaskKind};
 use hubmesh_storage::{Hash, PageLog};
@@ -34,22 +34,25 @@ fn fixture() -> Fixture {
     Fixture { dir, exec }
 }
 
-fn start(exec: &Executor, name: &str, file: &str, kind: TaskKind, checkpoint: CheckpointPolicy) -> Hash {
-    let prepared = exec.prepare(&example(file), LIMITS).unwrap();
-    let hash = Hash::of(&prepared.wasm);
-    let config = TaskConfig {
+fn config(name: &str, wasm: &[u8], kind: TaskKind, checkpoint: CheckpointPolicy) -> TaskConfig {
+    TaskConfig {
         name: name.into(),
         version: 1,
         epoch: 1,
         kind,
-        module_hash: hash,
+        module_hash: Hash::of(wasm),
         limits: LIMITS,
         queue: 8,
         checkpoint,
         tick_ms: Some(5),
-    };
-    exec.start_task(config, &prepared.wasm).unwrap();
-    hash
+    }
+}
+
+fn start(exec: &Executor, name: &str, file: &str, kind: TaskKind, checkpoint: CheckpointPolicy) -> Hash {
+    let prepared = exec.prepare(&example(file), LIMITS).unwrap();
+    let config = config(name, &prepared.wasm, kind, checkpoint);
+    exec.start_task(config.clone(), &prepared.wasm).unwrap();
+    config.module_hash
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -118,15 +121,9 @@ fn a_full_queue_refuses_more_work() {
     let f = fixture();
     let prepared = f.exec.prepare(&example("loop.wat"), LIMITS).unwrap();
     let config = TaskConfig {
-        name: "busy".into(),
-        version: 1,
-        epoch: 1,
-        kind: TaskKind::Stateful,
-        module_hash: Hash::of(&prepared.wasm),
         limits: InstanceLimits { timeout_ms: 300, ..LIMITS },
         queue: 1,
-        checkpoint: CheckpointPolicy::None,
-        tick_ms: None,
+        ..config("busy", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::None)
     };
     f.exec.start_task(config, &prepared.wasm).unwrap();
     rt().block_on(async {
@@ -268,17 +265,7 @@ fn c_task_runs_when_built() {
     }
     let f = fixture();
     let prepared = f.exec.prepare(&std::fs::read(&path).unwrap(), LIMITS).unwrap();
-    let config = TaskConfig {
-        name: "thermo".into(),
-        version: 1,
-        epoch: 1,
-        kind: TaskKind::Stateful,
-        module_hash: Hash::of(&prepared.wasm),
-        limits: LIMITS,
-        queue: 8,
-        checkpoint: CheckpointPolicy::Durable,
-        tick_ms: None,
-    };
+    let config = config("thermo", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Durable);
     f.exec.start_task(config.clone(), &prepared.wasm).unwrap();
     rt().block_on(async {
         call(&f.exec, "thermo", "set=210").await.unwrap();
@@ -289,7 +276,10 @@ fn c_task_runs_when_built() {
     f.exec.start_task(config, &prepared.wasm).unwrap();
     rt().block_on(async {
         let out = call(&f.exec, "thermo", "230").await.unwrap();
-        assert!(out.contains("\"heating\":false") && out.contains("\"readings\":2") && out.contains("\"mean\":210"), "{out}");
+        assert!(
+            out.contains("\"heating\":false") && out.contains("\"readings\":2") && out.contains("\"mean\":210"),
+            "{out}"
+        );
     });
 }
 

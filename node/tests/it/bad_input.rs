@@ -5,8 +5,9 @@ use hubmesh_proto::api::DeployParams;
 use crate::harness::{example_bytes, step, Hub};
 
 fn files_in(dir: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
     v.sort();
     v
 }
@@ -31,7 +32,11 @@ async fn malformed_and_invalid_modules_store_nothing() {
     }
     step("too big for its memory cap");
     let huge = br#"(module (memory 200) (func (export "hm_invoke") (param i32) (result i32) i32.const 0))"#.to_vec();
-    let err = hub.client.deploy("huge", huge, &DeployParams { memory: Some("2MiB".into()), ..p.clone() }, false).await.unwrap_err();
+    let err = hub
+        .client
+        .deploy("huge", huge, &DeployParams { memory: Some("2MiB".into()), ..p.clone() }, false)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some("invalid_module"), "{err}");
     step("bad parameters");
     for bad in [
@@ -56,7 +61,15 @@ async fn malformed_and_invalid_modules_store_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_unknown_names_and_oversized_input() {
     let hub = Hub::start("auth").await;
-    hub.client.deploy("echo", example_bytes("echo.wat"), &DeployParams { max_input: Some("1KiB".into()), ..Default::default() }, false).await.unwrap();
+    hub.client
+        .deploy(
+            "echo",
+            example_bytes("echo.wat"),
+            &DeployParams { max_input: Some("1KiB".into()), ..Default::default() },
+            false,
+        )
+        .await
+        .unwrap();
     step("missing and wrong tokens");
     for token in [None, Some("wrong"), Some("")] {
         let c = hub.client_with_token(token);
@@ -96,7 +109,10 @@ async fn runaway_tasks_fail_alone() {
     for t in ["loop", "grow", "echo"] {
         hub.client.deploy(t, example_bytes(&format!("{t}.wat")), &p, false).await.unwrap();
     }
-    hub.client.deploy("counter", example_bytes("counter.wat"), &DeployParams { durable: true, ..Default::default() }, false).await.unwrap();
+    hub.client
+        .deploy("counter", example_bytes("counter.wat"), &DeployParams { durable: true, ..Default::default() }, false)
+        .await
+        .unwrap();
     step("an endless loop is stopped at its deadline");
     let err = hub.client.invoke("loop", vec![], None).await.unwrap_err();
     assert_eq!((err.status(), err.code()), (Some(504), Some("deadline_exceeded")), "{err}");

@@ -3,7 +3,12 @@
 use crate::harness::{example, step, Hub};
 
 fn ok(out: &std::process::Output) -> String {
-    assert!(out.status.success(), "CLI failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "CLI failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
@@ -47,5 +52,10 @@ fn config_show_prints_the_effective_configuration() {
         .output()
         .unwrap();
     let text = ok(&out);
-    assert!(text.contains("name = \"attic\"") && text.contains("api = \"127.0.0.1:9999\"") && text.contains("room = \"attic\""), "{text}");
+    assert!(
+        text.contains("name = \"attic\"")
+            && text.contains("api = \"127.0.0.1:9999\"")
+            && text.contains("room = \"attic\""),
+        "{text}"
+    );
 }
