@@ -127,8 +127,9 @@ fn a_full_queue_refuses_more_work() {
     };
     f.exec.start_task(config, &prepared.wasm).unwrap();
     rt().block_on(async {
-        // The first call occupies the actor, the second waits in the queue of one, the third
-        // finds it full.
+        // The first call occupies the actor for its whole deadline; of the two that follow while
+        // it runs, at most one fits in the queue of one. (Which one depends on when the actor
+        // thread dequeues the first, so the test accepts either order.)
         let first = f.exec.invoke("busy", vec![], None);
         let second = async {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -139,9 +140,12 @@ fn a_full_queue_refuses_more_work() {
             f.exec.invoke("busy", vec![], None).await
         };
         let (a, b, c) = tokio::join!(first, second, third);
+        let full = [&b, &c].iter().filter(|r| matches!(r, Err(InvokeError::QueueFull { limit: 1 }))).count();
         assert!(matches!(a, Err(InvokeError::DeadlineExceeded { .. })), "{a:?}");
-        assert!(matches!(b, Err(InvokeError::DeadlineExceeded { .. })), "{b:?}");
-        assert_eq!(c, Err(InvokeError::QueueFull { limit: 1 }));
+        assert!(full >= 1, "{b:?} {c:?}");
+        for r in [&b, &c] {
+            assert!(matches!(r, Err(InvokeError::DeadlineExceeded { .. } | InvokeError::QueueFull { .. })), "{r:?}");
+        }
     });
 }
 
