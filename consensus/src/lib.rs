@@ -22,7 +22,12 @@ mod ids;
 pub mod network;
 pub mod state;
 mod state_machine;
+pub mod tls;
+pub mod transport;
 mod type_config;
+
+#[cfg(test)]
+mod transport_tests;
 
 pub use consensus::{Consensus, ConsensusConfig, MeshStatus, ProposeError, StartError};
 pub use ids::{Epoch, NodeId};

@@ -1,0 +1,127 @@
+//! The mesh endpoint against real quinn and rustls on loopback.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubmesh_proto::{pb, Message};
+
+use crate::tls::{fingerprint, CaMaterial, Identity, NodeKey};
+use crate::transport::{handler, kind, Caller, RpcError, Transport};
+
+const T: Duration = Duration::from_secs(5);
+const ECHO: u32 = kind::FIRST_NODE_KIND;
+
+fn identity(ca: &CaMaterial, id: u64) -> Identity {
+    let key = NodeKey::generate().unwrap();
+    Identity { ca_der: ca.cert_der.clone(), cert_der: ca.issue(id, key.public_key()).unwrap(), key }
+}
+
+fn hub(ca: &CaMaterial, id: u64) -> Arc<Transport> {
+    let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(ca, id), id).unwrap();
+    t.register(
+        ECHO,
+        handler(|caller, payload: Vec<u8>| async move {
+            let who = match caller {
+                Caller::Member(id) => format!("member {id}"),
+                Caller::Joiner => "joiner".into(),
+            };
+            Ok([who.into_bytes(), b":".to_vec(), payload].concat())
+        }),
+    );
+    t.register(kind::JOIN, handler(|caller, _p| async move { Ok(format!("{caller:?}").into_bytes()) }));
+    t
+}
+
+fn addr(t: &Transport) -> SocketAddr {
+    t.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn members_call_each_other_and_see_who_calls() {
+    let ca = CaMaterial::generate().unwrap();
+    let (a, b) = (hub(&ca, 1), hub(&ca, 2));
+    a.set_peer(2, addr(&b));
+    let out = a.call(2, ECHO, b"hi".to_vec(), T).await.unwrap();
+    assert_eq!(out, b"member 1:hi");
+    assert!(a.last_ok(2).is_some());
+    let err = a.call(2, 999, vec![], T).await.unwrap_err();
+    assert!(matches!(err, RpcError::Remote { code, .. } if code == pb::ErrorCode::BadRequest as i32), "{err:?}");
+}
+
+#[tokio::test]
+async fn the_server_name_must_match_the_target() {
+    let ca = CaMaterial::generate().unwrap();
+    let (a, b) = (hub(&ca, 1), hub(&ca, 2));
+    // A stale address book says node 3 lives where node 2 does: the call must not reach node 2.
+    a.set_peer(3, addr(&b));
+    let err = a.call(3, ECHO, vec![], T).await.unwrap_err();
+    assert!(matches!(err, RpcError::Unreachable(3, _)), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_another_ca_is_refused() {
+    let ca = CaMaterial::generate().unwrap();
+    let other = CaMaterial::generate().unwrap();
+    let a = hub(&ca, 1);
+    // The stranger trusts our CA (so it accepts the server) but its own certificate is signed
+    // by another CA: the server must refuse it rather than treat it as a joiner.
+    let key = NodeKey::generate().unwrap();
+    let forged = Identity { ca_der: ca.cert_der.clone(), cert_der: other.issue(2, key.public_key()).unwrap(), key };
+    let stranger = Transport::bind("127.0.0.1:0".parse().unwrap(), &forged, 2).unwrap();
+    stranger.set_peer(1, addr(&a));
+    let err = stranger.call(1, ECHO, b"let me in".to_vec(), T).await.unwrap_err();
+    assert!(matches!(err, RpcError::Unreachable(..)), "{err:?}");
+    // A hub that trusts another CA does not accept ours either.
+    let outsider = hub(&other, 3);
+    outsider.set_peer(1, addr(&a));
+    assert!(outsider.call(1, ECHO, vec![], T).await.is_err());
+    // The members are unharmed.
+    let b = hub(&ca, 2);
+    b.set_peer(1, addr(&a));
+    assert_eq!(b.call(1, ECHO, b"x".to_vec(), T).await.unwrap(), b"member 2:x");
+}
+
+#[tokio::test]
+async fn joiners_pin_the_ca_and_may_only_join() {
+    let ca = CaMaterial::generate().unwrap();
+    let a = hub(&ca, 1);
+    let joiner = hub(&CaMaterial::generate().unwrap(), 9);
+    let out = joiner.call_as_joiner(addr(&a), fingerprint(&ca.cert_der), vec![], T).await.unwrap();
+    assert_eq!(out, b"Joiner");
+    let wrong = [7u8; 32];
+    let err = joiner.call_as_joiner(addr(&a), wrong, vec![], T).await.unwrap_err();
+    assert!(matches!(err, RpcError::Unreachable(..)), "{err:?}");
+}
+
+#[tokio::test]
+async fn garbage_on_the_port_changes_nothing() {
+    let ca = CaMaterial::generate().unwrap();
+    let (a, b) = (hub(&ca, 1), hub(&ca, 2));
+    step_garbage_udp(addr(&a)).await;
+    // Garbage inside a valid stream: an error answer, not a crash.
+    let conn = {
+        b.set_peer(1, addr(&a));
+        b.call(1, ECHO, vec![], T).await.unwrap();
+        b.clone()
+    };
+    let raw = raw_stream(&conn, 1, b"\xff\xff\xff\xff garbage").await;
+    let resp = pb::MeshResponse::decode(raw.as_slice()).unwrap();
+    assert_eq!(resp.code, pb::ErrorCode::BadRequest as i32);
+    assert_eq!(b.call(1, ECHO, b"ok".to_vec(), T).await.unwrap(), b"member 2:ok");
+}
+
+async fn step_garbage_udp(to: SocketAddr) {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..200u32 {
+        let mut junk = vec![(i % 251) as u8; 1200];
+        junk[0] = (i * 7) as u8;
+        sock.send_to(&junk, to).await.unwrap();
+    }
+    let truncated_initial = [0xc0u8, 0, 0, 0, 1, 8];
+    sock.send_to(&truncated_initial, to).await.unwrap();
+}
+
+async fn raw_stream(t: &Transport, target: u64, bytes: &[u8]) -> Vec<u8> {
+    t.raw_exchange_for_tests(target, bytes).await
+}
