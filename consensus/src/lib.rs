@@ -17,8 +17,10 @@
 //! This crate must not import wasmtime, libp2p or axum, and never decides placement: the leader's
 //! scheduler (in `node`) proposes placements as commands.
 
+mod autopilot;
 mod consensus;
 mod ids;
+pub mod join;
 pub mod network;
 pub mod state;
 mod state_machine;
@@ -29,6 +31,7 @@ mod type_config;
 #[cfg(test)]
 mod transport_tests;
 
+pub use autopilot::target_voters;
 pub use consensus::{Consensus, ConsensusConfig, MeshStatus, ProposeError, StartError};
 pub use ids::{Epoch, NodeId};
 pub use state::{ClusterState, Command, Outcome, Rejected};

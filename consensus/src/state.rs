@@ -10,6 +10,7 @@ use hubmesh_storage::Hash;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Epoch, NodeId};
+use crate::tls::CaMaterial;
 
 /// Whether a task keeps memory across invocations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +91,9 @@ pub struct NodeRecord {
     pub id: NodeId,
     pub name: String,
     pub api_addr: String,
+    /// Its mesh (QUIC) address.
+    #[serde(default)]
+    pub mesh_addr: String,
     pub labels: BTreeMap<String, String>,
     /// How many instances the hub offers to run.
     pub slots: u32,
@@ -103,6 +107,22 @@ pub struct ClusterState {
     pub tasks: BTreeMap<String, TaskRecord>,
     /// The last epoch handed out; the next placement gets `last_epoch + 1`.
     pub last_epoch: Epoch,
+    /// The cluster CA, so that any member can admit a hub.
+    #[serde(default)]
+    pub ca: Option<CaMaterial>,
+    /// Join tokens by id.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, JoinToken>,
+}
+
+/// A join token as the mesh remembers it: only a hash of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    /// Hex SHA-256 of the secret.
+    pub secret_hash: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub revoked: bool,
 }
 
 /// Whether a deploy creates a task or replaces an existing one.
@@ -128,6 +148,14 @@ pub enum Command {
     PlaceInstance { task: String, instance: u32, node: NodeId, expected: Option<Epoch> },
     /// Independent commands committed as one log entry (group commit); each has its own result.
     Batch(Vec<Self>),
+    /// Records the cluster CA (once, by the first hub).
+    SetCa { ca: CaMaterial },
+    /// Creates a join token.
+    CreateToken { id: String, secret_hash: String, expires_ms: u64, at_ms: u64 },
+    /// Revokes a join token.
+    RevokeToken { id: String },
+    /// Admits a joining hub that proved a token's secret.
+    AdmitNode { node: NodeRecord, token_id: String, secret_hash: String, at_ms: u64 },
 }
 
 /// What an applied command did.
@@ -145,6 +173,10 @@ pub enum Outcome {
         epoch: Epoch,
     },
     Batch(Vec<CommandResult>),
+    CaSet,
+    TokenCreated,
+    TokenRevoked,
+    Admitted,
 }
 
 /// Why a command was refused. A refused command changed nothing.
@@ -168,6 +200,12 @@ pub enum Rejected {
     /// The command is malformed.
     #[error("invalid command: {0}")]
     Invalid(String),
+    /// The join token is unknown, expired, revoked or its secret is wrong.
+    #[error("join refused: {0}")]
+    BadToken(String),
+    /// Another hub already has this node id.
+    #[error("node id {0} is already taken by another hub")]
+    NodeIdTaken(NodeId),
 }
 
 /// The state machine's answer to one command.
@@ -205,6 +243,50 @@ impl ClusterState {
                 Ok(Outcome::Deleted)
             }
             Command::PlaceInstance { task, instance, node, expected } => self.place(task, *instance, *node, *expected),
+            Command::SetCa { ca } => {
+                if self.ca.is_some() {
+                    return Err(Rejected::Invalid("the mesh already has a CA".into()));
+                }
+                self.ca = Some(ca.clone());
+                Ok(Outcome::CaSet)
+            }
+            Command::CreateToken { id, secret_hash, expires_ms, at_ms } => {
+                if self.tokens.contains_key(id) {
+                    return Err(Rejected::Invalid(format!("token {id} exists")));
+                }
+                // Expired tokens are forgotten when a new one is made, so the map stays small.
+                self.tokens.retain(|_, t| t.expires_ms > *at_ms && !t.revoked);
+                let token = JoinToken {
+                    secret_hash: secret_hash.clone(),
+                    created_ms: *at_ms,
+                    expires_ms: *expires_ms,
+                    revoked: false,
+                };
+                self.tokens.insert(id.clone(), token);
+                Ok(Outcome::TokenCreated)
+            }
+            Command::RevokeToken { id } => {
+                let t = self.tokens.get_mut(id).ok_or_else(|| Rejected::BadToken(format!("no token {id}")))?;
+                t.revoked = true;
+                Ok(Outcome::TokenRevoked)
+            }
+            Command::AdmitNode { node, token_id, secret_hash, at_ms } => {
+                let t = self.tokens.get(token_id).ok_or_else(|| Rejected::BadToken("unknown token".into()))?;
+                if t.revoked {
+                    return Err(Rejected::BadToken("the token was revoked".into()));
+                }
+                if t.expires_ms <= *at_ms {
+                    return Err(Rejected::BadToken("the token has expired".into()));
+                }
+                if &t.secret_hash != secret_hash {
+                    return Err(Rejected::BadToken("wrong secret".into()));
+                }
+                if node.id.0 == 0 || self.nodes.contains_key(&node.id) {
+                    return Err(Rejected::NodeIdTaken(node.id));
+                }
+                self.nodes.insert(node.id, node.clone());
+                Ok(Outcome::Admitted)
+            }
             Command::Batch(cmds) => {
                 if cmds.iter().any(|c| matches!(c, Command::Batch(_))) {
                     return Err(Rejected::Invalid("batches do not nest".into()));
@@ -289,6 +371,7 @@ mod tests {
             id: NodeId(id),
             name: format!("hub{id}"),
             api_addr: "127.0.0.1:7070".into(),
+            mesh_addr: String::new(),
             labels: BTreeMap::new(),
             slots: 100,
             status: NodeStatus::Up,
@@ -393,5 +476,41 @@ mod tests {
                 Err(Rejected::TaskExists("a".into()))
             ]))
         );
+    }
+}
+
+#[cfg(test)]
+mod join_tests {
+    use super::*;
+
+    fn node(id: u64) -> NodeRecord {
+        NodeRecord {
+            id: NodeId(id),
+            name: format!("hub{id}"),
+            api_addr: String::new(),
+            mesh_addr: "127.0.0.1:1".into(),
+            labels: BTreeMap::new(),
+            slots: 1,
+            status: NodeStatus::Up,
+        }
+    }
+
+    fn admit(id: u64, secret: &str, at_ms: u64) -> Command {
+        Command::AdmitNode { node: node(id), token_id: "t1".into(), secret_hash: secret.into(), at_ms }
+    }
+
+    #[test]
+    fn tokens_admit_until_they_expire_or_are_revoked() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::RegisterNode { node: node(1) }).unwrap();
+        s.apply(&Command::CreateToken { id: "t1".into(), secret_hash: "h".into(), expires_ms: 100, at_ms: 0 }).unwrap();
+        let before = s.clone();
+        assert!(matches!(s.apply(&admit(2, "wrong", 10)), Err(Rejected::BadToken(m)) if m.contains("secret")));
+        assert!(matches!(s.apply(&admit(2, "h", 100)), Err(Rejected::BadToken(m)) if m.contains("expired")));
+        assert_eq!(s.apply(&admit(1, "h", 10)), Err(Rejected::NodeIdTaken(NodeId(1))));
+        assert_eq!(s, before);
+        assert_eq!(s.apply(&admit(2, "h", 10)), Ok(Outcome::Admitted));
+        s.apply(&Command::RevokeToken { id: "t1".into() }).unwrap();
+        assert!(matches!(s.apply(&admit(3, "h", 10)), Err(Rejected::BadToken(m)) if m.contains("revoked")));
     }
 }

@@ -63,12 +63,6 @@ pub enum RpcError {
     Protocol(String),
 }
 
-impl RpcError {
-    pub(crate) fn remote(code: pb::ErrorCode, message: impl Into<String>) -> Self {
-        Self::Remote { code: code as i32, message: message.into() }
-    }
-}
-
 /// Why the endpoint could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -101,7 +95,7 @@ where
 pub struct Transport {
     endpoint: quinn::Endpoint,
     node_id: u64,
-    member_client: quinn::ClientConfig,
+    member_client: RwLock<quinn::ClientConfig>,
     peers: RwLock<HashMap<u64, SocketAddr>>,
     conns: Mutex<HashMap<u64, quinn::Connection>>,
     handlers: RwLock<HashMap<u32, Handler>>,
@@ -135,7 +129,7 @@ impl Transport {
         let t = Arc::new(Self {
             endpoint,
             node_id,
-            member_client,
+            member_client: RwLock::new(member_client),
             peers: RwLock::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             handlers: RwLock::new(HashMap::new()),
@@ -143,6 +137,22 @@ impl Transport {
         });
         tokio::spawn(accept_loop(Arc::downgrade(&t), t.endpoint.clone()));
         Ok(t)
+    }
+
+    /// Replaces the certificate this endpoint presents and trusts (a joiner, once admitted).
+    pub fn set_identity(&self, identity: &Identity) -> Result<(), TransportError> {
+        let server_crypto =
+            QuicServerConfig::try_from(identity.server_config()?).map_err(|e| TransportError::Config(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport_config());
+        let client_crypto =
+            QuicClientConfig::try_from(identity.client_config()?).map_err(|e| TransportError::Config(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport_config());
+        self.endpoint.set_server_config(Some(server));
+        *self.member_client.write().unwrap_or_else(|p| p.into_inner()) = client;
+        lock(&self.conns).clear();
+        Ok(())
     }
 
     /// The bound address.
@@ -210,7 +220,11 @@ impl Transport {
             .ok_or_else(|| RpcError::Unreachable(target, "no known address".into()))?;
         let connecting = self
             .endpoint
-            .connect_with(self.member_client.clone(), addr, &tls::server_name(target))
+            .connect_with(
+                self.member_client.read().unwrap_or_else(|p| p.into_inner()).clone(),
+                addr,
+                &tls::server_name(target),
+            )
             .map_err(|e| RpcError::Unreachable(target, e.to_string()))?;
         let conn = connecting.await.map_err(|e| RpcError::Unreachable(target, e.to_string()))?;
         lock(&self.conns).insert(target, conn.clone());

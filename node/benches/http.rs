@@ -32,7 +32,7 @@ fn main() {
     let mut child = Command::new(bin)
         .arg("--data-dir")
         .arg(dir.path())
-        .args(["up", "--api", "127.0.0.1:0"])
+        .args(["up", "--api", "127.0.0.1:0", "--mesh", "127.0.0.1:0"])
         .env("HUBMESH_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -21,6 +21,9 @@ pub struct Config {
     pub name: String,
     /// Address of the HTTP API. Port 0 picks a free port (written to `DATA_DIR/api.addr`).
     pub api: SocketAddr,
+    /// Address of the mesh endpoint (QUIC over UDP, mutual TLS). Other hubs must be able to reach
+    /// it: use the hub's LAN address to form a mesh. Port 0 picks one (`DATA_DIR/mesh.addr`).
+    pub mesh: SocketAddr,
     /// Labels for placement constraints, e.g. `room = "attic"`.
     pub labels: BTreeMap<String, String>,
     /// How many task instances this hub offers to run.
@@ -86,6 +89,7 @@ impl Default for Config {
             data_dir: default_data_dir(),
             name: default_name(),
             api: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            mesh: SocketAddr::from(([127, 0, 0, 1], 7071)),
             labels: BTreeMap::new(),
             slots: 128,
             executor: ExecutorConfig::default(),

@@ -1,10 +1,11 @@
 //! The invocation router: finds where a task's instance runs and dispatches to it.
 //!
 //! ```text
-//!  api::invoke --> Router::invoke: task in state? input within its limit?
-//!                  placement here, with the epoch the executor runs? --> executor.invoke
-//!                  not yet placed / (re)starting --> wait for the state, bounded by the deadline
-//!                  placed on another hub --> forwarding (the mesh issue); refused for now
+//!  api::invoke --> Hub::invoke: task in state? input within its limit?
+//!      placed here, running at the placement's epoch --> executor.invoke
+//!      placed on hub B --> dataplane::forward --> B: Hub::invoke_here (never forwards again)
+//!      not placed / starting / B unreachable --> wait for the state to change, bounded
+//!      forwarded call timed out --> retried only with an idempotency key, else "outcome unknown"
 //! ```
 
 use std::time::Duration;
@@ -12,14 +13,15 @@ use std::time::Duration;
 use hubmesh_consensus::state::Placement;
 use tokio::time::Instant;
 
+use crate::dataplane::{self, Forwarded};
 use crate::executor::{Answer, InvokeError};
 use crate::hub::Hub;
 use crate::scheduler;
 
-/// Extra time an invocation may wait for its task to be placed or started.
+/// Extra time an invocation may wait for its task to be placed, started or re-placed.
 const SETTLE: Duration = Duration::from_secs(10);
 
-/// Why an invocation was not dispatched, or what the executor said.
+/// Why an invocation was not answered, or what the executor said.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RouteError {
     /// No such task in the mesh.
@@ -28,12 +30,17 @@ pub(crate) enum RouteError {
     /// The task is not placed (or not started) and did not become so within the deadline.
     #[error("the task is not available: {0}")]
     NotReady(String),
-    /// The instance runs on another hub and this build cannot forward.
-    #[error("the task runs on hub {node}, and forwarding between hubs is not available in this build")]
-    Elsewhere { node: u64 },
+    /// A forwarded call got no answer in time; it may or may not have run.
+    #[error("no answer from hub {node} in time; the invocation may or may not have run")]
+    Unknown { node: u64 },
     /// The executor's answer.
     #[error(transparent)]
     Invoke(#[from] InvokeError),
+}
+
+enum Step {
+    Done(Result<(Answer, Placement), RouteError>),
+    Wait(String),
 }
 
 impl Hub {
@@ -49,36 +56,35 @@ impl Hub {
         input: Vec<u8>,
         key: Option<String>,
     ) -> Result<(Answer, Placement), RouteError> {
-        let me = self.consensus.node_id();
+        self.route(name, input, key, true).await
+    }
+
+    /// Invokes `name` only if it runs here (a forwarded call).
+    pub(crate) async fn invoke_here(
+        &self,
+        name: &str,
+        input: Vec<u8>,
+        key: Option<String>,
+    ) -> Result<(Answer, Placement), InvokeError> {
+        match self.route(name, input, key, false).await {
+            Ok(a) => Ok(a),
+            Err(RouteError::Invoke(e)) => Err(e),
+            Err(e) => Err(InvokeError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn route(
+        &self,
+        name: &str,
+        input: Vec<u8>,
+        key: Option<String>,
+        may_forward: bool,
+    ) -> Result<(Answer, Placement), RouteError> {
         let deadline = Instant::now() + SETTLE;
         loop {
-            let state = self.consensus.state();
-            let task = state.tasks.get(name).ok_or_else(|| RouteError::NotFound(name.to_owned()))?;
-            let limit = task.spec.limits.max_input_bytes;
-            if input.len() as u64 > limit {
-                return Err(InvokeError::InputTooLarge { size: input.len() as u64, limit }.into());
-            }
-            let placement = task.instances.get(&0).copied();
-            let reason = match placement {
-                Some(p) if p.node != me => return Err(RouteError::Elsewhere { node: p.node.0 }),
-                Some(p) => {
-                    let ready = self
-                        .executor
-                        .status(name)
-                        .is_some_and(|s| s.config.epoch == p.epoch.0 && s.config.version == task.version);
-                    if ready {
-                        let started = std::time::Instant::now();
-                        let res = self.executor.invoke(name, input, key).await;
-                        metrics::histogram!("hubmesh_invoke_seconds").record(started.elapsed().as_secs_f64());
-                        return res.map(|a| (a, p)).map_err(RouteError::from);
-                    }
-                    let failure = self.start_failures.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
-                    if let Some(f) = failure {
-                        return Err(RouteError::NotReady(f));
-                    }
-                    "the task is starting".to_owned()
-                }
-                None => scheduler::pending_reason(&state, name).unwrap_or_else(|| "not placed".into()),
+            let reason = match self.try_once(name, &input, &key, may_forward, deadline).await {
+                Step::Done(r) => return r,
+                Step::Wait(reason) => reason,
             };
             if Instant::now() >= deadline {
                 return Err(RouteError::NotReady(reason));
@@ -86,5 +92,58 @@ impl Hub {
             let mut rx = self.consensus.watch();
             let _ = tokio::time::timeout(Duration::from_millis(20), rx.changed()).await;
         }
+    }
+
+    async fn try_once(
+        &self,
+        name: &str,
+        input: &[u8],
+        key: &Option<String>,
+        may_forward: bool,
+        deadline: Instant,
+    ) -> Step {
+        let me = self.consensus.node_id();
+        let state = self.consensus.state();
+        let Some(task) = state.tasks.get(name) else { return Step::Done(Err(RouteError::NotFound(name.to_owned()))) };
+        let limit = task.spec.limits.max_input_bytes;
+        if input.len() as u64 > limit {
+            return Step::Done(Err(InvokeError::InputTooLarge { size: input.len() as u64, limit }.into()));
+        }
+        let Some(p) = task.instances.get(&0).copied() else {
+            return Step::Wait(scheduler::pending_reason(&state, name).unwrap_or_else(|| "not placed".into()));
+        };
+        if p.node != me {
+            if !may_forward {
+                return Step::Done(Err(InvokeError::Unavailable(format!("the task moved to hub {}", p.node)).into()));
+            }
+            let budget = Duration::from_millis(task.spec.limits.timeout_ms) + Duration::from_secs(5);
+            let started = std::time::Instant::now();
+            let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget).await;
+            metrics::histogram!("hubmesh_invoke_forwarded_seconds").record(started.elapsed().as_secs_f64());
+            return match res {
+                Forwarded::Answer(a) => Step::Done(Ok((a, p))),
+                // The host says the task is not (yet) there: wait for the state to catch up.
+                Forwarded::Failed(InvokeError::Unavailable(m)) if Instant::now() < deadline => Step::Wait(m),
+                Forwarded::Failed(e) => Step::Done(Err(e.into())),
+                Forwarded::Unreachable(m) => Step::Wait(format!("hub {} is unreachable: {m}", p.node)),
+                Forwarded::Timeout if key.is_some() && Instant::now() < deadline => {
+                    Step::Wait("retrying with the idempotency key".into())
+                }
+                Forwarded::Timeout => Step::Done(Err(RouteError::Unknown { node: p.node.0 })),
+            };
+        }
+        let ready =
+            self.executor.status(name).is_some_and(|s| s.config.epoch == p.epoch.0 && s.config.version == task.version);
+        if !ready {
+            let failure = self.start_failures.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
+            return match failure {
+                Some(f) => Step::Done(Err(RouteError::NotReady(f))),
+                None => Step::Wait("the task is starting".into()),
+            };
+        }
+        let started = std::time::Instant::now();
+        let res = self.executor.invoke(name, input.to_vec(), key.clone()).await;
+        metrics::histogram!("hubmesh_invoke_seconds").record(started.elapsed().as_secs_f64());
+        Step::Done(res.map(|a| (a, p)).map_err(RouteError::from))
     }
 }

@@ -1,5 +1,5 @@
-//! Work only the leader does: keep its own node record current and run the scheduler, proposing
-//! its placements through the log. Followers never decide placement.
+//! Every hub keeps its own node record current (proposing through the leader); only the leader
+//! runs the scheduler and proposes its placements. Followers never decide placement.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +15,7 @@ use crate::scheduler;
 pub(crate) async fn run(hub: Arc<Hub>, api_addr: String, mut shutdown: watch::Receiver<bool>) {
     let mut rx = hub.consensus.watch();
     loop {
-        if hub.consensus.is_leader() {
-            step(&hub, &api_addr).await;
-        }
+        step(&hub, &api_addr).await;
         tokio::select! {
             _ = rx.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -33,6 +31,7 @@ async fn step(hub: &Hub, api_addr: &str) {
         id: me,
         name: hub.config.name.clone(),
         api_addr: api_addr.to_owned(),
+        mesh_addr: hub.consensus.mesh_addr().to_string(),
         labels: hub.config.labels.clone(),
         slots: hub.config.slots,
         status: NodeStatus::Up,
@@ -41,6 +40,9 @@ async fn step(hub: &Hub, api_addr: &str) {
         if let Err(e) = hub.consensus.propose(Command::RegisterNode { node: record }).await {
             tracing::warn!(error = %e, "registering this hub failed");
         }
+        return;
+    }
+    if !hub.consensus.is_leader() {
         return;
     }
     let plan = scheduler::plan(&state);

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod client;
 pub mod config;
+mod dataplane;
 mod deploy;
 pub mod executor;
 mod hub;

@@ -84,6 +84,22 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &ClusterState) {
         }
         let wasm = match hub.blobs.get(&cfg.module_hash) {
             Ok(w) => w,
+            Err(hubmesh_storage::BlobError::NotFound(_) | hubmesh_storage::BlobError::Corrupt(_)) => {
+                match crate::dataplane::fetch_module(hub, &cfg.module_hash).await {
+                    Ok(w) => {
+                        if let Err(e) = hub.blobs.put(&w) {
+                            record_failure(hub, &name, &key, &e.to_string());
+                            continue;
+                        }
+                        w
+                    }
+                    Err(e) => {
+                        // Not a start failure: another hub may come back with it; retry next round.
+                        tracing::warn!(task = %name, error = %e, "module not available yet");
+                        continue;
+                    }
+                }
+            }
             Err(e) => {
                 record_failure(hub, &name, &key, &e.to_string());
                 continue;

@@ -83,6 +83,7 @@ mod tests {
                 id: NodeId(id),
                 name: format!("h{id}"),
                 api_addr: String::new(),
+                mesh_addr: String::new(),
                 labels: Default::default(),
                 slots,
                 status,

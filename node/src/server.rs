@@ -30,6 +30,8 @@ const FORMAT: &str = "hubmesh-data 1\n";
 pub const TOKEN_FILE: &str = "admin.token";
 /// File holding the API's bound address (useful with port 0).
 pub const API_ADDR_FILE: &str = "api.addr";
+/// File holding the mesh endpoint's bound address.
+pub const MESH_ADDR_FILE: &str = "mesh.addr";
 
 fn check_format(dir: &Path) -> anyhow::Result<()> {
     let path = dir.join(FORMAT_FILE);
@@ -69,7 +71,11 @@ fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
 }
 
 /// Runs a hub until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    join: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = config.data_dir.clone();
     tracing::info!(data_dir = %dir.display(), name = %config.name, "1/7 data dir");
@@ -90,9 +96,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let api_addr = listener.local_addr().context("reading the API address")?;
     let consensus = Consensus::start(ConsensusConfig {
         dir: dir.join("raft"),
+        tls_dir: dir.join("tls"),
         fresh_node_id: rand::rng().next_u64() >> 1 | 1,
         node: NodeAddr { name: config.name.clone(), api_addr: api_addr.to_string(), mesh_addr: String::new() },
-        bootstrap: true,
+        mesh_addr: config.mesh,
+        join,
         propose_timeout: config.raft.propose_timeout,
         heartbeat: config.raft.heartbeat,
         election_timeout_min: config.raft.election_timeout_min,
@@ -101,7 +109,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     .await
     .context("starting raft")?;
     let leader = consensus.wait_for_leader(Duration::from_secs(10)).await;
-    tracing::info!(node_id = consensus.node_id().0, ?leader, "raft is up");
+    let mesh_addr = consensus.mesh_addr();
+    write_atomic(&dir.join(MESH_ADDR_FILE), format!("{mesh_addr}\n").as_bytes(), 0o644).context("writing mesh.addr")?;
+    tracing::info!(node_id = consensus.node_id().0, ?leader, %mesh_addr, "raft is up");
 
     tracing::info!("5/7 executor");
     let limits = EngineLimits {
@@ -131,6 +141,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     tracing::info!("7/7 workers");
     let (stop_tx, stop_rx) = watch::channel(false);
     let reconciler = tokio::spawn(crate::reconcile::run(hub.clone(), stop_rx.clone()));
+    crate::dataplane::register(&hub);
     let leader_worker = tokio::spawn(crate::leader::run(hub.clone(), api_addr.to_string(), stop_rx.clone()));
 
     tracing::info!(

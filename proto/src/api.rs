@@ -170,3 +170,19 @@ pub struct StatusInfo {
     pub tasks_pending: u32,
     pub uptime_ms: u64,
 }
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// How long the token admits hubs, e.g. `1h` (default 1h, at most 30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+/// A join token for `hubmesh up --join`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenResponse {
+    pub token: String,
+    pub expires_in_ms: u64,
+}

@@ -109,7 +109,8 @@ impl From<RouteError> for ApiError {
         match e {
             RouteError::NotFound(_) => Self::not_found(msg),
             RouteError::NotReady(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
-            RouteError::Elsewhere { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
+            RouteError::Unknown { .. } => Self::new(StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", msg)
+                .hint("retry with an idempotency key (--key) so that a retry cannot apply twice"),
             RouteError::Invoke(i) => i.into(),
         }
     }

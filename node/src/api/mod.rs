@@ -28,6 +28,7 @@ pub(crate) fn router(state: ApiState) -> Router {
     let v1 = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/tokens", post(create_token))
         .route("/v1/tasks", get(tasks::list))
         .route("/v1/tasks/{name}", get(tasks::show).post(tasks::deploy).put(tasks::deploy).delete(tasks::remove))
         .route("/v1/tasks/{name}/invoke", post(tasks::invoke))
@@ -57,4 +58,20 @@ async fn status(State(s): State<ApiState>) -> Json<api::StatusInfo> {
 
 async fn nodes(State(s): State<ApiState>) -> Json<Vec<api::NodeInfo>> {
     Json(s.hub.status().nodes)
+}
+
+async fn create_token(
+    State(s): State<ApiState>,
+    body: Option<Json<api::TokenRequest>>,
+) -> Result<Json<api::TokenResponse>, error::ApiError> {
+    let ttl = match body.and_then(|Json(b)| b.ttl) {
+        None => std::time::Duration::from_secs(3600),
+        Some(t) => humantime::parse_duration(&t)
+            .map_err(|e| error::ApiError::bad_request(format!("ttl: {t:?} is not a duration like 1h ({e})")))?,
+    };
+    if ttl.is_zero() || ttl > std::time::Duration::from_secs(30 * 24 * 3600) {
+        return Err(error::ApiError::bad_request("ttl must be between 1s and 30 days"));
+    }
+    let token = s.hub.consensus.create_token(ttl).await?;
+    Ok(Json(api::TokenResponse { token, expires_in_ms: ttl.as_millis() as u64 }))
 }

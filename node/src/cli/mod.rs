@@ -48,6 +48,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: task::TaskCmd,
     },
+    /// Join tokens for new hubs.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     /// The hubs of the mesh.
     Node {
         #[command(subcommand)]
@@ -63,6 +68,16 @@ pub enum Command {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Print a token that lets a new hub join: `hubmesh up --join TOKEN`.
+    Create {
+        /// How long the token admits hubs.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
     },
 }
 
@@ -118,6 +133,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => {
             let s = cli.conn.client()?.status().await?;
             output::status(&s, json)
+        }
+        Command::Token { cmd: TokenCmd::Create { ttl } } => {
+            let t = cli.conn.client()?.create_token(Some(&ttl)).await?;
+            println!("{}", t.token);
+            Ok(())
         }
         Command::Node { cmd: NodeCmd::List { json } } => {
             let nodes = cli.conn.client()?.nodes().await?;

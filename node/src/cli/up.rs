@@ -20,6 +20,12 @@ pub struct UpArgs {
     /// Address of the HTTP API (port 0 picks a free one, written to DATA_DIR/api.addr).
     #[arg(long, env = "HUBMESH_API")]
     pub api: Option<SocketAddr>,
+    /// Address of the mesh endpoint (UDP); use a LAN address to form a mesh.
+    #[arg(long, env = "HUBMESH_MESH")]
+    pub mesh: Option<SocketAddr>,
+    /// Join an existing mesh with a token from `hubmesh token create` (empty data dir only).
+    #[arg(long, env = "HUBMESH_JOIN", hide_env_values = true)]
+    pub join: Option<String>,
     /// A placement label, `key=value` (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
@@ -43,6 +49,9 @@ pub(super) fn config_of(args: &UpArgs, conn: &ConnArgs) -> anyhow::Result<Config
     if let Some(a) = args.api {
         c.api = a;
     }
+    if let Some(m) = args.mesh {
+        c.mesh = m;
+    }
     if let Some(s) = args.slots {
         c.slots = s;
     }
@@ -64,5 +73,5 @@ pub(super) async fn run(args: UpArgs, conn: &ConnArgs) -> anyhow::Result<()> {
         }
         tracing::info!("shutdown requested");
     };
-    crate::server::run(config, shutdown).await.context("the hub stopped with an error")
+    crate::server::run(config, args.join.clone(), shutdown).await.context("the hub stopped with an error")
 }

@@ -158,6 +158,12 @@ impl Client {
         self.json(self.req(reqwest::Method::POST, &path), &path).await
     }
 
+    /// `POST /v1/tokens`: a join token.
+    pub async fn create_token(&self, ttl: Option<&str>) -> Result<api::TokenResponse, ClientError> {
+        let body = api::TokenRequest { ttl: ttl.map(str::to_owned) };
+        self.json(self.req(reqwest::Method::POST, "/v1/tokens").json(&body), "/v1/tokens").await
+    }
+
     /// Whether an error means the hub is not there (as opposed to answering).
     pub fn is_unreachable(e: &ClientError) -> bool {
         matches!(e, ClientError::Transport { .. })

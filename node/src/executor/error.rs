@@ -1,7 +1,7 @@
 //! Errors of the executor, named for what the caller should do.
 
 /// Why an invocation did not produce an answer.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum InvokeError {
     /// No task of this name runs on this hub.
     #[error("no task named {0:?} runs on this hub")]

@@ -8,4 +8,5 @@ mod harness;
 mod bad_input;
 mod cli;
 mod invoke;
+mod mesh;
 mod restart;

@@ -92,7 +92,7 @@ impl Hub {
         let child = Command::new(bin())
             .arg("--data-dir")
             .arg(self.dir.path())
-            .args(["up", "--api", "127.0.0.1:0", "--name", &self.name])
+            .args(["up", "--api", "127.0.0.1:0", "--mesh", "127.0.0.1:0", "--name", &self.name])
             .args(&self.extra)
             .env("HUBMESH_LOG", "info,openraft=warn")
             .env("NO_COLOR", "1")

@@ -1,0 +1,85 @@
+//! Membership autopilot, run by the leader: every admitted hub becomes a Raft learner, and
+//! learners that have caught up are promoted until there are 3 voters (5 once the mesh has 5 or
+//! more hubs).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::{ChangeMembers, Raft};
+use tokio::sync::watch;
+
+use crate::state::ClusterState;
+use crate::type_config::{NodeAddr, TypeConfig};
+
+/// How far behind the leader's log a learner may be and still be promoted.
+const CAUGHT_UP: u64 = 16;
+
+/// Voters wanted for a mesh of `hubs` hubs.
+pub fn target_voters(hubs: usize) -> usize {
+    if hubs >= 5 {
+        5
+    } else {
+        3.min(hubs)
+    }
+}
+
+pub(crate) async fn run(
+    raft: Raft<TypeConfig>,
+    node_id: u64,
+    state: watch::Receiver<Arc<ClusterState>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.changed() => return,
+        }
+        let metrics = raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(node_id) {
+            continue;
+        }
+        let membership = metrics.membership_config.membership().clone();
+        if membership.get_joint_config().len() > 1 {
+            continue;
+        }
+        let members: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let st = state.borrow().clone();
+        for n in st.nodes.values() {
+            if members.contains(&n.id.0) || n.mesh_addr.is_empty() {
+                continue;
+            }
+            let addr = NodeAddr { name: n.name.clone(), api_addr: n.api_addr.clone(), mesh_addr: n.mesh_addr.clone() };
+            tracing::info!(node = n.id.0, name = %n.name, "autopilot: adding learner");
+            if let Err(e) = raft.add_learner(n.id.0, addr, false).await {
+                tracing::debug!(error = %e, "add_learner");
+            }
+        }
+        let want = target_voters(st.nodes.len().max(members.len()));
+        if voters.len() >= want {
+            continue;
+        }
+        let last = metrics.last_log_index.unwrap_or(0);
+        let caught_up: Vec<u64> = metrics
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .filter(|(id, matched)| {
+                        !voters.contains(id) && matched.is_some_and(|m| m.index + CAUGHT_UP >= last)
+                    })
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let promote: BTreeSet<u64> = caught_up.into_iter().take(want - voters.len()).collect();
+        if promote.is_empty() {
+            continue;
+        }
+        tracing::info!(?promote, "autopilot: promoting learners to voters");
+        if let Err(e) = raft.change_membership(ChangeMembers::AddVoterIds(promote), false).await {
+            tracing::debug!(error = %e, "change_membership");
+        }
+    }
+}

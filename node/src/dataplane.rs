@@ -1,0 +1,129 @@
+//! The node's data-plane handlers on the mesh endpoint: module blobs and forwarded invocations.
+//!
+//! ```text
+//!  reconcile: blob missing --MODULE_FETCH(hash)--> any other hub --> verify blake3 --> BlobStore
+//!  invoke on hub A, instance on hub B --INVOKE_FORWARD--> B: Hub::invoke_here (never forwards)
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubmesh_consensus::transport::{handler, kind, Caller, RpcError};
+use hubmesh_consensus::NodeId;
+use hubmesh_proto::{pb, Message};
+use hubmesh_storage::Hash;
+
+use crate::executor::{Answer, InvokeError};
+use crate::hub::Hub;
+
+/// Stream kind: fetch a module blob.
+pub(crate) const MODULE_FETCH: u32 = kind::FIRST_NODE_KIND;
+/// Stream kind: a forwarded invocation.
+pub(crate) const INVOKE_FORWARD: u32 = kind::FIRST_NODE_KIND + 1;
+
+fn refuse(code: pb::ErrorCode, message: impl Into<String>) -> RpcError {
+    RpcError::Remote { code: code as i32, message: message.into() }
+}
+
+/// Registers the handlers; called once at boot.
+pub(crate) fn register(hub: &Arc<Hub>) {
+    let transport = hub.consensus.transport();
+    let h = Arc::downgrade(hub);
+    transport.register(
+        MODULE_FETCH,
+        handler(move |caller, payload| {
+            let h = h.clone();
+            async move {
+                if caller == Caller::Joiner {
+                    return Err(refuse(pb::ErrorCode::Unauthorized, "members only"));
+                }
+                let hub = h.upgrade().ok_or_else(|| refuse(pb::ErrorCode::Unavailable, "shutting down"))?;
+                let req = pb::ModuleFetchRequest::decode(payload.as_slice())
+                    .map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
+                let hash = Hash::from_slice(&req.hash)
+                    .ok_or_else(|| refuse(pb::ErrorCode::BadRequest, "a hash is 32 bytes"))?;
+                hub.blobs.get(&hash).map_err(|e| refuse(pb::ErrorCode::NotFound, e.to_string()))
+            }
+        }),
+    );
+    let h = Arc::downgrade(hub);
+    transport.register(
+        INVOKE_FORWARD,
+        handler(move |caller, payload| {
+            let h = h.clone();
+            async move {
+                if caller == Caller::Joiner {
+                    return Err(refuse(pb::ErrorCode::Unauthorized, "members only"));
+                }
+                let hub = h.upgrade().ok_or_else(|| refuse(pb::ErrorCode::Unavailable, "shutting down"))?;
+                let req = pb::InvokeForwardRequest::decode(payload.as_slice())
+                    .map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
+                let key = (!req.key.is_empty()).then_some(req.key);
+                match hub.invoke_here(&req.task, req.input, key).await {
+                    Ok((answer, placement)) => Ok(pb::InvokeForwardResponse {
+                        status: answer.status,
+                        output: answer.output,
+                        epoch: placement.epoch.0,
+                        node: placement.node.0,
+                    }
+                    .encode_to_vec()),
+                    Err(e) => Err(RpcError::Remote {
+                        code: pb::ErrorCode::TaskError as i32,
+                        message: serde_json::to_string(&e).unwrap_or_else(|_| e.to_string()),
+                    }),
+                }
+            }
+        }),
+    );
+}
+
+/// Fetches a module from any other hub that has it, verifying its hash.
+pub(crate) async fn fetch_module(hub: &Hub, hash: &Hash) -> Result<Vec<u8>, String> {
+    let state = hub.consensus.state();
+    let me = hub.consensus.node_id();
+    let transport = hub.consensus.transport();
+    let mut last = "no other hub".to_owned();
+    for node in state.nodes.keys().filter(|n| **n != me) {
+        let req = pb::ModuleFetchRequest { hash: hash.0.to_vec() }.encode_to_vec();
+        match transport.call(node.0, MODULE_FETCH, req, Duration::from_secs(30)).await {
+            Ok(bytes) if Hash::of(&bytes) == *hash => return Ok(bytes),
+            Ok(_) => last = format!("hub {node} sent a module that does not match its hash"),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(format!("module {hash} is on no reachable hub ({last})"))
+}
+
+/// What a forwarded invocation returned.
+pub(crate) enum Forwarded {
+    Answer(Answer),
+    Failed(InvokeError),
+    /// The hub could not be reached: the instance may be moving.
+    Unreachable(String),
+    /// No answer in time: the outcome is unknown.
+    Timeout,
+}
+
+/// Forwards an invocation to `node`.
+pub(crate) async fn forward(
+    hub: &Hub,
+    node: NodeId,
+    task: &str,
+    input: Vec<u8>,
+    key: Option<String>,
+    timeout: Duration,
+) -> Forwarded {
+    let req = pb::InvokeForwardRequest { task: task.to_owned(), input, key: key.unwrap_or_default() }.encode_to_vec();
+    match hub.consensus.transport().call(node.0, INVOKE_FORWARD, req, timeout).await {
+        Ok(raw) => match pb::InvokeForwardResponse::decode(raw.as_slice()) {
+            Ok(r) => Forwarded::Answer(Answer { status: r.status, output: r.output }),
+            Err(e) => Forwarded::Failed(InvokeError::Unavailable(format!("bad answer from hub {node}: {e}"))),
+        },
+        Err(RpcError::Remote { message, .. }) => {
+            Forwarded::Failed(serde_json::from_str(&message).unwrap_or(InvokeError::Unavailable(message)))
+        }
+        Err(RpcError::Unreachable(_, m)) => Forwarded::Unreachable(m),
+        Err(RpcError::Timeout) => Forwarded::Timeout,
+        Err(RpcError::Protocol(m)) => Forwarded::Failed(InvokeError::Unavailable(m)),
+    }
+}
