@@ -430,6 +430,21 @@ impl Consensus {
         }
     }
 
+    /// Whether this hub may act for its instances: it is alone in the mesh, or it has heard from a
+    /// quorum (as leader) or from the leader (as follower) within `lease`, on monotonic time.
+    pub fn holds_lease(&self, lease: Duration) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        if voters == [self.node_id] {
+            return true;
+        }
+        match m.current_leader {
+            Some(l) if l == self.node_id => m.millis_since_quorum_ack.is_some_and(|ms| ms <= lease.as_millis() as u64),
+            Some(l) => self.transport.last_heard(l).is_some_and(|t| t.elapsed() <= lease),
+            None => false,
+        }
+    }
+
     /// Whether this hub currently leads.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.node_id)
@@ -556,6 +571,7 @@ async fn admit(
         mesh_addr: req.mesh_addr.clone(),
         labels: BTreeMap::new(),
         slots: 0,
+        witness: false,
         status: NodeStatus::Up,
     };
     if req.mesh_addr.parse::<SocketAddr>().is_err() {

@@ -97,6 +97,9 @@ pub struct NodeRecord {
     pub labels: BTreeMap<String, String>,
     /// How many instances the hub offers to run.
     pub slots: u32,
+    /// A witness votes but never runs tasks.
+    #[serde(default)]
+    pub witness: bool,
     pub status: NodeStatus,
 }
 
@@ -154,6 +157,8 @@ pub enum Command {
     CreateToken { id: String, secret_hash: String, expires_ms: u64, at_ms: u64 },
     /// Revokes a join token.
     RevokeToken { id: String },
+    /// The leader's view of a hub's health.
+    SetNodeStatus { node: NodeId, status: NodeStatus },
     /// Admits a joining hub that proved a token's secret.
     AdmitNode { node: NodeRecord, token_id: String, secret_hash: String, at_ms: u64 },
 }
@@ -265,6 +270,11 @@ impl ClusterState {
                 self.tokens.insert(id.clone(), token);
                 Ok(Outcome::TokenCreated)
             }
+            Command::SetNodeStatus { node, status } => {
+                let n = self.nodes.get_mut(node).ok_or(Rejected::NoSuchNode(*node))?;
+                n.status = *status;
+                Ok(Outcome::NodeRegistered)
+            }
             Command::RevokeToken { id } => {
                 let t = self.tokens.get_mut(id).ok_or_else(|| Rejected::BadToken(format!("no token {id}")))?;
                 t.revoked = true;
@@ -374,6 +384,7 @@ mod tests {
             mesh_addr: String::new(),
             labels: BTreeMap::new(),
             slots: 100,
+            witness: false,
             status: NodeStatus::Up,
         }
     }
@@ -491,6 +502,7 @@ mod join_tests {
             mesh_addr: "127.0.0.1:1".into(),
             labels: BTreeMap::new(),
             slots: 1,
+            witness: false,
             status: NodeStatus::Up,
         }
     }

@@ -100,6 +100,7 @@ pub struct Transport {
     conns: Mutex<HashMap<u64, quinn::Connection>>,
     handlers: RwLock<HashMap<u32, Handler>>,
     last_ok: Mutex<HashMap<u64, Instant>>,
+    last_heard: Mutex<HashMap<u64, Instant>>,
 }
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -134,6 +135,7 @@ impl Transport {
             conns: Mutex::new(HashMap::new()),
             handlers: RwLock::new(HashMap::new()),
             last_ok: Mutex::new(HashMap::new()),
+            last_heard: Mutex::new(HashMap::new()),
         });
         tokio::spawn(accept_loop(Arc::downgrade(&t), t.endpoint.clone()));
         Ok(t)
@@ -176,6 +178,11 @@ impl Transport {
     /// When a call to `node` last succeeded.
     pub fn last_ok(&self, node: u64) -> Option<Instant> {
         lock(&self.last_ok).get(&node).copied()
+    }
+
+    /// When `node` last sent this hub a request.
+    pub fn last_heard(&self, node: u64) -> Option<Instant> {
+        lock(&self.last_heard).get(&node).copied()
     }
 
     /// Calls `kind` on `target` with `payload`.
@@ -357,6 +364,9 @@ async fn dispatch(t: std::sync::Weak<Transport>, member: bool, req: pb::MeshRequ
             payload: vec![],
         };
     };
+    if let Caller::Member(id) = caller {
+        lock(&t.last_heard).insert(id, Instant::now());
+    }
     let h = t.handlers.read().unwrap_or_else(|p| p.into_inner()).get(&req.kind).cloned();
     drop(t);
     let Some(h) = h else {

@@ -32,8 +32,10 @@ pub struct Config {
     pub executor: ExecutorConfig,
     /// Defaults for tasks deployed without explicit limits.
     pub task_defaults: TaskDefaults,
-    /// Raft timing.
-    pub raft: RaftConfig,
+    /// Timeouts of the mesh (`profile = "lan" | "wifi" | "wan"`, overrides one by one).
+    pub timeouts: Timeouts,
+    /// A witness votes in Raft but never runs tasks (a tiny third hub for two real ones).
+    pub witness: bool,
 }
 
 /// Limits of the WebAssembly engine on this hub.
@@ -68,19 +70,83 @@ pub struct TaskDefaults {
     pub tick: Duration,
 }
 
-/// Raft timing. The defaults suit a wired LAN.
+/// A named set of timeouts for the network the hubs share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Wired LAN (default): failover in a few seconds.
+    #[default]
+    Lan,
+    /// Home Wi-Fi: tolerates hundreds of milliseconds of jitter.
+    Wifi,
+    /// Hubs across sites: slow and patient.
+    Wan,
+}
+
+/// Timeouts of the mesh: a profile, and optional overrides of its values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RaftConfig {
+pub struct Timeouts {
+    /// `lan`, `wifi` or `wan`.
+    pub profile: Profile,
+    /// Raft heartbeat interval.
     #[serde(with = "humantime_serde")]
-    pub heartbeat: Duration,
+    pub heartbeat: Option<Duration>,
+    /// Raft election timeout (lower bound; the upper bound is twice this).
     #[serde(with = "humantime_serde")]
-    pub election_timeout_min: Duration,
+    pub election: Option<Duration>,
+    /// A hub that has not heard from the leader for this long stops answering for its instances.
     #[serde(with = "humantime_serde")]
-    pub election_timeout_max: Duration,
+    pub lease: Option<Duration>,
+    /// The leader marks a hub down (and re-places its instances) after this long without contact.
+    /// Must be longer than the lease.
+    #[serde(with = "humantime_serde")]
+    pub node_down: Option<Duration>,
     /// How long a state change may take before its outcome is reported as unknown.
     #[serde(with = "humantime_serde")]
-    pub propose_timeout: Duration,
+    pub propose: Duration,
+}
+
+/// The timeouts in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedTimeouts {
+    pub heartbeat: Duration,
+    pub election: Duration,
+    pub lease: Duration,
+    pub node_down: Duration,
+    pub propose: Duration,
+}
+
+impl Timeouts {
+    /// The profile's values with the overrides applied.
+    pub fn resolve(&self) -> ResolvedTimeouts {
+        let ms = Duration::from_millis;
+        let (heartbeat, election, lease, node_down) = match self.profile {
+            Profile::Lan => (ms(50), ms(200), ms(1500), ms(3000)),
+            Profile::Wifi => (ms(100), ms(500), ms(3000), ms(6000)),
+            Profile::Wan => (ms(300), ms(1500), ms(8000), ms(15000)),
+        };
+        ResolvedTimeouts {
+            heartbeat: self.heartbeat.unwrap_or(heartbeat),
+            election: self.election.unwrap_or(election),
+            lease: self.lease.unwrap_or(lease),
+            node_down: self.node_down.unwrap_or(node_down),
+            propose: self.propose,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            profile: Profile::Lan,
+            heartbeat: None,
+            election: None,
+            lease: None,
+            node_down: None,
+            propose: Duration::from_secs(5),
+        }
+    }
 }
 
 impl Default for Config {
@@ -94,7 +160,8 @@ impl Default for Config {
             slots: 128,
             executor: ExecutorConfig::default(),
             task_defaults: TaskDefaults::default(),
-            raft: RaftConfig::default(),
+            timeouts: Timeouts::default(),
+            witness: false,
         }
     }
 }
@@ -114,17 +181,6 @@ impl Default for TaskDefaults {
             max_output: ByteSize::mib(1),
             queue: 64,
             tick: Duration::from_secs(1),
-        }
-    }
-}
-
-impl Default for RaftConfig {
-    fn default() -> Self {
-        Self {
-            heartbeat: Duration::from_millis(50),
-            election_timeout_min: Duration::from_millis(150),
-            election_timeout_max: Duration::from_millis(300),
-            propose_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::time::Instant;
+
 use hubmesh_consensus::state::{NodeRecord, NodeStatus};
 use hubmesh_consensus::Command;
 use tokio::sync::watch;
@@ -14,8 +16,15 @@ use crate::scheduler;
 /// Runs until `shutdown` flips.
 pub(crate) async fn run(hub: Arc<Hub>, api_addr: String, mut shutdown: watch::Receiver<bool>) {
     let mut rx = hub.consensus.watch();
+    let mut leading_since: Option<Instant> = None;
     loop {
         step(&hub, &api_addr).await;
+        if hub.consensus.is_leader() {
+            let since = *leading_since.get_or_insert_with(Instant::now);
+            watch_health(&hub, since).await;
+        } else {
+            leading_since = None;
+        }
         tokio::select! {
             _ = rx.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -27,14 +36,17 @@ pub(crate) async fn run(hub: Arc<Hub>, api_addr: String, mut shutdown: watch::Re
 async fn step(hub: &Hub, api_addr: &str) {
     let state = hub.consensus.state();
     let me = hub.consensus.node_id();
+    // The status is the leader's to judge; a hub only keeps its own description current.
+    let status = state.nodes.get(&me).map_or(NodeStatus::Up, |n| n.status);
     let record = NodeRecord {
         id: me,
         name: hub.config.name.clone(),
         api_addr: api_addr.to_owned(),
         mesh_addr: hub.consensus.mesh_addr().to_string(),
         labels: hub.config.labels.clone(),
-        slots: hub.config.slots,
-        status: NodeStatus::Up,
+        slots: if hub.config.witness { 0 } else { hub.config.slots },
+        witness: hub.config.witness,
+        status,
     };
     if state.nodes.get(&me) != Some(&record) {
         if let Err(e) = hub.consensus.propose(Command::RegisterNode { node: record }).await {
@@ -52,5 +64,32 @@ async fn step(hub: &Hub, api_addr: &str) {
     tracing::info!(placements = plan.len(), "scheduler proposes placements");
     if let Err(e) = hub.consensus.propose(Command::Batch(plan)).await {
         tracing::warn!(error = %e, "proposing placements failed");
+    }
+}
+
+/// Marks hubs down after `node_down` without contact (and up again when contact resumes). Contact
+/// is the last successful call from this leader to the hub: Raft heartbeats make it at least every
+/// heartbeat interval. A new leader gives every hub a full `node_down` of grace.
+async fn watch_health(hub: &Hub, leading_since: Instant) {
+    let state = hub.consensus.state();
+    let me = hub.consensus.node_id();
+    let node_down = hub.config.timeouts.resolve().node_down;
+    let transport = hub.consensus.transport();
+    let mut changes = Vec::new();
+    for n in state.nodes.values().filter(|n| n.id != me) {
+        let last = transport.last_ok(n.id.0).map_or(leading_since, |t| t.max(leading_since));
+        let silent = last.elapsed() > node_down;
+        let status = match (n.status, silent) {
+            (NodeStatus::Up | NodeStatus::Suspect, true) => NodeStatus::Down,
+            (NodeStatus::Down, false) => NodeStatus::Up,
+            _ => continue,
+        };
+        tracing::warn!(node = n.id.0, name = %n.name, ?status, silent_for = ?last.elapsed(), "hub health changed");
+        changes.push(Command::SetNodeStatus { node: n.id, status });
+    }
+    if !changes.is_empty() {
+        if let Err(e) = hub.consensus.propose(Command::Batch(changes)).await {
+            tracing::warn!(error = %e, "recording hub health failed");
+        }
     }
 }

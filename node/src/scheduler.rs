@@ -2,7 +2,7 @@
 //! commands that would fix it, so tests check its exact output.
 //!
 //! Policy: every task wants one instance (instance 0). An instance is (re)placed when it has no
-//! placement or its hub is gone, down or draining. The chosen hub is the `Up` hub with the most
+//! placement or its hub is gone, down, draining or a witness (witnesses never run tasks). The chosen hub is the `Up` hub with the most
 //! free slots (ties: lowest id). A task that fits nowhere stays pending, with a reason.
 
 use std::collections::BTreeMap;
@@ -22,7 +22,7 @@ fn load(state: &ClusterState) -> BTreeMap<NodeId, u32> {
 }
 
 fn usable(state: &ClusterState, node: NodeId) -> bool {
-    state.nodes.get(&node).is_some_and(|n| n.status == NodeStatus::Up)
+    state.nodes.get(&node).is_some_and(|n| n.status == NodeStatus::Up && !n.witness)
 }
 
 /// The placements the leader should propose now.
@@ -45,7 +45,7 @@ fn pick(state: &ClusterState, load: &BTreeMap<NodeId, u32>) -> Option<NodeId> {
     state
         .nodes
         .values()
-        .filter(|n| n.status == NodeStatus::Up)
+        .filter(|n| n.status == NodeStatus::Up && !n.witness)
         .filter_map(|n| {
             let used = load.get(&n.id).copied().unwrap_or(0);
             (used < n.slots).then_some((n.slots - used, n.id))
@@ -86,6 +86,7 @@ mod tests {
                 mesh_addr: String::new(),
                 labels: Default::default(),
                 slots,
+                witness: false,
                 status,
             },
         }

@@ -90,6 +90,10 @@ pub async fn run(
     let blobs = BlobStore::open(&dir.join("blobs")).context("opening the blob store")?;
 
     tracing::info!("4/7 raft");
+    let timeouts = config.timeouts.resolve();
+    if timeouts.lease >= timeouts.node_down {
+        bail!("the lease ({:?}) must be shorter than node_down ({:?})", timeouts.lease, timeouts.node_down);
+    }
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .with_context(|| format!("binding the API to {}", config.api))?;
@@ -101,10 +105,10 @@ pub async fn run(
         node: NodeAddr { name: config.name.clone(), api_addr: api_addr.to_string(), mesh_addr: String::new() },
         mesh_addr: config.mesh,
         join,
-        propose_timeout: config.raft.propose_timeout,
-        heartbeat: config.raft.heartbeat,
-        election_timeout_min: config.raft.election_timeout_min,
-        election_timeout_max: config.raft.election_timeout_max,
+        propose_timeout: timeouts.propose,
+        heartbeat: timeouts.heartbeat,
+        election_timeout_min: timeouts.election,
+        election_timeout_max: timeouts.election * 2,
     })
     .await
     .context("starting raft")?;

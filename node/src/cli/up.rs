@@ -26,6 +26,12 @@ pub struct UpArgs {
     /// Join an existing mesh with a token from `hubmesh token create` (empty data dir only).
     #[arg(long, env = "HUBMESH_JOIN", hide_env_values = true)]
     pub join: Option<String>,
+    /// Timeouts profile: lan (default), wifi or wan.
+    #[arg(long, env = "HUBMESH_PROFILE")]
+    pub profile: Option<crate::config::Profile>,
+    /// Run as a witness: vote in Raft, never run tasks.
+    #[arg(long)]
+    pub witness: bool,
     /// A placement label, `key=value` (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
@@ -51,6 +57,12 @@ pub(super) fn config_of(args: &UpArgs, conn: &ConnArgs) -> anyhow::Result<Config
     }
     if let Some(m) = args.mesh {
         c.mesh = m;
+    }
+    if let Some(p) = args.profile {
+        c.timeouts.profile = p;
+    }
+    if args.witness {
+        c.witness = true;
     }
     if let Some(s) = args.slots {
         c.slots = s;

@@ -103,3 +103,130 @@ async fn bad_tokens_are_refused_and_change_nothing() {
     let s = a.client.status().await.unwrap();
     assert_eq!((s.nodes.len(), s.voters.len()), (1, 1));
 }
+
+async fn host_of(hub: &Hub, task: &str) -> Option<u64> {
+    hub.client.task(task).await.ok()?.placement.map(|p| p.node_id)
+}
+
+async fn node_id(hub: &Hub) -> u64 {
+    hub.client.status().await.unwrap().node_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_hubs_tasks_move_and_the_mesh_survives_a_full_restart() {
+    let a = Hub::start("fa").await;
+    let token = a.client.create_token(None).await.unwrap().token;
+    let b = Hub::start_with("fb", &["--join", &token]).await;
+    let c = Hub::start_with("fc", &["--join", &token]).await;
+    let mut hubs = vec![a, b, c];
+    for h in &hubs {
+        wait_until(Duration::from_secs(60), "3 voters", || three_voters(h)).await;
+    }
+    step("three stateless tasks, spread over the hubs");
+    for t in ["e1", "e2", "e3"] {
+        hubs[0].client.deploy(t, example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
+    }
+    let mut ids = Vec::new();
+    for h in &hubs {
+        ids.push(node_id(h).await);
+    }
+    let victim_id = host_of(&hubs[0], "e1").await.unwrap();
+    let victim = ids.iter().position(|id| *id == victim_id).unwrap();
+    step("kill -9 the host of e1; it is marked down and e1 answers from another hub");
+    hubs[victim].kill9();
+    let alive: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    let probe = hubs[alive[0]].client.clone();
+    wait_until(Duration::from_secs(60), "e1 is re-placed and answers", || {
+        let c = probe.clone();
+        async move {
+            let moved = c.task("e1").await.ok().and_then(|t| t.placement).is_some_and(|p| p.node_id != victim_id);
+            moved && c.invoke("e1", b"again".to_vec(), None).await.is_ok_and(|o| o == b"again")
+        }
+    })
+    .await;
+    let nodes = hubs[alive[1]].client.nodes().await.unwrap();
+    let dead = nodes.iter().find(|n| n.id == victim_id).unwrap();
+    assert!(dead.role.contains("down"), "{nodes:?}");
+
+    step("restart every hub at once (the dead one too): the mesh comes back with its state");
+    for h in hubs.iter_mut() {
+        h.kill9();
+    }
+    let mut restarts = Vec::new();
+    for h in hubs.iter_mut() {
+        restarts.push(h.restart());
+    }
+    futures_join_all(restarts).await;
+    for h in &hubs {
+        wait_until(Duration::from_secs(60), "3 voters after the restart", || three_voters(h)).await;
+    }
+    let probe = hubs[victim].client.clone();
+    wait_until(Duration::from_secs(60), "every task answers through the restarted victim", || {
+        let c = probe.clone();
+        async move {
+            let mut ok = true;
+            for t in ["e1", "e2", "e3"] {
+                ok &= c.invoke(t, t.as_bytes().to_vec(), None).await.is_ok_and(|o| o == t.as_bytes());
+            }
+            ok
+        }
+    })
+    .await;
+    let s = hubs[0].client.status().await.unwrap();
+    assert_eq!((s.tasks_total, s.nodes.len()), (3, 3));
+}
+
+/// Runs the futures concurrently (the restarts of several hubs).
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: Vec<F>) {
+    let mut pinned: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut done = vec![false; pinned.len()];
+    std::future::poll_fn(|cx| {
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if !done[i] && f.as_mut().poll(cx).is_ready() {
+                done[i] = true;
+            }
+        }
+        if done.iter().all(|d| *d) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_witness_votes_but_never_hosts() {
+    let a = Hub::start("wa").await;
+    let token = a.client.create_token(None).await.unwrap().token;
+    let b = Hub::start_with("wb", &["--join", &token]).await;
+    let w = Hub::start_with("ww", &["--join", &token, "--witness"]).await;
+    for h in [&a, &b, &w] {
+        wait_until(Duration::from_secs(60), "3 voters", || three_voters(h)).await;
+    }
+    let witness_id = node_id(&w).await;
+    for t in ["t1", "t2", "t3", "t4"] {
+        a.client.deploy(t, example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
+    }
+    for t in a.client.tasks().await.unwrap() {
+        assert_ne!(t.placement.unwrap().node_id, witness_id, "{} was placed on the witness", t.name);
+    }
+    step("two real hubs and a witness fail over: kill b, and a + witness keep a quorum");
+    let mut b = b;
+    b.kill9();
+    let probe = a.client.clone();
+    wait_until(Duration::from_secs(60), "every task answers from a", || {
+        let c = probe.clone();
+        async move {
+            let mut ok = true;
+            for t in ["t1", "t2", "t3", "t4"] {
+                ok &= c.invoke(t, b"x".to_vec(), None).await.is_ok();
+            }
+            ok
+        }
+    })
+    .await;
+    for t in a.client.tasks().await.unwrap() {
+        assert_ne!(t.placement.unwrap().node_id, witness_id);
+    }
+}

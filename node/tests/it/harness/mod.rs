@@ -88,11 +88,15 @@ impl Hub {
     async fn spawn(&mut self) {
         let addr_file = self.dir.path().join("api.addr");
         let _ = std::fs::remove_file(&addr_file);
+        // A restarted hub keeps its mesh address, as a real one on a LAN does; its peers know it.
+        let mesh = std::fs::read_to_string(self.dir.path().join("mesh.addr"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "127.0.0.1:0".to_owned());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
         let child = Command::new(bin())
             .arg("--data-dir")
             .arg(self.dir.path())
-            .args(["up", "--api", "127.0.0.1:0", "--mesh", "127.0.0.1:0", "--name", &self.name])
+            .args(["up", "--api", "127.0.0.1:0", "--mesh", &mesh, "--name", &self.name])
             .args(&self.extra)
             .env("HUBMESH_LOG", "info,openraft=warn")
             .env("NO_COLOR", "1")
@@ -146,7 +150,7 @@ impl Hub {
         }
     }
 
-    /// Starts the hub again on the same data dir (new port).
+    /// Starts the hub again on the same data dir (same mesh address, new API port).
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the hub before restarting it");
         self.spawn().await;
