@@ -48,6 +48,9 @@ pub(crate) enum DeployError {
     /// The state change failed; see the message.
     #[error(transparent)]
     Propose(ProposeError),
+    /// This hub cannot reach a quorum of the mesh; nothing was changed.
+    #[error("no quorum: this hub cannot reach enough of the mesh to change it")]
+    NoQuorum,
     /// Storing the module failed.
     #[error("storing the module: {0}")]
     Storage(String),
@@ -153,6 +156,9 @@ impl Hub {
             return Err(DeployError::TooLarge { size: source.len() as u64, limit });
         }
         let (kind, limits, checkpoint, tick) = spec_of(self, name, params)?;
+        if !self.has_quorum() {
+            return Err(DeployError::NoQuorum);
+        }
         let state = self.consensus.state();
         match (update, state.tasks.contains_key(name)) {
             (false, true) => return Err(DeployError::Exists(name.to_owned())),

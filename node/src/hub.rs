@@ -149,6 +149,13 @@ impl Hub {
             .collect()
     }
 
+    /// Whether a change proposed now can commit: this hub holds its lease (it has recently heard
+    /// from the leader, or as leader from a quorum). Checked before a change starts, so a mesh
+    /// without quorum refuses at once instead of timing out with an unknown outcome.
+    pub(crate) fn has_quorum(&self) -> bool {
+        self.consensus.holds_lease(self.config.timeouts.resolve().lease)
+    }
+
     /// Waits until `cond` holds for the applied state, or `timeout` passes.
     pub(crate) async fn wait_state(&self, timeout: Duration, cond: impl Fn(&ClusterState) -> bool) -> bool {
         let mut rx = self.consensus.watch();

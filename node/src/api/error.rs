@@ -35,6 +35,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", what).hint("`hubmesh task list` shows the tasks")
     }
 
+    pub(crate) fn no_quorum() -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "no_quorum", "this hub cannot reach enough of the mesh to change it; nothing was changed")
+            .hint("`hubmesh node list` shows which hubs are down; bring a majority of voters back")
+    }
+
     pub(crate) fn unauthorized() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong API token")
             .hint("send `Authorization: Bearer <token>`; the token is in DATA_DIR/admin.token (HUBMESH_TOKEN or --token-file for the CLI)")
@@ -81,6 +86,7 @@ impl From<DeployError> for ApiError {
                 .hint("deploy with --update (HTTP PUT) to publish a new version"),
             DeployError::NotFound(_) => Self::not_found(msg),
             DeployError::Propose(p) => p.into(),
+            DeployError::NoQuorum => Self::no_quorum(),
             DeployError::Storage(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
         }
     }

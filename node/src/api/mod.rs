@@ -72,6 +72,9 @@ async fn create_token(
     if ttl.is_zero() || ttl > std::time::Duration::from_secs(30 * 24 * 3600) {
         return Err(error::ApiError::bad_request("ttl must be between 1s and 30 days"));
     }
+    if !s.hub.has_quorum() {
+        return Err(error::ApiError::no_quorum());
+    }
     let token = s.hub.consensus.create_token(ttl).await?;
     Ok(Json(api::TokenResponse { token, expires_in_ms: ttl.as_millis() as u64 }))
 }

@@ -56,6 +56,12 @@ async fn read_module(s: &ApiState, body: Body) -> Result<Bytes, ApiError> {
 pub(crate) async fn remove(State(s): State<ApiState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     use hubmesh_consensus::state::Rejected;
     use hubmesh_consensus::{Command, ProposeError};
+    if !s.hub.consensus.state().tasks.contains_key(&name) {
+        return Err(ApiError::not_found(format!("no task named {name:?}")));
+    }
+    if !s.hub.has_quorum() {
+        return Err(ApiError::no_quorum());
+    }
     match s.hub.consensus.propose(Command::DeleteTask { name: name.clone() }).await {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
         Err(ProposeError::Rejected(Rejected::NoSuchTask(_))) => {

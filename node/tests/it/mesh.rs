@@ -230,3 +230,64 @@ async fn a_witness_votes_but_never_hosts() {
         assert_ne!(t.placement.unwrap().node_id, witness_id);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_changes_are_refused_and_nothing_is_half_done() {
+    let a = Hub::start("qa").await;
+    let token = a.client.create_token(None).await.unwrap().token;
+    let mut b = Hub::start_with("qb", &["--join", &token]).await;
+    let mut c = Hub::start_with("qc", &["--join", &token]).await;
+    for h in [&a, &b, &c] {
+        wait_until(Duration::from_secs(60), "3 voters", || three_voters(h)).await;
+    }
+    a.client.deploy("kept", example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
+    step("kill two of three voters");
+    b.kill9();
+    c.kill9();
+    let client = a.client.clone();
+    wait_until(Duration::from_secs(30), "the survivor notices it has no quorum", || {
+        let c = client.clone();
+        async move { matches!(c.create_token(None).await, Err(e) if e.code() == Some("no_quorum")) }
+    })
+    .await;
+    step("deploy, remove and token create are refused at once");
+    let blobs = std::fs::read_dir(a.data_dir().join("blobs")).unwrap().count();
+    let err = a.client.deploy("new", example_bytes("counter.wat"), &DeployParams::default(), false).await.unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(503), Some("no_quorum")), "{err}");
+    assert_eq!(a.client.remove("kept").await.unwrap_err().code(), Some("no_quorum"));
+    step("nothing was stored or changed");
+    assert_eq!(std::fs::read_dir(a.data_dir().join("blobs")).unwrap().count(), blobs);
+    let names: Vec<String> = a.client.tasks().await.unwrap().into_iter().map(|t| t.name).collect();
+    assert_eq!(names, ["kept"]);
+    step("a voter comes back: changes go through again");
+    b.restart().await;
+    let client = a.client.clone();
+    wait_until(Duration::from_secs(60), "the deploy succeeds with a quorum again", || {
+        let c = client.clone();
+        async move { c.deploy("new", example_bytes("counter.wat"), &DeployParams::default(), false).await.is_ok() }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_whose_raft_state_is_gone_does_not_come_back_as_the_same_member() {
+    let a = Hub::start("wipe-a").await;
+    let token = a.client.create_token(None).await.unwrap().token;
+    let mut b = Hub::start_with("wipe-b", &["--join", &token]).await;
+    wait_until(Duration::from_secs(60), "b is a member", || {
+        let c = a.client.clone();
+        async move { c.status().await.is_ok_and(|s| s.voters.len() >= 2) }
+    })
+    .await;
+    b.terminate();
+    std::fs::remove_dir_all(b.data_dir().join("raft")).unwrap();
+    let out = std::process::Command::new(bin())
+        .arg("--data-dir")
+        .arg(b.data_dir())
+        .args(["up", "--api", "127.0.0.1:0", "--mesh", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("must not come back as the same member"), "{err}");
+}
