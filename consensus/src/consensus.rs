@@ -81,7 +81,7 @@ pub enum StartError {
 }
 
 /// Why a proposal failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProposeError {
     /// The state machine refused the command; nothing changed.
     #[error(transparent)]
@@ -116,7 +116,7 @@ pub struct Consensus {
     mesh_addr: SocketAddr,
     state: watch::Receiver<Arc<ClusterState>>,
     applied: watch::Receiver<u64>,
-    propose_timeout: Duration,
+    proposer: ProposeHandle,
     stop: watch::Sender<bool>,
 }
 
@@ -231,16 +231,13 @@ impl Consensus {
             .map_err(|e| StartError::Raft(e.to_string()))?;
         crate::network::register_handlers(&transport, &raft);
         let (stop, stop_rx) = watch::channel(false);
-        let me = Self {
-            raft,
-            node_id,
-            transport,
-            mesh_addr,
-            state: state_rx,
-            applied: applied_rx,
-            propose_timeout: cfg.propose_timeout,
-            stop,
+        let proposer = ProposeHandle {
+            raft: raft.clone(),
+            transport: transport.clone(),
+            timeout: cfg.propose_timeout,
+            batcher: Batcher::start(raft.clone(), cfg.propose_timeout),
         };
+        let me = Self { proposer, raft, node_id, transport, mesh_addr, state: state_rx, applied: applied_rx, stop };
         me.register_handlers();
         tokio::spawn(crate::autopilot::run(me.raft.clone(), node_id, me.state.clone(), stop_rx.clone()));
         tokio::spawn(keep_address_book(me.transport.clone(), me.raft.clone(), me.state.clone(), stop_rx));
@@ -327,12 +324,11 @@ impl Consensus {
 
     fn register_handlers(&self) {
         // PROPOSE: a follower hands a command to the leader, which commits it locally only.
-        let raft = self.raft.clone();
-        let timeout = self.propose_timeout;
+        let local = self.proposer.clone();
         self.transport.register(
             kind::PROPOSE,
             handler(move |caller, payload| {
-                let raft = raft.clone();
+                let local = local.clone();
                 async move {
                     if caller == Caller::Joiner {
                         return Err(RpcError::Remote {
@@ -344,7 +340,7 @@ impl Consensus {
                         code: pb::ErrorCode::BadRequest as i32,
                         message: e.to_string(),
                     })?;
-                    let res = propose_local(&raft, cmd, timeout).await;
+                    let res = local.propose_here(cmd).await;
                     let wire: Result<CommandResult, String> = match res {
                         Ok(o) => Ok(Ok(o)),
                         Err(ProposeError::Rejected(r)) => Ok(Err(r)),
@@ -356,7 +352,7 @@ impl Consensus {
         );
         // JOIN: check the token through the state machine, then sign the joiner's certificate.
         let state = self.state.clone();
-        let me = ProposeHandle { raft: self.raft.clone(), transport: self.transport.clone(), timeout };
+        let me = self.proposer.clone();
         self.transport.register(
             kind::JOIN,
             handler(move |_caller, payload| {
@@ -394,9 +390,7 @@ impl Consensus {
     /// Commits `cmd` through Raft and returns the state machine's answer. A follower forwards
     /// the command to the leader.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
-        ProposeHandle { raft: self.raft.clone(), transport: self.transport.clone(), timeout: self.propose_timeout }
-            .propose(cmd)
-            .await
+        self.proposer.propose(cmd).await
     }
 
     /// Creates a join token valid for `ttl` that points at this hub.
@@ -473,6 +467,7 @@ impl Consensus {
             tracing::warn!(error = %e, "raft shutdown");
         }
         self.transport.close();
+        self.transport.clear_handlers();
     }
 }
 
@@ -510,11 +505,70 @@ struct ProposeHandle {
     raft: Raft<TypeConfig>,
     transport: Arc<Transport>,
     timeout: Duration,
+    batcher: Batcher,
+}
+
+type Waiter = tokio::sync::oneshot::Sender<Result<Outcome, ProposeError>>;
+
+/// Group commit by hand: openraft 0.9 appends (and fsyncs) one client write at a time, so the
+/// commands that arrive while a write is in flight are committed together as one
+/// `Command::Batch` entry, and each waiter gets its own result.
+#[derive(Clone)]
+struct Batcher {
+    tx: tokio::sync::mpsc::UnboundedSender<(Command, Waiter)>,
+}
+
+/// Most commands in one log entry.
+const MAX_BATCH: usize = 512;
+
+impl Batcher {
+    fn start(raft: Raft<TypeConfig>, timeout: Duration) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Command, Waiter)>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(x) => batch.push(x),
+                        Err(_) => break,
+                    }
+                }
+                if batch.len() == 1 {
+                    let (cmd, waiter) = batch.pop().expect("one command");
+                    let _ = waiter.send(propose_raw(&raft, cmd, timeout).await);
+                    continue;
+                }
+                let (cmds, waiters): (Vec<Command>, Vec<Waiter>) = batch.into_iter().unzip();
+                match propose_raw(&raft, Command::Batch(cmds), timeout).await {
+                    Ok(Outcome::Batch(results)) if results.len() == waiters.len() => {
+                        for (w, r) in waiters.into_iter().zip(results) {
+                            let _ = w.send(r.map_err(ProposeError::Rejected));
+                        }
+                    }
+                    Ok(other) => {
+                        let e = ProposeError::Unavailable(format!("unexpected batch outcome {other:?}"));
+                        waiters.into_iter().for_each(|w| drop(w.send(Err(e.clone()))));
+                    }
+                    Err(e) => waiters.into_iter().for_each(|w| drop(w.send(Err(e.clone())))),
+                }
+            }
+        });
+        Self { tx }
+    }
 }
 
 impl ProposeHandle {
+    /// Commits on this hub only (it must lead).
+    async fn propose_here(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        match cmd {
+            // Batches go as they are: batches do not nest.
+            Command::Batch(_) => propose_raw(&self.raft, cmd, self.timeout).await,
+            _ => propose_local(&self.batcher, cmd).await,
+        }
+    }
+
     async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
-        match propose_local(&self.raft, cmd.clone(), self.timeout).await {
+        match self.propose_here(cmd.clone()).await {
             Err(ProposeError::NotLeader { leader }) => {
                 // openraft names the leader only once its vote is committed here; the metrics may
                 // already know it.
@@ -545,7 +599,13 @@ impl ProposeHandle {
     }
 }
 
-async fn propose_local(raft: &Raft<TypeConfig>, cmd: Command, timeout: Duration) -> Result<Outcome, ProposeError> {
+async fn propose_local(batcher: &Batcher, cmd: Command) -> Result<Outcome, ProposeError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    batcher.tx.send((cmd, tx)).map_err(|_| ProposeError::Unavailable("consensus is shutting down".into()))?;
+    rx.await.map_err(|_| ProposeError::Unavailable("consensus is shutting down".into()))?
+}
+
+async fn propose_raw(raft: &Raft<TypeConfig>, cmd: Command, timeout: Duration) -> Result<Outcome, ProposeError> {
     match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
         Err(_) => Err(ProposeError::Timeout),
         Ok(Ok(resp)) => Ok(resp.data?),

@@ -271,6 +271,13 @@ impl Transport {
         tokio::time::timeout(timeout, fut).await.unwrap_or(Err(RpcError::Timeout))
     }
 
+    /// Drops every handler (they hold the Raft handle, which holds this endpoint: clearing them
+    /// breaks that cycle at shutdown).
+    pub fn clear_handlers(&self) {
+        self.handlers.write().unwrap_or_else(|p| p.into_inner()).clear();
+        lock(&self.conns).clear();
+    }
+
     /// Closes the endpoint.
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutdown");

@@ -36,8 +36,12 @@ impl ApiError {
     }
 
     pub(crate) fn no_quorum() -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "no_quorum", "this hub cannot reach enough of the mesh to change it; nothing was changed")
-            .hint("`hubmesh node list` shows which hubs are down; bring a majority of voters back")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_quorum",
+            "this hub cannot reach enough of the mesh to change it; nothing was changed",
+        )
+        .hint("`hubmesh node list` shows which hubs are down; bring a majority of voters back")
     }
 
     pub(crate) fn unauthorized() -> Self {
