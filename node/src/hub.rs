@@ -128,6 +128,8 @@ impl Hub {
             .map(|n| {
                 let role = if leader == Some(n.id.0) {
                     "leader"
+                } else if n.witness {
+                    "witness"
                 } else if voters.contains(&n.id.0) {
                     "voter"
                 } else {
