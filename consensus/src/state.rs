@@ -55,6 +55,9 @@ pub struct TaskSpec {
     pub checkpoint: CheckpointPolicy,
     /// Interval of `hm_tick`, if the module exports it.
     pub tick_ms: Option<u64>,
+    /// Placement constraints: only hubs whose labels include all of these qualify.
+    #[serde(default)]
+    pub constraints: BTreeMap<String, String>,
 }
 
 /// Where an instance runs, with its fencing epoch.
@@ -404,6 +407,7 @@ mod tests {
             },
             checkpoint: CheckpointPolicy::None,
             tick_ms: None,
+            constraints: BTreeMap::new(),
         }
     }
 

@@ -141,6 +141,18 @@ fn spec_of(
     Ok((kind, limits, checkpoint, tick.map(|t| t.as_millis() as u64)))
 }
 
+/// Parses `on=k=v,k2=v2`.
+fn constraints_of(p: &api::DeployParams) -> Result<std::collections::BTreeMap<String, String>, DeployError> {
+    let mut out = std::collections::BTreeMap::new();
+    for part in p.on.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((k, v)) = part.split_once('=') else {
+            return Err(DeployError::BadRequest(format!("on: {part:?} is not key=value")));
+        };
+        out.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    Ok(out)
+}
+
 impl Hub {
     /// Deploys `source` as task `name`. `update` makes it an explicit new version of an
     /// existing task; without it an existing name is refused.
@@ -194,6 +206,7 @@ impl Hub {
             limits,
             checkpoint,
             tick_ms,
+            constraints: constraints_of(params)?,
         };
         let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let mode = if update { DeployMode::Update } else { DeployMode::Create };
@@ -215,11 +228,15 @@ impl Hub {
     /// Waits (bounded) until `name` at `version` is placed and, if placed here, running.
     async fn settle(&self, name: &str, version: u64) {
         let me = self.consensus.node_id();
+        // Placed, or pending for a reason that waiting will not fix (no hub qualifies).
         let placed = self
             .wait_state(SETTLE, |s| {
-                s.tasks.get(name).is_some_and(|t| t.version >= version && t.instances.contains_key(&0))
+                let placed = s.tasks.get(name).is_some_and(|t| t.version >= version && t.instances.contains_key(&0));
+                let stuck = crate::scheduler::pending_reason(s, name).is_some_and(|r| !r.starts_with("waiting"));
+                placed || stuck
             })
-            .await;
+            .await
+            && self.consensus.state().placement(name, 0).is_some();
         if !placed {
             return;
         }

@@ -75,6 +75,7 @@ impl Hub {
             checkpoint,
             checkpoint_every_ms,
             tick_ms: spec.tick_ms,
+            constraints: spec.constraints.clone(),
             module_hash: spec.module_hash.to_hex(),
             source_hash: spec.source_hash.to_hex(),
             limits: api::LimitsInfo {

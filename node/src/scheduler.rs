@@ -2,12 +2,13 @@
 //! commands that would fix it, so tests check its exact output.
 //!
 //! Policy: every task wants one instance (instance 0). An instance is (re)placed when it has no
-//! placement or its hub is gone, down, draining or a witness (witnesses never run tasks). The chosen hub is the `Up` hub with the most
+//! placement or its hub is gone, down, draining, a witness (witnesses never run tasks) or no longer
+//! has the labels the task is constrained to (`--on room=attic`). The chosen hub is the `Up` hub with the most
 //! free slots (ties: lowest id). A task that fits nowhere stays pending, with a reason.
 
 use std::collections::BTreeMap;
 
-use hubmesh_consensus::state::{ClusterState, NodeStatus};
+use hubmesh_consensus::state::{ClusterState, NodeRecord, NodeStatus, TaskRecord};
 use hubmesh_consensus::{Command, NodeId};
 
 /// Instances placed on each hub.
@@ -21,8 +22,12 @@ fn load(state: &ClusterState) -> BTreeMap<NodeId, u32> {
     load
 }
 
-fn usable(state: &ClusterState, node: NodeId) -> bool {
-    state.nodes.get(&node).is_some_and(|n| n.status == NodeStatus::Up && !n.witness)
+fn fits(n: &NodeRecord, task: &TaskRecord) -> bool {
+    n.status == NodeStatus::Up && !n.witness && task.spec.constraints.iter().all(|(k, v)| n.labels.get(k) == Some(v))
+}
+
+fn usable(state: &ClusterState, node: NodeId, task: &TaskRecord) -> bool {
+    state.nodes.get(&node).is_some_and(|n| fits(n, task))
 }
 
 /// The placements the leader should propose now.
@@ -31,21 +36,21 @@ pub fn plan(state: &ClusterState) -> Vec<Command> {
     let mut out = Vec::new();
     for (name, task) in &state.tasks {
         let current = task.instances.get(&0).copied();
-        if current.is_some_and(|p| usable(state, p.node)) {
+        if current.is_some_and(|p| usable(state, p.node, task)) {
             continue;
         }
-        let Some(node) = pick(state, &load) else { continue };
+        let Some(node) = pick(state, &load, task) else { continue };
         *load.entry(node).or_default() += 1;
         out.push(Command::PlaceInstance { task: name.clone(), instance: 0, node, expected: current.map(|p| p.epoch) });
     }
     out
 }
 
-fn pick(state: &ClusterState, load: &BTreeMap<NodeId, u32>) -> Option<NodeId> {
+fn pick(state: &ClusterState, load: &BTreeMap<NodeId, u32>, task: &TaskRecord) -> Option<NodeId> {
     state
         .nodes
         .values()
-        .filter(|n| n.status == NodeStatus::Up && !n.witness)
+        .filter(|n| fits(n, task))
         .filter_map(|n| {
             let used = load.get(&n.id).copied().unwrap_or(0);
             (used < n.slots).then_some((n.slots - used, n.id))
@@ -57,14 +62,18 @@ fn pick(state: &ClusterState, load: &BTreeMap<NodeId, u32>) -> Option<NodeId> {
 /// Why `task` has no placement, for `task list`.
 pub fn pending_reason(state: &ClusterState, task: &str) -> Option<String> {
     let t = state.tasks.get(task)?;
-    if t.instances.get(&0).is_some_and(|p| usable(state, p.node)) {
+    if t.instances.get(&0).is_some_and(|p| usable(state, p.node, t)) {
         return None;
     }
     if state.nodes.values().all(|n| n.status != NodeStatus::Up) {
         return Some("no hub is up".into());
     }
-    if pick(state, &load(state)).is_none() {
-        return Some("every hub that is up has all its instance slots in use".into());
+    if !state.nodes.values().any(|n| fits(n, t)) {
+        let wanted: Vec<String> = t.spec.constraints.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        return Some(format!("no hub that is up (and not a witness) has the labels {}", wanted.join(",")));
+    }
+    if pick(state, &load(state), t).is_none() {
+        return Some("every hub that qualifies has all its instance slots in use".into());
     }
     Some("waiting for the leader to place it".into())
 }
@@ -102,6 +111,7 @@ mod tests {
                 limits: Limits { memory_bytes: 1, timeout_ms: 1, max_input_bytes: 1, max_output_bytes: 1, queue: 1 },
                 checkpoint: CheckpointPolicy::None,
                 tick_ms: None,
+                constraints: Default::default(),
             },
             mode: DeployMode::Create,
             at_ms: 0,
@@ -158,5 +168,58 @@ mod tests {
             plan(&s),
             vec![Command::PlaceInstance { task: "a".into(), instance: 0, node: NodeId(2), expected: Some(Epoch(1)) }]
         );
+    }
+}
+
+#[cfg(test)]
+mod constraint_tests {
+    use hubmesh_consensus::state::{CheckpointPolicy, DeployMode, Limits, NodeRecord, TaskKind, TaskSpec};
+    use hubmesh_storage::Hash;
+
+    use super::*;
+
+    fn node(id: u64, room: &str) -> Command {
+        Command::RegisterNode {
+            node: NodeRecord {
+                id: NodeId(id),
+                name: format!("h{id}"),
+                api_addr: String::new(),
+                mesh_addr: String::new(),
+                labels: [("room".to_owned(), room.to_owned())].into(),
+                slots: 10,
+                witness: false,
+                status: NodeStatus::Up,
+            },
+        }
+    }
+
+    fn deploy(name: &str, room: &str) -> Command {
+        Command::DeployTask {
+            spec: TaskSpec {
+                name: name.into(),
+                kind: TaskKind::Stateless,
+                module_hash: Hash::of(b"m"),
+                source_hash: Hash::of(b"s"),
+                limits: Limits { memory_bytes: 1, timeout_ms: 1, max_input_bytes: 1, max_output_bytes: 1, queue: 1 },
+                checkpoint: CheckpointPolicy::None,
+                tick_ms: None,
+                constraints: [("room".to_owned(), room.to_owned())].into(),
+            },
+            mode: DeployMode::Create,
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn tasks_go_only_to_hubs_with_their_labels() {
+        let mut s = ClusterState::default();
+        for c in [node(1, "attic"), node(2, "cellar"), deploy("fan", "attic"), deploy("pump", "garage")] {
+            s.apply(&c).unwrap();
+        }
+        assert_eq!(
+            plan(&s),
+            vec![Command::PlaceInstance { task: "fan".into(), instance: 0, node: NodeId(1), expected: None }]
+        );
+        assert!(pending_reason(&s, "pump").unwrap().contains("room=garage"));
     }
 }

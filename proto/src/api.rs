@@ -68,6 +68,9 @@ pub struct DeployParams {
     /// Interval of the `hm_tick` entry, e.g. `1s`, for tasks that export it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tick: Option<String>,
+    /// Placement constraints, `key=value[,key=value]`: only hubs with these labels run the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<String>,
 }
 
 /// Limits of a task, as applied.
@@ -112,6 +115,9 @@ pub struct TaskInfo {
     pub checkpoint_every_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tick_ms: Option<u64>,
+    /// Placement constraints (labels the host must have).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub constraints: std::collections::BTreeMap<String, String>,
     /// blake3 of the module as run (after hubmesh's instrumentation), hex.
     pub module_hash: String,
     /// blake3 of the module as uploaded, hex.

@@ -29,6 +29,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/nodes", get(nodes))
         .route("/v1/tokens", post(create_token))
+        .route("/v1/nodes/{name}/drain", post(drain))
         .route("/v1/tasks", get(tasks::list))
         .route("/v1/tasks/{name}", get(tasks::show).post(tasks::deploy).put(tasks::deploy).delete(tasks::remove))
         .route("/v1/tasks/{name}/invoke", post(tasks::invoke))
@@ -77,4 +78,29 @@ async fn create_token(
     }
     let token = s.hub.consensus.create_token(ttl).await?;
     Ok(Json(api::TokenResponse { token, expires_in_ms: ttl.as_millis() as u64 }))
+}
+
+#[derive(serde::Deserialize)]
+struct DrainQuery {
+    #[serde(default)]
+    undo: bool,
+}
+
+/// `POST /v1/nodes/{name}/drain[?undo=true]`: move every instance off a hub (or take it back).
+async fn drain(
+    State(s): State<ApiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    axum::extract::Query(q): axum::extract::Query<DrainQuery>,
+) -> Result<Json<Vec<api::NodeInfo>>, error::ApiError> {
+    use hubmesh_consensus::state::NodeStatus;
+    let state = s.hub.consensus.state();
+    let node = state.nodes.values().find(|n| n.name == name || n.id.0.to_string() == name).ok_or_else(|| {
+        error::ApiError::not_found(format!("no hub named {name:?}")).hint("`hubmesh node list` shows the hubs")
+    })?;
+    if !s.hub.has_quorum() {
+        return Err(error::ApiError::no_quorum());
+    }
+    let status = if q.undo { NodeStatus::Up } else { NodeStatus::Draining };
+    s.hub.consensus.propose(hubmesh_consensus::Command::SetNodeStatus { node: node.id, status }).await?;
+    Ok(Json(s.hub.status().nodes))
 }

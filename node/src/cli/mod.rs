@@ -89,6 +89,13 @@ pub enum NodeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Move every task off a hub (for maintenance); `--undo` lets it take tasks again.
+    Drain {
+        /// The hub's name or id.
+        name: String,
+        #[arg(long)]
+        undo: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +145,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let t = cli.conn.client()?.create_token(Some(&ttl)).await?;
             println!("{}", t.token);
             Ok(())
+        }
+        Command::Node { cmd: NodeCmd::Drain { name, undo } } => {
+            let nodes = cli.conn.client()?.drain(&name, undo).await?;
+            output::nodes(&nodes, false)
         }
         Command::Node { cmd: NodeCmd::List { json } } => {
             let nodes = cli.conn.client()?.nodes().await?;

@@ -46,6 +46,9 @@ pub enum TaskCmd {
         /// Interval of hm_tick, e.g. 1s (stateful tasks that export it).
         #[arg(long, value_name = "DURATION")]
         tick: Option<String>,
+        /// Run only on hubs with this label, `key=value` (repeatable).
+        #[arg(long = "on", value_name = "KEY=VALUE")]
+        on: Vec<String>,
         /// Publish a new version of an existing task.
         #[arg(long)]
         update: bool,
@@ -104,6 +107,7 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
             max_output,
             queue,
             tick,
+            on,
             update,
             json,
         } => {
@@ -114,6 +118,7 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
                     file.file_stem().and_then(|s| s.to_str()).map(str::to_owned).context("give the task a --name")?
                 }
             };
+            let on = (!on.is_empty()).then(|| on.join(","));
             let params = api::DeployParams {
                 stateful,
                 durable,
@@ -124,6 +129,7 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
                 max_output,
                 queue,
                 tick,
+                on,
             };
             let resp = client.deploy(&name, module, &params, update).await?;
             output::json_or(&resp, json, || {

@@ -164,6 +164,13 @@ impl Client {
         self.json(self.req(reqwest::Method::POST, "/v1/tokens").json(&body), "/v1/tokens").await
     }
 
+    /// `POST /v1/nodes/{name}/drain`: moves every instance off a hub (`undo`: takes it back).
+    pub async fn drain(&self, node: &str, undo: bool) -> Result<Vec<api::NodeInfo>, ClientError> {
+        let path = format!("/v1/nodes/{node}/drain");
+        let req = self.req(reqwest::Method::POST, &path).query(&[("undo", undo)]);
+        self.json(req, &path).await
+    }
+
     /// Whether an error means the hub is not there (as opposed to answering).
     pub fn is_unreachable(e: &ClientError) -> bool {
         matches!(e, ClientError::Transport { .. })

@@ -291,3 +291,41 @@ async fn a_hub_whose_raft_state_is_gone_does_not_come_back_as_the_same_member() 
     assert!(!out.status.success());
     assert!(err.contains("must not come back as the same member"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_constrain_placement_and_drain_moves_tasks() {
+    let a = Hub::start_with("la", &["--label", "room=attic"]).await;
+    let token = a.client.create_token(None).await.unwrap().token;
+    let b = Hub::start_with("lb", &["--join", &token, "--label", "room=cellar"]).await;
+    let c = Hub::start_with("lc", &["--join", &token, "--label", "room=cellar"]).await;
+    for h in [&a, &b, &c] {
+        wait_until(Duration::from_secs(60), "3 voters", || three_voters(h)).await;
+    }
+    let (b_id, c_id) = (node_id(&b).await, node_id(&c).await);
+    step("a task constrained to the cellar runs on a cellar hub; one for the garage waits");
+    let cellar = DeployParams { on: Some("room=cellar".into()), ..Default::default() };
+    let d = a.client.deploy("pump", example_bytes("echo.wat"), &cellar, false).await.unwrap();
+    let host = d.task.placement.unwrap().node_id;
+    assert!(host == b_id || host == c_id, "{host}");
+    let garage = DeployParams { on: Some("room=garage".into()), ..Default::default() };
+    let d = a.client.deploy("door", example_bytes("echo.wat"), &garage, false).await.unwrap();
+    assert_eq!(d.task.state, "pending");
+    assert!(d.task.reason.unwrap().contains("room=garage"));
+    step("drain the pump's host: it moves to the other cellar hub");
+    let host_name = if host == b_id { "lb" } else { "lc" };
+    a.client.drain(host_name, false).await.unwrap();
+    let other = if host == b_id { c_id } else { b_id };
+    let probe = a.client.clone();
+    wait_until(Duration::from_secs(30), "the pump runs on the other cellar hub", || {
+        let c = probe.clone();
+        async move {
+            c.task("pump").await.ok().and_then(|t| t.placement).is_some_and(|p| p.node_id == other)
+                && c.invoke("pump", b"w".to_vec(), None).await.is_ok()
+        }
+    })
+    .await;
+    let nodes = a.client.drain(host_name, true).await.unwrap();
+    assert!(nodes.iter().all(|n| !n.role.contains("draining")), "{nodes:?}");
+    let err = a.client.drain("nobody", false).await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"));
+}
