@@ -53,6 +53,7 @@ async fn mesh(dirs: &[tempfile::TempDir]) -> Vec<Arc<Consensus>> {
         labels: Default::default(),
         slots: 0,
         witness: false,
+        cert_fingerprint: String::new(),
         status: NodeStatus::Up,
     };
     first.propose(Command::RegisterNode { node: record }).await.unwrap();

@@ -46,6 +46,24 @@ pub(crate) async fn run(
         let members: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let st = state.borrow().clone();
+        // A removed leader removes itself too (openraft lets it; it steps down once committed).
+        let removed: BTreeSet<u64> =
+            members.iter().copied().filter(|id| !st.nodes.contains_key(&crate::NodeId(*id))).collect();
+        // Every member has a record once admitted; with no records at all the state is not
+        // there yet, so nothing is removed then.
+        if !removed.is_empty() && !st.nodes.is_empty() {
+            let voters_removed: BTreeSet<u64> = removed.iter().copied().filter(|id| voters.contains(id)).collect();
+            tracing::info!(?removed, "autopilot: removing hubs that were removed from the mesh");
+            let change = if voters_removed.is_empty() {
+                ChangeMembers::RemoveNodes(removed)
+            } else {
+                ChangeMembers::RemoveVoters(voters_removed)
+            };
+            if let Err(e) = raft.change_membership(change, false).await {
+                tracing::debug!(error = %e, "change_membership (remove)");
+            }
+            continue;
+        }
         for n in st.nodes.values() {
             if members.contains(&n.id.0) || n.mesh_addr.is_empty() {
                 continue;

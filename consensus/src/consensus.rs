@@ -116,6 +116,7 @@ pub struct Consensus {
     mesh_addr: SocketAddr,
     state: watch::Receiver<Arc<ClusterState>>,
     applied: watch::Receiver<u64>,
+    cert_der: Vec<u8>,
     proposer: ProposeHandle,
     stop: watch::Sender<bool>,
 }
@@ -237,7 +238,17 @@ impl Consensus {
             timeout: cfg.propose_timeout,
             batcher: Batcher::start(raft.clone(), cfg.propose_timeout),
         };
-        let me = Self { proposer, raft, node_id, transport, mesh_addr, state: state_rx, applied: applied_rx, stop };
+        let me = Self {
+            cert_der: identity.cert_der.clone(),
+            proposer,
+            raft,
+            node_id,
+            transport,
+            mesh_addr,
+            state: state_rx,
+            applied: applied_rx,
+            stop,
+        };
         me.register_handlers();
         tokio::spawn(crate::autopilot::run(me.raft.clone(), node_id, me.state.clone(), stop_rx.clone()));
         tokio::spawn(keep_address_book(me.transport.clone(), me.raft.clone(), me.state.clone(), stop_rx));
@@ -367,6 +378,11 @@ impl Consensus {
         NodeId(self.node_id)
     }
 
+    /// Hex SHA-256 of this hub's mesh certificate.
+    pub fn cert_fingerprint(&self) -> String {
+        hex::encode(tls::fingerprint(&self.cert_der))
+    }
+
     /// The mesh endpoint's bound address.
     pub fn mesh_addr(&self) -> SocketAddr {
         self.mesh_addr
@@ -486,11 +502,16 @@ async fn keep_address_book(
                 transport.set_peer(*id, addr);
             }
         }
-        for n in state.borrow_and_update().nodes.values() {
+        let st = state.borrow_and_update().clone();
+        for n in st.nodes.values() {
             if let Ok(addr) = n.mesh_addr.parse() {
                 transport.set_peer(n.id.0, addr);
             }
         }
+        transport.set_revoked(st.revoked.iter().filter_map(|h| {
+            let mut fp = [0u8; 32];
+            hex::decode_to_slice(h, &mut fp).ok().map(|()| fp)
+        }));
         tokio::select! {
             r = state.changed() => if r.is_err() { return },
             r = metrics.changed() => if r.is_err() { return },
@@ -632,11 +653,17 @@ async fn admit(
         labels: BTreeMap::new(),
         slots: 0,
         witness: false,
+        cert_fingerprint: String::new(),
         status: NodeStatus::Up,
     };
     if req.mesh_addr.parse::<SocketAddr>().is_err() {
         return Err(refuse(pb::ErrorCode::BadRequest, "the joiner's mesh address does not parse".into()));
     }
+    // Sign first (nothing is committed yet), so the record carries the certificate's fingerprint.
+    let ca = state.borrow().ca.clone().ok_or_else(|| refuse(pb::ErrorCode::Unavailable, "no CA yet".into()))?;
+    let cert = ca.issue(req.node_id, &req.public_key).map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
+    let mut node = node;
+    node.cert_fingerprint = hex::encode(tls::fingerprint(&cert));
     let cmd = Command::AdmitNode {
         node,
         token_id: req.token_id.clone(),
@@ -651,8 +678,6 @@ async fn admit(
         }
         Err(e) => return Err(refuse(pb::ErrorCode::Unavailable, e.to_string())),
     }
-    let ca = state.borrow().ca.clone().ok_or_else(|| refuse(pb::ErrorCode::Unavailable, "no CA yet".into()))?;
-    let cert = ca.issue(req.node_id, &req.public_key).map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
     tracing::info!(node = req.node_id, name = %req.name, "admitted a hub");
     let leader = me.raft.metrics().borrow().current_leader.unwrap_or(0);
     Ok(pb::JoinResponse { ca_cert: ca.cert_der, node_cert: cert, leader }.encode_to_vec())

@@ -103,6 +103,9 @@ pub struct NodeRecord {
     /// A witness votes but never runs tasks.
     #[serde(default)]
     pub witness: bool,
+    /// Hex SHA-256 of the hub's mesh certificate (revoked when the hub is removed).
+    #[serde(default)]
+    pub cert_fingerprint: String,
     pub status: NodeStatus,
 }
 
@@ -119,6 +122,12 @@ pub struct ClusterState {
     /// Join tokens by id.
     #[serde(default)]
     pub tokens: BTreeMap<String, JoinToken>,
+    /// Certificates of removed hubs (hex SHA-256): the mesh endpoint refuses them.
+    #[serde(default)]
+    pub revoked: std::collections::BTreeSet<String>,
+    /// Ids of removed hubs: they may not register or join again under that id.
+    #[serde(default)]
+    pub removed: std::collections::BTreeSet<NodeId>,
 }
 
 /// A join token as the mesh remembers it: only a hash of its secret.
@@ -162,6 +171,9 @@ pub enum Command {
     RevokeToken { id: String },
     /// The leader's view of a hub's health.
     SetNodeStatus { node: NodeId, status: NodeStatus },
+    /// Removes a hub for good: its record goes, its certificate is revoked, its instances are
+    /// left for the scheduler to re-place.
+    RemoveNode { node: NodeId },
     /// Admits a joining hub that proved a token's secret.
     AdmitNode { node: NodeRecord, token_id: String, secret_hash: String, at_ms: u64 },
 }
@@ -211,6 +223,9 @@ pub enum Rejected {
     /// The join token is unknown, expired, revoked or its secret is wrong.
     #[error("join refused: {0}")]
     BadToken(String),
+    /// This hub was removed from the mesh; it must join again with a new identity.
+    #[error("hub {0} was removed from the mesh; wipe its data dir and join again")]
+    Removed(NodeId),
     /// Another hub already has this node id.
     #[error("node id {0} is already taken by another hub")]
     NodeIdTaken(NodeId),
@@ -242,6 +257,9 @@ impl ClusterState {
     pub fn apply(&mut self, cmd: &Command) -> CommandResult {
         match cmd {
             Command::RegisterNode { node } => {
+                if self.removed.contains(&node.id) {
+                    return Err(Rejected::Removed(node.id));
+                }
                 self.nodes.insert(node.id, node.clone());
                 Ok(Outcome::NodeRegistered)
             }
@@ -278,6 +296,14 @@ impl ClusterState {
                 n.status = *status;
                 Ok(Outcome::NodeRegistered)
             }
+            Command::RemoveNode { node } => {
+                let n = self.nodes.remove(node).ok_or(Rejected::NoSuchNode(*node))?;
+                self.removed.insert(*node);
+                if !n.cert_fingerprint.is_empty() {
+                    self.revoked.insert(n.cert_fingerprint);
+                }
+                Ok(Outcome::NodeRegistered)
+            }
             Command::RevokeToken { id } => {
                 let t = self.tokens.get_mut(id).ok_or_else(|| Rejected::BadToken(format!("no token {id}")))?;
                 t.revoked = true;
@@ -294,7 +320,7 @@ impl ClusterState {
                 if &t.secret_hash != secret_hash {
                     return Err(Rejected::BadToken("wrong secret".into()));
                 }
-                if node.id.0 == 0 || self.nodes.contains_key(&node.id) {
+                if node.id.0 == 0 || self.nodes.contains_key(&node.id) || self.removed.contains(&node.id) {
                     return Err(Rejected::NodeIdTaken(node.id));
                 }
                 self.nodes.insert(node.id, node.clone());
@@ -388,6 +414,7 @@ mod tests {
             labels: BTreeMap::new(),
             slots: 100,
             witness: false,
+            cert_fingerprint: String::new(),
             status: NodeStatus::Up,
         }
     }
@@ -507,6 +534,7 @@ mod join_tests {
             labels: BTreeMap::new(),
             slots: 1,
             witness: false,
+            cert_fingerprint: String::new(),
             status: NodeStatus::Up,
         }
     }
@@ -528,5 +556,19 @@ mod join_tests {
         assert_eq!(s.apply(&admit(2, "h", 10)), Ok(Outcome::Admitted));
         s.apply(&Command::RevokeToken { id: "t1".into() }).unwrap();
         assert!(matches!(s.apply(&admit(3, "h", 10)), Err(Rejected::BadToken(m)) if m.contains("revoked")));
+    }
+
+    #[test]
+    fn a_removed_hub_is_revoked_and_cannot_come_back() {
+        let mut s = ClusterState::default();
+        let mut n = node(2);
+        n.cert_fingerprint = "ab".repeat(32);
+        s.apply(&Command::RegisterNode { node: n.clone() }).unwrap();
+        s.apply(&Command::RemoveNode { node: NodeId(2) }).unwrap();
+        assert!(s.revoked.contains(&"ab".repeat(32)));
+        assert_eq!(s.apply(&Command::RegisterNode { node: n }), Err(Rejected::Removed(NodeId(2))));
+        s.apply(&Command::CreateToken { id: "t1".into(), secret_hash: "h".into(), expires_ms: 100, at_ms: 0 }).unwrap();
+        assert_eq!(s.apply(&admit(2, "h", 1)), Err(Rejected::NodeIdTaken(NodeId(2))));
+        assert_eq!(s.apply(&Command::RemoveNode { node: NodeId(9) }), Err(Rejected::NoSuchNode(NodeId(9))));
     }
 }

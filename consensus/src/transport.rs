@@ -101,6 +101,7 @@ pub struct Transport {
     handlers: RwLock<HashMap<u32, Handler>>,
     last_ok: Mutex<HashMap<u64, Instant>>,
     last_heard: Mutex<HashMap<u64, Instant>>,
+    revoked: RwLock<std::collections::HashSet<[u8; 32]>>,
 }
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -136,6 +137,7 @@ impl Transport {
             handlers: RwLock::new(HashMap::new()),
             last_ok: Mutex::new(HashMap::new()),
             last_heard: Mutex::new(HashMap::new()),
+            revoked: RwLock::new(Default::default()),
         });
         tokio::spawn(accept_loop(Arc::downgrade(&t), t.endpoint.clone()));
         Ok(t)
@@ -178,6 +180,11 @@ impl Transport {
     /// When a call to `node` last succeeded.
     pub fn last_ok(&self, node: u64) -> Option<Instant> {
         lock(&self.last_ok).get(&node).copied()
+    }
+
+    /// Replaces the set of revoked certificate fingerprints (removed hubs).
+    pub fn set_revoked(&self, revoked: impl IntoIterator<Item = [u8; 32]>) {
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked.into_iter().collect();
     }
 
     /// When `node` last sent this hub a request.
@@ -313,7 +320,19 @@ async fn accept_loop(transport: std::sync::Weak<Transport>, endpoint: quinn::End
                     return;
                 }
             };
-            let member = conn.peer_identity().is_some();
+            let leaf = conn
+                .peer_identity()
+                .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+                .and_then(|certs| certs.first().map(|c| tls::fingerprint(c)));
+            let revoked = match (&leaf, t.upgrade()) {
+                (Some(fp), Some(t)) => t.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(fp),
+                _ => false,
+            };
+            if revoked {
+                conn.close(1u32.into(), b"this hub was removed from the mesh");
+                return;
+            }
+            let member = leaf.is_some();
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let t = t.clone();
                 tokio::spawn(serve_stream(t, member, send, recv));

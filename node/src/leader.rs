@@ -46,6 +46,7 @@ async fn step(hub: &Hub, api_addr: &str) {
         labels: hub.config.labels.clone(),
         slots: if hub.config.witness { 0 } else { hub.config.slots },
         witness: hub.config.witness,
+        cert_fingerprint: hub.consensus.cert_fingerprint(),
         status,
     };
     if state.nodes.get(&me) != Some(&record) {

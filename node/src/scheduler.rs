@@ -96,6 +96,7 @@ mod tests {
                 labels: Default::default(),
                 slots,
                 witness: false,
+                cert_fingerprint: String::new(),
                 status,
             },
         }
@@ -188,6 +189,7 @@ mod constraint_tests {
                 labels: [("room".to_owned(), room.to_owned())].into(),
                 slots: 10,
                 witness: false,
+                cert_fingerprint: String::new(),
                 status: NodeStatus::Up,
             },
         }

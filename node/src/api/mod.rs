@@ -30,6 +30,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/tokens", post(create_token))
         .route("/v1/nodes/{name}/drain", post(drain))
+        .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/tasks", get(tasks::list))
         .route("/v1/tasks/{name}", get(tasks::show).post(tasks::deploy).put(tasks::deploy).delete(tasks::remove))
         .route("/v1/tasks/{name}/invoke", post(tasks::invoke))
@@ -103,4 +104,23 @@ async fn drain(
     let status = if q.undo { NodeStatus::Up } else { NodeStatus::Draining };
     s.hub.consensus.propose(hubmesh_consensus::Command::SetNodeStatus { node: node.id, status }).await?;
     Ok(Json(s.hub.status().nodes))
+}
+
+/// `DELETE /v1/nodes/{name}`: removes a hub for good (record, Raft membership, certificate).
+async fn remove_node(
+    State(s): State<ApiState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<axum::http::StatusCode, error::ApiError> {
+    let state = s.hub.consensus.state();
+    let node = state.nodes.values().find(|n| n.name == name || n.id.0.to_string() == name).ok_or_else(|| {
+        error::ApiError::not_found(format!("no hub named {name:?}")).hint("`hubmesh node list` shows the hubs")
+    })?;
+    if node.id == s.hub.consensus.node_id() {
+        return Err(error::ApiError::bad_request("a hub cannot remove itself").hint("ask another hub of the mesh"));
+    }
+    if !s.hub.has_quorum() {
+        return Err(error::ApiError::no_quorum());
+    }
+    s.hub.consensus.propose(hubmesh_consensus::Command::RemoveNode { node: node.id }).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }

@@ -89,6 +89,11 @@ pub enum NodeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a hub for good: it leaves the Raft membership and its certificate is revoked.
+    Rm {
+        /// The hub's name or id.
+        name: String,
+    },
     /// Move every task off a hub (for maintenance); `--undo` lets it take tasks again.
     Drain {
         /// The hub's name or id.
@@ -144,6 +149,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token { cmd: TokenCmd::Create { ttl } } => {
             let t = cli.conn.client()?.create_token(Some(&ttl)).await?;
             println!("{}", t.token);
+            Ok(())
+        }
+        Command::Node { cmd: NodeCmd::Rm { name } } => {
+            cli.conn.client()?.remove_node(&name).await?;
+            println!("removed {name}");
             Ok(())
         }
         Command::Node { cmd: NodeCmd::Drain { name, undo } } => {

@@ -171,6 +171,12 @@ impl Client {
         self.json(req, &path).await
     }
 
+    /// `DELETE /v1/nodes/{name}`: removes a hub for good.
+    pub async fn remove_node(&self, node: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/nodes/{node}");
+        self.send(self.req(reqwest::Method::DELETE, &path), &path).await.map(|_| ())
+    }
+
     /// Whether an error means the hub is not there (as opposed to answering).
     pub fn is_unreachable(e: &ClientError) -> bool {
         matches!(e, ClientError::Transport { .. })

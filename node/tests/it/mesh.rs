@@ -329,3 +329,49 @@ async fn labels_constrain_placement_and_drain_moves_tasks() {
     let err = a.client.drain("nobody", false).await.unwrap_err();
     assert_eq!(err.code(), Some("not_found"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_hubs_lose_a_learner_and_remove_a_voter_for_good() {
+    let a = Hub::start("ra").await;
+    let token = a.client.create_token(None).await.unwrap().token;
+    let b = Hub::start_with("rb", &["--join", &token]).await;
+    let c = Hub::start_with("rc", &["--join", &token]).await;
+    let mut d = Hub::start_with("rd", &["--join", &token]).await;
+    let client = a.client.clone();
+    wait_until(Duration::from_secs(60), "3 voters and a learner", || {
+        let c = client.clone();
+        async move { c.status().await.is_ok_and(|s| s.voters.len() == 3 && s.nodes.len() == 4) }
+    })
+    .await;
+    step("kill the learner: the mesh goes on");
+    let status = a.client.status().await.unwrap();
+    let learner_id = status.nodes.iter().find(|n| !status.voters.contains(&n.id)).unwrap().id;
+    let mut hubs = [b, c];
+    let mut learner = None;
+    if node_id(&d).await == learner_id {
+        learner = Some(&mut d);
+    }
+    for h in hubs.iter_mut() {
+        if node_id(h).await == learner_id {
+            learner = Some(h);
+        }
+    }
+    let learner = learner.expect("the learner is one of b, c, d");
+    learner.kill9();
+    a.client.deploy("after", example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
+
+    step("remove a live voter for good: it leaves the membership and a learner would replace it");
+    let status = a.client.status().await.unwrap();
+    let voter = status.nodes.iter().find(|n| status.voters.contains(&n.id) && n.id != status.node_id).unwrap().clone();
+    a.client.remove_node(&voter.name).await.unwrap();
+    let client = a.client.clone();
+    let gone = voter.id;
+    wait_until(Duration::from_secs(60), "the removed hub is out of the membership", || {
+        let c = client.clone();
+        async move { c.status().await.is_ok_and(|s| !s.voters.contains(&gone) && s.nodes.iter().all(|n| n.id != gone)) }
+    })
+    .await;
+    assert_eq!(a.client.remove_node("nobody").await.unwrap_err().code(), Some("not_found"));
+    let me = a.client.status().await.unwrap().name;
+    assert_eq!(a.client.remove_node(&me).await.unwrap_err().code(), Some("bad_request"));
+}
