@@ -116,17 +116,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The QUIC server and member-client configurations of an identity.
+fn quic_configs(identity: &Identity) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+    let server_crypto =
+        QuicServerConfig::try_from(identity.server_config()?).map_err(|e| TransportError::Config(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(transport_config());
+    let client_crypto =
+        QuicClientConfig::try_from(identity.client_config()?).map_err(|e| TransportError::Config(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client.transport_config(transport_config());
+    Ok((server, client))
+}
+
 impl Transport {
     /// Binds the endpoint and starts accepting.
     pub fn bind(addr: SocketAddr, identity: &Identity, node_id: u64) -> Result<Arc<Self>, TransportError> {
-        let server_crypto =
-            QuicServerConfig::try_from(identity.server_config()?).map_err(|e| TransportError::Config(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server.transport_config(transport_config());
-        let client_crypto =
-            QuicClientConfig::try_from(identity.client_config()?).map_err(|e| TransportError::Config(e.to_string()))?;
-        let mut member_client = quinn::ClientConfig::new(Arc::new(client_crypto));
-        member_client.transport_config(transport_config());
+        let (server, member_client) = quic_configs(identity)?;
         let endpoint = quinn::Endpoint::server(server, addr).map_err(|source| TransportError::Bind { addr, source })?;
         let t = Arc::new(Self {
             endpoint,
@@ -145,14 +151,7 @@ impl Transport {
 
     /// Replaces the certificate this endpoint presents and trusts (a joiner, once admitted).
     pub fn set_identity(&self, identity: &Identity) -> Result<(), TransportError> {
-        let server_crypto =
-            QuicServerConfig::try_from(identity.server_config()?).map_err(|e| TransportError::Config(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server.transport_config(transport_config());
-        let client_crypto =
-            QuicClientConfig::try_from(identity.client_config()?).map_err(|e| TransportError::Config(e.to_string()))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client.transport_config(transport_config());
+        let (server, client) = quic_configs(identity)?;
         self.endpoint.set_server_config(Some(server));
         *self.member_client.write().unwrap_or_else(|p| p.into_inner()) = client;
         lock(&self.conns).clear();

@@ -25,6 +25,20 @@ fn refuse(code: pb::ErrorCode, message: impl Into<String>) -> RpcError {
     RpcError::Remote { code: code as i32, message: message.into() }
 }
 
+/// Checks that a member calls, that the hub still runs, and decodes the request.
+fn member_request<M: Message + Default>(
+    caller: Caller,
+    hub: &std::sync::Weak<Hub>,
+    payload: &[u8],
+) -> Result<(Arc<Hub>, M), RpcError> {
+    if caller == Caller::Joiner {
+        return Err(refuse(pb::ErrorCode::Unauthorized, "members only"));
+    }
+    let hub = hub.upgrade().ok_or_else(|| refuse(pb::ErrorCode::Unavailable, "shutting down"))?;
+    let req = M::decode(payload).map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
+    Ok((hub, req))
+}
+
 /// Registers the handlers; called once at boot.
 pub(crate) fn register(hub: &Arc<Hub>) {
     let transport = hub.consensus.transport();
@@ -34,12 +48,7 @@ pub(crate) fn register(hub: &Arc<Hub>) {
         handler(move |caller, payload| {
             let h = h.clone();
             async move {
-                if caller == Caller::Joiner {
-                    return Err(refuse(pb::ErrorCode::Unauthorized, "members only"));
-                }
-                let hub = h.upgrade().ok_or_else(|| refuse(pb::ErrorCode::Unavailable, "shutting down"))?;
-                let req = pb::ModuleFetchRequest::decode(payload.as_slice())
-                    .map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
+                let (hub, req) = member_request::<pb::ModuleFetchRequest>(caller, &h, &payload)?;
                 let hash = Hash::from_slice(&req.hash)
                     .ok_or_else(|| refuse(pb::ErrorCode::BadRequest, "a hash is 32 bytes"))?;
                 hub.blobs.get(&hash).map_err(|e| refuse(pb::ErrorCode::NotFound, e.to_string()))
@@ -52,12 +61,7 @@ pub(crate) fn register(hub: &Arc<Hub>) {
         handler(move |caller, payload| {
             let h = h.clone();
             async move {
-                if caller == Caller::Joiner {
-                    return Err(refuse(pb::ErrorCode::Unauthorized, "members only"));
-                }
-                let hub = h.upgrade().ok_or_else(|| refuse(pb::ErrorCode::Unavailable, "shutting down"))?;
-                let req = pb::InvokeForwardRequest::decode(payload.as_slice())
-                    .map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
+                let (hub, req) = member_request::<pb::InvokeForwardRequest>(caller, &h, &payload)?;
                 let key = (!req.key.is_empty()).then_some(req.key);
                 match hub.invoke_here(&req.task, req.input, key).await {
                     Ok((answer, placement)) => Ok(pb::InvokeForwardResponse {
