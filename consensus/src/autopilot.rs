@@ -1,6 +1,7 @@
-//! Membership autopilot, run by the leader: every admitted hub becomes a Raft learner, and
-//! learners that have caught up are promoted until there are 3 voters (5 once the mesh has 5 or
-//! more hubs).
+//! Membership autopilot, run by the leader: every admitted hub becomes a Raft learner; learners
+//! that have caught up are promoted until there are 3 healthy voters (5 once the mesh has 5 or
+//! more hubs); a voter the leader has marked down is then demoted to learner, so the mesh keeps
+//! its fault tolerance; hubs removed from the mesh leave the membership.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use openraft::{ChangeMembers, Raft};
 use tokio::sync::watch;
 
-use crate::state::ClusterState;
+use crate::state::{ClusterState, NodeStatus};
 use crate::type_config::{NodeAddr, TypeConfig};
 
 /// How far behind the leader's log a learner may be and still be promoted.
@@ -75,7 +76,20 @@ pub(crate) async fn run(
             }
         }
         let want = target_voters(st.nodes.len().max(members.len()));
-        if voters.len() >= want {
+        let down = |id: &u64| st.nodes.get(&crate::NodeId(*id)).is_some_and(|n| n.status == NodeStatus::Down);
+        let healthy_voters = voters.iter().filter(|id| !down(id)).count();
+        // A down voter is demoted (kept as a learner, so it can catch up when it returns) once
+        // a healthy replacement votes in its place.
+        if voters.len() > want {
+            if let Some(d) = voters.iter().copied().find(|id| down(id)) {
+                tracing::info!(node = d, "autopilot: demoting a down voter");
+                if let Err(e) = raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([d])), true).await {
+                    tracing::debug!(error = %e, "change_membership (demote)");
+                }
+                continue;
+            }
+        }
+        if healthy_voters >= want {
             continue;
         }
         let last = metrics.last_log_index.unwrap_or(0);
@@ -85,13 +99,13 @@ pub(crate) async fn run(
             .map(|r| {
                 r.iter()
                     .filter(|(id, matched)| {
-                        !voters.contains(id) && matched.is_some_and(|m| m.index + CAUGHT_UP >= last)
+                        !voters.contains(id) && !down(id) && matched.is_some_and(|m| m.index + CAUGHT_UP >= last)
                     })
                     .map(|(id, _)| *id)
                     .collect()
             })
             .unwrap_or_default();
-        let promote: BTreeSet<u64> = caught_up.into_iter().take(want - voters.len()).collect();
+        let promote: BTreeSet<u64> = caught_up.into_iter().take(want - healthy_voters).collect();
         if promote.is_empty() {
             continue;
         }

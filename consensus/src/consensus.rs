@@ -424,6 +424,13 @@ impl Consensus {
         Ok(token.to_string())
     }
 
+    /// Revokes a join token, given as the token itself or its id.
+    pub async fn revoke_token(&self, token_or_id: &str) -> Result<String, ProposeError> {
+        let id = JoinToken::parse(token_or_id).map(|t| t.id).unwrap_or_else(|_| token_or_id.trim().to_owned());
+        self.propose(Command::RevokeToken { id: id.clone() }).await?;
+        Ok(id)
+    }
+
     /// Waits until this hub has applied at least log index `index`.
     pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
         let mut rx = self.applied.clone();

@@ -29,6 +29,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/nodes", get(nodes))
         .route("/v1/tokens", post(create_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/nodes/{name}/drain", post(drain))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/tasks", get(tasks::list))
@@ -123,4 +124,19 @@ async fn remove_node(
     }
     s.hub.consensus.propose(hubmesh_consensus::Command::RemoveNode { node: node.id }).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /v1/tokens/{id}`: the token admits no more hubs (hubs it admitted stay).
+async fn revoke_token(
+    State(s): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<axum::http::StatusCode, error::ApiError> {
+    if !s.hub.has_quorum() {
+        return Err(error::ApiError::no_quorum());
+    }
+    match s.hub.consensus.revoke_token(&id).await {
+        Ok(_) => Ok(axum::http::StatusCode::NO_CONTENT),
+        Err(hubmesh_consensus::ProposeError::Rejected(r)) => Err(error::ApiError::not_found(r.to_string())),
+        Err(e) => Err(e.into()),
+    }
 }

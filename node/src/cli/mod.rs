@@ -79,6 +79,8 @@ pub enum TokenCmd {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+    /// Revoke a token (given whole, or its id): it admits no more hubs.
+    Revoke { token: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +147,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => {
             let s = cli.conn.client()?.status().await?;
             output::status(&s, json)
+        }
+        Command::Token { cmd: TokenCmd::Revoke { token } } => {
+            cli.conn.client()?.revoke_token(&token).await?;
+            println!("revoked");
+            Ok(())
         }
         Command::Token { cmd: TokenCmd::Create { ttl } } => {
             let t = cli.conn.client()?.create_token(Some(&ttl)).await?;

@@ -177,6 +177,15 @@ impl Client {
         self.send(self.req(reqwest::Method::DELETE, &path), &path).await.map(|_| ())
     }
 
+    /// `DELETE /v1/tokens/{id}`.
+    pub async fn revoke_token(&self, token_or_id: &str) -> Result<(), ClientError> {
+        let id = hubmesh_consensus::join::JoinToken::parse(token_or_id)
+            .map(|t| t.id)
+            .unwrap_or_else(|_| token_or_id.to_owned());
+        let path = format!("/v1/tokens/{id}");
+        self.send(self.req(reqwest::Method::DELETE, &path), &path).await.map(|_| ())
+    }
+
     /// Whether an error means the hub is not there (as opposed to answering).
     pub fn is_unreachable(e: &ClientError) -> bool {
         matches!(e, ClientError::Transport { .. })

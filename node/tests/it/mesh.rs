@@ -95,6 +95,12 @@ async fn bad_tokens_are_refused_and_change_nothing() {
     let wrong_ca = format!("HM1.{}.{}.{}.{}", "ab".repeat(32), parts[2], parts[3], parts[4]);
     let (ok, err) = try_join(&wrong_ca);
     assert!(!ok && err.contains("certificate is not from the token's CA"), "{err}");
+    step("a revoked token");
+    let revoked = a.client.create_token(None).await.unwrap().token;
+    a.client.revoke_token(&revoked).await.unwrap();
+    let (ok, err) = try_join(&revoked);
+    assert!(!ok && err.contains("revoked"), "{err}");
+    assert_eq!(a.client.revoke_token("ffff0000").await.unwrap_err().code(), Some("not_found"));
     step("an expired token");
     let short = a.client.create_token(Some("1ms")).await.unwrap().token;
     let (ok, err) = try_join(&short);
@@ -374,4 +380,40 @@ async fn four_hubs_lose_a_learner_and_remove_a_voter_for_good() {
     assert_eq!(a.client.remove_node("nobody").await.unwrap_err().code(), Some("not_found"));
     let me = a.client.status().await.unwrap().name;
     assert_eq!(a.client.remove_node(&me).await.unwrap_err().code(), Some("bad_request"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_replaces_a_voter_that_stays_down() {
+    let a = Hub::start("pa").await;
+    let token = a.client.create_token(None).await.unwrap().token;
+    let mut others = Vec::new();
+    for name in ["pb", "pc", "pd"] {
+        others.push(Hub::start_with(name, &["--join", &token]).await);
+    }
+    let client = a.client.clone();
+    wait_until(Duration::from_secs(60), "3 voters and a learner", || {
+        let c = client.clone();
+        async move { c.status().await.is_ok_and(|s| s.voters.len() == 3 && s.nodes.len() == 4) }
+    })
+    .await;
+    let status = a.client.status().await.unwrap();
+    step("kill a voter other than the one we ask");
+    let mut victim = None;
+    for (i, h) in others.iter().enumerate() {
+        let id = node_id(h).await;
+        if status.voters.contains(&id) {
+            victim = Some((i, id));
+            break;
+        }
+    }
+    let (i, dead) = victim.expect("a voter among the joiners");
+    others[i].kill9();
+    let client = a.client.clone();
+    wait_until(Duration::from_secs(60), "the learner votes in the dead voter's place", || {
+        let c = client.clone();
+        async move { c.status().await.is_ok_and(|s| s.voters.len() == 3 && !s.voters.contains(&dead)) }
+    })
+    .await;
+    step("the mesh still takes changes with another hub gone");
+    a.client.deploy("still", example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
 }
