@@ -417,3 +417,38 @@ async fn a_learner_replaces_a_voter_that_stays_down() {
     step("the mesh still takes changes with another hub gone");
     a.client.deploy("still", example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hubs_have_five_voters_and_survive_two_losses() {
+    let a = Hub::start("v1").await;
+    let token = a.client.create_token(None).await.unwrap().token;
+    let mut others = Vec::new();
+    for name in ["v2", "v3", "v4", "v5"] {
+        others.push(Hub::start_with(name, &["--join", &token]).await);
+    }
+    let client = a.client.clone();
+    wait_until(Duration::from_secs(90), "5 voters", || {
+        let c = client.clone();
+        async move { c.status().await.is_ok_and(|s| s.voters.len() == 5) }
+    })
+    .await;
+    a.client.deploy("echo", example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
+    step("kill two hubs: three of five voters keep the quorum");
+    others[0].kill9();
+    others[1].kill9();
+    let client = a.client.clone();
+    wait_until(Duration::from_secs(60), "changes still commit and the task answers", || {
+        let c = client.clone();
+        async move {
+            c.deploy("echo-late", example_bytes("echo.wat"), &DeployParams::default(), false).await.is_ok()
+                || c.task("echo-late").await.is_ok()
+        }
+    })
+    .await;
+    let probe = others[2].client.clone();
+    wait_until(Duration::from_secs(60), "echo answers through a surviving hub", || {
+        let c = probe.clone();
+        async move { c.invoke("echo", b"five".to_vec(), None).await.is_ok_and(|o| o == b"five") }
+    })
+    .await;
+}
