@@ -58,6 +58,28 @@ pub struct TaskSpec {
     /// Placement constraints: only hubs whose labels include all of these qualify.
     #[serde(default)]
     pub constraints: BTreeMap<String, String>,
+    /// Instances of a stateless task, each on its own hub (a stateful task has exactly 1).
+    #[serde(default = "one")]
+    pub replicas: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl TaskSpec {
+    /// The placements of the instances that should exist (index < replicas).
+    pub fn wanted(&self) -> std::ops::Range<u32> {
+        0..self.replicas.max(1)
+    }
+}
+
+impl TaskRecord {
+    /// Placements of the wanted instances, by index.
+    pub fn placements(&self) -> impl Iterator<Item = (u32, Placement)> + '_ {
+        let wanted = self.spec.wanted();
+        self.instances.iter().filter(move |(i, _)| wanted.contains(i)).map(|(i, p)| (*i, *p))
+    }
 }
 
 /// Where an instance runs, with its fencing epoch.
@@ -342,6 +364,11 @@ impl ClusterState {
 
     fn deploy(&mut self, spec: &TaskSpec, mode: DeployMode, at_ms: u64) -> CommandResult {
         validate_task_name(&spec.name)?;
+        if spec.replicas == 0 || (spec.kind == TaskKind::Stateful && spec.replicas != 1) {
+            return Err(Rejected::Invalid(
+                "a stateful task has exactly one instance; a stateless one at least one".into(),
+            ));
+        }
         if spec.limits.memory_bytes == 0 || spec.limits.timeout_ms == 0 {
             return Err(Rejected::Invalid("memory and timeout limits must be positive".into()));
         }
@@ -382,7 +409,7 @@ impl ClusterState {
             return Err(Rejected::NoSuchNode(node));
         }
         let record = self.tasks.get(task).ok_or_else(|| Rejected::NoSuchTask(task.to_owned()))?;
-        if record.spec.kind == TaskKind::Stateful && instance != 0 {
+        if !record.spec.wanted().contains(&instance) {
             return Err(Rejected::NoSuchInstance { task: task.to_owned(), instance });
         }
         let current = record.instances.get(&instance).map(|p| p.epoch);
@@ -435,6 +462,7 @@ mod tests {
             checkpoint: CheckpointPolicy::None,
             tick_ms: None,
             constraints: BTreeMap::new(),
+            replicas: 1,
         }
     }
 

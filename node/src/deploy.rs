@@ -168,6 +168,12 @@ impl Hub {
             return Err(DeployError::TooLarge { size: source.len() as u64, limit });
         }
         let (kind, limits, checkpoint, tick) = spec_of(self, name, params)?;
+        let replicas = params.replicas.unwrap_or(1);
+        if replicas == 0 || replicas > 64 || (kind == TaskKind::Stateful && replicas != 1) {
+            return Err(DeployError::BadRequest(
+                "replicas must be 1-64, and 1 for a stateful task (its state lives in one instance)".into(),
+            ));
+        }
         if !self.has_quorum() {
             return Err(DeployError::NoQuorum);
         }
@@ -207,6 +213,7 @@ impl Hub {
             checkpoint,
             tick_ms,
             constraints: constraints_of(params)?,
+            replicas,
         };
         let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let mode = if update { DeployMode::Update } else { DeployMode::Create };

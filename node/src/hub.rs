@@ -41,14 +41,16 @@ impl Hub {
     pub(crate) fn task_info(&self, state: &ClusterState, record: &TaskRecord) -> api::TaskInfo {
         let spec = &record.spec;
         let name = &spec.name;
-        let placement = record.instances.get(&0).map(|p| api::PlacementInfo {
+        let info = |p: &hubmesh_consensus::state::Placement| api::PlacementInfo {
             node_id: p.node.0,
             node_name: state.nodes.get(&p.node).map(|n| n.name.clone()).unwrap_or_default(),
             epoch: p.epoch.0,
-        });
+        };
+        let instances: Vec<api::PlacementInfo> = record.placements().map(|(_, p)| info(&p)).collect();
+        let placement = record.instances.get(&0).map(info);
         let local = self.executor.status(name);
         let failure = self.start_failures.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
-        let here = record.instances.get(&0).is_some_and(|p| p.node == self.consensus.node_id());
+        let here = record.placements().any(|(_, p)| p.node == self.consensus.node_id());
         let (state_text, reason) = if let Some(reason) = scheduler::pending_reason(state, name) {
             ("pending", Some(reason))
         } else if let Some(f) = failure.filter(|_| here) {
@@ -88,6 +90,8 @@ impl Hub {
             state: state_text.into(),
             reason,
             placement,
+            replicas: spec.replicas,
+            instances,
             last_checkpoint: local.as_ref().and_then(|s| s.last_checkpoint.as_ref()).map(checkpoint_info),
             invocations: local.map_or(0, |s| s.invocations),
         }

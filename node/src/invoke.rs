@@ -4,19 +4,25 @@
 //!  api::invoke --> Hub::invoke: task in state? input within its limit?
 //!      placed here, running at the placement's epoch --> executor.invoke
 //!      placed on hub B --> dataplane::forward --> B: Hub::invoke_here (never forwards again)
+//!      (a stateless task with replicas: a local one first, else the next host that answers)
 //!      not placed / starting / B unreachable --> wait for the state to change, bounded
 //!      forwarded call timed out --> retried only with an idempotency key, else "outcome unknown"
 //! ```
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hubmesh_consensus::state::Placement;
+use hubmesh_consensus::state::{NodeStatus, Placement};
+use hubmesh_consensus::ClusterState;
 use tokio::time::Instant;
 
 use crate::dataplane::{self, Forwarded};
 use crate::executor::{Answer, InvokeError};
 use crate::hub::Hub;
 use crate::scheduler;
+
+/// Rotates forwarded calls over a stateless task's replicas.
+static NEXT_REPLICA: AtomicUsize = AtomicUsize::new(0);
 
 /// Extra time an invocation may wait for its task to be placed, started or re-placed.
 const SETTLE: Duration = Duration::from_secs(10);
@@ -82,7 +88,7 @@ impl Hub {
     ) -> Result<(Answer, Placement), RouteError> {
         let deadline = Instant::now() + SETTLE;
         loop {
-            let reason = match self.try_once(name, &input, &key, may_forward, deadline).await {
+            let reason = match self.try_once(name, &input, &key, may_forward).await {
                 Step::Done(r) => return r,
                 Step::Wait(reason) => reason,
             };
@@ -94,14 +100,7 @@ impl Hub {
         }
     }
 
-    async fn try_once(
-        &self,
-        name: &str,
-        input: &[u8],
-        key: &Option<String>,
-        may_forward: bool,
-        deadline: Instant,
-    ) -> Step {
+    async fn try_once(&self, name: &str, input: &[u8], key: &Option<String>, may_forward: bool) -> Step {
         let me = self.consensus.node_id();
         let state = self.consensus.state();
         let Some(task) = state.tasks.get(name) else { return Step::Done(Err(RouteError::NotFound(name.to_owned()))) };
@@ -109,28 +108,20 @@ impl Hub {
         if input.len() as u64 > limit {
             return Step::Done(Err(InvokeError::InputTooLarge { size: input.len() as u64, limit }.into()));
         }
-        let Some(p) = task.instances.get(&0).copied() else {
+        let placements: Vec<Placement> = task.placements().map(|(_, p)| p).collect();
+        if placements.is_empty() {
             return Step::Wait(scheduler::pending_reason(&state, name).unwrap_or_else(|| "not placed".into()));
-        };
-        if p.node != me {
+        }
+        let Some(p) = placements.iter().find(|p| p.node == me).copied() else {
             if !may_forward {
-                return Step::Done(Err(InvokeError::Unavailable(format!("the task moved to hub {}", p.node)).into()));
+                return Step::Done(Err(InvokeError::Unavailable("the task has no instance on this hub".into()).into()));
             }
-            let budget = Duration::from_millis(task.spec.limits.timeout_ms) + Duration::from_secs(5);
-            let started = std::time::Instant::now();
-            let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget).await;
-            metrics::histogram!("hubmesh_invoke_forwarded_seconds").record(started.elapsed().as_secs_f64());
-            return match res {
-                Forwarded::Answer(a) => Step::Done(Ok((a, p))),
-                // The host says the task is not (yet) there: wait for the state to catch up.
-                Forwarded::Failed(InvokeError::Unavailable(m)) if Instant::now() < deadline => Step::Wait(m),
-                Forwarded::Failed(e) => Step::Done(Err(e.into())),
-                Forwarded::Unreachable(m) => Step::Wait(format!("hub {} is unreachable: {m}", p.node)),
-                Forwarded::Timeout if key.is_some() && Instant::now() < deadline => {
-                    Step::Wait("retrying with the idempotency key".into())
-                }
-                Forwarded::Timeout => Step::Done(Err(RouteError::Unknown { node: p.node.0 })),
-            };
+            return self.forward_to_any(name, task.spec.limits.timeout_ms, &placements, &state, input, key).await;
+        };
+        if !self.has_quorum() {
+            // Without a lease this hub may already have been declared down and the instance
+            // re-placed: answering from here could fork the task's history.
+            return Step::Wait("this hub has lost contact with the mesh (no lease)".into());
         }
         let ready =
             self.executor.status(name).is_some_and(|s| s.config.epoch == p.epoch.0 && s.config.version == task.version);
@@ -145,5 +136,39 @@ impl Hub {
         let res = self.executor.invoke(name, input.to_vec(), key.clone()).await;
         metrics::histogram!("hubmesh_invoke_seconds").record(started.elapsed().as_secs_f64());
         Step::Done(res.map(|a| (a, p)).map_err(RouteError::from))
+    }
+
+    /// Forwards to one of the task's hosts: hubs the state says are up first, rotating among
+    /// replicas. An unreachable host, or one that does not run the task yet, makes the call try
+    /// the next one, so a stateless replica elsewhere answers when one hub dies.
+    async fn forward_to_any(
+        &self,
+        name: &str,
+        timeout_ms: u64,
+        placements: &[Placement],
+        state: &ClusterState,
+        input: &[u8],
+        key: &Option<String>,
+    ) -> Step {
+        let mut order: Vec<Placement> = placements.to_vec();
+        let n = order.len();
+        order.rotate_left(NEXT_REPLICA.fetch_add(1, Ordering::Relaxed) % n);
+        order.sort_by_key(|p| state.nodes.get(&p.node).is_none_or(|n| n.status != NodeStatus::Up));
+        let budget = Duration::from_millis(timeout_ms) + Duration::from_secs(5);
+        let mut reason = String::from("no host answered");
+        for p in order {
+            let started = std::time::Instant::now();
+            let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget).await;
+            metrics::histogram!("hubmesh_invoke_forwarded_seconds").record(started.elapsed().as_secs_f64());
+            match res {
+                Forwarded::Answer(a) => return Step::Done(Ok((a, p))),
+                Forwarded::Failed(InvokeError::Unavailable(m)) => reason = m,
+                Forwarded::Failed(e) => return Step::Done(Err(e.into())),
+                Forwarded::Unreachable(m) => reason = format!("hub {} is unreachable: {m}", p.node),
+                Forwarded::Timeout if key.is_some() => reason = "retrying with the idempotency key".into(),
+                Forwarded::Timeout => return Step::Done(Err(RouteError::Unknown { node: p.node.0 })),
+            }
+        }
+        Step::Wait(reason)
     }
 }

@@ -54,7 +54,7 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &ClusterState) {
         .tasks
         .values()
         .filter_map(|t| {
-            t.instances.get(&0).filter(|p| p.node == me).map(|p| (t.spec.name.clone(), config_of(t, p.epoch.0)))
+            t.placements().find(|(_, p)| p.node == me).map(|(_, p)| (t.spec.name.clone(), config_of(t, p.epoch.0)))
         })
         .collect();
     let running: HashMap<String, TaskConfig> =

@@ -35,22 +35,28 @@ pub fn plan(state: &ClusterState) -> Vec<Command> {
     let mut load = load(state);
     let mut out = Vec::new();
     for (name, task) in &state.tasks {
-        let current = task.instances.get(&0).copied();
-        if current.is_some_and(|p| usable(state, p.node, task)) {
-            continue;
+        // Replicas spread: one instance of a task per hub.
+        let mut hosts: Vec<NodeId> =
+            task.placements().filter(|(_, p)| usable(state, p.node, task)).map(|(_, p)| p.node).collect();
+        for instance in task.spec.wanted() {
+            let current = task.instances.get(&instance).copied();
+            if current.is_some_and(|p| usable(state, p.node, task)) {
+                continue;
+            }
+            let Some(node) = pick(state, &load, task, &hosts) else { continue };
+            *load.entry(node).or_default() += 1;
+            hosts.push(node);
+            out.push(Command::PlaceInstance { task: name.clone(), instance, node, expected: current.map(|p| p.epoch) });
         }
-        let Some(node) = pick(state, &load, task) else { continue };
-        *load.entry(node).or_default() += 1;
-        out.push(Command::PlaceInstance { task: name.clone(), instance: 0, node, expected: current.map(|p| p.epoch) });
     }
     out
 }
 
-fn pick(state: &ClusterState, load: &BTreeMap<NodeId, u32>, task: &TaskRecord) -> Option<NodeId> {
+fn pick(state: &ClusterState, load: &BTreeMap<NodeId, u32>, task: &TaskRecord, taken: &[NodeId]) -> Option<NodeId> {
     state
         .nodes
         .values()
-        .filter(|n| fits(n, task))
+        .filter(|n| fits(n, task) && !taken.contains(&n.id))
         .filter_map(|n| {
             let used = load.get(&n.id).copied().unwrap_or(0);
             (used < n.slots).then_some((n.slots - used, n.id))
@@ -62,7 +68,7 @@ fn pick(state: &ClusterState, load: &BTreeMap<NodeId, u32>, task: &TaskRecord) -
 /// Why `task` has no placement, for `task list`.
 pub fn pending_reason(state: &ClusterState, task: &str) -> Option<String> {
     let t = state.tasks.get(task)?;
-    if t.instances.get(&0).is_some_and(|p| usable(state, p.node, t)) {
+    if t.placements().any(|(_, p)| usable(state, p.node, t)) {
         return None;
     }
     if state.nodes.values().all(|n| n.status != NodeStatus::Up) {
@@ -72,7 +78,7 @@ pub fn pending_reason(state: &ClusterState, task: &str) -> Option<String> {
         let wanted: Vec<String> = t.spec.constraints.iter().map(|(k, v)| format!("{k}={v}")).collect();
         return Some(format!("no hub that is up (and not a witness) has the labels {}", wanted.join(",")));
     }
-    if pick(state, &load(state), t).is_none() {
+    if pick(state, &load(state), t, &[]).is_none() {
         return Some("every hub that qualifies has all its instance slots in use".into());
     }
     Some("waiting for the leader to place it".into())
@@ -113,6 +119,7 @@ mod tests {
                 checkpoint: CheckpointPolicy::None,
                 tick_ms: None,
                 constraints: Default::default(),
+                replicas: 1,
             },
             mode: DeployMode::Create,
             at_ms: 0,
@@ -206,10 +213,32 @@ mod constraint_tests {
                 checkpoint: CheckpointPolicy::None,
                 tick_ms: None,
                 constraints: [("room".to_owned(), room.to_owned())].into(),
+                replicas: 1,
             },
             mode: DeployMode::Create,
             at_ms: 0,
         }
+    }
+
+    #[test]
+    fn replicas_spread_one_per_hub() {
+        let mut s = ClusterState::default();
+        for c in [node(1, "a"), node(2, "a"), deploy("web", "a")] {
+            s.apply(&c).unwrap();
+        }
+        if let Some(t) = s.tasks.get_mut("web") {
+            t.spec.replicas = 3;
+        }
+        let p = plan(&s);
+        let nodes: Vec<NodeId> = p
+            .iter()
+            .map(|c| match c {
+                Command::PlaceInstance { node, .. } => *node,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(nodes.len(), 2, "two hubs, so two of three replicas: {p:?}");
+        assert_ne!(nodes[0], nodes[1]);
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub struct DeployParams {
     /// Placement constraints, `key=value[,key=value]`: only hubs with these labels run the task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on: Option<String>,
+    /// Instances of a stateless task, each on its own hub (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
 }
 
 /// Limits of a task, as applied.
@@ -129,10 +132,20 @@ pub struct TaskInfo {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PlacementInfo>,
+    /// Instances wanted (stateless replicas; 1 for a stateful task).
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Where every placed instance runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<PlacementInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<CheckpointInfo>,
     /// Invocations answered by this hub's instance since it started.
     pub invocations: u64,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Answer to a deploy.

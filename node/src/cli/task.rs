@@ -46,6 +46,9 @@ pub enum TaskCmd {
         /// Interval of hm_tick, e.g. 1s (stateful tasks that export it).
         #[arg(long, value_name = "DURATION")]
         tick: Option<String>,
+        /// Instances of a stateless task, each on its own hub.
+        #[arg(long)]
+        replicas: Option<u32>,
         /// Run only on hubs with this label, `key=value` (repeatable).
         #[arg(long = "on", value_name = "KEY=VALUE")]
         on: Vec<String>,
@@ -107,6 +110,7 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
             max_output,
             queue,
             tick,
+            replicas,
             on,
             update,
             json,
@@ -130,6 +134,7 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
                 queue,
                 tick,
                 on,
+                replicas,
             };
             let resp = client.deploy(&name, module, &params, update).await?;
             output::json_or(&resp, json, || {

@@ -452,3 +452,36 @@ async fn five_hubs_have_five_voters_and_survive_two_losses() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_replicas_spread_and_answer_through_a_hub_death() {
+    let a = Hub::start("sa").await;
+    let token = a.client.create_token(None).await.unwrap().token;
+    let b = Hub::start_with("sb", &["--join", &token]).await;
+    let mut c = Hub::start_with("sc", &["--join", &token]).await;
+    for h in [&a, &b, &c] {
+        wait_until(Duration::from_secs(60), "3 voters", || three_voters(h)).await;
+    }
+    let params = DeployParams { replicas: Some(3), ..Default::default() };
+    a.client.deploy("web", example_bytes("echo.wat"), &params, false).await.unwrap();
+    let client = a.client.clone();
+    wait_until(Duration::from_secs(30), "three replicas on three hubs", || {
+        let c = client.clone();
+        async move {
+            let t = c.task("web").await.unwrap();
+            let mut hubs: Vec<u64> = t.instances.iter().map(|p| p.node_id).collect();
+            hubs.sort();
+            hubs.dedup();
+            t.replicas == 3 && hubs.len() == 3
+        }
+    })
+    .await;
+    let stateful = DeployParams { stateful: true, replicas: Some(2), ..Default::default() };
+    let err = a.client.deploy("bad", example_bytes("counter.wat"), &stateful, false).await.unwrap_err();
+    assert_eq!(err.code(), Some("bad_request"));
+    step("kill a hub: the others answer from their own replica at once");
+    c.kill9();
+    for h in [&a, &b] {
+        assert_eq!(h.client.invoke("web", b"still".to_vec(), None).await.unwrap(), b"still");
+    }
+}
