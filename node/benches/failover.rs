@@ -95,6 +95,8 @@ fn main() {
 
         // Forwarded vs local invoke.
         hubs[0].client.deploy("echo", std::fs::read(example("echo.wat")).unwrap(), &DeployParams::default(), false).await.unwrap();
+        let web = DeployParams { replicas: Some(3), ..Default::default() };
+        hubs[0].client.deploy("web", std::fs::read(example("echo.wat")).unwrap(), &web, false).await.unwrap();
         let host = hubs[0].client.task("echo").await.unwrap().placement.unwrap().node_id;
         let local = hubs.iter().position(|h| h.id == host).unwrap();
         let remote = (local + 1) % 3;
@@ -124,6 +126,7 @@ fn main() {
         // Leader failover and stateless failover, alternating, bounded.
         let mut election = Vec::new();
         let mut stateless = Vec::new();
+        let mut replicated = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(400);
         let mut trial = 0;
         while (election.len() < 20 || stateless.len() < 10) && Instant::now() < deadline {
@@ -169,7 +172,19 @@ fn main() {
                 }
                 None
             });
+            let caller = others[1].clone();
+            let replica_task = tokio::spawn(async move {
+                let end = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < end {
+                    if caller.invoke("web", b"x".to_vec(), None).await.is_ok() {
+                        return Some(t.elapsed());
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                None
+            });
             let new_leader = election_task.await.unwrap();
+            replicated.extend(replica_task.await.unwrap());
             let answered = stateless_task.await.unwrap();
             election.extend(new_leader);
             stateless.extend(answered);
@@ -183,6 +198,10 @@ fn main() {
         let ns = stateless.len();
         if ns > 0 {
             println!("| host killed → its stateless task answers from another hub, {ns} trials | {:.0} ms | {:.0} ms | max {:.0} ms |", ms(pct(&mut stateless, 0.5)), ms(pct(&mut stateless, 0.99)), ms(*stateless.iter().max().unwrap()));
+        }
+        let nr = replicated.len();
+        if nr > 0 {
+            println!("| a hub killed → a 3-replica stateless task answers through a survivor, {nr} trials | {:.1} ms | {:.1} ms | max {:.1} ms |", ms(pct(&mut replicated, 0.5)), ms(pct(&mut replicated, 0.99)), ms(*replicated.iter().max().unwrap()));
         }
         for h in hubs.iter_mut() {
             if let Some(mut c) = h.child.take() {
