@@ -74,18 +74,23 @@ fn leader_of(nodes: &[Arc<Consensus>]) -> usize {
     nodes.iter().position(|n| n.is_leader()).expect("a leader")
 }
 
-async fn hubmesh_writes(leader: &Arc<Consensus>, clients: usize, ops: usize) -> (f64, Duration, Duration) {
-    let me = leader.node_id();
+/// Runs `clients` concurrent loops of `op` until `ops` are done in all (or 20 s pass); returns
+/// throughput, p50 and p99 latency.
+async fn drive<F, Fut>(clients: usize, ops: usize, op: F) -> (f64, Duration, Duration)
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let started = Instant::now();
     let mut handles = Vec::new();
     for _ in 0..clients {
-        let c = leader.clone();
+        let op = op.clone();
         handles.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let end = Instant::now() + Duration::from_secs(20);
             while lat.len() < ops / clients && Instant::now() < end {
                 let t = Instant::now();
-                c.propose(Command::SetNodeStatus { node: me, status: NodeStatus::Up }).await.unwrap();
+                op().await;
                 lat.push(t.elapsed());
             }
             lat
@@ -97,6 +102,18 @@ async fn hubmesh_writes(leader: &Arc<Consensus>, clients: usize, ops: usize) -> 
     }
     let rate = all.len() as f64 / started.elapsed().as_secs_f64();
     (rate, pct(&mut all, 0.5), pct(&mut all, 0.99))
+}
+
+async fn hubmesh_writes(leader: &Arc<Consensus>, clients: usize, ops: usize) -> (f64, Duration, Duration) {
+    let me = leader.node_id();
+    let leader = leader.clone();
+    drive(clients, ops, move || {
+        let c = leader.clone();
+        async move {
+            c.propose(Command::SetNodeStatus { node: me, status: NodeStatus::Up }).await.unwrap();
+        }
+    })
+    .await
 }
 
 struct Etcd(Vec<Child>);
@@ -145,29 +162,15 @@ async fn etcd_writes(url: &str, clients: usize, ops: usize) -> (f64, Duration, D
     let put = format!("{url}/v3/kv/put");
     // key "hubmesh", value "bench" (base64, as the gateway wants).
     let body = r#"{"key":"aHVibWVzaA==","value":"YmVuY2g="}"#;
-    let started = Instant::now();
-    let mut handles = Vec::new();
-    for _ in 0..clients {
+    drive(clients, ops, move || {
         let (http, put) = (http.clone(), put.clone());
-        handles.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let end = Instant::now() + Duration::from_secs(20);
-            while lat.len() < ops / clients && Instant::now() < end {
-                let t = Instant::now();
-                let r = http.post(&put).body(body).send().await.unwrap();
-                assert!(r.status().is_success());
-                r.bytes().await.unwrap();
-                lat.push(t.elapsed());
-            }
-            lat
-        }));
-    }
-    let mut all = Vec::new();
-    for h in handles {
-        all.extend(h.await.unwrap());
-    }
-    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
-    (rate, pct(&mut all, 0.5), pct(&mut all, 0.99))
+        async move {
+            let r = http.post(&put).body(body).send().await.unwrap();
+            assert!(r.status().is_success());
+            r.bytes().await.unwrap();
+        }
+    })
+    .await
 }
 
 fn main() {

@@ -450,9 +450,11 @@ impl Consensus {
     /// Whether this hub may act for its instances: it is alone in the mesh, or it has heard from a
     /// quorum (as leader) or from the leader (as follower) within `lease`, on monotonic time.
     pub fn holds_lease(&self, lease: Duration) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
-        if voters == [self.node_id] {
+        // Called on every local invocation: read the metrics in place rather than clone them.
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let mut voters = m.membership_config.membership().voter_ids();
+        if voters.next() == Some(self.node_id) && voters.next().is_none() {
             return true;
         }
         match m.current_leader {
@@ -503,22 +505,33 @@ async fn keep_address_book(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut metrics = raft.metrics();
+    // Metrics change with every replication step; the book only needs a refresh when the
+    // membership or the state does.
+    let mut seen_membership = None;
+    let mut seen_state: Option<Arc<ClusterState>> = None;
     loop {
-        for (id, node) in metrics.borrow_and_update().membership_config.membership().nodes() {
-            if let Ok(addr) = node.mesh_addr.parse() {
-                transport.set_peer(*id, addr);
+        let membership = metrics.borrow_and_update().membership_config.clone();
+        if seen_membership.as_ref() != Some(membership.log_id()) {
+            for (id, node) in membership.membership().nodes() {
+                if let Ok(addr) = node.mesh_addr.parse() {
+                    transport.set_peer(*id, addr);
+                }
             }
+            seen_membership = Some(*membership.log_id());
         }
         let st = state.borrow_and_update().clone();
-        for n in st.nodes.values() {
-            if let Ok(addr) = n.mesh_addr.parse() {
-                transport.set_peer(n.id.0, addr);
+        if !seen_state.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &st)) {
+            for n in st.nodes.values() {
+                if let Ok(addr) = n.mesh_addr.parse() {
+                    transport.set_peer(n.id.0, addr);
+                }
             }
+            transport.set_revoked(st.revoked.iter().filter_map(|h| {
+                let mut fp = [0u8; 32];
+                hex::decode_to_slice(h, &mut fp).ok().map(|()| fp)
+            }));
+            seen_state = Some(st);
         }
-        transport.set_revoked(st.revoked.iter().filter_map(|h| {
-            let mut fp = [0u8; 32];
-            hex::decode_to_slice(h, &mut fp).ok().map(|()| fp)
-        }));
         tokio::select! {
             r = state.changed() => if r.is_err() { return },
             r = metrics.changed() => if r.is_err() { return },

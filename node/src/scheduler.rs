@@ -93,13 +93,17 @@ mod tests {
     use super::*;
 
     fn node(id: u64, slots: u32, status: NodeStatus) -> Command {
+        labelled_node(id, slots, status, &[])
+    }
+
+    pub(super) fn labelled_node(id: u64, slots: u32, status: NodeStatus, labels: &[(&str, &str)]) -> Command {
         Command::RegisterNode {
             node: NodeRecord {
                 id: NodeId(id),
                 name: format!("h{id}"),
                 api_addr: String::new(),
                 mesh_addr: String::new(),
-                labels: Default::default(),
+                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                 slots,
                 witness: false,
                 cert_fingerprint: String::new(),
@@ -109,16 +113,20 @@ mod tests {
     }
 
     fn deploy(name: &str) -> Command {
+        constrained_deploy(name, TaskKind::Stateful, &[])
+    }
+
+    pub(super) fn constrained_deploy(name: &str, kind: TaskKind, constraints: &[(&str, &str)]) -> Command {
         Command::DeployTask {
             spec: TaskSpec {
                 name: name.into(),
-                kind: TaskKind::Stateful,
+                kind,
                 module_hash: Hash::of(b"m"),
                 source_hash: Hash::of(b"s"),
                 limits: Limits { memory_bytes: 1, timeout_ms: 1, max_input_bytes: 1, max_output_bytes: 1, queue: 1 },
                 checkpoint: CheckpointPolicy::None,
                 tick_ms: None,
-                constraints: Default::default(),
+                constraints: constraints.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                 replicas: 1,
             },
             mode: DeployMode::Create,
@@ -181,43 +189,17 @@ mod tests {
 
 #[cfg(test)]
 mod constraint_tests {
-    use hubmesh_consensus::state::{CheckpointPolicy, DeployMode, Limits, NodeRecord, TaskKind, TaskSpec};
-    use hubmesh_storage::Hash;
+    use hubmesh_consensus::state::TaskKind;
 
+    use super::tests::{constrained_deploy, labelled_node};
     use super::*;
 
     fn node(id: u64, room: &str) -> Command {
-        Command::RegisterNode {
-            node: NodeRecord {
-                id: NodeId(id),
-                name: format!("h{id}"),
-                api_addr: String::new(),
-                mesh_addr: String::new(),
-                labels: [("room".to_owned(), room.to_owned())].into(),
-                slots: 10,
-                witness: false,
-                cert_fingerprint: String::new(),
-                status: NodeStatus::Up,
-            },
-        }
+        labelled_node(id, 10, NodeStatus::Up, &[("room", room)])
     }
 
     fn deploy(name: &str, room: &str) -> Command {
-        Command::DeployTask {
-            spec: TaskSpec {
-                name: name.into(),
-                kind: TaskKind::Stateless,
-                module_hash: Hash::of(b"m"),
-                source_hash: Hash::of(b"s"),
-                limits: Limits { memory_bytes: 1, timeout_ms: 1, max_input_bytes: 1, max_output_bytes: 1, queue: 1 },
-                checkpoint: CheckpointPolicy::None,
-                tick_ms: None,
-                constraints: [("room".to_owned(), room.to_owned())].into(),
-                replicas: 1,
-            },
-            mode: DeployMode::Create,
-            at_ms: 0,
-        }
+        constrained_deploy(name, TaskKind::Stateless, &[("room", room)])
     }
 
     #[test]
