@@ -625,9 +625,16 @@ impl ProposeHandle {
 
     async fn forward(&self, leader: u64, cmd: Command) -> Result<Outcome, ProposeError> {
         let payload = serde_json::to_vec(&cmd).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
-        let raw = self.transport.call(leader, kind::PROPOSE, payload, self.timeout).await.map_err(|e| match e {
+        // Stop waiting on a leader that has been replaced: if it never got the command, the caller
+        // may retry with the new one; if it did, the outcome is unknown.
+        let mut metrics = self.raft.metrics();
+        let replaced = async move {
+            let _ = metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != leader)).await;
+        };
+        let call = self.transport.call_unless(leader, kind::PROPOSE, payload, self.timeout, replaced);
+        let raw = call.await.map_err(|e| match e {
             RpcError::Timeout => ProposeError::Timeout,
-            RpcError::Unreachable(..) => ProposeError::NotLeader { leader: None },
+            RpcError::Unreachable(..) | RpcError::NotDelivered(_) => ProposeError::NotLeader { leader: None },
             other => ProposeError::Unavailable(other.to_string()),
         })?;
         let wire: Result<CommandResult, String> = serde_json::from_slice(&raw)
@@ -672,6 +679,7 @@ async fn admit(
         mesh_addr: req.mesh_addr.clone(),
         labels: BTreeMap::new(),
         slots: 0,
+        memory_bytes: 0,
         witness: false,
         cert_fingerprint: String::new(),
         status: NodeStatus::Up,

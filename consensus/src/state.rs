@@ -122,6 +122,9 @@ pub struct NodeRecord {
     pub labels: BTreeMap<String, String>,
     /// How many instances the hub offers to run.
     pub slots: u32,
+    /// Memory the hub offers to task instances: the sum of their memory caps stays below it.
+    #[serde(default = "unlimited")]
+    pub memory_bytes: u64,
     /// A witness votes but never runs tasks.
     #[serde(default)]
     pub witness: bool,
@@ -129,6 +132,10 @@ pub struct NodeRecord {
     #[serde(default)]
     pub cert_fingerprint: String,
     pub status: NodeStatus,
+}
+
+fn unlimited() -> u64 {
+    u64::MAX
 }
 
 /// The replicated state.
@@ -440,6 +447,7 @@ mod tests {
             mesh_addr: String::new(),
             labels: BTreeMap::new(),
             slots: 100,
+            memory_bytes: u64::MAX,
             witness: false,
             cert_fingerprint: String::new(),
             status: NodeStatus::Up,
@@ -561,6 +569,7 @@ mod join_tests {
             mesh_addr: "127.0.0.1:1".into(),
             labels: BTreeMap::new(),
             slots: 1,
+            memory_bytes: u64::MAX,
             witness: false,
             cert_fingerprint: String::new(),
             status: NodeStatus::Up,

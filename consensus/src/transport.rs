@@ -55,6 +55,10 @@ pub enum RpcError {
     /// No answer within the deadline; the outcome is unknown.
     #[error("the call timed out")]
     Timeout,
+    /// The caller gave up before the peer acknowledged the request: the peer never had all of
+    /// it, so it cannot have acted on it.
+    #[error("hub {0} did not receive the request")]
+    NotDelivered(u64),
     /// The peer answered with an error.
     #[error("{message}")]
     Remote { code: i32, message: String },
@@ -193,14 +197,38 @@ impl Transport {
 
     /// Calls `kind` on `target` with `payload`.
     pub async fn call(&self, target: u64, kind: u32, payload: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, RpcError> {
-        let res = tokio::time::timeout(timeout, self.call_inner(target, kind, payload))
-            .await
-            .unwrap_or(Err(RpcError::Timeout));
+        self.call_unless(target, kind, payload, timeout, std::future::pending()).await
+    }
+
+    /// Like [`call`](Self::call), but stops waiting when `give_up` completes: with
+    /// [`RpcError::NotDelivered`] if the peer had not yet acknowledged every byte of the request
+    /// (it cannot have run it, so the caller may safely try elsewhere), else with `Timeout`.
+    pub async fn call_unless(
+        &self,
+        target: u64,
+        kind: u32,
+        payload: Vec<u8>,
+        timeout: Duration,
+        give_up: impl Future<Output = ()>,
+    ) -> Result<Vec<u8>, RpcError> {
+        let delivered = std::sync::atomic::AtomicBool::new(false);
+        let res = tokio::select! {
+            r = tokio::time::timeout(timeout, self.call_inner(target, kind, payload, &delivered)) => {
+                r.unwrap_or(Err(RpcError::Timeout))
+            }
+            () = give_up => {
+                if delivered.load(std::sync::atomic::Ordering::Acquire) {
+                    Err(RpcError::Timeout)
+                } else {
+                    Err(RpcError::NotDelivered(target))
+                }
+            }
+        };
         match &res {
             Ok(_) | Err(RpcError::Remote { .. }) => {
                 lock(&self.last_ok).insert(target, Instant::now());
             }
-            Err(RpcError::Unreachable(..)) | Err(RpcError::Timeout) => {
+            Err(RpcError::Unreachable(..)) | Err(RpcError::Timeout) | Err(RpcError::NotDelivered(_)) => {
                 lock(&self.conns).remove(&target);
             }
             Err(RpcError::Protocol(_)) => {}
@@ -208,10 +236,16 @@ impl Transport {
         res
     }
 
-    async fn call_inner(&self, target: u64, kind: u32, payload: Vec<u8>) -> Result<Vec<u8>, RpcError> {
+    async fn call_inner(
+        &self,
+        target: u64,
+        kind: u32,
+        payload: Vec<u8>,
+        delivered: &std::sync::atomic::AtomicBool,
+    ) -> Result<Vec<u8>, RpcError> {
         let conn = self.connection(target).await?;
         let req = pb::MeshRequest { kind, from: self.node_id, payload };
-        exchange(&conn, &req.encode_to_vec()).await.map_err(|e| match e {
+        exchange(&conn, &req.encode_to_vec(), Some(delivered)).await.map_err(|e| match e {
             Exchange::Lost(m) => RpcError::Unreachable(target, m),
             Exchange::Bad(m) => RpcError::Protocol(m),
             Exchange::Remote(e) => e,
@@ -266,7 +300,7 @@ impl Transport {
                 .await
                 .map_err(|e| RpcError::Unreachable(0, e.to_string()))?;
             let req = pb::MeshRequest { kind: kind::JOIN, from: 0, payload };
-            let res = exchange(&conn, &req.encode_to_vec()).await;
+            let res = exchange(&conn, &req.encode_to_vec(), None).await;
             conn.close(0u32.into(), b"joined");
             res.map_err(|e| match e {
                 Exchange::Lost(m) => RpcError::Unreachable(0, m),
@@ -296,11 +330,35 @@ enum Exchange {
     Remote(RpcError),
 }
 
-async fn exchange(conn: &quinn::Connection, request: &[u8]) -> Result<Vec<u8>, Exchange> {
+/// One request and its answer on a new stream. `delivered` is set once the peer has acknowledged
+/// the whole request (an answer implies it too).
+async fn exchange(
+    conn: &quinn::Connection,
+    request: &[u8],
+    delivered: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Vec<u8>, Exchange> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Exchange::Lost(e.to_string()))?;
     send.write_all(request).await.map_err(|e| Exchange::Lost(e.to_string()))?;
     send.finish().map_err(|e| Exchange::Lost(e.to_string()))?;
-    let raw = recv.read_to_end(MAX_FRAME).await.map_err(|e| Exchange::Lost(e.to_string()))?;
+    let acked = send.stopped();
+    let read = recv.read_to_end(MAX_FRAME);
+    tokio::pin!(acked, read);
+    let mut watching = delivered.is_some();
+    let raw = loop {
+        tokio::select! {
+            r = &mut read => break r,
+            s = &mut acked, if watching => {
+                watching = false;
+                if let (Ok(None), Some(flag)) = (s, delivered) {
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+        }
+    };
+    if let Some(flag) = delivered {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+    }
+    let raw = raw.map_err(|e| Exchange::Lost(e.to_string()))?;
     let resp = pb::MeshResponse::decode(raw.as_slice()).map_err(|e| Exchange::Bad(e.to_string()))?;
     if resp.code != pb::ErrorCode::Unspecified as i32 {
         return Err(Exchange::Remote(RpcError::Remote { code: resp.code, message: resp.message }));

@@ -28,6 +28,9 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// How many task instances this hub offers to run.
     pub slots: u32,
+    /// Memory this hub offers to task instances: the scheduler places an instance only where the
+    /// memory caps of the instances already there plus its own fit. Default: half the machine's RAM.
+    pub task_memory: Option<ByteSize>,
     /// Limits of the WebAssembly engine.
     pub executor: ExecutorConfig,
     /// Defaults for tasks deployed without explicit limits.
@@ -122,8 +125,8 @@ impl Timeouts {
     pub fn resolve(&self) -> ResolvedTimeouts {
         let ms = Duration::from_millis;
         let (heartbeat, election, lease, node_down) = match self.profile {
-            Profile::Lan => (ms(50), ms(200), ms(1500), ms(3000)),
-            Profile::Wifi => (ms(100), ms(500), ms(3000), ms(6000)),
+            Profile::Lan => (ms(30), ms(100), ms(600), ms(1000)),
+            Profile::Wifi => (ms(100), ms(400), ms(2000), ms(4000)),
             Profile::Wan => (ms(300), ms(1500), ms(8000), ms(15000)),
         };
         ResolvedTimeouts {
@@ -158,6 +161,7 @@ impl Default for Config {
             mesh: SocketAddr::from(([127, 0, 0, 1], 7071)),
             labels: BTreeMap::new(),
             slots: 128,
+            task_memory: None,
             executor: ExecutorConfig::default(),
             task_defaults: TaskDefaults::default(),
             timeouts: Timeouts::default(),
@@ -183,6 +187,14 @@ impl Default for TaskDefaults {
             tick: Duration::from_secs(1),
         }
     }
+}
+
+/// Half of `MemTotal` from `/proc/meminfo` (1 GiB where it cannot be read).
+pub fn half_of_ram() -> ByteSize {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+    });
+    total_kib.map_or(ByteSize::gib(1), |kib| ByteSize::b(kib * 1024 / 2))
 }
 
 /// The default data directory: `$XDG_DATA_HOME/hubmesh` or `~/.local/share/hubmesh`.

@@ -108,7 +108,8 @@ pub(crate) enum Forwarded {
     Timeout,
 }
 
-/// Forwards an invocation to `node`.
+/// Forwards an invocation to `node`, waiting for its answer until `timeout` or until `give_up`
+/// completes (then: `Unreachable` if `node` never received the call, else `Timeout`).
 pub(crate) async fn forward(
     hub: &Hub,
     node: NodeId,
@@ -116,9 +117,10 @@ pub(crate) async fn forward(
     input: Vec<u8>,
     key: Option<String>,
     timeout: Duration,
+    give_up: impl std::future::Future<Output = ()>,
 ) -> Forwarded {
     let req = pb::InvokeForwardRequest { task: task.to_owned(), input, key: key.unwrap_or_default() }.encode_to_vec();
-    match hub.consensus.transport().call(node.0, INVOKE_FORWARD, req, timeout).await {
+    match hub.consensus.transport().call_unless(node.0, INVOKE_FORWARD, req, timeout, give_up).await {
         Ok(raw) => match pb::InvokeForwardResponse::decode(raw.as_slice()) {
             Ok(r) => Forwarded::Answer(Answer { status: r.status, output: r.output }),
             Err(e) => Forwarded::Failed(InvokeError::Unavailable(format!("bad answer from hub {node}: {e}"))),
@@ -127,6 +129,7 @@ pub(crate) async fn forward(
             Forwarded::Failed(serde_json::from_str(&message).unwrap_or(InvokeError::Unavailable(message)))
         }
         Err(RpcError::Unreachable(_, m)) => Forwarded::Unreachable(m),
+        Err(e @ RpcError::NotDelivered(_)) => Forwarded::Unreachable(e.to_string()),
         Err(RpcError::Timeout) => Forwarded::Timeout,
         Err(RpcError::Protocol(m)) => Forwarded::Failed(InvokeError::Unavailable(m)),
     }

@@ -138,6 +138,22 @@ impl Hub {
         Step::Done(res.map(|a| (a, p)).map_err(RouteError::from))
     }
 
+    /// Completes once the state no longer trusts `p`: its hub is not up any more or the instance
+    /// was re-placed (a new epoch). A call still waiting on that hub then stops waiting.
+    fn host_replaced(&self, name: &str, p: Placement) -> impl std::future::Future<Output = ()> + use<> {
+        let mut rx = self.consensus.watch();
+        let name = name.to_owned();
+        async move {
+            let _ = rx
+                .wait_for(|s| {
+                    let hub_up = s.nodes.get(&p.node).is_some_and(|n| n.status == NodeStatus::Up);
+                    let still_placed = s.tasks.get(&name).is_some_and(|t| t.placements().any(|(_, q)| q == p));
+                    !(hub_up && still_placed)
+                })
+                .await;
+        }
+    }
+
     /// Forwards to one of the task's hosts: hubs the state says are up first, rotating among
     /// replicas. An unreachable host, or one that does not run the task yet, makes the call try
     /// the next one, so a stateless replica elsewhere answers when one hub dies.
@@ -158,7 +174,8 @@ impl Hub {
         let mut reason = String::from("no host answered");
         for p in order {
             let started = std::time::Instant::now();
-            let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget).await;
+            let moved = self.host_replaced(name, p);
+            let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget, moved).await;
             metrics::histogram!("hubmesh_invoke_forwarded_seconds").record(started.elapsed().as_secs_f64());
             match res {
                 Forwarded::Answer(a) => return Step::Done(Ok((a, p))),

@@ -17,6 +17,9 @@ use crate::scheduler;
 pub(crate) async fn run(hub: Arc<Hub>, api_addr: String, mut shutdown: watch::Receiver<bool>) {
     let mut rx = hub.consensus.watch();
     let mut leading_since: Option<Instant> = None;
+    // Health is judged this often: a tenth of node_down keeps detection within 10 % of it.
+    let tick =
+        (hub.config.timeouts.resolve().node_down / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
     loop {
         step(&hub, &api_addr).await;
         if hub.consensus.is_leader() {
@@ -27,7 +30,7 @@ pub(crate) async fn run(hub: Arc<Hub>, api_addr: String, mut shutdown: watch::Re
         }
         tokio::select! {
             _ = rx.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(tick) => {}
             _ = shutdown.changed() => return,
         }
     }
@@ -45,6 +48,7 @@ async fn step(hub: &Hub, api_addr: &str) {
         mesh_addr: hub.consensus.mesh_addr().to_string(),
         labels: hub.config.labels.clone(),
         slots: if hub.config.witness { 0 } else { hub.config.slots },
+        memory_bytes: if hub.config.witness { 0 } else { hub.config.task_memory.unwrap_or_else(crate::config::half_of_ram).as_u64() },
         witness: hub.config.witness,
         cert_fingerprint: hub.consensus.cert_fingerprint(),
         status,

@@ -3,20 +3,36 @@
 //!
 //! Policy: every task wants one instance (instance 0). An instance is (re)placed when it has no
 //! placement or its hub is gone, down, draining, a witness (witnesses never run tasks) or no longer
-//! has the labels the task is constrained to (`--on room=attic`). The chosen hub is the `Up` hub with the most
-//! free slots (ties: lowest id). A task that fits nowhere stays pending, with a reason.
+//! has the labels the task is constrained to (`--on room=attic`). Capacity is both instance slots
+//! and memory: the memory caps of a hub's instances must fit in the memory it offers. The chosen hub
+//! is the `Up` hub with the most free slots (ties: most free memory, then lowest id). A task that
+//! fits nowhere stays pending, with a reason.
 
 use std::collections::BTreeMap;
 
 use hubmesh_consensus::state::{ClusterState, NodeRecord, NodeStatus, TaskRecord};
 use hubmesh_consensus::{Command, NodeId};
 
-/// Instances placed on each hub.
-fn load(state: &ClusterState) -> BTreeMap<NodeId, u32> {
-    let mut load: BTreeMap<NodeId, u32> = state.nodes.keys().map(|id| (*id, 0)).collect();
+/// What is placed on one hub.
+#[derive(Debug, Clone, Copy, Default)]
+struct Used {
+    instances: u32,
+    memory: u64,
+}
+
+impl Used {
+    fn add(&mut self, task: &TaskRecord) {
+        self.instances += 1;
+        self.memory = self.memory.saturating_add(task.spec.limits.memory_bytes);
+    }
+}
+
+/// What is placed on each hub.
+fn load(state: &ClusterState) -> BTreeMap<NodeId, Used> {
+    let mut load: BTreeMap<NodeId, Used> = state.nodes.keys().map(|id| (*id, Used::default())).collect();
     for t in state.tasks.values() {
         for p in t.instances.values() {
-            *load.entry(p.node).or_default() += 1;
+            load.entry(p.node).or_default().add(t);
         }
     }
     load
@@ -44,7 +60,7 @@ pub fn plan(state: &ClusterState) -> Vec<Command> {
                 continue;
             }
             let Some(node) = pick(state, &load, task, &hosts) else { continue };
-            *load.entry(node).or_default() += 1;
+            load.entry(node).or_default().add(task);
             hosts.push(node);
             out.push(Command::PlaceInstance { task: name.clone(), instance, node, expected: current.map(|p| p.epoch) });
         }
@@ -52,17 +68,19 @@ pub fn plan(state: &ClusterState) -> Vec<Command> {
     out
 }
 
-fn pick(state: &ClusterState, load: &BTreeMap<NodeId, u32>, task: &TaskRecord, taken: &[NodeId]) -> Option<NodeId> {
+fn pick(state: &ClusterState, load: &BTreeMap<NodeId, Used>, task: &TaskRecord, taken: &[NodeId]) -> Option<NodeId> {
     state
         .nodes
         .values()
         .filter(|n| fits(n, task) && !taken.contains(&n.id))
         .filter_map(|n| {
-            let used = load.get(&n.id).copied().unwrap_or(0);
-            (used < n.slots).then_some((n.slots - used, n.id))
+            let used = load.get(&n.id).copied().unwrap_or_default();
+            let free_memory = n.memory_bytes.saturating_sub(used.memory);
+            let room = used.instances < n.slots && task.spec.limits.memory_bytes <= free_memory;
+            room.then_some((n.slots - used.instances, free_memory, n.id))
         })
-        .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
-        .map(|(_, id)| id)
+        .max_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(b.2.cmp(&a.2)))
+        .map(|(_, _, id)| id)
 }
 
 /// Why `task` has no placement, for `task list`.
@@ -79,7 +97,10 @@ pub fn pending_reason(state: &ClusterState, task: &str) -> Option<String> {
         return Some(format!("no hub that is up (and not a witness) has the labels {}", wanted.join(",")));
     }
     if pick(state, &load(state), t, &[]).is_none() {
-        return Some("every hub that qualifies has all its instance slots in use".into());
+        return Some(format!(
+            "no hub that qualifies has a free instance slot and {} of free task memory",
+            bytesize::ByteSize(t.spec.limits.memory_bytes)
+        ));
     }
     Some("waiting for the leader to place it".into())
 }
@@ -105,6 +126,7 @@ mod tests {
                 mesh_addr: String::new(),
                 labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                 slots,
+                memory_bytes: 1 << 30,
                 witness: false,
                 cert_fingerprint: String::new(),
                 status,
@@ -169,7 +191,40 @@ mod tests {
         assert_eq!(s.placement("a", 0).map(|p| p.node), Some(NodeId(1)));
         assert!(plan(&s).is_empty());
         assert_eq!(pending_reason(&s, "a"), None);
-        assert!(pending_reason(&s, "b").unwrap().contains("slots"));
+        assert!(pending_reason(&s, "b").unwrap().contains("slot"));
+    }
+
+    #[test]
+    fn memory_caps_must_fit_in_the_memory_a_hub_offers() {
+        // Hub 1 has the most slots but room for one 600 MiB task only; hub 2 has room for one more.
+        let mut s =
+            state(&[node(1, 9, NodeStatus::Up), node(2, 5, NodeStatus::Up), deploy("a"), deploy("b"), deploy("c")]);
+        for (id, mib) in [(1, 1000), (2, 700)] {
+            let mut n = s.nodes[&NodeId(id)].clone();
+            n.memory_bytes = mib << 20;
+            s.apply(&Command::RegisterNode { node: n }).unwrap();
+        }
+        for t in s.tasks.values_mut() {
+            t.spec.limits.memory_bytes = 600 << 20;
+        }
+        assert_eq!(
+            plan(&s),
+            vec![
+                Command::PlaceInstance { task: "a".into(), instance: 0, node: NodeId(1), expected: None },
+                Command::PlaceInstance { task: "b".into(), instance: 0, node: NodeId(2), expected: None },
+            ]
+        );
+        for c in plan(&s) {
+            s.apply(&c).unwrap();
+        }
+        let reason = pending_reason(&s, "c").unwrap();
+        assert!(reason.contains("600.0 MiB") && reason.contains("memory"), "{reason}");
+        // Capacity appears (task a goes away): c is placed.
+        s.apply(&Command::DeleteTask { name: "a".into() }).unwrap();
+        assert_eq!(
+            plan(&s),
+            vec![Command::PlaceInstance { task: "c".into(), instance: 0, node: NodeId(1), expected: None }]
+        );
     }
 
     #[test]

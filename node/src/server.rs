@@ -101,7 +101,7 @@ pub async fn run(
     let consensus = Consensus::start(ConsensusConfig {
         dir: dir.join("raft"),
         tls_dir: dir.join("tls"),
-        fresh_node_id: rand::rng().next_u64() >> 1 | 1,
+        fresh_node_id: fresh_node_id()?,
         node: NodeAddr { name: config.name.clone(), api_addr: api_addr.to_string(), mesh_addr: String::new() },
         mesh_addr: config.mesh,
         join,
@@ -172,4 +172,16 @@ pub async fn run(
     served.context("serving the API")?;
     tracing::info!("bye");
     Ok(())
+}
+
+/// The node id a new data dir takes: random, or `HUBMESH_NODE_ID` (meant for tests that need a
+/// collision, and for re-creating a hub under a known id; the mesh refuses an id it already has).
+fn fresh_node_id() -> anyhow::Result<u64> {
+    match std::env::var("HUBMESH_NODE_ID") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(id) if id > 0 => Ok(id),
+            _ => bail!("HUBMESH_NODE_ID={v:?}: expected a positive integer"),
+        },
+        Err(_) => Ok(rand::rng().next_u64() >> 1 | 1),
+    }
 }

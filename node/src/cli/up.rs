@@ -38,6 +38,9 @@ pub struct UpArgs {
     /// Task instances this hub offers to run.
     #[arg(long, env = "HUBMESH_SLOTS")]
     pub slots: Option<u32>,
+    /// Memory this hub offers to task instances, e.g. `512MiB` (default: half the RAM).
+    #[arg(long = "task-memory", env = "HUBMESH_TASK_MEMORY")]
+    pub task_memory: Option<bytesize::ByteSize>,
 }
 
 /// Defaults, then the file, then env and flags.
@@ -66,6 +69,9 @@ pub(super) fn config_of(args: &UpArgs, conn: &ConnArgs) -> anyhow::Result<Config
     }
     if let Some(s) = args.slots {
         c.slots = s;
+    }
+    if let Some(m) = args.task_memory {
+        c.task_memory = Some(m);
     }
     for l in &args.labels {
         let Some((k, v)) = l.split_once('=') else { bail!("--label {l:?}: expected key=value") };

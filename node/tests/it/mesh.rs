@@ -12,14 +12,21 @@ async fn three_voters(hub: &Hub) -> bool {
 
 /// Runs `hubmesh up --join TOKEN` on a fresh data dir and returns its exit status and stderr.
 fn try_join(token: &str) -> (bool, String) {
+    try_join_as(token, None)
+}
+
+/// `try_join`, with the node id the new hub claims.
+fn try_join_as(token: &str, node_id: Option<u64>) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(bin())
-        .arg("--data-dir")
+    let mut cmd = std::process::Command::new(bin());
+    cmd.arg("--data-dir")
         .arg(dir.path())
         .args(["up", "--api", "127.0.0.1:0", "--mesh", "127.0.0.1:0", "--join", token])
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
+        .env("NO_COLOR", "1");
+    if let Some(id) = node_id {
+        cmd.env("HUBMESH_NODE_ID", id.to_string());
+    }
+    let out = cmd.output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -105,6 +112,11 @@ async fn bad_tokens_are_refused_and_change_nothing() {
     let short = a.client.create_token(Some("1ms")).await.unwrap().token;
     let (ok, err) = try_join(&short);
     assert!(!ok && err.contains("expired"), "{err}");
+    step("a joiner claiming the node id of a member is refused");
+    let member = node_id(&a).await;
+    let valid = a.client.create_token(None).await.unwrap().token;
+    let (ok, err) = try_join_as(&valid, Some(member));
+    assert!(!ok && err.contains("already taken"), "{err}");
     step("the mesh is unchanged: one hub, one voter");
     let s = a.client.status().await.unwrap();
     assert_eq!((s.nodes.len(), s.voters.len()), (1, 1));
