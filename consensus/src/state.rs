@@ -61,10 +61,55 @@ pub struct TaskSpec {
     /// Instances of a stateless task, each on its own hub (a stateful task has exactly 1).
     #[serde(default = "one")]
     pub replicas: u32,
+    /// Hubs besides the host that keep each checkpoint of a stateful task (`--replicas-state`).
+    #[serde(default = "two")]
+    pub state_replicas: u32,
 }
 
 fn one() -> u32 {
     1
+}
+
+fn two() -> u32 {
+    2
+}
+
+/// The last checkpoint of a stateful task that the mesh has committed: the state a failover
+/// restores. Its key in every page log is [`CheckpointRecord::key`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// The task version whose module wrote it.
+    pub version: u64,
+    /// The placement epoch of the instance that wrote it.
+    pub epoch: Epoch,
+    pub sequence: u64,
+    /// blake3 of the encoded manifest.
+    pub manifest_hash: Hash,
+    /// Hubs that hold the manifest and all its pages (the writing host first).
+    pub stored_on: Vec<NodeId>,
+    /// Bytes of the pages the manifest refers to.
+    pub size_bytes: u64,
+    pub at_ms: u64,
+}
+
+impl CheckpointRecord {
+    /// The page-log key of this checkpoint's manifest.
+    pub fn key(&self, task: &str) -> String {
+        checkpoint_key(task, self.epoch, self.sequence)
+    }
+}
+
+/// The page-log key of the manifest of `task` written at `epoch` with `sequence`.
+pub fn checkpoint_key(task: &str, epoch: Epoch, sequence: u64) -> String {
+    format!("{task}/{}/{sequence}", epoch.0)
+}
+
+/// Splits a page-log key made by [`checkpoint_key`].
+pub fn parse_checkpoint_key(key: &str) -> Option<(&str, Epoch, u64)> {
+    let mut parts = key.rsplitn(3, '/');
+    let sequence = parts.next()?.parse().ok()?;
+    let epoch = Epoch(parts.next()?.parse().ok()?);
+    Some((parts.next()?, epoch, sequence))
 }
 
 impl TaskSpec {
@@ -99,6 +144,31 @@ pub struct TaskRecord {
     pub updated_ms: u64,
     /// Instance index -> placement. A stateful task has the single instance 0.
     pub instances: BTreeMap<u32, Placement>,
+    /// Hubs the leader chose to keep this task's checkpoints (never its host).
+    #[serde(default)]
+    pub holders: Vec<NodeId>,
+    /// The last committed checkpoint.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointRecord>,
+    /// Placements and failovers, oldest first (the last [`MAX_HISTORY`]).
+    #[serde(default)]
+    pub history: Vec<HistoryEvent>,
+}
+
+/// Events kept per task.
+pub const MAX_HISTORY: usize = 32;
+
+/// A change of where a task's instance runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    pub at_ms: u64,
+    pub instance: u32,
+    pub node: NodeId,
+    pub epoch: Epoch,
+    /// `placed`, `failover` (its hub was down), `moved` (drain, labels) or `updated`.
+    pub reason: String,
+    /// The checkpoint sequence the instance starts from, if any.
+    pub from_sequence: Option<u64>,
 }
 
 /// Health of a hub as the leader sees it.
@@ -157,6 +227,9 @@ pub struct ClusterState {
     /// Ids of removed hubs: they may not register or join again under that id.
     #[serde(default)]
     pub removed: std::collections::BTreeSet<NodeId>,
+    /// Time and reason for history events of the commands that follow in the same batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<(u64, String)>,
 }
 
 /// A join token as the mesh remembers it: only a hash of its secret.
@@ -190,6 +263,13 @@ pub enum Command {
     /// Places (or re-places) one instance. `expected` is the epoch the proposer saw, so a
     /// placement decided on a stale view is rejected instead of overriding a newer one.
     PlaceInstance { task: String, instance: u32, node: NodeId, expected: Option<Epoch> },
+    /// The leader's choice of checkpoint holders for a task.
+    SetHolders { task: String, holders: Vec<NodeId> },
+    /// A checkpoint that its holders have stored; refused unless it comes from the instance's
+    /// current epoch and is newer than the last one.
+    CommitCheckpoint { task: String, record: CheckpointRecord },
+    /// Stamps the time and reason of the next history events (sent with placements).
+    Note { at_ms: u64, reason: String },
     /// Independent commands committed as one log entry (group commit); each has its own result.
     Batch(Vec<Self>),
     /// Records the cluster CA (once, by the first hub).
@@ -226,6 +306,7 @@ pub enum Outcome {
     TokenCreated,
     TokenRevoked,
     Admitted,
+    Committed,
 }
 
 /// Why a command was refused. A refused command changed nothing.
@@ -298,6 +379,16 @@ impl ClusterState {
                 Ok(Outcome::Deleted)
             }
             Command::PlaceInstance { task, instance, node, expected } => self.place(task, *instance, *node, *expected),
+            Command::SetHolders { task, holders } => {
+                let t = self.tasks.get_mut(task).ok_or_else(|| Rejected::NoSuchTask(task.clone()))?;
+                t.holders = holders.clone();
+                Ok(Outcome::NodeRegistered)
+            }
+            Command::CommitCheckpoint { task, record } => self.commit_checkpoint(task, record),
+            Command::Note { at_ms, reason } => {
+                self.note = Some((*at_ms, reason.clone()));
+                Ok(Outcome::Noop)
+            }
             Command::SetCa { ca } => {
                 if self.ca.is_some() {
                     return Err(Rejected::Invalid("the mesh already has a CA".into()));
@@ -359,7 +450,9 @@ impl ClusterState {
                 if cmds.iter().any(|c| matches!(c, Command::Batch(_))) {
                     return Err(Rejected::Invalid("batches do not nest".into()));
                 }
-                Ok(Outcome::Batch(cmds.iter().map(|c| self.apply(c)).collect()))
+                let out = Outcome::Batch(cmds.iter().map(|c| self.apply(c)).collect());
+                self.note = None;
+                Ok(out)
             }
         }
     }
@@ -389,12 +482,19 @@ impl ClusterState {
                     created_ms: at_ms,
                     updated_ms: at_ms,
                     instances: BTreeMap::new(),
+                    holders: Vec::new(),
+                    checkpoint: None,
+                    history: Vec::new(),
                 };
                 self.tasks.insert(spec.name.clone(), record);
                 Ok(Outcome::Deployed { version: 1, created: true })
             }
             (DeployMode::Update, true) => {
                 let mut record = self.tasks.remove(&spec.name).expect("checked: the task exists");
+                if record.spec.module_hash != spec.module_hash {
+                    // The saved state belongs to the old module.
+                    record.checkpoint = None;
+                }
                 record.spec = spec.clone();
                 record.version += 1;
                 record.updated_ms = at_ms;
@@ -424,9 +524,33 @@ impl ClusterState {
             return Err(Rejected::StaleEpoch { current });
         }
         let epoch = self.next_epoch();
+        let (at_ms, reason) = self.note.clone().unwrap_or((0, "placed".into()));
         let record = self.tasks.get_mut(task).expect("checked: the task exists");
         record.instances.insert(instance, Placement { node, epoch });
+        // The new host must not keep its own checkpoints: it already has the state.
+        record.holders.retain(|h| *h != node);
+        let from_sequence = record.checkpoint.as_ref().map(|c| c.sequence);
+        record.history.push(HistoryEvent { at_ms, instance, node, epoch, reason, from_sequence });
+        if record.history.len() > MAX_HISTORY {
+            record.history.remove(0);
+        }
         Ok(Outcome::Placed { epoch })
+    }
+
+    fn commit_checkpoint(&mut self, task: &str, record: &CheckpointRecord) -> CommandResult {
+        let t = self.tasks.get_mut(task).ok_or_else(|| Rejected::NoSuchTask(task.to_owned()))?;
+        if t.spec.kind != TaskKind::Stateful {
+            return Err(Rejected::Invalid(format!("task {task:?} is stateless")));
+        }
+        let current = t.instances.get(&0).map(|p| p.epoch);
+        if current != Some(record.epoch) || record.version != t.version {
+            return Err(Rejected::StaleEpoch { current });
+        }
+        if t.checkpoint.as_ref().is_some_and(|c| (c.epoch, c.sequence) >= (record.epoch, record.sequence)) {
+            return Err(Rejected::Invalid("the checkpoint is not newer than the committed one".into()));
+        }
+        t.checkpoint = Some(record.clone());
+        Ok(Outcome::Committed)
     }
 
     /// The placement of `task`'s instance `instance`, if placed.
@@ -471,11 +595,53 @@ mod tests {
             tick_ms: None,
             constraints: BTreeMap::new(),
             replicas: 1,
+            state_replicas: 2,
         }
     }
 
     fn deploy(name: &str, mode: DeployMode) -> Command {
         Command::DeployTask { spec: spec(name, TaskKind::Stateful), mode, at_ms: 5 }
+    }
+
+    #[test]
+    fn checkpoints_commit_only_from_the_current_epoch_and_in_order() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::RegisterNode { node: node(1) }).unwrap();
+        s.apply(&Command::RegisterNode { node: node(2) }).unwrap();
+        s.apply(&deploy("t", DeployMode::Create)).unwrap();
+        let place =
+            |node, expected| Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(node), expected };
+        let Outcome::Placed { epoch: e1 } = s.apply(&place(1, None)).unwrap() else { panic!() };
+        let rec = |epoch, sequence| CheckpointRecord {
+            version: 1,
+            epoch,
+            sequence,
+            manifest_hash: Hash::of(b"m"),
+            stored_on: vec![NodeId(1), NodeId(2)],
+            size_bytes: 65536,
+            at_ms: 9,
+        };
+        let commit = |r| Command::CommitCheckpoint { task: "t".into(), record: r };
+        assert_eq!(s.apply(&commit(rec(e1, 1))), Ok(Outcome::Committed));
+        assert!(matches!(s.apply(&commit(rec(e1, 1))), Err(Rejected::Invalid(_))), "not newer");
+        s.apply(&Command::SetHolders { task: "t".into(), holders: vec![NodeId(2)] }).unwrap();
+        // Failover: the new host (a holder) gets a new epoch and leaves the holder list.
+        s.apply(&Command::Batch(vec![Command::Note { at_ms: 77, reason: "failover".into() }, place(2, Some(e1))]))
+            .unwrap();
+        let t = &s.tasks["t"];
+        assert!(t.holders.is_empty());
+        let last = t.history.last().unwrap();
+        assert_eq!((last.at_ms, last.reason.as_str(), last.from_sequence), (77, "failover", Some(1)));
+        assert_eq!(s.note, None);
+        let before = s.clone();
+        // The old host, cut off, tries to commit at its old epoch: refused, nothing changes.
+        assert!(matches!(s.apply(&commit(rec(e1, 2))), Err(Rejected::StaleEpoch { .. })));
+        assert_eq!(s, before);
+        let e2 = s.placement("t", 0).unwrap().epoch;
+        assert_eq!(s.apply(&commit(rec(e2, 2))), Ok(Outcome::Committed));
+        assert_eq!(s.tasks["t"].checkpoint.as_ref().unwrap().key("t"), format!("t/{}/2", e2.0));
+        assert_eq!(parse_checkpoint_key("t/5/2"), Some(("t", Epoch(5), 2)));
+        assert_eq!(parse_checkpoint_key("t"), None);
     }
 
     #[test]

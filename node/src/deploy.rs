@@ -168,6 +168,10 @@ impl Hub {
             return Err(DeployError::TooLarge { size: source.len() as u64, limit });
         }
         let (kind, limits, checkpoint, tick) = spec_of(self, name, params)?;
+        let state_replicas = params.replicas_state.unwrap_or(2);
+        if state_replicas > 6 {
+            return Err(DeployError::BadRequest("--replicas-state must be 0-6".into()));
+        }
         let replicas = params.replicas.unwrap_or(1);
         if replicas == 0 || replicas > 64 || (kind == TaskKind::Stateful && replicas != 1) {
             return Err(DeployError::BadRequest(
@@ -214,6 +218,7 @@ impl Hub {
             tick_ms,
             constraints: constraints_of(params)?,
             replicas,
+            state_replicas,
         };
         let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let mode = if update { DeployMode::Update } else { DeployMode::Create };

@@ -94,6 +94,27 @@ impl Hub {
             instances,
             last_checkpoint: local.as_ref().and_then(|s| s.last_checkpoint.as_ref()).map(checkpoint_info),
             invocations: local.map_or(0, |s| s.invocations),
+            holders: record.holders.iter().map(|n| n.0).collect(),
+            committed: record.checkpoint.as_ref().map(|c| api::CommittedCheckpointInfo {
+                sequence: c.sequence,
+                epoch: c.epoch.0,
+                age_ms: now_ms().saturating_sub(c.at_ms),
+                size_bytes: c.size_bytes,
+                stored_on: c.stored_on.iter().map(|n| n.0).collect(),
+            }),
+            history: record
+                .history
+                .iter()
+                .map(|h| api::HistoryInfo {
+                    at_ms: h.at_ms,
+                    instance: h.instance,
+                    node_id: h.node.0,
+                    node_name: state.nodes.get(&h.node).map(|n| n.name.clone()).unwrap_or_default(),
+                    epoch: h.epoch.0,
+                    reason: h.reason.clone(),
+                    from_sequence: h.from_sequence,
+                })
+                .collect(),
         }
     }
 
@@ -168,4 +189,8 @@ impl Hub {
         let mut rx = self.consensus.watch();
         tokio::time::timeout(timeout, rx.wait_for(|s| cond(s))).await.is_ok_and(|r| r.is_ok())
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -48,7 +48,11 @@ async fn step(hub: &Hub, api_addr: &str) {
         mesh_addr: hub.consensus.mesh_addr().to_string(),
         labels: hub.config.labels.clone(),
         slots: if hub.config.witness { 0 } else { hub.config.slots },
-        memory_bytes: if hub.config.witness { 0 } else { hub.config.task_memory.unwrap_or_else(crate::config::half_of_ram).as_u64() },
+        memory_bytes: if hub.config.witness {
+            0
+        } else {
+            hub.config.task_memory.unwrap_or_else(crate::config::half_of_ram).as_u64()
+        },
         witness: hub.config.witness,
         cert_fingerprint: hub.consensus.cert_fingerprint(),
         status,

@@ -22,5 +22,6 @@ mod hub;
 mod invoke;
 mod leader;
 mod reconcile;
+mod replication;
 pub mod scheduler;
 pub mod server;

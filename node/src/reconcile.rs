@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubmesh_consensus::state::TaskRecord;
+use hubmesh_consensus::state::{CheckpointPolicy, TaskRecord};
 use hubmesh_consensus::ClusterState;
 use tokio::sync::watch;
 
-use crate::executor::{InstanceLimits, TaskConfig};
+use crate::executor::{InstanceLimits, Restore, TaskConfig};
 use crate::hub::Hub;
 
 /// The executor's configuration for a task record.
@@ -48,7 +48,7 @@ pub(crate) async fn run(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn reconcile_once(hub: &Arc<Hub>, state: &ClusterState) {
+async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
     let me = hub.consensus.node_id();
     let desired: HashMap<String, TaskConfig> = state
         .tasks
@@ -105,9 +105,22 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &ClusterState) {
                 continue;
             }
         };
+        let restore = match state.tasks.get(&name).and_then(|t| t.checkpoint.as_ref()) {
+            Some(record) if cfg.checkpoint != CheckpointPolicy::None => {
+                match crate::replication::fetch_checkpoint(hub, &name, record).await {
+                    Ok(key) => Restore::Key(key),
+                    Err(e) => {
+                        // Not a start failure: a holder may come back; never start without the state.
+                        tracing::warn!(task = %name, error = %e, "the task's checkpoint is not available yet");
+                        continue;
+                    }
+                }
+            }
+            _ => Restore::Fresh,
+        };
         let executor = hub.executor.clone();
         let cfg2 = cfg.clone();
-        let res = tokio::task::spawn_blocking(move || executor.start_task(cfg2, &wasm)).await;
+        let res = tokio::task::spawn_blocking(move || executor.start_task_from(cfg2, &wasm, restore)).await;
         match res {
             Ok(Ok(())) => {
                 hub.start_failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
@@ -116,6 +129,8 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &ClusterState) {
             Err(e) => record_failure(hub, &name, &key, &format!("the start thread failed: {e}")),
         }
     }
+    let (log, state2) = (hub.executor.pages().clone(), state.clone());
+    let _ = tokio::task::spawn_blocking(move || crate::replication::collect_garbage(&log, &state2)).await;
     metrics::gauge!("hubmesh_tasks_running").set(hub.executor.configs().len() as f64);
 }
 

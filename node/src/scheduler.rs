@@ -7,10 +7,16 @@
 //! and memory: the memory caps of a hub's instances must fit in the memory it offers. The chosen hub
 //! is the `Up` hub with the most free slots (ties: most free memory, then lowest id). A task that
 //! fits nowhere stays pending, with a reason.
+//!
+//! Stateful tasks with checkpoints: the leader also picks their **holders** (up to
+//! `state_replicas` hubs, never the host, spread over the hubs holding least), and a failover
+//! goes to a live hub that stores the committed checkpoint first (it restores without fetching).
+//! When every hub that stores it is down, the task is not placed at all: it waits, unavailable
+//! with a reason, rather than restart empty.
 
 use std::collections::BTreeMap;
 
-use hubmesh_consensus::state::{ClusterState, NodeRecord, NodeStatus, TaskRecord};
+use hubmesh_consensus::state::{CheckpointPolicy, ClusterState, NodeRecord, NodeStatus, TaskKind, TaskRecord};
 use hubmesh_consensus::{Command, NodeId};
 
 /// What is placed on one hub.
@@ -46,8 +52,24 @@ fn usable(state: &ClusterState, node: NodeId, task: &TaskRecord) -> bool {
     state.nodes.get(&node).is_some_and(|n| fits(n, task))
 }
 
-/// The placements the leader should propose now.
+fn is_up(state: &ClusterState, node: NodeId) -> bool {
+    state.nodes.get(&node).is_some_and(|n| n.status == NodeStatus::Up)
+}
+
+/// Hubs that are up and store the task's committed checkpoint (`None`: it has none).
+fn live_copies(state: &ClusterState, task: &TaskRecord) -> Option<Vec<NodeId>> {
+    let c = task.checkpoint.as_ref()?;
+    Some(c.stored_on.iter().copied().filter(|n| is_up(state, *n)).collect())
+}
+
+/// The placements the leader should propose now, then the holder changes.
 pub fn plan(state: &ClusterState) -> Vec<Command> {
+    let mut out = place(state);
+    out.extend(holders(state));
+    out
+}
+
+fn place(state: &ClusterState) -> Vec<Command> {
     let mut load = load(state);
     let mut out = Vec::new();
     for (name, task) in &state.tasks {
@@ -59,10 +81,74 @@ pub fn plan(state: &ClusterState) -> Vec<Command> {
             if current.is_some_and(|p| usable(state, p.node, task)) {
                 continue;
             }
-            let Some(node) = pick(state, &load, task, &hosts) else { continue };
+            let copies = live_copies(state, task);
+            if copies.as_ref().is_some_and(|c| c.is_empty()) {
+                continue; // unavailable: see pending_reason
+            }
+            let preferred = copies.unwrap_or_default();
+            let Some(node) = pick_preferring(state, &load, task, &hosts, &preferred) else { continue };
+            let reason = match current.and_then(|p| state.nodes.get(&p.node)) {
+                None if current.is_none() => "placed",
+                Some(n) if n.status == NodeStatus::Up => "moved",
+                _ => "failover",
+            };
+            out.push(Command::Note { at_ms: now_ms(), reason: reason.into() });
             load.entry(node).or_default().add(task);
             hosts.push(node);
             out.push(Command::PlaceInstance { task: name.clone(), instance, node, expected: current.map(|p| p.epoch) });
+        }
+    }
+    out
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Like [`pick`], but a hub in `preferred` that qualifies wins.
+fn pick_preferring(
+    state: &ClusterState,
+    load: &BTreeMap<NodeId, Used>,
+    task: &TaskRecord,
+    taken: &[NodeId],
+    preferred: &[NodeId],
+) -> Option<NodeId> {
+    let mut others: Vec<NodeId> = taken.to_vec();
+    others.extend(state.nodes.keys().filter(|n| !preferred.contains(n)));
+    pick(state, load, task, &others).or_else(|| pick(state, load, task, taken))
+}
+
+/// Holder changes: each checkpointed stateful task keeps the live holders it has and gets more,
+/// up to `state_replicas`, from the up hubs (not witnesses, not its host) that hold fewest.
+fn holders(state: &ClusterState) -> Vec<Command> {
+    let mut held: BTreeMap<NodeId, usize> = BTreeMap::new();
+    for t in state.tasks.values() {
+        for h in &t.holders {
+            *held.entry(*h).or_default() += 1;
+        }
+    }
+    let mut out = Vec::new();
+    for (name, task) in &state.tasks {
+        if task.spec.kind != TaskKind::Stateful || task.spec.checkpoint == CheckpointPolicy::None {
+            continue;
+        }
+        let Some(host) = task.instances.get(&0).map(|p| p.node) else { continue };
+        let eligible = |n: &NodeRecord| n.status == NodeStatus::Up && !n.witness && n.id != host;
+        let mut want: Vec<NodeId> =
+            task.holders.iter().copied().filter(|h| state.nodes.get(h).is_some_and(eligible)).collect();
+        let mut candidates: Vec<&NodeRecord> =
+            state.nodes.values().filter(|n| eligible(n) && !want.contains(&n.id)).collect();
+        candidates.sort_by_key(|n| (held.get(&n.id).copied().unwrap_or(0), n.id));
+        for n in candidates {
+            if want.len() >= task.spec.state_replicas as usize {
+                break;
+            }
+            want.push(n.id);
+            *held.entry(n.id).or_default() += 1;
+        }
+        want.truncate(task.spec.state_replicas as usize);
+        if want != task.holders {
+            out.push(Command::SetHolders { task: name.clone(), holders: want });
         }
     }
     out
@@ -89,6 +175,17 @@ pub fn pending_reason(state: &ClusterState, task: &str) -> Option<String> {
     if t.placements().any(|(_, p)| usable(state, p.node, t)) {
         return None;
     }
+    if let (Some(c), Some(copies)) = (&t.checkpoint, live_copies(state, t)) {
+        if copies.is_empty() {
+            let on: Vec<String> = c.stored_on.iter().map(|n| n.0.to_string()).collect();
+            return Some(format!(
+                "unavailable: every hub that stores its last checkpoint (sequence {}) is down (hubs {}); \
+                 it will not restart without its state",
+                c.sequence,
+                on.join(", ")
+            ));
+        }
+    }
     if state.nodes.values().all(|n| n.status != NodeStatus::Up) {
         return Some("no hub is up".into());
     }
@@ -112,6 +209,11 @@ mod tests {
     use hubmesh_storage::Hash;
 
     use super::*;
+
+    /// The plan without its history notes.
+    pub(super) fn places(s: &ClusterState) -> Vec<Command> {
+        plan(s).into_iter().filter(|c| !matches!(c, Command::Note { .. })).collect()
+    }
 
     fn node(id: u64, slots: u32, status: NodeStatus) -> Command {
         labelled_node(id, slots, status, &[])
@@ -150,6 +252,7 @@ mod tests {
                 tick_ms: None,
                 constraints: constraints.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                 replicas: 1,
+                state_replicas: 2,
             },
             mode: DeployMode::Create,
             at_ms: 0,
@@ -174,7 +277,7 @@ mod tests {
             deploy("b"),
         ]);
         assert_eq!(
-            plan(&s),
+            places(&s),
             vec![
                 Command::PlaceInstance { task: "a".into(), instance: 0, node: NodeId(2), expected: None },
                 Command::PlaceInstance { task: "b".into(), instance: 0, node: NodeId(2), expected: None },
@@ -189,7 +292,7 @@ mod tests {
             s.apply(&c).unwrap();
         }
         assert_eq!(s.placement("a", 0).map(|p| p.node), Some(NodeId(1)));
-        assert!(plan(&s).is_empty());
+        assert!(places(&s).is_empty());
         assert_eq!(pending_reason(&s, "a"), None);
         assert!(pending_reason(&s, "b").unwrap().contains("slot"));
     }
@@ -208,7 +311,7 @@ mod tests {
             t.spec.limits.memory_bytes = 600 << 20;
         }
         assert_eq!(
-            plan(&s),
+            places(&s),
             vec![
                 Command::PlaceInstance { task: "a".into(), instance: 0, node: NodeId(1), expected: None },
                 Command::PlaceInstance { task: "b".into(), instance: 0, node: NodeId(2), expected: None },
@@ -222,7 +325,7 @@ mod tests {
         // Capacity appears (task a goes away): c is placed.
         s.apply(&Command::DeleteTask { name: "a".into() }).unwrap();
         assert_eq!(
-            plan(&s),
+            places(&s),
             vec![Command::PlaceInstance { task: "c".into(), instance: 0, node: NodeId(1), expected: None }]
         );
     }
@@ -236,7 +339,7 @@ mod tests {
         s.apply(&node(1, 4, NodeStatus::Down)).unwrap();
         s.apply(&node(2, 4, NodeStatus::Up)).unwrap();
         assert_eq!(
-            plan(&s),
+            places(&s),
             vec![Command::PlaceInstance { task: "a".into(), instance: 0, node: NodeId(2), expected: Some(Epoch(1)) }]
         );
     }
@@ -246,7 +349,7 @@ mod tests {
 mod constraint_tests {
     use hubmesh_consensus::state::TaskKind;
 
-    use super::tests::{constrained_deploy, labelled_node};
+    use super::tests::{constrained_deploy, labelled_node, places};
     use super::*;
 
     fn node(id: u64, room: &str) -> Command {
@@ -266,7 +369,7 @@ mod constraint_tests {
         if let Some(t) = s.tasks.get_mut("web") {
             t.spec.replicas = 3;
         }
-        let p = plan(&s);
+        let p = places(&s);
         let nodes: Vec<NodeId> = p
             .iter()
             .map(|c| match c {
@@ -285,9 +388,73 @@ mod constraint_tests {
             s.apply(&c).unwrap();
         }
         assert_eq!(
-            plan(&s),
+            places(&s),
             vec![Command::PlaceInstance { task: "fan".into(), instance: 0, node: NodeId(1), expected: None }]
         );
         assert!(pending_reason(&s, "pump").unwrap().contains("room=garage"));
+    }
+
+    #[test]
+    fn holders_spread_never_the_host_and_failover_prefers_a_live_holder() {
+        use hubmesh_consensus::state::{CheckpointPolicy, CheckpointRecord};
+        use hubmesh_consensus::Epoch;
+        use hubmesh_storage::Hash;
+        let mut s = ClusterState::default();
+        for c in [node(1, "a"), node(2, "a"), node(3, "a"), node(4, "a")] {
+            s.apply(&c).unwrap();
+        }
+        for name in ["x", "y"] {
+            s.apply(&constrained_deploy(name, TaskKind::Stateful, &[])).unwrap();
+            s.tasks.get_mut(name).unwrap().spec.checkpoint = CheckpointPolicy::Durable;
+        }
+        for c in plan(&s) {
+            s.apply(&c).unwrap();
+        }
+        for c in plan(&s) {
+            s.apply(&c).unwrap();
+        }
+        assert!(plan(&s).is_empty(), "stable: {:?}", plan(&s));
+        let (x, y) = (&s.tasks["x"], &s.tasks["y"]);
+        for t in [x, y] {
+            assert_eq!(t.holders.len(), 2, "{t:?}");
+            assert!(!t.holders.contains(&t.instances[&0].node));
+        }
+        // Four holder slots over the hubs: no hub holds both tasks' checkpoints twice over.
+        let mut all: Vec<NodeId> = x.holders.iter().chain(&y.holders).copied().collect();
+        all.sort();
+        all.dedup();
+        assert!(all.len() >= 3, "spread: {all:?}");
+
+        // x's host dies after a checkpoint stored on it and on its holders.
+        let host = x.instances[&0].node;
+        let epoch = x.instances[&0].epoch;
+        let holder = x.holders[1];
+        let record = CheckpointRecord {
+            version: 1,
+            epoch,
+            sequence: 4,
+            manifest_hash: Hash::of(b"m"),
+            stored_on: vec![host, x.holders[0], holder],
+            size_bytes: 0,
+            at_ms: 0,
+        };
+        s.apply(&Command::CommitCheckpoint { task: "x".into(), record }).unwrap();
+        let dead = s.tasks["x"].holders[0];
+        for n in [host, dead] {
+            let mut r = s.nodes[&n].clone();
+            r.status = NodeStatus::Down;
+            s.apply(&Command::RegisterNode { node: r }).unwrap();
+        }
+        let p = places(&s);
+        assert!(
+            p.contains(&Command::PlaceInstance { task: "x".into(), instance: 0, node: holder, expected: Some(epoch) }),
+            "{p:?}"
+        );
+        // Every hub with the checkpoint down: x waits, unavailable, and is not restarted empty.
+        let mut r = s.nodes[&holder].clone();
+        r.status = NodeStatus::Down;
+        s.apply(&Command::RegisterNode { node: r }).unwrap();
+        assert!(!places(&s).iter().any(|c| matches!(c, Command::PlaceInstance { task, .. } if task == "x")));
+        assert!(pending_reason(&s, "x").unwrap().starts_with("unavailable"), "{:?}", pending_reason(&s, "x"));
     }
 }

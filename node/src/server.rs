@@ -146,6 +146,8 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let reconciler = tokio::spawn(crate::reconcile::run(hub.clone(), stop_rx.clone()));
     crate::dataplane::register(&hub);
+    crate::replication::register(&hub);
+    hub.executor.set_sink(Arc::new(crate::replication::Replicator::new(&hub)));
     let leader_worker = tokio::spawn(crate::leader::run(hub.clone(), api_addr.to_string(), stop_rx.clone()));
 
     tracing::info!(

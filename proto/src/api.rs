@@ -74,6 +74,9 @@ pub struct DeployParams {
     /// Instances of a stateless task, each on its own hub (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
+    /// Hubs besides the host that keep each checkpoint of a stateful task (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_state: Option<u32>,
 }
 
 /// Limits of a task, as applied.
@@ -105,6 +108,31 @@ pub struct CheckpointInfo {
     pub pages: u32,
     /// Invocations the checkpointed state includes.
     pub invocations: u64,
+}
+
+/// The checkpoint the mesh has committed for a stateful task (what a failover restores).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CommittedCheckpointInfo {
+    pub sequence: u64,
+    pub epoch: u64,
+    pub age_ms: u64,
+    pub size_bytes: u64,
+    /// Hubs that store it (its host first).
+    pub stored_on: Vec<u64>,
+}
+
+/// One placement or failover of a task.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryInfo {
+    pub at_ms: u64,
+    pub instance: u32,
+    pub node_id: u64,
+    pub node_name: String,
+    pub epoch: u64,
+    /// `placed`, `failover`, `moved`.
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_sequence: Option<u64>,
 }
 
 /// One task as `task list` shows it.
@@ -142,6 +170,14 @@ pub struct TaskInfo {
     pub last_checkpoint: Option<CheckpointInfo>,
     /// Invocations answered by this hub's instance since it started.
     pub invocations: u64,
+    /// Hubs the leader chose to keep the task's checkpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<CommittedCheckpointInfo>,
+    /// Placements and failovers, oldest first (the last 32).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryInfo>,
 }
 
 fn one() -> u32 {

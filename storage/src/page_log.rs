@@ -56,12 +56,14 @@ pub enum PageLogError {
 pub struct PageWrite {
     /// Pages as `(hash, bytes)`; pages already stored are skipped.
     pub pages: Vec<(Hash, Vec<u8>)>,
-    /// The instance the manifest belongs to.
+    /// The key the manifest is stored under; empty: this write carries pages only.
     pub key: String,
     /// The encoded manifest.
     pub manifest: Vec<u8>,
     /// Every page the manifest refers to (kept alive by garbage collection).
     pub refs: Vec<Hash>,
+    /// Manifests to forget in the same write (their pages become garbage).
+    pub remove: Vec<String>,
 }
 
 /// Sizes, for metrics and benchmarks.
@@ -179,13 +181,23 @@ impl PageLog {
         let mut new_pages: Vec<(Hash, Loc)> = Vec::new();
         let mut seen = HashSet::new();
         let mut new_manifests: Vec<(String, ManifestLoc)> = Vec::new();
+        let mut removed: Vec<String> = Vec::new();
         for w in writes {
+            for key in &w.remove {
+                if inner.manifests.contains_key(key) && *key != w.key {
+                    encode_record(&mut buf, KIND_TOMBSTONE, key.as_bytes(), &[]);
+                    removed.push(key.clone());
+                }
+            }
             for (hash, bytes) in &w.pages {
                 if inner.pages.contains_key(hash) || !seen.insert(*hash) {
                     continue;
                 }
                 let loc = encode_record(&mut buf, KIND_PAGE, &hash.0, &[bytes]);
                 new_pages.push((*hash, loc));
+            }
+            if w.key.is_empty() {
+                continue;
             }
             let refs = encode_refs(&w.refs);
             let loc = encode_record(&mut buf, KIND_MANIFEST, w.key.as_bytes(), &[&refs, &w.manifest]);
@@ -205,6 +217,9 @@ impl PageLog {
         inner.len = base + buf.len() as u64;
         for (hash, loc) in new_pages {
             inner.pages.insert(hash, Loc { offset: base + loc.offset, ..loc });
+        }
+        for key in removed {
+            inner.manifests.remove(&key);
         }
         for (key, m) in new_manifests {
             inner
@@ -258,7 +273,17 @@ impl PageLog {
         Ok(Some(buf))
     }
 
-    /// Names of every instance with a manifest.
+    /// Forgets a page whose bytes turned out corrupt, so that a good copy can be written again.
+    pub fn forget_page(&self, hash: &Hash) {
+        self.lock().pages.remove(hash);
+    }
+
+    /// Whether a manifest is stored under `key`.
+    pub fn has_manifest(&self, key: &str) -> bool {
+        self.lock().manifests.contains_key(key)
+    }
+
+    /// Keys of every stored manifest.
     pub fn manifest_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self.lock().manifests.keys().cloned().collect();
         keys.sort();
@@ -404,7 +429,8 @@ mod tests {
 
     fn write_one(log: &PageLog, key: &str, pages: Vec<(Hash, Vec<u8>)>, manifest: &[u8]) -> u64 {
         let refs = pages.iter().map(|p| p.0).collect();
-        log.write(&[PageWrite { pages, key: key.into(), manifest: manifest.to_vec(), refs }], true).unwrap()
+        log.write(&[PageWrite { pages, key: key.into(), manifest: manifest.to_vec(), refs, remove: vec![] }], true)
+            .unwrap()
     }
 
     #[test]

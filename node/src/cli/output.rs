@@ -50,22 +50,55 @@ pub(super) fn tasks(tasks: &[api::TaskInfo], json: bool) -> anyhow::Result<()> {
             };
             let host =
                 t.placement.as_ref().map(|p| format!("{} e{}", p.node_name, p.epoch)).unwrap_or_else(|| "-".into());
-            let ckpt = t
-                .last_checkpoint
-                .as_ref()
-                .map(|c| {
-                    format!(
-                        "#{} {} ago, {}",
-                        c.sequence,
-                        humantime::format_duration(std::time::Duration::from_millis(c.age_ms / 1000 * 1000)),
-                        bytes(c.size_bytes)
-                    )
+            let committed = t.committed.as_ref().map(|c| {
+                let on: Vec<String> = c.stored_on.iter().map(|n| n.to_string()).collect();
+                format!(
+                    "#{} e{} {} ago, {}, on {}",
+                    c.sequence,
+                    c.epoch,
+                    humantime::format_duration(std::time::Duration::from_millis(c.age_ms / 1000 * 1000)),
+                    bytes(c.size_bytes),
+                    on.join(",")
+                )
+            });
+            let ckpt = committed
+                .or_else(|| {
+                    t.last_checkpoint.as_ref().map(|c| {
+                        format!(
+                            "#{} {} ago, {}",
+                            c.sequence,
+                            humantime::format_duration(std::time::Duration::from_millis(c.age_ms / 1000 * 1000)),
+                            bytes(c.size_bytes)
+                        )
+                    })
                 })
                 .unwrap_or_else(|| "-".into());
             vec![t.name.clone(), format!("v{}", t.version), kind, state, host, t.invocations.to_string(), ckpt]
         })
         .collect();
     table(&["NAME", "VERSION", "KIND", "STATE", "HOST", "INVOCATIONS", "CHECKPOINT"], rows);
+    Ok(())
+}
+
+pub(super) fn history(events: &[api::HistoryInfo], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&events);
+    }
+    let rows = events
+        .iter()
+        .map(|h| {
+            let at =
+                humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(h.at_ms));
+            vec![
+                at.to_string(),
+                h.reason.clone(),
+                format!("{} ({})", h.node_name, h.node_id),
+                format!("e{}", h.epoch),
+                h.from_sequence.map_or("-".into(), |s| format!("#{s}")),
+            ]
+        })
+        .collect();
+    table(&["AT", "EVENT", "HOST", "EPOCH", "FROM CHECKPOINT"], rows);
     Ok(())
 }
 

@@ -49,6 +49,9 @@ pub enum TaskCmd {
         /// Instances of a stateless task, each on its own hub.
         #[arg(long)]
         replicas: Option<u32>,
+        /// Hubs besides the host that keep each checkpoint of a stateful task (default 2).
+        #[arg(long)]
+        replicas_state: Option<u32>,
         /// Run only on hubs with this label, `key=value` (repeatable).
         #[arg(long = "on", value_name = "KEY=VALUE")]
         on: Vec<String>,
@@ -85,6 +88,13 @@ pub enum TaskCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Placements and failovers of a task, oldest first.
+    History {
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a task and its saved state.
     Rm { name: String },
     /// Take a checkpoint of a stateful task now.
@@ -111,6 +121,7 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
             queue,
             tick,
             replicas,
+            replicas_state,
             on,
             update,
             json,
@@ -135,6 +146,7 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
                 tick,
                 on,
                 replicas,
+                replicas_state,
             };
             let resp = client.deploy(&name, module, &params, update).await?;
             output::json_or(&resp, json, || {
@@ -169,6 +181,7 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
         }
         TaskCmd::List { json } => output::tasks(&client.tasks().await?, json),
         TaskCmd::Show { name, json } => output::tasks(&[client.task(&name).await?], json),
+        TaskCmd::History { name, json } => output::history(&client.task(&name).await?.history, json),
         TaskCmd::Rm { name } => {
             client.remove(&name).await?;
             println!("removed {name}");

@@ -102,6 +102,44 @@ impl CheckpointSummary {
     }
 }
 
+/// Which state a stateful task starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restore {
+    /// Empty memory (no committed checkpoint).
+    Fresh,
+    /// The checkpoint stored under this page-log key (the mesh's committed one).
+    Key(String),
+    /// The newest checkpoint of the task in the local page log (a hub on its own, tests).
+    NewestLocal,
+}
+
+/// A checkpoint that is on the local disk, handed to the [`CheckpointSink`].
+#[derive(Debug, Clone)]
+pub struct LocalCheckpoint {
+    pub task: String,
+    pub version: u64,
+    pub epoch: u64,
+    pub sequence: u64,
+    /// Its page-log key.
+    pub key: String,
+    pub manifest: Vec<u8>,
+    /// Every page the manifest refers to.
+    pub refs: Vec<Hash>,
+    /// Pages this checkpoint wrote (the others were stored before).
+    pub new_pages: Vec<Hash>,
+    pub size_bytes: u64,
+    pub created_ms: u64,
+    /// The key of the task's last committed checkpoint, if any.
+    pub committed_key: Option<String>,
+}
+
+/// Where a stateful task's checkpoints go once they are on the local disk: the node replicates
+/// them to the task's holders and commits their record in Raft. Called on the task's thread;
+/// `Ok` means committed for the mesh (a durable answer may go out).
+pub trait CheckpointSink: Send + Sync {
+    fn commit(&self, checkpoint: &LocalCheckpoint) -> Result<(), String>;
+}
+
 /// What a running task reports.
 #[derive(Debug, Clone)]
 pub struct TaskStatus {
@@ -129,6 +167,7 @@ pub struct Executor {
     pages: Arc<PageLog>,
     writer: Writer,
     tasks: RwLock<HashMap<String, Arc<Running>>>,
+    sink: std::sync::OnceLock<Arc<dyn CheckpointSink>>,
     max_task_memory: u64,
     _ticker: engine::Ticker,
 }
@@ -149,9 +188,20 @@ impl Executor {
             pages,
             writer,
             tasks: RwLock::new(HashMap::new()),
+            sink: std::sync::OnceLock::new(),
             max_task_memory: limits.max_task_memory,
             _ticker: ticker,
         })
+    }
+
+    /// Sends every later checkpoint through `sink` (set once, at boot).
+    pub fn set_sink(&self, sink: Arc<dyn CheckpointSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// The local page log.
+    pub fn pages(&self) -> &Arc<PageLog> {
+        &self.pages
     }
 
     /// The largest memory cap a task may ask for.
@@ -179,18 +229,28 @@ impl Executor {
             .map_err(|e| StartTaskError::Module(e.to_string()))
     }
 
-    /// Starts `config` with the instrumented module `wasm`, replacing a running task of the
-    /// same name (which is stopped with a final checkpoint).
+    /// Starts `config` from the newest local checkpoint (see [`Self::start_task_from`]).
     pub fn start_task(&self, config: TaskConfig, wasm: &[u8]) -> Result<(), StartTaskError> {
+        self.start_task_from(config, wasm, Restore::NewestLocal)
+    }
+
+    /// Starts `config` with the instrumented module `wasm` and the state `restore` names,
+    /// replacing a running task of the same name (which is stopped with a final checkpoint).
+    pub fn start_task_from(&self, config: TaskConfig, wasm: &[u8], restore: Restore) -> Result<(), StartTaskError> {
         let started = Instant::now();
         if let Some(old) = self.tasks.write().unwrap_or_else(|p| p.into_inner()).remove(&config.name) {
             stop(&old, true);
         }
         let module = self.load(&config.module_hash, wasm)?;
         let runtime = match config.kind {
-            TaskKind::Stateful => {
-                Runtime::Stateful(StatefulTask::start(config.clone(), module, self.pages.clone(), self.writer.clone())?)
-            }
+            TaskKind::Stateful => Runtime::Stateful(StatefulTask::start(
+                config.clone(),
+                module,
+                self.pages.clone(),
+                self.writer.clone(),
+                self.sink.get().cloned(),
+                restore,
+            )?),
             TaskKind::Stateless => Runtime::Stateless(Arc::new(
                 StatelessTask::start(&config.name, module, config.limits, config.queue)
                     .map_err(|e| StartTaskError::Module(e.to_string()))?,
@@ -210,7 +270,14 @@ impl Executor {
             self.cache.forget(&old.config.module_hash);
         }
         if forget_state {
-            if let Err(e) = self.pages.remove(name) {
+            let keys: Vec<String> = self
+                .pages
+                .manifest_keys()
+                .into_iter()
+                .filter(|k| hubmesh_consensus::state::parse_checkpoint_key(k).is_some_and(|(t, ..)| t == name))
+                .collect();
+            let write = hubmesh_storage::PageWrite { remove: keys, ..Default::default() };
+            if let Err(e) = self.pages.write(&[write], true) {
                 tracing::warn!(task = name, error = %e, "could not delete the task's checkpoint");
             }
         }

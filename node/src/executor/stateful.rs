@@ -12,12 +12,13 @@ use std::sync::mpsc::{self, RecvTimeoutError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hubmesh_consensus::state::CheckpointPolicy;
+use hubmesh_consensus::state::{checkpoint_key, parse_checkpoint_key, CheckpointPolicy};
+use hubmesh_consensus::Epoch;
 use hubmesh_storage::{PageLog, PageWrite};
 use tokio::sync::oneshot;
 
 use super::instance::{Answer, Instance, LoadedModule};
-use super::{CheckpointSummary, InvokeError, StartTaskError, TaskConfig};
+use super::{CheckpointSink, CheckpointSummary, InvokeError, LocalCheckpoint, Restore, StartTaskError, TaskConfig};
 use crate::checkpoint::{AnswerCache, Manifest, MemoryImage, Writer};
 
 enum Msg {
@@ -55,6 +56,11 @@ struct Actor {
     invocations: u64,
     pages: Arc<PageLog>,
     writer: Writer,
+    /// Where checkpoints go after the local disk (replication and the Raft record); none in
+    /// unit tests, where a local write is the commit.
+    sink: Option<Arc<dyn CheckpointSink>>,
+    /// Key of the last committed checkpoint: kept until a newer one is committed.
+    committed_key: Option<String>,
     status: Arc<Mutex<StatefulStatus>>,
     last_checkpoint: Instant,
     next_tick: Option<Instant>,
@@ -65,29 +71,43 @@ fn now_ms() -> u64 {
 }
 
 impl StatefulTask {
-    /// Restores the task from its last checkpoint (if the module is the same) or starts it
-    /// fresh, then starts its thread.
+    /// Restores the task from the checkpoint `restore` names (its manifest and pages must be in
+    /// the local page log) or starts it fresh, then starts its thread.
     pub(crate) fn start(
         cfg: TaskConfig,
         module: LoadedModule,
         pages: Arc<PageLog>,
         writer: Writer,
+        sink: Option<Arc<dyn CheckpointSink>>,
+        restore: Restore,
     ) -> Result<Self, StartTaskError> {
         let name: Arc<str> = cfg.name.as_str().into();
         let mut status = StatefulStatus::default();
-        let saved = match pages.read_manifest(&cfg.name) {
-            Ok(Some(bytes)) => match Manifest::decode(&bytes) {
-                Ok(m) if m.module_hash == cfg.module_hash && cfg.checkpoint != CheckpointPolicy::None => Some(m),
-                Ok(m) => {
-                    tracing::info!(task = %cfg.name, old = m.task_version, "the saved state belongs to another module version; starting fresh");
-                    let _ = pages.remove(&cfg.name);
-                    None
-                }
+        // A key guessed from the local log may be of an older module; one from the mesh may not.
+        let guessed = matches!(restore, Restore::NewestLocal);
+        let key = match restore {
+            Restore::Fresh => None,
+            Restore::Key(k) => Some(k),
+            Restore::NewestLocal => newest_local(&pages, &cfg.name),
+        };
+        let key = key.filter(|_| cfg.checkpoint != CheckpointPolicy::None);
+        let saved = match &key {
+            None => None,
+            Some(k) => match pages.read_manifest(k) {
+                Ok(Some(bytes)) => match Manifest::decode(&bytes) {
+                    Ok(m) if m.module_hash == cfg.module_hash => Some(m),
+                    Ok(m) if guessed => {
+                        tracing::info!(task = %cfg.name, old = m.task_version, "the saved state belongs to another module version; starting fresh");
+                        None
+                    }
+                    Ok(_) => return Err(StartTaskError::Restore(format!("checkpoint {k} belongs to another module"))),
+                    Err(e) => return Err(StartTaskError::Restore(e.to_string())),
+                },
+                Ok(None) => return Err(StartTaskError::Restore(format!("checkpoint {k} is not on this hub"))),
                 Err(e) => return Err(StartTaskError::Restore(e.to_string())),
             },
-            Ok(None) => None,
-            Err(e) => return Err(StartTaskError::Restore(e.to_string())),
         };
+        let committed_key = saved.as_ref().and(key);
         let (inst, image, answers, sequence, invocations) = match saved {
             Some(m) => {
                 let image = MemoryImage::restore(&m, &pages).map_err(StartTaskError::Restore)?;
@@ -128,6 +148,8 @@ impl StatefulTask {
             invocations,
             pages,
             writer,
+            sink,
+            committed_key,
             status: status.clone(),
             last_checkpoint: Instant::now(),
             next_tick,
@@ -299,17 +321,27 @@ impl Actor {
 
     fn checkpoint(&mut self) -> Result<CheckpointSummary, String> {
         let started = Instant::now();
-        let header = crate::checkpoint::image_header(&self.cfg, self.sequence + 1, self.invocations, now_ms());
+        let sequence = self.sequence + 1;
+        let header = crate::checkpoint::image_header(&self.cfg, sequence, self.invocations, now_ms());
         let answers = self.answers.entries().map(|(k, a)| (k.clone(), a.clone())).collect();
         let pages = &self.pages;
         let (manifest, new_pages) =
             self.image.checkpoint(header, &self.module.global_names, answers, |h| pages.has_page(h));
-        let write = PageWrite {
-            pages: new_pages,
-            key: self.cfg.name.clone(),
-            manifest: manifest.encode(),
-            refs: manifest.pages.iter().map(|(_, h)| *h).collect(),
-        };
+        let key = checkpoint_key(&self.cfg.name, Epoch(self.cfg.epoch), sequence);
+        let encoded = manifest.encode();
+        let refs: Vec<_> = manifest.pages.iter().map(|(_, h)| *h).collect();
+        let new_hashes: Vec<_> = new_pages.iter().map(|(h, _)| *h).collect();
+        // Older manifests of this task go, except the committed one (a failover may need it until
+        // this one is committed).
+        let remove = self
+            .pages
+            .manifest_keys()
+            .into_iter()
+            .filter(|k| parse_checkpoint_key(k).is_some_and(|(t, ..)| t == self.cfg.name))
+            .filter(|k| Some(k) != self.committed_key.as_ref() && *k != key)
+            .collect();
+        let write =
+            PageWrite { pages: new_pages, key: key.clone(), manifest: encoded.clone(), refs: refs.clone(), remove };
         let built = Instant::now();
         if let Err(e) = self.writer.write_durable(write) {
             // The pages this checkpoint marked clean were not written: make the next one write
@@ -317,7 +349,25 @@ impl Actor {
             self.image.mark_all_changed();
             return Err(e);
         }
-        self.sequence += 1;
+        // The sequence moves on even if the commit below fails: this key is on disk already.
+        self.sequence = sequence;
+        if let Some(sink) = &self.sink {
+            let local = LocalCheckpoint {
+                task: self.cfg.name.clone(),
+                version: self.cfg.version,
+                epoch: self.cfg.epoch,
+                sequence,
+                key: key.clone(),
+                manifest: encoded,
+                refs,
+                new_pages: new_hashes,
+                size_bytes: manifest.size_bytes(),
+                created_ms: manifest.created_unix_ms,
+                committed_key: self.committed_key.clone(),
+            };
+            sink.commit(&local)?;
+        }
+        self.committed_key = Some(key);
         self.last_checkpoint = Instant::now();
         let mut summary = CheckpointSummary::of(&manifest);
         summary.build_micros = built.duration_since(started).as_micros() as u64;
@@ -328,4 +378,14 @@ impl Actor {
         metrics::counter!("hubmesh_checkpoints_total").increment(1);
         Ok(summary)
     }
+}
+
+/// The newest checkpoint of `task` in the local page log.
+fn newest_local(pages: &PageLog, task: &str) -> Option<String> {
+    pages
+        .manifest_keys()
+        .into_iter()
+        .filter_map(|k| parse_checkpoint_key(&k).filter(|(t, ..)| *t == task).map(|(_, e, s)| (e, s, k.clone())))
+        .max()
+        .map(|(_, _, k)| k)
 }

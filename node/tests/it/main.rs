@@ -7,6 +7,7 @@ mod harness;
 
 mod bad_input;
 mod cli;
+mod failover;
 mod invoke;
 mod mesh;
 mod restart;

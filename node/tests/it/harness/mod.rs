@@ -141,6 +141,13 @@ impl Hub {
         }
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a hub that hangs, then wakes up.
+    pub fn pause(&self, stop: bool) {
+        let pid = self.child.as_ref().expect("the hub runs").id().to_string();
+        let sig = if stop { "-STOP" } else { "-CONT" };
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -1,0 +1,473 @@
+//! Checkpoint replication: a stateful task's checkpoints go from its host to the holders the
+//! leader chose, and a checkpoint counts only once its record is committed in Raft.
+//!
+//! ```text
+//!  actor thread: checkpoint -> local page log (fdatasync) -> Replicator::commit (blocks the actor)
+//!     for each holder, in parallel:  CKPT_PUSH{pages of this checkpoint ...}
+//!                                    CKPT_PUSH{last pages, key, manifest, refs, keep}
+//!                                      holder: verify every page's blake3, store them; store the
+//!                                      manifest (fdatasync) only once it has all its pages, else
+//!                                      answer the missing ones, which the host sends next round
+//!     all holders have it -> propose CommitCheckpoint{task, epoch, sequence, manifest hash, stored_on}
+//!       the state machine refuses a stale epoch: a replaced host can never commit
+//!     committed -> the durable answer goes out
+//!
+//!  new host (failover): the record names the key and the hubs that store it
+//!     manifest and pages missing or corrupt locally -> CKPT_FETCH from those hubs, verified by hash
+//!     -> written to the local page log -> the instance restores from that key
+//! ```
+//!
+//! Garbage: every hub drops manifests of deleted tasks, of epochs older than the task's current
+//! placement, and older than the committed checkpoint ([`collect_garbage`]); pages nothing
+//! refers to go at the page log's next compaction.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use hubmesh_consensus::state::{parse_checkpoint_key, validate_task_name, CheckpointRecord};
+use hubmesh_consensus::transport::{handler, kind, Caller, RpcError};
+use hubmesh_consensus::{ClusterState, Command, Epoch, NodeId, ProposeError, Rejected};
+use hubmesh_proto::{pb, Message};
+use hubmesh_storage::{Hash, PageLog, PageLogError, PageWrite};
+use tokio::time::Instant;
+
+use crate::checkpoint::Manifest;
+use crate::executor::{CheckpointSink, LocalCheckpoint};
+use crate::hub::Hub;
+
+/// Stream kind: pages and manifest of a checkpoint, host to holder.
+pub(crate) const CKPT_PUSH: u32 = kind::FIRST_NODE_KIND + 2;
+/// Stream kind: a manifest and pages, to a new host.
+pub(crate) const CKPT_FETCH: u32 = kind::FIRST_NODE_KIND + 3;
+
+/// Pages per message (8 MiB of 64 KiB pages), well under the transport's frame limit.
+const PAGES_PER_MESSAGE: usize = 128;
+/// Rounds of "you still lack these" before a holder counts as failed.
+const PUSH_ROUNDS: usize = 4;
+/// Time for one message to a holder.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn refuse(code: pb::ErrorCode, message: impl Into<String>) -> RpcError {
+    RpcError::Remote { code: code as i32, message: message.into() }
+}
+
+/// The node's [`CheckpointSink`]: replicates, then commits the record.
+pub(crate) struct Replicator {
+    hub: Weak<Hub>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Replicator {
+    pub(crate) fn new(hub: &Arc<Hub>) -> Self {
+        Self { hub: Arc::downgrade(hub), runtime: tokio::runtime::Handle::current() }
+    }
+}
+
+impl CheckpointSink for Replicator {
+    fn commit(&self, checkpoint: &LocalCheckpoint) -> Result<(), String> {
+        let hub = self.hub.upgrade().ok_or("the hub is shutting down")?;
+        // The actor thread is not a runtime thread, so it may block on the runtime.
+        self.runtime.block_on(commit(&hub, checkpoint))
+    }
+}
+
+/// Replicates `c` to the task's holders and commits its record, retrying (holders change when
+/// one dies, leaders change) until the propose timeout has passed twice.
+async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
+    let started = Instant::now();
+    let deadline = started + hub.config.timeouts.resolve().propose * 2;
+    let me = hub.consensus.node_id();
+    let manifest_hash = Hash::of(&c.manifest);
+    let mut last_error;
+    loop {
+        let state = hub.consensus.state();
+        let task = state.tasks.get(&c.task).ok_or("the task was deleted")?;
+        let current = task.instances.get(&0).copied();
+        if !current.is_some_and(|p| p.node == me && p.epoch.0 == c.epoch) {
+            return Err("this instance was replaced (a newer epoch exists); its change is not committed".into());
+        }
+        if task.checkpoint.as_ref().is_some_and(|r| r.epoch.0 == c.epoch && r.sequence == c.sequence) {
+            return Ok(()); // an earlier attempt whose answer was lost did commit
+        }
+        let holders: Vec<NodeId> = task.holders.iter().copied().filter(|h| *h != me).collect();
+        // Until the leader has chosen as many holders as the mesh allows, committing would keep
+        // fewer copies than asked for.
+        let eligible = state
+            .nodes
+            .values()
+            .filter(|n| n.id != me && !n.witness && n.status == hubmesh_consensus::state::NodeStatus::Up)
+            .count();
+        let wanted = (task.spec.state_replicas as usize).min(eligible);
+        let keep = task.checkpoint.as_ref().map(|r| r.key(&c.task)).unwrap_or_default();
+        let pushes = holders.iter().map(|h| push(hub, *h, c, &keep));
+        let failed: Vec<String> = if holders.len() < wanted {
+            Vec::new()
+        } else {
+            futures_join(pushes).await.into_iter().filter_map(Result::err).collect()
+        };
+        if holders.len() < wanted {
+            last_error = format!("waiting for the leader to choose holders ({} of {wanted})", holders.len());
+        } else if failed.is_empty() {
+            let record = CheckpointRecord {
+                version: c.version,
+                epoch: Epoch(c.epoch),
+                sequence: c.sequence,
+                manifest_hash,
+                stored_on: std::iter::once(me).chain(holders).collect(),
+                size_bytes: c.size_bytes,
+                at_ms: c.created_ms,
+            };
+            match hub.consensus.propose(Command::CommitCheckpoint { task: c.task.clone(), record }).await {
+                Ok(_) => {
+                    metrics::histogram!("hubmesh_checkpoint_commit_seconds").record(started.elapsed().as_secs_f64());
+                    return Ok(());
+                }
+                Err(ProposeError::Rejected(Rejected::StaleEpoch { .. })) => {
+                    return Err("this instance was replaced (a newer epoch exists); its change is not committed".into())
+                }
+                Err(e) => last_error = format!("committing the record: {e}"),
+            }
+        } else {
+            last_error = failed.join("; ");
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("the checkpoint could not be committed: {last_error}"));
+        }
+        tracing::debug!(task = %c.task, error = %last_error, "checkpoint commit retry");
+        let mut rx = hub.consensus.watch();
+        let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+    }
+}
+
+/// Polls futures concurrently on this task (few holders: no need to spawn).
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set: Vec<std::pin::Pin<Box<F>>> = futs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("every future finished")).collect()
+}
+
+fn read_pages(log: &PageLog, hashes: &[Hash]) -> Result<Vec<pb::Page>, String> {
+    hashes
+        .iter()
+        .map(|h| {
+            log.read_page(h).map(|data| pb::Page { hash: h.0.to_vec(), data }).map_err(|e| format!("local page: {e}"))
+        })
+        .collect()
+}
+
+/// Sends checkpoint `c` to `holder` until it has the manifest and every page.
+async fn push(hub: &Hub, holder: NodeId, c: &LocalCheckpoint, keep: &str) -> Result<(), String> {
+    let log = hub.executor.pages().clone();
+    let transport = hub.consensus.transport();
+    let mut to_send = c.new_pages.clone();
+    for _ in 0..PUSH_ROUNDS {
+        let chunks: Vec<&[Hash]> =
+            if to_send.is_empty() { vec![&[][..]] } else { to_send.chunks(PAGES_PER_MESSAGE).collect() };
+        let last = chunks.len() - 1;
+        let mut missing = Vec::new();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let pages = read_pages(&log, chunk)?;
+            let with_manifest = i == last;
+            let req = pb::CheckpointPush {
+                task: c.task.clone(),
+                key: if with_manifest { c.key.clone() } else { String::new() },
+                manifest: if with_manifest { c.manifest.clone() } else { Vec::new() },
+                refs: if with_manifest { c.refs.iter().map(|h| h.0.to_vec()).collect() } else { Vec::new() },
+                pages,
+                keep: keep.to_owned(),
+            };
+            let raw = transport
+                .call(holder.0, CKPT_PUSH, req.encode_to_vec(), CALL_TIMEOUT)
+                .await
+                .map_err(|e| format!("holder {holder}: {e}"))?;
+            if with_manifest {
+                let resp = pb::CheckpointPushResponse::decode(raw.as_slice())
+                    .map_err(|e| format!("holder {holder} answered garbage: {e}"))?;
+                missing = resp.missing.iter().filter_map(|h| Hash::from_slice(h)).collect();
+            }
+        }
+        if missing.is_empty() {
+            metrics::counter!("hubmesh_checkpoint_pushes_total").increment(1);
+            return Ok(());
+        }
+        to_send = missing;
+    }
+    Err(format!("holder {holder} still lacks pages after {PUSH_ROUNDS} rounds"))
+}
+
+/// Registers the holder-side handlers; called once at boot.
+pub(crate) fn register(hub: &Arc<Hub>) {
+    let transport = hub.consensus.transport();
+    let h = Arc::downgrade(hub);
+    transport.register(
+        CKPT_PUSH,
+        handler(move |caller, payload| {
+            let h = h.clone();
+            async move {
+                let (hub, req) = member_request::<pb::CheckpointPush>(caller, &h, &payload)?;
+                let log = hub.executor.pages().clone();
+                let state = hub.consensus.state();
+                tokio::task::spawn_blocking(move || store_pushed(&log, &state, req))
+                    .await
+                    .map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))?
+            }
+        }),
+    );
+    let h = Arc::downgrade(hub);
+    transport.register(
+        CKPT_FETCH,
+        handler(move |caller, payload| {
+            let h = h.clone();
+            async move {
+                let (hub, req) = member_request::<pb::CheckpointFetch>(caller, &h, &payload)?;
+                let log = hub.executor.pages().clone();
+                tokio::task::spawn_blocking(move || serve_fetch(&log, req))
+                    .await
+                    .map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))?
+            }
+        }),
+    );
+}
+
+fn member_request<M: Message + Default>(
+    caller: Caller,
+    hub: &Weak<Hub>,
+    payload: &[u8],
+) -> Result<(Arc<Hub>, M), RpcError> {
+    if caller == Caller::Joiner {
+        return Err(refuse(pb::ErrorCode::Unauthorized, "members only"));
+    }
+    let hub = hub.upgrade().ok_or_else(|| refuse(pb::ErrorCode::Unavailable, "shutting down"))?;
+    let req = M::decode(payload).map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
+    Ok((hub, req))
+}
+
+/// Verified pages of a message.
+fn verified_pages(pages: Vec<pb::Page>) -> Result<Vec<(Hash, Vec<u8>)>, RpcError> {
+    pages
+        .into_iter()
+        .map(|p| {
+            let hash = Hash::from_slice(&p.hash)
+                .ok_or_else(|| refuse(pb::ErrorCode::BadRequest, "a page hash is 32 bytes"))?;
+            if Hash::of(&p.data) != hash {
+                return Err(refuse(pb::ErrorCode::BadRequest, format!("page {hash} does not match its hash")));
+            }
+            Ok((hash, p.data))
+        })
+        .collect()
+}
+
+/// Holder side of [`CKPT_PUSH`].
+fn store_pushed(log: &PageLog, state: &ClusterState, req: pb::CheckpointPush) -> Result<Vec<u8>, RpcError> {
+    let bad = |m: String| refuse(pb::ErrorCode::BadRequest, m);
+    validate_task_name(&req.task).map_err(|e| bad(e.to_string()))?;
+    let pages = verified_pages(req.pages)?;
+    let io = |e: PageLogError| refuse(pb::ErrorCode::Internal, e.to_string());
+    if req.key.is_empty() {
+        log.write(&[PageWrite { pages, ..Default::default() }], false).map_err(io)?;
+        return Ok(pb::CheckpointPushResponse::default().encode_to_vec());
+    }
+    let Some((task, epoch, _)) = parse_checkpoint_key(&req.key).filter(|(t, ..)| *t == req.task) else {
+        return Err(bad(format!("checkpoint key {:?} is not of task {:?}", req.key, req.task)));
+    };
+    // A host that was replaced must not leave its late checkpoints here.
+    if let Some(p) = state.placement(task, 0) {
+        if epoch < p.epoch {
+            return Err(refuse(
+                pb::ErrorCode::Unavailable,
+                format!("stale epoch {}: the task is at epoch {}", epoch.0, p.epoch.0),
+            ));
+        }
+    }
+    let refs: Vec<Hash> = req
+        .refs
+        .iter()
+        .map(|h| Hash::from_slice(h).ok_or_else(|| bad("a ref is 32 bytes".into())))
+        .collect::<Result<_, _>>()?;
+    let have: HashSet<Hash> = pages.iter().map(|(h, _)| *h).collect();
+    let missing: Vec<Vec<u8>> =
+        refs.iter().filter(|h| !have.contains(h) && !log.has_page(h)).map(|h| h.0.to_vec()).collect();
+    if !missing.is_empty() {
+        log.write(&[PageWrite { pages, ..Default::default() }], false).map_err(io)?;
+        return Ok(pb::CheckpointPushResponse { missing }.encode_to_vec());
+    }
+    let remove = log
+        .manifest_keys()
+        .into_iter()
+        .filter(|k| parse_checkpoint_key(k).is_some_and(|(t, ..)| t == task) && *k != req.keep && *k != req.key)
+        .collect();
+    log.write(&[PageWrite { pages, key: req.key, manifest: req.manifest, refs, remove }], true).map_err(io)?;
+    Ok(pb::CheckpointPushResponse::default().encode_to_vec())
+}
+
+/// Holder side of [`CKPT_FETCH`]: the manifest (if asked) and the pages it has intact.
+fn serve_fetch(log: &PageLog, req: pb::CheckpointFetch) -> Result<Vec<u8>, RpcError> {
+    if req.pages.len() > PAGES_PER_MESSAGE {
+        return Err(refuse(pb::ErrorCode::BadRequest, format!("at most {PAGES_PER_MESSAGE} pages per request")));
+    }
+    let manifest = if req.key.is_empty() {
+        Vec::new()
+    } else {
+        log.read_manifest(&req.key)
+            .map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))?
+            .ok_or_else(|| refuse(pb::ErrorCode::NotFound, format!("no checkpoint {} here", req.key)))?
+    };
+    let mut pages = Vec::with_capacity(req.pages.len());
+    for raw in &req.pages {
+        let Some(hash) = Hash::from_slice(raw) else { continue };
+        match log.read_page(&hash) {
+            Ok(data) => pages.push(pb::Page { hash: hash.0.to_vec(), data }),
+            Err(PageLogError::Corrupt(h)) => tracing::error!(page = %h, "a checkpoint page is corrupt on this hub"),
+            Err(_) => {}
+        }
+    }
+    Ok(pb::CheckpointFetchResponse { manifest, pages }.encode_to_vec())
+}
+
+/// Makes sure the manifest of `record` and all its pages are in the local page log, verified,
+/// fetching what is missing or corrupt from the hubs that store it. Returns the key to restore.
+pub(crate) async fn fetch_checkpoint(hub: &Hub, task: &str, record: &CheckpointRecord) -> Result<String, String> {
+    let key = record.key(task);
+    let log = hub.executor.pages().clone();
+    let me = hub.consensus.node_id();
+    let state = hub.consensus.state();
+    let transport = hub.consensus.transport();
+    // Sources: hubs the state says are up first.
+    let mut sources: Vec<NodeId> = record.stored_on.iter().copied().filter(|n| *n != me).collect();
+    sources.sort_by_key(|n| state.nodes.get(n).is_none_or(|r| r.status != hubmesh_consensus::state::NodeStatus::Up));
+
+    let local = log.read_manifest(&key).ok().flatten().filter(|b| Hash::of(b) == record.manifest_hash);
+    let manifest_bytes = match local {
+        Some(b) => b,
+        None => {
+            let mut found = None;
+            let mut last = String::from("no hub stores it");
+            for s in &sources {
+                let req = pb::CheckpointFetch { key: key.clone(), pages: vec![] }.encode_to_vec();
+                match transport.call(s.0, CKPT_FETCH, req, CALL_TIMEOUT).await {
+                    Ok(raw) => match pb::CheckpointFetchResponse::decode(raw.as_slice()) {
+                        Ok(r) if Hash::of(&r.manifest) == record.manifest_hash => {
+                            found = Some(r.manifest);
+                            break;
+                        }
+                        Ok(_) => last = format!("hub {s} sent a manifest that does not match the record"),
+                        Err(e) => last = format!("hub {s}: {e}"),
+                    },
+                    Err(e) => last = format!("hub {s}: {e}"),
+                }
+            }
+            found.ok_or_else(|| format!("checkpoint {key}: {last}"))?
+        }
+    };
+    let manifest = Manifest::decode(&manifest_bytes).map_err(|e| format!("checkpoint {key}: {e}"))?;
+    let refs: Vec<Hash> = manifest.pages.iter().map(|(_, h)| *h).collect();
+    // Local pages are read back (verifying them); missing and corrupt ones are fetched.
+    let log2 = log.clone();
+    let refs2 = refs.clone();
+    let mut wanted: Vec<Hash> = tokio::task::spawn_blocking(move || {
+        let mut seen = HashSet::new();
+        refs2
+            .into_iter()
+            .filter(|h| seen.insert(*h))
+            .filter(|h| match log2.read_page(h) {
+                Ok(_) => false,
+                Err(PageLogError::Corrupt(h)) => {
+                    tracing::error!(page = %h, "corrupt checkpoint page; fetching it from another holder");
+                    log2.forget_page(&h);
+                    true
+                }
+                Err(_) => true,
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let total = wanted.len();
+    let mut fetched: Vec<(Hash, Vec<u8>)> = Vec::with_capacity(total);
+    for s in &sources {
+        if wanted.is_empty() {
+            break;
+        }
+        let mut still = Vec::new();
+        for chunk in wanted.chunks(PAGES_PER_MESSAGE) {
+            let req = pb::CheckpointFetch { key: String::new(), pages: chunk.iter().map(|h| h.0.to_vec()).collect() };
+            let got = match transport.call(s.0, CKPT_FETCH, req.encode_to_vec(), CALL_TIMEOUT).await {
+                Ok(raw) => pb::CheckpointFetchResponse::decode(raw.as_slice()).map(|r| r.pages).unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(hub = %s, error = %e, "fetching checkpoint pages failed");
+                    Vec::new()
+                }
+            };
+            let mut got: std::collections::HashMap<Hash, Vec<u8>> = got
+                .into_iter()
+                .filter_map(|p| {
+                    let h = Hash::from_slice(&p.hash)?;
+                    (Hash::of(&p.data) == h).then_some((h, p.data))
+                })
+                .collect();
+            for h in chunk {
+                match got.remove(h) {
+                    Some(d) => fetched.push((*h, d)),
+                    None => still.push(*h),
+                }
+            }
+        }
+        wanted = still;
+    }
+    if !wanted.is_empty() {
+        return Err(format!("checkpoint {key}: {} of its pages are on no reachable hub", wanted.len()));
+    }
+    let write = PageWrite { pages: fetched, key: key.clone(), manifest: manifest_bytes, refs, remove: vec![] };
+    tokio::task::spawn_blocking(move || log.write(&[write], true))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if total > 0 {
+        tracing::info!(task, key = %key, pages = total, "fetched checkpoint pages from holders");
+    }
+    Ok(key)
+}
+
+/// Drops manifests this hub no longer needs: of deleted tasks, of epochs older than the task's
+/// current placement, and older than its committed checkpoint (never the committed one).
+pub(crate) fn collect_garbage(log: &PageLog, state: &ClusterState) {
+    let remove: Vec<String> = log
+        .manifest_keys()
+        .into_iter()
+        .filter(|k| {
+            let Some((task, epoch, sequence)) = parse_checkpoint_key(k) else { return false };
+            let Some(t) = state.tasks.get(task) else { return true };
+            let committed = t.checkpoint.as_ref();
+            if committed.is_some_and(|c| c.key(task) == *k) {
+                return false;
+            }
+            let current = t.instances.get(&0).map(|p| p.epoch);
+            current.is_some_and(|e| epoch < e) || committed.is_some_and(|c| (epoch, sequence) < (c.epoch, c.sequence))
+        })
+        .collect();
+    if remove.is_empty() {
+        return;
+    }
+    tracing::info!(manifests = remove.len(), "dropping stale checkpoints");
+    if let Err(e) = log.write(&[PageWrite { remove, ..Default::default() }], true) {
+        tracing::warn!(error = %e, "dropping stale checkpoints failed");
+    }
+}
