@@ -52,6 +52,7 @@ async fn mesh(dirs: &[tempfile::TempDir]) -> Vec<Arc<Consensus>> {
         mesh_addr: first.mesh_addr().to_string(),
         labels: Default::default(),
         slots: 0,
+        memory_bytes: 0,
         witness: false,
         cert_fingerprint: String::new(),
         status: NodeStatus::Up,

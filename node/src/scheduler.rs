@@ -397,7 +397,6 @@ mod constraint_tests {
     #[test]
     fn holders_spread_never_the_host_and_failover_prefers_a_live_holder() {
         use hubmesh_consensus::state::{CheckpointPolicy, CheckpointRecord};
-        use hubmesh_consensus::Epoch;
         use hubmesh_storage::Hash;
         let mut s = ClusterState::default();
         for c in [node(1, "a"), node(2, "a"), node(3, "a"), node(4, "a")] {
