@@ -136,3 +136,79 @@ async fn a_paused_host_does_not_answer_with_stale_state() {
     let t = task(&hubs[h], "tally").await;
     assert_eq!(t.committed.unwrap().sequence, 11);
 }
+
+/// Flips one byte in every page record of a hub's page log (format in `storage::page_log`).
+fn corrupt_every_page(data_dir: &std::path::Path) -> usize {
+    use std::os::unix::fs::FileExt;
+    let path = data_dir.join("checkpoints/pages.log");
+    let bytes = std::fs::read(&path).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let (mut at, mut flipped) = (0usize, 0);
+    while at + 3 <= bytes.len() {
+        let kind = bytes[at];
+        let key_len = u16::from_le_bytes([bytes[at + 1], bytes[at + 2]]) as usize;
+        let len_at = at + 3 + key_len;
+        let data_len = u32::from_le_bytes(bytes[len_at..len_at + 4].try_into().unwrap()) as usize;
+        let data_at = len_at + 4;
+        if kind == 1 && data_len > 0 {
+            let mid = data_at + data_len / 2;
+            file.write_all_at(&[bytes[mid] ^ 0xff], mid as u64).unwrap();
+            flipped += 1;
+        }
+        at = data_at + data_len + 32;
+    }
+    file.sync_all().unwrap();
+    flipped
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holders_are_replaced_and_a_corrupt_page_is_repaired_from_another_holder() {
+    let mut hubs = three_hubs("hr").await;
+    deploy_counter(&hubs[0], "tally").await;
+    for i in 1..=3u64 {
+        assert_eq!(add(&hubs[0], "tally", Some(&format!("h{i}"))).await, i);
+    }
+    let id_of = |hubs: &[Hub], i: usize| {
+        let c = hubs[i].client.clone();
+        async move { c.status().await.unwrap().node_id }
+    };
+    let h = host_index(&hubs, "tally").await;
+    let holder = (0..3).find(|i| *i != h).unwrap();
+    let holder_id = id_of(&hubs, holder).await;
+
+    step("kill a holder: durable increments go on with the holder that is left");
+    hubs[holder].kill9();
+    let watcher = hubs[h].client.clone();
+    wait_until(Duration::from_secs(30), "the dead holder is replaced in the holder list", || {
+        let c = watcher.clone();
+        async move { c.task("tally").await.is_ok_and(|t| t.holders.len() == 1 && !t.holders.contains(&holder_id)) }
+    })
+    .await;
+    assert_eq!(add_eventually(&hubs[h], "tally", "h4").await, 4);
+    assert_eq!(task(&hubs[h], "tally").await.committed.unwrap().stored_on.len(), 2);
+
+    step("it comes back: it is a holder again and receives the whole checkpoint");
+    hubs[holder].restart().await;
+    wait_until(Duration::from_secs(30), "two holders again", || {
+        let c = watcher.clone();
+        async move { c.task("tally").await.is_ok_and(|t| t.holders.len() == 2) }
+    })
+    .await;
+    assert_eq!(add_eventually(&hubs[h], "tally", "h5").await, 5);
+    let t = task(&hubs[h], "tally").await;
+    assert_eq!(t.committed.as_ref().unwrap().stored_on.len(), 3, "{t:?}");
+
+    step("corrupt every page on the holder that will take over (the lowest id), then kill the host");
+    let mut holder_ids = Vec::new();
+    for i in (0..3).filter(|i| *i != h) {
+        holder_ids.push((id_of(&hubs, i).await, i));
+    }
+    holder_ids.sort();
+    let (_, next) = holder_ids[0];
+    assert!(corrupt_every_page(hubs[next].data_dir()) > 0);
+    hubs[h].kill9();
+    assert_eq!(add_eventually(&hubs[next], "tally", "h6").await, 6);
+    assert_eq!(task(&hubs[next], "tally").await.placement.unwrap().node_id, holder_ids[0].0);
+    assert!(hubs[next].log_tail(400).contains("corrupt checkpoint page"), "{}", hubs[next].log_tail(60));
+    assert_eq!(add(&hubs[next], "tally", Some("h2")).await, 2, "idempotency answers survive the repair");
+}
