@@ -3,93 +3,20 @@
 //! leader killed → new leader; hub killed → its stateless task answers from another hub;
 //! and the cost of a forwarded invocation over a local one. Loops are bounded in count and time.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use hubmesh::client::Client;
 use hubmesh_proto::api::DeployParams;
 
-struct Hub {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    client: Client,
-    id: u64,
-}
+mod common;
 
-fn spawn(dir: &Path, join: Option<&str>) -> Child {
-    let mesh = std::fs::read_to_string(dir.join("mesh.addr"))
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "127.0.0.1:0".into());
-    let _ = std::fs::remove_file(dir.join("api.addr"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubmesh"));
-    cmd.arg("--data-dir").arg(dir).args(["up", "--api", "127.0.0.1:0", "--mesh", &mesh]);
-    if let Some(t) = join {
-        cmd.args(["--join", t]);
-    }
-    cmd.env("HUBMESH_LOG", "error").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
-}
-
-async fn ready(dir: &Path) -> Client {
-    let end = Instant::now() + Duration::from_secs(60);
-    while !dir.join("api.addr").exists() {
-        assert!(Instant::now() < end, "hub did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let url = format!("http://{}", std::fs::read_to_string(dir.join("api.addr")).unwrap().trim());
-    let token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_owned();
-    Client::new(&url, Some(token))
-}
-
-async fn settle(hubs: &[Hub]) {
-    let end = Instant::now() + Duration::from_secs(60);
-    'outer: loop {
-        assert!(Instant::now() < end, "the mesh did not settle");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        for h in hubs {
-            match h.client.status().await {
-                Ok(s) if s.voters.len() == 3 && s.leader.is_some() => {}
-                _ => continue 'outer,
-            }
-        }
-        return;
-    }
-}
-
-fn pct(v: &mut [Duration], q: f64) -> Duration {
-    v.sort();
-    v[((v.len() as f64 - 1.0) * q).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
+use common::{example, mesh, ms, pct, ready, settle, spawn};
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let first = tempfile::tempdir().unwrap();
-        let child = spawn(first.path(), None);
-        let client = ready(first.path()).await;
-        let end = Instant::now() + Duration::from_secs(30);
-        let token = loop {
-            if let Ok(t) = client.create_token(None).await {
-                break t.token;
-            }
-            assert!(Instant::now() < end);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let mut hubs = vec![Hub { dir: first, child: Some(child), client, id: 0 }];
-        for _ in 0..2 {
-            let dir = tempfile::tempdir().unwrap();
-            let child = spawn(dir.path(), Some(&token));
-            let client = ready(dir.path()).await;
-            hubs.push(Hub { dir, child: Some(child), client, id: 0 });
-        }
-        settle(&hubs).await;
-        for h in hubs.iter_mut() {
-            h.id = h.client.status().await.unwrap().node_id;
-        }
+        let mut hubs = mesh(3).await;
         println!("| benchmark (3 release hubs on loopback, lan profile) | p50 | p99 | other |");
         println!("|---|---|---|---|");
 
@@ -210,8 +137,4 @@ fn main() {
             }
         }
     });
-}
-
-fn example(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/tasks").join(name)
 }

@@ -1,0 +1,111 @@
+//! A mesh of real release `hubmesh` processes on loopback for the benchmarks (`mod common;`).
+
+#![allow(dead_code)] // each bench uses part of it
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hubmesh::client::Client;
+
+pub struct Hub {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub client: Client,
+    pub id: u64,
+}
+
+pub fn spawn(dir: &Path, join: Option<&str>) -> Child {
+    let mesh = std::fs::read_to_string(dir.join("mesh.addr"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "127.0.0.1:0".into());
+    let _ = std::fs::remove_file(dir.join("api.addr"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubmesh"));
+    cmd.arg("--data-dir").arg(dir).args(["up", "--api", "127.0.0.1:0", "--mesh", &mesh]);
+    if let Some(t) = join {
+        cmd.args(["--join", t]);
+    }
+    cmd.env("HUBMESH_LOG", "error").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+}
+
+pub async fn ready(dir: &Path) -> Client {
+    let end = Instant::now() + Duration::from_secs(60);
+    while !dir.join("api.addr").exists() {
+        assert!(Instant::now() < end, "hub did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let url = format!("http://{}", std::fs::read_to_string(dir.join("api.addr")).unwrap().trim());
+    let token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_owned();
+    Client::new(&url, Some(token))
+}
+
+pub async fn settle(hubs: &[Hub]) {
+    let end = Instant::now() + Duration::from_secs(60);
+    'outer: loop {
+        assert!(Instant::now() < end, "the mesh did not settle");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for h in hubs {
+            match h.client.status().await {
+                Ok(s) if s.voters.len() == 3 && s.leader.is_some() => {}
+                _ => continue 'outer,
+            }
+        }
+        return;
+    }
+}
+
+pub fn pct(v: &mut [Duration], q: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+
+/// Starts `n` hubs (the first creates the mesh, the others join) and waits for 3 voters.
+pub async fn mesh(n: usize) -> Vec<Hub> {
+    let first = tempfile::tempdir().unwrap();
+    let child = spawn(first.path(), None);
+    let client = ready(first.path()).await;
+    let end = Instant::now() + Duration::from_secs(30);
+    let token = loop {
+        if let Ok(t) = client.create_token(None).await {
+            break t.token;
+        }
+        assert!(Instant::now() < end);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut hubs = vec![Hub { dir: first, child: Some(child), client, id: 0 }];
+    for _ in 1..n {
+        let dir = tempfile::tempdir().unwrap();
+        let child = spawn(dir.path(), Some(&token));
+        let client = ready(dir.path()).await;
+        hubs.push(Hub { dir, child: Some(child), client, id: 0 });
+    }
+    settle(&hubs).await;
+    for h in hubs.iter_mut() {
+        h.id = h.client.status().await.unwrap().node_id;
+    }
+    hubs
+}
+
+/// SIGKILL.
+pub fn kill(hub: &mut Hub) {
+    if let Some(mut c) = hub.child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Starts a killed hub again on its data dir.
+pub async fn restart(hub: &mut Hub) {
+    let dir: PathBuf = hub.dir.path().to_owned();
+    hub.child = Some(spawn(&dir, None));
+    hub.client = ready(&dir).await;
+}
+
+pub fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/tasks").join(name)
+}

@@ -1,0 +1,231 @@
+//! Stateful tasks with replicated checkpoints on 3 release `hubmesh` processes on loopback, `lan`
+//! profile (run: `cargo bench -p hubmesh --bench stateful`): durable invocations per second,
+//! incremental checkpoint cost against dirty pages, checkpoint replication throughput, and
+//! failover time from `kill -9` of the host to the first answer elsewhere, split into
+//! detection, re-placement and restore + first answer, for 1 MiB and 64 MiB of state. Every
+//! loop is bounded in count and time.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hubmesh::client::Client;
+use hubmesh_proto::api::DeployParams;
+
+mod common;
+
+use common::{example, kill, mesh, ms, pct, restart, settle, Hub};
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn durable(memory: &str) -> DeployParams {
+    DeployParams { durable: true, memory: Some(memory.into()), ..Default::default() }
+}
+
+/// Waits until `task` runs with two holders and its committed checkpoint is on three hubs.
+async fn fully_replicated(c: &Client, task: &str) {
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(t) = c.task(task).await {
+            if t.state == "running" && t.holders.len() == 2 && t.committed.as_ref().is_some_and(|c| c.stored_on.len() == 3)
+            {
+                return;
+            }
+        }
+        assert!(Instant::now() < end, "{task} did not get three copies");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn host_client(hubs: &[Hub], node: u64) -> Client {
+    hubs.iter().find(|h| h.id == node).unwrap().client.clone()
+}
+
+async fn host(c: &Client, task: &str) -> u64 {
+    c.task(task).await.unwrap().placement.unwrap().node_id
+}
+
+fn pages_input(n: u32) -> Vec<u8> {
+    n.to_le_bytes().to_vec()
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut hubs = mesh(3).await;
+        let counter = std::fs::read(example("counter.wat")).unwrap();
+        let big = std::fs::read(example("bigstate.wat")).unwrap();
+        println!("| benchmark (3 release hubs on loopback, lan profile, k = 2 holders) | p50 | p99 | other |");
+        println!("|---|---|---|---|");
+
+        // Durable invocations: one client on one task, then 64 clients over 16 tasks.
+        for i in 0..16 {
+            hubs[0].client.deploy(&format!("d{i}"), counter.clone(), &durable("1MiB"), false).await.unwrap();
+        }
+        for i in 0..16 {
+            let c = hubs[0].client.clone();
+            let name = format!("d{i}");
+            let end = Instant::now() + Duration::from_secs(60);
+            while !c.task(&name).await.is_ok_and(|t| t.holders.len() == 2 && t.state == "running") {
+                assert!(Instant::now() < end);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let via = host_client(&hubs, host(&hubs[0].client, "d0").await);
+        let mut lat = Vec::new();
+        let started = Instant::now();
+        for _ in 0..500 {
+            let t = Instant::now();
+            via.invoke("d0", b"1".to_vec(), None).await.unwrap();
+            lat.push(t.elapsed());
+        }
+        let rate = 500.0 / started.elapsed().as_secs_f64();
+        println!("| durable invoke, 1 client, 1 task (through its host) | {:.2} ms | {:.2} ms | {rate:.0}/s |", ms(pct(&mut lat, 0.5)), ms(pct(&mut lat, 0.99)));
+        let mut clients = Vec::new();
+        for i in 0..16 {
+            clients.push(host_client(&hubs, host(&hubs[0].client, &format!("d{i}")).await));
+        }
+        let started = Instant::now();
+        let mut joins = Vec::new();
+        for w in 0..64 {
+            let c = clients[w % 16].clone();
+            let name = format!("d{}", w % 16);
+            joins.push(tokio::spawn(async move {
+                let mut v = Vec::new();
+                for _ in 0..40 {
+                    let t = Instant::now();
+                    c.invoke(&name, b"1".to_vec(), None).await.unwrap();
+                    v.push(t.elapsed());
+                }
+                v
+            }));
+        }
+        let mut lat: Vec<Duration> = Vec::new();
+        for j in joins {
+            lat.extend(j.await.unwrap());
+        }
+        let rate = lat.len() as f64 / started.elapsed().as_secs_f64();
+        println!("| durable invoke, 64 clients over 16 tasks | {:.2} ms | {:.2} ms | {rate:.0}/s |", ms(pct(&mut lat, 0.5)), ms(pct(&mut lat, 0.99)));
+        for i in 0..16 {
+            hubs[0].client.remove(&format!("d{i}")).await.unwrap();
+        }
+
+        // Incremental checkpoints of a 64 MiB task, and the full copy to two holders.
+        hubs[0].client.deploy("big64", big.clone(), &durable("80MiB"), false).await.unwrap();
+        fully_replicated_after(&hubs[0].client, "big64", 1024).await;
+        let via = host_client(&hubs, host(&hubs[0].client, "big64").await);
+        let mut full = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            via.invoke("big64", pages_input(1024), None).await.unwrap();
+            full.push(t.elapsed());
+        }
+        let f50 = pct(&mut full, 0.5);
+        println!(
+            "| durable invoke dirtying all 1,024 pages of 64 MiB (local write + push to 2 holders + Raft record), 5 runs | {:.0} ms | {:.0} ms | {:.0} MB/s to holders (2 × 64 MiB) |",
+            ms(f50),
+            ms(pct(&mut full, 0.99)),
+            2.0 * 64.0 * 1.048576 / f50.as_secs_f64()
+        );
+        for dirty in [1u32, 16, 256] {
+            let mut v = Vec::new();
+            for _ in 0..20 {
+                let t = Instant::now();
+                via.invoke("big64", pages_input(dirty), None).await.unwrap();
+                v.push(t.elapsed());
+            }
+            println!("| durable invoke on 64 MiB dirtying {dirty} pages, 20 runs | {:.2} ms | {:.2} ms | |", ms(pct(&mut v, 0.5)), ms(pct(&mut v, 0.99)));
+        }
+
+        // Failover trials: 1 MiB (16 pages) and 64 MiB.
+        hubs[0].client.deploy("big1", big.clone(), &durable("2MiB"), false).await.unwrap();
+        fully_replicated_after(&hubs[0].client, "big1", 16).await;
+        for (task, pages) in [("big1", 16u32), ("big64", 1024)] {
+            let (mut detect, mut place, mut restore, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut leader_hosts = 0;
+            let deadline = Instant::now() + Duration::from_secs(420);
+            let mut trial = 0u32;
+            while total.len() < 20 && Instant::now() < deadline {
+                trial += 1;
+                let info = hubs[0].client.task(task).await.unwrap();
+                let old = info.placement.unwrap();
+                let victim = hubs.iter().position(|h| h.id == old.node_id).unwrap();
+                let leader = hubs[(victim + 1) % 3].client.status().await.unwrap().leader;
+                if leader == Some(old.node_id) {
+                    leader_hosts += 1;
+                }
+                let survivor = hubs[(victim + 1) % 3].client.clone();
+                let kill_ms = now_ms();
+                let t = Instant::now();
+                kill(&mut hubs[victim]);
+                // Re-placement as the survivors see it.
+                let end = Instant::now() + Duration::from_secs(30);
+                let placed = loop {
+                    if let Ok(i) = survivor.task(task).await {
+                        if i.placement.as_ref().is_some_and(|p| p.epoch > old.epoch) {
+                            break Some((t.elapsed(), i));
+                        }
+                    }
+                    if Instant::now() > end {
+                        break None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                };
+                let answered = loop {
+                    let key = format!("t{trial}");
+                    if survivor.invoke(task, pages_input(1), Some(&key)).await.is_ok() {
+                        break Some(t.elapsed());
+                    }
+                    if Instant::now() > end {
+                        break None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                };
+                if let (Some((placed_at, info)), Some(answer_at)) = (placed, answered) {
+                    let decided_ms = info.history.last().map_or(kill_ms, |h| h.at_ms);
+                    let d = Duration::from_millis(decided_ms.saturating_sub(kill_ms));
+                    detect.push(d);
+                    place.push(placed_at.saturating_sub(d));
+                    restore.push(answer_at.saturating_sub(placed_at));
+                    total.push(answer_at);
+                }
+                restart(&mut hubs[victim]).await;
+                settle(&hubs).await;
+                // A new checkpoint so that all three hubs have the state again.
+                let c = hubs[(victim + 1) % 3].client.clone();
+                let _ = c.invoke(task, pages_input(1), None).await;
+                fully_replicated_after(&c, task, 0).await;
+                let _ = pages;
+            }
+            let n = total.len();
+            println!(
+                "| failover of {task} ({}), kill -9 of the host → first answer elsewhere, {n} trials ({leader_hosts} where the host also led) | {:.0} ms | {:.0} ms | detection {:.0}/{:.0} ms, re-placement {:.0}/{:.0} ms, restore + first answer {:.0}/{:.0} ms (p50/p99) |",
+                if pages == 16 { "1 MiB" } else { "64 MiB" },
+                ms(pct(&mut total, 0.5)),
+                ms(pct(&mut total, 0.99)),
+                ms(pct(&mut detect, 0.5)),
+                ms(pct(&mut detect, 0.99)),
+                ms(pct(&mut place, 0.5)),
+                ms(pct(&mut place, 0.99)),
+                ms(pct(&mut restore, 0.5)),
+                ms(pct(&mut restore, 0.99)),
+            );
+        }
+        for h in hubs.iter_mut() {
+            kill(h);
+        }
+    });
+}
+
+/// Sizes a bigstate task (first call: `pages` pages, 0 = leave it) and waits for three copies.
+async fn fully_replicated_after(c: &Client, task: &str, pages: u32) {
+    let end = Instant::now() + Duration::from_secs(60);
+    while !c.task(task).await.is_ok_and(|t| t.state == "running" && t.holders.len() == 2) {
+        assert!(Instant::now() < end, "{task} did not start with two holders");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if pages > 0 {
+        c.invoke(task, pages_input(pages), None).await.unwrap();
+    }
+    fully_replicated(c, task).await;
+}
