@@ -268,6 +268,9 @@ pub enum Command {
     /// A checkpoint that its holders have stored; refused unless it comes from the instance's
     /// current epoch and is newer than the last one.
     CommitCheckpoint { task: String, record: CheckpointRecord },
+    /// Hubs that received a copy of the committed checkpoint after it was committed (a new
+    /// holder); ignored unless that checkpoint is still the committed one.
+    AddCheckpointCopies { task: String, epoch: Epoch, sequence: u64, nodes: Vec<NodeId> },
     /// Stamps the time and reason of the next history events (sent with placements).
     Note { at_ms: u64, reason: String },
     /// Independent commands committed as one log entry (group commit); each has its own result.
@@ -385,6 +388,18 @@ impl ClusterState {
                 Ok(Outcome::NodeRegistered)
             }
             Command::CommitCheckpoint { task, record } => self.commit_checkpoint(task, record),
+            Command::AddCheckpointCopies { task, epoch, sequence, nodes } => {
+                let t = self.tasks.get_mut(task).ok_or_else(|| Rejected::NoSuchTask(task.clone()))?;
+                let Some(c) = t.checkpoint.as_mut().filter(|c| c.epoch == *epoch && c.sequence == *sequence) else {
+                    return Err(Rejected::Invalid("that checkpoint is no longer the committed one".into()));
+                };
+                for n in nodes {
+                    if !c.stored_on.contains(n) {
+                        c.stored_on.push(*n);
+                    }
+                }
+                Ok(Outcome::Committed)
+            }
             Command::Note { at_ms, reason } => {
                 self.note = Some((*at_ms, reason.clone()));
                 Ok(Outcome::Noop)

@@ -36,6 +36,8 @@ pub mod kind {
 
 /// Largest request or response.
 pub const MAX_FRAME: usize = 64 << 20;
+/// Requests larger than this are sent at a lower stream priority than the rest.
+const BULK_BYTES: usize = 256 << 10;
 
 /// Who sent a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,6 +340,10 @@ async fn exchange(
     delivered: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<Vec<u8>, Exchange> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Exchange::Lost(e.to_string()))?;
+    if request.len() > BULK_BYTES {
+        // Checkpoint pages must not hold up Raft heartbeats on the same connection.
+        let _ = send.set_priority(-1);
+    }
     send.write_all(request).await.map_err(|e| Exchange::Lost(e.to_string()))?;
     send.finish().map_err(|e| Exchange::Lost(e.to_string()))?;
     let acked = send.stopped();

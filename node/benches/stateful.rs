@@ -27,12 +27,14 @@ async fn fully_replicated(c: &Client, task: &str) {
     let end = Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(t) = c.task(task).await {
-            if t.state == "running" && t.holders.len() == 2 && t.committed.as_ref().is_some_and(|c| c.stored_on.len() == 3)
+            if t.state == "running"
+                && t.holders.len() == 2
+                && t.committed.as_ref().is_some_and(|c| c.stored_on.len() == 3)
             {
                 return;
             }
         }
-        assert!(Instant::now() < end, "{task} did not get three copies");
+        assert!(Instant::now() < end, "{task} did not get three copies: {:?}", c.task(task).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -58,11 +60,13 @@ fn main() {
         println!("| benchmark (3 release hubs on loopback, lan profile, k = 2 holders) | p50 | p99 | other |");
         println!("|---|---|---|---|");
 
+        // `STATEFUL_BENCH=failover` runs only the failover trials.
+        let only_failover = std::env::var("STATEFUL_BENCH").is_ok_and(|v| v == "failover");
         // Durable invocations: one client on one task, then 64 clients over 16 tasks.
-        for i in 0..16 {
+        for i in 0..if only_failover { 0 } else { 16 } {
             hubs[0].client.deploy(&format!("d{i}"), counter.clone(), &durable("1MiB"), false).await.unwrap();
         }
-        for i in 0..16 {
+        for i in 0..if only_failover { 0 } else { 16 } {
             let c = hubs[0].client.clone();
             let name = format!("d{i}");
             let end = Instant::now() + Duration::from_secs(60);
@@ -71,6 +75,7 @@ fn main() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        if !only_failover {
         let via = host_client(&hubs, host(&hubs[0].client, "d0").await);
         let mut lat = Vec::new();
         let started = Instant::now();
@@ -109,11 +114,13 @@ fn main() {
         for i in 0..16 {
             hubs[0].client.remove(&format!("d{i}")).await.unwrap();
         }
+        }
 
         // Incremental checkpoints of a 64 MiB task, and the full copy to two holders.
         hubs[0].client.deploy("big64", big.clone(), &durable("80MiB"), false).await.unwrap();
         fully_replicated_after(&hubs[0].client, "big64", 1024).await;
         let via = host_client(&hubs, host(&hubs[0].client, "big64").await);
+        if !only_failover {
         let mut full = Vec::new();
         for _ in 0..5 {
             let t = Instant::now();
@@ -136,11 +143,13 @@ fn main() {
             }
             println!("| durable invoke on 64 MiB dirtying {dirty} pages, 20 runs | {:.2} ms | {:.2} ms | |", ms(pct(&mut v, 0.5)), ms(pct(&mut v, 0.99)));
         }
+        }
 
         // Failover trials: 1 MiB (16 pages) and 64 MiB.
         hubs[0].client.deploy("big1", big.clone(), &durable("2MiB"), false).await.unwrap();
         fully_replicated_after(&hubs[0].client, "big1", 16).await;
-        for (task, pages) in [("big1", 16u32), ("big64", 1024)] {
+        let trials: &[(&str, u32)] = if only_failover { &[("big64", 1024)] } else { &[("big1", 16), ("big64", 1024)] };
+        for &(task, pages) in trials {
             let (mut detect, mut place, mut restore, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let mut leader_hosts = 0;
             let deadline = Instant::now() + Duration::from_secs(420);

@@ -25,16 +25,21 @@ fn refuse(code: pb::ErrorCode, message: impl Into<String>) -> RpcError {
     RpcError::Remote { code: code as i32, message: message.into() }
 }
 
-/// Checks that a member calls, that the hub still runs, and decodes the request.
-fn member_request<M: Message + Default>(
+/// Checks that a member calls and that the hub still runs.
+pub(crate) fn member(caller: Caller, hub: &std::sync::Weak<Hub>) -> Result<Arc<Hub>, RpcError> {
+    if caller == Caller::Joiner {
+        return Err(refuse(pb::ErrorCode::Unauthorized, "members only"));
+    }
+    hub.upgrade().ok_or_else(|| refuse(pb::ErrorCode::Unavailable, "shutting down"))
+}
+
+/// [`member`], then decodes the request.
+pub(crate) fn member_request<M: Message + Default>(
     caller: Caller,
     hub: &std::sync::Weak<Hub>,
     payload: &[u8],
 ) -> Result<(Arc<Hub>, M), RpcError> {
-    if caller == Caller::Joiner {
-        return Err(refuse(pb::ErrorCode::Unauthorized, "members only"));
-    }
-    let hub = hub.upgrade().ok_or_else(|| refuse(pb::ErrorCode::Unavailable, "shutting down"))?;
+    let hub = member(caller, hub)?;
     let req = M::decode(payload).map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
     Ok((hub, req))
 }
@@ -87,7 +92,10 @@ pub(crate) async fn fetch_module(hub: &Hub, hash: &Hash) -> Result<Vec<u8>, Stri
     let me = hub.consensus.node_id();
     let transport = hub.consensus.transport();
     let mut last = "no other hub".to_owned();
-    for node in state.nodes.keys().filter(|n| **n != me) {
+    // Hubs the state says are up first: a dead one only answers with a timeout.
+    let mut nodes: Vec<&NodeId> = state.nodes.keys().filter(|n| **n != me).collect();
+    nodes.sort_by_key(|n| state.nodes.get(n).is_none_or(|r| r.status != hubmesh_consensus::state::NodeStatus::Up));
+    for node in nodes {
         let req = pb::ModuleFetchRequest { hash: hash.0.to_vec() }.encode_to_vec();
         match transport.call(node.0, MODULE_FETCH, req, Duration::from_secs(30)).await {
             Ok(bytes) if Hash::of(&bytes) == *hash => return Ok(bytes),

@@ -34,6 +34,8 @@ pub(crate) struct Hub {
     pub(crate) started: Instant,
     /// Why a task placed here could not be started, by task name.
     pub(crate) start_failures: Mutex<std::collections::HashMap<String, String>>,
+    /// Tasks whose committed checkpoint is being copied to new holders right now.
+    pub(crate) refilling: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Hub {

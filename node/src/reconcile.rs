@@ -129,6 +129,8 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
             Err(e) => record_failure(hub, &name, &key, &format!("the start thread failed: {e}")),
         }
     }
+    crate::replication::refill_holders(hub, state);
+    keep_modules(hub, state).await;
     let (log, state2) = (hub.executor.pages().clone(), state.clone());
     let _ = tokio::task::spawn_blocking(move || crate::replication::collect_garbage(&log, &state2)).await;
     metrics::gauge!("hubmesh_tasks_running").set(hub.executor.configs().len() as f64);
@@ -137,4 +139,26 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
 fn record_failure(hub: &Hub, name: &str, key: &str, reason: &str) {
     tracing::error!(task = name, reason, "task failed to start");
     hub.start_failures.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), format!("{key}: {reason}"));
+}
+
+/// Every hub that may run tasks keeps every task's module, so that a failover host never waits
+/// for (or loses) a module that only the dead hub had.
+async fn keep_modules(hub: &Arc<Hub>, state: &ClusterState) {
+    if hub.config.witness {
+        return;
+    }
+    for t in state.tasks.values() {
+        let hash = t.spec.module_hash;
+        if hub.blobs.contains(&hash) {
+            continue;
+        }
+        match crate::dataplane::fetch_module(hub, &hash).await {
+            Ok(w) => {
+                if let Err(e) = hub.blobs.put(&w) {
+                    tracing::warn!(task = %t.spec.name, error = %e, "storing a module copy failed");
+                }
+            }
+            Err(e) => tracing::debug!(task = %t.spec.name, error = %e, "no copy of the module yet"),
+        }
+    }
 }

@@ -26,13 +26,14 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use hubmesh_consensus::state::{parse_checkpoint_key, validate_task_name, CheckpointRecord};
-use hubmesh_consensus::transport::{handler, kind, Caller, RpcError};
+use hubmesh_consensus::transport::{handler, kind, RpcError};
 use hubmesh_consensus::{ClusterState, Command, Epoch, NodeId, ProposeError, Rejected};
 use hubmesh_proto::{pb, Message};
 use hubmesh_storage::{Hash, PageLog, PageLogError, PageWrite};
 use tokio::time::Instant;
 
 use crate::checkpoint::Manifest;
+use crate::dataplane::{member, member_request};
 use crate::executor::{CheckpointSink, LocalCheckpoint};
 use crate::hub::Hub;
 
@@ -222,12 +223,17 @@ pub(crate) fn register(hub: &Arc<Hub>) {
         handler(move |caller, payload| {
             let h = h.clone();
             async move {
-                let (hub, req) = member_request::<pb::CheckpointPush>(caller, &h, &payload)?;
+                let hub = member(caller, &h)?;
                 let log = hub.executor.pages().clone();
                 let state = hub.consensus.state();
-                tokio::task::spawn_blocking(move || store_pushed(&log, &state, req))
-                    .await
-                    .map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))?
+                // Decoding and hashing megabytes of pages stays off the runtime's threads.
+                tokio::task::spawn_blocking(move || {
+                    let req = pb::CheckpointPush::decode(payload.as_slice())
+                        .map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
+                    store_pushed(&log, &state, req)
+                })
+                .await
+                .map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))?
             }
         }),
     );
@@ -245,19 +251,6 @@ pub(crate) fn register(hub: &Arc<Hub>) {
             }
         }),
     );
-}
-
-fn member_request<M: Message + Default>(
-    caller: Caller,
-    hub: &Weak<Hub>,
-    payload: &[u8],
-) -> Result<(Arc<Hub>, M), RpcError> {
-    if caller == Caller::Joiner {
-        return Err(refuse(pb::ErrorCode::Unauthorized, "members only"));
-    }
-    let hub = hub.upgrade().ok_or_else(|| refuse(pb::ErrorCode::Unavailable, "shutting down"))?;
-    let req = M::decode(payload).map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
-    Ok((hub, req))
 }
 
 /// Verified pages of a message.
@@ -466,8 +459,77 @@ pub(crate) fn collect_garbage(log: &PageLog, state: &ClusterState) {
     if remove.is_empty() {
         return;
     }
-    tracing::info!(manifests = remove.len(), "dropping stale checkpoints");
-    if let Err(e) = log.write(&[PageWrite { remove, ..Default::default() }], true) {
+    tracing::debug!(manifests = remove.len(), "dropping stale checkpoints");
+    // Not synced: a tombstone lost in a crash only means this runs again.
+    if let Err(e) = log.write(&[PageWrite { remove, ..Default::default() }], false) {
         tracing::warn!(error = %e, "dropping stale checkpoints failed");
+    }
+}
+
+/// Copies the committed checkpoint of each task hosted here to holders that do not have it yet
+/// (a holder that replaced a dead one), in the background, one copy job per task at a time.
+pub(crate) fn refill_holders(hub: &Arc<Hub>, state: &ClusterState) {
+    let me = hub.consensus.node_id();
+    for (name, t) in &state.tasks {
+        let Some(record) = &t.checkpoint else { continue };
+        if t.instances.get(&0).is_none_or(|p| p.node != me) {
+            continue;
+        }
+        let up = |n: &NodeId| state.nodes.get(n).is_some_and(|r| r.status == hubmesh_consensus::state::NodeStatus::Up);
+        let new: Vec<NodeId> = t.holders.iter().copied().filter(|h| !record.stored_on.contains(h) && up(h)).collect();
+        if new.is_empty() || !hub.refilling.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone()) {
+            continue;
+        }
+        let (hub, name, record) = (hub.clone(), name.clone(), record.clone());
+        tokio::spawn(async move {
+            if let Err(e) = refill(&hub, &name, &record, &new).await {
+                tracing::warn!(task = %name, error = %e, "copying the checkpoint to new holders failed; will retry");
+            }
+            hub.refilling.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+        });
+    }
+}
+
+async fn refill(hub: &Hub, task: &str, record: &CheckpointRecord, to: &[NodeId]) -> Result<(), String> {
+    let key = record.key(task);
+    let log = hub.executor.pages().clone();
+    let manifest = log
+        .read_manifest(&key)
+        .map_err(|e| e.to_string())?
+        .filter(|b| Hash::of(b) == record.manifest_hash)
+        .ok_or_else(|| format!("checkpoint {key} is not intact on this hub"))?;
+    let refs = Manifest::decode(&manifest).map_err(|e| e.to_string())?.pages.iter().map(|(_, h)| *h).collect();
+    let local = LocalCheckpoint {
+        task: task.to_owned(),
+        version: record.version,
+        epoch: record.epoch.0,
+        sequence: record.sequence,
+        key: key.clone(),
+        manifest,
+        refs,
+        new_pages: Vec::new(),
+        size_bytes: record.size_bytes,
+        created_ms: record.at_ms,
+        committed_key: Some(key.clone()),
+    };
+    let mut done = Vec::new();
+    for h in to {
+        match push(hub, *h, &local, &key).await {
+            Ok(()) => done.push(*h),
+            Err(e) => tracing::warn!(task, holder = %h, error = %e, "copying the checkpoint failed"),
+        }
+    }
+    if done.is_empty() {
+        return Err("no new holder took the copy".into());
+    }
+    let cmd = Command::AddCheckpointCopies {
+        task: task.to_owned(),
+        epoch: record.epoch,
+        sequence: record.sequence,
+        nodes: done,
+    };
+    match hub.consensus.propose(cmd).await {
+        Ok(_) | Err(ProposeError::Rejected(_)) => Ok(()),
+        Err(e) => Err(e.to_string()),
     }
 }

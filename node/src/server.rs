@@ -132,6 +132,7 @@ pub async fn run(
         token,
         started,
         start_failures: Mutex::new(Default::default()),
+        refilling: Mutex::new(Default::default()),
     });
 
     tracing::info!(%api_addr, "6/7 API");

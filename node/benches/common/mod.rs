@@ -25,7 +25,8 @@ pub fn spawn(dir: &Path, join: Option<&str>) -> Child {
     if let Some(t) = join {
         cmd.args(["--join", t]);
     }
-    cmd.env("HUBMESH_LOG", "error").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("hub.log")).unwrap();
+    cmd.env("HUBMESH_LOG", "warn,openraft=error").stdout(Stdio::null()).stderr(Stdio::from(log)).spawn().unwrap()
 }
 
 pub async fn ready(dir: &Path) -> Client {
@@ -62,7 +63,6 @@ pub fn pct(v: &mut [Duration], q: f64) -> Duration {
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
-
 
 /// Starts `n` hubs (the first creates the mesh, the others join) and waits for 3 voters.
 pub async fn mesh(n: usize) -> Vec<Hub> {
