@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use hubmesh::client::Client;
 
-pub struct Hub {
-    pub dir: tempfile::TempDir,
-    pub child: Option<Child>,
-    pub client: Client,
-    pub id: u64,
+pub(crate) struct Hub {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) child: Option<Child>,
+    pub(crate) client: Client,
+    pub(crate) id: u64,
 }
 
-pub fn spawn(dir: &Path, join: Option<&str>) -> Child {
+pub(crate) fn spawn(dir: &Path, join: Option<&str>) -> Child {
     let mesh = std::fs::read_to_string(dir.join("mesh.addr"))
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "127.0.0.1:0".into());
@@ -29,7 +29,7 @@ pub fn spawn(dir: &Path, join: Option<&str>) -> Child {
     cmd.env("HUBMESH_LOG", "warn,openraft=error").stdout(Stdio::null()).stderr(Stdio::from(log)).spawn().unwrap()
 }
 
-pub async fn ready(dir: &Path) -> Client {
+pub(crate) async fn ready(dir: &Path) -> Client {
     let end = Instant::now() + Duration::from_secs(60);
     while !dir.join("api.addr").exists() {
         assert!(Instant::now() < end, "hub did not start");
@@ -40,7 +40,7 @@ pub async fn ready(dir: &Path) -> Client {
     Client::new(&url, Some(token))
 }
 
-pub async fn settle(hubs: &[Hub]) {
+pub(crate) async fn settle(hubs: &[Hub]) {
     let end = Instant::now() + Duration::from_secs(60);
     'outer: loop {
         assert!(Instant::now() < end, "the mesh did not settle");
@@ -55,17 +55,17 @@ pub async fn settle(hubs: &[Hub]) {
     }
 }
 
-pub fn pct(v: &mut [Duration], q: f64) -> Duration {
+pub(crate) fn pct(v: &mut [Duration], q: f64) -> Duration {
     v.sort();
     v[((v.len() as f64 - 1.0) * q).round() as usize]
 }
 
-pub fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// Starts `n` hubs (the first creates the mesh, the others join) and waits for 3 voters.
-pub async fn mesh(n: usize) -> Vec<Hub> {
+pub(crate) async fn mesh(n: usize) -> Vec<Hub> {
     let first = tempfile::tempdir().unwrap();
     let child = spawn(first.path(), None);
     let client = ready(first.path()).await;
@@ -92,7 +92,7 @@ pub async fn mesh(n: usize) -> Vec<Hub> {
 }
 
 /// SIGKILL.
-pub fn kill(hub: &mut Hub) {
+pub(crate) fn kill(hub: &mut Hub) {
     if let Some(mut c) = hub.child.take() {
         let _ = c.kill();
         let _ = c.wait();
@@ -100,12 +100,12 @@ pub fn kill(hub: &mut Hub) {
 }
 
 /// Starts a killed hub again on its data dir.
-pub async fn restart(hub: &mut Hub) {
+pub(crate) async fn restart(hub: &mut Hub) {
     let dir: PathBuf = hub.dir.path().to_owned();
     hub.child = Some(spawn(&dir, None));
     hub.client = ready(&dir).await;
 }
 
-pub fn example(name: &str) -> PathBuf {
+pub(crate) fn example(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/tasks").join(name)
 }

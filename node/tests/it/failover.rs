@@ -221,3 +221,47 @@ async fn holders_are_replaced_and_a_corrupt_page_is_repaired_from_another_holder
     assert!(hubs[next].log_tail(400).contains("corrupt checkpoint page"), "{}", hubs[next].log_tail(60));
     assert_eq!(add(&hubs[next], "tally", Some("h2")).await, 2, "idempotency answers survive the repair");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_and_the_host_die_together_and_nothing_acknowledged_is_lost() {
+    let a = Hub::start("lha").await;
+    let token = a.client.create_token(Some("10m")).await.unwrap().token;
+    let mut hubs = vec![a];
+    for n in ["lhb", "lhc", "lhd", "lhe"] {
+        hubs.push(Hub::start_with(n, &["--join", &token]).await);
+    }
+    for h in &hubs {
+        let client = h.client.clone();
+        wait_until(Duration::from_secs(90), "5 voters", || {
+            let c = client.clone();
+            async move { c.status().await.is_ok_and(|s| s.voters.len() == 5) }
+        })
+        .await;
+    }
+    deploy_counter(&hubs[0], "tally").await;
+    for i in 1..=10u64 {
+        assert_eq!(add(&hubs[i as usize % 5], "tally", Some(&format!("l{i}"))).await, i);
+    }
+    step("kill -9 the host and the leader at once (the same hub, or two)");
+    let host = host_index(&hubs, "tally").await;
+    let leader_id = hubs[0].client.status().await.unwrap().leader.unwrap();
+    let mut leader = None;
+    for (i, h) in hubs.iter().enumerate() {
+        if h.client.status().await.unwrap().node_id == leader_id {
+            leader = Some(i);
+        }
+    }
+    let mut victims = vec![host, leader.expect("the leader is a hub")];
+    victims.sort();
+    victims.dedup();
+    for v in victims.iter().rev() {
+        hubs[*v].kill9();
+        drop(hubs.remove(*v));
+    }
+    step("a new leader re-places the task; the count goes on from 10");
+    assert_eq!(add_eventually(&hubs[0], "tally", "l11").await, 11);
+    assert_eq!(add(&hubs[1], "tally", Some("l11")).await, 11);
+    assert_eq!(add(&hubs[2], "tally", None).await, 12);
+    let t = task(&hubs[0], "tally").await;
+    assert_eq!(t.history.last().unwrap().from_sequence, Some(10), "{t:?}");
+}
