@@ -39,6 +39,24 @@ async fn host_index(hubs: &[Hub], name: &str) -> usize {
     panic!("host {host} is not one of the hubs");
 }
 
+/// Waits until `hub` has applied a committed checkpoint of `name` that passes `ok` (a hub applies
+/// a commit a moment after the leader, so reads through it lag slightly), and returns the task.
+async fn committed_on(
+    hub: &Hub,
+    name: &str,
+    ok: impl Fn(&hubmesh_proto::api::CommittedCheckpointInfo) -> bool,
+) -> TaskInfo {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = task(hub, name).await;
+        if t.committed.as_ref().is_some_and(&ok) {
+            return t;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no such committed checkpoint on {}: {t:?}", hub.name);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn deploy_counter(hub: &Hub, name: &str) {
     let params = DeployParams { durable: true, ..Default::default() };
     hub.client.deploy(name, example_bytes("counter.wat"), &params, false).await.unwrap();
@@ -84,9 +102,8 @@ async fn a_durable_counter_loses_nothing_when_its_host_is_killed() {
         let key = format!("op{i}");
         assert_eq!(add(&hubs[i as usize % 3], "tally", Some(&key)).await, i);
     }
-    let before = task(&hubs[0], "tally").await;
-    let committed = before.committed.clone().expect("a committed checkpoint");
-    assert_eq!(committed.sequence, 20, "{before:?}");
+    let before = committed_on(&hubs[0], "tally", |c| c.sequence == 20).await;
+    let committed = before.committed.clone().unwrap();
     assert_eq!(committed.stored_on.len(), 3, "host + 2 holders: {committed:?}");
 
     step("kill -9 the host");
@@ -138,8 +155,7 @@ async fn a_paused_host_does_not_answer_with_stale_state() {
         assert_eq!(add_eventually(via, "tally", &format!("p{i}")).await, i);
     }
     assert_eq!(add_eventually(&hubs[h], "tally", "p11").await, 11);
-    let t = task(&hubs[h], "tally").await;
-    assert_eq!(t.committed.unwrap().sequence, 11);
+    committed_on(&hubs[h], "tally", |c| c.sequence == 11).await;
 }
 
 /// Flips one byte in every page record of a hub's page log (format in `storage::page_log`).
@@ -190,7 +206,8 @@ async fn holders_are_replaced_and_a_corrupt_page_is_repaired_from_another_holder
     })
     .await;
     assert_eq!(add_eventually(&hubs[h], "tally", "h4").await, 4);
-    assert_eq!(task(&hubs[h], "tally").await.committed.unwrap().stored_on.len(), 2);
+    let t = committed_on(&hubs[h], "tally", |c| c.sequence == 4).await;
+    assert_eq!(t.committed.unwrap().stored_on.len(), 2);
 
     step("it comes back: it is a holder again and gets a copy of the committed checkpoint unasked");
     hubs[holder].restart().await;
@@ -204,8 +221,7 @@ async fn holders_are_replaced_and_a_corrupt_page_is_repaired_from_another_holder
     })
     .await;
     assert_eq!(add_eventually(&hubs[h], "tally", "h5").await, 5);
-    let t = task(&hubs[h], "tally").await;
-    assert_eq!(t.committed.as_ref().unwrap().stored_on.len(), 3, "{t:?}");
+    committed_on(&hubs[h], "tally", |c| c.sequence == 5 && c.stored_on.len() == 3).await;
 
     step("corrupt every page on the holder that will take over (the lowest id), then kill the host");
     let mut holder_ids = Vec::new();
