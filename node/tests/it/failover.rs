@@ -281,3 +281,42 @@ async fn the_leader_and_the_host_die_together_and_nothing_acknowledged_is_lost()
     let t = task(&hubs[0], "tally").await;
     assert_eq!(t.history.last().unwrap().from_sequence, Some(10), "{t:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_killed_while_checkpoints_stream_loses_and_duplicates_nothing() {
+    let mut hubs = three_hubs("hs").await;
+    deploy_counter(&hubs[0], "tally").await;
+    let h = host_index(&hubs, "tally").await;
+    let holder = (h + 1) % 3;
+    let via = hubs[h].client.clone();
+    step("a stream of keyed increments through the host; a holder dies in the middle of it");
+    let writer = tokio::spawn(async move {
+        let mut answers = Vec::new();
+        for i in 1..=60u64 {
+            // An error is retried with the same key until it answers: applied exactly once.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            let n = loop {
+                match via.invoke("tally", b"1".to_vec(), Some(&format!("s{i}"))).await {
+                    Ok(out) => break String::from_utf8(out).unwrap().parse::<u64>().unwrap(),
+                    Err(e) => {
+                        assert!(tokio::time::Instant::now() < deadline, "op s{i}: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            };
+            answers.push(n);
+        }
+        answers
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!writer.is_finished(), "the holder must die while the stream runs");
+    hubs[holder].kill9();
+    let answers = writer.await.unwrap();
+    assert_eq!(answers, (1..=60).collect::<Vec<u64>>(), "every op applied once, in order");
+    step("then the host dies too: the survivor answers 61");
+    let survivor = 3 - h - holder;
+    hubs[h].kill9();
+    // One hub of three is left: no quorum, so the task cannot move; bring the holder back.
+    hubs[holder].restart().await;
+    assert_eq!(add_eventually(&hubs[survivor], "tally", "s61").await, 61);
+}
