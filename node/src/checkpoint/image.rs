@@ -203,6 +203,7 @@ impl MemoryImage {
             answers,
             invocations: header.invocations,
             created_unix_ms: header.created_unix_ms,
+            pending: Vec::new(),
         };
         (manifest, new_pages)
     }

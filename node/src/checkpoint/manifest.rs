@@ -54,6 +54,8 @@ pub struct Manifest {
     pub answers: Vec<(String, Answer)>,
     pub invocations: u64,
     pub created_unix_ms: u64,
+    /// Invocations accepted but not yet run, in order: (key, input).
+    pub pending: Vec<(Option<String>, Vec<u8>)>,
 }
 
 /// Why a stored manifest could not be read.
@@ -114,6 +116,11 @@ impl From<&Manifest> for pb::CheckpointManifest {
                 .collect(),
             invocations: m.invocations,
             created_unix_ms: m.created_unix_ms,
+            pending: m
+                .pending
+                .iter()
+                .map(|(k, input)| pb::PendingInvocation { input: input.clone(), key: k.clone().unwrap_or_default() })
+                .collect(),
         }
     }
 }
@@ -159,6 +166,7 @@ impl TryFrom<pb::CheckpointManifest> for Manifest {
             answers: p.answers.into_iter().map(|a| (a.key, Answer { status: a.status, output: a.output })).collect(),
             invocations: p.invocations,
             created_unix_ms: p.created_unix_ms,
+            pending: p.pending.into_iter().map(|i| ((!i.key.is_empty()).then_some(i.key), i.input)).collect(),
         })
     }
 }
@@ -181,6 +189,7 @@ mod tests {
             answers: vec![("k".into(), Answer { status: 0, output: b"42".to_vec() })],
             invocations: 11,
             created_unix_ms: 123,
+            pending: vec![(Some("k2".into()), b"1".to_vec()), (None, b"2".to_vec())],
         };
         assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
         assert!(Manifest::decode(b"\xff\xff\xff").is_err());

@@ -42,6 +42,9 @@ pub struct StatefulStatus {
 pub(crate) struct StatefulTask {
     tx: mpsc::SyncSender<Msg>,
     queue: u32,
+    /// Invocations the actor moved from the channel into its backlog (they still count against
+    /// the queue limit).
+    backlog_len: Arc<std::sync::atomic::AtomicUsize>,
     pub(crate) status: Arc<Mutex<StatefulStatus>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -56,6 +59,11 @@ struct Actor {
     invocations: u64,
     pages: Arc<PageLog>,
     writer: Writer,
+    /// Messages taken off the channel ahead of time: a checkpoint records the invocations waiting
+    /// there, so a host that restores it runs them.
+    rx: mpsc::Receiver<Msg>,
+    backlog: std::collections::VecDeque<Msg>,
+    backlog_len: Arc<std::sync::atomic::AtomicUsize>,
     /// Where checkpoints go after the local disk (replication and the Raft record); none in
     /// unit tests, where a local write is the commit.
     sink: Option<Arc<dyn CheckpointSink>>,
@@ -108,6 +116,7 @@ impl StatefulTask {
             },
         };
         let committed_key = saved.as_ref().and(key);
+        let pending: Vec<(Option<String>, Vec<u8>)> = saved.as_ref().map(|m| m.pending.clone()).unwrap_or_default();
         let (inst, image, answers, sequence, invocations) = match saved {
             Some(m) => {
                 let image = MemoryImage::restore(&m, &pages).map_err(StartTaskError::Restore)?;
@@ -138,6 +147,14 @@ impl StatefulTask {
         };
         let queue = cfg.queue;
         let (tx, rx) = mpsc::sync_channel(queue.max(1) as usize);
+        // Invocations the checkpoint had accepted run first; nobody waits for their answers here
+        // (a caller that retries with the same key gets the cached one).
+        let backlog: std::collections::VecDeque<Msg> =
+            pending.into_iter().map(|(key, input)| Msg::Invoke { input, key, reply: oneshot::channel().0 }).collect();
+        if !backlog.is_empty() {
+            tracing::info!(task = %cfg.name, pending = backlog.len(), "running invocations the checkpoint had accepted");
+        }
+        let backlog_len = Arc::new(std::sync::atomic::AtomicUsize::new(backlog.len()));
         let actor = Actor {
             cfg,
             module,
@@ -148,6 +165,9 @@ impl StatefulTask {
             invocations,
             pages,
             writer,
+            rx,
+            backlog,
+            backlog_len: backlog_len.clone(),
             sink,
             committed_key,
             status: status.clone(),
@@ -156,9 +176,9 @@ impl StatefulTask {
         };
         let thread = std::thread::Builder::new()
             .name(format!("hm-task-{}", actor.cfg.name))
-            .spawn(move || actor.run(rx))
+            .spawn(move || actor.run())
             .map_err(|e| StartTaskError::Module(format!("spawning the task thread: {e}")))?;
-        Ok(Self { tx, queue, status, thread: Mutex::new(Some(thread)) })
+        Ok(Self { tx, queue, backlog_len, status, thread: Mutex::new(Some(thread)) })
     }
 
     /// Queues an invocation and waits for its answer.
@@ -176,6 +196,9 @@ impl StatefulTask {
     }
 
     fn send(&self, msg: Msg) -> Result<(), InvokeError> {
+        if self.backlog_len.load(std::sync::atomic::Ordering::Acquire) >= self.queue as usize {
+            return Err(InvokeError::QueueFull { limit: self.queue });
+        }
         self.tx.try_send(msg).map_err(|e| match e {
             TrySendError::Full(_) => InvokeError::QueueFull { limit: self.queue },
             TrySendError::Disconnected(_) => InvokeError::Unavailable("the task stopped".into()),
@@ -194,12 +217,17 @@ impl StatefulTask {
 }
 
 impl Actor {
-    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+    fn run(mut self) {
         loop {
-            let timeout = self.next_wakeup().map(|t| t.saturating_duration_since(Instant::now()));
-            let msg = match timeout {
-                Some(t) => rx.recv_timeout(t),
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            let msg = match self.backlog.pop_front() {
+                Some(m) => {
+                    self.backlog_len.store(self.backlog.len(), std::sync::atomic::Ordering::Release);
+                    Ok(m)
+                }
+                None => match self.next_wakeup().map(|t| t.saturating_duration_since(Instant::now())) {
+                    Some(t) => self.rx.recv_timeout(t),
+                    None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                },
             };
             match msg {
                 Ok(Msg::Invoke { input, key, reply }) => {
@@ -211,6 +239,23 @@ impl Actor {
                     let _ = reply.send(res);
                 }
                 Ok(Msg::Stop { final_checkpoint }) => {
+                    // What arrived after the stop is refused, not carried in the final checkpoint:
+                    // its callers hear that it did not run.
+                    while let Ok(m) = self.rx.try_recv() {
+                        self.backlog.push_back(m);
+                    }
+                    for m in self.backlog.drain(..) {
+                        match m {
+                            Msg::Invoke { reply, .. } => {
+                                let _ = reply
+                                    .send(Err(InvokeError::Unavailable("the task stopped before running it".into())));
+                            }
+                            Msg::Checkpoint { reply } => {
+                                let _ = reply.send(Err(InvokeError::Unavailable("the task stopped".into())));
+                            }
+                            Msg::Stop { .. } => {}
+                        }
+                    }
                     if final_checkpoint && self.cfg.checkpoint != CheckpointPolicy::None && self.image.changed() {
                         if let Err(e) = self.checkpoint() {
                             tracing::error!(task = %self.cfg.name, error = %e, "final checkpoint failed");
@@ -325,8 +370,22 @@ impl Actor {
         let header = crate::checkpoint::image_header(&self.cfg, sequence, self.invocations, now_ms());
         let answers = self.answers.entries().map(|(k, a)| (k.clone(), a.clone())).collect();
         let pages = &self.pages;
-        let (manifest, new_pages) =
+        let (mut manifest, new_pages) =
             self.image.checkpoint(header, &self.module.global_names, answers, |h| pages.has_page(h));
+        // Invocations waiting in the channel are part of the state: a host that restores this
+        // checkpoint runs them.
+        while let Ok(m) = self.rx.try_recv() {
+            self.backlog.push_back(m);
+        }
+        self.backlog_len.store(self.backlog.len(), std::sync::atomic::Ordering::Release);
+        manifest.pending = self
+            .backlog
+            .iter()
+            .filter_map(|m| match m {
+                Msg::Invoke { input, key, .. } => Some((key.clone(), input.clone())),
+                _ => None,
+            })
+            .collect();
         let key = checkpoint_key(&self.cfg.name, Epoch(self.cfg.epoch), sequence);
         let encoded = manifest.encode();
         let refs: Vec<_> = manifest.pages.iter().map(|(_, h)| *h).collect();

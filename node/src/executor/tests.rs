@@ -335,3 +335,41 @@ proptest! {
         prop_assert_eq!(out, model.to_string());
     }
 }
+
+#[test]
+fn invocations_a_checkpoint_accepted_run_on_the_host_that_restores_it() {
+    let f = fixture();
+    let prepared = f.exec.prepare(&example("counter.wat"), LIMITS).unwrap();
+    let cfg = config("queued", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Durable);
+    f.exec.start_task(cfg.clone(), &prepared.wasm).unwrap();
+    rt().block_on(async {
+        for _ in 0..3 {
+            call(&f.exec, "queued", "1").await.unwrap();
+        }
+    });
+    f.exec.stop_task("queued", false);
+    // The newest checkpoint, as if two invocations had been waiting in the queue when it was taken.
+    let pages = f.exec.pages().clone();
+    let (t, epoch, seq) = pages
+        .manifest_keys()
+        .iter()
+        .filter_map(|k| hubmesh_consensus::state::parse_checkpoint_key(k).map(|(t, e, s)| (t.to_owned(), e, s)))
+        .max_by_key(|(_, e, s)| (*e, *s))
+        .unwrap();
+    let key = hubmesh_consensus::state::checkpoint_key(&t, epoch, seq);
+    let mut m = Manifest::decode(&pages.read_manifest(&key).unwrap().unwrap()).unwrap();
+    m.sequence += 1;
+    m.pending = vec![(Some("kp".into()), b"1".to_vec()), (None, b"10".to_vec())];
+    let refs = m.pages.iter().map(|(_, h)| *h).collect();
+    let next = hubmesh_consensus::state::checkpoint_key(&t, epoch, m.sequence);
+    pages
+        .write(&[hubmesh_storage::PageWrite { key: next, manifest: m.encode(), refs, ..Default::default() }], true)
+        .unwrap();
+    f.exec.start_task(cfg, &prepared.wasm).unwrap();
+    rt().block_on(async {
+        // The keyed one ran first (3 + 1), then the keyless one (+ 10).
+        let again = f.exec.invoke("queued", b"1".to_vec(), Some("kp".into())).await.unwrap();
+        assert_eq!(again.output, b"4", "the retried key gets the answer of the carried invocation");
+        assert_eq!(call(&f.exec, "queued", "1").await.unwrap(), "15");
+    });
+}
