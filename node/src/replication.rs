@@ -44,6 +44,8 @@ pub(crate) const CKPT_FETCH: u32 = kind::FIRST_NODE_KIND + 3;
 
 /// Pages per message (8 MiB of 64 KiB pages), well under the transport's frame limit.
 const PAGES_PER_MESSAGE: usize = 128;
+/// Page messages in flight to one holder at a time.
+const CHUNKS_IN_FLIGHT: usize = 4;
 /// Rounds of "you still lack these" before a holder counts as failed.
 const PUSH_ROUNDS: usize = 4;
 /// Time for one message to a holder.
@@ -178,33 +180,42 @@ fn read_pages(log: &PageLog, hashes: &[Hash]) -> Result<Vec<pb::Page>, String> {
 async fn push(hub: &Hub, holder: NodeId, c: &LocalCheckpoint, keep: &str) -> Result<(), String> {
     let log = hub.executor.pages().clone();
     let transport = hub.consensus.transport();
-    let mut to_send = c.new_pages.clone();
-    for _ in 0..PUSH_ROUNDS {
-        let chunks: Vec<&[Hash]> =
-            if to_send.is_empty() { vec![&[][..]] } else { to_send.chunks(PAGES_PER_MESSAGE).collect() };
-        let last = chunks.len() - 1;
-        let mut missing = Vec::new();
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let pages = read_pages(&log, chunk)?;
-            let with_manifest = i == last;
+    let send = |pages: &[Hash], with_manifest: bool| {
+        let (log, transport) = (log.clone(), transport.clone());
+        let pages = pages.to_vec();
+        async move {
             let req = pb::CheckpointPush {
                 task: c.task.clone(),
                 key: if with_manifest { c.key.clone() } else { String::new() },
                 manifest: if with_manifest { c.manifest.clone() } else { Vec::new() },
                 refs: if with_manifest { c.refs.iter().map(|h| h.0.to_vec()).collect() } else { Vec::new() },
-                pages,
+                pages: read_pages(&log, &pages)?,
                 keep: keep.to_owned(),
             };
-            let raw = transport
+            transport
                 .call(holder.0, CKPT_PUSH, req.encode_to_vec(), CALL_TIMEOUT)
                 .await
-                .map_err(|e| format!("holder {holder}: {e}"))?;
-            if with_manifest {
-                let resp = pb::CheckpointPushResponse::decode(raw.as_slice())
-                    .map_err(|e| format!("holder {holder} answered garbage: {e}"))?;
-                missing = resp.missing.iter().filter_map(|h| Hash::from_slice(h)).collect();
+                .map_err(|e| format!("holder {holder}: {e}"))
+        }
+    };
+    let mut to_send = c.new_pages.clone();
+    for _ in 0..PUSH_ROUNDS {
+        // Every chunk but the last goes first, a few at a time; the last carries the manifest,
+        // which the holder stores only once it has all the pages.
+        let chunks: Vec<&[Hash]> = to_send.chunks(PAGES_PER_MESSAGE).collect();
+        let (head, last) = match chunks.split_last() {
+            Some((last, head)) => (head, *last),
+            None => (&[][..], &[][..]),
+        };
+        for group in head.chunks(CHUNKS_IN_FLIGHT) {
+            for r in futures_join(group.iter().map(|chunk| send(chunk, false))).await {
+                r?;
             }
         }
+        let raw = send(last, true).await?;
+        let resp = pb::CheckpointPushResponse::decode(raw.as_slice())
+            .map_err(|e| format!("holder {holder} answered garbage: {e}"))?;
+        let missing: Vec<Hash> = resp.missing.iter().filter_map(|h| Hash::from_slice(h)).collect();
         if missing.is_empty() {
             metrics::counter!("hubmesh_checkpoint_pushes_total").increment(1);
             return Ok(());
