@@ -384,7 +384,9 @@ impl ClusterState {
             Command::PlaceInstance { task, instance, node, expected } => self.place(task, *instance, *node, *expected),
             Command::SetHolders { task, holders } => {
                 let t = self.tasks.get_mut(task).ok_or_else(|| Rejected::NoSuchTask(task.clone()))?;
-                t.holders = holders.clone();
+                // The host is never its own holder (a plan made before a re-placement may say so).
+                let host = t.instances.get(&0).map(|p| p.node);
+                t.holders = holders.iter().copied().filter(|h| Some(*h) != host).collect();
                 Ok(Outcome::NodeRegistered)
             }
             Command::CommitCheckpoint { task, record } => self.commit_checkpoint(task, record),

@@ -223,15 +223,17 @@ impl Transport {
     ) -> Result<Vec<u8>, RpcError> {
         let delivered = std::sync::atomic::AtomicBool::new(false);
         let res = tokio::select! {
-            r = tokio::time::timeout(timeout, self.call_inner(target, kind, payload, &delivered)) => {
-                r.unwrap_or(Err(RpcError::Timeout))
-            }
+            // Giving up is checked first: if it is already due, the request is never sent.
+            biased;
             () = give_up => {
                 if delivered.load(std::sync::atomic::Ordering::Acquire) {
                     Err(RpcError::Timeout)
                 } else {
                     Err(RpcError::NotDelivered(target))
                 }
+            }
+            r = tokio::time::timeout(timeout, self.call_inner(target, kind, payload, &delivered)) => {
+                r.unwrap_or(Err(RpcError::Timeout))
             }
         };
         match &res {
@@ -256,6 +258,8 @@ impl Transport {
         let conn = self.connection(target).await?;
         let req = pb::MeshRequest { kind, from: self.node_id, payload };
         exchange(&conn, &req.encode_to_vec(), Some(delivered)).await.map_err(|e| match e {
+            // Lost after the peer had the whole request: it may have acted on it.
+            Exchange::Lost(_) if delivered.load(std::sync::atomic::Ordering::Acquire) => RpcError::Timeout,
             Exchange::Lost(m) => RpcError::Unreachable(target, m),
             Exchange::Bad(m) => RpcError::Protocol(m),
             Exchange::Remote(e) => e,
@@ -369,7 +373,7 @@ async fn exchange(
             }
         }
     };
-    if let Some(flag) = delivered {
+    if let (Ok(_), Some(flag)) = (&raw, delivered) {
         flag.store(true, std::sync::atomic::Ordering::Release);
     }
     let raw = raw.map_err(|e| Exchange::Lost(e.to_string()))?;

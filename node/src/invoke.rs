@@ -174,7 +174,11 @@ impl Hub {
         let mut reason = String::from("no host answered");
         for p in order {
             let started = std::time::Instant::now();
-            let moved = self.host_replaced(name, p);
+            // Stop waiting if the state stops trusting this host, but only if it trusts it now: a
+            // call to a hub already down or draining waits for its own answer or timeout.
+            let trusted = state.nodes.get(&p.node).is_some_and(|n| n.status == NodeStatus::Up);
+            let moved: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                if trusted { Box::pin(self.host_replaced(name, p)) } else { Box::pin(std::future::pending()) };
             let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget, moved).await;
             metrics::histogram!("hubmesh_invoke_forwarded_seconds").record(started.elapsed().as_secs_f64());
             match res {

@@ -125,13 +125,18 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
             Ok(Ok(())) => {
                 hub.start_failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
             }
+            Ok(Err(crate::executor::StartTaskError::Restore(e))) => {
+                // The checkpoint may be on its way (or fetched again next round): not permanent.
+                tracing::warn!(task = %name, error = %e, "restoring the task failed; retrying");
+            }
             Ok(Err(e)) => record_failure(hub, &name, &key, &e.to_string()),
             Err(e) => record_failure(hub, &name, &key, &format!("the start thread failed: {e}")),
         }
     }
     crate::replication::refill_holders(hub, state);
     keep_modules(hub, state).await;
-    let (log, state2) = (hub.executor.pages().clone(), state.clone());
+    // A fresh state: this round may have taken long, and GC must not act on an old view.
+    let (log, state2) = (hub.executor.pages().clone(), hub.consensus.state());
     let _ = tokio::task::spawn_blocking(move || crate::replication::collect_garbage(&log, &state2)).await;
     metrics::gauge!("hubmesh_tasks_running").set(hub.executor.configs().len() as f64);
 }

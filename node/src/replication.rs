@@ -102,7 +102,13 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
             .filter(|n| n.id != me && !n.witness && n.status == hubmesh_consensus::state::NodeStatus::Up)
             .count();
         let wanted = (task.spec.state_replicas as usize).min(eligible);
-        let keep = task.checkpoint.as_ref().map(|r| r.key(&c.task)).unwrap_or_default();
+        // The newest checkpoint known committed: this hub's state may not have applied the
+        // actor's last commit yet, which the actor itself knows.
+        let keep = [task.checkpoint.as_ref().map(|r| r.key(&c.task)), c.committed_key.clone()]
+            .into_iter()
+            .flatten()
+            .max_by_key(|k| parse_checkpoint_key(k).map(|(_, e, s)| (e, s)))
+            .unwrap_or_default();
         let pushes = holders.iter().map(|h| push(hub, *h, c, &keep));
         let failed: Vec<String> = if holders.len() < wanted {
             Vec::new()
@@ -292,9 +298,11 @@ fn store_pushed(log: &PageLog, state: &ClusterState, req: pb::CheckpointPush) ->
     let Some((task, epoch, _)) = parse_checkpoint_key(&req.key).filter(|(t, ..)| *t == req.task) else {
         return Err(bad(format!("checkpoint key {:?} is not of task {:?}", req.key, req.task)));
     };
-    // A host that was replaced must not leave its late checkpoints here.
+    // A host that was replaced must not leave its late checkpoints here (a copy of the committed
+    // checkpoint for a new holder is fine, whatever its epoch).
+    let committed = state.tasks.get(task).and_then(|t| t.checkpoint.as_ref()).map(|c| c.key(task));
     if let Some(p) = state.placement(task, 0) {
-        if epoch < p.epoch {
+        if epoch < p.epoch && committed.as_deref() != Some(req.key.as_str()) {
             return Err(refuse(
                 pb::ErrorCode::Unavailable,
                 format!("stale epoch {}: the task is at epoch {}", epoch.0, p.epoch.0),
@@ -313,10 +321,16 @@ fn store_pushed(log: &PageLog, state: &ClusterState, req: pb::CheckpointPush) ->
         log.write(&[PageWrite { pages, ..Default::default() }], false).map_err(io)?;
         return Ok(pb::CheckpointPushResponse { missing }.encode_to_vec());
     }
+    // Only checkpoints older than the newest committed one go: newer ones may be about to commit.
+    let keep = parse_checkpoint_key(&req.keep).filter(|(t, ..)| *t == task).map(|(_, e, s)| (e, s));
     let remove = log
         .manifest_keys()
         .into_iter()
-        .filter(|k| parse_checkpoint_key(k).is_some_and(|(t, ..)| t == task) && *k != req.keep && *k != req.key)
+        .filter(|k| {
+            parse_checkpoint_key(k).is_some_and(|(t, e, s)| t == task && keep.is_some_and(|kp| (e, s) < kp))
+                && *k != req.key
+                && Some(k) != committed.as_ref()
+        })
         .collect();
     log.write(&[PageWrite { pages, key: req.key, manifest: req.manifest, refs, remove }], true).map_err(io)?;
     Ok(pb::CheckpointPushResponse::default().encode_to_vec())
@@ -458,6 +472,9 @@ pub(crate) fn collect_garbage(log: &PageLog, state: &ClusterState) {
         .into_iter()
         .filter(|k| {
             let Some((task, epoch, sequence)) = parse_checkpoint_key(k) else { return false };
+            if epoch > state.last_epoch {
+                return false; // from a placement this hub has not applied yet
+            }
             let Some(t) = state.tasks.get(task) else { return true };
             let committed = t.checkpoint.as_ref();
             if committed.is_some_and(|c| c.key(task) == *k) {

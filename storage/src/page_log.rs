@@ -380,10 +380,14 @@ fn scan(path: &Path, inner: &mut Inner) -> Result<u64, PageLogError> {
         if !read_full(&mut r, &mut data).map_err(io(path))? || !read_full(&mut r, &mut sum).map_err(io(path))? {
             return Ok(offset);
         }
-        if checksum(kind, &key, &data) != sum {
-            return Ok(offset);
-        }
         let data_offset = offset + 3 + key_len as u64 + 4;
+        if checksum(kind, &key, &data) != sum {
+            // A whole record whose bytes rotted (the file goes on after it): skip it, keep the
+            // rest. Only a record cut short by the end of the file is a torn tail.
+            tracing::error!(path = %path.display(), offset, "a page log record fails its checksum; skipping it");
+            offset = data_offset + u64::from(data_len) + 32;
+            continue;
+        }
         match kind {
             KIND_PAGE => {
                 if let Some(hash) = Hash::from_slice(&key) {
@@ -475,9 +479,12 @@ mod tests {
         let mut bytes = fs::read(&path).unwrap();
         bytes[3 + 32 + 4 + 100] ^= 1;
         fs::write(&path, &bytes).unwrap();
-        // The record checksum fails on scan, so the page is gone rather than wrong.
+        // The record checksum fails on scan, so the page is gone rather than wrong; the records
+        // after it (the manifest) are kept and the file is not cut.
         let log = PageLog::open(dir.path()).unwrap();
         assert!(matches!(log.read_page(&p.0), Err(PageLogError::MissingPage(_))));
+        assert_eq!(log.read_manifest("t#0").unwrap().unwrap(), b"m");
+        assert_eq!(log.stats().file_bytes, bytes.len() as u64);
     }
 
     #[test]

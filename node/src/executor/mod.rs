@@ -238,7 +238,10 @@ impl Executor {
     /// replacing a running task of the same name (which is stopped with a final checkpoint).
     pub fn start_task_from(&self, config: TaskConfig, wasm: &[u8], restore: Restore) -> Result<(), StartTaskError> {
         let started = Instant::now();
-        if let Some(old) = self.tasks.write().unwrap_or_else(|p| p.into_inner()).remove(&config.name) {
+        // The lock is released before stopping: the old instance may need a while (its last
+        // call and final checkpoint) and other tasks must not wait for it.
+        let old = self.tasks.write().unwrap_or_else(|p| p.into_inner()).remove(&config.name);
+        if let Some(old) = old {
             stop(&old, true);
         }
         let module = self.load(&config.module_hash, wasm)?;

@@ -333,8 +333,18 @@ impl Actor {
         }
         match self.cfg.checkpoint {
             CheckpointPolicy::Durable => {
-                self.checkpoint()
-                    .map_err(|e| InvokeError::Unavailable(format!("the state could not be saved: {e}")))?;
+                if let Err(e) = self.checkpoint() {
+                    // Not acknowledged, so not kept: back to the committed state, which a retry
+                    // then changes once.
+                    if let Err(r) = self.revert_to_committed() {
+                        tracing::error!(task = %self.cfg.name, error = %r, "could not return to the committed state");
+                        self.status.lock().unwrap_or_else(|p| p.into_inner()).broken =
+                            Some(format!("the committed state could not be restored: {r}"));
+                    }
+                    return Err(InvokeError::Unavailable(format!(
+                        "the state change could not be committed and was undone: {e}"
+                    )));
+                }
             }
             CheckpointPolicy::Periodic { every_ms } => {
                 if self.last_checkpoint.elapsed() >= Duration::from_millis(every_ms) {
@@ -347,6 +357,37 @@ impl Actor {
         }
         self.status.lock().unwrap_or_else(|p| p.into_inner()).invocations = self.invocations;
         Ok(answer)
+    }
+
+    /// Rebuilds the instance from the last committed checkpoint (or fresh, if none).
+    fn revert_to_committed(&mut self) -> Result<(), String> {
+        let name: Arc<str> = self.cfg.name.as_str().into();
+        let Some(key) = self.committed_key.clone() else {
+            let mut inst = Instance::new(&self.module, name, self.cfg.limits, true).map_err(|e| e.to_string())?;
+            self.image = MemoryImage::capture(&mut inst);
+            self.inst = inst;
+            self.answers = AnswerCache::default();
+            self.invocations = 0;
+            return Ok(());
+        };
+        let bytes = self
+            .pages
+            .read_manifest(&key)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("checkpoint {key} is gone"))?;
+        let m = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
+        let image = MemoryImage::restore(&m, &self.pages)?;
+        let mut inst = Instance::new(&self.module, name, self.cfg.limits, false).map_err(|e| e.to_string())?;
+        image.apply_to(&mut inst).map_err(|e| e.to_string())?;
+        let mut answers = AnswerCache::default();
+        for (k, a) in m.answers {
+            answers.insert(k, a);
+        }
+        self.inst = inst;
+        self.image = image;
+        self.answers = answers;
+        self.invocations = m.invocations;
+        Ok(())
     }
 
     /// Replaces the instance with a fresh one carrying the image (the state before the failed
@@ -378,9 +419,11 @@ impl Actor {
             self.backlog.push_back(m);
         }
         self.backlog_len.store(self.backlog.len(), std::sync::atomic::Ordering::Release);
+        // Up to a stop: what comes after it is refused, never run here or elsewhere.
         manifest.pending = self
             .backlog
             .iter()
+            .take_while(|m| !matches!(m, Msg::Stop { .. }))
             .filter_map(|m| match m {
                 Msg::Invoke { input, key, .. } => Some((key.clone(), input.clone())),
                 _ => None,
@@ -392,11 +435,20 @@ impl Actor {
         let new_hashes: Vec<_> = new_pages.iter().map(|(h, _)| *h).collect();
         // Older manifests of this task go, except the committed one (a failover may need it until
         // this one is committed).
+        // Only what is surely garbage goes: checkpoints older than the committed one, and this
+        // instance's own earlier ones that never committed. Another epoch's newer ones (a lagging
+        // view of a move) are left to the garbage collector, which reads the mesh's state.
+        let committed = self.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s));
+        let mine = Epoch(self.cfg.epoch);
         let remove = self
             .pages
             .manifest_keys()
             .into_iter()
-            .filter(|k| parse_checkpoint_key(k).is_some_and(|(t, ..)| t == self.cfg.name))
+            .filter(|k| {
+                parse_checkpoint_key(k).is_some_and(|(t, e, s)| {
+                    t == self.cfg.name && (committed.is_some_and(|c| (e, s) < c) || (e == mine && s < sequence))
+                })
+            })
             .filter(|k| Some(k) != self.committed_key.as_ref() && *k != key)
             .collect();
         let write =
@@ -424,7 +476,12 @@ impl Actor {
                 created_ms: manifest.created_unix_ms,
                 committed_key: self.committed_key.clone(),
             };
-            sink.commit(&local)?;
+            if let Err(e) = sink.commit(&local) {
+                // The next checkpoint must carry this state again (periodic mode retries it, a
+                // stop takes it as the final one).
+                self.image.mark_all_changed();
+                return Err(e);
+            }
         }
         self.committed_key = Some(key);
         self.last_checkpoint = Instant::now();
