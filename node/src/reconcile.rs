@@ -134,7 +134,6 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
         }
     }
     crate::replication::refill_holders(hub, state);
-    keep_modules(hub, state).await;
     // A fresh state: this round may have taken long, and GC must not act on an old view.
     let (log, state2) = (hub.executor.pages().clone(), hub.consensus.state());
     let _ = tokio::task::spawn_blocking(move || crate::replication::collect_garbage(&log, &state2)).await;
@@ -147,7 +146,21 @@ fn record_failure(hub: &Hub, name: &str, key: &str, reason: &str) {
 }
 
 /// Every hub that may run tasks keeps every task's module, so that a failover host never waits
-/// for (or loses) a module that only the dead hub had.
+/// for (or loses) a module that only the dead hub had. Its own loop: fetching from a dead hub
+/// waits for a timeout, which must not delay starting tasks.
+pub(crate) async fn keep_modules_loop(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
+    let mut rx = hub.consensus.watch();
+    loop {
+        let state = rx.borrow_and_update().clone();
+        keep_modules(&hub, &state).await;
+        tokio::select! {
+            _ = rx.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 async fn keep_modules(hub: &Arc<Hub>, state: &ClusterState) {
     if hub.config.witness {
         return;

@@ -146,6 +146,7 @@ pub async fn run(
     tracing::info!("7/7 workers");
     let (stop_tx, stop_rx) = watch::channel(false);
     let reconciler = tokio::spawn(crate::reconcile::run(hub.clone(), stop_rx.clone()));
+    let module_keeper = tokio::spawn(crate::reconcile::keep_modules_loop(hub.clone(), stop_rx.clone()));
     crate::dataplane::register(&hub);
     crate::replication::register(&hub);
     hub.executor.set_sink(Arc::new(crate::replication::Replicator::new(&hub)));
@@ -164,6 +165,7 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = reconciler.await;
         let _ = leader_worker.await;
+        let _ = module_keeper.await;
     })
     .await;
     tracing::info!("shutting down: tasks (final checkpoints)");

@@ -56,7 +56,11 @@ impl BlobStore {
         if path.exists() {
             return Ok(hash);
         }
-        let tmp = self.dir.join(format!(".{}.tmp", hash.to_hex()));
+        // A name of its own per write: two writers of the same blob (a fetch for a start and one
+        // for the module copy every hub keeps) must not share a temporary file.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.dir.join(format!(".{}.{}.{n}.tmp", hash.to_hex(), std::process::id()));
         let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
@@ -98,6 +102,23 @@ impl BlobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_puts_of_one_blob_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(BlobStore::open(dir.path()).unwrap());
+        let bytes = vec![7u8; 1 << 20];
+        let writers: Vec<_> = (0..8)
+            .map(|_| {
+                let (s, b) = (store.clone(), bytes.clone());
+                std::thread::spawn(move || s.put(&b))
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap().unwrap();
+        }
+        assert_eq!(store.get(&Hash::of(&bytes)).unwrap(), bytes);
+    }
 
     #[test]
     fn put_get_and_detect_corruption() {

@@ -212,7 +212,11 @@ impl PageLog {
             return Err(io(&self.path)(e));
         }
         if sync {
-            file.sync_data().map_err(io(&self.path))?;
+            if let Err(e) = file.sync_data() {
+                // Not durable, so not there: the index and the file must agree again.
+                let _ = file.set_len(base);
+                return Err(io(&self.path)(e));
+            }
         }
         inner.len = base + buf.len() as u64;
         for (hash, loc) in new_pages {
@@ -239,8 +243,11 @@ impl PageLog {
         }
         let mut buf = Vec::new();
         encode_record(&mut buf, KIND_TOMBSTONE, key.as_bytes(), &[]);
-        (&*inner.file).write_all(&buf).map_err(io(&self.path))?;
-        inner.file.sync_data().map_err(io(&self.path))?;
+        let base = inner.len;
+        if let Err(e) = (&*inner.file).write_all(&buf).and_then(|()| inner.file.sync_data()) {
+            let _ = inner.file.set_len(base);
+            return Err(io(&self.path)(e));
+        }
         inner.len += buf.len() as u64;
         inner.manifests.remove(key);
         Ok(())

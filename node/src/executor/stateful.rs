@@ -74,6 +74,9 @@ struct Actor {
     next_tick: Option<Instant>,
 }
 
+/// Most input bytes of queued invocations a checkpoint carries.
+const PENDING_BYTES: usize = 8 << 20;
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -419,7 +422,10 @@ impl Actor {
             self.backlog.push_back(m);
         }
         self.backlog_len.store(self.backlog.len(), std::sync::atomic::Ordering::Release);
-        // Up to a stop: what comes after it is refused, never run here or elsewhere.
+        // Up to a stop (what comes after it is refused, never run here or elsewhere), and up to
+        // PENDING_BYTES of inputs so a manifest stays well inside a mesh message; invocations
+        // beyond that are lost with the host like any unanswered call.
+        let mut bytes = 0usize;
         manifest.pending = self
             .backlog
             .iter()
@@ -427,6 +433,10 @@ impl Actor {
             .filter_map(|m| match m {
                 Msg::Invoke { input, key, .. } => Some((key.clone(), input.clone())),
                 _ => None,
+            })
+            .take_while(|(_, input)| {
+                bytes += input.len();
+                bytes <= PENDING_BYTES
             })
             .collect();
         let key = checkpoint_key(&self.cfg.name, Epoch(self.cfg.epoch), sequence);

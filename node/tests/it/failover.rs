@@ -234,12 +234,12 @@ async fn holders_are_replaced_and_a_corrupt_page_is_repaired_from_another_holder
     hubs[h].kill9();
     assert_eq!(add_eventually(&hubs[next], "tally", "h6").await, 6);
     assert_eq!(task(&hubs[next], "tally").await.placement.unwrap().node_id, holder_ids[0].0);
-    assert!(hubs[next].log_tail(400).contains("corrupt checkpoint page"), "{}", hubs[next].log_tail(60));
+    assert!(hubs[next].log_tail(usize::MAX).contains("corrupt checkpoint page"), "{}", hubs[next].log_tail(60));
     assert_eq!(add(&hubs[next], "tally", Some("h2")).await, 2, "idempotency answers survive the repair");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_leader_and_the_host_die_together_and_nothing_acknowledged_is_lost() {
+async fn the_leader_dies_during_a_failover_and_nothing_acknowledged_is_lost() {
     let a = Hub::start("lha").await;
     let token = a.client.create_token(Some("10m")).await.unwrap().token;
     let mut hubs = vec![a];
@@ -258,7 +258,7 @@ async fn the_leader_and_the_host_die_together_and_nothing_acknowledged_is_lost()
     for i in 1..=10u64 {
         assert_eq!(add(&hubs[i as usize % 5], "tally", Some(&format!("l{i}"))).await, i);
     }
-    step("kill -9 the host and the leader at once (the same hub, or two)");
+    step("kill -9 the host, then the leader while the failover is under way (or one hub that is both)");
     let host = host_index(&hubs, "tally").await;
     let leader_id = hubs[0].client.status().await.unwrap().leader.unwrap();
     let mut leader = None;
@@ -267,11 +267,15 @@ async fn the_leader_and_the_host_die_together_and_nothing_acknowledged_is_lost()
             leader = Some(i);
         }
     }
-    let mut victims = vec![host, leader.expect("the leader is a hub")];
+    let leader = leader.expect("the leader is a hub");
+    hubs[host].kill9();
+    // Half of node_down (lan: 1 s): the leader has not marked the host down yet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    hubs[leader].kill9();
+    let mut victims = vec![host, leader];
     victims.sort();
     victims.dedup();
     for v in victims.iter().rev() {
-        hubs[*v].kill9();
         drop(hubs.remove(*v));
     }
     step("a new leader re-places the task; the count goes on from 10");
