@@ -21,7 +21,7 @@ pub(crate) const MODULE_FETCH: u32 = kind::FIRST_NODE_KIND;
 /// Stream kind: a forwarded invocation.
 pub(crate) const INVOKE_FORWARD: u32 = kind::FIRST_NODE_KIND + 1;
 
-fn refuse(code: pb::ErrorCode, message: impl Into<String>) -> RpcError {
+pub(crate) fn refuse(code: pb::ErrorCode, message: impl Into<String>) -> RpcError {
     RpcError::Remote { code: code as i32, message: message.into() }
 }
 

@@ -25,6 +25,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use hubmesh_consensus::state::{parse_checkpoint_key, validate_task_name, CheckpointRecord};
 use hubmesh_consensus::transport::{handler, kind, RpcError};
 use hubmesh_consensus::{ClusterState, Command, Epoch, NodeId, ProposeError, Rejected};
@@ -33,7 +34,7 @@ use hubmesh_storage::{Hash, PageLog, PageLogError, PageWrite};
 use tokio::time::Instant;
 
 use crate::checkpoint::Manifest;
-use crate::dataplane::{member, member_request};
+use crate::dataplane::{member, member_request, refuse};
 use crate::executor::{CheckpointSink, LocalCheckpoint};
 use crate::hub::Hub;
 
@@ -50,10 +51,6 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 const PUSH_ROUNDS: usize = 4;
 /// Time for one message to a holder.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn refuse(code: pb::ErrorCode, message: impl Into<String>) -> RpcError {
-    RpcError::Remote { code: code as i32, message: message.into() }
-}
 
 /// The node's [`CheckpointSink`]: replicates, then commits the record.
 pub(crate) struct Replicator {
@@ -113,7 +110,7 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
         let failed: Vec<String> = if holders.len() < wanted {
             Vec::new()
         } else {
-            futures_join(pushes).await.into_iter().filter_map(Result::err).collect()
+            join_all(pushes).await.into_iter().filter_map(Result::err).collect()
         };
         if holders.len() < wanted {
             last_error = format!("waiting for the leader to choose holders ({} of {wanted})", holders.len());
@@ -147,30 +144,6 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
         let mut rx = hub.consensus.watch();
         let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
     }
-}
-
-/// Polls futures concurrently on this task (few holders: no need to spawn).
-async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut set: Vec<std::pin::Pin<Box<F>>> = futs.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in set.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().map(|o| o.expect("every future finished")).collect()
 }
 
 fn read_pages(log: &PageLog, hashes: &[Hash]) -> Result<Vec<pb::Page>, String> {
@@ -214,7 +187,7 @@ async fn push(hub: &Hub, holder: NodeId, c: &LocalCheckpoint, keep: &str) -> Res
             None => (&[][..], &[][..]),
         };
         for group in head.chunks(CHUNKS_IN_FLIGHT) {
-            for r in futures_join(group.iter().map(|chunk| send(chunk, false))).await {
+            for r in join_all(group.iter().map(|chunk| send(chunk, false))).await {
                 r?;
             }
         }

@@ -312,7 +312,8 @@ async fn a_holder_killed_while_checkpoints_stream_loses_and_duplicates_nothing()
         }
         answers
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The stream is under way once a few of its increments are committed.
+    committed_on(&hubs[h], "tally", |c| c.sequence >= 5).await;
     assert!(!writer.is_finished(), "the holder must die while the stream runs");
     hubs[holder].kill9();
     let answers = writer.await.unwrap();
