@@ -1,5 +1,48 @@
-//! hubmesh-chaos: the user-runnable chaos suite (lab of hubs in network namespaces, nemeses,
-//! workloads, checkers, reports). It drives real `hubmesh` binaries through their public HTTP API
-//! only, and may reuse `hubmesh::client` and `hubmesh_proto::api`, never hubmesh's internals.
+//! hubmesh-chaos: the user-runnable chaos suite. It builds a lab of real `hubmesh` processes in
+//! network namespaces, drives a workload through their public HTTP API while a nemesis kills,
+//! pauses and partitions hubs, then checks the history (no lost acknowledged update, no fork,
+//! exactly-once with keys, fencing, no stale answers, failover bound, liveness, not vacuous) and
+//! writes a report. It uses `hubmesh::client` and `hubmesh_proto::api`, never hubmesh's internals.
 //!
-//! Empty until the chaos-suite issue: it needs the mesh (several hubs) to have anything to break.
+//! Modules: [`scenario`] (TOML), [`schedule`] (seeded fault plan), [`lab`] (namespaces, nftables,
+//! processes), [`nemesis`] (faults), [`workload`] (clients), [`monitor`] (polling), [`history`],
+//! [`check`] (verdicts), [`report`] and [`svg`] (the run directory), [`run`] (the phases).
+
+pub mod check;
+pub mod history;
+pub mod lab;
+pub mod monitor;
+pub mod nemesis;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod schedule;
+pub mod svg;
+pub mod workload;
+
+use std::path::PathBuf;
+
+/// The `hubmesh` binary to start: `explicit`, else the one next to this program, else from PATH.
+pub fn find_hubmesh(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        anyhow::ensure!(p.is_file(), "no hubmesh binary at {}", p.display());
+        return Ok(p);
+    }
+    let exe = std::env::current_exe()?;
+    // Next to us (target/debug/hubmesh-chaos), or one up from a test binary (target/debug/deps/…).
+    for dir in exe.ancestors().skip(1).take(2) {
+        let p = dir.join("hubmesh");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("hubmesh");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    anyhow::bail!("cannot find the hubmesh binary: build it (cargo build -p hubmesh) or pass --hubmesh PATH")
+}

@@ -18,6 +18,7 @@ pub mod config;
 mod dataplane;
 mod deploy;
 pub mod executor;
+mod faults;
 mod hub;
 mod invoke;
 mod leader;

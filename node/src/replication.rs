@@ -26,7 +26,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use hubmesh_consensus::state::{parse_checkpoint_key, validate_task_name, CheckpointRecord};
+use hubmesh_consensus::state::{parse_checkpoint_key, validate_task_name, CheckpointRecord, NodeStatus};
 use hubmesh_consensus::transport::{handler, kind, RpcError};
 use hubmesh_consensus::{ClusterState, Command, Epoch, NodeId, ProposeError, Rejected};
 use hubmesh_proto::{pb, Message};
@@ -93,12 +93,7 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
         let holders: Vec<NodeId> = task.holders.iter().copied().filter(|h| *h != me).collect();
         // Until the leader has chosen as many holders as the mesh allows, committing would keep
         // fewer copies than asked for.
-        let eligible = state
-            .nodes
-            .values()
-            .filter(|n| n.id != me && !n.witness && n.status == hubmesh_consensus::state::NodeStatus::Up)
-            .count();
-        let wanted = (task.spec.state_replicas as usize).min(eligible);
+        let wanted = (task.spec.state_replicas as usize).min(eligible_holders(&state, me));
         // The newest checkpoint known committed: this hub's state may not have applied the
         // actor's last commit yet, which the actor itself knows.
         let keep = [task.checkpoint.as_ref().map(|r| r.key(&c.task)), c.committed_key.clone()]
@@ -106,36 +101,55 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
             .flatten()
             .max_by_key(|k| parse_checkpoint_key(k).map(|(_, e, s)| (e, s)))
             .unwrap_or_default();
-        let pushes = holders.iter().map(|h| push(hub, *h, c, &keep));
-        let failed: Vec<String> = if holders.len() < wanted {
-            Vec::new()
+        // A holder the leader marked down gets no push (it is refilled when it returns), so a
+        // dead holder that cannot be replaced does not stall every commit of the task.
+        let live: Vec<NodeId> = holders.iter().copied().filter(|h| is_up(&state, *h)).collect();
+        if live.len() < wanted {
+            last_error = format!("waiting for the leader to choose holders ({} of {wanted} up)", live.len());
         } else {
-            join_all(pushes).await.into_iter().filter_map(Result::err).collect()
-        };
-        if holders.len() < wanted {
-            last_error = format!("waiting for the leader to choose holders ({} of {wanted})", holders.len());
-        } else if failed.is_empty() {
-            let record = CheckpointRecord {
-                version: c.version,
-                epoch: Epoch(c.epoch),
-                sequence: c.sequence,
-                manifest_hash,
-                stored_on: std::iter::once(me).chain(holders).collect(),
-                size_bytes: c.size_bytes,
-                at_ms: c.created_ms,
-            };
-            match hub.consensus.propose(Command::CommitCheckpoint { task: c.task.clone(), record }).await {
-                Ok(_) => {
-                    metrics::histogram!("hubmesh_checkpoint_commit_seconds").record(started.elapsed().as_secs_f64());
-                    return Ok(());
+            let results = join_all(live.iter().map(|h| push(hub, *h, c, &keep))).await;
+            let mut stored: Vec<NodeId> = Vec::new();
+            let mut failed = Vec::new();
+            for (h, r) in live.iter().zip(results) {
+                match r {
+                    Ok(()) => stored.push(*h),
+                    Err(e) => failed.push((*h, e)),
                 }
-                Err(ProposeError::Rejected(Rejected::StaleEpoch { .. })) => {
-                    return Err("this instance was replaced (a newer epoch exists); its change is not committed".into())
-                }
-                Err(e) => last_error = format!("committing the record: {e}"),
             }
-        } else {
-            last_error = failed.join("; ");
+            // A push abandoned because its holder went down meanwhile does not count against the
+            // commit, as long as the copies that were made are as many as the mesh allows now.
+            let now = hub.consensus.state();
+            let wanted_now = (task.spec.state_replicas as usize).min(eligible_holders(&now, me));
+            let still_up: Vec<String> =
+                failed.iter().filter(|(h, _)| is_up(&now, *h)).map(|(_, e)| e.clone()).collect();
+            if still_up.is_empty() && stored.len() >= wanted_now {
+                let record = CheckpointRecord {
+                    version: c.version,
+                    epoch: Epoch(c.epoch),
+                    sequence: c.sequence,
+                    manifest_hash,
+                    stored_on: std::iter::once(me).chain(stored).collect(),
+                    size_bytes: c.size_bytes,
+                    at_ms: c.created_ms,
+                };
+                match hub.consensus.propose(Command::CommitCheckpoint { task: c.task.clone(), record }).await {
+                    Ok(_) => {
+                        metrics::histogram!("hubmesh_checkpoint_commit_seconds")
+                            .record(started.elapsed().as_secs_f64());
+                        return Ok(());
+                    }
+                    Err(ProposeError::Rejected(Rejected::StaleEpoch { .. })) => {
+                        return Err(
+                            "this instance was replaced (a newer epoch exists); its change is not committed".into()
+                        )
+                    }
+                    Err(e) => last_error = format!("committing the record: {e}"),
+                }
+            } else if still_up.is_empty() {
+                last_error = format!("only {} of {wanted_now} holders took the checkpoint", stored.len());
+            } else {
+                last_error = still_up.join("; ");
+            }
         }
         if Instant::now() >= deadline {
             return Err(format!("the checkpoint could not be committed: {last_error}"));
@@ -143,6 +157,29 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
         tracing::debug!(task = %c.task, error = %last_error, "checkpoint commit retry");
         let mut rx = hub.consensus.watch();
         let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+    }
+}
+
+/// Whether the state says `node` is up.
+fn is_up(state: &ClusterState, node: NodeId) -> bool {
+    state.nodes.get(&node).is_some_and(|n| n.status == NodeStatus::Up)
+}
+
+/// Hubs that could hold a checkpoint of a task hosted on `me`: up, not witnesses, not `me`.
+fn eligible_holders(state: &ClusterState, me: NodeId) -> usize {
+    state.nodes.values().filter(|n| n.id != me && !n.witness && n.status == NodeStatus::Up).count()
+}
+
+/// Completes once the state no longer says `node` is up: a push to it is then abandoned.
+async fn until_down(hub: &Hub, node: NodeId) {
+    let mut rx = hub.consensus.watch();
+    loop {
+        if !is_up(&rx.borrow_and_update(), node) {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 
@@ -172,7 +209,7 @@ async fn push(hub: &Hub, holder: NodeId, c: &LocalCheckpoint, keep: &str) -> Res
                 keep: keep.to_owned(),
             };
             transport
-                .call(holder.0, CKPT_PUSH, req.encode_to_vec(), CALL_TIMEOUT)
+                .call_unless(holder.0, CKPT_PUSH, req.encode_to_vec(), CALL_TIMEOUT, until_down(hub, holder))
                 .await
                 .map_err(|e| format!("holder {holder}: {e}"))
         }
@@ -343,7 +380,7 @@ pub(crate) async fn fetch_checkpoint(hub: &Hub, task: &str, record: &CheckpointR
     let transport = hub.consensus.transport();
     // Sources: hubs the state says are up first.
     let mut sources: Vec<NodeId> = record.stored_on.iter().copied().filter(|n| *n != me).collect();
-    sources.sort_by_key(|n| state.nodes.get(n).is_none_or(|r| r.status != hubmesh_consensus::state::NodeStatus::Up));
+    sources.sort_by_key(|n| state.nodes.get(n).is_none_or(|r| r.status != NodeStatus::Up));
 
     let local = log.read_manifest(&key).ok().flatten().filter(|b| Hash::of(b) == record.manifest_hash);
     let manifest_bytes = match local {
@@ -476,7 +513,7 @@ pub(crate) fn refill_holders(hub: &Arc<Hub>, state: &ClusterState) {
         if t.instances.get(&0).is_none_or(|p| p.node != me) {
             continue;
         }
-        let up = |n: &NodeId| state.nodes.get(n).is_some_and(|r| r.status == hubmesh_consensus::state::NodeStatus::Up);
+        let up = |n: &NodeId| state.nodes.get(n).is_some_and(|r| r.status == NodeStatus::Up);
         let new: Vec<NodeId> = t.holders.iter().copied().filter(|h| !record.stored_on.contains(h) && up(h)).collect();
         if new.is_empty() || !hub.refilling.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone()) {
             continue;

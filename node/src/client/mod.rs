@@ -31,6 +31,12 @@ impl ClientError {
         }
     }
 
+    /// True when the request surely never reached the hub (the connection was refused), so it
+    /// cannot have had any effect.
+    pub fn never_sent(&self) -> bool {
+        matches!(self, Self::Transport { source, .. } if source.is_connect())
+    }
+
     /// The HTTP status, if the hub answered.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -38,6 +44,16 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// An invocation's answer and the instance that gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invoked {
+    pub output: Vec<u8>,
+    /// The epoch of the instance that ran the call (`x-hubmesh-epoch`).
+    pub epoch: Option<u64>,
+    /// The hub that ran the call (`x-hubmesh-node`).
+    pub node: Option<u64>,
 }
 
 /// A client of one hub.
@@ -51,8 +67,15 @@ pub struct Client {
 impl Client {
     /// A client of the hub at `base` (e.g. `http://127.0.0.1:7070`).
     pub fn new(base: &str, token: Option<String>) -> Self {
+        Self::with_timeout(base, token, Duration::from_secs(120))
+    }
+
+    /// A client whose every request gives up after `timeout` (the chaos suite counts such a call
+    /// as of unknown outcome).
+    pub fn with_timeout(base: &str, token: Option<String>, timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(120))
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
             .build()
             .expect("a reqwest client without TLS always builds");
         Self { http, base: base.trim_end_matches('/').to_owned(), token }
@@ -125,14 +148,21 @@ impl Client {
 
     /// Invokes `name` with `input`; returns the output bytes.
     pub async fn invoke(&self, name: &str, input: Vec<u8>, key: Option<&str>) -> Result<Vec<u8>, ClientError> {
+        Ok(self.invoke_placed(name, input, key).await?.output)
+    }
+
+    /// Invokes `name` with `input`; returns the output and the instance (hub, epoch) that ran it.
+    pub async fn invoke_placed(&self, name: &str, input: Vec<u8>, key: Option<&str>) -> Result<Invoked, ClientError> {
         let path = format!("/v1/tasks/{name}/invoke");
         let mut req = self.req(reqwest::Method::POST, &path).body(input);
         if let Some(k) = key {
             req = req.header("idempotency-key", k);
         }
         let resp = self.send(req, &path).await?;
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()?.parse().ok());
+        let (epoch, node) = (header("x-hubmesh-epoch"), header("x-hubmesh-node"));
         let bytes = resp.bytes().await.map_err(|e| ClientError::Decode(e.to_string()))?;
-        Ok(bytes.to_vec())
+        Ok(Invoked { output: bytes.to_vec(), epoch, node })
     }
 
     /// `GET /v1/tasks`.

@@ -335,6 +335,7 @@ impl Actor {
             self.answers.insert(k, answer.clone());
         }
         match self.cfg.checkpoint {
+            CheckpointPolicy::Durable if crate::faults::armed("durable-ack-without-commit") => {}
             CheckpointPolicy::Durable => {
                 if let Err(e) = self.checkpoint() {
                     // Not acknowledged, so not kept: back to the committed state, which a retry

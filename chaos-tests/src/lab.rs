@@ -1,0 +1,453 @@
+//! The lab: hubs in their own network namespaces on one bridge, started from the real `hubmesh`
+//! binary with their own data dirs and logs, and the firewall tables the network faults rewrite.
+//!
+//! Layout (chaos guide): bridge `hmbr0` at 10.77.0.1 in the root namespace (the controller, never
+//! cut off); hub *i* (1-based) in namespace `hm-n<i>` at 10.77.0.(10+i), API on port 7070, mesh on
+//! 7071. Each hub namespace has one nftables table `inet hubmesh_chaos`; a fault replaces it in one
+//! `nft -f` transaction. `up` first removes what a previous run left; teardown (also on drop,
+//! panic and Ctrl-C) kills the hubs and removes namespaces, bridge and the forward rule.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hubmesh::client::Client;
+
+pub const BRIDGE: &str = "hmbr0";
+const CONTROLLER: &str = "10.77.0.1";
+const TABLE: &str = "inet hubmesh_chaos";
+/// Docker and other hosts set the FORWARD policy to DROP, which also drops bridged traffic when
+/// br_netfilter is loaded; this rule (tagged, so teardown finds it) lets the lab's bridge through.
+const FORWARD_RULE: [&str; 10] =
+    ["FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-m", "comment", "--comment", "hubmesh-chaos", "-j"];
+
+/// The address of hub `i` (0-based).
+pub fn hub_ip(i: usize) -> String {
+    format!("10.77.0.{}", 11 + i)
+}
+
+/// The namespace of hub `i` (0-based).
+pub fn netns(i: usize) -> String {
+    format!("hm-n{}", i + 1)
+}
+
+/// The name of hub `i` (0-based).
+pub fn hub_name(i: usize) -> String {
+    format!("n{}", i + 1)
+}
+
+/// Which packets hub `i` drops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// Hubs whose packets are dropped on the way in.
+    pub drop_from: BTreeSet<usize>,
+    /// Hubs to which packets are dropped on the way out.
+    pub drop_to: BTreeSet<usize>,
+    /// Hubs with which a share of the packets (both ways) is dropped.
+    pub flaky: BTreeSet<usize>,
+    pub flaky_percent: u8,
+}
+
+impl Rules {
+    fn is_empty(&self) -> bool {
+        self.drop_from.is_empty() && self.drop_to.is_empty() && self.flaky.is_empty()
+    }
+
+    /// The nft script that replaces the table atomically.
+    fn script(&self) -> String {
+        let set = |s: &BTreeSet<usize>| s.iter().map(|&j| hub_ip(j)).collect::<Vec<_>>().join(", ");
+        let mut input = String::new();
+        let mut output = String::new();
+        if !self.drop_from.is_empty() {
+            input += &format!("    ip saddr {{ {} }} counter drop\n", set(&self.drop_from));
+        }
+        if !self.drop_to.is_empty() {
+            output += &format!("    ip daddr {{ {} }} counter drop\n", set(&self.drop_to));
+        }
+        if !self.flaky.is_empty() {
+            let p = self.flaky_percent;
+            input += &format!("    ip saddr {{ {} }} numgen random mod 100 < {p} counter drop\n", set(&self.flaky));
+            output += &format!("    ip daddr {{ {} }} numgen random mod 100 < {p} counter drop\n", set(&self.flaky));
+        }
+        format!(
+            "table {TABLE}\ndelete table {TABLE}\ntable {TABLE} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n{input}  }}\n  chain output {{\n    type filter hook output priority -10; policy accept;\n{output}  }}\n}}\n"
+        )
+    }
+}
+
+/// One hub of the lab.
+pub struct LabHub {
+    pub index: usize,
+    pub dir: PathBuf,
+    child: Option<Child>,
+    pub client: Client,
+    pub node_id: u64,
+    pub paused: bool,
+}
+
+impl LabHub {
+    pub fn name(&self) -> String {
+        hub_name(self.index)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("hub.log")
+    }
+}
+
+/// The running lab.
+pub struct Lab {
+    pub hubs: Vec<LabHub>,
+    bin: PathBuf,
+    profile: String,
+    env: Vec<(String, String)>,
+    timeout: Duration,
+    torn_down: bool,
+}
+
+/// Whether this process may build the lab (namespaces and firewall rules need root).
+pub fn require_root() -> anyhow::Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().nth(1));
+    if uid != Some("0") {
+        bail!("the chaos lab needs root (network namespaces, veth pairs and nftables); run it as root, e.g. with sudo");
+    }
+    for tool in ["ip", "nft"] {
+        if !Command::new(tool).arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+        {
+            bail!("the chaos lab needs `{tool}` (Debian: apt-get install iproute2 nftables)");
+        }
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+/// Removes whatever a previous lab left: its hubs, namespaces, bridge and forward rule.
+pub fn clean_leftovers() {
+    let list = Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default();
+    for line in String::from_utf8_lossy(&list).lines() {
+        let Some(ns) = line.split_whitespace().next() else { continue };
+        if !(ns.starts_with("hm-n") || ns.starts_with("hm-d")) {
+            continue;
+        }
+        let pids = Command::new("ip").args(["netns", "pids", ns]).output().map(|o| o.stdout).unwrap_or_default();
+        for pid in String::from_utf8_lossy(&pids).split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+    let _ = Command::new("ip").args(["link", "del", BRIDGE]).stderr(Stdio::null()).status();
+    // One delete per copy of the rule a crashed run may have left.
+    for _ in 0..16 {
+        let deleted = Command::new("iptables")
+            .arg("-D")
+            .args(FORWARD_RULE)
+            .arg("ACCEPT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !deleted {
+            break;
+        }
+    }
+}
+
+impl Lab {
+    /// Builds the network for `n` hubs and starts them: the first creates the mesh, the others
+    /// join with a token; returns once every hub is a member and there are min(n, 5) voters.
+    pub async fn up(
+        dir: &Path,
+        n: usize,
+        bin: &Path,
+        profile: &str,
+        env: &[(String, String)],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        require_root()?;
+        clean_leftovers();
+        let mut lab = Self {
+            hubs: Vec::new(),
+            bin: bin.to_owned(),
+            profile: profile.to_owned(),
+            env: env.to_vec(),
+            timeout,
+            torn_down: false,
+        };
+        lab.build_network(n).context("building the lab network")?;
+        for i in 0..n {
+            let hub_dir = dir.join("hubs").join(hub_name(i));
+            std::fs::create_dir_all(&hub_dir).with_context(|| format!("creating {}", hub_dir.display()))?;
+            lab.hubs.push(LabHub {
+                index: i,
+                dir: hub_dir,
+                child: None,
+                client: Client::new("http://127.0.0.1:1", None),
+                node_id: 0,
+                paused: false,
+            });
+        }
+        lab.spawn(0, None)?;
+        lab.wait_ready(0).await?;
+        let token = lab.hubs[0].client.create_token(Some("1h")).await.context("creating a join token")?.token;
+        for i in 1..n {
+            lab.spawn(i, Some(&token))?;
+            lab.wait_ready(i).await?;
+        }
+        let want_voters = n.min(5);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let s = lab.hubs[0].client.status().await;
+            if s.as_ref().is_ok_and(|s| s.nodes.len() == n && s.voters.len() == want_voters) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the lab's mesh did not form ({n} members, {want_voters} voters) in 90 s: {s:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(lab)
+    }
+
+    fn build_network(&self, n: usize) -> anyhow::Result<()> {
+        ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        // mDNS (device discovery) must reach every port.
+        let _ = ip(&["link", "set", BRIDGE, "type", "bridge", "mcast_snooping", "0"]);
+        ip(&["addr", "add", &format!("{CONTROLLER}/24"), "dev", BRIDGE])?;
+        ip(&["link", "set", BRIDGE, "up"])?;
+        if Command::new("iptables").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok() {
+            run(Command::new("iptables").arg("-I").args(FORWARD_RULE).arg("ACCEPT"))
+                .context("letting the lab bridge forward")?;
+        }
+        for i in 0..n {
+            let ns = netns(i);
+            let veth = format!("hmv{}", i + 1);
+            ip(&["netns", "add", &ns])?;
+            ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&["link", "set", &veth, "master", BRIDGE, "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", hub_ip(i)), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            self.set_rules(i, &Rules::default())?;
+        }
+        Ok(())
+    }
+
+    /// Starts hub `i` on its data dir (a restart keeps its addresses, as a real hub does).
+    fn spawn(&mut self, i: usize, join: Option<&str>) -> anyhow::Result<()> {
+        let hub = &self.hubs[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(hub.log_path())?;
+        let ip = hub_ip(i);
+        let mut cmd = Command::new("ip");
+        // `ip netns exec` execs the program in place: the PID we signal is hubmesh itself.
+        cmd.args(["netns", "exec", &netns(i)])
+            .arg(&self.bin)
+            .arg("--data-dir")
+            .arg(&hub.dir)
+            .args(["up", "--api", &format!("{ip}:7070"), "--mesh", &format!("{ip}:7071")])
+            .args(["--name", &hub_name(i), "--profile", &self.profile])
+            .env("HUBMESH_LOG", "info,openraft=warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        if let Some(t) = join {
+            cmd.args(["--join", t]);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {}", self.bin.display()))?;
+        self.hubs[i].child = Some(child);
+        self.hubs[i].paused = false;
+        Ok(())
+    }
+
+    /// Waits until hub `i` answers its API and knows a leader.
+    pub async fn wait_ready(&mut self, i: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = format!("http://{}:7070", hub_ip(i));
+        let token_path = self.hubs[i].dir.join("admin.token");
+        loop {
+            if let Some(c) = self.hubs[i].child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    self.hubs[i].child = None;
+                    bail!("hub {} exited with {status}; see {}", hub_name(i), self.hubs[i].log_path().display());
+                }
+            }
+            if let Ok(token) = std::fs::read_to_string(&token_path) {
+                let client = Client::with_timeout(&url, Some(token.trim().to_owned()), self.timeout);
+                if let Ok(s) = client.status().await {
+                    if s.leader.is_some() && !s.nodes.is_empty() {
+                        self.hubs[i].client = client;
+                        self.hubs[i].node_id = s.node_id;
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("hub {} did not become ready in 60 s; see {}", hub_name(i), self.hubs[i].log_path().display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The lab index of the hub with `node_id`.
+    pub fn index_of(&self, node_id: u64) -> Option<usize> {
+        self.hubs.iter().position(|h| h.node_id == node_id)
+    }
+
+    fn signal(&self, i: usize, sig: &str) -> anyhow::Result<()> {
+        let pid = self.hubs[i].pid().with_context(|| format!("hub {} is not running", hub_name(i)))?;
+        run(Command::new("kill").args([sig, &pid.to_string()]))
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        let mut child = self.hubs[i].child.take().with_context(|| format!("hub {} is not running", hub_name(i)))?;
+        child.kill().context("SIGKILL")?;
+        child.wait().context("reaping the hub")?;
+        self.hubs[i].paused = false;
+        Ok(())
+    }
+
+    /// SIGTERM and wait for the graceful exit.
+    pub fn terminate(&mut self, i: usize) -> anyhow::Result<()> {
+        self.signal(i, "-TERM")?;
+        let mut child = self.hubs[i].child.take().expect("signal checked it runs");
+        let status = child.wait().context("waiting for the hub")?;
+        if !status.success() {
+            bail!("hub {} exited with {status} after SIGTERM", hub_name(i));
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`).
+    pub fn pause(&mut self, i: usize, stop: bool) -> anyhow::Result<()> {
+        self.signal(i, if stop { "-STOP" } else { "-CONT" })?;
+        self.hubs[i].paused = stop;
+        Ok(())
+    }
+
+    /// Starts a stopped hub again on its data dir and waits until it is ready.
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.hubs[i].is_running() {
+            bail!("hub {} still runs", hub_name(i));
+        }
+        self.spawn(i, None)?;
+        self.wait_ready(i).await
+    }
+
+    /// Replaces hub `i`'s firewall rules in one transaction.
+    pub fn set_rules(&self, i: usize, rules: &Rules) -> anyhow::Result<()> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &netns(i), "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running nft")?;
+        child.stdin.take().expect("piped").write_all(rules.script().as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("nft in {} refused the rules: {}", netns(i), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    /// Packets hub `i`'s rules dropped since they were last set.
+    pub fn dropped_packets(&self, i: usize) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &netns(i), "nft", "list", "table", "inet", "hubmesh_chaos"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let words: Vec<&str> = out.split_whitespace().collect();
+        words.windows(2).filter(|w| w[0] == "packets").filter_map(|w| w[1].parse::<u64>().ok()).sum()
+    }
+
+    /// Clears every hub's rules, wakes paused hubs and restarts stopped ones.
+    pub async fn heal_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.hubs.len() {
+            self.set_rules(i, &Rules::default())?;
+            if self.hubs[i].paused {
+                self.pause(i, false)?;
+            }
+        }
+        for i in 0..self.hubs.len() {
+            if !self.hubs[i].is_running() {
+                self.restart(i).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any rule is set (for the report).
+    pub fn rules_empty(rules: &[Rules]) -> bool {
+        rules.iter().all(Rules::is_empty)
+    }
+
+    /// Kills the hubs and removes the network; safe to call twice.
+    pub fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        for h in &mut self.hubs {
+            if let Some(mut c) = h.child.take() {
+                let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        clean_leftovers();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_render_to_one_transaction() {
+        let healed = Rules::default().script();
+        assert!(healed.starts_with("table inet hubmesh_chaos\ndelete table inet hubmesh_chaos\n"), "{healed}");
+        assert!(!healed.contains("drop"), "{healed}");
+        let r = Rules { drop_from: [1, 2].into(), drop_to: [2].into(), flaky: [0].into(), flaky_percent: 30 };
+        let s = r.script();
+        assert!(s.contains("ip saddr { 10.77.0.12, 10.77.0.13 } counter drop"), "{s}");
+        assert!(s.contains("ip daddr { 10.77.0.13 } counter drop"), "{s}");
+        assert!(s.contains("ip saddr { 10.77.0.11 } numgen random mod 100 < 30 counter drop"), "{s}");
+        for sep in [" ", ",", "\n"] {
+            assert!(!s.contains(&format!("{CONTROLLER}{sep}")), "the controller is never cut off: {s}");
+        }
+    }
+}

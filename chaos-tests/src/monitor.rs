@@ -1,0 +1,89 @@
+//! The monitor: polls every reachable hub's status and tasks a few times a second, for the
+//! timeline, the failover split (detect / place / answer) and the cluster trace.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubmesh::client::Client;
+use serde::{Deserialize, Serialize};
+
+use crate::history::Recorder;
+
+/// What one hub said at one time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub t_us: u64,
+    pub hub: usize,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub voters: usize,
+    /// Node ids this hub's view marks down.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub down: Vec<u64>,
+    /// Task → (host node id, epoch, state).
+    pub tasks: BTreeMap<String, (u64, u64, String)>,
+}
+
+/// Polls `hubs` every `every` until `stop`; a hub that does not answer within the client's
+/// timeout is skipped for that round.
+pub async fn run(hubs: Vec<Client>, every: Duration, rec: Recorder, stop: Arc<AtomicBool>) -> Vec<Sample> {
+    let mut out = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let mut polls = tokio::task::JoinSet::new();
+        for (i, c) in hubs.iter().cloned().enumerate() {
+            let rec = rec.clone();
+            polls.spawn(async move {
+                let s = tokio::time::timeout(Duration::from_millis(800), c.status()).await.ok()?.ok()?;
+                let tasks = tokio::time::timeout(Duration::from_millis(800), c.tasks()).await.ok()?.ok()?;
+                Some(Sample {
+                    t_us: rec.now_us(),
+                    hub: i,
+                    leader: s.leader,
+                    term: s.term,
+                    voters: s.voters.len(),
+                    down: s.nodes.iter().filter(|n| n.role.contains("down")).map(|n| n.id).collect(),
+                    tasks: tasks
+                        .into_iter()
+                        .filter_map(|t| {
+                            let p = t.placement?;
+                            Some((t.name, (p.node_id, p.epoch, t.state)))
+                        })
+                        .collect(),
+                })
+            });
+        }
+        while let Some(r) = polls.join_next().await {
+            if let Ok(Some(sample)) = r {
+                out.push(sample);
+            }
+        }
+    }
+    out.sort_by_key(|s: &Sample| s.t_us);
+    out
+}
+
+/// One line per sample (VOPR style): time, hub, leader, term, voters, down, tasks.
+pub fn trace(samples: &[Sample], node_names: &BTreeMap<u64, String>) -> String {
+    let name = |id: &u64| node_names.get(id).cloned().unwrap_or_else(|| id.to_string());
+    let mut s = String::new();
+    for x in samples {
+        let tasks: Vec<String> = x.tasks.iter().map(|(t, (n, e, st))| format!("{t}@{}#{e}:{st}", name(n))).collect();
+        let down: Vec<String> = x.down.iter().map(name).collect();
+        s += &format!(
+            "{:>10.3}s n{} leader={} term={} voters={} down=[{}] {}\n",
+            x.t_us as f64 / 1e6,
+            x.hub + 1,
+            x.leader.as_ref().map(name).unwrap_or_else(|| "-".into()),
+            x.term,
+            x.voters,
+            down.join(","),
+            tasks.join(" ")
+        );
+    }
+    s
+}

@@ -1,0 +1,407 @@
+//! One chaos run, phase by phase: lab up → deploy → warm-up → faults → final heal → liveness →
+//! final reads → checkpoint audit → checks → report. The lab is torn down on every path out.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hubmesh::client::Client;
+use hubmesh_proto::api::DeployParams;
+use rand::SeedableRng;
+
+use crate::check::{self, CheckResult, CheckpointAudit, Evidence, Liveness, Verdict};
+use crate::history::{self, Event, Recorder, Type, NEMESIS};
+use crate::lab::{hub_name, Lab};
+use crate::scenario::{Keys, Scenario};
+use crate::schedule::{self, Schedule};
+use crate::workload::{self, CounterTask, Plan};
+use crate::{monitor, nemesis, report};
+
+const OPLOG: &[u8] = include_bytes!("../../examples/tasks/oplog.wat");
+const ECHO: &[u8] = include_bytes!("../../examples/tasks/echo.wat");
+
+/// What to run.
+pub struct RunOptions {
+    pub scenario: Scenario,
+    /// The run directory (created).
+    pub out: PathBuf,
+    /// The `hubmesh` binary the lab starts.
+    pub bin: PathBuf,
+    /// Overrides the scenario's seed.
+    pub seed: Option<u64>,
+    /// A saved schedule to repeat instead of planning one.
+    pub schedule: Option<Schedule>,
+}
+
+/// How a run ended.
+pub struct RunOutcome {
+    pub dir: PathBuf,
+    pub verdict: Verdict,
+    pub results: Vec<CheckResult>,
+}
+
+/// Shared state for the progress line.
+#[derive(Default)]
+struct Progress {
+    phase: String,
+    fault: String,
+}
+
+fn progress_loop(
+    rec: Recorder,
+    total: Duration,
+    state: Arc<Mutex<Progress>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let tty = std::io::stderr().is_terminal();
+        let every = if tty { Duration::from_millis(500) } else { Duration::from_secs(10) };
+        let started = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(every).await;
+            let (ok, fail, info) = rec.counts();
+            let p = state.lock().unwrap_or_else(|p| p.into_inner());
+            let done = started.elapsed().as_secs_f64() / total.as_secs_f64().max(1.0);
+            let width = 24;
+            let filled = ((done.min(1.0)) * width as f64) as usize;
+            let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
+            let line = format!(
+                "[{bar}] {:>4.0}s {:<10} ok {ok} fail {fail} unknown {info} {}",
+                started.elapsed().as_secs_f64(),
+                p.phase,
+                p.fault
+            );
+            if tty {
+                eprint!("\r{line:<110}");
+            } else {
+                eprintln!("{line}");
+            }
+        }
+        if tty {
+            eprintln!();
+        }
+    })
+}
+
+fn set_phase(p: &Arc<Mutex<Progress>>, phase: &str, fault: &str) {
+    let mut g = p.lock().unwrap_or_else(|p| p.into_inner());
+    g.phase = phase.into();
+    g.fault = fault.into();
+}
+
+/// Runs `opts` to the end and writes the report; the error path also tears the lab down.
+pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
+    let sc = opts.scenario.clone();
+    let seed = opts.seed.or(sc.seed).unwrap_or_else(rand::random);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let plan = match opts.schedule.clone() {
+        Some(s) => s,
+        None => schedule::generate(&sc, seed, &mut rng),
+    };
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    let dir = opts.out.canonicalize()?;
+    let mut sc_saved = sc.clone();
+    sc_saved.seed = Some(seed);
+    std::fs::write(dir.join("scenario.toml"), toml::to_string_pretty(&sc_saved)?)?;
+    std::fs::write(dir.join("schedule.json"), serde_json::to_vec_pretty(&plan)?)?;
+    eprintln!("chaos run {} (seed {seed}, {} faults planned) in {}", sc.name, plan.steps.len(), dir.display());
+
+    let rec = Recorder::new(Instant::now());
+    let env: Vec<(String, String)> = sc.lab.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let lab_started = Instant::now();
+    let mut lab = Lab::up(&dir, sc.lab.hubs, &opts.bin, &sc.lab.profile, &env, sc.workload.timeout)
+        .await
+        .context("starting the lab")?;
+    eprintln!("lab up: {} hubs in {:.1}s", lab.hubs.len(), lab_started.elapsed().as_secs_f64());
+
+    // Tasks.
+    let keyed = |i: usize| match sc.workload.keys {
+        Keys::Always => true,
+        Keys::Never => false,
+        Keys::Mixed => i == 0,
+    };
+    let counters: Vec<CounterTask> =
+        (0..sc.workload.counters).map(|i| CounterTask { name: format!("oplog{i}"), keyed: keyed(i) }).collect();
+    let echo = sc.workload.echo.then(|| "echo".to_string());
+    deploy(&lab, &sc, &counters, echo.as_deref()).await?;
+    let task_names: Vec<String> = counters.iter().map(|c| c.name.clone()).collect();
+
+    // Clients, monitor, progress.
+    let clients: Vec<Client> = lab.hubs.iter().map(|h| h.client.clone()).collect();
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let stop_watch = Arc::new(AtomicBool::new(false));
+    let workload = tokio::spawn(workload::run(
+        Plan {
+            counters: counters.clone(),
+            echo: echo.clone(),
+            rate_hz: sc.workload.rate_hz,
+            clients: sc.workload.clients,
+            seed,
+        },
+        clients.clone(),
+        rec.clone(),
+        stop_load.clone(),
+    ));
+    let monitor =
+        tokio::spawn(monitor::run(clients.clone(), Duration::from_millis(250), rec.clone(), stop_watch.clone()));
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let total = sc.chaos.warmup + sc.chaos.duration + sc.checks.liveness_max / 3 + Duration::from_secs(10);
+    let bar = progress_loop(rec.clone(), total, progress.clone(), stop_watch.clone());
+
+    // Warm-up, then the faults.
+    set_phase(&progress, "warm-up", "");
+    tokio::time::sleep(sc.chaos.warmup).await;
+    let chaos_start = Instant::now();
+    let mut applied_all = Vec::new();
+    let mut nemesis_errors = Vec::new();
+    for step in &plan.steps {
+        let at = chaos_start + Duration::from_millis(step.at_ms);
+        tokio::time::sleep_until(at.into()).await;
+        let mut e = Event::new(NEMESIS, Type::Invoke, step.fault.name());
+        e.note = Some(format!("target {}", step.target.name()));
+        let start_us = rec.now_us();
+        match nemesis::apply(&mut lab, step, &task_names, sc.chaos.flaky_drop_percent, start_us, &mut rng).await {
+            Ok(mut a) => {
+                e.hubs = a.hubs.clone();
+                e.note = Some(a.note.clone());
+                a.start_us = rec.record(e.clone());
+                set_phase(&progress, "chaos", &a.note);
+                tokio::time::sleep(Duration::from_millis(step.hold_ms)).await;
+                let healed = nemesis::heal(&mut lab, &mut a).await;
+                let mut done = e.clone();
+                done.kind = Type::Info;
+                if let Err(err) = healed {
+                    done.error = Some(format!("{err:#}"));
+                    nemesis_errors.push(format!("healing {}: {err:#}", step.fault.name()));
+                }
+                a.end_us = rec.record(done);
+                set_phase(&progress, "chaos", "");
+                applied_all.push(a);
+            }
+            Err(err) => {
+                e.kind = Type::Fail;
+                e.error = Some(format!("{err:#}"));
+                rec.record(e);
+                nemesis_errors.push(format!("applying {}: {err:#}", step.fault.name()));
+            }
+        }
+    }
+    let chaos_left = (chaos_start + sc.chaos.duration).saturating_duration_since(Instant::now());
+    tokio::time::sleep(chaos_left).await;
+
+    // Final heal, a little more load, then quiet.
+    set_phase(&progress, "heal", "");
+    let heal_result = lab.heal_all().await;
+    let healed_at_us = rec.now_us();
+    let healed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_load.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(sc.workload.timeout * 5, workload).await;
+
+    set_phase(&progress, "liveness", "");
+    let liveness = match heal_result {
+        Ok(()) => settle(&lab, &task_names, echo.as_deref(), healed, sc.checks.liveness_max).await,
+        Err(e) => Liveness { reached_after_ms: None, problems: vec![format!("the final heal failed: {e:#}")] },
+    };
+
+    set_phase(&progress, "final reads", "");
+    let (finals, disagreements) = final_reads(&lab, &counters, &rec).await;
+    let mut liveness = liveness;
+    liveness.problems.extend(disagreements);
+    if !liveness.problems.is_empty() {
+        liveness.reached_after_ms = None;
+    }
+    let checkpoints = audit(&lab, &counters).await;
+    stop_watch.store(true, Ordering::Relaxed);
+    let samples = monitor.await.unwrap_or_default();
+    let _ = bar.await;
+    let node_ids: Vec<u64> = lab.hubs.iter().map(|h| h.node_id).collect();
+    lab.teardown();
+
+    let events = rec.snapshot();
+    let ev = Evidence {
+        faults: applied_all,
+        planned_faults: plan.steps.len(),
+        samples,
+        finals,
+        keyed: counters.iter().map(|c| (c.name.clone(), c.keyed)).collect(),
+        echo,
+        durable: sc.workload.mode == "durable",
+        liveness,
+        checkpoints,
+        failover_max_ms: sc.checks.failover_max.as_millis() as u64,
+        node_ids,
+        healed_at_us,
+    };
+    let results = check::check_all(&events, &ev);
+    let verdict = check::overall(&results);
+    report::write(&dir, &sc_saved, &plan, &events, &ev, &results, &nemesis_errors)?;
+    Ok(RunOutcome { dir, verdict, results })
+}
+
+async fn deploy(lab: &Lab, sc: &Scenario, counters: &[CounterTask], echo: Option<&str>) -> anyhow::Result<()> {
+    let c = &lab.hubs[0].client;
+    for t in counters {
+        let params = DeployParams {
+            stateful: true,
+            durable: sc.workload.mode == "durable",
+            checkpoint_every: (sc.workload.mode == "periodic")
+                .then(|| humantime::format_duration(sc.workload.checkpoint_every).to_string()),
+            ..Default::default()
+        };
+        c.deploy(&t.name, OPLOG.to_vec(), &params, false).await.with_context(|| format!("deploying {}", t.name))?;
+    }
+    if let Some(name) = echo {
+        c.deploy(name, ECHO.to_vec(), &DeployParams::default(), false).await.context("deploying echo")?;
+    }
+    let want_holders = 2.min(lab.hubs.len() - 1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let tasks = c.tasks().await.unwrap_or_default();
+        let ready = counters
+            .iter()
+            .all(|t| tasks.iter().any(|x| x.name == t.name && x.state == "running" && x.holders.len() >= want_holders))
+            && echo.is_none_or(|e| tasks.iter().any(|x| x.name == e && x.state == "running"));
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the workload's tasks did not start in 60 s: {tasks:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the mesh settled: every hub answers, they agree on one leader and on every
+/// task's placement, every task runs, nobody is down and the voters are complete.
+async fn settle(lab: &Lab, tasks: &[String], echo: Option<&str>, healed: Instant, max: Duration) -> Liveness {
+    let want_voters = lab.hubs.len().min(5);
+    let mut problems;
+    loop {
+        problems = Vec::new();
+        let mut leaders = std::collections::BTreeSet::new();
+        let mut placements: BTreeMap<String, std::collections::BTreeSet<(u64, u64)>> = BTreeMap::new();
+        for h in &lab.hubs {
+            let (s, ts) = match (h.client.status().await, h.client.tasks().await) {
+                (Ok(s), Ok(ts)) => (s, ts),
+                (Err(e), _) | (_, Err(e)) => {
+                    problems.push(format!("{} does not answer: {e}", h.name()));
+                    continue;
+                }
+            };
+            leaders.insert(s.leader);
+            if s.voters.len() != want_voters {
+                problems.push(format!("{} sees {} voters, not {want_voters}", h.name(), s.voters.len()));
+            }
+            let down: Vec<&str> = s.nodes.iter().filter(|n| n.role.contains("down")).map(|n| n.name.as_str()).collect();
+            if !down.is_empty() {
+                problems.push(format!("{} sees {} down", h.name(), down.join(",")));
+            }
+            for name in tasks.iter().map(String::as_str).chain(echo) {
+                match ts.iter().find(|t| t.name == name) {
+                    Some(t) if t.state == "running" => {
+                        if let Some(p) = &t.placement {
+                            placements.entry(name.to_owned()).or_default().insert((p.node_id, p.epoch));
+                        }
+                    }
+                    Some(t) => problems.push(format!("{}: {name} is {} ({:?})", h.name(), t.state, t.reason)),
+                    None => problems.push(format!("{}: {name} is missing", h.name())),
+                }
+            }
+        }
+        if leaders.len() != 1 || leaders.contains(&None) {
+            problems.push(format!("the hubs name these leaders: {leaders:?}"));
+        }
+        for (name, seen) in &placements {
+            if seen.len() > 1 {
+                problems.push(format!("the hubs disagree on where {name} runs: {seen:?}"));
+            }
+        }
+        if problems.is_empty() {
+            return Liveness { reached_after_ms: Some(healed.elapsed().as_millis() as u64), problems };
+        }
+        if healed.elapsed() > max {
+            return Liveness { reached_after_ms: None, problems };
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads every counter task through every hub; the final list is the first successful read, and
+/// hubs that answer a different list are reported.
+async fn final_reads(
+    lab: &Lab,
+    counters: &[CounterTask],
+    rec: &Recorder,
+) -> (BTreeMap<String, Option<Vec<u64>>>, Vec<String>) {
+    let mut finals = BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut process = 1_000_000;
+    for t in counters {
+        let mut list: Option<Vec<u64>> = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for (i, h) in lab.hubs.iter().enumerate() {
+            loop {
+                process += 1;
+                if let Some(l) = workload::read(&h.client, &t.name, i, process, rec).await {
+                    match &list {
+                        None => list = Some(l),
+                        Some(first) if *first != l => problems.push(format!(
+                            "{}: {} reads {} entries, another hub read {}",
+                            t.name,
+                            hub_name(i),
+                            l.len(),
+                            first.len()
+                        )),
+                        Some(_) => {}
+                    }
+                    break;
+                }
+                if Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        finals.insert(t.name.clone(), list);
+    }
+    (finals, problems)
+}
+
+/// The committed checkpoint of every counter task at the end.
+async fn audit(lab: &Lab, counters: &[CounterTask]) -> BTreeMap<String, CheckpointAudit> {
+    let wanted = 1 + 2.min(lab.hubs.len() - 1);
+    let mut out = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for t in counters {
+        // Copies for a replaced holder arrive a moment after the mesh settles.
+        let a = loop {
+            let info = lab.hubs[0].client.task(&t.name).await.ok();
+            let c = info.and_then(|i| i.committed);
+            let a = CheckpointAudit {
+                sequence: c.as_ref().map(|c| c.sequence),
+                stored_on: c.map_or(0, |c| c.stored_on.len()),
+                wanted,
+            };
+            if a.stored_on >= wanted || Instant::now() > deadline {
+                break a;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        out.insert(t.name.clone(), a);
+    }
+    out
+}
+
+/// Re-checks a finished run from its saved history and evidence.
+pub fn recheck(dir: &Path) -> anyhow::Result<(Verdict, Vec<CheckResult>)> {
+    let events = history::read_jsonl(&dir.join("history.jsonl"))?;
+    let ev: Evidence =
+        serde_json::from_slice(&std::fs::read(dir.join("evidence.json")).context("reading evidence.json")?)?;
+    let results = check::check_all(&events, &ev);
+    Ok((check::overall(&results), results))
+}

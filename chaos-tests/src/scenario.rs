@@ -1,0 +1,351 @@
+//! Scenario files (TOML): the lab, the workload, the faults and the bounds of one run.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// One scenario, as read from `scenarios/*.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    /// Seeds every random choice of the run (fault order, targets, operations). A run without one
+    /// picks one and saves it.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub lab: LabSpec,
+    #[serde(default)]
+    pub workload: WorkloadSpec,
+    #[serde(default)]
+    pub chaos: ChaosSpec,
+    #[serde(default)]
+    pub checks: ChecksSpec,
+    /// Scripted faults; when present they replace the random schedule.
+    #[serde(default, rename = "step", skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LabSpec {
+    /// Hubs in the lab (3 to 9).
+    pub hubs: usize,
+    /// The hubs' timeout profile (`lan`, `wifi`, `wan`).
+    pub profile: String,
+    /// Extra environment for every hub (e.g. `HUBMESH_FAULTS` for the checkers' self-tests).
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for LabSpec {
+    fn default() -> Self {
+        Self { hubs: 3, profile: "lan".into(), env: Default::default() }
+    }
+}
+
+/// Whether the counter clients send idempotency keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Keys {
+    Always,
+    Never,
+    /// The first counter task gets keys, the others none.
+    Mixed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadSpec {
+    /// Counter (oplog) tasks.
+    pub counters: usize,
+    pub keys: Keys,
+    /// `durable` or `periodic`.
+    pub mode: String,
+    /// Checkpoint period in periodic mode.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_every: Duration,
+    /// A stateless echo task as a control.
+    pub echo: bool,
+    /// Operations per second over all clients.
+    pub rate_hz: f64,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// A call without an answer after this is of unknown outcome.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for WorkloadSpec {
+    fn default() -> Self {
+        Self {
+            counters: 2,
+            keys: Keys::Mixed,
+            mode: "durable".into(),
+            checkpoint_every: Duration::from_millis(200),
+            echo: true,
+            rate_hz: 40.0,
+            clients: 8,
+            timeout: Duration::from_secs(8),
+        }
+    }
+}
+
+/// A kind of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// SIGKILL, healed by a restart on the same data dir.
+    Kill,
+    /// SIGTERM (the graceful path), then a restart.
+    Restart,
+    /// SIGSTOP for half the node-down time, then SIGCONT.
+    PauseShort,
+    /// SIGSTOP for the hold time (longer than node-down), then SIGCONT.
+    PauseLong,
+    /// Every packet between the target and the other hubs dropped.
+    Isolate,
+    /// A minority of hubs (the target among them) cut from the majority.
+    Split,
+    /// Hubs in a line: the two ends cannot talk, the middle one (the target) talks to both.
+    Bridge,
+    /// The target hears nobody but is heard by all (one-way).
+    LeaderDeaf,
+    /// Random drop of a share of the packets between the target and the others.
+    Flaky,
+}
+
+impl FaultKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kill => "kill",
+            Self::Restart => "restart",
+            Self::PauseShort => "pause-short",
+            Self::PauseLong => "pause-long",
+            Self::Isolate => "isolate",
+            Self::Split => "split",
+            Self::Bridge => "bridge",
+            Self::LeaderDeaf => "leader-deaf",
+            Self::Flaky => "flaky",
+        }
+    }
+
+    /// Whether the fault is made of firewall rules (else of signals).
+    pub fn is_network(self) -> bool {
+        matches!(self, Self::Isolate | Self::Split | Self::Bridge | Self::LeaderDeaf | Self::Flaky)
+    }
+
+    /// Whether the fault, on a task's host, should move the task (so the failover bound applies).
+    pub fn takes_host_away(self) -> bool {
+        matches!(self, Self::Kill | Self::PauseLong | Self::Isolate | Self::Split)
+    }
+}
+
+/// How a fault picks its hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// A random hub.
+    One,
+    /// The Raft leader.
+    Leader,
+    /// The host of a random counter task.
+    Host,
+    /// A checkpoint holder of a random counter task.
+    Holder,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::One => "one",
+            Self::Leader => "leader",
+            Self::Host => "host",
+            Self::Holder => "holder",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChaosSpec {
+    /// Load before the first fault.
+    #[serde(with = "humantime_serde")]
+    pub warmup: Duration,
+    /// Length of the fault phase.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// How long a fault lasts.
+    #[serde(with = "humantime_serde")]
+    pub hold: Duration,
+    /// Time between a heal and the next fault.
+    #[serde(with = "humantime_serde")]
+    pub gap: Duration,
+    /// Fault kinds, used in a seeded random order, each at least once when time allows.
+    pub faults: Vec<FaultKind>,
+    /// Targets a fault may pick from.
+    pub targets: Vec<Target>,
+    /// Share of packets a flaky link drops.
+    pub flaky_drop_percent: u8,
+}
+
+impl Default for ChaosSpec {
+    fn default() -> Self {
+        Self {
+            warmup: Duration::from_secs(5),
+            duration: Duration::from_secs(60),
+            hold: Duration::from_secs(3),
+            gap: Duration::from_secs(5),
+            faults: vec![
+                FaultKind::Kill,
+                FaultKind::PauseLong,
+                FaultKind::PauseShort,
+                FaultKind::Isolate,
+                FaultKind::Split,
+                FaultKind::Bridge,
+                FaultKind::LeaderDeaf,
+                FaultKind::Flaky,
+            ],
+            targets: vec![Target::Host, Target::Leader, Target::One, Target::Holder],
+            flaky_drop_percent: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChecksSpec {
+    /// A task whose host a fault took away answers again within this (I10).
+    #[serde(with = "humantime_serde")]
+    pub failover_max: Duration,
+    /// After the final heal: one leader, every task running, all hubs agree, within this (I11).
+    #[serde(with = "humantime_serde")]
+    pub liveness_max: Duration,
+}
+
+impl Default for ChecksSpec {
+    fn default() -> Self {
+        Self { failover_max: Duration::from_secs(10), liveness_max: Duration::from_secs(45) }
+    }
+}
+
+/// One scripted fault.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// From the end of the warm-up.
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    pub fault: FaultKind,
+    #[serde(default = "default_target")]
+    pub target: Target,
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub hold: Option<Duration>,
+}
+
+fn default_target() -> Target {
+    Target::One
+}
+
+/// Why a scenario file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: String, source: Box<toml::de::Error> },
+    #[error("{1}: {0}")]
+    Invalid(String, String),
+}
+
+impl Scenario {
+    /// Reads and checks a scenario file.
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read { path: p.clone(), source })?;
+        Self::parse(&text).map_err(|e| match e {
+            ScenarioError::Parse { source, .. } => ScenarioError::Parse { path: p.clone(), source },
+            ScenarioError::Invalid(m, _) => ScenarioError::Invalid(m, p.clone()),
+            other => other,
+        })
+    }
+
+    /// Parses and checks scenario text.
+    pub fn parse(text: &str) -> Result<Self, ScenarioError> {
+        let s: Self =
+            toml::from_str(text).map_err(|e| ScenarioError::Parse { path: "scenario".into(), source: Box::new(e) })?;
+        s.validate().map_err(|m| ScenarioError::Invalid(m, "scenario".into()))?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(3..=9).contains(&self.lab.hubs) {
+            return Err(format!("lab.hubs is {}; the lab runs 3 to 9 hubs", self.lab.hubs));
+        }
+        if !["lan", "wifi", "wan"].contains(&self.lab.profile.as_str()) {
+            return Err(format!("lab.profile {:?} is not lan, wifi or wan", self.lab.profile));
+        }
+        if !["durable", "periodic"].contains(&self.workload.mode.as_str()) {
+            return Err(format!("workload.mode {:?} is not durable or periodic", self.workload.mode));
+        }
+        if self.workload.counters == 0 && !self.workload.echo {
+            return Err("the workload has no task: set workload.counters or workload.echo".into());
+        }
+        if !(self.workload.rate_hz > 0.0 && self.workload.rate_hz <= 1000.0) {
+            return Err("workload.rate_hz must be in (0, 1000]".into());
+        }
+        if self.workload.clients == 0 || self.workload.clients > 256 {
+            return Err("workload.clients must be 1 to 256".into());
+        }
+        if self.chaos.targets.is_empty() {
+            return Err("chaos.targets is empty".into());
+        }
+        if self.chaos.duration > Duration::from_secs(24 * 3600) {
+            return Err("chaos.duration is over a day".into());
+        }
+        if self.chaos.flaky_drop_percent == 0 || self.chaos.flaky_drop_percent > 100 {
+            return Err("chaos.flaky_drop_percent must be 1 to 100".into());
+        }
+        Ok(())
+    }
+
+    /// The profile's node-down time: a pause shorter than it must not move tasks.
+    pub fn node_down(&self) -> Duration {
+        match self.lab.profile.as_str() {
+            "wifi" => Duration::from_secs(4),
+            "wan" => Duration::from_secs(15),
+            _ => Duration::from_secs(1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_scenarios_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                Scenario::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 5, "only {n} scenarios shipped");
+    }
+
+    #[test]
+    fn bad_scenarios_are_refused_with_the_reason() {
+        let e = Scenario::parse("name = \"x\"\n[lab]\nhubs = 2\n").unwrap_err().to_string();
+        assert!(e.contains("3 to 9"), "{e}");
+        let e = Scenario::parse("name = \"x\"\n[chaos]\nfaults = [\"meteor\"]\n").unwrap_err().to_string();
+        assert!(e.contains("meteor"), "{e}");
+        let e = Scenario::parse("name = \"x\"\nsurprise = 1\n").unwrap_err().to_string();
+        assert!(e.contains("surprise"), "{e}");
+        let e = Scenario::parse("name = \"x\"\n[workload]\ncounters = 0\necho = false\n").unwrap_err().to_string();
+        assert!(e.contains("no task"), "{e}");
+    }
+}
