@@ -409,6 +409,14 @@ impl Consensus {
         self.proposer.propose(cmd).await
     }
 
+    /// Commits `cmd` only through this hub's own Raft log: never forwarded. For the leader's own
+    /// decisions (hub health, placements, holders), which rest on what this hub saw as leader: a
+    /// deposed leader's pending decision must fail, not be carried out by its successor (a leader
+    /// cut off from the mesh once had its successor mark the successor itself down that way).
+    pub async fn propose_as_leader(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        self.proposer.propose_here(cmd).await
+    }
+
     /// Creates a join token valid for `ttl` that points at this hub.
     pub async fn create_token(&self, ttl: Duration) -> Result<String, ProposeError> {
         let ca = self.state().ca.clone().ok_or_else(|| ProposeError::Unavailable("the mesh has no CA yet".into()))?;

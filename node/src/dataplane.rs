@@ -8,8 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hubmesh_consensus::state::Placement;
 use hubmesh_consensus::transport::{handler, kind, Caller, RpcError};
-use hubmesh_consensus::NodeId;
+use hubmesh_consensus::{Epoch, NodeId};
 use hubmesh_proto::{pb, Message};
 use hubmesh_storage::Hash;
 
@@ -108,7 +109,9 @@ pub(crate) async fn fetch_module(hub: &Hub, hash: &Hash) -> Result<Vec<u8>, Stri
 
 /// What a forwarded invocation returned.
 pub(crate) enum Forwarded {
-    Answer(Answer),
+    /// The answer and the instance that gave it (its hub and epoch, which may be newer than the
+    /// placement the caller aimed at).
+    Answer(Answer, Option<Placement>),
     Failed(InvokeError),
     /// The hub could not be reached: the instance may be moving.
     Unreachable(String),
@@ -130,7 +133,10 @@ pub(crate) async fn forward(
     let req = pb::InvokeForwardRequest { task: task.to_owned(), input, key: key.unwrap_or_default() }.encode_to_vec();
     match hub.consensus.transport().call_unless(node.0, INVOKE_FORWARD, req, timeout, give_up).await {
         Ok(raw) => match pb::InvokeForwardResponse::decode(raw.as_slice()) {
-            Ok(r) => Forwarded::Answer(Answer { status: r.status, output: r.output }),
+            Ok(r) => {
+                let ran = (r.epoch != 0).then_some(Placement { node: NodeId(r.node), epoch: Epoch(r.epoch) });
+                Forwarded::Answer(Answer { status: r.status, output: r.output }, ran)
+            }
             Err(e) => Forwarded::Failed(InvokeError::Unavailable(format!("bad answer from hub {node}: {e}"))),
         },
         Err(RpcError::Remote { message, .. }) => {

@@ -182,7 +182,7 @@ impl Hub {
             let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget, moved).await;
             metrics::histogram!("hubmesh_invoke_forwarded_seconds").record(started.elapsed().as_secs_f64());
             match res {
-                Forwarded::Answer(a) => return Step::Done(Ok((a, p))),
+                Forwarded::Answer(a, ran) => return Step::Done(Ok((a, ran.unwrap_or(p)))),
                 Forwarded::Failed(InvokeError::Unavailable(m)) => reason = m,
                 Forwarded::Failed(e) => return Step::Done(Err(e.into())),
                 Forwarded::Unreachable(m) => reason = format!("hub {} is unreachable: {m}", p.node),

@@ -71,7 +71,7 @@ async fn step(hub: &Hub, api_addr: &str) {
         return;
     }
     tracing::info!(placements = plan.len(), "scheduler proposes placements");
-    if let Err(e) = hub.consensus.propose(Command::Batch(plan)).await {
+    if let Err(e) = hub.consensus.propose_as_leader(Command::Batch(plan)).await {
         tracing::warn!(error = %e, "proposing placements failed");
     }
 }
@@ -84,7 +84,18 @@ async fn watch_health(hub: &Hub, leading_since: Instant) {
     let me = hub.consensus.node_id();
     let node_down = hub.config.timeouts.resolve().node_down;
     let transport = hub.consensus.transport();
+    // A leader that has not heard from a quorum lately is the one cut off: its silence from the
+    // others says nothing about them.
+    if !hub.consensus.holds_lease(hub.config.timeouts.resolve().lease) {
+        return;
+    }
     let mut changes = Vec::new();
+    // The leader is alive by definition: a record saying otherwise (left by a deposed leader's
+    // view, or by a partition the mesh has healed) would keep tasks and holders off it forever.
+    if state.nodes.get(&me).is_some_and(|n| n.status == NodeStatus::Down) {
+        tracing::warn!(node = me.0, "this leader was recorded as down; marking it up");
+        changes.push(Command::SetNodeStatus { node: me, status: NodeStatus::Up });
+    }
     for n in state.nodes.values().filter(|n| n.id != me) {
         let last = transport.last_ok(n.id.0).map_or(leading_since, |t| t.max(leading_since));
         let silent = last.elapsed() > node_down;
@@ -97,7 +108,7 @@ async fn watch_health(hub: &Hub, leading_since: Instant) {
         changes.push(Command::SetNodeStatus { node: n.id, status });
     }
     if !changes.is_empty() {
-        if let Err(e) = hub.consensus.propose(Command::Batch(changes)).await {
+        if let Err(e) = hub.consensus.propose_as_leader(Command::Batch(changes)).await {
             tracing::warn!(error = %e, "recording hub health failed");
         }
     }
