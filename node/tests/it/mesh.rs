@@ -80,7 +80,18 @@ async fn three_hubs_join_share_tasks_and_survive_the_leader() {
         async move { c.status().await.is_ok_and(|s| s.leader.is_some_and(|l| l != leader)) }
     })
     .await;
-    hubs[0].client.deploy("echo2", example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
+    // Right after an election a hub may not hold its lease yet: it refuses changes (no_quorum,
+    // nothing changed) for a heartbeat or two, as a user retrying would see.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match hubs[0].client.deploy("echo2", example_bytes("echo.wat"), &DeployParams::default(), false).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Some("no_quorum") && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("deploying after the election: {e}"),
+        }
+    }
     let names: Vec<String> = hubs[1].client.tasks().await.unwrap().into_iter().map(|t| t.name).collect();
     assert!(names.contains(&"echo2".to_owned()), "{names:?}");
     drop(dead);
