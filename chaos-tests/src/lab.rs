@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hubmesh::client::Client;
 
+use crate::scenario::{LanHub, LanSpec};
+
 pub const BRIDGE: &str = "hmbr0";
 const CONTROLLER: &str = "10.77.0.1";
 const TABLE: &str = "inet hubmesh_chaos";
@@ -83,6 +85,12 @@ pub struct LabHub {
     pub index: usize,
     pub dir: PathBuf,
     child: Option<Child>,
+    /// Whether the hub's process runs (as far as the lab knows: it started or healed it).
+    running: bool,
+    /// Its API.
+    pub url: String,
+    /// A fixed token (LAN runs); lab hubs read theirs from `admin.token`.
+    token: Option<String>,
     pub client: Client,
     pub node_id: u64,
     pub paused: bool,
@@ -94,7 +102,7 @@ impl LabHub {
     }
 
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.running
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -106,14 +114,22 @@ impl LabHub {
     }
 }
 
+/// Where the hubs run.
+enum Backend {
+    /// The lab's own hubs, in network namespaces.
+    Netns { bin: PathBuf, profile: String, env: Vec<(String, String)> },
+    /// Hubs that already run; faults are the user's commands.
+    Lan { hubs: Vec<LanHub> },
+}
+
 /// The running lab.
 pub struct Lab {
     pub hubs: Vec<LabHub>,
-    bin: PathBuf,
-    profile: String,
-    env: Vec<(String, String)>,
+    backend: Backend,
     timeout: Duration,
     torn_down: bool,
+    /// Voters when the run began (a LAN mesh may have more members than the run drives).
+    pub voters: usize,
 }
 
 /// Whether this process may build the lab (namespaces and firewall rules need root).
@@ -190,11 +206,10 @@ impl Lab {
         clean_leftovers();
         let mut lab = Self {
             hubs: Vec::new(),
-            bin: bin.to_owned(),
-            profile: profile.to_owned(),
-            env: env.to_vec(),
+            backend: Backend::Netns { bin: bin.to_owned(), profile: profile.to_owned(), env: env.to_vec() },
             timeout,
             torn_down: false,
+            voters: n.min(5),
         };
         lab.build_network(n).context("building the lab network")?;
         for i in 0..n {
@@ -204,6 +219,9 @@ impl Lab {
                 index: i,
                 dir: hub_dir,
                 child: None,
+                running: false,
+                url: format!("http://{}:7070", hub_ip(i)),
+                token: None,
                 client: Client::new("http://127.0.0.1:1", None),
                 node_id: 0,
                 paused: false,
@@ -229,6 +247,63 @@ impl Lab {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(lab)
+    }
+
+    /// Connects to hubs that already form a mesh (a LAN run): checks that each answers and that
+    /// they agree on a leader. Nothing is started, and teardown never stops them.
+    pub async fn connect_lan(lan: &LanSpec, timeout: Duration) -> anyhow::Result<Self> {
+        let read = |t: &Option<String>, f: &Option<PathBuf>| -> anyhow::Result<Option<String>> {
+            Ok(match (t, f) {
+                (Some(t), _) => Some(t.clone()),
+                (None, Some(f)) => Some(
+                    std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_owned(),
+                ),
+                (None, None) => None,
+            })
+        };
+        let token = read(&lan.token, &lan.token_file)?.or_else(|| std::env::var("HUBMESH_TOKEN").ok());
+        let mut lab = Self {
+            hubs: Vec::new(),
+            backend: Backend::Lan { hubs: lan.hubs.clone() },
+            timeout,
+            torn_down: false,
+            voters: 0,
+        };
+        for (i, h) in lan.hubs.iter().enumerate() {
+            lab.hubs.push(LabHub {
+                index: i,
+                dir: PathBuf::new(),
+                child: None,
+                running: true,
+                url: h.url.trim_end_matches('/').to_owned(),
+                token: read(&h.token, &h.token_file)?.or_else(|| token.clone()),
+                client: Client::new("http://127.0.0.1:1", None),
+                node_id: 0,
+                paused: false,
+            });
+            lab.wait_ready(i).await?;
+        }
+        let s = lab.hubs[0].client.status().await?;
+        lab.voters = s.voters.len();
+        for h in &lab.hubs[1..] {
+            let other = h.client.status().await?;
+            if other.leader != s.leader {
+                bail!("{} and {} name different leaders; is this one mesh?", lab.hubs[0].url, h.url);
+            }
+        }
+        Ok(lab)
+    }
+
+    /// Whether the hubs are the user's (a LAN run).
+    pub fn is_lan(&self) -> bool {
+        matches!(self.backend, Backend::Lan { .. })
+    }
+
+    /// Runs the user's command `pick` of LAN hub `i`.
+    fn lan_command(&self, i: usize, what: &str, pick: fn(&LanHub) -> &Option<String>) -> anyhow::Result<()> {
+        let Backend::Lan { hubs } = &self.backend else { bail!("not a LAN run") };
+        let cmd = pick(&hubs[i]).as_deref().with_context(|| format!("no `{what}` command for {}", hubs[i].url))?;
+        run(Command::new("sh").arg("-c").arg(cmd)).with_context(|| format!("the `{what}` command of {}", hubs[i].url))
     }
 
     fn build_network(&self, n: usize) -> anyhow::Result<()> {
@@ -257,17 +332,23 @@ impl Lab {
 
     /// Starts hub `i` on its data dir (a restart keeps its addresses, as a real hub does).
     fn spawn(&mut self, i: usize, join: Option<&str>) -> anyhow::Result<()> {
+        let Backend::Netns { bin, profile, env } = &self.backend else {
+            self.lan_command(i, "start", |h| &h.start)?;
+            self.hubs[i].running = true;
+            self.hubs[i].paused = false;
+            return Ok(());
+        };
         let hub = &self.hubs[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(hub.log_path())?;
         let ip = hub_ip(i);
         let mut cmd = Command::new("ip");
         // `ip netns exec` execs the program in place: the PID we signal is hubmesh itself.
         cmd.args(["netns", "exec", &netns(i)])
-            .arg(&self.bin)
+            .arg(bin)
             .arg("--data-dir")
             .arg(&hub.dir)
             .args(["up", "--api", &format!("{ip}:7070"), "--mesh", &format!("{ip}:7071")])
-            .args(["--name", &hub_name(i), "--profile", &self.profile])
+            .args(["--name", &hub_name(i), "--profile", profile])
             .env("HUBMESH_LOG", "info,openraft=warn")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -276,11 +357,12 @@ impl Lab {
         if let Some(t) = join {
             cmd.args(["--join", t]);
         }
-        for (k, v) in &self.env {
+        for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().with_context(|| format!("starting {}", self.bin.display()))?;
+        let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
         self.hubs[i].child = Some(child);
+        self.hubs[i].running = true;
         self.hubs[i].paused = false;
         Ok(())
     }
@@ -288,17 +370,23 @@ impl Lab {
     /// Waits until hub `i` answers its API and knows a leader.
     pub async fn wait_ready(&mut self, i: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let url = format!("http://{}:7070", hub_ip(i));
+        let url = self.hubs[i].url.clone();
         let token_path = self.hubs[i].dir.join("admin.token");
         loop {
             if let Some(c) = self.hubs[i].child.as_mut() {
                 if let Some(status) = c.try_wait()? {
                     self.hubs[i].child = None;
+                    self.hubs[i].running = false;
                     bail!("hub {} exited with {status}; see {}", hub_name(i), self.hubs[i].log_path().display());
                 }
             }
-            if let Ok(token) = std::fs::read_to_string(&token_path) {
-                let client = Client::with_timeout(&url, Some(token.trim().to_owned()), self.timeout);
+            let token = match &self.hubs[i].token {
+                Some(t) => Some(t.clone()),
+                None if self.is_lan() => None,
+                None => std::fs::read_to_string(&token_path).ok().map(|t| t.trim().to_owned()),
+            };
+            if token.is_some() || self.is_lan() {
+                let client = Client::with_timeout(&url, token, self.timeout);
                 if let Ok(s) = client.status().await {
                     if s.leader.is_some() && !s.nodes.is_empty() {
                         self.hubs[i].client = client;
@@ -308,7 +396,11 @@ impl Lab {
                 }
             }
             if Instant::now() > deadline {
-                bail!("hub {} did not become ready in 60 s; see {}", hub_name(i), self.hubs[i].log_path().display());
+                bail!(
+                    "hub {} ({url}) did not become ready in 60 s; see {}",
+                    hub_name(i),
+                    self.hubs[i].log_path().display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -326,17 +418,30 @@ impl Lab {
 
     /// SIGKILL: no flush, no goodbye.
     pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.is_lan() {
+            self.lan_command(i, "kill", |h| &h.kill)?;
+            self.hubs[i].running = false;
+            self.hubs[i].paused = false;
+            return Ok(());
+        }
         let mut child = self.hubs[i].child.take().with_context(|| format!("hub {} is not running", hub_name(i)))?;
         child.kill().context("SIGKILL")?;
         child.wait().context("reaping the hub")?;
+        self.hubs[i].running = false;
         self.hubs[i].paused = false;
         Ok(())
     }
 
     /// SIGTERM and wait for the graceful exit.
     pub fn terminate(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.is_lan() {
+            self.lan_command(i, "stop", |h| &h.stop)?;
+            self.hubs[i].running = false;
+            return Ok(());
+        }
         self.signal(i, "-TERM")?;
         let mut child = self.hubs[i].child.take().expect("signal checked it runs");
+        self.hubs[i].running = false;
         let status = child.wait().context("waiting for the hub")?;
         if !status.success() {
             bail!("hub {} exited with {status} after SIGTERM", hub_name(i));
@@ -346,7 +451,15 @@ impl Lab {
 
     /// SIGSTOP (`true`) or SIGCONT (`false`).
     pub fn pause(&mut self, i: usize, stop: bool) -> anyhow::Result<()> {
-        self.signal(i, if stop { "-STOP" } else { "-CONT" })?;
+        if self.is_lan() {
+            if stop {
+                self.lan_command(i, "pause", |h| &h.pause)?;
+            } else {
+                self.lan_command(i, "resume", |h| &h.resume)?;
+            }
+        } else {
+            self.signal(i, if stop { "-STOP" } else { "-CONT" })?;
+        }
         self.hubs[i].paused = stop;
         Ok(())
     }
@@ -362,6 +475,12 @@ impl Lab {
 
     /// Replaces hub `i`'s firewall rules in one transaction.
     pub fn set_rules(&self, i: usize, rules: &Rules) -> anyhow::Result<()> {
+        if self.is_lan() {
+            if rules.is_empty() {
+                return Ok(());
+            }
+            bail!("a LAN run has no firewall faults");
+        }
         let mut child = Command::new("ip")
             .args(["netns", "exec", &netns(i), "nft", "-f", "-"])
             .stdin(Stdio::piped())
@@ -379,6 +498,9 @@ impl Lab {
 
     /// Packets hub `i`'s rules dropped since they were last set.
     pub fn dropped_packets(&self, i: usize) -> u64 {
+        if self.is_lan() {
+            return 0;
+        }
         let out = Command::new("ip")
             .args(["netns", "exec", &netns(i), "nft", "list", "table", "inet", "hubmesh_chaos"])
             .output()
@@ -415,6 +537,18 @@ impl Lab {
             return;
         }
         self.torn_down = true;
+        if self.is_lan() {
+            // The user's hubs: leave them running, whatever the run did to them.
+            for i in 0..self.hubs.len() {
+                if self.hubs[i].paused {
+                    let _ = self.lan_command(i, "resume", |h| &h.resume);
+                }
+                if !self.hubs[i].running {
+                    let _ = self.lan_command(i, "start", |h| &h.start);
+                }
+            }
+            return;
+        }
         for h in &mut self.hubs {
             if let Some(mut c) = h.child.take() {
                 let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();

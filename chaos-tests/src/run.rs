@@ -113,9 +113,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
     let rec = Recorder::new(Instant::now());
     let env: Vec<(String, String)> = sc.lab.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let lab_started = Instant::now();
-    let mut lab = Lab::up(&dir, sc.lab.hubs, &opts.bin, &sc.lab.profile, &env, sc.workload.timeout)
-        .await
-        .context("starting the lab")?;
+    let mut lab = match &sc.lan {
+        Some(lan) => Lab::connect_lan(lan, sc.workload.timeout).await.context("reaching the LAN hubs")?,
+        None => Lab::up(&dir, sc.lab.hubs, &opts.bin, &sc.lab.profile, &env, sc.workload.timeout)
+            .await
+            .context("starting the lab")?,
+    };
     eprintln!("lab up: {} hubs in {:.1}s", lab.hubs.len(), lab_started.elapsed().as_secs_f64());
 
     // Tasks.
@@ -125,8 +128,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
         Keys::Mixed => i == 0,
     };
     let counters: Vec<CounterTask> =
-        (0..sc.workload.counters).map(|i| CounterTask { name: format!("oplog{i}"), keyed: keyed(i) }).collect();
-    let echo = sc.workload.echo.then(|| "echo".to_string());
+        (0..sc.workload.counters).map(|i| CounterTask { name: format!("chaos-oplog{i}"), keyed: keyed(i) }).collect();
+    let echo = sc.workload.echo.then(|| "chaos-echo".to_string());
+    let ours: Vec<String> = counters.iter().map(|c| c.name.clone()).chain(echo.clone()).collect();
+    if lab.is_lan() {
+        // A previous run's tasks (the names are the suite's own) would not start empty.
+        remove_tasks(&lab, &ours).await;
+    }
     deploy(&lab, &sc, &counters, echo.as_deref()).await?;
     let task_names: Vec<String> = counters.iter().map(|c| c.name.clone()).collect();
 
@@ -220,6 +228,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
     let samples = monitor.await.unwrap_or_default();
     let _ = bar.await;
     let node_ids: Vec<u64> = lab.hubs.iter().map(|h| h.node_id).collect();
+    if lab.is_lan() {
+        remove_tasks(&lab, &ours).await;
+    }
     lab.teardown();
 
     let events = rec.snapshot();
@@ -241,6 +252,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
     let verdict = check::overall(&results);
     report::write(&dir, &sc_saved, &plan, &events, &ev, &results, &nemesis_errors)?;
     Ok(RunOutcome { dir, verdict, results })
+}
+
+/// Deletes the suite's tasks from a LAN mesh (best effort).
+async fn remove_tasks(lab: &Lab, names: &[String]) {
+    for name in names {
+        let _ = lab.hubs[0].client.remove(name).await;
+    }
 }
 
 async fn deploy(lab: &Lab, sc: &Scenario, counters: &[CounterTask], echo: Option<&str>) -> anyhow::Result<()> {
@@ -279,7 +297,7 @@ async fn deploy(lab: &Lab, sc: &Scenario, counters: &[CounterTask], echo: Option
 /// Waits until the mesh settled: every hub answers, they agree on one leader and on every
 /// task's placement, every task runs, nobody is down and the voters are complete.
 async fn settle(lab: &Lab, tasks: &[String], echo: Option<&str>, healed: Instant, max: Duration) -> Liveness {
-    let want_voters = lab.hubs.len().min(5);
+    let want_voters = lab.voters;
     let mut problems;
     loop {
         problems = Vec::new();

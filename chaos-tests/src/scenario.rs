@@ -22,6 +22,9 @@ pub struct Scenario {
     pub chaos: ChaosSpec,
     #[serde(default)]
     pub checks: ChecksSpec,
+    /// Drive hubs that already run (on a LAN) instead of building a lab; see [`LanSpec`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lan: Option<LanSpec>,
     /// Scripted faults; when present they replace the random schedule.
     #[serde(default, rename = "step", skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepSpec>,
@@ -41,6 +44,63 @@ pub struct LabSpec {
 impl Default for LabSpec {
     fn default() -> Self {
         Self { hubs: 3, profile: "lan".into(), env: Default::default() }
+    }
+}
+
+/// Hubs that already form a mesh, reached through their API; faults are the shell commands the
+/// user allows per hub (e.g. `ssh root@hub2 systemctl kill -s KILL hubmesh`). No namespaces, no
+/// firewall rules: only process faults (kill, restart, pauses).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LanSpec {
+    /// The API token (default: the `HUBMESH_TOKEN` environment variable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A file holding the token (e.g. a hub's `admin.token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<std::path::PathBuf>,
+    #[serde(rename = "hub")]
+    pub hubs: Vec<LanHub>,
+}
+
+/// One hub of a LAN run and the commands that act on its process (run with `sh -c`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LanHub {
+    /// Its API, e.g. `http://192.168.1.11:7070`.
+    pub url: String,
+    /// This hub's API token, if it differs from [`LanSpec::token`] (each hub makes its own
+    /// `admin.token` on first start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// SIGKILL the hub (for `kill`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill: Option<String>,
+    /// Stop it gracefully (for `restart`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<String>,
+    /// Start it again on its data dir (after `kill` or `stop`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
+    /// SIGSTOP it (for the pauses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<String>,
+    /// SIGCONT it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<String>,
+}
+
+impl LanHub {
+    /// The commands fault `kind` needs, if this hub has them all.
+    pub fn allows(&self, kind: FaultKind) -> bool {
+        match kind {
+            FaultKind::Kill => self.kill.is_some() && self.start.is_some(),
+            FaultKind::Restart => self.stop.is_some() && self.start.is_some(),
+            FaultKind::PauseShort | FaultKind::PauseLong => self.pause.is_some() && self.resume.is_some(),
+            _ => false,
+        }
     }
 }
 
@@ -279,7 +339,25 @@ impl Scenario {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if !(3..=9).contains(&self.lab.hubs) {
+        if let Some(lan) = &self.lan {
+            if lan.hubs.len() < 2 {
+                return Err("lan needs at least two [[lan.hub]] entries".into());
+            }
+            let kinds: Vec<FaultKind> =
+                self.chaos.faults.iter().copied().chain(self.steps.iter().map(|s| s.fault)).collect();
+            for k in kinds {
+                if k.is_network() {
+                    return Err(format!("{} needs the lab's firewall; a lan run has only process faults", k.name()));
+                }
+                if let Some(h) = lan.hubs.iter().find(|h| !h.allows(k)) {
+                    return Err(format!(
+                        "{} needs commands the lan hub {} does not give (kill/stop/start/pause/resume)",
+                        k.name(),
+                        h.url
+                    ));
+                }
+            }
+        } else if !(3..=9).contains(&self.lab.hubs) {
             return Err(format!("lab.hubs is {}; the lab runs 3 to 9 hubs", self.lab.hubs));
         }
         if !["lan", "wifi", "wan"].contains(&self.lab.profile.as_str()) {
@@ -343,6 +421,11 @@ mod tests {
         assert!(e.contains("3 to 9"), "{e}");
         let e = Scenario::parse("name = \"x\"\n[chaos]\nfaults = [\"meteor\"]\n").unwrap_err().to_string();
         assert!(e.contains("meteor"), "{e}");
+        let lan = "name = \"x\"\n[chaos]\nfaults = [\"kill\"]\n[[lan.hub]]\nurl = \"http://a:7070\"\nkill = \"k\"\n[[lan.hub]]\nurl = \"http://b:7070\"\nkill = \"k\"\nstart = \"s\"\n";
+        let e = Scenario::parse(lan).unwrap_err().to_string();
+        assert!(e.contains("http://a:7070"), "a hub without a start command cannot be killed: {e}");
+        let e = Scenario::parse(&lan.replace("faults = [\"kill\"]", "faults = [\"isolate\"]")).unwrap_err().to_string();
+        assert!(e.contains("firewall"), "{e}");
         let e = Scenario::parse("name = \"x\"\nsurprise = 1\n").unwrap_err().to_string();
         assert!(e.contains("surprise"), "{e}");
         let e = Scenario::parse("name = \"x\"\n[workload]\ncounters = 0\necho = false\n").unwrap_err().to_string();

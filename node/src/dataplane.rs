@@ -119,6 +119,18 @@ pub(crate) enum Forwarded {
     Timeout,
 }
 
+impl Forwarded {
+    /// A word for logs.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::Answer(..) => "answer",
+            Self::Failed(_) => "failed",
+            Self::Unreachable(_) => "unreachable",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
 /// Forwards an invocation to `node`, waiting for its answer until `timeout` or until `give_up`
 /// completes (then: `Unreachable` if `node` never received the call, else `Timeout`).
 pub(crate) async fn forward(

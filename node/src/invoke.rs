@@ -140,7 +140,9 @@ impl Hub {
 
     /// Completes once the state no longer trusts `p`: its hub is not up any more or the instance
     /// was re-placed (a new epoch). A call still waiting on that hub then stops waiting.
-    fn host_replaced(&self, name: &str, p: Placement) -> impl std::future::Future<Output = ()> + use<> {
+    /// With `trusted` false (the hub was already not up when the call was made) only a new
+    /// placement counts: the call was made knowing the hub was suspect.
+    fn host_replaced(&self, name: &str, p: Placement, trusted: bool) -> impl std::future::Future<Output = ()> + use<> {
         let mut rx = self.consensus.watch();
         let name = name.to_owned();
         async move {
@@ -148,7 +150,7 @@ impl Hub {
                 .wait_for(|s| {
                     let hub_up = s.nodes.get(&p.node).is_some_and(|n| n.status == NodeStatus::Up);
                     let still_placed = s.tasks.get(&name).is_some_and(|t| t.placements().any(|(_, q)| q == p));
-                    !(hub_up && still_placed)
+                    !((hub_up || !trusted) && still_placed)
                 })
                 .await;
         }
@@ -174,13 +176,15 @@ impl Hub {
         let mut reason = String::from("no host answered");
         for p in order {
             let started = std::time::Instant::now();
-            // Stop waiting if the state stops trusting this host, but only if it trusts it now: a
-            // call to a hub already down or draining waits for its own answer or timeout.
+            // Stop waiting if the state stops trusting this host. A call to a hub already down or
+            // draining stops waiting only when the instance is placed elsewhere: the leader marks
+            // a hub down a moment before it re-places its instances, and a call made in between
+            // must not sit out its whole budget on a dead hub (the chaos suite measured 5 s).
             let trusted = state.nodes.get(&p.node).is_some_and(|n| n.status == NodeStatus::Up);
-            let moved: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-                if trusted { Box::pin(self.host_replaced(name, p)) } else { Box::pin(std::future::pending()) };
+            let moved = self.host_replaced(name, p, trusted);
             let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget, moved).await;
             metrics::histogram!("hubmesh_invoke_forwarded_seconds").record(started.elapsed().as_secs_f64());
+            tracing::debug!(task = name, node = p.node.0, epoch = p.epoch.0, trusted, outcome = res.kind(), took = ?started.elapsed(), "forwarded");
             match res {
                 Forwarded::Answer(a, ran) => return Step::Done(Ok((a, ran.unwrap_or(p)))),
                 Forwarded::Failed(InvokeError::Unavailable(m)) => reason = m,
