@@ -76,7 +76,7 @@ pub fn write(
     let pick = |f: fn(&crate::check::failover::Failover) -> Option<f64>| fo.iter().filter_map(f).collect::<Vec<f64>>();
     let tasks: Vec<String> = ev.finals.keys().cloned().chain(ev.echo.clone()).collect();
     let run_us = events.last().map_or(1, |e| e.t_us.max(1));
-    let gaps = unavailability(events, &tasks, 500.0);
+    let gaps = unavailability(events, &tasks, 1000.0);
     let counts = op_counts(events);
     let terms: std::collections::BTreeSet<u64> = ev.samples.iter().map(|s| s.term).collect();
     let metrics = serde_json::json!({
@@ -91,7 +91,7 @@ pub fn write(
             "each": fo,
         },
         "unavailability": {
-            "windows_over_500ms": gaps.len(),
+            "windows_over_1s": gaps.len(),
             "total_s": gaps.iter().map(|g| g.2).sum::<f64>() / 1e3,
             "longest_ms": gaps.iter().map(|g| g.2).fold(0.0, f64::max),
         },
@@ -175,7 +175,7 @@ pub fn write(
     let total_gap: f64 = gaps.iter().map(|g| g.2).sum();
     let _ = writeln!(
         md,
-        "\n## Unavailability\n\n{} windows over 500 ms without a successful call of a task; {:.1} s in all ({:.1}% of task-time); longest {:.0} ms.\n",
+        "\n## Unavailability\n\n{} windows over 1 s without a successful call of a task; {:.1} s in all ({:.1}% of task-time); longest {:.0} ms.\n",
         gaps.len(),
         total_gap / 1e3,
         100.0 * total_gap / 1e3 / (run_us as f64 / 1e6 * tasks.len().max(1) as f64),
