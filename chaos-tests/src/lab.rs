@@ -117,7 +117,7 @@ impl LabHub {
 /// Where the hubs run.
 enum Backend {
     /// The lab's own hubs, in network namespaces.
-    Netns { bin: PathBuf, profile: String, env: Vec<(String, String)> },
+    Netns { bin: PathBuf, profile: String, env: Vec<(String, String)>, witness: Option<usize> },
     /// Hubs that already run; faults are the user's commands.
     Lan { hubs: Vec<LanHub> },
 }
@@ -130,6 +130,8 @@ pub struct Lab {
     torn_down: bool,
     /// Voters when the run began (a LAN mesh may have more members than the run drives).
     pub voters: usize,
+    /// Hubs that may run tasks (all but a witness).
+    pub task_hubs: usize,
 }
 
 /// Whether this process may build the lab (namespaces and firewall rules need root).
@@ -192,11 +194,13 @@ pub fn clean_leftovers() {
 }
 
 impl Lab {
-    /// Builds the network for `n` hubs and starts them: the first creates the mesh, the others
-    /// join with a token; returns once every hub is a member and there are min(n, 5) voters.
+    /// Builds the network for `n` hubs (plus a witness) and starts them: the first creates the
+    /// mesh, the others join with a token; returns once every hub is a member and the autopilot
+    /// has its voters (3, or 5 from 5 hubs).
     pub async fn up(
         dir: &Path,
         n: usize,
+        witness: bool,
         bin: &Path,
         profile: &str,
         env: &[(String, String)],
@@ -204,12 +208,20 @@ impl Lab {
     ) -> anyhow::Result<Self> {
         require_root()?;
         clean_leftovers();
+        let tasks = n;
+        let n = n + usize::from(witness);
         let mut lab = Self {
             hubs: Vec::new(),
-            backend: Backend::Netns { bin: bin.to_owned(), profile: profile.to_owned(), env: env.to_vec() },
+            backend: Backend::Netns {
+                bin: bin.to_owned(),
+                profile: profile.to_owned(),
+                env: env.to_vec(),
+                witness: witness.then_some(n - 1),
+            },
             timeout,
             torn_down: false,
-            voters: n.min(5),
+            voters: if n >= 5 { 5 } else { n.min(3) },
+            task_hubs: tasks,
         };
         lab.build_network(n).context("building the lab network")?;
         for i in 0..n {
@@ -234,7 +246,7 @@ impl Lab {
             lab.spawn(i, Some(&token))?;
             lab.wait_ready(i).await?;
         }
-        let want_voters = n.min(5);
+        let want_voters = lab.voters;
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let s = lab.hubs[0].client.status().await;
@@ -268,6 +280,7 @@ impl Lab {
             timeout,
             torn_down: false,
             voters: 0,
+            task_hubs: lan.hubs.len(),
         };
         for (i, h) in lan.hubs.iter().enumerate() {
             lab.hubs.push(LabHub {
@@ -332,7 +345,7 @@ impl Lab {
 
     /// Starts hub `i` on its data dir (a restart keeps its addresses, as a real hub does).
     fn spawn(&mut self, i: usize, join: Option<&str>) -> anyhow::Result<()> {
-        let Backend::Netns { bin, profile, env } = &self.backend else {
+        let Backend::Netns { bin, profile, env, witness } = &self.backend else {
             self.lan_command(i, "start", |h| &h.start)?;
             self.hubs[i].running = true;
             self.hubs[i].paused = false;
@@ -356,6 +369,9 @@ impl Lab {
             .stderr(Stdio::from(log));
         if let Some(t) = join {
             cmd.args(["--join", t]);
+        }
+        if *witness == Some(i) {
+            cmd.arg("--witness");
         }
         for (k, v) in env {
             cmd.env(k, v);

@@ -115,7 +115,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
     let lab_started = Instant::now();
     let mut lab = match &sc.lan {
         Some(lan) => Lab::connect_lan(lan, sc.workload.timeout).await.context("reaching the LAN hubs")?,
-        None => Lab::up(&dir, sc.lab.hubs, &opts.bin, &sc.lab.profile, &env, sc.workload.timeout)
+        None => Lab::up(&dir, sc.lab.hubs, sc.lab.witness, &opts.bin, &sc.lab.profile, &env, sc.workload.timeout)
             .await
             .context("starting the lab")?,
     };
@@ -276,7 +276,7 @@ async fn deploy(lab: &Lab, sc: &Scenario, counters: &[CounterTask], echo: Option
     if let Some(name) = echo {
         c.deploy(name, ECHO.to_vec(), &DeployParams::default(), false).await.context("deploying echo")?;
     }
-    let want_holders = 2.min(lab.hubs.len() - 1);
+    let want_holders = 2.min(lab.task_hubs - 1);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let tasks = c.tasks().await.unwrap_or_default();
@@ -392,7 +392,7 @@ async fn final_reads(
 
 /// The committed checkpoint of every counter task at the end.
 async fn audit(lab: &Lab, counters: &[CounterTask]) -> BTreeMap<String, CheckpointAudit> {
-    let wanted = 1 + 2.min(lab.hubs.len() - 1);
+    let wanted = 1 + 2.min(lab.task_hubs - 1);
     let mut out = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     for t in counters {

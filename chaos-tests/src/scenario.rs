@@ -33,8 +33,10 @@ pub struct Scenario {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LabSpec {
-    /// Hubs in the lab (3 to 9).
+    /// Hubs that run tasks (with `witness`, at least 2; in all 3 to 9).
     pub hubs: usize,
+    /// One more hub started with `--witness`: it votes but runs no tasks.
+    pub witness: bool,
     /// The hubs' timeout profile (`lan`, `wifi`, `wan`).
     pub profile: String,
     /// Extra environment for every hub (e.g. `HUBMESH_FAULTS` for the checkers' self-tests).
@@ -43,7 +45,7 @@ pub struct LabSpec {
 
 impl Default for LabSpec {
     fn default() -> Self {
-        Self { hubs: 3, profile: "lan".into(), env: Default::default() }
+        Self { hubs: 3, witness: false, profile: "lan".into(), env: Default::default() }
     }
 }
 
@@ -357,8 +359,14 @@ impl Scenario {
                     ));
                 }
             }
-        } else if !(3..=9).contains(&self.lab.hubs) {
-            return Err(format!("lab.hubs is {}; the lab runs 3 to 9 hubs", self.lab.hubs));
+        } else {
+            let total = self.lab.hubs + usize::from(self.lab.witness);
+            if !(3..=9).contains(&total) || self.lab.hubs < 2 {
+                return Err(format!(
+                    "lab.hubs is {} (witness: {}); the lab runs 3 to 9 hubs, at least 2 of them running tasks",
+                    self.lab.hubs, self.lab.witness
+                ));
+            }
         }
         if !["lan", "wifi", "wan"].contains(&self.lab.profile.as_str()) {
             return Err(format!("lab.profile {:?} is not lan, wifi or wan", self.lab.profile));
