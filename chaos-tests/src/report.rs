@@ -128,6 +128,9 @@ pub fn write(
         run_us as f64 / 1e6,
         dir.display()
     );
+    if let Some(f) = sc.lab.env.get("HUBMESH_FAULTS") {
+        let _ = writeln!(md, "In-process faults armed on every hub: `HUBMESH_FAULTS={f}`.\n");
+    }
     let _ = writeln!(md, "| check | verdict | counts |\n|---|---|---|");
     for r in results {
         let c: Vec<String> = r.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();

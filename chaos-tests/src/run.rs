@@ -224,6 +224,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
         liveness.reached_after_ms = None;
     }
     let checkpoints = audit(&lab, &counters).await;
+    let faults_fired = fired(&lab, sc.lab.env.get("HUBMESH_FAULTS")).await;
     stop_watch.store(true, Ordering::Relaxed);
     let samples = monitor.await.unwrap_or_default();
     let _ = bar.await;
@@ -247,6 +248,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
         failover_max_ms: sc.checks.failover_max.as_millis() as u64,
         node_ids,
         healed_at_us,
+        faults_fired,
     };
     let results = check::check_all(&events, &ev);
     let verdict = check::overall(&results);
@@ -388,6 +390,30 @@ async fn final_reads(
         finals.insert(t.name.clone(), list);
     }
     (finals, problems)
+}
+
+/// How often each fault named in `spec` (`HUBMESH_FAULTS`) fired, summed over the hubs'
+/// `hubmesh_faults_fired_total` counters.
+async fn fired(lab: &Lab, spec: Option<&String>) -> BTreeMap<String, u64> {
+    let Some(spec) = spec else { return BTreeMap::new() };
+    let mut out: BTreeMap<String, u64> = spec
+        .split(',')
+        .filter_map(|f| f.trim().split(['@', '=']).next().filter(|n| !n.is_empty()))
+        .map(|n| (n.to_owned(), 0))
+        .collect();
+    for h in &lab.hubs {
+        let text = h.client.metrics().await.unwrap_or_default();
+        for line in text.lines().filter(|l| l.starts_with("hubmesh_faults_fired_total{")) {
+            let name = line.split("fault=\"").nth(1).and_then(|r| r.split('"').next());
+            let value = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+            if let (Some(name), Some(v)) = (name, value) {
+                if let Some(c) = out.get_mut(name) {
+                    *c += v as u64;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The committed checkpoint of every counter task at the end.

@@ -142,6 +142,12 @@ pub(crate) async fn forward(
     timeout: Duration,
     give_up: impl std::future::Future<Output = ()>,
 ) -> Forwarded {
+    if let Some(d) = crate::faults::delay("delay-forward") {
+        tokio::time::sleep(d).await;
+    }
+    if crate::faults::armed("drop-forward") {
+        return Forwarded::Unreachable("dropped by the drop-forward fault".into());
+    }
     let req = pb::InvokeForwardRequest { task: task.to_owned(), input, key: key.unwrap_or_default() }.encode_to_vec();
     match hub.consensus.transport().call_unless(node.0, INVOKE_FORWARD, req, timeout, give_up).await {
         Ok(raw) => match pb::InvokeForwardResponse::decode(raw.as_slice()) {

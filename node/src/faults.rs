@@ -1,34 +1,109 @@
-//! Faults for the chaos suite's self-tests: compiled in only with the `fault-injection` feature,
-//! and even then armed only by naming them in `HUBMESH_FAULTS` (comma-separated) at start. A
-//! release build has none of this: [`armed`] is a constant `false`.
+//! Faults for the chaos suite: compiled in only with the `fault-injection` feature, and even then
+//! armed only by naming them in `HUBMESH_FAULTS` at start, comma-separated, each
+//! `NAME[@PERCENT][=VALUE]` (`@` makes it fire on that share of the occasions; `VALUE` is a delay
+//! such as `20ms`). A build without the feature has none of this: [`armed`] is `false` and
+//! [`delay`] `None`, constant.
 //!
-//! Faults:
-//! - `durable-ack-without-commit`: a durable task answers without committing the checkpoint (the
+//! Faults and where they act:
+//! - `durable-ack-without-commit`: a durable task answers without committing its checkpoint (the
 //!   bug class "acknowledged before it was durable"); the chaos checkers must call that false.
+//! - `drop-forward`: a forwarded invocation is dropped before it leaves, as a lost packet would
+//!   be (the caller sees the hub as unreachable and retries elsewhere or waits).
+//! - `delay-forward=D`: a forwarded invocation waits `D` before it is sent.
+//! - `delay-checkpoint-push=D`: every checkpoint push to a holder waits `D` (a slow link or disk).
 
-/// Whether the fault `name` is armed in this process.
+use std::time::Duration;
+
+/// One armed fault.
 #[cfg(feature = "fault-injection")]
-pub(crate) fn armed(name: &str) -> bool {
-    static FAULTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    FAULTS
-        .get_or_init(|| {
-            let list: Vec<String> = std::env::var("HUBMESH_FAULTS")
-                .unwrap_or_default()
-                .split(',')
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect();
-            if !list.is_empty() {
-                tracing::warn!(faults = ?list, "fault injection armed: this hub is deliberately broken");
-            }
-            list
-        })
-        .iter()
-        .any(|f| f == name)
+#[derive(Debug)]
+struct Fault {
+    name: String,
+    percent: u32,
+    delay: Option<Duration>,
 }
 
-/// Whether the fault `name` is armed in this process (never, without `fault-injection`).
+#[cfg(feature = "fault-injection")]
+fn parse(spec: &str) -> Vec<Fault> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| {
+            let (head, value) = match s.split_once('=') {
+                Some((h, v)) => (h, Some(v)),
+                None => (s, None),
+            };
+            let (name, percent) = match head.split_once('@') {
+                Some((n, p)) => (n, p.parse().ok()?),
+                None => (head, 100),
+            };
+            let delay = match value {
+                Some(v) => Some(humantime::parse_duration(v).ok()?),
+                None => None,
+            };
+            Some(Fault { name: name.to_owned(), percent, delay })
+        })
+        .collect()
+}
+
+#[cfg(feature = "fault-injection")]
+fn faults() -> &'static [Fault] {
+    static FAULTS: std::sync::OnceLock<Vec<Fault>> = std::sync::OnceLock::new();
+    FAULTS.get_or_init(|| {
+        let list = parse(&std::env::var("HUBMESH_FAULTS").unwrap_or_default());
+        if !list.is_empty() {
+            tracing::warn!(faults = ?list, "fault injection armed: this hub is deliberately broken");
+        }
+        list
+    })
+}
+
+#[cfg(feature = "fault-injection")]
+fn fires(name: &str) -> Option<&'static Fault> {
+    let f = faults().iter().find(|f| f.name == name)?;
+    let fire = f.percent >= 100 || rand::random_range(0..100) < f.percent;
+    if fire {
+        // Counted so that a chaos run can tell the fault really happened (`/metrics`).
+        metrics::counter!("hubmesh_faults_fired_total", "fault" => name.to_owned()).increment(1);
+    }
+    fire.then_some(f)
+}
+
+/// Whether the fault `name` fires this time.
+#[cfg(feature = "fault-injection")]
+pub(crate) fn armed(name: &str) -> bool {
+    fires(name).is_some()
+}
+
+/// The delay the fault `name` adds this time, if it fires.
+#[cfg(feature = "fault-injection")]
+pub(crate) fn delay(name: &str) -> Option<Duration> {
+    fires(name).and_then(|f| f.delay)
+}
+
+/// Whether the fault `name` fires this time (never, without `fault-injection`).
 #[cfg(not(feature = "fault-injection"))]
 pub(crate) fn armed(_name: &str) -> bool {
     false
+}
+
+/// The delay the fault `name` adds (none, without `fault-injection`).
+#[cfg(not(feature = "fault-injection"))]
+pub(crate) fn delay(_name: &str) -> Option<Duration> {
+    None
+}
+
+#[cfg(all(test, feature = "fault-injection"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_with_share_and_delay() {
+        let f = parse("drop-forward@5, delay-forward=20ms,durable-ack-without-commit,bad@x,slow=never");
+        let names: Vec<&str> = f.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["drop-forward", "delay-forward", "durable-ack-without-commit"]);
+        assert_eq!(f[0].percent, 5);
+        assert_eq!(f[1].delay, Some(Duration::from_millis(20)));
+        assert_eq!(f[2].percent, 100);
+    }
 }

@@ -200,6 +200,9 @@ async fn push(hub: &Hub, holder: NodeId, c: &LocalCheckpoint, keep: &str) -> Res
         let (log, transport) = (log.clone(), transport.clone());
         let pages = pages.to_vec();
         async move {
+            if let Some(d) = crate::faults::delay("delay-checkpoint-push") {
+                tokio::time::sleep(d).await;
+            }
             let req = pb::CheckpointPush {
                 task: c.task.clone(),
                 key: if with_manifest { c.key.clone() } else { String::new() },

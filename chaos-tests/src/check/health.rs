@@ -58,6 +58,12 @@ pub fn not_vacuous(events: &[Event], ev: &Evidence) -> CheckResult {
             r.unsure(format!("no `{f}` succeeded"));
         }
     }
+    for (name, fired) in &ev.faults_fired {
+        r.count(&format!("fired_{name}"), *fired);
+        if *fired == 0 {
+            r.unsure(format!("the in-process fault {name} was armed but never fired"));
+        }
+    }
     r.count("faults_planned", ev.planned_faults as u64);
     r.count("faults_applied", ev.faults.len() as u64);
     if ev.faults.len() < ev.planned_faults {
@@ -103,6 +109,10 @@ mod tests {
         h.add_ok("c", 1, &[1], 10, 1);
         h.read_ok("c", &[1], 10, 1);
         let mut ev = evidence(Some(&[1]), true);
+        assert_eq!(not_vacuous(&h.events, &ev).verdict, Verdict::True);
+        ev.faults_fired.insert("drop-forward".into(), 0);
+        assert_eq!(not_vacuous(&h.events, &ev).verdict, Verdict::Unknown, "an armed fault that never fired");
+        ev.faults_fired.insert("drop-forward".into(), 3);
         assert_eq!(not_vacuous(&h.events, &ev).verdict, Verdict::True);
         ev.planned_faults = 1;
         assert_eq!(not_vacuous(&h.events, &ev).verdict, Verdict::Unknown);

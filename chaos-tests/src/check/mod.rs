@@ -113,6 +113,10 @@ pub struct Evidence {
     pub node_ids: Vec<u64>,
     /// When the fault phase ended (the final heal), from the start of the run.
     pub healed_at_us: u64,
+    /// In-process faults armed with `HUBMESH_FAULTS` → times they fired (from the hubs'
+    /// `/metrics` at the end; counts of hubs restarted meanwhile are lost, so a lower bound).
+    #[serde(default)]
+    pub faults_fired: BTreeMap<String, u64>,
 }
 
 /// Runs every checker.

@@ -122,6 +122,12 @@ impl Client {
         self.json(self.http.get(self.url("/health")), "/health").await
     }
 
+    /// `GET /metrics` (Prometheus text, no token needed).
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let resp = self.send(self.http.get(self.url("/metrics")), "/metrics").await?;
+        resp.text().await.map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<api::StatusInfo, ClientError> {
         self.json(self.req(reqwest::Method::GET, "/v1/status"), "/v1/status").await
