@@ -526,8 +526,26 @@ impl Lab {
         words.windows(2).filter(|w| w[0] == "packets").filter_map(|w| w[1].parse::<u64>().ok()).sum()
     }
 
-    /// Clears every hub's rules, wakes paused hubs and restarts stopped ones.
+    /// Hubs whose process ended on its own (a crash point, a panic) while the lab counted them
+    /// as running; they are marked stopped.
+    pub fn reap_crashed(&mut self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for h in &mut self.hubs {
+            if let Some(c) = h.child.as_mut() {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    h.child = None;
+                    h.running = false;
+                    h.paused = false;
+                    out.push(h.index);
+                }
+            }
+        }
+        out
+    }
+
+    /// Clears every hub's rules, wakes paused hubs and restarts stopped (or crashed) ones.
     pub async fn heal_all(&mut self) -> anyhow::Result<()> {
+        self.reap_crashed();
         for i in 0..self.hubs.len() {
             self.set_rules(i, &Rules::default())?;
             if self.hubs[i].paused {

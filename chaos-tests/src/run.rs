@@ -162,13 +162,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
 
     // Warm-up, then the faults.
     set_phase(&progress, "warm-up", "");
-    tokio::time::sleep(sc.chaos.warmup).await;
+    supervised_sleep(&mut lab, Instant::now() + sc.chaos.warmup, &rec).await;
     let chaos_start = Instant::now();
     let mut applied_all = Vec::new();
     let mut nemesis_errors = Vec::new();
     for step in &plan.steps {
         let at = chaos_start + Duration::from_millis(step.at_ms);
-        tokio::time::sleep_until(at.into()).await;
+        supervised_sleep(&mut lab, at, &rec).await;
         let mut e = Event::new(NEMESIS, Type::Invoke, step.fault.name());
         e.note = Some(format!("target {}", step.target.name()));
         let start_us = rec.now_us();
@@ -178,7 +178,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
                 e.note = Some(a.note.clone());
                 a.start_us = rec.record(e.clone());
                 set_phase(&progress, "chaos", &a.note);
-                tokio::time::sleep(Duration::from_millis(step.hold_ms)).await;
+                supervised_sleep(&mut lab, Instant::now() + Duration::from_millis(step.hold_ms), &rec).await;
                 let healed = nemesis::heal(&mut lab, &mut a).await;
                 let mut done = e.clone();
                 done.kind = Type::Info;
@@ -198,26 +198,25 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
             }
         }
     }
-    let chaos_left = (chaos_start + sc.chaos.duration).saturating_duration_since(Instant::now());
-    tokio::time::sleep(chaos_left).await;
+    supervised_sleep(&mut lab, chaos_start + sc.chaos.duration, &rec).await;
 
     // Final heal, a little more load, then quiet.
     set_phase(&progress, "heal", "");
     let heal_result = lab.heal_all().await;
     let healed_at_us = rec.now_us();
     let healed = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    supervised_sleep(&mut lab, healed + Duration::from_secs(3), &rec).await;
     stop_load.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(sc.workload.timeout * 5, workload).await;
 
     set_phase(&progress, "liveness", "");
     let liveness = match heal_result {
-        Ok(()) => settle(&lab, &task_names, echo.as_deref(), healed, sc.checks.liveness_max).await,
+        Ok(()) => settle(&mut lab, &task_names, echo.as_deref(), healed, sc.checks.liveness_max, &rec).await,
         Err(e) => Liveness { reached_after_ms: None, problems: vec![format!("the final heal failed: {e:#}")] },
     };
 
     set_phase(&progress, "final reads", "");
-    let (finals, disagreements) = final_reads(&lab, &counters, &rec).await;
+    let (finals, disagreements) = final_reads(&mut lab, &counters, &rec).await;
     let mut liveness = liveness;
     liveness.problems.extend(disagreements);
     if !liveness.problems.is_empty() {
@@ -263,6 +262,27 @@ async fn remove_tasks(lab: &Lab, names: &[String]) {
     }
 }
 
+/// Sleeps until `until`, restarting hubs that exited on their own meanwhile (as systemd would
+/// restart a crashed hub); each crash goes into the history as a nemesis event `crash`.
+async fn supervised_sleep(lab: &mut Lab, until: Instant, rec: &Recorder) {
+    loop {
+        for i in lab.reap_crashed() {
+            let mut e = Event::new(NEMESIS, Type::Info, "crash");
+            e.hubs = vec![i];
+            match lab.restart(i).await {
+                Ok(()) => e.note = Some(format!("{} exited on its own; restarted", hub_name(i))),
+                Err(err) => e.error = Some(format!("{} exited on its own; restarting it failed: {err:#}", hub_name(i))),
+            }
+            rec.record(e);
+        }
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        tokio::time::sleep((until - now).min(Duration::from_millis(200))).await;
+    }
+}
+
 async fn deploy(lab: &Lab, sc: &Scenario, counters: &[CounterTask], echo: Option<&str>) -> anyhow::Result<()> {
     let c = &lab.hubs[0].client;
     for t in counters {
@@ -298,10 +318,18 @@ async fn deploy(lab: &Lab, sc: &Scenario, counters: &[CounterTask], echo: Option
 
 /// Waits until the mesh settled: every hub answers, they agree on one leader and on every
 /// task's placement, every task runs, nobody is down and the voters are complete.
-async fn settle(lab: &Lab, tasks: &[String], echo: Option<&str>, healed: Instant, max: Duration) -> Liveness {
+async fn settle(
+    lab: &mut Lab,
+    tasks: &[String],
+    echo: Option<&str>,
+    healed: Instant,
+    max: Duration,
+    rec: &Recorder,
+) -> Liveness {
     let want_voters = lab.voters;
     let mut problems;
     loop {
+        supervised_sleep(lab, Instant::now(), rec).await;
         problems = Vec::new();
         let mut leaders = std::collections::BTreeSet::new();
         let mut placements: BTreeMap<String, std::collections::BTreeSet<(u64, u64)>> = BTreeMap::new();
@@ -354,7 +382,7 @@ async fn settle(lab: &Lab, tasks: &[String], echo: Option<&str>, healed: Instant
 /// Reads every counter task through every hub; the final list is the first successful read, and
 /// hubs that answer a different list are reported.
 async fn final_reads(
-    lab: &Lab,
+    lab: &mut Lab,
     counters: &[CounterTask],
     rec: &Recorder,
 ) -> (BTreeMap<String, Option<Vec<u64>>>, Vec<String>) {
@@ -364,10 +392,12 @@ async fn final_reads(
     for t in counters {
         let mut list: Option<Vec<u64>> = None;
         let deadline = Instant::now() + Duration::from_secs(60);
-        for (i, h) in lab.hubs.iter().enumerate() {
+        for i in 0..lab.hubs.len() {
             loop {
                 process += 1;
-                if let Some(l) = workload::read(&h.client, &t.name, i, process, rec).await {
+                supervised_sleep(lab, Instant::now(), rec).await;
+                let client = lab.hubs[i].client.clone();
+                if let Some(l) = workload::read(&client, &t.name, i, process, rec).await {
                     match &list {
                         None => list = Some(l),
                         Some(first) if *first != l => problems.push(format!(
@@ -402,6 +432,12 @@ async fn fired(lab: &Lab, spec: Option<&String>) -> BTreeMap<String, u64> {
         .map(|n| (n.to_owned(), 0))
         .collect();
     for h in &lab.hubs {
+        // A crash point's counter dies with the process; its marker file stays in the data dir.
+        for (name, count) in out.iter_mut().filter(|(n, _)| n.starts_with("crash-")) {
+            if h.dir.join(format!("fault-crashed-{name}")).exists() {
+                *count += 1;
+            }
+        }
         let text = h.client.metrics().await.unwrap_or_default();
         for line in text.lines().filter(|l| l.starts_with("hubmesh_faults_fired_total{")) {
             let name = line.split("fault=\"").nth(1).and_then(|r| r.split('"').next());

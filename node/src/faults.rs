@@ -11,6 +11,13 @@
 //!   be (the caller sees the hub as unreachable and retries elsewhere or waits).
 //! - `delay-forward=D`: a forwarded invocation waits `D` before it is sent.
 //! - `delay-checkpoint-push=D`: every checkpoint push to a holder waits `D` (a slow link or disk).
+//! - `crash-before-checkpoint-commit`: the hub aborts after its holders have a checkpoint, before
+//!   the record is proposed (the invocation was never acknowledged).
+//! - `crash-after-checkpoint-commit`: the hub aborts after the record is committed, before it
+//!   answers (committed, never acknowledged: the client sees an unknown outcome).
+//!
+//! A crash point fires at most once per data dir (a marker file `fault-crashed-NAME` remembers
+//! it), so a restarted hub runs on instead of crashing in a loop.
 
 use std::time::Duration;
 
@@ -79,6 +86,35 @@ pub(crate) fn armed(name: &str) -> bool {
 #[cfg(feature = "fault-injection")]
 pub(crate) fn delay(name: &str) -> Option<Duration> {
     fires(name).and_then(|f| f.delay)
+}
+
+#[cfg(feature = "fault-injection")]
+static MARKER_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Where crash points leave their markers (the data dir); set once at start.
+pub(crate) fn set_marker_dir(dir: &std::path::Path) {
+    #[cfg(feature = "fault-injection")]
+    let _ = MARKER_DIR.set(dir.to_owned());
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = dir;
+}
+
+/// Aborts the process if the crash point `name` fires and has not fired in this data dir yet.
+pub(crate) fn crash_point(name: &str) {
+    #[cfg(feature = "fault-injection")]
+    {
+        let Some(dir) = MARKER_DIR.get() else { return };
+        let marker = dir.join(format!("fault-crashed-{name}"));
+        if marker.exists() || !armed(name) {
+            return;
+        }
+        if std::fs::write(&marker, b"").is_ok() {
+            eprintln!("fault injection: crash point {name} fired; aborting");
+            std::process::abort();
+        }
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = name;
 }
 
 /// Whether the fault `name` fires this time (never, without `fault-injection`).

@@ -132,8 +132,10 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
                     size_bytes: c.size_bytes,
                     at_ms: c.created_ms,
                 };
+                crate::faults::crash_point("crash-before-checkpoint-commit");
                 match hub.consensus.propose(Command::CommitCheckpoint { task: c.task.clone(), record }).await {
                     Ok(_) => {
+                        crate::faults::crash_point("crash-after-checkpoint-commit");
                         metrics::histogram!("hubmesh_checkpoint_commit_seconds")
                             .record(started.elapsed().as_secs_f64());
                         return Ok(());

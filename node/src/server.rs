@@ -81,6 +81,7 @@ pub async fn run(
     tracing::info!(data_dir = %dir.display(), name = %config.name, "1/7 data dir");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating data dir {}", dir.display()))?;
     check_format(&dir)?;
+    crate::faults::set_marker_dir(&dir);
 
     tracing::info!("2/7 API token");
     let token = load_or_create_token(&dir.join(TOKEN_FILE))?;

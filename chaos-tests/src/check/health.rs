@@ -64,6 +64,7 @@ pub fn not_vacuous(events: &[Event], ev: &Evidence) -> CheckResult {
             r.unsure(format!("the in-process fault {name} was armed but never fired"));
         }
     }
+    r.count("crashes", events.iter().filter(|e| e.is_nemesis() && e.f == "crash").count() as u64);
     r.count("faults_planned", ev.planned_faults as u64);
     r.count("faults_applied", ev.faults.len() as u64);
     if ev.faults.len() < ev.planned_faults {
