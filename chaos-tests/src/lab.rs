@@ -560,11 +560,6 @@ impl Lab {
         Ok(())
     }
 
-    /// Whether any rule is set (for the report).
-    pub fn rules_empty(rules: &[Rules]) -> bool {
-        rules.iter().all(Rules::is_empty)
-    }
-
     /// Kills the hubs and removes the network; safe to call twice.
     pub fn teardown(&mut self) {
         if self.torn_down {

@@ -368,7 +368,7 @@ impl Scenario {
                 ));
             }
         }
-        if !["lan", "wifi", "wan"].contains(&self.lab.profile.as_str()) {
+        if self.profile().is_none() {
             return Err(format!("lab.profile {:?} is not lan, wifi or wan", self.lab.profile));
         }
         if !["durable", "periodic"].contains(&self.workload.mode.as_str()) {
@@ -395,13 +395,15 @@ impl Scenario {
         Ok(())
     }
 
-    /// The profile's node-down time: a pause shorter than it must not move tasks.
+    fn profile(&self) -> Option<hubmesh::config::Profile> {
+        <hubmesh::config::Profile as clap::ValueEnum>::from_str(&self.lab.profile, true).ok()
+    }
+
+    /// The profile's node-down time, as hubmesh resolves it: a pause shorter than it must not
+    /// move tasks.
     pub fn node_down(&self) -> Duration {
-        match self.lab.profile.as_str() {
-            "wifi" => Duration::from_secs(4),
-            "wan" => Duration::from_secs(15),
-            _ => Duration::from_secs(1),
-        }
+        let profile = self.profile().unwrap_or_default();
+        hubmesh::config::Timeouts { profile, ..Default::default() }.resolve().node_down
     }
 }
 

@@ -34,16 +34,22 @@ pub fn parse_read(out: &[u8]) -> Result<(u64, u64, Vec<u64>), String> {
 
 /// The oplog's hash of a list of ids (FNV-1a over 64-bit words).
 pub fn prefix_hash(ids: &[u64]) -> u64 {
-    ids.iter().fold(0xcbf2_9ce4_8422_2325, |h, id| (h ^ id).wrapping_mul(0x0100_0000_01b3))
+    ids.iter().fold(FNV_OFFSET, |h, id| fnv_step(h, *id))
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv_step(h: u64, id: u64) -> u64 {
+    (h ^ id).wrapping_mul(0x0100_0000_01b3)
 }
 
 /// Every prefix hash of `ids`: `out[n]` is the hash of the first `n` ids.
 pub fn prefix_hashes(ids: &[u64]) -> Vec<u64> {
     let mut out = Vec::with_capacity(ids.len() + 1);
-    let mut h = prefix_hash(&[]);
+    let mut h = FNV_OFFSET;
     out.push(h);
     for id in ids {
-        h = (h ^ id).wrapping_mul(0x0100_0000_01b3);
+        h = fnv_step(h, *id);
         out.push(h);
     }
     out

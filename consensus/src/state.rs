@@ -366,6 +366,11 @@ pub fn validate_task_name(name: &str) -> Result<(), Rejected> {
 }
 
 impl ClusterState {
+    /// Whether the state says hub `node` is up.
+    pub fn is_up(&self, node: NodeId) -> bool {
+        self.nodes.get(&node).is_some_and(|n| n.status == NodeStatus::Up)
+    }
+
     /// Applies one command. Deterministic; on `Err` the state is unchanged.
     pub fn apply(&mut self, cmd: &Command) -> CommandResult {
         match cmd {

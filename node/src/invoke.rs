@@ -148,7 +148,7 @@ impl Hub {
         async move {
             let _ = rx
                 .wait_for(|s| {
-                    let hub_up = s.nodes.get(&p.node).is_some_and(|n| n.status == NodeStatus::Up);
+                    let hub_up = s.is_up(p.node);
                     let still_placed = s.tasks.get(&name).is_some_and(|t| t.placements().any(|(_, q)| q == p));
                     !((hub_up || !trusted) && still_placed)
                 })
@@ -180,7 +180,7 @@ impl Hub {
             // draining stops waiting only when the instance is placed elsewhere: the leader marks
             // a hub down a moment before it re-places its instances, and a call made in between
             // must not sit out its whole budget on a dead hub (the chaos suite measured 5 s).
-            let trusted = state.nodes.get(&p.node).is_some_and(|n| n.status == NodeStatus::Up);
+            let trusted = state.is_up(p.node);
             let moved = self.host_replaced(name, p, trusted);
             let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget, moved).await;
             metrics::histogram!("hubmesh_invoke_forwarded_seconds").record(started.elapsed().as_secs_f64());

@@ -103,7 +103,7 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
             .unwrap_or_default();
         // A holder the leader marked down gets no push (it is refilled when it returns), so a
         // dead holder that cannot be replaced does not stall every commit of the task.
-        let live: Vec<NodeId> = holders.iter().copied().filter(|h| is_up(&state, *h)).collect();
+        let live: Vec<NodeId> = holders.iter().copied().filter(|h| state.is_up(*h)).collect();
         if live.len() < wanted {
             last_error = format!("waiting for the leader to choose holders ({} of {wanted} up)", live.len());
         } else {
@@ -120,8 +120,7 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
             // commit, as long as the copies that were made are as many as the mesh allows now.
             let now = hub.consensus.state();
             let wanted_now = (task.spec.state_replicas as usize).min(eligible_holders(&now, me));
-            let still_up: Vec<String> =
-                failed.iter().filter(|(h, _)| is_up(&now, *h)).map(|(_, e)| e.clone()).collect();
+            let still_up: Vec<String> = failed.iter().filter(|(h, _)| now.is_up(*h)).map(|(_, e)| e.clone()).collect();
             if still_up.is_empty() && stored.len() >= wanted_now {
                 let record = CheckpointRecord {
                     version: c.version,
@@ -162,11 +161,6 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
     }
 }
 
-/// Whether the state says `node` is up.
-fn is_up(state: &ClusterState, node: NodeId) -> bool {
-    state.nodes.get(&node).is_some_and(|n| n.status == NodeStatus::Up)
-}
-
 /// Hubs that could hold a checkpoint of a task hosted on `me`: up, not witnesses, not `me`.
 fn eligible_holders(state: &ClusterState, me: NodeId) -> usize {
     state.nodes.values().filter(|n| n.id != me && !n.witness && n.status == NodeStatus::Up).count()
@@ -176,7 +170,7 @@ fn eligible_holders(state: &ClusterState, me: NodeId) -> usize {
 async fn until_down(hub: &Hub, node: NodeId) {
     let mut rx = hub.consensus.watch();
     loop {
-        if !is_up(&rx.borrow_and_update(), node) {
+        if !rx.borrow_and_update().is_up(node) {
             return;
         }
         if rx.changed().await.is_err() {
@@ -518,7 +512,7 @@ pub(crate) fn refill_holders(hub: &Arc<Hub>, state: &ClusterState) {
         if t.instances.get(&0).is_none_or(|p| p.node != me) {
             continue;
         }
-        let up = |n: &NodeId| state.nodes.get(n).is_some_and(|r| r.status == NodeStatus::Up);
+        let up = |n: &NodeId| state.is_up(*n);
         let new: Vec<NodeId> = t.holders.iter().copied().filter(|h| !record.stored_on.contains(h) && up(h)).collect();
         if new.is_empty() || !hub.refilling.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone()) {
             continue;

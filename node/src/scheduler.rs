@@ -52,14 +52,10 @@ fn usable(state: &ClusterState, node: NodeId, task: &TaskRecord) -> bool {
     state.nodes.get(&node).is_some_and(|n| fits(n, task))
 }
 
-fn is_up(state: &ClusterState, node: NodeId) -> bool {
-    state.nodes.get(&node).is_some_and(|n| n.status == NodeStatus::Up)
-}
-
 /// Hubs that are up and store the task's committed checkpoint (`None`: it has none).
 fn live_copies(state: &ClusterState, task: &TaskRecord) -> Option<Vec<NodeId>> {
     let c = task.checkpoint.as_ref()?;
-    Some(c.stored_on.iter().copied().filter(|n| is_up(state, *n)).collect())
+    Some(c.stored_on.iter().copied().filter(|n| state.is_up(*n)).collect())
 }
 
 /// The placements the leader should propose now, then the holder changes.

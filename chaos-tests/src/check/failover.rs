@@ -28,7 +28,7 @@ pub fn failovers(events: &[Event], ev: &Evidence) -> Vec<Failover> {
     let mut out = Vec::new();
     for f in ev.faults.iter().filter(|f| f.fault.takes_host_away()) {
         for (task, &(host, epoch)) in &f.hosts_before {
-            if !f.hubs.iter().any(|&h| ev_node(ev, h) == Some(host)) {
+            if !f.hubs.iter().any(|&h| ev.node_ids.get(h) == Some(&host)) {
                 continue;
             }
             let since = |t: u64| (t.saturating_sub(f.start_us)) as f64 / 1e3;
@@ -56,11 +56,6 @@ pub fn failovers(events: &[Event], ev: &Evidence) -> Vec<Failover> {
         }
     }
     out
-}
-
-/// The node id of lab hub `hub`, as the evidence knows it.
-fn ev_node(ev: &Evidence, hub: usize) -> Option<u64> {
-    ev.node_ids.get(hub).copied()
 }
 
 pub fn bound(events: &[Event], ev: &Evidence) -> CheckResult {

@@ -78,15 +78,10 @@ pub fn not_vacuous(events: &[Event], ev: &Evidence) -> CheckResult {
             f.start_us as f64 / 1e6
         ));
     }
-    let host_faults = ev
-        .faults
-        .iter()
-        .filter(|f| {
-            f.fault.takes_host_away()
-                && f.hosts_before.values().any(|(n, _)| f.hubs.iter().any(|&h| ev.node_ids.get(h) == Some(n)))
-        })
-        .count();
-    let moved = super::failover::failovers(events, ev).iter().filter(|f| f.moved).count();
+    // One failover per (fault that took a host away, task on it): the faults are its distinct starts.
+    let failovers = super::failover::failovers(events, ev);
+    let host_faults = failovers.iter().map(|f| f.at_us).collect::<std::collections::BTreeSet<_>>().len();
+    let moved = failovers.iter().filter(|f| f.moved).count();
     r.count("host_faults", host_faults as u64);
     r.count("failovers_seen", moved as u64);
     if host_faults > 0 && moved == 0 {
