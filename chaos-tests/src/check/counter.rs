@@ -175,10 +175,17 @@ pub fn fencing(events: &[Event], ev: &Evidence) -> CheckResult {
             r.unsure(format!("{task}: no final read succeeded"));
             continue;
         };
+        // A keyed retry may be answered from the idempotency cache by a newer instance than the
+        // one that applied it: only an op sent once tells which epoch applied it.
+        let mut sends: HashMap<u64, u32> = HashMap::new();
+        for e in events.iter().filter(|e| e.kind == Type::Invoke && e.f == "add" && e.task.as_deref() == Some(task)) {
+            *sends.entry(e.op.unwrap_or_default()).or_default() += 1;
+        }
         let epoch_of: HashMap<u64, u64> = events
             .iter()
             .filter(|e| e.kind == Type::Ok && e.f == "add" && e.task.as_deref() == Some(task))
             .filter_map(|e| Some((e.op?, e.epoch?)))
+            .filter(|(op, _)| sends.get(op) == Some(&1))
             .collect();
         let mut highest = (0, 0);
         for (pos, op) in list.iter().enumerate() {
@@ -262,6 +269,18 @@ mod tests {
         assert_eq!(r.counts["duplicates_without_keys"], 1);
         let r = exactly_once(&h.events, &evidence(Some(&[1, 2, 3, 77]), false));
         assert_eq!(r.verdict, Verdict::False, "an op nobody sent: {r:?}");
+    }
+
+    #[test]
+    fn a_retry_answered_from_the_cache_by_a_newer_epoch_is_not_a_violation() {
+        let mut h = H::default();
+        // Op 1 is applied by epoch 1 but its answer is lost; epoch 1 applies op 2; after a
+        // failover the retry of op 1 is answered from the idempotency cache by epoch 2.
+        h.add("c", 1, Type::Info);
+        h.add_ok("c", 2, &[1, 2], 10, 1);
+        h.add_ok("c", 1, &[1], 20, 2);
+        let r = fencing(&h.events, &evidence(Some(&[1, 2]), true));
+        assert_eq!(r.verdict, Verdict::True, "{r:?}");
     }
 
     #[test]
