@@ -7,10 +7,13 @@ use std::time::Duration;
 use hubmesh_proto::{pb, Message};
 
 use crate::tls::{fingerprint, CaMaterial, Identity, NodeKey};
-use crate::transport::{handler, kind, Caller, RpcError, Transport};
+use crate::transport::{bulk_handler, handler, kind, BulkBody, Caller, RpcError, Transport};
 
 const T: Duration = Duration::from_secs(5);
 const ECHO: u32 = kind::FIRST_NODE_KIND;
+const FRAMES: u32 = kind::FIRST_NODE_KIND + 1;
+/// Frame size of the [`FRAMES`] bulk handler.
+const FRAME: usize = 64 << 10;
 
 fn identity(ca: &CaMaterial, id: u64) -> Identity {
     let key = NodeKey::generate().unwrap();
@@ -30,6 +33,19 @@ fn hub(ca: &CaMaterial, id: u64) -> Arc<Transport> {
         }),
     );
     t.register(kind::JOIN, handler(|caller, _p| async move { Ok(format!("{caller:?}").into_bytes()) }));
+    // Counts whole frames until the body ends and sums their bytes: "<header>:<frames>:<sum>".
+    t.register_bulk(
+        FRAMES,
+        bulk_handler(|_caller, header: Vec<u8>, mut body: BulkBody| async move {
+            let mut buf = vec![0u8; FRAME];
+            let (mut frames, mut sum) = (0u64, 0u64);
+            while body.read_exact_or_end(&mut buf).await? {
+                frames += 1;
+                sum += buf.iter().map(|b| *b as u64).sum::<u64>();
+            }
+            Ok(format!("{}:{frames}:{sum}", String::from_utf8_lossy(&header)).into_bytes())
+        }),
+    );
     t
 }
 
@@ -124,4 +140,47 @@ async fn step_garbage_udp(to: SocketAddr) {
 
 async fn raw_stream(t: &Transport, target: u64, bytes: &[u8]) -> Vec<u8> {
     t.raw_exchange_for_tests(target, bytes).await
+}
+
+#[tokio::test]
+async fn bulk_streams_carry_large_bodies_in_chunks() {
+    let ca = CaMaterial::generate().unwrap();
+    let (a, b) = (hub(&ca, 1), hub(&ca, 2));
+    a.set_peer(2, addr(&b));
+    let mut call = a.call_bulk(2, FRAMES, b"h".to_vec()).await.unwrap();
+    let mut want = 0u64;
+    for i in 0..640u32 {
+        let frame = vec![(i % 7) as u8; FRAME];
+        want += frame.iter().map(|b| *b as u64).sum::<u64>();
+        call.send(frame.into()).await.unwrap();
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), call.finish()).await.unwrap().unwrap();
+    assert_eq!(String::from_utf8(out).unwrap(), format!("h:640:{want}"));
+    // 40 MiB over loopback: MTU discovery has found loopback's large datagrams.
+    assert!(a.path_mtu(2).unwrap() > 1452, "path MTU {:?}", a.path_mtu(2));
+    // Unary calls share the connection and still work.
+    assert_eq!(a.call(2, ECHO, b"ok".to_vec(), T).await.unwrap(), b"member 1:ok");
+}
+
+#[tokio::test]
+async fn bad_bulk_streams_get_clear_errors() {
+    let ca = CaMaterial::generate().unwrap();
+    let (a, b) = (hub(&ca, 1), hub(&ca, 2));
+    a.set_peer(2, addr(&b));
+    let code = |raw: Vec<u8>| pb::MeshResponse::decode(raw.as_slice()).unwrap();
+    // A body that ends inside a frame.
+    let mut call = a.call_bulk(2, FRAMES, vec![]).await.unwrap();
+    call.send(vec![1u8; FRAME + 10].into()).await.unwrap();
+    let err = call.finish().await.unwrap_err();
+    assert!(matches!(&err, RpcError::Remote { message, .. } if message.contains("ended after 10")), "{err:?}");
+    // Unknown kind: refused, the sender's body is not read.
+    let err = a.call_bulk(2, 999, vec![]).await.unwrap().finish().await.unwrap_err();
+    assert!(matches!(&err, RpcError::Remote { code, .. } if *code == pb::ErrorCode::BadRequest as i32), "{err:?}");
+    // An oversized header length, a truncated header, a header that is not protobuf.
+    for raw in [&b"\x00\xff\xff\xff\xff"[..], b"\x00\x10\x00\x00\x00abc", b"\x00\x02\x00\x00\x00\xff\xff"] {
+        let resp = code(raw_stream(&a, 2, raw).await);
+        assert_eq!(resp.code, pb::ErrorCode::BadRequest as i32, "{raw:?}: {}", resp.message);
+    }
+    // The endpoint goes on.
+    assert_eq!(a.call(2, ECHO, b"ok".to_vec(), T).await.unwrap(), b"member 1:ok");
 }
