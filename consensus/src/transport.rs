@@ -123,9 +123,10 @@ impl BulkBody {
         match self.recv.read_exact(buf).await {
             Ok(()) => Ok(true),
             Err(quinn::ReadExactError::FinishedEarly(0)) => Ok(false),
-            Err(quinn::ReadExactError::FinishedEarly(n)) => {
-                Err(RpcError::Protocol(format!("the body ended after {n} of {} bytes", buf.len())))
-            }
+            Err(quinn::ReadExactError::FinishedEarly(n)) => Err(RpcError::Remote {
+                code: pb::ErrorCode::BadRequest as i32,
+                message: format!("the body ended after {n} of {} bytes", buf.len()),
+            }),
             Err(quinn::ReadExactError::ReadError(e)) => Err(RpcError::Protocol(format!("reading the body: {e}"))),
         }
     }
@@ -140,14 +141,27 @@ pub struct BulkCall {
 }
 
 impl BulkCall {
-    /// Queues `chunk` (no copy); waits while the peer's flow-control window is full.
+    /// Queues `chunk` (no copy); waits while the peer's flow-control window is full. If the peer
+    /// stopped reading (it refused the stream), its answer is the error.
     pub async fn send(&mut self, chunk: bytes::Bytes) -> Result<(), RpcError> {
-        self.send.write_chunk(chunk).await.map_err(|e| RpcError::Unreachable(self.target, e.to_string()))
+        match self.send.write_chunk(chunk).await {
+            Ok(()) => Ok(()),
+            Err(quinn::WriteError::Stopped(_)) => Err(match self.answer().await {
+                Err(e) => e,
+                Ok(_) => RpcError::Protocol("the peer answered before the body ended".into()),
+            }),
+            Err(e) => Err(RpcError::Unreachable(self.target, e.to_string())),
+        }
     }
 
     /// Ends the body and waits for the answer.
     pub async fn finish(mut self) -> Result<Vec<u8>, RpcError> {
-        self.send.finish().map_err(|e| RpcError::Unreachable(self.target, e.to_string()))?;
+        // A peer that already stopped reading has answered; the answer says why.
+        let _ = self.send.finish();
+        self.answer().await
+    }
+
+    async fn answer(&mut self) -> Result<Vec<u8>, RpcError> {
         let raw =
             self.recv.read_to_end(MAX_FRAME).await.map_err(|e| RpcError::Unreachable(self.target, e.to_string()))?;
         let resp = pb::MeshResponse::decode(raw.as_slice()).map_err(|e| RpcError::Protocol(e.to_string()))?;

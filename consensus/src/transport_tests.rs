@@ -173,9 +173,21 @@ async fn bad_bulk_streams_get_clear_errors() {
     call.send(vec![1u8; FRAME + 10].into()).await.unwrap();
     let err = call.finish().await.unwrap_err();
     assert!(matches!(&err, RpcError::Remote { message, .. } if message.contains("ended after 10")), "{err:?}");
-    // Unknown kind: refused, the sender's body is not read.
+    // Unknown kind: refused, the sender's body is not read, and the sender learns why.
     let err = a.call_bulk(2, 999, vec![]).await.unwrap().finish().await.unwrap_err();
     assert!(matches!(&err, RpcError::Remote { code, .. } if *code == pb::ErrorCode::BadRequest as i32), "{err:?}");
+    let mut call = a.call_bulk(2, 999, vec![]).await.unwrap();
+    let sent = async {
+        for _ in 0..4096 {
+            call.send(vec![0u8; FRAME].into()).await?;
+        }
+        call.finish().await
+    };
+    let err = tokio::time::timeout(Duration::from_secs(30), sent).await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, RpcError::Remote { message, .. } if message.contains("unknown bulk stream kind")),
+        "{err:?}"
+    );
     // An oversized header length, a truncated header, a header that is not protobuf.
     for raw in [&b"\x00\xff\xff\xff\xff"[..], b"\x00\x10\x00\x00\x00abc", b"\x00\x02\x00\x00\x00\xff\xff"] {
         let resp = code(raw_stream(&a, 2, raw).await);

@@ -3,11 +3,12 @@
 //!
 //! ```text
 //!  actor thread: checkpoint -> local page log (fdatasync) -> Replicator::commit (blocks the actor)
-//!     for each holder, in parallel:  CKPT_PUSH{pages of this checkpoint ...}
-//!                                    CKPT_PUSH{last pages, key, manifest, refs, keep}
-//!                                      holder: verify every page's blake3, store them; store the
-//!                                      manifest (fdatasync) only once it has all its pages, else
-//!                                      answer the missing ones, which the host sends next round
+//!     for each holder, in parallel, one bulk stream:
+//!        CKPT_PUSH header{task, key, manifest, refs, keep}, body: the checkpoint's new pages
+//!          (read and verified by a blocking thread a few pages ahead of the stream)
+//!        holder: verifies each page's blake3 and appends them 8 MiB at a time as they arrive;
+//!          at the end stores the manifest (one fdatasync) only if it has all its pages, else
+//!          answers the missing ones, which the host sends in the next round
 //!     all holders have it -> propose CommitCheckpoint{task, epoch, sequence, manifest hash, stored_on}
 //!       the state machine refuses a stale epoch: a replaced host can never commit
 //!     committed -> the durable answer goes out
@@ -25,16 +26,17 @@ use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::future::join_all;
 use hubmesh_consensus::state::{parse_checkpoint_key, validate_task_name, CheckpointRecord, NodeStatus};
-use hubmesh_consensus::transport::{handler, kind, RpcError};
+use hubmesh_consensus::transport::{bulk_handler, handler, kind, BulkBody, RpcError};
 use hubmesh_consensus::{ClusterState, Command, Epoch, NodeId, ProposeError, Rejected};
 use hubmesh_proto::{pb, Message};
 use hubmesh_storage::{Hash, PageLog, PageLogError, PageWrite};
 use tokio::time::Instant;
 
 use crate::checkpoint::Manifest;
-use crate::dataplane::{member, member_request, refuse};
+use crate::dataplane::{member_request, refuse};
 use crate::executor::{CheckpointSink, LocalCheckpoint};
 use crate::hub::Hub;
 
@@ -43,10 +45,16 @@ pub(crate) const CKPT_PUSH: u32 = kind::FIRST_NODE_KIND + 2;
 /// Stream kind: a manifest and pages, to a new host.
 pub(crate) const CKPT_FETCH: u32 = kind::FIRST_NODE_KIND + 3;
 
-/// Pages per message (8 MiB of 64 KiB pages), well under the transport's frame limit.
+/// Pages per fetch message (8 MiB of 64 KiB pages), well under the transport's frame limit.
 const PAGES_PER_MESSAGE: usize = 128;
-/// Page messages in flight to one holder at a time.
-const CHUNKS_IN_FLIGHT: usize = 4;
+/// Pages a holder stores per write while the rest of a push arrives (8 MiB).
+const PAGES_PER_BATCH: usize = 128;
+/// Pages the host reads ahead of a push stream.
+const PAGES_READ_AHEAD: usize = 32;
+/// A page frame's head: its hash and its length.
+const FRAME_HEAD: usize = 36;
+/// Largest page a holder accepts (checkpoint pages are 64 KiB).
+const MAX_PAGE: usize = 1 << 20;
 /// Rounds of "you still lack these" before a holder counts as failed.
 const PUSH_ROUNDS: usize = 4;
 /// Time for one message to a holder.
@@ -179,55 +187,22 @@ async fn until_down(hub: &Hub, node: NodeId) {
     }
 }
 
-fn read_pages(log: &PageLog, hashes: &[Hash]) -> Result<Vec<pb::Page>, String> {
-    hashes
-        .iter()
-        .map(|h| {
-            log.read_page(h).map(|data| pb::Page { hash: h.0.to_vec(), data }).map_err(|e| format!("local page: {e}"))
-        })
-        .collect()
-}
-
 /// Sends checkpoint `c` to `holder` until it has the manifest and every page.
 async fn push(hub: &Hub, holder: NodeId, c: &LocalCheckpoint, keep: &str) -> Result<(), String> {
-    let log = hub.executor.pages().clone();
-    let transport = hub.consensus.transport();
-    let send = |pages: &[Hash], with_manifest: bool| {
-        let (log, transport) = (log.clone(), transport.clone());
-        let pages = pages.to_vec();
-        async move {
-            if let Some(d) = crate::faults::delay("delay-checkpoint-push") {
-                tokio::time::sleep(d).await;
-            }
-            let req = pb::CheckpointPush {
-                task: c.task.clone(),
-                key: if with_manifest { c.key.clone() } else { String::new() },
-                manifest: if with_manifest { c.manifest.clone() } else { Vec::new() },
-                refs: if with_manifest { c.refs.iter().map(|h| h.0.to_vec()).collect() } else { Vec::new() },
-                pages: read_pages(&log, &pages)?,
-                keep: keep.to_owned(),
-            };
-            transport
-                .call_unless(holder.0, CKPT_PUSH, req.encode_to_vec(), CALL_TIMEOUT, until_down(hub, holder))
-                .await
-                .map_err(|e| format!("holder {holder}: {e}"))
-        }
-    };
     let mut to_send = c.new_pages.clone();
     for _ in 0..PUSH_ROUNDS {
-        // Every chunk but the last goes first, a few at a time; the last carries the manifest,
-        // which the holder stores only once it has all the pages.
-        let chunks: Vec<&[Hash]> = to_send.chunks(PAGES_PER_MESSAGE).collect();
-        let (head, last) = match chunks.split_last() {
-            Some((last, head)) => (head, *last),
-            None => (&[][..], &[][..]),
-        };
-        for group in head.chunks(CHUNKS_IN_FLIGHT) {
-            for r in join_all(group.iter().map(|chunk| send(chunk, false))).await {
-                r?;
-            }
+        if let Some(d) = crate::faults::delay("delay-checkpoint-push") {
+            tokio::time::sleep(d).await;
         }
-        let raw = send(last, true).await?;
+        // A bulk stream gets time for its pages at a floor of 8 MB/s on top of a call's.
+        let budget = CALL_TIMEOUT + Duration::from_millis(8 * to_send.len() as u64);
+        let raw = tokio::select! {
+            biased;
+            () = until_down(hub, holder) => return Err(format!("holder {holder} was marked down")),
+            r = tokio::time::timeout(budget, push_round(hub, holder, c, keep, &to_send)) => {
+                r.map_err(|_| format!("holder {holder}: the push timed out"))??
+            }
+        };
         let resp = pb::CheckpointPushResponse::decode(raw.as_slice())
             .map_err(|e| format!("holder {holder} answered garbage: {e}"))?;
         let missing: Vec<Hash> = resp.missing.iter().filter_map(|h| Hash::from_slice(h)).collect();
@@ -240,26 +215,64 @@ async fn push(hub: &Hub, holder: NodeId, c: &LocalCheckpoint, keep: &str) -> Res
     Err(format!("holder {holder} still lacks pages after {PUSH_ROUNDS} rounds"))
 }
 
+/// One bulk stream to `holder`: the header (key, manifest, refs), then `pages` as frames of
+/// hash, length and bytes. A blocking thread reads (and verifies) pages ahead of the stream.
+async fn push_round(
+    hub: &Hub,
+    holder: NodeId,
+    c: &LocalCheckpoint,
+    keep: &str,
+    pages: &[Hash],
+) -> Result<Vec<u8>, String> {
+    let header = pb::CheckpointPush {
+        task: c.task.clone(),
+        key: c.key.clone(),
+        manifest: c.manifest.clone(),
+        refs: c.refs.iter().map(|h| h.0.to_vec()).collect(),
+        keep: keep.to_owned(),
+    };
+    let lost = |e: RpcError| format!("holder {holder}: {e}");
+    let mut call =
+        hub.consensus.transport().call_bulk(holder.0, CKPT_PUSH, header.encode_to_vec()).await.map_err(lost)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Bytes, Bytes)>(PAGES_READ_AHEAD);
+    let log = hub.executor.pages().clone();
+    let pages = pages.to_vec();
+    let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        for h in pages {
+            let data = log.read_page(&h).map_err(|e| format!("local page: {e}"))?;
+            if tx.blocking_send((frame_head(&h, data.len()), Bytes::from(data))).is_err() {
+                return Ok(()); // the stream failed; its error is the one reported
+            }
+        }
+        Ok(())
+    });
+    while let Some((head, data)) = rx.recv().await {
+        call.send(head).await.map_err(lost)?;
+        call.send(data).await.map_err(lost)?;
+    }
+    reader.await.map_err(|e| e.to_string())??;
+    call.finish().await.map_err(lost)
+}
+
+/// Hash and length of a page, as sent before its bytes.
+fn frame_head(hash: &Hash, len: usize) -> Bytes {
+    let mut head = Vec::with_capacity(FRAME_HEAD);
+    head.extend_from_slice(&hash.0);
+    head.extend_from_slice(&(len as u32).to_le_bytes());
+    Bytes::from(head)
+}
+
 /// Registers the holder-side handlers; called once at boot.
 pub(crate) fn register(hub: &Arc<Hub>) {
     let transport = hub.consensus.transport();
     let h = Arc::downgrade(hub);
-    transport.register(
+    transport.register_bulk(
         CKPT_PUSH,
-        handler(move |caller, payload| {
+        bulk_handler(move |caller, header, body| {
             let h = h.clone();
             async move {
-                let hub = member(caller, &h)?;
-                let log = hub.executor.pages().clone();
-                let state = hub.consensus.state();
-                // Decoding and hashing megabytes of pages stays off the runtime's threads.
-                tokio::task::spawn_blocking(move || {
-                    let req = pb::CheckpointPush::decode(payload.as_slice())
-                        .map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
-                    store_pushed(&log, &state, req)
-                })
-                .await
-                .map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))?
+                let (hub, req) = member_request::<pb::CheckpointPush>(caller, &h, &header)?;
+                receive_push(&hub, req, body).await
             }
         }),
     );
@@ -279,36 +292,60 @@ pub(crate) fn register(hub: &Arc<Hub>) {
     );
 }
 
-/// Verified pages of a message.
-fn verified_pages(pages: Vec<pb::Page>) -> Result<Vec<(Hash, Vec<u8>)>, RpcError> {
-    pages
-        .into_iter()
-        .map(|p| {
-            let hash = Hash::from_slice(&p.hash)
-                .ok_or_else(|| refuse(pb::ErrorCode::BadRequest, "a page hash is 32 bytes"))?;
-            if Hash::of(&p.data) != hash {
-                return Err(refuse(pb::ErrorCode::BadRequest, format!("page {hash} does not match its hash")));
-            }
-            Ok((hash, p.data))
-        })
-        .collect()
-}
-
-/// Holder side of [`CKPT_PUSH`].
-fn store_pushed(log: &PageLog, state: &ClusterState, req: pb::CheckpointPush) -> Result<Vec<u8>, RpcError> {
+/// Holder side of [`CKPT_PUSH`]: checks the header, stores the pages of the body in batches as
+/// they arrive (verified, not yet synced; hashing and writing on a blocking thread while the next
+/// batch is read), then stores the manifest if every page it refers to is here.
+async fn receive_push(hub: &Hub, req: pb::CheckpointPush, mut body: BulkBody) -> Result<Vec<u8>, RpcError> {
     let bad = |m: String| refuse(pb::ErrorCode::BadRequest, m);
     validate_task_name(&req.task).map_err(|e| bad(e.to_string()))?;
-    let pages = verified_pages(req.pages)?;
-    let io = |e: PageLogError| refuse(pb::ErrorCode::Internal, e.to_string());
-    if req.key.is_empty() {
-        log.write(&[PageWrite { pages, ..Default::default() }], false).map_err(io)?;
-        return Ok(pb::CheckpointPushResponse::default().encode_to_vec());
+    let state = hub.consensus.state();
+    check_push_epoch(&state, &req)?;
+    let log = hub.executor.pages().clone();
+    let mut writing: Option<tokio::task::JoinHandle<Result<(), RpcError>>> = None;
+    let mut batch: Vec<(Hash, Vec<u8>)> = Vec::new();
+    let mut head = [0u8; FRAME_HEAD];
+    loop {
+        let more = body.read_exact_or_end(&mut head).await?;
+        if more {
+            let hash = Hash::from_slice(&head[..32]).expect("32 bytes");
+            let len = u32::from_le_bytes(head[32..].try_into().expect("4 bytes")) as usize;
+            if len > MAX_PAGE {
+                return Err(bad(format!("a page of {len} bytes is larger than {MAX_PAGE}")));
+            }
+            let mut data = vec![0u8; len];
+            if !body.read_exact_or_end(&mut data).await? && len > 0 {
+                return Err(bad(format!("the push ended inside page {hash}")));
+            }
+            batch.push((hash, data));
+        }
+        if batch.len() == PAGES_PER_BATCH || (!more && !batch.is_empty()) {
+            if let Some(w) = writing.take() {
+                w.await.map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))??;
+            }
+            let (log, pages) = (log.clone(), std::mem::take(&mut batch));
+            writing = Some(tokio::task::spawn_blocking(move || store_pages(&log, pages)));
+        }
+        if !more {
+            break;
+        }
     }
+    if let Some(w) = writing.take() {
+        w.await.map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))??;
+    }
+    tokio::task::spawn_blocking(move || store_manifest(&log, &state, req))
+        .await
+        .map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))?
+}
+
+/// A host that was replaced must not leave its late checkpoints here (a copy of the committed
+/// checkpoint for a new holder is fine, whatever its epoch).
+fn check_push_epoch(state: &ClusterState, req: &pb::CheckpointPush) -> Result<(), RpcError> {
     let Some((task, epoch, _)) = parse_checkpoint_key(&req.key).filter(|(t, ..)| *t == req.task) else {
-        return Err(bad(format!("checkpoint key {:?} is not of task {:?}", req.key, req.task)));
+        return Err(refuse(
+            pb::ErrorCode::BadRequest,
+            format!("checkpoint key {:?} is not of task {:?}", req.key, req.task),
+        ));
     };
-    // A host that was replaced must not leave its late checkpoints here (a copy of the committed
-    // checkpoint for a new holder is fine, whatever its epoch).
     let committed = state.tasks.get(task).and_then(|t| t.checkpoint.as_ref()).map(|c| c.key(task));
     if let Some(p) = state.placement(task, 0) {
         if epoch < p.epoch && committed.as_deref() != Some(req.key.as_str()) {
@@ -318,18 +355,38 @@ fn store_pushed(log: &PageLog, state: &ClusterState, req: pb::CheckpointPush) ->
             ));
         }
     }
+    Ok(())
+}
+
+/// Verifies pages against their hashes and appends them (synced with the manifest later).
+fn store_pages(log: &PageLog, pages: Vec<(Hash, Vec<u8>)>) -> Result<(), RpcError> {
+    for (hash, data) in &pages {
+        if Hash::of(data) != *hash {
+            return Err(refuse(pb::ErrorCode::BadRequest, format!("page {hash} does not match its hash")));
+        }
+    }
+    log.write(&[PageWrite { pages, ..Default::default() }], false)
+        .map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))?;
+    Ok(())
+}
+
+/// Stores the manifest of a push (with one fdatasync for it and its pages) once every page it
+/// refers to is here; else answers the missing ones. Drops this task's checkpoints older than the
+/// newest committed one.
+fn store_manifest(log: &PageLog, state: &ClusterState, req: pb::CheckpointPush) -> Result<Vec<u8>, RpcError> {
+    let bad = |m: String| refuse(pb::ErrorCode::BadRequest, m);
+    let io = |e: PageLogError| refuse(pb::ErrorCode::Internal, e.to_string());
+    let (task, ..) = parse_checkpoint_key(&req.key).ok_or_else(|| bad(format!("bad checkpoint key {:?}", req.key)))?;
     let refs: Vec<Hash> = req
         .refs
         .iter()
         .map(|h| Hash::from_slice(h).ok_or_else(|| bad("a ref is 32 bytes".into())))
         .collect::<Result<_, _>>()?;
-    let have: HashSet<Hash> = pages.iter().map(|(h, _)| *h).collect();
-    let missing: Vec<Vec<u8>> =
-        refs.iter().filter(|h| !have.contains(h) && !log.has_page(h)).map(|h| h.0.to_vec()).collect();
+    let missing: Vec<Vec<u8>> = refs.iter().filter(|h| !log.has_page(h)).map(|h| h.0.to_vec()).collect();
     if !missing.is_empty() {
-        log.write(&[PageWrite { pages, ..Default::default() }], false).map_err(io)?;
         return Ok(pb::CheckpointPushResponse { missing }.encode_to_vec());
     }
+    let committed = state.tasks.get(task).and_then(|t| t.checkpoint.as_ref()).map(|c| c.key(task));
     // Only checkpoints older than the newest committed one go: newer ones may be about to commit.
     let keep = parse_checkpoint_key(&req.keep).filter(|(t, ..)| *t == task).map(|(_, e, s)| (e, s));
     let remove = log
@@ -341,7 +398,8 @@ fn store_pushed(log: &PageLog, state: &ClusterState, req: pb::CheckpointPush) ->
                 && Some(k) != committed.as_ref()
         })
         .collect();
-    log.write(&[PageWrite { pages, key: req.key, manifest: req.manifest, refs, remove }], true).map_err(io)?;
+    let key = req.key.clone();
+    log.write(&[PageWrite { pages: Vec::new(), key, manifest: req.manifest, refs, remove }], true).map_err(io)?;
     Ok(pb::CheckpointPushResponse::default().encode_to_vec())
 }
 

@@ -325,3 +325,102 @@ async fn a_holder_killed_while_checkpoints_stream_loses_and_duplicates_nothing()
     hubs[holder].restart().await;
     assert_eq!(add_eventually(&hubs[survivor], "tally", "s61").await, 61);
 }
+
+/// Frame of a checkpoint push body: hash, little-endian length, bytes.
+fn push_frame(hash: &[u8; 32], len: u32, data: &[u8]) -> bytes::Bytes {
+    [&hash[..], &len.to_le_bytes(), data].concat().into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_refuses_bad_checkpoint_pushes_and_stores_nothing() {
+    use hubmesh_consensus::tls::{Identity, NodeKey};
+    use hubmesh_consensus::transport::{kind, RpcError, Transport};
+    use hubmesh_proto::{pb, Message};
+    // The checkpoint push stream kind (`replication::CKPT_PUSH`).
+    const PUSH: u32 = kind::FIRST_NODE_KIND + 2;
+
+    let hubs = three_hubs("bp").await;
+    deploy_counter(&hubs[0], "bp").await;
+    assert_eq!(add(&hubs[0], "bp", None).await, 1);
+    let h = host_index(&hubs, "bp").await;
+    let holder = (0..3).find(|i| *i != h).unwrap();
+    let c = committed_on(&hubs[h], "bp", |c| c.sequence == 1 && c.stored_on.len() == 3).await.committed.unwrap();
+    let host_id = hubs[h].client.status().await.unwrap().node_id;
+    let holder_id = hubs[holder].client.status().await.unwrap().node_id;
+
+    step("speak as the host (its own certificate) from another endpoint, to a holder");
+    let tls = hubs[h].data_dir().join("tls");
+    let read = |f: &str| std::fs::read(tls.join(f)).unwrap();
+    let identity = Identity {
+        ca_der: read("ca.der"),
+        cert_der: read("node.der"),
+        key: NodeKey::from_pkcs8(&read("node.key")).unwrap(),
+    };
+    let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity, host_id).unwrap();
+    let mesh = std::fs::read_to_string(hubs[holder].data_dir().join("mesh.addr")).unwrap();
+    t.set_peer(holder_id, mesh.trim().parse().unwrap());
+    let log = hubs[holder].data_dir().join("checkpoints/pages.log");
+    let size = || std::fs::metadata(&log).unwrap().len();
+    let before = size();
+
+    let page = vec![7u8; 65536];
+    let good = *blake3::hash(&page).as_bytes();
+    let next_key = format!("bp/{}/{}", c.epoch, c.sequence + 1);
+    let header = |key: &str| {
+        pb::CheckpointPush {
+            task: "bp".into(),
+            key: key.into(),
+            manifest: b"manifest".to_vec(),
+            refs: vec![good.to_vec()],
+            keep: String::new(),
+        }
+        .encode_to_vec()
+    };
+    let refused = |r: Result<Vec<u8>, RpcError>, code: pb::ErrorCode, says: &str| match r {
+        Err(RpcError::Remote { code: got, message }) => {
+            assert_eq!(got, code as i32, "{message}");
+            assert!(message.contains(says), "{message:?} does not say {says:?}");
+        }
+        other => panic!("expected a refusal saying {says:?}, got {other:?}"),
+    };
+    let send = |key: String, body: Vec<bytes::Bytes>| {
+        let t = t.clone();
+        let header = header(&key);
+        async move {
+            let mut call = t.call_bulk(holder_id, PUSH, header).await?;
+            for b in body {
+                call.send(b).await?;
+            }
+            tokio::time::timeout(Duration::from_secs(30), call.finish()).await.unwrap()
+        }
+    };
+
+    step("a page that does not match its hash");
+    let r = send(next_key.clone(), vec![push_frame(&[1u8; 32], 65536, &page)]).await;
+    refused(r, pb::ErrorCode::BadRequest, "does not match its hash");
+    step("a page length over the limit");
+    let r = send(next_key.clone(), vec![push_frame(&good, 1 << 30, &page)]).await;
+    refused(r, pb::ErrorCode::BadRequest, "larger than");
+    step("a body that ends inside a page");
+    let r = send(next_key.clone(), vec![push_frame(&good, 65536, &page[..100])]).await;
+    refused(r, pb::ErrorCode::BadRequest, "ended");
+    step("a checkpoint of an epoch older than the task's placement");
+    let r = send(format!("bp/{}/99", c.epoch - 1), vec![push_frame(&good, 65536, &page)]).await;
+    refused(r, pb::ErrorCode::Unavailable, "stale epoch");
+    step("a key of another task, and a task name that is not one");
+    let r = send("other/1/1".into(), vec![]).await;
+    refused(r, pb::ErrorCode::BadRequest, "is not of task");
+    let bad_name = pb::CheckpointPush { task: "../x".into(), key: "../x/1/1".into(), ..Default::default() };
+    let r = async { t.call_bulk(holder_id, PUSH, bad_name.encode_to_vec()).await?.finish().await }.await;
+    refused(r, pb::ErrorCode::BadRequest, "");
+    step("a header that is not protobuf");
+    let r = async { t.call_bulk(holder_id, PUSH, vec![0xff; 16]).await?.finish().await }.await;
+    refused(r, pb::ErrorCode::BadRequest, "");
+
+    assert_eq!(size(), before, "a refused push wrote to the holder's page log");
+    step("the task goes on; a good push of a page it lacks is answered with the page missing no more");
+    assert_eq!(add(&hubs[h], "bp", None).await, 2);
+    let r = send(next_key.clone(), vec![]).await.unwrap();
+    let missing = pb::CheckpointPushResponse::decode(r.as_slice()).unwrap().missing;
+    assert_eq!(missing, vec![good.to_vec()], "the holder names the page it lacks");
+}
