@@ -61,12 +61,14 @@ fn main() {
         println!("|---|---|---|---|");
 
         // `STATEFUL_BENCH=failover` runs only the failover trials.
+        // `STATEFUL_BENCH=replication` only the 64 MiB checkpoints and their pushes.
         let only_failover = std::env::var("STATEFUL_BENCH").is_ok_and(|v| v == "failover");
+        let only_replication = std::env::var("STATEFUL_BENCH").is_ok_and(|v| v == "replication");
         // Durable invocations: one client on one task, then 64 clients over 16 tasks.
-        for i in 0..if only_failover { 0 } else { 16 } {
+        for i in 0..if only_failover || only_replication { 0 } else { 16 } {
             hubs[0].client.deploy(&format!("d{i}"), counter.clone(), &durable("1MiB"), false).await.unwrap();
         }
-        for i in 0..if only_failover { 0 } else { 16 } {
+        for i in 0..if only_failover || only_replication { 0 } else { 16 } {
             let c = hubs[0].client.clone();
             let name = format!("d{i}");
             let end = Instant::now() + Duration::from_secs(60);
@@ -75,7 +77,7 @@ fn main() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        if !only_failover {
+        if !only_failover && !only_replication {
         let via = host_client(&hubs, host(&hubs[0].client, "d0").await);
         let mut lat = Vec::new();
         let started = Instant::now();
@@ -134,6 +136,23 @@ fn main() {
             ms(pct(&mut full, 0.99)),
             2.0 * 64.0 * 1.048576 / f50.as_secs_f64()
         );
+        // Every push so far carried 64 MiB (the first full copy and these runs), two at a time.
+        let m = via.metrics().await.unwrap();
+        let bytes = metric(&m, "hubmesh_checkpoint_push_bytes_total");
+        let secs = metric(&m, "hubmesh_checkpoint_push_micros_total") / 1e6;
+        println!(
+            "| checkpoint push of 64 MiB to one holder (bulk stream: host reads + verifies, QUIC, holder verifies + appends + fdatasync), two holders at once | | | {:.0} MB/s per holder, {:.0} MB/s to both ({:.0} MiB in {:.2} s of pushes) |",
+            bytes / 1e6 / secs,
+            2.0 * bytes / 1e6 / secs,
+            bytes / 1048576.0,
+            secs
+        );
+        if only_replication {
+            for h in hubs.iter_mut() {
+                kill(h);
+            }
+            return;
+        }
         for dirty in [1u32, 16, 256] {
             let mut v = Vec::new();
             for _ in 0..20 {
@@ -224,6 +243,14 @@ fn main() {
             kill(h);
         }
     });
+}
+
+/// The value of an unlabelled counter in a Prometheus text page (0 if absent).
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Sizes a bigstate task (first call: `pages` pages, 0 = leave it) and waits for three copies.

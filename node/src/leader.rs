@@ -7,7 +7,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use hubmesh_consensus::state::{NodeRecord, NodeStatus};
-use hubmesh_consensus::Command;
+use hubmesh_consensus::{Command, NodeId};
 use tokio::sync::watch;
 
 use crate::hub::Hub;
@@ -17,16 +17,26 @@ use crate::scheduler;
 pub(crate) async fn run(hub: Arc<Hub>, api_addr: String, mut shutdown: watch::Receiver<bool>) {
     let mut rx = hub.consensus.watch();
     let mut leading_since: Option<Instant> = None;
+    // The leader this hub last followed: if it became leader because that one went silent, the
+    // silence started before the election (see `watch_health`).
+    let mut followed: Option<NodeId> = None;
+    let mut previous_leader: Option<NodeId> = None;
     // Health is judged this often: a tenth of node_down keeps detection within 10 % of it.
     let tick =
         (hub.config.timeouts.resolve().node_down / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
     loop {
         step(&hub, &api_addr).await;
         if hub.consensus.is_leader() {
-            let since = *leading_since.get_or_insert_with(Instant::now);
-            watch_health(&hub, since).await;
+            let since = *leading_since.get_or_insert_with(|| {
+                previous_leader = followed;
+                Instant::now()
+            });
+            watch_health(&hub, since, previous_leader).await;
         } else {
             leading_since = None;
+            if let Some(l) = hub.consensus.status().leader.filter(|l| *l != hub.consensus.node_id().0) {
+                followed = Some(NodeId(l));
+            }
         }
         tokio::select! {
             _ = rx.changed() => {}
@@ -78,8 +88,12 @@ async fn step(hub: &Hub, api_addr: &str) {
 
 /// Marks hubs down after `node_down` without contact (and up again when contact resumes). Contact
 /// is the last successful call from this leader to the hub: Raft heartbeats make it at least every
-/// heartbeat interval. A new leader gives every hub a full `node_down` of grace.
-async fn watch_health(hub: &Hub, leading_since: Instant) {
+/// heartbeat interval. A new leader gives every hub a full `node_down` of grace — except the
+/// leader it replaced, whose heartbeats it received until they stopped: that silence is counted
+/// from the last request it heard from it (with at least half a `node_down` of grace after the
+/// election), so a dead leader's tasks fail over about as soon as a dead follower's would, not a
+/// whole election later.
+async fn watch_health(hub: &Hub, leading_since: Instant, previous_leader: Option<NodeId>) {
     let state = hub.consensus.state();
     let me = hub.consensus.node_id();
     let node_down = hub.config.timeouts.resolve().node_down;
@@ -97,7 +111,18 @@ async fn watch_health(hub: &Hub, leading_since: Instant) {
         changes.push(Command::SetNodeStatus { node: me, status: NodeStatus::Up });
     }
     for n in state.nodes.values().filter(|n| n.id != me) {
-        let last = transport.last_ok(n.id.0).map_or(leading_since, |t| t.max(leading_since));
+        let last = if Some(n.id) == previous_leader {
+            // At least half a node_down of grace still, for this leader's first heartbeats to
+            // reach a previous leader that is alive but was cut off from this hub.
+            let floor = leading_since.checked_sub(node_down / 2).unwrap_or(leading_since);
+            [transport.last_ok(n.id.0), transport.last_heard(n.id.0)]
+                .into_iter()
+                .flatten()
+                .max()
+                .map_or(leading_since, |t| t.max(floor))
+        } else {
+            transport.last_ok(n.id.0).map_or(leading_since, |t| t.max(leading_since))
+        };
         let silent = last.elapsed() > node_down;
         let status = match (n.status, silent) {
             (NodeStatus::Up | NodeStatus::Suspect, true) => NodeStatus::Down,

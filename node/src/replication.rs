@@ -232,6 +232,7 @@ async fn push_round(
         keep: keep.to_owned(),
     };
     let lost = |e: RpcError| format!("holder {holder}: {e}");
+    let started = Instant::now();
     let mut call =
         hub.consensus.transport().call_bulk(holder.0, CKPT_PUSH, header.encode_to_vec()).await.map_err(lost)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Bytes, Bytes)>(PAGES_READ_AHEAD);
@@ -246,12 +247,20 @@ async fn push_round(
         }
         Ok(())
     });
+    let mut bytes = 0u64;
     while let Some((head, data)) = rx.recv().await {
+        bytes += data.len() as u64;
         call.send(head).await.map_err(lost)?;
         call.send(data).await.map_err(lost)?;
     }
     reader.await.map_err(|e| e.to_string())??;
-    call.finish().await.map_err(lost)
+    let answer = call.finish().await.map_err(lost)?;
+    // Pushes that carried pages: their rate is the replication throughput (`/metrics`).
+    if bytes > 0 {
+        metrics::counter!("hubmesh_checkpoint_push_bytes_total").increment(bytes);
+        metrics::counter!("hubmesh_checkpoint_push_micros_total").increment(started.elapsed().as_micros() as u64);
+    }
+    Ok(answer)
 }
 
 /// Hash and length of a page, as sent before its bytes.
@@ -301,6 +310,9 @@ async fn receive_push(hub: &Hub, req: pb::CheckpointPush, mut body: BulkBody) ->
     let state = hub.consensus.state();
     check_push_epoch(&state, &req)?;
     let log = hub.executor.pages().clone();
+    // The pages go in before the manifest that refers to them: a compaction in between (old
+    // checkpoints' pages are garbage by now) must keep them.
+    let mut pin = log.pin();
     let mut writing: Option<tokio::task::JoinHandle<Result<(), RpcError>>> = None;
     let mut batch: Vec<(Hash, Vec<u8>)> = Vec::new();
     let mut head = [0u8; FRAME_HEAD];
@@ -323,6 +335,7 @@ async fn receive_push(hub: &Hub, req: pb::CheckpointPush, mut body: BulkBody) ->
                 w.await.map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))??;
             }
             let (log, pages) = (log.clone(), std::mem::take(&mut batch));
+            pin.add(pages.iter().map(|(h, _)| *h));
             writing = Some(tokio::task::spawn_blocking(move || store_pages(&log, pages)));
         }
         if !more {
@@ -332,9 +345,11 @@ async fn receive_push(hub: &Hub, req: pb::CheckpointPush, mut body: BulkBody) ->
     if let Some(w) = writing.take() {
         w.await.map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))??;
     }
-    tokio::task::spawn_blocking(move || store_manifest(&log, &state, req))
+    let answer = tokio::task::spawn_blocking(move || store_manifest(&log, &state, req))
         .await
-        .map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))?;
+    drop(pin);
+    answer
 }
 
 /// A host that was replaced must not leave its late checkpoints here (a copy of the committed

@@ -24,7 +24,7 @@ mod snapshot_store;
 pub use blob_store::{BlobError, BlobStore};
 pub use hash::Hash;
 pub use log_store::{open_raft_db, LogStore};
-pub use page_log::{PageLog, PageLogError, PageLogStats, PageWrite};
+pub use page_log::{PageLog, PageLogError, PageLogStats, PagePin, PageWrite};
 pub use snapshot_store::{SnapshotParts, SnapshotStore};
 
 /// On-disk format version of everything in this crate; written to `DATA_DIR/FORMAT`.

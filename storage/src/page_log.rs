@@ -92,6 +92,41 @@ struct Inner {
     pages: HashMap<Hash, Loc>,
     manifests: HashMap<String, ManifestLoc>,
     compactions: u64,
+    /// Pages kept through compactions although no manifest refers to them yet, with how many
+    /// [`PagePin`]s hold each.
+    pinned: HashMap<Hash, u32>,
+}
+
+/// Keeps pages alive through compactions until it is dropped: a checkpoint push stores its pages
+/// before the manifest that refers to them, and a compaction in between must not drop them.
+pub struct PagePin {
+    log: Arc<PageLog>,
+    hashes: Vec<Hash>,
+}
+
+impl PagePin {
+    /// Pins `hashes` too (call before writing them).
+    pub fn add(&mut self, hashes: impl IntoIterator<Item = Hash>) {
+        let mut inner = self.log.lock();
+        for h in hashes {
+            *inner.pinned.entry(h).or_insert(0) += 1;
+            self.hashes.push(h);
+        }
+    }
+}
+
+impl Drop for PagePin {
+    fn drop(&mut self) {
+        let mut inner = self.log.lock();
+        for h in &self.hashes {
+            if let Some(n) = inner.pinned.get_mut(h) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.pinned.remove(h);
+                }
+            }
+        }
+    }
 }
 
 /// The page log of one hub. Safe to share between threads.
@@ -149,8 +184,14 @@ impl PageLog {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join("pages.log");
         let file = OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io(&path))?;
-        let mut inner =
-            Inner { file: Arc::new(file), len: 0, pages: HashMap::new(), manifests: HashMap::new(), compactions: 0 };
+        let mut inner = Inner {
+            file: Arc::new(file),
+            len: 0,
+            pages: HashMap::new(),
+            manifests: HashMap::new(),
+            compactions: 0,
+            pinned: HashMap::new(),
+        };
         let good = scan(&path, &mut inner)?;
         let actual = inner.file.metadata().map_err(io(&path))?.len();
         if good < actual {
@@ -166,6 +207,11 @@ impl PageLog {
         // A panic while holding the lock leaves the index consistent with what was appended
         // (the index is updated only after a successful write), so poisoning is ignored.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A pin that keeps pages through compactions until it drops (see [`PagePin`]).
+    pub fn pin(self: &Arc<Self>) -> PagePin {
+        PagePin { log: self.clone(), hashes: Vec::new() }
     }
 
     /// Whether a page with this hash is stored.
@@ -313,7 +359,8 @@ impl PageLog {
         if inner.len < COMPACT_MIN_BYTES {
             return Ok(());
         }
-        let live: HashSet<Hash> = inner.manifests.values().flat_map(|m| m.refs.iter().copied()).collect();
+        let live: HashSet<Hash> =
+            inner.manifests.values().flat_map(|m| m.refs.iter().copied()).chain(inner.pinned.keys().copied()).collect();
         let live_bytes: u64 = live.iter().filter_map(|h| inner.pages.get(h)).map(|l| u64::from(l.len) + 100).sum();
         if live_bytes * 2 > inner.len {
             return Ok(());
@@ -519,5 +566,38 @@ mod tests {
         drop(log);
         let log = PageLog::open(dir.path()).unwrap();
         assert!(log.read_manifest("big#0").unwrap().is_none());
+    }
+
+    #[test]
+    fn pinned_pages_survive_compaction_until_the_pin_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(PageLog::open(dir.path()).unwrap());
+        let distinct = |n: u32| {
+            let mut b = vec![0u8; 65536];
+            b[..4].copy_from_slice(&n.to_le_bytes());
+            (Hash::of(&b), b)
+        };
+        // A push in flight: pages without a manifest yet, pinned.
+        let mut pin = log.pin();
+        let pushed: Vec<_> = (0..10u32).map(|i| distinct(1_000_000 + i)).collect();
+        pin.add(pushed.iter().map(|(h, _)| *h));
+        log.write(&[PageWrite { pages: pushed.clone(), ..Default::default() }], false).unwrap();
+        // Enough garbage meanwhile to compact (as in `tombstone_and_compaction_drop_garbage`).
+        for chunk in 0..11u32 {
+            write_one(&log, "big#0", (0..100u32).map(|i| distinct(chunk * 100 + i)).collect(), b"big");
+        }
+        write_one(&log, "big#0", vec![page(9)], b"small");
+        assert_eq!(log.stats().compactions, 1);
+        for (h, b) in &pushed {
+            assert_eq!(&log.read_page(h).unwrap(), b, "a pinned page was compacted away");
+        }
+        // Unpinned and still unreferenced: the next compaction drops them.
+        drop(pin);
+        for chunk in 0..11u32 {
+            write_one(&log, "big#0", (0..100u32).map(|i| distinct(5_000 + chunk * 100 + i)).collect(), b"big");
+        }
+        write_one(&log, "big#0", vec![page(8)], b"small");
+        assert_eq!(log.stats().compactions, 2);
+        assert!(!log.has_page(&pushed[0].0));
     }
 }

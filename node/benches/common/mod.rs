@@ -65,8 +65,17 @@ pub(crate) fn ms(d: Duration) -> f64 {
 }
 
 /// Starts `n` hubs (the first creates the mesh, the others join) and waits for 3 voters.
+/// A data dir under `HUBMESH_BENCH_DIR` (e.g. `/dev/shm`, to take the disk out of a figure) or
+/// the system's temp dir.
+pub(crate) fn data_dir() -> tempfile::TempDir {
+    match std::env::var_os("HUBMESH_BENCH_DIR") {
+        Some(parent) => tempfile::tempdir_in(parent).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    }
+}
+
 pub(crate) async fn mesh(n: usize) -> Vec<Hub> {
-    let first = tempfile::tempdir().unwrap();
+    let first = data_dir();
     let child = spawn(first.path(), None);
     let client = ready(first.path()).await;
     let end = Instant::now() + Duration::from_secs(30);
@@ -79,7 +88,7 @@ pub(crate) async fn mesh(n: usize) -> Vec<Hub> {
     };
     let mut hubs = vec![Hub { dir: first, child: Some(child), client, id: 0 }];
     for _ in 1..n {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = data_dir();
         let child = spawn(dir.path(), Some(&token));
         let client = ready(dir.path()).await;
         hubs.push(Hub { dir, child: Some(child), client, id: 0 });
