@@ -23,6 +23,7 @@
 //! refers to go at the page log's next compaction.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -115,7 +116,7 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
         if live.len() < wanted {
             last_error = format!("waiting for the leader to choose holders ({} of {wanted} up)", live.len());
         } else {
-            let results = join_all(live.iter().map(|h| push(hub, *h, c, &keep))).await;
+            let results = push_all(hub, &live, c, &keep).await;
             let mut stored: Vec<NodeId> = Vec::new();
             let mut failed = Vec::new();
             for (h, r) in live.iter().zip(results) {
@@ -187,22 +188,36 @@ async fn until_down(hub: &Hub, node: NodeId) {
     }
 }
 
-/// Sends checkpoint `c` to `holder` until it has the manifest and every page.
-async fn push(hub: &Hub, holder: NodeId, c: &LocalCheckpoint, keep: &str) -> Result<(), String> {
-    let mut to_send = c.new_pages.clone();
-    for _ in 0..PUSH_ROUNDS {
-        if let Some(d) = crate::faults::delay("delay-checkpoint-push") {
-            tokio::time::sleep(d).await;
-        }
-        // A bulk stream gets time for its pages at a floor of 8 MB/s on top of a call's.
-        let budget = CALL_TIMEOUT + Duration::from_millis(8 * to_send.len() as u64);
-        let raw = tokio::select! {
-            biased;
-            () = until_down(hub, holder) => return Err(format!("holder {holder} was marked down")),
-            r = tokio::time::timeout(budget, push_round(hub, holder, c, keep, &to_send)) => {
-                r.map_err(|_| format!("holder {holder}: the push timed out"))??
-            }
-        };
+/// Sends checkpoint `c` to every holder in `holders` until each has the manifest and every page.
+/// The first round reads (and verifies) each new page once for all of them and streams it to each
+/// holder; pages one holder still lacks afterwards go to that holder alone.
+async fn push_all(hub: &Hub, holders: &[NodeId], c: &LocalCheckpoint, keep: &str) -> Vec<Result<(), String>> {
+    if let Some(d) = crate::faults::delay("delay-checkpoint-push") {
+        tokio::time::sleep(d).await;
+    }
+    let (txs, rxs): (Vec<_>, Vec<_>) =
+        holders.iter().map(|_| tokio::sync::mpsc::channel::<(Bytes, Bytes)>(PAGES_READ_AHEAD)).unzip();
+    let reader = read_ahead(hub, c.new_pages.clone(), txs);
+    let firsts = join_all(
+        holders.iter().zip(rxs).map(|(h, rx)| guarded(hub, *h, c.new_pages.len(), stream_round(hub, *h, c, keep, rx))),
+    )
+    .await;
+    if let Err(e) = reader.await.map_err(|e| e.to_string()).and_then(|r| r) {
+        return holders.iter().map(|_| Err(e.clone())).collect();
+    }
+    join_all(holders.iter().zip(firsts).map(|(h, first)| async move { finish_push(hub, *h, c, keep, first?).await }))
+        .await
+}
+
+/// After a round's answer: more rounds with the pages `holder` still lacks, until it has them all.
+async fn finish_push(
+    hub: &Hub,
+    holder: NodeId,
+    c: &LocalCheckpoint,
+    keep: &str,
+    mut raw: Vec<u8>,
+) -> Result<(), String> {
+    for round in 1..=PUSH_ROUNDS {
         let resp = pb::CheckpointPushResponse::decode(raw.as_slice())
             .map_err(|e| format!("holder {holder} answered garbage: {e}"))?;
         let missing: Vec<Hash> = resp.missing.iter().filter_map(|h| Hash::from_slice(h)).collect();
@@ -210,19 +225,67 @@ async fn push(hub: &Hub, holder: NodeId, c: &LocalCheckpoint, keep: &str) -> Res
             metrics::counter!("hubmesh_checkpoint_pushes_total").increment(1);
             return Ok(());
         }
-        to_send = missing;
+        if round == PUSH_ROUNDS {
+            break;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(PAGES_READ_AHEAD);
+        let reader = read_ahead(hub, missing.clone(), vec![tx]);
+        let answer = guarded(hub, holder, missing.len(), stream_round(hub, holder, c, keep, rx)).await;
+        reader.await.map_err(|e| e.to_string())??;
+        raw = answer?;
     }
     Err(format!("holder {holder} still lacks pages after {PUSH_ROUNDS} rounds"))
 }
 
-/// One bulk stream to `holder`: the header (key, manifest, refs), then `pages` as frames of
-/// hash, length and bytes. A blocking thread reads (and verifies) pages ahead of the stream.
-async fn push_round(
+/// Bounds a push round to `holder` in time (a call's timeout plus its pages at 8 MB/s) and
+/// abandons it when the holder is marked down.
+async fn guarded(
+    hub: &Hub,
+    holder: NodeId,
+    pages: usize,
+    round: impl Future<Output = Result<Vec<u8>, String>>,
+) -> Result<Vec<u8>, String> {
+    let budget = CALL_TIMEOUT + Duration::from_millis(8 * pages as u64);
+    tokio::select! {
+        biased;
+        () = until_down(hub, holder) => Err(format!("holder {holder} was marked down")),
+        r = tokio::time::timeout(budget, round) => r.map_err(|_| format!("holder {holder}: the push timed out"))?,
+    }
+}
+
+/// A blocking thread that reads and verifies `pages` a few ahead and hands each, as a frame head
+/// and its bytes, to every stream still reading.
+fn read_ahead(
+    hub: &Hub,
+    pages: Vec<Hash>,
+    txs: Vec<tokio::sync::mpsc::Sender<(Bytes, Bytes)>>,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    let log = hub.executor.pages().clone();
+    tokio::task::spawn_blocking(move || {
+        let mut txs: Vec<_> = txs.into_iter().map(Some).collect();
+        for h in pages {
+            if txs.iter().all(Option::is_none) {
+                break; // every stream failed; their errors are the ones reported
+            }
+            let data = Bytes::from(log.read_page(&h).map_err(|e| format!("local page: {e}"))?);
+            let head = frame_head(&h, data.len());
+            for slot in txs.iter_mut() {
+                if slot.as_ref().is_some_and(|tx| tx.blocking_send((head.clone(), data.clone())).is_err()) {
+                    *slot = None;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// One bulk stream to `holder`: the header (key, manifest, refs), then the frames `rx` yields.
+async fn stream_round(
     hub: &Hub,
     holder: NodeId,
     c: &LocalCheckpoint,
     keep: &str,
-    pages: &[Hash],
+    mut rx: tokio::sync::mpsc::Receiver<(Bytes, Bytes)>,
 ) -> Result<Vec<u8>, String> {
     let header = pb::CheckpointPush {
         task: c.task.clone(),
@@ -235,25 +298,12 @@ async fn push_round(
     let started = Instant::now();
     let mut call =
         hub.consensus.transport().call_bulk(holder.0, CKPT_PUSH, header.encode_to_vec()).await.map_err(lost)?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Bytes, Bytes)>(PAGES_READ_AHEAD);
-    let log = hub.executor.pages().clone();
-    let pages = pages.to_vec();
-    let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        for h in pages {
-            let data = log.read_page(&h).map_err(|e| format!("local page: {e}"))?;
-            if tx.blocking_send((frame_head(&h, data.len()), Bytes::from(data))).is_err() {
-                return Ok(()); // the stream failed; its error is the one reported
-            }
-        }
-        Ok(())
-    });
     let mut bytes = 0u64;
     while let Some((head, data)) = rx.recv().await {
         bytes += data.len() as u64;
         call.send(head).await.map_err(lost)?;
         call.send(data).await.map_err(lost)?;
     }
-    reader.await.map_err(|e| e.to_string())??;
     let answer = call.finish().await.map_err(lost)?;
     // Pushes that carried pages: their rate is the replication throughput (`/metrics`).
     if bytes > 0 {
@@ -623,8 +673,8 @@ async fn refill(hub: &Hub, task: &str, record: &CheckpointRecord, to: &[NodeId])
         committed_key: Some(key.clone()),
     };
     let mut done = Vec::new();
-    for h in to {
-        match push(hub, *h, &local, &key).await {
+    for (h, r) in to.iter().zip(push_all(hub, to, &local, &key).await) {
+        match r {
             Ok(()) => done.push(*h),
             Err(e) => tracing::warn!(task, holder = %h, error = %e, "copying the checkpoint failed"),
         }
