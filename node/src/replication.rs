@@ -5,10 +5,11 @@
 //!  actor thread: checkpoint -> local page log (fdatasync) -> Replicator::commit (blocks the actor)
 //!     for each holder, in parallel, one bulk stream:
 //!        CKPT_PUSH header{task, key, manifest, refs, keep}, body: the checkpoint's new pages
-//!          (read and verified by a blocking thread a few pages ahead of the stream)
+//!          (read and verified once for all holders by a blocking thread a few pages ahead)
 //!        holder: verifies each page's blake3 and appends them 8 MiB at a time as they arrive;
 //!          at the end stores the manifest (one fdatasync) only if it has all its pages, else
-//!          answers the missing ones, which the host sends in the next round
+//!          answers the missing ones, which the host sends to it alone in the next round;
+//!          the pages are pinned in its page log until then (a compaction must keep them)
 //!     all holders have it -> propose CommitCheckpoint{task, epoch, sequence, manifest hash, stored_on}
 //!       the state machine refuses a stale epoch: a replaced host can never commit
 //!     committed -> the durable answer goes out
