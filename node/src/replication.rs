@@ -49,8 +49,8 @@ pub(crate) const CKPT_FETCH: u32 = kind::FIRST_NODE_KIND + 3;
 
 /// Pages per fetch message (8 MiB of 64 KiB pages), well under the transport's frame limit.
 const PAGES_PER_MESSAGE: usize = 128;
-/// Pages a holder stores per write while the rest of a push arrives (8 MiB).
-const PAGES_PER_BATCH: usize = 128;
+/// Bytes of pages a holder stores per write while the rest of a push arrives.
+const BATCH_BYTES: usize = 8 << 20;
 /// Pages the host reads ahead of a push stream.
 const PAGES_READ_AHEAD: usize = 32;
 /// A page frame's head: its hash and its length.
@@ -365,7 +365,14 @@ async fn receive_push(hub: &Hub, req: pb::CheckpointPush, mut body: BulkBody) ->
     // checkpoints' pages are garbage by now) must keep them.
     let mut pin = log.pin();
     let mut writing: Option<tokio::task::JoinHandle<Result<(), RpcError>>> = None;
+    // Only pages of this checkpoint, each at most once: a push is bounded by its manifest.
+    let mut expected: HashSet<Hash> = req
+        .refs
+        .iter()
+        .map(|h| Hash::from_slice(h).ok_or_else(|| bad("a ref is 32 bytes".into())))
+        .collect::<Result<_, _>>()?;
     let mut batch: Vec<(Hash, Vec<u8>)> = Vec::new();
+    let mut batch_bytes = 0usize;
     let mut head = [0u8; FRAME_HEAD];
     loop {
         let more = body.read_exact_or_end(&mut head).await?;
@@ -375,13 +382,20 @@ async fn receive_push(hub: &Hub, req: pb::CheckpointPush, mut body: BulkBody) ->
             if len > MAX_PAGE {
                 return Err(bad(format!("a page of {len} bytes is larger than {MAX_PAGE}")));
             }
+            if !expected.remove(&hash) {
+                return Err(bad(format!(
+                    "page {hash} is not (or no longer) expected: the manifest does not refer to it or it came twice"
+                )));
+            }
             let mut data = vec![0u8; len];
             if !body.read_exact_or_end(&mut data).await? && len > 0 {
                 return Err(bad(format!("the push ended inside page {hash}")));
             }
+            batch_bytes += data.len();
             batch.push((hash, data));
         }
-        if batch.len() == PAGES_PER_BATCH || (!more && !batch.is_empty()) {
+        if batch_bytes >= BATCH_BYTES || (!more && !batch.is_empty()) {
+            batch_bytes = 0;
             if let Some(w) = writing.take() {
                 w.await.map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))??;
             }

@@ -396,8 +396,13 @@ async fn a_holder_refuses_bad_checkpoint_pushes_and_stores_nothing() {
     };
 
     step("a page that does not match its hash");
-    let r = send(next_key.clone(), vec![push_frame(&[1u8; 32], 65536, &page)]).await;
+    let r = send(next_key.clone(), vec![push_frame(&good, 65536, &[8u8; 65536])]).await;
     refused(r, pb::ErrorCode::BadRequest, "does not match its hash");
+    step("a page the manifest does not refer to, and a page sent twice");
+    let r = send(next_key.clone(), vec![push_frame(&[1u8; 32], 65536, &page)]).await;
+    refused(r, pb::ErrorCode::BadRequest, "not (or no longer) expected");
+    let r = send(next_key.clone(), vec![push_frame(&good, 65536, &page), push_frame(&good, 65536, &page)]).await;
+    refused(r, pb::ErrorCode::BadRequest, "came twice");
     step("a page length over the limit");
     let r = send(next_key.clone(), vec![push_frame(&good, 1 << 30, &page)]).await;
     refused(r, pb::ErrorCode::BadRequest, "larger than");
