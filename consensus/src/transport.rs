@@ -607,6 +607,14 @@ async fn serve_stream(
 /// A bulk stream after its mark: the header, then the handler reads the body.
 async fn serve_bulk(t: std::sync::Weak<Transport>, member: bool, mut recv: quinn::RecvStream) -> pb::MeshResponse {
     let bad = |message: String| pb::MeshResponse { code: pb::ErrorCode::BadRequest as i32, message, payload: vec![] };
+    // No bulk kind serves joiners: refused before their header is read.
+    if !member {
+        return pb::MeshResponse {
+            code: pb::ErrorCode::Unauthorized as i32,
+            message: "a certificate signed by the cluster CA is required".into(),
+            payload: vec![],
+        };
+    }
     let mut len = [0u8; 4];
     if let Err(e) = recv.read_exact(&mut len).await {
         return bad(format!("truncated bulk header: {e}"));

@@ -111,25 +111,36 @@ async fn watch_health(hub: &Hub, leading_since: Instant, previous_leader: Option
         changes.push(Command::SetNodeStatus { node: me, status: NodeStatus::Up });
     }
     for n in state.nodes.values().filter(|n| n.id != me) {
-        let last = if Some(n.id) == previous_leader {
-            // At least half a node_down of grace still, for this leader's first heartbeats to
-            // reach a previous leader that is alive but was cut off from this hub.
-            let floor = leading_since.checked_sub(node_down / 2).unwrap_or(leading_since);
-            [transport.last_ok(n.id.0), transport.last_heard(n.id.0)]
-                .into_iter()
-                .flatten()
-                .max()
-                .map_or(leading_since, |t| t.max(floor))
-        } else {
-            transport.last_ok(n.id.0).map_or(leading_since, |t| t.max(leading_since))
+        let called = transport.last_ok(n.id.0);
+        let (status, silent_for) = match n.status {
+            NodeStatus::Up | NodeStatus::Suspect => {
+                let last = if Some(n.id) == previous_leader {
+                    // At least half a node_down of grace still, for this leader's first
+                    // heartbeats to reach a previous leader that is alive but was cut off.
+                    let floor = leading_since.checked_sub(node_down / 2).unwrap_or(leading_since);
+                    [called, transport.last_heard(n.id.0)]
+                        .into_iter()
+                        .flatten()
+                        .max()
+                        .map_or(leading_since, |t| t.max(floor))
+                } else {
+                    called.map_or(leading_since, |t| t.max(leading_since))
+                };
+                if last.elapsed() <= node_down {
+                    continue;
+                }
+                (NodeStatus::Down, last.elapsed())
+            }
+            // Only this leader's own recent successful call brings a hub back up (a new
+            // leader's grace period says nothing about a hub recorded down).
+            NodeStatus::Down => match called.filter(|t| t.elapsed() <= node_down) {
+                Some(t) => (NodeStatus::Up, t.elapsed()),
+                None => continue,
+            },
+            // A draining hub's status is the operator's.
+            NodeStatus::Draining => continue,
         };
-        let silent = last.elapsed() > node_down;
-        let status = match (n.status, silent) {
-            (NodeStatus::Up | NodeStatus::Suspect, true) => NodeStatus::Down,
-            (NodeStatus::Down, false) => NodeStatus::Up,
-            _ => continue,
-        };
-        tracing::warn!(node = n.id.0, name = %n.name, ?status, silent_for = ?last.elapsed(), "hub health changed");
+        tracing::warn!(node = n.id.0, name = %n.name, ?status, ?silent_for, "hub health changed");
         changes.push(Command::SetNodeStatus { node: n.id, status });
     }
     if !changes.is_empty() {

@@ -198,7 +198,7 @@ async fn push_all(hub: &Hub, holders: &[NodeId], c: &LocalCheckpoint, keep: &str
     }
     let (txs, rxs): (Vec<_>, Vec<_>) =
         holders.iter().map(|_| tokio::sync::mpsc::channel::<(Bytes, Bytes)>(PAGES_READ_AHEAD)).unzip();
-    let reader = read_ahead(hub, c.new_pages.clone(), txs);
+    let reader = read_ahead(hub, distinct(&c.new_pages), txs);
     let firsts = join_all(
         holders.iter().zip(rxs).map(|(h, rx)| guarded(hub, *h, c.new_pages.len(), stream_round(hub, *h, c, keep, rx))),
     )
@@ -221,7 +221,7 @@ async fn finish_push(
     for round in 1..=PUSH_ROUNDS {
         let resp = pb::CheckpointPushResponse::decode(raw.as_slice())
             .map_err(|e| format!("holder {holder} answered garbage: {e}"))?;
-        let missing: Vec<Hash> = resp.missing.iter().filter_map(|h| Hash::from_slice(h)).collect();
+        let missing: Vec<Hash> = distinct(&resp.missing.iter().filter_map(|h| Hash::from_slice(h)).collect::<Vec<_>>());
         if missing.is_empty() {
             metrics::counter!("hubmesh_checkpoint_pushes_total").increment(1);
             return Ok(());
@@ -314,6 +314,12 @@ async fn stream_round(
     Ok(answer)
 }
 
+/// `hashes` without repeats (two memory pages with the same bytes share one page), in order.
+fn distinct(hashes: &[Hash]) -> Vec<Hash> {
+    let mut seen = HashSet::new();
+    hashes.iter().copied().filter(|h| seen.insert(*h)).collect()
+}
+
 /// Hash and length of a page, as sent before its bytes.
 fn frame_head(hash: &Hash, len: usize) -> Bytes {
     let mut head = Vec::with_capacity(FRAME_HEAD);
@@ -365,12 +371,14 @@ async fn receive_push(hub: &Hub, req: pb::CheckpointPush, mut body: BulkBody) ->
     // checkpoints' pages are garbage by now) must keep them.
     let mut pin = log.pin();
     let mut writing: Option<tokio::task::JoinHandle<Result<(), RpcError>>> = None;
-    // Only pages of this checkpoint, each at most once: a push is bounded by its manifest.
-    let mut expected: HashSet<Hash> = req
+    // Only pages of this checkpoint, and no more frames than it refers to pages: a push is
+    // bounded by its manifest. (A page may come twice: two memory pages with the same bytes.)
+    let refs: HashSet<Hash> = req
         .refs
         .iter()
         .map(|h| Hash::from_slice(h).ok_or_else(|| bad("a ref is 32 bytes".into())))
         .collect::<Result<_, _>>()?;
+    let mut frames_left = req.refs.len();
     let mut batch: Vec<(Hash, Vec<u8>)> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut head = [0u8; FRAME_HEAD];
@@ -382,11 +390,12 @@ async fn receive_push(hub: &Hub, req: pb::CheckpointPush, mut body: BulkBody) ->
             if len > MAX_PAGE {
                 return Err(bad(format!("a page of {len} bytes is larger than {MAX_PAGE}")));
             }
-            if !expected.remove(&hash) {
-                return Err(bad(format!(
-                    "page {hash} is not (or no longer) expected: the manifest does not refer to it or it came twice"
-                )));
+            if !refs.contains(&hash) {
+                return Err(bad(format!("page {hash} is not part of checkpoint {}", req.key)));
             }
+            frames_left = frames_left
+                .checked_sub(1)
+                .ok_or_else(|| bad(format!("more pages than checkpoint {} refers to", req.key)))?;
             let mut data = vec![0u8; len];
             if !body.read_exact_or_end(&mut data).await? && len > 0 {
                 return Err(bad(format!("the push ended inside page {hash}")));
@@ -410,6 +419,9 @@ async fn receive_push(hub: &Hub, req: pb::CheckpointPush, mut body: BulkBody) ->
     if let Some(w) = writing.take() {
         w.await.map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))??;
     }
+    // The body may have taken a while: the host may have been replaced meanwhile.
+    let state = hub.consensus.state();
+    check_push_epoch(&state, &req)?;
     let answer = tokio::task::spawn_blocking(move || store_manifest(&log, &state, req))
         .await
         .map_err(|e| refuse(pb::ErrorCode::Internal, e.to_string()))?;
@@ -462,7 +474,7 @@ fn store_manifest(log: &PageLog, state: &ClusterState, req: pb::CheckpointPush) 
         .iter()
         .map(|h| Hash::from_slice(h).ok_or_else(|| bad("a ref is 32 bytes".into())))
         .collect::<Result<_, _>>()?;
-    let missing: Vec<Vec<u8>> = refs.iter().filter(|h| !log.has_page(h)).map(|h| h.0.to_vec()).collect();
+    let missing: Vec<Vec<u8>> = distinct(&refs).iter().filter(|h| !log.has_page(h)).map(|h| h.0.to_vec()).collect();
     if !missing.is_empty() {
         return Ok(pb::CheckpointPushResponse { missing }.encode_to_vec());
     }

@@ -92,9 +92,6 @@ struct Inner {
     pages: HashMap<Hash, Loc>,
     manifests: HashMap<String, ManifestLoc>,
     compactions: u64,
-    /// Pages kept through compactions although no manifest refers to them yet, with how many
-    /// [`PagePin`]s hold each.
-    pinned: HashMap<Hash, u32>,
 }
 
 /// Keeps pages alive through compactions until it is dropped: a checkpoint push stores its pages
@@ -107,9 +104,9 @@ pub struct PagePin {
 impl PagePin {
     /// Pins `hashes` too (call before writing them).
     pub fn add(&mut self, hashes: impl IntoIterator<Item = Hash>) {
-        let mut inner = self.log.lock();
+        let mut pinned = self.log.pinned();
         for h in hashes {
-            *inner.pinned.entry(h).or_insert(0) += 1;
+            *pinned.entry(h).or_insert(0) += 1;
             self.hashes.push(h);
         }
     }
@@ -117,12 +114,12 @@ impl PagePin {
 
 impl Drop for PagePin {
     fn drop(&mut self) {
-        let mut inner = self.log.lock();
+        let mut pinned = self.log.pinned();
         for h in &self.hashes {
-            if let Some(n) = inner.pinned.get_mut(h) {
+            if let Some(n) = pinned.get_mut(h) {
                 *n -= 1;
                 if *n == 0 {
-                    inner.pinned.remove(h);
+                    pinned.remove(h);
                 }
             }
         }
@@ -133,6 +130,10 @@ impl Drop for PagePin {
 pub struct PageLog {
     path: PathBuf,
     inner: Mutex<Inner>,
+    /// Pages kept through compactions although no manifest refers to them yet, with how many
+    /// [`PagePin`]s hold each. A lock of its own: pins are taken on async threads and must not
+    /// wait for a write's fdatasync (lock order: `inner`, then `pinned`).
+    pinned: Mutex<HashMap<Hash, u32>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PageLogError + '_ {
@@ -184,14 +185,8 @@ impl PageLog {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join("pages.log");
         let file = OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io(&path))?;
-        let mut inner = Inner {
-            file: Arc::new(file),
-            len: 0,
-            pages: HashMap::new(),
-            manifests: HashMap::new(),
-            compactions: 0,
-            pinned: HashMap::new(),
-        };
+        let mut inner =
+            Inner { file: Arc::new(file), len: 0, pages: HashMap::new(), manifests: HashMap::new(), compactions: 0 };
         let good = scan(&path, &mut inner)?;
         let actual = inner.file.metadata().map_err(io(&path))?.len();
         if good < actual {
@@ -200,13 +195,17 @@ impl PageLog {
             inner.file.sync_all().map_err(io(&path))?;
         }
         inner.len = good;
-        Ok(Self { path, inner: Mutex::new(inner) })
+        Ok(Self { path, inner: Mutex::new(inner), pinned: Mutex::new(HashMap::new()) })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the index consistent with what was appended
         // (the index is updated only after a successful write), so poisoning is ignored.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pinned(&self) -> MutexGuard<'_, HashMap<Hash, u32>> {
+        self.pinned.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A pin that keeps pages through compactions until it drops (see [`PagePin`]).
@@ -359,8 +358,12 @@ impl PageLog {
         if inner.len < COMPACT_MIN_BYTES {
             return Ok(());
         }
-        let live: HashSet<Hash> =
-            inner.manifests.values().flat_map(|m| m.refs.iter().copied()).chain(inner.pinned.keys().copied()).collect();
+        let live: HashSet<Hash> = inner
+            .manifests
+            .values()
+            .flat_map(|m| m.refs.iter().copied())
+            .chain(self.pinned().keys().copied())
+            .collect();
         let live_bytes: u64 = live.iter().filter_map(|h| inner.pages.get(h)).map(|l| u64::from(l.len) + 100).sum();
         if live_bytes * 2 > inner.len {
             return Ok(());
