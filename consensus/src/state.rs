@@ -242,6 +242,12 @@ pub struct JoinToken {
     pub revoked: bool,
 }
 
+/// The committed checkpoint a new one was built on: `(epoch, sequence)`, or none at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BasedOn {
+    pub checkpoint: Option<(Epoch, u64)>,
+}
+
 /// Whether a deploy creates a task or replaces an existing one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeployMode {
@@ -266,8 +272,15 @@ pub enum Command {
     /// The leader's choice of checkpoint holders for a task.
     SetHolders { task: String, holders: Vec<NodeId> },
     /// A checkpoint that its holders have stored; refused unless it comes from the instance's
-    /// current epoch and is newer than the last one.
-    CommitCheckpoint { task: String, record: CheckpointRecord },
+    /// current epoch, is newer than the last one and — when `based_on` is given — was built on
+    /// the committed one (an instance that restored a stale view must not commit over a newer
+    /// checkpoint it never saw).
+    CommitCheckpoint {
+        task: String,
+        record: CheckpointRecord,
+        #[serde(default)]
+        based_on: Option<BasedOn>,
+    },
     /// Hubs that received a copy of the committed checkpoint after it was committed (a new
     /// holder); ignored unless that checkpoint is still the committed one.
     AddCheckpointCopies { task: String, epoch: Epoch, sequence: u64, nodes: Vec<NodeId> },
@@ -327,6 +340,9 @@ pub enum Rejected {
     /// No such instance of the task.
     #[error("task {task:?} has no instance {instance}")]
     NoSuchInstance { task: String, instance: u32 },
+    /// A checkpoint built on another state than the committed checkpoint.
+    #[error("the checkpoint was built on {based_on:?}, but {committed:?} is committed")]
+    NotBasedOnCommitted { based_on: Option<(Epoch, u64)>, committed: Option<(Epoch, u64)> },
     /// The placement changed since the proposer looked; re-read and decide again.
     #[error("stale epoch: the instance is at epoch {current:?}")]
     StaleEpoch { current: Option<Epoch> },
@@ -394,7 +410,7 @@ impl ClusterState {
                 t.holders = holders.iter().copied().filter(|h| Some(*h) != host).collect();
                 Ok(Outcome::NodeRegistered)
             }
-            Command::CommitCheckpoint { task, record } => self.commit_checkpoint(task, record),
+            Command::CommitCheckpoint { task, record, based_on } => self.commit_checkpoint(task, record, *based_on),
             Command::AddCheckpointCopies { task, epoch, sequence, nodes } => {
                 let t = self.tasks.get_mut(task).ok_or_else(|| Rejected::NoSuchTask(task.clone()))?;
                 let Some(c) = t.checkpoint.as_mut().filter(|c| c.epoch == *epoch && c.sequence == *sequence) else {
@@ -559,7 +575,7 @@ impl ClusterState {
         Ok(Outcome::Placed { epoch })
     }
 
-    fn commit_checkpoint(&mut self, task: &str, record: &CheckpointRecord) -> CommandResult {
+    fn commit_checkpoint(&mut self, task: &str, record: &CheckpointRecord, based_on: Option<BasedOn>) -> CommandResult {
         let t = self.tasks.get_mut(task).ok_or_else(|| Rejected::NoSuchTask(task.to_owned()))?;
         if t.spec.kind != TaskKind::Stateful {
             return Err(Rejected::Invalid(format!("task {task:?} is stateless")));
@@ -570,6 +586,10 @@ impl ClusterState {
         }
         if t.checkpoint.as_ref().is_some_and(|c| (c.epoch, c.sequence) >= (record.epoch, record.sequence)) {
             return Err(Rejected::Invalid("the checkpoint is not newer than the committed one".into()));
+        }
+        let committed = t.checkpoint.as_ref().map(|c| (c.epoch, c.sequence));
+        if let Some(b) = based_on.filter(|b| b.checkpoint != committed) {
+            return Err(Rejected::NotBasedOnCommitted { based_on: b.checkpoint, committed });
         }
         t.checkpoint = Some(record.clone());
         Ok(Outcome::Committed)
@@ -626,6 +646,41 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_must_be_built_on_the_committed_one() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::RegisterNode { node: node(1) }).unwrap();
+        s.apply(&deploy("t", DeployMode::Create)).unwrap();
+        let place = Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(1), expected: None };
+        let Outcome::Placed { epoch: e1 } = s.apply(&place).unwrap() else { panic!() };
+        let rec = |epoch, sequence| CheckpointRecord {
+            version: 1,
+            epoch,
+            sequence,
+            manifest_hash: Hash::of(b"m"),
+            stored_on: vec![NodeId(1)],
+            size_bytes: 65536,
+            at_ms: 9,
+        };
+        let based = |r, on| Command::CommitCheckpoint {
+            task: "t".into(),
+            record: r,
+            based_on: Some(BasedOn { checkpoint: on }),
+        };
+        assert_eq!(s.apply(&based(rec(e1, 1), None)), Ok(Outcome::Committed));
+        // Built on nothing, or on an older checkpoint, while (e1, 1) is committed: a host that
+        // restarted from a lagging view. Refused, whatever its sequence.
+        for stale in [None, Some((e1, 0))] {
+            assert!(
+                matches!(s.apply(&based(rec(e1, 2), stale)), Err(Rejected::NotBasedOnCommitted { .. })),
+                "{stale:?}"
+            );
+            assert!(matches!(s.apply(&based(rec(e1, 9), stale)), Err(Rejected::NotBasedOnCommitted { .. })));
+        }
+        assert_eq!(s.apply(&based(rec(e1, 2), Some((e1, 1)))), Ok(Outcome::Committed));
+        assert_eq!(s.tasks["t"].checkpoint.as_ref().map(|c| c.sequence), Some(2));
+    }
+
+    #[test]
     fn checkpoints_commit_only_from_the_current_epoch_and_in_order() {
         let mut s = ClusterState::default();
         s.apply(&Command::RegisterNode { node: node(1) }).unwrap();
@@ -643,7 +698,7 @@ mod tests {
             size_bytes: 65536,
             at_ms: 9,
         };
-        let commit = |r| Command::CommitCheckpoint { task: "t".into(), record: r };
+        let commit = |r| Command::CommitCheckpoint { task: "t".into(), record: r, based_on: None };
         assert_eq!(s.apply(&commit(rec(e1, 1))), Ok(Outcome::Committed));
         assert!(matches!(s.apply(&commit(rec(e1, 1))), Err(Rejected::Invalid(_))), "not newer");
         s.apply(&Command::SetHolders { task: "t".into(), holders: vec![NodeId(2)] }).unwrap();

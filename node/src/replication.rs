@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use hubmesh_consensus::state::{parse_checkpoint_key, validate_task_name, CheckpointRecord, NodeStatus};
+use hubmesh_consensus::state::{parse_checkpoint_key, validate_task_name, BasedOn, CheckpointRecord, NodeStatus};
 use hubmesh_consensus::transport::{bulk_handler, handler, kind, BulkBody, RpcError};
 use hubmesh_consensus::{ClusterState, Command, Epoch, NodeId, ProposeError, Rejected};
 use hubmesh_proto::{pb, Message};
@@ -80,6 +80,12 @@ impl CheckpointSink for Replicator {
         // The actor thread is not a runtime thread, so it may block on the runtime.
         self.runtime.block_on(commit(&hub, checkpoint))
     }
+
+    fn committed_key(&self, task: &str) -> Option<String> {
+        let hub = self.hub.upgrade()?;
+        let state = hub.consensus.state();
+        state.tasks.get(task)?.checkpoint.as_ref().map(|r| r.key(task))
+    }
 }
 
 /// Replicates `c` to the task's holders and commits its record, retrying (holders change when
@@ -97,8 +103,13 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
         if !current.is_some_and(|p| p.node == me && p.epoch.0 == c.epoch) {
             return Err("this instance was replaced (a newer epoch exists); its change is not committed".into());
         }
-        if task.checkpoint.as_ref().is_some_and(|r| r.epoch.0 == c.epoch && r.sequence == c.sequence) {
-            return Ok(()); // an earlier attempt whose answer was lost did commit
+        if let Some(r) = task.checkpoint.as_ref().filter(|r| r.epoch.0 == c.epoch && r.sequence == c.sequence) {
+            if r.manifest_hash == manifest_hash {
+                return Ok(()); // an earlier attempt whose answer was lost did commit
+            }
+            // Another state under this checkpoint's name (an instance that restarted from a
+            // stale view of the committed checkpoint): this one can never commit.
+            return Err(format!("checkpoint {} was committed with other contents: this instance is behind", c.key));
         }
         let holders: Vec<NodeId> = task.holders.iter().copied().filter(|h| *h != me).collect();
         // Until the leader has chosen as many holders as the mesh allows, committing would keep
@@ -142,12 +153,19 @@ async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), String> {
                     at_ms: c.created_ms,
                 };
                 crate::faults::crash_point("crash-before-checkpoint-commit");
-                match hub.consensus.propose(Command::CommitCheckpoint { task: c.task.clone(), record }).await {
+                let based_on = BasedOn {
+                    checkpoint: c.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s)),
+                };
+                let cmd = Command::CommitCheckpoint { task: c.task.clone(), record, based_on: Some(based_on) };
+                match hub.consensus.propose(cmd).await {
                     Ok(_) => {
                         crate::faults::crash_point("crash-after-checkpoint-commit");
                         metrics::histogram!("hubmesh_checkpoint_commit_seconds")
                             .record(started.elapsed().as_secs_f64());
                         return Ok(());
+                    }
+                    Err(ProposeError::Rejected(e @ Rejected::NotBasedOnCommitted { .. })) => {
+                        return Err(format!("this instance is behind the committed checkpoint: {e}"))
                     }
                     Err(ProposeError::Rejected(Rejected::StaleEpoch { .. })) => {
                         return Err(

@@ -433,7 +433,7 @@ mod constraint_tests {
             size_bytes: 0,
             at_ms: 0,
         };
-        s.apply(&Command::CommitCheckpoint { task: "x".into(), record }).unwrap();
+        s.apply(&Command::CommitCheckpoint { task: "x".into(), record, based_on: None }).unwrap();
         let dead = s.tasks["x"].holders[0];
         for n in [host, dead] {
             let mut r = s.nodes[&n].clone();

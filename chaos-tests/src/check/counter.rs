@@ -176,14 +176,16 @@ pub fn fencing(events: &[Event], ev: &Evidence) -> CheckResult {
             continue;
         };
         // A keyed retry may be answered from the idempotency cache by a newer instance than the
-        // one that applied it: only an op sent once tells which epoch applied it.
+        // one that applied it: only an op sent once tells which epoch applied it — and only
+        // without a key, since a hub retries a keyed call itself (on the new host, after a
+        // failover) and the cached answer carries the responder's epoch.
         let mut sends: HashMap<u64, u32> = HashMap::new();
         for e in events.iter().filter(|e| e.kind == Type::Invoke && e.f == "add" && e.task.as_deref() == Some(task)) {
             *sends.entry(e.op.unwrap_or_default()).or_default() += 1;
         }
         let epoch_of: HashMap<u64, u64> = events
             .iter()
-            .filter(|e| e.kind == Type::Ok && e.f == "add" && e.task.as_deref() == Some(task))
+            .filter(|e| e.kind == Type::Ok && e.f == "add" && e.task.as_deref() == Some(task) && !e.keyed)
             .filter_map(|e| Some((e.op?, e.epoch?)))
             .filter(|(op, _)| sends.get(op) == Some(&1))
             .collect();
@@ -279,6 +281,20 @@ mod tests {
         h.add("c", 1, Type::Info);
         h.add_ok("c", 2, &[1, 2], 10, 1);
         h.add_ok("c", 1, &[1], 20, 2);
+        let r = fencing(&h.events, &evidence(Some(&[1, 2]), true));
+        assert_eq!(r.verdict, Verdict::True, "{r:?}");
+    }
+
+    #[test]
+    fn a_keyed_call_retried_by_the_hub_is_not_dated_by_its_answer() {
+        let mut h = H::default();
+        // Keyed op 1, sent once: epoch 1 applied it, then epoch 1 applied op 2; the hub retried
+        // op 1 on epoch 2 after the failover, which answered from the idempotency cache.
+        h.add_ok("c", 2, &[1, 2], 10, 1);
+        h.add_ok("c", 1, &[1], 20, 2);
+        for e in h.events.iter_mut().filter(|e| e.op == Some(1)) {
+            e.keyed = true;
+        }
         let r = fencing(&h.events, &evidence(Some(&[1, 2]), true));
         assert_eq!(r.verdict, Verdict::True, "{r:?}");
     }

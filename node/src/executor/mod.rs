@@ -138,6 +138,12 @@ pub struct LocalCheckpoint {
 /// `Ok` means committed for the mesh (a durable answer may go out).
 pub trait CheckpointSink: Send + Sync {
     fn commit(&self, checkpoint: &LocalCheckpoint) -> Result<(), String>;
+
+    /// The key of `task`'s committed checkpoint as the mesh knows it (an instance whose commit
+    /// failed returns to it).
+    fn committed_key(&self, _task: &str) -> Option<String> {
+        None
+    }
 }
 
 /// What a running task reports.

@@ -339,7 +339,10 @@ impl Actor {
             CheckpointPolicy::Durable => {
                 if let Err(e) = self.checkpoint() {
                     // Not acknowledged, so not kept: back to the committed state, which a retry
-                    // then changes once.
+                    // then changes once. The mesh's committed checkpoint wins over this
+                    // instance's belief when it is newer in this epoch and here (an instance
+                    // restarted from a lagging view of the state is behind it).
+                    self.catch_up_committed_key();
                     if let Err(r) = self.revert_to_committed() {
                         tracing::error!(task = %self.cfg.name, error = %r, "could not return to the committed state");
                         self.status.lock().unwrap_or_else(|p| p.into_inner()).broken =
@@ -361,6 +364,20 @@ impl Actor {
         }
         self.status.lock().unwrap_or_else(|p| p.into_inner()).invocations = self.invocations;
         Ok(answer)
+    }
+
+    /// Takes the mesh's committed checkpoint as this instance's own when it is newer, of this
+    /// epoch and in the local page log.
+    fn catch_up_committed_key(&mut self) {
+        let Some(key) = self.sink.as_ref().and_then(|s| s.committed_key(&self.cfg.name)) else { return };
+        let Some((_, epoch, sequence)) = parse_checkpoint_key(&key) else { return };
+        let mine = self.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s));
+        if epoch == Epoch(self.cfg.epoch) && mine.is_none_or(|m| m < (epoch, sequence)) && self.pages.has_manifest(&key)
+        {
+            tracing::warn!(task = %self.cfg.name, from = ?self.committed_key, to = %key, "this instance was behind the committed checkpoint");
+            self.committed_key = Some(key);
+            self.sequence = self.sequence.max(sequence);
+        }
     }
 
     /// Rebuilds the instance from the last committed checkpoint (or fresh, if none).
