@@ -357,6 +357,14 @@ impl Actor {
                 if self.last_checkpoint.elapsed() >= Duration::from_millis(every_ms) {
                     if let Err(e) = self.checkpoint() {
                         tracing::error!(task = %self.cfg.name, error = %e, "periodic checkpoint failed");
+                        // Behind the mesh's committed checkpoint: this state can never commit.
+                        if self.catch_up_committed_key() {
+                            if let Err(r) = self.revert_to_committed() {
+                                tracing::error!(task = %self.cfg.name, error = %r, "could not return to the committed state");
+                                self.status.lock().unwrap_or_else(|p| p.into_inner()).broken =
+                                    Some(format!("the committed state could not be restored: {r}"));
+                            }
+                        }
                     }
                 }
             }
@@ -367,17 +375,19 @@ impl Actor {
     }
 
     /// Takes the mesh's committed checkpoint as this instance's own when it is newer, of this
-    /// epoch and in the local page log.
-    fn catch_up_committed_key(&mut self) {
-        let Some(key) = self.sink.as_ref().and_then(|s| s.committed_key(&self.cfg.name)) else { return };
-        let Some((_, epoch, sequence)) = parse_checkpoint_key(&key) else { return };
+    /// epoch and in the local page log; says whether it did.
+    fn catch_up_committed_key(&mut self) -> bool {
+        let Some(key) = self.sink.as_ref().and_then(|s| s.committed_key(&self.cfg.name)) else { return false };
+        let Some((_, epoch, sequence)) = parse_checkpoint_key(&key) else { return false };
         let mine = self.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s));
         if epoch == Epoch(self.cfg.epoch) && mine.is_none_or(|m| m < (epoch, sequence)) && self.pages.has_manifest(&key)
         {
             tracing::warn!(task = %self.cfg.name, from = ?self.committed_key, to = %key, "this instance was behind the committed checkpoint");
             self.committed_key = Some(key);
             self.sequence = self.sequence.max(sequence);
+            return true;
         }
+        false
     }
 
     /// Rebuilds the instance from the last committed checkpoint (or fresh, if none).

@@ -97,6 +97,16 @@ async fn add_eventually(hub: &Hub, name: &str, key: &str) -> u64 {
 async fn a_durable_counter_loses_nothing_when_its_host_is_killed() {
     let mut hubs = three_hubs("kf").await;
     deploy_counter(&hubs[0], "tally").await;
+    // Every hub takes calls below: each must have applied the deploy (a hub that has not yet
+    // knows no such task).
+    for hub in &hubs {
+        let c = hub.client.clone();
+        wait_until(Duration::from_secs(30), "every hub sees the counter placed", || {
+            let c = c.clone();
+            async move { c.task("tally").await.is_ok_and(|t| t.placement.is_some()) }
+        })
+        .await;
+    }
     step("20 acknowledged increments, some with idempotency keys");
     for i in 1..=20u64 {
         let key = format!("op{i}");

@@ -46,6 +46,22 @@ where
     }
 }
 
+/// A free UDP port below the kernel's ephemeral range (32768 and up), for a hub's mesh endpoint:
+/// a restarted hub binds its old port again, and a port the kernel handed out as ephemeral could
+/// meanwhile be taken by any other socket of the test run.
+fn mesh_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Spread over the range by process id so that parallel test binaries rarely meet.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = (std::process::id() % 600) * 20;
+    loop {
+        let port = (20_000 + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000) as u16;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// One hub process.
 pub struct Hub {
     pub name: String,
@@ -91,7 +107,7 @@ impl Hub {
         // A restarted hub keeps its mesh address, as a real one on a LAN does; its peers know it.
         let mesh = std::fs::read_to_string(self.dir.path().join("mesh.addr"))
             .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| "127.0.0.1:0".to_owned());
+            .unwrap_or_else(|_| format!("127.0.0.1:{}", mesh_port()));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
         let child = Command::new(bin())
             .arg("--data-dir")
