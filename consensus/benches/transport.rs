@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hubmesh_consensus::tls::{CaMaterial, Identity, NodeKey};
-use hubmesh_consensus::transport::{bulk_handler, handler, kind, BulkBody, Transport};
+use hubmesh_consensus::transport::{bulk_handler, handler, BulkBody, StreamKind, Transport};
 
-const SINK: u32 = kind::FIRST_NODE_KIND;
+/// The sink handlers ride on a kind a bare endpoint does not serve otherwise.
+const SINK: StreamKind = StreamKind::CheckpointPush;
 const CHUNK: usize = 8 << 20;
 const TOTAL: usize = 512 << 20;
 const FRAME: usize = 64 << 10;

@@ -1,5 +1,6 @@
 //! openraft's network over the mesh transport: one QUIC stream per RPC, the openraft message
-//! JSON-encoded inside the protobuf envelope (`pb::MeshRequest`). The server side is registered
+//! JSON-encoded (openraft's messages come with serde) inside the protobuf envelope
+//! (`pb::MeshRequest`), through the typed endpoints `RAFT_APPEND`, `RAFT_VOTE`, `RAFT_SNAPSHOT`. The server side is registered
 //! by [`register_handlers`].
 
 use std::sync::Arc;
@@ -11,10 +12,8 @@ use openraft::raft::{
     VoteResponse,
 };
 use openraft::Raft;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 
-use crate::transport::{handler, kind, Caller, RpcError, Transport};
+use crate::transport::{Endpoint, Json, RpcError, Transport, Wire, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE};
 use crate::type_config::{NodeAddr, TypeConfig};
 
 /// Creates a client per peer; records each peer's mesh address in the transport.
@@ -42,20 +41,22 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 }
 
 impl PeerClient {
-    async fn rpc<Req, Resp, E>(&self, kind: u32, req: &Req, opt: &RPCOption) -> Result<Resp, RPCError<u64, NodeAddr, E>>
+    async fn rpc<Req, Resp, E>(
+        &self,
+        endpoint: &Endpoint<Json<Req>, Json<Result<Resp, E>>>,
+        req: Req,
+        opt: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, NodeAddr, E>>
     where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
+        Json<Req>: Wire,
+        Json<Result<Resp, E>>: Wire,
+        E: std::error::Error,
     {
-        let payload = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let raw = match self.transport.call(self.target, kind, payload, opt.hard_ttl()).await {
-            Ok(raw) => raw,
+        let res = match endpoint.call(&self.transport, self.target, &Json(req), opt.hard_ttl()).await {
+            Ok(Json(res)) => res,
             Err(e @ RpcError::Unreachable(..)) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
         };
-        let res: Result<Resp, E> =
-            serde_json::from_slice(&raw).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
     }
 }
@@ -66,7 +67,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeAddr, RaftError<u64>>> {
-        self.rpc(kind::RAFT_APPEND, &rpc, &option).await
+        self.rpc(&RAFT_APPEND, rpc, &option).await
     }
 
     async fn install_snapshot(
@@ -74,7 +75,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, NodeAddr, RaftError<u64, InstallSnapshotError>>> {
-        self.rpc(kind::RAFT_SNAPSHOT, &rpc, &option).await
+        self.rpc(&RAFT_SNAPSHOT, rpc, &option).await
     }
 
     async fn vote(
@@ -82,67 +83,25 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, NodeAddr, RaftError<u64>>> {
-        self.rpc(kind::RAFT_VOTE, &rpc, &option).await
+        self.rpc(&RAFT_VOTE, rpc, &option).await
     }
 }
 
-fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, RpcError> {
-    serde_json::from_slice(payload).map_err(|e| RpcError::Remote {
-        code: hubmesh_proto::pb::ErrorCode::BadRequest as i32,
-        message: format!("undecodable Raft message: {e}"),
-    })
-}
-
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, RpcError> {
-    serde_json::to_vec(v).map_err(|e| RpcError::Protocol(e.to_string()))
-}
-
-fn members_only(caller: Caller) -> Result<(), RpcError> {
-    match caller {
-        Caller::Member(_) => Ok(()),
-        Caller::Joiner => Err(RpcError::Remote {
-            code: hubmesh_proto::pb::ErrorCode::Unauthorized as i32,
-            message: "Raft is for members only".into(),
-        }),
-    }
-}
-
-/// Serves Raft RPCs arriving on the transport.
+/// Serves Raft RPCs arriving on the transport (members only: [`Endpoint::serve`] checks).
 pub(crate) fn register_handlers(transport: &Transport, raft: &Raft<TypeConfig>) {
     let r = raft.clone();
-    transport.register(
-        kind::RAFT_APPEND,
-        handler(move |caller, payload| {
-            let r = r.clone();
-            async move {
-                members_only(caller)?;
-                let req: AppendEntriesRequest<TypeConfig> = decode(&payload)?;
-                encode(&r.append_entries(req).await)
-            }
-        }),
-    );
+    RAFT_APPEND.serve(transport, move |_from, Json(req)| {
+        let r = r.clone();
+        async move { Ok(Json(r.append_entries(req).await)) }
+    });
     let r = raft.clone();
-    transport.register(
-        kind::RAFT_VOTE,
-        handler(move |caller, payload| {
-            let r = r.clone();
-            async move {
-                members_only(caller)?;
-                let req: VoteRequest<u64> = decode(&payload)?;
-                encode(&r.vote(req).await)
-            }
-        }),
-    );
+    RAFT_VOTE.serve(transport, move |_from, Json(req)| {
+        let r = r.clone();
+        async move { Ok(Json(r.vote(req).await)) }
+    });
     let r = raft.clone();
-    transport.register(
-        kind::RAFT_SNAPSHOT,
-        handler(move |caller, payload| {
-            let r = r.clone();
-            async move {
-                members_only(caller)?;
-                let req: InstallSnapshotRequest<TypeConfig> = decode(&payload)?;
-                encode(&r.install_snapshot(req).await)
-            }
-        }),
-    );
+    RAFT_SNAPSHOT.serve(transport, move |_from, Json(req)| {
+        let r = r.clone();
+        async move { Ok(Json(r.install_snapshot(req).await)) }
+    });
 }

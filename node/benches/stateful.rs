@@ -5,7 +5,7 @@
 //! detection, re-placement and restore + first answer, for 1 MiB and 64 MiB of state. Every
 //! loop is bounded in count and time.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use hubmesh::client::Client;
 use hubmesh_proto::api::DeployParams;
@@ -13,10 +13,6 @@ use hubmesh_proto::api::DeployParams;
 mod common;
 
 use common::{example, kill, mesh, ms, pct, restart, settle, Hub};
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
 
 fn durable(memory: &str) -> DeployParams {
     DeployParams { durable: true, memory: Some(memory.into()), ..Default::default() }
@@ -183,7 +179,7 @@ fn main() {
                     leader_hosts += 1;
                 }
                 let survivor = hubs[(victim + 1) % 3].client.clone();
-                let kill_ms = now_ms();
+                let kill_ms = hubmesh_consensus::now_ms();
                 let t = Instant::now();
                 kill(&mut hubs[victim]);
                 // Re-placement as the survivors see it.

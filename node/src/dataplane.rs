@@ -1,110 +1,86 @@
-//! The node's data-plane handlers on the mesh endpoint: module blobs and forwarded invocations.
+//! The node's data-plane endpoints on the mesh: module blobs and forwarded invocations. The
+//! checkpoint endpoints are `replication`'s. Typed endpoints check the caller and decode; these
+//! handlers only serve.
 //!
 //! ```text
 //!  reconcile: blob missing --MODULE_FETCH(hash)--> any other hub --> verify blake3 --> BlobStore
 //!  invoke on hub A, instance on hub B --INVOKE_FORWARD--> B: Hub::invoke_here (never forwards)
+//!       B's InvokeError --> Refusal{code, hint} --> the same InvokeError on A (`wire`)
 //! ```
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use hubmesh_consensus::state::Placement;
-use hubmesh_consensus::transport::{handler, kind, Caller, RpcError};
+use hubmesh_consensus::transport::{Refusal, RpcError, INVOKE_FORWARD, MODULE_FETCH};
 use hubmesh_consensus::{Epoch, NodeId};
-use hubmesh_proto::{pb, Message};
+use hubmesh_proto::pb;
 use hubmesh_storage::Hash;
 
 use crate::executor::{Answer, InvokeError};
 use crate::hub::Hub;
 
-/// Stream kind: fetch a module blob.
-pub(crate) const MODULE_FETCH: u32 = kind::FIRST_NODE_KIND;
-/// Stream kind: a forwarded invocation.
-pub(crate) const INVOKE_FORWARD: u32 = kind::FIRST_NODE_KIND + 1;
-
-pub(crate) fn refuse(code: pb::ErrorCode, message: impl Into<String>) -> RpcError {
-    RpcError::Remote { code: code as i32, message: message.into() }
+/// The hub, if it still runs.
+pub(crate) fn alive(hub: &Weak<Hub>) -> Result<Arc<Hub>, Refusal> {
+    hub.upgrade().ok_or_else(|| Refusal::new(pb::ErrorCode::Unavailable, "shutting down"))
 }
 
-/// Checks that a member calls and that the hub still runs.
-pub(crate) fn member(caller: Caller, hub: &std::sync::Weak<Hub>) -> Result<Arc<Hub>, RpcError> {
-    if caller == Caller::Joiner {
-        return Err(refuse(pb::ErrorCode::Unauthorized, "members only"));
-    }
-    hub.upgrade().ok_or_else(|| refuse(pb::ErrorCode::Unavailable, "shutting down"))
-}
-
-/// [`member`], then decodes the request.
-pub(crate) fn member_request<M: Message + Default>(
-    caller: Caller,
-    hub: &std::sync::Weak<Hub>,
-    payload: &[u8],
-) -> Result<(Arc<Hub>, M), RpcError> {
-    let hub = member(caller, hub)?;
-    let req = M::decode(payload).map_err(|e| refuse(pb::ErrorCode::BadRequest, e.to_string()))?;
-    Ok((hub, req))
-}
-
-/// Registers the handlers; called once at boot.
+/// Serves the endpoints; called once at boot.
 pub(crate) fn register(hub: &Arc<Hub>) {
-    let transport = hub.consensus.transport();
+    let transport = hub.consensus().transport();
     let h = Arc::downgrade(hub);
-    transport.register(
-        MODULE_FETCH,
-        handler(move |caller, payload| {
-            let h = h.clone();
-            async move {
-                let (hub, req) = member_request::<pb::ModuleFetchRequest>(caller, &h, &payload)?;
-                let hash = Hash::from_slice(&req.hash)
-                    .ok_or_else(|| refuse(pb::ErrorCode::BadRequest, "a hash is 32 bytes"))?;
-                hub.blobs.get(&hash).map_err(|e| refuse(pb::ErrorCode::NotFound, e.to_string()))
-            }
-        }),
-    );
+    MODULE_FETCH.serve(&transport, move |_from, req: pb::ModuleFetchRequest| {
+        let h = h.clone();
+        async move {
+            let hub = alive(&h)?;
+            let hash = Hash::from_slice(&req.hash).ok_or_else(|| Refusal::bad_request("a hash is 32 bytes"))?;
+            let module = hub.blobs().get(&hash).map_err(|e| Refusal::new(pb::ErrorCode::NotFound, e.to_string()))?;
+            Ok(pb::ModuleFetchResponse { module })
+        }
+    });
     let h = Arc::downgrade(hub);
-    transport.register(
-        INVOKE_FORWARD,
-        handler(move |caller, payload| {
-            let h = h.clone();
-            async move {
-                let (hub, req) = member_request::<pb::InvokeForwardRequest>(caller, &h, &payload)?;
-                let key = (!req.key.is_empty()).then_some(req.key);
-                match hub.invoke_here(&req.task, req.input, key).await {
-                    Ok((answer, placement)) => Ok(pb::InvokeForwardResponse {
-                        status: answer.status,
-                        output: answer.output,
-                        epoch: placement.epoch.0,
-                        node: placement.node.0,
-                    }
-                    .encode_to_vec()),
-                    Err(e) => Err(RpcError::Remote {
-                        code: pb::ErrorCode::TaskError as i32,
-                        message: serde_json::to_string(&e).unwrap_or_else(|_| e.to_string()),
-                    }),
-                }
-            }
-        }),
-    );
+    INVOKE_FORWARD.serve(&transport, move |_from, req: pb::InvokeForwardRequest| {
+        let h = h.clone();
+        async move {
+            let hub = alive(&h)?;
+            let key = (!req.key.is_empty()).then_some(req.key);
+            let (answer, placement) = hub.invoke_here(&req.task, req.input, key).await.map_err(Refusal::from)?;
+            Ok(pb::InvokeForwardResponse {
+                status: answer.status,
+                output: answer.output,
+                epoch: placement.epoch.0,
+                node: placement.node.0,
+            })
+        }
+    });
+}
+
+/// Why no hub gave a module.
+#[derive(Debug, thiserror::Error)]
+#[error("module {hash} is on no reachable hub ({last})")]
+pub(crate) struct FetchModuleError {
+    hash: Hash,
+    last: String,
 }
 
 /// Fetches a module from any other hub that has it, verifying its hash.
-pub(crate) async fn fetch_module(hub: &Hub, hash: &Hash) -> Result<Vec<u8>, String> {
-    let state = hub.consensus.state();
-    let me = hub.consensus.node_id();
-    let transport = hub.consensus.transport();
+pub(crate) async fn fetch_module(hub: &Hub, hash: &Hash) -> Result<Vec<u8>, FetchModuleError> {
+    let state = hub.consensus().state();
+    let me = hub.consensus().node_id();
+    let transport = hub.consensus().transport();
     let mut last = "no other hub".to_owned();
     // Hubs the state says are up first: a dead one only answers with a timeout.
     let mut nodes: Vec<&NodeId> = state.nodes.keys().filter(|n| **n != me).collect();
-    nodes.sort_by_key(|n| state.nodes.get(n).is_none_or(|r| r.status != hubmesh_consensus::state::NodeStatus::Up));
+    nodes.sort_by_key(|n| !state.is_up(**n));
+    let req = pb::ModuleFetchRequest { hash: hash.0.to_vec() };
     for node in nodes {
-        let req = pb::ModuleFetchRequest { hash: hash.0.to_vec() }.encode_to_vec();
-        match transport.call(node.0, MODULE_FETCH, req, Duration::from_secs(30)).await {
-            Ok(bytes) if Hash::of(&bytes) == *hash => return Ok(bytes),
+        match MODULE_FETCH.call(&transport, node.0, &req, Duration::from_secs(30)).await {
+            Ok(r) if Hash::of(&r.module) == *hash => return Ok(r.module),
             Ok(_) => last = format!("hub {node} sent a module that does not match its hash"),
             Err(e) => last = e.to_string(),
         }
     }
-    Err(format!("module {hash} is on no reachable hub ({last})"))
+    Err(FetchModuleError { hash: *hash, last })
 }
 
 /// What a forwarded invocation returned.
@@ -148,18 +124,13 @@ pub(crate) async fn forward(
     if crate::faults::armed("drop-forward") {
         return Forwarded::Unreachable("dropped by the drop-forward fault".into());
     }
-    let req = pb::InvokeForwardRequest { task: task.to_owned(), input, key: key.unwrap_or_default() }.encode_to_vec();
-    match hub.consensus.transport().call_unless(node.0, INVOKE_FORWARD, req, timeout, give_up).await {
-        Ok(raw) => match pb::InvokeForwardResponse::decode(raw.as_slice()) {
-            Ok(r) => {
-                let ran = (r.epoch != 0).then_some(Placement { node: NodeId(r.node), epoch: Epoch(r.epoch) });
-                Forwarded::Answer(Answer { status: r.status, output: r.output }, ran)
-            }
-            Err(e) => Forwarded::Failed(InvokeError::Unavailable(format!("bad answer from hub {node}: {e}"))),
-        },
-        Err(RpcError::Remote { message, .. }) => {
-            Forwarded::Failed(serde_json::from_str(&message).unwrap_or(InvokeError::Unavailable(message)))
+    let req = pb::InvokeForwardRequest { task: task.to_owned(), input, key: key.unwrap_or_default() };
+    match INVOKE_FORWARD.call_unless(&hub.consensus().transport(), node.0, &req, timeout, give_up).await {
+        Ok(r) => {
+            let ran = (r.epoch != 0).then_some(Placement { node: NodeId(r.node), epoch: Epoch(r.epoch) });
+            Forwarded::Answer(Answer { status: r.status, output: r.output }, ran)
         }
+        Err(RpcError::Remote(refusal)) => Forwarded::Failed(refusal.into()),
         Err(RpcError::Unreachable(_, m)) => Forwarded::Unreachable(m),
         Err(e @ RpcError::NotDelivered(_)) => Forwarded::Unreachable(e.to_string()),
         Err(RpcError::Timeout) => Forwarded::Timeout,

@@ -82,7 +82,7 @@ fn spec_of(
     p: &api::DeployParams,
 ) -> Result<(TaskKind, Limits, CheckpointPolicy, Option<u64>), DeployError> {
     hubmesh_consensus::state::validate_task_name(name).map_err(|e| DeployError::BadRequest(e.to_string()))?;
-    let d = &hub.config.task_defaults;
+    let d = &hub.config().task_defaults;
     let every = duration(&p.checkpoint_every, "checkpoint_every")?;
     if p.durable && every.is_some() {
         return Err(DeployError::BadRequest("choose --durable or --checkpoint-every, not both".into()));
@@ -98,7 +98,7 @@ fn spec_of(
         (false, None) => CheckpointPolicy::None,
     };
     let memory = size(&p.memory, d.memory, "memory")?;
-    let max_memory = hub.executor.max_task_memory();
+    let max_memory = hub.executor().max_task_memory();
     if !(MIN_MEMORY..=max_memory).contains(&memory) {
         return Err(DeployError::BadRequest(format!(
             "memory must be between {} and {} (this hub's executor.max_task_memory)",
@@ -153,6 +153,14 @@ fn constraints_of(p: &api::DeployParams) -> Result<std::collections::BTreeMap<St
     Ok(out)
 }
 
+/// A deploy the mesh committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Deployed {
+    pub(crate) version: u64,
+    /// A new task (not a new version of an existing one).
+    pub(crate) created: bool,
+}
+
 impl Hub {
     /// Deploys `source` as task `name`. `update` makes it an explicit new version of an
     /// existing task; without it an existing name is refused.
@@ -162,8 +170,8 @@ impl Hub {
         source: &[u8],
         params: &api::DeployParams,
         update: bool,
-    ) -> Result<api::DeployResponse, DeployError> {
-        let limit = self.config.executor.max_module_size.as_u64();
+    ) -> Result<Deployed, DeployError> {
+        let limit = self.config().executor.max_module_size.as_u64();
         if source.len() as u64 > limit {
             return Err(DeployError::TooLarge { size: source.len() as u64, limit });
         }
@@ -181,7 +189,7 @@ impl Hub {
         if !self.has_quorum() {
             return Err(DeployError::NoQuorum);
         }
-        let state = self.consensus.state();
+        let state = self.consensus().state();
         match (update, state.tasks.contains_key(name)) {
             (false, true) => return Err(DeployError::Exists(name.to_owned())),
             (true, false) => return Err(DeployError::NotFound(name.to_owned())),
@@ -193,21 +201,21 @@ impl Hub {
             max_input_bytes: limits.max_input_bytes,
             max_output_bytes: limits.max_output_bytes,
         };
-        let executor = self.executor.clone();
+        let executor = self.executor().clone();
         let owned = source.to_vec();
         let prepared = tokio::task::spawn_blocking(move || executor.prepare(&owned, instance_limits))
             .await
             .map_err(|e| DeployError::Storage(format!("the compile thread failed: {e}")))??;
         let tick_ms = match (prepared.has_tick, tick) {
             (true, t) if kind == TaskKind::Stateful => {
-                Some(t.unwrap_or(self.config.task_defaults.tick.as_millis() as u64))
+                Some(t.unwrap_or(self.config().task_defaults.tick.as_millis() as u64))
             }
             (false, Some(_)) => {
                 return Err(DeployError::BadRequest("--tick given, but the module does not export hm_tick".into()))
             }
             _ => None,
         };
-        let module_hash = self.blobs.put(&prepared.wasm).map_err(|e| DeployError::Storage(e.to_string()))?;
+        let module_hash = self.blobs().put(&prepared.wasm).map_err(|e| DeployError::Storage(e.to_string()))?;
         let spec = TaskSpec {
             name: name.to_owned(),
             kind,
@@ -222,7 +230,7 @@ impl Hub {
         };
         let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let mode = if update { DeployMode::Update } else { DeployMode::Create };
-        let outcome = self.consensus.propose(Command::DeployTask { spec, mode, at_ms }).await;
+        let outcome = self.consensus().propose(Command::DeployTask { spec, mode, at_ms }).await;
         let (version, created) = match outcome {
             Ok(Outcome::Deployed { version, created }) => (version, created),
             Ok(other) => return Err(DeployError::Storage(format!("unexpected outcome {other:?}"))),
@@ -232,34 +240,32 @@ impl Hub {
         };
         metrics::counter!("hubmesh_deploys_total").increment(1);
         self.settle(name, version).await;
-        let state = self.consensus.state();
-        let record = state.tasks.get(name).ok_or_else(|| DeployError::NotFound(name.to_owned()))?;
-        Ok(api::DeployResponse { task: self.task_info(&state, record), created })
+        Ok(Deployed { version, created })
     }
 
     /// Waits (bounded) until `name` at `version` is placed and, if placed here, running.
     async fn settle(&self, name: &str, version: u64) {
-        let me = self.consensus.node_id();
+        let me = self.consensus().node_id();
         // Placed, or pending for a reason that waiting will not fix (no hub qualifies).
         let placed = self
             .wait_state(SETTLE, |s| {
                 let placed = s.tasks.get(name).is_some_and(|t| t.version >= version && t.instances.contains_key(&0));
-                let stuck = crate::scheduler::pending_reason(s, name).is_some_and(|r| !r.starts_with("waiting"));
+                let stuck = crate::scheduler::pending_reason(s, name).is_some_and(|p| !p.resolves_by_waiting());
                 placed || stuck
             })
             .await
-            && self.consensus.state().placement(name, 0).is_some();
+            && self.consensus().state().placement(name, 0).is_some();
         if !placed {
             return;
         }
-        let here = self.consensus.state().placement(name, 0).is_some_and(|p| p.node == me);
+        let here = self.consensus().state().placement(name, 0).is_some_and(|p| p.node == me);
         if !here {
             return;
         }
         let deadline = tokio::time::Instant::now() + SETTLE;
         while tokio::time::Instant::now() < deadline {
-            let running = self.executor.status(name).is_some_and(|s| s.config.version >= version);
-            let failed = self.start_failures.lock().unwrap_or_else(|p| p.into_inner()).contains_key(name);
+            let running = self.executor().status(name).is_some_and(|s| s.config.version >= version);
+            let failed = self.start_failure(name).is_some();
             if running || failed {
                 return;
             }

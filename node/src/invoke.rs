@@ -52,7 +52,7 @@ enum Step {
 impl Hub {
     /// The input limit of a task, if it exists.
     pub(crate) fn input_limit(&self, name: &str) -> Option<u64> {
-        self.consensus.state().tasks.get(name).map(|t| t.spec.limits.max_input_bytes)
+        self.consensus().state().tasks.get(name).map(|t| t.spec.limits.max_input_bytes)
     }
 
     /// Invokes `name` wherever it runs.
@@ -95,14 +95,14 @@ impl Hub {
             if Instant::now() >= deadline {
                 return Err(RouteError::NotReady(reason));
             }
-            let mut rx = self.consensus.watch();
+            let mut rx = self.consensus().watch();
             let _ = tokio::time::timeout(Duration::from_millis(20), rx.changed()).await;
         }
     }
 
     async fn try_once(&self, name: &str, input: &[u8], key: &Option<String>, may_forward: bool) -> Step {
-        let me = self.consensus.node_id();
-        let state = self.consensus.state();
+        let me = self.consensus().node_id();
+        let state = self.consensus().state();
         let Some(task) = state.tasks.get(name) else { return Step::Done(Err(RouteError::NotFound(name.to_owned()))) };
         let limit = task.spec.limits.max_input_bytes;
         if input.len() as u64 > limit {
@@ -110,7 +110,9 @@ impl Hub {
         }
         let placements: Vec<Placement> = task.placements().map(|(_, p)| p).collect();
         if placements.is_empty() {
-            return Step::Wait(scheduler::pending_reason(&state, name).unwrap_or_else(|| "not placed".into()));
+            return Step::Wait(
+                scheduler::pending_reason(&state, name).map_or_else(|| "not placed".into(), |p| p.to_string()),
+            );
         }
         let Some(p) = placements.iter().find(|p| p.node == me).copied() else {
             if !may_forward {
@@ -123,17 +125,18 @@ impl Hub {
             // re-placed: answering from here could fork the task's history.
             return Step::Wait("this hub has lost contact with the mesh (no lease)".into());
         }
-        let ready =
-            self.executor.status(name).is_some_and(|s| s.config.epoch == p.epoch.0 && s.config.version == task.version);
+        let ready = self
+            .executor()
+            .status(name)
+            .is_some_and(|s| s.config.epoch == p.epoch.0 && s.config.version == task.version);
         if !ready {
-            let failure = self.start_failures.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
-            return match failure {
-                Some(f) => Step::Done(Err(RouteError::NotReady(f))),
+            return match self.start_failure(name) {
+                Some(f) => Step::Done(Err(RouteError::NotReady(f.to_string()))),
                 None => Step::Wait("the task is starting".into()),
             };
         }
         let started = std::time::Instant::now();
-        let res = self.executor.invoke(name, input.to_vec(), key.clone()).await;
+        let res = self.executor().invoke(name, input.to_vec(), key.clone()).await;
         metrics::histogram!("hubmesh_invoke_seconds").record(started.elapsed().as_secs_f64());
         Step::Done(res.map(|a| (a, p)).map_err(RouteError::from))
     }
@@ -143,7 +146,7 @@ impl Hub {
     /// With `trusted` false (the hub was already not up when the call was made) only a new
     /// placement counts: the call was made knowing the hub was suspect.
     fn host_replaced(&self, name: &str, p: Placement, trusted: bool) -> impl std::future::Future<Output = ()> + use<> {
-        let mut rx = self.consensus.watch();
+        let mut rx = self.consensus().watch();
         let name = name.to_owned();
         async move {
             let _ = rx

@@ -15,7 +15,7 @@ use crate::scheduler;
 
 /// Runs until `shutdown` flips.
 pub(crate) async fn run(hub: Arc<Hub>, api_addr: String, mut shutdown: watch::Receiver<bool>) {
-    let mut rx = hub.consensus.watch();
+    let mut rx = hub.consensus().watch();
     let mut leading_since: Option<Instant> = None;
     // The leader this hub last followed: if it became leader because that one went silent, the
     // silence started before the election (see `watch_health`).
@@ -23,10 +23,10 @@ pub(crate) async fn run(hub: Arc<Hub>, api_addr: String, mut shutdown: watch::Re
     let mut previous_leader: Option<NodeId> = None;
     // Health is judged this often: a tenth of node_down keeps detection within 10 % of it.
     let tick =
-        (hub.config.timeouts.resolve().node_down / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
+        (hub.config().timeouts.resolve().node_down / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
     loop {
         step(&hub, &api_addr).await;
-        if hub.consensus.is_leader() {
+        if hub.consensus().is_leader() {
             let since = *leading_since.get_or_insert_with(|| {
                 previous_leader = followed;
                 Instant::now()
@@ -34,7 +34,7 @@ pub(crate) async fn run(hub: Arc<Hub>, api_addr: String, mut shutdown: watch::Re
             watch_health(&hub, since, previous_leader).await;
         } else {
             leading_since = None;
-            if let Some(l) = hub.consensus.status().leader.filter(|l| *l != hub.consensus.node_id().0) {
+            if let Some(l) = hub.consensus().status().leader.filter(|l| *l != hub.consensus().node_id().0) {
                 followed = Some(NodeId(l));
             }
         }
@@ -47,33 +47,33 @@ pub(crate) async fn run(hub: Arc<Hub>, api_addr: String, mut shutdown: watch::Re
 }
 
 async fn step(hub: &Hub, api_addr: &str) {
-    let state = hub.consensus.state();
-    let me = hub.consensus.node_id();
+    let state = hub.consensus().state();
+    let me = hub.consensus().node_id();
     // The status is the leader's to judge; a hub only keeps its own description current.
     let status = state.nodes.get(&me).map_or(NodeStatus::Up, |n| n.status);
     let record = NodeRecord {
         id: me,
-        name: hub.config.name.clone(),
+        name: hub.config().name.clone(),
         api_addr: api_addr.to_owned(),
-        mesh_addr: hub.consensus.mesh_addr().to_string(),
-        labels: hub.config.labels.clone(),
-        slots: if hub.config.witness { 0 } else { hub.config.slots },
-        memory_bytes: if hub.config.witness {
+        mesh_addr: hub.consensus().mesh_addr().to_string(),
+        labels: hub.config().labels.clone(),
+        slots: if hub.config().witness { 0 } else { hub.config().slots },
+        memory_bytes: if hub.config().witness {
             0
         } else {
-            hub.config.task_memory.unwrap_or_else(crate::config::half_of_ram).as_u64()
+            hub.config().task_memory.unwrap_or_else(crate::config::half_of_ram).as_u64()
         },
-        witness: hub.config.witness,
-        cert_fingerprint: hub.consensus.cert_fingerprint(),
+        witness: hub.config().witness,
+        cert_fingerprint: hub.consensus().cert_fingerprint(),
         status,
     };
     if state.nodes.get(&me) != Some(&record) {
-        if let Err(e) = hub.consensus.propose(Command::RegisterNode { node: record }).await {
+        if let Err(e) = hub.consensus().propose(Command::RegisterNode { node: record }).await {
             tracing::warn!(error = %e, "registering this hub failed");
         }
         return;
     }
-    if !hub.consensus.is_leader() {
+    if !hub.consensus().is_leader() {
         return;
     }
     let plan = scheduler::plan(&state);
@@ -81,7 +81,7 @@ async fn step(hub: &Hub, api_addr: &str) {
         return;
     }
     tracing::info!(placements = plan.len(), "scheduler proposes placements");
-    if let Err(e) = hub.consensus.propose_as_leader(Command::Batch(plan)).await {
+    if let Err(e) = hub.consensus().propose_as_leader(Command::Batch(plan)).await {
         tracing::warn!(error = %e, "proposing placements failed");
     }
 }
@@ -94,13 +94,13 @@ async fn step(hub: &Hub, api_addr: &str) {
 /// election), so a dead leader's tasks fail over about as soon as a dead follower's would, not a
 /// whole election later.
 async fn watch_health(hub: &Hub, leading_since: Instant, previous_leader: Option<NodeId>) {
-    let state = hub.consensus.state();
-    let me = hub.consensus.node_id();
-    let node_down = hub.config.timeouts.resolve().node_down;
-    let transport = hub.consensus.transport();
+    let state = hub.consensus().state();
+    let me = hub.consensus().node_id();
+    let node_down = hub.config().timeouts.resolve().node_down;
+    let transport = hub.consensus().transport();
     // A leader that has not heard from a quorum lately is the one cut off: its silence from the
     // others says nothing about them.
-    if !hub.consensus.holds_lease(hub.config.timeouts.resolve().lease) {
+    if !hub.consensus().holds_lease(hub.config().timeouts.resolve().lease) {
         return;
     }
     let mut changes = Vec::new();
@@ -144,7 +144,7 @@ async fn watch_health(hub: &Hub, leading_since: Instant, previous_leader: Option
         changes.push(Command::SetNodeStatus { node: n.id, status });
     }
     if !changes.is_empty() {
-        if let Err(e) = hub.consensus.propose_as_leader(Command::Batch(changes)).await {
+        if let Err(e) = hub.consensus().propose_as_leader(Command::Batch(changes)).await {
             tracing::warn!(error = %e, "recording hub health failed");
         }
     }

@@ -26,3 +26,4 @@ mod reconcile;
 mod replication;
 pub mod scheduler;
 pub mod server;
+mod wire;

@@ -11,7 +11,7 @@ use hubmesh_consensus::ClusterState;
 use tokio::sync::watch;
 
 use crate::executor::{InstanceLimits, Restore, TaskConfig};
-use crate::hub::Hub;
+use crate::hub::{Hub, StartFailure};
 
 /// The executor's configuration for a task record.
 pub(crate) fn config_of(record: &TaskRecord, epoch: u64) -> TaskConfig {
@@ -36,7 +36,7 @@ pub(crate) fn config_of(record: &TaskRecord, epoch: u64) -> TaskConfig {
 
 /// Runs until `shutdown` flips.
 pub(crate) async fn run(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
-    let mut rx = hub.consensus.watch();
+    let mut rx = hub.consensus().watch();
     loop {
         let state = rx.borrow_and_update().clone();
         reconcile_once(&hub, &state).await;
@@ -49,7 +49,7 @@ pub(crate) async fn run(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
 }
 
 async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
-    let me = hub.consensus.node_id();
+    let me = hub.consensus().node_id();
     let desired: HashMap<String, TaskConfig> = state
         .tasks
         .values()
@@ -58,37 +58,31 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
         })
         .collect();
     let running: HashMap<String, TaskConfig> =
-        hub.executor.configs().into_iter().map(|c| (c.name.clone(), c)).collect();
+        hub.executor().configs().into_iter().map(|c| (c.name.clone(), c)).collect();
 
     for name in running.keys().filter(|n| !desired.contains_key(*n)) {
         let deleted = !state.tasks.contains_key(name);
         tracing::info!(task = %name, deleted, "stopping task");
-        let (executor, name2) = (hub.executor.clone(), name.clone());
+        let (executor, name2) = (hub.executor().clone(), name.clone());
         let _ = tokio::task::spawn_blocking(move || executor.stop_task(&name2, deleted)).await;
     }
-    hub.start_failures.lock().unwrap_or_else(|p| p.into_inner()).retain(|n, _| desired.contains_key(n));
+    hub.forget_start_failures(|n| desired.contains_key(n));
 
     for (name, cfg) in desired {
         if running.get(&name) == Some(&cfg) {
             continue;
         }
-        let key = format!("{}@{}", cfg.version, cfg.epoch);
-        let failed_before = hub
-            .start_failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&name)
-            .is_some_and(|f| f.starts_with(&key));
+        let failed_before = hub.start_failure(&name).is_some_and(|f| (f.version, f.epoch) == (cfg.version, cfg.epoch));
         if failed_before {
             continue;
         }
-        let wasm = match hub.blobs.get(&cfg.module_hash) {
+        let wasm = match hub.blobs().get(&cfg.module_hash) {
             Ok(w) => w,
             Err(hubmesh_storage::BlobError::NotFound(_) | hubmesh_storage::BlobError::Corrupt(_)) => {
                 match crate::dataplane::fetch_module(hub, &cfg.module_hash).await {
                     Ok(w) => {
-                        if let Err(e) = hub.blobs.put(&w) {
-                            record_failure(hub, &name, &key, &e.to_string());
+                        if let Err(e) = hub.blobs().put(&w) {
+                            record_failure(hub, &cfg, &e.to_string());
                             continue;
                         }
                         w
@@ -101,7 +95,7 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
                 }
             }
             Err(e) => {
-                record_failure(hub, &name, &key, &e.to_string());
+                record_failure(hub, &cfg, &e.to_string());
                 continue;
             }
         };
@@ -118,38 +112,34 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
             }
             _ => Restore::Fresh,
         };
-        let executor = hub.executor.clone();
+        let executor = hub.executor().clone();
         let cfg2 = cfg.clone();
         let res = tokio::task::spawn_blocking(move || executor.start_task_from(cfg2, &wasm, restore)).await;
         match res {
             Ok(Ok(())) => {
-                hub.start_failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+                hub.forget_start_failures(|n| n != name);
             }
             Ok(Err(crate::executor::StartTaskError::Restore(e))) => {
                 // The checkpoint may be on its way (or fetched again next round): not permanent.
                 tracing::warn!(task = %name, error = %e, "restoring the task failed; retrying");
             }
-            Ok(Err(e)) => record_failure(hub, &name, &key, &e.to_string()),
-            Err(e) => record_failure(hub, &name, &key, &format!("the start thread failed: {e}")),
+            Ok(Err(e)) => record_failure(hub, &cfg, &e.to_string()),
+            Err(e) => record_failure(hub, &cfg, &format!("the start thread failed: {e}")),
         }
     }
-    crate::replication::refill_holders(hub, state);
-    // A fresh state: this round may have taken long, and GC must not act on an old view.
-    let (log, state2) = (hub.executor.pages().clone(), hub.consensus.state());
-    let _ = tokio::task::spawn_blocking(move || crate::replication::collect_garbage(&log, &state2)).await;
-    metrics::gauge!("hubmesh_tasks_running").set(hub.executor.configs().len() as f64);
+    metrics::gauge!("hubmesh_tasks_running").set(hub.executor().configs().len() as f64);
 }
 
-fn record_failure(hub: &Hub, name: &str, key: &str, reason: &str) {
-    tracing::error!(task = name, reason, "task failed to start");
-    hub.start_failures.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), format!("{key}: {reason}"));
+fn record_failure(hub: &Hub, cfg: &TaskConfig, reason: &str) {
+    let failure = StartFailure { version: cfg.version, epoch: cfg.epoch, reason: reason.to_owned() };
+    hub.record_start_failure(&cfg.name, failure);
 }
 
 /// Every hub that may run tasks keeps every task's module, so that a failover host never waits
 /// for (or loses) a module that only the dead hub had. Its own loop: fetching from a dead hub
 /// waits for a timeout, which must not delay starting tasks.
 pub(crate) async fn keep_modules_loop(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
-    let mut rx = hub.consensus.watch();
+    let mut rx = hub.consensus().watch();
     loop {
         let state = rx.borrow_and_update().clone();
         keep_modules(&hub, &state).await;
@@ -162,17 +152,17 @@ pub(crate) async fn keep_modules_loop(hub: Arc<Hub>, mut shutdown: watch::Receiv
 }
 
 async fn keep_modules(hub: &Arc<Hub>, state: &ClusterState) {
-    if hub.config.witness {
+    if hub.config().witness {
         return;
     }
     for t in state.tasks.values() {
         let hash = t.spec.module_hash;
-        if hub.blobs.contains(&hash) {
+        if hub.blobs().contains(&hash) {
             continue;
         }
         match crate::dataplane::fetch_module(hub, &hash).await {
             Ok(w) => {
-                if let Err(e) = hub.blobs.put(&w) {
+                if let Err(e) = hub.blobs().put(&w) {
                     tracing::warn!(task = %t.spec.name, error = %e, "storing a module copy failed");
                 }
             }

@@ -88,17 +88,13 @@ fn place(state: &ClusterState) -> Vec<Command> {
                 Some(n) if n.status == NodeStatus::Up => "moved",
                 _ => "failover",
             };
-            out.push(Command::Note { at_ms: now_ms(), reason: reason.into() });
+            out.push(Command::Note { at_ms: hubmesh_consensus::now_ms(), reason: reason.into() });
             load.entry(node).or_default().add(task);
             hosts.push(node);
             out.push(Command::PlaceInstance { task: name.clone(), instance, node, expected: current.map(|p| p.epoch) });
         }
     }
     out
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Like [`pick`], but a hub in `preferred` that qualifies wins.
@@ -165,37 +161,59 @@ fn pick(state: &ClusterState, load: &BTreeMap<NodeId, Used>, task: &TaskRecord, 
         .map(|(_, _, id)| id)
 }
 
-/// Why `task` has no placement, for `task list`.
-pub fn pending_reason(state: &ClusterState, task: &str) -> Option<String> {
+/// Why a task has no usable placement.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Pending {
+    /// Every hub that stores its committed checkpoint is down: it never restarts without it.
+    #[error(
+        "unavailable: every hub that stores its last checkpoint (sequence {sequence}) is down (hubs {}); \
+         it will not restart without its state",
+        stored_on.iter().map(|n| n.0.to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    StateUnavailable { sequence: u64, stored_on: Vec<NodeId> },
+    /// No hub is up at all.
+    #[error("no hub is up")]
+    NoHubUp,
+    /// No hub that is up carries the task's labels.
+    #[error("no hub that is up (and not a witness) has the labels {0}")]
+    NoHubWithLabels(String),
+    /// Hubs qualify but none has a free slot and the memory.
+    #[error("no hub that qualifies has a free instance slot and {memory} of free task memory")]
+    NoRoom { memory: bytesize::ByteSize },
+    /// A hub qualifies: the leader will place it.
+    #[error("waiting for the leader to place it")]
+    WaitingForLeader,
+}
+
+impl Pending {
+    /// Whether waiting will place the task (the leader just has not yet).
+    pub fn resolves_by_waiting(&self) -> bool {
+        *self == Self::WaitingForLeader
+    }
+}
+
+/// Why `task` has no usable placement, or `None` when it has one.
+pub fn pending_reason(state: &ClusterState, task: &str) -> Option<Pending> {
     let t = state.tasks.get(task)?;
     if t.placements().any(|(_, p)| usable(state, p.node, t)) {
         return None;
     }
     if let (Some(c), Some(copies)) = (&t.checkpoint, live_copies(state, t)) {
         if copies.is_empty() {
-            let on: Vec<String> = c.stored_on.iter().map(|n| n.0.to_string()).collect();
-            return Some(format!(
-                "unavailable: every hub that stores its last checkpoint (sequence {}) is down (hubs {}); \
-                 it will not restart without its state",
-                c.sequence,
-                on.join(", ")
-            ));
+            return Some(Pending::StateUnavailable { sequence: c.sequence, stored_on: c.stored_on.clone() });
         }
     }
     if state.nodes.values().all(|n| n.status != NodeStatus::Up) {
-        return Some("no hub is up".into());
+        return Some(Pending::NoHubUp);
     }
     if !state.nodes.values().any(|n| fits(n, t)) {
         let wanted: Vec<String> = t.spec.constraints.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        return Some(format!("no hub that is up (and not a witness) has the labels {}", wanted.join(",")));
+        return Some(Pending::NoHubWithLabels(wanted.join(",")));
     }
     if pick(state, &load(state), t, &[]).is_none() {
-        return Some(format!(
-            "no hub that qualifies has a free instance slot and {} of free task memory",
-            bytesize::ByteSize(t.spec.limits.memory_bytes)
-        ));
+        return Some(Pending::NoRoom { memory: bytesize::ByteSize(t.spec.limits.memory_bytes) });
     }
-    Some("waiting for the leader to place it".into())
+    Some(Pending::WaitingForLeader)
 }
 
 #[cfg(test)]
@@ -290,7 +308,7 @@ mod tests {
         assert_eq!(s.placement("a", 0).map(|p| p.node), Some(NodeId(1)));
         assert!(places(&s).is_empty());
         assert_eq!(pending_reason(&s, "a"), None);
-        assert!(pending_reason(&s, "b").unwrap().contains("slot"));
+        assert!(pending_reason(&s, "b").unwrap().to_string().contains("slot"));
     }
 
     #[test]
@@ -316,7 +334,7 @@ mod tests {
         for c in plan(&s) {
             s.apply(&c).unwrap();
         }
-        let reason = pending_reason(&s, "c").unwrap();
+        let reason = pending_reason(&s, "c").unwrap().to_string();
         assert!(reason.contains("600.0 MiB") && reason.contains("memory"), "{reason}");
         // Capacity appears (task a goes away): c is placed.
         s.apply(&Command::DeleteTask { name: "a".into() }).unwrap();
@@ -387,7 +405,7 @@ mod constraint_tests {
             places(&s),
             vec![Command::PlaceInstance { task: "fan".into(), instance: 0, node: NodeId(1), expected: None }]
         );
-        assert!(pending_reason(&s, "pump").unwrap().contains("room=garage"));
+        assert!(pending_reason(&s, "pump").unwrap().to_string().contains("room=garage"));
     }
 
     #[test]
@@ -450,6 +468,10 @@ mod constraint_tests {
         r.status = NodeStatus::Down;
         s.apply(&Command::RegisterNode { node: r }).unwrap();
         assert!(!places(&s).iter().any(|c| matches!(c, Command::PlaceInstance { task, .. } if task == "x")));
-        assert!(pending_reason(&s, "x").unwrap().starts_with("unavailable"), "{:?}", pending_reason(&s, "x"));
+        assert!(
+            matches!(pending_reason(&s, "x"), Some(Pending::StateUnavailable { .. })),
+            "{:?}",
+            pending_reason(&s, "x")
+        );
     }
 }

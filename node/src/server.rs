@@ -7,15 +7,13 @@
 //! ```
 
 use std::future::Future;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hubmesh_consensus::{Consensus, ConsensusConfig, NodeAddr};
-use hubmesh_storage::{BlobStore, PageLog};
+use hubmesh_storage::{write_atomic, BlobStore, PageLog};
 use rand::RngCore;
 use tokio::sync::watch;
 
@@ -43,14 +41,6 @@ fn check_format(dir: &Path) -> anyhow::Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Reads the API token, creating it (256 random bits, mode 0600) on first start.
@@ -125,16 +115,7 @@ pub async fn run(
     };
     let executor = Arc::new(Executor::new(limits, &dir.join("cache"), pages).context("starting the executor")?);
 
-    let hub = Arc::new(Hub {
-        config: config.clone(),
-        consensus,
-        executor,
-        blobs,
-        token,
-        started,
-        start_failures: Mutex::new(Default::default()),
-        refilling: Mutex::new(Default::default()),
-    });
+    let hub = Arc::new(Hub::new(config.clone(), consensus, executor, blobs, token));
 
     tracing::info!(%api_addr, "6/7 API");
     write_atomic(&dir.join(API_ADDR_FILE), format!("{api_addr}\n").as_bytes(), 0o644).context("writing api.addr")?;
@@ -148,9 +129,10 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let reconciler = tokio::spawn(crate::reconcile::run(hub.clone(), stop_rx.clone()));
     let module_keeper = tokio::spawn(crate::reconcile::keep_modules_loop(hub.clone(), stop_rx.clone()));
+    let upkeep = tokio::spawn(crate::replication::upkeep(hub.clone(), stop_rx.clone()));
     crate::dataplane::register(&hub);
     crate::replication::register(&hub);
-    hub.executor.set_sink(Arc::new(crate::replication::Replicator::new(&hub)));
+    hub.executor().set_sink(Arc::new(crate::replication::Replicator::new(&hub)));
     let leader_worker = tokio::spawn(crate::leader::run(hub.clone(), api_addr.to_string(), stop_rx.clone()));
 
     tracing::info!(
@@ -167,14 +149,15 @@ pub async fn run(
         let _ = reconciler.await;
         let _ = leader_worker.await;
         let _ = module_keeper.await;
+        let _ = upkeep.await;
     })
     .await;
     tracing::info!("shutting down: tasks (final checkpoints)");
-    let executor = hub.executor.clone();
+    let executor = hub.executor().clone();
     let _ =
         tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || executor.shutdown())).await;
     tracing::info!("shutting down: raft");
-    hub.consensus.shutdown().await;
+    hub.consensus().shutdown().await;
     served.context("serving the API")?;
     tracing::info!("bye");
     Ok(())

@@ -4,7 +4,8 @@
 //!  DATA_DIR/raft/      sled: trees `logs` (Raft entries, big-endian index keys), `meta` (vote,
 //!                      committed, last purged), `snapshot` (state-machine snapshot)
 //!  DATA_DIR/blobs/     content-addressed blobs (task modules), one file per blake3 hash
-//!  DATA_DIR/pages.log  checkpoint pages and manifests, append-only, one fsync per batch
+//!  DATA_DIR/checkpoints/pages.log  checkpoint pages and manifests, append-only, one fdatasync
+//!                      per batch
 //! ```
 //!
 //! * [`LogStore`] is openraft's `RaftLogStorage`, generic over the type config (as openraft's
@@ -16,12 +17,14 @@
 //! the bytes their meaning.
 
 mod blob_store;
+mod file;
 mod hash;
 mod log_store;
 mod page_log;
 mod snapshot_store;
 
 pub use blob_store::{BlobError, BlobStore};
+pub use file::write_atomic;
 pub use hash::Hash;
 pub use log_store::{open_raft_db, LogStore};
 pub use page_log::{PageLog, PageLogError, PageLogStats, PagePin, PageWrite};

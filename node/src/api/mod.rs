@@ -4,6 +4,7 @@
 mod auth;
 mod error;
 mod tasks;
+mod views;
 
 use std::sync::Arc;
 
@@ -47,7 +48,7 @@ pub(crate) fn router(state: ApiState) -> Router {
 }
 
 async fn health(State(s): State<ApiState>) -> Json<serde_json::Value> {
-    let status = s.hub.consensus.status();
+    let status = s.hub.consensus().status();
     Json(serde_json::json!({"status": "ok", "node_id": status.node_id, "leader": status.leader}))
 }
 
@@ -56,11 +57,11 @@ async fn metrics(State(s): State<ApiState>) -> String {
 }
 
 async fn status(State(s): State<ApiState>) -> Json<api::StatusInfo> {
-    Json(s.hub.status())
+    Json(views::status(&s.hub))
 }
 
 async fn nodes(State(s): State<ApiState>) -> Json<Vec<api::NodeInfo>> {
-    Json(s.hub.status().nodes)
+    Json(views::status(&s.hub).nodes)
 }
 
 async fn create_token(
@@ -78,7 +79,7 @@ async fn create_token(
     if !s.hub.has_quorum() {
         return Err(error::ApiError::no_quorum());
     }
-    let token = s.hub.consensus.create_token(ttl).await?;
+    let token = s.hub.consensus().create_token(ttl).await?;
     Ok(Json(api::TokenResponse { token, expires_in_ms: ttl.as_millis() as u64 }))
 }
 
@@ -95,7 +96,7 @@ async fn drain(
     axum::extract::Query(q): axum::extract::Query<DrainQuery>,
 ) -> Result<Json<Vec<api::NodeInfo>>, error::ApiError> {
     use hubmesh_consensus::state::NodeStatus;
-    let state = s.hub.consensus.state();
+    let state = s.hub.consensus().state();
     let node = state.nodes.values().find(|n| n.name == name || n.id.0.to_string() == name).ok_or_else(|| {
         error::ApiError::not_found(format!("no hub named {name:?}")).hint("`hubmesh node list` shows the hubs")
     })?;
@@ -103,8 +104,8 @@ async fn drain(
         return Err(error::ApiError::no_quorum());
     }
     let status = if q.undo { NodeStatus::Up } else { NodeStatus::Draining };
-    s.hub.consensus.propose(hubmesh_consensus::Command::SetNodeStatus { node: node.id, status }).await?;
-    Ok(Json(s.hub.status().nodes))
+    s.hub.consensus().propose(hubmesh_consensus::Command::SetNodeStatus { node: node.id, status }).await?;
+    Ok(Json(views::status(&s.hub).nodes))
 }
 
 /// `DELETE /v1/nodes/{name}`: removes a hub for good (record, Raft membership, certificate).
@@ -112,17 +113,17 @@ async fn remove_node(
     State(s): State<ApiState>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<axum::http::StatusCode, error::ApiError> {
-    let state = s.hub.consensus.state();
+    let state = s.hub.consensus().state();
     let node = state.nodes.values().find(|n| n.name == name || n.id.0.to_string() == name).ok_or_else(|| {
         error::ApiError::not_found(format!("no hub named {name:?}")).hint("`hubmesh node list` shows the hubs")
     })?;
-    if node.id == s.hub.consensus.node_id() {
+    if node.id == s.hub.consensus().node_id() {
         return Err(error::ApiError::bad_request("a hub cannot remove itself").hint("ask another hub of the mesh"));
     }
     if !s.hub.has_quorum() {
         return Err(error::ApiError::no_quorum());
     }
-    s.hub.consensus.propose(hubmesh_consensus::Command::RemoveNode { node: node.id }).await?;
+    s.hub.consensus().propose(hubmesh_consensus::Command::RemoveNode { node: node.id }).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
@@ -134,7 +135,7 @@ async fn revoke_token(
     if !s.hub.has_quorum() {
         return Err(error::ApiError::no_quorum());
     }
-    match s.hub.consensus.revoke_token(&id).await {
+    match s.hub.consensus().revoke_token(&id).await {
         Ok(_) => Ok(axum::http::StatusCode::NO_CONTENT),
         Err(hubmesh_consensus::ProposeError::Rejected(r)) => Err(error::ApiError::not_found(r.to_string())),
         Err(e) => Err(e.into()),

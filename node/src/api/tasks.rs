@@ -9,21 +9,21 @@ use axum::Json;
 use hubmesh_proto::api;
 
 use super::error::ApiError;
-use super::ApiState;
+use super::{views, ApiState};
 
 /// Header carrying an idempotency key.
 pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const MAX_KEY: usize = 256;
 
 pub(crate) async fn list(State(s): State<ApiState>) -> Json<Vec<api::TaskInfo>> {
-    let state = s.hub.consensus.state();
-    Json(state.tasks.values().map(|r| s.hub.task_info(&state, r)).collect())
+    let state = s.hub.consensus().state();
+    Json(state.tasks.values().map(|r| views::task_info(&s.hub, &state, r)).collect())
 }
 
 pub(crate) async fn show(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<api::TaskInfo>, ApiError> {
-    let state = s.hub.consensus.state();
+    let state = s.hub.consensus().state();
     let record = state.tasks.get(&name).ok_or_else(|| ApiError::not_found(format!("no task named {name:?}")))?;
-    Ok(Json(s.hub.task_info(&state, record)))
+    Ok(Json(views::task_info(&s.hub, &state, record)))
 }
 
 /// `POST` creates a task, `PUT` publishes a new version of an existing one.
@@ -36,13 +36,16 @@ pub(crate) async fn deploy(
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let body = read_module(&s, body).await?;
-    let resp = s.hub.deploy(&name, &body, &params, method == Method::PUT).await?;
-    let status = if resp.created { StatusCode::CREATED } else { StatusCode::OK };
+    let deployed = s.hub.deploy(&name, &body, &params, method == Method::PUT).await?;
+    let state = s.hub.consensus().state();
+    let record = state.tasks.get(&name).ok_or_else(|| ApiError::not_found(format!("no task named {name:?}")))?;
+    let resp = api::DeployResponse { task: views::task_info(&s.hub, &state, record), created: deployed.created };
+    let status = if deployed.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(resp)).into_response())
 }
 
 async fn read_module(s: &ApiState, body: Body) -> Result<Bytes, ApiError> {
-    let limit = s.hub.config.executor.max_module_size.as_u64();
+    let limit = s.hub.config().executor.max_module_size.as_u64();
     axum::body::to_bytes(body, limit as usize).await.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -56,13 +59,13 @@ async fn read_module(s: &ApiState, body: Body) -> Result<Bytes, ApiError> {
 pub(crate) async fn remove(State(s): State<ApiState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     use hubmesh_consensus::state::Rejected;
     use hubmesh_consensus::{Command, ProposeError};
-    if !s.hub.consensus.state().tasks.contains_key(&name) {
+    if !s.hub.consensus().state().tasks.contains_key(&name) {
         return Err(ApiError::not_found(format!("no task named {name:?}")));
     }
     if !s.hub.has_quorum() {
         return Err(ApiError::no_quorum());
     }
-    match s.hub.consensus.propose(Command::DeleteTask { name: name.clone() }).await {
+    match s.hub.consensus().propose(Command::DeleteTask { name: name.clone() }).await {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
         Err(ProposeError::Rejected(Rejected::NoSuchTask(_))) => {
             Err(ApiError::not_found(format!("no task named {name:?}")))
@@ -124,9 +127,9 @@ pub(crate) async fn checkpoint(
     State(s): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Json<api::CheckpointResponse>, ApiError> {
-    if !s.hub.consensus.state().tasks.contains_key(&name) {
+    if !s.hub.consensus().state().tasks.contains_key(&name) {
         return Err(ApiError::not_found(format!("no task named {name:?}")));
     }
-    let c = s.hub.executor.checkpoint(&name).await?;
-    Ok(Json(api::CheckpointResponse { checkpoint: crate::hub::checkpoint_info(&c) }))
+    let c = s.hub.executor().checkpoint(&name).await?;
+    Ok(Json(api::CheckpointResponse { checkpoint: views::checkpoint_info(&c) }))
 }

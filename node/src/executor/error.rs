@@ -40,3 +40,23 @@ pub enum StartTaskError {
     #[error("restoring the task's checkpoint: {0}")]
     Restore(String),
 }
+
+/// Why a checkpoint was not committed for the mesh (the [`super::CheckpointSink`]'s answer).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// A newer epoch of the instance exists: this one was replaced and must not commit.
+    #[error("this instance was replaced (a newer epoch exists); its change is not committed")]
+    Replaced,
+    /// The instance is behind the committed checkpoint; it must return to it.
+    #[error("this instance is behind the committed checkpoint: {0}")]
+    Behind(String),
+    /// The task was deleted.
+    #[error("the task was deleted")]
+    Deleted,
+    /// Holders or the leader did not take it in time; a later checkpoint may.
+    #[error("the checkpoint could not be committed: {0}")]
+    NotCommitted(String),
+    /// The hub is shutting down.
+    #[error("the hub is shutting down")]
+    ShuttingDown,
+}

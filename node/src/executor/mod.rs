@@ -26,14 +26,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use hubmesh_consensus::state::{CheckpointPolicy, TaskKind};
 use hubmesh_storage::{Hash, PageLog};
 use wasmtime::{Engine, Linker};
 
 pub use engine::EngineLimits;
-pub use error::{InvokeError, StartTaskError};
+pub use error::{CommitError, InvokeError, StartTaskError};
 pub use instance::{Answer, InstanceLimits};
 pub use instrument::PrepareError;
 pub use stateful::StatefulStatus;
@@ -97,8 +97,7 @@ impl CheckpointSummary {
 
     /// Milliseconds since the checkpoint was taken.
     pub fn age_ms(&self) -> u64 {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        now.saturating_sub(self.created_unix_ms)
+        hubmesh_consensus::now_ms().saturating_sub(self.created_unix_ms)
     }
 }
 
@@ -137,7 +136,7 @@ pub struct LocalCheckpoint {
 /// them to the task's holders and commits their record in Raft. Called on the task's thread;
 /// `Ok` means committed for the mesh (a durable answer may go out).
 pub trait CheckpointSink: Send + Sync {
-    fn commit(&self, checkpoint: &LocalCheckpoint) -> Result<(), String>;
+    fn commit(&self, checkpoint: &LocalCheckpoint) -> Result<(), CommitError>;
 
     /// The key of `task`'s committed checkpoint as the mesh knows it (an instance whose commit
     /// failed returns to it).

@@ -10,7 +10,7 @@
 
 use std::sync::mpsc::{self, RecvTimeoutError, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use hubmesh_consensus::state::{checkpoint_key, parse_checkpoint_key, CheckpointPolicy};
 use hubmesh_consensus::Epoch;
@@ -76,10 +76,6 @@ struct Actor {
 
 /// Most input bytes of queued invocations a checkpoint carries.
 const PENDING_BYTES: usize = 8 << 20;
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
 
 impl StatefulTask {
     /// Restores the task from the checkpoint `restore` names (its manifest and pages must be in
@@ -439,7 +435,8 @@ impl Actor {
     fn checkpoint(&mut self) -> Result<CheckpointSummary, String> {
         let started = Instant::now();
         let sequence = self.sequence + 1;
-        let header = crate::checkpoint::image_header(&self.cfg, sequence, self.invocations, now_ms());
+        let header =
+            crate::checkpoint::image_header(&self.cfg, sequence, self.invocations, hubmesh_consensus::now_ms());
         let answers = self.answers.entries().map(|(k, a)| (k.clone(), a.clone())).collect();
         let pages = &self.pages;
         let (mut manifest, new_pages) =
@@ -518,7 +515,7 @@ impl Actor {
                 // The next checkpoint must carry this state again (periodic mode retries it, a
                 // stop takes it as the final one).
                 self.image.mark_all_changed();
-                return Err(e);
+                return Err(e.to_string());
             }
         }
         self.committed_key = Some(key);

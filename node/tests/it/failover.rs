@@ -344,10 +344,10 @@ fn push_frame(hash: &[u8; 32], len: u32, data: &[u8]) -> bytes::Bytes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_refuses_bad_checkpoint_pushes_and_stores_nothing() {
     use hubmesh_consensus::tls::{Identity, NodeKey};
-    use hubmesh_consensus::transport::{kind, RpcError, Transport};
+    use hubmesh_consensus::transport::{RpcError, StreamKind, Transport};
     use hubmesh_proto::{pb, Message};
-    // The checkpoint push stream kind (`replication::CKPT_PUSH`).
-    const PUSH: u32 = kind::FIRST_NODE_KIND + 2;
+    // Untyped, so that the test can send what no typed caller would.
+    const PUSH: StreamKind = StreamKind::CheckpointPush;
 
     let hubs = three_hubs("bp").await;
     deploy_counter(&hubs[0], "bp").await;
@@ -387,9 +387,9 @@ async fn a_holder_refuses_bad_checkpoint_pushes_and_stores_nothing() {
         .encode_to_vec()
     };
     let refused = |r: Result<Vec<u8>, RpcError>, code: pb::ErrorCode, says: &str| match r {
-        Err(RpcError::Remote { code: got, message }) => {
-            assert_eq!(got, code as i32, "{message}");
-            assert!(message.contains(says), "{message:?} does not say {says:?}");
+        Err(RpcError::Remote(r)) => {
+            assert_eq!(r.code, code, "{}", r.message);
+            assert!(r.message.contains(says), "{:?} does not say {says:?}", r.message);
         }
         other => panic!("expected a refusal saying {says:?}, got {other:?}"),
     };

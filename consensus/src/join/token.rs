@@ -1,13 +1,7 @@
-//! Join tokens and the join handshake (K3s-style: the token pins the CA before any secret is
-//! sent).
+//! The join token a user passes to `hubmesh up --join`:
 //!
 //! ```text
-//!  token  = HM1.<CA sha256 hex>.<token id>.<secret hex, 128 bits>.<member mesh address>
-//!  joiner --QUIC, server chain must end in the pinned CA--> member: JoinRequest{token id, secret,
-//!           node id, addresses, public key}
-//!  member: propose AdmitNode (the state machine checks secret hash, expiry, revocation, id)
-//!          --> sign a node certificate with the CA --> JoinResponse{CA, certificate}
-//!  leader's autopilot: add_learner(new hub), later promote it to voter
+//!  HM1.<CA sha256 hex>.<token id>.<secret hex, 128 bits>.<member mesh address>
 //! ```
 
 use std::net::SocketAddr;

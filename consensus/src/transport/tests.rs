@@ -7,11 +7,13 @@ use std::time::Duration;
 use hubmesh_proto::{pb, Message};
 
 use crate::tls::{fingerprint, CaMaterial, Identity, NodeKey};
-use crate::transport::{bulk_handler, handler, kind, BulkBody, Caller, RpcError, Transport};
+use crate::transport::{bulk_handler, handler, BulkBody, Caller, RpcError, StreamKind, Transport, MODULE_FETCH};
 
 const T: Duration = Duration::from_secs(5);
-const ECHO: u32 = kind::FIRST_NODE_KIND;
-const FRAMES: u32 = kind::FIRST_NODE_KIND + 1;
+/// The untyped echo handler of these tests rides on a kind a bare endpoint does not serve.
+const ECHO: StreamKind = StreamKind::ModuleFetch;
+/// The frame-counting bulk handler.
+const FRAMES: StreamKind = StreamKind::CheckpointPush;
 /// Frame size of the [`FRAMES`] bulk handler.
 const FRAME: usize = 64 << 10;
 
@@ -32,7 +34,7 @@ fn hub(ca: &CaMaterial, id: u64) -> Arc<Transport> {
             Ok([who.into_bytes(), b":".to_vec(), payload].concat())
         }),
     );
-    t.register(kind::JOIN, handler(|caller, _p| async move { Ok(format!("{caller:?}").into_bytes()) }));
+    t.register(StreamKind::Join, handler(|caller, _p| async move { Ok(format!("{caller:?}").into_bytes()) }));
     // Counts whole frames until the body ends and sums their bytes: "<header>:<frames>:<sum>".
     t.register_bulk(
         FRAMES,
@@ -61,8 +63,12 @@ async fn members_call_each_other_and_see_who_calls() {
     let out = a.call(2, ECHO, b"hi".to_vec(), T).await.unwrap();
     assert_eq!(out, b"member 1:hi");
     assert!(a.last_ok(2).is_some());
-    let err = a.call(2, 999, vec![], T).await.unwrap_err();
-    assert!(matches!(err, RpcError::Remote { code, .. } if code == pb::ErrorCode::BadRequest as i32), "{err:?}");
+    // A kind this endpoint does not serve, and a number no kind has.
+    let err = a.call(2, StreamKind::Propose, vec![], T).await.unwrap_err();
+    assert_eq!(err.code(), Some(pb::ErrorCode::BadRequest), "{err:?}");
+    let unknown = pb::MeshRequest { kind: 999, from: 1, payload: vec![] }.encode_to_vec();
+    let resp = pb::MeshResponse::decode(raw_stream(&a, 2, &unknown).await.as_slice()).unwrap();
+    assert_eq!(resp.code, pb::ErrorCode::BadRequest as i32, "{}", resp.message);
 }
 
 #[tokio::test]
@@ -172,11 +178,12 @@ async fn bad_bulk_streams_get_clear_errors() {
     let mut call = a.call_bulk(2, FRAMES, vec![]).await.unwrap();
     call.send(vec![1u8; FRAME + 10].into()).await.unwrap();
     let err = call.finish().await.unwrap_err();
-    assert!(matches!(&err, RpcError::Remote { message, .. } if message.contains("ended after 10")), "{err:?}");
-    // Unknown kind: refused, the sender's body is not read, and the sender learns why.
-    let err = a.call_bulk(2, 999, vec![]).await.unwrap().finish().await.unwrap_err();
-    assert!(matches!(&err, RpcError::Remote { code, .. } if *code == pb::ErrorCode::BadRequest as i32), "{err:?}");
-    let mut call = a.call_bulk(2, 999, vec![]).await.unwrap();
+    assert!(matches!(&err, RpcError::Remote(r) if r.message.contains("ended after 10")), "{err:?}");
+    // A kind without a bulk handler: refused, the sender's body is not read, and the sender
+    // learns why.
+    let err = a.call_bulk(2, StreamKind::CheckpointFetch, vec![]).await.unwrap().finish().await.unwrap_err();
+    assert_eq!(err.code(), Some(pb::ErrorCode::BadRequest), "{err:?}");
+    let mut call = a.call_bulk(2, StreamKind::CheckpointFetch, vec![]).await.unwrap();
     let sent = async {
         for _ in 0..4096 {
             call.send(vec![0u8; FRAME].into()).await?;
@@ -184,10 +191,7 @@ async fn bad_bulk_streams_get_clear_errors() {
         call.finish().await
     };
     let err = tokio::time::timeout(Duration::from_secs(30), sent).await.unwrap().unwrap_err();
-    assert!(
-        matches!(&err, RpcError::Remote { message, .. } if message.contains("unknown bulk stream kind")),
-        "{err:?}"
-    );
+    assert!(matches!(&err, RpcError::Remote(r) if r.message.contains("unknown bulk stream kind")), "{err:?}");
     // An oversized header length, a truncated header, a header that is not protobuf.
     for raw in [&b"\x00\xff\xff\xff\xff"[..], b"\x00\x10\x00\x00\x00abc", b"\x00\x02\x00\x00\x00\xff\xff"] {
         let resp = code(raw_stream(&a, 2, raw).await);
@@ -195,4 +199,36 @@ async fn bad_bulk_streams_get_clear_errors() {
     }
     // The endpoint goes on.
     assert_eq!(a.call(2, ECHO, b"ok".to_vec(), T).await.unwrap(), b"member 1:ok");
+}
+
+#[tokio::test]
+async fn typed_endpoints_decode_once_refuse_garbage_and_short_cut_to_this_hub() {
+    let ca = CaMaterial::generate().unwrap();
+    let serve = |t: &Transport| {
+        MODULE_FETCH.serve(t, |from, req: pb::ModuleFetchRequest| async move {
+            if req.hash.is_empty() {
+                return Err(crate::transport::Refusal::new(pb::ErrorCode::NotFound, "no such module")
+                    .with_hint(pb::ErrorHint { limit: 42, ..Default::default() }));
+            }
+            Ok(pb::ModuleFetchResponse { module: [from.0.to_le_bytes().to_vec(), req.hash].concat() })
+        })
+    };
+    let a = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, 1), 1).unwrap();
+    let b = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, 2), 2).unwrap();
+    serve(&a);
+    serve(&b);
+    a.set_peer(2, addr(&b));
+    let req = pb::ModuleFetchRequest { hash: b"h".to_vec() };
+    let remote = MODULE_FETCH.call(&a, 2, &req, T).await.unwrap();
+    assert_eq!(remote.module, [1u64.to_le_bytes().to_vec(), b"h".to_vec()].concat());
+    // To itself: the handler runs in process (no peer address is known for hub 1).
+    let local = MODULE_FETCH.call(&a, 1, &req, T).await.unwrap();
+    assert_eq!(local.module, [1u64.to_le_bytes().to_vec(), b"h".to_vec()].concat());
+    // A refusal comes back with its code and hint, not as text to parse.
+    let err = MODULE_FETCH.call(&a, 2, &pb::ModuleFetchRequest::default(), T).await.unwrap_err();
+    let RpcError::Remote(r) = err else { panic!("{err:?}") };
+    assert_eq!((r.code, r.hint.limit), (pb::ErrorCode::NotFound, 42));
+    // A payload that does not decode as the endpoint's request type is refused before the handler.
+    let err = a.call(2, StreamKind::ModuleFetch, vec![0xff, 0xff, 0xff], T).await.unwrap_err();
+    assert_eq!(err.code(), Some(pb::ErrorCode::BadRequest), "{err:?}");
 }

@@ -1,0 +1,387 @@
+//! `ClusterState`: everything the hubs agree on, and the commands that change it.
+//!
+//! [`ClusterState::apply`] is a pure function of the state and one command. It validates before
+//! it mutates, so a rejected command changes nothing. Time comes in the command (stamped by the
+//! proposer), never from the clock of the hub applying it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+mod records;
+
+pub use records::*;
+
+use crate::ids::{Epoch, NodeId};
+use crate::tls::CaMaterial;
+
+/// The replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub tasks: BTreeMap<String, TaskRecord>,
+    /// The last epoch handed out; the next placement gets `last_epoch + 1`.
+    pub last_epoch: Epoch,
+    /// The cluster CA, so that any member can admit a hub.
+    #[serde(default)]
+    pub ca: Option<CaMaterial>,
+    /// Join tokens by id.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, TokenRecord>,
+    /// Certificates of removed hubs (hex SHA-256): the mesh endpoint refuses them.
+    #[serde(default)]
+    pub revoked: std::collections::BTreeSet<String>,
+    /// Ids of removed hubs: they may not register or join again under that id.
+    #[serde(default)]
+    pub removed: std::collections::BTreeSet<NodeId>,
+    /// Time and reason for history events of the commands that follow in the same batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<(u64, String)>,
+}
+
+/// A change of the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Adds a hub or updates its addresses, labels and capacity.
+    RegisterNode { node: NodeRecord },
+    /// Creates or updates a task.
+    DeployTask { spec: TaskSpec, mode: DeployMode, at_ms: u64 },
+    /// Deletes a task and its placements.
+    DeleteTask { name: String },
+    /// Places (or re-places) one instance. `expected` is the epoch the proposer saw, so a
+    /// placement decided on a stale view is rejected instead of overriding a newer one.
+    PlaceInstance { task: String, instance: u32, node: NodeId, expected: Option<Epoch> },
+    /// The leader's choice of checkpoint holders for a task.
+    SetHolders { task: String, holders: Vec<NodeId> },
+    /// A checkpoint that its holders have stored; refused unless it comes from the instance's
+    /// current epoch, is newer than the last one and — when `based_on` is given — was built on
+    /// the committed one (an instance that restored a stale view must not commit over a newer
+    /// checkpoint it never saw).
+    CommitCheckpoint {
+        task: String,
+        record: CheckpointRecord,
+        #[serde(default)]
+        based_on: Option<BasedOn>,
+    },
+    /// Hubs that received a copy of the committed checkpoint after it was committed (a new
+    /// holder); ignored unless that checkpoint is still the committed one.
+    AddCheckpointCopies { task: String, epoch: Epoch, sequence: u64, nodes: Vec<NodeId> },
+    /// Stamps the time and reason of the next history events (sent with placements).
+    Note { at_ms: u64, reason: String },
+    /// Independent commands committed as one log entry (group commit); each has its own result.
+    Batch(Vec<Self>),
+    /// Records the cluster CA (once, by the first hub).
+    SetCa { ca: CaMaterial },
+    /// Creates a join token.
+    CreateToken { id: String, secret_hash: String, expires_ms: u64, at_ms: u64 },
+    /// Revokes a join token.
+    RevokeToken { id: String },
+    /// The leader's view of a hub's health.
+    SetNodeStatus { node: NodeId, status: NodeStatus },
+    /// Removes a hub for good: its record goes, its certificate is revoked, its instances are
+    /// left for the scheduler to re-place.
+    RemoveNode { node: NodeId },
+    /// Admits a joining hub that proved a token's secret.
+    AdmitNode { node: NodeRecord, token_id: String, secret_hash: String, at_ms: u64 },
+}
+
+/// What an applied command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Nothing to report (blank and membership entries).
+    Noop,
+    NodeRegistered,
+    Deployed {
+        version: u64,
+        created: bool,
+    },
+    Deleted,
+    Placed {
+        epoch: Epoch,
+    },
+    Batch(Vec<CommandResult>),
+    CaSet,
+    TokenCreated,
+    TokenRevoked,
+    Admitted,
+    Committed,
+}
+
+/// Why a command was refused. A refused command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejected {
+    /// A task with this name exists; deploy it as an explicit update.
+    #[error("task {0:?} already exists")]
+    TaskExists(String),
+    /// No task has this name.
+    #[error("no task named {0:?}")]
+    NoSuchTask(String),
+    /// No hub has this id.
+    #[error("no hub with id {0}")]
+    NoSuchNode(NodeId),
+    /// No such instance of the task.
+    #[error("task {task:?} has no instance {instance}")]
+    NoSuchInstance { task: String, instance: u32 },
+    /// A checkpoint built on another state than the committed checkpoint.
+    #[error("the checkpoint was built on {based_on:?}, but {committed:?} is committed")]
+    NotBasedOnCommitted { based_on: Option<(Epoch, u64)>, committed: Option<(Epoch, u64)> },
+    /// The placement changed since the proposer looked; re-read and decide again.
+    #[error("stale epoch: the instance is at epoch {current:?}")]
+    StaleEpoch { current: Option<Epoch> },
+    /// The command is malformed.
+    #[error("invalid command: {0}")]
+    Invalid(String),
+    /// The join token is unknown, expired, revoked or its secret is wrong.
+    #[error("join refused: {0}")]
+    BadToken(String),
+    /// This hub was removed from the mesh; it must join again with a new identity.
+    #[error("hub {0} was removed from the mesh; wipe its data dir and join again")]
+    Removed(NodeId),
+    /// Another hub already has this node id.
+    #[error("node id {0} is already taken by another hub")]
+    NodeIdTaken(NodeId),
+}
+
+/// The state machine's answer to one command.
+pub type CommandResult = Result<Outcome, Rejected>;
+
+/// Longest task name; names are also used in URLs and file names.
+pub const MAX_TASK_NAME: usize = 64;
+
+/// Checks a task name: 1–64 characters of `[a-z0-9_-]`, starting with a letter or digit.
+pub fn validate_task_name(name: &str) -> Result<(), Rejected> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_TASK_NAME
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(Rejected::Invalid(format!(
+            "task name {name:?} must be 1-{MAX_TASK_NAME} characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
+        )))
+    }
+}
+
+impl ClusterState {
+    /// Whether the state says hub `node` is up.
+    pub fn is_up(&self, node: NodeId) -> bool {
+        self.nodes.get(&node).is_some_and(|n| n.status == NodeStatus::Up)
+    }
+
+    /// Applies one command. Deterministic; on `Err` the state is unchanged.
+    pub fn apply(&mut self, cmd: &Command) -> CommandResult {
+        match cmd {
+            Command::RegisterNode { node } => {
+                if self.removed.contains(&node.id) {
+                    return Err(Rejected::Removed(node.id));
+                }
+                self.nodes.insert(node.id, node.clone());
+                Ok(Outcome::NodeRegistered)
+            }
+            Command::DeployTask { spec, mode, at_ms } => self.deploy(spec, *mode, *at_ms),
+            Command::DeleteTask { name } => {
+                self.tasks.remove(name).ok_or_else(|| Rejected::NoSuchTask(name.clone()))?;
+                Ok(Outcome::Deleted)
+            }
+            Command::PlaceInstance { task, instance, node, expected } => self.place(task, *instance, *node, *expected),
+            Command::SetHolders { task, holders } => {
+                let t = self.tasks.get_mut(task).ok_or_else(|| Rejected::NoSuchTask(task.clone()))?;
+                // The host is never its own holder (a plan made before a re-placement may say so).
+                let host = t.instances.get(&0).map(|p| p.node);
+                t.holders = holders.iter().copied().filter(|h| Some(*h) != host).collect();
+                Ok(Outcome::NodeRegistered)
+            }
+            Command::CommitCheckpoint { task, record, based_on } => self.commit_checkpoint(task, record, *based_on),
+            Command::AddCheckpointCopies { task, epoch, sequence, nodes } => {
+                let t = self.tasks.get_mut(task).ok_or_else(|| Rejected::NoSuchTask(task.clone()))?;
+                let Some(c) = t.checkpoint.as_mut().filter(|c| c.epoch == *epoch && c.sequence == *sequence) else {
+                    return Err(Rejected::Invalid("that checkpoint is no longer the committed one".into()));
+                };
+                for n in nodes {
+                    if !c.stored_on.contains(n) {
+                        c.stored_on.push(*n);
+                    }
+                }
+                Ok(Outcome::Committed)
+            }
+            Command::Note { at_ms, reason } => {
+                self.note = Some((*at_ms, reason.clone()));
+                Ok(Outcome::Noop)
+            }
+            Command::SetCa { ca } => {
+                if self.ca.is_some() {
+                    return Err(Rejected::Invalid("the mesh already has a CA".into()));
+                }
+                self.ca = Some(ca.clone());
+                Ok(Outcome::CaSet)
+            }
+            Command::CreateToken { id, secret_hash, expires_ms, at_ms } => {
+                if self.tokens.contains_key(id) {
+                    return Err(Rejected::Invalid(format!("token {id} exists")));
+                }
+                // Expired tokens are forgotten when a new one is made, so the map stays small.
+                self.tokens.retain(|_, t| t.expires_ms > *at_ms && !t.revoked);
+                let token = TokenRecord {
+                    secret_hash: secret_hash.clone(),
+                    created_ms: *at_ms,
+                    expires_ms: *expires_ms,
+                    revoked: false,
+                };
+                self.tokens.insert(id.clone(), token);
+                Ok(Outcome::TokenCreated)
+            }
+            Command::SetNodeStatus { node, status } => {
+                let n = self.nodes.get_mut(node).ok_or(Rejected::NoSuchNode(*node))?;
+                n.status = *status;
+                Ok(Outcome::NodeRegistered)
+            }
+            Command::RemoveNode { node } => {
+                let n = self.nodes.remove(node).ok_or(Rejected::NoSuchNode(*node))?;
+                self.removed.insert(*node);
+                if !n.cert_fingerprint.is_empty() {
+                    self.revoked.insert(n.cert_fingerprint);
+                }
+                Ok(Outcome::NodeRegistered)
+            }
+            Command::RevokeToken { id } => {
+                let t = self.tokens.get_mut(id).ok_or_else(|| Rejected::BadToken(format!("no token {id}")))?;
+                t.revoked = true;
+                Ok(Outcome::TokenRevoked)
+            }
+            Command::AdmitNode { node, token_id, secret_hash, at_ms } => {
+                let t = self.tokens.get(token_id).ok_or_else(|| Rejected::BadToken("unknown token".into()))?;
+                if t.revoked {
+                    return Err(Rejected::BadToken("the token was revoked".into()));
+                }
+                if t.expires_ms <= *at_ms {
+                    return Err(Rejected::BadToken("the token has expired".into()));
+                }
+                if &t.secret_hash != secret_hash {
+                    return Err(Rejected::BadToken("wrong secret".into()));
+                }
+                if node.id.0 == 0 || self.nodes.contains_key(&node.id) || self.removed.contains(&node.id) {
+                    return Err(Rejected::NodeIdTaken(node.id));
+                }
+                self.nodes.insert(node.id, node.clone());
+                Ok(Outcome::Admitted)
+            }
+            Command::Batch(cmds) => {
+                if cmds.iter().any(|c| matches!(c, Command::Batch(_))) {
+                    return Err(Rejected::Invalid("batches do not nest".into()));
+                }
+                let out = Outcome::Batch(cmds.iter().map(|c| self.apply(c)).collect());
+                self.note = None;
+                Ok(out)
+            }
+        }
+    }
+
+    fn next_epoch(&mut self) -> Epoch {
+        self.last_epoch = Epoch(self.last_epoch.0 + 1);
+        self.last_epoch
+    }
+
+    fn deploy(&mut self, spec: &TaskSpec, mode: DeployMode, at_ms: u64) -> CommandResult {
+        validate_task_name(&spec.name)?;
+        if spec.replicas == 0 || (spec.kind == TaskKind::Stateful && spec.replicas != 1) {
+            return Err(Rejected::Invalid(
+                "a stateful task has exactly one instance; a stateless one at least one".into(),
+            ));
+        }
+        if spec.limits.memory_bytes == 0 || spec.limits.timeout_ms == 0 {
+            return Err(Rejected::Invalid("memory and timeout limits must be positive".into()));
+        }
+        match (mode, self.tasks.contains_key(&spec.name)) {
+            (DeployMode::Create, true) => Err(Rejected::TaskExists(spec.name.clone())),
+            (DeployMode::Update, false) => Err(Rejected::NoSuchTask(spec.name.clone())),
+            (DeployMode::Create, false) => {
+                let record = TaskRecord {
+                    spec: spec.clone(),
+                    version: 1,
+                    created_ms: at_ms,
+                    updated_ms: at_ms,
+                    instances: BTreeMap::new(),
+                    holders: Vec::new(),
+                    checkpoint: None,
+                    history: Vec::new(),
+                };
+                self.tasks.insert(spec.name.clone(), record);
+                Ok(Outcome::Deployed { version: 1, created: true })
+            }
+            (DeployMode::Update, true) => {
+                let mut record = self.tasks.remove(&spec.name).expect("checked: the task exists");
+                if record.spec.module_hash != spec.module_hash {
+                    // The saved state belongs to the old module.
+                    record.checkpoint = None;
+                }
+                record.spec = spec.clone();
+                record.version += 1;
+                record.updated_ms = at_ms;
+                // New epochs fence the instances that still run the old version.
+                let nodes: Vec<(u32, NodeId)> = record.instances.iter().map(|(i, p)| (*i, p.node)).collect();
+                for (i, node) in nodes {
+                    let epoch = self.next_epoch();
+                    record.instances.insert(i, Placement { node, epoch });
+                }
+                let version = record.version;
+                self.tasks.insert(spec.name.clone(), record);
+                Ok(Outcome::Deployed { version, created: false })
+            }
+        }
+    }
+
+    fn place(&mut self, task: &str, instance: u32, node: NodeId, expected: Option<Epoch>) -> CommandResult {
+        if !self.nodes.contains_key(&node) {
+            return Err(Rejected::NoSuchNode(node));
+        }
+        let record = self.tasks.get(task).ok_or_else(|| Rejected::NoSuchTask(task.to_owned()))?;
+        if !record.spec.wanted().contains(&instance) {
+            return Err(Rejected::NoSuchInstance { task: task.to_owned(), instance });
+        }
+        let current = record.instances.get(&instance).map(|p| p.epoch);
+        if current != expected {
+            return Err(Rejected::StaleEpoch { current });
+        }
+        let epoch = self.next_epoch();
+        let (at_ms, reason) = self.note.clone().unwrap_or((0, "placed".into()));
+        let record = self.tasks.get_mut(task).expect("checked: the task exists");
+        record.instances.insert(instance, Placement { node, epoch });
+        // The new host must not keep its own checkpoints: it already has the state.
+        record.holders.retain(|h| *h != node);
+        let from_sequence = record.checkpoint.as_ref().map(|c| c.sequence);
+        record.history.push(HistoryEvent { at_ms, instance, node, epoch, reason, from_sequence });
+        if record.history.len() > MAX_HISTORY {
+            record.history.remove(0);
+        }
+        Ok(Outcome::Placed { epoch })
+    }
+
+    fn commit_checkpoint(&mut self, task: &str, record: &CheckpointRecord, based_on: Option<BasedOn>) -> CommandResult {
+        let t = self.tasks.get_mut(task).ok_or_else(|| Rejected::NoSuchTask(task.to_owned()))?;
+        if t.spec.kind != TaskKind::Stateful {
+            return Err(Rejected::Invalid(format!("task {task:?} is stateless")));
+        }
+        let current = t.instances.get(&0).map(|p| p.epoch);
+        if current != Some(record.epoch) || record.version != t.version {
+            return Err(Rejected::StaleEpoch { current });
+        }
+        if t.checkpoint.as_ref().is_some_and(|c| (c.epoch, c.sequence) >= (record.epoch, record.sequence)) {
+            return Err(Rejected::Invalid("the checkpoint is not newer than the committed one".into()));
+        }
+        let committed = t.checkpoint.as_ref().map(|c| (c.epoch, c.sequence));
+        if let Some(b) = based_on.filter(|b| b.checkpoint != committed) {
+            return Err(Rejected::NotBasedOnCommitted { based_on: b.checkpoint, committed });
+        }
+        t.checkpoint = Some(record.clone());
+        Ok(Outcome::Committed)
+    }
+
+    /// The placement of `task`'s instance `instance`, if placed.
+    pub fn placement(&self, task: &str, instance: u32) -> Option<Placement> {
+        self.tasks.get(task)?.instances.get(&instance).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests;

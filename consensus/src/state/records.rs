@@ -1,0 +1,230 @@
+//! The records the replicated state is made of: hubs, tasks with their placements and committed
+//! checkpoints, join tokens. Plain data; [`super::ClusterState::apply`] changes them.
+
+use std::collections::BTreeMap;
+
+use hubmesh_storage::Hash;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Epoch, NodeId};
+
+/// Whether a task keeps memory across invocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskKind {
+    /// One instance, memory persists, invocations run one at a time.
+    Stateful,
+    /// Interchangeable instances, invocations run concurrently.
+    Stateless,
+}
+
+/// How a stateful task's state is checkpointed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckpointPolicy {
+    /// Never: the state lives in memory only.
+    None,
+    /// Every `every_ms` milliseconds while the state changes.
+    Periodic { every_ms: u64 },
+    /// Before each answer.
+    Durable,
+}
+
+/// Per-task resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub timeout_ms: u64,
+    pub max_input_bytes: u64,
+    pub max_output_bytes: u64,
+    pub queue: u32,
+}
+
+/// What a user deployed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub name: String,
+    pub kind: TaskKind,
+    /// The module as run (instrumented by the hub that accepted the deploy).
+    pub module_hash: Hash,
+    /// The module as uploaded.
+    pub source_hash: Hash,
+    pub limits: Limits,
+    pub checkpoint: CheckpointPolicy,
+    /// Interval of `hm_tick`, if the module exports it.
+    pub tick_ms: Option<u64>,
+    /// Placement constraints: only hubs whose labels include all of these qualify.
+    #[serde(default)]
+    pub constraints: BTreeMap<String, String>,
+    /// Instances of a stateless task, each on its own hub (a stateful task has exactly 1).
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Hubs besides the host that keep each checkpoint of a stateful task (`--replicas-state`).
+    #[serde(default = "two")]
+    pub state_replicas: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn two() -> u32 {
+    2
+}
+
+/// The last checkpoint of a stateful task that the mesh has committed: the state a failover
+/// restores. Its key in every page log is [`CheckpointRecord::key`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// The task version whose module wrote it.
+    pub version: u64,
+    /// The placement epoch of the instance that wrote it.
+    pub epoch: Epoch,
+    pub sequence: u64,
+    /// blake3 of the encoded manifest.
+    pub manifest_hash: Hash,
+    /// Hubs that hold the manifest and all its pages (the writing host first).
+    pub stored_on: Vec<NodeId>,
+    /// Bytes of the pages the manifest refers to.
+    pub size_bytes: u64,
+    pub at_ms: u64,
+}
+
+impl CheckpointRecord {
+    /// The page-log key of this checkpoint's manifest.
+    pub fn key(&self, task: &str) -> String {
+        checkpoint_key(task, self.epoch, self.sequence)
+    }
+}
+
+/// The page-log key of the manifest of `task` written at `epoch` with `sequence`.
+pub fn checkpoint_key(task: &str, epoch: Epoch, sequence: u64) -> String {
+    format!("{task}/{}/{sequence}", epoch.0)
+}
+
+/// Splits a page-log key made by [`checkpoint_key`].
+pub fn parse_checkpoint_key(key: &str) -> Option<(&str, Epoch, u64)> {
+    let mut parts = key.rsplitn(3, '/');
+    let sequence = parts.next()?.parse().ok()?;
+    let epoch = Epoch(parts.next()?.parse().ok()?);
+    Some((parts.next()?, epoch, sequence))
+}
+
+impl TaskSpec {
+    /// The placements of the instances that should exist (index < replicas).
+    pub fn wanted(&self) -> std::ops::Range<u32> {
+        0..self.replicas.max(1)
+    }
+}
+
+impl TaskRecord {
+    /// Placements of the wanted instances, by index.
+    pub fn placements(&self) -> impl Iterator<Item = (u32, Placement)> + '_ {
+        let wanted = self.spec.wanted();
+        self.instances.iter().filter(move |(i, _)| wanted.contains(i)).map(|(i, p)| (*i, *p))
+    }
+}
+
+/// Where an instance runs, with its fencing epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub node: NodeId,
+    pub epoch: Epoch,
+}
+
+/// A task with its version history and placements.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub spec: TaskSpec,
+    /// 1 on creation, +1 per explicit update.
+    pub version: u64,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// Instance index -> placement. A stateful task has the single instance 0.
+    pub instances: BTreeMap<u32, Placement>,
+    /// Hubs the leader chose to keep this task's checkpoints (never its host).
+    #[serde(default)]
+    pub holders: Vec<NodeId>,
+    /// The last committed checkpoint.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointRecord>,
+    /// Placements and failovers, oldest first (the last [`MAX_HISTORY`]).
+    #[serde(default)]
+    pub history: Vec<HistoryEvent>,
+}
+
+/// Events kept per task.
+pub const MAX_HISTORY: usize = 32;
+
+/// A change of where a task's instance runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    pub at_ms: u64,
+    pub instance: u32,
+    pub node: NodeId,
+    pub epoch: Epoch,
+    /// `placed`, `failover` (its hub was down), `moved` (drain, labels) or `updated`.
+    pub reason: String,
+    /// The checkpoint sequence the instance starts from, if any.
+    pub from_sequence: Option<u64>,
+}
+
+/// Health of a hub as the leader sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeStatus {
+    Up,
+    Suspect,
+    Down,
+    Draining,
+}
+
+/// A hub of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub name: String,
+    pub api_addr: String,
+    /// Its mesh (QUIC) address.
+    #[serde(default)]
+    pub mesh_addr: String,
+    pub labels: BTreeMap<String, String>,
+    /// How many instances the hub offers to run.
+    pub slots: u32,
+    /// Memory the hub offers to task instances: the sum of their memory caps stays below it.
+    #[serde(default = "unlimited")]
+    pub memory_bytes: u64,
+    /// A witness votes but never runs tasks.
+    #[serde(default)]
+    pub witness: bool,
+    /// Hex SHA-256 of the hub's mesh certificate (revoked when the hub is removed).
+    #[serde(default)]
+    pub cert_fingerprint: String,
+    pub status: NodeStatus,
+}
+
+fn unlimited() -> u64 {
+    u64::MAX
+}
+
+/// A join token as the mesh remembers it: only a hash of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Hex SHA-256 of the secret.
+    pub secret_hash: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub revoked: bool,
+}
+
+/// The committed checkpoint a new one was built on: `(epoch, sequence)`, or none at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BasedOn {
+    pub checkpoint: Option<(Epoch, u64)>,
+}
+
+/// Whether a deploy creates a task or replaces an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeployMode {
+    /// The name must be free.
+    Create,
+    /// The task must exist; it gets a new version and its instances new epochs.
+    Update,
+}

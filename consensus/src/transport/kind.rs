@@ -1,0 +1,88 @@
+//! The registry of stream kinds: every kind of call the mesh endpoint carries, consensus's and
+//! the node's, numbered in this one place. The number is the first field of every request.
+
+/// What a stream carries, and so which handler answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum StreamKind {
+    /// openraft AppendEntries (consensus).
+    RaftAppend = 1,
+    /// openraft Vote (consensus).
+    RaftVote = 2,
+    /// openraft InstallSnapshot (consensus).
+    RaftSnapshot = 3,
+    /// A hub without a certificate asks to join (consensus); the only kind joiners may use.
+    Join = 4,
+    /// A follower forwards a proposal to the leader (consensus).
+    Propose = 5,
+    /// A module blob by hash (node data plane).
+    ModuleFetch = 100,
+    /// An invocation forwarded to the instance's host (node data plane).
+    InvokeForward = 101,
+    /// A checkpoint's manifest and pages, host to holder, as a bulk stream (node data plane).
+    CheckpointPush = 102,
+    /// A checkpoint's manifest and pages, holder to a new host (node data plane).
+    CheckpointFetch = 103,
+}
+
+impl StreamKind {
+    /// Every kind, for lookups and listings.
+    pub const ALL: [Self; 9] = [
+        Self::RaftAppend,
+        Self::RaftVote,
+        Self::RaftSnapshot,
+        Self::Join,
+        Self::Propose,
+        Self::ModuleFetch,
+        Self::InvokeForward,
+        Self::CheckpointPush,
+        Self::CheckpointFetch,
+    ];
+
+    /// The kind a request names, if it is one of ours.
+    pub fn from_wire(raw: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| *k as u32 == raw)
+    }
+
+    /// Whether a hub without a CA-signed certificate may use it.
+    pub fn open_to_joiners(self) -> bool {
+        self == Self::Join
+    }
+
+    /// A name for logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RaftAppend => "raft-append",
+            Self::RaftVote => "raft-vote",
+            Self::RaftSnapshot => "raft-snapshot",
+            Self::Join => "join",
+            Self::Propose => "propose",
+            Self::ModuleFetch => "module-fetch",
+            Self::InvokeForward => "invoke-forward",
+            Self::CheckpointPush => "checkpoint-push",
+            Self::CheckpointFetch => "checkpoint-fetch",
+        }
+    }
+}
+
+impl std::fmt::Display for StreamKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips_and_numbers_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for k in StreamKind::ALL {
+            assert_eq!(StreamKind::from_wire(k as u32), Some(k));
+            assert!(seen.insert(k as u32), "{k} is numbered twice");
+        }
+        assert_eq!(StreamKind::from_wire(0), None);
+        assert_eq!(StreamKind::from_wire(999), None);
+    }
+}

@@ -1,0 +1,400 @@
+//! The mesh's QUIC endpoint (quinn, mutual TLS): one per hub, carrying Raft RPCs, joins and the
+//! data plane. Every stream kind is numbered in [`StreamKind`]; typed [`Endpoint`]s pair a kind
+//! with its request and answer types and do the member check and decoding once. Consensus serves
+//! its own kinds; the node serves the data-plane kinds at boot, so consensus never depends on
+//! node.
+//!
+//! ```text
+//!  ENDPOINT.call(target, req) --cached connection to node-<target>.hubmesh--> open_bi
+//!      write pb::MeshRequest{kind, from, payload}, finish --> read pb::MeshResponse to the end
+//!      (code != 0: a Refusal{code, message, hint} --> RpcError::Remote)
+//!  accept loop (server) --> per connection: who is it (CA-signed certificate = member; none =
+//!      joiner, which may only JOIN) --> per stream: size-limited read, decode, dispatch by kind
+//!  BULK.open(target, header) --same connection--> a bulk stream (bulk): header, then the body
+//! ```
+//! A unary request never starts with 0x00 (a protobuf message starts with a field tag), so one
+//! byte tells unary and bulk streams apart.
+//!
+//! Nothing on this path panics on its input: garbage, truncated or oversized requests get an
+//! error response (or a closed stream) and the endpoint goes on.
+
+mod bulk;
+mod endpoint;
+mod error;
+mod kind;
+mod quic;
+mod server;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use hubmesh_proto::{pb, Message};
+use quinn::crypto::rustls::QuicClientConfig;
+
+pub use bulk::{BulkBody, BulkCall};
+pub use endpoint::{
+    BulkEndpoint, Endpoint, Json, TypedBulkCall, Wire, CHECKPOINT_FETCH, CHECKPOINT_PUSH, INVOKE_FORWARD, JOIN,
+    MODULE_FETCH, PROPOSE, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE,
+};
+pub use error::{Refusal, RpcError, TransportError};
+pub use kind::StreamKind;
+
+use crate::tls::{self, Identity};
+
+/// Largest request or response.
+pub const MAX_FRAME: usize = 64 << 20;
+/// Requests larger than this are sent at a lower stream priority than the rest.
+const BULK_BYTES: usize = 256 << 10;
+/// First byte of a bulk stream.
+const BULK_MARK: u8 = 0;
+/// Largest header of a bulk stream.
+pub const MAX_BULK_HEADER: usize = 4 << 20;
+
+/// Who sent a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A hub with a certificate signed by the cluster CA, claiming this id.
+    Member(u64),
+    /// A hub without a certificate: it may only join.
+    Joiner,
+}
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, Refusal>> + Send>>;
+/// An untyped request handler: the caller and the payload in, the answer's payload out. The
+/// node registers typed [`Endpoint`]s instead; this layer is for the transport's own tests.
+pub type Handler = Arc<dyn Fn(Caller, Vec<u8>) -> HandlerFuture + Send + Sync>;
+/// An untyped bulk-stream handler: the caller, the header, and the body to read.
+pub type BulkHandler = Arc<dyn Fn(Caller, Vec<u8>, BulkBody) -> HandlerFuture + Send + Sync>;
+
+/// Wraps an async closure as a [`Handler`].
+pub fn handler<F, Fut>(f: F) -> Handler
+where
+    F: Fn(Caller, Vec<u8>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<u8>, Refusal>> + Send + 'static,
+{
+    Arc::new(move |caller, payload| Box::pin(f(caller, payload)))
+}
+
+/// Wraps an async closure as a [`BulkHandler`].
+pub fn bulk_handler<F, Fut>(f: F) -> BulkHandler
+where
+    F: Fn(Caller, Vec<u8>, BulkBody) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<u8>, Refusal>> + Send + 'static,
+{
+    Arc::new(move |caller, header, body| Box::pin(f(caller, header, body)))
+}
+
+/// The endpoint.
+pub struct Transport {
+    endpoint: quinn::Endpoint,
+    node_id: u64,
+    /// Bound to a loopback address: every peer is on this machine.
+    loopback: bool,
+    member_client: RwLock<quinn::ClientConfig>,
+    peers: RwLock<HashMap<u64, SocketAddr>>,
+    conns: Mutex<HashMap<u64, quinn::Connection>>,
+    handlers: RwLock<HashMap<StreamKind, Handler>>,
+    bulk_handlers: RwLock<HashMap<StreamKind, BulkHandler>>,
+    last_ok: Mutex<HashMap<u64, Instant>>,
+    last_heard: Mutex<HashMap<u64, Instant>>,
+    revoked: RwLock<std::collections::HashSet<[u8; 32]>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Transport {
+    /// Binds the endpoint and starts accepting.
+    pub fn bind(addr: SocketAddr, identity: &Identity, node_id: u64) -> Result<Arc<Self>, TransportError> {
+        let loopback = addr.ip().is_loopback();
+        let (server, member_client) = quic::configs(identity, loopback)?;
+        let endpoint = quic::endpoint(server, addr).map_err(|source| TransportError::Bind { addr, source })?;
+        let t = Arc::new(Self {
+            endpoint,
+            node_id,
+            loopback,
+            member_client: RwLock::new(member_client),
+            peers: RwLock::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            handlers: RwLock::new(HashMap::new()),
+            bulk_handlers: RwLock::new(HashMap::new()),
+            last_ok: Mutex::new(HashMap::new()),
+            last_heard: Mutex::new(HashMap::new()),
+            revoked: RwLock::new(Default::default()),
+        });
+        tokio::spawn(server::accept_loop(Arc::downgrade(&t), t.endpoint.clone()));
+        Ok(t)
+    }
+
+    /// Replaces the certificate this endpoint presents and trusts (a joiner, once admitted).
+    pub fn set_identity(&self, identity: &Identity) -> Result<(), TransportError> {
+        let (server, client) = quic::configs(identity, self.loopback)?;
+        self.endpoint.set_server_config(Some(server));
+        *self.member_client.write().unwrap_or_else(|p| p.into_inner()) = client;
+        lock(&self.conns).clear();
+        Ok(())
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// This hub's node id.
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// Registers the untyped handler of `kind` (see [`Endpoint::serve`] for the typed one).
+    pub fn register(&self, kind: StreamKind, h: Handler) {
+        self.handlers.write().unwrap_or_else(|p| p.into_inner()).insert(kind, h);
+    }
+
+    /// Registers the untyped bulk-stream handler of `kind` (see [`BulkEndpoint::serve`]).
+    pub fn register_bulk(&self, kind: StreamKind, h: BulkHandler) {
+        self.bulk_handlers.write().unwrap_or_else(|p| p.into_inner()).insert(kind, h);
+    }
+
+    /// Records where `node` listens.
+    pub fn set_peer(&self, node: u64, addr: SocketAddr) {
+        let old = self.peers.write().unwrap_or_else(|p| p.into_inner()).insert(node, addr);
+        if old.is_some_and(|o| o != addr) {
+            lock(&self.conns).remove(&node);
+        }
+    }
+
+    /// The largest UDP payload the connection to `node` currently uses (MTU discovery's result).
+    pub fn path_mtu(&self, node: u64) -> Option<u16> {
+        lock(&self.conns).get(&node).map(|c| c.stats().path.current_mtu)
+    }
+
+    /// When a call to `node` last succeeded.
+    pub fn last_ok(&self, node: u64) -> Option<Instant> {
+        lock(&self.last_ok).get(&node).copied()
+    }
+
+    /// Replaces the set of revoked certificate fingerprints (removed hubs).
+    pub fn set_revoked(&self, revoked: impl IntoIterator<Item = [u8; 32]>) {
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked.into_iter().collect();
+    }
+
+    /// When `node` last sent this hub a request.
+    pub fn last_heard(&self, node: u64) -> Option<Instant> {
+        lock(&self.last_heard).get(&node).copied()
+    }
+
+    /// Calls `kind` on `target` with `payload` (untyped; see [`Endpoint::call`]).
+    pub async fn call(
+        &self,
+        target: u64,
+        kind: StreamKind,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, RpcError> {
+        self.call_unless(target, kind, payload, timeout, std::future::pending()).await
+    }
+
+    /// Like [`call`](Self::call), but stops waiting when `give_up` completes: with
+    /// [`RpcError::NotDelivered`] if the peer had not yet acknowledged every byte of the request
+    /// (it cannot have run it, so the caller may safely try elsewhere), else with `Timeout`.
+    pub async fn call_unless(
+        &self,
+        target: u64,
+        kind: StreamKind,
+        payload: Vec<u8>,
+        timeout: Duration,
+        give_up: impl Future<Output = ()>,
+    ) -> Result<Vec<u8>, RpcError> {
+        let delivered = std::sync::atomic::AtomicBool::new(false);
+        let res = tokio::select! {
+            // Giving up is checked first: if it is already due, the request is never sent.
+            biased;
+            () = give_up => {
+                if delivered.load(std::sync::atomic::Ordering::Acquire) {
+                    Err(RpcError::Timeout)
+                } else {
+                    Err(RpcError::NotDelivered(target))
+                }
+            }
+            r = tokio::time::timeout(timeout, self.call_inner(target, kind, payload, &delivered)) => {
+                r.unwrap_or(Err(RpcError::Timeout))
+            }
+        };
+        match &res {
+            Ok(_) | Err(RpcError::Remote { .. }) => {
+                lock(&self.last_ok).insert(target, Instant::now());
+            }
+            Err(RpcError::Unreachable(..)) | Err(RpcError::Timeout) | Err(RpcError::NotDelivered(_)) => {
+                lock(&self.conns).remove(&target);
+            }
+            Err(RpcError::Protocol(_)) => {}
+        }
+        res
+    }
+
+    async fn call_inner(
+        &self,
+        target: u64,
+        kind: StreamKind,
+        payload: Vec<u8>,
+        delivered: &std::sync::atomic::AtomicBool,
+    ) -> Result<Vec<u8>, RpcError> {
+        let conn = self.connection(target).await?;
+        let req = pb::MeshRequest { kind: kind as u32, from: self.node_id, payload };
+        exchange(&conn, &req.encode_to_vec(), Some(delivered)).await.map_err(|e| match e {
+            // Lost after the peer had the whole request: it may have acted on it.
+            Exchange::Lost(_) if delivered.load(std::sync::atomic::Ordering::Acquire) => RpcError::Timeout,
+            Exchange::Lost(m) => RpcError::Unreachable(target, m),
+            Exchange::Bad(m) => RpcError::Protocol(m),
+            Exchange::Remote(e) => e,
+        })
+    }
+
+    async fn connection(&self, target: u64) -> Result<quinn::Connection, RpcError> {
+        if let Some(c) = lock(&self.conns).get(&target) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let addr = self
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&target)
+            .copied()
+            .ok_or_else(|| RpcError::Unreachable(target, "no known address".into()))?;
+        let connecting = self
+            .endpoint
+            .connect_with(
+                self.member_client.read().unwrap_or_else(|p| p.into_inner()).clone(),
+                addr,
+                &tls::server_name(target),
+            )
+            .map_err(|e| RpcError::Unreachable(target, e.to_string()))?;
+        let conn = connecting.await.map_err(|e| RpcError::Unreachable(target, e.to_string()))?;
+        lock(&self.conns).insert(target, conn.clone());
+        Ok(conn)
+    }
+
+    /// A call to this hub itself: its handler runs in process, without QUIC (Garage's local
+    /// short-cut). Bounded by `timeout` like a remote call.
+    async fn call_local(&self, kind: StreamKind, payload: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, RpcError> {
+        let h = self.handlers.read().unwrap_or_else(|p| p.into_inner()).get(&kind).cloned();
+        let h = h.ok_or_else(|| Refusal::bad_request(format!("stream kind {kind} is not served here")))?;
+        match tokio::time::timeout(timeout, h(Caller::Member(self.node_id), payload)).await {
+            Ok(r) => r.map_err(RpcError::Remote),
+            Err(_) => Err(RpcError::Timeout),
+        }
+    }
+
+    /// A joiner's call: no certificate, the server's chain must end in the pinned CA.
+    pub async fn call_as_joiner(
+        &self,
+        addr: SocketAddr,
+        ca_fingerprint: [u8; 32],
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, RpcError> {
+        let fut = async {
+            let crypto = QuicClientConfig::try_from(
+                tls::join_client_config(ca_fingerprint).map_err(|e| RpcError::Protocol(e.to_string()))?,
+            )
+            .map_err(|e| RpcError::Protocol(e.to_string()))?;
+            let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+            cfg.transport_config(quic::transport_config(self.loopback));
+            let conn = self
+                .endpoint
+                .connect_with(cfg, addr, tls::JOIN_SERVER_NAME)
+                .map_err(|e| RpcError::Unreachable(0, e.to_string()))?
+                .await
+                .map_err(|e| RpcError::Unreachable(0, e.to_string()))?;
+            let req = pb::MeshRequest { kind: StreamKind::Join as u32, from: 0, payload };
+            let res = exchange(&conn, &req.encode_to_vec(), None).await;
+            conn.close(0u32.into(), b"joined");
+            res.map_err(|e| match e {
+                Exchange::Lost(m) => RpcError::Unreachable(0, m),
+                Exchange::Bad(m) => RpcError::Protocol(m),
+                Exchange::Remote(e) => e,
+            })
+        };
+        tokio::time::timeout(timeout, fut).await.unwrap_or(Err(RpcError::Timeout))
+    }
+
+    /// Drops every handler (they hold the Raft handle, which holds this endpoint: clearing them
+    /// breaks that cycle at shutdown).
+    pub fn clear_handlers(&self) {
+        self.handlers.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.bulk_handlers.write().unwrap_or_else(|p| p.into_inner()).clear();
+        lock(&self.conns).clear();
+    }
+
+    /// Closes the endpoint.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+}
+
+enum Exchange {
+    Lost(String),
+    Bad(String),
+    Remote(RpcError),
+}
+
+/// One request and its answer on a new stream. `delivered` is set once the peer has acknowledged
+/// the whole request (an answer implies it too).
+async fn exchange(
+    conn: &quinn::Connection,
+    request: &[u8],
+    delivered: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Vec<u8>, Exchange> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Exchange::Lost(e.to_string()))?;
+    if request.len() > BULK_BYTES {
+        // Checkpoint pages must not hold up Raft heartbeats on the same connection.
+        let _ = send.set_priority(-1);
+    }
+    send.write_all(request).await.map_err(|e| Exchange::Lost(e.to_string()))?;
+    send.finish().map_err(|e| Exchange::Lost(e.to_string()))?;
+    let acked = send.stopped();
+    let read = recv.read_to_end(MAX_FRAME);
+    tokio::pin!(acked, read);
+    let mut watching = delivered.is_some();
+    let raw = loop {
+        tokio::select! {
+            r = &mut read => break r,
+            s = &mut acked, if watching => {
+                watching = false;
+                if let (Ok(None), Some(flag)) = (s, delivered) {
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+        }
+    };
+    if let (Ok(_), Some(flag)) = (&raw, delivered) {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+    }
+    let raw = raw.map_err(|e| Exchange::Lost(e.to_string()))?;
+    let mut resp = pb::MeshResponse::decode(raw.as_slice()).map_err(|e| Exchange::Bad(e.to_string()))?;
+    match Refusal::from_response(&mut resp) {
+        Some(refusal) => Err(Exchange::Remote(RpcError::Remote(refusal))),
+        None => Ok(resp.payload),
+    }
+}
+
+#[cfg(test)]
+impl Transport {
+    /// Sends raw bytes on a fresh stream to `target` and returns the raw answer.
+    pub(crate) async fn raw_exchange_for_tests(&self, target: u64, bytes: &[u8]) -> Vec<u8> {
+        let conn = self.connection(target).await.expect("connected");
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        send.write_all(bytes).await.expect("write");
+        send.finish().expect("finish");
+        recv.read_to_end(MAX_FRAME).await.expect("answer")
+    }
+}

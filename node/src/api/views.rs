@@ -1,0 +1,163 @@
+//! The API's views of the mesh: task listings, status and node tables, built from the
+//! replicated state and this hub's executor. The one place where domain records become the HTTP
+//! API's JSON bodies.
+
+use hubmesh_consensus::state::{CheckpointPolicy, NodeStatus, TaskKind, TaskRecord};
+use hubmesh_consensus::ClusterState;
+use hubmesh_proto::api;
+
+use crate::executor::CheckpointSummary;
+use crate::hub::Hub;
+use crate::scheduler;
+
+/// The API's view of a checkpoint.
+pub(crate) fn checkpoint_info(c: &CheckpointSummary) -> api::CheckpointInfo {
+    api::CheckpointInfo {
+        sequence: c.sequence,
+        epoch: c.epoch,
+        age_ms: c.age_ms(),
+        size_bytes: c.size_bytes,
+        pages: c.pages,
+        invocations: c.invocations,
+    }
+}
+
+/// This hub's view of a task, for `task list`.
+pub(crate) fn task_info(hub: &Hub, state: &ClusterState, record: &TaskRecord) -> api::TaskInfo {
+    let spec = &record.spec;
+    let name = &spec.name;
+    let info = |p: &hubmesh_consensus::state::Placement| api::PlacementInfo {
+        node_id: p.node.0,
+        node_name: state.nodes.get(&p.node).map(|n| n.name.clone()).unwrap_or_default(),
+        epoch: p.epoch.0,
+    };
+    let instances: Vec<api::PlacementInfo> = record.placements().map(|(_, p)| info(&p)).collect();
+    let placement = record.instances.get(&0).map(info);
+    let local = hub.executor().status(name);
+    let failure = hub.start_failure(name).map(|f| f.to_string());
+    let here = record.placements().any(|(_, p)| p.node == hub.consensus().node_id());
+    let (state_text, reason) = if let Some(reason) = scheduler::pending_reason(state, name) {
+        ("pending", Some(reason.to_string()))
+    } else if let Some(f) = failure.filter(|_| here) {
+        ("failed", Some(f))
+    } else if let Some(broken) = local.as_ref().and_then(|s| s.broken.clone()) {
+        ("failed", Some(broken))
+    } else if here && local.as_ref().is_none_or(|s| s.config.version != record.version) {
+        ("starting", None)
+    } else {
+        ("running", None)
+    };
+    let (checkpoint, checkpoint_every_ms) = match spec.checkpoint {
+        CheckpointPolicy::None => (api::CheckpointMode::None, None),
+        CheckpointPolicy::Periodic { every_ms } => (api::CheckpointMode::Periodic, Some(every_ms)),
+        CheckpointPolicy::Durable => (api::CheckpointMode::Durable, None),
+    };
+    api::TaskInfo {
+        name: name.clone(),
+        version: record.version,
+        kind: match spec.kind {
+            TaskKind::Stateful => api::TaskKind::Stateful,
+            TaskKind::Stateless => api::TaskKind::Stateless,
+        },
+        checkpoint,
+        checkpoint_every_ms,
+        tick_ms: spec.tick_ms,
+        constraints: spec.constraints.clone(),
+        module_hash: spec.module_hash.to_hex(),
+        source_hash: spec.source_hash.to_hex(),
+        limits: api::LimitsInfo {
+            memory_bytes: spec.limits.memory_bytes,
+            timeout_ms: spec.limits.timeout_ms,
+            max_input_bytes: spec.limits.max_input_bytes,
+            max_output_bytes: spec.limits.max_output_bytes,
+            queue: spec.limits.queue,
+        },
+        state: state_text.into(),
+        reason,
+        placement,
+        replicas: spec.replicas,
+        instances,
+        last_checkpoint: local.as_ref().and_then(|s| s.last_checkpoint.as_ref()).map(checkpoint_info),
+        invocations: local.map_or(0, |s| s.invocations),
+        holders: record.holders.iter().map(|n| n.0).collect(),
+        committed: record.checkpoint.as_ref().map(|c| api::CommittedCheckpointInfo {
+            sequence: c.sequence,
+            epoch: c.epoch.0,
+            age_ms: hubmesh_consensus::now_ms().saturating_sub(c.at_ms),
+            size_bytes: c.size_bytes,
+            stored_on: c.stored_on.iter().map(|n| n.0).collect(),
+        }),
+        history: record
+            .history
+            .iter()
+            .map(|h| api::HistoryInfo {
+                at_ms: h.at_ms,
+                instance: h.instance,
+                node_id: h.node.0,
+                node_name: state.nodes.get(&h.node).map(|n| n.name.clone()).unwrap_or_default(),
+                epoch: h.epoch.0,
+                reason: h.reason.clone(),
+                from_sequence: h.from_sequence,
+            })
+            .collect(),
+    }
+}
+
+/// `GET /v1/status`.
+pub(crate) fn status(hub: &Hub) -> api::StatusInfo {
+    let state = hub.consensus().state();
+    let mesh = hub.consensus().status();
+    let mut tasks_placed = 0;
+    let mut tasks_pending = 0;
+    for name in state.tasks.keys() {
+        if scheduler::pending_reason(&state, name).is_some() {
+            tasks_pending += 1;
+        } else {
+            tasks_placed += 1;
+        }
+    }
+    api::StatusInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        node_id: mesh.node_id,
+        name: hub.config().name.clone(),
+        leader: mesh.leader,
+        term: mesh.term,
+        last_applied: mesh.last_applied,
+        voters: mesh.voters.clone(),
+        nodes: nodes(&state, &mesh.voters, mesh.leader),
+        tasks_total: state.tasks.len() as u32,
+        tasks_placed,
+        tasks_pending,
+        uptime_ms: hub.uptime().as_millis() as u64,
+    }
+}
+
+fn nodes(state: &ClusterState, voters: &[u64], leader: Option<u64>) -> Vec<api::NodeInfo> {
+    state
+        .nodes
+        .values()
+        .map(|n| {
+            let role = if leader == Some(n.id.0) {
+                "leader"
+            } else if n.witness {
+                "witness"
+            } else if voters.contains(&n.id.0) {
+                "voter"
+            } else {
+                "learner"
+            };
+            let instances =
+                state.tasks.values().flat_map(|t| t.instances.values()).filter(|p| p.node == n.id).count() as u32;
+            api::NodeInfo {
+                id: n.id.0,
+                name: n.name.clone(),
+                api_addr: n.api_addr.clone(),
+                role: match n.status {
+                    NodeStatus::Up => role.into(),
+                    other => format!("{role} ({other:?})").to_lowercase(),
+                },
+                instances,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,115 @@
+//! Checkpoint replication: a stateful task's checkpoints go from its host to the holders the
+//! leader chose, and a checkpoint counts only once its record is committed in Raft.
+//!
+//! ```text
+//!  actor thread: checkpoint -> local page log (fdatasync) -> Replicator::commit: the commit runs
+//!     on the hub's runtime (push::commit) while the actor thread waits for its result
+//!     for each holder, in parallel, one bulk stream:
+//!        CHECKPOINT_PUSH header{task, key, manifest, refs, keep}, body: the checkpoint's new pages
+//!          (read and verified once for all holders by a blocking thread a few pages ahead)
+//!        holder: verifies each page's blake3 and appends them 8 MiB at a time as they arrive;
+//!          at the end stores the manifest (one fdatasync) only if it has all its pages, else
+//!          answers the missing ones, which the host sends to it alone in the next round;
+//!          the pages are pinned in its page log until then (a compaction must keep them)
+//!     all holders have it -> propose CommitCheckpoint{task, epoch, sequence, manifest hash, stored_on}
+//!       the state machine refuses a stale epoch: a replaced host can never commit
+//!     committed -> the durable answer goes out
+//!
+//!  new host (failover): the record names the key and the hubs that store it
+//!     manifest and pages missing or corrupt locally -> CHECKPOINT_FETCH from those hubs, verified
+//!     -> written to the local page log -> the instance restores from that key
+//! ```
+//!
+//! | module   | job                                                                        |
+//! |----------|----------------------------------------------------------------------------|
+//! | `push`   | the host: commit = push to every holder, then propose the record           |
+//! | `holder` | a holder: receive a push, verify, store                                    |
+//! | `fetch`  | a new host: put the committed checkpoint together; holders serve it        |
+//! | `upkeep` | one worker: copies to new holders, and garbage (manifests of deleted tasks, |
+//! |          | of older epochs, older than the committed checkpoint)                      |
+//!
+//! Pages nothing refers to go at the page log's next compaction.
+
+mod fetch;
+mod holder;
+mod push;
+mod upkeep;
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use hubmesh_consensus::transport::{Refusal, CHECKPOINT_FETCH, CHECKPOINT_PUSH};
+
+pub(crate) use fetch::fetch_checkpoint;
+pub(crate) use upkeep::run as upkeep;
+
+use crate::dataplane::alive;
+use crate::executor::{CheckpointSink, CommitError, LocalCheckpoint};
+use crate::hub::Hub;
+
+/// Pages per fetch message (8 MiB of 64 KiB pages), well under the transport's frame limit.
+const PAGES_PER_MESSAGE: usize = 128;
+/// Bytes of pages a holder stores per write while the rest of a push arrives.
+const BATCH_BYTES: usize = 8 << 20;
+/// Pages the host reads ahead of a push stream.
+const PAGES_READ_AHEAD: usize = 32;
+/// A page frame's head: its hash and its length.
+const FRAME_HEAD: usize = 36;
+/// Largest page a holder accepts (checkpoint pages are 64 KiB).
+const MAX_PAGE: usize = 1 << 20;
+/// Rounds of "you still lack these" before a holder counts as failed.
+const PUSH_ROUNDS: usize = 4;
+/// Time for one message to a holder.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The node's [`CheckpointSink`]: replicates, then commits the record.
+pub(crate) struct Replicator {
+    hub: Weak<Hub>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Replicator {
+    pub(crate) fn new(hub: &Arc<Hub>) -> Self {
+        Self { hub: Arc::downgrade(hub), runtime: tokio::runtime::Handle::current() }
+    }
+}
+
+impl CheckpointSink for Replicator {
+    fn commit(&self, checkpoint: &LocalCheckpoint) -> Result<(), CommitError> {
+        let hub = self.hub.upgrade().ok_or(CommitError::ShuttingDown)?;
+        // The commit runs on the hub's runtime; the actor thread (not a runtime thread) only
+        // waits for its result.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let checkpoint = checkpoint.clone();
+        self.runtime.spawn(async move {
+            let _ = tx.send(push::commit(&hub, &checkpoint).await);
+        });
+        rx.blocking_recv().map_err(|_| CommitError::ShuttingDown)?
+    }
+
+    fn committed_key(&self, task: &str) -> Option<String> {
+        let hub = self.hub.upgrade()?;
+        let state = hub.consensus().state();
+        state.tasks.get(task)?.checkpoint.as_ref().map(|r| r.key(task))
+    }
+}
+
+/// Serves the holder-side endpoints; called once at boot.
+pub(crate) fn register(hub: &Arc<Hub>) {
+    let transport = hub.consensus().transport();
+    let h = Arc::downgrade(hub);
+    CHECKPOINT_PUSH.serve(&transport, move |_from, req, body| {
+        let h = h.clone();
+        async move { holder::receive_push(&*alive(&h)?, req, body).await }
+    });
+    let h = Arc::downgrade(hub);
+    CHECKPOINT_FETCH.serve(&transport, move |_from, req| {
+        let h = h.clone();
+        async move {
+            let log = alive(&h)?.executor().pages().clone();
+            tokio::task::spawn_blocking(move || fetch::serve_fetch(&log, req))
+                .await
+                .map_err(|e| Refusal::internal(e.to_string()))?
+        }
+    });
+}

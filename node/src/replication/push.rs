@@ -1,0 +1,277 @@
+//! The host's side: a checkpoint goes to every holder over one bulk stream each, then its record
+//! is proposed. The first round reads and verifies each new page once, on a blocking thread a few
+//! pages ahead, and streams it to every holder; pages one holder still lacks afterwards go to that
+//! holder alone. A holder the leader marks down is skipped (and refilled later by `upkeep`).
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use hubmesh_consensus::state::{parse_checkpoint_key, BasedOn, CheckpointRecord, NodeStatus};
+use hubmesh_consensus::transport::{RpcError, CHECKPOINT_PUSH};
+use hubmesh_consensus::{ClusterState, Command, Epoch, NodeId, ProposeError, Rejected};
+use hubmesh_proto::pb;
+use hubmesh_storage::Hash;
+use tokio::time::Instant;
+
+use super::{CALL_TIMEOUT, FRAME_HEAD, PAGES_READ_AHEAD, PUSH_ROUNDS};
+use crate::executor::{CommitError, LocalCheckpoint};
+use crate::hub::Hub;
+
+/// Replicates `c` to the task's holders and commits its record, retrying (holders change when
+/// one dies, leaders change) until the propose timeout has passed twice.
+pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitError> {
+    let started = Instant::now();
+    let deadline = started + hub.config().timeouts.resolve().propose * 2;
+    let me = hub.consensus().node_id();
+    let manifest_hash = Hash::of(&c.manifest);
+    let mut last_error;
+    loop {
+        let state = hub.consensus().state();
+        let task = state.tasks.get(&c.task).ok_or(CommitError::Deleted)?;
+        let current = task.instances.get(&0).copied();
+        if !current.is_some_and(|p| p.node == me && p.epoch.0 == c.epoch) {
+            return Err(CommitError::Replaced);
+        }
+        if let Some(r) = task.checkpoint.as_ref().filter(|r| r.epoch.0 == c.epoch && r.sequence == c.sequence) {
+            if r.manifest_hash == manifest_hash {
+                return Ok(()); // an earlier attempt whose answer was lost did commit
+            }
+            // Another state under this checkpoint's name (an instance that restarted from a
+            // stale view of the committed checkpoint): this one can never commit.
+            return Err(CommitError::Behind(format!("checkpoint {} was committed with other contents", c.key)));
+        }
+        let holders: Vec<NodeId> = task.holders.iter().copied().filter(|h| *h != me).collect();
+        // Until the leader has chosen as many holders as the mesh allows, committing would keep
+        // fewer copies than asked for.
+        let wanted = (task.spec.state_replicas as usize).min(eligible_holders(&state, me));
+        // The newest checkpoint known committed: this hub's state may not have applied the
+        // actor's last commit yet, which the actor itself knows.
+        let keep = [task.checkpoint.as_ref().map(|r| r.key(&c.task)), c.committed_key.clone()]
+            .into_iter()
+            .flatten()
+            .max_by_key(|k| parse_checkpoint_key(k).map(|(_, e, s)| (e, s)))
+            .unwrap_or_default();
+        // A holder the leader marked down gets no push (it is refilled when it returns), so a
+        // dead holder that cannot be replaced does not stall every commit of the task.
+        let live: Vec<NodeId> = holders.iter().copied().filter(|h| state.is_up(*h)).collect();
+        if live.len() < wanted {
+            last_error = format!("waiting for the leader to choose holders ({} of {wanted} up)", live.len());
+        } else {
+            let results = push_all(hub, &live, c, &keep).await;
+            let mut stored: Vec<NodeId> = Vec::new();
+            let mut failed = Vec::new();
+            for (h, r) in live.iter().zip(results) {
+                match r {
+                    Ok(()) => stored.push(*h),
+                    Err(e) => failed.push((*h, e)),
+                }
+            }
+            // A push abandoned because its holder went down meanwhile does not count against the
+            // commit, as long as the copies that were made are as many as the mesh allows now.
+            let now = hub.consensus().state();
+            let wanted_now = (task.spec.state_replicas as usize).min(eligible_holders(&now, me));
+            let still_up: Vec<String> = failed.iter().filter(|(h, _)| now.is_up(*h)).map(|(_, e)| e.clone()).collect();
+            if still_up.is_empty() && stored.len() >= wanted_now {
+                let record = CheckpointRecord {
+                    version: c.version,
+                    epoch: Epoch(c.epoch),
+                    sequence: c.sequence,
+                    manifest_hash,
+                    stored_on: std::iter::once(me).chain(stored).collect(),
+                    size_bytes: c.size_bytes,
+                    at_ms: c.created_ms,
+                };
+                crate::faults::crash_point("crash-before-checkpoint-commit");
+                let based_on = BasedOn {
+                    checkpoint: c.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s)),
+                };
+                let cmd = Command::CommitCheckpoint { task: c.task.clone(), record, based_on: Some(based_on) };
+                match hub.consensus().propose(cmd).await {
+                    Ok(_) => {
+                        crate::faults::crash_point("crash-after-checkpoint-commit");
+                        metrics::histogram!("hubmesh_checkpoint_commit_seconds")
+                            .record(started.elapsed().as_secs_f64());
+                        return Ok(());
+                    }
+                    Err(ProposeError::Rejected(e @ Rejected::NotBasedOnCommitted { .. })) => {
+                        return Err(CommitError::Behind(e.to_string()))
+                    }
+                    Err(ProposeError::Rejected(Rejected::StaleEpoch { .. })) => return Err(CommitError::Replaced),
+                    Err(e) => last_error = format!("committing the record: {e}"),
+                }
+            } else if still_up.is_empty() {
+                last_error = format!("only {} of {wanted_now} holders took the checkpoint", stored.len());
+            } else {
+                last_error = still_up.join("; ");
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(CommitError::NotCommitted(last_error));
+        }
+        tracing::debug!(task = %c.task, error = %last_error, "checkpoint commit retry");
+        let mut rx = hub.consensus().watch();
+        let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+    }
+}
+
+/// Hubs that could hold a checkpoint of a task hosted on `me`: up, not witnesses, not `me`.
+fn eligible_holders(state: &ClusterState, me: NodeId) -> usize {
+    state.nodes.values().filter(|n| n.id != me && !n.witness && n.status == NodeStatus::Up).count()
+}
+
+/// Completes once the state no longer says `node` is up: a push to it is then abandoned.
+async fn until_down(hub: &Hub, node: NodeId) {
+    let mut rx = hub.consensus().watch();
+    loop {
+        if !rx.borrow_and_update().is_up(node) {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Sends checkpoint `c` to every holder in `holders` until each has the manifest and every page.
+/// The first round reads (and verifies) each new page once for all of them and streams it to each
+/// holder; pages one holder still lacks afterwards go to that holder alone.
+pub(super) async fn push_all(
+    hub: &Hub,
+    holders: &[NodeId],
+    c: &LocalCheckpoint,
+    keep: &str,
+) -> Vec<Result<(), String>> {
+    if let Some(d) = crate::faults::delay("delay-checkpoint-push") {
+        tokio::time::sleep(d).await;
+    }
+    let (txs, rxs): (Vec<_>, Vec<_>) =
+        holders.iter().map(|_| tokio::sync::mpsc::channel::<(Bytes, Bytes)>(PAGES_READ_AHEAD)).unzip();
+    let reader = read_ahead(hub, distinct(&c.new_pages), txs);
+    let firsts = join_all(
+        holders.iter().zip(rxs).map(|(h, rx)| guarded(hub, *h, c.new_pages.len(), stream_round(hub, *h, c, keep, rx))),
+    )
+    .await;
+    if let Err(e) = reader.await.map_err(|e| e.to_string()).and_then(|r| r) {
+        return holders.iter().map(|_| Err(e.clone())).collect();
+    }
+    join_all(holders.iter().zip(firsts).map(|(h, first)| async move { finish_push(hub, *h, c, keep, first?).await }))
+        .await
+}
+
+/// After a round's answer: more rounds with the pages `holder` still lacks, until it has them all.
+async fn finish_push(
+    hub: &Hub,
+    holder: NodeId,
+    c: &LocalCheckpoint,
+    keep: &str,
+    mut resp: pb::CheckpointPushResponse,
+) -> Result<(), String> {
+    for round in 1..=PUSH_ROUNDS {
+        let missing: Vec<Hash> = distinct(&resp.missing.iter().filter_map(|h| Hash::from_slice(h)).collect::<Vec<_>>());
+        if missing.is_empty() {
+            metrics::counter!("hubmesh_checkpoint_pushes_total").increment(1);
+            return Ok(());
+        }
+        if round == PUSH_ROUNDS {
+            break;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(PAGES_READ_AHEAD);
+        let reader = read_ahead(hub, missing.clone(), vec![tx]);
+        let answer = guarded(hub, holder, missing.len(), stream_round(hub, holder, c, keep, rx)).await;
+        reader.await.map_err(|e| e.to_string())??;
+        resp = answer?;
+    }
+    Err(format!("holder {holder} still lacks pages after {PUSH_ROUNDS} rounds"))
+}
+
+/// Bounds a push round to `holder` in time (a call's timeout plus its pages at 8 MB/s) and
+/// abandons it when the holder is marked down.
+async fn guarded(
+    hub: &Hub,
+    holder: NodeId,
+    pages: usize,
+    round: impl Future<Output = Result<pb::CheckpointPushResponse, String>>,
+) -> Result<pb::CheckpointPushResponse, String> {
+    let budget = CALL_TIMEOUT + Duration::from_millis(8 * pages as u64);
+    tokio::select! {
+        biased;
+        () = until_down(hub, holder) => Err(format!("holder {holder} was marked down")),
+        r = tokio::time::timeout(budget, round) => r.map_err(|_| format!("holder {holder}: the push timed out"))?,
+    }
+}
+
+/// A blocking thread that reads and verifies `pages` a few ahead and hands each, as a frame head
+/// and its bytes, to every stream still reading.
+fn read_ahead(
+    hub: &Hub,
+    pages: Vec<Hash>,
+    txs: Vec<tokio::sync::mpsc::Sender<(Bytes, Bytes)>>,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    let log = hub.executor().pages().clone();
+    tokio::task::spawn_blocking(move || {
+        let mut txs: Vec<_> = txs.into_iter().map(Some).collect();
+        for h in pages {
+            if txs.iter().all(Option::is_none) {
+                break; // every stream failed; their errors are the ones reported
+            }
+            let data = Bytes::from(log.read_page(&h).map_err(|e| format!("local page: {e}"))?);
+            let head = frame_head(&h, data.len());
+            for slot in txs.iter_mut() {
+                if slot.as_ref().is_some_and(|tx| tx.blocking_send((head.clone(), data.clone())).is_err()) {
+                    *slot = None;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// One bulk stream to `holder`: the header (key, manifest, refs), then the frames `rx` yields.
+async fn stream_round(
+    hub: &Hub,
+    holder: NodeId,
+    c: &LocalCheckpoint,
+    keep: &str,
+    mut rx: tokio::sync::mpsc::Receiver<(Bytes, Bytes)>,
+) -> Result<pb::CheckpointPushResponse, String> {
+    let header = pb::CheckpointPush {
+        task: c.task.clone(),
+        key: c.key.clone(),
+        manifest: c.manifest.clone(),
+        refs: c.refs.iter().map(|h| h.0.to_vec()).collect(),
+        keep: keep.to_owned(),
+    };
+    let lost = |e: RpcError| format!("holder {holder}: {e}");
+    let started = Instant::now();
+    let mut call = CHECKPOINT_PUSH.open(&hub.consensus().transport(), holder.0, &header).await.map_err(lost)?;
+    let mut bytes = 0u64;
+    while let Some((head, data)) = rx.recv().await {
+        bytes += data.len() as u64;
+        call.send(head).await.map_err(lost)?;
+        call.send(data).await.map_err(lost)?;
+    }
+    let answer = call.finish().await.map_err(lost)?;
+    // Pushes that carried pages: their rate is the replication throughput (`/metrics`).
+    if bytes > 0 {
+        metrics::counter!("hubmesh_checkpoint_push_bytes_total").increment(bytes);
+        metrics::counter!("hubmesh_checkpoint_push_micros_total").increment(started.elapsed().as_micros() as u64);
+    }
+    Ok(answer)
+}
+
+/// `hashes` without repeats (two memory pages with the same bytes share one page), in order.
+pub(super) fn distinct(hashes: &[Hash]) -> Vec<Hash> {
+    let mut seen = HashSet::new();
+    hashes.iter().copied().filter(|h| seen.insert(*h)).collect()
+}
+
+/// Hash and length of a page, as sent before its bytes.
+fn frame_head(hash: &Hash, len: usize) -> Bytes {
+    let mut head = Vec::with_capacity(FRAME_HEAD);
+    head.extend_from_slice(&hash.0);
+    head.extend_from_slice(&(len as u32).to_le_bytes());
+    Bytes::from(head)
+}
