@@ -11,6 +11,7 @@ use hubmesh_storage::BlobStore;
 
 use crate::config::Config;
 use crate::executor::Executor;
+use crate::worker::Workers;
 
 /// Why a task placed here could not be started, for the task version and epoch it was tried at
 /// (a new version or epoch is tried again).
@@ -33,6 +34,7 @@ pub(crate) struct Hub {
     started: Instant,
     /// By task name.
     start_failures: Mutex<HashMap<String, StartFailure>>,
+    workers: Workers,
 }
 
 impl Hub {
@@ -51,7 +53,13 @@ impl Hub {
             token,
             started: Instant::now(),
             start_failures: Mutex::new(HashMap::new()),
+            workers: Workers::new(),
         }
+    }
+
+    /// The background workers.
+    pub(crate) fn workers(&self) -> &Workers {
+        &self.workers
     }
 
     /// The configuration this hub runs with.

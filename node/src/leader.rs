@@ -2,47 +2,66 @@
 //! runs the scheduler and proposes its placements. Followers never decide placement.
 
 use std::sync::Arc;
-use std::time::Duration;
-
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hubmesh_consensus::state::{NodeRecord, NodeStatus};
-use hubmesh_consensus::{Command, NodeId};
+use hubmesh_consensus::{ClusterState, Command, NodeId};
 use tokio::sync::watch;
 
 use crate::hub::Hub;
 use crate::scheduler;
+use crate::worker::{state_or_tick, Worker};
 
-/// Runs until `shutdown` flips.
-pub(crate) async fn run(hub: Arc<Hub>, api_addr: String, mut shutdown: watch::Receiver<bool>) {
-    let mut rx = hub.consensus().watch();
-    let mut leading_since: Option<Instant> = None;
-    // The leader this hub last followed: if it became leader because that one went silent, the
-    // silence started before the election (see `watch_health`).
-    let mut followed: Option<NodeId> = None;
-    let mut previous_leader: Option<NodeId> = None;
-    // Health is judged this often: a tenth of node_down keeps detection within 10 % of it.
-    let tick =
-        (hub.config().timeouts.resolve().node_down / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
-    loop {
-        step(&hub, &api_addr).await;
+/// The leader worker: every hub's own record, and the leader's duties.
+pub(crate) struct LeaderDuties {
+    hub: Arc<Hub>,
+    api_addr: String,
+    rx: watch::Receiver<Arc<ClusterState>>,
+    /// Since when this hub leads (None while it follows).
+    leading_since: Option<Instant>,
+    /// The leader this hub last followed: if it became leader because that one went silent, the
+    /// silence started before the election (see `watch_health`).
+    followed: Option<NodeId>,
+    previous_leader: Option<NodeId>,
+    /// Health is judged this often: a tenth of node_down keeps detection within 10 % of it.
+    tick: Duration,
+}
+
+impl LeaderDuties {
+    pub(crate) fn new(hub: Arc<Hub>, api_addr: String) -> Self {
+        let rx = hub.consensus().watch();
+        let tick = (hub.config().timeouts.resolve().node_down / 10)
+            .clamp(Duration::from_millis(20), Duration::from_millis(500));
+        Self { hub, api_addr, rx, leading_since: None, followed: None, previous_leader: None, tick }
+    }
+}
+
+impl Worker for LeaderDuties {
+    fn name(&self) -> &'static str {
+        "leader"
+    }
+
+    async fn work(&mut self) -> Result<(), String> {
+        self.rx.borrow_and_update();
+        let hub = &self.hub;
+        step(hub, &self.api_addr).await;
         if hub.consensus().is_leader() {
-            let since = *leading_since.get_or_insert_with(|| {
-                previous_leader = followed;
+            let since = *self.leading_since.get_or_insert_with(|| {
+                self.previous_leader = self.followed;
                 Instant::now()
             });
-            watch_health(&hub, since, previous_leader).await;
+            watch_health(hub, since, self.previous_leader).await;
         } else {
-            leading_since = None;
+            self.leading_since = None;
             if let Some(l) = hub.consensus().status().leader.filter(|l| *l != hub.consensus().node_id().0) {
-                followed = Some(NodeId(l));
+                self.followed = Some(NodeId(l));
             }
         }
-        tokio::select! {
-            _ = rx.changed() => {}
-            _ = tokio::time::sleep(tick) => {}
-            _ = shutdown.changed() => return,
-        }
+        Ok(())
+    }
+
+    async fn wait(&mut self) {
+        state_or_tick(&mut self.rx, self.tick).await;
     }
 }
 

@@ -27,3 +27,4 @@ mod replication;
 pub mod scheduler;
 pub mod server;
 mod wire;
+mod worker;

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::executor::{InstanceLimits, Restore, TaskConfig};
 use crate::hub::{Hub, StartFailure};
+use crate::worker::{state_or_tick, Worker};
 
 /// The executor's configuration for a task record.
 pub(crate) fn config_of(record: &TaskRecord, epoch: u64) -> TaskConfig {
@@ -34,17 +35,32 @@ pub(crate) fn config_of(record: &TaskRecord, epoch: u64) -> TaskConfig {
     }
 }
 
-/// Runs until `shutdown` flips.
-pub(crate) async fn run(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
-    let mut rx = hub.consensus().watch();
-    loop {
-        let state = rx.borrow_and_update().clone();
-        reconcile_once(&hub, &state).await;
-        tokio::select! {
-            _ = rx.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.changed() => return,
-        }
+/// The reconciler as a [`Worker`]: a round per applied state, and once a second to retry.
+pub(crate) struct Reconciler {
+    hub: Arc<Hub>,
+    rx: watch::Receiver<Arc<ClusterState>>,
+}
+
+impl Reconciler {
+    pub(crate) fn new(hub: Arc<Hub>) -> Self {
+        let rx = hub.consensus().watch();
+        Self { hub, rx }
+    }
+}
+
+impl Worker for Reconciler {
+    fn name(&self) -> &'static str {
+        "reconciler"
+    }
+
+    async fn work(&mut self) -> Result<(), String> {
+        let state = self.rx.borrow_and_update().clone();
+        reconcile_once(&self.hub, &state).await;
+        Ok(())
+    }
+
+    async fn wait(&mut self) {
+        state_or_tick(&mut self.rx, Duration::from_secs(1)).await;
     }
 }
 
@@ -136,18 +152,33 @@ fn record_failure(hub: &Hub, cfg: &TaskConfig, reason: &str) {
 }
 
 /// Every hub that may run tasks keeps every task's module, so that a failover host never waits
-/// for (or loses) a module that only the dead hub had. Its own loop: fetching from a dead hub
+/// for (or loses) a module that only the dead hub had. Its own worker: fetching from a dead hub
 /// waits for a timeout, which must not delay starting tasks.
-pub(crate) async fn keep_modules_loop(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
-    let mut rx = hub.consensus().watch();
-    loop {
-        let state = rx.borrow_and_update().clone();
-        keep_modules(&hub, &state).await;
-        tokio::select! {
-            _ = rx.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = shutdown.changed() => return,
-        }
+pub(crate) struct ModuleKeeper {
+    hub: Arc<Hub>,
+    rx: watch::Receiver<Arc<ClusterState>>,
+}
+
+impl ModuleKeeper {
+    pub(crate) fn new(hub: Arc<Hub>) -> Self {
+        let rx = hub.consensus().watch();
+        Self { hub, rx }
+    }
+}
+
+impl Worker for ModuleKeeper {
+    fn name(&self) -> &'static str {
+        "module-keeper"
+    }
+
+    async fn work(&mut self) -> Result<(), String> {
+        let state = self.rx.borrow_and_update().clone();
+        keep_modules(&self.hub, &state).await;
+        Ok(())
+    }
+
+    async fn wait(&mut self) {
+        state_or_tick(&mut self.rx, Duration::from_secs(2)).await;
     }
 }
 

@@ -15,7 +15,6 @@ use anyhow::{bail, Context};
 use hubmesh_consensus::{Consensus, ConsensusConfig, NodeAddr};
 use hubmesh_storage::{write_atomic, BlobStore, PageLog};
 use rand::RngCore;
-use tokio::sync::watch;
 
 use crate::api;
 use crate::config::Config;
@@ -126,14 +125,14 @@ pub async fn run(
     let app = api::router(api::ApiState { hub: hub.clone(), metrics });
 
     tracing::info!("7/7 workers");
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let reconciler = tokio::spawn(crate::reconcile::run(hub.clone(), stop_rx.clone()));
-    let module_keeper = tokio::spawn(crate::reconcile::keep_modules_loop(hub.clone(), stop_rx.clone()));
-    let upkeep = tokio::spawn(crate::replication::upkeep(hub.clone(), stop_rx.clone()));
     crate::dataplane::register(&hub);
     crate::replication::register(&hub);
     hub.executor().set_sink(Arc::new(crate::replication::Replicator::new(&hub)));
-    let leader_worker = tokio::spawn(crate::leader::run(hub.clone(), api_addr.to_string(), stop_rx.clone()));
+    let workers = hub.workers();
+    workers.spawn(crate::reconcile::Reconciler::new(hub.clone()));
+    workers.spawn(crate::reconcile::ModuleKeeper::new(hub.clone()));
+    workers.spawn(crate::replication::Upkeep::new(hub.clone()));
+    workers.spawn(crate::leader::LeaderDuties::new(hub.clone(), api_addr.to_string()));
 
     tracing::info!(
         api = %format!("http://{api_addr}"),
@@ -144,14 +143,7 @@ pub async fn run(
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
 
     tracing::info!("shutting down: workers");
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = reconciler.await;
-        let _ = leader_worker.await;
-        let _ = module_keeper.await;
-        let _ = upkeep.await;
-    })
-    .await;
+    hub.workers().stop(Duration::from_secs(5)).await;
     tracing::info!("shutting down: tasks (final checkpoints)");
     let executor = hub.executor().clone();
     let _ =

@@ -208,6 +208,20 @@ pub struct NodeInfo {
     pub instances: u32,
 }
 
+/// `GET /v1/workers`: one background loop of the hub.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub name: String,
+    /// `starting`, `working`, `idle` or `stopped`.
+    pub state: String,
+    /// Rounds of work done.
+    pub rounds: u64,
+    /// Rounds that failed.
+    pub errors: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
 /// `GET /v1/status`: the hub and the mesh at a glance.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StatusInfo {

@@ -29,6 +29,7 @@ pub(crate) fn router(state: ApiState) -> Router {
     let v1 = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/workers", get(workers))
         .route("/v1/tokens", post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/nodes/{name}/drain", post(drain))
@@ -62,6 +63,10 @@ async fn status(State(s): State<ApiState>) -> Json<api::StatusInfo> {
 
 async fn nodes(State(s): State<ApiState>) -> Json<Vec<api::NodeInfo>> {
     Json(views::status(&s.hub).nodes)
+}
+
+async fn workers(State(s): State<ApiState>) -> Json<Vec<api::WorkerInfo>> {
+    Json(s.hub.workers().list())
 }
 
 async fn create_token(

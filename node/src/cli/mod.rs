@@ -58,6 +58,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: NodeCmd,
     },
+    /// The hub's background workers: state, rounds, errors.
+    Worker {
+        #[command(subcommand)]
+        cmd: WorkerCmd,
+    },
     /// The mesh at a glance: leader, term, voters, hubs, tasks.
     Status {
         /// Print JSON.
@@ -102,6 +107,16 @@ pub enum NodeCmd {
         name: String,
         #[arg(long)]
         undo: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkerCmd {
+    /// List this hub's workers.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -166,6 +181,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node { cmd: NodeCmd::Drain { name, undo } } => {
             let nodes = cli.conn.client()?.drain(&name, undo).await?;
             output::nodes(&nodes, false)
+        }
+        Command::Worker { cmd: WorkerCmd::List { json } } => {
+            let workers = cli.conn.client()?.workers().await?;
+            output::workers(&workers, json)
         }
         Command::Node { cmd: NodeCmd::List { json } } => {
             let nodes = cli.conn.client()?.nodes().await?;

@@ -129,6 +129,21 @@ pub(super) fn nodes(nodes: &[api::NodeInfo], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub(super) fn workers(workers: &[api::WorkerInfo], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&workers);
+    }
+    let rows = workers
+        .iter()
+        .map(|w| {
+            let last = w.last_error.clone().unwrap_or_else(|| "-".into());
+            vec![w.name.clone(), w.state.clone(), w.rounds.to_string(), w.errors.to_string(), last]
+        })
+        .collect();
+    table(&["WORKER", "STATE", "ROUNDS", "ERRORS", "LAST ERROR"], rows);
+    Ok(())
+}
+
 pub(super) fn json_or<T: serde::Serialize>(v: &T, json: bool, human: impl FnOnce()) -> anyhow::Result<()> {
     if json {
         return print_json(v);

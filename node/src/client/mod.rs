@@ -138,6 +138,11 @@ impl Client {
         self.json(self.req(reqwest::Method::GET, "/v1/nodes"), "/v1/nodes").await
     }
 
+    /// The hub's background workers.
+    pub async fn workers(&self) -> Result<Vec<api::WorkerInfo>, ClientError> {
+        self.json(self.req(reqwest::Method::GET, "/v1/workers"), "/v1/workers").await
+    }
+
     /// Deploys `module` (wasm or wat bytes) as `name`; `update` publishes a new version.
     pub async fn deploy(
         &self,

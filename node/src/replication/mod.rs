@@ -41,7 +41,7 @@ use std::time::Duration;
 use hubmesh_consensus::transport::{Refusal, CHECKPOINT_FETCH, CHECKPOINT_PUSH};
 
 pub(crate) use fetch::fetch_checkpoint;
-pub(crate) use upkeep::run as upkeep;
+pub(crate) use upkeep::Upkeep;
 
 use crate::dataplane::alive;
 use crate::executor::{CheckpointSink, CommitError, LocalCheckpoint};

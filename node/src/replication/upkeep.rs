@@ -4,15 +4,18 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hubmesh_consensus::state::{parse_checkpoint_key, CheckpointRecord};
 use hubmesh_consensus::{ClusterState, Command, NodeId, ProposeError};
 use hubmesh_storage::{Hash, PageLog, PageWrite};
+use tokio::sync::watch;
 
 use super::push::push_all;
 use crate::checkpoint::Manifest;
 use crate::executor::LocalCheckpoint;
 use crate::hub::Hub;
+use crate::worker::{state_or_tick, Worker};
 
 /// Drops manifests this hub no longer needs: of deleted tasks, of epochs older than the task's
 /// current placement, and older than its committed checkpoint (never the committed one).
@@ -44,22 +47,36 @@ fn collect_garbage(log: &PageLog, state: &ClusterState) {
     }
 }
 
-/// Runs until `shutdown` flips: on every applied state (and once a second), copies and
-/// garbage.
-pub(crate) async fn run(hub: Arc<Hub>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    let refilling = Arc::new(Mutex::new(HashSet::new()));
-    let mut rx = hub.consensus().watch();
-    loop {
-        let state = rx.borrow_and_update().clone();
-        refill_holders(&hub, &state, &refilling);
+/// The upkeep worker: on every applied state (and once a second), copies and garbage.
+pub(crate) struct Upkeep {
+    hub: Arc<Hub>,
+    rx: watch::Receiver<Arc<ClusterState>>,
+    /// Tasks whose committed checkpoint is being copied to new holders right now.
+    refilling: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Upkeep {
+    pub(crate) fn new(hub: Arc<Hub>) -> Self {
+        let rx = hub.consensus().watch();
+        Self { hub, rx, refilling: Arc::default() }
+    }
+}
+
+impl Worker for Upkeep {
+    fn name(&self) -> &'static str {
+        "replication-upkeep"
+    }
+
+    async fn work(&mut self) -> Result<(), String> {
+        let state = self.rx.borrow_and_update().clone();
+        refill_holders(&self.hub, &state, &self.refilling);
         // A fresh state: GC must not act on an old view.
-        let (log, fresh) = (hub.executor().pages().clone(), hub.consensus().state());
-        let _ = tokio::task::spawn_blocking(move || collect_garbage(&log, &fresh)).await;
-        tokio::select! {
-            _ = rx.changed() => {}
-            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-            _ = shutdown.changed() => return,
-        }
+        let (log, fresh) = (self.hub.executor().pages().clone(), self.hub.consensus().state());
+        tokio::task::spawn_blocking(move || collect_garbage(&log, &fresh)).await.map_err(|e| e.to_string())
+    }
+
+    async fn wait(&mut self) {
+        state_or_tick(&mut self.rx, Duration::from_secs(1)).await;
     }
 }
 
