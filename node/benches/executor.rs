@@ -42,7 +42,7 @@ const LIMITS: InstanceLimits =
     InstanceLimits { memory_bytes: 256 << 20, timeout_ms: 10_000, max_input_bytes: 1 << 20, max_output_bytes: 1 << 20 };
 
 fn executor(dir: &Path) -> Executor {
-    let pages = Arc::new(PageLog::open(&dir.join("checkpoints")).unwrap());
+    let pages = PageLog::open(&dir.join("checkpoints")).unwrap();
     Executor::new(EngineLimits { max_instances: 64, max_task_memory: 256 << 20 }, &dir.join("cache"), pages).unwrap()
 }
 

@@ -44,6 +44,7 @@ impl Hub {
         executor: Arc<Executor>,
         blobs: BlobStore,
         token: String,
+        started: Instant,
     ) -> Self {
         Self {
             config,
@@ -51,7 +52,7 @@ impl Hub {
             executor,
             blobs,
             token,
-            started: Instant::now(),
+            started,
             start_failures: Mutex::new(HashMap::new()),
             workers: Workers::new(),
         }
@@ -89,7 +90,7 @@ impl Hub {
             && presented.iter().zip(self.token.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 
-    /// How long this hub has run.
+    /// How long this hub has run (boot included).
     pub(crate) fn uptime(&self) -> Duration {
         self.started.elapsed()
     }

@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use hubmesh_consensus::state::{CheckpointPolicy, TaskRecord};
 use hubmesh_consensus::ClusterState;
-use tokio::sync::watch;
 
 use crate::executor::{InstanceLimits, Restore, TaskConfig};
 use crate::hub::{Hub, StartFailure};
-use crate::worker::{state_or_tick, Worker};
+use crate::worker::{OnState, Worker};
 
 /// The executor's configuration for a task record.
 pub(crate) fn config_of(record: &TaskRecord, epoch: u64) -> TaskConfig {
@@ -35,33 +34,12 @@ pub(crate) fn config_of(record: &TaskRecord, epoch: u64) -> TaskConfig {
     }
 }
 
-/// The reconciler as a [`Worker`]: a round per applied state, and once a second to retry.
-pub(crate) struct Reconciler {
-    hub: Arc<Hub>,
-    rx: watch::Receiver<Arc<ClusterState>>,
-}
-
-impl Reconciler {
-    pub(crate) fn new(hub: Arc<Hub>) -> Self {
-        let rx = hub.consensus().watch();
-        Self { hub, rx }
-    }
-}
-
-impl Worker for Reconciler {
-    fn name(&self) -> &'static str {
-        "reconciler"
-    }
-
-    async fn work(&mut self) -> Result<(), String> {
-        let state = self.rx.borrow_and_update().clone();
-        reconcile_once(&self.hub, &state).await;
+/// The reconciler: a round per applied state, and once a second to retry.
+pub(crate) fn reconciler(hub: Arc<Hub>) -> impl Worker {
+    OnState::new("reconciler", hub, Duration::from_secs(1), |hub, state| async move {
+        reconcile_once(&hub, &state).await;
         Ok(())
-    }
-
-    async fn wait(&mut self) {
-        state_or_tick(&mut self.rx, Duration::from_secs(1)).await;
-    }
+    })
 }
 
 async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
@@ -154,32 +132,11 @@ fn record_failure(hub: &Hub, cfg: &TaskConfig, reason: &str) {
 /// Every hub that may run tasks keeps every task's module, so that a failover host never waits
 /// for (or loses) a module that only the dead hub had. Its own worker: fetching from a dead hub
 /// waits for a timeout, which must not delay starting tasks.
-pub(crate) struct ModuleKeeper {
-    hub: Arc<Hub>,
-    rx: watch::Receiver<Arc<ClusterState>>,
-}
-
-impl ModuleKeeper {
-    pub(crate) fn new(hub: Arc<Hub>) -> Self {
-        let rx = hub.consensus().watch();
-        Self { hub, rx }
-    }
-}
-
-impl Worker for ModuleKeeper {
-    fn name(&self) -> &'static str {
-        "module-keeper"
-    }
-
-    async fn work(&mut self) -> Result<(), String> {
-        let state = self.rx.borrow_and_update().clone();
-        keep_modules(&self.hub, &state).await;
+pub(crate) fn module_keeper(hub: Arc<Hub>) -> impl Worker {
+    OnState::new("module-keeper", hub, Duration::from_secs(2), |hub, state| async move {
+        keep_modules(&hub, &state).await;
         Ok(())
-    }
-
-    async fn wait(&mut self) {
-        state_or_tick(&mut self.rx, Duration::from_secs(2)).await;
-    }
+    })
 }
 
 async fn keep_modules(hub: &Arc<Hub>, state: &ClusterState) {

@@ -76,7 +76,7 @@ pub async fn run(
     let token = load_or_create_token(&dir.join(TOKEN_FILE))?;
 
     tracing::info!("3/7 page log and blob store");
-    let pages = Arc::new(PageLog::open(&dir.join("checkpoints")).context("opening the page log")?);
+    let pages = PageLog::open(&dir.join("checkpoints")).context("opening the page log")?;
     let blobs = BlobStore::open(&dir.join("blobs")).context("opening the blob store")?;
 
     tracing::info!("4/7 raft");
@@ -114,7 +114,7 @@ pub async fn run(
     };
     let executor = Arc::new(Executor::new(limits, &dir.join("cache"), pages).context("starting the executor")?);
 
-    let hub = Arc::new(Hub::new(config.clone(), consensus, executor, blobs, token));
+    let hub = Arc::new(Hub::new(config.clone(), consensus, executor, blobs, token, started));
 
     tracing::info!(%api_addr, "6/7 API");
     write_atomic(&dir.join(API_ADDR_FILE), format!("{api_addr}\n").as_bytes(), 0o644).context("writing api.addr")?;
@@ -129,9 +129,9 @@ pub async fn run(
     crate::replication::register(&hub);
     hub.executor().set_sink(Arc::new(crate::replication::Replicator::new(&hub)));
     let workers = hub.workers();
-    workers.spawn(crate::reconcile::Reconciler::new(hub.clone()));
-    workers.spawn(crate::reconcile::ModuleKeeper::new(hub.clone()));
-    workers.spawn(crate::replication::Upkeep::new(hub.clone()));
+    workers.spawn(crate::reconcile::reconciler(hub.clone()));
+    workers.spawn(crate::reconcile::module_keeper(hub.clone()));
+    workers.spawn(crate::replication::upkeep(hub.clone()));
     workers.spawn(crate::leader::LeaderDuties::new(hub.clone(), api_addr.to_string()));
 
     tracing::info!(

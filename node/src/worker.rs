@@ -13,9 +13,12 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hubmesh_consensus::ClusterState;
 use hubmesh_proto::api;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use crate::hub::Hub;
 
 /// A background loop.
 pub(crate) trait Worker: Send + 'static {
@@ -39,10 +42,13 @@ struct Status {
     last_error: Option<String>,
 }
 
+/// A started worker: its status, and its task until `stop` takes it.
+type Running = (Arc<Mutex<Status>>, Option<JoinHandle<()>>);
+
 /// The running workers of a hub.
 pub(crate) struct Workers {
     stop: watch::Sender<bool>,
-    running: Mutex<Vec<(Arc<Mutex<Status>>, Option<JoinHandle<()>>)>>,
+    running: Mutex<Vec<Running>>,
 }
 
 impl Workers {
@@ -114,11 +120,54 @@ impl Workers {
     }
 }
 
+/// A worker that follows the replicated state: `round` runs with every newly applied state, and
+/// at least every `tick` (to retry what failed).
+pub(crate) struct OnState<F> {
+    name: &'static str,
+    hub: Arc<Hub>,
+    rx: watch::Receiver<Arc<ClusterState>>,
+    tick: Duration,
+    round: F,
+}
+
+impl<F, Fut> OnState<F>
+where
+    F: FnMut(Arc<Hub>, Arc<ClusterState>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    pub(crate) fn new(name: &'static str, hub: Arc<Hub>, tick: Duration, round: F) -> Self {
+        let rx = hub.consensus().watch();
+        Self { name, hub, rx, tick, round }
+    }
+}
+
+impl<F, Fut> Worker for OnState<F>
+where
+    F: FnMut(Arc<Hub>, Arc<ClusterState>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn work(&mut self) -> Result<(), String> {
+        let state = self.rx.borrow_and_update().clone();
+        (self.round)(self.hub.clone(), state).await
+    }
+
+    async fn wait(&mut self) {
+        state_or_tick(&mut self.rx, self.tick).await;
+    }
+}
+
 /// Waits for a new applied state or `tick`, whichever comes first: the usual `wait` of a worker
 /// that follows the replicated state.
 pub(crate) async fn state_or_tick<T>(rx: &mut watch::Receiver<T>, tick: Duration) {
     tokio::select! {
-        r = rx.changed() => if r.is_err() { std::future::pending::<()>().await },
+        r = rx.changed() => if r.is_err() {
+            // The state's sender is gone (Raft stopped): rounds go on at the tick, never faster.
+            tokio::time::sleep(tick).await;
+        },
         () = tokio::time::sleep(tick) => {}
     }
 }
@@ -139,7 +188,7 @@ mod tests {
 
         async fn work(&mut self) -> Result<(), String> {
             self.n += 1;
-            if self.n % self.fail_every == 0 {
+            if self.n.is_multiple_of(self.fail_every) {
                 return Err(format!("round {} failed", self.n));
             }
             Ok(())

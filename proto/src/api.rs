@@ -206,6 +206,9 @@ pub struct NodeInfo {
     pub api_addr: String,
     pub role: String,
     pub instances: u32,
+    /// The leader has marked it down.
+    #[serde(default)]
+    pub down: bool,
 }
 
 /// `GET /v1/workers`: one background loop of the hub.

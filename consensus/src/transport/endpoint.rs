@@ -94,7 +94,7 @@ impl<Req: Wire, Resp: Wire> Endpoint<Req, Resp> {
     ) -> Result<Resp, RpcError> {
         let payload = req.to_wire().map_err(RpcError::Protocol)?;
         let raw = if target == t.node_id() {
-            t.call_local(self.kind, payload, timeout).await?
+            t.call_local(self.kind, payload, timeout, give_up).await?
         } else {
             t.call_unless(target, self.kind, payload, timeout, give_up).await?
         };

@@ -284,13 +284,25 @@ impl Transport {
     }
 
     /// A call to this hub itself: its handler runs in process, without QUIC (Garage's local
-    /// short-cut). Bounded by `timeout` like a remote call.
-    async fn call_local(&self, kind: StreamKind, payload: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, RpcError> {
+    /// short-cut), on its own task as a remote handler would (a caller that stops waiting does
+    /// not cancel it). The request is delivered at once, so giving up means `Timeout`.
+    async fn call_local(
+        &self,
+        kind: StreamKind,
+        payload: Vec<u8>,
+        timeout: Duration,
+        give_up: impl Future<Output = ()>,
+    ) -> Result<Vec<u8>, RpcError> {
         let h = self.handlers.read().unwrap_or_else(|p| p.into_inner()).get(&kind).cloned();
         let h = h.ok_or_else(|| Refusal::bad_request(format!("stream kind {kind} is not served here")))?;
-        match tokio::time::timeout(timeout, h(Caller::Member(self.node_id), payload)).await {
-            Ok(r) => r.map_err(RpcError::Remote),
-            Err(_) => Err(RpcError::Timeout),
+        let handled = tokio::spawn(h(Caller::Member(self.node_id), payload));
+        tokio::select! {
+            r = tokio::time::timeout(timeout, handled) => match r {
+                Ok(Ok(answer)) => answer.map_err(RpcError::Remote),
+                Ok(Err(e)) => Err(RpcError::Remote(Refusal::internal(format!("the handler failed: {e}")))),
+                Err(_) => Err(RpcError::Timeout),
+            },
+            () = give_up => Err(RpcError::Timeout),
         }
     }
 

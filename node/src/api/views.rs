@@ -157,6 +157,7 @@ fn nodes(state: &ClusterState, voters: &[u64], leader: Option<u64>) -> Vec<api::
                     other => format!("{role} ({other:?})").to_lowercase(),
                 },
                 instances,
+                down: n.status == NodeStatus::Down,
             }
         })
         .collect()

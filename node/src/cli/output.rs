@@ -110,7 +110,7 @@ pub(super) fn status(s: &api::StatusInfo, json: bool) -> anyhow::Result<()> {
     println!("leader    {}", s.leader.map_or("none".to_owned(), |l| l.to_string()));
     println!("term      {}   applied {}", s.term, s.last_applied);
     println!("voters    {:?}", s.voters);
-    let down = s.nodes.iter().filter(|n| n.role.contains("down")).count();
+    let down = s.nodes.iter().filter(|n| n.down).count();
     println!("hubs      {} up, {down} down", s.nodes.len() - down);
     println!("tasks     {} ({} placed, {} pending)", s.tasks_total, s.tasks_placed, s.tasks_pending);
     println!("uptime    {}", humantime::format_duration(std::time::Duration::from_secs(s.uptime_ms / 1000)));

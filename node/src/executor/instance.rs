@@ -83,7 +83,8 @@ impl Instance {
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(ticks_for(limits.timeout_ms));
-        let instance = module.pre.instantiate(&mut store).map_err(|e| classify(&e, &mut store, limits))?;
+        let instance =
+            module.pre.instantiate(&mut store).map_err(|e| classify_instantiation(&e, &mut store, limits))?;
         let missing = |what: &str| InvokeError::Unavailable(format!("instrumented module lacks {what}"));
         let memory = instance.get_memory(&mut store, MEMORY_EXPORT).ok_or_else(|| missing(MEMORY_EXPORT))?;
         let dirty = instance.get_memory(&mut store, DIRTY_EXPORT).ok_or_else(|| missing(DIRTY_EXPORT))?;
@@ -173,11 +174,19 @@ fn classify(err: &wasmtime::Error, store: &mut Store<HostState>, limits: Instanc
     if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
         return InvokeError::DeadlineExceeded { timeout_ms: limits.timeout_ms };
     }
-    let text = format!("{err:?}");
-    if text.contains("memory minimum size") || text.contains("exceeds memory limits") || text.contains("resource limit")
-    {
-        return InvokeError::MemoryLimit { limit: limits.memory_bytes };
-    }
     // The first line names the trap; the rest is a wasm backtrace, useful in logs only.
     InvokeError::Trapped(err.to_string().lines().next().unwrap_or("unknown trap").to_owned())
+}
+
+/// Like [`classify`], for a failed instantiation: besides the start function's traps and the
+/// limiter's refusals, the engine itself may refuse: a full pool of instances (try later), or a
+/// module whose memory or tables do not fit what the pool reserves per instance.
+fn classify_instantiation(err: &wasmtime::Error, store: &mut Store<HostState>, limits: InstanceLimits) -> InvokeError {
+    if store.data().fault.is_some() || err.downcast_ref::<Trap>().is_some() {
+        return classify(err, store, limits);
+    }
+    if err.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+        return InvokeError::Unavailable(format!("no free instance slot on this hub: {err}"));
+    }
+    InvokeError::MemoryLimit { limit: limits.memory_bytes }
 }

@@ -1,7 +1,6 @@
 //! Executor tests against real wasmtime and a real page log, with the example tasks.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hubmesh_consensus::state::{CheckpointPolicy, TaskKind};
@@ -24,7 +23,7 @@ struct Fixture {
 }
 
 fn executor_in(dir: &Path) -> Executor {
-    let pages = Arc::new(PageLog::open(dir).unwrap());
+    let pages = PageLog::open(dir).unwrap();
     Executor::new(EngineLimits { max_instances: 32, max_task_memory: 64 << 20 }, &dir.join("cache"), pages).unwrap()
 }
 

@@ -6,7 +6,7 @@
 //!     on the hub's runtime (push::commit) while the actor thread waits for its result
 //!     for each holder, in parallel, one bulk stream:
 //!        CHECKPOINT_PUSH header{task, key, manifest, refs, keep}, body: the checkpoint's new pages
-//!          (read and verified once for all holders by a blocking thread a few pages ahead)
+//!          (read once for all holders by a blocking thread a few pages ahead; the holder verifies)
 //!        holder: verifies each page's blake3 and appends them 8 MiB at a time as they arrive;
 //!          at the end stores the manifest (one fdatasync) only if it has all its pages, else
 //!          answers the missing ones, which the host sends to it alone in the next round;
@@ -41,7 +41,7 @@ use std::time::Duration;
 use hubmesh_consensus::transport::{Refusal, CHECKPOINT_FETCH, CHECKPOINT_PUSH};
 
 pub(crate) use fetch::fetch_checkpoint;
-pub(crate) use upkeep::Upkeep;
+pub(crate) use upkeep::upkeep;
 
 use crate::dataplane::alive;
 use crate::executor::{CheckpointSink, CommitError, LocalCheckpoint};

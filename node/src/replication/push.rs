@@ -1,5 +1,5 @@
 //! The host's side: a checkpoint goes to every holder over one bulk stream each, then its record
-//! is proposed. The first round reads and verifies each new page once, on a blocking thread a few
+//! is proposed. The first round reads each new page once, on a blocking thread a few
 //! pages ahead, and streams it to every holder; pages one holder still lacks afterwards go to that
 //! holder alone. A holder the leader marks down is skipped (and refilled later by `upkeep`).
 
@@ -136,7 +136,7 @@ async fn until_down(hub: &Hub, node: NodeId) {
 }
 
 /// Sends checkpoint `c` to every holder in `holders` until each has the manifest and every page.
-/// The first round reads (and verifies) each new page once for all of them and streams it to each
+/// The first round reads each new page once for all of them and streams it to each
 /// holder; pages one holder still lacks afterwards go to that holder alone.
 pub(super) async fn push_all(
     hub: &Hub,
@@ -203,7 +203,7 @@ async fn guarded(
     }
 }
 
-/// A blocking thread that reads and verifies `pages` a few ahead and hands each, as a frame head
+/// A blocking thread that reads `pages` a few ahead and hands each, as a frame head
 /// and its bytes, to every stream still reading.
 fn read_ahead(
     hub: &Hub,
@@ -217,7 +217,8 @@ fn read_ahead(
             if txs.iter().all(Option::is_none) {
                 break; // every stream failed; their errors are the ones reported
             }
-            let data = Bytes::from(log.read_page(&h).map_err(|e| format!("local page: {e}"))?);
+            // Not hashed here: the holder verifies every page, so each side hashes it once.
+            let data = Bytes::from(log.read_page_unverified(&h).map_err(|e| format!("local page: {e}"))?);
             let head = frame_head(&h, data.len());
             for slot in txs.iter_mut() {
                 if slot.as_ref().is_some_and(|tx| tx.blocking_send((head.clone(), data.clone())).is_err()) {

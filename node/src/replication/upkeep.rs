@@ -9,13 +9,12 @@ use std::time::Duration;
 use hubmesh_consensus::state::{parse_checkpoint_key, CheckpointRecord};
 use hubmesh_consensus::{ClusterState, Command, NodeId, ProposeError};
 use hubmesh_storage::{Hash, PageLog, PageWrite};
-use tokio::sync::watch;
 
 use super::push::push_all;
 use crate::checkpoint::Manifest;
 use crate::executor::LocalCheckpoint;
 use crate::hub::Hub;
-use crate::worker::{state_or_tick, Worker};
+use crate::worker::{OnState, Worker};
 
 /// Drops manifests this hub no longer needs: of deleted tasks, of epochs older than the task's
 /// current placement, and older than its committed checkpoint (never the committed one).
@@ -48,36 +47,18 @@ fn collect_garbage(log: &PageLog, state: &ClusterState) {
 }
 
 /// The upkeep worker: on every applied state (and once a second), copies and garbage.
-pub(crate) struct Upkeep {
-    hub: Arc<Hub>,
-    rx: watch::Receiver<Arc<ClusterState>>,
-    /// Tasks whose committed checkpoint is being copied to new holders right now.
-    refilling: Arc<Mutex<HashSet<String>>>,
-}
-
-impl Upkeep {
-    pub(crate) fn new(hub: Arc<Hub>) -> Self {
-        let rx = hub.consensus().watch();
-        Self { hub, rx, refilling: Arc::default() }
-    }
-}
-
-impl Worker for Upkeep {
-    fn name(&self) -> &'static str {
-        "replication-upkeep"
-    }
-
-    async fn work(&mut self) -> Result<(), String> {
-        let state = self.rx.borrow_and_update().clone();
-        refill_holders(&self.hub, &state, &self.refilling);
-        // A fresh state: GC must not act on an old view.
-        let (log, fresh) = (self.hub.executor().pages().clone(), self.hub.consensus().state());
-        tokio::task::spawn_blocking(move || collect_garbage(&log, &fresh)).await.map_err(|e| e.to_string())
-    }
-
-    async fn wait(&mut self) {
-        state_or_tick(&mut self.rx, Duration::from_secs(1)).await;
-    }
+pub(crate) fn upkeep(hub: Arc<Hub>) -> impl Worker {
+    // Tasks whose committed checkpoint is being copied to new holders right now.
+    let refilling: Arc<Mutex<HashSet<String>>> = Arc::default();
+    OnState::new("replication-upkeep", hub, Duration::from_secs(1), move |hub, state| {
+        let refilling = refilling.clone();
+        async move {
+            refill_holders(&hub, &state, &refilling);
+            // A fresh state: GC must not act on an old view.
+            let (log, fresh) = (hub.executor().pages().clone(), hub.consensus().state());
+            tokio::task::spawn_blocking(move || collect_garbage(&log, &fresh)).await.map_err(|e| e.to_string())
+        }
+    })
 }
 
 /// Copies the committed checkpoint of each task hosted here to holders that do not have it yet
