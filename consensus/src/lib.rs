@@ -33,6 +33,7 @@ mod state_machine;
 pub mod tls;
 pub mod transport;
 mod type_config;
+pub mod wire;
 
 pub use autopilot::target_voters;
 pub use consensus::{Consensus, ConsensusConfig, MeshStatus, StartError};

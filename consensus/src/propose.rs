@@ -5,7 +5,7 @@
 //! ```text
 //!  propose(cmd) --> Batcher (commands that arrive while a write is in flight share one entry)
 //!     --> openraft client_write --> Outcome | Rejected
-//!     not leader --> PROPOSE to the leader --> its Batcher --> ProposeResponse{CommandResult}
+//!     not leader --> PROPOSE{pb::Command} to the leader --> its Batcher --> ProposeResponse{pb::CommandResult}
 //!                    refusals travel as codes: NOT_LEADER{leader}, OUTCOME_UNKNOWN, UNAVAILABLE
 //! ```
 
@@ -18,6 +18,7 @@ use openraft::Raft;
 use crate::state::{Command, CommandResult, Outcome, Rejected};
 use crate::transport::{Refusal, RpcError, Transport, PROPOSE};
 use crate::type_config::TypeConfig;
+use crate::wire::{result_from_wire, result_to_wire};
 
 /// Why a proposal failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -140,15 +141,14 @@ impl ProposeHandle {
         PROPOSE.serve(&self.transport, move |_from, req: pb::ProposeRequest| {
             let local = local.clone();
             async move {
-                let cmd: Command = serde_json::from_slice(&req.command)
-                    .map_err(|e| Refusal::bad_request(format!("an undecodable command: {e}")))?;
+                let cmd = req.command.ok_or_else(|| Refusal::bad_request("the proposal lacks its command"))?;
+                let cmd = Command::try_from(cmd).map_err(|e| Refusal::bad_request(format!("a bad command: {e}")))?;
                 let result: CommandResult = match local.propose_here(cmd).await {
                     Ok(o) => Ok(o),
                     Err(ProposeError::Rejected(r)) => Err(r),
                     Err(e) => return Err(e.into_refusal()),
                 };
-                let result = serde_json::to_vec(&result).map_err(|e| Refusal::internal(e.to_string()))?;
-                Ok(pb::ProposeResponse { result })
+                Ok(pb::ProposeResponse { result: Some(result_to_wire(&result)) })
             }
         });
     }
@@ -179,20 +179,21 @@ impl ProposeHandle {
     }
 
     async fn forward(&self, leader: u64, cmd: Command) -> Result<Outcome, ProposeError> {
-        let command = serde_json::to_vec(&cmd).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         // Stop waiting on a leader that has been replaced: if it never got the command, the caller
         // may retry with the new one; if it did, the outcome is unknown.
         let mut metrics = self.raft.metrics();
         let replaced = async move {
             let _ = metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != leader)).await;
         };
-        let req = pb::ProposeRequest { command };
+        let req = pb::ProposeRequest { command: Some(pb::Command::from(&cmd)) };
         let resp = PROPOSE
             .call_unless(&self.transport, leader, &req, self.timeout, replaced)
             .await
             .map_err(ProposeError::from_forward)?;
-        let result: CommandResult = serde_json::from_slice(&resp.result)
-            .map_err(|e| ProposeError::Unavailable(format!("an undecodable answer from the leader: {e}")))?;
+        let result =
+            resp.result.ok_or_else(|| ProposeError::Unavailable("the leader's answer lacks its result".into()))?;
+        let result = result_from_wire(result)
+            .map_err(|e| ProposeError::Unavailable(format!("a bad answer from the leader: {e}")))?;
         Ok(result?)
     }
 

@@ -104,7 +104,16 @@ pub enum Outcome {
     TokenCreated,
     TokenRevoked,
     Admitted,
+    /// A checkpoint record was committed.
     Committed,
+    /// The task's holders were set.
+    HoldersSet,
+    /// The hub's status was set.
+    StatusSet,
+    /// The hub was removed.
+    NodeRemoved,
+    /// Copies of the committed checkpoint were recorded.
+    CopiesAdded,
 }
 
 /// Why a command was refused. A refused command changed nothing.
@@ -190,7 +199,7 @@ impl ClusterState {
                 // The host is never its own holder (a plan made before a re-placement may say so).
                 let host = t.instances.get(&0).map(|p| p.node);
                 t.holders = holders.iter().copied().filter(|h| Some(*h) != host).collect();
-                Ok(Outcome::NodeRegistered)
+                Ok(Outcome::HoldersSet)
             }
             Command::CommitCheckpoint { task, record, based_on } => self.commit_checkpoint(task, record, *based_on),
             Command::AddCheckpointCopies { task, epoch, sequence, nodes } => {
@@ -203,7 +212,7 @@ impl ClusterState {
                         c.stored_on.push(*n);
                     }
                 }
-                Ok(Outcome::Committed)
+                Ok(Outcome::CopiesAdded)
             }
             Command::Note { at_ms, reason } => {
                 self.note = Some((*at_ms, reason.clone()));
@@ -234,7 +243,7 @@ impl ClusterState {
             Command::SetNodeStatus { node, status } => {
                 let n = self.nodes.get_mut(node).ok_or(Rejected::NoSuchNode(*node))?;
                 n.status = *status;
-                Ok(Outcome::NodeRegistered)
+                Ok(Outcome::StatusSet)
             }
             Command::RemoveNode { node } => {
                 let n = self.nodes.remove(node).ok_or(Rejected::NoSuchNode(*node))?;
@@ -242,7 +251,7 @@ impl ClusterState {
                 if !n.cert_fingerprint.is_empty() {
                     self.revoked.insert(n.cert_fingerprint);
                 }
-                Ok(Outcome::NodeRegistered)
+                Ok(Outcome::NodeRemoved)
             }
             Command::RevokeToken { id } => {
                 let t = self.tokens.get_mut(id).ok_or_else(|| Rejected::BadToken(format!("no token {id}")))?;
