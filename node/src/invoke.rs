@@ -125,11 +125,7 @@ impl Hub {
             // re-placed: answering from here could fork the task's history.
             return Step::Wait("this hub has lost contact with the mesh (no lease)".into());
         }
-        let ready = self
-            .executor()
-            .status(name)
-            .is_some_and(|s| s.config.epoch == p.epoch.0 && s.config.version == task.version);
-        if !ready {
+        if !self.executor().runs_at(name, task.version, p.epoch.0) {
             return match self.start_failure(name) {
                 Some(f) => Step::Done(Err(RouteError::NotReady(f.to_string()))),
                 None => Step::Wait("the task is starting".into()),
@@ -137,7 +133,7 @@ impl Hub {
         }
         let started = std::time::Instant::now();
         let res = self.executor().invoke(name, input.to_vec(), key.clone()).await;
-        metrics::histogram!("hubmesh_invoke_seconds").record(started.elapsed().as_secs_f64());
+        invoke_seconds().record(started.elapsed().as_secs_f64());
         Step::Done(res.map(|a| (a, p)).map_err(RouteError::from))
     }
 
@@ -199,4 +195,10 @@ impl Hub {
         }
         Step::Wait(reason)
     }
+}
+
+/// The `hubmesh_invoke_seconds` histogram, registered once (not looked up on every call).
+fn invoke_seconds() -> &'static metrics::Histogram {
+    static H: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
+    H.get_or_init(|| metrics::histogram!("hubmesh_invoke_seconds"))
 }

@@ -170,6 +170,9 @@ pub struct TaskInfo {
     pub last_checkpoint: Option<CheckpointInfo>,
     /// Invocations answered by this hub's instance since it started.
     pub invocations: u64,
+    /// Invocations running on this hub right now (stateless tasks).
+    #[serde(default)]
+    pub in_flight: u32,
     /// Hubs the leader chose to keep the task's checkpoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<u64>,

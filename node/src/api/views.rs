@@ -78,7 +78,8 @@ pub(crate) fn task_info(hub: &Hub, state: &ClusterState, record: &TaskRecord) ->
         replicas: spec.replicas,
         instances,
         last_checkpoint: local.as_ref().and_then(|s| s.last_checkpoint.as_ref()).map(checkpoint_info),
-        invocations: local.map_or(0, |s| s.invocations),
+        invocations: local.as_ref().map_or(0, |s| s.invocations),
+        in_flight: local.map_or(0, |s| s.in_flight),
         holders: record.holders.iter().map(|n| n.0).collect(),
         committed: record.checkpoint.as_ref().map(|c| api::CommittedCheckpointInfo {
             sequence: c.sequence,

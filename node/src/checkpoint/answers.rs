@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::executor::Answer;
+use super::Answer;
 
 /// How many keys an instance remembers.
 pub(crate) const CAPACITY: usize = 1024;

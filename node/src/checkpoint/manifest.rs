@@ -4,7 +4,10 @@ use hubmesh_proto::{pb, Message};
 use hubmesh_storage::Hash;
 use wasmtime::Val;
 
-use crate::executor::Answer;
+/// Bytes in a page of linear memory (wasm's page size), as checkpoints count them.
+pub(crate) const PAGE: usize = 65536;
+
+use super::Answer;
 
 /// Format of manifests written by this build.
 pub(crate) const FORMAT_VERSION: u32 = 1;
@@ -80,7 +83,7 @@ impl Manifest {
 
     /// Bytes of the pages the manifest refers to.
     pub fn size_bytes(&self) -> u64 {
-        self.pages.len() as u64 * super::image::PAGE as u64
+        self.pages.len() as u64 * PAGE as u64
     }
 }
 
@@ -94,7 +97,7 @@ impl From<&Manifest> for pb::CheckpointManifest {
             sequence: m.sequence,
             module_hash: m.module_hash.0.to_vec(),
             memory_pages: m.memory_pages,
-            page_size: super::image::PAGE as u32,
+            page_size: PAGE as u32,
             pages: m.pages.iter().map(|(i, h)| pb::PageRef { index: *i, hash: h.0.to_vec() }).collect(),
             globals: m
                 .globals
@@ -132,7 +135,7 @@ impl TryFrom<pb::CheckpointManifest> for Manifest {
         if p.format_version > FORMAT_VERSION {
             return Err(ManifestError::Version(p.format_version));
         }
-        if p.page_size as usize != super::image::PAGE {
+        if p.page_size as usize != PAGE {
             return Err(ManifestError::Field("page_size"));
         }
         let module_hash = Hash::from_slice(&p.module_hash).ok_or(ManifestError::Field("module_hash"))?;

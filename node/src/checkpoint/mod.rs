@@ -1,4 +1,7 @@
-//! Checkpoints of stateful task instances (design §6).
+//! Checkpoints of stateful task instances (design §6): the manifest format, the writer that
+//! appends them to the page log, and the idempotency answers they carry. The memory image they
+//! are taken from is the executor's (`executor::image`); this module depends on nothing of the
+//! executor.
 //!
 //! ```text
 //!  invocation ok --> MemoryImage::sync      copy the pages the dirty map marks into the base image
@@ -15,31 +18,19 @@
 //! image; the instance is re-instantiated and overwritten with it.
 
 mod answers;
-mod image;
 mod manifest;
 mod writer;
 
 pub(crate) use answers::AnswerCache;
-pub(crate) use image::MemoryImage;
+pub(crate) use manifest::PAGE;
 pub use manifest::{GlobalValue, Manifest};
 pub(crate) use writer::Writer;
 
-pub(crate) use image::CheckpointHeader;
-
-/// The header of a task's next checkpoint.
-pub(crate) fn image_header(
-    cfg: &crate::executor::TaskConfig,
-    sequence: u64,
-    invocations: u64,
-    now_ms: u64,
-) -> CheckpointHeader {
-    CheckpointHeader {
-        task: cfg.name.clone(),
-        task_version: cfg.version,
-        epoch: cfg.epoch,
-        sequence,
-        module_hash: cfg.module_hash,
-        invocations,
-        created_unix_ms: now_ms,
-    }
+/// The answer of one successful call: what an invocation returns, and what a checkpoint keeps
+/// for each idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// 0 for success, otherwise the task's own error status.
+    pub status: i32,
+    pub output: Vec<u8>,
 }

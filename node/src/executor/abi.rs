@@ -18,7 +18,7 @@ use rand::RngCore;
 use wasmtime::{Caller, Linker};
 
 use super::host::{HostFault, HostState};
-use super::instrument::PAGE_SIZE;
+use crate::checkpoint::PAGE as PAGE_SIZE;
 
 pub(crate) const INVOKE_EXPORT: &str = "hm_invoke";
 pub(crate) const TICK_EXPORT: &str = "hm_tick";

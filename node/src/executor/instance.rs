@@ -10,6 +10,7 @@ use super::engine::ticks_for;
 use super::error::InvokeError;
 use super::host::{HostFault, HostState};
 use super::instrument::{DIRTY_EXPORT, GLOBAL_PREFIX, MEMORY_EXPORT};
+use super::Answer;
 
 /// The limits an instance runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,14 +61,6 @@ pub(crate) struct Instance {
     pub(crate) dirty: Memory,
     pub(crate) globals: Vec<(String, Global)>,
     limits: InstanceLimits,
-}
-
-/// The answer of one successful call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
-    /// 0 for success, otherwise the task's own error status.
-    pub status: i32,
-    pub output: Vec<u8>,
 }
 
 impl Instance {

@@ -24,7 +24,6 @@ use walrus::{ExportItem, FunctionBuilder, FunctionId, FunctionKind, GlobalKind, 
 use super::abi;
 
 /// Size of a checkpoint page: one wasm page.
-pub(crate) const PAGE_SIZE: usize = 65536;
 /// Export name of the task's memory after instrumentation.
 pub(crate) const MEMORY_EXPORT: &str = "hm:memory";
 /// Export name of the dirty-page map.

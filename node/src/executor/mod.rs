@@ -16,6 +16,7 @@ mod abi;
 mod engine;
 mod error;
 mod host;
+mod image;
 pub(crate) mod instance;
 mod instrument;
 mod module_cache;
@@ -32,9 +33,10 @@ use hubmesh_consensus::state::{CheckpointPolicy, TaskKind};
 use hubmesh_storage::{Hash, PageLog};
 use wasmtime::{Engine, Linker};
 
+pub use crate::checkpoint::Answer;
 pub use engine::EngineLimits;
 pub use error::{CommitError, InvokeError, StartTaskError};
-pub use instance::{Answer, InstanceLimits};
+pub use instance::InstanceLimits;
 pub use instrument::PrepareError;
 pub use stateful::StatefulStatus;
 
@@ -150,6 +152,8 @@ pub trait CheckpointSink: Send + Sync {
 pub struct TaskStatus {
     pub config: TaskConfig,
     pub invocations: u64,
+    /// Invocations running right now (stateless tasks; a stateful task runs one at a time).
+    pub in_flight: u32,
     pub last_checkpoint: Option<CheckpointSummary>,
     pub broken: Option<String>,
 }
@@ -319,10 +323,15 @@ impl Executor {
         match &task.runtime {
             Runtime::Stateful(s) => s.invoke(input, key).await,
             Runtime::Stateless(p) => {
-                // On the multi-threaded runtime the call runs right here, after telling tokio to
-                // move this worker's other work elsewhere: a task that runs to its deadline cannot
-                // stall the API, and a short call pays no thread hand-off.
-                if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+                // Quick tasks run right here (see `stateless`: one inline call at a time, and a
+                // slow call sends its task's next ones off). Otherwise, on the multi-threaded
+                // runtime, tokio first moves this worker's other work elsewhere, so a task that
+                // runs to its deadline cannot stall the API.
+                let multi_thread =
+                    tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+                if let Some(_slot) = p.may_run_inline().filter(|_| multi_thread) {
+                    p.invoke(&input)
+                } else if multi_thread {
                     tokio::task::block_in_place(|| p.invoke(&input))
                 } else {
                     let pool = p.clone();
@@ -354,6 +363,15 @@ impl Executor {
         }
     }
 
+    /// Whether `name` runs here at `version` and `epoch` (cheap: asked on every invocation).
+    pub fn runs_at(&self, name: &str, version: u64, epoch: u64) -> bool {
+        self.tasks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .is_some_and(|t| t.config.version == version && t.config.epoch == epoch)
+    }
+
     /// What a running task reports.
     pub fn status(&self, name: &str) -> Option<TaskStatus> {
         let task = self.running(name).ok()?;
@@ -363,6 +381,7 @@ impl Executor {
                 TaskStatus {
                     config: task.config.clone(),
                     invocations: st.invocations,
+                    in_flight: 0,
                     last_checkpoint: st.last_checkpoint,
                     broken: st.broken,
                 }
@@ -370,6 +389,7 @@ impl Executor {
             Runtime::Stateless(p) => TaskStatus {
                 config: task.config.clone(),
                 invocations: p.invocations.load(Ordering::Relaxed),
+                in_flight: p.in_flight(),
                 last_checkpoint: None,
                 broken: None,
             },

@@ -17,9 +17,11 @@ use hubmesh_consensus::Epoch;
 use hubmesh_storage::{PageLog, PageWrite};
 use tokio::sync::oneshot;
 
-use super::instance::{Answer, Instance, LoadedModule};
+use super::image::{CheckpointHeader, MemoryImage};
+use super::instance::{Instance, LoadedModule};
+use super::Answer;
 use super::{CheckpointSink, CheckpointSummary, InvokeError, LocalCheckpoint, Restore, StartTaskError, TaskConfig};
-use crate::checkpoint::{AnswerCache, Manifest, MemoryImage, Writer};
+use crate::checkpoint::{AnswerCache, Manifest, Writer};
 
 enum Msg {
     Invoke { input: Vec<u8>, key: Option<String>, reply: oneshot::Sender<Result<Answer, InvokeError>> },
@@ -435,8 +437,7 @@ impl Actor {
     fn checkpoint(&mut self) -> Result<CheckpointSummary, String> {
         let started = Instant::now();
         let sequence = self.sequence + 1;
-        let header =
-            crate::checkpoint::image_header(&self.cfg, sequence, self.invocations, hubmesh_consensus::now_ms());
+        let header = CheckpointHeader::of(&self.cfg, sequence, self.invocations, hubmesh_consensus::now_ms());
         let answers = self.answers.entries().map(|(k, a)| (k.clone(), a.clone())).collect();
         let pages = &self.pages;
         let (mut manifest, new_pages) =

@@ -1,12 +1,19 @@
 //! A stateless task: a pool of interchangeable warm instances. An invocation borrows an idle
 //! instance (or instantiates one: microseconds with the pooling allocator), runs, and gives it
 //! back; an instance that trapped is dropped instead.
+//!
+//! Where a call runs: inline on the API's thread when the task's calls have been quick and no
+//! other inline call runs (no thread hand-off: most calls take microseconds), else under
+//! `block_in_place`. A call that runs past [`INLINE_BUDGET`] sends the task's next calls off the
+//! API's threads for a while, and only one call runs inline at a time, so a runaway task holds at
+//! most one runtime thread, and only until its deadline.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use super::instance::{Answer, Instance, InstanceLimits, LoadedModule};
-use super::InvokeError;
+use super::instance::{Instance, InstanceLimits, LoadedModule};
+use super::{Answer, InvokeError};
 
 /// Idle instances kept per task.
 const MAX_IDLE: usize = 16;
@@ -19,6 +26,25 @@ pub(crate) struct StatelessTask {
     in_flight: AtomicU32,
     max_in_flight: u32,
     pub(crate) invocations: AtomicU64,
+    /// Calls still to run off the API's threads since one ran long (see [`Self::may_run_inline`]).
+    slow_penalty: AtomicU32,
+}
+
+/// A call that takes longer than this is slow: the task's next calls leave the API's threads.
+const INLINE_BUDGET: Duration = Duration::from_millis(2);
+/// How many calls a slow call sends off the API's threads before the task may run inline again.
+const SLOW_PENALTY: u32 = 1000;
+/// At most one inline call at a time in the whole process: a runaway call can hold one of the
+/// runtime's threads (until its deadline), never all of them.
+static INLINE_SLOT: AtomicBool = AtomicBool::new(false);
+
+/// The inline slot while held.
+pub(crate) struct InlineSlot(());
+
+impl Drop for InlineSlot {
+    fn drop(&mut self) {
+        INLINE_SLOT.store(false, Ordering::Release);
+    }
 }
 
 struct InFlight<'a>(&'a AtomicU32);
@@ -47,11 +73,38 @@ impl StatelessTask {
             in_flight: AtomicU32::new(0),
             max_in_flight: queue.max(1),
             invocations: AtomicU64::new(0),
+            slow_penalty: AtomicU32::new(0),
         })
+    }
+
+    /// Invocations running now.
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether the next call may run right on the API's thread: the task's recent calls were all
+    /// quick, and no other inline call runs now. Holding the slot, the caller runs the call and
+    /// then drops it.
+    pub(crate) fn may_run_inline(&self) -> Option<InlineSlot> {
+        let penalty = self.slow_penalty.load(Ordering::Relaxed);
+        if penalty > 0 {
+            self.slow_penalty.store(penalty - 1, Ordering::Relaxed);
+            return None;
+        }
+        INLINE_SLOT.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).ok().map(|_| InlineSlot(()))
     }
 
     /// Runs one invocation on the calling thread.
     pub(crate) fn invoke(&self, input: &[u8]) -> Result<Answer, InvokeError> {
+        let started = Instant::now();
+        let res = self.run(input);
+        if started.elapsed() > INLINE_BUDGET {
+            self.slow_penalty.store(SLOW_PENALTY, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn run(&self, input: &[u8]) -> Result<Answer, InvokeError> {
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(InvokeError::QueueFull { limit: self.max_in_flight });

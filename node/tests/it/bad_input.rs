@@ -2,7 +2,9 @@
 
 use hubmesh_proto::api::DeployParams;
 
-use crate::harness::{example_bytes, step, Hub};
+use std::time::Duration;
+
+use crate::harness::{example_bytes, step, wait_until, Hub};
 
 fn files_in(dir: &std::path::Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -131,6 +133,38 @@ async fn runaway_tasks_fail_alone() {
     assert_eq!(err.code(), Some("task_error"));
     assert!(err.to_string().contains("not a number"), "{err}");
     assert_eq!(hub.client.invoke("counter", b"0".to_vec(), None).await.unwrap(), b"42");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_loops_do_not_stall_the_api() {
+    let hub = Hub::start("stall").await;
+    let slow = DeployParams { timeout: Some("4s".into()), ..Default::default() };
+    hub.client.deploy("loop", example_bytes("loop.wat"), &slow, false).await.unwrap();
+    hub.client.deploy("echo", example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
+    step("four endless loops at once: more than the hub's runtime threads");
+    let loops: Vec<_> = (0..4)
+        .map(|_| {
+            let client = hub.client.clone();
+            tokio::spawn(async move { client.invoke("loop", vec![], None).await })
+        })
+        .collect();
+    // Every loop runs in the hub before the API is asked anything else (asking is already a
+    // test: a stalled API would not answer until the loops end).
+    wait_until(Duration::from_secs(10), "the four loops to run", || async {
+        hub.client.task("loop").await.is_ok_and(|t| t.in_flight == 4)
+    })
+    .await;
+    step("the API answers while every loop still runs");
+    for i in 0..20 {
+        let input = format!("alive {i}").into_bytes();
+        assert_eq!(hub.client.invoke("echo", input.clone(), None).await.unwrap(), input);
+        hub.client.status().await.unwrap();
+    }
+    assert!(loops.iter().all(|l| !l.is_finished()), "a loop ended before the API answered: the test proves nothing");
+    for l in loops {
+        let err = l.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Some("deadline_exceeded"), "{err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,12 +3,11 @@
 
 use hubmesh_storage::{Hash, PageLog};
 
-use super::manifest::{GlobalValue, Manifest};
-use crate::executor::instance::Instance;
-use crate::executor::InvokeError;
+use super::instance::Instance;
+use super::InvokeError;
+use crate::checkpoint::{GlobalValue, Manifest, PAGE};
 
 /// Checkpoint page size: one wasm page.
-pub(crate) const PAGE: usize = 65536;
 
 pub(crate) struct MemoryImage {
     base: Vec<u8>,
@@ -31,6 +30,21 @@ pub(crate) struct CheckpointHeader {
     pub(crate) module_hash: Hash,
     pub(crate) invocations: u64,
     pub(crate) created_unix_ms: u64,
+}
+
+impl CheckpointHeader {
+    /// The header of a task's next checkpoint.
+    pub(crate) fn of(cfg: &super::TaskConfig, sequence: u64, invocations: u64, now_ms: u64) -> Self {
+        Self {
+            task: cfg.name.clone(),
+            task_version: cfg.version,
+            epoch: cfg.epoch,
+            sequence,
+            module_hash: cfg.module_hash,
+            invocations,
+            created_unix_ms: now_ms,
+        }
+    }
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -170,7 +184,7 @@ impl MemoryImage {
         &mut self,
         header: CheckpointHeader,
         global_names: &[String],
-        answers: Vec<(String, crate::executor::Answer)>,
+        answers: Vec<(String, super::Answer)>,
         known: impl Fn(&Hash) -> bool,
     ) -> (Manifest, Vec<(Hash, Vec<u8>)>) {
         let mut new_pages = Vec::new();
