@@ -7,8 +7,8 @@ use super::instance::Instance;
 use super::InvokeError;
 use crate::checkpoint::{GlobalValue, Manifest, PAGE};
 
-/// Checkpoint page size: one wasm page.
-
+/// A stateful instance's memory as of its last successful call (the base a trap rolls back to),
+/// with the pages changed since the last checkpoint.
 pub(crate) struct MemoryImage {
     base: Vec<u8>,
     /// Pages changed since the last checkpoint.

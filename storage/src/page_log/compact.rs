@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::record::{self, encode, encode_refs, Version, KIND_MANIFEST, KIND_PAGE, MAGIC};
-use super::{io, sync_dir, Loc, ManifestLoc, PageLog, PageLogError, COMPACT_MIN_BYTES};
+use super::{io, sync_dir, Inner, Loc, ManifestLoc, PageLog, PageLogError, COMPACT_MIN_BYTES};
 use crate::Hash;
 
 /// A record's bytes around its data: kind, key length, a 32-byte key or so, length, checksum.
@@ -100,18 +100,18 @@ impl PageLog {
         Ok(true)
     }
 
+    /// Pages a manifest refers to or a pin holds.
+    fn live(&self, inner: &Inner) -> HashSet<Hash> {
+        inner.manifests.values().flat_map(|m| m.refs.iter().copied()).chain(self.pinned().keys().copied()).collect()
+    }
+
     /// Step 1: whether to compact, and what.
     fn snapshot(&self) -> Option<Snapshot> {
         let inner = self.lock();
         if inner.len < COMPACT_MIN_BYTES {
             return None;
         }
-        let live: HashSet<Hash> = inner
-            .manifests
-            .values()
-            .flat_map(|m| m.refs.iter().copied())
-            .chain(self.pinned().keys().copied())
-            .collect();
+        let live = self.live(&inner);
         let pages: Vec<(Hash, Loc)> = live.iter().filter_map(|h| inner.pages.get(h).map(|l| (*h, *l))).collect();
         let live_bytes: u64 = pages.iter().map(|(_, l)| u64::from(l.len) + RECORD_OVERHEAD).sum();
         if live_bytes * 2 > inner.len {
@@ -132,12 +132,7 @@ impl PageLog {
         inner.file.read_exact_at(&mut tail, snapshot.len).map_err(io(&self.path))?;
         let shift = |loc: Loc| Loc { offset: loc.offset - snapshot.len + tail_base, ..loc };
         let mut late = Rewrite { out: Vec::new(), pages: HashMap::new(), manifests: HashMap::new() };
-        let live: HashSet<Hash> = inner
-            .manifests
-            .values()
-            .flat_map(|m| m.refs.iter().copied())
-            .chain(self.pinned().keys().copied())
-            .collect();
+        let live = self.live(&inner);
         let mut pages = HashMap::with_capacity(inner.pages.len());
         for (hash, loc) in &inner.pages {
             if loc.offset >= snapshot.len {
