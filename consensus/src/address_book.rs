@@ -10,30 +10,47 @@ use tokio::sync::watch;
 use crate::state::ClusterState;
 use crate::transport::Transport;
 use crate::type_config::TypeConfig;
+use crate::worker::Worker;
 
-/// Runs until `stop` flips.
-pub(crate) async fn run(
+/// The address book as a worker: a round whenever the membership or the state changes.
+pub(crate) struct AddressBook {
     transport: Arc<Transport>,
-    raft: Raft<TypeConfig>,
-    mut state: watch::Receiver<Arc<ClusterState>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut metrics = raft.metrics();
+    metrics: watch::Receiver<openraft::RaftMetrics<u64, crate::type_config::NodeAddr>>,
+    state: watch::Receiver<Arc<ClusterState>>,
     // Metrics change with every replication step; the book only needs a refresh when the
     // membership or the state does.
-    let mut seen_membership = None;
-    let mut seen_state: Option<Arc<ClusterState>> = None;
-    loop {
-        let membership = metrics.borrow_and_update().membership_config.clone();
+    seen_membership: Option<Option<openraft::LogId<u64>>>,
+    seen_state: Option<Arc<ClusterState>>,
+}
+
+impl AddressBook {
+    pub(crate) fn new(
+        transport: Arc<Transport>,
+        raft: &Raft<TypeConfig>,
+        state: watch::Receiver<Arc<ClusterState>>,
+    ) -> Self {
+        Self { transport, metrics: raft.metrics(), state, seen_membership: None, seen_state: None }
+    }
+}
+
+impl Worker for AddressBook {
+    fn name(&self) -> &'static str {
+        "address-book"
+    }
+
+    async fn work(&mut self) -> Result<(), String> {
+        let (transport, seen_membership, seen_state) =
+            (&self.transport, &mut self.seen_membership, &mut self.seen_state);
+        let membership = self.metrics.borrow_and_update().membership_config.clone();
         if seen_membership.as_ref() != Some(membership.log_id()) {
             for (id, node) in membership.membership().nodes() {
                 if let Ok(addr) = node.mesh_addr.parse() {
                     transport.set_peer(*id, addr);
                 }
             }
-            seen_membership = Some(*membership.log_id());
+            *seen_membership = Some(*membership.log_id());
         }
-        let st = state.borrow_and_update().clone();
+        let st = self.state.borrow_and_update().clone();
         if !seen_state.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &st)) {
             for n in st.nodes.values() {
                 if let Ok(addr) = n.mesh_addr.parse() {
@@ -44,12 +61,16 @@ pub(crate) async fn run(
                 let mut fp = [0u8; 32];
                 hex::decode_to_slice(h, &mut fp).ok().map(|()| fp)
             }));
-            seen_state = Some(st);
+            *seen_state = Some(st);
         }
+        Ok(())
+    }
+
+    async fn wait(&mut self) {
+        // A closed channel (Raft stopped) must not spin: then the round waits for shutdown.
         tokio::select! {
-            r = state.changed() => if r.is_err() { return },
-            r = metrics.changed() => if r.is_err() { return },
-            _ = stop.changed() => return,
+            r = self.state.changed() => if r.is_err() { std::future::pending::<()>().await },
+            r = self.metrics.changed() => if r.is_err() { std::future::pending::<()>().await },
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::state::{ClusterState, NodeStatus};
 use crate::type_config::{NodeAddr, TypeConfig};
+use crate::worker::Worker;
 
 /// How far behind the leader's log a learner may be and still be promoted.
 const CAUGHT_UP: u64 = 16;
@@ -25,24 +26,38 @@ pub fn target_voters(hubs: usize) -> usize {
     }
 }
 
-pub(crate) async fn run(
-    raft: Raft<TypeConfig>,
-    node_id: u64,
-    state: watch::Receiver<Arc<ClusterState>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = stop.changed() => return,
-        }
+/// The autopilot as a worker: a round every 200 ms (it acts only while this hub leads).
+pub(crate) struct Autopilot {
+    pub(crate) raft: Raft<TypeConfig>,
+    pub(crate) node_id: u64,
+    pub(crate) state: watch::Receiver<Arc<ClusterState>>,
+}
+
+impl Worker for Autopilot {
+    fn name(&self) -> &'static str {
+        "autopilot"
+    }
+
+    async fn work(&mut self) -> Result<(), String> {
+        round(&self.raft, self.node_id, &self.state).await;
+        Ok(())
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One look at the membership; changes are retried on the next round if they fail.
+async fn round(raft: &Raft<TypeConfig>, node_id: u64, state: &watch::Receiver<Arc<ClusterState>>) {
+    {
         let metrics = raft.metrics().borrow().clone();
         if metrics.current_leader != Some(node_id) {
-            continue;
+            return;
         }
         let membership = metrics.membership_config.membership().clone();
         if membership.get_joint_config().len() > 1 {
-            continue;
+            return;
         }
         let members: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
@@ -63,7 +78,7 @@ pub(crate) async fn run(
             if let Err(e) = raft.change_membership(change, false).await {
                 tracing::debug!(error = %e, "change_membership (remove)");
             }
-            continue;
+            return;
         }
         for n in st.nodes.values() {
             if members.contains(&n.id.0) || n.mesh_addr.is_empty() {
@@ -86,11 +101,11 @@ pub(crate) async fn run(
                 if let Err(e) = raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([d])), true).await {
                     tracing::debug!(error = %e, "change_membership (demote)");
                 }
-                continue;
+                return;
             }
         }
         if healthy_voters >= want {
-            continue;
+            return;
         }
         let last = metrics.last_log_index.unwrap_or(0);
         let caught_up: Vec<u64> = metrics
@@ -107,7 +122,7 @@ pub(crate) async fn run(
             .unwrap_or_default();
         let promote: BTreeSet<u64> = caught_up.into_iter().take(want - healthy_voters).collect();
         if promote.is_empty() {
-            continue;
+            return;
         }
         tracing::info!(?promote, "autopilot: promoting learners to voters");
         if let Err(e) = raft.change_membership(ChangeMembers::AddVoterIds(promote), false).await {

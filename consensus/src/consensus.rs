@@ -18,6 +18,8 @@ use hubmesh_storage::{open_raft_db, LogStore, SnapshotStore};
 use openraft::{Raft, SnapshotPolicy};
 use tokio::sync::watch;
 
+use crate::address_book::AddressBook;
+use crate::autopilot::Autopilot;
 use crate::identity::{self, open_err};
 use crate::ids::NodeId;
 use crate::join::{self, hash_secret, Boot, JoinToken};
@@ -28,6 +30,7 @@ use crate::state_machine::StateMachine;
 use crate::tls;
 use crate::transport::Transport;
 use crate::type_config::{NodeAddr, TypeConfig};
+use crate::worker::Workers;
 
 /// How to start the Raft node of a hub.
 #[derive(Debug, Clone)]
@@ -99,7 +102,8 @@ pub struct Consensus {
     applied: watch::Receiver<u64>,
     cert_der: Vec<u8>,
     proposer: ProposeHandle,
-    stop: watch::Sender<bool>,
+    /// Consensus's own background loops (autopilot, address book).
+    workers: Workers,
 }
 
 impl Consensus {
@@ -135,7 +139,6 @@ impl Consensus {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         crate::network::register_handlers(&transport, &raft);
-        let (stop, stop_rx) = watch::channel(false);
         let proposer = ProposeHandle::new(raft.clone(), transport.clone(), cfg.propose_timeout);
         let me = Self {
             cert_der: identity.cert_der.clone(),
@@ -146,12 +149,12 @@ impl Consensus {
             mesh_addr,
             state: state_rx,
             applied: applied_rx,
-            stop,
+            workers: Workers::new(),
         };
         me.proposer.serve();
         join::serve(&me.transport, me.proposer.clone(), me.state.clone());
-        tokio::spawn(crate::autopilot::run(me.raft.clone(), node_id, me.state.clone(), stop_rx.clone()));
-        tokio::spawn(crate::address_book::run(me.transport.clone(), me.raft.clone(), me.state.clone(), stop_rx));
+        me.workers.spawn(Autopilot { raft: me.raft.clone(), node_id, state: me.state.clone() });
+        me.workers.spawn(AddressBook::new(me.transport.clone(), &me.raft, me.state.clone()));
 
         if let Some(ca) = new_ca {
             let node = NodeAddr { mesh_addr: mesh_addr.to_string(), ..cfg.node.clone() };
@@ -262,6 +265,11 @@ impl Consensus {
         }
     }
 
+    /// Consensus's background workers (autopilot, address book).
+    pub fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
     /// Whether this hub currently leads.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.node_id)
@@ -285,7 +293,7 @@ impl Consensus {
 
     /// Stops Raft and the endpoint; pending proposals fail.
     pub async fn shutdown(&self) {
-        let _ = self.stop.send(true);
+        self.workers.stop(Duration::from_secs(5)).await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }

@@ -15,7 +15,8 @@
 //!   and typed endpoints; [`network`] is openraft's network over it; [`join`] is how a hub gets
 //!   its identity (new mesh, restart, join with a token: both sides); [`propose`] commits
 //!   commands (group commit, forwarding to the leader); `address_book` keeps the endpoint's peers
-//!   and revocations in step with the state; `autopilot` manages learners and voters.
+//!   and revocations in step with the state; `autopilot` manages learners and voters; both are
+//!   [`worker::Worker`]s, the shape of every background loop of a hub.
 //!
 //! This crate must not import wasmtime, libp2p or axum, and never decides placement: the leader's
 //! scheduler (in `node`) proposes placements as commands.
@@ -34,6 +35,7 @@ pub mod tls;
 pub mod transport;
 mod type_config;
 pub mod wire;
+pub mod worker;
 
 pub use autopilot::target_voters;
 pub use consensus::{Consensus, ConsensusConfig, MeshStatus, StartError};

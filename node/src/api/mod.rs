@@ -66,7 +66,7 @@ async fn nodes(State(s): State<ApiState>) -> Json<Vec<api::NodeInfo>> {
 }
 
 async fn workers(State(s): State<ApiState>) -> Json<Vec<api::WorkerInfo>> {
-    Json(s.hub.workers().list())
+    Json(views::workers(&s.hub))
 }
 
 async fn create_token(

@@ -163,3 +163,16 @@ fn nodes(state: &ClusterState, voters: &[u64], leader: Option<u64>) -> Vec<api::
         })
         .collect()
 }
+
+/// Every background worker of the hub: consensus's, then the node's.
+pub(crate) fn workers(hub: &Hub) -> Vec<api::WorkerInfo> {
+    let all = hub.consensus().workers().list().into_iter().chain(hub.workers().list());
+    all.map(|w| api::WorkerInfo {
+        name: w.name.into(),
+        state: w.state.into(),
+        rounds: w.rounds,
+        errors: w.errors,
+        last_error: w.last_error,
+    })
+    .collect()
+}
