@@ -4,9 +4,9 @@
 //!
 //! Where a call runs: inline on the API's thread when the task's calls have been quick and no
 //! other inline call runs (no thread hand-off: most calls take microseconds), else under
-//! `block_in_place`. A call that runs past [`INLINE_BUDGET`] sends the task's next calls off the
-//! API's threads for a while, and only one call runs inline at a time, so a runaway task holds at
-//! most one runtime thread, and only until its deadline.
+//! `block_in_place`. A call that runs past [`INLINE_BUDGET`] sends the task's calls off the API's
+//! threads for [`SLOW_PENALTY`], and only one call runs inline at a time, so a runaway task holds
+//! at most one runtime thread, until its deadline, once per penalty.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,14 +26,21 @@ pub(crate) struct StatelessTask {
     in_flight: AtomicU32,
     max_in_flight: u32,
     pub(crate) invocations: AtomicU64,
-    /// Calls still to run off the API's threads since one ran long (see [`Self::may_run_inline`]).
-    slow_penalty: AtomicU32,
+    /// Until when (milliseconds on [`clock`]) the task's calls stay off the API's threads, since
+    /// one ran long (see [`Self::may_run_inline`]).
+    slow_until_ms: AtomicU64,
 }
 
 /// A call that takes longer than this is slow: the task's next calls leave the API's threads.
 const INLINE_BUDGET: Duration = Duration::from_millis(2);
-/// How many calls a slow call sends off the API's threads before the task may run inline again.
-const SLOW_PENALTY: u32 = 1000;
+/// How long a slow call keeps its task's calls off the API's threads.
+const SLOW_PENALTY: Duration = Duration::from_secs(10);
+
+/// Milliseconds since the first call of this process: a monotonic clock that fits an atomic.
+fn clock() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
 /// At most one inline call at a time in the whole process: a runaway call can hold one of the
 /// runtime's threads (until its deadline), never all of them.
 static INLINE_SLOT: AtomicBool = AtomicBool::new(false);
@@ -73,7 +80,7 @@ impl StatelessTask {
             in_flight: AtomicU32::new(0),
             max_in_flight: queue.max(1),
             invocations: AtomicU64::new(0),
-            slow_penalty: AtomicU32::new(0),
+            slow_until_ms: AtomicU64::new(0),
         })
     }
 
@@ -86,9 +93,7 @@ impl StatelessTask {
     /// quick, and no other inline call runs now. Holding the slot, the caller runs the call and
     /// then drops it.
     pub(crate) fn may_run_inline(&self) -> Option<InlineSlot> {
-        let penalty = self.slow_penalty.load(Ordering::Relaxed);
-        if penalty > 0 {
-            self.slow_penalty.store(penalty - 1, Ordering::Relaxed);
+        if clock() < self.slow_until_ms.load(Ordering::Relaxed) {
             return None;
         }
         INLINE_SLOT.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).ok().map(|_| InlineSlot(()))
@@ -96,15 +101,6 @@ impl StatelessTask {
 
     /// Runs one invocation on the calling thread.
     pub(crate) fn invoke(&self, input: &[u8]) -> Result<Answer, InvokeError> {
-        let started = Instant::now();
-        let res = self.run(input);
-        if started.elapsed() > INLINE_BUDGET {
-            self.slow_penalty.store(SLOW_PENALTY, Ordering::Relaxed);
-        }
-        res
-    }
-
-    fn run(&self, input: &[u8]) -> Result<Answer, InvokeError> {
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(InvokeError::QueueFull { limit: self.max_in_flight });
@@ -115,7 +111,13 @@ impl StatelessTask {
             Some(i) => i,
             None => Instance::new(&self.module, self.name.clone(), self.limits, true)?,
         };
+        // Only the call counts: a cold instantiation is not the task being slow.
+        let started = Instant::now();
         let res = inst.call(input);
+        if started.elapsed() > INLINE_BUDGET {
+            let until = clock() + SLOW_PENALTY.as_millis() as u64;
+            self.slow_until_ms.fetch_max(until, Ordering::Relaxed);
+        }
         if matches!(res, Ok(_) | Err(InvokeError::InputTooLarge { .. })) {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < MAX_IDLE {

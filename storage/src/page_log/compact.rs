@@ -92,12 +92,16 @@ impl PageLog {
             rewrite.copy_manifest(&snapshot.file, key, *loc, refs, &self.path)?;
         }
         let tmp = self.path.with_extension("log.compact");
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&rewrite.out).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
+        let copied = File::create(&tmp)
+            .and_then(|mut f| f.write_all(&rewrite.out).and_then(|()| f.sync_all()).map(|()| f))
+            .map_err(io(&tmp));
         meanwhile();
-        self.swap(snapshot, rewrite, f)?;
-        Ok(true)
+        let swapped = copied.and_then(|f| self.swap(snapshot, rewrite, f));
+        if swapped.is_err() {
+            // Nothing of it is in use: the old file still is the log.
+            let _ = fs::remove_file(&tmp);
+        }
+        swapped.map(|()| true)
     }
 
     /// Pages a manifest refers to or a pin holds.
@@ -165,9 +169,14 @@ impl PageLog {
         }
         f.write_all(&tail).and_then(|()| f.write_all(&late.out)).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
+        // The handle writes go to from now on, opened before the rename (it follows the file):
+        // once the rename is done, nothing may fail before the index points at the new file.
+        let file = OpenOptions::new().read(true).append(true).open(&tmp).map_err(io(&tmp))?;
         fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
-        sync_dir(&self.path)?;
-        let file = OpenOptions::new().read(true).append(true).open(&self.path).map_err(io(&self.path))?;
+        if let Err(e) = sync_dir(&self.path) {
+            // The rename may not be durable yet: a crash now leaves the old file, which is whole.
+            tracing::warn!(error = %e, "syncing the page log's directory after a compaction");
+        }
         let len = late_base + late.out.len() as u64;
         tracing::info!(before = inner.len, after = len, held = ?held.elapsed(), "compacted the page log");
         inner.file = Arc::new(file);

@@ -172,6 +172,10 @@ impl PageLog {
     pub fn open(dir: &Path) -> Result<Arc<Self>, PageLogError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join("pages.log");
+        // Left by a compaction or a migration that a crash interrupted: never in use.
+        for stale in ["log.compact", "log.v2"] {
+            let _ = fs::remove_file(path.with_extension(stale));
+        }
         OpenOptions::new().append(true).create(true).open(&path).map_err(io(&path))?;
         if record::version_of(&path)? == Version::V1 {
             compact::migrate_v1(&path)?;
@@ -245,6 +249,14 @@ impl PageLog {
     /// with one fdatasync when `sync` is set. Returns the bytes appended.
     pub fn write(&self, writes: &[PageWrite], sync: bool) -> Result<u64, PageLogError> {
         let mut inner = self.lock();
+        // A manifest stored without one of its pages would restore nothing: a page the caller
+        // found here a moment ago may have been compacted away since (it was garbage then).
+        let batch: HashSet<Hash> = writes.iter().flat_map(|w| w.pages.iter().map(|(h, _)| *h)).collect();
+        for w in writes.iter().filter(|w| !w.key.is_empty()) {
+            if let Some(h) = w.refs.iter().find(|h| !inner.pages.contains_key(*h) && !batch.contains(*h)) {
+                return Err(PageLogError::MissingPage(*h));
+            }
+        }
         let mut buf = Vec::new();
         let mut new_pages: Vec<(Hash, Loc)> = Vec::new();
         let mut seen = HashSet::new();
@@ -389,12 +401,24 @@ impl PageLog {
     }
 }
 
+/// After a failed compaction (a full disk, say), how long the compactor waits before it tries
+/// again: every write past the threshold wakes it, and each try copies the whole live set.
+const COMPACT_BACKOFF: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The compactor thread: one compaction check per wake-up, until the log is dropped.
 fn compactor(log: Weak<PageLog>, wakes: Receiver<()>) {
+    let mut failed_at: Option<std::time::Instant> = None;
     while wakes.recv().is_ok() {
+        if failed_at.is_some_and(|t| t.elapsed() < COMPACT_BACKOFF) {
+            continue;
+        }
         let Some(log) = log.upgrade() else { return };
-        if let Err(e) = log.compact_if_needed() {
-            tracing::warn!(error = %e, "compacting the page log failed; the log goes on uncompacted");
+        match log.compact_if_needed() {
+            Ok(_) => failed_at = None,
+            Err(e) => {
+                tracing::warn!(error = %e, "compacting the page log failed; the log goes on uncompacted");
+                failed_at = Some(std::time::Instant::now());
+            }
         }
     }
 }

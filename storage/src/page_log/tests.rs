@@ -197,3 +197,18 @@ fn a_version_1_log_is_rewritten_as_version_2_and_garbage_is_refused() {
     assert!(matches!(PageLog::open(other.path()), Err(PageLogError::Format { .. })));
     assert_eq!(fs::read(other.path().join("pages.log")).unwrap(), b"GIF89a not a page log", "left as it was");
 }
+
+#[test]
+fn a_manifest_whose_pages_are_gone_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PageLog::open(dir.path()).unwrap();
+    write_one(&log, "t/1/1", vec![page(1)], b"m1");
+    let before = log.stats();
+    // A page checked a moment ago but compacted away since: not here, not in the write.
+    let gone = page(2).0;
+    let w =
+        PageWrite { key: "t/1/2".into(), manifest: b"m2".to_vec(), refs: vec![page(1).0, gone], ..Default::default() };
+    assert!(matches!(log.write(&[w], true), Err(PageLogError::MissingPage(h)) if h == gone));
+    assert_eq!(log.stats(), before);
+    assert!(log.read_manifest("t/1/2").unwrap().is_none());
+}

@@ -70,6 +70,8 @@ pub struct Hub {
     pub url: String,
     pub client: Client,
     extra: Vec<String>,
+    /// Environment variables of the hub process.
+    env: Vec<(String, String)>,
 }
 
 impl Hub {
@@ -80,6 +82,11 @@ impl Hub {
 
     /// Starts a hub with extra `up` flags.
     pub async fn start_with(name: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(name, extra, &[]).await
+    }
+
+    /// Starts a hub with extra `up` flags and environment variables.
+    pub async fn start_with_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::Builder::new().prefix(&format!("hubmesh-it-{name}-")).tempdir().expect("temp dir");
         let mut hub = Self {
             name: name.to_owned(),
@@ -88,6 +95,7 @@ impl Hub {
             url: String::new(),
             client: Client::new("http://127.0.0.1:1", None),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         hub.spawn().await;
         hub
@@ -114,6 +122,7 @@ impl Hub {
             .arg(self.dir.path())
             .args(["up", "--api", "127.0.0.1:0", "--mesh", &mesh, "--name", &self.name])
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("HUBMESH_LOG", "info,openraft=warn")
             .env("NO_COLOR", "1")
             .stdout(Stdio::from(log.try_clone().expect("log handle")))
