@@ -174,7 +174,9 @@ fn corrupt_every_page(data_dir: &std::path::Path) -> usize {
     let path = data_dir.join("checkpoints/pages.log");
     let bytes = std::fs::read(&path).unwrap();
     let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    let (mut at, mut flipped) = (0usize, 0);
+    // Format 2 starts with its magic (`storage::page_log::record`).
+    let start = if bytes.starts_with(b"HMPLOG2\n") { 8 } else { 0 };
+    let (mut at, mut flipped) = (start, 0);
     while at + 3 <= bytes.len() {
         let kind = bytes[at];
         let key_len = u16::from_le_bytes([bytes[at + 1], bytes[at + 2]]) as usize;
