@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -35,23 +35,39 @@ struct Snapshot {
     manifests: Vec<(String, Loc, Vec<Hash>)>,
 }
 
-/// The new file being built, and where its records are.
-struct Rewrite {
-    out: Vec<u8>,
+/// The new file being built (streamed to `out`: a compaction never holds the live set in
+/// memory), and where its records are.
+struct Rewrite<W> {
+    out: W,
+    /// Bytes written so far: where the next record starts.
+    len: u64,
     pages: HashMap<Hash, Loc>,
     manifests: HashMap<String, ManifestLoc>,
+    /// One record at a time.
+    record: Vec<u8>,
 }
 
-impl Rewrite {
-    fn new() -> Self {
-        Self { out: MAGIC.to_vec(), pages: HashMap::new(), manifests: HashMap::new() }
+impl<W: Write> Rewrite<W> {
+    /// A rewrite into `out`, which already holds `len` bytes.
+    fn new(out: W, len: u64) -> Self {
+        Self { out, len, pages: HashMap::new(), manifests: HashMap::new(), record: Vec::new() }
+    }
+
+    /// Writes the record in `self.record` and returns where it started.
+    fn flush_record(&mut self, path: &Path) -> Result<u64, PageLogError> {
+        self.out.write_all(&self.record).map_err(io(path))?;
+        let start = self.len;
+        self.len += self.record.len() as u64;
+        Ok(start)
     }
 
     fn copy_page(&mut self, file: &File, hash: Hash, loc: Loc, path: &Path) -> Result<(), PageLogError> {
         let mut data = vec![0u8; loc.len as usize];
         file.read_exact_at(&mut data, loc.offset).map_err(io(path))?;
-        let l = encode(&mut self.out, KIND_PAGE, &hash.0, &[&data]);
-        self.pages.insert(hash, l);
+        self.record.clear();
+        let l = encode(&mut self.record, KIND_PAGE, &hash.0, &[&data]);
+        let start = self.flush_record(path)?;
+        self.pages.insert(hash, Loc { offset: start + l.offset, ..l });
         Ok(())
     }
 
@@ -66,11 +82,28 @@ impl Rewrite {
         let mut data = vec![0u8; loc.len as usize];
         file.read_exact_at(&mut data, loc.offset).map_err(io(path))?;
         let encoded = encode_refs(refs);
-        let l = encode(&mut self.out, KIND_MANIFEST, key.as_bytes(), &[&encoded, &data]);
-        let loc = Loc { offset: l.offset + encoded.len() as u64, len: data.len() as u32 };
+        self.record.clear();
+        let l = encode(&mut self.record, KIND_MANIFEST, key.as_bytes(), &[&encoded, &data]);
+        let start = self.flush_record(path)?;
+        let loc = Loc { offset: start + l.offset + encoded.len() as u64, len: data.len() as u32 };
         self.manifests.insert(key.to_owned(), ManifestLoc { loc, refs: refs.to_vec() });
         Ok(())
     }
+}
+
+/// A rewrite into a new file at `tmp`, its magic written.
+fn rewrite_file(tmp: &Path) -> Result<Rewrite<BufWriter<File>>, PageLogError> {
+    let mut out = BufWriter::with_capacity(1 << 20, File::create(tmp).map_err(io(tmp))?);
+    out.write_all(MAGIC).map_err(io(tmp))?;
+    Ok(Rewrite::new(out, MAGIC.len() as u64))
+}
+
+/// Writes out what is buffered and makes the file durable.
+fn finish_file(rewrite: Rewrite<BufWriter<File>>, tmp: &Path) -> Result<(File, Rewrite<()>), PageLogError> {
+    let Rewrite { out, len, pages, manifests, record } = rewrite;
+    let f = out.into_inner().map_err(|e| io(tmp)(e.into_error()))?;
+    f.sync_all().map_err(io(tmp))?;
+    Ok((f, Rewrite { out: (), len, pages, manifests, record }))
 }
 
 impl PageLog {
@@ -84,19 +117,18 @@ impl PageLog {
     pub(super) fn compact_with(&self, meanwhile: impl FnOnce()) -> Result<bool, PageLogError> {
         let _one = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
         let Some(snapshot) = self.snapshot() else { return Ok(false) };
-        let mut rewrite = Rewrite::new();
-        for (hash, loc) in &snapshot.pages {
-            rewrite.copy_page(&snapshot.file, *hash, *loc, &self.path)?;
-        }
-        for (key, loc, refs) in &snapshot.manifests {
-            rewrite.copy_manifest(&snapshot.file, key, *loc, refs, &self.path)?;
-        }
         let tmp = self.path.with_extension("log.compact");
-        let copied = File::create(&tmp)
-            .and_then(|mut f| f.write_all(&rewrite.out).and_then(|()| f.sync_all()).map(|()| f))
-            .map_err(io(&tmp));
+        let copied = rewrite_file(&tmp).and_then(|mut rewrite| {
+            for (hash, loc) in &snapshot.pages {
+                rewrite.copy_page(&snapshot.file, *hash, *loc, &self.path)?;
+            }
+            for (key, loc, refs) in &snapshot.manifests {
+                rewrite.copy_manifest(&snapshot.file, key, *loc, refs, &self.path)?;
+            }
+            finish_file(rewrite, &tmp)
+        });
         meanwhile();
-        let swapped = copied.and_then(|f| self.swap(snapshot, rewrite, f));
+        let swapped = copied.and_then(|(f, rewrite)| self.swap(snapshot, rewrite, f));
         if swapped.is_err() {
             // Nothing of it is in use: the old file still is the log.
             let _ = fs::remove_file(&tmp);
@@ -126,16 +158,17 @@ impl PageLog {
     }
 
     /// Step 3: the tail, late live pages, and the swap, under the lock.
-    fn swap(&self, snapshot: Snapshot, mut rewrite: Rewrite, mut f: File) -> Result<(), PageLogError> {
+    fn swap(&self, snapshot: Snapshot, mut rewrite: Rewrite<()>, mut f: File) -> Result<(), PageLogError> {
         let mut inner = self.lock();
         let held = Instant::now();
         let tmp = self.path.with_extension("log.compact");
         // Records appended since the snapshot, as they are: their places shift by `delta`.
-        let tail_base = rewrite.out.len() as u64;
+        let tail_base = rewrite.len;
         let mut tail = vec![0u8; (inner.len - snapshot.len) as usize];
         inner.file.read_exact_at(&mut tail, snapshot.len).map_err(io(&self.path))?;
         let shift = |loc: Loc| Loc { offset: loc.offset - snapshot.len + tail_base, ..loc };
-        let mut late = Rewrite { out: Vec::new(), pages: HashMap::new(), manifests: HashMap::new() };
+        let late_base = tail_base + tail.len() as u64;
+        let mut late = Rewrite::new(Vec::new(), late_base);
         let live = self.live(&inner);
         let mut pages = HashMap::with_capacity(inner.pages.len());
         for (hash, loc) in &inner.pages {
@@ -160,13 +193,8 @@ impl PageLog {
             };
             manifests.insert(key.clone(), ManifestLoc { loc, refs: m.refs.clone() });
         }
-        let late_base = tail_base + tail.len() as u64;
-        for (hash, l) in late.pages {
-            pages.insert(hash, Loc { offset: late_base + l.offset, ..l });
-        }
-        for (key, m) in late.manifests {
-            manifests.insert(key, ManifestLoc { loc: Loc { offset: late_base + m.loc.offset, ..m.loc }, refs: m.refs });
-        }
+        pages.extend(late.pages);
+        manifests.extend(late.manifests);
         f.write_all(&tail).and_then(|()| f.write_all(&late.out)).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         // The handle writes go to from now on, opened before the rename (it follows the file):
@@ -177,7 +205,7 @@ impl PageLog {
             // The rename may not be durable yet: a crash now leaves the old file, which is whole.
             tracing::warn!(error = %e, "syncing the page log's directory after a compaction");
         }
-        let len = late_base + late.out.len() as u64;
+        let len = late.len;
         tracing::info!(before = inner.len, after = len, held = ?held.elapsed(), "compacted the page log");
         inner.file = Arc::new(file);
         inner.len = len;
@@ -194,17 +222,15 @@ impl PageLog {
 pub(super) fn migrate_v1(path: &Path) -> Result<(), PageLogError> {
     let index = record::scan(path, Version::V1)?;
     let old = File::open(path).map_err(io(path))?;
-    let mut rewrite = Rewrite::new();
+    let tmp = path.with_extension("log.v2");
+    let mut rewrite = rewrite_file(&tmp)?;
     for (hash, loc) in &index.pages {
         rewrite.copy_page(&old, *hash, *loc, path)?;
     }
     for (key, m) in &index.manifests {
         rewrite.copy_manifest(&old, key, m.loc, &m.refs, path)?;
     }
-    let tmp = path.with_extension("log.v2");
-    let mut f = File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(&rewrite.out).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
+    finish_file(rewrite, &tmp)?;
     fs::rename(&tmp, path).map_err(io(path))?;
     sync_dir(path)?;
     tracing::info!(
