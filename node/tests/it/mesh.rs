@@ -30,6 +30,25 @@ fn try_join_as(token: &str, node_id: Option<u64>) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Deploys through `hub`, retrying (for 10 s) refusals that say nothing changed: right after an
+/// election, or one set off by a membership change on a busy machine, a hub may not hold its
+/// lease yet (`no_quorum`) or know no leader (`not_leader`) for a heartbeat or two, as a user
+/// retrying would see.
+async fn deploy_retrying(hub: &Hub, name: &str, module: &str, params: &DeployParams) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match hub.client.deploy(name, example_bytes(module), params, false).await {
+            Ok(_) => return,
+            Err(e)
+                if matches!(e.code(), Some("no_quorum" | "not_leader")) && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("deploying {name} through hub {}: {e}", hub.name),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hubs_join_share_tasks_and_survive_the_leader() {
     let a = Hub::start("a").await;
@@ -48,8 +67,8 @@ async fn three_hubs_join_share_tasks_and_survive_the_leader() {
 
     step("deploy through a joined hub; invoke through every hub");
     let params = DeployParams { durable: true, ..Default::default() };
-    hubs[2].client.deploy("counter", example_bytes("counter.wat"), &params, false).await.unwrap();
-    hubs[1].client.deploy("echo", example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
+    deploy_retrying(&hubs[2], "counter", "counter.wat", &params).await;
+    deploy_retrying(&hubs[1], "echo", "echo.wat", &DeployParams::default()).await;
     let mut expected = 0;
     for h in &hubs {
         expected += 1;
@@ -80,18 +99,7 @@ async fn three_hubs_join_share_tasks_and_survive_the_leader() {
         async move { c.status().await.is_ok_and(|s| s.leader.is_some_and(|l| l != leader)) }
     })
     .await;
-    // Right after an election a hub may not hold its lease yet: it refuses changes (no_quorum,
-    // nothing changed) for a heartbeat or two, as a user retrying would see.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match hubs[0].client.deploy("echo2", example_bytes("echo.wat"), &DeployParams::default(), false).await {
-            Ok(_) => break,
-            Err(e) if e.code() == Some("no_quorum") && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("deploying after the election: {e}"),
-        }
-    }
+    deploy_retrying(&hubs[0], "echo2", "echo.wat", &DeployParams::default()).await;
     let names: Vec<String> = hubs[1].client.tasks().await.unwrap().into_iter().map(|t| t.name).collect();
     assert!(names.contains(&"echo2".to_owned()), "{names:?}");
     drop(dead);
