@@ -162,7 +162,7 @@ impl PageLog {
         let mut inner = self.lock();
         let held = Instant::now();
         let tmp = self.path.with_extension("log.compact");
-        // Records appended since the snapshot, as they are: their places shift by `delta`.
+        // Records appended since the snapshot, copied as they are: their places move by `shift`.
         let tail_base = rewrite.len;
         let mut tail = vec![0u8; (inner.len - snapshot.len) as usize];
         inner.file.read_exact_at(&mut tail, snapshot.len).map_err(io(&self.path))?;
