@@ -11,6 +11,7 @@ use hubmesh_proto::api::DeployParams;
 
 mod common;
 
+use common::floor::transport_floor;
 use common::{example, mesh, ms, pct, ready, settle, spawn};
 
 fn main() {
@@ -49,6 +50,27 @@ fn main() {
             pct(&mut r, 0.99).as_secs_f64() * 1e6,
             (r50.as_secs_f64() - l50.as_secs_f64()) * 1e6
         );
+
+        // The floor of the forwarding hop: the mesh transport alone, one echo call at a time.
+        let (mut bare, bare_failed) = transport_floor();
+        println!(
+            "| floor: a 16-byte echo over the bare mesh transport (two endpoints in the bench, QUIC + mutual TLS, a stream per call), {} calls, {bare_failed} failed | {:.0} µs | {:.0} µs | forwarding adds {:.1}× the bare round trip |",
+            bare.len(),
+            pct(&mut bare, 0.5).as_secs_f64() * 1e6,
+            pct(&mut bare, 0.99).as_secs_f64() * 1e6,
+            (r50.as_secs_f64() - l50.as_secs_f64()) / pct(&mut bare, 0.5).as_secs_f64()
+        );
+
+        // `FAILOVER_BENCH=forward` stops here.
+        if std::env::var("FAILOVER_BENCH").is_ok_and(|v| v == "forward") {
+            for h in hubs.iter_mut() {
+                if let Some(mut c) = h.child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+            return;
+        }
 
         // Leader failover and stateless failover, alternating, bounded.
         let mut election = Vec::new();

@@ -12,6 +12,7 @@ use hubmesh_proto::api::DeployParams;
 
 mod common;
 
+use common::floor::bulk_floor;
 use common::{example, kill, mesh, ms, pct, restart, settle, Hub};
 
 fn durable(memory: &str) -> DeployParams {
@@ -60,11 +61,14 @@ fn main() {
         // `STATEFUL_BENCH=replication` only the 64 MiB checkpoints and their pushes.
         let only_failover = std::env::var("STATEFUL_BENCH").is_ok_and(|v| v == "failover");
         let only_replication = std::env::var("STATEFUL_BENCH").is_ok_and(|v| v == "replication");
+        // `STATEFUL_BENCH=checkpoints`: those and the small-dirty runs, no failover.
+        let only_checkpoints = std::env::var("STATEFUL_BENCH").is_ok_and(|v| v == "checkpoints");
+        let skip_durable = only_failover || only_replication || only_checkpoints;
         // Durable invocations: one client on one task, then 64 clients over 16 tasks.
-        for i in 0..if only_failover || only_replication { 0 } else { 16 } {
+        for i in 0..if skip_durable { 0 } else { 16 } {
             hubs[0].client.deploy(&format!("d{i}"), counter.clone(), &durable("1MiB"), false).await.unwrap();
         }
-        for i in 0..if only_failover || only_replication { 0 } else { 16 } {
+        for i in 0..if skip_durable { 0 } else { 16 } {
             let c = hubs[0].client.clone();
             let name = format!("d{i}");
             let end = Instant::now() + Duration::from_secs(60);
@@ -73,7 +77,7 @@ fn main() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        if !only_failover && !only_replication {
+        if !skip_durable {
         let via = host_client(&hubs, host(&hubs[0].client, "d0").await);
         let mut lat = Vec::new();
         let started = Instant::now();
@@ -143,6 +147,16 @@ fn main() {
             bytes / 1048576.0,
             secs
         );
+        // The floor in the same run: the bare transport carrying as many bytes to two peers.
+        let mut floor = bulk_floor(64 << 20, 5);
+        floor.sort_by(f64::total_cmp);
+        let median = floor[floor.len() / 2];
+        println!(
+            "| floor: the bare mesh transport, 64 MiB to two peers at once on bulk streams (no page read, hash or store), 5 runs | | | {median:.0} MB/s to both (median; {:.0}–{:.0}); the push does {:.2}× that |",
+            floor[0],
+            floor[floor.len() - 1],
+            2.0 * bytes / 1e6 / secs / median
+        );
         if only_replication {
             for h in hubs.iter_mut() {
                 kill(h);
@@ -157,6 +171,23 @@ fn main() {
                 v.push(t.elapsed());
             }
             println!("| durable invoke on 64 MiB dirtying {dirty} pages, 20 runs | {:.2} ms | {:.2} ms | |", ms(pct(&mut v, 0.5)), ms(pct(&mut v, 0.99)));
+        }
+        for h in &hubs {
+            let m = h.client.metrics().await.unwrap();
+            println!(
+                "| page log of hub {}: {:.0} compactions, longest hold of the index's lock {:.2} ms (at most {:.0} KiB copied under it), {:.0} MiB now | | | |",
+                h.id,
+                metric(&m, "hubmesh_page_log_compactions"),
+                metric(&m, "hubmesh_page_log_compaction_lock_micros_max") / 1e3,
+                metric(&m, "hubmesh_page_log_compaction_locked_bytes_max") / 1024.0,
+                metric(&m, "hubmesh_page_log_bytes") / 1048576.0,
+            );
+        }
+        if only_checkpoints {
+            for h in hubs.iter_mut() {
+                kill(h);
+            }
+            return;
         }
         }
 

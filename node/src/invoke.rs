@@ -182,7 +182,7 @@ impl Hub {
             let trusted = state.is_up(p.node);
             let moved = self.host_replaced(name, p, trusted);
             let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget, moved).await;
-            metrics::histogram!("hubmesh_invoke_forwarded_seconds").record(started.elapsed().as_secs_f64());
+            forwarded_seconds().record(started.elapsed().as_secs_f64());
             tracing::debug!(task = name, node = p.node.0, epoch = p.epoch.0, trusted, outcome = res.kind(), took = ?started.elapsed(), "forwarded");
             match res {
                 Forwarded::Answer(a, ran) => return Step::Done(Ok((a, ran.unwrap_or(p)))),
@@ -195,6 +195,12 @@ impl Hub {
         }
         Step::Wait(reason)
     }
+}
+
+/// The `hubmesh_invoke_forwarded_seconds` histogram, registered once.
+fn forwarded_seconds() -> &'static metrics::Histogram {
+    static H: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
+    H.get_or_init(|| metrics::histogram!("hubmesh_invoke_forwarded_seconds"))
 }
 
 /// The `hubmesh_invoke_seconds` histogram, registered once (not looked up on every call).

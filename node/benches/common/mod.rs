@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each bench uses part of it
 
+pub(crate) mod floor;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -54,6 +54,12 @@ async fn health(State(s): State<ApiState>) -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(s): State<ApiState>) -> String {
+    // The page log keeps its own figures; they are read when asked for, not on every write.
+    let log = s.hub.executor().pages().stats();
+    metrics::gauge!("hubmesh_page_log_bytes").set(log.file_bytes as f64);
+    metrics::gauge!("hubmesh_page_log_compactions").set(log.compactions as f64);
+    metrics::gauge!("hubmesh_page_log_compaction_lock_micros_max").set(log.compaction_lock_micros_max as f64);
+    metrics::gauge!("hubmesh_page_log_compaction_locked_bytes_max").set(log.compaction_locked_bytes_max as f64);
     s.metrics.as_ref().map(|h| h.render()).unwrap_or_default()
 }
 

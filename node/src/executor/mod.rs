@@ -329,7 +329,8 @@ impl Executor {
                 // runs to its deadline cannot stall the API.
                 let multi_thread =
                     tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
-                if let Some(_slot) = p.may_run_inline().filter(|_| multi_thread) {
+                let slot = if multi_thread { p.wait_to_run_inline().await } else { None };
+                if let Some(_slot) = slot {
                     p.invoke(&input)
                 } else if multi_thread {
                     tokio::task::block_in_place(|| p.invoke(&input))

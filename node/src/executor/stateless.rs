@@ -3,12 +3,13 @@
 //! back; an instance that trapped is dropped instead.
 //!
 //! Where a call runs: inline on the API's thread when the task's calls have been quick and no
-//! other inline call runs (no thread hand-off: most calls take microseconds), else under
+//! other inline call runs (no thread hand-off: most calls take microseconds; a call finding the
+//! slot taken waits for it, for at most [`INLINE_BUDGET`]), else under
 //! `block_in_place`. A call that runs past [`INLINE_BUDGET`] sends the task's calls off the API's
 //! threads for [`SLOW_PENALTY`], and only one call runs inline at a time, so a runaway task holds
 //! at most one runtime thread, until its deadline, once per penalty.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ pub(crate) struct StatelessTask {
     max_in_flight: u32,
     pub(crate) invocations: AtomicU64,
     /// Until when (milliseconds on [`clock`]) the task's calls stay off the API's threads, since
-    /// one ran long (see [`Self::may_run_inline`]).
+    /// one ran long (see [`Self::wait_to_run_inline`]).
     slow_until_ms: AtomicU64,
 }
 
@@ -43,16 +44,10 @@ fn clock() -> u64 {
 }
 /// At most one inline call at a time in the whole process: a runaway call can hold one of the
 /// runtime's threads (until its deadline), never all of them.
-static INLINE_SLOT: AtomicBool = AtomicBool::new(false);
+static INLINE_SLOT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 /// The inline slot while held.
-pub(crate) struct InlineSlot(());
-
-impl Drop for InlineSlot {
-    fn drop(&mut self) {
-        INLINE_SLOT.store(false, Ordering::Release);
-    }
-}
+pub(crate) struct InlineSlot(#[allow(dead_code)] tokio::sync::SemaphorePermit<'static>);
 
 struct InFlight<'a>(&'a AtomicU32);
 
@@ -89,14 +84,27 @@ impl StatelessTask {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Whether the next call may run right on the API's thread: the task's recent calls were all
-    /// quick, and no other inline call runs now. Holding the slot, the caller runs the call and
-    /// then drops it.
-    pub(crate) fn may_run_inline(&self) -> Option<InlineSlot> {
-        if clock() < self.slow_until_ms.load(Ordering::Relaxed) {
+    /// Whether the next call may run right on the API's thread, and the slot if so: the task's
+    /// recent calls were all quick, and the slot is free or freed soon. A call that finds it
+    /// taken waits to be woken (other requests run on this thread meanwhile), which costs less
+    /// than handing this thread's work to another one, as `block_in_place` does; it gives up
+    /// after [`INLINE_BUDGET`], since the holder may be a runaway. Holding the slot, the caller
+    /// runs the call and then drops it.
+    pub(crate) async fn wait_to_run_inline(&self) -> Option<InlineSlot> {
+        if self.is_slow() {
             return None;
         }
-        INLINE_SLOT.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).ok().map(|_| InlineSlot(()))
+        if let Ok(p) = INLINE_SLOT.try_acquire() {
+            return Some(InlineSlot(p));
+        }
+        let permit = tokio::time::timeout(INLINE_BUDGET, INLINE_SLOT.acquire()).await.ok()?.ok()?;
+        // The task may have turned slow while this call waited.
+        (!self.is_slow()).then_some(InlineSlot(permit))
+    }
+
+    /// Whether a call of this task ran long lately.
+    fn is_slow(&self) -> bool {
+        clock() < self.slow_until_ms.load(Ordering::Relaxed)
     }
 
     /// Runs one invocation on the calling thread.

@@ -1,15 +1,19 @@
 //! Compaction: the file is rewritten with only the live records (pages a manifest refers to or a
-//! pin holds, and the latest manifests), without holding the index's lock for the rewrite.
+//! pin holds, and the latest manifests), holding the index's lock only for moments.
 //!
 //! ```text
 //!  1 lock:    decide (live bytes under half the file); snapshot the live records' places and
 //!             the file's length; unlock
-//!  2 no lock: copy those records into pages.log.compact (the old file below the snapshot's
-//!             length never changes: it is append-only), fsync
-//!  3 lock:    copy the tail appended since the snapshot as it is, and pages that became live
-//!             meanwhile but sat below the snapshot; fsync, rename over pages.log, sync the
-//!             directory, swap the file and the index; unlock
+//!  2 no lock: copy those records into pages.log.compact (the old file below a length read
+//!             under the lock never changes: it is append-only)
+//!  3 catch up, a few rounds (lock only to read the length and the pages that became live):
+//!             copy what was appended since as it is, and pages that sat below the snapshot as
+//!             garbage but are referred to again; until what is left is small; fsync
+//!  4 lock:    the same for the little left; fsync, rename over pages.log, sync the directory,
+//!             swap the file and the index; unlock
 //! ```
+//! Like a VM's pre-copy: a writer that appends during a compaction (a full checkpoint of a big
+//! task) is copied in the rounds, not while every other writer waits for the lock.
 //! Readers that took the old file's handle before the swap read it to the end (it stays open).
 
 use std::collections::{HashMap, HashSet};
@@ -26,6 +30,14 @@ use crate::Hash;
 
 /// A record's bytes around its data: kind, key length, a 32-byte key or so, length, checksum.
 const RECORD_OVERHEAD: u64 = 100;
+/// Catch-up rounds stop once less than this is left to copy: the last of it is copied under the
+/// lock, which every writer waits for.
+const CATCH_UP_ENOUGH: u64 = 1 << 20;
+/// At most this many catch-up rounds (a writer faster than the copy must not keep a compaction
+/// going forever; what is left then is copied under the lock).
+const CATCH_UP_ROUNDS: usize = 8;
+/// How much of the old file a raw copy reads at a time.
+const COPY_CHUNK: usize = 1 << 20;
 
 /// What step 2 copies: taken under the lock in step 1.
 struct Snapshot {
@@ -33,6 +45,14 @@ struct Snapshot {
     len: u64,
     pages: Vec<(Hash, Loc)>,
     manifests: Vec<(String, Loc, Vec<Hash>)>,
+}
+
+/// A stretch of the old file appended after the snapshot, copied as it is to `new`.
+#[derive(Clone, Copy)]
+struct Segment {
+    old: u64,
+    new: u64,
+    len: u64,
 }
 
 /// The new file being built (streamed to `out`: a compaction never holds the live set in
@@ -43,14 +63,52 @@ struct Rewrite<W> {
     len: u64,
     pages: HashMap<Hash, Loc>,
     manifests: HashMap<String, ManifestLoc>,
+    /// The old file from the snapshot's length up to `copied_to`, copied as it is, in order.
+    segments: Vec<Segment>,
+    copied_to: u64,
     /// One record at a time.
     record: Vec<u8>,
 }
 
 impl<W: Write> Rewrite<W> {
-    /// A rewrite into `out`, which already holds `len` bytes.
-    fn new(out: W, len: u64) -> Self {
-        Self { out, len, pages: HashMap::new(), manifests: HashMap::new(), record: Vec::new() }
+    /// A rewrite into `out`, which already holds `len` bytes, of a file snapshotted at `from`.
+    fn new(out: W, len: u64, from: u64) -> Self {
+        Self {
+            out,
+            len,
+            pages: HashMap::new(),
+            manifests: HashMap::new(),
+            segments: Vec::new(),
+            copied_to: from,
+            record: Vec::new(),
+        }
+    }
+
+    /// Copies the old file from `copied_to` up to `to` as it is (records appended since the
+    /// snapshot: their places move by a constant per segment).
+    fn copy_raw(&mut self, file: &File, to: u64, path: &Path) -> Result<(), PageLogError> {
+        let mut at = self.copied_to;
+        if to <= at {
+            return Ok(());
+        }
+        self.segments.push(Segment { old: at, new: self.len, len: to - at });
+        let mut buf = vec![0u8; COPY_CHUNK.min((to - at) as usize)];
+        while at < to {
+            let n = COPY_CHUNK.min((to - at) as usize);
+            file.read_exact_at(&mut buf[..n], at).map_err(io(path))?;
+            self.out.write_all(&buf[..n]).map_err(io(path))?;
+            at += n as u64;
+        }
+        self.len += to - self.copied_to;
+        self.copied_to = to;
+        Ok(())
+    }
+
+    /// Where a record that sat at `loc` in the old file, past the snapshot, is now.
+    fn moved(&self, loc: Loc) -> Option<Loc> {
+        let i = self.segments.partition_point(|s| s.old + s.len <= loc.offset);
+        let s = self.segments.get(i).filter(|s| s.old <= loc.offset)?;
+        Some(Loc { offset: loc.offset - s.old + s.new, ..loc })
     }
 
     /// Writes the record in `self.record` and returns where it started.
@@ -95,15 +153,15 @@ impl<W: Write> Rewrite<W> {
 fn rewrite_file(tmp: &Path) -> Result<Rewrite<BufWriter<File>>, PageLogError> {
     let mut out = BufWriter::with_capacity(1 << 20, File::create(tmp).map_err(io(tmp))?);
     out.write_all(MAGIC).map_err(io(tmp))?;
-    Ok(Rewrite::new(out, MAGIC.len() as u64))
+    Ok(Rewrite::new(out, MAGIC.len() as u64, 0))
 }
 
 /// Writes out what is buffered and makes the file durable.
 fn finish_file(rewrite: Rewrite<BufWriter<File>>, tmp: &Path) -> Result<(File, Rewrite<()>), PageLogError> {
-    let Rewrite { out, len, pages, manifests, record } = rewrite;
+    let Rewrite { out, len, pages, manifests, segments, copied_to, record } = rewrite;
     let f = out.into_inner().map_err(|e| io(tmp)(e.into_error()))?;
     f.sync_all().map_err(io(tmp))?;
-    Ok((f, Rewrite { out: (), len, pages, manifests, record }))
+    Ok((f, Rewrite { out: (), len, pages, manifests, segments, copied_to, record }))
 }
 
 impl PageLog {
@@ -112,28 +170,63 @@ impl PageLog {
         self.compact_with(|| {})
     }
 
-    /// [`compact_if_needed`](Self::compact_if_needed), running `meanwhile` between the copy and
-    /// the swap (tests write there, as other threads may).
+    /// [`compact_if_needed`](Self::compact_if_needed), running `meanwhile` between the copy of
+    /// the live records and the catch-up rounds (tests write there, as other threads may).
     pub(super) fn compact_with(&self, meanwhile: impl FnOnce()) -> Result<bool, PageLogError> {
         let _one = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
         let Some(snapshot) = self.snapshot() else { return Ok(false) };
         let tmp = self.path.with_extension("log.compact");
         let copied = rewrite_file(&tmp).and_then(|mut rewrite| {
+            rewrite.copied_to = snapshot.len;
             for (hash, loc) in &snapshot.pages {
                 rewrite.copy_page(&snapshot.file, *hash, *loc, &self.path)?;
             }
             for (key, loc, refs) in &snapshot.manifests {
                 rewrite.copy_manifest(&snapshot.file, key, *loc, refs, &self.path)?;
             }
+            meanwhile();
+            self.catch_up(&snapshot, &mut rewrite)?;
             finish_file(rewrite, &tmp)
         });
-        meanwhile();
         let swapped = copied.and_then(|(f, rewrite)| self.swap(snapshot, rewrite, f));
         if swapped.is_err() {
             // Nothing of it is in use: the old file still is the log.
             let _ = fs::remove_file(&tmp);
         }
         swapped.map(|()| true)
+    }
+
+    /// Step 3: rounds that copy, without the lock, what was appended and what became live since
+    /// the last look, until little is left.
+    fn catch_up<W: Write>(&self, snapshot: &Snapshot, rewrite: &mut Rewrite<W>) -> Result<(), PageLogError> {
+        for _ in 0..CATCH_UP_ROUNDS {
+            let (len, revived) = {
+                let inner = self.lock();
+                (inner.len, self.revived(&inner, snapshot, rewrite))
+            };
+            let left = len - rewrite.copied_to + revived.iter().map(|(_, l)| u64::from(l.len)).sum::<u64>();
+            if left < CATCH_UP_ENOUGH {
+                break;
+            }
+            rewrite.copy_raw(&snapshot.file, len, &self.path)?;
+            for (hash, loc) in revived {
+                rewrite.copy_page(&snapshot.file, hash, loc, &self.path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pages below the snapshot that were garbage then and not copied, but that a manifest
+    /// written since or a pin refers to now (a write skips pages the log has).
+    fn revived<W>(&self, inner: &Inner, snapshot: &Snapshot, rewrite: &Rewrite<W>) -> Vec<(Hash, Loc)> {
+        let newer = inner.manifests.values().filter(|m| m.loc.offset >= snapshot.len).flat_map(|m| m.refs.iter());
+        let pinned: Vec<Hash> = self.pinned().keys().copied().collect();
+        let mut seen = HashSet::new();
+        newer
+            .chain(pinned.iter())
+            .filter(|h| !rewrite.pages.contains_key(*h) && seen.insert(**h))
+            .filter_map(|h| inner.pages.get(h).filter(|l| l.offset < snapshot.len).map(|l| (*h, *l)))
+            .collect()
     }
 
     /// Pages a manifest refers to or a pin holds.
@@ -157,46 +250,48 @@ impl PageLog {
         Some(Snapshot { file: inner.file.clone(), len: inner.len, pages, manifests })
     }
 
-    /// Step 3: the tail, late live pages, and the swap, under the lock.
-    fn swap(&self, snapshot: Snapshot, mut rewrite: Rewrite<()>, mut f: File) -> Result<(), PageLogError> {
+    /// Step 4: the rest of the tail, pages revived meanwhile, and the swap, under the lock.
+    fn swap(&self, snapshot: Snapshot, rewrite: Rewrite<()>, mut f: File) -> Result<(), PageLogError> {
         let mut inner = self.lock();
         let held = Instant::now();
         let tmp = self.path.with_extension("log.compact");
-        // Records appended since the snapshot, copied as they are: their places move by `shift`.
-        let tail_base = rewrite.len;
-        let mut tail = vec![0u8; (inner.len - snapshot.len) as usize];
-        inner.file.read_exact_at(&mut tail, snapshot.len).map_err(io(&self.path))?;
-        let shift = |loc: Loc| Loc { offset: loc.offset - snapshot.len + tail_base, ..loc };
-        let late_base = tail_base + tail.len() as u64;
-        let mut late = Rewrite::new(Vec::new(), late_base);
-        let live = self.live(&inner);
+        let revived = self.revived(&inner, &snapshot, &rewrite);
+        let Rewrite { len, pages: copied, manifests: mut copied_manifests, segments, copied_to, .. } = rewrite;
+        let mut rest = Rewrite::new(Vec::new(), len, copied_to);
+        rest.segments = segments;
+        rest.copy_raw(&snapshot.file, inner.len, &self.path)?;
+        for (hash, loc) in revived {
+            rest.copy_page(&snapshot.file, hash, loc, &self.path)?;
+        }
         let mut pages = HashMap::with_capacity(inner.pages.len());
         for (hash, loc) in &inner.pages {
-            if loc.offset >= snapshot.len {
-                pages.insert(*hash, shift(*loc));
-            } else if let Some(l) = rewrite.pages.get(hash) {
-                pages.insert(*hash, *l);
-            } else if live.contains(hash) {
-                // Garbage at the snapshot, referred to since (a write skips pages it has).
-                late.copy_page(&snapshot.file, *hash, *loc, &self.path)?;
+            let now = if loc.offset >= snapshot.len {
+                rest.moved(*loc)
+            } else {
+                copied.get(hash).or_else(|| rest.pages.get(hash)).copied()
+            };
+            // Else garbage at the snapshot and still: dropped.
+            if let Some(l) = now {
+                pages.insert(*hash, l);
             }
         }
         let mut manifests = HashMap::with_capacity(inner.manifests.len());
         for (key, m) in &inner.manifests {
             let loc = if m.loc.offset >= snapshot.len {
-                shift(m.loc)
-            } else if let Some(copied) = rewrite.manifests.remove(key) {
-                copied.loc
+                rest.moved(m.loc)
             } else {
-                late.copy_manifest(&snapshot.file, key, m.loc, &m.refs, &self.path)?;
-                continue;
+                copied_manifests.remove(key).map(|c| c.loc)
+            };
+            let Some(loc) = loc else {
+                // Every manifest below the snapshot was copied: this cannot happen, but a
+                // compaction that would lose a manifest must not swap.
+                return Err(io(&self.path)(std::io::Error::other(format!("compaction lost manifest {key}"))));
             };
             manifests.insert(key.clone(), ManifestLoc { loc, refs: m.refs.clone() });
         }
-        pages.extend(late.pages);
-        manifests.extend(late.manifests);
-        f.write_all(&tail).and_then(|()| f.write_all(&late.out)).map_err(io(&tmp))?;
+        f.write_all(&rest.out).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
+        let locked_bytes = rest.out.len() as u64;
         // The handle writes go to from now on, opened before the rename (it follows the file):
         // once the rename is done, nothing may fail before the index points at the new file.
         let file = OpenOptions::new().read(true).append(true).open(&tmp).map_err(io(&tmp))?;
@@ -205,14 +300,15 @@ impl PageLog {
             // The rename may not be durable yet: a crash now leaves the old file, which is whole.
             tracing::warn!(error = %e, "syncing the page log's directory after a compaction");
         }
-        let len = late.len;
-        tracing::info!(before = inner.len, after = len, held = ?held.elapsed(), "compacted the page log");
+        let len = rest.len;
+        tracing::info!(before = inner.len, after = len, held = ?held.elapsed(), locked_bytes, "compacted the page log");
         inner.file = Arc::new(file);
         inner.len = len;
         inner.pages = pages;
         inner.manifests = manifests;
         inner.compactions += 1;
         inner.compaction_lock_micros_max = inner.compaction_lock_micros_max.max(held.elapsed().as_micros() as u64);
+        inner.compaction_locked_bytes_max = inner.compaction_locked_bytes_max.max(locked_bytes);
         Ok(())
     }
 }

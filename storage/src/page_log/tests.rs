@@ -173,6 +173,44 @@ fn writes_during_a_compaction_are_kept_and_late_references_revive_pages() {
 }
 
 #[test]
+fn a_big_write_during_a_compaction_is_copied_without_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PageLog::open(dir.path()).unwrap();
+    log.pause_compactor();
+    for chunk in (4000..5100u32).map(distinct).collect::<Vec<_>>().chunks(100) {
+        write_one(&log, "big#0", chunk.to_vec(), b"big");
+    }
+    write_one(&log, "big#0", vec![page(9)], b"small");
+    let fresh: Vec<_> = (6000..6040u32).map(distinct).collect();
+    let revived: Vec<_> = (4100..4120u32).map(distinct).collect();
+    let compacted = log
+        .compact_with(|| {
+            // 2.5 MiB of new pages and 1.25 MiB of pages that were garbage at the snapshot: more
+            // than a catch-up round leaves for the locked step.
+            write_one(&log, "fresh#0", fresh.clone(), b"fresh");
+            write_one(&log, "revived#0", revived.clone(), b"revived");
+        })
+        .unwrap();
+    assert!(compacted);
+    let stats = log.stats();
+    assert_eq!(stats.compaction_locked_bytes_max, 0, "the catch-up round left work for the lock: {stats:?}");
+    let check = |log: &PageLog| {
+        for (key, pages) in [("fresh#0", &fresh), ("revived#0", &revived)] {
+            assert_eq!(log.read_manifest(key).unwrap().unwrap(), key.split('#').next().unwrap().as_bytes());
+            for (h, bytes) in pages.iter() {
+                assert_eq!(&log.read_page(h).unwrap(), bytes, "{key}: page {h} lost");
+            }
+        }
+        assert_eq!(log.read_manifest("big#0").unwrap().unwrap(), b"small");
+        assert!(!log.has_page(&distinct(4500).0), "garbage survived the compaction");
+    };
+    check(&log);
+    assert!(log.stats().file_bytes < 8 << 20, "{:?}", log.stats());
+    drop(log);
+    check(&PageLog::open(dir.path()).unwrap());
+}
+
+#[test]
 fn a_version_1_log_is_rewritten_as_version_2_and_garbage_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (h, p) = page(5);
