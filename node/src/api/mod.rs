@@ -54,8 +54,11 @@ async fn health(State(s): State<ApiState>) -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(s): State<ApiState>) -> String {
-    // The page log keeps its own figures; they are read when asked for, not on every write.
-    let log = s.hub.executor().pages().stats();
+    // The page log keeps its own figures; they are read when asked for, not on every write. Off
+    // the runtime's threads: reading them waits for the log's lock, which a write holds through
+    // its fdatasync.
+    let pages = s.hub.executor().pages().clone();
+    let log = tokio::task::spawn_blocking(move || pages.stats()).await.unwrap_or_default();
     metrics::gauge!("hubmesh_page_log_bytes").set(log.file_bytes as f64);
     metrics::gauge!("hubmesh_page_log_compactions").set(log.compactions as f64);
     metrics::gauge!("hubmesh_page_log_compaction_lock_micros_max").set(log.compaction_lock_micros_max as f64);

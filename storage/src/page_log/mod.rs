@@ -422,7 +422,6 @@ const COMPACT_BACKOFF: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The compactor thread: one compaction check per wake-up, until the log is dropped.
 fn compactor(log: Weak<PageLog>, wakes: Receiver<()>) {
-    lower_priority();
     let mut failed_at: Option<std::time::Instant> = None;
     while wakes.recv().is_ok() {
         if failed_at.is_some_and(|t| t.elapsed() < COMPACT_BACKOFF) {
@@ -439,16 +438,3 @@ fn compactor(log: Weak<PageLog>, wakes: Receiver<()>) {
     }
 }
 
-/// Makes the calling thread (the compactor) the last to get a core and the disk when others want
-/// them: a compaction copies every live page, and on a small hub it would otherwise take a core
-/// from the durable invocations it exists to serve. Nothing is lost if the kernel refuses.
-fn lower_priority() {
-    // Linux keeps a nice value per thread; `who = 0` is the calling thread.
-    // SAFETY: plain system calls on the calling thread, with no pointers.
-    unsafe {
-        let _ = libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-        // Best-effort class (2), lowest level (7): an idle class could starve compaction on a
-        // disk that is never idle, and the log would grow without bound.
-        let _ = libc::syscall(libc::SYS_ioprio_set, 1 /* IOPRIO_WHO_PROCESS */, 0, (2 << 13) | 7);
-    }
-}
