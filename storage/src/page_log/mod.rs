@@ -1,7 +1,7 @@
 //! Checkpoint pages and manifests in one append-only file, `pages.log` (format in `record`).
 //!
-//! A batch of records is appended and then made durable with **one** `fdatasync`, which is what
-//! a durable invocation pays. On open the file is scanned to rebuild the in-memory index; a torn
+//! A batch of records is appended (a vectored write, from the callers' page buffers: `batch`)
+//! and then made durable with **one** `fdatasync`, which is what a durable invocation pays. On open the file is scanned to rebuild the in-memory index; a torn
 //! tail (a crash mid-append) is cut off at the last whole record. Each page read re-hashes the
 //! bytes, so a flipped bit is reported as [`PageLogError::Corrupt`], never returned. When most of
 //! the file is garbage (pages no manifest refers to), a background thread rewrites it with only
@@ -18,6 +18,7 @@
 //! The manifest format is opaque here; the caller passes the page hashes a manifest refers to,
 //! which is all garbage collection needs.
 
+mod batch;
 mod compact;
 mod record;
 #[cfg(test)]
@@ -32,7 +33,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use record::{encode, encode_refs, Version, KIND_MANIFEST, KIND_PAGE, KIND_TOMBSTONE, MAGIC};
+use batch::Batch;
+use record::{encode, encode_refs, Version, KIND_MANIFEST, KIND_TOMBSTONE, MAGIC};
 
 use crate::Hash;
 
@@ -262,8 +264,8 @@ impl PageLog {
                 return Err(PageLogError::MissingPage(*h));
             }
         }
-        // Sized once: growing it page by page copied a full checkpoint's bytes over again.
-        let mut buf = Vec::with_capacity(writes.iter().map(encoded_size).sum());
+        // Pages are written from the callers' buffers (a vectored write), not copied first.
+        let mut buf = Batch::new();
         let mut new_pages: Vec<(Hash, Loc)> = Vec::new();
         let mut seen = HashSet::new();
         let mut new_manifests: Vec<(String, ManifestLoc)> = Vec::new();
@@ -271,7 +273,7 @@ impl PageLog {
         for w in writes {
             for key in &w.remove {
                 if inner.manifests.contains_key(key) && *key != w.key {
-                    encode(&mut buf, KIND_TOMBSTONE, key.as_bytes(), &[]);
+                    buf.record(KIND_TOMBSTONE, key.as_bytes(), &[]);
                     removed.push(key.clone());
                 }
             }
@@ -279,20 +281,20 @@ impl PageLog {
                 if inner.pages.contains_key(hash) || !seen.insert(*hash) {
                     continue;
                 }
-                let loc = encode(&mut buf, KIND_PAGE, &hash.0, &[bytes]);
+                let loc = buf.page(hash, bytes);
                 new_pages.push((*hash, loc));
             }
             if w.key.is_empty() {
                 continue;
             }
             let refs = encode_refs(&w.refs);
-            let loc = encode(&mut buf, KIND_MANIFEST, w.key.as_bytes(), &[&refs, &w.manifest]);
+            let loc = buf.record(KIND_MANIFEST, w.key.as_bytes(), &[&refs, &w.manifest]);
             let loc = Loc { offset: loc.offset + refs.len() as u64, len: w.manifest.len() as u32 };
             new_manifests.push((w.key.clone(), ManifestLoc { loc, refs: w.refs.clone() }));
         }
         let base = inner.len;
         let file = inner.file.clone();
-        if let Err(e) = (&*file).write_all(&buf) {
+        if let Err(e) = buf.write_to(&file) {
             // Cut off whatever part was written, so the index and the file agree again.
             let _ = file.set_len(base);
             return Err(io(&self.path)(e));
@@ -304,7 +306,7 @@ impl PageLog {
                 return Err(io(&self.path)(e));
             }
         }
-        inner.len = base + buf.len() as u64;
+        inner.len = base + buf.len();
         for (hash, loc) in new_pages {
             inner.pages.insert(hash, Loc { offset: base + loc.offset, ..loc });
         }
@@ -322,7 +324,7 @@ impl PageLog {
             // A full channel means a wake-up is pending already: nothing is lost by dropping this one.
             let _ = self.wake_compactor.try_send(());
         }
-        Ok(buf.len() as u64)
+        Ok(buf.len())
     }
 
     /// Forgets the manifest of `key` (durably); its pages become garbage.
@@ -408,14 +410,6 @@ impl PageLog {
     }
 }
 
-/// At most the bytes `w` takes in the log (pages it skips count too).
-fn encoded_size(w: &PageWrite) -> usize {
-    const OVERHEAD: usize = 3 + 4 + 32; // kind + key length, data length, checksum
-    let pages: usize = w.pages.iter().map(|(h, p)| OVERHEAD + h.0.len() + p.len()).sum();
-    let tombstones: usize = w.remove.iter().map(|k| OVERHEAD + k.len()).sum();
-    pages + tombstones + OVERHEAD + w.key.len() + 4 + 32 * w.refs.len() + w.manifest.len()
-}
-
 /// After a failed compaction (a full disk, say), how long the compactor waits before it tries
 /// again: every write past the threshold wakes it, and each try copies the whole live set.
 const COMPACT_BACKOFF: std::time::Duration = std::time::Duration::from_secs(60);
@@ -437,4 +431,3 @@ fn compactor(log: Weak<PageLog>, wakes: Receiver<()>) {
         }
     }
 }
-

@@ -37,7 +37,7 @@ pub(super) enum Version {
     V2,
 }
 
-fn checksum(version: Version, kind: u8, key: &[u8], data: &[u8]) -> [u8; 32] {
+pub(super) fn checksum(version: Version, kind: u8, key: &[u8], data: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(&[kind]);
     h.update(key);
@@ -49,13 +49,18 @@ fn checksum(version: Version, kind: u8, key: &[u8], data: &[u8]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// Appends one record (version 2) to `out`; returns where its data sits in `out`.
-pub(super) fn encode(out: &mut Vec<u8>, kind: u8, key: &[u8], data: &[&[u8]]) -> Loc {
-    let data_len: usize = data.iter().map(|d| d.len()).sum();
+/// Appends a record's head (kind, key, data length) to `out`.
+pub(super) fn encode_head(out: &mut Vec<u8>, kind: u8, key: &[u8], data_len: usize) {
     out.push(kind);
     out.extend_from_slice(&(key.len() as u16).to_le_bytes());
     out.extend_from_slice(key);
     out.extend_from_slice(&(data_len as u32).to_le_bytes());
+}
+
+/// Appends one record (version 2) to `out`; returns where its data sits in `out`.
+pub(super) fn encode(out: &mut Vec<u8>, kind: u8, key: &[u8], data: &[&[u8]]) -> Loc {
+    let data_len: usize = data.iter().map(|d| d.len()).sum();
+    encode_head(out, kind, key, data_len);
     let data_start = out.len();
     for d in data {
         out.extend_from_slice(d);

@@ -1,6 +1,7 @@
 //! The page log against real files: reopen, torn tails, rot, compaction, pins, migration.
 use std::time::{Duration, Instant};
 
+use super::record::KIND_PAGE;
 use super::*;
 
 /// Waits (bounded) until the background compactor has run `n` compactions.
