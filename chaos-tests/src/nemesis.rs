@@ -23,8 +23,12 @@ pub struct Applied {
     pub hubs: Vec<usize>,
     pub start_us: u64,
     pub end_us: u64,
-    /// Where each counter task ran when the fault began: task → (node id, epoch).
+    /// Where each counter task (and the echo task) ran when the fault began: task → (node id,
+    /// epoch).
     pub hosts_before: BTreeMap<String, (u64, u64)>,
+    /// The leader when the fault began, as the nemesis saw it (None: no hub answered).
+    #[serde(default)]
+    pub leader_before: Option<u64>,
     /// The signals were delivered, or the rules dropped at least one packet.
     pub effective: bool,
     /// Packets the rules dropped (network faults).
@@ -137,16 +141,21 @@ pub fn rules_for(
 }
 
 /// Applies `step` now. The returned record's `end_us` and `effective` are filled by [`heal`].
+/// `watched` are further tasks whose hosts are recorded (the echo task) but never targeted.
 pub async fn apply(
     lab: &mut Lab,
     step: &Step,
     tasks: &[String],
+    watched: &[String],
     flaky_percent: u8,
     now_us: u64,
     rng: &mut impl Rng,
 ) -> anyhow::Result<Applied> {
-    let v = view(lab, tasks).await;
-    let t = resolve(lab, &v, step.target, rng);
+    let all: Vec<String> = tasks.iter().chain(watched).cloned().collect();
+    let v = view(lab, &all).await;
+    let mut targets = v.clone();
+    targets.tasks.retain(|name, _| tasks.contains(name));
+    let t = resolve(lab, &targets, step.target, rng);
     let n = lab.hubs.len();
     let mut applied = Applied {
         fault: step.fault,
@@ -156,6 +165,7 @@ pub async fn apply(
         start_us: now_us,
         end_us: now_us,
         hosts_before: v.tasks.iter().map(|(k, (h, e, _))| (k.clone(), (*h, *e))).collect(),
+        leader_before: v.leader,
         effective: false,
         dropped: 0,
         note: String::new(),

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::check::available::split_by_touch;
 use crate::check::failover::{failovers, unavailability};
 use crate::check::{overall, CheckResult, Evidence};
 use crate::history::{pair, write_jsonl, Event, Type};
@@ -77,6 +78,7 @@ pub fn write(
     let tasks: Vec<String> = ev.finals.keys().cloned().chain(ev.echo.clone()).collect();
     let run_us = events.last().map_or(1, |e| e.t_us.max(1));
     let gaps = unavailability(events, &tasks, 1000.0);
+    let split = split_by_touch(events, ev, 300.0);
     let counts = op_counts(events);
     let terms: std::collections::BTreeSet<u64> = ev.samples.iter().map(|s| s.term).collect();
     let metrics = serde_json::json!({
@@ -94,6 +96,7 @@ pub fn write(
             "windows_over_1s": gaps.len(),
             "total_s": gaps.iter().map(|g| g.2).sum::<f64>() / 1e3,
             "longest_ms": gaps.iter().map(|g| g.2).fold(0.0, f64::max),
+            "per_task_over_300ms_s": split.iter().map(|(t, (a, b))| (t.clone(), serde_json::json!({"touched": a, "untouched": b}))).collect::<BTreeMap<_, _>>(),
         },
         "terms_seen": terms.len(),
         "liveness_ms": ev.liveness.reached_after_ms,
@@ -184,7 +187,20 @@ pub fn write(
         100.0 * total_gap / 1e3 / (run_us as f64 / 1e6 * tasks.len().max(1) as f64),
         gaps.iter().map(|g| g.2).fold(0.0, f64::max)
     );
-    let _ = writeln!(md, "## Operations\n\n| op | attempted | ok | fail | unknown |\n|---|---|---|---|---|");
+    let run_s = run_us as f64 / 1e6;
+    let _ = writeln!(
+        md,
+        "Per task, windows over 300 ms, split by whether a fault touched the task (its host or the leader) meanwhile (I14):\n\n| task | touched: s (% of run) | untouched: s (% of run) |\n|---|---|---|"
+    );
+    for (task, (touched, untouched)) in &split {
+        let _ = writeln!(
+            md,
+            "| {task} | {touched:.1} ({:.1}%) | {untouched:.1} ({:.1}%) |",
+            100.0 * touched / run_s,
+            100.0 * untouched / run_s
+        );
+    }
+    let _ = writeln!(md, "\n## Operations\n\n| op | attempted | ok | fail | unknown |\n|---|---|---|---|---|");
     for (f, c) in &counts {
         let _ = writeln!(md, "| {f} | {} | {} | {} | {} |", c[0], c[1], c[2], c[3]);
     }

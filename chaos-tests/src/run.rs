@@ -137,6 +137,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
     }
     deploy(&lab, &sc, &counters, echo.as_deref()).await?;
     let task_names: Vec<String> = counters.iter().map(|c| c.name.clone()).collect();
+    let watched: Vec<String> = echo.iter().cloned().collect();
 
     // Clients, monitor, progress.
     let clients: Vec<Client> = lab.hubs.iter().map(|h| h.client.clone()).collect();
@@ -172,7 +173,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
         let mut e = Event::new(NEMESIS, Type::Invoke, step.fault.name());
         e.note = Some(format!("target {}", step.target.name()));
         let start_us = rec.now_us();
-        match nemesis::apply(&mut lab, step, &task_names, sc.chaos.flaky_drop_percent, start_us, &mut rng).await {
+        match nemesis::apply(&mut lab, step, &task_names, &watched, sc.chaos.flaky_drop_percent, start_us, &mut rng)
+            .await
+        {
             Ok(mut a) => {
                 e.hubs = a.hubs.clone();
                 e.note = Some(a.note.clone());
@@ -245,6 +248,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
         liveness,
         checkpoints,
         failover_max_ms: sc.checks.failover_max.as_millis() as u64,
+        untouched_gap_max_ms: sc.checks.untouched_gap_max.unwrap_or(sc.checks.failover_max).as_millis() as u64,
         node_ids,
         healed_at_us,
         faults_fired,

@@ -283,11 +283,15 @@ pub struct ChecksSpec {
     /// After the final heal: one leader, every task running, all hubs agree, within this (I11).
     #[serde(with = "humantime_serde")]
     pub liveness_max: Duration,
+    /// A task answers at least this often while no fault touches its host or the leader (I14);
+    /// unset: `failover_max`.
+    #[serde(with = "humantime_serde")]
+    pub untouched_gap_max: Option<Duration>,
 }
 
 impl Default for ChecksSpec {
     fn default() -> Self {
-        Self { failover_max: Duration::from_secs(10), liveness_max: Duration::from_secs(45) }
+        Self { failover_max: Duration::from_secs(10), liveness_max: Duration::from_secs(45), untouched_gap_max: None }
     }
 }
 

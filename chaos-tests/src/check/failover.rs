@@ -117,6 +117,7 @@ mod tests {
             start_us: t_us,
             end_us: t_us + 3_000_000,
             hosts_before: [("c".to_string(), (10, 1))].into(),
+            leader_before: Some(20),
             effective: true,
             dropped: 0,
             note: String::new(),

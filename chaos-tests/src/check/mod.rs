@@ -10,6 +10,7 @@ use crate::history::Event;
 use crate::monitor::Sample;
 use crate::nemesis::Applied;
 
+pub mod available;
 pub mod counter;
 pub mod failover;
 pub mod health;
@@ -109,6 +110,9 @@ pub struct Evidence {
     pub liveness: Liveness,
     pub checkpoints: BTreeMap<String, CheckpointAudit>,
     pub failover_max_ms: u64,
+    /// The longest a task may go without a successful call while no fault touches it (I14).
+    #[serde(default)]
+    pub untouched_gap_max_ms: u64,
     /// The node id of every lab hub, by index.
     pub node_ids: Vec<u64>,
     /// When the fault phase ended (the final heal), from the start of the run.
@@ -129,6 +133,7 @@ pub fn check_all(events: &[Event], ev: &Evidence) -> Vec<CheckResult> {
         stale::stale_answers(events, ev),
         health::checkpoints(ev),
         failover::bound(events, ev),
+        available::untouched(events, ev),
         health::liveness(ev),
         health::not_vacuous(events, ev),
     ]
@@ -209,6 +214,7 @@ pub(crate) mod fixtures {
             keyed: [("c".to_string(), keyed)].into(),
             durable: true,
             failover_max_ms: 10_000,
+            untouched_gap_max_ms: 10_000,
             ..Default::default()
         }
     }

@@ -1,0 +1,200 @@
+//! I14: a fault that touches neither a task's host nor the leader costs that task nothing. Every
+//! window without a successful call of a task that is longer than the scenario's bound
+//! (`untouched_gap_max`, else `failover_max`) must overlap a fault that touched the task — one
+//! whose hubs include the task's host or the leader when it began — or the recovery after it
+//! (the failover bound past its heal). A fault whose leader or host the nemesis could not read
+//! touches every task (counted as `unattributed`: I13 reports why).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::failover::unavailability;
+use super::{CheckResult, Evidence};
+use crate::history::Event;
+
+/// One window without a successful call of a task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Window {
+    pub task: String,
+    pub from_us: u64,
+    pub ms: f64,
+    /// The fault that touched the task during the window, if one did.
+    pub touched_by: Option<String>,
+}
+
+/// The tasks the run watched: counters, the echo task, and every task a fault recorded.
+fn tasks(ev: &Evidence) -> Vec<String> {
+    let mut all: Vec<String> = ev.finals.keys().cloned().chain(ev.echo.clone()).collect();
+    for f in &ev.faults {
+        all.extend(f.hosts_before.keys().cloned());
+    }
+    all.sort();
+    all.dedup();
+    all
+}
+
+/// Every window longer than `min_ms`, with the fault (if any) that touched its task meanwhile.
+pub fn windows(events: &[Event], ev: &Evidence, min_ms: f64) -> Vec<Window> {
+    let grace_us = ev.failover_max_ms * 1000;
+    unavailability(events, &tasks(ev), min_ms)
+        .into_iter()
+        .map(|(task, from_us, ms)| {
+            let to_us = from_us + (ms * 1e3) as u64;
+            let touched_by = ev
+                .faults
+                .iter()
+                .filter(|f| f.start_us < to_us && from_us < f.end_us.max(f.start_us) + grace_us)
+                .find(|f| {
+                    let nodes: Vec<u64> = f.hubs.iter().filter_map(|h| ev.node_ids.get(*h).copied()).collect();
+                    let host = f.hosts_before.get(&task).map(|(h, _)| *h);
+                    match (f.leader_before, host) {
+                        (Some(leader), Some(host)) => nodes.contains(&leader) || nodes.contains(&host),
+                        _ => true,
+                    }
+                })
+                .map(|f| format!("{} at {:.3}s ({})", f.fault.name(), f.start_us as f64 / 1e6, f.note));
+            Window { task, from_us, ms, touched_by }
+        })
+        .collect()
+}
+
+pub fn untouched(events: &[Event], ev: &Evidence) -> CheckResult {
+    let mut r = CheckResult::new("I14", "faults elsewhere cost a task nothing");
+    // Evidence written before I14 existed has no bound of its own: the failover bound was the
+    // scenario's default for it.
+    let bound_ms = if ev.untouched_gap_max_ms == 0 { ev.failover_max_ms } else { ev.untouched_gap_max_ms };
+    let bound = bound_ms as f64;
+    let unattributed = ev.faults.iter().filter(|f| f.leader_before.is_none()).count();
+    r.count("unattributed", unattributed as u64);
+    for w in windows(events, ev, bound) {
+        match &w.touched_by {
+            Some(_) => r.count("excused", 1),
+            None => {
+                r.count("violations", 1);
+                r.violation(format!(
+                    "{}: no successful call for {:.0} ms from {:.3}s while no fault touched its host or the leader (bound {} ms)",
+                    w.task,
+                    w.ms,
+                    w.from_us as f64 / 1e6,
+                    bound_ms
+                ));
+            }
+        }
+    }
+    r
+}
+
+/// Per task: (seconds of windows over `min_ms` while a fault touched it, seconds while none did).
+pub fn split_by_touch(events: &[Event], ev: &Evidence, min_ms: f64) -> BTreeMap<String, (f64, f64)> {
+    let mut out: BTreeMap<String, (f64, f64)> = tasks(ev).into_iter().map(|t| (t, (0.0, 0.0))).collect();
+    for w in windows(events, ev, min_ms) {
+        let e = out.entry(w.task).or_default();
+        if w.touched_by.is_some() {
+            e.0 += w.ms / 1e3;
+        } else {
+            e.1 += w.ms / 1e3;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{evidence, H};
+    use super::super::Verdict;
+    use super::*;
+    use crate::nemesis::Applied;
+    use crate::scenario::{FaultKind, Target};
+
+    /// A fault on hub `hub` (index) from `start_us` for 3 s; task `c` ran on node 10 (hub 0) and
+    /// node 30 (hub 2) led.
+    fn fault(hub: usize, start_us: u64, leader: Option<u64>) -> Applied {
+        Applied {
+            fault: FaultKind::Flaky,
+            target: Target::One,
+            hub,
+            hubs: vec![hub],
+            start_us,
+            end_us: start_us + 3_000_000,
+            hosts_before: [("c".to_string(), (10, 1))].into(),
+            leader_before: leader,
+            effective: true,
+            dropped: 0,
+            note: String::new(),
+        }
+    }
+
+    /// Two answers of `c` 4 s apart (a 4 s window from `h.t`).
+    fn four_second_gap(h: &mut H) -> u64 {
+        h.add_ok("c", 1, &[1], 10, 1);
+        let from = h.t;
+        h.t += 4_000_000;
+        h.add_ok("c", 2, &[1, 2], 10, 1);
+        from
+    }
+
+    fn ev(faults: Vec<Applied>) -> Evidence {
+        let mut ev = evidence(Some(&[1, 2]), true);
+        ev.node_ids = vec![10, 20, 30];
+        ev.untouched_gap_max_ms = 300;
+        ev.failover_max_ms = 1_000;
+        ev.faults = faults;
+        ev
+    }
+
+    #[test]
+    fn a_stall_during_a_fault_on_a_bystander_is_false() {
+        let mut h = H::default();
+        let from = four_second_gap(&mut h);
+        // Hub 1 (node 20) is neither the host (10) nor the leader (30).
+        let r = untouched(&h.events, &ev(vec![fault(1, from + 500_000, Some(30))]));
+        assert_eq!(r.verdict, Verdict::False, "{r:?}");
+        assert_eq!(r.counts.get("violations"), Some(&1));
+    }
+
+    #[test]
+    fn a_stall_with_no_fault_at_all_is_false() {
+        let mut h = H::default();
+        four_second_gap(&mut h);
+        assert_eq!(untouched(&h.events, &ev(vec![])).verdict, Verdict::False);
+    }
+
+    #[test]
+    fn a_stall_while_the_host_or_the_leader_is_faulted_is_excused() {
+        let mut h = H::default();
+        let from = four_second_gap(&mut h);
+        for (hub, why) in [(0, "the host"), (2, "the leader")] {
+            let r = untouched(&h.events, &ev(vec![fault(hub, from + 500_000, Some(30))]));
+            assert_eq!(r.verdict, Verdict::True, "a fault on {why}: {r:?}");
+            assert_eq!(r.counts.get("excused"), Some(&1));
+        }
+        // Unknown leader: the fault may have touched it.
+        let r = untouched(&h.events, &ev(vec![fault(1, from + 500_000, None)]));
+        assert_eq!(r.verdict, Verdict::True, "{r:?}");
+        assert_eq!(r.counts.get("unattributed"), Some(&1));
+    }
+
+    #[test]
+    fn recovery_after_a_touching_fault_is_excused_but_not_forever() {
+        let mut h = H::default();
+        h.t = 10_000_000;
+        h.add_ok("c", 1, &[1], 10, 1);
+        // The host's fault heals here; a 3.5 s window follows, then a 2 s one.
+        let heal_at = h.t;
+        h.t += 3_500_000;
+        h.add_ok("c", 2, &[1, 2], 10, 1);
+        h.t += 2_000_000;
+        h.add_ok("c", 3, &[1, 2, 3], 10, 1);
+        let mut f = fault(0, heal_at - 3_000_000, Some(30));
+        f.end_us = heal_at;
+        let mut e = ev(vec![f]);
+        // 1 s of grace after the heal does not reach the 2 s window 3.5 s later.
+        let r = untouched(&h.events, &e);
+        assert_eq!(r.verdict, Verdict::False, "{r:?}");
+        e.failover_max_ms = 10_000;
+        assert_eq!(untouched(&h.events, &e).verdict, Verdict::True);
+        let split = split_by_touch(&h.events, &e, 300.0);
+        assert!(split["c"].0 > 5.0 && split["c"].1 == 0.0, "{split:?}");
+    }
+}
