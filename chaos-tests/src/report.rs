@@ -190,7 +190,7 @@ pub fn write(
     let run_s = run_us as f64 / 1e6;
     let _ = writeln!(
         md,
-        "Per task, windows over 300 ms, split by whether a fault touched the task (its host or the leader) meanwhile (I14):\n\n| task | touched: s (% of run) | untouched: s (% of run) |\n|---|---|---|"
+        "Per task, windows over 300 ms in which callers waited for an answer (from the first call since the task last answered to its next answer), split by whether a fault touched the task (its host or the leader) meanwhile (I14):\n\n| task | touched: s (% of run) | untouched: s (% of run) |\n|---|---|---|"
     );
     for (task, (touched, untouched)) in &split {
         let _ = writeln!(

@@ -1,5 +1,7 @@
 //! I14: a fault that touches neither a task's host nor the leader costs that task nothing. Every
-//! window without a successful call of a task that is longer than the scenario's bound
+//! window in which callers waited for a task — from the first call made since it last answered to
+//! its next successful answer (a task nobody calls is not unavailable) — that is longer than the
+//! scenario's bound
 //! (`untouched_gap_max`, else `failover_max`) must overlap a fault that touched the task — one
 //! whose hubs include the task's host or the leader when it began — or the recovery after it
 //! (the failover bound past its heal). A fault whose leader or host the nemesis could not read
@@ -9,9 +11,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::failover::unavailability;
 use super::{CheckResult, Evidence};
-use crate::history::Event;
+use crate::history::{Event, Type};
 
 /// One window without a successful call of a task.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,10 +35,37 @@ fn tasks(ev: &Evidence) -> Vec<String> {
     all
 }
 
+/// Per task, the windows in which callers waited: from the first call made since the task last
+/// answered successfully to its next successful answer, when longer than `min_ms`:
+/// (task, from_us, ms).
+pub fn waits(events: &[Event], tasks: &[String], min_ms: f64) -> Vec<(String, u64, f64)> {
+    let mut out = Vec::new();
+    for task in tasks {
+        let mut since: Option<u64> = None;
+        for e in events.iter().filter(|e| e.task.as_deref() == Some(task)) {
+            match e.kind {
+                Type::Invoke => {
+                    since.get_or_insert(e.t_us);
+                }
+                Type::Ok if e.error.is_none() => {
+                    if let Some(from) = since.take() {
+                        let ms = e.t_us.saturating_sub(from) as f64 / 1e3;
+                        if ms > min_ms {
+                            out.push((task.clone(), from, ms));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 /// Every window longer than `min_ms`, with the fault (if any) that touched its task meanwhile.
 pub fn windows(events: &[Event], ev: &Evidence, min_ms: f64) -> Vec<Window> {
     let grace_us = ev.failover_max_ms * 1000;
-    unavailability(events, &tasks(ev), min_ms)
+    waits(events, &tasks(ev), min_ms)
         .into_iter()
         .map(|(task, from_us, ms)| {
             let to_us = from_us + (ms * 1e3) as u64;
@@ -73,7 +101,7 @@ pub fn untouched(events: &[Event], ev: &Evidence) -> CheckResult {
             None => {
                 r.count("violations", 1);
                 r.violation(format!(
-                    "{}: no successful call for {:.0} ms from {:.3}s while no fault touched its host or the leader (bound {} ms)",
+                    "{}: callers waited {:.0} ms for an answer from {:.3}s while no fault touched its host or the leader (bound {} ms)",
                     w.task,
                     w.ms,
                     w.from_us as f64 / 1e6,
@@ -104,6 +132,7 @@ mod tests {
     use super::super::fixtures::{evidence, H};
     use super::super::Verdict;
     use super::*;
+    use crate::history::Type;
     use crate::nemesis::Applied;
     use crate::scenario::{FaultKind, Target};
 
@@ -125,13 +154,25 @@ mod tests {
         }
     }
 
-    /// Two answers of `c` 4 s apart (a 4 s window from `h.t`).
+    /// An answer of `c`, then a call that fails and is retried with success 4 s later: callers
+    /// wait 4 s from the returned time.
     fn four_second_gap(h: &mut H) -> u64 {
         h.add_ok("c", 1, &[1], 10, 1);
         let from = h.t;
+        h.add("c", 2, Type::Fail);
         h.t += 4_000_000;
         h.add_ok("c", 2, &[1, 2], 10, 1);
         from
+    }
+
+    #[test]
+    fn a_task_nobody_calls_is_not_unavailable() {
+        let mut h = H::default();
+        h.add_ok("c", 1, &[1], 10, 1);
+        h.t += 4_000_000;
+        h.add_ok("c", 2, &[1, 2], 10, 1);
+        assert!(waits(&h.events, &["c".to_string()], 300.0).is_empty());
+        assert_eq!(untouched(&h.events, &ev(vec![])).verdict, Verdict::True);
     }
 
     fn ev(faults: Vec<Applied>) -> Evidence {
@@ -182,8 +223,10 @@ mod tests {
         h.add_ok("c", 1, &[1], 10, 1);
         // The host's fault heals here; a 3.5 s window follows, then a 2 s one.
         let heal_at = h.t;
+        h.add("c", 2, Type::Fail);
         h.t += 3_500_000;
         h.add_ok("c", 2, &[1, 2], 10, 1);
+        h.add("c", 3, Type::Fail);
         h.t += 2_000_000;
         h.add_ok("c", 3, &[1, 2, 3], 10, 1);
         let mut f = fault(0, heal_at - 3_000_000, Some(30));
