@@ -248,7 +248,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
         liveness,
         checkpoints,
         failover_max_ms: sc.checks.failover_max.as_millis() as u64,
-        untouched_gap_max_ms: sc.checks.untouched_gap_max.unwrap_or(sc.checks.failover_max).as_millis() as u64,
+        untouched_gap_max_ms: Some(sc.checks.untouched_gap_max.unwrap_or(sc.checks.failover_max).as_millis() as u64),
         node_ids,
         healed_at_us,
         faults_fired,

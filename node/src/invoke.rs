@@ -2,8 +2,7 @@
 //!
 //! ```text
 //!  api::invoke --> Hub::invoke: task in state? input within its limit?
-//!      placed here, running at the placement's epoch (and, if stateful, this hub holds a
-//!      lease) --> executor.invoke
+//!      placed here, running at the placement's epoch --> executor.invoke
 //!      placed on hub B --> dataplane::forward --> B: Hub::invoke_here (never forwards again)
 //!      (a stateless task with replicas: a local one first, else the next host that answers)
 //!      not placed / starting / B unreachable --> wait for the state to change, bounded
@@ -13,7 +12,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hubmesh_consensus::state::{NodeStatus, Placement, TaskKind};
+use hubmesh_consensus::state::{NodeStatus, Placement};
 use hubmesh_consensus::ClusterState;
 use tokio::time::Instant;
 
@@ -121,10 +120,9 @@ impl Hub {
             }
             return self.forward_to_any(name, task.spec.limits.timeout_ms, &placements, &state, input, key).await;
         };
-        if task.spec.kind == TaskKind::Stateful && !self.has_quorum() {
+        if !self.has_quorum() {
             // Without a lease this hub may already have been declared down and the instance
-            // re-placed: answering from here could fork the task's history. A stateless task has
-            // no history to fork, so a hub cut off from the mesh goes on answering its calls.
+            // re-placed: answering from here could fork the task's history.
             return Step::Wait("this hub has lost contact with the mesh (no lease)".into());
         }
         if !self.executor().runs_at(name, task.version, p.epoch.0) {

@@ -1,11 +1,13 @@
 //! I14: a fault that touches neither a task's host nor the leader costs that task nothing. Every
 //! window in which callers waited for a task — from the first call made since it last answered to
 //! its next successful answer (a task nobody calls is not unavailable) — that is longer than the
-//! scenario's bound
-//! (`untouched_gap_max`, else `failover_max`) must overlap a fault that touched the task — one
-//! whose hubs include the task's host or the leader when it began — or the recovery after it
-//! (the failover bound past its heal). A fault whose leader or host the nemesis could not read
-//! touches every task (counted as `unattributed`: I13 reports why).
+//! scenario's bound (`untouched_gap_max`, else `failover_max`) must overlap a fault that touched
+//! the task — one whose hubs include the task's host or the leader when it began — or the
+//! recovery after it (the failover bound past its heal). Calls sent into a hub that a fault
+//! touched at the time do not open a window (the caller's own hub was faulted, not the task), and
+//! windows end at the final heal, when the workload stops. A fault whose leader or task host the
+//! nemesis could not read touches every task (counted as `unattributed`). Per task, not per
+//! caller: a window closes when any caller gets an answer.
 
 use std::collections::BTreeMap;
 
@@ -36,36 +38,67 @@ fn tasks(ev: &Evidence) -> Vec<String> {
 }
 
 /// Per task, the windows in which callers waited: from the first call made since the task last
-/// answered successfully to its next successful answer, when longer than `min_ms`:
-/// (task, from_us, ms).
-pub fn waits(events: &[Event], tasks: &[String], min_ms: f64) -> Vec<(String, u64, f64)> {
+/// answered successfully to its next successful answer (or the final heal, `end_us`), when longer
+/// than `min_ms`: (task, from_us, ms). Calls for which `skip` says yes (sent into a faulted hub)
+/// open no window.
+pub fn waits(
+    events: &[Event],
+    tasks: &[String],
+    min_ms: f64,
+    end_us: u64,
+    skip: impl Fn(&Event) -> bool,
+) -> Vec<(String, u64, f64)> {
     let mut out = Vec::new();
+    let mut close = |task: &str, from: u64, to: u64| {
+        let ms = to.min(end_us).saturating_sub(from) as f64 / 1e3;
+        if ms > min_ms {
+            out.push((task.to_owned(), from, ms));
+        }
+    };
     for task in tasks {
         let mut since: Option<u64> = None;
         for e in events.iter().filter(|e| e.task.as_deref() == Some(task)) {
             match e.kind {
-                Type::Invoke => {
+                Type::Invoke if !skip(e) => {
                     since.get_or_insert(e.t_us);
                 }
                 Type::Ok if e.error.is_none() => {
                     if let Some(from) = since.take() {
-                        let ms = e.t_us.saturating_sub(from) as f64 / 1e3;
-                        if ms > min_ms {
-                            out.push((task.clone(), from, ms));
-                        }
+                        close(task, from, e.t_us);
                     }
                 }
                 _ => {}
             }
         }
+        if let Some(from) = since {
+            close(task, from, end_us);
+        }
     }
     out
+}
+
+/// When the checks stop looking: the final heal (the workload stops there), or the end of the
+/// history for evidence that has none.
+fn end_of_workload(events: &[Event], ev: &Evidence) -> u64 {
+    if ev.healed_at_us > 0 {
+        ev.healed_at_us
+    } else {
+        events.last().map_or(0, |e| e.t_us)
+    }
+}
+
+/// The bound of I14 in milliseconds (evidence from before I14 has none: the failover bound).
+fn bound_ms(ev: &Evidence) -> u64 {
+    ev.untouched_gap_max_ms.unwrap_or(ev.failover_max_ms)
 }
 
 /// Every window longer than `min_ms`, with the fault (if any) that touched its task meanwhile.
 pub fn windows(events: &[Event], ev: &Evidence, min_ms: f64) -> Vec<Window> {
     let grace_us = ev.failover_max_ms * 1000;
-    waits(events, &tasks(ev), min_ms)
+    let active = |f: &crate::nemesis::Applied, t: u64| f.start_us <= t && t < f.end_us.max(f.start_us) + grace_us;
+    let into_faulted_hub =
+        |e: &Event| ev.faults.iter().any(|f| active(f, e.t_us) && e.hubs.iter().any(|h| f.hubs.contains(h)));
+    waits(events, &tasks(ev), min_ms, end_of_workload(events, ev), into_faulted_hub)
         .into_iter()
         .map(|(task, from_us, ms)| {
             let to_us = from_us + (ms * 1e3) as u64;
@@ -89,11 +122,14 @@ pub fn windows(events: &[Event], ev: &Evidence, min_ms: f64) -> Vec<Window> {
 
 pub fn untouched(events: &[Event], ev: &Evidence) -> CheckResult {
     let mut r = CheckResult::new("I14", "faults elsewhere cost a task nothing");
-    // Evidence written before I14 existed has no bound of its own: the failover bound was the
-    // scenario's default for it.
-    let bound_ms = if ev.untouched_gap_max_ms == 0 { ev.failover_max_ms } else { ev.untouched_gap_max_ms };
+    let bound_ms = bound_ms(ev);
     let bound = bound_ms as f64;
-    let unattributed = ev.faults.iter().filter(|f| f.leader_before.is_none()).count();
+    let tasks = tasks(ev);
+    let unattributed = ev
+        .faults
+        .iter()
+        .filter(|f| f.leader_before.is_none() || tasks.iter().any(|t| !f.hosts_before.contains_key(t)))
+        .count();
     r.count("unattributed", unattributed as u64);
     for w in windows(events, ev, bound) {
         match &w.touched_by {
@@ -171,14 +207,14 @@ mod tests {
         h.add_ok("c", 1, &[1], 10, 1);
         h.t += 4_000_000;
         h.add_ok("c", 2, &[1, 2], 10, 1);
-        assert!(waits(&h.events, &["c".to_string()], 300.0).is_empty());
+        assert!(waits(&h.events, &["c".to_string()], 300.0, u64::MAX, |_| false).is_empty());
         assert_eq!(untouched(&h.events, &ev(vec![])).verdict, Verdict::True);
     }
 
     fn ev(faults: Vec<Applied>) -> Evidence {
         let mut ev = evidence(Some(&[1, 2]), true);
         ev.node_ids = vec![10, 20, 30];
-        ev.untouched_gap_max_ms = 300;
+        ev.untouched_gap_max_ms = Some(300);
         ev.failover_max_ms = 1_000;
         ev.faults = faults;
         ev
@@ -192,6 +228,30 @@ mod tests {
         let r = untouched(&h.events, &ev(vec![fault(1, from + 500_000, Some(30))]));
         assert_eq!(r.verdict, Verdict::False, "{r:?}");
         assert_eq!(r.counts.get("violations"), Some(&1));
+    }
+
+    #[test]
+    fn calls_into_a_faulted_hub_and_the_idle_end_of_a_run_open_no_window() {
+        let mut h = H::default();
+        h.t = 10_000_000;
+        let from = four_second_gap(&mut h);
+        // The failed call went into hub 1 (node 20), which a fault touched then.
+        let failed = h.events.iter().position(|e| e.kind == Type::Invoke && e.t_us > from).unwrap();
+        h.events[failed].hubs = vec![1];
+        let e = ev(vec![fault(1, from - 500_000, Some(30))]);
+        assert_eq!(untouched(&h.events, &e).verdict, Verdict::True, "the caller's hub was faulted, not the task");
+        // A call that failed just before the final heal: the idle time after it is no window.
+        let mut h = H::default();
+        h.add_ok("c", 1, &[1], 10, 1);
+        h.add("c", 2, Type::Fail);
+        let mut e = ev(vec![]);
+        e.healed_at_us = h.t + 100_000;
+        h.t += 30_000_000;
+        h.read_ok("c", &[1], 10, 1);
+        assert_eq!(untouched(&h.events, &e).verdict, Verdict::True);
+        // Unless the wait before the heal was itself too long.
+        e.healed_at_us = h.t - 29_000_000;
+        assert_eq!(untouched(&h.events, &e).verdict, Verdict::False);
     }
 
     #[test]

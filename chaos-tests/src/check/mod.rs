@@ -110,9 +110,10 @@ pub struct Evidence {
     pub liveness: Liveness,
     pub checkpoints: BTreeMap<String, CheckpointAudit>,
     pub failover_max_ms: u64,
-    /// The longest a task may go without a successful call while no fault touches it (I14).
+    /// The longest callers may wait for a task while no fault touches it (I14); None in evidence
+    /// written before I14 (the failover bound then).
     #[serde(default)]
-    pub untouched_gap_max_ms: u64,
+    pub untouched_gap_max_ms: Option<u64>,
     /// The node id of every lab hub, by index.
     pub node_ids: Vec<u64>,
     /// When the fault phase ended (the final heal), from the start of the run.
@@ -214,7 +215,7 @@ pub(crate) mod fixtures {
             keyed: [("c".to_string(), keyed)].into(),
             durable: true,
             failover_max_ms: 10_000,
-            untouched_gap_max_ms: 10_000,
+            untouched_gap_max_ms: Some(10_000),
             ..Default::default()
         }
     }
