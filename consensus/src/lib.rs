@@ -24,6 +24,7 @@
 mod address_book;
 mod autopilot;
 mod consensus;
+mod election_gate;
 mod identity;
 mod ids;
 pub mod join;

@@ -225,6 +225,8 @@ pub const RAFT_SNAPSHOT: Endpoint<
 > = Endpoint::new(StreamKind::RaftSnapshot);
 /// A joiner's request for a certificate.
 pub const JOIN: Endpoint<pb::JoinRequest, pb::JoinResponse> = Endpoint::new(StreamKind::Join);
+/// Are you there? (The election gate's probe between voters.)
+pub const PING: Endpoint<Json<()>, Json<()>> = Endpoint::new(StreamKind::Ping);
 /// A follower's proposal, forwarded to the leader.
 pub const PROPOSE: Endpoint<pb::ProposeRequest, pb::ProposeResponse> = Endpoint::new(StreamKind::Propose);
 /// A module blob by hash.

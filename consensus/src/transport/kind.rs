@@ -15,6 +15,8 @@ pub enum StreamKind {
     Join = 4,
     /// A follower forwards a proposal to the leader (consensus).
     Propose = 5,
+    /// Are you there? Between voters, for the election gate (consensus).
+    Ping = 6,
     /// A module blob by hash (node data plane).
     ModuleFetch = 100,
     /// An invocation forwarded to the instance's host (node data plane).
@@ -27,12 +29,13 @@ pub enum StreamKind {
 
 impl StreamKind {
     /// Every kind, for lookups and listings.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::RaftAppend,
         Self::RaftVote,
         Self::RaftSnapshot,
         Self::Join,
         Self::Propose,
+        Self::Ping,
         Self::ModuleFetch,
         Self::InvokeForward,
         Self::CheckpointPush,
@@ -57,6 +60,7 @@ impl StreamKind {
             Self::RaftSnapshot => "raft-snapshot",
             Self::Join => "join",
             Self::Propose => "propose",
+            Self::Ping => "ping",
             Self::ModuleFetch => "module-fetch",
             Self::InvokeForward => "invoke-forward",
             Self::CheckpointPush => "checkpoint-push",

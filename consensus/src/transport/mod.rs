@@ -40,7 +40,7 @@ use quinn::crypto::rustls::QuicClientConfig;
 pub use bulk::{BulkBody, BulkCall};
 pub use endpoint::{
     BulkEndpoint, Endpoint, Json, TypedBulkCall, Wire, CHECKPOINT_FETCH, CHECKPOINT_PUSH, INVOKE_FORWARD, JOIN,
-    MODULE_FETCH, PROPOSE, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE,
+    MODULE_FETCH, PING, PROPOSE, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE,
 };
 pub use error::{Refusal, RpcError, TransportError};
 pub use kind::StreamKind;

@@ -36,7 +36,10 @@ async fn deploy_invoke_list_rm_from_the_command_line() {
     step("worker list: every background loop, with its rounds");
     let workers: serde_json::Value = serde_json::from_str(&ok(&hub.cli(&["worker", "list", "--json"]))).unwrap();
     let names: Vec<&str> = workers.as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["autopilot", "address-book", "reconciler", "module-keeper", "replication-upkeep", "leader"]);
+    assert_eq!(
+        names,
+        ["autopilot", "address-book", "election-gate", "reconciler", "module-keeper", "replication-upkeep", "leader"]
+    );
     assert!(workers.as_array().unwrap().iter().all(|w| w["rounds"].as_u64().unwrap() > 0), "{workers}");
     assert!(ok(&hub.cli(&["worker", "list"])).starts_with("WORKER"));
     step("errors go to stderr with a non-zero exit");
