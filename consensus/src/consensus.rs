@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::address_book::AddressBook;
 use crate::autopilot::Autopilot;
-use crate::election_gate::ElectionGate;
+use crate::election_gate::{ElectionGate, Timings};
 use crate::identity::{self, open_err};
 use crate::ids::NodeId;
 use crate::join::{self, hash_secret, Boot, JoinToken};
@@ -157,7 +157,12 @@ impl Consensus {
         me.workers.spawn(Autopilot { raft: me.raft.clone(), node_id, state: me.state.clone() });
         me.workers.spawn(AddressBook::new(me.transport.clone(), &me.raft, me.state.clone()));
         crate::election_gate::serve(&me.transport);
-        me.workers.spawn(ElectionGate::new(me.raft.clone(), me.transport.clone(), node_id, cfg.heartbeat));
+        let timings = Timings {
+            heartbeat: cfg.heartbeat,
+            election_min: cfg.election_timeout_min,
+            election_max: cfg.election_timeout_max,
+        };
+        me.workers.spawn(ElectionGate::new(me.raft.clone(), me.transport.clone(), node_id, timings));
 
         if let Some(ca) = new_ca {
             let node = NodeAddr { mesh_addr: mesh_addr.to_string(), ..cfg.node.clone() };

@@ -6,10 +6,15 @@
 //! itself included: every voter pings the others every heartbeat, and the gate switches
 //! openraft's timer elections (`runtime_config().elect`) on only while enough answers are fresh.
 //!
-//! Not campaigning never endangers safety, only availability; the gate reacts within
-//! `FRESH_HEARTBEATS + 1` heartbeats, well before the first election timer can fire after a cut
-//! (`election_timeout_max` as leader lease plus a random election timeout). Voting for others,
-//! and a leader's work, are untouched.
+//! Not campaigning never endangers safety, only availability. The gate reacts within
+//! `min(FRESH_HEARTBEATS heartbeats, election_timeout_min)` plus one heartbeat, before the first
+//! election timer fires after a cut when this voter's vote is committed (`election_timeout_max`
+//! as leader lease plus a random election timeout; a candidate's own timer is shorter). When a
+//! majority answers again, elections stay off for `election_timeout_max` more: the leader's
+//! heartbeat must reach a returning voter (and reset its long-expired timer) before that voter
+//! may campaign, else its first election would depose the leader after all. Pings are not
+//! "hearing from the leader": they do not feed the follower lease (`transport::server`). One
+//! ping per peer in flight at a time. Voting for others, and a leader's work, are untouched.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,31 +29,59 @@ use crate::worker::Worker;
 /// An answer is fresh for this many heartbeats.
 const FRESH_HEARTBEATS: u32 = 5;
 
+/// A ping waits this long for its answer (a late answer still counts, from when it came; a
+/// timeout drops the connection the peer's Raft traffic shares, so it must be rare).
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the gate knows of each other voter.
+#[derive(Default)]
+struct Peer {
+    answered: Option<Instant>,
+    in_flight: bool,
+}
+
 pub(crate) struct ElectionGate {
     raft: Raft<TypeConfig>,
     transport: Arc<Transport>,
     node_id: u64,
-    every: Duration,
-    /// When each other voter last answered a ping.
-    answered: Arc<Mutex<HashMap<u64, Instant>>>,
+    /// An answer older than this does not count.
+    fresh: Duration,
+    /// How long elections stay off after a majority answers again.
+    hold: Duration,
+    peers: Arc<Mutex<HashMap<u64, Peer>>>,
     /// What the gate last told openraft (it starts with elections on).
     elections: bool,
+    /// Since when a majority answers, while elections are still off.
+    majority_since: Option<Instant>,
     tick: tokio::time::Interval,
 }
 
+/// The Raft timings the gate works with.
+pub(crate) struct Timings {
+    pub(crate) heartbeat: Duration,
+    pub(crate) election_min: Duration,
+    pub(crate) election_max: Duration,
+}
+
 impl ElectionGate {
-    pub(crate) fn new(raft: Raft<TypeConfig>, transport: Arc<Transport>, node_id: u64, heartbeat: Duration) -> Self {
-        let mut tick = tokio::time::interval(heartbeat);
+    pub(crate) fn new(raft: Raft<TypeConfig>, transport: Arc<Transport>, node_id: u64, t: Timings) -> Self {
+        let mut tick = tokio::time::interval(t.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             raft,
             transport,
             node_id,
-            every: heartbeat,
-            answered: Arc::new(Mutex::new(HashMap::new())),
+            fresh: (t.heartbeat * FRESH_HEARTBEATS).min(t.election_min),
+            hold: t.election_max,
+            peers: Arc::new(Mutex::new(HashMap::new())),
             elections: true,
+            majority_since: None,
             tick,
         }
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Peer>> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -67,21 +100,44 @@ impl Worker for ElectionGate {
         if !voters.contains(&self.node_id) {
             return Ok(()); // a learner never campaigns
         }
-        let fresh = self.every * FRESH_HEARTBEATS;
         for &peer in voters.iter().filter(|&&v| v != self.node_id) {
+            let mut peers = self.peers();
+            let p = peers.entry(peer).or_default();
+            if p.in_flight {
+                continue;
+            }
+            p.in_flight = true;
+            drop(peers);
             // In the background: a round must not wait for a peer that does not answer.
-            let (transport, answered) = (self.transport.clone(), self.answered.clone());
+            let (transport, all) = (self.transport.clone(), self.peers.clone());
             tokio::spawn(async move {
-                if PING.call(&transport, peer, &Json(()), fresh).await.is_ok() {
-                    answered.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, Instant::now());
+                let ok = PING.call(&transport, peer, &Json(()), PING_TIMEOUT).await.is_ok();
+                let mut all = all.lock().unwrap_or_else(|p| p.into_inner());
+                let p = all.entry(peer).or_default();
+                p.in_flight = false;
+                if ok {
+                    p.answered = Some(Instant::now());
                 }
             });
         }
         let reached = 1 + {
-            let answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
-            voters.iter().filter(|v| answered.get(v).is_some_and(|t| t.elapsed() <= fresh)).count()
+            let peers = self.peers();
+            voters
+                .iter()
+                .filter(|v| peers.get(v).and_then(|p| p.answered).is_some_and(|t| t.elapsed() <= self.fresh))
+                .count()
         };
-        let elections = majority(reached, voters.len());
+        let majority = majority(reached, voters.len());
+        self.majority_since = match (majority, self.majority_since) {
+            (false, _) => None,
+            (true, since) => Some(since.unwrap_or_else(Instant::now)),
+        };
+        let elections = match (self.elections, majority) {
+            (_, false) => false,
+            (true, true) => true,
+            // Back from a cut: the leader's heartbeat first.
+            (false, true) => self.majority_since.is_some_and(|t| t.elapsed() >= self.hold),
+        };
         if elections != self.elections {
             self.raft.runtime_config().elect(elections);
             self.elections = elections;

@@ -123,7 +123,9 @@ fn caller_of(t: &Weak<Transport>, member: bool, kind: u32, from: u64) -> Result<
         (false, false) => return Err(members_only()),
     };
     let t = t.upgrade().ok_or_else(|| Refusal::new(pb::ErrorCode::Unavailable, "shutting down"))?;
-    if let Caller::Member(id) = caller {
+    // A ping says only that the process is alive, not that it still leads: it must not keep a
+    // follower's lease about a deposed leader alive.
+    if let (Caller::Member(id), false) = (caller, kind == StreamKind::Ping) {
         lock(&t.last_heard).insert(id, Instant::now());
     }
     Ok((caller, kind))

@@ -72,6 +72,18 @@ async fn members_call_each_other_and_see_who_calls() {
 }
 
 #[tokio::test]
+async fn a_ping_is_not_hearing_from_a_member() {
+    let ca = CaMaterial::generate().unwrap();
+    let (a, b) = (hub(&ca, 1), hub(&ca, 2));
+    crate::election_gate::serve(&b);
+    a.set_peer(2, addr(&b));
+    crate::transport::PING.call(&a, 2, &crate::transport::Json(()), T).await.unwrap();
+    assert!(b.last_heard(1).is_none(), "a ping fed the lease");
+    a.call(2, ECHO, b"hi".to_vec(), T).await.unwrap();
+    assert!(b.last_heard(1).is_some());
+}
+
+#[tokio::test]
 async fn the_server_name_must_match_the_target() {
     let ca = CaMaterial::generate().unwrap();
     let (a, b) = (hub(&ca, 1), hub(&ca, 2));
