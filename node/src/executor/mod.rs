@@ -323,16 +323,11 @@ impl Executor {
         match &task.runtime {
             Runtime::Stateful(s) => s.invoke(input, key).await,
             Runtime::Stateless(p) => {
-                // Quick tasks run right here (see `stateless`: one inline call at a time, and a
-                // slow call sends its task's next ones off). Otherwise, on the multi-threaded
-                // runtime, tokio first moves this worker's other work elsewhere, so a task that
-                // runs to its deadline cannot stall the API.
+                // On the multi-threaded runtime, tokio first moves this worker's other work
+                // elsewhere, so a task that runs to its deadline cannot stall the API.
                 let multi_thread =
                     tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
-                let slot = if multi_thread { p.wait_to_run_inline().await } else { None };
-                if let Some(_slot) = slot {
-                    p.invoke(&input)
-                } else if multi_thread {
+                if multi_thread {
                     tokio::task::block_in_place(|| p.invoke(&input))
                 } else {
                     let pool = p.clone();
