@@ -189,8 +189,17 @@ pub fn fencing(events: &[Event], ev: &Evidence) -> CheckResult {
             .filter_map(|e| Some((e.op?, e.epoch?)))
             .filter(|(op, _)| sends.get(op) == Some(&1))
             .collect();
+        // An op the list holds twice (an unkeyed call a hub sent again after its first host died
+        // having applied it) was applied by two instances: its answer dates only one of them.
+        let mut copies: HashMap<u64, u32> = HashMap::new();
+        for op in list {
+            *copies.entry(*op).or_default() += 1;
+        }
         let mut highest = (0, 0);
         for (pos, op) in list.iter().enumerate() {
+            if copies.get(op).is_some_and(|n| *n > 1) {
+                continue;
+            }
             let Some(&e) = epoch_of.get(op) else { continue };
             if e < highest.0 {
                 r.violation(format!(
@@ -283,6 +292,20 @@ mod tests {
         h.add_ok("c", 1, &[1], 20, 2);
         let r = fencing(&h.events, &evidence(Some(&[1, 2]), true));
         assert_eq!(r.verdict, Verdict::True, "{r:?}");
+    }
+
+    #[test]
+    fn an_op_applied_twice_is_not_dated_by_its_one_answer() {
+        let mut h = H::default();
+        // Unkeyed op 1: epoch 1 applied it and died before answering; the hub sent it again to
+        // epoch 2, which applied it a second time and answered. Epoch 1 had applied op 2 too.
+        h.add_ok("c", 2, &[1, 2], 10, 1);
+        h.add_ok("c", 1, &[1, 2, 1], 20, 2);
+        let r = fencing(&h.events, &evidence(Some(&[1, 2, 1]), false));
+        assert_eq!(r.verdict, Verdict::True, "{r:?}");
+        // Sent once and held once, the same answer would be a violation.
+        let r = fencing(&h.events, &evidence(Some(&[1, 2]), false));
+        assert_eq!(r.verdict, Verdict::False, "{r:?}");
     }
 
     #[test]
