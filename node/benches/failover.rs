@@ -12,7 +12,7 @@ use hubmesh_proto::api::DeployParams;
 mod common;
 
 use common::floor::transport_floor;
-use common::{example, mesh, ms, pct, ready, settle, spawn};
+use common::{example, kill, mesh, ms, pct, ready, settle, spawn};
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -64,10 +64,7 @@ fn main() {
         // `FAILOVER_BENCH=forward` stops here.
         if std::env::var("FAILOVER_BENCH").is_ok_and(|v| v == "forward") {
             for h in hubs.iter_mut() {
-                if let Some(mut c) = h.child.take() {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
+                kill(h);
             }
             return;
         }

@@ -149,11 +149,11 @@ impl<W: Write> Rewrite<W> {
     }
 }
 
-/// A rewrite into a new file at `tmp`, its magic written.
-fn rewrite_file(tmp: &Path) -> Result<Rewrite<BufWriter<File>>, PageLogError> {
+/// A rewrite into a new file at `tmp`, its magic written, of a file snapshotted at `from`.
+fn rewrite_file(tmp: &Path, from: u64) -> Result<Rewrite<BufWriter<File>>, PageLogError> {
     let mut out = BufWriter::with_capacity(1 << 20, File::create(tmp).map_err(io(tmp))?);
     out.write_all(MAGIC).map_err(io(tmp))?;
-    Ok(Rewrite::new(out, MAGIC.len() as u64, 0))
+    Ok(Rewrite::new(out, MAGIC.len() as u64, from))
 }
 
 /// Writes out what is buffered and makes the file durable.
@@ -176,8 +176,7 @@ impl PageLog {
         let _one = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
         let Some(snapshot) = self.snapshot() else { return Ok(false) };
         let tmp = self.path.with_extension("log.compact");
-        let copied = rewrite_file(&tmp).and_then(|mut rewrite| {
-            rewrite.copied_to = snapshot.len;
+        let copied = rewrite_file(&tmp, snapshot.len).and_then(|mut rewrite| {
             for (hash, loc) in &snapshot.pages {
                 rewrite.copy_page(&snapshot.file, *hash, *loc, &self.path)?;
             }
@@ -319,7 +318,7 @@ pub(super) fn migrate_v1(path: &Path) -> Result<(), PageLogError> {
     let index = record::scan(path, Version::V1)?;
     let old = File::open(path).map_err(io(path))?;
     let tmp = path.with_extension("log.v2");
-    let mut rewrite = rewrite_file(&tmp)?;
+    let mut rewrite = rewrite_file(&tmp, 0)?;
     for (hash, loc) in &index.pages {
         rewrite.copy_page(&old, *hash, *loc, path)?;
     }
