@@ -156,7 +156,10 @@ impl Consensus {
         join::serve(&me.transport, me.proposer.clone(), me.state.clone());
         me.workers.spawn(Autopilot { raft: me.raft.clone(), node_id, state: me.state.clone() });
         me.workers.spawn(AddressBook::new(me.transport.clone(), &me.raft, me.state.clone()));
-        crate::election_gate::serve(&me.transport);
+        let (raft, transport) = (me.raft.clone(), me.transport.clone());
+        crate::election_gate::serve(&me.transport, move || {
+            crate::election_gate::hears_leader(&raft, &transport, node_id, cfg.election_timeout_min)
+        });
         let timings = Timings {
             heartbeat: cfg.heartbeat,
             election_min: cfg.election_timeout_min,
@@ -259,18 +262,13 @@ impl Consensus {
     /// Whether this hub may act for its instances: it is alone in the mesh, or it has heard from a
     /// quorum (as leader) or from the leader (as follower) within `lease`, on monotonic time.
     pub fn holds_lease(&self, lease: Duration) -> bool {
-        // Called on every local invocation: read the metrics in place rather than clone them.
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow();
-        let mut voters = m.membership_config.membership().voter_ids();
-        if voters.next() == Some(self.node_id) && voters.next().is_none() {
-            return true;
-        }
-        match m.current_leader {
-            Some(l) if l == self.node_id => m.millis_since_quorum_ack.is_some_and(|ms| ms <= lease.as_millis() as u64),
-            Some(l) => self.transport.last_heard(l).is_some_and(|t| t.elapsed() <= lease),
-            None => false,
-        }
+        let alone = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            let mut voters = m.membership_config.membership().voter_ids();
+            voters.next() == Some(self.node_id) && voters.next().is_none()
+        };
+        alone || crate::election_gate::hears_leader(&self.raft, &self.transport, self.node_id, lease)
     }
 
     /// Consensus's background workers (autopilot, address book).

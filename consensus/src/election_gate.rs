@@ -1,20 +1,25 @@
-//! Elections only where they can succeed. openraft 0.9 has no pre-vote: a voter cut off from the
-//! others raises its term at every election timeout, and when the cut heals the leader steps
-//! down at the first heartbeat answer that carries that higher term — every partial fault became
-//! an election, and every election unavailability (the chaos suite counted 17 terms for one
-//! isolated follower in 4 s). So a voter campaigns only while it reaches a majority of the voters,
-//! itself included: every voter pings the others every heartbeat, and the gate switches
-//! openraft's timer elections (`runtime_config().elect`) on only while enough answers are fresh.
+//! Elections only where they can succeed, and only where they are needed. openraft 0.9 has no
+//! pre-vote: a voter cut off from the others raises its term at every election timeout, and when
+//! the cut heals the leader steps down at the first heartbeat answer that carries that higher
+//! term — every partial fault became an election, and every election unavailability (the chaos
+//! suite counted 17 terms for one isolated follower in 4 s). So, as pre-vote would, a voter
+//! campaigns only while
+//! - it reaches a majority of the voters, itself included: every voter pings the others every
+//!   heartbeat; an answer is fresh for `min(FRESH_HEARTBEATS heartbeats, election_timeout_min)`;
+//! - and a majority, itself included, has lost the leader: each answer says whether the
+//!   answering voter still hears one (it leads with a quorum, or its leader's last request is
+//!   younger than `election_timeout_min`). A voter that only it cannot hear — one side of a
+//!   bridge, a follower behind a lossy link — must not depose a leader the others still follow.
 //!
-//! Not campaigning never endangers safety, only availability. The gate reacts within
-//! `min(FRESH_HEARTBEATS heartbeats, election_timeout_min)` plus one heartbeat, before the first
-//! election timer fires after a cut when this voter's vote is committed (`election_timeout_max`
-//! as leader lease plus a random election timeout; a candidate's own timer is shorter). When a
-//! majority answers again, elections stay off for `election_timeout_max` more: the leader's
-//! heartbeat must reach a returning voter (and reset its long-expired timer) before that voter
-//! may campaign, else its first election would depose the leader after all. Pings are not
-//! "hearing from the leader": they do not feed the follower lease (`transport::server`). One
-//! ping per peer in flight at a time. Voting for others, and a leader's work, are untouched.
+//! The gate switches openraft's timer elections (`runtime_config().elect`) accordingly. Not
+//! campaigning never endangers safety, only availability; when the leader dies, the others stop
+//! hearing it after `election_timeout_min`, and the gate opens a heartbeat or two later (a ping
+//! round, then a tick), about when openraft's own timer (`election_timeout_min` to `_max`) fires.
+//! When a majority answers again after a cut, elections stay off for `election_timeout_max` more:
+//! the leader's heartbeat must reach a returning voter (and reset its long-expired timer) before
+//! that voter may campaign. Pings are not "hearing from the leader": they do not feed the
+//! follower lease (`transport::server`). One ping per peer in flight at a time. Voting for
+//! others, and a leader's work, are untouched.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use openraft::Raft;
 
-use crate::transport::{Json, Transport, PING};
+use crate::transport::{Json, PingAnswer, Transport, PING};
 use crate::type_config::TypeConfig;
 use crate::worker::Worker;
 
@@ -36,7 +41,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// What the gate knows of each other voter.
 #[derive(Default)]
 struct Peer {
-    answered: Option<Instant>,
+    /// When it last answered, and whether it heard a leader then.
+    answered: Option<(Instant, bool)>,
     in_flight: bool,
 }
 
@@ -51,8 +57,10 @@ pub(crate) struct ElectionGate {
     peers: Arc<Mutex<HashMap<u64, Peer>>>,
     /// What the gate last told openraft (it starts with elections on).
     elections: bool,
-    /// Since when a majority answers, while elections are still off.
-    majority_since: Option<Instant>,
+    /// A majority did not answer at the last tick.
+    cut: bool,
+    /// Back from a cut: no elections before this.
+    held_until: Option<Instant>,
     tick: tokio::time::Interval,
 }
 
@@ -75,7 +83,8 @@ impl ElectionGate {
             hold: t.election_max,
             peers: Arc::new(Mutex::new(HashMap::new())),
             elections: true,
-            majority_since: None,
+            cut: false,
+            held_until: None,
             tick,
         }
     }
@@ -88,6 +97,14 @@ impl ElectionGate {
 /// Whether `reached` voters (this one included) out of `voters` are a majority.
 pub(crate) fn majority(reached: usize, voters: usize) -> bool {
     reached * 2 > voters
+}
+
+/// Whether a voter may campaign, given the fresh answers of the other `voters` (each: whether
+/// that voter hears a leader): a majority answers, and a majority — this voter included — has
+/// lost the leader.
+pub(crate) fn may_campaign(voters: usize, answers: &[bool]) -> bool {
+    let leaderless = 1 + answers.iter().filter(|hears| !**hears).count();
+    majority(1 + answers.len(), voters) && majority(leaderless, voters)
 }
 
 impl Worker for ElectionGate {
@@ -111,41 +128,42 @@ impl Worker for ElectionGate {
             // In the background: a round must not wait for a peer that does not answer.
             let (transport, all) = (self.transport.clone(), self.peers.clone());
             tokio::spawn(async move {
-                let ok = PING.call(&transport, peer, &Json(()), PING_TIMEOUT).await.is_ok();
+                let answer = PING.call(&transport, peer, &Json(()), PING_TIMEOUT).await;
                 let mut all = all.lock().unwrap_or_else(|p| p.into_inner());
                 let p = all.entry(peer).or_default();
                 p.in_flight = false;
-                if ok {
-                    p.answered = Some(Instant::now());
+                if let Ok(Json(a)) = answer {
+                    p.answered = Some((Instant::now(), a.hears_leader));
                 }
             });
         }
-        let reached = 1 + {
+        let answers: Vec<bool> = {
             let peers = self.peers();
             voters
                 .iter()
-                .filter(|v| peers.get(v).and_then(|p| p.answered).is_some_and(|t| t.elapsed() <= self.fresh))
-                .count()
+                .filter_map(|v| peers.get(v)?.answered)
+                .filter(|(at, _)| at.elapsed() <= self.fresh)
+                .map(|(_, hears_leader)| hears_leader)
+                .collect()
         };
-        let majority = majority(reached, voters.len());
-        self.majority_since = match (majority, self.majority_since) {
-            (false, _) => None,
-            (true, since) => Some(since.unwrap_or_else(Instant::now)),
-        };
-        let elections = match (self.elections, majority) {
-            (_, false) => false,
-            (true, true) => true,
+        let reach = majority(1 + answers.len(), voters.len());
+        if !reach {
+            self.cut = true;
+            self.held_until = None;
+        } else if self.cut {
             // Back from a cut: the leader's heartbeat first.
-            (false, true) => self.majority_since.is_some_and(|t| t.elapsed() >= self.hold),
-        };
+            self.cut = false;
+            self.held_until = Some(Instant::now() + self.hold);
+        }
+        let held = self.held_until.is_some_and(|t| Instant::now() < t);
+        let elections = !held && may_campaign(voters.len(), &answers);
         if elections != self.elections {
             self.raft.runtime_config().elect(elections);
             self.elections = elections;
-            if elections {
-                tracing::info!(reached, voters = voters.len(), "a majority of voters answers again: elections on");
-            } else {
+            tracing::debug!(answers = ?answers, voters = voters.len(), held, elections, "election gate");
+            if !reach {
                 tracing::warn!(
-                    reached,
+                    answered = answers.len(),
                     voters = voters.len(),
                     "fewer than a majority of voters answer: this hub will not campaign"
                 );
@@ -159,14 +177,47 @@ impl Worker for ElectionGate {
     }
 }
 
-/// Answers the gate's pings of other voters; called once at boot.
-pub(crate) fn serve(transport: &Transport) {
-    PING.serve(transport, |_from, Json(())| async { Ok(Json(())) });
+/// Answers the gate's pings of other voters; called once at boot. `hears_leader` says whether
+/// this voter hears a leader now (see [`hears_leader`]).
+pub(crate) fn serve(transport: &Transport, hears_leader: impl Fn() -> bool + Send + Sync + 'static) {
+    let hears_leader = Arc::new(hears_leader);
+    PING.serve(transport, move |_from, Json(())| {
+        let answer = PingAnswer { hears_leader: hears_leader() };
+        async move { Ok(Json(answer)) }
+    });
+}
+
+/// Whether `me` has heard a leader within `within`: it leads and a quorum acknowledged it, or the
+/// leader it follows sent it a request (on monotonic time). Also the follower lease's test.
+pub(crate) fn hears_leader(raft: &Raft<TypeConfig>, transport: &Transport, me: u64, within: Duration) -> bool {
+    // Called on every local invocation: read the metrics in place rather than clone them.
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    match m.current_leader {
+        Some(l) if l == me => m.millis_since_quorum_ack.is_some_and(|ms| ms <= within.as_millis() as u64),
+        Some(l) => transport.last_heard(l).is_some_and(|t| t.elapsed() <= within),
+        None => false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::majority;
+    use super::{majority, may_campaign};
+
+    #[test]
+    fn a_voter_campaigns_only_when_a_majority_lost_the_leader() {
+        // Three voters: the answers of the two others (true: "I hear a leader").
+        assert!(may_campaign(3, &[false, false]), "the leader is gone for everyone");
+        assert!(may_campaign(3, &[false]), "two of three reached, both leaderless");
+        assert!(!may_campaign(3, &[true]), "one side of a bridge: the bridge still hears the leader");
+        assert!(!may_campaign(3, &[true, true]), "a lossy follower that alone missed heartbeats");
+        assert!(!may_campaign(3, &[]), "cut off: no majority reached");
+        // Five voters.
+        assert!(may_campaign(5, &[false, false, true, true]));
+        assert!(!may_campaign(5, &[false, true, true, true]));
+        assert!(!may_campaign(5, &[false]), "two of five reached");
+        assert!(may_campaign(1, &[]), "a single voter always may");
+    }
 
     #[test]
     fn a_majority_counts_this_voter() {

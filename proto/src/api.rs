@@ -74,7 +74,8 @@ pub struct DeployParams {
     /// Instances of a stateless task, each on its own hub (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
-    /// Hubs besides the host that keep each checkpoint of a stateful task (default 2).
+    /// Hubs besides the host that keep each checkpoint of a stateful task (default 2); a commit
+    /// waits for all of them but one (at least one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas_state: Option<u32>,
 }

@@ -225,8 +225,16 @@ pub const RAFT_SNAPSHOT: Endpoint<
 > = Endpoint::new(StreamKind::RaftSnapshot);
 /// A joiner's request for a certificate.
 pub const JOIN: Endpoint<pb::JoinRequest, pb::JoinResponse> = Endpoint::new(StreamKind::Join);
-/// Are you there? (The election gate's probe between voters.)
-pub const PING: Endpoint<Json<()>, Json<()>> = Endpoint::new(StreamKind::Ping);
+/// Are you there, and do you hear a leader? (The election gate's probe between voters.)
+pub const PING: Endpoint<Json<()>, Json<PingAnswer>> = Endpoint::new(StreamKind::Ping);
+
+/// A voter's answer to the election gate's ping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PingAnswer {
+    /// The answering voter hears a leader: it leads with a recent quorum, or the leader it
+    /// follows sent it a request recently.
+    pub hears_leader: bool,
+}
 /// A follower's proposal, forwarded to the leader.
 pub const PROPOSE: Endpoint<pb::ProposeRequest, pb::ProposeResponse> = Endpoint::new(StreamKind::Propose);
 /// A module blob by hash.

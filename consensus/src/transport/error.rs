@@ -70,8 +70,8 @@ pub enum RpcError {
     /// No answer within the deadline; the outcome is unknown.
     #[error("the call timed out")]
     Timeout,
-    /// The caller gave up before the peer acknowledged the request: the peer never had all of
-    /// it, so it cannot have acted on it.
+    /// The caller gave up before the request's end was sent: the peer never had all of it, so
+    /// it cannot have acted on it.
     #[error("hub {0} did not receive the request")]
     NotDelivered(u64),
     /// The peer answered with a refusal.

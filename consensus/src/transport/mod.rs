@@ -39,8 +39,8 @@ use quinn::crypto::rustls::QuicClientConfig;
 
 pub use bulk::{BulkBody, BulkCall};
 pub use endpoint::{
-    BulkEndpoint, Endpoint, Json, TypedBulkCall, Wire, CHECKPOINT_FETCH, CHECKPOINT_PUSH, INVOKE_FORWARD, JOIN,
-    MODULE_FETCH, PING, PROPOSE, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE,
+    BulkEndpoint, Endpoint, Json, PingAnswer, TypedBulkCall, Wire, CHECKPOINT_FETCH, CHECKPOINT_PUSH, INVOKE_FORWARD,
+    JOIN, MODULE_FETCH, PING, PROPOSE, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE,
 };
 pub use error::{Refusal, RpcError, TransportError};
 pub use kind::StreamKind;
@@ -202,8 +202,8 @@ impl Transport {
     }
 
     /// Like [`call`](Self::call), but stops waiting when `give_up` completes: with
-    /// [`RpcError::NotDelivered`] if the peer had not yet acknowledged every byte of the request
-    /// (it cannot have run it, so the caller may safely try elsewhere), else with `Timeout`.
+    /// [`RpcError::NotDelivered`] if the request's end had not been sent yet (the peer cannot
+    /// have all of it, so the caller may safely try elsewhere), else with `Timeout`.
     pub async fn call_unless(
         &self,
         target: u64,
@@ -212,18 +212,18 @@ impl Transport {
         timeout: Duration,
         give_up: impl Future<Output = ()>,
     ) -> Result<Vec<u8>, RpcError> {
-        let delivered = std::sync::atomic::AtomicBool::new(false);
+        let sent = std::sync::atomic::AtomicBool::new(false);
         let res = tokio::select! {
             // Giving up is checked first: if it is already due, the request is never sent.
             biased;
             () = give_up => {
-                if delivered.load(std::sync::atomic::Ordering::Acquire) {
+                if sent.load(std::sync::atomic::Ordering::Acquire) {
                     Err(RpcError::Timeout)
                 } else {
                     Err(RpcError::NotDelivered(target))
                 }
             }
-            r = tokio::time::timeout(timeout, self.call_inner(target, kind, payload, &delivered)) => {
+            r = tokio::time::timeout(timeout, self.call_inner(target, kind, payload, &sent)) => {
                 r.unwrap_or(Err(RpcError::Timeout))
             }
         };
@@ -244,14 +244,14 @@ impl Transport {
         target: u64,
         kind: StreamKind,
         payload: Vec<u8>,
-        delivered: &std::sync::atomic::AtomicBool,
+        sent: &std::sync::atomic::AtomicBool,
     ) -> Result<Vec<u8>, RpcError> {
         let conn = self.connection(target).await?;
         let req = pb::MeshRequest { kind: kind as u32, from: self.node_id, payload };
-        exchange(&conn, &req.encode_to_vec(), Some(delivered)).await.map_err(|e| match e {
-            // Lost after the peer had the whole request: it may have acted on it.
-            Exchange::Lost(_) if delivered.load(std::sync::atomic::Ordering::Acquire) => RpcError::Timeout,
-            Exchange::Lost(m) => RpcError::Unreachable(target, m),
+        exchange(&conn, &req.encode_to_vec(), Some(sent)).await.map_err(|e| match e {
+            // Lost after the request's end went out: the peer may have acted on it.
+            Exchange::Lost(_) if sent.load(std::sync::atomic::Ordering::Acquire) => RpcError::Timeout,
+            Exchange::Lost(m) | Exchange::Refused(m) => RpcError::Unreachable(target, m),
             Exchange::Bad(m) => RpcError::Protocol(m),
             Exchange::Remote(e) => e,
         })
@@ -331,7 +331,7 @@ impl Transport {
             let res = exchange(&conn, &req.encode_to_vec(), None).await;
             conn.close(0u32.into(), b"joined");
             res.map_err(|e| match e {
-                Exchange::Lost(m) => RpcError::Unreachable(0, m),
+                Exchange::Lost(m) | Exchange::Refused(m) => RpcError::Unreachable(0, m),
                 Exchange::Bad(m) => RpcError::Protocol(m),
                 Exchange::Remote(e) => e,
             })
@@ -354,44 +354,59 @@ impl Transport {
 }
 
 enum Exchange {
+    /// The connection or stream broke: if the request's end was sent, its outcome is unknown.
     Lost(String),
+    /// The peer closed the connection in a way that proves it handled none of its streams.
+    Refused(String),
     Bad(String),
     Remote(RpcError),
 }
 
-/// One request and its answer on a new stream. `delivered` is set once the peer has acknowledged
-/// the whole request (an answer implies it too).
+/// The application close code of a connection refused before any of its streams is accepted
+/// (a removed hub's certificate).
+pub(super) const CLOSE_REFUSED: u32 = 1;
+
+/// What a broken exchange on `conn` means: [`Exchange::Refused`] if the connection was closed
+/// before the peer could handle any stream — it refused our certificate in the TLS handshake (a
+/// TLS alert, QUIC's crypto error codes 0x100–0x1ff), or closed it as a removed hub's with
+/// [`CLOSE_REFUSED`] before accepting a stream — else [`Exchange::Lost`].
+fn broken(conn: &quinn::Connection, e: impl std::fmt::Display) -> Exchange {
+    let refused = match conn.close_reason() {
+        Some(quinn::ConnectionError::ConnectionClosed(c)) => (0x100..0x200).contains(&u64::from(c.error_code)),
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => c.error_code == quinn::VarInt::from_u32(CLOSE_REFUSED),
+        Some(quinn::ConnectionError::VersionMismatch) => true,
+        _ => false,
+    };
+    if refused {
+        Exchange::Refused(e.to_string())
+    } else {
+        Exchange::Lost(e.to_string())
+    }
+}
+
+/// One request and its answer on a new stream. `sent` is set just before the request's end
+/// (its FIN) goes out: from then on the peer may have all of it and act on it. Only an answer, a
+/// refusal, or a connection the peer refused before it accepted streams proves otherwise — not a
+/// missing acknowledgement: QUIC acknowledges what arrived,
+/// not what was done, and a peer may run a request and crash before its acknowledgement leaves
+/// (the chaos suite saw an unkeyed call run twice that way).
 async fn exchange(
     conn: &quinn::Connection,
     request: &[u8],
-    delivered: Option<&std::sync::atomic::AtomicBool>,
+    sent: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<Vec<u8>, Exchange> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Exchange::Lost(e.to_string()))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broken(conn, e))?;
     if request.len() > BULK_BYTES {
         // Checkpoint pages must not hold up Raft heartbeats on the same connection.
         let _ = send.set_priority(-1);
     }
-    send.write_all(request).await.map_err(|e| Exchange::Lost(e.to_string()))?;
-    send.finish().map_err(|e| Exchange::Lost(e.to_string()))?;
-    let acked = send.stopped();
-    let read = recv.read_to_end(MAX_FRAME);
-    tokio::pin!(acked, read);
-    let mut watching = delivered.is_some();
-    let raw = loop {
-        tokio::select! {
-            r = &mut read => break r,
-            s = &mut acked, if watching => {
-                watching = false;
-                if let (Ok(None), Some(flag)) = (s, delivered) {
-                    flag.store(true, std::sync::atomic::Ordering::Release);
-                }
-            }
-        }
-    };
-    if let (Ok(_), Some(flag)) = (&raw, delivered) {
+    // The handler reads to the end, so without the FIN the peer cannot act on the request.
+    send.write_all(request).await.map_err(|e| broken(conn, e))?;
+    if let Some(flag) = sent {
         flag.store(true, std::sync::atomic::Ordering::Release);
     }
-    let raw = raw.map_err(|e| Exchange::Lost(e.to_string()))?;
+    send.finish().map_err(|e| broken(conn, e))?;
+    let raw = recv.read_to_end(MAX_FRAME).await.map_err(|e| broken(conn, e))?;
     let mut resp = pb::MeshResponse::decode(raw.as_slice()).map_err(|e| Exchange::Bad(e.to_string()))?;
     match Refusal::from_response(&mut resp) {
         Some(refusal) => Err(Exchange::Remote(RpcError::Remote(refusal))),

@@ -8,7 +8,7 @@ use std::time::Instant;
 use hubmesh_proto::{pb, Message};
 
 use super::bulk::BulkBody;
-use super::{lock, Caller, Refusal, StreamKind, Transport, BULK_MARK, MAX_BULK_HEADER, MAX_FRAME};
+use super::{lock, Caller, Refusal, StreamKind, Transport, BULK_MARK, CLOSE_REFUSED, MAX_BULK_HEADER, MAX_FRAME};
 use crate::tls;
 
 pub(super) async fn accept_loop(transport: Weak<Transport>, endpoint: quinn::Endpoint) {
@@ -31,7 +31,7 @@ pub(super) async fn accept_loop(transport: Weak<Transport>, endpoint: quinn::End
                 _ => false,
             };
             if revoked {
-                conn.close(1u32.into(), b"this hub was removed from the mesh");
+                conn.close(CLOSE_REFUSED.into(), b"this hub was removed from the mesh");
                 return;
             }
             let member = leaf.is_some();

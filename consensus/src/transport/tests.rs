@@ -75,9 +75,11 @@ async fn members_call_each_other_and_see_who_calls() {
 async fn a_ping_is_not_hearing_from_a_member() {
     let ca = CaMaterial::generate().unwrap();
     let (a, b) = (hub(&ca, 1), hub(&ca, 2));
-    crate::election_gate::serve(&b);
+    crate::election_gate::serve(&b, || true);
     a.set_peer(2, addr(&b));
-    crate::transport::PING.call(&a, 2, &crate::transport::Json(()), T).await.unwrap();
+    let crate::transport::Json(answer) =
+        crate::transport::PING.call(&a, 2, &crate::transport::Json(()), T).await.unwrap();
+    assert!(answer.hears_leader, "the answer carries what the voter hears");
     assert!(b.last_heard(1).is_none(), "a ping fed the lease");
     a.call(2, ECHO, b"hi".to_vec(), T).await.unwrap();
     assert!(b.last_heard(1).is_some());
@@ -243,4 +245,39 @@ async fn typed_endpoints_decode_once_refuse_garbage_and_short_cut_to_this_hub() 
     // A payload that does not decode as the endpoint's request type is refused before the handler.
     let err = a.call(2, StreamKind::ModuleFetch, vec![0xff, 0xff, 0xff], T).await.unwrap_err();
     assert_eq!(err.code(), Some(pb::ErrorCode::BadRequest), "{err:?}");
+}
+
+/// A handler that ran may never be reported as a request its peer did not receive, even when
+/// the caller gives up before the peer's acknowledgement is back (QUIC delays acknowledgements
+/// by up to 25 ms; a hub that dies in between never sends one).
+#[tokio::test]
+async fn a_request_the_peer_ran_is_never_reported_undelivered() {
+    let ca = CaMaterial::generate().unwrap();
+    let (a, b) = (hub(&ca, 1), hub(&ca, 2));
+    let (ran_tx, ran_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let ran_rx = Arc::new(tokio::sync::Mutex::new(ran_rx));
+    b.register(
+        StreamKind::Propose,
+        handler(move |_caller, _p| {
+            let ran = ran_tx.clone();
+            async move {
+                let _ = ran.send(());
+                // Ran, but no answer comes: a hub that dies right after acting.
+                std::future::pending::<()>().await;
+                Ok(vec![])
+            }
+        }),
+    );
+    a.set_peer(2, addr(&b));
+    for round in 0..20 {
+        let ran = ran_rx.clone();
+        let give_up = async move {
+            ran.lock().await.recv().await;
+        };
+        let err = a.call_unless(2, StreamKind::Propose, vec![round], T, give_up).await.unwrap_err();
+        assert!(matches!(err, RpcError::Timeout), "round {round}: the peer ran the request, yet {err:?}");
+    }
+    // A caller that gives up before sending is told the peer does not have the request.
+    let err = a.call_unless(2, StreamKind::Propose, vec![], T, async {}).await.unwrap_err();
+    assert!(matches!(err, RpcError::NotDelivered(2)), "{err:?}");
 }

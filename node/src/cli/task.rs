@@ -49,7 +49,8 @@ pub enum TaskCmd {
         /// Instances of a stateless task, each on its own hub.
         #[arg(long)]
         replicas: Option<u32>,
-        /// Hubs besides the host that keep each checkpoint of a stateful task (default 2).
+        /// Hubs besides the host that keep each checkpoint of a stateful task (default 2); a commit
+        /// waits for all of them but one (at least one).
         #[arg(long)]
         replicas_state: Option<u32>,
         /// Run only on hubs with this label, `key=value` (repeatable).

@@ -11,7 +11,8 @@
 //!          at the end stores the manifest (one fdatasync) only if it has all its pages, else
 //!          answers the missing ones, which the host sends to it alone in the next round;
 //!          the pages are pinned in its page log until then (a compaction must keep them)
-//!     all holders have it -> propose CommitCheckpoint{task, epoch, sequence, manifest hash, stored_on}
+//!     all holders but one have it (the last gets a short grace; upkeep copies to it later)
+//!       -> propose CommitCheckpoint{task, epoch, sequence, manifest hash, stored_on}
 //!       the state machine refuses a stale epoch: a replaced host can never commit
 //!     committed -> the durable answer goes out
 //!
@@ -22,7 +23,7 @@
 //!
 //! | module   | job                                                                        |
 //! |----------|----------------------------------------------------------------------------|
-//! | `push`   | the host: commit = push to every holder, then propose the record           |
+//! | `push`   | the host: commit = push to the holders, then propose the record            |
 //! | `holder` | a holder: receive a push, verify, store                                    |
 //! | `fetch`  | a new host: put the committed checkpoint together; holders serve it        |
 //! | `upkeep` | one worker: copies to new holders, and garbage (manifests of deleted tasks, |

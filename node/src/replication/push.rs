@@ -2,13 +2,19 @@
 //! is proposed. The first round reads each new page once, on a blocking thread a few
 //! pages ahead, and streams it to every holder; pages one holder still lacks afterwards go to that
 //! holder alone. A holder the leader marks down is skipped (and refilled later by `upkeep`).
+//!
+//! One slow holder must not hold up every durable answer of the tasks it holds (a lossy link,
+//! a paused or restarting hub: until the leader marks it down, a second or more). So a commit
+//! waits for all holders but one ([`ack_quorum`]: the first k of k+1), gives the last a short
+//! grace, and records who stored the checkpoint; `upkeep` copies it to the others afterwards.
+//! Nothing is acknowledged that fewer than k holders have.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::join_all;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use hubmesh_consensus::state::{parse_checkpoint_key, BasedOn, CheckpointRecord, NodeStatus};
 use hubmesh_consensus::transport::{RpcError, CHECKPOINT_PUSH};
 use hubmesh_consensus::{ClusterState, Command, Epoch, NodeId, ProposeError, Rejected};
@@ -17,6 +23,12 @@ use hubmesh_storage::Hash;
 use tokio::time::Instant;
 
 use super::{CALL_TIMEOUT, FRAME_HEAD, PAGES_READ_AHEAD, PUSH_ROUNDS};
+
+/// How long the holders past the quorum may take beyond it, at most (and at least
+/// [`TAIL_GRACE_MIN`]): healthy holders finish together, so a commit records them all and
+/// `upkeep` has nothing to copy.
+const TAIL_GRACE: Duration = Duration::from_millis(100);
+const TAIL_GRACE_MIN: Duration = Duration::from_millis(5);
 use crate::executor::{CommitError, LocalCheckpoint};
 use crate::hub::Hub;
 
@@ -60,21 +72,14 @@ pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitE
         if live.len() < wanted {
             last_error = format!("waiting for the leader to choose holders ({} of {wanted} up)", live.len());
         } else {
-            let results = push_all(hub, &live, c, &keep).await;
-            let mut stored: Vec<NodeId> = Vec::new();
-            let mut failed = Vec::new();
-            for (h, r) in live.iter().zip(results) {
-                match r {
-                    Ok(()) => stored.push(*h),
-                    Err(e) => failed.push((*h, e)),
-                }
-            }
-            // A push abandoned because its holder went down meanwhile does not count against the
-            // commit, as long as the copies that were made are as many as the mesh allows now.
+            let results = push_until(hub, &live, c, &keep, ack_quorum(wanted)).await;
+            let stored: Vec<NodeId> =
+                live.iter().copied().filter(|h| results.get(h).is_some_and(Result::is_ok)).collect();
+            // A holder marked down meanwhile lowers what is wanted: the copies made must be as
+            // many as the mesh allows now.
             let now = hub.consensus().state();
-            let wanted_now = (task.spec.state_replicas as usize).min(eligible_holders(&now, me));
-            let still_up: Vec<String> = failed.iter().filter(|(h, _)| now.is_up(*h)).map(|(_, e)| e.clone()).collect();
-            if still_up.is_empty() && stored.len() >= wanted_now {
+            let need_now = ack_quorum((task.spec.state_replicas as usize).min(eligible_holders(&now, me)));
+            if stored.len() >= need_now {
                 let record = CheckpointRecord {
                     version: c.version,
                     epoch: Epoch(c.epoch),
@@ -102,10 +107,10 @@ pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitE
                     Err(ProposeError::Rejected(Rejected::StaleEpoch { .. })) => return Err(CommitError::Replaced),
                     Err(e) => last_error = format!("committing the record: {e}"),
                 }
-            } else if still_up.is_empty() {
-                last_error = format!("only {} of {wanted_now} holders took the checkpoint", stored.len());
             } else {
-                last_error = still_up.join("; ");
+                let errors: Vec<String> = results.into_values().filter_map(Result::err).collect();
+                last_error =
+                    format!("only {} of {need_now} holders took the checkpoint: {}", stored.len(), errors.join("; "));
             }
         }
         if Instant::now() >= deadline {
@@ -114,6 +119,16 @@ pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitE
         tracing::debug!(task = %c.task, error = %last_error, "checkpoint commit retry");
         let mut rx = hub.consensus().watch();
         let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+    }
+}
+
+/// How many of `holders` must have stored a checkpoint before it is committed: all but one (the
+/// first k of k+1), at least one, so that one slow holder never holds up a commit.
+pub(super) fn ack_quorum(holders: usize) -> usize {
+    if holders > 1 {
+        holders - 1
+    } else {
+        holders
     }
 }
 
@@ -135,30 +150,70 @@ async fn until_down(hub: &Hub, node: NodeId) {
     }
 }
 
-/// Sends checkpoint `c` to every holder in `holders` until each has the manifest and every page.
-/// The first round reads each new page once for all of them and streams it to each
-/// holder; pages one holder still lacks afterwards go to that holder alone.
+/// Sends checkpoint `c` to every holder in `holders` until each has the manifest and every page
+/// (or has failed); one result per holder, in order.
 pub(super) async fn push_all(
     hub: &Hub,
     holders: &[NodeId],
     c: &LocalCheckpoint,
     keep: &str,
 ) -> Vec<Result<(), String>> {
+    let mut results = push_until(hub, holders, c, keep, holders.len()).await;
+    holders
+        .iter()
+        .map(|h| results.remove(h).unwrap_or_else(|| Err(format!("holder {h}: the push was abandoned"))))
+        .collect()
+}
+
+/// Sends checkpoint `c` to `holders` until `need` of them have the manifest and every page; the
+/// others then get [`TAIL_GRACE`] (at most as long again as the first `need` took) before their
+/// pushes are dropped (a dropped push stores nothing: a holder stores a manifest only with all
+/// its pages). The first round reads each new page once for all holders and streams it to each;
+/// pages one holder still lacks afterwards go to that holder alone. The results of the pushes
+/// that ended, by holder.
+pub(super) async fn push_until(
+    hub: &Hub,
+    holders: &[NodeId],
+    c: &LocalCheckpoint,
+    keep: &str,
+    need: usize,
+) -> HashMap<NodeId, Result<(), String>> {
     if let Some(d) = crate::faults::delay("delay-checkpoint-push") {
         tokio::time::sleep(d).await;
     }
+    let started = Instant::now();
     let (txs, rxs): (Vec<_>, Vec<_>) =
         holders.iter().map(|_| tokio::sync::mpsc::channel::<(Bytes, Bytes)>(PAGES_READ_AHEAD)).unzip();
     let reader = read_ahead(hub, distinct(&c.new_pages), txs);
-    let firsts = join_all(
-        holders.iter().zip(rxs).map(|(h, rx)| guarded(hub, *h, c.new_pages.len(), stream_round(hub, *h, c, keep, rx))),
-    )
-    .await;
-    if let Err(e) = reader.await.map_err(|e| e.to_string()).and_then(|r| r) {
-        return holders.iter().map(|_| Err(e.clone())).collect();
+    let mut pushes: FuturesUnordered<_> = holders
+        .iter()
+        .zip(rxs)
+        .map(|(&h, rx)| async move {
+            let first = guarded(hub, h, c.new_pages.len(), stream_round(hub, h, c, keep, rx)).await;
+            (h, async { finish_push(hub, h, c, keep, first?).await }.await)
+        })
+        .collect();
+    let mut results = HashMap::new();
+    let mut grace: Option<Instant> = None;
+    loop {
+        let next = match grace {
+            None => pushes.next().await,
+            Some(until) => tokio::time::timeout_at(until, pushes.next()).await.unwrap_or(None),
+        };
+        let Some((h, r)) = next else { break };
+        results.insert(h, r);
+        if grace.is_none() && results.values().filter(|r| r.is_ok()).count() >= need {
+            grace = Some(Instant::now() + started.elapsed().min(TAIL_GRACE).max(TAIL_GRACE_MIN));
+        }
     }
-    join_all(holders.iter().zip(firsts).map(|(h, first)| async move { finish_push(hub, *h, c, keep, first?).await }))
-        .await
+    drop(pushes);
+    // A holder that stored the checkpoint verified every page; a failed read matters to the rest.
+    if let Err(e) = reader.await.map_err(|e| e.to_string()).and_then(|r| r) {
+        for r in results.values_mut().filter(|r| r.is_err()) {
+            *r = Err(e.clone());
+        }
+    }
+    results
 }
 
 /// After a round's answer: more rounds with the pages `holder` still lacks, until it has them all.
@@ -275,4 +330,17 @@ fn frame_head(hash: &Hash, len: usize) -> Bytes {
     head.extend_from_slice(&hash.0);
     head.extend_from_slice(&(len as u32).to_le_bytes());
     Bytes::from(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ack_quorum;
+
+    #[test]
+    fn a_commit_waits_for_all_holders_but_one() {
+        assert_eq!(ack_quorum(0), 0, "no holders: the host's copy");
+        assert_eq!(ack_quorum(1), 1, "a single holder is needed");
+        assert_eq!(ack_quorum(2), 1);
+        assert_eq!(ack_quorum(3), 2);
+    }
 }

@@ -8,10 +8,16 @@ use crate::harness::{example_bytes, step, wait_until, Hub};
 
 /// Three hubs, all voters.
 async fn three_hubs(prefix: &str) -> Vec<Hub> {
-    let a = Hub::start(&format!("{prefix}a")).await;
+    three_hubs_with(prefix, &[]).await
+}
+
+/// Three hubs, all voters, each started with `extra` flags.
+async fn three_hubs_with(prefix: &str, extra: &[&str]) -> Vec<Hub> {
+    let a = Hub::start_with(&format!("{prefix}a"), extra).await;
     let token = a.client.create_token(Some("10m")).await.unwrap().token;
-    let b = Hub::start_with(&format!("{prefix}b"), &["--join", &token]).await;
-    let c = Hub::start_with(&format!("{prefix}c"), &["--join", &token]).await;
+    let joining: Vec<&str> = ["--join", token.as_str()].into_iter().chain(extra.iter().copied()).collect();
+    let b = Hub::start_with(&format!("{prefix}b"), &joining).await;
+    let c = Hub::start_with(&format!("{prefix}c"), &joining).await;
     let hubs = vec![a, b, c];
     for h in &hubs {
         let client = h.client.clone();
@@ -112,9 +118,8 @@ async fn a_durable_counter_loses_nothing_when_its_host_is_killed() {
         let key = format!("op{i}");
         assert_eq!(add(&hubs[i as usize % 3], "tally", Some(&key)).await, i);
     }
-    let before = committed_on(&hubs[0], "tally", |c| c.sequence == 20).await;
-    let committed = before.committed.clone().unwrap();
-    assert_eq!(committed.stored_on.len(), 3, "host + 2 holders: {committed:?}");
+    // Host + 2 holders (the second holder's copy may follow the commit).
+    let before = committed_on(&hubs[0], "tally", |c| c.sequence == 20 && c.stored_on.len() == 3).await;
 
     step("kill -9 the host");
     let h = host_index(&hubs, "tally").await;
@@ -488,4 +493,49 @@ async fn checkpoints_with_identical_pages_replicate_and_fail_over() {
         }
     };
     assert_eq!(out, [&4u32.to_le_bytes()[..], &[0xab, 0xab]].concat());
+}
+
+/// One stopped holder must not hold up durable answers: with `node_down` far away (30 s), the
+/// leader does not mark it down, so a commit that waited for every holder would fail at its
+/// deadline (10 s); it commits on the holder that answers and copies to the other afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_holder_does_not_hold_up_durable_answers() {
+    let cfg = tempfile::tempdir().unwrap();
+    let path = cfg.path().join("config.toml");
+    std::fs::write(&path, "[timeouts]\nnode_down = \"30s\"\n").unwrap();
+    let hubs = three_hubs_with("sh", &["--config", path.to_str().unwrap()]).await;
+    deploy_counter(&hubs[0], "tally").await;
+    for i in 1..=3u64 {
+        assert_eq!(add(&hubs[0], "tally", Some(&format!("s{i}"))).await, i);
+    }
+    let h = host_index(&hubs, "tally").await;
+    committed_on(&hubs[h], "tally", |c| c.sequence == 3 && c.stored_on.len() == 3).await;
+    let leader = hubs[h].client.status().await.unwrap().leader.unwrap();
+    let mut ids = Vec::new();
+    for hub in &hubs {
+        ids.push(hub.client.status().await.unwrap().node_id);
+    }
+    // A holder that does not lead, so that the mesh keeps its leader.
+    let slow = (0..3).find(|i| *i != h && ids[*i] != leader).unwrap();
+
+    step("SIGSTOP a holder: durable increments go on, committed on the host and the other holder");
+    hubs[slow].pause(true);
+    for i in 4..=8u64 {
+        assert_eq!(add(&hubs[h], "tally", Some(&format!("s{i}"))).await, i, "increment {i} with a stopped holder");
+    }
+    let t = committed_on(&hubs[h], "tally", |c| c.sequence == 8).await;
+    let stored = t.committed.clone().unwrap().stored_on;
+    assert!(!stored.contains(&ids[slow]) && stored.len() == 2, "stored on {stored:?}, stopped: {}", ids[slow]);
+    assert!(t.holders.contains(&ids[slow]), "the stopped holder was not marked down or replaced: {t:?}");
+
+    step("SIGCONT: the holder gets the committed checkpoint without a new invocation");
+    hubs[slow].pause(false);
+    let watcher = hubs[h].client.clone();
+    wait_until(Duration::from_secs(30), "three copies of checkpoint 8", || {
+        let c = watcher.clone();
+        async move {
+            c.task("tally").await.is_ok_and(|t| t.committed.is_some_and(|c| c.sequence == 8 && c.stored_on.len() == 3))
+        }
+    })
+    .await;
 }
