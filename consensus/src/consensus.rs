@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::address_book::AddressBook;
 use crate::autopilot::Autopilot;
-use crate::election_gate::{ElectionGate, Timings};
+use crate::election_gate::{ElectionGate, LeaderContact, Timings};
 use crate::identity::{self, open_err};
 use crate::ids::NodeId;
 use crate::join::{self, hash_secret, Boot, JoinToken};
@@ -103,6 +103,8 @@ pub struct Consensus {
     applied: watch::Receiver<u64>,
     cert_der: Vec<u8>,
     proposer: ProposeHandle,
+    /// When this hub last took entries from a leader (the follower lease, the election gate).
+    contact: LeaderContact,
     /// Consensus's own background loops (autopilot, address book).
     workers: Workers,
 }
@@ -139,7 +141,8 @@ impl Consensus {
         let raft = Raft::new(node_id, Arc::new(raft_config), network, log_store, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        crate::network::register_handlers(&transport, &raft);
+        let contact = LeaderContact::default();
+        crate::network::register_handlers(&transport, &raft, &contact);
         let proposer = ProposeHandle::new(raft.clone(), transport.clone(), cfg.propose_timeout);
         let me = Self {
             cert_der: identity.cert_der.clone(),
@@ -150,15 +153,16 @@ impl Consensus {
             mesh_addr,
             state: state_rx,
             applied: applied_rx,
+            contact,
             workers: Workers::new(),
         };
         me.proposer.serve();
         join::serve(&me.transport, me.proposer.clone(), me.state.clone());
         me.workers.spawn(Autopilot { raft: me.raft.clone(), node_id, state: me.state.clone() });
         me.workers.spawn(AddressBook::new(me.transport.clone(), &me.raft, me.state.clone()));
-        let (raft, transport) = (me.raft.clone(), me.transport.clone());
+        let (raft, contact) = (me.raft.clone(), me.contact.clone());
         crate::election_gate::serve(&me.transport, move || {
-            crate::election_gate::hears_leader(&raft, &transport, node_id, cfg.election_timeout_min)
+            crate::election_gate::hears_leader(&raft, &contact, node_id, cfg.election_timeout_min)
         });
         let timings = Timings {
             heartbeat: cfg.heartbeat,
@@ -260,7 +264,8 @@ impl Consensus {
     }
 
     /// Whether this hub may act for its instances: it is alone in the mesh, or it has heard from a
-    /// quorum (as leader) or from the leader (as follower) within `lease`, on monotonic time.
+    /// quorum (as leader) or took Raft entries from the leader (as follower) within `lease`, on
+    /// monotonic time.
     pub fn holds_lease(&self, lease: Duration) -> bool {
         let alone = {
             let metrics = self.raft.metrics();
@@ -268,7 +273,7 @@ impl Consensus {
             let mut voters = m.membership_config.membership().voter_ids();
             voters.next() == Some(self.node_id) && voters.next().is_none()
         };
-        alone || crate::election_gate::hears_leader(&self.raft, &self.transport, self.node_id, lease)
+        alone || crate::election_gate::hears_leader(&self.raft, &self.contact, self.node_id, lease)
     }
 
     /// Consensus's background workers (autopilot, address book).

@@ -6,15 +6,17 @@
 //! campaigns only while
 //! - it reaches a majority of the voters, itself included: every voter pings the others every
 //!   heartbeat; an answer is fresh for `min(FRESH_HEARTBEATS heartbeats, election_timeout_min)`;
-//! - and a majority, itself included, has lost the leader: each answer says whether the
-//!   answering voter still hears one (it leads with a quorum, or its leader's last request is
-//!   younger than `election_timeout_min`). A voter that only it cannot hear — one side of a
-//!   bridge, a follower behind a lossy link — must not depose a leader the others still follow.
+//! - and a majority has lost the leader: each answer says whether the answering voter still
+//!   hears one (it leads with a quorum, or it took Raft entries from its leader within
+//!   `election_timeout_min`: [`LeaderContact`]); this voter counts as leaderless, since its own
+//!   timer fires only when it is. A voter that only it cannot hear — one side of a bridge, a
+//!   follower behind a lossy link — must not depose a leader the others still follow.
 //!
 //! The gate switches openraft's timer elections (`runtime_config().elect`) accordingly. Not
 //! campaigning never endangers safety, only availability; when the leader dies, the others stop
 //! hearing it after `election_timeout_min`, and the gate opens a heartbeat or two later (a ping
-//! round, then a tick), about when openraft's own timer (`election_timeout_min` to `_max`) fires.
+//! round, then a tick) — before openraft's own timer fires, which waits out the leader lease
+//! (`election_timeout_max`) plus a random election timeout after the last heartbeat.
 //! When a majority answers again after a cut, elections stay off for `election_timeout_max` more:
 //! the leader's heartbeat must reach a returning voter (and reset its long-expired timer) before
 //! that voter may campaign. Pings are not "hearing from the leader": they do not feed the
@@ -100,8 +102,9 @@ pub(crate) fn majority(reached: usize, voters: usize) -> bool {
 }
 
 /// Whether a voter may campaign, given the fresh answers of the other `voters` (each: whether
-/// that voter hears a leader): a majority answers, and a majority — this voter included — has
-/// lost the leader.
+/// that voter hears a leader): a majority answers, and a majority has lost the leader. This voter
+/// counts itself as leaderless without asking: openraft's timer, which the gate only lets
+/// through, fires only when it has not heard a leader.
 pub(crate) fn may_campaign(voters: usize, answers: &[bool]) -> bool {
     let leaderless = 1 + answers.iter().filter(|hears| !**hears).count();
     majority(1 + answers.len(), voters) && majority(leaderless, voters)
@@ -187,17 +190,41 @@ pub(crate) fn serve(transport: &Transport, hears_leader: impl Fn() -> bool + Sen
     });
 }
 
-/// Whether `me` has heard a leader within `within`: it leads and a quorum acknowledged it, or the
-/// leader it follows sent it a request (on monotonic time). Also the follower lease's test.
-pub(crate) fn hears_leader(raft: &Raft<TypeConfig>, transport: &Transport, me: u64, within: Duration) -> bool {
-    // Called on every local invocation: read the metrics in place rather than clone them.
-    let metrics = raft.metrics();
-    let m = metrics.borrow();
-    match m.current_leader {
-        Some(l) if l == me => m.millis_since_quorum_ack.is_some_and(|ms| ms <= within.as_millis() as u64),
-        Some(l) => transport.last_heard(l).is_some_and(|t| t.elapsed() <= within),
-        None => false,
+/// When this hub last took Raft entries (or a snapshot) from a leader, and from which. This, not
+/// any request, is "hearing the leader" for the gate and the follower lease: a hub whose Raft has
+/// stopped or that was deposed may still forward calls and fetch pages.
+#[derive(Clone, Default)]
+pub(crate) struct LeaderContact(Arc<Mutex<Option<(u64, Instant)>>>);
+
+impl LeaderContact {
+    /// `leader` just sent entries this hub took.
+    pub(crate) fn record(&self, leader: u64) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((leader, Instant::now()));
     }
+
+    /// Whether `leader` sent entries this hub took within `within`, on monotonic time.
+    pub(crate) fn within(&self, leader: u64, within: Duration) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|(l, at)| l == leader && at.elapsed() <= within)
+    }
+}
+
+/// Whether `me` has heard a leader within `within`: it leads and a quorum acknowledged it, or the
+/// leader it follows sent it entries it took (see [`LeaderContact`]). Also the follower lease's
+/// test.
+pub(crate) fn hears_leader(raft: &Raft<TypeConfig>, contact: &LeaderContact, me: u64, within: Duration) -> bool {
+    // Called on every local invocation: read the metrics in place rather than clone them.
+    let leader = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        match m.current_leader {
+            Some(l) if l == me => {
+                return m.millis_since_quorum_ack.is_some_and(|ms| ms <= within.as_millis() as u64);
+            }
+            Some(l) => l,
+            None => return false,
+        }
+    };
+    contact.within(leader, within)
 }
 
 #[cfg(test)]

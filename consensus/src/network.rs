@@ -13,6 +13,7 @@ use openraft::raft::{
 };
 use openraft::Raft;
 
+use crate::election_gate::LeaderContact;
 use crate::transport::{Endpoint, Json, RpcError, Transport, Wire, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE};
 use crate::type_config::{NodeAddr, TypeConfig};
 
@@ -87,21 +88,36 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 }
 
-/// Serves Raft RPCs arriving on the transport (members only: [`Endpoint::serve`] checks).
-pub(crate) fn register_handlers(transport: &Transport, raft: &Raft<TypeConfig>) {
-    let r = raft.clone();
-    RAFT_APPEND.serve(transport, move |_from, Json(req)| {
-        let r = r.clone();
-        async move { Ok(Json(r.append_entries(req).await)) }
+/// Serves Raft RPCs arriving on the transport (members only: [`Endpoint::serve`] checks). Entries
+/// or a snapshot accepted from a leader are recorded in `contact`.
+pub(crate) fn register_handlers(transport: &Transport, raft: &Raft<TypeConfig>, contact: &LeaderContact) {
+    let (r, c) = (raft.clone(), contact.clone());
+    RAFT_APPEND.serve(transport, move |from, Json(req)| {
+        let (r, c) = (r.clone(), c.clone());
+        async move {
+            let answer = r.append_entries(req).await;
+            // A higher vote answers a deposed leader; anything else is the leader's.
+            if answer.as_ref().is_ok_and(|a| !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+                c.record(from.0);
+            }
+            Ok(Json(answer))
+        }
     });
     let r = raft.clone();
     RAFT_VOTE.serve(transport, move |_from, Json(req)| {
         let r = r.clone();
         async move { Ok(Json(r.vote(req).await)) }
     });
-    let r = raft.clone();
-    RAFT_SNAPSHOT.serve(transport, move |_from, Json(req)| {
-        let r = r.clone();
-        async move { Ok(Json(r.install_snapshot(req).await)) }
+    let (r, c) = (raft.clone(), contact.clone());
+    RAFT_SNAPSHOT.serve(transport, move |from, Json(req)| {
+        let (r, c) = (r.clone(), c.clone());
+        async move {
+            let vote = req.vote;
+            let answer = r.install_snapshot(req).await;
+            if answer.as_ref().is_ok_and(|a| a.vote <= vote) {
+                c.record(from.0);
+            }
+            Ok(Json(answer))
+        }
     });
 }

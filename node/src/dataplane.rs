@@ -108,7 +108,8 @@ impl Forwarded {
 }
 
 /// Forwards an invocation to `node`, waiting for its answer until `timeout` or until `give_up`
-/// completes (then: `Unreachable` if `node` never received the call, else `Timeout`).
+/// completes (then: `Unreachable` if the request's end was never sent, or `node` refused the
+/// connection before taking streams — it cannot have run the call — else `Timeout`).
 pub(crate) async fn forward(
     hub: &Hub,
     node: NodeId,

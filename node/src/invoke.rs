@@ -156,8 +156,10 @@ impl Hub {
     }
 
     /// Forwards to one of the task's hosts: hubs the state says are up first, rotating among
-    /// replicas. An unreachable host, or one that does not run the task yet, makes the call try
-    /// the next one, so a stateless replica elsewhere answers when one hub dies.
+    /// replicas. A host that cannot have run the call (unreachable before the request was sent,
+    /// or refusing it: it does not run the task yet) makes the call try the next one; a host that
+    /// may have run it does so only for a call with an idempotency key — a keyless call answers
+    /// `outcome_unknown`.
     async fn forward_to_any(
         &self,
         name: &str,

@@ -8,7 +8,7 @@
 
 use hubmesh_proto::{pb, Message};
 
-use super::{Refusal, RpcError, StreamKind, Transport, BULK_MARK, MAX_BULK_HEADER, MAX_FRAME};
+use super::{Outgoing, Refusal, RpcError, StreamKind, Transport, BULK_MARK, MAX_BULK_HEADER, MAX_FRAME};
 
 /// The body of a bulk stream, as its handler reads it.
 pub struct BulkBody {
@@ -35,10 +35,11 @@ impl BulkBody {
 }
 
 /// A bulk stream being sent: write the body with [`send`](Self::send), then
-/// [`finish`](Self::finish) for the answer.
+/// [`finish`](Self::finish) for the answer. Dropped unfinished, the stream is reset: the peer
+/// sees an abandoned body, never a shorter one.
 pub struct BulkCall {
     target: u64,
-    send: quinn::SendStream,
+    send: Outgoing,
     recv: quinn::RecvStream,
 }
 
@@ -46,7 +47,10 @@ impl BulkCall {
     /// Queues `chunk` (no copy); waits while the peer's flow-control window is full. If the peer
     /// stopped reading (it refused the stream), its answer is the error.
     pub async fn send(&mut self, chunk: bytes::Bytes) -> Result<(), RpcError> {
-        match self.send.write_chunk(chunk).await {
+        let Some(stream) = self.send.stream() else {
+            return Err(RpcError::Protocol("the body is already finished".into()));
+        };
+        match stream.write_chunk(chunk).await {
             Ok(()) => Ok(()),
             Err(quinn::WriteError::Stopped(_)) => Err(match self.answer().await {
                 Err(e) => e,
@@ -85,13 +89,16 @@ impl Transport {
         }
         let conn = self.connection(target).await?;
         let lost = |e: String| RpcError::Unreachable(target, e);
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
         let _ = send.set_priority(-1);
         let mut head = Vec::with_capacity(5 + req.len());
         head.push(BULK_MARK);
         head.extend_from_slice(&(req.len() as u32).to_le_bytes());
         head.extend_from_slice(&req);
-        send.write_all(&head).await.map_err(|e| lost(e.to_string()))?;
+        let mut send = Outgoing::new(send);
+        if let Some(stream) = send.stream() {
+            stream.write_all(&head).await.map_err(|e| lost(e.to_string()))?;
+        }
         Ok(BulkCall { target, send, recv })
     }
 }

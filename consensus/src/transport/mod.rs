@@ -362,8 +362,38 @@ enum Exchange {
     Remote(RpcError),
 }
 
+/// A request's send stream, reset rather than finished if dropped before [`finish`](Self::finish):
+/// quinn finishes a dropped stream, so a caller that gives up (or a push that is abandoned) would
+/// otherwise send the peer a prefix of its request as if it were whole.
+pub(super) struct Outgoing(Option<quinn::SendStream>);
+
+impl Outgoing {
+    pub(super) fn new(send: quinn::SendStream) -> Self {
+        Self(Some(send))
+    }
+
+    /// The stream; `None` once finished.
+    pub(super) fn stream(&mut self) -> Option<&mut quinn::SendStream> {
+        self.0.as_mut()
+    }
+
+    /// Ends the request (its FIN); afterwards dropping changes nothing.
+    pub(super) fn finish(&mut self) -> Result<(), quinn::ClosedStream> {
+        self.0.take().map_or(Ok(()), |mut s| s.finish())
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.0.take() {
+            let _ = s.reset(quinn::VarInt::from_u32(0));
+        }
+    }
+}
+
 /// The application close code of a connection refused before any of its streams is accepted
-/// (a removed hub's certificate).
+/// (a removed hub's certificate). Only for that: [`broken`] takes it as proof that no stream on
+/// the connection was handled, so closing a connection that served streams needs another code.
 pub(super) const CLOSE_REFUSED: u32 = 1;
 
 /// What a broken exchange on `conn` means: [`Exchange::Refused`] if the connection was closed
@@ -395,13 +425,15 @@ async fn exchange(
     request: &[u8],
     sent: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<Vec<u8>, Exchange> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broken(conn, e))?;
+    let (send, mut recv) = conn.open_bi().await.map_err(|e| broken(conn, e))?;
+    let mut send = Outgoing::new(send);
+    let stream = send.stream().ok_or_else(|| Exchange::Bad("the stream is already finished".into()))?;
     if request.len() > BULK_BYTES {
         // Checkpoint pages must not hold up Raft heartbeats on the same connection.
-        let _ = send.set_priority(-1);
+        let _ = stream.set_priority(-1);
     }
     // The handler reads to the end, so without the FIN the peer cannot act on the request.
-    send.write_all(request).await.map_err(|e| broken(conn, e))?;
+    stream.write_all(request).await.map_err(|e| broken(conn, e))?;
     if let Some(flag) = sent {
         flag.store(true, std::sync::atomic::Ordering::Release);
     }

@@ -7,7 +7,10 @@
 //! a paused or restarting hub: until the leader marks it down, a second or more). So a commit
 //! waits for all holders but one ([`ack_quorum`]: the first k of k+1), gives the last a short
 //! grace, and records who stored the checkpoint; `upkeep` copies it to the others afterwards.
-//! Nothing is acknowledged that fewer than k holders have.
+//! Nothing is acknowledged that fewer than k holders that are up have (k falls only when the
+//! leader marks holders down, as before). The shared page reader never waits long for one
+//! holder: a holder that stops taking pages is dropped from the first round and gets its pages
+//! alone afterwards.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -29,6 +32,9 @@ use super::{CALL_TIMEOUT, FRAME_HEAD, PAGES_READ_AHEAD, PUSH_ROUNDS};
 /// `upkeep` has nothing to copy.
 const TAIL_GRACE: Duration = Duration::from_millis(100);
 const TAIL_GRACE_MIN: Duration = Duration::from_millis(5);
+/// How long the first round's reader waits for one holder's stream to take a page while others
+/// wait too.
+const LAGGARD_WAIT: Duration = Duration::from_millis(200);
 use crate::executor::{CommitError, LocalCheckpoint};
 use crate::hub::Hub;
 
@@ -75,11 +81,11 @@ pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitE
             let results = push_until(hub, &live, c, &keep, ack_quorum(wanted)).await;
             let stored: Vec<NodeId> =
                 live.iter().copied().filter(|h| results.get(h).is_some_and(Result::is_ok)).collect();
-            // A holder marked down meanwhile lowers what is wanted: the copies made must be as
-            // many as the mesh allows now.
+            // A holder marked down meanwhile lowers what is wanted, and its copy does not count:
+            // the holders that are up and have it must be as many as the mesh allows now.
             let now = hub.consensus().state();
             let need_now = ack_quorum((task.spec.state_replicas as usize).min(eligible_holders(&now, me)));
-            if stored.len() >= need_now {
+            if stored.iter().filter(|h| now.is_up(**h)).count() >= need_now {
                 let record = CheckpointRecord {
                     version: c.version,
                     epoch: Epoch(c.epoch),
@@ -167,10 +173,9 @@ pub(super) async fn push_all(
 
 /// Sends checkpoint `c` to `holders` until `need` of them have the manifest and every page; the
 /// others then get [`TAIL_GRACE`] (at most as long again as the first `need` took) before their
-/// pushes are dropped (a dropped push stores nothing: a holder stores a manifest only with all
-/// its pages). The first round reads each new page once for all holders and streams it to each;
-/// pages one holder still lacks afterwards go to that holder alone. The results of the pushes
-/// that ended, by holder.
+/// pushes are dropped (a dropped push is reset, so the holder stores nothing of it but pages). The
+/// first round reads each new page once for all holders and streams it to each; pages one holder
+/// still lacks afterwards go to that holder alone. The results of the pushes that ended, by holder.
 pub(super) async fn push_until(
     hub: &Hub,
     holders: &[NodeId],
@@ -194,7 +199,8 @@ pub(super) async fn push_until(
         })
         .collect();
     let mut results = HashMap::new();
-    let mut grace: Option<Instant> = None;
+    // With nothing needed, the holders get only the grace.
+    let mut grace: Option<Instant> = (need == 0).then(|| Instant::now() + TAIL_GRACE_MIN);
     loop {
         let next = match grace {
             None => pushes.next().await,
@@ -259,13 +265,16 @@ async fn guarded(
 }
 
 /// A blocking thread that reads `pages` a few ahead and hands each, as a frame head
-/// and its bytes, to every stream still reading.
+/// and its bytes, to every stream still reading. While several streams read, one that has taken
+/// nothing for [`LAGGARD_WAIT`] is dropped (its stream ends; the holder answers what it lacks and
+/// gets it alone), so that one stalled holder does not stall the others.
 fn read_ahead(
     hub: &Hub,
     pages: Vec<Hash>,
     txs: Vec<tokio::sync::mpsc::Sender<(Bytes, Bytes)>>,
 ) -> tokio::task::JoinHandle<Result<(), String>> {
     let log = hub.executor().pages().clone();
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let mut txs: Vec<_> = txs.into_iter().map(Some).collect();
         for h in pages {
@@ -275,9 +284,17 @@ fn read_ahead(
             // Not hashed here: the holder verifies every page, so each side hashes it once.
             let data = Bytes::from(log.read_page_unverified(&h).map_err(|e| format!("local page: {e}"))?);
             let head = frame_head(&h, data.len());
-            for slot in txs.iter_mut() {
-                if slot.as_ref().is_some_and(|tx| tx.blocking_send((head.clone(), data.clone())).is_err()) {
-                    *slot = None;
+            for i in 0..txs.len() {
+                let Some(tx) = txs[i].clone() else { continue };
+                let others = txs.iter().flatten().count() > 1;
+                let frame = (head.clone(), data.clone());
+                let taken = if others {
+                    runtime.block_on(tokio::time::timeout(LAGGARD_WAIT, tx.send(frame))).is_ok_and(|r| r.is_ok())
+                } else {
+                    tx.blocking_send(frame).is_ok()
+                };
+                if !taken {
+                    txs[i] = None;
                 }
             }
         }
