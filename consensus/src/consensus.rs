@@ -29,7 +29,7 @@ use crate::propose::{ProposeError, ProposeHandle};
 use crate::state::{ClusterState, Command, Outcome};
 use crate::state_machine::StateMachine;
 use crate::tls;
-use crate::transport::Transport;
+use crate::transport::{PingAnswer, Transport};
 use crate::type_config::{NodeAddr, TypeConfig};
 use crate::worker::Workers;
 
@@ -133,6 +133,10 @@ impl Consensus {
             install_snapshot_timeout: 2000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(1000),
             max_in_snapshot_log_to_keep: 1000,
+            // The election gate switches timer elections on when they can succeed and are needed:
+            // on at start, a restarted voter's first tick (before the gate's first round) would
+            // campaign at once and depose a healthy leader.
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
@@ -161,15 +165,21 @@ impl Consensus {
         me.workers.spawn(Autopilot { raft: me.raft.clone(), node_id, state: me.state.clone() });
         me.workers.spawn(AddressBook::new(me.transport.clone(), &me.raft, me.state.clone()));
         let (raft, contact) = (me.raft.clone(), me.contact.clone());
-        crate::election_gate::serve(&me.transport, move || {
-            crate::election_gate::hears_leader(&raft, &contact, node_id, cfg.election_timeout_min)
+        crate::election_gate::serve(&me.transport, move || PingAnswer {
+            hears_leader: crate::election_gate::hears_leader(&raft, &contact, node_id, cfg.election_timeout_min),
         });
         let timings = Timings {
             heartbeat: cfg.heartbeat,
             election_min: cfg.election_timeout_min,
             election_max: cfg.election_timeout_max,
         };
-        me.workers.spawn(ElectionGate::new(me.raft.clone(), me.transport.clone(), node_id, timings));
+        me.workers.spawn(ElectionGate::new(
+            me.raft.clone(),
+            me.transport.clone(),
+            me.contact.clone(),
+            node_id,
+            timings,
+        ));
 
         if let Some(ca) = new_ca {
             let node = NodeAddr { mesh_addr: mesh_addr.to_string(), ..cfg.node.clone() };

@@ -12,11 +12,16 @@
 //!   timer fires only when it is. A voter that only it cannot hear — one side of a bridge, a
 //!   follower behind a lossy link — must not depose a leader the others still follow.
 //!
-//! The gate switches openraft's timer elections (`runtime_config().elect`) accordingly. Not
-//! campaigning never endangers safety, only availability; when the leader dies, the others stop
-//! hearing it after `election_timeout_min`, and the gate opens a heartbeat or two later (a ping
-//! round, then a tick) — before openraft's own timer fires, which waits out the leader lease
-//! (`election_timeout_max`) plus a random election timeout after the last heartbeat.
+//! The gate switches openraft's timer elections (`runtime_config().elect`) accordingly; openraft
+//! starts with them off (a restarted voter's first tick would otherwise campaign before the
+//! gate's first round). Not campaigning never endangers safety, only availability. When the
+//! leader dies, the others stop hearing it after `election_timeout_min`, and the gate opens a
+//! heartbeat or two later (a ping round, then a tick). It then campaigns itself
+//! (`trigger().elect()`) once no leader's entries and no change of its vote came for the leader
+//! lease (`election_timeout_max`, after which the others grant votes) plus a heartbeat plus a
+//! fresh random share of `election_timeout_min` — instead of waiting for openraft's timer, which
+//! adds an election timeout drawn once per process, so that two voters with close draws split
+//! the vote round after round.
 //! When a majority answers again after a cut, elections stay off for `election_timeout_max` more:
 //! the leader's heartbeat must reach a returning voter (and reset its long-expired timer) before
 //! that voter may campaign. Pings are not "hearing from the leader": they do not feed the
@@ -43,8 +48,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// What the gate knows of each other voter.
 #[derive(Default)]
 struct Peer {
-    /// When it last answered, and whether it heard a leader then.
-    answered: Option<(Instant, bool)>,
+    /// When it last answered, and its answer.
+    answered: Option<(Instant, PingAnswer)>,
     in_flight: bool,
 }
 
@@ -57,12 +62,24 @@ pub(crate) struct ElectionGate {
     /// How long elections stay off after a majority answers again.
     hold: Duration,
     peers: Arc<Mutex<HashMap<u64, Peer>>>,
-    /// What the gate last told openraft (it starts with elections on).
+    /// What the gate last told openraft (openraft starts with elections off, see `Consensus`).
     elections: bool,
     /// A majority did not answer at the last tick.
     cut: bool,
     /// Back from a cut: no elections before this.
     held_until: Option<Instant>,
+    /// In a leaderless spell: campaign once no leader was heard for this long.
+    campaign_at: Option<Duration>,
+    /// This voter started its campaign for the current leaderless spell.
+    campaigned: bool,
+    /// This voter's vote as last seen, and since when.
+    vote: Option<(openraft::Vote<u64>, Instant)>,
+    election_min: Duration,
+    /// openraft's leader lease (`election_timeout_max`): a voter refuses votes for this long
+    /// after it last heard the leader.
+    lease: Duration,
+    heartbeat: Duration,
+    contact: LeaderContact,
     tick: tokio::time::Interval,
 }
 
@@ -74,7 +91,13 @@ pub(crate) struct Timings {
 }
 
 impl ElectionGate {
-    pub(crate) fn new(raft: Raft<TypeConfig>, transport: Arc<Transport>, node_id: u64, t: Timings) -> Self {
+    pub(crate) fn new(
+        raft: Raft<TypeConfig>,
+        transport: Arc<Transport>,
+        contact: LeaderContact,
+        node_id: u64,
+        t: Timings,
+    ) -> Self {
         let mut tick = tokio::time::interval(t.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
@@ -84,9 +107,16 @@ impl ElectionGate {
             fresh: (t.heartbeat * FRESH_HEARTBEATS).min(t.election_min),
             hold: t.election_max,
             peers: Arc::new(Mutex::new(HashMap::new())),
-            elections: true,
+            elections: false,
             cut: false,
             held_until: None,
+            campaign_at: None,
+            campaigned: false,
+            vote: None,
+            election_min: t.election_min,
+            lease: t.election_max,
+            heartbeat: t.heartbeat,
+            contact,
             tick,
         }
     }
@@ -136,19 +166,20 @@ impl Worker for ElectionGate {
                 let p = all.entry(peer).or_default();
                 p.in_flight = false;
                 if let Ok(Json(a)) = answer {
-                    p.answered = Some((Instant::now(), a.hears_leader));
+                    p.answered = Some((Instant::now(), a));
                 }
             });
         }
-        let answers: Vec<bool> = {
+        let fresh: Vec<(u64, PingAnswer)> = {
             let peers = self.peers();
             voters
                 .iter()
-                .filter_map(|v| peers.get(v)?.answered)
-                .filter(|(at, _)| at.elapsed() <= self.fresh)
-                .map(|(_, hears_leader)| hears_leader)
+                .filter_map(|v| Some((*v, peers.get(v)?.answered?)))
+                .filter(|(_, (at, _))| at.elapsed() <= self.fresh)
+                .map(|(v, (_, a))| (v, a))
                 .collect()
         };
+        let answers: Vec<bool> = fresh.iter().map(|(_, a)| a.hears_leader).collect();
         let reach = majority(1 + answers.len(), voters.len());
         if !reach {
             self.cut = true;
@@ -159,7 +190,34 @@ impl Worker for ElectionGate {
             self.held_until = Some(Instant::now() + self.hold);
         }
         let held = self.held_until.is_some_and(|t| Instant::now() < t);
-        let elections = !held && may_campaign(voters.len(), &answers);
+        let open = !held && may_campaign(voters.len(), &answers);
+        // Campaign as soon as the others' leases have run out (they heard the leader when this
+        // voter last did), rather than after openraft's lease plus its election timeout, which
+        // it draws once at start — two voters whose draws are close split the vote round after
+        // round. A fresh random delay per leaderless spell keeps two campaigns apart.
+        let elections = open;
+        if !open {
+            self.campaign_at = None;
+        } else if self.campaign_at.is_none() {
+            let jitter = self.election_min.mul_f64(rand::random::<f64>());
+            self.campaign_at = Some(self.lease + self.heartbeat + jitter);
+            self.campaigned = false;
+        }
+        // A vote seen changes the clock as a leader's entries do (openraft's lease does the
+        // same): a leader that was just deposed, or a voter that just restarted, has heard no
+        // entries from the new leader yet, and must not depose it at once.
+        let vote = self.raft.metrics().borrow().vote;
+        if self.vote.as_ref().is_none_or(|(v, _)| *v != vote) {
+            self.vote = Some((vote, Instant::now()));
+        }
+        let vote_quiet = |quiet: Duration| self.vote.as_ref().is_some_and(|(_, at)| at.elapsed() >= quiet);
+        if let Some(quiet) = self.campaign_at.filter(|_| !self.campaigned) {
+            if self.contact.quiet_for(quiet) && vote_quiet(quiet) {
+                self.campaigned = true;
+                tracing::info!(voters = voters.len(), "a majority lost the leader: campaigning");
+                self.raft.trigger().elect().await.map_err(|e| e.to_string())?;
+            }
+        }
         if elections != self.elections {
             self.raft.runtime_config().elect(elections);
             self.elections = elections;
@@ -180,12 +238,12 @@ impl Worker for ElectionGate {
     }
 }
 
-/// Answers the gate's pings of other voters; called once at boot. `hears_leader` says whether
-/// this voter hears a leader now (see [`hears_leader`]).
-pub(crate) fn serve(transport: &Transport, hears_leader: impl Fn() -> bool + Send + Sync + 'static) {
-    let hears_leader = Arc::new(hears_leader);
+/// Answers the gate's pings of other voters with `answer()` (whether this voter hears a leader
+/// now, see [`hears_leader`]); called once at boot.
+pub(crate) fn serve(transport: &Transport, answer: impl Fn() -> PingAnswer + Send + Sync + 'static) {
+    let answer = Arc::new(answer);
     PING.serve(transport, move |_from, Json(())| {
-        let answer = PingAnswer { hears_leader: hears_leader() };
+        let answer = answer();
         async move { Ok(Json(answer)) }
     });
 }
@@ -200,6 +258,11 @@ impl LeaderContact {
     /// `leader` just sent entries this hub took.
     pub(crate) fn record(&self, leader: u64) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((leader, Instant::now()));
+    }
+
+    /// Whether no leader sent entries this hub took for `quiet` (or ever).
+    pub(crate) fn quiet_for(&self, quiet: Duration) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_none_or(|(_, at)| at.elapsed() >= quiet)
     }
 
     /// Whether `leader` sent entries this hub took within `within`, on monotonic time.

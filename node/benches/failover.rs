@@ -148,6 +148,9 @@ fn main() {
         }
         // Attempts next to every percentile: a trial without its event within 30 s is a failure.
         let ne = election.len();
+        let mut each: Vec<u128> = election.iter().map(|d| d.as_millis()).collect();
+        each.sort_unstable();
+        eprintln!("elections, ms: {each:?}");
         println!("| leader killed → new leader elected, {ne} of {leader_kills} kills | {:.0} ms | {:.0} ms | max {:.0} ms |", ms(pct(&mut election, 0.5)), ms(pct(&mut election, 0.99)), ms(*election.iter().max().unwrap()));
         let ns = stateless.len();
         if ns > 0 {

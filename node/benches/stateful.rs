@@ -3,7 +3,8 @@
 //! incremental checkpoint cost against dirty pages, checkpoint replication throughput, and
 //! failover time from `kill -9` of the host to the first answer elsewhere, split into
 //! detection, re-placement and restore + first answer, for 1 MiB and 64 MiB of state. Every
-//! loop is bounded in count and time.
+//! loop is bounded in count and time. `STATEFUL_BENCH=lossy` (root): durable commits with one
+//! holder behind 30 % packet loss against none.
 
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,14 @@ fn main() {
         let only_replication = std::env::var("STATEFUL_BENCH").is_ok_and(|v| v == "replication");
         // `STATEFUL_BENCH=checkpoints`: those and the small-dirty runs, no failover.
         let only_checkpoints = std::env::var("STATEFUL_BENCH").is_ok_and(|v| v == "checkpoints");
+        // `STATEFUL_BENCH=lossy`: durable commits with one holder behind 30 % packet loss (root).
+        if std::env::var("STATEFUL_BENCH").is_ok_and(|v| v == "lossy") {
+            lossy_holder(&hubs, &counter).await;
+            for h in hubs.iter_mut() {
+                kill(h);
+            }
+            return;
+        }
         let skip_durable = only_failover || only_replication || only_checkpoints;
         // Durable invocations: one client on one task, then 64 clients over 16 tasks.
         for i in 0..if skip_durable { 0 } else { 16 } {
@@ -291,4 +300,53 @@ async fn fully_replicated_after(c: &Client, task: &str, pages: u32) {
         c.invoke(task, pages_input(pages), None).await.unwrap();
     }
     fully_replicated(c, task).await;
+}
+
+/// Durable invocations of one counter through its host: with no loss, then with 30 % of the
+/// packets to and from one of its holders dropped (that holder stays a voter and a holder: the
+/// leader does not mark it down). Each phase: 20 s or 2,000 calls, whichever ends first.
+async fn lossy_holder(hubs: &[Hub], counter: &[u8]) {
+    hubs[0].client.deploy("lossy", counter.to_vec(), &durable("1MiB"), false).await.unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    while !hubs[0].client.task("lossy").await.is_ok_and(|t| t.holders.len() == 2 && t.state == "running") {
+        assert!(Instant::now() < end, "the task did not start with two holders");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let task = hubs[0].client.task("lossy").await.unwrap();
+    let host = task.placement.unwrap().node_id;
+    let leader = hubs[0].client.status().await.unwrap().leader.unwrap();
+    // A holder that does not lead, if there is one: the fault is on a follower that holds.
+    let holder = task.holders.iter().copied().find(|h| *h != leader).unwrap_or(task.holders[0]);
+    let lossy = hubs.iter().find(|h| h.id == holder).unwrap();
+    let port: u16 = std::fs::read_to_string(lossy.dir.path().join("mesh.addr"))
+        .unwrap()
+        .trim()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let via = host_client(hubs, host);
+    for phase in ["no loss", "one holder at 30 % loss"] {
+        let loss = (phase != "no loss").then(|| common::lossy::Loss::on_port(port, 30).unwrap());
+        let (mut lat, mut failed, mut attempts) = (Vec::new(), 0, 0);
+        let started = Instant::now();
+        while attempts < 2000 && started.elapsed() < Duration::from_secs(20) {
+            attempts += 1;
+            let t = Instant::now();
+            match via.invoke("lossy", b"1".to_vec(), None).await {
+                Ok(_) => lat.push(t.elapsed()),
+                Err(_) => failed += 1,
+            }
+        }
+        let dropped = loss.as_ref().map_or(0, |l| l.dropped());
+        let copies = via.task("lossy").await.unwrap().committed.map_or(0, |c| c.stored_on.len());
+        println!(
+            "| durable invoke, 1 client, {phase} (holder {holder}, leader {leader}) | {:.2} ms | {:.2} ms | {} ok of {attempts}, {failed} failed, max {:.0} ms, {dropped} packets dropped, last record on {copies} hubs |",
+            ms(pct(&mut lat, 0.5)),
+            ms(pct(&mut lat, 0.99)),
+            lat.len(),
+            ms(*lat.iter().max().unwrap())
+        );
+    }
 }

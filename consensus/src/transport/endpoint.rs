@@ -231,8 +231,8 @@ pub const PING: Endpoint<Json<()>, Json<PingAnswer>> = Endpoint::new(StreamKind:
 /// A voter's answer to the election gate's ping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PingAnswer {
-    /// The answering voter hears a leader: it leads with a recent quorum, or the leader it
-    /// follows sent it a request recently.
+    /// The answering voter hears a leader: it leads with a recent quorum, or it took Raft
+    /// entries from the leader it follows recently.
     pub hears_leader: bool,
 }
 /// A follower's proposal, forwarded to the leader.

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each bench uses part of it
 
 pub(crate) mod floor;
+pub(crate) mod lossy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +18,7 @@ pub(crate) struct Hub {
     pub(crate) id: u64,
 }
 
+/// Starts a hub; its log goes to `DIR/hub.log` at `BENCH_HUB_LOG` (default `warn,openraft=error`).
 pub(crate) fn spawn(dir: &Path, join: Option<&str>) -> Child {
     let mesh = std::fs::read_to_string(dir.join("mesh.addr"))
         .map(|s| s.trim().to_owned())
@@ -28,7 +30,11 @@ pub(crate) fn spawn(dir: &Path, join: Option<&str>) -> Child {
         cmd.args(["--join", t]);
     }
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("hub.log")).unwrap();
-    cmd.env("HUBMESH_LOG", "warn,openraft=error").stdout(Stdio::null()).stderr(Stdio::from(log)).spawn().unwrap()
+    cmd.env("HUBMESH_LOG", std::env::var("BENCH_HUB_LOG").unwrap_or_else(|_| "warn,openraft=error".into()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap()
 }
 
 pub(crate) async fn ready(dir: &Path) -> Client {
