@@ -31,7 +31,7 @@ use super::{CALL_TIMEOUT, FRAME_HEAD, PAGES_READ_AHEAD, PUSH_ROUNDS};
 /// [`TAIL_GRACE_MIN`]): healthy holders finish together, so a commit records them all and
 /// `upkeep` has nothing to copy.
 const TAIL_GRACE: Duration = Duration::from_millis(100);
-const TAIL_GRACE_MIN: Duration = Duration::from_millis(5);
+const TAIL_GRACE_MIN: Duration = Duration::from_millis(1);
 /// How long the first round's reader waits for one holder's stream to take a page while others
 /// wait too.
 const LAGGARD_WAIT: Duration = Duration::from_millis(200);
