@@ -27,16 +27,17 @@ use tokio::time::Instant;
 
 use super::{CALL_TIMEOUT, FRAME_HEAD, PAGES_READ_AHEAD, PUSH_ROUNDS};
 
-/// How long the holders past the quorum may take beyond it, at most (and at least
-/// [`TAIL_GRACE_MIN`]): healthy holders finish together, so a commit records them all and
-/// `upkeep` has nothing to copy.
+use crate::executor::{CommitError, LocalCheckpoint};
+use crate::hub::Hub;
+
+/// How long the holders past the quorum may take beyond it, at most: healthy holders finish
+/// together, so a commit records them all and `upkeep` has nothing to copy.
 const TAIL_GRACE: Duration = Duration::from_millis(100);
+/// The least grace they get.
 const TAIL_GRACE_MIN: Duration = Duration::from_millis(1);
 /// How long the first round's reader waits for one holder's stream to take a page while others
 /// wait too.
 const LAGGARD_WAIT: Duration = Duration::from_millis(200);
-use crate::executor::{CommitError, LocalCheckpoint};
-use crate::hub::Hub;
 
 /// Replicates `c` to the task's holders and commits its record, retrying (holders change when
 /// one dies, leaders change) until the propose timeout has passed twice.

@@ -531,6 +531,9 @@ async fn a_stopped_holder_does_not_hold_up_durable_answers() {
         "SIGSTOP a holder; once the pings to it time out its connection is gone (a push to it hangs in the handshake)",
     );
     hubs[slow].pause(true);
+    // Part of the fault, not a wait for a result: past the election gate's 1 s ping timeout the
+    // host drops its connection to the stopped hub, so that the next push to it hangs in a new
+    // handshake (not in an open stream's buffer) and takes no pages at all.
     tokio::time::sleep(Duration::from_secs(2)).await;
     step("durable invocations of 64 dirty pages go on, committed on the host and the other holder");
     for i in 1..=5u64 {
