@@ -26,7 +26,6 @@ use hubmesh_storage::Hash;
 use tokio::time::Instant;
 
 use super::{CALL_TIMEOUT, FRAME_HEAD, PAGES_READ_AHEAD, PUSH_ROUNDS};
-
 use crate::executor::{CommitError, LocalCheckpoint};
 use crate::hub::Hub;
 
