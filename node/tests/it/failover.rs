@@ -518,7 +518,10 @@ async fn a_stopped_holder_does_not_hold_up_durable_answers() {
     let pages = |n: u32| n.to_le_bytes().to_vec();
     assert_eq!(hubs[h].client.invoke("big", pages(256), None).await.unwrap(), pages(256), "sized to 256 pages");
     hubs[h].client.invoke("big", pages(64), None).await.unwrap();
-    let first = committed_on(&hubs[h], "big", |c| c.stored_on.len() == 3).await.committed.unwrap().sequence;
+    // The host's own last checkpoint is the one its durable answer waited for; the state it
+    // reads may lag a moment, so wait for that sequence by number.
+    let first = task(&hubs[h], "big").await.last_checkpoint.expect("a checkpoint").sequence;
+    committed_on(&hubs[h], "big", |c| c.sequence == first && c.stored_on.len() == 3).await;
     let leader = hubs[h].client.status().await.unwrap().leader.unwrap();
     let mut ids = Vec::new();
     for hub in &hubs {
