@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::address_book::AddressBook;
 use crate::autopilot::Autopilot;
-use crate::election_gate::{ElectionGate, LeaderContact, Timings};
+use crate::election_gate::{ElectionGate, LeaderContact, QuorumAckWatch, Timings};
 use crate::identity::{self, open_err};
 use crate::ids::NodeId;
 use crate::join::{self, hash_secret, Boot, JoinToken};
@@ -166,13 +166,14 @@ impl Consensus {
         me.workers.spawn(AddressBook::new(me.transport.clone(), &me.raft, me.state.clone()));
         let (raft, contact) = (me.raft.clone(), me.contact.clone());
         crate::election_gate::serve(&me.transport, move || PingAnswer {
-            hears_leader: crate::election_gate::hears_leader(&raft, &contact, node_id, cfg.election_timeout_min),
+            hears_leader: crate::election_gate::hears_leader(&raft, &contact, cfg.election_timeout_min),
         });
         let timings = Timings {
             heartbeat: cfg.heartbeat,
             election_min: cfg.election_timeout_min,
             election_max: cfg.election_timeout_max,
         };
+        me.workers.spawn(QuorumAckWatch { metrics: me.raft.metrics(), me: node_id, contact: me.contact.clone() });
         me.workers.spawn(ElectionGate::new(
             me.raft.clone(),
             me.transport.clone(),
@@ -283,7 +284,7 @@ impl Consensus {
             let mut voters = m.membership_config.membership().voter_ids();
             voters.next() == Some(self.node_id) && voters.next().is_none()
         };
-        alone || crate::election_gate::hears_leader(&self.raft, &self.contact, self.node_id, lease)
+        alone || crate::election_gate::hears_leader(&self.raft, &self.contact, lease)
     }
 
     /// Consensus's background workers (autopilot, address book).

@@ -257,7 +257,12 @@ pub(crate) struct LeaderContact(Arc<Mutex<Option<(u64, Instant)>>>);
 impl LeaderContact {
     /// `leader` just sent entries this hub took.
     pub(crate) fn record(&self, leader: u64) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((leader, Instant::now()));
+        self.record_at(leader, Instant::now());
+    }
+
+    /// Evidence of `leader` dated `at` (this hub leading: a quorum's acknowledgement).
+    pub(crate) fn record_at(&self, leader: u64, at: Instant) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((leader, at));
     }
 
     /// Whether no leader sent entries this hub took for `quiet` (or ever).
@@ -271,28 +276,67 @@ impl LeaderContact {
     }
 }
 
-/// Whether `me` has heard a leader within `within`: it leads and a quorum acknowledged it, or the
-/// leader it follows sent it entries it took (see [`LeaderContact`]). Also the follower lease's
-/// test.
-pub(crate) fn hears_leader(raft: &Raft<TypeConfig>, contact: &LeaderContact, me: u64, within: Duration) -> bool {
+/// Whether `me` has heard a leader within `within`: it leads and a quorum acknowledged it (as
+/// [`QuorumAckWatch`] dated it), or the leader it follows sent it entries it took (see
+/// [`LeaderContact`]). Also the lease's test.
+pub(crate) fn hears_leader(raft: &Raft<TypeConfig>, contact: &LeaderContact, within: Duration) -> bool {
     // Called on every local invocation: read the metrics in place rather than clone them.
-    let leader = {
-        let metrics = raft.metrics();
-        let m = metrics.borrow();
-        match m.current_leader {
-            Some(l) if l == me => {
-                return m.millis_since_quorum_ack.is_some_and(|ms| ms <= within.as_millis() as u64);
-            }
-            Some(l) => l,
-            None => return false,
-        }
-    };
+    let Some(leader) = raft.metrics().borrow().current_leader else { return false };
     contact.within(leader, within)
+}
+
+/// Dates this hub's quorum acknowledgements while it leads, into its [`LeaderContact`], at every
+/// metrics report. openraft computes `millis_since_quorum_ack` only when it reports metrics (each
+/// pass of its loop, at least every tick), so the value read later is as old as that report — and
+/// frozen if the loop stalls (a disk flush that hangs): a lease taken from it would never run out.
+pub(crate) struct QuorumAckWatch {
+    pub(crate) metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, crate::type_config::NodeAddr>>,
+    pub(crate) me: u64,
+    pub(crate) contact: LeaderContact,
+}
+
+impl Worker for QuorumAckWatch {
+    fn name(&self) -> &'static str {
+        "quorum-ack"
+    }
+
+    async fn work(&mut self) -> Result<(), String> {
+        let acked = {
+            let m = self.metrics.borrow_and_update();
+            let ms = m.millis_since_quorum_ack.filter(|_| m.current_leader == Some(self.me));
+            ms.and_then(|ms| Instant::now().checked_sub(Duration::from_millis(ms)))
+        };
+        if let Some(at) = acked {
+            self.contact.record_at(self.me, at);
+        }
+        Ok(())
+    }
+
+    async fn wait(&mut self) {
+        if self.metrics.changed().await.is_err() {
+            std::future::pending::<()>().await; // Raft is gone; shutdown stops this worker
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{majority, may_campaign};
+    use std::time::{Duration, Instant};
+
+    use super::{majority, may_campaign, LeaderContact};
+
+    #[test]
+    fn contact_is_dated_and_belongs_to_one_leader() {
+        let c = LeaderContact::default();
+        assert!(!c.within(1, Duration::from_secs(60)), "no contact yet");
+        // A quorum acknowledgement 200 ms old, as the watcher dates it.
+        c.record_at(1, Instant::now() - Duration::from_millis(200));
+        assert!(!c.within(1, Duration::from_millis(100)), "too old for a 100 ms window");
+        assert!(c.within(1, Duration::from_millis(300)));
+        assert!(!c.within(2, Duration::from_millis(300)), "another leader's contact does not count");
+        c.record(2);
+        assert!(c.within(2, Duration::from_millis(100)) && !c.within(1, Duration::from_secs(60)));
+    }
 
     #[test]
     fn a_voter_campaigns_only_when_a_majority_lost_the_leader() {

@@ -38,7 +38,16 @@ async fn deploy_invoke_list_rm_from_the_command_line() {
     let names: Vec<&str> = workers.as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["autopilot", "address-book", "election-gate", "reconciler", "module-keeper", "replication-upkeep", "leader"]
+        [
+            "autopilot",
+            "address-book",
+            "quorum-ack",
+            "election-gate",
+            "reconciler",
+            "module-keeper",
+            "replication-upkeep",
+            "leader"
+        ]
     );
     assert!(workers.as_array().unwrap().iter().all(|w| w["rounds"].as_u64().unwrap() > 0), "{workers}");
     assert!(ok(&hub.cli(&["worker", "list"])).starts_with("WORKER"));
