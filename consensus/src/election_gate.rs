@@ -170,16 +170,16 @@ impl Worker for ElectionGate {
                 }
             });
         }
-        let fresh: Vec<(u64, PingAnswer)> = {
+        // Whether each voter that answered freshly hears a leader.
+        let answers: Vec<bool> = {
             let peers = self.peers();
             voters
                 .iter()
-                .filter_map(|v| Some((*v, peers.get(v)?.answered?)))
-                .filter(|(_, (at, _))| at.elapsed() <= self.fresh)
-                .map(|(v, (_, a))| (v, a))
+                .filter_map(|v| peers.get(v)?.answered)
+                .filter(|(at, _)| at.elapsed() <= self.fresh)
+                .map(|(_, a)| a.hears_leader)
                 .collect()
         };
-        let answers: Vec<bool> = fresh.iter().map(|(_, a)| a.hears_leader).collect();
         let reach = majority(1 + answers.len(), voters.len());
         if !reach {
             self.cut = true;
