@@ -1,6 +1,6 @@
 //! The chaos suite against a real lab (root only): the short mode must say true, and a hub built
 //! to acknowledge before committing must be caught (false). Without root the tests say they were
-//! skipped.
+//! skipped, and fail under `CI`.
 
 use std::path::{Path, PathBuf};
 
@@ -16,8 +16,11 @@ fn scenario(name: &str) -> Scenario {
     Scenario::load(&p).unwrap()
 }
 
+/// Without root the lab cannot run: outside CI the test says it was skipped; under `CI` (which
+/// runs as root) that is a failure, never a silent pass.
 fn skip_without_root() -> bool {
     if let Err(e) = hubmesh_chaos::lab::require_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the chaos lab as root: {e}");
         eprintln!("SKIPPED: {e}");
         return true;
     }

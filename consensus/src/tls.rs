@@ -50,6 +50,15 @@ pub fn fingerprint(der: &[u8]) -> [u8; 32] {
     Sha256::digest(der).into()
 }
 
+/// Whether `cert_der` (a certificate the handshake already verified against the cluster CA) names
+/// hub `node_id`: the CA signs each hub's key under that hub's name only.
+pub fn certifies(cert_der: &[u8], node_id: u64) -> bool {
+    let der = CertificateDer::from(cert_der);
+    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else { return false };
+    let Ok(name) = ServerName::try_from(server_name(node_id)) else { return false };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
 fn ca_params() -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -266,6 +275,17 @@ impl ServerCertVerifier for PinnedCa {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_certifies_only_its_own_hub() {
+        let ca = CaMaterial::generate().unwrap();
+        let key = NodeKey::generate().unwrap();
+        let cert = ca.issue(7, key.public_key()).unwrap();
+        assert!(certifies(&cert, 7));
+        assert!(!certifies(&cert, 8));
+        assert!(!certifies(&cert, 77));
+        assert!(!certifies(b"garbage", 7));
+    }
 
     #[test]
     fn issued_certificates_carry_the_node_name() {

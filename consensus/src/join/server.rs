@@ -1,8 +1,8 @@
-//! The member's side of a join: the token is checked by the state machine (`AdmitNode`), and
-//! only then is the joiner's certificate signed with the mesh's CA.
+//! The member's side of a join: the token and the joiner's record are checked against the
+//! committed state, and only then is the joiner's certificate signed with the mesh's CA and
+//! `AdmitNode` proposed (whose apply checks them again, against the state it applies to).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hubmesh_proto::pb;
@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use super::hash_secret;
 use crate::ids::NodeId;
 use crate::propose::{ProposeError, ProposeHandle};
-use crate::state::{ClusterState, Command, NodeRecord, NodeStatus};
+use crate::state::{ClusterState, Command, NodeRecord, NodeStatus, Rejected};
 use crate::tls;
 use crate::transport::{Refusal, Transport, JOIN};
 
@@ -28,13 +28,7 @@ async fn admit(
     state: &watch::Receiver<Arc<ClusterState>>,
     req: pb::JoinRequest,
 ) -> Result<pb::JoinResponse, Refusal> {
-    if req.mesh_addr.parse::<SocketAddr>().is_err() {
-        return Err(Refusal::bad_request("the joiner's mesh address does not parse"));
-    }
-    // Sign first (nothing is committed yet), so the record carries the certificate's fingerprint.
-    let ca = state.borrow().ca.clone().ok_or_else(|| Refusal::new(pb::ErrorCode::Unavailable, "no CA yet"))?;
-    let cert = ca.issue(req.node_id, &req.public_key).map_err(|e| Refusal::bad_request(e.to_string()))?;
-    let node = NodeRecord {
+    let mut node = NodeRecord {
         id: NodeId(req.node_id),
         name: req.name.clone(),
         api_addr: req.api_addr.clone(),
@@ -43,24 +37,44 @@ async fn admit(
         slots: 0,
         memory_bytes: 0,
         witness: false,
-        cert_fingerprint: hex::encode(tls::fingerprint(&cert)),
+        cert_fingerprint: String::new(),
         status: NodeStatus::Up,
     };
-    let cmd = Command::AdmitNode {
-        node,
-        token_id: req.token_id.clone(),
-        secret_hash: hash_secret(&req.secret),
-        at_ms: crate::now_ms(),
+    let secret_hash = hash_secret(&req.secret);
+    let at_ms = crate::now_ms();
+    // Everything the state machine will check, checked first against the committed state: a
+    // joiner with a wrong token costs no signature and no Raft entry.
+    let ca = {
+        let st = state.borrow();
+        if let Err(r) = st.check_admission(&node, &req.token_id, &secret_hash, at_ms) {
+            tracing::warn!(node = req.node_id, reason = %r, "join refused");
+            return Err(refusal(&r));
+        }
+        st.ca.clone().ok_or_else(|| Refusal::new(pb::ErrorCode::Unavailable, "no CA yet"))?
     };
+    // Signed before the proposal, so the record carries the certificate's fingerprint.
+    let cert = ca.issue(req.node_id, &req.public_key).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    node.cert_fingerprint = hex::encode(tls::fingerprint(&cert));
+    let cmd = Command::AdmitNode { node, token_id: req.token_id.clone(), secret_hash, at_ms };
     match proposer.propose(cmd).await {
         Ok(_) => {}
         Err(ProposeError::Rejected(r)) => {
             tracing::warn!(node = req.node_id, name = %req.name, reason = %r, "join refused");
-            return Err(Refusal::new(pb::ErrorCode::Unauthorized, r.to_string()));
+            return Err(refusal(&r));
         }
         Err(e) => return Err(Refusal::new(pb::ErrorCode::Unavailable, e.to_string())),
     }
     tracing::info!(node = req.node_id, name = %req.name, "admitted a hub");
     let leader = proposer.raft().metrics().borrow().current_leader.unwrap_or(0);
     Ok(pb::JoinResponse { ca_cert: ca.cert_der, node_cert: cert, leader })
+}
+
+/// The joiner's answer for a refused admission: a malformed request is a bad request, the rest
+/// (token, id) is not authorized.
+fn refusal(r: &Rejected) -> Refusal {
+    let code = match r {
+        Rejected::Invalid(_) => pb::ErrorCode::BadRequest,
+        _ => pb::ErrorCode::Unauthorized,
+    };
+    Refusal::new(code, r.to_string())
 }

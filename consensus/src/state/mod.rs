@@ -172,7 +172,45 @@ pub fn validate_task_name(name: &str) -> Result<(), Rejected> {
     }
 }
 
+/// Longest hub name.
+pub const MAX_NODE_NAME: usize = 64;
+
+/// Checks what a joining hub says about itself: a name of 1–64 printable characters, a mesh
+/// address that parses and an API address that parses or is empty.
+pub fn validate_joiner(node: &NodeRecord) -> Result<(), Rejected> {
+    let name_ok = !node.name.is_empty() && node.name.len() <= MAX_NODE_NAME && !node.name.chars().any(char::is_control);
+    if !name_ok {
+        return Err(Rejected::Invalid(format!("a hub name must be 1-{MAX_NODE_NAME} printable characters")));
+    }
+    for (what, addr) in [("API", &node.api_addr), ("mesh", &node.mesh_addr)] {
+        if !(what == "API" && addr.is_empty()) && addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Rejected::Invalid(format!("the joiner's {what} address is not host:port")));
+        }
+    }
+    Ok(())
+}
+
 impl ClusterState {
+    /// Whether `AdmitNode` of `node` with this token would be accepted at `at_ms`: the token
+    /// exists, is neither revoked nor expired, its secret matches, the id is free and the record is
+    /// well formed. A member checks this before it signs or proposes anything for a joiner.
+    pub fn check_admission(&self, node: &NodeRecord, token_id: &str, secret_hash: &str, at_ms: u64) -> Result<(), Rejected> {
+        let t = self.tokens.get(token_id).ok_or_else(|| Rejected::BadToken("unknown token".into()))?;
+        if t.revoked {
+            return Err(Rejected::BadToken("the token was revoked".into()));
+        }
+        if t.expires_ms <= at_ms {
+            return Err(Rejected::BadToken("the token has expired".into()));
+        }
+        if t.secret_hash != secret_hash {
+            return Err(Rejected::BadToken("wrong secret".into()));
+        }
+        if node.id.0 == 0 || self.nodes.contains_key(&node.id) || self.removed.contains(&node.id) {
+            return Err(Rejected::NodeIdTaken(node.id));
+        }
+        validate_joiner(node)
+    }
+
     /// Whether the state says hub `node` is up.
     pub fn is_up(&self, node: NodeId) -> bool {
         self.nodes.get(&node).is_some_and(|n| n.status == NodeStatus::Up)
@@ -259,19 +297,7 @@ impl ClusterState {
                 Ok(Outcome::TokenRevoked)
             }
             Command::AdmitNode { node, token_id, secret_hash, at_ms } => {
-                let t = self.tokens.get(token_id).ok_or_else(|| Rejected::BadToken("unknown token".into()))?;
-                if t.revoked {
-                    return Err(Rejected::BadToken("the token was revoked".into()));
-                }
-                if t.expires_ms <= *at_ms {
-                    return Err(Rejected::BadToken("the token has expired".into()));
-                }
-                if &t.secret_hash != secret_hash {
-                    return Err(Rejected::BadToken("wrong secret".into()));
-                }
-                if node.id.0 == 0 || self.nodes.contains_key(&node.id) || self.removed.contains(&node.id) {
-                    return Err(Rejected::NodeIdTaken(node.id));
-                }
+                self.check_admission(node, token_id, secret_hash, *at_ms)?;
                 self.nodes.insert(node.id, node.clone());
                 Ok(Outcome::Admitted)
             }

@@ -216,6 +216,17 @@ mod join_tests {
         assert!(matches!(s.apply(&admit(2, "h", 100)), Err(Rejected::BadToken(m)) if m.contains("expired")));
         assert_eq!(s.apply(&admit(1, "h", 10)), Err(Rejected::NodeIdTaken(NodeId(1))));
         assert_eq!(s, before);
+        for bad in [
+            NodeRecord { name: String::new(), ..node(2) },
+            NodeRecord { name: "x".repeat(MAX_NODE_NAME + 1), ..node(2) },
+            NodeRecord { name: "a\nb".into(), ..node(2) },
+            NodeRecord { mesh_addr: "nowhere".into(), ..node(2) },
+            NodeRecord { api_addr: "x".repeat(10_000), ..node(2) },
+        ] {
+            let cmd = Command::AdmitNode { node: bad, token_id: "t1".into(), secret_hash: "h".into(), at_ms: 10 };
+            assert!(matches!(s.apply(&cmd), Err(Rejected::Invalid(_))));
+        }
+        assert_eq!(s, before);
         assert_eq!(s.apply(&admit(2, "h", 10)), Ok(Outcome::Admitted));
         s.apply(&Command::RevokeToken { id: "t1".into() }).unwrap();
         assert!(matches!(s.apply(&admit(3, "h", 10)), Err(Rejected::BadToken(m)) if m.contains("revoked")));

@@ -18,6 +18,7 @@
 //! Nothing on this path panics on its input: garbage, truncated or oversized requests get an
 //! error response (or a closed stream) and the endpoint goes on.
 
+mod admission;
 mod bulk;
 mod endpoint;
 mod error;
@@ -44,6 +45,7 @@ pub use endpoint::{
 };
 pub use error::{Refusal, RpcError, TransportError};
 pub use kind::StreamKind;
+pub use server::MAX_JOIN_REQUEST;
 
 use crate::tls::{self, Identity};
 
@@ -59,7 +61,7 @@ pub const MAX_BULK_HEADER: usize = 4 << 20;
 /// Who sent a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
-    /// A hub with a certificate signed by the cluster CA, claiming this id.
+    /// A hub with a certificate signed by the cluster CA, which names this id.
     Member(u64),
     /// A hub without a certificate: it may only join.
     Joiner,
@@ -104,6 +106,21 @@ pub struct Transport {
     last_ok: Mutex<HashMap<u64, Instant>>,
     last_heard: Mutex<HashMap<u64, Instant>>,
     revoked: RwLock<std::collections::HashSet<[u8; 32]>>,
+    admission: admission::Admission,
+    /// Open member connections to this hub, by quinn's id: their certificate's fingerprint.
+    live: Arc<Mutex<HashMap<usize, ([u8; 32], quinn::Connection)>>>,
+}
+
+/// An open member connection's entry in `Transport::live`; removed when dropped.
+struct Live {
+    live: Arc<Mutex<HashMap<usize, ([u8; 32], quinn::Connection)>>>,
+    id: usize,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        lock(&self.live).remove(&self.id);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -128,6 +145,8 @@ impl Transport {
             last_ok: Mutex::new(HashMap::new()),
             last_heard: Mutex::new(HashMap::new()),
             revoked: RwLock::new(Default::default()),
+            admission: Default::default(),
+            live: Default::default(),
         });
         tokio::spawn(server::accept_loop(Arc::downgrade(&t), t.endpoint.clone()));
         Ok(t)
@@ -180,9 +199,40 @@ impl Transport {
         lock(&self.last_ok).get(&node).copied()
     }
 
-    /// Replaces the set of revoked certificate fingerprints (removed hubs).
+    /// Replaces the set of revoked certificate fingerprints (removed hubs), and closes every open
+    /// connection, to or from this hub, whose peer shows one of them.
     pub fn set_revoked(&self, revoked: impl IntoIterator<Item = [u8; 32]>) {
-        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked.into_iter().collect();
+        let revoked: std::collections::HashSet<[u8; 32]> = revoked.into_iter().collect();
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked.clone();
+        for (fp, conn) in lock(&self.live).values() {
+            if revoked.contains(fp) {
+                tracing::info!(peer = %conn.remote_address(), "closing a removed hub's connection");
+                conn.close(CLOSE_REVOKED.into(), b"this hub was removed from the mesh");
+            }
+        }
+        lock(&self.conns).retain(|_, conn| {
+            let fp = conn
+                .peer_identity()
+                .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+                .and_then(|certs| certs.first().map(|c| tls::fingerprint(c)));
+            let keep = fp.is_none_or(|fp| !revoked.contains(&fp));
+            if !keep {
+                conn.close(CLOSE_REVOKED.into(), b"this hub was removed from the mesh");
+            }
+            keep
+        });
+    }
+
+    /// Records an accepted member connection showing the certificate `fingerprint`, unless that
+    /// certificate is revoked (checked after the entry is in, so a concurrent revocation closes it).
+    fn track(&self, conn: &quinn::Connection, fingerprint: [u8; 32]) -> Option<Live> {
+        let id = conn.stable_id();
+        lock(&self.live).insert(id, (fingerprint, conn.clone()));
+        let entry = Live { live: self.live.clone(), id };
+        if self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(&fingerprint) {
+            return None;
+        }
+        Some(entry)
     }
 
     /// When `node` last sent this hub a request.
@@ -320,7 +370,7 @@ impl Transport {
             )
             .map_err(|e| RpcError::Protocol(e.to_string()))?;
             let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-            cfg.transport_config(quic::transport_config(self.loopback));
+            cfg.transport_config(quic::client_transport(self.loopback));
             let conn = self
                 .endpoint
                 .connect_with(cfg, addr, tls::JOIN_SERVER_NAME)
@@ -395,6 +445,9 @@ impl Drop for Outgoing {
 /// (a removed hub's certificate). Only for that: [`broken`] takes it as proof that no stream on
 /// the connection was handled, so closing a connection that served streams needs another code.
 pub(super) const CLOSE_REFUSED: u32 = 1;
+/// The application close code of a connection closed because its peer's certificate was revoked
+/// while it was open: its streams may have been handled, so it proves nothing.
+pub(super) const CLOSE_REVOKED: u32 = 2;
 
 /// What a broken exchange on `conn` means: [`Exchange::Refused`] if the connection was closed
 /// before the peer could handle any stream — it refused our certificate in the TLS handshake (a

@@ -1,5 +1,10 @@
 //! The quinn side of the endpoint: transport limits, the UDP socket, and the TLS configurations
 //! of an identity.
+//!
+//! A connection starts with a joiner's limits (a few streams, a small receive window): the server
+//! sends its transport parameters before it has seen the client's certificate, so whatever they
+//! allow, a peer without a certificate gets. Once the handshake shows a cluster certificate, the
+//! accept loop raises the connection to a member's limits ([`raise_to_member`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,13 +21,55 @@ const LOOPBACK_UDP_PAYLOAD: u16 = 65_507;
 /// endpoint's task waits for a core (the kernel caps the value at `net.core.rmem_max`).
 const SOCKET_BUFFER: usize = 4 << 20;
 
-pub(super) fn transport_config(loopback: bool) -> Arc<quinn::TransportConfig> {
+/// Streams a member may have open at once on a connection to this hub.
+const MEMBER_STREAMS: u32 = 1024;
+/// Bytes a member may have in flight to this hub on one stream, and on one connection: checkpoint
+/// pushes stream tens of MiB, and windows of that size keep the pipe full.
+const MEMBER_STREAM_WINDOW: u32 = 16 << 20;
+const MEMBER_WINDOW: u32 = 128 << 20;
+/// What a connection without a certificate gets: one join at a time, in a small window.
+pub(super) const JOINER_STREAMS: u32 = 1;
+pub(super) const JOINER_WINDOW: u32 = 64 << 10;
+/// Connection attempts waiting for the accept loop, and the packets they may buffer meanwhile
+/// (quinn's defaults allow 65,536 attempts and 100 MiB).
+const MAX_INCOMING: usize = 512;
+const INCOMING_BUFFER: u64 = 16 << 10;
+const INCOMING_BUFFER_TOTAL: u64 = 4 << 20;
+
+/// The transport parameters of connections this hub accepts: a joiner's until the accept loop
+/// raises them (see the module doc).
+pub(super) fn server_transport(loopback: bool) -> Arc<quinn::TransportConfig> {
+    let mut t = common(loopback);
+    t.max_concurrent_bidi_streams(JOINER_STREAMS.into());
+    // The connection window bounds what a joiner can make this hub buffer; the stream window is a
+    // member's already (it cannot be raised after the handshake, and bounds nothing on its own).
+    t.receive_window(JOINER_WINDOW.into());
+    t.stream_receive_window(MEMBER_STREAM_WINDOW.into());
+    Arc::new(t)
+}
+
+/// The transport parameters of connections this hub opens: the peer serves, it opens no streams.
+pub(super) fn client_transport(loopback: bool) -> Arc<quinn::TransportConfig> {
+    let mut t = common(loopback);
+    t.max_concurrent_bidi_streams(0u32.into());
+    t.receive_window(MEMBER_WINDOW.into());
+    t.stream_receive_window(MEMBER_STREAM_WINDOW.into());
+    Arc::new(t)
+}
+
+/// Raises an accepted connection whose certificate the cluster CA signed to a member's limits.
+pub(super) fn raise_to_member(conn: &quinn::Connection) {
+    conn.set_max_concurrent_bi_streams(MEMBER_STREAMS.into());
+    conn.set_receive_window(MEMBER_WINDOW.into());
+}
+
+fn common(loopback: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     t.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("5 s is a valid idle timeout")));
-    t.max_concurrent_bidi_streams(1024u32.into());
-    // Checkpoint pushes stream tens of MiB: windows of that size keep the pipe full.
-    t.stream_receive_window((16u32 << 20).into());
+    // The mesh uses neither unidirectional streams nor datagrams.
+    t.max_concurrent_uni_streams(0u32.into());
+    t.datagram_receive_buffer_size(None);
     t.send_window(64 << 20);
     if loopback {
         // Loopback carries 64 KiB datagrams: MTU discovery climbs there in a dozen probes, and
@@ -34,7 +81,7 @@ pub(super) fn transport_config(loopback: bool) -> Arc<quinn::TransportConfig> {
         t.mtu_discovery_config(Some(mtu));
         t.enable_segmentation_offload(false);
     }
-    Arc::new(t)
+    t
 }
 
 /// Binds the UDP socket and wraps it in a quinn endpoint with this mesh's limits.
@@ -63,10 +110,13 @@ pub(super) fn configs(
     let server_crypto =
         QuicServerConfig::try_from(identity.server_config()?).map_err(|e| TransportError::Config(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-    server.transport_config(transport_config(loopback));
+    server.transport_config(server_transport(loopback));
+    server.max_incoming(MAX_INCOMING);
+    server.incoming_buffer_size(INCOMING_BUFFER);
+    server.incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     let client_crypto =
         QuicClientConfig::try_from(identity.client_config()?).map_err(|e| TransportError::Config(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-    client.transport_config(transport_config(loopback));
+    client.transport_config(client_transport(loopback));
     Ok((server, client))
 }

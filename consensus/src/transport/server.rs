@@ -1,53 +1,99 @@
-//! The serving side of the endpoint: accepts connections, tells members from joiners by their
-//! certificate, reads each stream's request (size-limited) and hands it to the handler of its
-//! kind. Nothing here panics on its input: garbage gets a `BadRequest` answer or a closed stream.
+//! The serving side of the endpoint: accepts connections (within the limits of [`super::admission`]),
+//! tells members from joiners by their certificate, reads each stream's request (size-limited, a
+//! joiner's to a few KiB) and hands it to the handler of its kind. Nothing here panics on its input: garbage gets a `BadRequest` answer or a closed stream.
 
-use std::sync::Weak;
-use std::time::Instant;
+use std::net::IpAddr;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use hubmesh_proto::{pb, Message};
 
+use super::admission::{Peer, Pending};
 use super::bulk::BulkBody;
-use super::{lock, Caller, Refusal, StreamKind, Transport, BULK_MARK, CLOSE_REFUSED, MAX_BULK_HEADER, MAX_FRAME};
-use crate::tls;
+use super::{lock, quic, Caller, Refusal, StreamKind, Transport, BULK_MARK, CLOSE_REFUSED, MAX_BULK_HEADER, MAX_FRAME};
+
+/// Largest request a joiner may send (a `JoinRequest` is a few hundred bytes).
+pub const MAX_JOIN_REQUEST: usize = 16 << 10;
+/// How long a connection without a certificate may stay open.
+const JOINER_LIFETIME: Duration = Duration::from_secs(10);
 
 pub(super) async fn accept_loop(transport: Weak<Transport>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
-        let t = transport.clone();
-        tokio::spawn(async move {
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(error = %e, "mesh handshake failed");
-                    return;
-                }
-            };
-            let leaf = conn
-                .peer_identity()
-                .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
-                .and_then(|certs| certs.first().map(|c| tls::fingerprint(c)));
-            let revoked = match (&leaf, t.upgrade()) {
-                (Some(fp), Some(t)) => t.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(fp),
-                _ => false,
-            };
-            if revoked {
-                conn.close(CLOSE_REFUSED.into(), b"this hub was removed from the mesh");
-                return;
-            }
-            let member = leaf.is_some();
-            while let Ok((send, recv)) = conn.accept_bi().await {
-                let t = t.clone();
-                tokio::spawn(serve_stream(t, member, send, recv));
-            }
-        });
+        let Some(t) = transport.upgrade() else { return };
+        // Refused before the handshake: a refusal costs one packet, a handshake real work.
+        let Some(pending) = t.admission.connection(incoming.remote_address().ip()) else {
+            tracing::debug!(peer = %incoming.remote_address(), "too many unauthenticated connections; refused");
+            incoming.refuse();
+            continue;
+        };
+        drop(t);
+        tokio::spawn(serve_connection(transport.clone(), incoming, pending));
     }
 }
 
-async fn serve_stream(t: Weak<Transport>, member: bool, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_connection(t: Weak<Transport>, incoming: quinn::Incoming, pending: Pending) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "mesh handshake failed");
+            return;
+        }
+    };
+    let leaf = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().map(|c| c.to_vec()));
+    let Some(cert) = leaf else {
+        return serve_joiner(t, conn, pending).await;
+    };
+    // A member: it no longer counts against the unauthenticated limits.
+    drop(pending);
+    let peer = Arc::new(Peer::new(cert));
+    // No stream has been accepted yet: closing with CLOSE_REFUSED tells the peer none ran.
+    let Some(live) = t.upgrade().and_then(|t| t.track(&conn, peer.fingerprint)) else {
+        conn.close(CLOSE_REFUSED.into(), b"this hub was removed from the mesh");
+        return;
+    };
+    quic::raise_to_member(&conn);
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(serve_stream(t.clone(), Who::Member(peer.clone()), send, recv));
+    }
+    drop(live);
+}
+
+/// A connection without a certificate: one JOIN at a time (its transport limits), for a bounded
+/// time, then it is closed.
+async fn serve_joiner(t: Weak<Transport>, conn: quinn::Connection, pending: Pending) {
+    let addr = conn.remote_address().ip();
+    let served = async {
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            serve_stream(t.clone(), Who::Joiner(addr), send, recv).await;
+        }
+    };
+    if tokio::time::timeout(JOINER_LIFETIME, served).await.is_err() {
+        conn.close(0u32.into(), b"a joiner's time is up");
+    }
+    drop(pending);
+}
+
+/// Who opened a stream.
+enum Who {
+    Member(Arc<Peer>),
+    Joiner(IpAddr),
+}
+
+impl Who {
+    fn is_member(&self) -> bool {
+        matches!(self, Self::Member(_))
+    }
+}
+
+async fn serve_stream(t: Weak<Transport>, who: Who, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let limit = if who.is_member() { MAX_FRAME } else { MAX_JOIN_REQUEST };
     let mut first = [0u8; 1];
     let resp = match recv.read_exact(&mut first).await {
-        Ok(()) if first[0] == BULK_MARK => serve_bulk(t, member, recv).await,
-        Ok(()) => match recv.read_to_end(MAX_FRAME - 1).await {
+        Ok(()) if first[0] == BULK_MARK => serve_bulk(t, who, recv).await,
+        Ok(()) => match recv.read_to_end(limit - 1).await {
             Err(e) => Refusal::bad_request(format!("unreadable request: {e}")).into_response(),
             Ok(rest) => {
                 let mut raw = Vec::with_capacity(1 + rest.len());
@@ -55,12 +101,12 @@ async fn serve_stream(t: Weak<Transport>, member: bool, mut send: quinn::SendStr
                 raw.extend_from_slice(&rest);
                 match pb::MeshRequest::decode(raw.as_slice()) {
                     Err(e) => Refusal::bad_request(format!("garbage request: {e}")).into_response(),
-                    Ok(req) => dispatch(t, member, req).await,
+                    Ok(req) => dispatch(t, who, req).await,
                 }
             }
         },
         // An empty request decodes as kind 0, which no handler serves.
-        Err(quinn::ReadExactError::FinishedEarly(0)) => dispatch(t, member, pb::MeshRequest::default()).await,
+        Err(quinn::ReadExactError::FinishedEarly(0)) => dispatch(t, who, pb::MeshRequest::default()).await,
         Err(e) => {
             tracing::debug!(error = %e, "unreadable mesh request");
             Refusal::bad_request(format!("unreadable request: {e}")).into_response()
@@ -73,9 +119,9 @@ async fn serve_stream(t: Weak<Transport>, member: bool, mut send: quinn::SendStr
 }
 
 /// A bulk stream after its mark: the header, then the handler reads the body.
-async fn serve_bulk(t: Weak<Transport>, member: bool, mut recv: quinn::RecvStream) -> pb::MeshResponse {
+async fn serve_bulk(t: Weak<Transport>, who: Who, mut recv: quinn::RecvStream) -> pb::MeshResponse {
     // No bulk kind serves joiners: refused before their header is read.
-    if !member {
+    if !who.is_member() {
         return members_only().into_response();
     }
     let mut len = [0u8; 4];
@@ -95,7 +141,7 @@ async fn serve_bulk(t: Weak<Transport>, member: bool, mut recv: quinn::RecvStrea
         Ok(r) => r,
         Err(e) => return Refusal::bad_request(format!("garbage bulk header: {e}")).into_response(),
     };
-    let (caller, kind) = match caller_of(&t, member, req.kind, req.from) {
+    let (caller, kind) = match caller_of(&t, &who, req.kind, req.from) {
         Ok(c) => c,
         Err(refusal) => return refusal.into_response(),
     };
@@ -111,18 +157,22 @@ fn members_only() -> Refusal {
     Refusal::new(pb::ErrorCode::Unauthorized, "a certificate signed by the cluster CA is required")
 }
 
-/// Who sent a request of `kind` claiming to be `from`, and the kind, or the refusal.
-fn caller_of(t: &Weak<Transport>, member: bool, kind: u32, from: u64) -> Result<(Caller, StreamKind), Refusal> {
+/// Who sent a request of `kind` that says it comes from `from`, and the kind, or the refusal. A
+/// member's id is the one its certificate names; `from` must be that id.
+fn caller_of(t: &Weak<Transport>, who: &Who, kind: u32, from: u64) -> Result<(Caller, StreamKind), Refusal> {
     let Some(kind) = StreamKind::from_wire(kind) else {
         // Joiners learn nothing about which kinds exist.
-        return Err(if member { Refusal::bad_request(format!("unknown stream kind {kind}")) } else { members_only() });
-    };
-    let caller = match (member, kind.open_to_joiners()) {
-        (true, _) => Caller::Member(from),
-        (false, true) => Caller::Joiner,
-        (false, false) => return Err(members_only()),
+        return Err(if who.is_member() { Refusal::bad_request(format!("unknown stream kind {kind}")) } else { members_only() });
     };
     let t = t.upgrade().ok_or_else(|| Refusal::new(pb::ErrorCode::Unavailable, "shutting down"))?;
+    let caller = match (who, kind.open_to_joiners()) {
+        (Who::Member(peer), _) => Caller::Member(peer.id(from)?),
+        (Who::Joiner(addr), true) => {
+            t.admission.join(*addr)?;
+            Caller::Joiner
+        }
+        (Who::Joiner(_), false) => return Err(members_only()),
+    };
     // A ping says only that the process is alive, not that it still leads: it must not keep a
     // follower's lease about a deposed leader alive.
     if let (Caller::Member(id), false) = (caller, kind == StreamKind::Ping) {
@@ -138,8 +188,8 @@ pub(super) fn answer(r: Result<Vec<u8>, Refusal>) -> pb::MeshResponse {
     }
 }
 
-async fn dispatch(t: Weak<Transport>, member: bool, req: pb::MeshRequest) -> pb::MeshResponse {
-    let (caller, kind) = match caller_of(&t, member, req.kind, req.from) {
+async fn dispatch(t: Weak<Transport>, who: Who, req: pb::MeshRequest) -> pb::MeshResponse {
+    let (caller, kind) = match caller_of(&t, &who, req.kind, req.from) {
         Ok(c) => c,
         Err(refusal) => return refusal.into_response(),
     };

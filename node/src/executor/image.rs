@@ -71,8 +71,16 @@ impl MemoryImage {
         }
     }
 
-    /// Rebuilds the image from a manifest, verifying every page.
-    pub(crate) fn restore(manifest: &Manifest, pages: &PageLog) -> Result<Self, String> {
+    /// Rebuilds the image from a manifest, verifying every page. A manifest whose memory exceeds
+    /// the task's limit (`max_bytes`) is refused before anything is allocated.
+    pub(crate) fn restore(manifest: &Manifest, pages: &PageLog, max_bytes: u64) -> Result<Self, String> {
+        let bytes = u64::from(manifest.memory_pages) * PAGE as u64;
+        if bytes > max_bytes {
+            return Err(format!(
+                "the checkpoint's memory ({} pages, {bytes} bytes) exceeds the task's limit of {max_bytes} bytes",
+                manifest.memory_pages
+            ));
+        }
         let n = manifest.memory_pages as usize;
         let mut base = vec![0u8; n * PAGE];
         let mut hashes = vec![None; n];
@@ -220,5 +228,36 @@ impl MemoryImage {
             pending: Vec::new(),
         };
         (manifest, new_pages)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_larger_than_the_task_limit_is_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = PageLog::open(dir.path()).unwrap();
+        let manifest = Manifest {
+            task: "t".into(),
+            task_version: 1,
+            epoch: 1,
+            sequence: 1,
+            module_hash: Hash::of(b"m"),
+            // 256 TiB: allocating it would abort the process.
+            memory_pages: u32::MAX,
+            pages: Vec::new(),
+            globals: Vec::new(),
+            answers: Vec::new(),
+            invocations: 0,
+            created_unix_ms: 0,
+            pending: Vec::new(),
+        };
+        let err = MemoryImage::restore(&manifest, &pages, 16 << 20).err().expect("refused");
+        assert!(err.contains("exceeds the task's limit"), "{err}");
+        let small = Manifest { memory_pages: 2, ..manifest };
+        let image = MemoryImage::restore(&small, &pages, 16 << 20).expect("within the limit");
+        assert_eq!(image.base.len(), 2 * PAGE);
     }
 }

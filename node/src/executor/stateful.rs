@@ -120,7 +120,7 @@ impl StatefulTask {
         let pending: Vec<(Option<String>, Vec<u8>)> = saved.as_ref().map(|m| m.pending.clone()).unwrap_or_default();
         let (inst, image, answers, sequence, invocations) = match saved {
             Some(m) => {
-                let image = MemoryImage::restore(&m, &pages).map_err(StartTaskError::Restore)?;
+                let image = MemoryImage::restore(&m, &pages, cfg.limits.memory_bytes).map_err(StartTaskError::Restore)?;
                 let mut inst = Instance::new(&module, name, cfg.limits, false)
                     .map_err(|e| StartTaskError::Module(e.to_string()))?;
                 image.apply_to(&mut inst).map_err(|e| StartTaskError::Restore(e.to_string()))?;
@@ -405,7 +405,7 @@ impl Actor {
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("checkpoint {key} is gone"))?;
         let m = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
-        let image = MemoryImage::restore(&m, &self.pages)?;
+        let image = MemoryImage::restore(&m, &self.pages, self.cfg.limits.memory_bytes)?;
         let mut inst = Instance::new(&self.module, name, self.cfg.limits, false).map_err(|e| e.to_string())?;
         image.apply_to(&mut inst).map_err(|e| e.to_string())?;
         let mut answers = AnswerCache::default();

@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod attacker;
 mod bad_input;
 mod cli;
 mod failover;

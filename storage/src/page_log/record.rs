@@ -15,7 +15,8 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::{io, Loc, ManifestLoc, PageLogError};
@@ -108,83 +109,137 @@ pub(super) fn version_of(path: &Path) -> Result<Version, PageLogError> {
     }
 }
 
-/// Reads every record of the file into an index.
+/// Reads every record of the file into an index. A record that fails its check — a rotten header
+/// (kind, key length, data length) or rotten bytes — is skipped: the scan looks for the next whole
+/// record that passes its checksum and goes on from there, keeping every valid record after the
+/// rot. Only what follows the last valid record is a torn tail (`Index::good`).
 pub(super) fn scan(path: &Path, version: Version) -> Result<Index, PageLogError> {
     let file = File::open(path).map_err(io(path))?;
-    let mut r = BufReader::with_capacity(1 << 20, file);
+    let end = file.metadata().map_err(io(path))?.len();
     let mut index = Index::default();
     let mut offset = 0u64;
     if version == Version::V2 {
-        let mut magic = [0u8; 8];
-        if !read_full(&mut r, &mut magic).map_err(io(path))? {
+        if end < MAGIC.len() as u64 {
             return Ok(index);
         }
         offset = MAGIC.len() as u64;
     }
     index.good = offset;
-    loop {
-        let mut head = [0u8; 3];
-        if !read_full(&mut r, &mut head).map_err(io(path))? {
-            return Ok(index);
-        }
-        let kind = head[0];
-        let key_len = u16::from_le_bytes([head[1], head[2]]) as usize;
-        let mut key = vec![0u8; key_len];
-        let mut len = [0u8; 4];
-        if !read_full(&mut r, &mut key).map_err(io(path))? || !read_full(&mut r, &mut len).map_err(io(path))? {
-            return Ok(index);
-        }
-        let data_len = u32::from_le_bytes(len);
-        if data_len > MAX_RECORD || !matches!(kind, KIND_PAGE | KIND_MANIFEST | KIND_TOMBSTONE) {
-            return Ok(index);
-        }
-        let mut data = vec![0u8; data_len as usize];
-        let mut sum = [0u8; 32];
-        if !read_full(&mut r, &mut data).map_err(io(path))? || !read_full(&mut r, &mut sum).map_err(io(path))? {
-            return Ok(index);
-        }
-        let data_offset = offset + 3 + key_len as u64 + 4;
-        offset = data_offset + u64::from(data_len) + 32;
-        let page_ok = kind != KIND_PAGE || Hash::from_slice(&key).is_some_and(|h| h == Hash::of(&data));
-        if checksum(version, kind, &key, &data) != sum || !page_ok {
-            // A whole record whose bytes rotted (the file goes on after it): skip it, keep the
-            // rest. Only a record cut short by the end of the file is a torn tail.
-            tracing::error!(path = %path.display(), offset = data_offset, "a page log record fails its check; skipping it");
-            index.good = offset;
-            continue;
-        }
-        match kind {
-            KIND_PAGE => {
-                if let Some(hash) = Hash::from_slice(&key) {
-                    index.pages.insert(hash, Loc { offset: data_offset, len: data_len });
-                }
-            }
-            KIND_MANIFEST => {
-                let Some((refs, used)) = decode_refs(&data) else { return Ok(index) };
-                let key = String::from_utf8_lossy(&key).into_owned();
-                let loc = Loc { offset: data_offset + used as u64, len: data_len - used as u32 };
-                index.manifests.insert(key, ManifestLoc { loc, refs });
-            }
-            _ => {
-                index.manifests.remove(&*String::from_utf8_lossy(&key));
+    while offset < end {
+        if let Some(rec) = record_at(&file, version, offset, end).map_err(io(path))? {
+            if add(&mut index, rec) {
+                offset = index.good;
+                continue;
             }
         }
-        index.good = offset;
+        match resync(&file, version, offset + 1, end).map_err(io(path))? {
+            Some(next) => {
+                tracing::error!(path = %path.display(), offset, skipped = next - offset, "page log bytes fail their check; skipping them");
+                offset = next;
+            }
+            None => break,
+        }
     }
+    Ok(index)
 }
 
-/// Fills `buf` completely; `Ok(false)` at a clean or torn end of file.
-pub(super) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
-    let mut done = 0;
-    while done < buf.len() {
-        match r.read(&mut buf[done..]) {
-            Ok(0) => return Ok(false),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// A whole record that passed its checks.
+struct Record {
+    kind: u8,
+    key: Vec<u8>,
+    data: Vec<u8>,
+    data_offset: u64,
+    /// Where the next record starts.
+    next: u64,
+}
+
+/// Adds a record to the index; `false` if its contents do not decode (a manifest's references).
+fn add(index: &mut Index, rec: Record) -> bool {
+    let data_len = rec.data.len() as u32;
+    match rec.kind {
+        KIND_PAGE => {
+            let Some(hash) = Hash::from_slice(&rec.key) else { return false };
+            index.pages.insert(hash, Loc { offset: rec.data_offset, len: data_len });
+        }
+        KIND_MANIFEST => {
+            let Some((refs, used)) = decode_refs(&rec.data) else { return false };
+            let key = String::from_utf8_lossy(&rec.key).into_owned();
+            let loc = Loc { offset: rec.data_offset + used as u64, len: data_len - used as u32 };
+            index.manifests.insert(key, ManifestLoc { loc, refs });
+        }
+        _ => {
+            index.manifests.remove(&*String::from_utf8_lossy(&rec.key));
         }
     }
-    Ok(true)
+    index.good = rec.next;
+    true
+}
+
+/// Longest key of a manifest or tombstone (an instance name) a scan takes for real.
+const MAX_KEY: usize = 4096;
+
+/// The record at `at` if a whole one that passes its checks starts there (a file of `end` bytes).
+fn record_at(file: &File, version: Version, at: u64, end: u64) -> std::io::Result<Option<Record>> {
+    let mut head = [0u8; 3];
+    if at + 3 > end {
+        return Ok(None);
+    }
+    file.read_exact_at(&mut head, at)?;
+    let kind = head[0];
+    let key_len = u16::from_le_bytes([head[1], head[2]]) as usize;
+    let key_ok = match kind {
+        KIND_PAGE => key_len == 32,
+        KIND_MANIFEST | KIND_TOMBSTONE => key_len <= MAX_KEY,
+        _ => false,
+    };
+    let len_at = at + 3 + key_len as u64;
+    if !key_ok || len_at + 4 > end {
+        return Ok(None);
+    }
+    let mut key_and_len = vec![0u8; key_len + 4];
+    file.read_exact_at(&mut key_and_len, at + 3)?;
+    let data_len = u32::from_le_bytes(key_and_len[key_len..].try_into().expect("4 bytes"));
+    key_and_len.truncate(key_len);
+    let key = key_and_len;
+    let data_offset = len_at + 4;
+    let next = data_offset + u64::from(data_len) + 32;
+    if data_len > MAX_RECORD || next > end {
+        return Ok(None);
+    }
+    let mut data = vec![0u8; data_len as usize + 32];
+    file.read_exact_at(&mut data, data_offset)?;
+    let sum: [u8; 32] = data[data_len as usize..].try_into().expect("32 bytes");
+    data.truncate(data_len as usize);
+    let page_ok = kind != KIND_PAGE || Hash::from_slice(&key).is_some_and(|h| h == Hash::of(&data));
+    if checksum(version, kind, &key, &data) != sum || !page_ok {
+        return Ok(None);
+    }
+    Ok(Some(Record { kind, key, data, data_offset, next }))
+}
+
+/// Where the first whole, valid record at or after `from` starts, if any.
+fn resync(file: &File, version: Version, from: u64, end: u64) -> std::io::Result<Option<u64>> {
+    let mut window = vec![0u8; 1 << 20];
+    let mut base = from;
+    while base < end {
+        let n = ((end - base) as usize).min(window.len());
+        let w = &mut window[..n];
+        file.read_exact_at(w, base)?;
+        for i in 0..n {
+            // A cheap look at the head first; only a plausible one is read and checked.
+            let plausible = match w[i] {
+                KIND_PAGE => w.get(i + 1..i + 3).is_none_or(|l| l == [32, 0]),
+                KIND_MANIFEST | KIND_TOMBSTONE => w.get(i + 2).is_none_or(|hi| usize::from(*hi) << 8 <= MAX_KEY),
+                _ => false,
+            };
+            let at = base + i as u64;
+            if plausible && record_at(file, version, at, end)?.is_some() {
+                return Ok(Some(at));
+            }
+        }
+        base += n as u64;
+    }
+    Ok(None)
 }
 
 /// A version-1 record, for the migration test.

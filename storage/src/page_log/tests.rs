@@ -83,6 +83,46 @@ fn flipped_bit_is_detected() {
     assert_eq!(log.stats().file_bytes, bytes.len() as u64);
 }
 
+/// A rotten record header in the middle of the log (its kind, or its data length made too large,
+/// or too small) costs that record only: every valid record after it is kept, nothing is cut.
+#[test]
+fn a_rotten_header_in_the_middle_skips_one_record_and_keeps_the_rest() {
+    let corruptions: [(&str, usize, &[u8]); 4] = [
+        ("kind", 0, &[0xee]),
+        ("huge data length", 3 + 32, &[0xff, 0xff, 0xff, 0xff]),
+        ("short data length", 3 + 32, &[0x10, 0x00, 0x00, 0x00]),
+        ("long data length", 3 + 32, &[0x00, 0x00, 0x03, 0x00]),
+    ];
+    for (what, at, bytes) in corruptions {
+        let dir = tempfile::tempdir().unwrap();
+        let log = PageLog::open(dir.path()).unwrap();
+        write_one(&log, "a#0", vec![page(1)], b"ma");
+        let rotten = log.stats().file_bytes as usize;
+        let b = page(2);
+        write_one(&log, "b#0", vec![b.clone()], b"mb");
+        write_one(&log, "c#0", vec![page(3)], b"mc");
+        let len = log.stats().file_bytes;
+        drop(log);
+        let path = dir.path().join("pages.log");
+        let mut file = fs::read(&path).unwrap();
+        file[rotten + at..rotten + at + bytes.len()].copy_from_slice(bytes);
+        fs::write(&path, &file).unwrap();
+
+        let log = PageLog::open(dir.path()).unwrap();
+        assert!(matches!(log.read_page(&b.0), Err(PageLogError::MissingPage(_))), "{what}");
+        assert_eq!(log.read_manifest("a#0").unwrap().unwrap(), b"ma", "{what}");
+        assert_eq!(log.read_manifest("b#0").unwrap().unwrap(), b"mb", "{what}: the record after the rotten one");
+        assert_eq!(log.read_manifest("c#0").unwrap().unwrap(), b"mc", "{what}");
+        assert_eq!(log.read_page(&page(3).0).unwrap(), page(3).1, "{what}");
+        assert_eq!(log.stats().file_bytes, len, "{what}: nothing was cut");
+        // And the log goes on taking writes after the rot.
+        write_one(&log, "d#0", vec![page(4)], b"md");
+        drop(log);
+        let log = PageLog::open(dir.path()).unwrap();
+        assert_eq!(log.read_manifest("d#0").unwrap().unwrap(), b"md", "{what}");
+    }
+}
+
 #[test]
 fn tombstone_and_compaction_drop_garbage() {
     let dir = tempfile::tempdir().unwrap();

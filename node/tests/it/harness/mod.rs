@@ -166,6 +166,18 @@ impl Hub {
         }
     }
 
+    /// The hub's resident memory, from `/proc`.
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.child.as_ref().expect("the hub runs").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kib << 10
+    }
+
     /// SIGSTOP (`true`) or SIGCONT (`false`): a hub that hangs, then wakes up.
     pub fn pause(&self, stop: bool) {
         let pid = self.child.as_ref().expect("the hub runs").id().to_string();
