@@ -44,9 +44,9 @@ fn main() {
         let mut l = lat(hubs[local].client.clone()).await;
         let mut r = lat(hubs[remote].client.clone()).await;
         let (l50, r50) = (pct(&mut l, 0.5), pct(&mut r, 0.5));
-        println!("| invoke through the host hub (HTTP, reqwest) | {:.0} µs | {:.0} µs | |", l50.as_secs_f64() * 1e6, pct(&mut l, 0.99).as_secs_f64() * 1e6);
+        println!("| invoke through the host hub (HTTP, reqwest), 3000 calls, 0 failed (a failure stops the run) | {:.0} µs | {:.0} µs | |", l50.as_secs_f64() * 1e6, pct(&mut l, 0.99).as_secs_f64() * 1e6);
         println!(
-            "| invoke through another hub (HTTP + forward over QUIC) | {:.0} µs | {:.0} µs | forwarding adds {:.0} µs at p50 |",
+            "| invoke through another hub (HTTP + forward over QUIC), 3000 calls, 0 failed | {:.0} µs | {:.0} µs | forwarding adds {:.0} µs at p50 |",
             r50.as_secs_f64() * 1e6,
             pct(&mut r, 0.99).as_secs_f64() * 1e6,
             (r50.as_secs_f64() - l50.as_secs_f64()) * 1e6

@@ -77,6 +77,16 @@ impl<Req: Wire, Resp: Wire> Endpoint<Req, Resp> {
         self.kind
     }
 
+    /// Decodes a request as the serving side does (for the fuzz targets).
+    pub fn decode_request(&self, raw: &[u8]) -> Result<Req, String> {
+        Req::from_wire(raw)
+    }
+
+    /// Decodes an answer as the calling side does (for the fuzz targets).
+    pub fn decode_answer(&self, raw: &[u8]) -> Result<Resp, String> {
+        Resp::from_wire(raw)
+    }
+
     /// Calls `target` (this hub itself in process).
     pub async fn call(&self, t: &Transport, target: u64, req: &Req, timeout: Duration) -> Result<Resp, RpcError> {
         self.call_unless(t, target, req, timeout, std::future::pending()).await
@@ -175,6 +185,11 @@ impl<Header: Wire, Resp: Wire> BulkEndpoint<Header, Resp> {
     /// Its stream kind.
     pub fn kind(&self) -> StreamKind {
         self.kind
+    }
+
+    /// Decodes a bulk stream's header as the serving side does (for the fuzz targets).
+    pub fn decode_header(&self, raw: &[u8]) -> Result<Header, String> {
+        Header::from_wire(raw)
     }
 
     /// Opens a stream to `target` and sends the header; the caller sends the body.

@@ -77,7 +77,7 @@ impl Manifest {
         pb::CheckpointManifest::from(self).encode_to_vec()
     }
 
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
         Self::try_from(pb::CheckpointManifest::decode(bytes)?)
     }
 
