@@ -8,7 +8,7 @@ use hubmesh_storage::Hash;
 
 use crate::ids::{Epoch, NodeId};
 use crate::state::{
-    BasedOn, CheckpointPolicy, CheckpointRecord, Command, CommandResult, DeployMode, Limits, NodeRecord, NodeStatus,
+    ApiScope, ApiTokenRecord, BasedOn, CheckpointPolicy, CheckpointRecord, Command, CommandResult, DeployMode, Limits, NodeRecord, NodeStatus,
     Outcome, Rejected, TaskKind, TaskSpec,
 };
 use crate::tls::CaMaterial;
@@ -74,6 +74,42 @@ impl From<&NodeRecord> for pb::NodeRecord {
             cert_fingerprint: n.cert_fingerprint.clone(),
             status: pb::NodeStatus::from(n.status) as i32,
         }
+    }
+}
+
+impl From<&ApiTokenRecord> for pb::ApiTokenRecord {
+    fn from(t: &ApiTokenRecord) -> Self {
+        Self {
+            token_hash: t.token_hash.clone(),
+            scope: match t.scope {
+                ApiScope::Admin => pb::ApiScope::Admin,
+                ApiScope::Invoke => pb::ApiScope::Invoke,
+            } as i32,
+            tasks: t.tasks.clone(),
+            created_ms: t.created_ms,
+            expires_ms: if t.expires_ms == u64::MAX { 0 } else { t.expires_ms },
+            revoked: t.revoked,
+        }
+    }
+}
+
+impl TryFrom<pb::ApiTokenRecord> for ApiTokenRecord {
+    type Error = WireError;
+
+    fn try_from(t: pb::ApiTokenRecord) -> Result<Self, WireError> {
+        let scope = match pb::ApiScope::try_from(t.scope) {
+            Ok(pb::ApiScope::Admin) => ApiScope::Admin,
+            Ok(pb::ApiScope::Invoke) => ApiScope::Invoke,
+            Ok(pb::ApiScope::Unspecified) | Err(_) => return Err(WireError::UnknownValue("API scope", t.scope)),
+        };
+        Ok(Self {
+            token_hash: t.token_hash,
+            scope,
+            tasks: t.tasks,
+            created_ms: t.created_ms,
+            expires_ms: if t.expires_ms == 0 { u64::MAX } else { t.expires_ms },
+            revoked: t.revoked,
+        })
     }
 }
 
@@ -258,6 +294,10 @@ impl From<&Command> for pb::Command {
                 secret_hash: secret_hash.clone(),
                 at_ms: *at_ms,
             }),
+            Command::CreateApiToken { name, record } => {
+                C::CreateApiToken(c::CreateApiToken { name: name.clone(), record: Some(record.into()) })
+            }
+            Command::RevokeApiToken { name } => C::RevokeApiToken(c::RevokeApiToken { name: name.clone() }),
         };
         Self { command: Some(command) }
     }
@@ -310,6 +350,11 @@ impl TryFrom<pb::Command> for Command {
                 secret_hash: c.secret_hash,
                 at_ms: c.at_ms,
             },
+            C::CreateApiToken(c) => Self::CreateApiToken {
+                name: c.name,
+                record: c.record.ok_or(WireError::Missing("the API token record"))?.try_into()?,
+            },
+            C::RevokeApiToken(c) => Self::RevokeApiToken { name: c.name },
         })
     }
 }
@@ -339,6 +384,8 @@ fn outcome(o: &Outcome) -> pb::Outcome {
         Outcome::StatusSet => plain(K::StatusSet),
         Outcome::NodeRemoved => plain(K::NodeRemoved),
         Outcome::CopiesAdded => plain(K::CopiesAdded),
+        Outcome::ApiTokenCreated => plain(K::ApiTokenCreated),
+        Outcome::ApiTokenRevoked => plain(K::ApiTokenRevoked),
     }
 }
 
@@ -360,6 +407,8 @@ fn from_outcome(o: pb::Outcome) -> Result<Outcome, WireError> {
         Ok(K::StatusSet) => Outcome::StatusSet,
         Ok(K::NodeRemoved) => Outcome::NodeRemoved,
         Ok(K::CopiesAdded) => Outcome::CopiesAdded,
+        Ok(K::ApiTokenCreated) => Outcome::ApiTokenCreated,
+        Ok(K::ApiTokenRevoked) => Outcome::ApiTokenRevoked,
         Ok(K::Unspecified) | Err(_) => return Err(WireError::UnknownValue("outcome", o.kind)),
     })
 }
@@ -388,6 +437,8 @@ fn rejection(r: &Rejected) -> pb::Rejection {
         Rejected::BadToken(m) => text(K::BadToken, m),
         Rejected::Removed(n) => node(K::Removed, *n),
         Rejected::NodeIdTaken(n) => node(K::NodeIdTaken, *n),
+        Rejected::ApiTokenExists(n) => text(K::ApiTokenExists, n),
+        Rejected::NoSuchApiToken(n) => text(K::NoSuchApiToken, n),
     }
 }
 
@@ -407,6 +458,8 @@ fn from_rejection(r: pb::Rejection) -> Result<Rejected, WireError> {
         Ok(K::BadToken) => Rejected::BadToken(r.text),
         Ok(K::Removed) => Rejected::Removed(NodeId(r.node)),
         Ok(K::NodeIdTaken) => Rejected::NodeIdTaken(NodeId(r.node)),
+        Ok(K::ApiTokenExists) => Rejected::ApiTokenExists(r.text),
+        Ok(K::NoSuchApiToken) => Rejected::NoSuchApiToken(r.text),
         Ok(K::Unspecified) | Err(_) => return Err(WireError::UnknownValue("rejection", r.kind)),
     })
 }

@@ -8,7 +8,7 @@ use hubmesh_storage::Hash;
 use super::{result_from_wire, result_to_wire, WireError};
 use crate::ids::{Epoch, NodeId};
 use crate::state::{
-    BasedOn, CheckpointPolicy, CheckpointRecord, Command, CommandResult, DeployMode, Limits, NodeRecord, NodeStatus,
+    ApiScope, ApiTokenRecord, BasedOn, CheckpointPolicy, CheckpointRecord, Command, CommandResult, DeployMode, Limits, NodeRecord, NodeStatus,
     Outcome, Rejected, TaskKind, TaskSpec,
 };
 use crate::tls::CaMaterial;
@@ -101,7 +101,14 @@ fn every_command() -> Vec<Command> {
         Command::RevokeToken { id: "t1".into() },
         Command::RemoveNode { node: NodeId(7) },
         Command::AdmitNode { node: node(NodeStatus::Up), token_id: "t1".into(), secret_hash: "h".into(), at_ms: 2 },
+        Command::RevokeApiToken { name: "lights".into() },
     ];
+    for (scope, tasks, expires_ms, revoked) in
+        [(ApiScope::Admin, vec![], u64::MAX, false), (ApiScope::Invoke, vec!["hall".to_owned(), "pump".to_owned()], 99, true)]
+    {
+        let record = ApiTokenRecord { token_hash: "ab".repeat(32), scope, tasks, created_ms: 5, expires_ms, revoked };
+        all.push(Command::CreateApiToken { name: "lights".into(), record });
+    }
     for status in [NodeStatus::Up, NodeStatus::Suspect, NodeStatus::Down, NodeStatus::Draining] {
         all.push(Command::SetNodeStatus { node: NodeId(7), status });
     }
@@ -135,6 +142,8 @@ fn every_result_survives_the_wire() {
         Ok(Outcome::StatusSet),
         Ok(Outcome::NodeRemoved),
         Ok(Outcome::CopiesAdded),
+        Ok(Outcome::ApiTokenCreated),
+        Ok(Outcome::ApiTokenRevoked),
         Err(Rejected::TaskExists("a".into())),
         Err(Rejected::NoSuchTask("b".into())),
         Err(Rejected::NoSuchNode(NodeId(3))),
@@ -147,6 +156,8 @@ fn every_result_survives_the_wire() {
         Err(Rejected::BadToken("wrong secret".into())),
         Err(Rejected::Removed(NodeId(5))),
         Err(Rejected::NodeIdTaken(NodeId(6))),
+        Err(Rejected::ApiTokenExists("lights".into())),
+        Err(Rejected::NoSuchApiToken("pump".into())),
     ];
     let mut all = results.clone();
     all.push(Ok(Outcome::Batch(results)));

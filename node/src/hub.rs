@@ -83,6 +83,11 @@ impl Hub {
         &self.blobs
     }
 
+    /// This hub's own API token (`DATA_DIR/admin.token`).
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
     /// Whether `presented` is this hub's API token.
     pub(crate) fn token_matches(&self, presented: &[u8]) -> bool {
         // Constant time: the comparison must not tell how much of a guess was right.

@@ -10,6 +10,7 @@
 //!
 //! `server::run` is the boot script; `main.rs` only parses the command line.
 
+mod access;
 mod api;
 pub mod checkpoint;
 pub mod cli;

@@ -133,6 +133,7 @@ pub async fn run(
     workers.spawn(crate::reconcile::module_keeper(hub.clone()));
     workers.spawn(crate::replication::upkeep(hub.clone()));
     workers.spawn(crate::leader::LeaderDuties::new(hub.clone(), api_addr.to_string()));
+    workers.spawn(crate::access::AdminTokenKeeper::new(hub.clone()));
 
     tracing::info!(
         api = %format!("http://{api_addr}"),

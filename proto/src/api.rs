@@ -256,6 +256,46 @@ pub struct TokenRequest {
     pub ttl: Option<String>,
 }
 
+/// `POST /v1/api-tokens`: a mesh-wide API token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ApiTokenRequest {
+    /// Its name: 1-64 characters of a-z, 0-9, '-' or '_'.
+    pub name: String,
+    /// `admin` (every route) or `invoke` (only invoking tasks). Default `admin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// For an `invoke` token: the tasks it may invoke (none: every task).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<String>,
+    /// How long it works, e.g. `30d` (default: until revoked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+}
+
+/// An API token as listed: never the token itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiTokenInfo {
+    pub name: String,
+    /// `admin` or `invoke`.
+    pub scope: String,
+    /// For an `invoke` token: the tasks it may invoke (empty: every task).
+    pub tasks: Vec<String>,
+    pub created_unix_ms: u64,
+    /// `None`: until revoked.
+    pub expires_unix_ms: Option<u64>,
+    pub revoked: bool,
+    /// Whether every hub accepts it now (not revoked, not expired).
+    pub valid: bool,
+}
+
+/// A created API token: the token is shown once, here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiTokenCreated {
+    pub token: String,
+    #[serde(flatten)]
+    pub info: ApiTokenInfo,
+}
+
 /// A join token for `hubmesh up --join`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TokenResponse {

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+mod api_tokens;
+pub use api_tokens::{validate_api_token_name, MAX_API_TOKEN_NAME, MAX_API_TOKEN_TASKS};
 mod records;
 
 pub use records::*;
@@ -28,6 +30,9 @@ pub struct ClusterState {
     /// Join tokens by id.
     #[serde(default)]
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// API tokens by name (see `api_tokens`).
+    #[serde(default)]
+    pub api_tokens: BTreeMap<String, ApiTokenRecord>,
     /// Certificates of removed hubs (hex SHA-256): the mesh endpoint refuses them.
     #[serde(default)]
     pub revoked: std::collections::BTreeSet<String>,
@@ -83,6 +88,10 @@ pub enum Command {
     RemoveNode { node: NodeId },
     /// Admits a joining hub that proved a token's secret.
     AdmitNode { node: NodeRecord, token_id: String, secret_hash: String, at_ms: u64 },
+    /// Creates an API token (its name must be free).
+    CreateApiToken { name: String, record: ApiTokenRecord },
+    /// Revokes an API token: every hub refuses it from then on.
+    RevokeApiToken { name: String },
 }
 
 /// What an applied command did.
@@ -114,6 +123,8 @@ pub enum Outcome {
     NodeRemoved,
     /// Copies of the committed checkpoint were recorded.
     CopiesAdded,
+    ApiTokenCreated,
+    ApiTokenRevoked,
 }
 
 /// Why a command was refused. A refused command changed nothing.
@@ -149,6 +160,12 @@ pub enum Rejected {
     /// Another hub already has this node id.
     #[error("node id {0} is already taken by another hub")]
     NodeIdTaken(NodeId),
+    /// An API token with this name exists (revoked or not).
+    #[error("an API token named {0:?} exists")]
+    ApiTokenExists(String),
+    /// No API token has this name.
+    #[error("no API token named {0:?}")]
+    NoSuchApiToken(String),
 }
 
 /// The state machine's answer to one command.
@@ -301,6 +318,8 @@ impl ClusterState {
                 self.nodes.insert(node.id, node.clone());
                 Ok(Outcome::Admitted)
             }
+            Command::CreateApiToken { name, record } => self.create_api_token(name, record),
+            Command::RevokeApiToken { name } => self.revoke_api_token(name),
             Command::Batch(cmds) => {
                 if cmds.iter().any(|c| matches!(c, Command::Batch(_))) {
                     return Err(Rejected::Invalid("batches do not nest".into()));

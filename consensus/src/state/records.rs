@@ -214,6 +214,29 @@ pub struct TokenRecord {
     pub revoked: bool,
 }
 
+/// What an API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApiScope {
+    /// Every route of the API.
+    Admin,
+    /// Only invoking tasks: all of them, or the ones the record names.
+    Invoke,
+}
+
+/// An API token as the mesh remembers it: a hash of the token, never the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenRecord {
+    /// Hex SHA-256 of the whole token.
+    pub token_hash: String,
+    pub scope: ApiScope,
+    /// For `Invoke`: the tasks it may invoke; empty for all.
+    pub tasks: Vec<String>,
+    pub created_ms: u64,
+    /// When it stops working; `u64::MAX` for never.
+    pub expires_ms: u64,
+    pub revoked: bool,
+}
+
 /// The committed checkpoint a new one was built on: `(epoch, sequence)`, or none at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BasedOn {

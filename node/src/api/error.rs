@@ -44,9 +44,14 @@ impl ApiError {
         .hint("`hubmesh node list` shows which hubs are down; bring a majority of voters back")
     }
 
+    pub(crate) fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+            .hint("`hubmesh api-token list` shows each token's scope; an admin token may do everything")
+    }
+
     pub(crate) fn unauthorized() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong API token")
-            .hint("send `Authorization: Bearer <token>`; the token is in DATA_DIR/admin.token (HUBMESH_TOKEN or --token-file for the CLI)")
+            .hint("send `Authorization: Bearer <token>`: a token from `hubmesh api-token create`, or any hub's DATA_DIR/admin.token (HUBMESH_TOKEN or --token-file for the CLI)")
     }
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP API (axum): `/v1/...` behind a bearer token, `/health` and `/metrics` open.
 //! `docs/api.md` documents every route; `error.rs` is the only place that picks status codes.
 
+mod api_tokens;
 mod auth;
 mod error;
 mod tasks;
@@ -32,6 +33,8 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/workers", get(workers))
         .route("/v1/tokens", post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/v1/api-tokens", get(api_tokens::list).post(api_tokens::create))
+        .route("/v1/api-tokens/{name}", axum::routing::delete(api_tokens::revoke))
         .route("/v1/nodes/{name}/drain", post(drain))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/tasks", get(tasks::list))

@@ -53,6 +53,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// API tokens: mesh-wide, scoped, revocable on every hub at once.
+    ApiToken {
+        #[command(subcommand)]
+        cmd: ApiTokenCmd,
+    },
     /// The hubs of the mesh.
     Node {
         #[command(subcommand)]
@@ -86,6 +91,35 @@ pub enum TokenCmd {
     },
     /// Revoke a token (given whole, or its id): it admits no more hubs.
     Revoke { token: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiTokenCmd {
+    /// Create a token that every hub accepts, and print it (it is shown only once).
+    Create {
+        /// Its name (for list and revoke): 1-64 characters of a-z, 0-9, '-' or '_'.
+        name: String,
+        /// `admin` (every route) or `invoke` (only invoking tasks).
+        #[arg(long, default_value = "admin")]
+        scope: String,
+        /// With `--scope invoke`: a task it may invoke (repeatable; none: every task).
+        #[arg(long = "task")]
+        tasks: Vec<String>,
+        /// How long it works, e.g. 30d (default: until revoked).
+        #[arg(long)]
+        expires: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the tokens (never the tokens themselves).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: every hub refuses it from then on.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,6 +205,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token { cmd: TokenCmd::Create { ttl } } => {
             let t = cli.conn.client()?.create_token(Some(&ttl)).await?;
             println!("{}", t.token);
+            Ok(())
+        }
+        Command::ApiToken { cmd: ApiTokenCmd::Create { name, scope, tasks, expires, json } } => {
+            let req = hubmesh_proto::api::ApiTokenRequest { name, scope: Some(scope), tasks, expires };
+            let t = cli.conn.client()?.create_api_token(&req).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!("{}", t.token);
+            }
+            Ok(())
+        }
+        Command::ApiToken { cmd: ApiTokenCmd::List { json } } => {
+            let tokens = cli.conn.client()?.api_tokens().await?;
+            output::api_tokens(&tokens, json)
+        }
+        Command::ApiToken { cmd: ApiTokenCmd::Revoke { name } } => {
+            cli.conn.client()?.revoke_api_token(&name).await?;
+            println!("revoked {name}");
             Ok(())
         }
         Command::Node { cmd: NodeCmd::Rm { name } } => {

@@ -144,6 +144,28 @@ pub(super) fn workers(workers: &[api::WorkerInfo], json: bool) -> anyhow::Result
     Ok(())
 }
 
+pub(super) fn api_tokens(tokens: &[api::ApiTokenInfo], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&tokens);
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let rows = tokens
+        .iter()
+        .map(|t| {
+            let tasks = if t.tasks.is_empty() { "*".to_owned() } else { t.tasks.join(",") };
+            let expires = match t.expires_unix_ms {
+                None => "never".to_owned(),
+                Some(at) if at <= now => "expired".to_owned(),
+                Some(at) => format!("in {}", humantime::format_duration(std::time::Duration::from_secs((at - now) / 1000))),
+            };
+            let state = if t.revoked { "revoked" } else if t.valid { "valid" } else { "expired" };
+            vec![t.name.clone(), t.scope.clone(), tasks, expires, state.to_owned()]
+        })
+        .collect();
+    table(&["NAME", "SCOPE", "TASKS", "EXPIRES", "STATE"], rows);
+    Ok(())
+}
+
 pub(super) fn json_or<T: serde::Serialize>(v: &T, json: bool, human: impl FnOnce()) -> anyhow::Result<()> {
     if json {
         return print_json(v);

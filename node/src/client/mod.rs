@@ -227,6 +227,22 @@ impl Client {
         self.send(self.req(reqwest::Method::DELETE, &path), &path).await.map(|_| ())
     }
 
+    /// `POST /v1/api-tokens`: a mesh-wide API token (shown once).
+    pub async fn create_api_token(&self, req: &api::ApiTokenRequest) -> Result<api::ApiTokenCreated, ClientError> {
+        self.json(self.req(reqwest::Method::POST, "/v1/api-tokens").json(req), "/v1/api-tokens").await
+    }
+
+    /// `GET /v1/api-tokens`.
+    pub async fn api_tokens(&self) -> Result<Vec<api::ApiTokenInfo>, ClientError> {
+        self.json(self.req(reqwest::Method::GET, "/v1/api-tokens"), "/v1/api-tokens").await
+    }
+
+    /// `DELETE /v1/api-tokens/{name}`.
+    pub async fn revoke_api_token(&self, name: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/api-tokens/{name}");
+        self.send(self.req(reqwest::Method::DELETE, &path), &path).await.map(|_| ())
+    }
+
     /// Whether an error means the hub is not there (as opposed to answering).
     pub fn is_unreachable(e: &ClientError) -> bool {
         matches!(e, ClientError::Transport { .. })

@@ -80,6 +80,44 @@ async fn tokens_unknown_names_and_oversized_input() {
         let err = c.tasks().await.unwrap_err();
         assert_eq!(err.status(), Some(401));
     }
+    step("every mutating route refuses a missing or wrong token and changes nothing");
+    let client = hub.client.clone();
+    wait_until(Duration::from_secs(30), "the hub's admin token is registered in the mesh", || {
+        let c = client.clone();
+        async move { c.api_tokens().await.is_ok_and(|t| t.iter().any(|t| t.name.starts_with("hub-"))) }
+    })
+    .await;
+    let versions = |tasks: Vec<hubmesh_proto::api::TaskInfo>| tasks.into_iter().map(|t| (t.name, t.version)).collect::<Vec<_>>();
+    let tasks_before = versions(hub.client.tasks().await.unwrap());
+    let tokens_before = hub.client.api_tokens().await.unwrap();
+    let applied_before = hub.client.status().await.unwrap().last_applied;
+    let http = reqwest::Client::new();
+    let routes = [
+        (reqwest::Method::POST, "/v1/tokens"),
+        (reqwest::Method::DELETE, "/v1/tokens/0011aabb"),
+        (reqwest::Method::POST, "/v1/tasks/echo2"),
+        (reqwest::Method::PUT, "/v1/tasks/echo"),
+        (reqwest::Method::DELETE, "/v1/tasks/echo"),
+        (reqwest::Method::POST, "/v1/tasks/echo/checkpoint"),
+        (reqwest::Method::POST, "/v1/tasks/echo/invoke"),
+        (reqwest::Method::POST, "/v1/nodes/x/drain"),
+        (reqwest::Method::DELETE, "/v1/nodes/x"),
+        (reqwest::Method::POST, "/v1/api-tokens"),
+        (reqwest::Method::DELETE, "/v1/api-tokens/hub-1"),
+    ];
+    for (method, path) in routes {
+        for token in [None, Some("wrong"), Some("hmt.x.00112233445566778899aabbccddeeff")] {
+            let mut req = http.request(method.clone(), format!("{}{path}", hub.url)).body(example_bytes("echo.wat"));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 401, "{method} {path} with {token:?}");
+        }
+    }
+    assert_eq!(versions(hub.client.tasks().await.unwrap()), tasks_before);
+    assert_eq!(hub.client.api_tokens().await.unwrap(), tokens_before);
+    assert_eq!(hub.client.status().await.unwrap().last_applied, applied_before, "the Raft log moved");
     step("unknown task and route");
     let err = hub.client.invoke("nope", b"x".to_vec(), None).await.unwrap_err();
     assert_eq!((err.status(), err.code()), (Some(404), Some("not_found")));

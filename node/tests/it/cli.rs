@@ -46,11 +46,23 @@ async fn deploy_invoke_list_rm_from_the_command_line() {
             "reconciler",
             "module-keeper",
             "replication-upkeep",
-            "leader"
+            "leader",
+            "api-tokens"
         ]
     );
     assert!(workers.as_array().unwrap().iter().all(|w| w["rounds"].as_u64().unwrap() > 0), "{workers}");
     assert!(ok(&hub.cli(&["worker", "list"])).starts_with("WORKER"));
+
+    step("api-token create, list, revoke");
+    let token = ok(&hub.cli(&["api-token", "create", "dev", "--scope", "invoke", "--task", "counter", "--expires", "1d"]));
+    assert!(token.trim().starts_with("hmt.dev."), "{token}");
+    let list = ok(&hub.cli(&["api-token", "list"]));
+    assert!(list.starts_with("NAME") && list.contains("dev") && list.contains("invoke") && list.contains("counter"), "{list}");
+    assert!(!list.contains(token.trim()), "the list shows no token");
+    assert!(ok(&hub.cli(&["api-token", "revoke", "dev"])).contains("revoked dev"));
+    let listed: serde_json::Value = serde_json::from_str(&ok(&hub.cli(&["api-token", "list", "--json"]))).unwrap();
+    let dev = listed.as_array().unwrap().iter().find(|t| t["name"] == "dev").unwrap();
+    assert_eq!((dev["revoked"].as_bool(), dev["valid"].as_bool()), (Some(true), Some(false)), "{dev}");
     step("errors go to stderr with a non-zero exit");
     let out = hub.cli(&["task", "invoke", "missing"]);
     assert!(!out.status.success());

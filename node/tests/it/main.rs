@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod api_tokens;
 mod attacker;
 mod bad_input;
 mod cli;

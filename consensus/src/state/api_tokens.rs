@@ -1,0 +1,137 @@
+//! API tokens belong to the mesh: created, listed and revoked through Raft, stored as hashes, and
+//! honoured by every hub (it looks the presented token's hash up in its applied state).
+
+use super::{validate_task_name, ApiScope, ApiTokenRecord, ClusterState, CommandResult, Outcome, Rejected};
+
+/// Longest API token name.
+pub const MAX_API_TOKEN_NAME: usize = 64;
+/// Most tasks one invoke token may name.
+pub const MAX_API_TOKEN_TASKS: usize = 64;
+
+/// Checks an API token's name: like a task name, 1–64 characters of `[a-z0-9_-]`.
+pub fn validate_api_token_name(name: &str) -> Result<(), Rejected> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_API_TOKEN_NAME
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(Rejected::Invalid(format!(
+            "API token name {name:?} must be 1-{MAX_API_TOKEN_NAME} characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
+        )))
+    }
+}
+
+impl ClusterState {
+    pub(super) fn create_api_token(&mut self, name: &str, record: &ApiTokenRecord) -> CommandResult {
+        validate_api_token_name(name)?;
+        if self.api_tokens.contains_key(name) {
+            return Err(Rejected::ApiTokenExists(name.to_owned()));
+        }
+        let hash_ok = record.token_hash.len() == 64 && record.token_hash.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hash_ok {
+            return Err(Rejected::Invalid("an API token's hash is 64 hex digits".into()));
+        }
+        if self.api_tokens.values().any(|t| t.token_hash == record.token_hash) {
+            return Err(Rejected::Invalid("that token is already registered under another name".into()));
+        }
+        if record.revoked {
+            return Err(Rejected::Invalid("a new API token cannot be revoked".into()));
+        }
+        if record.scope == ApiScope::Admin && !record.tasks.is_empty() {
+            return Err(Rejected::Invalid("an admin token cannot be limited to tasks".into()));
+        }
+        if record.tasks.len() > MAX_API_TOKEN_TASKS {
+            return Err(Rejected::Invalid(format!("an API token names at most {MAX_API_TOKEN_TASKS} tasks")));
+        }
+        for t in &record.tasks {
+            validate_task_name(t)?;
+        }
+        self.api_tokens.insert(name.to_owned(), record.clone());
+        Ok(Outcome::ApiTokenCreated)
+    }
+
+    pub(super) fn revoke_api_token(&mut self, name: &str) -> CommandResult {
+        let t = self.api_tokens.get_mut(name).ok_or_else(|| Rejected::NoSuchApiToken(name.to_owned()))?;
+        t.revoked = true;
+        Ok(Outcome::ApiTokenRevoked)
+    }
+
+    /// The API token whose hash is `token_hash`, with its name, whether or not it still works.
+    pub fn api_token_by_hash(&self, token_hash: &str) -> Option<(&str, &ApiTokenRecord)> {
+        self.api_tokens.iter().find(|(_, t)| t.token_hash == token_hash).map(|(n, t)| (n.as_str(), t))
+    }
+}
+
+impl ApiTokenRecord {
+    /// Whether it works at `now_ms`: not revoked, not expired.
+    pub fn is_valid_at(&self, now_ms: u64) -> bool {
+        !self.revoked && now_ms < self.expires_ms
+    }
+
+    /// Whether it may invoke `task` (an admin token may do everything).
+    pub fn may_invoke(&self, task: &str) -> bool {
+        match self.scope {
+            ApiScope::Admin => true,
+            ApiScope::Invoke => self.tasks.is_empty() || self.tasks.iter().any(|t| t == task),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Command;
+    use super::*;
+
+    fn record(hash_byte: char, scope: ApiScope, tasks: &[&str]) -> ApiTokenRecord {
+        ApiTokenRecord {
+            token_hash: hash_byte.to_string().repeat(64),
+            scope,
+            tasks: tasks.iter().map(|t| t.to_string()).collect(),
+            created_ms: 1,
+            expires_ms: 100,
+            revoked: false,
+        }
+    }
+
+    fn create(name: &str, r: ApiTokenRecord) -> Command {
+        Command::CreateApiToken { name: name.into(), record: r }
+    }
+
+    #[test]
+    fn api_tokens_are_created_once_found_by_hash_and_revoked() {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(&create("lights", record('a', ApiScope::Invoke, &["hall"]))), Ok(Outcome::ApiTokenCreated));
+        let before = s.clone();
+        for bad in [
+            create("lights", record('b', ApiScope::Invoke, &[])),
+            create("other", record('a', ApiScope::Admin, &[])),
+            create("Bad Name", record('c', ApiScope::Admin, &[])),
+            create("x", ApiTokenRecord { token_hash: "zz".into(), ..record('c', ApiScope::Admin, &[]) }),
+            create("x", record('c', ApiScope::Admin, &["hall"])),
+            create("x", record('c', ApiScope::Invoke, &["Not A Task"])),
+            create("x", ApiTokenRecord { revoked: true, ..record('c', ApiScope::Admin, &[]) }),
+            Command::RevokeApiToken { name: "nobody".into() },
+        ] {
+            assert!(s.apply(&bad).is_err(), "{bad:?}");
+            assert_eq!(s, before, "a refused command changed the state: {bad:?}");
+        }
+        assert_eq!(s.apply(&create("lights2", record('b', ApiScope::Invoke, &[]))), Ok(Outcome::ApiTokenCreated));
+
+        let (name, t) = s.api_token_by_hash(&"a".repeat(64)).unwrap();
+        assert_eq!(name, "lights");
+        assert!(t.is_valid_at(99) && !t.is_valid_at(100), "expires at expires_ms");
+        assert!(t.may_invoke("hall") && !t.may_invoke("garage"));
+        assert!(s.api_token_by_hash(&"b".repeat(64)).unwrap().1.may_invoke("garage"), "no task list: every task");
+        assert!(s.api_token_by_hash(&"f".repeat(64)).is_none());
+
+        assert_eq!(s.apply(&Command::RevokeApiToken { name: "lights".into() }), Ok(Outcome::ApiTokenRevoked));
+        assert!(!s.api_token_by_hash(&"a".repeat(64)).unwrap().1.is_valid_at(0));
+        assert_eq!(
+            s.apply(&create("lights", record('d', ApiScope::Admin, &[]))),
+            Err(Rejected::ApiTokenExists("lights".into())),
+            "a revoked name stays taken"
+        );
+    }
+}
