@@ -31,9 +31,17 @@ pub struct Applied {
     pub leader_before: Option<u64>,
     /// The signals were delivered, or the rules dropped at least one packet.
     pub effective: bool,
+    /// The hub was the one the target names (`false`: the mesh could not be read, or named no
+    /// such hub, and the fault landed on a random hub; I13 then says unknown).
+    #[serde(default = "yes")]
+    pub aimed: bool,
     /// Packets the rules dropped (network faults).
     pub dropped: u64,
     pub note: String,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What the nemesis knows of the mesh when it picks a target.
@@ -61,8 +69,9 @@ pub async fn view(lab: &Lab, tasks: &[String]) -> View {
     View::default()
 }
 
-/// Picks the hub a step's target names; falls back to a random running hub.
-pub fn resolve(lab: &Lab, view: &View, target: Target, rng: &mut impl Rng) -> usize {
+/// Picks the hub a step's target names, and whether it found one; falls back to a random running
+/// hub (not aimed).
+pub fn resolve(lab: &Lab, view: &View, target: Target, rng: &mut impl Rng) -> (usize, bool) {
     let running: Vec<usize> = lab.hubs.iter().filter(|h| h.is_running()).map(|h| h.index).collect();
     let by_node = |id: u64| lab.index_of(id).filter(|i| running.contains(i));
     let picked = match target {
@@ -77,7 +86,11 @@ pub fn resolve(lab: &Lab, view: &View, target: Target, rng: &mut impl Rng) -> us
             holders.choose(rng).copied().and_then(by_node)
         }
     };
-    picked.unwrap_or_else(|| *running.choose(rng).unwrap_or(&0))
+    match (picked, target) {
+        (Some(i), _) => (i, true),
+        (None, Target::One) => (*running.choose(rng).unwrap_or(&0), true),
+        (None, _) => (*running.choose(rng).unwrap_or(&0), false),
+    }
 }
 
 /// The firewall rules of every hub for a network fault around hub `t`; also the hubs involved.
@@ -155,7 +168,7 @@ pub async fn apply(
     let v = view(lab, &all).await;
     let mut targets = v.clone();
     targets.tasks.retain(|name, _| tasks.contains(name));
-    let t = resolve(lab, &targets, step.target, rng);
+    let (t, aimed) = resolve(lab, &targets, step.target, rng);
     let n = lab.hubs.len();
     let mut applied = Applied {
         fault: step.fault,
@@ -167,6 +180,7 @@ pub async fn apply(
         hosts_before: v.tasks.iter().map(|(k, (h, e, _))| (k.clone(), (*h, *e))).collect(),
         leader_before: v.leader,
         effective: false,
+        aimed,
         dropped: 0,
         note: String::new(),
     };

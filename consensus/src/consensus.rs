@@ -248,6 +248,11 @@ impl Consensus {
             at_ms,
         };
         self.propose(cmd).await?;
+        // A follower's proposal returns once the leader commits it; the token names this hub,
+        // whose join server checks it against its own applied state: wait until that has it.
+        let mut state = self.watch();
+        let id = token.id.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(5), state.wait_for(|s| s.tokens.contains_key(&id))).await;
         Ok(token.to_string())
     }
 

@@ -185,6 +185,7 @@ mod tests {
             hosts_before: [("c".to_string(), (10, 1))].into(),
             leader_before: leader,
             effective: true,
+            aimed: true,
             dropped: 0,
             note: String::new(),
         }

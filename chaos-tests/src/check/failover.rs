@@ -119,6 +119,7 @@ mod tests {
             hosts_before: [("c".to_string(), (10, 1))].into(),
             leader_before: Some(20),
             effective: true,
+            aimed: true,
             dropped: 0,
             note: String::new(),
         }

@@ -70,6 +70,15 @@ pub fn not_vacuous(events: &[Event], ev: &Evidence) -> CheckResult {
     if ev.faults.len() < ev.planned_faults {
         r.unsure(format!("{} of {} planned faults were applied", ev.faults.len(), ev.planned_faults));
     }
+    for f in ev.faults.iter().filter(|f| !f.aimed) {
+        r.unsure(format!(
+            "{} aimed at the {:?} landed on n{} at random (the mesh could not be read) at {:.3}s",
+            f.fault.name(),
+            f.target,
+            f.hub + 1,
+            f.start_us as f64 / 1e6
+        ));
+    }
     for f in ev.faults.iter().filter(|f| !f.effective) {
         r.unsure(format!(
             "{} on n{} at {:.3}s had no effect (no packet dropped)",
@@ -112,6 +121,36 @@ mod tests {
         assert_eq!(not_vacuous(&h.events, &ev).verdict, Verdict::True);
         ev.planned_faults = 1;
         assert_eq!(not_vacuous(&h.events, &ev).verdict, Verdict::Unknown);
+    }
+
+    #[test]
+    fn a_fault_that_could_not_be_aimed_makes_the_run_unknown() {
+        use crate::nemesis::Applied;
+        use crate::scenario::{FaultKind, Target};
+        let mut h = H::default();
+        h.add_ok("c", 1, &[1], 10, 1);
+        h.read_ok("c", &[1], 10, 1);
+        let mut ev = evidence(Some(&[1]), true);
+        let pause = |aimed| Applied {
+            fault: FaultKind::PauseShort,
+            target: Target::Holder,
+            hub: 2,
+            hubs: vec![2],
+            start_us: 1_000_000,
+            end_us: 2_000_000,
+            hosts_before: Default::default(),
+            leader_before: Some(1),
+            effective: true,
+            aimed,
+            dropped: 0,
+            note: String::new(),
+        };
+        ev.planned_faults = 1;
+        ev.faults = vec![pause(true)];
+        assert_eq!(not_vacuous(&h.events, &ev).verdict, Verdict::True);
+        ev.faults = vec![pause(false)];
+        let r = not_vacuous(&h.events, &ev);
+        assert_eq!(r.verdict, Verdict::Unknown, "{r:?}");
     }
 
     #[test]

@@ -193,7 +193,8 @@ pub fn validate_task_name(name: &str) -> Result<(), Rejected> {
 pub const MAX_NODE_NAME: usize = 64;
 
 /// Checks what a joining hub says about itself: a name of 1–64 printable characters, a mesh
-/// address that parses and an API address that parses or is empty.
+/// address that parses and an API address that parses or is empty. Checked by the member that
+/// admits it, not by `apply` (entries admitted before this rule existed must replay alike).
 pub fn validate_joiner(node: &NodeRecord) -> Result<(), Rejected> {
     let name_ok = !node.name.is_empty() && node.name.len() <= MAX_NODE_NAME && !node.name.chars().any(char::is_control);
     if !name_ok {
@@ -209,8 +210,8 @@ pub fn validate_joiner(node: &NodeRecord) -> Result<(), Rejected> {
 
 impl ClusterState {
     /// Whether `AdmitNode` of `node` with this token would be accepted at `at_ms`: the token
-    /// exists, is neither revoked nor expired, its secret matches, the id is free and the record is
-    /// well formed. A member checks this before it signs or proposes anything for a joiner.
+    /// exists, is neither revoked nor expired, its secret matches and the id is free. A member
+    /// checks this (and [`validate_joiner`]) before it signs or proposes anything for a joiner.
     pub fn check_admission(&self, node: &NodeRecord, token_id: &str, secret_hash: &str, at_ms: u64) -> Result<(), Rejected> {
         let t = self.tokens.get(token_id).ok_or_else(|| Rejected::BadToken("unknown token".into()))?;
         if t.revoked {
@@ -225,7 +226,7 @@ impl ClusterState {
         if node.id.0 == 0 || self.nodes.contains_key(&node.id) || self.removed.contains(&node.id) {
             return Err(Rejected::NodeIdTaken(node.id));
         }
-        validate_joiner(node)
+        Ok(())
     }
 
     /// Whether the state says hub `node` is up.
@@ -305,6 +306,10 @@ impl ClusterState {
                 self.removed.insert(*node);
                 if !n.cert_fingerprint.is_empty() {
                     self.revoked.insert(n.cert_fingerprint);
+                }
+                // Its admin.token goes with it (registered as `hub-<id>` by the hub itself).
+                if let Some(t) = self.api_tokens.get_mut(&format!("hub-{}", node.0)) {
+                    t.revoked = true;
                 }
                 Ok(Outcome::NodeRemoved)
             }

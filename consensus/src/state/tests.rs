@@ -223,10 +223,9 @@ mod join_tests {
             NodeRecord { mesh_addr: "nowhere".into(), ..node(2) },
             NodeRecord { api_addr: "x".repeat(10_000), ..node(2) },
         ] {
-            let cmd = Command::AdmitNode { node: bad, token_id: "t1".into(), secret_hash: "h".into(), at_ms: 10 };
-            assert!(matches!(s.apply(&cmd), Err(Rejected::Invalid(_))));
+            assert!(matches!(validate_joiner(&bad), Err(Rejected::Invalid(_))), "{bad:?}");
         }
-        assert_eq!(s, before);
+        assert_eq!(validate_joiner(&node(2)), Ok(()));
         assert_eq!(s.apply(&admit(2, "h", 10)), Ok(Outcome::Admitted));
         s.apply(&Command::RevokeToken { id: "t1".into() }).unwrap();
         assert!(matches!(s.apply(&admit(3, "h", 10)), Err(Rejected::BadToken(m)) if m.contains("revoked")));
@@ -235,11 +234,21 @@ mod join_tests {
     #[test]
     fn a_removed_hub_is_revoked_and_cannot_come_back() {
         let mut s = ClusterState::default();
+        let admin = ApiTokenRecord {
+            token_hash: "cd".repeat(32),
+            scope: ApiScope::Admin,
+            tasks: vec![],
+            created_ms: 0,
+            expires_ms: u64::MAX,
+            revoked: false,
+        };
+        s.apply(&Command::CreateApiToken { name: "hub-2".into(), record: admin }).unwrap();
         let mut n = node(2);
         n.cert_fingerprint = "ab".repeat(32);
         s.apply(&Command::RegisterNode { node: n.clone() }).unwrap();
         s.apply(&Command::RemoveNode { node: NodeId(2) }).unwrap();
         assert!(s.revoked.contains(&"ab".repeat(32)));
+        assert!(s.api_tokens["hub-2"].revoked, "the removed hub's admin token is revoked with it");
         assert_eq!(s.apply(&Command::RegisterNode { node: n }), Err(Rejected::Removed(NodeId(2))));
         s.apply(&Command::CreateToken { id: "t1".into(), secret_hash: "h".into(), expires_ms: 100, at_ms: 0 }).unwrap();
         assert_eq!(s.apply(&admit(2, "h", 1)), Err(Rejected::NodeIdTaken(NodeId(2))));

@@ -6,9 +6,11 @@
 //!  handshake done: cluster certificate --> a member: Peer (its id is the one its certificate names)
 //!                  none               --> a joiner: JOIN only, JOINS_PER_MINUTE per address
 //! ```
-//! An unauthenticated connection (in its handshake, or a joiner's) holds a [`Pending`] slot until
-//! it ends or shows a certificate, so what unauthenticated peers can make a hub hold is bounded by
-//! `TOTAL` small connections.
+//! A connection attempt from an address that has not proved it receives there gets a stateless
+//! retry first (spoofed packets get no slot). An unauthenticated connection (in its handshake, at
+//! most 3 s, or a joiner's) then holds a [`Pending`] slot until it ends or shows a certificate, so
+//! what unauthenticated peers can make a hub hold is bounded by `TOTAL` small connections. An
+//! IPv6 source counts by its /64. A member connecting from its own mesh address takes no slot.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -66,9 +68,22 @@ struct Bucket {
     at: Instant,
 }
 
+/// The source an address counts against: an IPv4 address (also when IPv4-mapped), or an IPv6
+/// address's /64 (one host usually holds a whole /64).
+fn source(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
 impl Admission {
     /// A slot for a new connection from `addr`, or `None` when it must be refused.
     pub(crate) fn connection(&self, addr: IpAddr) -> Option<Pending> {
+        let addr = source(addr);
         let mut c = lock(&self.unauthenticated);
         let from_addr = c.by_address.get(&addr).copied().unwrap_or(0);
         if c.total >= TOTAL || from_addr >= PER_ADDRESS {
@@ -81,6 +96,7 @@ impl Admission {
 
     /// Takes one join attempt from `addr`'s budget.
     pub(crate) fn join(&self, addr: IpAddr) -> Result<(), Refusal> {
+        let addr = source(addr);
         let now = Instant::now();
         let mut joins = lock(&self.joins);
         if joins.len() >= JOIN_ADDRESSES && !joins.contains_key(&addr) {
@@ -157,6 +173,11 @@ mod tests {
         let held: Vec<_> = (0..PER_ADDRESS).map(|_| a.connection(ip).expect("under the limit")).collect();
         assert!(a.connection(ip).is_none());
         assert!(a.connection("10.0.0.2".parse().unwrap()).is_some(), "another address has its own slots");
+        assert!(a.connection("::ffff:10.0.0.1".parse().unwrap()).is_none(), "IPv4-mapped counts as IPv4");
+        let v6: Vec<_> = (0..PER_ADDRESS).map(|i| a.connection(format!("2001:db8::{i:x}").parse().unwrap())).collect();
+        assert!(v6.iter().all(Option::is_some));
+        assert!(a.connection("2001:db8::ffff".parse().unwrap()).is_none(), "one /64 is one source");
+        drop(v6);
         drop(held);
         assert!(a.connection(ip).is_some());
         assert_eq!(lock(&a.unauthenticated).by_address.len(), 0, "dropped slots leave nothing behind");

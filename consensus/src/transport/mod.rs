@@ -223,6 +223,11 @@ impl Transport {
         });
     }
 
+    /// Whether `addr` is a member's mesh address (a member connects from its own endpoint).
+    fn is_peer_address(&self, addr: SocketAddr) -> bool {
+        self.peers.read().unwrap_or_else(|p| p.into_inner()).values().any(|a| *a == addr)
+    }
+
     /// Records an accepted member connection showing the certificate `fingerprint`, unless that
     /// certificate is revoked (checked after the entry is in, so a concurrent revocation closes it).
     fn track(&self, conn: &quinn::Connection, fingerprint: [u8; 32]) -> Option<Live> {

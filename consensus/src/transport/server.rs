@@ -14,15 +14,25 @@ use super::{lock, quic, Caller, Refusal, StreamKind, Transport, BULK_MARK, CLOSE
 
 /// Largest request a joiner may send (a `JoinRequest` is a few hundred bytes).
 pub const MAX_JOIN_REQUEST: usize = 16 << 10;
-/// How long a connection without a certificate may stay open.
+/// How long a connection without a certificate may wait for and send its requests.
 const JOINER_LIFETIME: Duration = Duration::from_secs(10);
+/// How long a handshake may take (a peer that keeps one going forever holds a slot).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub(super) async fn accept_loop(transport: Weak<Transport>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
         let Some(t) = transport.upgrade() else { return };
-        // Refused before the handshake: a refusal costs one packet, a handshake real work.
-        let Some(pending) = t.admission.connection(incoming.remote_address().ip()) else {
-            tracing::debug!(peer = %incoming.remote_address(), "too many unauthenticated connections; refused");
+        // A stateless retry first: only a peer that receives at its source address gets a slot,
+        // so spoofed packets cannot fill the slots of a member's address.
+        if !incoming.remote_address_validated() {
+            let _ = incoming.retry();
+            continue;
+        }
+        let from = incoming.remote_address();
+        // A known member's own endpoint (its mesh address) does not queue behind strangers.
+        let slot = if t.is_peer_address(from) { Some(None) } else { t.admission.connection(from.ip()).map(Some) };
+        let Some(pending) = slot else {
+            tracing::debug!(peer = %from, "too many unauthenticated connections; refused");
             incoming.refuse();
             continue;
         };
@@ -31,11 +41,15 @@ pub(super) async fn accept_loop(transport: Weak<Transport>, endpoint: quinn::End
     }
 }
 
-async fn serve_connection(t: Weak<Transport>, incoming: quinn::Incoming, pending: Pending) {
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+async fn serve_connection(t: Weak<Transport>, incoming: quinn::Incoming, pending: Option<Pending>) {
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "mesh handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("mesh handshake timed out");
             return;
         }
     };
@@ -56,22 +70,26 @@ async fn serve_connection(t: Weak<Transport>, incoming: quinn::Incoming, pending
     };
     quic::raise_to_member(&conn);
     while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(serve_stream(t.clone(), Who::Member(peer.clone()), send, recv));
+        tokio::spawn(serve_stream(t.clone(), Who::Member(peer.clone()), send, recv, None));
     }
     drop(live);
 }
 
-/// A connection without a certificate: one JOIN at a time (its transport limits), for a bounded
-/// time, then it is closed.
-async fn serve_joiner(t: Weak<Transport>, conn: quinn::Connection, pending: Pending) {
+/// A connection without a certificate: one JOIN at a time (its transport limits). It may wait for
+/// and send its requests for a bounded time; a join it sent in time is answered, however long the
+/// proposal takes (cutting it off could admit a hub that never gets its certificate).
+async fn serve_joiner(t: Weak<Transport>, conn: quinn::Connection, pending: Option<Pending>) {
     let addr = conn.remote_address().ip();
-    let served = async {
-        while let Ok((send, recv)) = conn.accept_bi().await {
-            serve_stream(t.clone(), Who::Joiner(addr), send, recv).await;
+    let deadline = tokio::time::Instant::now() + JOINER_LIFETIME;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
+            Ok(Ok((send, recv))) => serve_stream(t.clone(), Who::Joiner(addr), send, recv, Some(deadline)).await,
+            Ok(Err(_)) => break,
+            Err(_) => {
+                conn.close(0u32.into(), b"a joiner's time is up");
+                break;
+            }
         }
-    };
-    if tokio::time::timeout(JOINER_LIFETIME, served).await.is_err() {
-        conn.close(0u32.into(), b"a joiner's time is up");
     }
     drop(pending);
 }
@@ -88,16 +106,38 @@ impl Who {
     }
 }
 
-async fn serve_stream(t: Weak<Transport>, who: Who, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+/// Reads one request (by `read_by`, if given), dispatches it and writes the answer.
+async fn serve_stream(
+    t: Weak<Transport>,
+    who: Who,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    read_by: Option<tokio::time::Instant>,
+) {
     let limit = if who.is_member() { MAX_FRAME } else { MAX_JOIN_REQUEST };
-    let mut first = [0u8; 1];
-    let resp = match recv.read_exact(&mut first).await {
-        Ok(()) if first[0] == BULK_MARK => serve_bulk(t, who, recv).await,
-        Ok(()) => match recv.read_to_end(limit - 1).await {
+    let request = async {
+        let mut first = [0u8; 1];
+        let first = recv.read_exact(&mut first).await.map(|()| first[0]);
+        let rest = match first {
+            Ok(b) if b != BULK_MARK => Some(recv.read_to_end(limit - 1).await),
+            _ => None,
+        };
+        (first, rest)
+    };
+    let read = match read_by {
+        None => request.await,
+        Some(at) => match tokio::time::timeout_at(at, request).await {
+            Ok(r) => r,
+            Err(_) => return,
+        },
+    };
+    let resp = match read {
+        (Ok(_), None) => serve_bulk(t, who, recv).await,
+        (Ok(b), Some(rest)) => match rest {
             Err(e) => Refusal::bad_request(format!("unreadable request: {e}")).into_response(),
             Ok(rest) => {
                 let mut raw = Vec::with_capacity(1 + rest.len());
-                raw.push(first[0]);
+                raw.push(b);
                 raw.extend_from_slice(&rest);
                 match pb::MeshRequest::decode(raw.as_slice()) {
                     Err(e) => Refusal::bad_request(format!("garbage request: {e}")).into_response(),
@@ -106,8 +146,8 @@ async fn serve_stream(t: Weak<Transport>, who: Who, mut send: quinn::SendStream,
             }
         },
         // An empty request decodes as kind 0, which no handler serves.
-        Err(quinn::ReadExactError::FinishedEarly(0)) => dispatch(t, who, pb::MeshRequest::default()).await,
-        Err(e) => {
+        (Err(quinn::ReadExactError::FinishedEarly(0)), _) => dispatch(t, who, pb::MeshRequest::default()).await,
+        (Err(e), _) => {
             tracing::debug!(error = %e, "unreadable mesh request");
             Refusal::bad_request(format!("unreadable request: {e}")).into_response()
         }

@@ -285,9 +285,22 @@ async fn the_leader_dies_during_a_failover_and_nothing_acknowledged_is_lost() {
         }
     }
     let leader = leader.expect("the leader is a hub");
+    let mut ids = Vec::new();
+    for h in &hubs {
+        ids.push(h.client.status().await.unwrap().node_id);
+    }
     hubs[host].kill9();
-    // Half of node_down (lan: 1 s): the leader has not marked the host down yet.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    if host != leader {
+        // The failover is under way once the leader has judged the host down (its next step is
+        // the re-placement): the leader dies then, not after a guessed delay.
+        let host_id = ids[host];
+        let judge = hubs[leader].client.clone();
+        wait_until(Duration::from_secs(10), "the leader marks the dead host down", || {
+            let c = judge.clone();
+            async move { c.nodes().await.is_ok_and(|ns| ns.iter().any(|n| n.id == host_id && n.down)) }
+        })
+        .await;
+    }
     hubs[leader].kill9();
     let mut victims = vec![host, leader];
     victims.sort();

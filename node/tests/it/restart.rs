@@ -89,6 +89,19 @@ async fn update_is_a_new_version_and_starts_fresh() {
     assert!(!upd.created);
     assert_eq!(upd.task.version, 2);
     assert!(upd.task.placement.unwrap().epoch > before.placement.unwrap().epoch);
+    step("version 2 starts from fresh state: the count is 0, not 5");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let fresh = loop {
+        match hub.client.invoke("counter", b"0".to_vec(), None).await {
+            Ok(out) => break String::from_utf8(out).unwrap().parse::<i64>().unwrap(),
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "version 2 does not answer: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(fresh, 0, "the update kept the old version's state");
+    assert_eq!(add(&hub, "counter", "1", None).await, 1);
     step("update of a missing task is a 404");
     let err = hub.client.deploy("ghost", example_bytes("counter.wat"), &params, true).await.unwrap_err();
     assert_eq!(err.code(), Some("not_found"));

@@ -97,6 +97,7 @@ struct Loc {
     len: u32,
 }
 
+#[derive(Clone)]
 struct ManifestLoc {
     loc: Loc,
     refs: Vec<Hash>,

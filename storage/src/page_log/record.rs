@@ -109,14 +109,18 @@ pub(super) fn version_of(path: &Path) -> Result<Version, PageLogError> {
     }
 }
 
-/// Reads every record of the file into an index. A record that fails its check — a rotten header
-/// (kind, key length, data length) or rotten bytes — is skipped: the scan looks for the next whole
-/// record that passes its checksum and goes on from there, keeping every valid record after the
-/// rot. Only what follows the last valid record is a torn tail (`Index::good`).
+/// Reads every record of the file into an index. A record that fails its check is skipped: when
+/// its header is intact (a page's checksum covers its header; any record followed by a valid one
+/// or by the end of the file), the scan goes on after it; when its header rotted, the scan looks
+/// for the next whole record that passes its checksum. Every valid record after the rot is kept;
+/// only what follows the last valid record is a torn tail (`Index::good`). A manifest whose pages
+/// are not all in the file (a batch torn in its middle) yields to the key's previous complete
+/// manifest, if the file still has one.
 pub(super) fn scan(path: &Path, version: Version) -> Result<Index, PageLogError> {
     let file = File::open(path).map_err(io(path))?;
     let end = file.metadata().map_err(io(path))?.len();
     let mut index = Index::default();
+    let mut earlier: HashMap<String, Vec<ManifestLoc>> = HashMap::new();
     let mut offset = 0u64;
     if version == Version::V2 {
         if end < MAGIC.len() as u64 {
@@ -126,18 +130,41 @@ pub(super) fn scan(path: &Path, version: Version) -> Result<Index, PageLogError>
     }
     index.good = offset;
     while offset < end {
-        if let Some(rec) = record_at(&file, version, offset, end).map_err(io(path))? {
-            if add(&mut index, rec) {
-                offset = index.good;
-                continue;
+        let next = match record_at(&file, version, offset, end).map_err(io(path))? {
+            Found::Valid(rec) => {
+                if add(&mut index, &mut earlier, rec) {
+                    offset = index.good;
+                    continue;
+                }
+                None
             }
-        }
-        match resync(&file, version, offset + 1, end).map_err(io(path))? {
+            Found::BadBody { next, header_checked } => {
+                let trusted = header_checked
+                    || next == end
+                    || matches!(record_at(&file, version, next, end).map_err(io(path))?, Found::Valid(_));
+                trusted.then_some(next)
+            }
+            Found::Nothing => None,
+        };
+        let next = match next {
+            Some(n) => Some(n),
+            None => resync(&file, version, offset + 1, end).map_err(io(path))?,
+        };
+        match next {
             Some(next) => {
                 tracing::error!(path = %path.display(), offset, skipped = next - offset, "page log bytes fail their check; skipping them");
                 offset = next;
             }
             None => break,
+        }
+    }
+    for (key, current) in index.manifests.iter_mut() {
+        let complete = |m: &ManifestLoc| m.refs.iter().all(|h| index.pages.contains_key(h));
+        if !complete(current) {
+            if let Some(prev) = earlier.get(key).and_then(|v| v.iter().rev().find(|m| complete(m))) {
+                tracing::error!(path = %path.display(), %key, "the newest manifest lacks pages; using the previous complete one");
+                *current = prev.clone();
+            }
         }
     }
     Ok(index)
@@ -153,8 +180,21 @@ struct Record {
     next: u64,
 }
 
+/// What a scan finds at an offset.
+enum Found {
+    Valid(Record),
+    /// A plausible header whose record fails its check; `header_checked`: the checksum that
+    /// passed covers the header, so `next` is where the next record starts.
+    BadBody { next: u64, header_checked: bool },
+    /// No plausible record.
+    Nothing,
+}
+
+/// Earlier manifests of a key remembered during a scan (for a torn newest one).
+const EARLIER_MANIFESTS: usize = 4;
+
 /// Adds a record to the index; `false` if its contents do not decode (a manifest's references).
-fn add(index: &mut Index, rec: Record) -> bool {
+fn add(index: &mut Index, earlier: &mut HashMap<String, Vec<ManifestLoc>>, rec: Record) -> bool {
     let data_len = rec.data.len() as u32;
     match rec.kind {
         KIND_PAGE => {
@@ -165,10 +205,18 @@ fn add(index: &mut Index, rec: Record) -> bool {
             let Some((refs, used)) = decode_refs(&rec.data) else { return false };
             let key = String::from_utf8_lossy(&rec.key).into_owned();
             let loc = Loc { offset: rec.data_offset + used as u64, len: data_len - used as u32 };
-            index.manifests.insert(key, ManifestLoc { loc, refs });
+            if let Some(prev) = index.manifests.insert(key.clone(), ManifestLoc { loc, refs }) {
+                let kept = earlier.entry(key).or_default();
+                if kept.len() == EARLIER_MANIFESTS {
+                    kept.remove(0);
+                }
+                kept.push(prev);
+            }
         }
         _ => {
-            index.manifests.remove(&*String::from_utf8_lossy(&rec.key));
+            let key = String::from_utf8_lossy(&rec.key);
+            index.manifests.remove(&*key);
+            earlier.remove(&*key);
         }
     }
     index.good = rec.next;
@@ -178,11 +226,13 @@ fn add(index: &mut Index, rec: Record) -> bool {
 /// Longest key of a manifest or tombstone (an instance name) a scan takes for real.
 const MAX_KEY: usize = 4096;
 
-/// The record at `at` if a whole one that passes its checks starts there (a file of `end` bytes).
-fn record_at(file: &File, version: Version, at: u64, end: u64) -> std::io::Result<Option<Record>> {
+/// The record at `at` in a file of `end` bytes. Cheap checks come first (a rotten header makes
+/// the scan try every offset): the head's shape, the length against the file, a page's
+/// header-only checksum and a manifest's UTF-8 key before any data is read.
+fn record_at(file: &File, version: Version, at: u64, end: u64) -> std::io::Result<Found> {
     let mut head = [0u8; 3];
     if at + 3 > end {
-        return Ok(None);
+        return Ok(Found::Nothing);
     }
     file.read_exact_at(&mut head, at)?;
     let kind = head[0];
@@ -194,7 +244,7 @@ fn record_at(file: &File, version: Version, at: u64, end: u64) -> std::io::Resul
     };
     let len_at = at + 3 + key_len as u64;
     if !key_ok || len_at + 4 > end {
-        return Ok(None);
+        return Ok(Found::Nothing);
     }
     let mut key_and_len = vec![0u8; key_len + 4];
     file.read_exact_at(&mut key_and_len, at + 3)?;
@@ -203,18 +253,36 @@ fn record_at(file: &File, version: Version, at: u64, end: u64) -> std::io::Resul
     let key = key_and_len;
     let data_offset = len_at + 4;
     let next = data_offset + u64::from(data_len) + 32;
-    if data_len > MAX_RECORD || next > end {
-        return Ok(None);
+    let shape_ok = match kind {
+        KIND_TOMBSTONE => data_len == 0,
+        KIND_MANIFEST => data_len >= 4 && std::str::from_utf8(&key).is_ok(),
+        _ => true,
+    };
+    if data_len > MAX_RECORD || next > end || !shape_ok {
+        return Ok(Found::Nothing);
     }
-    let mut data = vec![0u8; data_len as usize + 32];
+    let mut sum = [0u8; 32];
+    file.read_exact_at(&mut sum, next - 32)?;
+    let head_only = kind == KIND_PAGE && version == Version::V2;
+    if head_only && checksum_of_head(kind, &key, data_len) != sum {
+        return Ok(Found::Nothing);
+    }
+    let mut data = vec![0u8; data_len as usize];
     file.read_exact_at(&mut data, data_offset)?;
-    let sum: [u8; 32] = data[data_len as usize..].try_into().expect("32 bytes");
-    data.truncate(data_len as usize);
     let page_ok = kind != KIND_PAGE || Hash::from_slice(&key).is_some_and(|h| h == Hash::of(&data));
-    if checksum(version, kind, &key, &data) != sum || !page_ok {
-        return Ok(None);
+    if (!head_only && checksum(version, kind, &key, &data) != sum) || !page_ok {
+        return Ok(Found::BadBody { next, header_checked: head_only });
     }
-    Ok(Some(Record { kind, key, data, data_offset, next }))
+    Ok(Found::Valid(Record { kind, key, data, data_offset, next }))
+}
+
+/// A version-2 page's checksum, which covers only its header.
+fn checksum_of_head(kind: u8, key: &[u8], data_len: u32) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&[kind]);
+    h.update(key);
+    h.update(&data_len.to_le_bytes());
+    *h.finalize().as_bytes()
 }
 
 /// Where the first whole, valid record at or after `from` starts, if any.
@@ -233,7 +301,7 @@ fn resync(file: &File, version: Version, from: u64, end: u64) -> std::io::Result
                 _ => false,
             };
             let at = base + i as u64;
-            if plausible && record_at(file, version, at, end)?.is_some() {
+            if plausible && matches!(record_at(file, version, at, end)?, Found::Valid(_)) {
                 return Ok(Some(at));
             }
         }

@@ -123,6 +123,25 @@ fn a_rotten_header_in_the_middle_skips_one_record_and_keeps_the_rest() {
     }
 }
 
+/// A batch torn in its middle by a crash (zeroed blocks before its manifest, which reached the
+/// disk): the newest manifest lacks its page, so the key's previous complete manifest stands.
+#[test]
+fn a_manifest_whose_batch_tore_in_the_middle_yields_to_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PageLog::open(dir.path()).unwrap();
+    write_one(&log, "t#0", vec![page(1)], b"m1");
+    let torn = log.stats().file_bytes as usize;
+    write_one(&log, "t#0", vec![page(2)], b"m2");
+    drop(log);
+    let path = dir.path().join("pages.log");
+    let mut file = fs::read(&path).unwrap();
+    file[torn..torn + 4096].fill(0);
+    fs::write(&path, &file).unwrap();
+    let log = PageLog::open(dir.path()).unwrap();
+    assert_eq!(log.read_manifest("t#0").unwrap().unwrap(), b"m1");
+    assert_eq!(log.read_page(&page(1).0).unwrap(), page(1).1);
+}
+
 #[test]
 fn tombstone_and_compaction_drop_garbage() {
     let dir = tempfile::tempdir().unwrap();
