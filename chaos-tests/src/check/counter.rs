@@ -60,7 +60,7 @@ pub fn lost(events: &[Event], ev: &Evidence) -> CheckResult {
             if ev.durable {
                 r.violation(msg);
             } else {
-                // Periodic mode loses up to a period by design (I7 bounds it); not a violation here.
+                // Periodic mode loses up to a period by design (I7, `periodic::bounded_loss`, bounds it).
                 r.count("lost_in_periodic_mode", lost.len() as u64);
             }
         }

@@ -14,6 +14,7 @@ pub mod available;
 pub mod counter;
 pub mod failover;
 pub mod health;
+pub mod periodic;
 pub mod stale;
 
 /// A checker's answer.
@@ -107,6 +108,9 @@ pub struct Evidence {
     pub keyed: BTreeMap<String, bool>,
     pub echo: Option<String>,
     pub durable: bool,
+    /// The checkpoint period of the counter tasks in periodic mode (I7).
+    #[serde(default)]
+    pub checkpoint_every_us: Option<u64>,
     pub liveness: Liveness,
     pub checkpoints: BTreeMap<String, CheckpointAudit>,
     pub failover_max_ms: u64,
@@ -130,6 +134,7 @@ pub fn check_all(events: &[Event], ev: &Evidence) -> Vec<CheckResult> {
         counter::lost(events, ev),
         counter::fork(events, ev),
         counter::exactly_once(events, ev),
+        periodic::bounded_loss(events, ev),
         counter::fencing(events, ev),
         stale::stale_answers(events, ev),
         health::checkpoints(ev),

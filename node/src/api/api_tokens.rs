@@ -27,6 +27,13 @@ fn info(name: &str, t: &ApiTokenRecord) -> api::ApiTokenInfo {
     }
 }
 
+/// Waits (bounded) until this hub has applied the change: a follower's proposal returns once the
+/// leader committed it, and the caller's next request to this hub must already see it.
+async fn applied_here(s: &ApiState, done: impl Fn(&hubmesh_consensus::ClusterState) -> bool) {
+    let mut state = s.hub.consensus().watch();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), state.wait_for(|st| done(st))).await;
+}
+
 /// `GET /v1/api-tokens`.
 pub(crate) async fn list(State(s): State<ApiState>) -> Json<Vec<api::ApiTokenInfo>> {
     let state = s.hub.consensus().state();
@@ -58,8 +65,12 @@ pub(crate) async fn create(
     let token = fresh_token(&req.name);
     let record = record_of(&token, scope, req.tasks, expires_ms);
     let created = info(&req.name, &record);
+    let name = req.name.clone();
     match s.hub.consensus().propose(Command::CreateApiToken { name: req.name, record }).await {
-        Ok(_) => Ok((StatusCode::CREATED, Json(api::ApiTokenCreated { token, info: created }))),
+        Ok(_) => {
+            applied_here(&s, |st| st.api_tokens.contains_key(&name)).await;
+            Ok((StatusCode::CREATED, Json(api::ApiTokenCreated { token, info: created })))
+        }
         Err(ProposeError::Rejected(r @ Rejected::ApiTokenExists(_))) => {
             Err(ApiError::new(StatusCode::CONFLICT, "exists", r.to_string())
                 .hint("revoked names stay taken; pick another name"))
@@ -74,8 +85,11 @@ pub(crate) async fn revoke(State(s): State<ApiState>, Path(name): Path<String>) 
     if !s.hub.has_quorum() {
         return Err(ApiError::no_quorum());
     }
-    match s.hub.consensus().propose(Command::RevokeApiToken { name }).await {
-        Ok(_) => Ok(StatusCode::NO_CONTENT),
+    match s.hub.consensus().propose(Command::RevokeApiToken { name: name.clone() }).await {
+        Ok(_) => {
+            applied_here(&s, |st| st.api_tokens.get(&name).is_some_and(|t| t.revoked)).await;
+            Ok(StatusCode::NO_CONTENT)
+        }
         Err(ProposeError::Rejected(r @ Rejected::NoSuchApiToken(_))) => {
             Err(ApiError::not_found(r.to_string()).hint("`hubmesh api-token list` shows the tokens"))
         }

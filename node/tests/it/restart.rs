@@ -11,6 +11,20 @@ async fn add(hub: &Hub, task: &str, delta: &str, key: Option<&str>) -> i64 {
     String::from_utf8(out).unwrap().parse().unwrap()
 }
 
+/// Invokes until the task answers (an update restarts it), within 20 s.
+async fn invoke_when_ready(hub: &Hub, task: &str, delta: &str) -> i64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match hub.client.invoke(task, delta.as_bytes().to_vec(), None).await {
+            Ok(out) => return String::from_utf8(out).unwrap().parse().unwrap(),
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{task} does not answer: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_task_keeps_every_acknowledged_update_after_kill_9() {
     let mut hub = Hub::start("durable").await;
@@ -74,7 +88,7 @@ async fn graceful_restart_saves_periodic_state_and_keeps_deployments() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn update_is_a_new_version_and_starts_fresh() {
+async fn update_keeps_the_state_of_the_same_module_and_starts_another_fresh() {
     let hub = Hub::start("update").await;
     let params = DeployParams { durable: true, ..Default::default() };
     hub.client.deploy("counter", example_bytes("counter.wat"), &params, false).await.unwrap();
@@ -89,18 +103,14 @@ async fn update_is_a_new_version_and_starts_fresh() {
     assert!(!upd.created);
     assert_eq!(upd.task.version, 2);
     assert!(upd.task.placement.unwrap().epoch > before.placement.unwrap().epoch);
-    step("version 2 starts from fresh state: the count is 0, not 5");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let fresh = loop {
-        match hub.client.invoke("counter", b"0".to_vec(), None).await {
-            Ok(out) => break String::from_utf8(out).unwrap().parse::<i64>().unwrap(),
-            Err(e) => {
-                assert!(std::time::Instant::now() < deadline, "version 2 does not answer: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-    assert_eq!(fresh, 0, "the update kept the old version's state");
+    step("the same module keeps its state across the update: the count is still 5");
+    assert_eq!(invoke_when_ready(&hub, "counter", "0").await, 5);
+    step("another module (version 3) starts from fresh state: the count is 0, not 5");
+    let wat = String::from_utf8(example_bytes("counter.wat")).unwrap();
+    let changed = format!("{})", wat.trim_end().strip_suffix(')').expect("a module ends with ')'").to_owned() + "(func $unused)");
+    let upd = hub.client.deploy("counter", changed.into_bytes(), &params, true).await.unwrap();
+    assert_eq!(upd.task.version, 3);
+    assert_eq!(invoke_when_ready(&hub, "counter", "0").await, 0, "the new module kept the old module's state");
     assert_eq!(add(&hub, "counter", "1", None).await, 1);
     step("update of a missing task is a 404");
     let err = hub.client.deploy("ghost", example_bytes("counter.wat"), &params, true).await.unwrap_err();
