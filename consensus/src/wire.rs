@@ -8,8 +8,8 @@ use hubmesh_storage::Hash;
 
 use crate::ids::{Epoch, NodeId};
 use crate::state::{
-    ApiScope, ApiTokenRecord, BasedOn, CheckpointPolicy, CheckpointRecord, Command, CommandResult, DeployMode, Limits, NodeRecord, NodeStatus,
-    Outcome, Rejected, TaskKind, TaskSpec,
+    ApiScope, ApiTokenRecord, BasedOn, CheckpointPolicy, CheckpointRecord, Command, CommandResult, DeployMode, Limits,
+    NodeRecord, NodeStatus, Outcome, Rejected, TaskKind, TaskSpec,
 };
 use crate::tls::CaMaterial;
 

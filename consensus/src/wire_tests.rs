@@ -8,8 +8,8 @@ use hubmesh_storage::Hash;
 use super::{result_from_wire, result_to_wire, WireError};
 use crate::ids::{Epoch, NodeId};
 use crate::state::{
-    ApiScope, ApiTokenRecord, BasedOn, CheckpointPolicy, CheckpointRecord, Command, CommandResult, DeployMode, Limits, NodeRecord, NodeStatus,
-    Outcome, Rejected, TaskKind, TaskSpec,
+    ApiScope, ApiTokenRecord, BasedOn, CheckpointPolicy, CheckpointRecord, Command, CommandResult, DeployMode, Limits,
+    NodeRecord, NodeStatus, Outcome, Rejected, TaskKind, TaskSpec,
 };
 use crate::tls::CaMaterial;
 
@@ -103,9 +103,10 @@ fn every_command() -> Vec<Command> {
         Command::AdmitNode { node: node(NodeStatus::Up), token_id: "t1".into(), secret_hash: "h".into(), at_ms: 2 },
         Command::RevokeApiToken { name: "lights".into() },
     ];
-    for (scope, tasks, expires_ms, revoked) in
-        [(ApiScope::Admin, vec![], u64::MAX, false), (ApiScope::Invoke, vec!["hall".to_owned(), "pump".to_owned()], 99, true)]
-    {
+    for (scope, tasks, expires_ms, revoked) in [
+        (ApiScope::Admin, vec![], u64::MAX, false),
+        (ApiScope::Invoke, vec!["hall".to_owned(), "pump".to_owned()], 99, true),
+    ] {
         let record = ApiTokenRecord { token_hash: "ab".repeat(32), scope, tasks, created_ms: 5, expires_ms, revoked };
         all.push(Command::CreateApiToken { name: "lights".into(), record });
     }

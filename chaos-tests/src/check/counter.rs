@@ -6,7 +6,7 @@ use super::{CheckResult, Evidence};
 use crate::history::{pair, Event, Op, Type};
 use crate::workload::prefix_hashes;
 
-fn ops_of<'a>(ops: &'a [Op<'a>], task: &'a str, f: &'a str) -> impl Iterator<Item = &'a Op<'a>> + 'a {
+pub(super) fn ops_of<'a>(ops: &'a [Op<'a>], task: &'a str, f: &'a str) -> impl Iterator<Item = &'a Op<'a>> + 'a {
     ops.iter().filter(move |o| o.invoke.f == f && o.invoke.task.as_deref() == Some(task))
 }
 

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use super::counter::ops_of;
 use super::{CheckResult, Evidence};
 use crate::history::{pair, Event, Type};
 
@@ -31,7 +32,7 @@ pub fn bounded_loss(events: &[Event], ev: &Evidence) -> CheckResult {
         let present: HashSet<u64> = list.iter().copied().collect();
         // The latest acknowledgement of each op (a keyed retry may answer it twice).
         let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
-        for o in ops.iter().filter(|o| o.invoke.f == "add" && o.invoke.task.as_deref() == Some(task)) {
+        for o in ops_of(&ops, task, "add") {
             if let (Type::Ok, Some(done), Some(op)) = (o.kind(), o.done, o.invoke.op) {
                 let t = acked.entry(op).or_default();
                 *t = (*t).max(done.t_us);
@@ -43,7 +44,9 @@ pub fn bounded_loss(events: &[Event], ev: &Evidence) -> CheckResult {
             // host (any fault, when the nemesis could not tell where the task ran).
             let pending = || ev.faults.iter().filter(|f| f.end_us >= t_ack);
             let touched_host = |f: &&crate::nemesis::Applied| {
-                f.hosts_before.get(task).is_some_and(|(host, _)| f.hubs.iter().any(|i| ev.node_ids.get(*i) == Some(host)))
+                f.hosts_before
+                    .get(task)
+                    .is_some_and(|(host, _)| f.hubs.iter().any(|i| ev.node_ids.get(*i) == Some(host)))
             };
             let fault = pending()
                 .filter(touched_host)

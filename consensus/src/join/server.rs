@@ -46,7 +46,8 @@ async fn admit(
     // joiner with a wrong token costs no signature and no Raft entry.
     let ca = {
         let st = state.borrow();
-        let checked = validate_joiner(&node).and_then(|()| st.check_admission(&node, &req.token_id, &secret_hash, at_ms));
+        let checked =
+            validate_joiner(&node).and_then(|()| st.check_admission(&node, &req.token_id, &secret_hash, at_ms));
         if let Err(r) = checked {
             tracing::warn!(node = req.node_id, reason = %r, "join refused");
             return Err(refusal(&r));

@@ -1,7 +1,9 @@
 //! API tokens belong to the mesh: created, listed and revoked through Raft, stored as hashes, and
 //! honoured by every hub (it looks the presented token's hash up in its applied state).
 
-use super::{validate_task_name, ApiScope, ApiTokenRecord, ClusterState, CommandResult, Outcome, Rejected};
+use super::{
+    validate_name, validate_task_name, ApiScope, ApiTokenRecord, ClusterState, CommandResult, Outcome, Rejected,
+};
 
 /// Longest API token name.
 pub const MAX_API_TOKEN_NAME: usize = 64;
@@ -10,17 +12,7 @@ pub const MAX_API_TOKEN_TASKS: usize = 64;
 
 /// Checks an API token's name: like a task name, 1–64 characters of `[a-z0-9_-]`.
 pub fn validate_api_token_name(name: &str) -> Result<(), Rejected> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_API_TOKEN_NAME
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(Rejected::Invalid(format!(
-            "API token name {name:?} must be 1-{MAX_API_TOKEN_NAME} characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
-        )))
-    }
+    validate_name("API token name", name, MAX_API_TOKEN_NAME)
 }
 
 impl ClusterState {

@@ -176,15 +176,21 @@ pub const MAX_TASK_NAME: usize = 64;
 
 /// Checks a task name: 1–64 characters of `[a-z0-9_-]`, starting with a letter or digit.
 pub fn validate_task_name(name: &str) -> Result<(), Rejected> {
+    validate_name("task name", name, MAX_TASK_NAME)
+}
+
+/// The rule of task and API token names: 1–`max` characters of `[a-z0-9_-]`, starting with a
+/// letter or digit.
+pub(crate) fn validate_name(what: &str, name: &str, max: usize) -> Result<(), Rejected> {
     let ok = !name.is_empty()
-        && name.len() <= MAX_TASK_NAME
+        && name.len() <= max
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         && name.as_bytes()[0].is_ascii_alphanumeric();
     if ok {
         Ok(())
     } else {
         Err(Rejected::Invalid(format!(
-            "task name {name:?} must be 1-{MAX_TASK_NAME} characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
+            "{what} {name:?} must be 1-{max} characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
         )))
     }
 }
@@ -212,7 +218,13 @@ impl ClusterState {
     /// Whether `AdmitNode` of `node` with this token would be accepted at `at_ms`: the token
     /// exists, is neither revoked nor expired, its secret matches and the id is free. A member
     /// checks this (and [`validate_joiner`]) before it signs or proposes anything for a joiner.
-    pub fn check_admission(&self, node: &NodeRecord, token_id: &str, secret_hash: &str, at_ms: u64) -> Result<(), Rejected> {
+    pub fn check_admission(
+        &self,
+        node: &NodeRecord,
+        token_id: &str,
+        secret_hash: &str,
+        at_ms: u64,
+    ) -> Result<(), Rejected> {
         let t = self.tokens.get(token_id).ok_or_else(|| Rejected::BadToken("unknown token".into()))?;
         if t.revoked {
             return Err(Rejected::BadToken("the token was revoked".into()));

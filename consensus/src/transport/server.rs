@@ -202,7 +202,11 @@ fn members_only() -> Refusal {
 fn caller_of(t: &Weak<Transport>, who: &Who, kind: u32, from: u64) -> Result<(Caller, StreamKind), Refusal> {
     let Some(kind) = StreamKind::from_wire(kind) else {
         // Joiners learn nothing about which kinds exist.
-        return Err(if who.is_member() { Refusal::bad_request(format!("unknown stream kind {kind}")) } else { members_only() });
+        return Err(if who.is_member() {
+            Refusal::bad_request(format!("unknown stream kind {kind}"))
+        } else {
+            members_only()
+        });
     };
     let t = t.upgrade().ok_or_else(|| Refusal::new(pb::ErrorCode::Unavailable, "shutting down"))?;
     let caller = match (who, kind.open_to_joiners()) {

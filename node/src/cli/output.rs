@@ -156,9 +156,17 @@ pub(super) fn api_tokens(tokens: &[api::ApiTokenInfo], json: bool) -> anyhow::Re
             let expires = match t.expires_unix_ms {
                 None => "never".to_owned(),
                 Some(at) if at <= now => "expired".to_owned(),
-                Some(at) => format!("in {}", humantime::format_duration(std::time::Duration::from_secs((at - now) / 1000))),
+                Some(at) => {
+                    format!("in {}", humantime::format_duration(std::time::Duration::from_secs((at - now) / 1000)))
+                }
             };
-            let state = if t.revoked { "revoked" } else if t.valid { "valid" } else { "expired" };
+            let state = if t.revoked {
+                "revoked"
+            } else if t.valid {
+                "valid"
+            } else {
+                "expired"
+            };
             vec![t.name.clone(), t.scope.clone(), tasks, expires, state.to_owned()]
         })
         .collect();

@@ -120,7 +120,8 @@ impl StatefulTask {
         let pending: Vec<(Option<String>, Vec<u8>)> = saved.as_ref().map(|m| m.pending.clone()).unwrap_or_default();
         let (inst, image, answers, sequence, invocations) = match saved {
             Some(m) => {
-                let image = MemoryImage::restore(&m, &pages, cfg.limits.memory_bytes).map_err(StartTaskError::Restore)?;
+                let image =
+                    MemoryImage::restore(&m, &pages, cfg.limits.memory_bytes).map_err(StartTaskError::Restore)?;
                 let mut inst = Instance::new(&module, name, cfg.limits, false)
                     .map_err(|e| StartTaskError::Module(e.to_string()))?;
                 image.apply_to(&mut inst).map_err(|e| StartTaskError::Restore(e.to_string()))?;

@@ -22,7 +22,11 @@ fn mesh_addr(hub: &Hub) -> SocketAddr {
 /// A hub's certificate and key, as a thief of its data dir would have them.
 fn identity(hub: &Hub) -> Identity {
     let read = |f: &str| std::fs::read(hub.data_dir().join("tls").join(f)).unwrap();
-    Identity { ca_der: read("ca.der"), cert_der: read("node.der"), key: NodeKey::from_pkcs8(&read("node.key")).unwrap() }
+    Identity {
+        ca_der: read("ca.der"),
+        cert_der: read("node.der"),
+        key: NodeKey::from_pkcs8(&read("node.key")).unwrap(),
+    }
 }
 
 fn client_endpoint() -> quinn::Endpoint {
@@ -44,7 +48,12 @@ fn joiner(token: &JoinToken) -> quinn::ClientConfig {
 }
 
 /// One request on a new stream of `conn`, and the hub's answer.
-async fn exchange(conn: &quinn::Connection, kind: StreamKind, from: u64, payload: Vec<u8>) -> Result<pb::MeshResponse, String> {
+async fn exchange(
+    conn: &quinn::Connection,
+    kind: StreamKind,
+    from: u64,
+    payload: Vec<u8>,
+) -> Result<pb::MeshResponse, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let req = pb::MeshRequest { kind: kind as u32, from, payload };
     send.write_all(&req.encode_to_vec()).await.map_err(|e| e.to_string())?;
@@ -114,8 +123,11 @@ async fn an_attacker_on_the_mesh_port_is_refused_and_changes_nothing() {
         before.push(baseline(h).await);
     }
     let token = JoinToken::parse(&token_text).unwrap();
-    let (a_id, b_id, c_id) =
-        (a.client.status().await.unwrap().node_id, b.client.status().await.unwrap().node_id, c.client.status().await.unwrap().node_id);
+    let (a_id, b_id, c_id) = (
+        a.client.status().await.unwrap().node_id,
+        b.client.status().await.unwrap().node_id,
+        c.client.status().await.unwrap().node_id,
+    );
     let target = mesh_addr(&a);
     let attacker = client_endpoint();
 
@@ -165,12 +177,18 @@ async fn an_attacker_on_the_mesh_port_is_refused_and_changes_nothing() {
             let cfg = joiner(&token);
             let ep = attacker.clone();
             wave.spawn(async move {
-                let conn = match tokio::time::timeout(Duration::from_secs(5), ep.connect_with(cfg, target, "join.hubmesh").unwrap()).await {
+                let conn = match tokio::time::timeout(
+                    Duration::from_secs(5),
+                    ep.connect_with(cfg, target, "join.hubmesh").unwrap(),
+                )
+                .await
+                {
                     Ok(Ok(c)) => c,
                     _ => return (false, false, None),
                 };
                 // 8 MiB in one request on a join stream, then a second stream.
-                let big = pb::MeshRequest { kind: StreamKind::Join as u32, from: 0, payload: vec![0x55; 8 << 20] }.encode_to_vec();
+                let big = pb::MeshRequest { kind: StreamKind::Join as u32, from: 0, payload: vec![0x55; 8 << 20] }
+                    .encode_to_vec();
                 let answer = tokio::time::timeout(Duration::from_secs(5), async {
                     let (mut send, mut recv) = conn.open_bi().await.ok()?;
                     let _ = send.write_all(&big).await;
@@ -205,7 +223,10 @@ async fn an_attacker_on_the_mesh_port_is_refused_and_changes_nothing() {
         peak >> 10
     );
     assert!(refused > 0, "connections beyond the per-address limit are refused");
-    assert!(accepted > 0 && answered_oversized > 0, "some connections were served and their oversized requests refused");
+    assert!(
+        accepted > 0 && answered_oversized > 0,
+        "some connections were served and their oversized requests refused"
+    );
     assert!(peak < idle + (8 << 20), "hub RSS grew from {} KiB to {} KiB under the flood", idle >> 10, peak >> 10);
     assert_unchanged(&hubs, &before, "after the flood").await;
 

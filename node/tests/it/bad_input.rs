@@ -87,7 +87,8 @@ async fn tokens_unknown_names_and_oversized_input() {
         async move { c.api_tokens().await.is_ok_and(|t| t.iter().any(|t| t.name.starts_with("hub-"))) }
     })
     .await;
-    let versions = |tasks: Vec<hubmesh_proto::api::TaskInfo>| tasks.into_iter().map(|t| (t.name, t.version)).collect::<Vec<_>>();
+    let versions =
+        |tasks: Vec<hubmesh_proto::api::TaskInfo>| tasks.into_iter().map(|t| (t.name, t.version)).collect::<Vec<_>>();
     let tasks_before = versions(hub.client.tasks().await.unwrap());
     let tokens_before = hub.client.api_tokens().await.unwrap();
     let applied_before = hub.client.status().await.unwrap().last_applied;

@@ -54,10 +54,14 @@ async fn deploy_invoke_list_rm_from_the_command_line() {
     assert!(ok(&hub.cli(&["worker", "list"])).starts_with("WORKER"));
 
     step("api-token create, list, revoke");
-    let token = ok(&hub.cli(&["api-token", "create", "dev", "--scope", "invoke", "--task", "counter", "--expires", "1d"]));
+    let token =
+        ok(&hub.cli(&["api-token", "create", "dev", "--scope", "invoke", "--task", "counter", "--expires", "1d"]));
     assert!(token.trim().starts_with("hmt.dev."), "{token}");
     let list = ok(&hub.cli(&["api-token", "list"]));
-    assert!(list.starts_with("NAME") && list.contains("dev") && list.contains("invoke") && list.contains("counter"), "{list}");
+    assert!(
+        list.starts_with("NAME") && list.contains("dev") && list.contains("invoke") && list.contains("counter"),
+        "{list}"
+    );
     assert!(!list.contains(token.trim()), "the list shows no token");
     assert!(ok(&hub.cli(&["api-token", "revoke", "dev"])).contains("revoked dev"));
     let listed: serde_json::Value = serde_json::from_str(&ok(&hub.cli(&["api-token", "list", "--json"]))).unwrap();

@@ -107,7 +107,8 @@ async fn update_keeps_the_state_of_the_same_module_and_starts_another_fresh() {
     assert_eq!(invoke_when_ready(&hub, "counter", "0").await, 5);
     step("another module (version 3) starts from fresh state: the count is 0, not 5");
     let wat = String::from_utf8(example_bytes("counter.wat")).unwrap();
-    let changed = format!("{})", wat.trim_end().strip_suffix(')').expect("a module ends with ')'").to_owned() + "(func $unused)");
+    let changed =
+        format!("{})", wat.trim_end().strip_suffix(')').expect("a module ends with ')'").to_owned() + "(func $unused)");
     let upd = hub.client.deploy("counter", changed.into_bytes(), &params, true).await.unwrap();
     assert_eq!(upd.task.version, 3);
     assert_eq!(invoke_when_ready(&hub, "counter", "0").await, 0, "the new module kept the old module's state");

@@ -185,7 +185,10 @@ enum Found {
     Valid(Record),
     /// A plausible header whose record fails its check; `header_checked`: the checksum that
     /// passed covers the header, so `next` is where the next record starts.
-    BadBody { next: u64, header_checked: bool },
+    BadBody {
+        next: u64,
+        header_checked: bool,
+    },
     /// No plausible record.
     Nothing,
 }
