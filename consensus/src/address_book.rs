@@ -1,7 +1,10 @@
 //! Keeps the endpoint's address book in step with the membership and the node records, so a
-//! follower can reach the leader (to forward proposals) and every hub the data plane needs; and
-//! the revoked certificates (removed hubs) in step with the state.
+//! follower can reach the leader (to forward proposals) and every hub the data plane needs, and
+//! forgets the hubs that are in neither; and the revoked certificates (removed hubs) in step with
+//! the state.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use openraft::Raft;
@@ -42,21 +45,18 @@ impl Worker for AddressBook {
         let (transport, seen_membership, seen_state) =
             (&self.transport, &mut self.seen_membership, &mut self.seen_state);
         let membership = self.metrics.borrow_and_update().membership_config.clone();
-        if seen_membership.as_ref() != Some(membership.log_id()) {
-            for (id, node) in membership.membership().nodes() {
-                if let Ok(addr) = node.mesh_addr.parse() {
-                    transport.set_peer(*id, addr);
-                }
-            }
+        let st = self.state.borrow_and_update().clone();
+        let membership_changed = seen_membership.as_ref() != Some(membership.log_id());
+        let state_changed = !seen_state.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &st));
+        if membership_changed || state_changed {
+            let members = membership.membership().nodes().map(|(id, n)| (*id, &n.mesh_addr));
+            let recorded = st.nodes.values().map(|n| (n.id.0, &n.mesh_addr));
+            let peers: HashMap<u64, SocketAddr> =
+                members.chain(recorded).filter_map(|(id, a)| a.parse().ok().map(|a| (id, a))).collect();
+            transport.set_peers(peers);
             *seen_membership = Some(*membership.log_id());
         }
-        let st = self.state.borrow_and_update().clone();
-        if !seen_state.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &st)) {
-            for n in st.nodes.values() {
-                if let Ok(addr) = n.mesh_addr.parse() {
-                    transport.set_peer(n.id.0, addr);
-                }
-            }
+        if state_changed {
             transport.set_revoked(st.revoked.iter().filter_map(|h| {
                 let mut fp = [0u8; 32];
                 hex::decode_to_slice(h, &mut fp).ok().map(|()| fp)

@@ -164,6 +164,7 @@ impl Consensus {
         join::serve(&me.transport, me.proposer.clone(), me.state.clone());
         me.workers.spawn(Autopilot { raft: me.raft.clone(), node_id, state: me.state.clone() });
         me.workers.spawn(AddressBook::new(me.transport.clone(), &me.raft, me.state.clone()));
+        crate::read_barrier::serve(&me.transport, me.raft.clone());
         let (raft, contact) = (me.raft.clone(), me.contact.clone());
         crate::election_gate::serve(&me.transport, move || PingAnswer {
             hears_leader: crate::election_gate::hears_leader(&raft, &contact, cfg.election_timeout_min),
@@ -267,6 +268,13 @@ impl Consensus {
     pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
         let mut rx = self.applied.clone();
         tokio::time::timeout(timeout, rx.wait_for(|i| *i >= index)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Waits until this hub has applied everything the leader committed before this call (see
+    /// [`read_barrier`](crate::read_barrier)): call it before answering that a name does not
+    /// exist. `false` when no leader could be reached within `timeout`.
+    pub async fn catch_up(&self, timeout: Duration) -> bool {
+        crate::read_barrier::catch_up(&self.raft, &self.transport, &self.applied, timeout).await
     }
 
     /// Waits until some hub is known as leader.

@@ -30,6 +30,7 @@ mod ids;
 pub mod join;
 pub mod network;
 pub mod propose;
+mod read_barrier;
 pub mod state;
 mod state_machine;
 pub mod tls;

@@ -5,7 +5,7 @@
 
 use hubmesh_consensus::transport::{
     StreamKind, CHECKPOINT_FETCH, CHECKPOINT_PUSH, INVOKE_FORWARD, JOIN, MODULE_FETCH, PING, PROPOSE, RAFT_APPEND,
-    RAFT_SNAPSHOT, RAFT_VOTE,
+    RAFT_SNAPSHOT, RAFT_VOTE, READ_INDEX,
 };
 use hubmesh_proto::{pb, Message};
 use libfuzzer_sys::fuzz_target;
@@ -17,6 +17,7 @@ fn payload(kind: u32, raw: &[u8]) {
         Some(StreamKind::RaftSnapshot) => drop(RAFT_SNAPSHOT.decode_request(raw)),
         Some(StreamKind::Join) => drop(JOIN.decode_request(raw)),
         Some(StreamKind::Ping) => drop(PING.decode_request(raw)),
+        Some(StreamKind::ReadIndex) => drop(READ_INDEX.decode_request(raw)),
         Some(StreamKind::Propose) => {
             if let Ok(req) = PROPOSE.decode_request(raw) {
                 if let Some(cmd) = req.command {
@@ -51,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
         drop(RAFT_APPEND.decode_answer(&resp.payload));
         drop(JOIN.decode_answer(&resp.payload));
         drop(PROPOSE.decode_answer(&resp.payload));
+        drop(READ_INDEX.decode_answer(&resp.payload));
         drop(INVOKE_FORWARD.decode_answer(&resp.payload));
         drop(CHECKPOINT_FETCH.decode_answer(&resp.payload));
     }

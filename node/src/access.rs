@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hubmesh_consensus::join::hash_secret;
-use hubmesh_consensus::state::{ApiScope, ApiTokenRecord};
+use hubmesh_consensus::state::{hub_token_name, ApiScope, ApiTokenRecord};
 use hubmesh_consensus::worker::Worker;
 use hubmesh_consensus::{Command, ProposeError, Rejected};
 use rand::RngCore;
@@ -123,7 +123,7 @@ impl Worker for AdminTokenKeeper {
         if !self.hub.has_quorum() {
             return Err("no quorum yet to register this hub's admin token".into());
         }
-        let name = format!("hub-{}", self.hub.consensus().node_id().0);
+        let name = hub_token_name(self.hub.consensus().node_id());
         let record = ApiTokenRecord { token_hash: hash, ..record_of("", ApiScope::Admin, Vec::new(), u64::MAX) };
         match self.hub.consensus().propose(Command::CreateApiToken { name: name.clone(), record }).await {
             Ok(_) => {

@@ -1,6 +1,8 @@
-//! The member's side of a join: the token and the joiner's record are checked against the
-//! committed state, and only then is the joiner's certificate signed with the mesh's CA and
-//! `AdmitNode` proposed (whose apply checks them again, against the state it applies to).
+//! The member's side of a join: the token is checked against the committed state first (a
+//! stranger without one learns nothing more), then the joiner's record (its fields bounded and
+//! well-formed, its id free), and only then is the joiner's certificate signed with the mesh's CA
+//! and `AdmitNode` proposed. The apply checks the token and the id again, against the state it
+//! applies to; the fields are checked here only, so that old log entries replay alike.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -47,7 +49,7 @@ async fn admit(
     let ca = {
         let st = state.borrow();
         let checked =
-            validate_joiner(&node).and_then(|()| st.check_admission(&node, &req.token_id, &secret_hash, at_ms));
+            st.check_admission(&node, &req.token_id, &secret_hash, at_ms).and_then(|()| validate_joiner(&node));
         if let Err(r) = checked {
             tracing::warn!(node = req.node_id, reason = %r, "join refused");
             return Err(refusal(&r));

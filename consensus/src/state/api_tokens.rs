@@ -1,8 +1,10 @@
 //! API tokens belong to the mesh: created, listed and revoked through Raft, stored as hashes, and
-//! honoured by every hub (it looks the presented token's hash up in its applied state).
+//! honoured by every hub (it looks the presented token's hash up in its applied state). Names
+//! starting `hub-` are the hubs' own: `hub-<id>` holds hub `id`'s `admin.token`, may be created
+//! only while that hub is a member, and is revoked when it is removed.
 
 use super::{
-    validate_name, validate_task_name, ApiScope, ApiTokenRecord, ClusterState, CommandResult, Outcome, Rejected,
+    validate_name, validate_task_name, ApiScope, ApiTokenRecord, ClusterState, CommandResult, NodeId, Outcome, Rejected,
 };
 
 /// Longest API token name.
@@ -10,9 +12,26 @@ pub const MAX_API_TOKEN_NAME: usize = 64;
 /// Most tasks one invoke token may name.
 pub const MAX_API_TOKEN_TASKS: usize = 64;
 
+/// What a hub's own token's name starts with.
+const HUB_TOKEN_PREFIX: &str = "hub-";
+
 /// Checks an API token's name: like a task name, 1–64 characters of `[a-z0-9_-]`.
 pub fn validate_api_token_name(name: &str) -> Result<(), Rejected> {
     validate_name("API token name", name, MAX_API_TOKEN_NAME)
+}
+
+/// Checks the name of a token a user asks for: a valid name outside the hubs' own (`hub-…`).
+pub fn validate_user_api_token_name(name: &str) -> Result<(), Rejected> {
+    validate_api_token_name(name)?;
+    if name.starts_with(HUB_TOKEN_PREFIX) {
+        return Err(Rejected::Invalid(format!("API token names starting {HUB_TOKEN_PREFIX:?} belong to the hubs")));
+    }
+    Ok(())
+}
+
+/// The name of hub `node`'s own admin token.
+pub fn hub_token_name(node: NodeId) -> String {
+    format!("{HUB_TOKEN_PREFIX}{}", node.0)
 }
 
 impl ClusterState {
@@ -30,6 +49,15 @@ impl ClusterState {
         }
         if record.revoked {
             return Err(Rejected::Invalid("a new API token cannot be revoked".into()));
+        }
+        if let Some(id) = name.strip_prefix(HUB_TOKEN_PREFIX) {
+            let member = id.parse().ok().filter(|id| self.nodes.contains_key(&NodeId(*id)));
+            if member.is_none() || hub_token_name(NodeId(member.unwrap_or(0))) != name {
+                return Err(Rejected::Invalid(format!("{name:?} names no member hub's own token")));
+            }
+            if record.scope != ApiScope::Admin || !record.tasks.is_empty() {
+                return Err(Rejected::Invalid("a hub's own token is an admin token".into()));
+            }
         }
         if record.scope == ApiScope::Admin && !record.tasks.is_empty() {
             return Err(Rejected::Invalid("an admin token cannot be limited to tasks".into()));
@@ -125,5 +153,43 @@ mod tests {
             Err(Rejected::ApiTokenExists("lights".into())),
             "a revoked name stays taken"
         );
+    }
+
+    #[test]
+    fn a_hubs_own_token_exists_only_for_a_member_and_dies_with_it() {
+        use super::super::{NodeRecord, NodeStatus};
+        let mut s = ClusterState::default();
+        let node = |id: u64| NodeRecord {
+            id: NodeId(id),
+            name: format!("n{id}"),
+            api_addr: String::new(),
+            mesh_addr: format!("127.0.0.1:{}", 7000 + id),
+            labels: Default::default(),
+            slots: 0,
+            memory_bytes: 0,
+            witness: false,
+            cert_fingerprint: String::new(),
+            status: NodeStatus::Up,
+        };
+        s.nodes.insert(NodeId(1), node(1));
+        s.nodes.insert(NodeId(2), node(2));
+        let before = s.clone();
+        for bad in [
+            create("hub-3", record('a', ApiScope::Admin, &[])),
+            create("hub-x", record('a', ApiScope::Admin, &[])),
+            create("hub-01", record('a', ApiScope::Admin, &[])),
+            create("hub-1", record('a', ApiScope::Invoke, &[])),
+        ] {
+            assert!(matches!(s.apply(&bad), Err(Rejected::Invalid(_))), "{bad:?}");
+            assert_eq!(s, before, "a refused command changed the state: {bad:?}");
+        }
+        assert_eq!(s.apply(&create("hub-1", record('a', ApiScope::Admin, &[]))), Ok(Outcome::ApiTokenCreated));
+        assert!(s.apply(&Command::RemoveNode { node: NodeId(2) }).is_ok());
+        let before = s.clone();
+        assert!(s.apply(&create("hub-2", record('b', ApiScope::Admin, &[]))).is_err(), "a removed hub's name");
+        assert_eq!(s, before);
+        assert!(validate_user_api_token_name("hub-7").is_err(), "users cannot take the hubs' names");
+        assert!(validate_user_api_token_name("hubby").is_ok());
+        assert_eq!(hub_token_name(NodeId(4)), "hub-4");
     }
 }

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 mod api_tokens;
-pub use api_tokens::{validate_api_token_name, MAX_API_TOKEN_NAME, MAX_API_TOKEN_TASKS};
+pub use api_tokens::{
+    hub_token_name, validate_api_token_name, validate_user_api_token_name, MAX_API_TOKEN_NAME, MAX_API_TOKEN_TASKS,
+};
 mod records;
 
 pub use records::*;
@@ -320,7 +322,7 @@ impl ClusterState {
                     self.revoked.insert(n.cert_fingerprint);
                 }
                 // Its admin.token goes with it (registered as `hub-<id>` by the hub itself).
-                if let Some(t) = self.api_tokens.get_mut(&format!("hub-{}", node.0)) {
+                if let Some(t) = self.api_tokens.get_mut(&hub_token_name(*node)) {
                     t.revoked = true;
                 }
                 Ok(Outcome::NodeRemoved)

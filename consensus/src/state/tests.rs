@@ -242,10 +242,10 @@ mod join_tests {
             expires_ms: u64::MAX,
             revoked: false,
         };
-        s.apply(&Command::CreateApiToken { name: "hub-2".into(), record: admin }).unwrap();
         let mut n = node(2);
         n.cert_fingerprint = "ab".repeat(32);
         s.apply(&Command::RegisterNode { node: n.clone() }).unwrap();
+        s.apply(&Command::CreateApiToken { name: "hub-2".into(), record: admin }).unwrap();
         s.apply(&Command::RemoveNode { node: NodeId(2) }).unwrap();
         assert!(s.revoked.contains(&"ab".repeat(32)));
         assert!(s.api_tokens["hub-2"].revoked, "the removed hub's admin token is revoked with it");

@@ -250,6 +250,8 @@ pub struct PingAnswer {
     /// entries from the leader it follows recently.
     pub hears_leader: bool,
 }
+/// The log index a read on this hub must have applied to see everything the leader committed.
+pub const READ_INDEX: Endpoint<Json<()>, Json<u64>> = Endpoint::new(StreamKind::ReadIndex);
 /// A follower's proposal, forwarded to the leader.
 pub const PROPOSE: Endpoint<pb::ProposeRequest, pb::ProposeResponse> = Endpoint::new(StreamKind::Propose);
 /// A module blob by hash.

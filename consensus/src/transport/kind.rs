@@ -17,6 +17,8 @@ pub enum StreamKind {
     Propose = 5,
     /// Are you there? Between voters, for the election gate (consensus).
     Ping = 6,
+    /// What has the leader committed? A read barrier before "no such name" (consensus).
+    ReadIndex = 7,
     /// A module blob by hash (node data plane).
     ModuleFetch = 100,
     /// An invocation forwarded to the instance's host (node data plane).
@@ -29,13 +31,14 @@ pub enum StreamKind {
 
 impl StreamKind {
     /// Every kind, for lookups and listings.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::RaftAppend,
         Self::RaftVote,
         Self::RaftSnapshot,
         Self::Join,
         Self::Propose,
         Self::Ping,
+        Self::ReadIndex,
         Self::ModuleFetch,
         Self::InvokeForward,
         Self::CheckpointPush,
@@ -61,6 +64,7 @@ impl StreamKind {
             Self::Join => "join",
             Self::Propose => "propose",
             Self::Ping => "ping",
+            Self::ReadIndex => "read-index",
             Self::ModuleFetch => "module-fetch",
             Self::InvokeForward => "invoke-forward",
             Self::CheckpointPush => "checkpoint-push",

@@ -41,7 +41,7 @@ use quinn::crypto::rustls::QuicClientConfig;
 pub use bulk::{BulkBody, BulkCall};
 pub use endpoint::{
     BulkEndpoint, Endpoint, Json, PingAnswer, TypedBulkCall, Wire, CHECKPOINT_FETCH, CHECKPOINT_PUSH, INVOKE_FORWARD,
-    JOIN, MODULE_FETCH, PING, PROPOSE, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE,
+    JOIN, MODULE_FETCH, PING, PROPOSE, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE, READ_INDEX,
 };
 pub use error::{Refusal, RpcError, TransportError};
 pub use kind::StreamKind;
@@ -187,6 +187,16 @@ impl Transport {
         if old.is_some_and(|o| o != addr) {
             lock(&self.conns).remove(&node);
         }
+    }
+
+    /// Replaces the whole address book with `peers` (the membership's and the state's hubs): a
+    /// removed hub's address is forgotten, with its connection, and no longer counts as a
+    /// member's address.
+    pub fn set_peers(&self, peers: HashMap<u64, SocketAddr>) {
+        let mut book = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let mut conns = lock(&self.conns);
+        conns.retain(|node, _| peers.get(node).is_some_and(|a| book.get(node) == Some(a)));
+        *book = peers;
     }
 
     /// The largest UDP payload the connection to `node` currently uses (MTU discovery's result).
@@ -506,6 +516,11 @@ async fn exchange(
 
 #[cfg(test)]
 impl Transport {
+    /// Unauthenticated connections holding a stranger's slot.
+    pub(crate) fn unauthenticated_for_tests(&self) -> usize {
+        self.admission.held()
+    }
+
     /// Sends raw bytes on a fresh stream to `target` and returns the raw answer.
     pub(crate) async fn raw_exchange_for_tests(&self, target: u64, bytes: &[u8]) -> Vec<u8> {
         let conn = self.connection(target).await.expect("connected");

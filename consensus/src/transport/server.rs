@@ -16,6 +16,8 @@ use super::{lock, quic, Caller, Refusal, StreamKind, Transport, BULK_MARK, CLOSE
 pub const MAX_JOIN_REQUEST: usize = 16 << 10;
 /// How long a connection without a certificate may wait for and send its requests.
 const JOINER_LIFETIME: Duration = Duration::from_secs(10);
+/// How long a joiner may take to receive its answer (one that never reads would hold its slot).
+const JOINER_ANSWER_TIME: Duration = Duration::from_secs(5);
 /// How long a handshake may take (a peer that keeps one going forever holds a slot).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -30,7 +32,11 @@ pub(super) async fn accept_loop(transport: Weak<Transport>, endpoint: quinn::End
         }
         let from = incoming.remote_address();
         // A known member's own endpoint (its mesh address) does not queue behind strangers.
-        let slot = if t.is_peer_address(from) { Some(None) } else { t.admission.connection(from.ip()).map(Some) };
+        let slot = if t.is_peer_address(from) {
+            t.admission.member_connection(from)
+        } else {
+            t.admission.connection(from.ip())
+        };
         let Some(pending) = slot else {
             tracing::debug!(peer = %from, "too many unauthenticated connections; refused");
             incoming.refuse();
@@ -41,7 +47,7 @@ pub(super) async fn accept_loop(transport: Weak<Transport>, endpoint: quinn::End
     }
 }
 
-async fn serve_connection(t: Weak<Transport>, incoming: quinn::Incoming, pending: Option<Pending>) {
+async fn serve_connection(t: Weak<Transport>, incoming: quinn::Incoming, pending: Pending) {
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -58,6 +64,11 @@ async fn serve_connection(t: Weak<Transport>, incoming: quinn::Incoming, pending
         .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
         .and_then(|certs| certs.first().map(|c| c.to_vec()));
     let Some(cert) = leaf else {
+        if pending.is_member_address() {
+            // A joiner has no mesh address of its own yet: this one only poses as a member.
+            conn.close(CLOSE_REFUSED.into(), b"a certificate is required from a member's address");
+            return;
+        }
         return serve_joiner(t, conn, pending).await;
     };
     // A member: it no longer counts against the unauthenticated limits.
@@ -77,20 +88,18 @@ async fn serve_connection(t: Weak<Transport>, incoming: quinn::Incoming, pending
 
 /// A connection without a certificate: one JOIN at a time (its transport limits). It may wait for
 /// and send its requests for a bounded time; a join it sent in time is answered, however long the
-/// proposal takes (cutting it off could admit a hub that never gets its certificate).
-async fn serve_joiner(t: Weak<Transport>, conn: quinn::Connection, pending: Option<Pending>) {
+/// proposal takes (cutting it off could admit a hub that never gets its certificate), but a
+/// joiner that does not take its answer within `JOINER_ANSWER_TIME` loses it and its connection.
+async fn serve_joiner(t: Weak<Transport>, conn: quinn::Connection, pending: Pending) {
     let addr = conn.remote_address().ip();
     let deadline = tokio::time::Instant::now() + JOINER_LIFETIME;
     loop {
         match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
             Ok(Ok((send, recv))) => serve_stream(t.clone(), Who::Joiner(addr), send, recv, Some(deadline)).await,
-            Ok(Err(_)) => break,
-            Err(_) => {
-                conn.close(0u32.into(), b"a joiner's time is up");
-                break;
-            }
+            Ok(Err(_)) | Err(_) => break,
         }
     }
+    conn.close(0u32.into(), b"a joiner's time is up");
     drop(pending);
 }
 
@@ -114,7 +123,8 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     read_by: Option<tokio::time::Instant>,
 ) {
-    let limit = if who.is_member() { MAX_FRAME } else { MAX_JOIN_REQUEST };
+    let member = who.is_member();
+    let limit = if member { MAX_FRAME } else { MAX_JOIN_REQUEST };
     let request = async {
         let mut first = [0u8; 1];
         let first = recv.read_exact(&mut first).await.map(|()| first[0]);
@@ -152,9 +162,16 @@ async fn serve_stream(
             Refusal::bad_request(format!("unreadable request: {e}")).into_response()
         }
     };
-    if send.write_all(&resp.encode_to_vec()).await.is_ok() {
-        let _ = send.finish();
-        let _ = send.stopped().await;
+    let write = async {
+        if send.write_all(&resp.encode_to_vec()).await.is_ok() {
+            let _ = send.finish();
+            let _ = send.stopped().await;
+        }
+    };
+    if member {
+        write.await;
+    } else if tokio::time::timeout(JOINER_ANSWER_TIME, write).await.is_err() {
+        tracing::debug!("a joiner did not take its answer in time");
     }
 }
 

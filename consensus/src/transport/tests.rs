@@ -130,6 +130,76 @@ async fn joiners_pin_the_ca_and_may_only_join() {
     assert!(matches!(err, RpcError::Unreachable(..)), "{err:?}");
 }
 
+/// Polls `done` until it holds, for at most `T`.
+async fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + T;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A raw endpoint at `bind` that connects like a joiner (no certificate, the CA pinned), with a
+/// stream receive window of `window` bytes.
+fn raw_joiner(ca: &CaMaterial, bind: &str, window: u32) -> quinn::Endpoint {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
+        crate::tls::join_client_config(fingerprint(&ca.cert_der)).unwrap(),
+    )
+    .unwrap();
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(window.into());
+    cfg.transport_config(Arc::new(transport));
+    let mut ep = quinn::Endpoint::client(bind.parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    ep
+}
+
+/// A joiner that sends a join and never reads the answer (its window too small for it) must not
+/// hold its unauthenticated slot for ever: it loses the answer and then its connection.
+#[tokio::test]
+async fn a_joiner_that_never_takes_its_answer_loses_its_connection() {
+    let ca = CaMaterial::generate().unwrap();
+    let a = hub(&ca, 1);
+    a.register(StreamKind::Join, handler(|_caller, _p| async move { Ok(vec![7u8; 256 << 10]) }));
+    let ep = raw_joiner(&ca, "127.0.0.1:0", 1024);
+    let conn = ep.connect(addr(&a), crate::tls::JOIN_SERVER_NAME).unwrap().await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let req = pb::MeshRequest { kind: StreamKind::Join as u32, from: 0, payload: vec![] };
+    send.write_all(&req.encode_to_vec()).await.unwrap();
+    send.finish().unwrap();
+    wait_for("the joiner holds a slot", || a.unauthenticated_for_tests() == 1).await;
+    // The joiner's lifetime (10 s) and its answer's time (5 s) bound how long it holds the slot.
+    let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await;
+    assert!(closed.is_ok(), "the joiner still holds its connection");
+    wait_for("the slot is given back", || a.unauthenticated_for_tests() == 0).await;
+}
+
+/// A connection from a member's own mesh address that shows no certificate is closed at once: a
+/// joiner has no mesh address yet, and the member address's few slots are the mesh's.
+#[tokio::test]
+async fn a_member_address_without_a_certificate_is_turned_away() {
+    let ca = CaMaterial::generate().unwrap();
+    let a = hub(&ca, 1);
+    let poser = raw_joiner(&ca, "127.0.0.1:0", 1 << 20);
+    a.set_peer(2, poser.local_addr().unwrap());
+    let conn = poser.connect(addr(&a), crate::tls::JOIN_SERVER_NAME).unwrap().await.unwrap();
+    let reason = tokio::time::timeout(T, conn.closed()).await.expect("closed by the hub");
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == super::CLOSE_REFUSED.into()),
+        "{reason:?}"
+    );
+    // Once the address is no longer a member's (the book rebuilt without it), it may join.
+    a.set_peers(Default::default());
+    let conn = poser.connect(addr(&a), crate::tls::JOIN_SERVER_NAME).unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let req = pb::MeshRequest { kind: StreamKind::Join as u32, from: 0, payload: vec![] };
+    send.write_all(&req.encode_to_vec()).await.unwrap();
+    send.finish().unwrap();
+    let resp = pb::MeshResponse::decode(recv.read_to_end(1 << 20).await.unwrap().as_slice()).unwrap();
+    assert_eq!(resp.payload, b"Joiner");
+}
+
 #[tokio::test]
 async fn garbage_on_the_port_changes_nothing() {
     let ca = CaMaterial::generate().unwrap();

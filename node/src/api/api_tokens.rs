@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use hubmesh_consensus::state::{validate_api_token_name, ApiScope, ApiTokenRecord};
+use hubmesh_consensus::state::{validate_user_api_token_name, ApiScope, ApiTokenRecord};
 use hubmesh_consensus::{Command, ProposeError, Rejected};
 use hubmesh_proto::api;
 
@@ -45,7 +45,7 @@ pub(crate) async fn create(
     State(s): State<ApiState>,
     Json(req): Json<api::ApiTokenRequest>,
 ) -> Result<(StatusCode, Json<api::ApiTokenCreated>), ApiError> {
-    validate_api_token_name(&req.name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    validate_user_api_token_name(&req.name).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let scope = match req.scope.as_deref() {
         None | Some("admin") => ApiScope::Admin,
         Some("invoke") => ApiScope::Invoke,

@@ -6,7 +6,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use hubmesh_consensus::ClusterState;
 use hubmesh_proto::api;
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::error::ApiError;
 use super::{views, ApiState};
@@ -14,6 +17,29 @@ use super::{views, ApiState};
 /// Header carrying an idempotency key.
 pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const MAX_KEY: usize = 256;
+/// How long a miss waits to catch up with the leader's commits before saying "no such task".
+const CATCH_UP: Duration = Duration::from_secs(1);
+
+fn no_such_task(name: &str) -> ApiError {
+    ApiError::not_found(format!("no task named {name:?}"))
+}
+
+/// The applied state, holding `name` if the mesh has it. A miss first catches up with what the
+/// leader has committed: a task whose creation was just answered through another hub is known
+/// here too (read-your-writes across hubs); only misses pay for the round trip.
+async fn state_with(s: &ApiState, name: &str) -> Result<Arc<ClusterState>, ApiError> {
+    let state = s.hub.consensus().state();
+    if state.tasks.contains_key(name) {
+        return Ok(state);
+    }
+    s.hub.consensus().catch_up(CATCH_UP).await;
+    let state = s.hub.consensus().state();
+    if state.tasks.contains_key(name) {
+        Ok(state)
+    } else {
+        Err(no_such_task(name))
+    }
+}
 
 pub(crate) async fn list(State(s): State<ApiState>) -> Json<Vec<api::TaskInfo>> {
     let state = s.hub.consensus().state();
@@ -21,8 +47,8 @@ pub(crate) async fn list(State(s): State<ApiState>) -> Json<Vec<api::TaskInfo>> 
 }
 
 pub(crate) async fn show(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<api::TaskInfo>, ApiError> {
-    let state = s.hub.consensus().state();
-    let record = state.tasks.get(&name).ok_or_else(|| ApiError::not_found(format!("no task named {name:?}")))?;
+    let state = state_with(&s, &name).await?;
+    let record = state.tasks.get(&name).ok_or_else(|| no_such_task(&name))?;
     Ok(Json(views::task_info(&s.hub, &state, record)))
 }
 
@@ -36,9 +62,13 @@ pub(crate) async fn deploy(
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let body = read_module(&s, body).await?;
-    let deployed = s.hub.deploy(&name, &body, &params, method == Method::PUT).await?;
-    let state = s.hub.consensus().state();
-    let record = state.tasks.get(&name).ok_or_else(|| ApiError::not_found(format!("no task named {name:?}")))?;
+    let update = method == Method::PUT;
+    if update {
+        state_with(&s, &name).await?;
+    }
+    let deployed = s.hub.deploy(&name, &body, &params, update).await?;
+    let state = state_with(&s, &name).await?;
+    let record = state.tasks.get(&name).ok_or_else(|| no_such_task(&name))?;
     let resp = api::DeployResponse { task: views::task_info(&s.hub, &state, record), created: deployed.created };
     let status = if deployed.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(resp)).into_response())
@@ -59,17 +89,13 @@ async fn read_module(s: &ApiState, body: Body) -> Result<Bytes, ApiError> {
 pub(crate) async fn remove(State(s): State<ApiState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     use hubmesh_consensus::state::Rejected;
     use hubmesh_consensus::{Command, ProposeError};
-    if !s.hub.consensus().state().tasks.contains_key(&name) {
-        return Err(ApiError::not_found(format!("no task named {name:?}")));
-    }
+    state_with(&s, &name).await?;
     if !s.hub.has_quorum() {
         return Err(ApiError::no_quorum());
     }
     match s.hub.consensus().propose(Command::DeleteTask { name: name.clone() }).await {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
-        Err(ProposeError::Rejected(Rejected::NoSuchTask(_))) => {
-            Err(ApiError::not_found(format!("no task named {name:?}")))
-        }
+        Err(ProposeError::Rejected(Rejected::NoSuchTask(_))) => Err(no_such_task(&name)),
         Err(e) => Err(e.into()),
     }
 }
@@ -91,7 +117,19 @@ pub(crate) async fn invoke(
             Some(k.to_owned())
         }
     };
-    let limit = s.hub.input_limit(&name).ok_or_else(|| ApiError::not_found(format!("no task named {name:?}")))?;
+    let limit = match s.hub.input_limit(&name) {
+        Some(limit) => limit,
+        None => {
+            state_with(&s, &name)
+                .await?
+                .tasks
+                .get(&name)
+                .ok_or_else(|| no_such_task(&name))?
+                .spec
+                .limits
+                .max_input_bytes
+        }
+    };
     let input = axum::body::to_bytes(body, limit as usize).await.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -143,9 +181,7 @@ pub(crate) async fn checkpoint(
     State(s): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Json<api::CheckpointResponse>, ApiError> {
-    if !s.hub.consensus().state().tasks.contains_key(&name) {
-        return Err(ApiError::not_found(format!("no task named {name:?}")));
-    }
+    state_with(&s, &name).await?;
     let c = s.hub.executor().checkpoint(&name).await?;
     Ok(Json(api::CheckpointResponse { checkpoint: views::checkpoint_info(&c) }))
 }

@@ -533,12 +533,13 @@ impl Actor {
     }
 }
 
-/// The newest checkpoint of `task` in the local page log.
+/// The newest checkpoint of `task` in the local page log that can restore (has all its pages).
 fn newest_local(pages: &PageLog, task: &str) -> Option<String> {
     pages
         .manifest_keys()
         .into_iter()
         .filter_map(|k| parse_checkpoint_key(&k).filter(|(t, ..)| *t == task).map(|(_, e, s)| (e, s, k.clone())))
+        .filter(|(.., k)| pages.is_complete(k))
         .max()
         .map(|(_, _, k)| k)
 }

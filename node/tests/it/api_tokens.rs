@@ -79,6 +79,8 @@ async fn api_tokens_work_on_every_hub_within_their_scope_until_revoked() {
         (request("x", "root", &[], None), 400),
         (request("x", "admin", &["echo"], None), 400),
         (request("x", "invoke", &[], Some("soon")), 400),
+        // The hubs' own names: a user cannot take one (not even a future hub's).
+        (request("hub-99", "admin", &[], None), 400),
     ] {
         let err = ca.create_api_token(&req).await.unwrap_err();
         assert_eq!(err.status(), Some(status), "{req:?}: {err}");

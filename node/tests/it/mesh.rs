@@ -80,6 +80,21 @@ async fn three_hubs_join_share_tasks_and_survive_the_leader() {
     let tasks = hubs[0].client.tasks().await.unwrap();
     assert!(tasks.iter().all(|t| t.placement.is_some()), "{tasks:?}");
 
+    step("a task created through one hub is known on every hub once its creation is answered");
+    for i in 0..6 {
+        let name = format!("fresh{i}");
+        let through = &hubs[i % 3];
+        through.client.deploy(&name, example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
+        for h in &hubs {
+            // No retry: a hub that has not applied the creation yet catches up before answering.
+            let t = h.client.task(&name).await.unwrap_or_else(|e| panic!("{name} on hub {}: {e}", h.name));
+            assert_eq!(t.name, name);
+        }
+        let other = &hubs[(i + 1) % 3];
+        let out = other.client.invoke(&name, b"hi".to_vec(), None).await;
+        assert_eq!(out.unwrap_or_else(|e| panic!("{name} through hub {}: {e}", other.name)), b"hi");
+    }
+
     step("kill the leader: the others elect a new one and still take changes");
     let leader = hubs[0].client.status().await.unwrap().leader.unwrap();
     let idx = {

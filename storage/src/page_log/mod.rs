@@ -390,6 +390,13 @@ impl PageLog {
         self.lock().manifests.contains_key(key)
     }
 
+    /// Whether a manifest is stored under `key` and every page it names is still here (a page
+    /// found rotten is forgotten, which leaves its manifests unable to restore).
+    pub fn is_complete(&self, key: &str) -> bool {
+        let inner = self.lock();
+        inner.manifests.get(key).is_some_and(|m| m.refs.iter().all(|h| inner.pages.contains_key(h)))
+    }
+
     /// Keys of every stored manifest.
     pub fn manifest_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self.lock().manifests.keys().cloned().collect();

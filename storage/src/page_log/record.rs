@@ -110,17 +110,17 @@ pub(super) fn version_of(path: &Path) -> Result<Version, PageLogError> {
 }
 
 /// Reads every record of the file into an index. A record that fails its check is skipped: when
-/// its header is intact (a page's checksum covers its header; any record followed by a valid one
-/// or by the end of the file), the scan goes on after it; when its header rotted, the scan looks
+/// its header is known intact (a page's header has its own checksum; another record's length is
+/// trusted only when a valid record follows where it says), the scan goes on after it; when its header rotted, the scan looks
 /// for the next whole record that passes its checksum. Every valid record after the rot is kept;
 /// only what follows the last valid record is a torn tail (`Index::good`). A manifest whose pages
-/// are not all in the file (a batch torn in its middle) yields to the key's previous complete
-/// manifest, if the file still has one.
+/// are not all in the file (a batch torn in its middle) is left out: it would restore nothing, and
+/// an older manifest of the same key cannot stand in for it (a key may be written again with
+/// other contents), so the checkpoint is simply not here and replication fetches it again.
 pub(super) fn scan(path: &Path, version: Version) -> Result<Index, PageLogError> {
     let file = File::open(path).map_err(io(path))?;
     let end = file.metadata().map_err(io(path))?.len();
     let mut index = Index::default();
-    let mut earlier: HashMap<String, Vec<ManifestLoc>> = HashMap::new();
     let mut offset = 0u64;
     if version == Version::V2 {
         if end < MAGIC.len() as u64 {
@@ -132,7 +132,7 @@ pub(super) fn scan(path: &Path, version: Version) -> Result<Index, PageLogError>
     while offset < end {
         let next = match record_at(&file, version, offset, end).map_err(io(path))? {
             Found::Valid(rec) => {
-                if add(&mut index, &mut earlier, rec) {
+                if add(&mut index, rec) {
                     offset = index.good;
                     continue;
                 }
@@ -140,7 +140,6 @@ pub(super) fn scan(path: &Path, version: Version) -> Result<Index, PageLogError>
             }
             Found::BadBody { next, header_checked } => {
                 let trusted = header_checked
-                    || next == end
                     || matches!(record_at(&file, version, next, end).map_err(io(path))?, Found::Valid(_));
                 trusted.then_some(next)
             }
@@ -158,15 +157,14 @@ pub(super) fn scan(path: &Path, version: Version) -> Result<Index, PageLogError>
             None => break,
         }
     }
-    for (key, current) in index.manifests.iter_mut() {
-        let complete = |m: &ManifestLoc| m.refs.iter().all(|h| index.pages.contains_key(h));
-        if !complete(current) {
-            if let Some(prev) = earlier.get(key).and_then(|v| v.iter().rev().find(|m| complete(m))) {
-                tracing::error!(path = %path.display(), %key, "the newest manifest lacks pages; using the previous complete one");
-                *current = prev.clone();
-            }
+    let pages = &index.pages;
+    index.manifests.retain(|key, m| {
+        let complete = m.refs.iter().all(|h| pages.contains_key(h));
+        if !complete {
+            tracing::error!(path = %path.display(), %key, "a manifest lacks pages (its batch tore); leaving it out");
         }
-    }
+        complete
+    });
     Ok(index)
 }
 
@@ -193,11 +191,8 @@ enum Found {
     Nothing,
 }
 
-/// Earlier manifests of a key remembered during a scan (for a torn newest one).
-const EARLIER_MANIFESTS: usize = 4;
-
 /// Adds a record to the index; `false` if its contents do not decode (a manifest's references).
-fn add(index: &mut Index, earlier: &mut HashMap<String, Vec<ManifestLoc>>, rec: Record) -> bool {
+fn add(index: &mut Index, rec: Record) -> bool {
     let data_len = rec.data.len() as u32;
     match rec.kind {
         KIND_PAGE => {
@@ -208,18 +203,11 @@ fn add(index: &mut Index, earlier: &mut HashMap<String, Vec<ManifestLoc>>, rec: 
             let Some((refs, used)) = decode_refs(&rec.data) else { return false };
             let key = String::from_utf8_lossy(&rec.key).into_owned();
             let loc = Loc { offset: rec.data_offset + used as u64, len: data_len - used as u32 };
-            if let Some(prev) = index.manifests.insert(key.clone(), ManifestLoc { loc, refs }) {
-                let kept = earlier.entry(key).or_default();
-                if kept.len() == EARLIER_MANIFESTS {
-                    kept.remove(0);
-                }
-                kept.push(prev);
-            }
+            index.manifests.insert(key, ManifestLoc { loc, refs });
         }
         _ => {
             let key = String::from_utf8_lossy(&rec.key);
             index.manifests.remove(&*key);
-            earlier.remove(&*key);
         }
     }
     index.good = rec.next;

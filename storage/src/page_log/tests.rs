@@ -75,11 +75,11 @@ fn flipped_bit_is_detected() {
     let mut bytes = fs::read(&path).unwrap();
     bytes[3 + 32 + 4 + 100] ^= 1;
     fs::write(&path, &bytes).unwrap();
-    // The page fails its hash on scan, so the page is gone rather than wrong; the records
-    // after it (the manifest) are kept and the file is not cut.
+    // The page fails its hash on scan, so the page is gone rather than wrong; the manifest after
+    // it is read but left out (it could restore nothing), and the file is not cut.
     let log = PageLog::open(dir.path()).unwrap();
     assert!(matches!(log.read_page(&p.0), Err(PageLogError::MissingPage(_))));
-    assert_eq!(log.read_manifest("t#0").unwrap().unwrap(), b"m");
+    assert_eq!(log.read_manifest("t#0").unwrap(), None);
     assert_eq!(log.stats().file_bytes, bytes.len() as u64);
 }
 
@@ -111,7 +111,9 @@ fn a_rotten_header_in_the_middle_skips_one_record_and_keeps_the_rest() {
         let log = PageLog::open(dir.path()).unwrap();
         assert!(matches!(log.read_page(&b.0), Err(PageLogError::MissingPage(_))), "{what}");
         assert_eq!(log.read_manifest("a#0").unwrap().unwrap(), b"ma", "{what}");
-        assert_eq!(log.read_manifest("b#0").unwrap().unwrap(), b"mb", "{what}: the record after the rotten one");
+        // The record after the rotten page is b's manifest: read, but left out for its lost page.
+        assert_eq!(log.read_manifest("b#0").unwrap(), None, "{what}: b's manifest lost its page");
+        assert!(!log.is_complete("b#0"), "{what}");
         assert_eq!(log.read_manifest("c#0").unwrap().unwrap(), b"mc", "{what}");
         assert_eq!(log.read_page(&page(3).0).unwrap(), page(3).1, "{what}");
         assert_eq!(log.stats().file_bytes, len, "{what}: nothing was cut");
@@ -124,22 +126,33 @@ fn a_rotten_header_in_the_middle_skips_one_record_and_keeps_the_rest() {
 }
 
 /// A batch torn in its middle by a crash (zeroed blocks before its manifest, which reached the
-/// disk): the newest manifest lacks its page, so the key's previous complete manifest stands.
+/// disk): the newest manifest lacks its page, so the key has no manifest (an older one of the key
+/// may hold other contents, so it cannot stand in).
 #[test]
-fn a_manifest_whose_batch_tore_in_the_middle_yields_to_the_previous_one() {
+fn a_manifest_whose_batch_tore_in_the_middle_is_left_out() {
     let dir = tempfile::tempdir().unwrap();
     let log = PageLog::open(dir.path()).unwrap();
     write_one(&log, "t#0", vec![page(1)], b"m1");
+    write_one(&log, "u#0", vec![page(3)], b"u1");
     let torn = log.stats().file_bytes as usize;
-    write_one(&log, "t#0", vec![page(2)], b"m2");
+    // The same key written again with other contents: its old manifest must not stand in.
+    write_one(&log, "u#0", vec![page(2)], b"u2");
+    assert!(log.is_complete("u#0"));
     drop(log);
     let path = dir.path().join("pages.log");
     let mut file = fs::read(&path).unwrap();
     file[torn..torn + 4096].fill(0);
     fs::write(&path, &file).unwrap();
     let log = PageLog::open(dir.path()).unwrap();
+    assert!(!log.has_manifest("u#0"), "a manifest without its pages restores nothing");
+    assert!(log.read_manifest("u#0").unwrap().is_none());
+    assert!(!log.is_complete("u#0"));
     assert_eq!(log.read_manifest("t#0").unwrap().unwrap(), b"m1");
+    assert!(log.is_complete("t#0"));
     assert_eq!(log.read_page(&page(1).0).unwrap(), page(1).1);
+    // A page forgotten at run time (found rotten) leaves its manifest incomplete.
+    log.forget_page(&page(1).0);
+    assert!(log.has_manifest("t#0") && !log.is_complete("t#0"));
 }
 
 #[test]
