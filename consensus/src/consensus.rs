@@ -107,6 +107,7 @@ pub struct Consensus {
     contact: LeaderContact,
     /// Consensus's own background loops (autopilot, address book).
     workers: Workers,
+    read_barrier: crate::read_barrier::ReadBarrier,
 }
 
 impl Consensus {
@@ -148,7 +149,9 @@ impl Consensus {
         let contact = LeaderContact::default();
         crate::network::register_handlers(&transport, &raft, &contact);
         let proposer = ProposeHandle::new(raft.clone(), transport.clone(), cfg.propose_timeout);
+        let read_barrier = crate::read_barrier::ReadBarrier::new(raft.clone(), transport.clone(), applied_rx.clone());
         let me = Self {
+            read_barrier,
             cert_der: identity.cert_der.clone(),
             proposer,
             raft,
@@ -274,7 +277,7 @@ impl Consensus {
     /// [`read_barrier`](crate::read_barrier)): call it before answering that a name does not
     /// exist. `false` when no leader could be reached within `timeout`.
     pub async fn catch_up(&self, timeout: Duration) -> bool {
-        crate::read_barrier::catch_up(&self.raft, &self.transport, &self.applied, timeout).await
+        self.read_barrier.catch_up(timeout).await
     }
 
     /// Waits until some hub is known as leader.

@@ -4,58 +4,95 @@
 //!
 //! The leader answers `READ_INDEX` with the index openraft's `ensure_linearizable` confirms (a
 //! heartbeat round with a quorum proves it still leads); the asking hub waits until it has applied
-//! that index. Only a miss pays for this: a name the hub already knows is answered at once.
+//! that index. Only a miss pays for this, and misses share rounds: one round is in flight per hub
+//! at a time, and a caller that waited for it uses the next round that began after it asked, so a
+//! flood of misses costs the leader at most one round per hub per round trip.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hubmesh_proto::pb;
 use openraft::Raft;
-use tokio::sync::watch;
+use tokio::sync::{watch, Mutex};
+use tokio::time::Instant;
 
 use crate::transport::{Json, Refusal, Transport, READ_INDEX};
 use crate::TypeConfig;
+
+/// How long the leader tries to confirm its lead for a follower's `READ_INDEX`.
+const CONFIRM_TIME: Duration = Duration::from_secs(2);
 
 /// Answers other hubs' `READ_INDEX` while this hub leads; called once at boot.
 pub(crate) fn serve(transport: &Transport, raft: Raft<TypeConfig>) {
     READ_INDEX.serve(transport, move |_from, Json(())| {
         let raft = raft.clone();
         async move {
-            match raft.ensure_linearizable().await {
-                Ok(read) => Ok(Json(read.map_or(0, |l| l.index))),
-                Err(e) => Err(Refusal::new(pb::ErrorCode::NotLeader, e.to_string())),
+            match tokio::time::timeout(CONFIRM_TIME, raft.ensure_linearizable()).await {
+                Ok(Ok(read)) => Ok(Json(read.map_or(0, |l| l.index))),
+                Ok(Err(e)) => Err(Refusal::new(pb::ErrorCode::NotLeader, e.to_string())),
+                Err(_) => Err(Refusal::new(pb::ErrorCode::Unavailable, "could not confirm the lead in time")),
             }
         }
     });
 }
 
-/// Waits until this hub has applied everything the leader had committed when asked; `false` when
-/// that could not be learned or reached within `timeout` (no leader, a partition).
-pub(crate) async fn catch_up(
-    raft: &Raft<TypeConfig>,
-    transport: &Transport,
-    applied: &watch::Receiver<u64>,
-    timeout: Duration,
-) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let (leader, me) = {
-        let metrics = raft.metrics();
-        let m = metrics.borrow();
-        (m.current_leader, m.id)
-    };
-    let Some(leader) = leader else { return false };
-    let index = if leader == me {
-        // `ensure_linearizable` itself waits until the leader applied what it read.
-        return matches!(tokio::time::timeout(timeout, raft.ensure_linearizable()).await, Ok(Ok(_)));
-    } else {
-        match READ_INDEX.call(transport, leader, &Json(()), timeout).await {
-            Ok(Json(index)) => index,
+/// A hub's side of the barrier.
+pub(crate) struct ReadBarrier {
+    raft: Raft<TypeConfig>,
+    transport: Arc<Transport>,
+    applied: watch::Receiver<u64>,
+    /// The last round: when it began and the index it learned. Held while a round runs.
+    round: Mutex<Option<(Instant, u64)>>,
+}
+
+impl ReadBarrier {
+    pub(crate) fn new(raft: Raft<TypeConfig>, transport: Arc<Transport>, applied: watch::Receiver<u64>) -> Self {
+        Self { raft, transport, applied, round: Mutex::new(None) }
+    }
+
+    /// Waits until this hub has applied everything the leader had committed when asked; `false`
+    /// when that could not be learned or reached within `timeout` (no leader, a partition).
+    pub(crate) async fn catch_up(&self, timeout: Duration) -> bool {
+        let asked = Instant::now();
+        let deadline = asked + timeout;
+        let index = {
+            let Ok(mut last) = tokio::time::timeout_at(deadline, self.round.lock()).await else { return false };
+            match *last {
+                // A round that began after this call asked has seen everything committed before it.
+                Some((began, index)) if began >= asked => index,
+                _ => {
+                    let began = Instant::now();
+                    let Some(index) = self.read_index(deadline).await else { return false };
+                    *last = Some((began, index));
+                    index
+                }
+            }
+        };
+        let mut applied = self.applied.clone();
+        let caught_up = tokio::time::timeout_at(deadline, applied.wait_for(|i| *i >= index)).await;
+        caught_up.is_ok_and(|r| r.is_ok())
+    }
+
+    /// The leader's confirmed commit index.
+    async fn read_index(&self, deadline: Instant) -> Option<u64> {
+        let (leader, me) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            (m.current_leader?, m.id)
+        };
+        if leader == me {
+            return match tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await {
+                Ok(Ok(read)) => Some(read.map_or(0, |l| l.index)),
+                _ => None,
+            };
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match READ_INDEX.call(&self.transport, leader, &Json(()), left).await {
+            Ok(Json(index)) => Some(index),
             Err(e) => {
                 tracing::debug!(leader, error = %e, "the leader did not give its read index");
-                return false;
+                None
             }
         }
-    };
-    let mut applied = applied.clone();
-    let caught_up = tokio::time::timeout_at(deadline, applied.wait_for(|i| *i >= index)).await;
-    caught_up.is_ok_and(|r| r.is_ok())
+    }
 }

@@ -209,7 +209,11 @@ fn refill(b: &Bucket, rate: Rate, now: Instant) -> f64 {
 fn too_many_joins() -> Refusal {
     Refusal::new(
         pb::ErrorCode::Unavailable,
-        format!("too many join attempts from this address: one per {} s", HOST_JOINS.every.as_secs()),
+        format!(
+            "too many join attempts from this address (one per {} s) or its IPv6 /64 (one per {} s); try again later",
+            HOST_JOINS.every.as_secs(),
+            PREFIX_JOINS.every.as_secs()
+        ),
     )
 }
 

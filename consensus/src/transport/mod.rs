@@ -101,6 +101,9 @@ pub struct Transport {
     member_client: RwLock<quinn::ClientConfig>,
     peers: RwLock<HashMap<u64, SocketAddr>>,
     conns: Mutex<HashMap<u64, quinn::Connection>>,
+    /// One dial at a time per peer: concurrent callers wait for its connection rather than each
+    /// opening one (a burst would spend the peer's slots for this hub's address).
+    dialing: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     handlers: RwLock<HashMap<StreamKind, Handler>>,
     bulk_handlers: RwLock<HashMap<StreamKind, BulkHandler>>,
     last_ok: Mutex<HashMap<u64, Instant>>,
@@ -140,6 +143,7 @@ impl Transport {
             member_client: RwLock::new(member_client),
             peers: RwLock::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
             handlers: RwLock::new(HashMap::new()),
             bulk_handlers: RwLock::new(HashMap::new()),
             last_ok: Mutex::new(HashMap::new()),
@@ -196,6 +200,7 @@ impl Transport {
         let mut book = self.peers.write().unwrap_or_else(|p| p.into_inner());
         let mut conns = lock(&self.conns);
         conns.retain(|node, _| peers.get(node).is_some_and(|a| book.get(node) == Some(a)));
+        lock(&self.dialing).retain(|node, _| peers.contains_key(node));
         *book = peers;
     }
 
@@ -235,7 +240,10 @@ impl Transport {
 
     /// Whether `addr` is a member's mesh address (a member connects from its own endpoint).
     fn is_peer_address(&self, addr: SocketAddr) -> bool {
-        self.peers.read().unwrap_or_else(|p| p.into_inner()).values().any(|a| *a == addr)
+        // Compared as ip and port only: an IPv4 peer seen on a dual-stack socket is IPv4-mapped,
+        // and an IPv6 address may carry a flow label or scope.
+        let canonical = |a: SocketAddr| (a.ip().to_canonical(), a.port());
+        self.peers.read().unwrap_or_else(|p| p.into_inner()).values().any(|a| canonical(*a) == canonical(addr))
     }
 
     /// Records an accepted member connection showing the certificate `fingerprint`, unless that
@@ -278,6 +286,7 @@ impl Transport {
         give_up: impl Future<Output = ()>,
     ) -> Result<Vec<u8>, RpcError> {
         let sent = std::sync::atomic::AtomicBool::new(false);
+        let used = std::sync::atomic::AtomicUsize::new(usize::MAX);
         let res = tokio::select! {
             // Giving up is checked first: if it is already due, the request is never sent.
             biased;
@@ -288,7 +297,7 @@ impl Transport {
                     Err(RpcError::NotDelivered(target))
                 }
             }
-            r = tokio::time::timeout(timeout, self.call_inner(target, kind, payload, &sent)) => {
+            r = tokio::time::timeout(timeout, self.call_inner(target, kind, payload, &sent, &used)) => {
                 r.unwrap_or(Err(RpcError::Timeout))
             }
         };
@@ -297,7 +306,12 @@ impl Transport {
                 lock(&self.last_ok).insert(target, Instant::now());
             }
             Err(RpcError::Unreachable(..)) | Err(RpcError::Timeout) | Err(RpcError::NotDelivered(_)) => {
-                lock(&self.conns).remove(&target);
+                // Only the connection this call used: a concurrent call may have opened a good one.
+                let used = used.load(std::sync::atomic::Ordering::Acquire);
+                let mut conns = lock(&self.conns);
+                if conns.get(&target).is_some_and(|c| c.stable_id() == used) {
+                    conns.remove(&target);
+                }
             }
             Err(RpcError::Protocol(_)) => {}
         }
@@ -310,8 +324,10 @@ impl Transport {
         kind: StreamKind,
         payload: Vec<u8>,
         sent: &std::sync::atomic::AtomicBool,
+        used: &std::sync::atomic::AtomicUsize,
     ) -> Result<Vec<u8>, RpcError> {
         let conn = self.connection(target).await?;
+        used.store(conn.stable_id(), std::sync::atomic::Ordering::Release);
         let req = pb::MeshRequest { kind: kind as u32, from: self.node_id, payload };
         exchange(&conn, &req.encode_to_vec(), Some(sent)).await.map_err(|e| match e {
             // Lost after the request's end went out: the peer may have acted on it.
@@ -323,10 +339,14 @@ impl Transport {
     }
 
     async fn connection(&self, target: u64) -> Result<quinn::Connection, RpcError> {
-        if let Some(c) = lock(&self.conns).get(&target) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = self.cached(target) {
+            return Ok(c);
+        }
+        let dial = lock(&self.dialing).entry(target).or_default().clone();
+        let _dialing = dial.lock().await;
+        // Another caller's dial may have finished while this one waited.
+        if let Some(c) = self.cached(target) {
+            return Ok(c);
         }
         let addr = self
             .peers
@@ -346,6 +366,10 @@ impl Transport {
         let conn = connecting.await.map_err(|e| RpcError::Unreachable(target, e.to_string()))?;
         lock(&self.conns).insert(target, conn.clone());
         Ok(conn)
+    }
+
+    fn cached(&self, target: u64) -> Option<quinn::Connection> {
+        lock(&self.conns).get(&target).filter(|c| c.close_reason().is_none()).cloned()
     }
 
     /// A call to this hub itself: its handler runs in process, without QUIC (Garage's local
@@ -519,6 +543,11 @@ impl Transport {
     /// Unauthenticated connections holding a stranger's slot.
     pub(crate) fn unauthenticated_for_tests(&self) -> usize {
         self.admission.held()
+    }
+
+    /// Open member connections to this hub.
+    pub(crate) fn live_connections_for_tests(&self) -> usize {
+        lock(&self.live).len()
     }
 
     /// Sends raw bytes on a fresh stream to `target` and returns the raw answer.

@@ -18,6 +18,8 @@ pub const MAX_JOIN_REQUEST: usize = 16 << 10;
 const JOINER_LIFETIME: Duration = Duration::from_secs(10);
 /// How long a joiner may take to receive its answer (one that never reads would hold its slot).
 const JOINER_ANSWER_TIME: Duration = Duration::from_secs(5);
+/// How long an admitted joiner may take to receive its certificate.
+const ADMITTED_ANSWER_TIME: Duration = Duration::from_secs(60);
 /// How long a handshake may take (a peer that keeps one going forever holds a slot).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -32,8 +34,10 @@ pub(super) async fn accept_loop(transport: Weak<Transport>, endpoint: quinn::End
         }
         let from = incoming.remote_address();
         // A known member's own endpoint (its mesh address) does not queue behind strangers.
+        // When its own few are taken (a burst of its calls, each opening a connection), it queues
+        // with strangers rather than being refused.
         let slot = if t.is_peer_address(from) {
-            t.admission.member_connection(from)
+            t.admission.member_connection(from).or_else(|| t.admission.connection(from.ip()))
         } else {
             t.admission.connection(from.ip())
         };
@@ -89,7 +93,8 @@ async fn serve_connection(t: Weak<Transport>, incoming: quinn::Incoming, pending
 /// A connection without a certificate: one JOIN at a time (its transport limits). It may wait for
 /// and send its requests for a bounded time; a join it sent in time is answered, however long the
 /// proposal takes (cutting it off could admit a hub that never gets its certificate), but a
-/// joiner that does not take its answer within `JOINER_ANSWER_TIME` loses it and its connection.
+/// joiner that does not take a refusal within `JOINER_ANSWER_TIME` (an admission: within
+/// `ADMITTED_ANSWER_TIME`) loses it and its connection.
 async fn serve_joiner(t: Weak<Transport>, conn: quinn::Connection, pending: Pending) {
     let addr = conn.remote_address().ip();
     let deadline = tokio::time::Instant::now() + JOINER_LIFETIME;
@@ -168,9 +173,12 @@ async fn serve_stream(
             let _ = send.stopped().await;
         }
     };
+    // A joiner gets a short time to take a refusal, a long one to take its admission (only a
+    // valid token gets one; losing it would leave a member without its certificate).
+    let answer_time = if resp.code() == pb::ErrorCode::Unspecified { ADMITTED_ANSWER_TIME } else { JOINER_ANSWER_TIME };
     if member {
         write.await;
-    } else if tokio::time::timeout(JOINER_ANSWER_TIME, write).await.is_err() {
+    } else if tokio::time::timeout(answer_time, write).await.is_err() {
         tracing::debug!("a joiner did not take its answer in time");
     }
 }

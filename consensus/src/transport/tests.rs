@@ -161,7 +161,13 @@ fn raw_joiner(ca: &CaMaterial, bind: &str, window: u32) -> quinn::Endpoint {
 async fn a_joiner_that_never_takes_its_answer_loses_its_connection() {
     let ca = CaMaterial::generate().unwrap();
     let a = hub(&ca, 1);
-    a.register(StreamKind::Join, handler(|_caller, _p| async move { Ok(vec![7u8; 256 << 10]) }));
+    // A large refusal (real ones are small; a large one shows the bound, not the answer's size).
+    a.register(
+        StreamKind::Join,
+        handler(|_caller, _p| async move {
+            Err(crate::transport::Refusal::new(pb::ErrorCode::Unauthorized, "x".repeat(256 << 10)))
+        }),
+    );
     let ep = raw_joiner(&ca, "127.0.0.1:0", 1024);
     let conn = ep.connect(addr(&a), crate::tls::JOIN_SERVER_NAME).unwrap().await.unwrap();
     let (mut send, _recv) = conn.open_bi().await.unwrap();
@@ -172,6 +178,29 @@ async fn a_joiner_that_never_takes_its_answer_loses_its_connection() {
     // The joiner's lifetime (10 s) and its answer's time (5 s) bound how long it holds the slot.
     let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await;
     assert!(closed.is_ok(), "the joiner still holds its connection");
+    wait_for("the slot is given back", || a.unauthenticated_for_tests() == 0).await;
+}
+
+/// An admission (only a valid token gets one) is delivered whole to a joiner that takes it slowly,
+/// past the joiner's lifetime: cutting it off would leave a member without its certificate.
+#[tokio::test]
+async fn an_admitted_joiner_gets_its_whole_answer_even_when_slow() {
+    let ca = CaMaterial::generate().unwrap();
+    let a = hub(&ca, 1);
+    a.register(StreamKind::Join, handler(|_caller, _p| async move { Ok(vec![7u8; 256 << 10]) }));
+    let ep = raw_joiner(&ca, "127.0.0.1:0", 1024);
+    let conn = ep.connect(addr(&a), crate::tls::JOIN_SERVER_NAME).unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let req = pb::MeshRequest { kind: StreamKind::Join as u32, from: 0, payload: vec![] };
+    send.write_all(&req.encode_to_vec()).await.unwrap();
+    send.finish().unwrap();
+    // Deliberately slow: the reader starts after the joiner's 10 s lifetime and 5 s refusal time.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let raw = tokio::time::timeout(T, recv.read_to_end(1 << 20)).await.expect("answered").unwrap();
+    let resp = pb::MeshResponse::decode(raw.as_slice()).unwrap();
+    assert_eq!(resp.payload.len(), 256 << 10, "the whole admission arrived");
+    let closed = tokio::time::timeout(T, conn.closed()).await;
+    assert!(closed.is_ok(), "then the connection is closed");
     wait_for("the slot is given back", || a.unauthenticated_for_tests() == 0).await;
 }
 
@@ -350,4 +379,22 @@ async fn a_request_the_peer_ran_is_never_reported_undelivered() {
     // A caller that gives up before sending is told the peer does not have the request.
     let err = a.call_unless(2, StreamKind::Propose, vec![], T, async {}).await.unwrap_err();
     assert!(matches!(err, RpcError::NotDelivered(2)), "{err:?}");
+}
+
+/// A burst of calls to a peer with no open connection dials it once: every call is answered (each
+/// opening its own connection would spend the peer's few slots for this hub's address).
+#[tokio::test]
+async fn a_burst_of_calls_shares_one_dial() {
+    let ca = CaMaterial::generate().unwrap();
+    let (a, b) = (hub(&ca, 1), hub(&ca, 2));
+    a.set_peer(2, addr(&b));
+    b.set_peer(1, addr(&a));
+    let calls = (0..40u8).map(|i| {
+        let b = b.clone();
+        async move { b.call(1, ECHO, vec![i], T).await }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let failed: Vec<_> = answers.iter().filter(|r| r.is_err()).collect();
+    assert!(failed.is_empty(), "{} of 40 calls failed: {failed:?}", failed.len());
+    assert_eq!(a.live_connections_for_tests(), 1, "one connection from b");
 }

@@ -44,6 +44,16 @@ impl ApiError {
         .hint("`hubmesh node list` shows which hubs are down; bring a majority of voters back")
     }
 
+    /// A name this hub does not know, and the leader could not be asked whether it exists.
+    pub(crate) fn unconfirmed(name: &str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("this hub has no task named {name:?} and could not confirm with the leader that none exists"),
+        )
+        .hint("retry in a moment; `hubmesh node list` shows whether a leader is elected")
+    }
+
     pub(crate) fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
             .hint("`hubmesh api-token list` shows each token's scope; an admin token may do everything")

@@ -6,6 +6,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use hubmesh_consensus::state::validate_task_name;
 use hubmesh_consensus::ClusterState;
 use hubmesh_proto::api;
 use std::sync::Arc;
@@ -26,18 +27,23 @@ fn no_such_task(name: &str) -> ApiError {
 
 /// The applied state, holding `name` if the mesh has it. A miss first catches up with what the
 /// leader has committed: a task whose creation was just answered through another hub is known
-/// here too (read-your-writes across hubs); only misses pay for the round trip.
+/// here too (read-your-writes across hubs); only misses pay for the round trip. When the leader
+/// cannot be asked, the answer is 503 (retry), never a 404 that may be false.
 async fn state_with(s: &ApiState, name: &str) -> Result<Arc<ClusterState>, ApiError> {
     let state = s.hub.consensus().state();
     if state.tasks.contains_key(name) {
         return Ok(state);
     }
-    s.hub.consensus().catch_up(CATCH_UP).await;
+    // A name no task can have needs no round trip.
+    if validate_task_name(name).is_err() {
+        return Err(no_such_task(name));
+    }
+    let confirmed = s.hub.consensus().catch_up(CATCH_UP).await;
     let state = s.hub.consensus().state();
-    if state.tasks.contains_key(name) {
-        Ok(state)
-    } else {
-        Err(no_such_task(name))
+    match (state.tasks.contains_key(name), confirmed) {
+        (true, _) => Ok(state),
+        (false, true) => Err(no_such_task(name)),
+        (false, false) => Err(ApiError::unconfirmed(name)),
     }
 }
 
@@ -67,7 +73,7 @@ pub(crate) async fn deploy(
         state_with(&s, &name).await?;
     }
     let deployed = s.hub.deploy(&name, &body, &params, update).await?;
-    let state = state_with(&s, &name).await?;
+    let state = s.hub.consensus().state();
     let record = state.tasks.get(&name).ok_or_else(|| no_such_task(&name))?;
     let resp = api::DeployResponse { task: views::task_info(&s.hub, &state, record), created: deployed.created };
     let status = if deployed.created { StatusCode::CREATED } else { StatusCode::OK };

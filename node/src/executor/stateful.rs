@@ -379,7 +379,7 @@ impl Actor {
         let Some(key) = self.sink.as_ref().and_then(|s| s.committed_key(&self.cfg.name)) else { return false };
         let Some((_, epoch, sequence)) = parse_checkpoint_key(&key) else { return false };
         let mine = self.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s));
-        if epoch == Epoch(self.cfg.epoch) && mine.is_none_or(|m| m < (epoch, sequence)) && self.pages.has_manifest(&key)
+        if epoch == Epoch(self.cfg.epoch) && mine.is_none_or(|m| m < (epoch, sequence)) && self.pages.is_complete(&key)
         {
             tracing::warn!(task = %self.cfg.name, from = ?self.committed_key, to = %key, "this instance was behind the committed checkpoint");
             self.committed_key = Some(key);
@@ -534,12 +534,19 @@ impl Actor {
 }
 
 /// The newest checkpoint of `task` in the local page log that can restore (has all its pages).
+/// Passing over a newer one that lost pages rolls the task back, so that is logged as an error.
 fn newest_local(pages: &PageLog, task: &str) -> Option<String> {
-    pages
+    let mut keys: Vec<_> = pages
         .manifest_keys()
         .into_iter()
         .filter_map(|k| parse_checkpoint_key(&k).filter(|(t, ..)| *t == task).map(|(_, e, s)| (e, s, k.clone())))
-        .filter(|(.., k)| pages.is_complete(k))
-        .max()
-        .map(|(_, _, k)| k)
+        .collect();
+    keys.sort();
+    while let Some((.., k)) = keys.pop() {
+        if pages.is_complete(&k) {
+            return Some(k);
+        }
+        tracing::error!(%task, checkpoint = %k, "a local checkpoint lost pages; restoring an older one");
+    }
+    None
 }

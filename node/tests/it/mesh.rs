@@ -311,6 +311,12 @@ async fn without_quorum_changes_are_refused_and_nothing_is_half_done() {
     assert_eq!(std::fs::read_dir(a.data_dir().join("blobs")).unwrap().count(), blobs);
     let names: Vec<String> = a.client.tasks().await.unwrap().into_iter().map(|t| t.name).collect();
     assert_eq!(names, ["kept"]);
+    step("without a leader an unknown name cannot be confirmed absent: 503, not a 404 that may be false");
+    let err = a.client.task("never-made").await.unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(503), Some("unavailable")), "{err}");
+    assert_eq!(a.client.task("kept").await.unwrap().name, "kept", "a known task is still shown");
+    let err = a.client.task("NotAName").await.unwrap_err();
+    assert_eq!(err.status(), Some(404), "a name no task can have needs no leader: {err}");
     step("a voter comes back: changes go through again");
     b.restart().await;
     let client = a.client.clone();
