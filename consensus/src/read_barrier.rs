@@ -8,6 +8,7 @@
 //! at a time, and a caller that waited for it uses the next round that began after it asked, so a
 //! flood of misses costs the leader at most one round per hub per round trip.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,8 +20,9 @@ use tokio::time::Instant;
 use crate::transport::{Json, Refusal, Transport, READ_INDEX};
 use crate::TypeConfig;
 
-/// How long the leader tries to confirm its lead for a follower's `READ_INDEX`.
-const CONFIRM_TIME: Duration = Duration::from_secs(2);
+/// How long the leader tries to confirm its lead for a follower's `READ_INDEX` (less than a
+/// follower waits, so that the follower hears the refusal rather than timing out).
+const CONFIRM_TIME: Duration = Duration::from_millis(500);
 
 /// Answers other hubs' `READ_INDEX` while this hub leads; called once at boot.
 pub(crate) fn serve(transport: &Transport, raft: Raft<TypeConfig>) {
@@ -41,29 +43,31 @@ pub(crate) struct ReadBarrier {
     raft: Raft<TypeConfig>,
     transport: Arc<Transport>,
     applied: watch::Receiver<u64>,
-    /// The last round: when it began and the index it learned. Held while a round runs.
-    round: Mutex<Option<(Instant, u64)>>,
+    /// Rounds begun so far.
+    begun: AtomicU64,
+    /// The last round: its number and the index it learned. Held while a round runs.
+    round: Mutex<Option<(u64, u64)>>,
 }
 
 impl ReadBarrier {
     pub(crate) fn new(raft: Raft<TypeConfig>, transport: Arc<Transport>, applied: watch::Receiver<u64>) -> Self {
-        Self { raft, transport, applied, round: Mutex::new(None) }
+        Self { raft, transport, applied, begun: AtomicU64::new(0), round: Mutex::new(None) }
     }
 
     /// Waits until this hub has applied everything the leader had committed when asked; `false`
     /// when that could not be learned or reached within `timeout` (no leader, a partition).
     pub(crate) async fn catch_up(&self, timeout: Duration) -> bool {
-        let asked = Instant::now();
-        let deadline = asked + timeout;
+        let deadline = Instant::now() + timeout;
+        let asked = self.begun.load(Ordering::Acquire);
         let index = {
             let Ok(mut last) = tokio::time::timeout_at(deadline, self.round.lock()).await else { return false };
             match *last {
                 // A round that began after this call asked has seen everything committed before it.
-                Some((began, index)) if began >= asked => index,
+                Some((round, index)) if round > asked => index,
                 _ => {
-                    let began = Instant::now();
+                    let round = self.begun.fetch_add(1, Ordering::AcqRel) + 1;
                     let Some(index) = self.read_index(deadline).await else { return false };
-                    *last = Some((began, index));
+                    *last = Some((round, index));
                     index
                 }
             }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use hubmesh_consensus::join::hash_secret;
 use hubmesh_consensus::state::{hub_token_name, ApiScope, ApiTokenRecord};
 use hubmesh_consensus::worker::Worker;
-use hubmesh_consensus::{Command, ProposeError, Rejected};
+use hubmesh_consensus::{ClusterState, Command, ProposeError, Rejected};
 use rand::RngCore;
 
 use crate::hub::Hub;
@@ -70,9 +70,17 @@ pub(crate) fn grant(hub: &Hub, presented: &str) -> Option<Grant> {
     let hash = hash_secret(presented.as_bytes());
     let state = hub.consensus().state();
     match state.api_token_by_hash(&hash) {
-        Some((_, record)) => record.is_valid_at(hubmesh_consensus::now_ms()).then(|| Grant::of(record)),
+        Some((name, record)) => honoured(&state, name, record, hubmesh_consensus::now_ms()).then(|| Grant::of(record)),
         None => hub.token_matches(presented.as_bytes()).then_some(Grant::Admin),
     }
+}
+
+/// Whether the mesh's token `name` is honoured at `now_ms`: valid, and not the own token of a
+/// removed hub (dead even if its creation committed after the removal, which revokes only a token
+/// that exists by then).
+fn honoured(state: &ClusterState, name: &str, record: &ApiTokenRecord, now_ms: u64) -> bool {
+    let removed_hubs = state.removed.iter().any(|id| name == hub_token_name(*id));
+    !removed_hubs && record.is_valid_at(now_ms)
 }
 
 /// A new API token for `name`: `hmt.<name>.<128-bit secret, hex>`.
@@ -97,7 +105,7 @@ pub(crate) fn record_of(token: &str, scope: ApiScope, tasks: Vec<String>, expire
 /// Registers this hub's `admin.token` in the mesh as `hub-<node id>`, once; then only checks.
 pub(crate) struct AdminTokenKeeper {
     hub: Arc<Hub>,
-    state: tokio::sync::watch::Receiver<Arc<hubmesh_consensus::ClusterState>>,
+    state: tokio::sync::watch::Receiver<Arc<ClusterState>>,
     /// Registered, or known to be impossible: nothing more to do.
     settled: bool,
 }
@@ -143,5 +151,23 @@ impl Worker for AdminTokenKeeper {
 
     async fn wait(&mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.state.changed()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hubmesh_consensus::NodeId;
+
+    #[test]
+    fn a_removed_hubs_own_token_is_not_honoured_even_if_created_after_the_removal() {
+        let mut state = ClusterState::default();
+        let record = record_of("t", ApiScope::Admin, Vec::new(), u64::MAX);
+        state.removed.insert(NodeId(3));
+        assert!(!honoured(&state, "hub-3", &record, 1), "hub 3 was removed");
+        assert!(honoured(&state, "hub-4", &record, 1));
+        assert!(honoured(&state, "ops", &record, 1));
+        let expired = ApiTokenRecord { expires_ms: 5, ..record };
+        assert!(!honoured(&state, "ops", &expired, 6));
     }
 }

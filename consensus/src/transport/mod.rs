@@ -55,6 +55,8 @@ pub const MAX_FRAME: usize = 64 << 20;
 const BULK_BYTES: usize = 256 << 10;
 /// First byte of a bulk stream.
 const BULK_MARK: u8 = 0;
+/// Longest a dial to a peer may take (others calling that peer wait for it).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest header of a bulk stream.
 pub const MAX_BULK_HEADER: usize = 4 << 20;
 
@@ -286,7 +288,7 @@ impl Transport {
         give_up: impl Future<Output = ()>,
     ) -> Result<Vec<u8>, RpcError> {
         let sent = std::sync::atomic::AtomicBool::new(false);
-        let used = std::sync::atomic::AtomicUsize::new(usize::MAX);
+        let used: Mutex<Option<quinn::Connection>> = Mutex::new(None);
         let res = tokio::select! {
             // Giving up is checked first: if it is already due, the request is never sent.
             biased;
@@ -307,9 +309,10 @@ impl Transport {
             }
             Err(RpcError::Unreachable(..)) | Err(RpcError::Timeout) | Err(RpcError::NotDelivered(_)) => {
                 // Only the connection this call used: a concurrent call may have opened a good one.
-                let used = used.load(std::sync::atomic::Ordering::Acquire);
+                // (The handle is held until here, so its id cannot have been reused.)
+                let used = lock(&used).take();
                 let mut conns = lock(&self.conns);
-                if conns.get(&target).is_some_and(|c| c.stable_id() == used) {
+                if used.is_some_and(|u| conns.get(&target).is_some_and(|c| c.stable_id() == u.stable_id())) {
                     conns.remove(&target);
                 }
             }
@@ -324,10 +327,10 @@ impl Transport {
         kind: StreamKind,
         payload: Vec<u8>,
         sent: &std::sync::atomic::AtomicBool,
-        used: &std::sync::atomic::AtomicUsize,
+        used: &Mutex<Option<quinn::Connection>>,
     ) -> Result<Vec<u8>, RpcError> {
         let conn = self.connection(target).await?;
-        used.store(conn.stable_id(), std::sync::atomic::Ordering::Release);
+        *lock(used) = Some(conn.clone());
         let req = pb::MeshRequest { kind: kind as u32, from: self.node_id, payload };
         exchange(&conn, &req.encode_to_vec(), Some(sent)).await.map_err(|e| match e {
             // Lost after the request's end went out: the peer may have acted on it.
@@ -363,7 +366,13 @@ impl Transport {
                 &tls::server_name(target),
             )
             .map_err(|e| RpcError::Unreachable(target, e.to_string()))?;
-        let conn = connecting.await.map_err(|e| RpcError::Unreachable(target, e.to_string()))?;
+        // Bounded: callers to this peer wait behind this dial (QUIC alone would give up only at
+        // its idle timeout).
+        let conn = match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(RpcError::Unreachable(target, e.to_string())),
+            Err(_) => return Err(RpcError::Unreachable(target, "the handshake timed out".into())),
+        };
         lock(&self.conns).insert(target, conn.clone());
         Ok(conn)
     }

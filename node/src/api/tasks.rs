@@ -73,7 +73,8 @@ pub(crate) async fn deploy(
         state_with(&s, &name).await?;
     }
     let deployed = s.hub.deploy(&name, &body, &params, update).await?;
-    let state = s.hub.consensus().state();
+    // Committed; if this hub has not applied it yet, it catches up (or answers 503, never 404).
+    let state = state_with(&s, &name).await?;
     let record = state.tasks.get(&name).ok_or_else(|| no_such_task(&name))?;
     let resp = api::DeployResponse { task: views::task_info(&s.hub, &state, record), created: deployed.created };
     let status = if deployed.created { StatusCode::CREATED } else { StatusCode::OK };

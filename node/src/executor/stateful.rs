@@ -379,7 +379,7 @@ impl Actor {
         let Some(key) = self.sink.as_ref().and_then(|s| s.committed_key(&self.cfg.name)) else { return false };
         let Some((_, epoch, sequence)) = parse_checkpoint_key(&key) else { return false };
         let mine = self.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s));
-        if epoch == Epoch(self.cfg.epoch) && mine.is_none_or(|m| m < (epoch, sequence)) && self.pages.is_complete(&key)
+        if epoch == Epoch(self.cfg.epoch) && mine.is_none_or(|m| m < (epoch, sequence)) && self.pages.has_manifest(&key)
         {
             tracing::warn!(task = %self.cfg.name, from = ?self.committed_key, to = %key, "this instance was behind the committed checkpoint");
             self.committed_key = Some(key);
