@@ -150,25 +150,13 @@ mod tests {
 
     #[test]
     fn users_cannot_take_a_hubs_name_and_a_hubs_token_dies_with_it() {
-        use super::super::{NodeRecord, NodeStatus};
         assert!(validate_user_api_token_name("hub-7").is_err(), "users cannot take the hubs' names");
         assert!(validate_user_api_token_name("hub-").is_err());
         assert!(validate_user_api_token_name("hubby").is_ok());
         assert!(validate_user_api_token_name("Bad Name").is_err());
         assert_eq!(hub_token_name(NodeId(4)), "hub-4");
         let mut s = ClusterState::default();
-        let node = NodeRecord {
-            id: NodeId(2),
-            name: "n2".into(),
-            api_addr: String::new(),
-            mesh_addr: "127.0.0.1:7002".into(),
-            labels: Default::default(),
-            slots: 0,
-            memory_bytes: 0,
-            witness: false,
-            cert_fingerprint: String::new(),
-            status: NodeStatus::Up,
-        };
+        let node = super::super::tests::node(2);
         // Either order replays: a hub's keeper may have committed its token before its record.
         assert_eq!(s.apply(&create("hub-2", record('a', ApiScope::Admin, &[]))), Ok(Outcome::ApiTokenCreated));
         s.apply(&Command::RegisterNode { node }).unwrap();

@@ -3,7 +3,8 @@ use hubmesh_storage::Hash;
 
 use super::*;
 
-fn node(id: u64) -> NodeRecord {
+/// A hub's record, for tests here and in the state's other modules.
+pub(super) fn node(id: u64) -> NodeRecord {
     NodeRecord {
         id: NodeId(id),
         name: format!("hub{id}"),
