@@ -170,10 +170,7 @@ async fn a_joiner_that_never_takes_its_answer_loses_its_connection() {
     );
     let ep = raw_joiner(&ca, "127.0.0.1:0", 1024);
     let conn = ep.connect(addr(&a), crate::tls::JOIN_SERVER_NAME).unwrap().await.unwrap();
-    let (mut send, _recv) = conn.open_bi().await.unwrap();
-    let req = pb::MeshRequest { kind: StreamKind::Join as u32, from: 0, payload: vec![] };
-    send.write_all(&req.encode_to_vec()).await.unwrap();
-    send.finish().unwrap();
+    let _recv = send_empty_join(&conn).await;
     wait_for("the joiner holds a slot", || a.unauthenticated_for_tests() == 1).await;
     // The joiner's lifetime (10 s) and its answer's time (5 s) bound how long it holds the slot.
     let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await;
@@ -190,10 +187,7 @@ async fn an_admitted_joiner_gets_its_whole_answer_even_when_slow() {
     a.register(StreamKind::Join, handler(|_caller, _p| async move { Ok(vec![7u8; 256 << 10]) }));
     let ep = raw_joiner(&ca, "127.0.0.1:0", 1024);
     let conn = ep.connect(addr(&a), crate::tls::JOIN_SERVER_NAME).unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let req = pb::MeshRequest { kind: StreamKind::Join as u32, from: 0, payload: vec![] };
-    send.write_all(&req.encode_to_vec()).await.unwrap();
-    send.finish().unwrap();
+    let mut recv = send_empty_join(&conn).await;
     // Deliberately slow: the reader starts after the joiner's 10 s lifetime and 5 s refusal time.
     tokio::time::sleep(Duration::from_secs(11)).await;
     let raw = tokio::time::timeout(T, recv.read_to_end(1 << 20)).await.expect("answered").unwrap();
@@ -202,6 +196,15 @@ async fn an_admitted_joiner_gets_its_whole_answer_even_when_slow() {
     let closed = tokio::time::timeout(T, conn.closed()).await;
     assert!(closed.is_ok(), "then the connection is closed");
     wait_for("the slot is given back", || a.unauthenticated_for_tests() == 0).await;
+}
+
+/// Sends an empty JOIN request on a new stream of `conn`; the stream's receiving end.
+async fn send_empty_join(conn: &quinn::Connection) -> quinn::RecvStream {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let req = pb::MeshRequest { kind: StreamKind::Join as u32, from: 0, payload: vec![] };
+    send.write_all(&req.encode_to_vec()).await.unwrap();
+    send.finish().unwrap();
+    recv
 }
 
 /// A connection from a member's own mesh address that shows no certificate is closed at once: a
@@ -221,10 +224,7 @@ async fn a_member_address_without_a_certificate_is_turned_away() {
     // Once the address is no longer a member's (the book rebuilt without it), it may join.
     a.set_peers(Default::default());
     let conn = poser.connect(addr(&a), crate::tls::JOIN_SERVER_NAME).unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let req = pb::MeshRequest { kind: StreamKind::Join as u32, from: 0, payload: vec![] };
-    send.write_all(&req.encode_to_vec()).await.unwrap();
-    send.finish().unwrap();
+    let mut recv = send_empty_join(&conn).await;
     let resp = pb::MeshResponse::decode(recv.read_to_end(1 << 20).await.unwrap().as_slice()).unwrap();
     assert_eq!(resp.payload, b"Joiner");
 }
