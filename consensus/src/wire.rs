@@ -9,7 +9,7 @@ use hubmesh_storage::Hash;
 use crate::ids::{Epoch, NodeId};
 use crate::state::{
     ApiScope, ApiTokenRecord, BasedOn, CheckpointPolicy, CheckpointRecord, Command, CommandResult, DeployMode, Limits,
-    NodeRecord, NodeStatus, Outcome, Rejected, TaskKind, TaskSpec,
+    MigrationReason, MigrationStats, NodeRecord, NodeStatus, Outcome, Rejected, TaskKind, TaskSpec,
 };
 use crate::tls::CaMaterial;
 
@@ -161,6 +161,7 @@ impl From<&TaskSpec> for pb::TaskSpec {
             constraints: s.constraints.clone(),
             replicas: s.replicas,
             state_replicas: s.state_replicas,
+            pinned: s.pinned,
         }
     }
 }
@@ -198,6 +199,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
             constraints: s.constraints,
             replicas: s.replicas,
             state_replicas: s.state_replicas,
+            pinned: s.pinned,
         })
     }
 }
@@ -229,6 +231,37 @@ impl TryFrom<pb::CheckpointRecord> for CheckpointRecord {
             size_bytes: r.size_bytes,
             at_ms: r.at_ms,
         })
+    }
+}
+
+impl From<MigrationReason> for pb::MigrationReason {
+    fn from(r: MigrationReason) -> Self {
+        match r {
+            MigrationReason::Manual => Self::Manual,
+            MigrationReason::Drain => Self::Drain,
+            MigrationReason::Overload => Self::Overload,
+        }
+    }
+}
+
+fn migration_reason(raw: i32) -> Result<MigrationReason, WireError> {
+    match pb::MigrationReason::try_from(raw) {
+        Ok(pb::MigrationReason::Manual) => Ok(MigrationReason::Manual),
+        Ok(pb::MigrationReason::Drain) => Ok(MigrationReason::Drain),
+        Ok(pb::MigrationReason::Overload) => Ok(MigrationReason::Overload),
+        _ => Err(WireError::UnknownValue("migration reason", raw)),
+    }
+}
+
+impl From<&MigrationStats> for pb::MigrationStats {
+    fn from(s: &MigrationStats) -> Self {
+        Self { rounds: s.rounds, bytes: s.bytes, precopy_ms: s.precopy_ms, pause_us: s.pause_us }
+    }
+}
+
+impl From<pb::MigrationStats> for MigrationStats {
+    fn from(s: pb::MigrationStats) -> Self {
+        Self { rounds: s.rounds, bytes: s.bytes, precopy_ms: s.precopy_ms, pause_us: s.pause_us }
     }
 }
 
@@ -298,6 +331,36 @@ impl From<&Command> for pb::Command {
                 C::CreateApiToken(c::CreateApiToken { name: name.clone(), record: Some(record.into()) })
             }
             Command::RevokeApiToken { name } => C::RevokeApiToken(c::RevokeApiToken { name: name.clone() }),
+            Command::BeginMigration { task, instance, id, from, to, expected, reason, at_ms } => {
+                C::BeginMigration(c::BeginMigration {
+                    task: task.clone(),
+                    instance: *instance,
+                    id: *id,
+                    from: from.0,
+                    to: to.0,
+                    expected_epoch: expected.0,
+                    reason: pb::MigrationReason::from(*reason) as i32,
+                    at_ms: *at_ms,
+                })
+            }
+            Command::CommitMigration { task, id, expected, checkpoint, based_on, stats, at_ms } => {
+                C::CommitMigration(c::CommitMigration {
+                    task: task.clone(),
+                    id: *id,
+                    expected_epoch: expected.0,
+                    checkpoint: checkpoint.as_ref().map(Into::into),
+                    has_based_on: based_on.is_some(),
+                    based_on: based_on.and_then(|b| checkpoint_id(b.checkpoint)),
+                    stats: Some(stats.into()),
+                    at_ms: *at_ms,
+                })
+            }
+            Command::AbortMigration { task, id, why, at_ms } => {
+                C::AbortMigration(c::AbortMigration { task: task.clone(), id: *id, why: why.clone(), at_ms: *at_ms })
+            }
+            Command::AnnotateMigration { task, epoch, pause_us } => {
+                C::AnnotateMigration(c::AnnotateMigration { task: task.clone(), epoch: epoch.0, pause_us: *pause_us })
+            }
         };
         Self { command: Some(command) }
     }
@@ -355,6 +418,29 @@ impl TryFrom<pb::Command> for Command {
                 record: c.record.ok_or(WireError::Missing("the API token record"))?.try_into()?,
             },
             C::RevokeApiToken(c) => Self::RevokeApiToken { name: c.name },
+            C::BeginMigration(c) => Self::BeginMigration {
+                task: c.task,
+                instance: c.instance,
+                id: c.id,
+                from: NodeId(c.from),
+                to: NodeId(c.to),
+                expected: Epoch(c.expected_epoch),
+                reason: migration_reason(c.reason)?,
+                at_ms: c.at_ms,
+            },
+            C::CommitMigration(c) => Self::CommitMigration {
+                task: c.task,
+                id: c.id,
+                expected: Epoch(c.expected_epoch),
+                checkpoint: c.checkpoint.map(TryInto::try_into).transpose()?,
+                based_on: c.has_based_on.then(|| BasedOn { checkpoint: from_checkpoint_id(c.based_on) }),
+                stats: c.stats.ok_or(WireError::Missing("the migration's figures"))?.into(),
+                at_ms: c.at_ms,
+            },
+            C::AbortMigration(c) => Self::AbortMigration { task: c.task, id: c.id, why: c.why, at_ms: c.at_ms },
+            C::AnnotateMigration(c) => {
+                Self::AnnotateMigration { task: c.task, epoch: Epoch(c.epoch), pause_us: c.pause_us }
+            }
         })
     }
 }
@@ -386,6 +472,10 @@ fn outcome(o: &Outcome) -> pb::Outcome {
         Outcome::CopiesAdded => plain(K::CopiesAdded),
         Outcome::ApiTokenCreated => plain(K::ApiTokenCreated),
         Outcome::ApiTokenRevoked => plain(K::ApiTokenRevoked),
+        Outcome::MigrationBegun => plain(K::MigrationBegun),
+        Outcome::Migrated { epoch } => pb::Outcome { kind: K::Migrated as i32, epoch: epoch.0, ..Default::default() },
+        Outcome::MigrationAborted => plain(K::MigrationAborted),
+        Outcome::MigrationAnnotated => plain(K::MigrationAnnotated),
     }
 }
 
@@ -409,6 +499,10 @@ fn from_outcome(o: pb::Outcome) -> Result<Outcome, WireError> {
         Ok(K::CopiesAdded) => Outcome::CopiesAdded,
         Ok(K::ApiTokenCreated) => Outcome::ApiTokenCreated,
         Ok(K::ApiTokenRevoked) => Outcome::ApiTokenRevoked,
+        Ok(K::MigrationBegun) => Outcome::MigrationBegun,
+        Ok(K::Migrated) => Outcome::Migrated { epoch: Epoch(o.epoch) },
+        Ok(K::MigrationAborted) => Outcome::MigrationAborted,
+        Ok(K::MigrationAnnotated) => Outcome::MigrationAnnotated,
         Ok(K::Unspecified) | Err(_) => return Err(WireError::UnknownValue("outcome", o.kind)),
     })
 }
@@ -439,6 +533,11 @@ fn rejection(r: &Rejected) -> pb::Rejection {
         Rejected::NodeIdTaken(n) => node(K::NodeIdTaken, *n),
         Rejected::ApiTokenExists(n) => text(K::ApiTokenExists, n),
         Rejected::NoSuchApiToken(n) => text(K::NoSuchApiToken, n),
+        Rejected::MigrationInProgress { id } => {
+            pb::Rejection { kind: K::MigrationInProgress as i32, migration_id: *id, ..Default::default() }
+        }
+        Rejected::NoSuchMigration { task, id } => pb::Rejection { migration_id: *id, ..text(K::NoSuchMigration, task) },
+        Rejected::UnfitTarget { node, why } => pb::Rejection { node: node.0, ..text(K::UnfitTarget, why) },
     }
 }
 
@@ -460,6 +559,9 @@ fn from_rejection(r: pb::Rejection) -> Result<Rejected, WireError> {
         Ok(K::NodeIdTaken) => Rejected::NodeIdTaken(NodeId(r.node)),
         Ok(K::ApiTokenExists) => Rejected::ApiTokenExists(r.text),
         Ok(K::NoSuchApiToken) => Rejected::NoSuchApiToken(r.text),
+        Ok(K::MigrationInProgress) => Rejected::MigrationInProgress { id: r.migration_id },
+        Ok(K::NoSuchMigration) => Rejected::NoSuchMigration { task: r.text, id: r.migration_id },
+        Ok(K::UnfitTarget) => Rejected::UnfitTarget { node: NodeId(r.node), why: r.text },
         Ok(K::Unspecified) | Err(_) => return Err(WireError::UnknownValue("rejection", r.kind)),
     })
 }

@@ -9,7 +9,7 @@ use super::{result_from_wire, result_to_wire, WireError};
 use crate::ids::{Epoch, NodeId};
 use crate::state::{
     ApiScope, ApiTokenRecord, BasedOn, CheckpointPolicy, CheckpointRecord, Command, CommandResult, DeployMode, Limits,
-    NodeRecord, NodeStatus, Outcome, Rejected, TaskKind, TaskSpec,
+    MigrationReason, MigrationStats, NodeRecord, NodeStatus, Outcome, Rejected, TaskKind, TaskSpec,
 };
 use crate::tls::CaMaterial;
 
@@ -46,6 +46,7 @@ fn spec(checkpoint: CheckpointPolicy, kind: TaskKind) -> TaskSpec {
         constraints: BTreeMap::from([("room".into(), "garage".into())]),
         replicas: 1,
         state_replicas: 2,
+        pinned: true,
     }
 }
 
@@ -102,7 +103,39 @@ fn every_command() -> Vec<Command> {
         Command::RemoveNode { node: NodeId(7) },
         Command::AdmitNode { node: node(NodeStatus::Up), token_id: "t1".into(), secret_hash: "h".into(), at_ms: 2 },
         Command::RevokeApiToken { name: "lights".into() },
+        Command::CommitMigration {
+            task: "pump".into(),
+            id: 77,
+            expected: Epoch(9),
+            checkpoint: Some(record()),
+            based_on: Some(BasedOn { checkpoint: Some((Epoch(9), 40)) }),
+            stats: MigrationStats { rounds: 3, bytes: 1 << 20, precopy_ms: 12, pause_us: Some(900) },
+            at_ms: 10,
+        },
+        Command::CommitMigration {
+            task: "pump".into(),
+            id: 78,
+            expected: Epoch(9),
+            checkpoint: None,
+            based_on: None,
+            stats: MigrationStats::default(),
+            at_ms: 11,
+        },
+        Command::AbortMigration { task: "pump".into(), id: 77, why: "the target went down".into(), at_ms: 12 },
+        Command::AnnotateMigration { task: "pump".into(), epoch: Epoch(10), pause_us: 1500 },
     ];
+    for reason in [MigrationReason::Manual, MigrationReason::Drain, MigrationReason::Overload] {
+        all.push(Command::BeginMigration {
+            task: "pump".into(),
+            instance: 0,
+            id: 77,
+            from: NodeId(1),
+            to: NodeId(2),
+            expected: Epoch(9),
+            reason,
+            at_ms: 9,
+        });
+    }
     for (scope, tasks, expires_ms, revoked) in [
         (ApiScope::Admin, vec![], u64::MAX, false),
         (ApiScope::Invoke, vec!["hall".to_owned(), "pump".to_owned()], 99, true),
@@ -145,6 +178,10 @@ fn every_result_survives_the_wire() {
         Ok(Outcome::CopiesAdded),
         Ok(Outcome::ApiTokenCreated),
         Ok(Outcome::ApiTokenRevoked),
+        Ok(Outcome::MigrationBegun),
+        Ok(Outcome::Migrated { epoch: Epoch(13) }),
+        Ok(Outcome::MigrationAborted),
+        Ok(Outcome::MigrationAnnotated),
         Err(Rejected::TaskExists("a".into())),
         Err(Rejected::NoSuchTask("b".into())),
         Err(Rejected::NoSuchNode(NodeId(3))),
@@ -159,6 +196,9 @@ fn every_result_survives_the_wire() {
         Err(Rejected::NodeIdTaken(NodeId(6))),
         Err(Rejected::ApiTokenExists("lights".into())),
         Err(Rejected::NoSuchApiToken("pump".into())),
+        Err(Rejected::MigrationInProgress { id: 4 }),
+        Err(Rejected::NoSuchMigration { task: "pump".into(), id: 5 }),
+        Err(Rejected::UnfitTarget { node: NodeId(2), why: "it is a witness".into() }),
     ];
     let mut all = results.clone();
     all.push(Ok(Outcome::Batch(results)));
@@ -183,4 +223,10 @@ fn what_a_peer_gets_wrong_is_refused() {
     }
     assert_eq!(Command::try_from(short), Err(WireError::BadHash));
     assert_eq!(result_from_wire(pb::CommandResult::default()), Err(WireError::Missing("a result")));
+    let begin = every_command().into_iter().find(|c| matches!(c, Command::BeginMigration { .. })).unwrap();
+    let mut unknown = pb::Command::from(&begin);
+    if let Some(pb::command::Command::BeginMigration(c)) = unknown.command.as_mut() {
+        c.reason = 0;
+    }
+    assert_eq!(Command::try_from(unknown), Err(WireError::UnknownValue("migration reason", 0)));
 }

@@ -227,6 +227,7 @@ impl Hub {
             constraints: constraints_of(params)?,
             replicas,
             state_replicas,
+            pinned: params.pin,
         };
         let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let mode = if update { DeployMode::Update } else { DeployMode::Create };

@@ -267,6 +267,7 @@ mod tests {
                 constraints: constraints.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                 replicas: 1,
                 state_replicas: 2,
+                pinned: false,
             },
             mode: DeployMode::Create,
             at_ms: 0,

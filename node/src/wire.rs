@@ -20,6 +20,8 @@ impl From<InvokeError> for Refusal {
             InvokeError::Trapped(m) => (C::TaskTrapped, m, hint(0, 0)),
             InvokeError::QueueFull { limit } => (C::QueueFull, String::new(), hint(0, limit.into())),
             InvokeError::Unavailable(m) => (C::Unavailable, m, hint(0, 0)),
+            // Only a source relays a moved call; a peer hears that it may try again.
+            e @ InvokeError::Moved { .. } => (C::Unavailable, e.to_string(), hint(0, 0)),
         };
         Self { code, message, hint }
     }

@@ -78,6 +78,10 @@ pub struct DeployParams {
     /// waits for all of them but one (at least one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas_state: Option<u32>,
+    /// Never moved off its hub by the overload policy (an operator's migration, a drain or a
+    /// failover still move it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pin: bool,
 }
 
 /// Limits of a task, as applied.
@@ -130,10 +134,34 @@ pub struct HistoryInfo {
     pub node_id: u64,
     pub node_name: String,
     pub epoch: u64,
-    /// `placed`, `failover`, `moved`.
+    /// `placed`, `failover`, `moved`, `updated`; for a live migration `manual`, `drain`,
+    /// `overload`, or `aborted` (nothing moved).
     pub reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_sequence: Option<u64>,
+    /// Set for a live migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationEventInfo>,
+}
+
+/// A live migration in a task's history.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrationEventInfo {
+    /// Why it moved: `manual`, `drain` or `overload`.
+    pub reason: String,
+    pub from_node_id: u64,
+    pub from_node_name: String,
+    pub to_node_id: u64,
+    pub to_node_name: String,
+    pub rounds: u32,
+    pub bytes: u64,
+    pub precopy_ms: u64,
+    /// From the freeze on the source to the target's first answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_us: Option<u64>,
+    /// Why it was given up, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted: Option<String>,
 }
 
 /// One task as `task list` shows it.
@@ -164,6 +192,9 @@ pub struct TaskInfo {
     /// Instances wanted (stateless replicas; 1 for a stateful task).
     #[serde(default = "one")]
     pub replicas: u32,
+    /// Never moved by the overload policy (`task deploy --pin`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
     /// Where every placed instance runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<PlacementInfo>,

@@ -12,6 +12,7 @@ mod api_tokens;
 pub use api_tokens::{
     hub_token_name, validate_api_token_name, validate_user_api_token_name, MAX_API_TOKEN_NAME, MAX_API_TOKEN_TASKS,
 };
+mod migration;
 mod records;
 
 pub use records::*;
@@ -94,6 +95,34 @@ pub enum Command {
     CreateApiToken { name: String, record: ApiTokenRecord },
     /// Revokes an API token: every hub refuses it from then on.
     RevokeApiToken { name: String },
+    /// Starts a live migration of `task`'s instance from `from` (at epoch `expected`) to `to`.
+    /// Nothing moves yet; the source keeps the authority. Repeating it with the same id is a no-op.
+    BeginMigration {
+        task: String,
+        instance: u32,
+        id: u64,
+        from: NodeId,
+        to: NodeId,
+        expected: Epoch,
+        reason: MigrationReason,
+        at_ms: u64,
+    },
+    /// The one switch of a live migration: the instance moves to the target under a new epoch,
+    /// and, for a stateful task, `checkpoint` (the source's final state, stored on the target)
+    /// becomes the committed checkpoint in the same step. Refused once the migration was aborted.
+    CommitMigration {
+        task: String,
+        id: u64,
+        expected: Epoch,
+        checkpoint: Option<CheckpointRecord>,
+        based_on: Option<BasedOn>,
+        stats: MigrationStats,
+        at_ms: u64,
+    },
+    /// Gives a live migration up: the source stays the host. Refused once it was committed.
+    AbortMigration { task: String, id: u64, why: String, at_ms: u64 },
+    /// Records the pause the source measured after the commit of the migration that made `epoch`.
+    AnnotateMigration { task: String, epoch: Epoch, pause_us: u64 },
 }
 
 /// What an applied command did.
@@ -127,6 +156,16 @@ pub enum Outcome {
     CopiesAdded,
     ApiTokenCreated,
     ApiTokenRevoked,
+    /// A live migration was recorded (or was already).
+    MigrationBegun,
+    /// A live migration was committed: the instance now runs at `epoch` on the target.
+    Migrated {
+        epoch: Epoch,
+    },
+    /// A live migration was given up.
+    MigrationAborted,
+    /// A migration's history event got its pause.
+    MigrationAnnotated,
 }
 
 /// Why a command was refused. A refused command changed nothing.
@@ -168,6 +207,15 @@ pub enum Rejected {
     /// No API token has this name.
     #[error("no API token named {0:?}")]
     NoSuchApiToken(String),
+    /// Another live migration of the task is in progress.
+    #[error("migration {id} of this task is in progress")]
+    MigrationInProgress { id: u64 },
+    /// The task has no live migration with this id (it was committed, aborted or fenced).
+    #[error("task {task:?} has no migration {id} in progress")]
+    NoSuchMigration { task: String, id: u64 },
+    /// The hub cannot take the task (a witness, not up, already runs it, or is its source).
+    #[error("hub {node} cannot take the task: {why}")]
+    UnfitTarget { node: NodeId, why: String },
 }
 
 /// The state machine's answer to one command.
@@ -259,6 +307,23 @@ impl ClusterState {
                 Ok(Outcome::NodeRegistered)
             }
             Command::DeployTask { spec, mode, at_ms } => self.deploy(spec, *mode, *at_ms),
+            Command::BeginMigration { task, instance, id, from, to, expected, reason, at_ms } => {
+                let m = MigrationRecord {
+                    id: *id,
+                    instance: *instance,
+                    from: *from,
+                    to: *to,
+                    epoch: *expected,
+                    reason: *reason,
+                    started_ms: *at_ms,
+                };
+                self.begin_migration(task, m)
+            }
+            Command::CommitMigration { task, id, expected, checkpoint, based_on, stats, at_ms } => {
+                self.commit_migration(task, *id, *expected, checkpoint.as_ref(), *based_on, *stats, *at_ms)
+            }
+            Command::AbortMigration { task, id, why, at_ms } => self.abort_migration(task, *id, why, *at_ms),
+            Command::AnnotateMigration { task, epoch, pause_us } => self.annotate_migration(task, *epoch, *pause_us),
             Command::DeleteTask { name } => {
                 self.tasks.remove(name).ok_or_else(|| Rejected::NoSuchTask(name.clone()))?;
                 Ok(Outcome::Deleted)
@@ -325,6 +390,12 @@ impl ClusterState {
                 if let Some(t) = self.api_tokens.get_mut(&hub_token_name(*node)) {
                     t.revoked = true;
                 }
+                // A migration to or from it cannot finish.
+                for t in self.tasks.values_mut() {
+                    if t.migration.is_some_and(|m| m.from == *node || m.to == *node) {
+                        t.migration = None;
+                    }
+                }
                 Ok(Outcome::NodeRemoved)
             }
             Command::RevokeToken { id } => {
@@ -378,6 +449,7 @@ impl ClusterState {
                     holders: Vec::new(),
                     checkpoint: None,
                     history: Vec::new(),
+                    migration: None,
                 };
                 self.tasks.insert(spec.name.clone(), record);
                 Ok(Outcome::Deployed { version: 1, created: true })
@@ -391,6 +463,8 @@ impl ClusterState {
                 record.spec = spec.clone();
                 record.version += 1;
                 record.updated_ms = at_ms;
+                // The new epochs fence a migration's source as well.
+                record.migration = None;
                 // New epochs fence the instances that still run the old version.
                 let nodes: Vec<(u32, NodeId)> = record.instances.iter().map(|(i, p)| (*i, p.node)).collect();
                 for (i, node) in nodes {
@@ -422,30 +496,18 @@ impl ClusterState {
         record.instances.insert(instance, Placement { node, epoch });
         // The new host must not keep its own checkpoints: it already has the state.
         record.holders.retain(|h| *h != node);
-        let from_sequence = record.checkpoint.as_ref().map(|c| c.sequence);
-        record.history.push(HistoryEvent { at_ms, instance, node, epoch, reason, from_sequence });
-        if record.history.len() > MAX_HISTORY {
-            record.history.remove(0);
+        // A re-placement (failover, drain, labels) fences a migration of this instance.
+        if record.migration.is_some_and(|m| m.instance == instance) {
+            record.migration = None;
         }
+        let from_sequence = record.checkpoint.as_ref().map(|c| c.sequence);
+        record.push_history(HistoryEvent { at_ms, instance, node, epoch, reason, from_sequence, migration: None });
         Ok(Outcome::Placed { epoch })
     }
 
     fn commit_checkpoint(&mut self, task: &str, record: &CheckpointRecord, based_on: Option<BasedOn>) -> CommandResult {
         let t = self.tasks.get_mut(task).ok_or_else(|| Rejected::NoSuchTask(task.to_owned()))?;
-        if t.spec.kind != TaskKind::Stateful {
-            return Err(Rejected::Invalid(format!("task {task:?} is stateless")));
-        }
-        let current = t.instances.get(&0).map(|p| p.epoch);
-        if current != Some(record.epoch) || record.version != t.version {
-            return Err(Rejected::StaleEpoch { current });
-        }
-        if t.checkpoint.as_ref().is_some_and(|c| (c.epoch, c.sequence) >= (record.epoch, record.sequence)) {
-            return Err(Rejected::Invalid("the checkpoint is not newer than the committed one".into()));
-        }
-        let committed = t.checkpoint.as_ref().map(|c| (c.epoch, c.sequence));
-        if let Some(b) = based_on.filter(|b| b.checkpoint != committed) {
-            return Err(Rejected::NotBasedOnCommitted { based_on: b.checkpoint, committed });
-        }
+        check_checkpoint(task, t, record, based_on)?;
         t.checkpoint = Some(record.clone());
         Ok(Outcome::Committed)
     }
@@ -453,6 +515,42 @@ impl ClusterState {
     /// The placement of `task`'s instance `instance`, if placed.
     pub fn placement(&self, task: &str, instance: u32) -> Option<Placement> {
         self.tasks.get(task)?.instances.get(&instance).copied()
+    }
+}
+
+/// Whether `record` may become `t`'s committed checkpoint: a stateful task's, written at the
+/// instance's current epoch by the current version, newer than the committed one and — when
+/// `based_on` is given — built on it.
+fn check_checkpoint(
+    task: &str,
+    t: &TaskRecord,
+    record: &CheckpointRecord,
+    based_on: Option<BasedOn>,
+) -> Result<(), Rejected> {
+    if t.spec.kind != TaskKind::Stateful {
+        return Err(Rejected::Invalid(format!("task {task:?} is stateless")));
+    }
+    let current = t.instances.get(&0).map(|p| p.epoch);
+    if current != Some(record.epoch) || record.version != t.version {
+        return Err(Rejected::StaleEpoch { current });
+    }
+    if t.checkpoint.as_ref().is_some_and(|c| (c.epoch, c.sequence) >= (record.epoch, record.sequence)) {
+        return Err(Rejected::Invalid("the checkpoint is not newer than the committed one".into()));
+    }
+    let committed = t.checkpoint.as_ref().map(|c| (c.epoch, c.sequence));
+    if let Some(b) = based_on.filter(|b| b.checkpoint != committed) {
+        return Err(Rejected::NotBasedOnCommitted { based_on: b.checkpoint, committed });
+    }
+    Ok(())
+}
+
+impl TaskRecord {
+    /// Appends a history event, forgetting the oldest beyond [`MAX_HISTORY`].
+    fn push_history(&mut self, event: HistoryEvent) {
+        self.history.push(event);
+        if self.history.len() > MAX_HISTORY {
+            self.history.remove(0);
+        }
     }
 }
 

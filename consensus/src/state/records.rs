@@ -60,6 +60,10 @@ pub struct TaskSpec {
     /// Hubs besides the host that keep each checkpoint of a stateful task (`--replicas-state`).
     #[serde(default = "two")]
     pub state_replicas: u32,
+    /// Never moved off its hub by the overload policy (`task deploy --pin`); an operator's
+    /// migration or a failover still moves it.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 fn one() -> u32 {
@@ -149,10 +153,78 @@ pub struct TaskRecord {
     /// Placements and failovers, oldest first (the last [`MAX_HISTORY`]).
     #[serde(default)]
     pub history: Vec<HistoryEvent>,
+    /// A live migration in progress, between `BeginMigration` and its commit or abort.
+    #[serde(default)]
+    pub migration: Option<MigrationRecord>,
 }
 
 /// Events kept per task.
-pub const MAX_HISTORY: usize = 32;
+pub const MAX_HISTORY: usize = 64;
+
+/// Why a task is being moved while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationReason {
+    /// An operator asked (`task migrate`).
+    Manual,
+    /// Its hub is being drained.
+    Drain,
+    /// Its hub is overloaded.
+    Overload,
+}
+
+impl MigrationReason {
+    /// The word `task history` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Manual => "manual",
+            Self::Drain => "drain",
+            Self::Overload => "overload",
+        }
+    }
+}
+
+/// A live migration the mesh has agreed to try: the source (`from`) keeps the authority over the
+/// instance until `CommitMigration` switches it to `to`; `AbortMigration` ends it without a move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// Chosen by the source; a commit or abort must name it.
+    pub id: u64,
+    pub instance: u32,
+    pub from: NodeId,
+    pub to: NodeId,
+    /// The instance's epoch when the migration began (the source's).
+    pub epoch: Epoch,
+    pub reason: MigrationReason,
+    pub started_ms: u64,
+}
+
+/// What a committed migration cost, as its source measured it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationStats {
+    /// Pre-copy rounds, the final one included.
+    pub rounds: u32,
+    /// Page bytes sent to the target.
+    pub bytes: u64,
+    /// From the begin to the freeze.
+    pub precopy_ms: u64,
+    /// From the freeze to the first answer the target gave; filled in by `AnnotateMigration`.
+    pub pause_us: Option<u64>,
+}
+
+/// How a history event's instance got there when it was live-migrated, or why a migration of it
+/// was given up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationEvent {
+    pub id: u64,
+    pub reason: MigrationReason,
+    pub from: NodeId,
+    pub to: NodeId,
+    /// The source's epoch.
+    pub from_epoch: Epoch,
+    pub stats: MigrationStats,
+    /// Set when the migration was aborted: why (the event then records no move).
+    pub aborted: Option<String>,
+}
 
 /// A change of where a task's instance runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,10 +233,14 @@ pub struct HistoryEvent {
     pub instance: u32,
     pub node: NodeId,
     pub epoch: Epoch,
-    /// `placed`, `failover` (its hub was down), `moved` (drain, labels) or `updated`.
+    /// `placed`, `failover` (its hub was down), `moved` (drain, labels), `updated`, or for a
+    /// live migration `manual`, `drain`, `overload` (or `aborted`, which moved nothing).
     pub reason: String,
     /// The checkpoint sequence the instance starts from, if any.
     pub from_sequence: Option<u64>,
+    /// Set for a live migration (committed or aborted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationEvent>,
 }
 
 /// Health of a hub as the leader sees it.

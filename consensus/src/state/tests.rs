@@ -19,7 +19,7 @@ pub(super) fn node(id: u64) -> NodeRecord {
     }
 }
 
-fn spec(name: &str, kind: TaskKind) -> TaskSpec {
+pub(super) fn spec(name: &str, kind: TaskKind) -> TaskSpec {
     TaskSpec {
         name: name.into(),
         kind,
@@ -37,6 +37,7 @@ fn spec(name: &str, kind: TaskKind) -> TaskSpec {
         constraints: BTreeMap::new(),
         replicas: 1,
         state_replicas: 2,
+        pinned: false,
     }
 }
 

@@ -122,7 +122,7 @@ impl From<InvokeError> for ApiError {
             InvokeError::MemoryLimit { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "memory_limit"),
             InvokeError::Trapped(_) => (StatusCode::UNPROCESSABLE_ENTITY, "task_trapped"),
             InvokeError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
-            InvokeError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            InvokeError::Unavailable(_) | InvokeError::Moved { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         Self::new(status, code, msg)
     }

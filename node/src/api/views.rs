@@ -3,7 +3,7 @@
 //! API's JSON bodies.
 
 use hubmesh_consensus::state::{CheckpointPolicy, NodeStatus, TaskKind, TaskRecord};
-use hubmesh_consensus::ClusterState;
+use hubmesh_consensus::{ClusterState, NodeId};
 use hubmesh_proto::api;
 
 use crate::executor::CheckpointSummary;
@@ -76,6 +76,7 @@ pub(crate) fn task_info(hub: &Hub, state: &ClusterState, record: &TaskRecord) ->
         reason,
         placement,
         replicas: spec.replicas,
+        pinned: spec.pinned,
         instances,
         last_checkpoint: local.as_ref().and_then(|s| s.last_checkpoint.as_ref()).map(checkpoint_info),
         invocations: local.as_ref().map_or(0, |s| s.invocations),
@@ -95,13 +96,30 @@ pub(crate) fn task_info(hub: &Hub, state: &ClusterState, record: &TaskRecord) ->
                 at_ms: h.at_ms,
                 instance: h.instance,
                 node_id: h.node.0,
-                node_name: state.nodes.get(&h.node).map(|n| n.name.clone()).unwrap_or_default(),
+                node_name: node_name(&state, h.node),
                 epoch: h.epoch.0,
                 reason: h.reason.clone(),
                 from_sequence: h.from_sequence,
+                migration: h.migration.as_ref().map(|m| api::MigrationEventInfo {
+                    reason: m.reason.as_str().to_owned(),
+                    from_node_id: m.from.0,
+                    from_node_name: node_name(&state, m.from),
+                    to_node_id: m.to.0,
+                    to_node_name: node_name(&state, m.to),
+                    rounds: m.stats.rounds,
+                    bytes: m.stats.bytes,
+                    precopy_ms: m.stats.precopy_ms,
+                    pause_us: m.stats.pause_us,
+                    aborted: m.aborted.clone(),
+                }),
             })
             .collect(),
     }
+}
+
+/// A hub's name, or "" once it was removed.
+fn node_name(state: &ClusterState, node: NodeId) -> String {
+    state.nodes.get(&node).map(|n| n.name.clone()).unwrap_or_default()
 }
 
 /// `GET /v1/status`.

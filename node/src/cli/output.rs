@@ -95,11 +95,21 @@ pub(super) fn history(events: &[api::HistoryInfo], json: bool) -> anyhow::Result
                 format!("{} ({})", h.node_name, h.node_id),
                 format!("e{}", h.epoch),
                 h.from_sequence.map_or("-".into(), |s| format!("#{s}")),
+                h.migration.as_ref().map_or("-".into(), migration_cell),
             ]
         })
         .collect();
-    table(&["AT", "EVENT", "HOST", "EPOCH", "FROM CHECKPOINT"], rows);
+    table(&["AT", "EVENT", "HOST", "EPOCH", "FROM CHECKPOINT", "MIGRATION"], rows);
     Ok(())
+}
+
+/// `from hub1 (1), 3 rounds, 1.2 MiB, pause 850µs`, or why it was given up.
+fn migration_cell(m: &api::MigrationEventInfo) -> String {
+    if let Some(why) = &m.aborted {
+        return format!("to {} ({}) given up: {why}", m.to_node_name, m.to_node_id);
+    }
+    let pause = m.pause_us.map_or(String::new(), |us| format!(", pause {us}µs"));
+    format!("from {} ({}), {} rounds, {}{pause}", m.from_node_name, m.from_node_id, m.rounds, bytes(m.bytes))
 }
 
 pub(super) fn status(s: &api::StatusInfo, json: bool) -> anyhow::Result<()> {

@@ -56,6 +56,9 @@ pub enum TaskCmd {
         /// Run only on hubs with this label, `key=value` (repeatable).
         #[arg(long = "on", value_name = "KEY=VALUE")]
         on: Vec<String>,
+        /// Never move the task off its hub to relieve an overload.
+        #[arg(long)]
+        pin: bool,
         /// Publish a new version of an existing task.
         #[arg(long)]
         update: bool,
@@ -124,6 +127,7 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
             replicas,
             replicas_state,
             on,
+            pin,
             update,
             json,
         } => {
@@ -148,6 +152,7 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
                 on,
                 replicas,
                 replicas_state,
+                pin,
             };
             let resp = client.deploy(&name, module, &params, update).await?;
             output::json_or(&resp, json, || {

@@ -28,6 +28,11 @@ pub enum InvokeError {
     /// durable invocation that fails this way is unknown.
     #[error("the task is unavailable: {0}")]
     Unavailable(String),
+    /// The task was live-migrated to hub `node` (placement epoch `epoch`) while this call waited
+    /// on the source; the source relays it there once, under `key` (the caller's key, or the one
+    /// the migration gave a keyless call it carried), so that it runs exactly once.
+    #[error("the task moved to hub {node} (epoch {epoch})")]
+    Moved { node: u64, epoch: u64, key: Option<String> },
 }
 
 /// Why a task could not be started.

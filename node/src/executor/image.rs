@@ -1,5 +1,10 @@
 //! The base image of a stateful instance: its memory and globals as of the last successful
-//! invocation, plus which pages changed since the last checkpoint.
+//! invocation, plus which pages changed since the last checkpoint and, while a live migration is
+//! under way, since its last round.
+//!
+//! The two dirty sets are separate on purpose: a migration round consumes only its own, so an
+//! aborted migration leaves every page the next checkpoint must write still marked for it, and a
+//! retry starts again from the pages changed since the last checkpoint.
 
 use hubmesh_storage::{Hash, PageLog};
 
@@ -18,7 +23,19 @@ pub(crate) struct MemoryImage {
     globals: Vec<GlobalValue>,
     /// Something (pages, size or globals) changed since the last checkpoint.
     changed: bool,
+    /// Pages changed since the last migration round, while a migration is under way.
+    mig_dirty: Option<Vec<bool>>,
     scratch: Vec<u32>,
+}
+
+/// Pages a migration round copied out of the image.
+pub(crate) struct MigrationDelta {
+    /// `(page index, its bytes)`, in index order.
+    pub(crate) pages: Vec<(u32, Vec<u8>)>,
+    /// The memory's size in pages.
+    pub(crate) memory_pages: u32,
+    /// Pages still marked after this round.
+    pub(crate) remaining: usize,
 }
 
 /// Identity of a checkpoint, filled in by the caller.
@@ -67,6 +84,7 @@ impl MemoryImage {
             hashes: vec![None; pages],
             globals,
             changed: true,
+            mig_dirty: None,
             scratch: Vec::new(),
         }
     }
@@ -99,6 +117,7 @@ impl MemoryImage {
             hashes,
             globals: manifest.globals.iter().map(|(_, v)| *v).collect(),
             changed: false,
+            mig_dirty: None,
             scratch: Vec::new(),
         })
     }
@@ -112,6 +131,10 @@ impl MemoryImage {
             self.base.resize(pages * PAGE, 0);
             self.ckpt_dirty.resize(pages, false);
             self.hashes.resize(pages, None);
+            if let Some(m) = &mut self.mig_dirty {
+                // The target learns the new size with the next round; new pages are zero there.
+                m.resize(pages, false);
+            }
             self.changed = true;
         }
         self.scratch.clear();
@@ -136,6 +159,9 @@ impl MemoryImage {
             let r = p as usize * PAGE..(p as usize + 1) * PAGE;
             self.base[r.clone()].copy_from_slice(&mem[r]);
             self.ckpt_dirty[p as usize] = true;
+            if let Some(m) = &mut self.mig_dirty {
+                m[p as usize] = true;
+            }
         }
         let globals: Vec<GlobalValue> = inst.read_globals().iter().filter_map(GlobalValue::from_val).collect();
         if globals != self.globals {
@@ -184,6 +210,50 @@ impl MemoryImage {
     /// Whether anything changed since the last checkpoint.
     pub(crate) fn changed(&self) -> bool {
         self.changed
+    }
+
+    /// Starts tracking pages for a migration. With `since_checkpoint`, the first round carries
+    /// only the pages changed since the last checkpoint (the target starts from that checkpoint);
+    /// otherwise every page. Starting again restarts the tracking.
+    pub(crate) fn begin_migration(&mut self, since_checkpoint: bool) {
+        self.mig_dirty = Some(if since_checkpoint { self.ckpt_dirty.clone() } else { vec![true; self.hashes.len()] });
+    }
+
+    /// Whether a migration is being tracked.
+    pub(crate) fn migrating(&self) -> bool {
+        self.mig_dirty.is_some()
+    }
+
+    /// Copies out at most `max_pages` of the pages marked for the migration, lowest index first,
+    /// and unmarks them. The checkpoint's own marks are untouched. With no migration under way,
+    /// an empty delta.
+    pub(crate) fn take_migration_delta(&mut self, max_pages: usize) -> MigrationDelta {
+        let memory_pages = self.hashes.len() as u32;
+        let Some(marks) = &mut self.mig_dirty else {
+            return MigrationDelta { pages: Vec::new(), memory_pages, remaining: 0 };
+        };
+        let mut pages = Vec::new();
+        for (i, d) in marks.iter_mut().enumerate() {
+            if pages.len() == max_pages {
+                break;
+            }
+            if *d {
+                *d = false;
+                pages.push((i as u32, self.base[i * PAGE..(i + 1) * PAGE].to_vec()));
+            }
+        }
+        let remaining = marks.iter().filter(|d| **d).count();
+        MigrationDelta { pages, memory_pages, remaining }
+    }
+
+    /// Stops tracking pages for a migration.
+    pub(crate) fn end_migration(&mut self) {
+        self.mig_dirty = None;
+    }
+
+    /// The globals as of the last sync, named as the module names them.
+    pub(crate) fn globals(&self, names: &[String]) -> Vec<(String, GlobalValue)> {
+        names.iter().cloned().zip(self.globals.iter().copied()).collect()
     }
 
     /// Builds the next checkpoint: the manifest and the changed non-zero pages that `known` does

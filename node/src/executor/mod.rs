@@ -20,6 +20,7 @@ mod image;
 pub(crate) mod instance;
 mod instrument;
 mod module_cache;
+mod page_table;
 mod stateful;
 mod stateless;
 
@@ -36,14 +37,17 @@ use wasmtime::{Engine, Linker};
 pub use crate::checkpoint::Answer;
 pub use engine::EngineLimits;
 pub use error::{CommitError, InvokeError, StartTaskError};
+pub(crate) use image::{CheckpointHeader, MigrationDelta};
 pub use instance::InstanceLimits;
 pub use instrument::PrepareError;
+pub(crate) use page_table::PageTable;
 pub use stateful::StatefulStatus;
+pub(crate) use stateful::{FinalState, MigrationStart, MovedTo};
 
 use crate::checkpoint::{Manifest, Writer};
 use host::HostState;
 use module_cache::ModuleCache;
-use stateful::StatefulTask;
+use stateful::{MigrateMsg, StatefulTask};
 use stateless::StatelessTask;
 
 /// What the executor needs to run one task.
@@ -359,6 +363,58 @@ impl Executor {
         }
     }
 
+    fn stateful(&self, name: &str) -> Result<Arc<Running>, InvokeError> {
+        let task = self.running(name)?;
+        match task.runtime {
+            Runtime::Stateful(_) => Ok(task),
+            Runtime::Stateless(_) => Err(InvokeError::Unavailable("a stateless task has no state to migrate".into())),
+        }
+    }
+
+    /// Sends a live migration's request to a stateful task and waits for its answer.
+    async fn migration_call<T>(
+        &self,
+        name: &str,
+        msg: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> MigrateMsg,
+    ) -> Result<T, InvokeError> {
+        let task = self.stateful(name)?;
+        let Runtime::Stateful(s) = &task.runtime else { unreachable!("checked: stateful") };
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        s.migrate(msg(reply)).await?;
+        rx.await.map_err(|_| InvokeError::Unavailable("the task is not in a state to migrate".into()))
+    }
+
+    /// Starts a live migration of a stateful task: its pages are tracked from now on.
+    pub(crate) async fn migration_begin(&self, name: &str) -> Result<MigrationStart, InvokeError> {
+        self.migration_call(name, |reply| MigrateMsg::Begin { reply }).await
+    }
+
+    /// Copies out up to `max_pages` of the pages changed since the previous round.
+    pub(crate) async fn migration_round(&self, name: &str, max_pages: usize) -> Result<MigrationDelta, InvokeError> {
+        self.migration_call(name, |reply| MigrateMsg::Round { max_pages, reply }).await
+    }
+
+    /// Freezes the task (calls are held) and hands out the rest of its state.
+    pub(crate) async fn migration_freeze(&self, name: &str, id: u64) -> Result<FinalState, InvokeError> {
+        self.migration_call(name, |reply| MigrateMsg::Freeze { id, reply }).await
+    }
+
+    /// Ends a migration: the task moved (held calls are answered `Moved`) or, with `None`, it
+    /// runs here again.
+    pub(crate) async fn migration_resolve(&self, name: &str, moved_to: Option<MovedTo>) -> Result<(), InvokeError> {
+        let task = self.stateful(name)?;
+        let Runtime::Stateful(s) = &task.runtime else { unreachable!("checked: stateful") };
+        s.migrate(MigrateMsg::Resolve { moved_to }).await
+    }
+
+    /// Removes a task that moved away, without a final checkpoint (its state is the target's).
+    pub(crate) fn detach_migrated(&self, name: &str) {
+        let removed = self.tasks.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        if let Some(old) = removed {
+            stop(&old, false);
+        }
+    }
+
     /// Whether `name` runs here at `version` and `epoch` (cheap: asked on every invocation).
     pub fn runs_at(&self, name: &str, version: u64, epoch: u64) -> bool {
         self.tasks
@@ -407,3 +463,6 @@ impl Drop for Executor {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod migration_tests;

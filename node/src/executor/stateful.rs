@@ -23,10 +23,24 @@ use super::Answer;
 use super::{CheckpointSink, CheckpointSummary, InvokeError, LocalCheckpoint, Restore, StartTaskError, TaskConfig};
 use crate::checkpoint::{AnswerCache, Manifest, Writer};
 
+mod migrate;
+
+pub(crate) use migrate::{FinalState, MigrateMsg, MigrationStart, MovedTo};
+
 enum Msg {
-    Invoke { input: Vec<u8>, key: Option<String>, reply: oneshot::Sender<Result<Answer, InvokeError>> },
-    Checkpoint { reply: oneshot::Sender<Result<CheckpointSummary, InvokeError>> },
-    Stop { final_checkpoint: bool },
+    Invoke {
+        input: Vec<u8>,
+        key: Option<String>,
+        reply: oneshot::Sender<Result<Answer, InvokeError>>,
+    },
+    Checkpoint {
+        reply: oneshot::Sender<Result<CheckpointSummary, InvokeError>>,
+    },
+    Stop {
+        final_checkpoint: bool,
+    },
+    /// A live migration's messages (see `migrate`).
+    Migrate(MigrateMsg),
 }
 
 /// What a stateful task reports about itself.
@@ -74,6 +88,8 @@ struct Actor {
     status: Arc<Mutex<StatefulStatus>>,
     last_checkpoint: Instant,
     next_tick: Option<Instant>,
+    /// Running, or frozen / moved by a live migration.
+    mode: migrate::Mode,
 }
 
 /// Most input bytes of queued invocations a checkpoint carries.
@@ -175,6 +191,7 @@ impl StatefulTask {
             status: status.clone(),
             last_checkpoint: Instant::now(),
             next_tick,
+            mode: migrate::Mode::Running,
         };
         let thread = std::thread::Builder::new()
             .name(format!("hm-task-{}", actor.cfg.name))
@@ -195,6 +212,16 @@ impl StatefulTask {
         let (reply, rx) = oneshot::channel();
         self.send(Msg::Checkpoint { reply })?;
         rx.await.map_err(|_| InvokeError::Unavailable("the task stopped".into()))?
+    }
+
+    /// Sends a live migration's request; it waits for room in the queue rather than failing
+    /// (the queue drains within a call's deadline).
+    pub(crate) async fn migrate(&self, msg: MigrateMsg) -> Result<(), InvokeError> {
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || tx.send(Msg::Migrate(msg)))
+            .await
+            .map_err(|e| InvokeError::Unavailable(format!("the sending thread failed: {e}")))?
+            .map_err(|_| InvokeError::Unavailable("the task stopped".into()))
     }
 
     fn send(&self, msg: Msg) -> Result<(), InvokeError> {
@@ -231,6 +258,15 @@ impl Actor {
                     None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
                 },
             };
+            let msg = match msg {
+                Ok(m) if !self.mode.running() => {
+                    if self.while_migrating(m) {
+                        return;
+                    }
+                    continue;
+                }
+                other => other,
+            };
             match msg {
                 Ok(Msg::Invoke { input, key, reply }) => {
                     let res = self.invoke(input, key);
@@ -240,6 +276,7 @@ impl Actor {
                     let res = self.checkpoint().map_err(InvokeError::Unavailable);
                     let _ = reply.send(res);
                 }
+                Ok(Msg::Migrate(m)) => self.migrate(m),
                 Ok(Msg::Stop { final_checkpoint }) => {
                     // What arrived after the stop is refused, not carried in the final checkpoint:
                     // its callers hear that it did not run.
@@ -255,6 +292,7 @@ impl Actor {
                             Msg::Checkpoint { reply } => {
                                 let _ = reply.send(Err(InvokeError::Unavailable("the task stopped".into())));
                             }
+                            Msg::Migrate(m) => m.refuse("the task stopped"),
                             Msg::Stop { .. } => {}
                         }
                     }
@@ -279,6 +317,10 @@ impl Actor {
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
+        if !self.mode.running() {
+            // Frozen or moved: no ticks, no checkpoints; only messages wake the actor.
+            return None;
+        }
         let ckpt = self.periodic_every().filter(|_| self.image.changed()).map(|every| self.last_checkpoint + every);
         match (ckpt, self.next_tick) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -391,6 +433,16 @@ impl Actor {
 
     /// Rebuilds the instance from the last committed checkpoint (or fresh, if none).
     fn revert_to_committed(&mut self) -> Result<(), String> {
+        let migrating = self.image.migrating();
+        self.revert_image()?;
+        if migrating {
+            // The pages a migration sent may hold what was just undone: send every page again.
+            self.image.begin_migration(false);
+        }
+        Ok(())
+    }
+
+    fn revert_image(&mut self) -> Result<(), String> {
         let name: Arc<str> = self.cfg.name.as_str().into();
         let Some(key) = self.committed_key.clone() else {
             let mut inst = Instance::new(&self.module, name, self.cfg.limits, true).map_err(|e| e.to_string())?;

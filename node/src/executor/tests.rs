@@ -9,12 +9,12 @@ use proptest::prelude::*;
 
 use super::*;
 
-fn example(name: &str) -> Vec<u8> {
+pub(super) fn example(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/tasks").join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
-const LIMITS: InstanceLimits =
+pub(super) const LIMITS: InstanceLimits =
     InstanceLimits { memory_bytes: 16 << 20, timeout_ms: 200, max_input_bytes: 1 << 20, max_output_bytes: 1 << 20 };
 
 struct Fixture {
@@ -22,7 +22,7 @@ struct Fixture {
     exec: Executor,
 }
 
-fn executor_in(dir: &Path) -> Executor {
+pub(super) fn executor_in(dir: &Path) -> Executor {
     let pages = PageLog::open(dir).unwrap();
     Executor::new(EngineLimits { max_instances: 32, max_task_memory: 64 << 20 }, &dir.join("cache"), pages).unwrap()
 }
@@ -33,7 +33,7 @@ fn fixture() -> Fixture {
     Fixture { dir, exec }
 }
 
-fn config(name: &str, wasm: &[u8], kind: TaskKind, checkpoint: CheckpointPolicy) -> TaskConfig {
+pub(super) fn config(name: &str, wasm: &[u8], kind: TaskKind, checkpoint: CheckpointPolicy) -> TaskConfig {
     TaskConfig {
         name: name.into(),
         version: 1,
@@ -54,11 +54,11 @@ fn start(exec: &Executor, name: &str, file: &str, kind: TaskKind, checkpoint: Ch
     config.module_hash
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub(super) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-async fn call(exec: &Executor, name: &str, input: &str) -> Result<String, InvokeError> {
+pub(super) async fn call(exec: &Executor, name: &str, input: &str) -> Result<String, InvokeError> {
     exec.invoke(name, input.as_bytes().to_vec(), None).await.map(|a| String::from_utf8(a.output).unwrap())
 }
 

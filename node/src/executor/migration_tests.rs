@@ -1,0 +1,195 @@
+//! The executor's side of a live migration, between two executors with their own page logs (the
+//! mesh protocol that carries the rounds is tested with real hubs elsewhere).
+
+use hubmesh_consensus::state::{checkpoint_key, parse_checkpoint_key, CheckpointPolicy, TaskKind};
+use hubmesh_consensus::Epoch;
+use hubmesh_storage::{Hash, PageLog, PageWrite};
+
+use super::tests::{call, config, example, executor_in, rt, LIMITS};
+use super::*;
+use crate::checkpoint::PAGE;
+
+/// Copies a checkpoint (manifest and pages) from one page log to another, as a holder has it.
+fn copy_checkpoint(from: &PageLog, to: &PageLog, key: &str) -> Manifest {
+    let bytes = from.read_manifest(key).unwrap().expect("the checkpoint is there");
+    let m = Manifest::decode(&bytes).unwrap();
+    let pages = m.pages.iter().map(|(_, h)| (*h, from.read_page(h).unwrap())).collect();
+    let refs = m.pages.iter().map(|(_, h)| *h).collect();
+    let write = PageWrite { pages, key: key.to_owned(), manifest: bytes, refs, remove: Vec::new() };
+    to.write(&[write], true).unwrap();
+    m
+}
+
+fn header(cfg: &TaskConfig, last: &FinalState) -> CheckpointHeader {
+    CheckpointHeader {
+        task: cfg.name.clone(),
+        task_version: cfg.version,
+        epoch: cfg.epoch,
+        sequence: last.sequence,
+        module_hash: cfg.module_hash,
+        invocations: last.invocations,
+        created_unix_ms: 0,
+    }
+}
+
+#[test]
+fn a_migrated_counter_goes_on_exactly_where_the_source_stopped() {
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (src, dst) = (executor_in(src_dir.path()), executor_in(dst_dir.path()));
+    let prepared = src.prepare(&example("counter.wat"), LIMITS).unwrap();
+    let cfg = config("c", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Durable);
+    src.start_task_from(cfg.clone(), &prepared.wasm, Restore::Fresh).unwrap();
+    let final_sequence = rt().block_on(async {
+        for _ in 0..5 {
+            call(&src, "c", "1").await.unwrap();
+        }
+        let keyed = src.invoke("c", b"10".to_vec(), Some("k1".into())).await.unwrap();
+        assert_eq!(keyed.output, b"15");
+
+        let start = src.migration_begin("c").await.unwrap();
+        let base_key = start.base_key.expect("a durable task has a committed checkpoint");
+        // The target holds the base checkpoint, as a holder of the task does.
+        let base = copy_checkpoint(src.pages(), dst.pages(), &base_key);
+        let mut table = PageTable::from_manifest(Some(&base));
+        // The task serves during the rounds.
+        assert_eq!(call(&src, "c", "100").await.unwrap(), "115");
+        let round = src.migration_round("c", 16).await.unwrap();
+        assert!(!round.pages.is_empty(), "the page the call changed is sent");
+        assert_eq!(round.remaining, 0);
+        let sent = table.record(round.memory_pages, round.pages);
+        dst.pages().write(&[PageWrite { pages: sent.new, ..Default::default() }], true).unwrap();
+
+        // Calls that wait when the source freezes travel with its state or are held.
+        let waiting = (0..4).map(|i| src.invoke("c", b"1000".to_vec(), (i % 2 == 0).then(|| format!("w{i}"))));
+        let (answers, last) = tokio::join!(futures_util::future::join_all(waiting), src.migration_freeze("c", 42));
+        let last = last.unwrap();
+        assert!(last.sequence > 7, "the final state's sequence follows the six checkpoints and the round's");
+        // Durable commits went on during the rounds: the final state names the newest.
+        assert!(last.committed_key.as_ref().is_some_and(|k| *k != base_key));
+        let final_pages = table.record(last.memory_pages, last.pages.clone());
+        let manifest = table.manifest(header(&cfg, &last), &last);
+        let key = checkpoint_key("c", Epoch(cfg.epoch), last.sequence);
+        let refs = manifest.pages.iter().map(|(_, h)| *h).collect();
+        let write =
+            PageWrite { pages: final_pages.new, key: key.clone(), manifest: manifest.encode(), refs, remove: vec![] };
+        dst.pages().write(&[write], true).unwrap();
+
+        // The switch: the target runs the task at a new epoch from the migrated state.
+        src.migration_resolve("c", Some(MovedTo { node: 2, epoch: 2 })).await.unwrap();
+        let target = TaskConfig { epoch: 2, ..cfg.clone() };
+        dst.start_task_from(target, &prepared.wasm, Restore::Key(key)).unwrap();
+        let mut ran_at_source = 0;
+        for answer in answers {
+            match answer {
+                Ok(_) => ran_at_source += 1,
+                // Relayed once, under the key the migration gave it.
+                Err(InvokeError::Moved { node: 2, epoch: 2, key }) => {
+                    dst.invoke("c", b"1000".to_vec(), key).await.unwrap();
+                }
+                Err(other) => panic!("a waiting call failed: {other}"),
+            }
+        }
+        // The source runs nothing after the switch; it tells callers where the task went.
+        assert_eq!(
+            src.invoke("c", b"1".to_vec(), None).await,
+            Err(InvokeError::Moved { node: 2, epoch: 2, key: None })
+        );
+        src.detach_migrated("c");
+        assert!(src.status("c").is_none());
+        // Every call applied exactly once, wherever it ran.
+        assert_eq!(call(&dst, "c", "0").await.unwrap(), "4115", "{ran_at_source} ran on the source");
+        // The answers moved with the state.
+        assert_eq!(dst.invoke("c", b"10".to_vec(), Some("k1".into())).await.unwrap().output, b"15");
+        last.sequence
+    });
+    // The source never wrote a checkpoint at or after the final state's sequence: that key is
+    // the target's.
+    let own: Vec<u64> =
+        src.pages().manifest_keys().iter().filter_map(|k| parse_checkpoint_key(k)).map(|(.., s)| s).collect();
+    assert!(!own.is_empty() && own.iter().all(|s| *s < final_sequence), "{own:?} vs {final_sequence}");
+}
+
+#[test]
+fn an_aborted_migration_leaves_every_changed_page_to_the_next_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor_in(dir.path());
+    let prepared = exec.prepare(&example("bigstate.wat"), LIMITS).unwrap();
+    let hourly = CheckpointPolicy::Periodic { every_ms: 3_600_000 };
+    let cfg = config("big", &prepared.wasm, TaskKind::Stateful, hourly);
+    exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+    rt().block_on(async {
+        exec.invoke("big", 64u32.to_le_bytes().to_vec(), None).await.unwrap();
+        let first = exec.checkpoint("big").await.unwrap();
+        // Eight pages change after the checkpoint; a migration sends them, then is given up.
+        exec.invoke("big", 8u32.to_le_bytes().to_vec(), None).await.unwrap();
+        let start = exec.migration_begin("big").await.unwrap();
+        assert!(start.base_key.is_some());
+        let round = exec.migration_round("big", usize::MAX).await.unwrap();
+        assert!(round.pages.len() >= 8, "{} pages", round.pages.len());
+        let last = exec.migration_freeze("big", 1).await.unwrap();
+        assert!(last.pages.is_empty(), "nothing changed since the round");
+        exec.migration_resolve("big", None).await.unwrap();
+        // The task runs here again.
+        assert_eq!(exec.invoke("big", Vec::new(), None).await.unwrap().output, 64u32.to_le_bytes());
+        // The checkpoint after the abort still holds the eight pages (page 0, which also holds
+        // the output, is one of them), under a sequence the migration's final state never used.
+        // Had the round cleared the checkpoint's marks, it would hold page 0 alone.
+        assert_eq!(first.pages, 1);
+        let second = exec.checkpoint("big").await.unwrap();
+        assert_eq!(second.pages, 8, "{second:?} lost pages the migration had sent");
+        assert_eq!(second.sequence, last.sequence + 1);
+        assert!(second.sequence > first.sequence);
+        // A second migration starts again from that checkpoint.
+        let again = exec.migration_begin("big").await.unwrap();
+        assert_eq!(again.base_key, Some(checkpoint_key("big", Epoch(1), second.sequence)));
+        assert!(exec.migration_round("big", usize::MAX).await.unwrap().pages.is_empty());
+    });
+}
+
+#[test]
+fn a_task_without_checkpoints_sends_every_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor_in(dir.path());
+    let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
+    let cfg = config("c", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::None);
+    exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+    rt().block_on(async {
+        call(&exec, "c", "7").await.unwrap();
+        let start = exec.migration_begin("c").await.unwrap();
+        assert_eq!(start.base_key, None);
+        let part = exec.migration_round("c", 0).await.unwrap();
+        assert_eq!((part.pages.len(), part.remaining), (0, start.memory_pages as usize));
+        let round = exec.migration_round("c", usize::MAX).await.unwrap();
+        assert_eq!((round.pages.len() as u32, round.remaining), (start.memory_pages, 0));
+        // Freezing twice is refused; the first freeze stands.
+        let last = exec.migration_freeze("c", 3).await.unwrap();
+        assert!(exec.migration_freeze("c", 4).await.is_err());
+        assert!(last.globals.iter().any(|(name, _)| !name.is_empty()));
+        // A stateless task has no state to migrate.
+        start_echo(&exec);
+        assert!(matches!(exec.migration_begin("echo").await, Err(InvokeError::Unavailable(_))));
+        assert_eq!(exec.migration_begin("nope").await.unwrap_err(), InvokeError::NotFound("nope".into()));
+    });
+}
+
+fn start_echo(exec: &Executor) {
+    let prepared = exec.prepare(&example("echo.wat"), LIMITS).unwrap();
+    let cfg = config("echo", &prepared.wasm, TaskKind::Stateless, CheckpointPolicy::None);
+    exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+}
+
+#[test]
+fn a_page_table_sends_each_content_once() {
+    let page = |b: u8| vec![b; PAGE];
+    let mut table = PageTable::default();
+    let round = table.record(4, vec![(0, page(1)), (1, page(1)), (2, page(0)), (3, page(2))]);
+    assert_eq!(round.entries.len(), 3, "a zero page that was zero is no change");
+    assert_eq!(round.new.iter().map(|(h, _)| *h).collect::<Vec<_>>(), vec![Hash::of(&page(1)), Hash::of(&page(2))]);
+    assert_eq!(round.bytes, 2 * PAGE as u64);
+    // Unchanged pages are left out; a page that became zero is an entry without content; the
+    // memory grew by a page.
+    let round = table.record(5, vec![(0, page(1)), (3, page(0)), (4, page(2))]);
+    assert_eq!(round.entries, vec![(3, None), (4, Some(Hash::of(&page(2))))]);
+    assert!(round.new.is_empty(), "page 4's content was sent as page 3");
+    assert_eq!(table.pages(), vec![(0, Hash::of(&page(1))), (1, Hash::of(&page(1))), (4, Hash::of(&page(2)))]);
+}

@@ -1,0 +1,238 @@
+//! The source side of a live migration, inside the task's actor (design §7).
+//!
+//! ```text
+//!  Running --Begin--> Running (pages tracked) --Round*--> --Freeze--> Frozen --Resolve(moved)--> Moved
+//!                                                                       \--Resolve(abort)--> Running
+//! ```
+//!
+//! While frozen the actor runs nothing: calls that arrive are held. `Freeze` hands out what the
+//! target needs to go on exactly where the source stopped: the pages not sent yet, the globals,
+//! the answers, and the calls already waiting (the manifest's `pending`; the target runs them
+//! first). A keyless waiting call gets a key of the migration, so that when the source relays it
+//! after the commit the target answers it from its cache instead of running it twice.
+//! `Resolve` says how the migration ended: moved (every held call is answered `Moved`, which
+//! the invocation path relays to the target, and the actor never writes another checkpoint) or
+//! aborted (the held calls run here, in order). Page tracking lives in the image's second dirty
+//! set, so an aborted migration leaves the checkpoint's own marks as they were.
+
+use std::collections::VecDeque;
+
+use tokio::sync::oneshot;
+
+use super::{Actor, Msg, PENDING_BYTES};
+use crate::checkpoint::{Answer, GlobalValue};
+use crate::executor::image::MigrationDelta;
+use crate::executor::InvokeError;
+
+/// A migration's request to the actor.
+pub(crate) enum MigrateMsg {
+    /// Starts tracking the pages to send.
+    Begin { reply: oneshot::Sender<MigrationStart> },
+    /// Copies out up to `max_pages` of the pages changed since the previous round.
+    Round { max_pages: usize, reply: oneshot::Sender<MigrationDelta> },
+    /// Stops running calls and hands out the rest of the state.
+    Freeze { id: u64, reply: oneshot::Sender<FinalState> },
+    /// How the migration ended: moved to a hub, or (`None`) aborted.
+    Resolve { moved_to: Option<MovedTo> },
+}
+
+impl MigrateMsg {
+    /// Answers nothing: the requester hears that the task is gone (its reply channel closes).
+    pub(super) fn refuse(self, why: &str) {
+        tracing::debug!(why, "a migration request was refused");
+    }
+}
+
+/// Where the first round starts from.
+#[derive(Debug, Clone)]
+pub(crate) struct MigrationStart {
+    /// The committed checkpoint the rounds are a delta against (the target starts from it);
+    /// `None`: the rounds carry every page.
+    pub(crate) base_key: Option<String>,
+    pub(crate) memory_pages: u32,
+}
+
+/// The hub and epoch a task moved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MovedTo {
+    pub(crate) node: u64,
+    pub(crate) epoch: u64,
+}
+
+/// What a frozen source hands over: with the pages sent before, the whole state.
+#[derive(Debug, Clone)]
+pub(crate) struct FinalState {
+    /// The pages changed since the last round, `(index, bytes)`.
+    pub(crate) pages: Vec<(u32, Vec<u8>)>,
+    pub(crate) memory_pages: u32,
+    pub(crate) globals: Vec<(String, GlobalValue)>,
+    pub(crate) answers: Vec<(String, Answer)>,
+    pub(crate) invocations: u64,
+    /// The sequence of the checkpoint that carries this state (never used by the source again,
+    /// even if the migration is aborted).
+    pub(crate) sequence: u64,
+    /// The committed checkpoint the source last knew.
+    pub(crate) committed_key: Option<String>,
+    /// Calls that were waiting, in order, each with the key it runs under on the target.
+    pub(crate) pending: Vec<(Option<String>, Vec<u8>)>,
+}
+
+/// Whether the actor runs calls.
+pub(in crate::executor) enum Mode {
+    Running,
+    Frozen { held: VecDeque<Held> },
+    Moved(MovedTo),
+}
+
+impl Mode {
+    pub(super) fn running(&self) -> bool {
+        matches!(self, Self::Running)
+    }
+}
+
+/// A call that arrived or waited while the actor was frozen.
+pub(in crate::executor) struct Held {
+    input: Vec<u8>,
+    key: Option<String>,
+    /// The key it is relayed under after a move (set for the calls the final state carries).
+    relay_key: Option<String>,
+    reply: oneshot::Sender<Result<Answer, InvokeError>>,
+}
+
+impl Actor {
+    /// A migration request while running.
+    pub(super) fn migrate(&mut self, msg: MigrateMsg) {
+        match msg {
+            MigrateMsg::Begin { reply } => {
+                let base_key = self.committed_key.clone();
+                // The image's checkpoint marks are relative to the last checkpoint, which is the
+                // committed one: a checkpoint that failed to commit marked every page again.
+                self.image.begin_migration(base_key.is_some());
+                let memory_pages = self.image.take_migration_delta(0).memory_pages;
+                let _ = reply.send(MigrationStart { base_key, memory_pages });
+            }
+            MigrateMsg::Round { max_pages, reply } => {
+                let _ = reply.send(self.image.take_migration_delta(max_pages));
+            }
+            MigrateMsg::Freeze { id, reply } => {
+                let state = self.freeze(id);
+                let _ = reply.send(state);
+            }
+            MigrateMsg::Resolve { moved_to: None } => self.image.end_migration(),
+            MigrateMsg::Resolve { moved_to: Some(to) } => {
+                // Moved without a freeze: cannot happen through the driver, but the authority
+                // is gone either way.
+                self.image.end_migration();
+                self.mode = Mode::Moved(to);
+            }
+        }
+    }
+
+    fn freeze(&mut self, id: u64) -> FinalState {
+        while let Ok(m) = self.rx.try_recv() {
+            self.backlog.push_back(m);
+        }
+        let mut held = VecDeque::new();
+        let mut others = VecDeque::new();
+        let mut bytes = 0usize;
+        let mut pending = Vec::new();
+        for m in self.backlog.drain(..) {
+            let Msg::Invoke { input, key, reply } = m else {
+                others.push_back(m);
+                continue;
+            };
+            bytes += input.len();
+            // Up to PENDING_BYTES travel with the state; later ones are relayed as new calls.
+            let relay_key = if bytes <= PENDING_BYTES {
+                let k = key.clone().or_else(|| Some(format!("mig:{id}:{}", pending.len())));
+                pending.push((k.clone(), input.clone()));
+                k
+            } else {
+                key.clone()
+            };
+            held.push_back(Held { input, key, relay_key, reply });
+        }
+        self.backlog = others;
+        let delta = self.image.take_migration_delta(usize::MAX);
+        self.sequence += 1;
+        self.count_waiting(held.len());
+        self.mode = Mode::Frozen { held };
+        tracing::info!(task = %self.cfg.name, id, pages = delta.pages.len(), pending = pending.len(), "frozen for migration");
+        FinalState {
+            pages: delta.pages,
+            memory_pages: delta.memory_pages,
+            globals: self.image.globals(&self.module.global_names),
+            answers: self.answers.entries().map(|(k, a)| (k.clone(), a.clone())).collect(),
+            invocations: self.invocations,
+            sequence: self.sequence,
+            committed_key: self.committed_key.clone(),
+            pending,
+        }
+    }
+
+    /// Handles a message while frozen or moved; says whether the actor ends.
+    pub(super) fn while_migrating(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Invoke { input, key, reply } => match &mut self.mode {
+                Mode::Frozen { held } => {
+                    held.push_back(Held { input, relay_key: key.clone(), key, reply });
+                    let n = held.len();
+                    self.count_waiting(n);
+                }
+                Mode::Moved(to) => {
+                    let _ = reply.send(Err(InvokeError::Moved { node: to.node, epoch: to.epoch, key }));
+                }
+                Mode::Running => unreachable!("only called while not running"),
+            },
+            Msg::Checkpoint { reply } => {
+                let _ = reply.send(Err(InvokeError::Unavailable("the task is being migrated".into())));
+            }
+            Msg::Migrate(MigrateMsg::Resolve { moved_to }) => self.resolve(moved_to),
+            Msg::Migrate(other) => other.refuse("a migration is already frozen or done"),
+            Msg::Stop { .. } => {
+                if let Mode::Frozen { held } = std::mem::replace(&mut self.mode, Mode::Running) {
+                    // The migration's outcome is not known here: the calls it carried may run on
+                    // the target. `Unavailable` says that the outcome is unknown.
+                    for h in held {
+                        let _ = h
+                            .reply
+                            .send(Err(InvokeError::Unavailable("the task stopped during a live migration".into())));
+                    }
+                }
+                // Never a final checkpoint: the state is the target's or the frozen one.
+                return true;
+            }
+        }
+        false
+    }
+
+    fn resolve(&mut self, moved_to: Option<MovedTo>) {
+        let Mode::Frozen { held } = std::mem::replace(&mut self.mode, Mode::Running) else {
+            return;
+        };
+        self.image.end_migration();
+        match moved_to {
+            Some(to) => {
+                tracing::info!(task = %self.cfg.name, node = to.node, epoch = to.epoch, relayed = held.len(), "migrated");
+                for h in held {
+                    let moved = InvokeError::Moved { node: to.node, epoch: to.epoch, key: h.relay_key };
+                    let _ = h.reply.send(Err(moved));
+                }
+                self.mode = Mode::Moved(to);
+                self.count_waiting(0);
+            }
+            None => {
+                tracing::info!(task = %self.cfg.name, resumed = held.len(), "migration aborted; running here again");
+                for h in held.into_iter().rev() {
+                    self.backlog.push_front(Msg::Invoke { input: h.input, key: h.key, reply: h.reply });
+                }
+                let n = self.backlog.len();
+                self.count_waiting(n);
+            }
+        }
+    }
+
+    fn count_waiting(&self, n: usize) {
+        self.backlog_len.store(n, std::sync::atomic::Ordering::Release);
+    }
+}
