@@ -4,8 +4,8 @@
 #![no_main]
 
 use hubmesh_consensus::transport::{
-    StreamKind, CHECKPOINT_FETCH, CHECKPOINT_PUSH, INVOKE_FORWARD, JOIN, MODULE_FETCH, PING, PROPOSE, RAFT_APPEND,
-    RAFT_SNAPSHOT, RAFT_VOTE, READ_INDEX,
+    StreamKind, CHECKPOINT_FETCH, CHECKPOINT_PUSH, INVOKE_FORWARD, JOIN, MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE,
+    MIGRATE_REQUEST, MODULE_FETCH, PING, PROPOSE, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE, READ_INDEX,
 };
 use hubmesh_proto::{pb, Message};
 use libfuzzer_sys::fuzz_target;
@@ -29,6 +29,14 @@ fn payload(kind: u32, raw: &[u8]) {
         Some(StreamKind::InvokeForward) => drop(INVOKE_FORWARD.decode_request(raw)),
         Some(StreamKind::CheckpointPush) => drop(CHECKPOINT_PUSH.decode_header(raw)),
         Some(StreamKind::CheckpointFetch) => drop(CHECKPOINT_FETCH.decode_request(raw)),
+        Some(StreamKind::MigrateRequest) => drop(MIGRATE_REQUEST.decode_request(raw)),
+        Some(StreamKind::MigratePrepare) => {
+            if let Ok(Some(base)) = MIGRATE_PREPARE.decode_request(raw).map(|r| r.base) {
+                drop(hubmesh_consensus::state::CheckpointRecord::try_from(base));
+            }
+        }
+        Some(StreamKind::MigratePages) => drop(MIGRATE_PAGES.decode_request(raw)),
+        Some(StreamKind::MigrateEnd) => drop(MIGRATE_END.decode_request(raw)),
         None => {}
     }
 }
@@ -55,5 +63,6 @@ fuzz_target!(|data: &[u8]| {
         drop(READ_INDEX.decode_answer(&resp.payload));
         drop(INVOKE_FORWARD.decode_answer(&resp.payload));
         drop(CHECKPOINT_FETCH.decode_answer(&resp.payload));
+        drop(MIGRATE_REQUEST.decode_answer(&resp.payload));
     }
 });

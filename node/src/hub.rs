@@ -35,6 +35,8 @@ pub(crate) struct Hub {
     /// By task name.
     start_failures: Mutex<HashMap<String, StartFailure>>,
     workers: Workers,
+    /// Live migrations in and out (`migration`).
+    pub(super) migrations: crate::migration::Migrations,
 }
 
 impl Hub {
@@ -55,6 +57,7 @@ impl Hub {
             started,
             start_failures: Mutex::new(HashMap::new()),
             workers: Workers::new(),
+            migrations: crate::migration::Migrations::default(),
         }
     }
 

@@ -7,13 +7,14 @@
 //!      (a stateless task with replicas: a local one first, else the next host that answers)
 //!      not placed / starting / B unreachable --> wait for the state to change, bounded
 //!      forwarded call timed out --> retried only with an idempotency key, else "outcome unknown"
+//!      the task was live-migrated while the call waited here --> relayed once to the new host
 //! ```
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hubmesh_consensus::state::{NodeStatus, Placement};
-use hubmesh_consensus::ClusterState;
+use hubmesh_consensus::state::{HistoryEvent, NodeStatus, Placement};
+use hubmesh_consensus::{ClusterState, Epoch, NodeId};
 use tokio::time::Instant;
 
 use crate::dataplane::{self, Forwarded};
@@ -134,13 +135,55 @@ impl Hub {
         let started = std::time::Instant::now();
         let res = self.executor().invoke(name, input.to_vec(), key.clone()).await;
         invoke_seconds().record(started.elapsed().as_secs_f64());
-        Step::Done(res.map(|a| (a, p)).map_err(RouteError::from))
+        match res {
+            // The task was live-migrated while the call waited here: relayed once to its new host
+            // (also for a forwarded call: the one exception to "never forwarded again").
+            Err(InvokeError::Moved { node, epoch, key }) => {
+                let to = Placement { node: NodeId(node), epoch: Epoch(epoch) };
+                Step::Done(self.relay(name, input, key, to).await)
+            }
+            res => Step::Done(res.map(|a| (a, p)).map_err(RouteError::from)),
+        }
+    }
+
+    /// Relays a call the source of a live migration held to the task's new host, under the key
+    /// the migration gave it (a call the migrated state carried is answered from the target's
+    /// cache: it runs once). Waits, bounded, for the target to learn the commit and start.
+    async fn relay(
+        &self,
+        name: &str,
+        input: &[u8],
+        key: Option<String>,
+        to: Placement,
+    ) -> Result<(Answer, Placement), RouteError> {
+        let deadline = Instant::now() + SETTLE;
+        let budget = self.consensus().state().tasks.get(name).map_or(Duration::from_secs(5), |t| {
+            Duration::from_millis(t.spec.limits.timeout_ms) + Duration::from_secs(5)
+        });
+        loop {
+            let gone = self.host_replaced(name, to, true);
+            let reason = match dataplane::forward(self, to.node, name, input.to_vec(), key.clone(), budget, gone).await
+            {
+                Forwarded::Answer(a, ran) => return Ok((a, ran.unwrap_or(to))),
+                Forwarded::Failed(InvokeError::Unavailable(m)) => m,
+                Forwarded::Failed(e) => return Err(e.into()),
+                Forwarded::Unreachable(m) => m,
+                Forwarded::Timeout if key.is_some() => "retrying with the idempotency key".into(),
+                Forwarded::Timeout => return Err(RouteError::Unknown { node: to.node.0 }),
+            };
+            if Instant::now() >= deadline {
+                return Err(RouteError::NotReady(format!("the task moved to hub {}: {reason}", to.node)));
+            }
+            let mut rx = self.consensus().watch();
+            let _ = tokio::time::timeout(Duration::from_millis(20), rx.changed()).await;
+        }
     }
 
     /// Completes once the state no longer trusts `p`: its hub is not up any more or the instance
     /// was re-placed (a new epoch). A call still waiting on that hub then stops waiting.
     /// With `trusted` false (the hub was already not up when the call was made) only a new
-    /// placement counts: the call was made knowing the hub was suspect.
+    /// placement counts: the call was made knowing the hub was suspect. A live migration away
+    /// from `p` does not count while `p`'s hub is up: it relays the calls it held.
     fn host_replaced(&self, name: &str, p: Placement, trusted: bool) -> impl std::future::Future<Output = ()> + use<> {
         let mut rx = self.consensus().watch();
         let name = name.to_owned();
@@ -148,7 +191,9 @@ impl Hub {
             let _ = rx
                 .wait_for(|s| {
                     let hub_up = s.is_up(p.node);
-                    let still_placed = s.tasks.get(&name).is_some_and(|t| t.placements().any(|(_, q)| q == p));
+                    let still_placed = s.tasks.get(&name).is_some_and(|t| {
+                        t.placements().any(|(_, q)| q == p) || hub_up && t.history.iter().any(|h| migrated_from(h, p))
+                    });
                     !((hub_up || !trusted) && still_placed)
                 })
                 .await;
@@ -197,6 +242,11 @@ impl Hub {
         }
         Step::Wait(reason)
     }
+}
+
+/// Whether `h` records a committed live migration away from `p`.
+fn migrated_from(h: &HistoryEvent, p: Placement) -> bool {
+    h.migration.as_ref().is_some_and(|m| m.aborted.is_none() && m.from == p.node && m.from_epoch == p.epoch)
 }
 
 /// The `hubmesh_invoke_forwarded_seconds` histogram, registered once.

@@ -23,6 +23,7 @@ mod faults;
 mod hub;
 mod invoke;
 mod leader;
+mod migration;
 mod reconcile;
 mod replication;
 pub mod scheduler;

@@ -54,7 +54,10 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
     let running: HashMap<String, TaskConfig> =
         hub.executor().configs().into_iter().map(|c| (c.name.clone(), c)).collect();
 
-    for name in running.keys().filter(|n| !desired.contains_key(*n)) {
+    // A task this hub is migrating away is the driver's: it stops it (without a checkpoint) once
+    // the target serves, or keeps it if the migration is given up.
+    let migrating = |n: &str| hub.migrations().is_outgoing(n);
+    for name in running.keys().filter(|n| !desired.contains_key(*n) && !migrating(n)) {
         let deleted = !state.tasks.contains_key(name);
         tracing::info!(task = %name, deleted, "stopping task");
         let (executor, name2) = (hub.executor().clone(), name.clone());
@@ -63,7 +66,7 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
     hub.forget_start_failures(|n| desired.contains_key(n));
 
     for (name, cfg) in desired {
-        if running.get(&name) == Some(&cfg) {
+        if running.get(&name) == Some(&cfg) || migrating(&name) {
             continue;
         }
         let failed_before = hub.start_failure(&name).is_some_and(|f| (f.version, f.epoch) == (cfg.version, cfg.epoch));

@@ -97,6 +97,33 @@ fn place(state: &ClusterState) -> Vec<Command> {
     out
 }
 
+/// Where a live migration of `task`'s instance should go: `to` if it qualifies, else the hub
+/// the scheduler would pick, preferring one that already stores the task's checkpoint (only the
+/// pages changed since travel). `Err` says why no hub (or not `to`) can take it.
+pub fn migration_target(state: &ClusterState, task: &str, to: Option<NodeId>) -> Result<NodeId, String> {
+    let t = state.tasks.get(task).ok_or_else(|| format!("no task named {task:?}"))?;
+    let load = load(state);
+    let taken: Vec<NodeId> = t.placements().map(|(_, p)| p.node).collect();
+    if let Some(to) = to {
+        let n = state.nodes.get(&to).ok_or_else(|| format!("no hub with id {to}"))?;
+        if !fits(n, t) {
+            return Err(format!("hub {to} is not up, is a witness or lacks the task's labels"));
+        }
+        if taken.contains(&to) {
+            return Err(format!("the task already runs on hub {to}"));
+        }
+        return match pick(state, &load, t, &state.nodes.keys().copied().filter(|n| *n != to).collect::<Vec<_>>()) {
+            Some(n) if n == to => Ok(to),
+            _ => Err(format!("hub {to} has no free instance slot or not enough free task memory")),
+        };
+    }
+    let mut preferred: Vec<NodeId> = t.holders.clone();
+    preferred.extend(t.checkpoint.iter().flat_map(|c| c.stored_on.iter().copied()));
+    preferred.retain(|n| state.is_up(*n));
+    pick_preferring(state, &load, t, &taken, &preferred)
+        .ok_or_else(|| "no other hub that is up has the task's labels, a free slot and the memory".to_owned())
+}
+
 /// Like [`pick`], but a hub in `preferred` that qualifies wins.
 fn pick_preferring(
     state: &ClusterState,

@@ -127,6 +127,7 @@ pub async fn run(
     tracing::info!("7/7 workers");
     crate::dataplane::register(&hub);
     crate::replication::register(&hub);
+    crate::migration::register(&hub);
     hub.executor().set_sink(Arc::new(crate::replication::Replicator::new(&hub)));
     let workers = hub.workers();
     workers.spawn(crate::reconcile::reconciler(hub.clone()));

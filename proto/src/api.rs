@@ -233,6 +233,38 @@ pub struct CheckpointResponse {
     pub checkpoint: CheckpointInfo,
 }
 
+/// Body of `POST /v1/tasks/{name}/migrate`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The hub to move to, by name or id; absent: the scheduler picks one (preferring a hub that
+    /// already stores the task's checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
+/// Answer to `POST /v1/tasks/{name}/migrate`: where the task went and what it cost.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrationInfo {
+    pub task: String,
+    pub from_node_id: u64,
+    pub from_node_name: String,
+    pub to_node_id: u64,
+    pub to_node_name: String,
+    /// The placement epoch the task runs at on the target.
+    pub epoch: u64,
+    /// From the freeze on the source to the target serving (calls were held meanwhile).
+    pub pause_us: u64,
+    /// Pre-copy rounds, the final one included.
+    pub rounds: u32,
+    /// Page bytes sent to the target.
+    pub bytes: u64,
+    /// From the begin to the freeze.
+    pub precopy_ms: u64,
+    /// The whole migration.
+    pub duration_ms: u64,
+}
+
 /// One hub of the mesh.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeInfo {

@@ -266,3 +266,12 @@ pub const CHECKPOINT_PUSH: BulkEndpoint<pb::CheckpointPush, pb::CheckpointPushRe
 /// A checkpoint's manifest and pages, to a new host.
 pub const CHECKPOINT_FETCH: Endpoint<pb::CheckpointFetch, pb::CheckpointFetchResponse> =
     Endpoint::new(StreamKind::CheckpointFetch);
+/// Ask a task's host to live-migrate it.
+pub const MIGRATE_REQUEST: Endpoint<pb::MigrateRequest, pb::MigrateReport> = Endpoint::new(StreamKind::MigrateRequest);
+/// A live migration's source asks the target to get ready.
+pub const MIGRATE_PREPARE: Endpoint<pb::MigratePrepare, pb::MigratePrepareResponse> =
+    Endpoint::new(StreamKind::MigratePrepare);
+/// A live migration's pages (and, last, its manifest), source to target.
+pub const MIGRATE_PAGES: Endpoint<pb::MigratePages, pb::MigratePagesResponse> = Endpoint::new(StreamKind::MigratePages);
+/// A live migration ended.
+pub const MIGRATE_END: Endpoint<pb::MigrateEnd, pb::MigrateEndResponse> = Endpoint::new(StreamKind::MigrateEnd);

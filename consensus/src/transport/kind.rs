@@ -27,11 +27,19 @@ pub enum StreamKind {
     CheckpointPush = 102,
     /// A checkpoint's manifest and pages, holder to a new host (node data plane).
     CheckpointFetch = 103,
+    /// Ask a task's host to live-migrate it (node).
+    MigrateRequest = 104,
+    /// A live migration's source asks the target to get ready (node).
+    MigratePrepare = 105,
+    /// A live migration's pages and final manifest, source to target (node).
+    MigratePages = 106,
+    /// A live migration ended: aborted, or committed at an epoch (node).
+    MigrateEnd = 107,
 }
 
 impl StreamKind {
     /// Every kind, for lookups and listings.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 15] = [
         Self::RaftAppend,
         Self::RaftVote,
         Self::RaftSnapshot,
@@ -43,6 +51,10 @@ impl StreamKind {
         Self::InvokeForward,
         Self::CheckpointPush,
         Self::CheckpointFetch,
+        Self::MigrateRequest,
+        Self::MigratePrepare,
+        Self::MigratePages,
+        Self::MigrateEnd,
     ];
 
     /// The kind a request names, if it is one of ours.
@@ -69,6 +81,10 @@ impl StreamKind {
             Self::InvokeForward => "invoke-forward",
             Self::CheckpointPush => "checkpoint-push",
             Self::CheckpointFetch => "checkpoint-fetch",
+            Self::MigrateRequest => "migrate-request",
+            Self::MigratePrepare => "migrate-prepare",
+            Self::MigratePages => "migrate-pages",
+            Self::MigrateEnd => "migrate-end",
         }
     }
 }

@@ -9,6 +9,7 @@ use hubmesh_proto::api::ErrorBody;
 use crate::deploy::DeployError;
 use crate::executor::InvokeError;
 use crate::invoke::RouteError;
+use crate::migration::MigrateError;
 
 /// An error answer of the API.
 #[derive(Debug)]
@@ -125,6 +126,23 @@ impl From<InvokeError> for ApiError {
             InvokeError::Unavailable(_) | InvokeError::Moved { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         Self::new(status, code, msg)
+    }
+}
+
+impl From<MigrateError> for ApiError {
+    fn from(e: MigrateError) -> Self {
+        let msg = e.to_string();
+        match e {
+            MigrateError::NotFound(_) => Self::not_found(msg),
+            MigrateError::NoTarget(_) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "no_target", msg)
+                .hint("`hubmesh node list` shows which hubs are up, their labels and free slots"),
+            MigrateError::InProgress(_) => Self::new(StatusCode::CONFLICT, "migration_in_progress", msg)
+                .hint("wait for it to end (`hubmesh task show`), then retry"),
+            MigrateError::NotNow(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
+            MigrateError::Aborted(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "migration_aborted", msg)
+                .hint("the task runs where it ran; a retry starts over from its last checkpoint"),
+            MigrateError::Propose(p) => p.into(),
+        }
     }
 }
 

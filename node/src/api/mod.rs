@@ -41,6 +41,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/tasks/{name}", get(tasks::show).post(tasks::deploy).put(tasks::deploy).delete(tasks::remove))
         .route("/v1/tasks/{name}/invoke", post(tasks::invoke))
         .route("/v1/tasks/{name}/checkpoint", post(tasks::checkpoint))
+        .route("/v1/tasks/{name}/migrate", post(tasks::migrate))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .route("/health", get(health))

@@ -6,8 +6,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use hubmesh_consensus::state::validate_task_name;
-use hubmesh_consensus::ClusterState;
+use hubmesh_consensus::state::{validate_task_name, MigrationReason};
+use hubmesh_consensus::{ClusterState, NodeId};
 use hubmesh_proto::api;
 use std::sync::Arc;
 use std::time::Duration;
@@ -191,4 +191,45 @@ pub(crate) async fn checkpoint(
     state_with(&s, &name).await?;
     let c = s.hub.executor().checkpoint(&name).await?;
     Ok(Json(api::CheckpointResponse { checkpoint: views::checkpoint_info(&c) }))
+}
+
+/// `POST /v1/tasks/{name}/migrate`: moves the running task to another hub (live migration).
+pub(crate) async fn migrate(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Option<Json<api::MigrateRequest>>,
+) -> Result<Json<api::MigrationInfo>, ApiError> {
+    let state = state_with(&s, &name).await?;
+    let to = match body.and_then(|Json(b)| b.to) {
+        None => None,
+        Some(to) => Some(
+            state
+                .nodes
+                .values()
+                .find(|n| n.name == to || n.id.0.to_string() == to)
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("no hub named {to:?}")).hint("`hubmesh node list` shows the hubs")
+                })?
+                .id,
+        ),
+    };
+    if !s.hub.has_quorum() {
+        return Err(ApiError::no_quorum());
+    }
+    let r = s.hub.migrate(&name, to, MigrationReason::Manual).await?;
+    let state = s.hub.consensus().state();
+    let name_of = |id: u64| state.nodes.get(&NodeId(id)).map(|n| n.name.clone()).unwrap_or_default();
+    Ok(Json(api::MigrationInfo {
+        task: name,
+        from_node_id: r.from,
+        from_node_name: name_of(r.from),
+        to_node_id: r.to,
+        to_node_name: name_of(r.to),
+        epoch: r.epoch,
+        pause_us: r.pause_us,
+        rounds: r.rounds,
+        bytes: r.bytes,
+        precopy_ms: r.precopy_ms,
+        duration_ms: r.duration_ms,
+    }))
 }

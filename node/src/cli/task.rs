@@ -108,6 +108,17 @@ pub enum TaskCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Move a running task to another hub while it serves (live migration).
+    Migrate {
+        name: String,
+        /// The hub to move to (name or id); by default the scheduler picks one, preferring a hub
+        /// that already stores the task's checkpoint.
+        #[arg(long, value_name = "HUB")]
+        to: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
@@ -192,6 +203,23 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
             client.remove(&name).await?;
             println!("removed {name}");
             Ok(())
+        }
+        TaskCmd::Migrate { name, to, json } => {
+            let m = client.migrate(&name, to.as_deref()).await?;
+            output::json_or(&m, json, || {
+                println!(
+                    "migrated {name} from {} ({}) to {} ({}), epoch {}: pause {:.1} ms, {} rounds, {} sent, {} ms in all",
+                    m.from_node_name,
+                    m.from_node_id,
+                    m.to_node_name,
+                    m.to_node_id,
+                    m.epoch,
+                    m.pause_us as f64 / 1000.0,
+                    m.rounds,
+                    bytesize::ByteSize(m.bytes),
+                    m.duration_ms
+                )
+            })
         }
         TaskCmd::Checkpoint { name, json } => {
             let c = client.checkpoint(&name).await?;

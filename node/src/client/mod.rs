@@ -199,6 +199,14 @@ impl Client {
         self.json(self.req(reqwest::Method::POST, &path), &path).await
     }
 
+    /// `POST /v1/tasks/{name}/migrate`: live-migrates a task (to a hub by name or id, or where
+    /// the scheduler says).
+    pub async fn migrate(&self, name: &str, to: Option<&str>) -> Result<api::MigrationInfo, ClientError> {
+        let path = format!("/v1/tasks/{name}/migrate");
+        let body = api::MigrateRequest { to: to.map(str::to_owned) };
+        self.json(self.req(reqwest::Method::POST, &path).json(&body), &path).await
+    }
+
     /// `POST /v1/tokens`: a join token.
     pub async fn create_token(&self, ttl: Option<&str>) -> Result<api::TokenResponse, ClientError> {
         let body = api::TokenRequest { ttl: ttl.map(str::to_owned) };

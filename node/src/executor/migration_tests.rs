@@ -158,9 +158,9 @@ fn a_task_without_checkpoints_sends_every_page() {
         let start = exec.migration_begin("c").await.unwrap();
         assert_eq!(start.base_key, None);
         let part = exec.migration_round("c", 0).await.unwrap();
-        assert_eq!((part.pages.len(), part.remaining), (0, start.memory_pages as usize));
+        assert_eq!((part.pages.len(), part.remaining), (0, part.memory_pages as usize));
         let round = exec.migration_round("c", usize::MAX).await.unwrap();
-        assert_eq!((round.pages.len() as u32, round.remaining), (start.memory_pages, 0));
+        assert_eq!((round.pages.len() as u32, round.remaining), (part.memory_pages, 0));
         // Freezing twice is refused; the first freeze stands.
         let last = exec.migration_freeze("c", 3).await.unwrap();
         assert!(exec.migration_freeze("c", 4).await.is_err());

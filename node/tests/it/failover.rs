@@ -7,12 +7,12 @@ use hubmesh_proto::api::{DeployParams, TaskInfo};
 use crate::harness::{example_bytes, step, wait_until, Hub};
 
 /// Three hubs, all voters.
-async fn three_hubs(prefix: &str) -> Vec<Hub> {
+pub(crate) async fn three_hubs(prefix: &str) -> Vec<Hub> {
     three_hubs_with(prefix, &[]).await
 }
 
 /// Three hubs, all voters, each started with `extra` flags.
-async fn three_hubs_with(prefix: &str, extra: &[&str]) -> Vec<Hub> {
+pub(crate) async fn three_hubs_with(prefix: &str, extra: &[&str]) -> Vec<Hub> {
     let a = Hub::start_with(&format!("{prefix}a"), extra).await;
     let token = a.client.create_token(Some("10m")).await.unwrap().token;
     let joining: Vec<&str> = ["--join", token.as_str()].into_iter().chain(extra.iter().copied()).collect();
@@ -30,12 +30,12 @@ async fn three_hubs_with(prefix: &str, extra: &[&str]) -> Vec<Hub> {
     hubs
 }
 
-async fn task(hub: &Hub, name: &str) -> TaskInfo {
+pub(crate) async fn task(hub: &Hub, name: &str) -> TaskInfo {
     hub.client.task(name).await.unwrap()
 }
 
 /// Index of the hub that hosts `name`.
-async fn host_index(hubs: &[Hub], name: &str) -> usize {
+pub(crate) async fn host_index(hubs: &[Hub], name: &str) -> usize {
     let host = task(&hubs[0], name).await.placement.expect("placed").node_id;
     for (i, h) in hubs.iter().enumerate() {
         if h.client.status().await.is_ok_and(|s| s.node_id == host) {
@@ -63,7 +63,7 @@ async fn committed_on(
     }
 }
 
-async fn deploy_counter(hub: &Hub, name: &str) {
+pub(crate) async fn deploy_counter(hub: &Hub, name: &str) {
     let params = DeployParams { durable: true, ..Default::default() };
     hub.client.deploy(name, example_bytes("counter.wat"), &params, false).await.unwrap();
     let client = hub.client.clone();

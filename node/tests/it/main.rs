@@ -12,4 +12,5 @@ mod cli;
 mod failover;
 mod invoke;
 mod mesh;
+mod migration;
 mod restart;

@@ -49,7 +49,6 @@ pub(crate) struct MigrationStart {
     /// The committed checkpoint the rounds are a delta against (the target starts from it);
     /// `None`: the rounds carry every page.
     pub(crate) base_key: Option<String>,
-    pub(crate) memory_pages: u32,
 }
 
 /// The hub and epoch a task moved to.
@@ -108,8 +107,7 @@ impl Actor {
                 // The image's checkpoint marks are relative to the last checkpoint, which is the
                 // committed one: a checkpoint that failed to commit marked every page again.
                 self.image.begin_migration(base_key.is_some());
-                let memory_pages = self.image.take_migration_delta(0).memory_pages;
-                let _ = reply.send(MigrationStart { base_key, memory_pages });
+                let _ = reply.send(MigrationStart { base_key });
             }
             MigrateMsg::Round { max_pages, reply } => {
                 let _ = reply.send(self.image.take_migration_delta(max_pages));

@@ -1,0 +1,239 @@
+//! Live migration (design §7): a running task moves to another hub while it keeps serving.
+//!
+//! ```text
+//!  source (the host)                                   target
+//!  BeginMigration --Raft-->
+//!  actor: Begin (track pages) ----MIGRATE_PREPARE----> fetch the base checkpoint if missing
+//!  rounds: actor Round -> PageTable ----MIGRATE_PAGES--> keep the pages (verified, in memory)
+//!  actor Freeze (calls held) -----MIGRATE_PAGES+manifest-> store manifest + pages, fdatasync
+//!  own copy of the final checkpoint (fdatasync), in parallel
+//!  CommitMigration --Raft-->  the one switch: placement (target, E+1) + the final checkpoint
+//!  actor Resolve(moved): held calls answer Moved --> the invocation path relays each once
+//!  -----------------MIGRATE_END(epoch)-----------------> answers once it runs at E+1 (the pause)
+//!  actor detached (no checkpoint); AnnotateMigration(pause)
+//! ```
+//!
+//! A refusal or an unknown outcome before the commit ends in `AbortMigration` (which excludes a
+//! later commit of the same migration): the source runs the held calls itself. `source` drives
+//! it, `target` serves the target's endpoints.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hubmesh_consensus::state::{MigrationReason, Rejected};
+use hubmesh_consensus::transport::{Refusal, RpcError, MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE, MIGRATE_REQUEST};
+use hubmesh_consensus::{NodeId, ProposeError};
+use hubmesh_proto::pb;
+
+use crate::dataplane::alive;
+use crate::hub::Hub;
+
+mod source;
+mod target;
+
+/// Longest a migration may take from its begin to its commit; past it, it is given up.
+const BUDGET: Duration = Duration::from_secs(30);
+
+/// Why a task was not migrated. Nothing changed: the task runs where it ran.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MigrateError {
+    /// No task has this name.
+    #[error("no task named {0:?}")]
+    NotFound(String),
+    /// No hub can take the task, or not the one asked for.
+    #[error("no hub can take the task: {0}")]
+    NoTarget(String),
+    /// Another migration of the task is under way.
+    #[error("migration {0} of the task is in progress")]
+    InProgress(u64),
+    /// The task cannot be migrated now (not placed, not started yet, moved meanwhile).
+    #[error("the task cannot be migrated now: {0}")]
+    NotNow(String),
+    /// The migration began and was given up; the task runs where it ran.
+    #[error("the migration was given up: {0}")]
+    Aborted(String),
+    /// The mesh could not record the migration.
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+}
+
+impl MigrateError {
+    fn from_rejected(r: Rejected) -> Self {
+        match r {
+            Rejected::NoSuchTask(t) => Self::NotFound(t),
+            Rejected::MigrationInProgress { id } => Self::InProgress(id),
+            Rejected::UnfitTarget { node, why } => Self::NoTarget(format!("hub {node}: {why}")),
+            Rejected::NoSuchNode(n) => Self::NoTarget(format!("no hub with id {n}")),
+            r @ Rejected::StaleEpoch { .. } => Self::NotNow(r.to_string()),
+            r => Self::Propose(ProposeError::Rejected(r)),
+        }
+    }
+}
+
+impl From<MigrateError> for Refusal {
+    /// The variant's own text travels, so that the asking hub rebuilds the same error.
+    fn from(e: MigrateError) -> Self {
+        use pb::ErrorCode as C;
+        match e {
+            MigrateError::NotFound(task) => Self::new(C::NotFound, task),
+            MigrateError::NoTarget(why) => Self::new(C::NoTarget, why),
+            MigrateError::InProgress(id) => Self::new(C::MigrationInProgress, e.to_string())
+                .with_hint(pb::ErrorHint { limit: id, ..Default::default() }),
+            MigrateError::NotNow(why) => Self::new(C::Unavailable, why),
+            MigrateError::Aborted(why) => Self::new(C::MigrationAborted, why),
+            MigrateError::Propose(ProposeError::Timeout) => Self::new(C::OutcomeUnknown, e.to_string()),
+            MigrateError::Propose(p) => Self::new(C::Unavailable, p.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_survives_the_mesh_as_itself() {
+        let all = [
+            MigrateError::NotFound("t".into()),
+            MigrateError::NoTarget("none".into()),
+            MigrateError::InProgress(77),
+            MigrateError::NotNow("starting".into()),
+            MigrateError::Aborted("target down".into()),
+            MigrateError::Propose(ProposeError::Timeout),
+        ];
+        for e in all {
+            let text = e.to_string();
+            let same = std::mem::discriminant(&e);
+            let back = MigrateError::from(Refusal::from(e));
+            assert_eq!(std::mem::discriminant(&back), same, "{back:?}");
+            assert_eq!(back.to_string(), text);
+        }
+    }
+}
+
+impl From<Refusal> for MigrateError {
+    /// The host's refusal, read back on the hub that asked (by code, never by text).
+    fn from(r: Refusal) -> Self {
+        use pb::ErrorCode as C;
+        match r.code {
+            C::NotFound => Self::NotFound(r.message),
+            C::NoTarget => Self::NoTarget(r.message),
+            C::MigrationInProgress => Self::InProgress(r.hint.limit),
+            C::OutcomeUnknown => Self::Propose(ProposeError::Timeout),
+            C::MigrationAborted => Self::Aborted(r.message),
+            _ => Self::NotNow(r.message),
+        }
+    }
+}
+
+/// The migrations this hub takes part in.
+#[derive(Default)]
+pub(crate) struct Migrations {
+    /// Tasks this hub is moving away: the reconciler leaves them to the driver.
+    outgoing: Mutex<HashSet<String>>,
+    /// Tasks this hub is receiving, by name.
+    incoming: Mutex<HashMap<String, target::Incoming>>,
+}
+
+impl Migrations {
+    /// Whether this hub is moving `task` away.
+    pub(crate) fn is_outgoing(&self, task: &str) -> bool {
+        self.outgoing.lock().unwrap_or_else(|p| p.into_inner()).contains(task)
+    }
+}
+
+/// Marks a task outgoing for as long as it lives.
+struct Outgoing<'a> {
+    migrations: &'a Migrations,
+    task: String,
+}
+
+impl<'a> Outgoing<'a> {
+    fn start(migrations: &'a Migrations, task: &str) -> Option<Self> {
+        let fresh = migrations.outgoing.lock().unwrap_or_else(|p| p.into_inner()).insert(task.to_owned());
+        fresh.then(|| Self { migrations, task: task.to_owned() })
+    }
+}
+
+impl Drop for Outgoing<'_> {
+    fn drop(&mut self) {
+        self.migrations.outgoing.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.task);
+    }
+}
+
+impl Hub {
+    /// Live-migrates `task` to `to` (or where the scheduler says), from whichever hub runs it.
+    pub(crate) async fn migrate(
+        self: &Arc<Self>,
+        task: &str,
+        to: Option<NodeId>,
+        reason: MigrationReason,
+    ) -> Result<pb::MigrateReport, MigrateError> {
+        // The host as the leader knows it: a migration just committed may not be applied here.
+        self.consensus().catch_up(Duration::from_secs(1)).await;
+        let state = self.consensus().state();
+        let t = state.tasks.get(task).ok_or_else(|| MigrateError::NotFound(task.to_owned()))?;
+        let host = t.instances.get(&0).ok_or_else(|| MigrateError::NotNow("the task is not placed".into()))?.node;
+        if host == self.consensus().node_id() {
+            return source::run(self, task, to, reason).await;
+        }
+        let req = pb::MigrateRequest {
+            task: task.to_owned(),
+            to: to.map_or(0, |n| n.0),
+            reason: pb::MigrationReason::from(reason) as i32,
+        };
+        let transport = self.consensus().transport();
+        match MIGRATE_REQUEST.call(&transport, host.0, &req, BUDGET + Duration::from_secs(10)).await {
+            Ok(report) => Ok(report),
+            Err(RpcError::Remote(r)) => Err(r.into()),
+            Err(e) => Err(MigrateError::NotNow(format!("the task's hub {host} did not answer: {e}"))),
+        }
+    }
+
+    /// The migrations this hub takes part in.
+    pub(crate) fn migrations(&self) -> &Migrations {
+        &self.migrations
+    }
+}
+
+/// Serves the migration endpoints; called once at boot.
+pub(crate) fn register(hub: &Arc<Hub>) {
+    let transport = hub.consensus().transport();
+    let h = Arc::downgrade(hub);
+    MIGRATE_REQUEST.serve(&transport, move |_from, req: pb::MigrateRequest| {
+        let h = h.clone();
+        async move {
+            let hub = alive(&h)?;
+            let reason = match pb::MigrationReason::try_from(req.reason) {
+                Ok(pb::MigrationReason::Drain) => MigrationReason::Drain,
+                Ok(pb::MigrationReason::Overload) => MigrationReason::Overload,
+                _ => MigrationReason::Manual,
+            };
+            let me = Some(hub.consensus().node_id());
+            if hub.consensus().state().placement(&req.task, 0).map(|p| p.node) != me {
+                hub.consensus().catch_up(Duration::from_secs(1)).await;
+            }
+            if hub.consensus().state().placement(&req.task, 0).map(|p| p.node) != me {
+                return Err(MigrateError::NotNow("the task does not run on this hub".into()).into());
+            }
+            let to = (req.to != 0).then_some(NodeId(req.to));
+            source::run(&hub, &req.task, to, reason).await.map_err(Refusal::from)
+        }
+    });
+    let h = Arc::downgrade(hub);
+    MIGRATE_PREPARE.serve(&transport, move |from, req| {
+        let h = h.clone();
+        async move { target::prepare(&alive(&h)?, from, req).await }
+    });
+    let h = Arc::downgrade(hub);
+    MIGRATE_PAGES.serve(&transport, move |from, req| {
+        let h = h.clone();
+        async move { target::pages(&alive(&h)?, from, req).await }
+    });
+    let h = Arc::downgrade(hub);
+    MIGRATE_END.serve(&transport, move |from, req| {
+        let h = h.clone();
+        async move { target::end(&alive(&h)?, from, req).await }
+    });
+}

@@ -1,0 +1,518 @@
+//! The driver of a live migration, on the task's host (see the module map in `migration`).
+//! Pre-copy rounds run while the task serves; the critical phase freezes it, hands the rest to
+//! the target, keeps a copy of the final checkpoint and commits the switch. Whatever happens
+//! before the commit ends in an abort that leaves the task serving here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hubmesh_consensus::state::{
+    checkpoint_key, parse_checkpoint_key, BasedOn, CheckpointRecord, ClusterState, Command, MigrationReason,
+    MigrationStats, Outcome, Placement, Rejected, TaskKind,
+};
+use hubmesh_consensus::transport::{MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE};
+use hubmesh_consensus::{now_ms, NodeId, ProposeError};
+use hubmesh_proto::pb;
+use hubmesh_storage::{Hash, PageWrite};
+
+use super::{MigrateError, Outgoing, BUDGET};
+use crate::checkpoint::Manifest;
+use crate::executor::{CheckpointHeader, FinalState, MovedTo, PageTable};
+use crate::hub::Hub;
+
+/// Pages per round message (8 MiB): the actor copies them out between calls.
+const PAGES_PER_MESSAGE: usize = 128;
+/// Rounds before the critical phase, whatever the task dirties.
+const MAX_ROUNDS: u32 = 8;
+/// A round this small (1 MiB) means the next delta is small enough to freeze for.
+const SMALL_ROUND: usize = 16;
+/// Longest wait for one message to the target.
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Migrates `task`, which runs on this hub.
+pub(super) async fn run(
+    hub: &Arc<Hub>,
+    task: &str,
+    to: Option<NodeId>,
+    reason: MigrationReason,
+) -> Result<pb::MigrateReport, MigrateError> {
+    let started = Instant::now();
+    let me = hub.consensus().node_id();
+    let state = hub.consensus().state();
+    let t = state.tasks.get(task).ok_or_else(|| MigrateError::NotFound(task.to_owned()))?;
+    let p = t
+        .instances
+        .get(&0)
+        .copied()
+        .filter(|p| p.node == me)
+        .ok_or_else(|| MigrateError::NotNow("the task does not run on this hub".into()))?;
+    // A task placed a moment ago may still be starting.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !hub.executor().runs_at(task, t.version, p.epoch.0) {
+        if Instant::now() >= deadline {
+            return Err(MigrateError::NotNow("the task is not running here yet".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let target = crate::scheduler::migration_target(&state, task, to).map_err(MigrateError::NoTarget)?;
+    let Some(_outgoing) = Outgoing::start(hub.migrations(), task) else {
+        return Err(MigrateError::InProgress(state.migration(task).map_or(0, |m| m.id)));
+    };
+    let id = rand::random::<u64>() | 1;
+    begin(hub, task, id, p, target, reason).await?;
+    let d = Driver { hub, task, id, from: p, to: target, version: t.version, started };
+    let result = match t.spec.kind {
+        TaskKind::Stateful => d.stateful(t.spec.module_hash).await,
+        TaskKind::Stateless => d.stateless().await,
+    };
+    match &result {
+        Ok(r) => tracing::info!(
+            task,
+            to = r.to,
+            epoch = r.epoch,
+            pause_us = r.pause_us,
+            rounds = r.rounds,
+            bytes = r.bytes,
+            "migrated"
+        ),
+        Err(e) => tracing::warn!(task, error = %e, "migration given up"),
+    }
+    result
+}
+
+/// Proposes the begin. A migration this hub left behind (its driver died with an unknown
+/// outcome) is aborted first.
+async fn begin(
+    hub: &Hub,
+    task: &str,
+    id: u64,
+    p: Placement,
+    to: NodeId,
+    reason: MigrationReason,
+) -> Result<(), MigrateError> {
+    let me = hub.consensus().node_id();
+    let cmd = Command::BeginMigration {
+        task: task.to_owned(),
+        instance: 0,
+        id,
+        from: me,
+        to,
+        expected: p.epoch,
+        reason,
+        at_ms: now_ms(),
+    };
+    for _ in 0..2 {
+        match hub.consensus().propose(cmd.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(ProposeError::Rejected(Rejected::MigrationInProgress { id: old })) => {
+                let left_behind = hub.consensus().state().migration(task).is_some_and(|m| m.id == old && m.from == me);
+                if !left_behind {
+                    return Err(MigrateError::InProgress(old));
+                }
+                let abort = Command::AbortMigration {
+                    task: task.to_owned(),
+                    id: old,
+                    why: "left behind by an earlier attempt".into(),
+                    at_ms: now_ms(),
+                };
+                let _ = hub.consensus().propose(abort).await;
+            }
+            Err(ProposeError::Rejected(r)) => return Err(MigrateError::from_rejected(r)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(MigrateError::NotNow("an earlier migration of the task could not be cleared".into()))
+}
+
+/// How a migration that began ended, as the replicated state says.
+enum Ended {
+    /// Committed: the task runs at this placement.
+    Moved(Placement),
+    /// Aborted, or fenced by a re-placement: the task's placement now.
+    NotMoved(Option<Placement>),
+}
+
+struct Driver<'a> {
+    hub: &'a Arc<Hub>,
+    task: &'a str,
+    id: u64,
+    from: Placement,
+    to: NodeId,
+    version: u64,
+    started: Instant,
+}
+
+impl Driver<'_> {
+    async fn stateful(&self, module_hash: Hash) -> Result<pb::MigrateReport, MigrateError> {
+        let ex = self.hub.executor();
+        let start = match ex.migration_begin(self.task).await {
+            Ok(s) => s,
+            Err(e) => return Err(self.give_up(format!("the task: {e}"), false).await),
+        };
+        let (base, table) = match self.base(start.base_key.as_deref()).await {
+            Ok(b) => b,
+            Err(why) => return Err(self.give_up(why, false).await),
+        };
+        let prepare =
+            pb::MigratePrepare { task: self.task.to_owned(), id: self.id, base: base.as_ref().map(Into::into) };
+        let transport = self.hub.consensus().transport();
+        if let Err(e) = MIGRATE_PREPARE.call(&transport, self.to.0, &prepare, CALL_TIMEOUT).await {
+            return Err(self.give_up(format!("hub {} could not get ready: {e}", self.to), false).await);
+        }
+        let mut copy = Copy { table, kept: Vec::new(), rounds: 0, bytes: 0 };
+        if let Err(why) = self.precopy(&mut copy).await {
+            return Err(self.give_up(why, false).await);
+        }
+        let precopy_ms = self.started.elapsed().as_millis() as u64;
+
+        let frozen = Instant::now();
+        let last = match ex.migration_freeze(self.task, self.id).await {
+            Ok(l) => l,
+            Err(e) => return Err(self.give_up(format!("freezing the task: {e}"), false).await),
+        };
+        let record = match self.hand_over(&mut copy, &last, module_hash).await {
+            Ok(r) => r,
+            Err(why) => return Err(self.give_up(why, true).await),
+        };
+        let based_on = BasedOn {
+            checkpoint: last.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s)),
+        };
+        let stats = MigrationStats { rounds: copy.rounds, bytes: copy.bytes, precopy_ms, pause_us: None };
+        let commit = Command::CommitMigration {
+            task: self.task.to_owned(),
+            id: self.id,
+            expected: self.from.epoch,
+            checkpoint: Some(record),
+            based_on: Some(based_on),
+            stats,
+            at_ms: now_ms(),
+        };
+        let ended = match self.hub.consensus().propose(commit).await {
+            Ok(Outcome::Migrated { epoch }) => Ended::Moved(Placement { node: self.to, epoch }),
+            Ok(other) => return Err(self.give_up(format!("unexpected outcome {other:?}"), true).await),
+            Err(e) => {
+                tracing::warn!(task = self.task, error = %e, "the migration's commit did not answer; settling it");
+                self.settle(&format!("the commit failed: {e}"), true).await
+            }
+        };
+        self.finish(ended, frozen, stats, true).await
+    }
+
+    async fn stateless(&self) -> Result<pb::MigrateReport, MigrateError> {
+        let commit = Command::CommitMigration {
+            task: self.task.to_owned(),
+            id: self.id,
+            expected: self.from.epoch,
+            checkpoint: None,
+            based_on: None,
+            stats: MigrationStats::default(),
+            at_ms: now_ms(),
+        };
+        let switched = Instant::now();
+        let ended = match self.hub.consensus().propose(commit).await {
+            Ok(Outcome::Migrated { epoch }) => Ended::Moved(Placement { node: self.to, epoch }),
+            Ok(_) | Err(_) => self.settle("the commit failed", false).await,
+        };
+        // Calls in flight here finish; the reconciler stops the pool once the driver is done.
+        self.finish(ended, switched, MigrationStats::default(), false).await
+    }
+
+    /// The committed checkpoint the rounds are a delta against (at least `base_key`, which the
+    /// task's actor last committed), and the target's page table starting from it.
+    async fn base(&self, base_key: Option<&str>) -> Result<(Option<CheckpointRecord>, PageTable), String> {
+        let Some(key) = base_key else { return Ok((None, PageTable::default())) };
+        let (_, epoch, sequence) = parse_checkpoint_key(key).ok_or_else(|| format!("a malformed key {key}"))?;
+        let task = self.task.to_owned();
+        let at_least = move |s: &ClusterState| {
+            s.tasks
+                .get(&task)
+                .and_then(|t| t.checkpoint.as_ref())
+                .is_some_and(|c| (c.epoch, c.sequence) >= (epoch, sequence))
+        };
+        if !self.hub.wait_state(Duration::from_secs(2), at_least).await {
+            return Err(format!("the committed checkpoint {key} is not applied here"));
+        }
+        let state = self.hub.consensus().state();
+        let record = state.tasks[self.task].checkpoint.clone().expect("checked: committed");
+        let bytes = self
+            .hub
+            .executor()
+            .pages()
+            .read_manifest(&record.key(self.task))
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("the committed checkpoint {} is not on this hub", record.key(self.task)))?;
+        let manifest = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
+        Ok((Some(record), PageTable::from_manifest(Some(&manifest))))
+    }
+
+    /// Rounds while the task serves, until one is small, or `MAX_ROUNDS`.
+    async fn precopy(&self, copy: &mut Copy) -> Result<(), String> {
+        let ex = self.hub.executor();
+        loop {
+            copy.rounds += 1;
+            let mut round = 0;
+            loop {
+                let delta = ex.migration_round(self.task, PAGES_PER_MESSAGE).await.map_err(|e| e.to_string())?;
+                round += delta.pages.len();
+                let pages = copy.table.record(delta.memory_pages, delta.pages);
+                self.send(copy, pages.new, pages.bytes, None).await?;
+                if delta.remaining == 0 {
+                    break;
+                }
+            }
+            if round <= SMALL_ROUND || copy.rounds >= MAX_ROUNDS {
+                return Ok(());
+            }
+            if self.started.elapsed() > BUDGET / 2 {
+                return Err(format!(
+                    "the task dirties pages faster than they travel ({round} pages in the last round)"
+                ));
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        copy: &mut Copy,
+        pages: Vec<(Hash, Vec<u8>)>,
+        bytes: u64,
+        last: Option<(String, Vec<u8>)>,
+    ) -> Result<(), String> {
+        if pages.is_empty() && last.is_none() {
+            return Ok(());
+        }
+        let (key, manifest) = last.unwrap_or_default();
+        let req = pb::MigratePages {
+            task: self.task.to_owned(),
+            id: self.id,
+            pages: pages.iter().map(|(h, d)| pb::Page { hash: h.0.to_vec(), data: d.clone() }).collect(),
+            key,
+            manifest,
+        };
+        copy.bytes += bytes;
+        copy.kept.extend(pages);
+        MIGRATE_PAGES
+            .call(&self.hub.consensus().transport(), self.to.0, &req, CALL_TIMEOUT)
+            .await
+            .map_err(|e| format!("sending pages to hub {}: {e}", self.to))?;
+        Ok(())
+    }
+
+    /// The critical phase's hand-over: the last pages and the manifest to the target, which
+    /// stores them, and this hub's own copy, in parallel. Returns the record to commit.
+    async fn hand_over(
+        &self,
+        copy: &mut Copy,
+        last: &FinalState,
+        module_hash: Hash,
+    ) -> Result<CheckpointRecord, String> {
+        copy.rounds += 1;
+        let pages = copy.table.record(last.memory_pages, last.pages.clone());
+        let header = CheckpointHeader {
+            task: self.task.to_owned(),
+            task_version: self.version,
+            epoch: self.from.epoch.0,
+            sequence: last.sequence,
+            module_hash,
+            invocations: last.invocations,
+            created_unix_ms: now_ms(),
+        };
+        let manifest = copy.table.manifest(header, last);
+        let key = checkpoint_key(self.task, self.from.epoch, last.sequence);
+        let encoded = manifest.encode();
+        let refs: Vec<Hash> = manifest.pages.iter().map(|(_, h)| *h).collect();
+        let mut own = copy.kept.clone();
+        own.extend(pages.new.iter().cloned());
+        let log = self.hub.executor().pages().clone();
+        own.retain(|(h, _)| !log.has_page(h));
+        let write = PageWrite { pages: own, key: key.clone(), manifest: encoded.clone(), refs, remove: Vec::new() };
+        let local = tokio::task::spawn_blocking(move || log.write(&[write], true));
+        let remote = self.send(copy, pages.new, pages.bytes, Some((key, encoded.clone())));
+        let (local, remote) = tokio::join!(local, remote);
+        remote?;
+        let me = self.hub.consensus().node_id();
+        let mut stored_on = vec![self.to];
+        match local {
+            Ok(Ok(_)) => stored_on.push(me),
+            Ok(Err(e)) => tracing::warn!(task = self.task, error = %e, "keeping a copy of the migrated state failed"),
+            Err(e) => tracing::warn!(task = self.task, error = %e, "keeping a copy of the migrated state failed"),
+        }
+        Ok(CheckpointRecord {
+            version: self.version,
+            epoch: self.from.epoch,
+            sequence: last.sequence,
+            manifest_hash: Hash::of(&encoded),
+            stored_on,
+            size_bytes: manifest.size_bytes(),
+            at_ms: now_ms(),
+        })
+    }
+
+    /// Settles a migration whose commit gave no clear answer: an abort is proposed until one of
+    /// the two is recorded (they exclude each other), then the state says which. A frozen task
+    /// waits for that as long as it takes (answering from it could fork its state); otherwise
+    /// no commit was proposed, and after the budget the task simply goes on here (a begin left
+    /// behind is cleared by the next attempt).
+    async fn settle(&self, why: &str, frozen: bool) -> Ended {
+        let deadline = Instant::now() + BUDGET;
+        loop {
+            if let Some(ended) = self.recorded() {
+                return ended;
+            }
+            let abort = Command::AbortMigration {
+                task: self.task.to_owned(),
+                id: self.id,
+                why: why.to_owned(),
+                at_ms: now_ms(),
+            };
+            match self.hub.consensus().propose(abort).await {
+                Ok(_) => return Ended::NotMoved(self.hub.consensus().state().placement(self.task, 0)),
+                Err(ProposeError::Rejected(_)) => {
+                    self.hub.consensus().catch_up(Duration::from_secs(1)).await;
+                    if let Some(ended) = self.recorded() {
+                        return ended;
+                    }
+                }
+                Err(e) => tracing::warn!(task = self.task, error = %e, "aborting the migration failed; retrying"),
+            }
+            if Instant::now() >= deadline && !frozen {
+                return Ended::NotMoved(self.hub.consensus().state().placement(self.task, 0));
+            }
+            if Instant::now() >= deadline {
+                // Frozen until the mesh answers: the lease and failover decide then.
+                tracing::error!(task = self.task, "the migration's outcome is still unknown; the task stays frozen");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// The migration's end as the applied state has it, if it has ended.
+    fn recorded(&self) -> Option<Ended> {
+        let state = self.hub.consensus().state();
+        let Some(t) = state.tasks.get(self.task) else { return Some(Ended::NotMoved(None)) };
+        if t.migration.is_some_and(|m| m.id == self.id) {
+            return None;
+        }
+        let committed = t
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.migration.as_ref().is_some_and(|m| m.id == self.id && m.aborted.is_none()));
+        Some(match committed {
+            Some(h) => Ended::Moved(Placement { node: h.node, epoch: h.epoch }),
+            None => Ended::NotMoved(t.instances.get(&0).copied()),
+        })
+    }
+
+    /// Gives the migration up before the commit: aborted in the state, the actor runs again.
+    async fn give_up(&self, why: String, frozen: bool) -> MigrateError {
+        metrics::counter!("hubmesh_migration_aborts_total").increment(1);
+        match self.settle(&why, frozen).await {
+            Ended::Moved(p) => {
+                // The commit went through after all (an earlier answer was lost).
+                let _ = self.hub.executor().migration_resolve(self.task, Some(moved_to(p))).await;
+                self.hub.executor().detach_migrated(self.task);
+                MigrateError::Aborted(format!("{why}; yet the task moved to hub {}", p.node))
+            }
+            Ended::NotMoved(now) => {
+                self.resume(now).await;
+                let _ = self.end_on_target(0).await;
+                MigrateError::Aborted(why)
+            }
+        }
+    }
+
+    /// The actor runs again here (still the host), or its held calls follow the task to where a
+    /// re-placement put it.
+    async fn resume(&self, now: Option<Placement>) {
+        let here = now.is_some_and(|p| p == self.from);
+        let moved = (!here).then(|| now.map(moved_to)).flatten();
+        if let Err(e) = self.hub.executor().migration_resolve(self.task, moved).await {
+            tracing::debug!(task = self.task, error = %e, "resuming after the migration");
+        }
+    }
+
+    async fn end_on_target(&self, epoch: u64) -> Result<(), String> {
+        let req = pb::MigrateEnd { task: self.task.to_owned(), id: self.id, epoch };
+        MIGRATE_END
+            .call(&self.hub.consensus().transport(), self.to.0, &req, CALL_TIMEOUT)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// After the state recorded the end: the actor is told, the target asked to say when it
+    /// serves (the pause ends then), the pause recorded.
+    async fn finish(
+        &self,
+        ended: Ended,
+        paused: Instant,
+        stats: MigrationStats,
+        stateful: bool,
+    ) -> Result<pb::MigrateReport, MigrateError> {
+        let moved = match ended {
+            Ended::Moved(p) if p.node == self.to => p,
+            Ended::Moved(p) => {
+                if stateful {
+                    let _ = self.hub.executor().migration_resolve(self.task, Some(moved_to(p))).await;
+                }
+                return Err(MigrateError::Aborted(format!("the task was moved to hub {} meanwhile", p.node)));
+            }
+            Ended::NotMoved(now) => {
+                metrics::counter!("hubmesh_migration_aborts_total").increment(1);
+                if stateful {
+                    self.resume(now).await;
+                }
+                let _ = self.end_on_target(0).await;
+                return Err(MigrateError::Aborted("the commit was refused".into()));
+            }
+        };
+        if stateful {
+            if let Err(e) = self.hub.executor().migration_resolve(self.task, Some(moved_to(moved))).await {
+                tracing::warn!(task = self.task, error = %e, "telling the task it moved");
+            }
+        }
+        let ready = self.end_on_target(moved.epoch.0).await;
+        let pause_us = paused.elapsed().as_micros() as u64;
+        if let Err(e) = ready {
+            tracing::warn!(task = self.task, error = %e, "the target did not say it serves");
+        }
+        if stateful {
+            self.hub.executor().detach_migrated(self.task);
+        }
+        let note = Command::AnnotateMigration { task: self.task.to_owned(), epoch: moved.epoch, pause_us };
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            if let Err(e) = hub.consensus().propose(note).await {
+                tracing::debug!(error = %e, "recording the migration's pause");
+            }
+        });
+        metrics::counter!("hubmesh_migrations_total").increment(1);
+        metrics::histogram!("hubmesh_migration_pause_seconds").record(pause_us as f64 / 1e6);
+        Ok(pb::MigrateReport {
+            from: self.from.node.0,
+            to: self.to.0,
+            epoch: moved.epoch.0,
+            rounds: stats.rounds,
+            bytes: stats.bytes,
+            precopy_ms: stats.precopy_ms,
+            pause_us,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+        })
+    }
+}
+
+/// What a migration has sent so far.
+struct Copy {
+    table: PageTable,
+    /// The pages sent (this hub's copy of the final checkpoint needs those its log lacks).
+    kept: Vec<(Hash, Vec<u8>)>,
+    rounds: u32,
+    bytes: u64,
+}
+
+fn moved_to(p: Placement) -> MovedTo {
+    MovedTo { node: p.node.0, epoch: p.epoch.0 }
+}

@@ -1,0 +1,175 @@
+//! A live migration's target: it takes the base checkpoint (fetched if it lacks it), keeps the
+//! pages of the rounds in memory (verified by hash, bounded by the task's memory), stores the
+//! final manifest with every page it refers to before it answers, and, once the commit has made
+//! it the host, says when the task runs here. Only the hub the replicated state names as the
+//! migration's source is heard, and only for a migration to this hub.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hubmesh_consensus::state::{checkpoint_key, CheckpointRecord};
+use hubmesh_consensus::transport::Refusal;
+use hubmesh_consensus::{Epoch, NodeId};
+use hubmesh_proto::pb;
+use hubmesh_storage::{Hash, PageWrite};
+
+use crate::checkpoint::{Manifest, PAGE};
+use crate::hub::Hub;
+
+/// Longest the target waits for the state to show the migration, or the task to run.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// Pages received for a migration to this hub.
+pub(super) struct Incoming {
+    id: u64,
+    from: NodeId,
+    pages: HashMap<Hash, Vec<u8>>,
+    bytes: u64,
+    /// Most page bytes it may hold: a few times the task's memory (rounds resend changed pages).
+    limit: u64,
+    since: Instant,
+}
+
+fn refuse(code: pb::ErrorCode, message: impl Into<String>) -> Refusal {
+    Refusal::new(code, message)
+}
+
+/// Whether the applied state has migration `id` of `task` from `from` to this hub.
+fn expected(hub: &Hub, task: &str, id: u64, from: NodeId) -> bool {
+    let me = hub.consensus().node_id();
+    hub.consensus().state().migration(task).is_some_and(|m| m.id == id && m.from == from && m.to == me)
+}
+
+pub(super) async fn prepare(
+    hub: &Arc<Hub>,
+    from: NodeId,
+    req: pb::MigratePrepare,
+) -> Result<pb::MigratePrepareResponse, Refusal> {
+    let me = hub.consensus().node_id();
+    let (task, id) = (req.task.clone(), req.id);
+    let shown = hub
+        .wait_state(SETTLE, |s| s.migration(&task).is_some_and(|m| m.id == id && m.from == from && m.to == me))
+        .await;
+    if !shown {
+        return Err(refuse(pb::ErrorCode::NotFound, format!("no migration {id} of {task:?} from hub {from} to here")));
+    }
+    let memory = hub.consensus().state().tasks.get(&task).map_or(0, |t| t.spec.limits.memory_bytes);
+    if let Some(base) = req.base {
+        let record = CheckpointRecord::try_from(base).map_err(|e| Refusal::bad_request(e.to_string()))?;
+        crate::replication::fetch_checkpoint(hub, &task, &record)
+            .await
+            .map_err(|e| refuse(pb::ErrorCode::Unavailable, format!("the base checkpoint: {e}")))?;
+    }
+    let mut incoming = hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner());
+    // Forgotten migrations (their source died) go when a new one starts.
+    incoming.retain(|_, i| i.since.elapsed() < super::BUDGET * 4);
+    let entry = Incoming {
+        id,
+        from,
+        pages: HashMap::new(),
+        bytes: 0,
+        limit: memory.saturating_mul(4).saturating_add(1 << 20),
+        since: Instant::now(),
+    };
+    incoming.insert(task, entry);
+    Ok(pb::MigratePrepareResponse {})
+}
+
+pub(super) async fn pages(
+    hub: &Arc<Hub>,
+    from: NodeId,
+    req: pb::MigratePages,
+) -> Result<pb::MigratePagesResponse, Refusal> {
+    // Verified before anything is kept.
+    let mut pages = Vec::with_capacity(req.pages.len());
+    for p in req.pages {
+        let hash = Hash::from_slice(&p.hash).ok_or_else(|| Refusal::bad_request("a hash is 32 bytes"))?;
+        if p.data.len() != PAGE || Hash::of(&p.data) != hash {
+            return Err(Refusal::bad_request(format!("page {hash} does not match its hash or size")));
+        }
+        pages.push((hash, p.data));
+    }
+    let finished = {
+        let mut incoming = hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = incoming.get_mut(&req.task).filter(|i| i.id == req.id && i.from == from) else {
+            return Err(refuse(pb::ErrorCode::NotFound, format!("no migration {} of {:?} here", req.id, req.task)));
+        };
+        for (hash, data) in pages {
+            entry.bytes += data.len() as u64;
+            entry.pages.insert(hash, data);
+        }
+        if entry.bytes > entry.limit {
+            incoming.remove(&req.task);
+            return Err(refuse(pb::ErrorCode::PayloadTooLarge, "more pages than the task's memory can hold"));
+        }
+        if req.key.is_empty() {
+            return Ok(pb::MigratePagesResponse {});
+        }
+        incoming.remove(&req.task).expect("checked: the entry exists")
+    };
+    store_final(hub, &req.task, &req.key, req.manifest, finished).await?;
+    Ok(pb::MigratePagesResponse {})
+}
+
+/// Checks the final manifest against the task and stores it with every page it refers to.
+async fn store_final(hub: &Hub, task: &str, key: &str, bytes: Vec<u8>, entry: Incoming) -> Result<(), Refusal> {
+    if !expected(hub, task, entry.id, entry.from) {
+        return Err(refuse(pb::ErrorCode::Unavailable, "the migration is no longer under way"));
+    }
+    let m = Manifest::decode(&bytes).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    let state = hub.consensus().state();
+    let t = state.tasks.get(task).ok_or_else(|| refuse(pb::ErrorCode::NotFound, "the task was deleted"))?;
+    let well_formed = m.task == task
+        && m.module_hash == t.spec.module_hash
+        && m.task_version == t.version
+        && key == checkpoint_key(task, Epoch(m.epoch), m.sequence)
+        && u64::from(m.memory_pages) * PAGE as u64 <= t.spec.limits.memory_bytes;
+    if !well_formed {
+        return Err(Refusal::bad_request("the manifest does not belong to this task or its key"));
+    }
+    let log = hub.executor().pages().clone();
+    let refs: Vec<Hash> = m.pages.iter().map(|(_, h)| *h).collect();
+    if let Some(h) = refs.iter().find(|h| !entry.pages.contains_key(h) && !log.has_page(h)) {
+        return Err(Refusal::bad_request(format!("page {h} of the manifest was never sent")));
+    }
+    let wanted: std::collections::HashSet<&Hash> = refs.iter().collect();
+    let pages: Vec<(Hash, Vec<u8>)> = entry.pages.into_iter().filter(|(h, _)| wanted.contains(h)).collect();
+    let write = PageWrite { pages, key: key.to_owned(), manifest: bytes, refs, remove: Vec::new() };
+    tokio::task::spawn_blocking(move || log.write(&[write], true))
+        .await
+        .map_err(|e| Refusal::internal(e.to_string()))?
+        .map_err(|e| Refusal::internal(format!("storing the migrated state: {e}")))?;
+    Ok(())
+}
+
+pub(super) async fn end(hub: &Arc<Hub>, from: NodeId, req: pb::MigrateEnd) -> Result<pb::MigrateEndResponse, Refusal> {
+    {
+        let mut incoming = hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner());
+        if incoming.get(&req.task).is_some_and(|i| i.id == req.id && i.from == from) {
+            incoming.remove(&req.task);
+        }
+    }
+    if req.epoch == 0 {
+        return Ok(pb::MigrateEndResponse {});
+    }
+    // Committed: answer once the task runs here at that epoch (the source measures the pause).
+    let deadline = Instant::now() + SETTLE;
+    let me = hub.consensus().node_id();
+    loop {
+        let state = hub.consensus().state();
+        let Some(t) = state.tasks.get(&req.task) else {
+            return Err(refuse(pb::ErrorCode::NotFound, "the task was deleted"));
+        };
+        if t.instances.get(&0).is_some_and(|p| p.node == me && p.epoch.0 == req.epoch)
+            && hub.executor().runs_at(&req.task, t.version, req.epoch)
+        {
+            return Ok(pb::MigrateEndResponse {});
+        }
+        if Instant::now() >= deadline {
+            return Err(refuse(pb::ErrorCode::Unavailable, "the task did not start here in time"));
+        }
+        let mut rx = hub.consensus().watch();
+        let _ = tokio::time::timeout(Duration::from_millis(2), rx.changed()).await;
+    }
+}

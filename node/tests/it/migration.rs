@@ -1,0 +1,170 @@
+//! Live migration between real hubs: a task moves while a client keeps calling it, and no call
+//! fails, is lost or applies twice.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubmesh::client::Client;
+use hubmesh_proto::api::DeployParams;
+
+use crate::failover::{deploy_counter, task, three_hubs};
+use crate::harness::{example_bytes, step, wait_until, Hub};
+
+/// Every hub sees `name` placed (a hub that has not applied the deploy knows no such task).
+async fn placed_everywhere(hubs: &[Hub], name: &str) {
+    for hub in hubs {
+        let c = hub.client.clone();
+        wait_until(Duration::from_secs(30), "every hub sees the task placed", || {
+            let (c, name) = (c.clone(), name.to_owned());
+            async move { c.task(&name).await.is_ok_and(|t| t.placement.is_some()) }
+        })
+        .await;
+    }
+}
+
+/// Calls `+1` in a loop until `stop` (at most 20,000 calls), alternating keyed (`{who}-N`) and
+/// keyless calls; returns every answer in order, or the first failure.
+async fn increment_until(client: Client, who: &str, stop: Arc<AtomicBool>) -> Result<Vec<u64>, String> {
+    let mut answers = Vec::new();
+    for i in 0..20_000u32 {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let key = (i % 2 == 0).then(|| format!("{who}-{i}"));
+        let out = client
+            .invoke("tally", b"1".to_vec(), key.as_deref())
+            .await
+            .map_err(|e| format!("call {i} failed during the migrations: {e}"))?;
+        answers.push(String::from_utf8(out).unwrap().parse().unwrap());
+    }
+    Ok(answers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_counter_migrates_back_and_forth_under_load_and_no_call_fails() {
+    let hubs = three_hubs("lm").await;
+    deploy_counter(&hubs[0], "tally").await;
+    placed_everywhere(&hubs, "tally").await;
+    let ids: Vec<u64> = {
+        let mut ids = Vec::new();
+        for h in &hubs {
+            ids.push(h.client.status().await.unwrap().node_id);
+        }
+        ids
+    };
+
+    // The first answer says the host runs it.
+    assert_eq!(hubs[1].client.invoke("tally", b"0".to_vec(), None).await.unwrap(), b"0");
+    step("two clients call through hubs 0 and 2 while the counter migrates 50 times");
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers =
+        [(0, "a"), (2, "b")].map(|(i, who)| tokio::spawn(increment_until(hubs[i].client.clone(), who, stop.clone())));
+    let mut last_host = task(&hubs[0], "tally").await.placement.unwrap().node_id;
+    let mut rounds_seen = 0;
+    let mut pauses = Vec::new();
+    for i in 0..50usize {
+        // Asked through any hub; every third one lets the scheduler pick the target.
+        let asker = &hubs[i % 3];
+        let others: Vec<u64> = ids.iter().copied().filter(|id| *id != last_host).collect();
+        let to = (i % 3 != 2).then_some(others[i % 2]);
+        let to_text = to.map(|t| t.to_string());
+        let m = asker
+            .client
+            .migrate("tally", to_text.as_deref())
+            .await
+            .unwrap_or_else(|e| panic!("migration {i} failed: {e}\n{}", asker.log_tail(40)));
+        assert_eq!(m.from_node_id, last_host, "migration {i}: {m:?}");
+        assert_ne!(m.to_node_id, last_host);
+        if let Some(to) = to {
+            assert_eq!(m.to_node_id, to, "--to is honoured");
+        }
+        assert!(m.rounds >= 2, "pre-copy and the final round: {m:?}");
+        rounds_seen += m.rounds;
+        pauses.push(m.pause_us);
+        last_host = m.to_node_id;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut first = Vec::new();
+    for caller in callers {
+        let answers = caller.await.unwrap().unwrap_or_else(|e| {
+            let logs: Vec<String> = hubs.iter().map(|h| format!("--- {}:\n{}", h.name, h.log_tail(30))).collect();
+            panic!("{e}\n{}", logs.join("\n"))
+        });
+        assert!(answers.len() > 20, "the client kept calling: {} calls", answers.len());
+        assert!(answers.windows(2).all(|w| w[0] < w[1]), "each client sees the total grow: {answers:?}");
+        first.push(answers[0]);
+        all.extend(answers);
+    }
+    pauses.sort_unstable();
+    eprintln!("{} calls; pauses (µs) p50 {} max {}", all.len(), pauses[pauses.len() / 2], pauses[pauses.len() - 1]);
+    step("every call applied exactly once, and the history lists the migrations");
+    // Each call adds 1 and answers the new total: together the answers are exactly 1..=N.
+    all.sort_unstable();
+    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>(), "no call lost or applied twice");
+    let total = String::from_utf8(hubs[1].client.invoke("tally", b"0".to_vec(), None).await.unwrap()).unwrap();
+    assert_eq!(total.parse::<u64>().unwrap(), all.len() as u64, "nothing lost, nothing doubled");
+    let t = task(&hubs[2], "tally").await;
+    assert_eq!(t.placement.as_ref().unwrap().node_id, last_host);
+    let migrations: Vec<_> = t.history.iter().filter_map(|h| h.migration.as_ref()).collect();
+    assert!(migrations.len() >= 40, "{} migrations in the history", migrations.len());
+    assert!(migrations.iter().all(|m| m.reason == "manual" && m.aborted.is_none() && m.rounds >= 2));
+    assert!(rounds_seen >= 100);
+    // Keys from before the moves are still known where the task runs now.
+    let again = hubs[2].client.invoke("tally", b"1".to_vec(), Some("a-0")).await.unwrap();
+    assert_eq!(again, first[0].to_string().into_bytes(), "a retried key answers its first answer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_and_stateless_tasks_migrate_and_bad_requests_change_nothing() {
+    let hubs = three_hubs("lp").await;
+    step("a periodic counter changed since its last checkpoint moves with that change");
+    let hourly = DeployParams { checkpoint_every: Some("1h".into()), ..Default::default() };
+    hubs[0].client.deploy("hourly", example_bytes("counter.wat"), &hourly, false).await.unwrap();
+    let echo = DeployParams::default();
+    hubs[0].client.deploy("echo", example_bytes("echo.wat"), &echo, false).await.unwrap();
+    placed_everywhere(&hubs, "hourly").await;
+    placed_everywhere(&hubs, "echo").await;
+    for _ in 0..7 {
+        hubs[1].client.invoke("hourly", b"1".to_vec(), None).await.unwrap();
+    }
+    let before = task(&hubs[0], "hourly").await.placement.unwrap();
+    let m = hubs[2].client.migrate("hourly", None).await.unwrap();
+    assert_eq!(m.from_node_id, before.node_id);
+    assert!(m.epoch > before.epoch);
+    let out = hubs[0].client.invoke_placed("hourly", b"1".to_vec(), None).await.unwrap();
+    assert_eq!(out.output, b"8", "the seven calls since the last checkpoint moved with the task");
+    assert_eq!((out.node, out.epoch), (Some(m.to_node_id), Some(m.epoch)), "answered by the target");
+
+    step("a stateless task moves to the hub asked for");
+    let host = task(&hubs[0], "echo").await.placement.unwrap().node_id;
+    let target = hubs[1].client.status().await.unwrap().nodes.iter().map(|n| n.id).find(|id| *id != host).unwrap();
+    let m = hubs[1].client.migrate("echo", Some(&target.to_string())).await.unwrap();
+    assert_eq!(m.to_node_id, target);
+    // A hub that has not applied the move yet may still call the old instance: stateless, it
+    // answers the same; every hub calls the target once it has.
+    let c = hubs[2].client.clone();
+    wait_until(Duration::from_secs(10), "the target answers the stateless task", || {
+        let c = c.clone();
+        async move {
+            c.invoke_placed("echo", b"hi".to_vec(), None)
+                .await
+                .is_ok_and(|o| o.output == b"hi" && o.node == Some(target))
+        }
+    })
+    .await;
+
+    step("bad requests get a clear error and change nothing");
+    let before = task(&hubs[0], "hourly").await;
+    let here = before.placement.as_ref().unwrap().node_id.to_string();
+    let err = hubs[0].client.migrate("hourly", Some(&here)).await.unwrap_err();
+    assert_eq!(err.code(), Some("no_target"), "{err}");
+    let err = hubs[0].client.migrate("hourly", Some("no-such-hub")).await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"), "{err}");
+    let err = hubs[0].client.migrate("no-such-task", None).await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"), "{err}");
+    let after = task(&hubs[0], "hourly").await;
+    assert_eq!(after.placement, before.placement);
+    assert_eq!(after.history.len(), before.history.len());
+}
