@@ -30,11 +30,7 @@ fn payload(kind: u32, raw: &[u8]) {
         Some(StreamKind::CheckpointPush) => drop(CHECKPOINT_PUSH.decode_header(raw)),
         Some(StreamKind::CheckpointFetch) => drop(CHECKPOINT_FETCH.decode_request(raw)),
         Some(StreamKind::MigrateRequest) => drop(MIGRATE_REQUEST.decode_request(raw)),
-        Some(StreamKind::MigratePrepare) => {
-            if let Ok(Some(base)) = MIGRATE_PREPARE.decode_request(raw).map(|r| r.base) {
-                drop(hubmesh_consensus::state::CheckpointRecord::try_from(base));
-            }
-        }
+        Some(StreamKind::MigratePrepare) => drop(MIGRATE_PREPARE.decode_request(raw)),
         Some(StreamKind::MigratePages) => drop(MIGRATE_PAGES.decode_request(raw)),
         Some(StreamKind::MigrateEnd) => drop(MIGRATE_END.decode_request(raw)),
         None => {}

@@ -148,34 +148,48 @@ impl Hub {
 
     /// Relays a call the source of a live migration held to the task's new host, under the key
     /// the migration gave it (a call the migrated state carried is answered from the target's
-    /// cache: it runs once). Waits, bounded, for the target to learn the commit and start.
+    /// cache: it runs once). A call with a key may have run there already, so it is never
+    /// reported as not run: it is retried under its key, following the task if it moves on
+    /// (a failover restores the carried calls too), and ends `outcome_unknown` if no answer
+    /// comes in time. A keyless call (one that arrived after the freeze) is retried only while
+    /// it cannot have run.
     async fn relay(
         &self,
         name: &str,
         input: &[u8],
         key: Option<String>,
-        to: Placement,
+        first: Placement,
     ) -> Result<(Answer, Placement), RouteError> {
         let deadline = Instant::now() + SETTLE;
         let budget = self.consensus().state().tasks.get(name).map_or(Duration::from_secs(5), |t| {
             Duration::from_millis(t.spec.limits.timeout_ms) + Duration::from_secs(5)
         });
+        let mut to = first;
         loop {
             let gone = self.host_replaced(name, to, true);
-            let reason = match dataplane::forward(self, to.node, name, input.to_vec(), key.clone(), budget, gone).await
-            {
+            let res = dataplane::forward(self, to.node, name, input.to_vec(), key.clone(), budget, gone).await;
+            let reason = match res {
                 Forwarded::Answer(a, ran) => return Ok((a, ran.unwrap_or(to))),
-                Forwarded::Failed(InvokeError::Unavailable(m)) => m,
+                // Not run there, or (with its key) answered from the cache on a retry.
+                Forwarded::Failed(e @ (InvokeError::Unavailable(_) | InvokeError::QueueFull { .. })) => e.to_string(),
+                Forwarded::Failed(InvokeError::NotFound(_)) if key.is_some() => "not started there yet".into(),
                 Forwarded::Failed(e) => return Err(e.into()),
                 Forwarded::Unreachable(m) => m,
-                Forwarded::Timeout if key.is_some() => "retrying with the idempotency key".into(),
+                Forwarded::Timeout if key.is_some() => "no answer in time; retrying under the key".into(),
                 Forwarded::Timeout => return Err(RouteError::Unknown { node: to.node.0 }),
             };
             if Instant::now() >= deadline {
-                return Err(RouteError::NotReady(format!("the task moved to hub {}: {reason}", to.node)));
+                return Err(match key {
+                    Some(_) => RouteError::Unknown { node: to.node.0 },
+                    None => RouteError::NotReady(format!("the task moved to hub {}: {reason}", to.node)),
+                });
             }
             let mut rx = self.consensus().watch();
             let _ = tokio::time::timeout(Duration::from_millis(20), rx.changed()).await;
+            // Where the task runs now: the target, or wherever a failover put it.
+            if let Some(p) = self.consensus().state().placement(name, 0).filter(|p| p.epoch >= first.epoch) {
+                to = p;
+            }
         }
     }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubmesh_consensus::state::{CheckpointPolicy, TaskRecord};
+use hubmesh_consensus::state::{CheckpointPolicy, CheckpointRecord, TaskRecord};
 use hubmesh_consensus::ClusterState;
 
 use crate::executor::{InstanceLimits, Restore, TaskConfig};
@@ -96,8 +96,9 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
                 continue;
             }
         };
-        let restore = match state.tasks.get(&name).and_then(|t| t.checkpoint.as_ref()) {
-            Some(record) if cfg.checkpoint != CheckpointPolicy::None => {
+        let record = state.tasks.get(&name).and_then(|t| t.checkpoint.as_ref().map(|c| (t, c)));
+        let restore = match record {
+            Some((t, record)) if cfg.checkpoint != CheckpointPolicy::None || migrated_here(t, cfg.epoch, record) => {
                 match crate::replication::fetch_checkpoint(hub, &name, record).await {
                     Ok(key) => Restore::Key(key),
                     Err(e) => {
@@ -125,6 +126,17 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
         }
     }
     metrics::gauge!("hubmesh_tasks_running").set(hub.executor().configs().len() as f64);
+}
+
+/// Whether the placement at `epoch` was made by a live migration that committed `record`: a
+/// task without checkpoints then starts from the state the migration carried (after a failover
+/// it starts empty, as such a task always does).
+fn migrated_here(t: &TaskRecord, epoch: u64, record: &CheckpointRecord) -> bool {
+    t.history.iter().rev().any(|h| {
+        h.epoch.0 == epoch
+            && h.from_sequence == Some(record.sequence)
+            && h.migration.as_ref().is_some_and(|m| m.aborted.is_none() && m.from_epoch == record.epoch)
+    })
 }
 
 fn record_failure(hub: &Hub, cfg: &TaskConfig, reason: &str) {

@@ -22,6 +22,7 @@ impl From<InvokeError> for Refusal {
             InvokeError::Unavailable(m) => (C::Unavailable, m, hint(0, 0)),
             // Only a source relays a moved call; a peer hears that it may try again.
             e @ InvokeError::Moved { .. } => (C::Unavailable, e.to_string(), hint(0, 0)),
+            InvokeError::OutcomeUnknown(m) => (C::OutcomeUnknown, m, hint(0, 0)),
         };
         Self { code, message, hint }
     }
@@ -41,6 +42,7 @@ impl From<Refusal> for InvokeError {
             C::MemoryLimit => Self::MemoryLimit { limit },
             C::TaskTrapped => Self::Trapped(r.message),
             C::QueueFull => Self::QueueFull { limit: u32::try_from(limit).unwrap_or(u32::MAX) },
+            C::OutcomeUnknown => Self::OutcomeUnknown(r.message),
             _ => Self::Unavailable(r.message),
         }
     }
@@ -61,6 +63,7 @@ mod tests {
             InvokeError::Trapped("unreachable executed".into()),
             InvokeError::QueueFull { limit: 16 },
             InvokeError::Unavailable("stopping".into()),
+            InvokeError::OutcomeUnknown("cut short".into()),
         ];
         for e in all {
             let refusal = Refusal::from(e.clone());

@@ -144,6 +144,17 @@ pub struct HistoryInfo {
     pub migration: Option<MigrationEventInfo>,
 }
 
+/// A live migration under way.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrationProgressInfo {
+    pub id: u64,
+    /// `manual`, `drain` or `overload`.
+    pub reason: String,
+    pub from_node_id: u64,
+    pub to_node_id: u64,
+    pub started_ms: u64,
+}
+
 /// A live migration in a task's history.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MigrationEventInfo {
@@ -195,6 +206,9 @@ pub struct TaskInfo {
     /// Never moved by the overload policy (`task deploy --pin`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pinned: bool,
+    /// A live migration under way (begun, neither committed nor given up yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationProgressInfo>,
     /// Where every placed instance runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<PlacementInfo>,
@@ -253,7 +267,8 @@ pub struct MigrationInfo {
     pub to_node_name: String,
     /// The placement epoch the task runs at on the target.
     pub epoch: u64,
-    /// From the freeze on the source to the target serving (calls were held meanwhile).
+    /// From the freeze on the source to the target serving (calls were held meanwhile); 0 when
+    /// the target could not say (it died right after the commit; failover took over).
     pub pause_us: u64,
     /// Pre-copy rounds, the final one included.
     pub rounds: u32,

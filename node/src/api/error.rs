@@ -124,6 +124,7 @@ impl From<InvokeError> for ApiError {
             InvokeError::Trapped(_) => (StatusCode::UNPROCESSABLE_ENTITY, "task_trapped"),
             InvokeError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
             InvokeError::Unavailable(_) | InvokeError::Moved { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            InvokeError::OutcomeUnknown(_) => (StatusCode::GATEWAY_TIMEOUT, "outcome_unknown"),
         };
         Self::new(status, code, msg)
     }
@@ -141,6 +142,8 @@ impl From<MigrateError> for ApiError {
             MigrateError::NotNow(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
             MigrateError::Aborted(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "migration_aborted", msg)
                 .hint("the task runs where it ran; a retry starts over from its last checkpoint"),
+            MigrateError::Unknown(_) => Self::new(StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", msg)
+                .hint("`hubmesh task show NAME` says where the task runs now"),
             MigrateError::Propose(p) => p.into(),
         }
     }

@@ -77,6 +77,13 @@ pub(crate) fn task_info(hub: &Hub, state: &ClusterState, record: &TaskRecord) ->
         placement,
         replicas: spec.replicas,
         pinned: spec.pinned,
+        migration: record.migration.map(|m| api::MigrationProgressInfo {
+            id: m.id,
+            reason: m.reason.as_str().to_owned(),
+            from_node_id: m.from.0,
+            to_node_id: m.to.0,
+            started_ms: m.started_ms,
+        }),
         instances,
         last_checkpoint: local.as_ref().and_then(|s| s.last_checkpoint.as_ref()).map(checkpoint_info),
         invocations: local.as_ref().map_or(0, |s| s.invocations),

@@ -33,6 +33,10 @@ pub enum InvokeError {
     /// the migration gave a keyless call it carried), so that it runs exactly once.
     #[error("the task moved to hub {node} (epoch {epoch})")]
     Moved { node: u64, epoch: u64, key: Option<String> },
+    /// The invocation may or may not have run (a live migration it waited on was cut short by a
+    /// failover, or its relay got no answer); retry only with an idempotency key.
+    #[error("the invocation may or may not have run: {0}")]
+    OutcomeUnknown(String),
 }
 
 /// Why a task could not be started.

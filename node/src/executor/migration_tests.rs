@@ -2,6 +2,8 @@
 //! mesh protocol that carries the rounds is tested with real hubs elsewhere).
 
 use hubmesh_consensus::state::{checkpoint_key, parse_checkpoint_key, CheckpointPolicy, TaskKind};
+use std::time::Duration;
+
 use hubmesh_consensus::Epoch;
 use hubmesh_storage::{Hash, PageLog, PageWrite};
 
@@ -47,7 +49,7 @@ fn a_migrated_counter_goes_on_exactly_where_the_source_stopped() {
         assert_eq!(keyed.output, b"15");
 
         let start = src.migration_begin("c").await.unwrap();
-        let base_key = start.base_key.expect("a durable task has a committed checkpoint");
+        let (base_key, _, _pin) = start.base.expect("a durable task has a committed checkpoint");
         // The target holds the base checkpoint, as a holder of the task does.
         let base = copy_checkpoint(src.pages(), dst.pages(), &base_key);
         let mut table = PageTable::from_manifest(Some(&base));
@@ -75,7 +77,7 @@ fn a_migrated_counter_goes_on_exactly_where_the_source_stopped() {
         dst.pages().write(&[write], true).unwrap();
 
         // The switch: the target runs the task at a new epoch from the migrated state.
-        src.migration_resolve("c", Some(MovedTo { node: 2, epoch: 2 })).await.unwrap();
+        src.migration_resolve("c", Resolution::Moved(MovedTo { node: 2, epoch: 2 })).await.unwrap();
         let target = TaskConfig { epoch: 2, ..cfg.clone() };
         dst.start_task_from(target, &prepared.wasm, Restore::Key(key)).unwrap();
         let mut ran_at_source = 0;
@@ -123,12 +125,12 @@ fn an_aborted_migration_leaves_every_changed_page_to_the_next_checkpoint() {
         // Eight pages change after the checkpoint; a migration sends them, then is given up.
         exec.invoke("big", 8u32.to_le_bytes().to_vec(), None).await.unwrap();
         let start = exec.migration_begin("big").await.unwrap();
-        assert!(start.base_key.is_some());
+        assert!(start.base.is_some());
         let round = exec.migration_round("big", usize::MAX).await.unwrap();
         assert!(round.pages.len() >= 8, "{} pages", round.pages.len());
         let last = exec.migration_freeze("big", 1).await.unwrap();
         assert!(last.pages.is_empty(), "nothing changed since the round");
-        exec.migration_resolve("big", None).await.unwrap();
+        exec.migration_resolve("big", Resolution::Aborted).await.unwrap();
         // The task runs here again.
         assert_eq!(exec.invoke("big", Vec::new(), None).await.unwrap().output, 64u32.to_le_bytes());
         // The checkpoint after the abort still holds the eight pages (page 0, which also holds
@@ -141,7 +143,7 @@ fn an_aborted_migration_leaves_every_changed_page_to_the_next_checkpoint() {
         assert!(second.sequence > first.sequence);
         // A second migration starts again from that checkpoint.
         let again = exec.migration_begin("big").await.unwrap();
-        assert_eq!(again.base_key, Some(checkpoint_key("big", Epoch(1), second.sequence)));
+        assert_eq!(again.base.map(|b| b.0), Some(checkpoint_key("big", Epoch(1), second.sequence)));
         assert!(exec.migration_round("big", usize::MAX).await.unwrap().pages.is_empty());
     });
 }
@@ -156,7 +158,7 @@ fn a_task_without_checkpoints_sends_every_page() {
     rt().block_on(async {
         call(&exec, "c", "7").await.unwrap();
         let start = exec.migration_begin("c").await.unwrap();
-        assert_eq!(start.base_key, None);
+        assert!(start.base.is_none());
         let part = exec.migration_round("c", 0).await.unwrap();
         assert_eq!((part.pages.len(), part.remaining), (0, part.memory_pages as usize));
         let round = exec.migration_round("c", usize::MAX).await.unwrap();
@@ -168,7 +170,34 @@ fn a_task_without_checkpoints_sends_every_page() {
         // A stateless task has no state to migrate.
         start_echo(&exec);
         assert!(matches!(exec.migration_begin("echo").await, Err(InvokeError::Unavailable(_))));
-        assert_eq!(exec.migration_begin("nope").await.unwrap_err(), InvokeError::NotFound("nope".into()));
+        assert_eq!(exec.migration_begin("nope").await.err(), Some(InvokeError::NotFound("nope".into())));
+    });
+}
+
+#[test]
+fn a_migration_cut_short_by_a_failover_sends_keyed_calls_on_and_keyless_ones_back_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor_in(dir.path());
+    let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
+    let cfg = config("c", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Durable);
+    exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+    rt().block_on(async {
+        call(&exec, "c", "1").await.unwrap();
+        exec.migration_begin("c").await.unwrap();
+        exec.migration_freeze("c", 9).await.unwrap();
+        // Held while frozen.
+        let keyed = exec.invoke("c", b"1".to_vec(), Some("mine".into()));
+        let keyless = exec.invoke("c", b"1".to_vec(), None);
+        let fenced = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let to = MovedTo { node: 3, epoch: 7 };
+            exec.migration_resolve("c", Resolution::Fenced(Some(to))).await.unwrap();
+        };
+        let (keyed, keyless, ()) = tokio::join!(keyed, keyless, fenced);
+        assert_eq!(keyed, Err(InvokeError::Moved { node: 3, epoch: 7, key: Some("mine".into()) }));
+        assert!(matches!(keyless, Err(InvokeError::OutcomeUnknown(_))), "{keyless:?}");
+        // A fenced instance runs nothing more.
+        assert!(matches!(call(&exec, "c", "1").await, Err(InvokeError::Unavailable(_))));
     });
 }
 
@@ -192,4 +221,65 @@ fn a_page_table_sends_each_content_once() {
     assert_eq!(round.entries, vec![(3, None), (4, Some(Hash::of(&page(2))))]);
     assert!(round.new.is_empty(), "page 4's content was sent as page 3");
     assert_eq!(table.pages(), vec![(0, Hash::of(&page(1))), (1, Hash::of(&page(1))), (4, Hash::of(&page(2)))]);
+    // Back to a smaller image (a failed commit was undone): the pages beyond it are gone.
+    table.record(2, Vec::new());
+    assert_eq!(table.pages(), vec![(0, Hash::of(&page(1))), (1, Hash::of(&page(1)))]);
+}
+
+/// The checked-in checkpoint of `fixture_checkpoint`: a counter at 42 with an answered key `k`,
+/// written by a hub on x86_64 (`cargo test -p hubmesh --lib -- --ignored write_checkpoint_fixture`
+/// writes it again).
+fn fixture_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/ckpt-v1")
+}
+
+#[test]
+#[ignore = "writes the checked-in fixture; run by hand when the format changes on purpose"]
+fn write_checkpoint_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor_in(dir.path());
+    let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
+    let cfg = config("fixture", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Durable);
+    exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+    let key = rt().block_on(async {
+        call(&exec, "fixture", "40").await.unwrap();
+        exec.invoke("fixture", b"2".to_vec(), Some("k".into())).await.unwrap();
+        let s = exec.checkpoint("fixture").await.unwrap();
+        checkpoint_key("fixture", Epoch(s.epoch), s.sequence)
+    });
+    let out = fixture_dir();
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(out.join("pages")).unwrap();
+    std::fs::write(out.join("module.wasm"), &prepared.wasm).unwrap();
+    let bytes = exec.pages().read_manifest(&key).unwrap().unwrap();
+    std::fs::write(out.join("manifest.pb"), &bytes).unwrap();
+    for (_, h) in Manifest::decode(&bytes).unwrap().pages {
+        std::fs::write(out.join("pages").join(h.to_hex()), exec.pages().read_page(&h).unwrap()).unwrap();
+    }
+}
+
+/// A checkpoint is wasm state only (pages, globals, answers), so one written on another hub —
+/// of another CPU architecture, say — restores here: the checked-in one answers as it did.
+#[test]
+fn a_checked_in_checkpoint_restores_on_this_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor_in(dir.path());
+    let fixture = fixture_dir();
+    let wasm = std::fs::read(fixture.join("module.wasm")).unwrap();
+    let bytes = std::fs::read(fixture.join("manifest.pb")).unwrap();
+    let m = Manifest::decode(&bytes).unwrap();
+    let pages: Vec<(Hash, Vec<u8>)> =
+        m.pages.iter().map(|(_, h)| (*h, std::fs::read(fixture.join("pages").join(h.to_hex())).unwrap())).collect();
+    assert!(pages.iter().all(|(h, p)| Hash::of(p) == *h), "the fixture's pages match their hashes");
+    let key = checkpoint_key(&m.task, Epoch(m.epoch), m.sequence);
+    let refs = m.pages.iter().map(|(_, h)| *h).collect();
+    exec.pages().write(&[PageWrite { pages, key: key.clone(), manifest: bytes, refs, remove: vec![] }], true).unwrap();
+    let cfg =
+        TaskConfig { epoch: m.epoch + 1, ..config(&m.task, &wasm, TaskKind::Stateful, CheckpointPolicy::Durable) };
+    assert_eq!(cfg.module_hash, m.module_hash);
+    exec.start_task_from(cfg, &wasm, Restore::Key(key)).unwrap();
+    rt().block_on(async {
+        assert_eq!(exec.invoke(&m.task, b"2".to_vec(), Some("k".into())).await.unwrap().output, b"42");
+        assert_eq!(call(&exec, &m.task, "1").await.unwrap(), "43");
+    });
 }

@@ -42,7 +42,7 @@ pub use instance::InstanceLimits;
 pub use instrument::PrepareError;
 pub(crate) use page_table::PageTable;
 pub use stateful::StatefulStatus;
-pub(crate) use stateful::{FinalState, MigrationStart, MovedTo};
+pub(crate) use stateful::{FinalState, MigrationStart, MovedTo, Resolution};
 
 use crate::checkpoint::{Manifest, Writer};
 use host::HostState;
@@ -399,12 +399,12 @@ impl Executor {
         self.migration_call(name, |reply| MigrateMsg::Freeze { id, reply }).await
     }
 
-    /// Ends a migration: the task moved (held calls are answered `Moved`) or, with `None`, it
-    /// runs here again.
-    pub(crate) async fn migration_resolve(&self, name: &str, moved_to: Option<MovedTo>) -> Result<(), InvokeError> {
+    /// Ends a migration: the task moved (held calls are answered `Moved`), runs here again, or
+    /// was placed elsewhere meanwhile.
+    pub(crate) async fn migration_resolve(&self, name: &str, outcome: Resolution) -> Result<(), InvokeError> {
         let task = self.stateful(name)?;
         let Runtime::Stateful(s) = &task.runtime else { unreachable!("checked: stateful") };
-        s.migrate(MigrateMsg::Resolve { moved_to }).await
+        s.migrate(MigrateMsg::Resolve { outcome }).await
     }
 
     /// Removes a task that moved away, without a final checkpoint (its state is the target's).

@@ -44,9 +44,9 @@ impl PageTable {
     /// Records pages copied out of the source (memory of `memory_pages` pages). Pages whose
     /// content the target already has at that index are left out.
     pub(crate) fn record(&mut self, memory_pages: u32, pages: Vec<(u32, Vec<u8>)>) -> RoundPages {
-        if self.hashes.len() < memory_pages as usize {
-            self.hashes.resize(memory_pages as usize, None);
-        }
+        // Memory only grows, except when a failed commit took the source back to a smaller
+        // committed image: the table follows the size either way.
+        self.hashes.resize(memory_pages as usize, None);
         let mut known: std::collections::HashSet<Hash> = self.hashes.iter().flatten().copied().collect();
         let mut round = RoundPages::default();
         for (i, bytes) in pages {

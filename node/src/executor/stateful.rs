@@ -25,7 +25,7 @@ use crate::checkpoint::{AnswerCache, Manifest, Writer};
 
 mod migrate;
 
-pub(crate) use migrate::{FinalState, MigrateMsg, MigrationStart, MovedTo};
+pub(crate) use migrate::{FinalState, MigrateMsg, MigrationStart, MovedTo, Resolution};
 
 enum Msg {
     Invoke {
@@ -115,7 +115,9 @@ impl StatefulTask {
             Restore::Key(k) => Some(k),
             Restore::NewestLocal => newest_local(&pages, &cfg.name),
         };
-        let key = key.filter(|_| cfg.checkpoint != CheckpointPolicy::None);
+        // A task without checkpoints restores only what the mesh names (a live migration's
+        // state), never an old local one.
+        let key = key.filter(|_| cfg.checkpoint != CheckpointPolicy::None || !guessed);
         let saved = match &key {
             None => None,
             Some(k) => match pages.read_manifest(k) {

@@ -53,9 +53,21 @@ pub(crate) enum MigrateError {
     /// The migration began and was given up; the task runs where it ran.
     #[error("the migration was given up: {0}")]
     Aborted(String),
-    /// The mesh could not record the migration.
+    /// No answer came in time: the task may or may not have moved.
+    #[error("the migration's outcome is unknown: {0}")]
+    Unknown(String),
+    /// The mesh could not record the migration (nothing changed).
     #[error(transparent)]
-    Propose(#[from] ProposeError),
+    Propose(ProposeError),
+}
+
+impl From<ProposeError> for MigrateError {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::Timeout => Self::Unknown(e.to_string()),
+            e => Self::Propose(e),
+        }
+    }
 }
 
 impl MigrateError {
@@ -82,7 +94,7 @@ impl From<MigrateError> for Refusal {
                 .with_hint(pb::ErrorHint { limit: id, ..Default::default() }),
             MigrateError::NotNow(why) => Self::new(C::Unavailable, why),
             MigrateError::Aborted(why) => Self::new(C::MigrationAborted, why),
-            MigrateError::Propose(ProposeError::Timeout) => Self::new(C::OutcomeUnknown, e.to_string()),
+            MigrateError::Unknown(why) => Self::new(C::OutcomeUnknown, why),
             MigrateError::Propose(p) => Self::new(C::Unavailable, p.to_string()),
         }
     }
@@ -100,7 +112,7 @@ mod tests {
             MigrateError::InProgress(77),
             MigrateError::NotNow("starting".into()),
             MigrateError::Aborted("target down".into()),
-            MigrateError::Propose(ProposeError::Timeout),
+            MigrateError::Unknown("no answer".into()),
         ];
         for e in all {
             let text = e.to_string();
@@ -120,7 +132,7 @@ impl From<Refusal> for MigrateError {
             C::NotFound => Self::NotFound(r.message),
             C::NoTarget => Self::NoTarget(r.message),
             C::MigrationInProgress => Self::InProgress(r.hint.limit),
-            C::OutcomeUnknown => Self::Propose(ProposeError::Timeout),
+            C::OutcomeUnknown => Self::Unknown(r.message),
             C::MigrationAborted => Self::Aborted(r.message),
             _ => Self::NotNow(r.message),
         }
@@ -184,10 +196,12 @@ impl Hub {
             reason: pb::MigrationReason::from(reason) as i32,
         };
         let transport = self.consensus().transport();
-        match MIGRATE_REQUEST.call(&transport, host.0, &req, BUDGET + Duration::from_secs(10)).await {
+        // Longer than a driver's worst case: pre-copy, the hand-over's calls, the commit, the end.
+        match MIGRATE_REQUEST.call(&transport, host.0, &req, BUDGET * 3).await {
             Ok(report) => Ok(report),
             Err(RpcError::Remote(r)) => Err(r.into()),
-            Err(e) => Err(MigrateError::NotNow(format!("the task's hub {host} did not answer: {e}"))),
+            Err(e @ RpcError::Timeout) => Err(MigrateError::Unknown(format!("the task's hub {host}: {e}"))),
+            Err(e) => Err(MigrateError::NotNow(format!("the task's hub {host} could not be asked: {e}"))),
         }
     }
 

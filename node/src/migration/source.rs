@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hubmesh_consensus::state::{
-    checkpoint_key, parse_checkpoint_key, BasedOn, CheckpointRecord, ClusterState, Command, MigrationReason,
+    checkpoint_key, parse_checkpoint_key, BasedOn, CheckpointPolicy, CheckpointRecord, Command, MigrationReason,
     MigrationStats, Outcome, Placement, Rejected, TaskKind,
 };
 use hubmesh_consensus::transport::{MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE};
@@ -17,7 +17,7 @@ use hubmesh_storage::{Hash, PageWrite};
 
 use super::{MigrateError, Outgoing, BUDGET};
 use crate::checkpoint::Manifest;
-use crate::executor::{CheckpointHeader, FinalState, MovedTo, PageTable};
+use crate::executor::{CheckpointHeader, FinalState, MovedTo, PageTable, Resolution};
 use crate::hub::Hub;
 
 /// Pages per round message (8 MiB): the actor copies them out between calls.
@@ -29,8 +29,21 @@ const SMALL_ROUND: usize = 16;
 /// Longest wait for one message to the target.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Migrates `task`, which runs on this hub.
+/// Migrates `task`, which runs on this hub. The driver runs on a task of its own: a caller that
+/// goes away (an HTTP client that disconnects) cannot cut it short and leave the task frozen.
 pub(super) async fn run(
+    hub: &Arc<Hub>,
+    task: &str,
+    to: Option<NodeId>,
+    reason: MigrationReason,
+) -> Result<pb::MigrateReport, MigrateError> {
+    let (hub, task) = (hub.clone(), task.to_owned());
+    tokio::spawn(async move { drive(&hub, &task, to, reason).await })
+        .await
+        .unwrap_or_else(|e| Err(MigrateError::NotNow(format!("the migration's driver failed: {e}"))))
+}
+
+async fn drive(
     hub: &Arc<Hub>,
     task: &str,
     to: Option<NodeId>,
@@ -60,7 +73,7 @@ pub(super) async fn run(
     };
     let id = rand::random::<u64>() | 1;
     begin(hub, task, id, p, target, reason).await?;
-    let d = Driver { hub, task, id, from: p, to: target, version: t.version, started };
+    let d = Driver { hub, task, id, from: p, to: target, version: t.version, policy: t.spec.checkpoint, started };
     let result = match t.spec.kind {
         TaskKind::Stateful => d.stateful(t.spec.module_hash).await,
         TaskKind::Stateless => d.stateless().await,
@@ -118,7 +131,12 @@ async fn begin(
                 let _ = hub.consensus().propose(abort).await;
             }
             Err(ProposeError::Rejected(r)) => return Err(MigrateError::from_rejected(r)),
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // The begin may have been recorded: withdraw it (a later attempt clears it too).
+                let abort = Command::AbortMigration { task: task.to_owned(), id, why: e.to_string(), at_ms: now_ms() };
+                let _ = hub.consensus().propose(abort).await;
+                return Err(MigrateError::NotNow(format!("the migration could not be recorded: {e}")));
+            }
         }
     }
     Err(MigrateError::NotNow("an earlier migration of the task could not be cleared".into()))
@@ -139,6 +157,7 @@ struct Driver<'a> {
     from: Placement,
     to: NodeId,
     version: u64,
+    policy: CheckpointPolicy,
     started: Instant,
 }
 
@@ -149,12 +168,20 @@ impl Driver<'_> {
             Ok(s) => s,
             Err(e) => return Err(self.give_up(format!("the task: {e}"), false).await),
         };
-        let (base, table) = match self.base(start.base_key.as_deref()).await {
-            Ok(b) => b,
-            Err(why) => return Err(self.give_up(why, false).await),
+        // The actor read and pinned its committed checkpoint: the rounds are a delta to it.
+        let (base_key, base_manifest, _pin) = match start.base {
+            Some((k, bytes, pin)) => (k, bytes, Some(pin)),
+            None => (String::new(), Vec::new(), None),
         };
-        let prepare =
-            pb::MigratePrepare { task: self.task.to_owned(), id: self.id, base: base.as_ref().map(Into::into) };
+        let table = if base_key.is_empty() {
+            PageTable::default()
+        } else {
+            match Manifest::decode(&base_manifest) {
+                Ok(m) => PageTable::from_manifest(Some(&m)),
+                Err(e) => return Err(self.give_up(format!("the base checkpoint: {e}"), false).await),
+            }
+        };
+        let prepare = pb::MigratePrepare { task: self.task.to_owned(), id: self.id, base_key, base_manifest };
         let transport = self.hub.consensus().transport();
         if let Err(e) = MIGRATE_PREPARE.call(&transport, self.to.0, &prepare, CALL_TIMEOUT).await {
             return Err(self.give_up(format!("hub {} could not get ready: {e}", self.to), false).await);
@@ -174,16 +201,18 @@ impl Driver<'_> {
             Ok(r) => r,
             Err(why) => return Err(self.give_up(why, true).await),
         };
-        let based_on = BasedOn {
+        // A task without checkpoints has no committed state but a migration's: its commit is
+        // not checked against one.
+        let based_on = (self.policy != CheckpointPolicy::None).then(|| BasedOn {
             checkpoint: last.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s)),
-        };
+        });
         let stats = MigrationStats { rounds: copy.rounds, bytes: copy.bytes, precopy_ms, pause_us: None };
         let commit = Command::CommitMigration {
             task: self.task.to_owned(),
             id: self.id,
             expected: self.from.epoch,
             checkpoint: Some(record),
-            based_on: Some(based_on),
+            based_on,
             stats,
             at_ms: now_ms(),
         };
@@ -211,69 +240,58 @@ impl Driver<'_> {
         let switched = Instant::now();
         let ended = match self.hub.consensus().propose(commit).await {
             Ok(Outcome::Migrated { epoch }) => Ended::Moved(Placement { node: self.to, epoch }),
-            Ok(_) | Err(_) => self.settle("the commit failed", false).await,
+            Ok(_) | Err(_) => self.settle("the commit failed", true).await,
         };
         // Calls in flight here finish; the reconciler stops the pool once the driver is done.
         self.finish(ended, switched, MigrationStats::default(), false).await
     }
 
-    /// The committed checkpoint the rounds are a delta against (at least `base_key`, which the
-    /// task's actor last committed), and the target's page table starting from it.
-    async fn base(&self, base_key: Option<&str>) -> Result<(Option<CheckpointRecord>, PageTable), String> {
-        let Some(key) = base_key else { return Ok((None, PageTable::default())) };
-        let (_, epoch, sequence) = parse_checkpoint_key(key).ok_or_else(|| format!("a malformed key {key}"))?;
-        let task = self.task.to_owned();
-        let at_least = move |s: &ClusterState| {
-            s.tasks
-                .get(&task)
-                .and_then(|t| t.checkpoint.as_ref())
-                .is_some_and(|c| (c.epoch, c.sequence) >= (epoch, sequence))
-        };
-        if !self.hub.wait_state(Duration::from_secs(2), at_least).await {
-            return Err(format!("the committed checkpoint {key} is not applied here"));
-        }
-        let state = self.hub.consensus().state();
-        let record = state.tasks[self.task].checkpoint.clone().expect("checked: committed");
-        let bytes = self
-            .hub
-            .executor()
-            .pages()
-            .read_manifest(&record.key(self.task))
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("the committed checkpoint {} is not on this hub", record.key(self.task)))?;
-        let manifest = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
-        Ok((Some(record), PageTable::from_manifest(Some(&manifest))))
-    }
-
-    /// Rounds while the task serves, until one is small, or `MAX_ROUNDS`.
+    /// Rounds while the task serves, until one is small, or `MAX_ROUNDS`. A round sends at most
+    /// the pages marked when it began (what is dirtied meanwhile is the next round's); past half
+    /// the budget the migration is given up.
     async fn precopy(&self, copy: &mut Copy) -> Result<(), String> {
         let ex = self.hub.executor();
         loop {
             copy.rounds += 1;
-            let mut round = 0;
+            let (mut round, mut marked) = (0, None);
             loop {
+                if self.started.elapsed() > BUDGET / 2 {
+                    return Err(format!(
+                        "the task dirties pages faster than they travel ({round} pages into round {})",
+                        copy.rounds
+                    ));
+                }
                 let delta = ex.migration_round(self.task, PAGES_PER_MESSAGE).await.map_err(|e| e.to_string())?;
                 round += delta.pages.len();
+                let marked = *marked.get_or_insert(delta.pages.len() + delta.remaining);
                 let pages = copy.table.record(delta.memory_pages, delta.pages);
                 self.send(copy, pages.new, pages.bytes, None).await?;
-                if delta.remaining == 0 {
+                if delta.remaining == 0 || round >= marked {
                     break;
                 }
             }
             if round <= SMALL_ROUND || copy.rounds >= MAX_ROUNDS {
                 return Ok(());
             }
-            if self.started.elapsed() > BUDGET / 2 {
-                return Err(format!(
-                    "the task dirties pages faster than they travel ({round} pages in the last round)"
-                ));
-            }
         }
     }
 
+    /// Sends a round's pages (kept for this hub's own copy of the migrated state).
     async fn send(
         &self,
         copy: &mut Copy,
+        pages: Vec<(Hash, Vec<u8>)>,
+        bytes: u64,
+        last: Option<(String, Vec<u8>)>,
+    ) -> Result<(), String> {
+        let result = self.send_counted(&mut copy.bytes, pages.clone(), bytes, last).await;
+        copy.kept.extend(pages);
+        result
+    }
+
+    async fn send_counted(
+        &self,
+        sent: &mut u64,
         pages: Vec<(Hash, Vec<u8>)>,
         bytes: u64,
         last: Option<(String, Vec<u8>)>,
@@ -285,12 +303,11 @@ impl Driver<'_> {
         let req = pb::MigratePages {
             task: self.task.to_owned(),
             id: self.id,
-            pages: pages.iter().map(|(h, d)| pb::Page { hash: h.0.to_vec(), data: d.clone() }).collect(),
+            pages: pages.into_iter().map(|(h, data)| pb::Page { hash: h.0.to_vec(), data }).collect(),
             key,
             manifest,
         };
-        copy.bytes += bytes;
-        copy.kept.extend(pages);
+        *sent += bytes;
         MIGRATE_PAGES
             .call(&self.hub.consensus().transport(), self.to.0, &req, CALL_TIMEOUT)
             .await
@@ -321,39 +338,49 @@ impl Driver<'_> {
         let key = checkpoint_key(self.task, self.from.epoch, last.sequence);
         let encoded = manifest.encode();
         let refs: Vec<Hash> = manifest.pages.iter().map(|(_, h)| *h).collect();
-        let mut own = copy.kept.clone();
+        let mut own = std::mem::take(&mut copy.kept);
         own.extend(pages.new.iter().cloned());
         let log = self.hub.executor().pages().clone();
         own.retain(|(h, _)| !log.has_page(h));
         let write = PageWrite { pages: own, key: key.clone(), manifest: encoded.clone(), refs, remove: Vec::new() };
         let local = tokio::task::spawn_blocking(move || log.write(&[write], true));
-        let remote = self.send(copy, pages.new, pages.bytes, Some((key, encoded.clone())));
+        // The last pages in messages of at most PAGES_PER_MESSAGE, the manifest with the last.
+        let remote = async {
+            let mut rest = pages.new;
+            while rest.len() > PAGES_PER_MESSAGE {
+                let tail = rest.split_off(PAGES_PER_MESSAGE);
+                let bytes = rest.iter().map(|(_, d)| d.len() as u64).sum();
+                self.send_counted(&mut copy.bytes, rest, bytes, None).await?;
+                rest = tail;
+            }
+            let bytes = rest.iter().map(|(_, d)| d.len() as u64).sum();
+            self.send_counted(&mut copy.bytes, rest, bytes, Some((key, encoded.clone()))).await
+        };
         let (local, remote) = tokio::join!(local, remote);
         remote?;
-        let me = self.hub.consensus().node_id();
-        let mut stored_on = vec![self.to];
+        // Two copies before the switch, as a durable commit has: the target's and this hub's.
         match local {
-            Ok(Ok(_)) => stored_on.push(me),
-            Ok(Err(e)) => tracing::warn!(task = self.task, error = %e, "keeping a copy of the migrated state failed"),
-            Err(e) => tracing::warn!(task = self.task, error = %e, "keeping a copy of the migrated state failed"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("keeping a copy of the migrated state: {e}")),
+            Err(e) => return Err(format!("keeping a copy of the migrated state: {e}")),
         }
         Ok(CheckpointRecord {
             version: self.version,
             epoch: self.from.epoch,
             sequence: last.sequence,
             manifest_hash: Hash::of(&encoded),
-            stored_on,
+            stored_on: vec![self.to, self.hub.consensus().node_id()],
             size_bytes: manifest.size_bytes(),
             at_ms: now_ms(),
         })
     }
 
     /// Settles a migration whose commit gave no clear answer: an abort is proposed until one of
-    /// the two is recorded (they exclude each other), then the state says which. A frozen task
-    /// waits for that as long as it takes (answering from it could fork its state); otherwise
-    /// no commit was proposed, and after the budget the task simply goes on here (a begin left
-    /// behind is cleared by the next attempt).
-    async fn settle(&self, why: &str, frozen: bool) -> Ended {
+    /// the two is recorded (they exclude each other), then the state says which. With a commit
+    /// proposed (`patient`) that takes as long as it takes — a frozen task answering from here
+    /// could fork its state; otherwise no commit was proposed, and after the budget the task
+    /// simply goes on here (a begin left behind is cleared by the next attempt).
+    async fn settle(&self, why: &str, patient: bool) -> Ended {
         let deadline = Instant::now() + BUDGET;
         loop {
             if let Some(ended) = self.recorded() {
@@ -375,7 +402,7 @@ impl Driver<'_> {
                 }
                 Err(e) => tracing::warn!(task = self.task, error = %e, "aborting the migration failed; retrying"),
             }
-            if Instant::now() >= deadline && !frozen {
+            if Instant::now() >= deadline && !patient {
                 return Ended::NotMoved(self.hub.consensus().state().placement(self.task, 0));
             }
             if Instant::now() >= deadline {
@@ -407,13 +434,13 @@ impl Driver<'_> {
     }
 
     /// Gives the migration up before the commit: aborted in the state, the actor runs again.
-    async fn give_up(&self, why: String, frozen: bool) -> MigrateError {
+    async fn give_up(&self, why: String, committing: bool) -> MigrateError {
         metrics::counter!("hubmesh_migration_aborts_total").increment(1);
-        match self.settle(&why, frozen).await {
+        match self.settle(&why, committing).await {
             Ended::Moved(p) => {
                 // The commit went through after all (an earlier answer was lost).
-                let _ = self.hub.executor().migration_resolve(self.task, Some(moved_to(p))).await;
-                self.hub.executor().detach_migrated(self.task);
+                let _ = self.hub.executor().migration_resolve(self.task, Resolution::Moved(moved_to(p))).await;
+                self.detach_once_applied(p).await;
                 MigrateError::Aborted(format!("{why}; yet the task moved to hub {}", p.node))
             }
             Ended::NotMoved(now) => {
@@ -424,13 +451,29 @@ impl Driver<'_> {
         }
     }
 
-    /// The actor runs again here (still the host), or its held calls follow the task to where a
-    /// re-placement put it.
+    /// The actor runs again here (still the host), or — a re-placement fenced the migration —
+    /// it runs nothing more (see `Resolution::Fenced`).
     async fn resume(&self, now: Option<Placement>) {
-        let here = now.is_some_and(|p| p == self.from);
-        let moved = (!here).then(|| now.map(moved_to)).flatten();
-        if let Err(e) = self.hub.executor().migration_resolve(self.task, moved).await {
+        let outcome = match now {
+            Some(p) if p == self.from => Resolution::Aborted,
+            now => Resolution::Fenced(now.map(moved_to)),
+        };
+        if let Err(e) = self.hub.executor().migration_resolve(self.task, outcome).await {
             tracing::debug!(task = self.task, error = %e, "resuming after the migration");
+        }
+    }
+
+    /// Drops the moved instance once this hub's own state shows the task at `p` (until then the
+    /// reconciler could take the old placement for current and restart it here from an older
+    /// checkpoint). If it never does in time, the moved actor stays: it answers `Moved` and the
+    /// reconciler stops it once the state arrives (without a checkpoint).
+    async fn detach_once_applied(&self, p: Placement) {
+        let task = self.task.to_owned();
+        let applied = self.hub.wait_state(Duration::from_secs(10), move |s| s.placement(&task, 0) == Some(p)).await;
+        if applied {
+            self.hub.executor().detach_migrated(self.task);
+        } else {
+            tracing::warn!(task = self.task, "this hub has not applied the migration's commit yet");
         }
     }
 
@@ -456,7 +499,7 @@ impl Driver<'_> {
             Ended::Moved(p) if p.node == self.to => p,
             Ended::Moved(p) => {
                 if stateful {
-                    let _ = self.hub.executor().migration_resolve(self.task, Some(moved_to(p))).await;
+                    let _ = self.hub.executor().migration_resolve(self.task, Resolution::Moved(moved_to(p))).await;
                 }
                 return Err(MigrateError::Aborted(format!("the task was moved to hub {} meanwhile", p.node)));
             }
@@ -470,27 +513,33 @@ impl Driver<'_> {
             }
         };
         if stateful {
-            if let Err(e) = self.hub.executor().migration_resolve(self.task, Some(moved_to(moved))).await {
+            if let Err(e) = self.hub.executor().migration_resolve(self.task, Resolution::Moved(moved_to(moved))).await {
                 tracing::warn!(task = self.task, error = %e, "telling the task it moved");
             }
         }
-        let ready = self.end_on_target(moved.epoch.0).await;
-        let pause_us = paused.elapsed().as_micros() as u64;
-        if let Err(e) = ready {
-            tracing::warn!(task = self.task, error = %e, "the target did not say it serves");
-        }
-        if stateful {
-            self.hub.executor().detach_migrated(self.task);
-        }
-        let note = Command::AnnotateMigration { task: self.task.to_owned(), epoch: moved.epoch, pause_us };
-        let hub = self.hub.clone();
-        tokio::spawn(async move {
-            if let Err(e) = hub.consensus().propose(note).await {
-                tracing::debug!(error = %e, "recording the migration's pause");
+        // The pause ends when the target serves; if it cannot say so (it died after the
+        // commit: failover takes over), the pause is not known.
+        let pause_us = match self.end_on_target(moved.epoch.0).await {
+            Ok(()) => paused.elapsed().as_micros() as u64,
+            Err(e) => {
+                tracing::warn!(task = self.task, error = %e, "the target did not say it serves");
+                0
             }
-        });
+        };
+        if stateful {
+            self.detach_once_applied(moved).await;
+        }
+        if pause_us > 0 {
+            let note = Command::AnnotateMigration { task: self.task.to_owned(), epoch: moved.epoch, pause_us };
+            let hub = self.hub.clone();
+            tokio::spawn(async move {
+                if let Err(e) = hub.consensus().propose(note).await {
+                    tracing::debug!(error = %e, "recording the migration's pause");
+                }
+            });
+            metrics::histogram!("hubmesh_migration_pause_seconds").record(pause_us as f64 / 1e6);
+        }
         metrics::counter!("hubmesh_migrations_total").increment(1);
-        metrics::histogram!("hubmesh_migration_pause_seconds").record(pause_us as f64 / 1e6);
         Ok(pb::MigrateReport {
             from: self.from.node.0,
             to: self.to.0,

@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hubmesh_consensus::state::{checkpoint_key, CheckpointRecord};
+use hubmesh_consensus::state::{checkpoint_key, parse_checkpoint_key};
 use hubmesh_consensus::transport::Refusal;
 use hubmesh_consensus::{Epoch, NodeId};
 use hubmesh_proto::pb;
-use hubmesh_storage::{Hash, PageWrite};
+use hubmesh_storage::{Hash, PagePin, PageWrite};
 
 use crate::checkpoint::{Manifest, PAGE};
 use crate::hub::Hub;
@@ -29,6 +29,8 @@ pub(super) struct Incoming {
     /// Most page bytes it may hold: a few times the task's memory (rounds resend changed pages).
     limit: u64,
     since: Instant,
+    /// The base checkpoint's pages: compaction keeps them while the migration needs them.
+    _base: Option<PagePin>,
 }
 
 fn refuse(code: pb::ErrorCode, message: impl Into<String>) -> Refusal {
@@ -54,16 +56,42 @@ pub(super) async fn prepare(
     if !shown {
         return Err(refuse(pb::ErrorCode::NotFound, format!("no migration {id} of {task:?} from hub {from} to here")));
     }
-    let memory = hub.consensus().state().tasks.get(&task).map_or(0, |t| t.spec.limits.memory_bytes);
-    if let Some(base) = req.base {
-        let record = CheckpointRecord::try_from(base).map_err(|e| Refusal::bad_request(e.to_string()))?;
-        crate::replication::fetch_checkpoint(hub, &task, &record)
+    let state = hub.consensus().state();
+    let t = state.tasks.get(&task).ok_or_else(|| refuse(pb::ErrorCode::NotFound, "the task was deleted"))?;
+    let memory = t.spec.limits.memory_bytes;
+    let mut pin = None;
+    if !req.base_key.is_empty() {
+        let m = Manifest::decode(&req.base_manifest).map_err(|e| Refusal::bad_request(e.to_string()))?;
+        let (_, epoch, _) =
+            parse_checkpoint_key(&req.base_key).ok_or_else(|| Refusal::bad_request("a malformed key"))?;
+        // The source's own checkpoint of this task, this version, of an epoch the mesh handed
+        // out, within the task's memory: nothing else is fetched or stored.
+        let well_formed = m.task == task
+            && m.module_hash == t.spec.module_hash
+            && m.task_version == t.version
+            && epoch <= state.last_epoch
+            && req.base_key == checkpoint_key(&task, Epoch(m.epoch), m.sequence)
+            && u64::from(m.memory_pages) * PAGE as u64 <= memory;
+        if !well_formed {
+            return Err(Refusal::bad_request("the base checkpoint does not belong to this task"));
+        }
+        // The pages it lacks come from the source (which pins them) or the hubs storing it.
+        let mut sources = vec![from];
+        if let Some(c) = t.checkpoint.as_ref().filter(|c| c.key(&task) == req.base_key) {
+            sources.extend(c.stored_on.iter().copied().filter(|n| *n != me && *n != from));
+        }
+        // Pinned first: a newer committed checkpoint may make the garbage collector drop this
+        // manifest at once, and a compaction its pages, while the migration needs them.
+        let log = hub.executor().pages();
+        let mut p = log.pin();
+        p.add(m.pages.iter().map(|(_, h)| *h));
+        crate::replication::store_with_pages(hub, &task, &req.base_key, req.base_manifest, &sources)
             .await
             .map_err(|e| refuse(pb::ErrorCode::Unavailable, format!("the base checkpoint: {e}")))?;
+        pin = Some(p);
     }
     let mut incoming = hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner());
-    // Forgotten migrations (their source died) go when a new one starts.
-    incoming.retain(|_, i| i.since.elapsed() < super::BUDGET * 4);
+    sweep(&mut incoming);
     let entry = Incoming {
         id,
         from,
@@ -71,9 +99,20 @@ pub(super) async fn prepare(
         bytes: 0,
         limit: memory.saturating_mul(4).saturating_add(1 << 20),
         since: Instant::now(),
+        _base: pin,
     };
     incoming.insert(task, entry);
     Ok(pb::MigratePrepareResponse {})
+}
+
+/// Forgets migrations whose source stopped sending (it died, or gave up without telling).
+fn sweep(incoming: &mut HashMap<String, Incoming>) {
+    incoming.retain(|_, i| i.since.elapsed() < super::BUDGET * 2);
+}
+
+/// Most page bytes all incoming migrations together may hold.
+fn global_limit(hub: &Hub) -> u64 {
+    hub.executor().max_task_memory().saturating_mul(2)
 }
 
 pub(super) async fn pages(
@@ -81,6 +120,13 @@ pub(super) async fn pages(
     from: NodeId,
     req: pb::MigratePages,
 ) -> Result<pb::MigratePagesResponse, Refusal> {
+    {
+        let mut incoming = hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner());
+        sweep(&mut incoming);
+        if !incoming.get(&req.task).is_some_and(|i| i.id == req.id && i.from == from) {
+            return Err(refuse(pb::ErrorCode::NotFound, format!("no migration {} of {:?} here", req.id, req.task)));
+        }
+    }
     // Verified before anything is kept.
     let mut pages = Vec::with_capacity(req.pages.len());
     for p in req.pages {
@@ -99,9 +145,11 @@ pub(super) async fn pages(
             entry.bytes += data.len() as u64;
             entry.pages.insert(hash, data);
         }
-        if entry.bytes > entry.limit {
+        let over_task = entry.bytes > entry.limit;
+        let held: u64 = incoming.values().map(|i| i.bytes).sum();
+        if over_task || held > global_limit(hub) {
             incoming.remove(&req.task);
-            return Err(refuse(pb::ErrorCode::PayloadTooLarge, "more pages than the task's memory can hold"));
+            return Err(refuse(pb::ErrorCode::PayloadTooLarge, "more pages than this hub takes for migrations"));
         }
         if req.key.is_empty() {
             return Ok(pb::MigratePagesResponse {});

@@ -81,6 +81,21 @@ pub(crate) async fn fetch_checkpoint(hub: &Hub, task: &str, record: &CheckpointR
             found.ok_or_else(|| format!("checkpoint {key}: {last}"))?
         }
     };
+    store_with_pages(hub, task, &key, manifest_bytes, &sources).await
+}
+
+/// Stores the checkpoint `key` (its manifest given) with all its pages in the local page log:
+/// the pages that are missing or fail their hash here come from `sources`, verified.
+pub(crate) async fn store_with_pages(
+    hub: &Hub,
+    task: &str,
+    key: &str,
+    manifest_bytes: Vec<u8>,
+    sources: &[NodeId],
+) -> Result<String, FetchError> {
+    let key = key.to_owned();
+    let log = hub.executor().pages().clone();
+    let transport = hub.consensus().transport();
     let manifest = Manifest::decode(&manifest_bytes).map_err(|e| format!("checkpoint {key}: {e}"))?;
     let refs: Vec<Hash> = manifest.pages.iter().map(|(_, h)| *h).collect();
     // Local pages are read back (verifying them); missing and corrupt ones are fetched.
@@ -106,7 +121,7 @@ pub(crate) async fn fetch_checkpoint(hub: &Hub, task: &str, record: &CheckpointR
     .map_err(|e| e.to_string())?;
     let total = wanted.len();
     let mut fetched: Vec<(Hash, Vec<u8>)> = Vec::with_capacity(total);
-    for s in &sources {
+    for s in sources {
         if wanted.is_empty() {
             break;
         }

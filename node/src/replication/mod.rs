@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use hubmesh_consensus::transport::{Refusal, CHECKPOINT_FETCH, CHECKPOINT_PUSH};
 
-pub(crate) use fetch::fetch_checkpoint;
+pub(crate) use fetch::{fetch_checkpoint, store_with_pages};
 pub(crate) use upkeep::upkeep;
 
 use crate::dataplane::alive;

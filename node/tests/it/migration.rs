@@ -137,6 +137,23 @@ async fn periodic_and_stateless_tasks_migrate_and_bad_requests_change_nothing() 
     assert_eq!(out.output, b"8", "the seven calls since the last checkpoint moved with the task");
     assert_eq!((out.node, out.epoch), (Some(m.to_node_id), Some(m.epoch)), "answered by the target");
 
+    step("a stateful task without checkpoints moves with its memory");
+    let memory_only = DeployParams { stateful: true, ..Default::default() };
+    hubs[0].client.deploy("scratch", example_bytes("counter.wat"), &memory_only, false).await.unwrap();
+    placed_everywhere(&hubs, "scratch").await;
+    for _ in 0..5 {
+        hubs[0].client.invoke("scratch", b"2".to_vec(), Some("once")).await.unwrap();
+        hubs[0].client.invoke("scratch", b"1".to_vec(), None).await.unwrap();
+    }
+    for round in 0..2 {
+        let m = hubs[1].client.migrate("scratch", None).await.unwrap();
+        let out = hubs[2].client.invoke_placed("scratch", b"0".to_vec(), None).await.unwrap();
+        assert_eq!(out.output, b"7", "round {round}: the memory moved with the task");
+        assert_eq!(out.node, Some(m.to_node_id));
+    }
+    let again = hubs[0].client.invoke("scratch", b"2".to_vec(), Some("once")).await.unwrap();
+    assert_eq!(again, b"2", "the answers moved too");
+
     step("a stateless task moves to the hub asked for");
     let host = task(&hubs[0], "echo").await.placement.unwrap().node_id;
     let target = hubs[1].client.status().await.unwrap().nodes.iter().map(|n| n.id).find(|id| *id != host).unwrap();
@@ -167,4 +184,173 @@ async fn periodic_and_stateless_tasks_migrate_and_bad_requests_change_nothing() 
     let after = task(&hubs[0], "hourly").await;
     assert_eq!(after.placement, before.placement);
     assert_eq!(after.history.len(), before.history.len());
+}
+
+/// Keyed `+1` calls with keys `{who}-N`, each retried (through any hub, same key) until it is
+/// acknowledged; stops after `stop` or 5,000 calls. Returns the acknowledged answers.
+async fn keyed_until(
+    clients: Arc<std::sync::Mutex<Vec<Client>>>,
+    who: &str,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<u64>, String> {
+    let mut answers = Vec::new();
+    for i in 0..5_000u32 {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let key = format!("{who}-{i}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        for attempt in 0usize.. {
+            let c = {
+                let all = clients.lock().unwrap();
+                all[attempt % all.len()].clone()
+            };
+            match c.invoke("tally", b"1".to_vec(), Some(&key)).await {
+                Ok(out) => {
+                    answers.push(String::from_utf8(out).unwrap().parse().unwrap());
+                    break;
+                }
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(format!("{key}: no answer in 60 s: {e}"))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+    Ok(answers)
+}
+
+/// When a round kills its victim.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// As soon as the begin is visible: pre-copy (or later, if the migration is quick).
+    Begun,
+    /// As soon as the switch is visible: the target serves, the source relays.
+    Committed,
+    /// After a fixed delay into the request (any phase).
+    After(u64),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_source_or_the_target_mid_migration_loses_nothing() {
+    let mut hubs = three_hubs("lk").await;
+    deploy_counter(&hubs[0], "tally").await;
+    placed_everywhere(&hubs, "tally").await;
+    assert_eq!(hubs[1].client.invoke("tally", b"0".to_vec(), None).await.unwrap(), b"0");
+    let clients = Arc::new(std::sync::Mutex::new(hubs.iter().map(|h| h.client.clone()).collect::<Vec<_>>()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let caller = tokio::spawn(keyed_until(clients.clone(), "k", stop.clone()));
+
+    let plan = [
+        (KillAt::Begun, true),
+        (KillAt::Begun, false),
+        (KillAt::Committed, true),
+        (KillAt::Committed, false),
+        (KillAt::After(15), true),
+        (KillAt::After(15), false),
+    ];
+    for (round, (at, kill_source)) in plan.into_iter().enumerate() {
+        let mut ids = Vec::new();
+        for h in &hubs {
+            ids.push(h.client.status().await.unwrap().node_id);
+        }
+        let before = task(&hubs[0], "tally").await.placement.expect("placed");
+        let source = ids.iter().position(|id| *id == before.node_id).unwrap();
+        let target = (source + 1 + round % 2) % 3;
+        let asker = 3 - source - target;
+        let victim = if kill_source { source } else { target };
+        step(&format!(
+            "round {round}: migrate {} -> {}, kill {} at {at:?}",
+            hubs[source].name, hubs[target].name, hubs[victim].name
+        ));
+        // A migration refused before it began (the hub that just came back is not up in every
+        // view yet) is asked again.
+        let mut attempts = 0;
+        let migrate = loop {
+            attempts += 1;
+            let migrate = {
+                let c = hubs[asker].client.clone();
+                let to = ids[target].to_string();
+                tokio::spawn(async move { c.migrate("tally", Some(&to)).await })
+            };
+            if let KillAt::After(ms) = at {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                break migrate;
+            }
+            let reached = loop {
+                let t = hubs[asker].client.task("tally").await.unwrap();
+                let hit = match at {
+                    KillAt::Begun => t.migration.is_some(),
+                    _ => t.placement.as_ref().is_some_and(|p| p.epoch > before.epoch),
+                };
+                if hit {
+                    break true;
+                }
+                if migrate.is_finished() {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            if reached {
+                break migrate;
+            }
+            match migrate.await.unwrap() {
+                // It ran to its end before it was seen: kill now, after the commit.
+                Ok(m) => {
+                    eprintln!("round {round}: migrated before {at:?} was seen: {m:?}");
+                    break tokio::spawn(async move { Ok(m) });
+                }
+                Err(e) => eprintln!("round {round}: attempt {attempts} refused: {e}"),
+            }
+            assert!(attempts < 50, "round {round}: the migration never began");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        hubs[victim].kill9();
+        let outcome = migrate.await.unwrap();
+        eprintln!("round {round}: the migration answered {outcome:?}");
+        // The counter answers again (by the migration or a failover), through the hubs that live.
+        let c = hubs[asker].client.clone();
+        wait_until(Duration::from_secs(60), "the counter answers after the kill", || {
+            let c = c.clone();
+            async move { c.invoke("tally", b"0".to_vec(), None).await.is_ok() }
+        })
+        .await;
+        hubs[victim].restart().await;
+        clients.lock().unwrap()[victim] = hubs[victim].client.clone();
+        for h in &hubs {
+            let c = h.client.clone();
+            wait_until(Duration::from_secs(60), "every hub sees all three up", || {
+                let c = c.clone();
+                async move { c.status().await.is_ok_and(|s| s.voters.len() == 3 && s.nodes.iter().all(|n| !n.down)) }
+            })
+            .await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let answers = caller.await.unwrap().unwrap_or_else(|e| {
+        let logs: Vec<String> = hubs.iter().map(|h| format!("--- {}:\n{}", h.name, h.log_tail(40))).collect();
+        panic!("{e}\n{}", logs.join("\n"))
+    });
+
+    step("every acknowledged call applied exactly once; one instance answers everywhere");
+    assert!(answers.len() > 20, "{} calls", answers.len());
+    assert!(answers.windows(2).all(|w| w[0] < w[1]), "{answers:?}");
+    let mut hosts = std::collections::BTreeSet::new();
+    let mut total = 0;
+    for h in &hubs {
+        // A hub that just came back may briefly reach a replaced instance (refused, undone).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let placed = loop {
+            match h.client.invoke_placed("tally", b"0".to_vec(), None).await {
+                Ok(p) => break p,
+                Err(e) => assert!(tokio::time::Instant::now() < deadline, "{} does not reach the counter: {e}", h.name),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        total = String::from_utf8(placed.output).unwrap().parse::<u64>().unwrap();
+        hosts.insert((placed.node, placed.epoch));
+    }
+    // Each key applied once: the acknowledged answers are the totals 1..=N, nothing else applied.
+    assert_eq!(answers, (1..=total).collect::<Vec<_>>(), "acknowledged answers are the whole history");
+    assert_eq!(hosts.len(), 1, "every hub reaches the same instance: {hosts:?}");
 }

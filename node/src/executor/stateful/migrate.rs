@@ -17,6 +17,7 @@
 
 use std::collections::VecDeque;
 
+use hubmesh_storage::PagePin;
 use tokio::sync::oneshot;
 
 use super::{Actor, Msg, PENDING_BYTES};
@@ -32,8 +33,22 @@ pub(crate) enum MigrateMsg {
     Round { max_pages: usize, reply: oneshot::Sender<MigrationDelta> },
     /// Stops running calls and hands out the rest of the state.
     Freeze { id: u64, reply: oneshot::Sender<FinalState> },
-    /// How the migration ended: moved to a hub, or (`None`) aborted.
-    Resolve { moved_to: Option<MovedTo> },
+    /// How the migration ended.
+    Resolve { outcome: Resolution },
+}
+
+/// How a migration ended, for the actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resolution {
+    /// Committed: the task runs at the target; held calls are relayed there.
+    Moved(MovedTo),
+    /// Aborted: the task runs here again; held calls run in order.
+    Aborted,
+    /// Cut short by a re-placement (a failover, an update): the task runs elsewhere (or
+    /// nowhere), from a checkpoint that may carry some held calls under other keys. A held call
+    /// with its own key follows the task (the key makes it apply once); a keyless one's outcome
+    /// is unknown.
+    Fenced(Option<MovedTo>),
 }
 
 impl MigrateMsg {
@@ -44,11 +59,11 @@ impl MigrateMsg {
 }
 
 /// Where the first round starts from.
-#[derive(Debug, Clone)]
 pub(crate) struct MigrationStart {
-    /// The committed checkpoint the rounds are a delta against (the target starts from it);
-    /// `None`: the rounds carry every page.
-    pub(crate) base_key: Option<String>,
+    /// The committed checkpoint the rounds are a delta against (the target starts from it):
+    /// its key, its encoded manifest and a pin that keeps its pages here while the migration
+    /// needs them; `None`: the rounds carry every page.
+    pub(crate) base: Option<(String, Vec<u8>, PagePin)>,
 }
 
 /// The hub and epoch a task moved to.
@@ -79,8 +94,12 @@ pub(crate) struct FinalState {
 /// Whether the actor runs calls.
 pub(in crate::executor) enum Mode {
     Running,
-    Frozen { held: VecDeque<Held> },
+    Frozen {
+        held: VecDeque<Held>,
+    },
     Moved(MovedTo),
+    /// A migration cut short by a re-placement: the instance is stale, it runs nothing.
+    Fenced,
 }
 
 impl Mode {
@@ -103,11 +122,18 @@ impl Actor {
     pub(super) fn migrate(&mut self, msg: MigrateMsg) {
         match msg {
             MigrateMsg::Begin { reply } => {
-                let base_key = self.committed_key.clone();
                 // The image's checkpoint marks are relative to the last checkpoint, which is the
                 // committed one: a checkpoint that failed to commit marked every page again.
-                self.image.begin_migration(base_key.is_some());
-                let _ = reply.send(MigrationStart { base_key });
+                // Read here, on the thread that deletes older manifests, so it cannot go away.
+                let base = self.committed_key.clone().and_then(|k| match self.pin_base(&k) {
+                    Ok((bytes, pin)) => Some((k, bytes, pin)),
+                    Err(e) => {
+                        tracing::warn!(task = %self.cfg.name, checkpoint = %k, error = %e, "migrating every page");
+                        None
+                    }
+                });
+                self.image.begin_migration(base.is_some());
+                let _ = reply.send(MigrationStart { base });
             }
             MigrateMsg::Round { max_pages, reply } => {
                 let _ = reply.send(self.image.take_migration_delta(max_pages));
@@ -116,14 +142,29 @@ impl Actor {
                 let state = self.freeze(id);
                 let _ = reply.send(state);
             }
-            MigrateMsg::Resolve { moved_to: None } => self.image.end_migration(),
-            MigrateMsg::Resolve { moved_to: Some(to) } => {
-                // Moved without a freeze: cannot happen through the driver, but the authority
+            MigrateMsg::Resolve { outcome: Resolution::Aborted } => self.image.end_migration(),
+            MigrateMsg::Resolve { outcome } => {
+                // Moved or fenced without a freeze: not through the driver, but the authority
                 // is gone either way.
                 self.image.end_migration();
-                self.mode = Mode::Moved(to);
+                self.mode = match outcome {
+                    Resolution::Moved(to) => Mode::Moved(to),
+                    _ => Mode::Fenced,
+                };
             }
         }
+    }
+
+    /// The manifest of the checkpoint `key` and a pin on its pages.
+    fn pin_base(&self, key: &str) -> Result<(Vec<u8>, PagePin), String> {
+        let bytes = self.pages.read_manifest(key).map_err(|e| e.to_string())?.ok_or("the manifest is gone")?;
+        let m = crate::checkpoint::Manifest::decode(&bytes).map_err(|e| e.to_string())?;
+        let mut pin = self.pages.pin();
+        pin.add(m.pages.iter().map(|(_, h)| *h));
+        if let Some((_, h)) = m.pages.iter().find(|(_, h)| !self.pages.has_page(h)) {
+            return Err(format!("page {h} is gone"));
+        }
+        Ok((bytes, pin))
     }
 
     fn freeze(&mut self, id: u64) -> FinalState {
@@ -180,12 +221,15 @@ impl Actor {
                 Mode::Moved(to) => {
                     let _ = reply.send(Err(InvokeError::Moved { node: to.node, epoch: to.epoch, key }));
                 }
+                Mode::Fenced => {
+                    let _ = reply.send(Err(InvokeError::Unavailable("the task was placed elsewhere".into())));
+                }
                 Mode::Running => unreachable!("only called while not running"),
             },
             Msg::Checkpoint { reply } => {
                 let _ = reply.send(Err(InvokeError::Unavailable("the task is being migrated".into())));
             }
-            Msg::Migrate(MigrateMsg::Resolve { moved_to }) => self.resolve(moved_to),
+            Msg::Migrate(MigrateMsg::Resolve { outcome }) => self.resolve(outcome),
             Msg::Migrate(other) => other.refuse("a migration is already frozen or done"),
             Msg::Stop { .. } => {
                 if let Mode::Frozen { held } = std::mem::replace(&mut self.mode, Mode::Running) {
@@ -204,13 +248,13 @@ impl Actor {
         false
     }
 
-    fn resolve(&mut self, moved_to: Option<MovedTo>) {
+    fn resolve(&mut self, outcome: Resolution) {
         let Mode::Frozen { held } = std::mem::replace(&mut self.mode, Mode::Running) else {
             return;
         };
         self.image.end_migration();
-        match moved_to {
-            Some(to) => {
+        match outcome {
+            Resolution::Moved(to) => {
                 tracing::info!(task = %self.cfg.name, node = to.node, epoch = to.epoch, relayed = held.len(), "migrated");
                 for h in held {
                     let moved = InvokeError::Moved { node: to.node, epoch: to.epoch, key: h.relay_key };
@@ -219,7 +263,22 @@ impl Actor {
                 self.mode = Mode::Moved(to);
                 self.count_waiting(0);
             }
-            None => {
+            Resolution::Fenced(to) => {
+                tracing::warn!(task = %self.cfg.name, held = held.len(), "the migration was cut short by a re-placement");
+                for h in held {
+                    let answer = match (to, h.key) {
+                        // Its own key makes it apply once wherever it runs.
+                        (Some(to), Some(key)) => InvokeError::Moved { node: to.node, epoch: to.epoch, key: Some(key) },
+                        _ => InvokeError::OutcomeUnknown(
+                            "a live migration it waited on was cut short by a failover".into(),
+                        ),
+                    };
+                    let _ = h.reply.send(Err(answer));
+                }
+                self.mode = Mode::Fenced;
+                self.count_waiting(0);
+            }
+            Resolution::Aborted => {
                 tracing::info!(task = %self.cfg.name, resumed = held.len(), "migration aborted; running here again");
                 for h in held.into_iter().rev() {
                     self.backlog.push_front(Msg::Invoke { input: h.input, key: h.key, reply: h.reply });

@@ -1,0 +1,142 @@
+//! Live migration on 3 release `hubmesh` processes on loopback, `lan` profile (run:
+//! `cargo bench -p hubmesh --bench migration`): `churn.wat` with 1, 16 and 64 MiB of state,
+//! which a client calls in a loop (each call rewrites 4 pages and answers its call count), is
+//! migrated round-robin over the hubs 20 times per size. Reported per size: the pause the source
+//! measured (freeze → the target serves), the longest gap between two answers the client saw
+//! during a migration, the whole migration, rounds, bytes against the state, and calls lost or
+//! doubled (the answers must be consecutive call counts). Every loop is bounded in count and
+//! time. `MIGRATION_BENCH_RUNS=N` changes the 20.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hubmesh::client::Client;
+use hubmesh_proto::api::DeployParams;
+
+mod common;
+
+use common::floor::bulk_floor;
+use common::{example, mesh, pct};
+
+/// What the client saw: when each answer came, and the call count it answered.
+#[derive(Default)]
+struct Seen {
+    answers: Vec<(Instant, u32)>,
+    failed: u64,
+}
+
+/// Calls the task in a loop (4 pages rewritten per call) until `stop`, at most 200,000 calls.
+async fn client_loop(c: Client, task: String, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
+    for i in 0..200_000u32 {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let key = format!("c{i}");
+        match c.invoke(&task, 4u32.to_le_bytes().to_vec(), Some(&key)).await {
+            Ok(out) => {
+                let n = u32::from_le_bytes(out[..4].try_into().expect("churn answers 4 bytes"));
+                seen.lock().unwrap().answers.push((Instant::now(), n));
+            }
+            Err(_) => seen.lock().unwrap().failed += 1,
+        }
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    let runs: usize = std::env::var("MIGRATION_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let hubs = mesh(3).await;
+        let churn = std::fs::read(example("churn.wat")).unwrap();
+        println!("| live migration (3 release hubs on loopback, lan profile; {runs} migrations per size, round-robin) | p50 | p99 | other |");
+        println!("|---|---|---|---|");
+        for mib in [1u32, 16, 64] {
+            let task = format!("big{mib}");
+            let params = DeployParams {
+                checkpoint_every: Some("1s".into()),
+                memory: Some(format!("{}MiB", mib + 16)),
+                ..Default::default()
+            };
+            hubs[0].client.deploy(&task, churn.clone(), &params, false).await.unwrap();
+            // Sizes the memory: 16 pages per MiB.
+            let end = Instant::now() + Duration::from_secs(60);
+            while hubs[1].client.invoke(&task, (mib * 16).to_le_bytes().to_vec(), None).await.is_err() {
+                assert!(Instant::now() < end, "{task} does not answer");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let seen = Arc::new(Mutex::new(Seen::default()));
+            let caller = tokio::spawn(client_loop(hubs[2].client.clone(), task.clone(), stop.clone(), seen.clone()));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+
+            let (mut pauses, mut gaps, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut rounds, mut bytes, mut failed) = (Vec::new(), Vec::new(), 0);
+            for i in 0..runs {
+                let host = hubs[0].client.task(&task).await.unwrap().placement.unwrap().node_id;
+                let to = hubs.iter().map(|h| h.id).filter(|id| *id != host).nth(i % 2).unwrap();
+                let began = Instant::now();
+                match hubs[i % 3].client.migrate(&task, Some(&to.to_string())).await {
+                    Ok(m) => {
+                        pauses.push(Duration::from_micros(m.pause_us));
+                        totals.push(Duration::from_millis(m.duration_ms));
+                        rounds.push(m.rounds);
+                        bytes.push(m.bytes);
+                        // The longest gap between answers the client saw from the begin to
+                        // 200 ms after the answer.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let s = seen.lock().unwrap();
+                        let during: Vec<Instant> =
+                            s.answers.iter().map(|(t, _)| *t).filter(|t| *t >= began).collect();
+                        let gap = during.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+                        gaps.push(gap);
+                    }
+                    Err(e) => {
+                        eprintln!("migration {i} of {task} failed: {e}");
+                        failed += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            stop.store(true, Ordering::Relaxed);
+            caller.await.unwrap();
+            let s = seen.lock().unwrap();
+            let calls = s.answers.len();
+            // The sizing call was call 1: the client's answers must be 2, 3, ... with no gap
+            // (a lost call) and no repeat (a doubled one).
+            let wrong = s.answers.iter().enumerate().filter(|(i, (_, n))| *n as usize != i + 2).count();
+            let state_bytes = u64::from(mib) << 20;
+            let ok = pauses.len();
+            let bytes_ratio = bytes.iter().map(|b| *b as f64 / state_bytes as f64).fold(0.0, f64::max);
+            let rounds_max = rounds.iter().copied().max().unwrap_or(0);
+            println!(
+                "| {mib} MiB: pause (source: freeze → target serves), {ok} of {runs} migrations ok, {failed} failed | {:.0} µs | {:.0} µs | rounds ≤ {rounds_max}; bytes sent ≤ {bytes_ratio:.2}× the state |",
+                us(pct(&mut pauses, 0.5)),
+                us(pct(&mut pauses, 0.99)),
+            );
+            println!(
+                "| {mib} MiB: longest gap between answers a client calling in a loop saw, per migration ({calls} calls, {} failed) | {:.1} ms | {:.1} ms | answers out of sequence (lost or doubled calls): {wrong} |",
+                s.failed,
+                pct(&mut gaps, 0.5).as_secs_f64() * 1e3,
+                pct(&mut gaps, 0.99).as_secs_f64() * 1e3,
+            );
+            println!(
+                "| {mib} MiB: whole migration (begin → target serves) | {:.1} ms | {:.1} ms | |",
+                pct(&mut totals, 0.5).as_secs_f64() * 1e3,
+                pct(&mut totals, 0.99).as_secs_f64() * 1e3,
+            );
+            drop(s);
+            hubs[0].client.remove(&task).await.unwrap();
+        }
+        let mut floor = bulk_floor(64 << 20, 3);
+        floor.sort_by(f64::total_cmp);
+        println!(
+            "| floor: 64 MiB pushed over the bare mesh transport to two peers at once (3 runs) | {:.0} MB/s | | |",
+            floor[floor.len() / 2]
+        );
+    });
+}
