@@ -76,6 +76,7 @@ fn main() {
 
             let (mut pauses, mut gaps, mut totals) = (Vec::new(), Vec::new(), Vec::new());
             let (mut rounds, mut bytes, mut failed) = (Vec::new(), Vec::new(), 0);
+            let mut parts: [Vec<Duration>; 3] = Default::default();
             for i in 0..runs {
                 let host = hubs[0].client.task(&task).await.unwrap().placement.unwrap().node_id;
                 let to = hubs.iter().map(|h| h.id).filter(|id| *id != host).nth(i % 2).unwrap();
@@ -86,6 +87,9 @@ fn main() {
                         totals.push(Duration::from_millis(m.duration_ms));
                         rounds.push(m.rounds);
                         bytes.push(m.bytes);
+                        for (v, us) in parts.iter_mut().zip([m.frozen_us, m.stored_us, m.committed_us]) {
+                            v.push(Duration::from_micros(us));
+                        }
                         // The longest gap between answers the client saw from the begin to
                         // 200 ms after the answer.
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -123,6 +127,16 @@ fn main() {
                 s.failed,
                 pct(&mut gaps, 0.5).as_secs_f64() * 1e3,
                 pct(&mut gaps, 0.99).as_secs_f64() * 1e3,
+            );
+            let [mut f, mut st, mut c] = parts;
+            println!(
+                "| {mib} MiB: the pause's parts at p50, from the freeze: final state out / stored on both hubs / switch committed | {:.1} ms / {:.1} ms / {:.1} ms | {:.1} ms / {:.1} ms / {:.1} ms | (p99 in the p99 column) |",
+                pct(&mut f, 0.5).as_secs_f64() * 1e3,
+                pct(&mut st, 0.5).as_secs_f64() * 1e3,
+                pct(&mut c, 0.5).as_secs_f64() * 1e3,
+                pct(&mut f, 0.99).as_secs_f64() * 1e3,
+                pct(&mut st, 0.99).as_secs_f64() * 1e3,
+                pct(&mut c, 0.99).as_secs_f64() * 1e3,
             );
             println!(
                 "| {mib} MiB: whole migration (begin → target serves) | {:.1} ms | {:.1} ms | |",

@@ -278,6 +278,15 @@ pub struct MigrationInfo {
     pub precopy_ms: u64,
     /// The whole migration.
     pub duration_ms: u64,
+    /// The pause's parts, from the freeze: the source had the final state (`frozen_us`), the
+    /// target and the source had stored it (`stored_us`), the switch was committed
+    /// (`committed_us`); the target served at `pause_us`.
+    #[serde(default)]
+    pub frozen_us: u64,
+    #[serde(default)]
+    pub stored_us: u64,
+    #[serde(default)]
+    pub committed_us: u64,
 }
 
 /// One hub of the mesh.

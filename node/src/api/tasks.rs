@@ -231,5 +231,8 @@ pub(crate) async fn migrate(
         bytes: r.bytes,
         precopy_ms: r.precopy_ms,
         duration_ms: r.duration_ms,
+        frozen_us: r.frozen_us,
+        stored_us: r.stored_us,
+        committed_us: r.committed_us,
     }))
 }

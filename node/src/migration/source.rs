@@ -13,7 +13,7 @@ use hubmesh_consensus::state::{
 use hubmesh_consensus::transport::{MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE};
 use hubmesh_consensus::{now_ms, NodeId, ProposeError};
 use hubmesh_proto::pb;
-use hubmesh_storage::{Hash, PageWrite};
+use hubmesh_storage::{Hash, PagePin, PageWrite};
 
 use super::{MigrateError, Outgoing, BUDGET};
 use crate::checkpoint::Manifest;
@@ -186,7 +186,7 @@ impl Driver<'_> {
         if let Err(e) = MIGRATE_PREPARE.call(&transport, self.to.0, &prepare, CALL_TIMEOUT).await {
             return Err(self.give_up(format!("hub {} could not get ready: {e}", self.to), false).await);
         }
-        let mut copy = Copy { table, kept: Vec::new(), rounds: 0, bytes: 0 };
+        let mut copy = Copy { table, pin: self.hub.executor().pages().pin(), rounds: 0, bytes: 0 };
         if let Err(why) = self.precopy(&mut copy).await {
             return Err(self.give_up(why, false).await);
         }
@@ -197,10 +197,12 @@ impl Driver<'_> {
             Ok(l) => l,
             Err(e) => return Err(self.give_up(format!("freezing the task: {e}"), false).await),
         };
+        let froze_in = frozen.elapsed();
         let record = match self.hand_over(&mut copy, &last, module_hash).await {
             Ok(r) => r,
             Err(why) => return Err(self.give_up(why, true).await),
         };
+        let handed_over = frozen.elapsed();
         // A task without checkpoints has no committed state but a migration's: its commit is
         // not checked against one.
         let based_on = (self.policy != CheckpointPolicy::None).then(|| BasedOn {
@@ -224,7 +226,10 @@ impl Driver<'_> {
                 self.settle(&format!("the commit failed: {e}"), true).await
             }
         };
-        self.finish(ended, frozen, stats, true).await
+        let parts = [froze_in, handed_over, frozen.elapsed()].map(|d| d.as_micros() as u64);
+        let mut report = self.finish(ended, frozen, stats, true).await?;
+        [report.frozen_us, report.stored_us, report.committed_us] = parts;
+        Ok(report)
     }
 
     async fn stateless(&self) -> Result<pb::MigrateReport, MigrateError> {
@@ -276,7 +281,8 @@ impl Driver<'_> {
         }
     }
 
-    /// Sends a round's pages (kept for this hub's own copy of the migrated state).
+    /// Sends a round's pages and, at the same time, stores them here (fdatasync'ed and pinned):
+    /// this hub's copy of the migrated state then needs only the last ones in the critical phase.
     async fn send(
         &self,
         copy: &mut Copy,
@@ -284,9 +290,22 @@ impl Driver<'_> {
         bytes: u64,
         last: Option<(String, Vec<u8>)>,
     ) -> Result<(), String> {
-        let result = self.send_counted(&mut copy.bytes, pages.clone(), bytes, last).await;
-        copy.kept.extend(pages);
-        result
+        let log = self.hub.executor().pages().clone();
+        let mut own: Vec<(Hash, Vec<u8>)> = pages.iter().filter(|(h, _)| !log.has_page(h)).cloned().collect();
+        copy.pin.add(own.iter().map(|(h, _)| *h));
+        let store = tokio::task::spawn_blocking(move || {
+            if own.is_empty() {
+                return Ok(0);
+            }
+            log.write(&[PageWrite { pages: std::mem::take(&mut own), ..Default::default() }], true)
+        });
+        let (sent, stored) = tokio::join!(self.send_counted(&mut copy.bytes, pages, bytes, last), store);
+        sent?;
+        match stored {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("storing the sent pages here: {e}")),
+            Err(e) => Err(format!("storing the sent pages here: {e}")),
+        }
     }
 
     async fn send_counted(
@@ -338,10 +357,9 @@ impl Driver<'_> {
         let key = checkpoint_key(self.task, self.from.epoch, last.sequence);
         let encoded = manifest.encode();
         let refs: Vec<Hash> = manifest.pages.iter().map(|(_, h)| *h).collect();
-        let mut own = std::mem::take(&mut copy.kept);
-        own.extend(pages.new.iter().cloned());
+        // The rounds' pages are stored here already; the last ones go with the manifest.
         let log = self.hub.executor().pages().clone();
-        own.retain(|(h, _)| !log.has_page(h));
+        let own: Vec<(Hash, Vec<u8>)> = pages.new.iter().filter(|(h, _)| !log.has_page(h)).cloned().collect();
         let write = PageWrite { pages: own, key: key.clone(), manifest: encoded.clone(), refs, remove: Vec::new() };
         let local = tokio::task::spawn_blocking(move || log.write(&[write], true));
         // The last pages in messages of at most PAGES_PER_MESSAGE, the manifest with the last.
@@ -549,6 +567,7 @@ impl Driver<'_> {
             precopy_ms: stats.precopy_ms,
             pause_us,
             duration_ms: self.started.elapsed().as_millis() as u64,
+            ..Default::default()
         })
     }
 }
@@ -556,8 +575,8 @@ impl Driver<'_> {
 /// What a migration has sent so far.
 struct Copy {
     table: PageTable,
-    /// The pages sent (this hub's copy of the final checkpoint needs those its log lacks).
-    kept: Vec<(Hash, Vec<u8>)>,
+    /// The sent pages, stored here for this hub's copy of the migrated state.
+    pin: PagePin,
     rounds: u32,
     bytes: u64,
 }

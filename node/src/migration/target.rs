@@ -20,17 +20,19 @@ use crate::hub::Hub;
 /// Longest the target waits for the state to show the migration, or the task to run.
 const SETTLE: Duration = Duration::from_secs(10);
 
-/// Pages received for a migration to this hub.
+/// A migration to this hub: its pages are in the page log as they arrive (fdatasync'ed, so
+/// that the critical phase writes only the last ones), pinned until the final manifest refers
+/// to them.
 pub(super) struct Incoming {
     id: u64,
     from: NodeId,
-    pages: HashMap<Hash, Vec<u8>>,
+    /// Page bytes received.
     bytes: u64,
-    /// Most page bytes it may hold: a few times the task's memory (rounds resend changed pages).
+    /// Most page bytes it may take: a few times the task's memory (rounds resend changed pages).
     limit: u64,
     since: Instant,
-    /// The base checkpoint's pages: compaction keeps them while the migration needs them.
-    _base: Option<PagePin>,
+    /// The base checkpoint's pages and the received ones: compaction keeps them.
+    pin: PagePin,
 }
 
 fn refuse(code: pb::ErrorCode, message: impl Into<String>) -> Refusal {
@@ -59,7 +61,7 @@ pub(super) async fn prepare(
     let state = hub.consensus().state();
     let t = state.tasks.get(&task).ok_or_else(|| refuse(pb::ErrorCode::NotFound, "the task was deleted"))?;
     let memory = t.spec.limits.memory_bytes;
-    let mut pin = None;
+    let mut pin = hub.executor().pages().pin();
     if !req.base_key.is_empty() {
         let m = Manifest::decode(&req.base_manifest).map_err(|e| Refusal::bad_request(e.to_string()))?;
         let (_, epoch, _) =
@@ -82,24 +84,20 @@ pub(super) async fn prepare(
         }
         // Pinned first: a newer committed checkpoint may make the garbage collector drop this
         // manifest at once, and a compaction its pages, while the migration needs them.
-        let log = hub.executor().pages();
-        let mut p = log.pin();
-        p.add(m.pages.iter().map(|(_, h)| *h));
+        pin.add(m.pages.iter().map(|(_, h)| *h));
         crate::replication::store_with_pages(hub, &task, &req.base_key, req.base_manifest, &sources)
             .await
             .map_err(|e| refuse(pb::ErrorCode::Unavailable, format!("the base checkpoint: {e}")))?;
-        pin = Some(p);
     }
     let mut incoming = hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner());
     sweep(&mut incoming);
     let entry = Incoming {
         id,
         from,
-        pages: HashMap::new(),
         bytes: 0,
         limit: memory.saturating_mul(4).saturating_add(1 << 20),
         since: Instant::now(),
-        _base: pin,
+        pin,
     };
     incoming.insert(task, entry);
     Ok(pb::MigratePrepareResponse {})
@@ -110,7 +108,7 @@ fn sweep(incoming: &mut HashMap<String, Incoming>) {
     incoming.retain(|_, i| i.since.elapsed() < super::BUDGET * 2);
 }
 
-/// Most page bytes all incoming migrations together may hold.
+/// Most page bytes all incoming migrations together may take.
 fn global_limit(hub: &Hub) -> u64 {
     hub.executor().max_task_memory().saturating_mul(2)
 }
@@ -141,27 +139,45 @@ pub(super) async fn pages(
         let Some(entry) = incoming.get_mut(&req.task).filter(|i| i.id == req.id && i.from == from) else {
             return Err(refuse(pb::ErrorCode::NotFound, format!("no migration {} of {:?} here", req.id, req.task)));
         };
-        for (hash, data) in pages {
-            entry.bytes += data.len() as u64;
-            entry.pages.insert(hash, data);
-        }
+        entry.bytes += pages.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        // Pinned before they are written: compaction must not drop them before the manifest.
+        entry.pin.add(pages.iter().map(|(h, _)| *h));
         let over_task = entry.bytes > entry.limit;
-        let held: u64 = incoming.values().map(|i| i.bytes).sum();
-        if over_task || held > global_limit(hub) {
+        let taken: u64 = incoming.values().map(|i| i.bytes).sum();
+        if over_task || taken > global_limit(hub) {
             incoming.remove(&req.task);
             return Err(refuse(pb::ErrorCode::PayloadTooLarge, "more pages than this hub takes for migrations"));
         }
         if req.key.is_empty() {
-            return Ok(pb::MigratePagesResponse {});
+            None
+        } else {
+            incoming.remove(&req.task)
         }
-        incoming.remove(&req.task).expect("checked: the entry exists")
     };
-    store_final(hub, &req.task, &req.key, req.manifest, finished).await?;
+    match finished {
+        None => {
+            let log = hub.executor().pages().clone();
+            let write = PageWrite { pages, ..Default::default() };
+            tokio::task::spawn_blocking(move || log.write(&[write], true))
+                .await
+                .map_err(|e| Refusal::internal(e.to_string()))?
+                .map_err(|e| Refusal::internal(format!("storing migrated pages: {e}")))?;
+        }
+        Some(entry) => store_final(hub, &req.task, &req.key, req.manifest, pages, entry).await?,
+    }
     Ok(pb::MigratePagesResponse {})
 }
 
-/// Checks the final manifest against the task and stores it with every page it refers to.
-async fn store_final(hub: &Hub, task: &str, key: &str, bytes: Vec<u8>, entry: Incoming) -> Result<(), Refusal> {
+/// Checks the final manifest against the task and stores it with the last pages (the others are
+/// stored and pinned already).
+async fn store_final(
+    hub: &Hub,
+    task: &str,
+    key: &str,
+    bytes: Vec<u8>,
+    pages: Vec<(Hash, Vec<u8>)>,
+    entry: Incoming,
+) -> Result<(), Refusal> {
     if !expected(hub, task, entry.id, entry.from) {
         return Err(refuse(pb::ErrorCode::Unavailable, "the migration is no longer under way"));
     }
@@ -178,16 +194,17 @@ async fn store_final(hub: &Hub, task: &str, key: &str, bytes: Vec<u8>, entry: In
     }
     let log = hub.executor().pages().clone();
     let refs: Vec<Hash> = m.pages.iter().map(|(_, h)| *h).collect();
-    if let Some(h) = refs.iter().find(|h| !entry.pages.contains_key(h) && !log.has_page(h)) {
+    let last: std::collections::HashSet<&Hash> = pages.iter().map(|(h, _)| h).collect();
+    if let Some(h) = refs.iter().find(|h| !last.contains(h) && !log.has_page(h)) {
         return Err(Refusal::bad_request(format!("page {h} of the manifest was never sent")));
     }
-    let wanted: std::collections::HashSet<&Hash> = refs.iter().collect();
-    let pages: Vec<(Hash, Vec<u8>)> = entry.pages.into_iter().filter(|(h, _)| wanted.contains(h)).collect();
     let write = PageWrite { pages, key: key.to_owned(), manifest: bytes, refs, remove: Vec::new() };
     tokio::task::spawn_blocking(move || log.write(&[write], true))
         .await
         .map_err(|e| Refusal::internal(e.to_string()))?
         .map_err(|e| Refusal::internal(format!("storing the migrated state: {e}")))?;
+    // The manifest refers to the pages now.
+    drop(entry);
     Ok(())
 }
 
