@@ -76,7 +76,7 @@ fn main() {
 
             let (mut pauses, mut gaps, mut totals) = (Vec::new(), Vec::new(), Vec::new());
             let (mut rounds, mut bytes, mut failed) = (Vec::new(), Vec::new(), 0);
-            let mut parts: [Vec<Duration>; 3] = Default::default();
+            let mut parts: [Vec<Duration>; 5] = Default::default();
             for i in 0..runs {
                 let host = hubs[0].client.task(&task).await.unwrap().placement.unwrap().node_id;
                 let to = hubs.iter().map(|h| h.id).filter(|id| *id != host).nth(i % 2).unwrap();
@@ -87,7 +87,8 @@ fn main() {
                         totals.push(Duration::from_millis(m.duration_ms));
                         rounds.push(m.rounds);
                         bytes.push(m.bytes);
-                        for (v, us) in parts.iter_mut().zip([m.frozen_us, m.stored_us, m.committed_us]) {
+                        let after = [m.applied_us, m.running_us].map(|us| us + m.committed_us);
+                        for (v, us) in parts.iter_mut().zip([m.frozen_us, m.stored_us, m.committed_us, after[0], after[1]]) {
                             v.push(Duration::from_micros(us));
                         }
                         // The longest gap between answers the client saw from the begin to
@@ -128,15 +129,13 @@ fn main() {
                 pct(&mut gaps, 0.5).as_secs_f64() * 1e3,
                 pct(&mut gaps, 0.99).as_secs_f64() * 1e3,
             );
-            let [mut f, mut st, mut c] = parts;
+            let at = |q: f64, parts: &mut [Vec<Duration>; 5]| {
+                parts.iter_mut().map(|v| format!("{:.1}", pct(v, q).as_secs_f64() * 1e3)).collect::<Vec<_>>().join(" / ")
+            };
             println!(
-                "| {mib} MiB: the pause's parts at p50, from the freeze: final state out / stored on both hubs / switch committed | {:.1} ms / {:.1} ms / {:.1} ms | {:.1} ms / {:.1} ms / {:.1} ms | (p99 in the p99 column) |",
-                pct(&mut f, 0.5).as_secs_f64() * 1e3,
-                pct(&mut st, 0.5).as_secs_f64() * 1e3,
-                pct(&mut c, 0.5).as_secs_f64() * 1e3,
-                pct(&mut f, 0.99).as_secs_f64() * 1e3,
-                pct(&mut st, 0.99).as_secs_f64() * 1e3,
-                pct(&mut c, 0.99).as_secs_f64() * 1e3,
+                "| {mib} MiB: the pause's parts, ms from the freeze: final state out / stored on both hubs / switch committed / the target applied it / the task runs there | {} | {} | |",
+                at(0.5, &mut parts),
+                at(0.99, &mut parts),
             );
             println!(
                 "| {mib} MiB: whole migration (begin → target serves) | {:.1} ms | {:.1} ms | |",

@@ -98,6 +98,10 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
         };
         let record = state.tasks.get(&name).and_then(|t| t.checkpoint.as_ref().map(|c| (t, c)));
         let restore = match record {
+            // Stored and verified here moments ago as a live migration's target.
+            Some((_, record)) if hub.migrations().take_verified(&name, &record.key(&name)) => {
+                Restore::Verified(record.key(&name))
+            }
             Some((t, record)) if cfg.checkpoint != CheckpointPolicy::None || migrated_here(t, cfg.epoch, record) => {
                 match crate::replication::fetch_checkpoint(hub, &name, record).await {
                     Ok(key) => Restore::Key(key),

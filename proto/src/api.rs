@@ -287,6 +287,11 @@ pub struct MigrationInfo {
     pub stored_us: u64,
     #[serde(default)]
     pub committed_us: u64,
+    /// From the commit's answer: the target had applied the commit, and the task ran there.
+    #[serde(default)]
+    pub applied_us: u64,
+    #[serde(default)]
+    pub running_us: u64,
 }
 
 /// One hub of the mesh.

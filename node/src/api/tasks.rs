@@ -234,5 +234,7 @@ pub(crate) async fn migrate(
         frozen_us: r.frozen_us,
         stored_us: r.stored_us,
         committed_us: r.committed_us,
+        applied_us: r.applied_us,
+        running_us: r.running_us,
     }))
 }

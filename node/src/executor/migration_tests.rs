@@ -55,7 +55,7 @@ fn a_migrated_counter_goes_on_exactly_where_the_source_stopped() {
         let mut table = PageTable::from_manifest(Some(&base));
         // The task serves during the rounds.
         assert_eq!(call(&src, "c", "100").await.unwrap(), "115");
-        let round = src.migration_round("c", 16).await.unwrap();
+        let round = src.migration_round("c", 16, Duration::ZERO).await.unwrap();
         assert!(!round.pages.is_empty(), "the page the call changed is sent");
         assert_eq!(round.remaining, 0);
         let sent = table.record(round.memory_pages, round.pages);
@@ -126,7 +126,7 @@ fn an_aborted_migration_leaves_every_changed_page_to_the_next_checkpoint() {
         exec.invoke("big", 8u32.to_le_bytes().to_vec(), None).await.unwrap();
         let start = exec.migration_begin("big").await.unwrap();
         assert!(start.base.is_some());
-        let round = exec.migration_round("big", usize::MAX).await.unwrap();
+        let round = exec.migration_round("big", usize::MAX, Duration::ZERO).await.unwrap();
         assert!(round.pages.len() >= 8, "{} pages", round.pages.len());
         let last = exec.migration_freeze("big", 1).await.unwrap();
         assert!(last.pages.is_empty(), "nothing changed since the round");
@@ -144,7 +144,7 @@ fn an_aborted_migration_leaves_every_changed_page_to_the_next_checkpoint() {
         // A second migration starts again from that checkpoint.
         let again = exec.migration_begin("big").await.unwrap();
         assert_eq!(again.base.map(|b| b.0), Some(checkpoint_key("big", Epoch(1), second.sequence)));
-        assert!(exec.migration_round("big", usize::MAX).await.unwrap().pages.is_empty());
+        assert!(exec.migration_round("big", usize::MAX, Duration::ZERO).await.unwrap().pages.is_empty());
     });
 }
 
@@ -159,9 +159,9 @@ fn a_task_without_checkpoints_sends_every_page() {
         call(&exec, "c", "7").await.unwrap();
         let start = exec.migration_begin("c").await.unwrap();
         assert!(start.base.is_none());
-        let part = exec.migration_round("c", 0).await.unwrap();
+        let part = exec.migration_round("c", 0, Duration::ZERO).await.unwrap();
         assert_eq!((part.pages.len(), part.remaining), (0, part.memory_pages as usize));
-        let round = exec.migration_round("c", usize::MAX).await.unwrap();
+        let round = exec.migration_round("c", usize::MAX, Duration::ZERO).await.unwrap();
         assert_eq!((round.pages.len() as u32, round.remaining), (part.memory_pages, 0));
         // Freezing twice is refused; the first freeze stands.
         let last = exec.migration_freeze("c", 3).await.unwrap();

@@ -116,6 +116,9 @@ pub enum Restore {
     Key(String),
     /// The newest checkpoint of the task in the local page log (a hub on its own, tests).
     NewestLocal,
+    /// Like `Key`, for a checkpoint whose pages this hub verified as it stored them moments ago
+    /// (a live migration's): they are read without hashing them again.
+    Verified(String),
 }
 
 /// A checkpoint that is on the local disk, handed to the [`CheckpointSink`].
@@ -389,9 +392,15 @@ impl Executor {
         self.migration_call(name, |reply| MigrateMsg::Begin { reply }).await
     }
 
-    /// Copies out up to `max_pages` of the pages changed since the previous round.
-    pub(crate) async fn migration_round(&self, name: &str, max_pages: usize) -> Result<MigrationDelta, InvokeError> {
-        self.migration_call(name, |reply| MigrateMsg::Round { max_pages, reply }).await
+    /// Copies out up to `max_pages` of the pages changed since the previous round, and slows
+    /// the task's calls by `throttle` each until the migration ends.
+    pub(crate) async fn migration_round(
+        &self,
+        name: &str,
+        max_pages: usize,
+        throttle: std::time::Duration,
+    ) -> Result<MigrationDelta, InvokeError> {
+        self.migration_call(name, |reply| MigrateMsg::Round { max_pages, throttle, reply }).await
     }
 
     /// Freezes the task (calls are held) and hands out the rest of its state.

@@ -24,6 +24,7 @@ use super::{CheckpointSink, CheckpointSummary, InvokeError, LocalCheckpoint, Res
 use crate::checkpoint::{AnswerCache, Manifest, Writer};
 
 mod migrate;
+mod recovery;
 
 pub(crate) use migrate::{FinalState, MigrateMsg, MigrationStart, MovedTo, Resolution};
 
@@ -90,6 +91,8 @@ struct Actor {
     next_tick: Option<Instant>,
     /// Running, or frozen / moved by a live migration.
     mode: migrate::Mode,
+    /// A wait before each call while a migration's pages do not converge.
+    throttle: Duration,
 }
 
 /// Most input bytes of queued invocations a checkpoint carries.
@@ -110,9 +113,10 @@ impl StatefulTask {
         let mut status = StatefulStatus::default();
         // A key guessed from the local log may be of an older module; one from the mesh may not.
         let guessed = matches!(restore, Restore::NewestLocal);
+        let verify = !matches!(restore, Restore::Verified(_));
         let key = match restore {
             Restore::Fresh => None,
-            Restore::Key(k) => Some(k),
+            Restore::Key(k) | Restore::Verified(k) => Some(k),
             Restore::NewestLocal => newest_local(&pages, &cfg.name),
         };
         // A task without checkpoints restores only what the mesh names (a live migration's
@@ -138,8 +142,8 @@ impl StatefulTask {
         let pending: Vec<(Option<String>, Vec<u8>)> = saved.as_ref().map(|m| m.pending.clone()).unwrap_or_default();
         let (inst, image, answers, sequence, invocations) = match saved {
             Some(m) => {
-                let image =
-                    MemoryImage::restore(&m, &pages, cfg.limits.memory_bytes).map_err(StartTaskError::Restore)?;
+                let image = MemoryImage::restore(&m, &pages, cfg.limits.memory_bytes, verify)
+                    .map_err(StartTaskError::Restore)?;
                 let mut inst = Instance::new(&module, name, cfg.limits, false)
                     .map_err(|e| StartTaskError::Module(e.to_string()))?;
                 image.apply_to(&mut inst).map_err(|e| StartTaskError::Restore(e.to_string()))?;
@@ -194,6 +198,7 @@ impl StatefulTask {
             last_checkpoint: Instant::now(),
             next_tick,
             mode: migrate::Mode::Running,
+            throttle: Duration::ZERO,
         };
         let thread = std::thread::Builder::new()
             .name(format!("hm-task-{}", actor.cfg.name))
@@ -271,6 +276,9 @@ impl Actor {
             };
             match msg {
                 Ok(Msg::Invoke { input, key, reply }) => {
+                    if !self.throttle.is_zero() && self.image.migrating() {
+                        std::thread::sleep(self.throttle);
+                    }
                     let res = self.invoke(input, key);
                     let _ = reply.send(res);
                 }
@@ -415,78 +423,6 @@ impl Actor {
         }
         self.status.lock().unwrap_or_else(|p| p.into_inner()).invocations = self.invocations;
         Ok(answer)
-    }
-
-    /// Takes the mesh's committed checkpoint as this instance's own when it is newer, of this
-    /// epoch and in the local page log; says whether it did.
-    fn catch_up_committed_key(&mut self) -> bool {
-        let Some(key) = self.sink.as_ref().and_then(|s| s.committed_key(&self.cfg.name)) else { return false };
-        let Some((_, epoch, sequence)) = parse_checkpoint_key(&key) else { return false };
-        let mine = self.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s));
-        if epoch == Epoch(self.cfg.epoch) && mine.is_none_or(|m| m < (epoch, sequence)) && self.pages.has_manifest(&key)
-        {
-            tracing::warn!(task = %self.cfg.name, from = ?self.committed_key, to = %key, "this instance was behind the committed checkpoint");
-            self.committed_key = Some(key);
-            self.sequence = self.sequence.max(sequence);
-            return true;
-        }
-        false
-    }
-
-    /// Rebuilds the instance from the last committed checkpoint (or fresh, if none).
-    fn revert_to_committed(&mut self) -> Result<(), String> {
-        let migrating = self.image.migrating();
-        self.revert_image()?;
-        if migrating {
-            // The pages a migration sent may hold what was just undone: send every page again.
-            self.image.begin_migration(false);
-        }
-        Ok(())
-    }
-
-    fn revert_image(&mut self) -> Result<(), String> {
-        let name: Arc<str> = self.cfg.name.as_str().into();
-        let Some(key) = self.committed_key.clone() else {
-            let mut inst = Instance::new(&self.module, name, self.cfg.limits, true).map_err(|e| e.to_string())?;
-            self.image = MemoryImage::capture(&mut inst);
-            self.inst = inst;
-            self.answers = AnswerCache::default();
-            self.invocations = 0;
-            return Ok(());
-        };
-        let bytes = self
-            .pages
-            .read_manifest(&key)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("checkpoint {key} is gone"))?;
-        let m = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
-        let image = MemoryImage::restore(&m, &self.pages, self.cfg.limits.memory_bytes)?;
-        let mut inst = Instance::new(&self.module, name, self.cfg.limits, false).map_err(|e| e.to_string())?;
-        image.apply_to(&mut inst).map_err(|e| e.to_string())?;
-        let mut answers = AnswerCache::default();
-        for (k, a) in m.answers {
-            answers.insert(k, a);
-        }
-        self.inst = inst;
-        self.image = image;
-        self.answers = answers;
-        self.invocations = m.invocations;
-        Ok(())
-    }
-
-    /// Replaces the instance with a fresh one carrying the image (the state before the failed
-    /// call).
-    fn rollback(&mut self) {
-        let fresh = Instance::new(&self.module, self.cfg.name.as_str().into(), self.cfg.limits, false)
-            .and_then(|mut inst| self.image.apply_to(&mut inst).map(|()| inst));
-        match fresh {
-            Ok(inst) => self.inst = inst,
-            Err(e) => {
-                tracing::error!(task = %self.cfg.name, error = %e, "could not rebuild the instance");
-                self.status.lock().unwrap_or_else(|p| p.into_inner()).broken =
-                    Some(format!("the instance could not be rebuilt: {e}"));
-            }
-        }
     }
 
     fn checkpoint(&mut self) -> Result<CheckpointSummary, String> {

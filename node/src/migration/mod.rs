@@ -29,6 +29,7 @@ use hubmesh_proto::pb;
 use crate::dataplane::alive;
 use crate::hub::Hub;
 
+mod ending;
 mod source;
 mod target;
 
@@ -146,9 +147,18 @@ pub(crate) struct Migrations {
     outgoing: Mutex<HashSet<String>>,
     /// Tasks this hub is receiving, by name.
     incoming: Mutex<HashMap<String, target::Incoming>>,
+    /// Checkpoints this hub stored, verified, as a migration's target: task → key.
+    verified: Mutex<HashMap<String, String>>,
 }
 
 impl Migrations {
+    /// Takes the note that this hub stored and verified `key` of `task` as a migration's target
+    /// (its reconciler then restores it without reading every page back first).
+    pub(crate) fn take_verified(&self, task: &str, key: &str) -> bool {
+        let mut v = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        v.get(task).is_some_and(|k| k == key) && v.remove(task).is_some()
+    }
+
     /// Whether this hub is moving `task` away.
     pub(crate) fn is_outgoing(&self, task: &str) -> bool {
         self.outgoing.lock().unwrap_or_else(|p| p.into_inner()).contains(task)

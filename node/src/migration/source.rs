@@ -10,14 +10,14 @@ use hubmesh_consensus::state::{
     checkpoint_key, parse_checkpoint_key, BasedOn, CheckpointPolicy, CheckpointRecord, Command, MigrationReason,
     MigrationStats, Outcome, Placement, Rejected, TaskKind,
 };
-use hubmesh_consensus::transport::{MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE};
+use hubmesh_consensus::transport::{MIGRATE_PAGES, MIGRATE_PREPARE};
 use hubmesh_consensus::{now_ms, NodeId, ProposeError};
 use hubmesh_proto::pb;
 use hubmesh_storage::{Hash, PagePin, PageWrite};
 
 use super::{MigrateError, Outgoing, BUDGET};
 use crate::checkpoint::Manifest;
-use crate::executor::{CheckpointHeader, FinalState, MovedTo, PageTable, Resolution};
+use crate::executor::{CheckpointHeader, FinalState, MovedTo, PageTable};
 use crate::hub::Hub;
 
 /// Pages per round message (8 MiB): the actor copies them out between calls.
@@ -26,8 +26,10 @@ const PAGES_PER_MESSAGE: usize = 128;
 const MAX_ROUNDS: u32 = 8;
 /// A round this small (1 MiB) means the next delta is small enough to freeze for.
 const SMALL_ROUND: usize = 16;
+/// The longest wait before each of the task's calls when its pages do not converge.
+const MAX_THROTTLE: Duration = Duration::from_millis(64);
 /// Longest wait for one message to the target.
-const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Migrates `task`, which runs on this hub. The driver runs on a task of its own: a caller that
 /// goes away (an HTTP client that disconnects) cannot cut it short and leave the task frozen.
@@ -73,7 +75,17 @@ async fn drive(
     };
     let id = rand::random::<u64>() | 1;
     begin(hub, task, id, p, target, reason).await?;
-    let d = Driver { hub, task, id, from: p, to: target, version: t.version, policy: t.spec.checkpoint, started };
+    let d = Driver {
+        hub,
+        task,
+        id,
+        from: p,
+        to: target,
+        version: t.version,
+        policy: t.spec.checkpoint,
+        memory: t.spec.limits.memory_bytes,
+        started,
+    };
     let result = match t.spec.kind {
         TaskKind::Stateful => d.stateful(t.spec.module_hash).await,
         TaskKind::Stateless => d.stateless().await,
@@ -143,22 +155,24 @@ async fn begin(
 }
 
 /// How a migration that began ended, as the replicated state says.
-enum Ended {
+pub(super) enum Ended {
     /// Committed: the task runs at this placement.
     Moved(Placement),
     /// Aborted, or fenced by a re-placement: the task's placement now.
     NotMoved(Option<Placement>),
 }
 
-struct Driver<'a> {
-    hub: &'a Arc<Hub>,
-    task: &'a str,
-    id: u64,
-    from: Placement,
-    to: NodeId,
+pub(super) struct Driver<'a> {
+    pub(super) hub: &'a Arc<Hub>,
+    pub(super) task: &'a str,
+    pub(super) id: u64,
+    pub(super) from: Placement,
+    pub(super) to: NodeId,
     version: u64,
     policy: CheckpointPolicy,
-    started: Instant,
+    /// The task's memory limit.
+    memory: u64,
+    pub(super) started: Instant,
 }
 
 impl Driver<'_> {
@@ -256,6 +270,7 @@ impl Driver<'_> {
     /// the budget the migration is given up.
     async fn precopy(&self, copy: &mut Copy) -> Result<(), String> {
         let ex = self.hub.executor();
+        let (mut throttle, mut previous) = (Duration::ZERO, usize::MAX);
         loop {
             copy.rounds += 1;
             let (mut round, mut marked) = (0, None);
@@ -266,7 +281,8 @@ impl Driver<'_> {
                         copy.rounds
                     ));
                 }
-                let delta = ex.migration_round(self.task, PAGES_PER_MESSAGE).await.map_err(|e| e.to_string())?;
+                let delta =
+                    ex.migration_round(self.task, PAGES_PER_MESSAGE, throttle).await.map_err(|e| e.to_string())?;
                 round += delta.pages.len();
                 let marked = *marked.get_or_insert(delta.pages.len() + delta.remaining);
                 let pages = copy.table.record(delta.memory_pages, delta.pages);
@@ -275,9 +291,23 @@ impl Driver<'_> {
                     break;
                 }
             }
-            if round <= SMALL_ROUND || copy.rounds >= MAX_ROUNDS {
+            // Several times the state sent: the rounds chase a hot task; freeze now (the last
+            // delta is at most the state) rather than send more.
+            if round <= SMALL_ROUND || copy.rounds >= MAX_ROUNDS || copy.bytes > 3 * self.memory {
                 return Ok(());
             }
+            // Not shrinking by a quarter: slow the task's calls down (doubling, bounded).
+            if round * 4 > previous * 3 {
+                throttle = (throttle * 2).clamp(Duration::from_millis(1), MAX_THROTTLE);
+                metrics::counter!("hubmesh_migration_throttled_total").increment(1);
+                tracing::info!(
+                    task = self.task,
+                    round,
+                    ?throttle,
+                    "the task's pages do not converge; slowing its calls"
+                );
+            }
+            previous = round;
         }
     }
 
@@ -291,8 +321,9 @@ impl Driver<'_> {
         last: Option<(String, Vec<u8>)>,
     ) -> Result<(), String> {
         let log = self.hub.executor().pages().clone();
+        // Every page the migrated state refers to stays here, stored before or now.
+        copy.pin.add(pages.iter().map(|(h, _)| *h));
         let mut own: Vec<(Hash, Vec<u8>)> = pages.iter().filter(|(h, _)| !log.has_page(h)).cloned().collect();
-        copy.pin.add(own.iter().map(|(h, _)| *h));
         let store = tokio::task::spawn_blocking(move || {
             if own.is_empty() {
                 return Ok(0);
@@ -359,6 +390,7 @@ impl Driver<'_> {
         let refs: Vec<Hash> = manifest.pages.iter().map(|(_, h)| *h).collect();
         // The rounds' pages are stored here already; the last ones go with the manifest.
         let log = self.hub.executor().pages().clone();
+        copy.pin.add(pages.new.iter().map(|(h, _)| *h));
         let own: Vec<(Hash, Vec<u8>)> = pages.new.iter().filter(|(h, _)| !log.has_page(h)).cloned().collect();
         let write = PageWrite { pages: own, key: key.clone(), manifest: encoded.clone(), refs, remove: Vec::new() };
         let local = tokio::task::spawn_blocking(move || log.write(&[write], true));
@@ -392,184 +424,6 @@ impl Driver<'_> {
             at_ms: now_ms(),
         })
     }
-
-    /// Settles a migration whose commit gave no clear answer: an abort is proposed until one of
-    /// the two is recorded (they exclude each other), then the state says which. With a commit
-    /// proposed (`patient`) that takes as long as it takes — a frozen task answering from here
-    /// could fork its state; otherwise no commit was proposed, and after the budget the task
-    /// simply goes on here (a begin left behind is cleared by the next attempt).
-    async fn settle(&self, why: &str, patient: bool) -> Ended {
-        let deadline = Instant::now() + BUDGET;
-        loop {
-            if let Some(ended) = self.recorded() {
-                return ended;
-            }
-            let abort = Command::AbortMigration {
-                task: self.task.to_owned(),
-                id: self.id,
-                why: why.to_owned(),
-                at_ms: now_ms(),
-            };
-            match self.hub.consensus().propose(abort).await {
-                Ok(_) => return Ended::NotMoved(self.hub.consensus().state().placement(self.task, 0)),
-                Err(ProposeError::Rejected(_)) => {
-                    self.hub.consensus().catch_up(Duration::from_secs(1)).await;
-                    if let Some(ended) = self.recorded() {
-                        return ended;
-                    }
-                }
-                Err(e) => tracing::warn!(task = self.task, error = %e, "aborting the migration failed; retrying"),
-            }
-            if Instant::now() >= deadline && !patient {
-                return Ended::NotMoved(self.hub.consensus().state().placement(self.task, 0));
-            }
-            if Instant::now() >= deadline {
-                // Frozen until the mesh answers: the lease and failover decide then.
-                tracing::error!(task = self.task, "the migration's outcome is still unknown; the task stays frozen");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            } else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-
-    /// The migration's end as the applied state has it, if it has ended.
-    fn recorded(&self) -> Option<Ended> {
-        let state = self.hub.consensus().state();
-        let Some(t) = state.tasks.get(self.task) else { return Some(Ended::NotMoved(None)) };
-        if t.migration.is_some_and(|m| m.id == self.id) {
-            return None;
-        }
-        let committed = t
-            .history
-            .iter()
-            .rev()
-            .find(|h| h.migration.as_ref().is_some_and(|m| m.id == self.id && m.aborted.is_none()));
-        Some(match committed {
-            Some(h) => Ended::Moved(Placement { node: h.node, epoch: h.epoch }),
-            None => Ended::NotMoved(t.instances.get(&0).copied()),
-        })
-    }
-
-    /// Gives the migration up before the commit: aborted in the state, the actor runs again.
-    async fn give_up(&self, why: String, committing: bool) -> MigrateError {
-        metrics::counter!("hubmesh_migration_aborts_total").increment(1);
-        match self.settle(&why, committing).await {
-            Ended::Moved(p) => {
-                // The commit went through after all (an earlier answer was lost).
-                let _ = self.hub.executor().migration_resolve(self.task, Resolution::Moved(moved_to(p))).await;
-                self.detach_once_applied(p).await;
-                MigrateError::Aborted(format!("{why}; yet the task moved to hub {}", p.node))
-            }
-            Ended::NotMoved(now) => {
-                self.resume(now).await;
-                let _ = self.end_on_target(0).await;
-                MigrateError::Aborted(why)
-            }
-        }
-    }
-
-    /// The actor runs again here (still the host), or — a re-placement fenced the migration —
-    /// it runs nothing more (see `Resolution::Fenced`).
-    async fn resume(&self, now: Option<Placement>) {
-        let outcome = match now {
-            Some(p) if p == self.from => Resolution::Aborted,
-            now => Resolution::Fenced(now.map(moved_to)),
-        };
-        if let Err(e) = self.hub.executor().migration_resolve(self.task, outcome).await {
-            tracing::debug!(task = self.task, error = %e, "resuming after the migration");
-        }
-    }
-
-    /// Drops the moved instance once this hub's own state shows the task at `p` (until then the
-    /// reconciler could take the old placement for current and restart it here from an older
-    /// checkpoint). If it never does in time, the moved actor stays: it answers `Moved` and the
-    /// reconciler stops it once the state arrives (without a checkpoint).
-    async fn detach_once_applied(&self, p: Placement) {
-        let task = self.task.to_owned();
-        let applied = self.hub.wait_state(Duration::from_secs(10), move |s| s.placement(&task, 0) == Some(p)).await;
-        if applied {
-            self.hub.executor().detach_migrated(self.task);
-        } else {
-            tracing::warn!(task = self.task, "this hub has not applied the migration's commit yet");
-        }
-    }
-
-    async fn end_on_target(&self, epoch: u64) -> Result<(), String> {
-        let req = pb::MigrateEnd { task: self.task.to_owned(), id: self.id, epoch };
-        MIGRATE_END
-            .call(&self.hub.consensus().transport(), self.to.0, &req, CALL_TIMEOUT)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-
-    /// After the state recorded the end: the actor is told, the target asked to say when it
-    /// serves (the pause ends then), the pause recorded.
-    async fn finish(
-        &self,
-        ended: Ended,
-        paused: Instant,
-        stats: MigrationStats,
-        stateful: bool,
-    ) -> Result<pb::MigrateReport, MigrateError> {
-        let moved = match ended {
-            Ended::Moved(p) if p.node == self.to => p,
-            Ended::Moved(p) => {
-                if stateful {
-                    let _ = self.hub.executor().migration_resolve(self.task, Resolution::Moved(moved_to(p))).await;
-                }
-                return Err(MigrateError::Aborted(format!("the task was moved to hub {} meanwhile", p.node)));
-            }
-            Ended::NotMoved(now) => {
-                metrics::counter!("hubmesh_migration_aborts_total").increment(1);
-                if stateful {
-                    self.resume(now).await;
-                }
-                let _ = self.end_on_target(0).await;
-                return Err(MigrateError::Aborted("the commit was refused".into()));
-            }
-        };
-        if stateful {
-            if let Err(e) = self.hub.executor().migration_resolve(self.task, Resolution::Moved(moved_to(moved))).await {
-                tracing::warn!(task = self.task, error = %e, "telling the task it moved");
-            }
-        }
-        // The pause ends when the target serves; if it cannot say so (it died after the
-        // commit: failover takes over), the pause is not known.
-        let pause_us = match self.end_on_target(moved.epoch.0).await {
-            Ok(()) => paused.elapsed().as_micros() as u64,
-            Err(e) => {
-                tracing::warn!(task = self.task, error = %e, "the target did not say it serves");
-                0
-            }
-        };
-        if stateful {
-            self.detach_once_applied(moved).await;
-        }
-        if pause_us > 0 {
-            let note = Command::AnnotateMigration { task: self.task.to_owned(), epoch: moved.epoch, pause_us };
-            let hub = self.hub.clone();
-            tokio::spawn(async move {
-                if let Err(e) = hub.consensus().propose(note).await {
-                    tracing::debug!(error = %e, "recording the migration's pause");
-                }
-            });
-            metrics::histogram!("hubmesh_migration_pause_seconds").record(pause_us as f64 / 1e6);
-        }
-        metrics::counter!("hubmesh_migrations_total").increment(1);
-        Ok(pb::MigrateReport {
-            from: self.from.node.0,
-            to: self.to.0,
-            epoch: moved.epoch.0,
-            rounds: stats.rounds,
-            bytes: stats.bytes,
-            precopy_ms: stats.precopy_ms,
-            pause_us,
-            duration_ms: self.started.elapsed().as_millis() as u64,
-            ..Default::default()
-        })
-    }
 }
 
 /// What a migration has sent so far.
@@ -581,6 +435,6 @@ struct Copy {
     bytes: u64,
 }
 
-fn moved_to(p: Placement) -> MovedTo {
+pub(super) fn moved_to(p: Placement) -> MovedTo {
     MovedTo { node: p.node.0, epoch: p.epoch.0 }
 }

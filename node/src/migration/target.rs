@@ -205,6 +205,7 @@ async fn store_final(
         .map_err(|e| Refusal::internal(format!("storing the migrated state: {e}")))?;
     // The manifest refers to the pages now.
     drop(entry);
+    hub.migrations().verified.lock().unwrap_or_else(|p| p.into_inner()).insert(task.to_owned(), key.to_owned());
     Ok(())
 }
 
@@ -216,20 +217,25 @@ pub(super) async fn end(hub: &Arc<Hub>, from: NodeId, req: pb::MigrateEnd) -> Re
         }
     }
     if req.epoch == 0 {
-        return Ok(pb::MigrateEndResponse {});
+        return Ok(pb::MigrateEndResponse::default());
     }
     // Committed: answer once the task runs here at that epoch (the source measures the pause).
-    let deadline = Instant::now() + SETTLE;
+    let asked = Instant::now();
+    let deadline = asked + SETTLE;
     let me = hub.consensus().node_id();
+    let mut applied_us = None;
     loop {
         let state = hub.consensus().state();
         let Some(t) = state.tasks.get(&req.task) else {
             return Err(refuse(pb::ErrorCode::NotFound, "the task was deleted"));
         };
-        if t.instances.get(&0).is_some_and(|p| p.node == me && p.epoch.0 == req.epoch)
-            && hub.executor().runs_at(&req.task, t.version, req.epoch)
-        {
-            return Ok(pb::MigrateEndResponse {});
+        let placed = t.instances.get(&0).is_some_and(|p| p.node == me && p.epoch.0 == req.epoch);
+        if placed && applied_us.is_none() {
+            applied_us = Some(asked.elapsed().as_micros() as u64);
+        }
+        if placed && hub.executor().runs_at(&req.task, t.version, req.epoch) {
+            let running_us = asked.elapsed().as_micros() as u64;
+            return Ok(pb::MigrateEndResponse { applied_us: applied_us.unwrap_or(running_us), running_us });
         }
         if Instant::now() >= deadline {
             return Err(refuse(pb::ErrorCode::Unavailable, "the task did not start here in time"));

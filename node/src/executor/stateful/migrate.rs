@@ -16,6 +16,7 @@
 //! set, so an aborted migration leaves the checkpoint's own marks as they were.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use hubmesh_storage::PagePin;
 use tokio::sync::oneshot;
@@ -29,8 +30,10 @@ use crate::executor::InvokeError;
 pub(crate) enum MigrateMsg {
     /// Starts tracking the pages to send.
     Begin { reply: oneshot::Sender<MigrationStart> },
-    /// Copies out up to `max_pages` of the pages changed since the previous round.
-    Round { max_pages: usize, reply: oneshot::Sender<MigrationDelta> },
+    /// Copies out up to `max_pages` of the pages changed since the previous round; from now on
+    /// each call waits `throttle` first (auto-converge: a task that dirties pages faster than
+    /// they travel is slowed down until the migration ends).
+    Round { max_pages: usize, throttle: Duration, reply: oneshot::Sender<MigrationDelta> },
     /// Stops running calls and hands out the rest of the state.
     Freeze { id: u64, reply: oneshot::Sender<FinalState> },
     /// How the migration ended.
@@ -135,7 +138,8 @@ impl Actor {
                 self.image.begin_migration(base.is_some());
                 let _ = reply.send(MigrationStart { base });
             }
-            MigrateMsg::Round { max_pages, reply } => {
+            MigrateMsg::Round { max_pages, throttle, reply } => {
+                self.throttle = throttle;
                 let _ = reply.send(self.image.take_migration_delta(max_pages));
             }
             MigrateMsg::Freeze { id, reply } => {

@@ -1,0 +1,87 @@
+//! How a stateful actor gets back to a state it may answer from: after a trap (rebuilt from the
+//! base image), and after a checkpoint that could not be committed (back to the committed one,
+//! which the mesh may know to be newer than this instance does).
+
+use std::sync::Arc;
+
+use hubmesh_consensus::state::parse_checkpoint_key;
+use hubmesh_consensus::Epoch;
+
+use super::Actor;
+use crate::checkpoint::{AnswerCache, Manifest};
+use crate::executor::image::MemoryImage;
+use crate::executor::instance::Instance;
+
+impl Actor {
+    /// Takes the mesh's committed checkpoint as this instance's own when it is newer, of this
+    /// epoch and in the local page log; says whether it did.
+    pub(super) fn catch_up_committed_key(&mut self) -> bool {
+        let Some(key) = self.sink.as_ref().and_then(|s| s.committed_key(&self.cfg.name)) else { return false };
+        let Some((_, epoch, sequence)) = parse_checkpoint_key(&key) else { return false };
+        let mine = self.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s));
+        if epoch == Epoch(self.cfg.epoch) && mine.is_none_or(|m| m < (epoch, sequence)) && self.pages.has_manifest(&key)
+        {
+            tracing::warn!(task = %self.cfg.name, from = ?self.committed_key, to = %key, "this instance was behind the committed checkpoint");
+            self.committed_key = Some(key);
+            self.sequence = self.sequence.max(sequence);
+            return true;
+        }
+        false
+    }
+
+    /// Rebuilds the instance from the last committed checkpoint (or fresh, if none).
+    pub(super) fn revert_to_committed(&mut self) -> Result<(), String> {
+        let migrating = self.image.migrating();
+        self.revert_image()?;
+        if migrating {
+            // The pages a migration sent may hold what was just undone: send every page again.
+            self.image.begin_migration(false);
+        }
+        Ok(())
+    }
+
+    fn revert_image(&mut self) -> Result<(), String> {
+        let name: Arc<str> = self.cfg.name.as_str().into();
+        let Some(key) = self.committed_key.clone() else {
+            let mut inst = Instance::new(&self.module, name, self.cfg.limits, true).map_err(|e| e.to_string())?;
+            self.image = MemoryImage::capture(&mut inst);
+            self.inst = inst;
+            self.answers = AnswerCache::default();
+            self.invocations = 0;
+            return Ok(());
+        };
+        let bytes = self
+            .pages
+            .read_manifest(&key)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("checkpoint {key} is gone"))?;
+        let m = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
+        let image = MemoryImage::restore(&m, &self.pages, self.cfg.limits.memory_bytes, true)?;
+        let mut inst = Instance::new(&self.module, name, self.cfg.limits, false).map_err(|e| e.to_string())?;
+        image.apply_to(&mut inst).map_err(|e| e.to_string())?;
+        let mut answers = AnswerCache::default();
+        for (k, a) in m.answers {
+            answers.insert(k, a);
+        }
+        self.inst = inst;
+        self.image = image;
+        self.answers = answers;
+        self.invocations = m.invocations;
+        Ok(())
+    }
+
+    /// Replaces the instance with a fresh one carrying the image (the state before the failed
+    /// call).
+    pub(super) fn rollback(&mut self) {
+        let fresh = Instance::new(&self.module, self.cfg.name.as_str().into(), self.cfg.limits, false)
+            .and_then(|mut inst| self.image.apply_to(&mut inst).map(|()| inst));
+        match fresh {
+            Ok(inst) => self.inst = inst,
+            Err(e) => {
+                tracing::error!(task = %self.cfg.name, error = %e, "could not rebuild the instance");
+                self.status.lock().unwrap_or_else(|p| p.into_inner()).broken =
+                    Some(format!("the instance could not be rebuilt: {e}"));
+            }
+        }
+    }
+}

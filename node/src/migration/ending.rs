@@ -1,0 +1,196 @@
+//! How a live migration ends, on its source: settling an unknown outcome (an abort is proposed
+//! until the commit or the abort is recorded — they exclude each other), giving up before the
+//! commit, and finishing after it (the actor told, the target asked when it serves, the moved
+//! instance dropped once this hub applied the commit).
+
+use std::time::{Duration, Instant};
+
+use hubmesh_consensus::state::{Command, MigrationStats, Placement};
+use hubmesh_consensus::transport::MIGRATE_END;
+use hubmesh_consensus::{now_ms, ProposeError};
+use hubmesh_proto::pb;
+
+use super::source::{moved_to, Driver, Ended, CALL_TIMEOUT};
+use super::{MigrateError, BUDGET};
+use crate::executor::Resolution;
+
+impl Driver<'_> {
+    /// Settles a migration whose commit gave no clear answer: an abort is proposed until one of
+    /// the two is recorded (they exclude each other), then the state says which. With a commit
+    /// proposed (`patient`) that takes as long as it takes — a frozen task answering from here
+    /// could fork its state; otherwise no commit was proposed, and after the budget the task
+    /// simply goes on here (a begin left behind is cleared by the next attempt).
+    pub(super) async fn settle(&self, why: &str, patient: bool) -> Ended {
+        let deadline = Instant::now() + BUDGET;
+        loop {
+            if let Some(ended) = self.recorded() {
+                return ended;
+            }
+            let abort = Command::AbortMigration {
+                task: self.task.to_owned(),
+                id: self.id,
+                why: why.to_owned(),
+                at_ms: now_ms(),
+            };
+            match self.hub.consensus().propose(abort).await {
+                Ok(_) => return Ended::NotMoved(self.hub.consensus().state().placement(self.task, 0)),
+                Err(ProposeError::Rejected(_)) => {
+                    self.hub.consensus().catch_up(Duration::from_secs(1)).await;
+                    if let Some(ended) = self.recorded() {
+                        return ended;
+                    }
+                }
+                Err(e) => tracing::warn!(task = self.task, error = %e, "aborting the migration failed; retrying"),
+            }
+            if Instant::now() >= deadline && !patient {
+                return Ended::NotMoved(self.hub.consensus().state().placement(self.task, 0));
+            }
+            if Instant::now() >= deadline {
+                // Frozen until the mesh answers: the lease and failover decide then.
+                tracing::error!(task = self.task, "the migration's outcome is still unknown; the task stays frozen");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// The migration's end as the applied state has it, if it has ended.
+    fn recorded(&self) -> Option<Ended> {
+        let state = self.hub.consensus().state();
+        let Some(t) = state.tasks.get(self.task) else { return Some(Ended::NotMoved(None)) };
+        if t.migration.is_some_and(|m| m.id == self.id) {
+            return None;
+        }
+        let committed = t
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.migration.as_ref().is_some_and(|m| m.id == self.id && m.aborted.is_none()));
+        Some(match committed {
+            Some(h) => Ended::Moved(Placement { node: h.node, epoch: h.epoch }),
+            None => Ended::NotMoved(t.instances.get(&0).copied()),
+        })
+    }
+
+    /// Gives the migration up before the commit: aborted in the state, the actor runs again.
+    pub(super) async fn give_up(&self, why: String, committing: bool) -> MigrateError {
+        metrics::counter!("hubmesh_migration_aborts_total").increment(1);
+        match self.settle(&why, committing).await {
+            Ended::Moved(p) => {
+                // The commit went through after all (an earlier answer was lost).
+                let _ = self.hub.executor().migration_resolve(self.task, Resolution::Moved(moved_to(p))).await;
+                self.detach_once_applied(p).await;
+                MigrateError::Aborted(format!("{why}; yet the task moved to hub {}", p.node))
+            }
+            Ended::NotMoved(now) => {
+                self.resume(now).await;
+                let _ = self.end_on_target(0).await;
+                MigrateError::Aborted(why)
+            }
+        }
+    }
+
+    /// The actor runs again here (still the host), or — a re-placement fenced the migration —
+    /// it runs nothing more (see `Resolution::Fenced`).
+    async fn resume(&self, now: Option<Placement>) {
+        let outcome = match now {
+            Some(p) if p == self.from => Resolution::Aborted,
+            now => Resolution::Fenced(now.map(moved_to)),
+        };
+        if let Err(e) = self.hub.executor().migration_resolve(self.task, outcome).await {
+            tracing::debug!(task = self.task, error = %e, "resuming after the migration");
+        }
+    }
+
+    /// Drops the moved instance once this hub's own state shows the task at `p` (until then the
+    /// reconciler could take the old placement for current and restart it here from an older
+    /// checkpoint). If it never does in time, the moved actor stays: it answers `Moved` and the
+    /// reconciler stops it once the state arrives (without a checkpoint).
+    async fn detach_once_applied(&self, p: Placement) {
+        let task = self.task.to_owned();
+        let applied = self.hub.wait_state(Duration::from_secs(10), move |s| s.placement(&task, 0) == Some(p)).await;
+        if applied {
+            self.hub.executor().detach_migrated(self.task);
+        } else {
+            tracing::warn!(task = self.task, "this hub has not applied the migration's commit yet");
+        }
+    }
+
+    async fn end_on_target(&self, epoch: u64) -> Result<pb::MigrateEndResponse, String> {
+        let req = pb::MigrateEnd { task: self.task.to_owned(), id: self.id, epoch };
+        MIGRATE_END
+            .call(&self.hub.consensus().transport(), self.to.0, &req, CALL_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// After the state recorded the end: the actor is told, the target asked to say when it
+    /// serves (the pause ends then), the pause recorded.
+    pub(super) async fn finish(
+        &self,
+        ended: Ended,
+        paused: Instant,
+        stats: MigrationStats,
+        stateful: bool,
+    ) -> Result<pb::MigrateReport, MigrateError> {
+        let moved = match ended {
+            Ended::Moved(p) if p.node == self.to => p,
+            Ended::Moved(p) => {
+                if stateful {
+                    let _ = self.hub.executor().migration_resolve(self.task, Resolution::Moved(moved_to(p))).await;
+                }
+                return Err(MigrateError::Aborted(format!("the task was moved to hub {} meanwhile", p.node)));
+            }
+            Ended::NotMoved(now) => {
+                metrics::counter!("hubmesh_migration_aborts_total").increment(1);
+                if stateful {
+                    self.resume(now).await;
+                }
+                let _ = self.end_on_target(0).await;
+                return Err(MigrateError::Aborted("the commit was refused".into()));
+            }
+        };
+        if stateful {
+            if let Err(e) = self.hub.executor().migration_resolve(self.task, Resolution::Moved(moved_to(moved))).await {
+                tracing::warn!(task = self.task, error = %e, "telling the task it moved");
+            }
+        }
+        // The pause ends when the target serves; if it cannot say so (it died after the
+        // commit: failover takes over), the pause is not known.
+        let (pause_us, target) = match self.end_on_target(moved.epoch.0).await {
+            Ok(r) => (paused.elapsed().as_micros() as u64, r),
+            Err(e) => {
+                tracing::warn!(task = self.task, error = %e, "the target did not say it serves");
+                (0, pb::MigrateEndResponse::default())
+            }
+        };
+        if stateful {
+            self.detach_once_applied(moved).await;
+        }
+        if pause_us > 0 {
+            let note = Command::AnnotateMigration { task: self.task.to_owned(), epoch: moved.epoch, pause_us };
+            let hub = self.hub.clone();
+            tokio::spawn(async move {
+                if let Err(e) = hub.consensus().propose(note).await {
+                    tracing::debug!(error = %e, "recording the migration's pause");
+                }
+            });
+            metrics::histogram!("hubmesh_migration_pause_seconds").record(pause_us as f64 / 1e6);
+        }
+        metrics::counter!("hubmesh_migrations_total").increment(1);
+        Ok(pb::MigrateReport {
+            from: self.from.node.0,
+            to: self.to.0,
+            epoch: moved.epoch.0,
+            rounds: stats.rounds,
+            bytes: stats.bytes,
+            precopy_ms: stats.precopy_ms,
+            pause_us,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            applied_us: target.applied_us,
+            running_us: target.running_us,
+            ..Default::default()
+        })
+    }
+}
