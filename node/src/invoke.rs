@@ -76,6 +76,8 @@ impl Hub {
         match self.route(name, input, key, false).await {
             Ok(a) => Ok(a),
             Err(RouteError::Invoke(e)) => Err(e),
+            // A relay from a migration's source that got no answer: it may have run.
+            Err(e @ RouteError::Unknown { .. }) => Err(InvokeError::OutcomeUnknown(e.to_string())),
             Err(e) => Err(InvokeError::Unavailable(e.to_string())),
         }
     }
@@ -165,6 +167,7 @@ impl Hub {
             Duration::from_millis(t.spec.limits.timeout_ms) + Duration::from_secs(5)
         });
         let mut to = first;
+        let mut pause = Duration::from_millis(5);
         loop {
             let gone = self.host_replaced(name, to, true);
             let res = dataplane::forward(self, to.node, name, input.to_vec(), key.clone(), budget, gone).await;
@@ -184,8 +187,9 @@ impl Hub {
                     None => RouteError::NotReady(format!("the task moved to hub {}: {reason}", to.node)),
                 });
             }
-            let mut rx = self.consensus().watch();
-            let _ = tokio::time::timeout(Duration::from_millis(20), rx.changed()).await;
+            // Backing off (5 ms, doubling to 200 ms): many held calls may wait on one target.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
             // Where the task runs now: the target, or wherever a failover put it.
             if let Some(p) = self.consensus().state().placement(name, 0).filter(|p| p.epoch >= first.epoch) {
                 to = p;

@@ -57,6 +57,7 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
     // A task this hub is migrating away is the driver's: it stops it (without a checkpoint) once
     // the target serves, or keeps it if the migration is given up.
     let migrating = |n: &str| hub.migrations().is_outgoing(n);
+    hub.migrations().sweep();
     for name in running.keys().filter(|n| !desired.contains_key(*n) && !migrating(n)) {
         let deleted = !state.tasks.contains_key(name);
         tracing::info!(task = %name, deleted, "stopping task");
@@ -98,10 +99,6 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
         };
         let record = state.tasks.get(&name).and_then(|t| t.checkpoint.as_ref().map(|c| (t, c)));
         let restore = match record {
-            // Stored and verified here moments ago as a live migration's target.
-            Some((_, record)) if hub.migrations().take_verified(&name, &record.key(&name)) => {
-                Restore::Verified(record.key(&name))
-            }
             Some((t, record)) if cfg.checkpoint != CheckpointPolicy::None || migrated_here(t, cfg.epoch, record) => {
                 match crate::replication::fetch_checkpoint(hub, &name, record).await {
                     Ok(key) => Restore::Key(key),

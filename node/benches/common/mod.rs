@@ -18,6 +18,14 @@ pub(crate) struct Hub {
     pub(crate) id: u64,
 }
 
+/// A bench's hubs end with it: a hub left running would load the machine for every later run
+/// (seen: 27 hubs of earlier bench runs took both cores and failed a test run).
+impl Drop for Hub {
+    fn drop(&mut self) {
+        kill(self);
+    }
+}
+
 /// Starts a hub; its log goes to `DIR/hub.log` at `BENCH_HUB_LOG` (default `warn,openraft=error`).
 pub(crate) fn spawn(dir: &Path, join: Option<&str>) -> Child {
     let mesh = std::fs::read_to_string(dir.join("mesh.addr"))

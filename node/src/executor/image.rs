@@ -89,10 +89,9 @@ impl MemoryImage {
         }
     }
 
-    /// Rebuilds the image from a manifest, verifying every page (unless `verify` is off: pages
-    /// this hub verified as it stored them moments ago). A manifest whose memory exceeds the
-    /// task's limit (`max_bytes`) is refused before anything is allocated.
-    pub(crate) fn restore(manifest: &Manifest, pages: &PageLog, max_bytes: u64, verify: bool) -> Result<Self, String> {
+    /// Rebuilds the image from a manifest, verifying every page. A manifest whose memory exceeds
+    /// the task's limit (`max_bytes`) is refused before anything is allocated.
+    pub(crate) fn restore(manifest: &Manifest, pages: &PageLog, max_bytes: u64) -> Result<Self, String> {
         let bytes = u64::from(manifest.memory_pages) * PAGE as u64;
         if bytes > max_bytes {
             return Err(format!(
@@ -104,8 +103,7 @@ impl MemoryImage {
         let mut base = vec![0u8; n * PAGE];
         let mut hashes = vec![None; n];
         for (index, hash) in &manifest.pages {
-            let bytes = if verify { pages.read_page(hash) } else { pages.read_page_unverified(hash) };
-            let bytes = bytes.map_err(|e| e.to_string())?;
+            let bytes = pages.read_page(hash).map_err(|e| e.to_string())?;
             if bytes.len() != PAGE {
                 return Err(format!("page {hash} has {} bytes", bytes.len()));
             }
@@ -326,10 +324,10 @@ mod tests {
             created_unix_ms: 0,
             pending: Vec::new(),
         };
-        let err = MemoryImage::restore(&manifest, &pages, 16 << 20, true).err().expect("refused");
+        let err = MemoryImage::restore(&manifest, &pages, 16 << 20).err().expect("refused");
         assert!(err.contains("exceeds the task's limit"), "{err}");
         let small = Manifest { memory_pages: 2, ..manifest };
-        let image = MemoryImage::restore(&small, &pages, 16 << 20, true).expect("within the limit");
+        let image = MemoryImage::restore(&small, &pages, 16 << 20).expect("within the limit");
         assert_eq!(image.base.len(), 2 * PAGE);
     }
 }

@@ -116,9 +116,6 @@ pub enum Restore {
     Key(String),
     /// The newest checkpoint of the task in the local page log (a hub on its own, tests).
     NewestLocal,
-    /// Like `Key`, for a checkpoint whose pages this hub verified as it stored them moments ago
-    /// (a live migration's): they are read without hashing them again.
-    Verified(String),
 }
 
 /// A checkpoint that is on the local disk, handed to the [`CheckpointSink`].

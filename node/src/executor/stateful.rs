@@ -113,10 +113,9 @@ impl StatefulTask {
         let mut status = StatefulStatus::default();
         // A key guessed from the local log may be of an older module; one from the mesh may not.
         let guessed = matches!(restore, Restore::NewestLocal);
-        let verify = !matches!(restore, Restore::Verified(_));
         let key = match restore {
             Restore::Fresh => None,
-            Restore::Key(k) | Restore::Verified(k) => Some(k),
+            Restore::Key(k) => Some(k),
             Restore::NewestLocal => newest_local(&pages, &cfg.name),
         };
         // A task without checkpoints restores only what the mesh names (a live migration's
@@ -142,8 +141,8 @@ impl StatefulTask {
         let pending: Vec<(Option<String>, Vec<u8>)> = saved.as_ref().map(|m| m.pending.clone()).unwrap_or_default();
         let (inst, image, answers, sequence, invocations) = match saved {
             Some(m) => {
-                let image = MemoryImage::restore(&m, &pages, cfg.limits.memory_bytes, verify)
-                    .map_err(StartTaskError::Restore)?;
+                let image =
+                    MemoryImage::restore(&m, &pages, cfg.limits.memory_bytes).map_err(StartTaskError::Restore)?;
                 let mut inst = Instance::new(&module, name, cfg.limits, false)
                     .map_err(|e| StartTaskError::Module(e.to_string()))?;
                 image.apply_to(&mut inst).map_err(|e| StartTaskError::Restore(e.to_string()))?;

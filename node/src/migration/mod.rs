@@ -147,16 +147,13 @@ pub(crate) struct Migrations {
     outgoing: Mutex<HashSet<String>>,
     /// Tasks this hub is receiving, by name.
     incoming: Mutex<HashMap<String, target::Incoming>>,
-    /// Checkpoints this hub stored, verified, as a migration's target: task → key.
-    verified: Mutex<HashMap<String, String>>,
 }
 
 impl Migrations {
-    /// Takes the note that this hub stored and verified `key` of `task` as a migration's target
-    /// (its reconciler then restores it without reading every page back first).
-    pub(crate) fn take_verified(&self, task: &str, key: &str) -> bool {
-        let mut v = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        v.get(task).is_some_and(|k| k == key) && v.remove(task).is_some()
+    /// Forgets incoming migrations whose source stopped sending (it died or gave up without
+    /// telling): their pinned pages become garbage again. The reconciler calls it each round.
+    pub(crate) fn sweep(&self) {
+        target::sweep(&mut self.incoming.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// Whether this hub is moving `task` away.

@@ -27,7 +27,7 @@ const MAX_ROUNDS: u32 = 8;
 /// A round this small (1 MiB) means the next delta is small enough to freeze for.
 const SMALL_ROUND: usize = 16;
 /// The longest wait before each of the task's calls when its pages do not converge.
-const MAX_THROTTLE: Duration = Duration::from_millis(64);
+const MAX_THROTTLE: Duration = Duration::from_millis(16);
 /// Longest wait for one message to the target.
 pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -40,9 +40,19 @@ pub(super) async fn run(
     reason: MigrationReason,
 ) -> Result<pb::MigrateReport, MigrateError> {
     let (hub, task) = (hub.clone(), task.to_owned());
-    tokio::spawn(async move { drive(&hub, &task, to, reason).await })
-        .await
-        .unwrap_or_else(|e| Err(MigrateError::NotNow(format!("the migration's driver failed: {e}"))))
+    let driver = {
+        let (hub, task) = (hub.clone(), task.clone());
+        tokio::spawn(async move { drive(&hub, &task, to, reason).await })
+    };
+    driver.await.unwrap_or_else(|e| {
+        // A bug: the actor may be frozen with nobody to resolve it. Stopping it answers what
+        // it holds (never running a call twice) and the reconciler starts it again from the
+        // committed checkpoint if it is still placed here.
+        tracing::error!(task, error = %e, "the migration's driver failed; restarting the task");
+        let ex = hub.executor().clone();
+        tokio::task::spawn_blocking(move || ex.stop_task(&task, false));
+        Err(MigrateError::NotNow(format!("the migration's driver failed: {e}")))
+    })
 }
 
 async fn drive(
@@ -259,7 +269,8 @@ impl Driver<'_> {
         let switched = Instant::now();
         let ended = match self.hub.consensus().propose(commit).await {
             Ok(Outcome::Migrated { epoch }) => Ended::Moved(Placement { node: self.to, epoch }),
-            Ok(_) | Err(_) => self.settle("the commit failed", true).await,
+            // Nothing is frozen: no need to wait for the mesh beyond the budget.
+            Ok(_) | Err(_) => self.settle("the commit failed", false).await,
         };
         // Calls in flight here finish; the reconciler stops the pool once the driver is done.
         self.finish(ended, switched, MigrationStats::default(), false).await

@@ -104,7 +104,7 @@ pub(super) async fn prepare(
 }
 
 /// Forgets migrations whose source stopped sending (it died, or gave up without telling).
-fn sweep(incoming: &mut HashMap<String, Incoming>) {
+pub(super) fn sweep(incoming: &mut HashMap<String, Incoming>) {
     incoming.retain(|_, i| i.since.elapsed() < super::BUDGET * 2);
 }
 
@@ -205,7 +205,6 @@ async fn store_final(
         .map_err(|e| Refusal::internal(format!("storing the migrated state: {e}")))?;
     // The manifest refers to the pages now.
     drop(entry);
-    hub.migrations().verified.lock().unwrap_or_else(|p| p.into_inner()).insert(task.to_owned(), key.to_owned());
     Ok(())
 }
 

@@ -117,6 +117,8 @@ pub(in crate::executor) struct Held {
     key: Option<String>,
     /// The key it is relayed under after a move (set for the calls the final state carries).
     relay_key: Option<String>,
+    /// The final state carries it: it may run on the target whatever happens here.
+    carried: bool,
     reply: oneshot::Sender<Result<Answer, InvokeError>>,
 }
 
@@ -136,6 +138,7 @@ impl Actor {
                     }
                 });
                 self.image.begin_migration(base.is_some());
+                self.throttle = Duration::ZERO;
                 let _ = reply.send(MigrationStart { base });
             }
             MigrateMsg::Round { max_pages, throttle, reply } => {
@@ -146,7 +149,10 @@ impl Actor {
                 let state = self.freeze(id);
                 let _ = reply.send(state);
             }
-            MigrateMsg::Resolve { outcome: Resolution::Aborted } => self.image.end_migration(),
+            MigrateMsg::Resolve { outcome: Resolution::Aborted } => {
+                self.image.end_migration();
+                self.throttle = Duration::ZERO;
+            }
             MigrateMsg::Resolve { outcome } => {
                 // Moved or fenced without a freeze: not through the driver, but the authority
                 // is gone either way.
@@ -193,7 +199,7 @@ impl Actor {
             } else {
                 key.clone()
             };
-            held.push_back(Held { input, key, relay_key, reply });
+            held.push_back(Held { input, key, relay_key, carried: bytes <= PENDING_BYTES, reply });
         }
         self.backlog = others;
         let delta = self.image.take_migration_delta(usize::MAX);
@@ -218,7 +224,7 @@ impl Actor {
         match msg {
             Msg::Invoke { input, key, reply } => match &mut self.mode {
                 Mode::Frozen { held } => {
-                    held.push_back(Held { input, relay_key: key.clone(), key, reply });
+                    held.push_back(Held { input, relay_key: key.clone(), key, carried: false, reply });
                     let n = held.len();
                     self.count_waiting(n);
                 }
@@ -237,12 +243,13 @@ impl Actor {
             Msg::Migrate(other) => other.refuse("a migration is already frozen or done"),
             Msg::Stop { .. } => {
                 if let Mode::Frozen { held } = std::mem::replace(&mut self.mode, Mode::Running) {
-                    // The migration's outcome is not known here: the calls it carried may run on
-                    // the target. `Unavailable` says that the outcome is unknown.
+                    // The migration's outcome is not known here: a call the final state carries
+                    // may run on the target (outcome unknown); the others never ran.
                     for h in held {
-                        let _ = h
-                            .reply
-                            .send(Err(InvokeError::Unavailable("the task stopped during a live migration".into())));
+                        let why = "the task stopped during a live migration".to_owned();
+                        let answer =
+                            if h.carried { InvokeError::OutcomeUnknown(why) } else { InvokeError::Unavailable(why) };
+                        let _ = h.reply.send(Err(answer));
                     }
                 }
                 // Never a final checkpoint: the state is the target's or the frozen one.
@@ -257,6 +264,7 @@ impl Actor {
             return;
         };
         self.image.end_migration();
+        self.throttle = Duration::ZERO;
         match outcome {
             Resolution::Moved(to) => {
                 tracing::info!(task = %self.cfg.name, node = to.node, epoch = to.epoch, relayed = held.len(), "migrated");

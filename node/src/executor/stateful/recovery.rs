@@ -56,7 +56,7 @@ impl Actor {
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("checkpoint {key} is gone"))?;
         let m = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
-        let image = MemoryImage::restore(&m, &self.pages, self.cfg.limits.memory_bytes, true)?;
+        let image = MemoryImage::restore(&m, &self.pages, self.cfg.limits.memory_bytes)?;
         let mut inst = Instance::new(&self.module, name, self.cfg.limits, false).map_err(|e| e.to_string())?;
         image.apply_to(&mut inst).map_err(|e| e.to_string())?;
         let mut answers = AnswerCache::default();
