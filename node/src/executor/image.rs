@@ -50,6 +50,31 @@ pub(crate) struct CheckpointHeader {
 }
 
 impl CheckpointHeader {
+    /// The manifest of a checkpoint with this header: `hashes` by page index (`None`: a zero
+    /// page), the globals named, the answers and the calls waiting.
+    pub(crate) fn manifest(
+        self,
+        hashes: &[Option<Hash>],
+        globals: Vec<(String, GlobalValue)>,
+        answers: Vec<(String, super::Answer)>,
+        pending: Vec<(Option<String>, Vec<u8>)>,
+    ) -> Manifest {
+        Manifest {
+            task: self.task,
+            task_version: self.task_version,
+            epoch: self.epoch,
+            sequence: self.sequence,
+            module_hash: self.module_hash,
+            memory_pages: hashes.len() as u32,
+            pages: hashes.iter().enumerate().filter_map(|(i, h)| h.map(|h| (i as u32, h))).collect(),
+            globals,
+            answers,
+            invocations: self.invocations,
+            created_unix_ms: self.created_unix_ms,
+            pending,
+        }
+    }
+
     /// The header of a task's next checkpoint.
     pub(crate) fn of(cfg: &super::TaskConfig, sequence: u64, invocations: u64, now_ms: u64) -> Self {
         Self {
@@ -283,20 +308,7 @@ impl MemoryImage {
             self.hashes[i] = Some(h);
         }
         self.changed = false;
-        let manifest = Manifest {
-            task: header.task,
-            task_version: header.task_version,
-            epoch: header.epoch,
-            sequence: header.sequence,
-            module_hash: header.module_hash,
-            memory_pages: self.hashes.len() as u32,
-            pages: self.hashes.iter().enumerate().filter_map(|(i, h)| h.map(|h| (i as u32, h))).collect(),
-            globals: global_names.iter().cloned().zip(self.globals.iter().copied()).collect(),
-            answers,
-            invocations: header.invocations,
-            created_unix_ms: header.created_unix_ms,
-            pending: Vec::new(),
-        };
+        let manifest = header.manifest(&self.hashes, self.globals(global_names), answers, Vec::new());
         (manifest, new_pages)
     }
 }

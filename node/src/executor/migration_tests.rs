@@ -185,11 +185,11 @@ fn a_migration_cut_short_by_a_failover_sends_keyed_calls_on_and_keyless_ones_bac
         call(&exec, "c", "1").await.unwrap();
         exec.migration_begin("c").await.unwrap();
         exec.migration_freeze("c", 9).await.unwrap();
-        // Held while frozen.
+        // Held while frozen: `join!` polls the calls first, and each is queued on its first
+        // poll, so the resolution reaches the actor after them.
         let keyed = exec.invoke("c", b"1".to_vec(), Some("mine".into()));
         let keyless = exec.invoke("c", b"1".to_vec(), None);
         let fenced = async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
             let to = MovedTo { node: 3, epoch: 7 };
             exec.migration_resolve("c", Resolution::Fenced(Some(to))).await.unwrap();
         };

@@ -73,19 +73,6 @@ impl PageTable {
 
     /// The manifest of the migrated state, after `last` (the frozen source's) was recorded.
     pub(crate) fn manifest(&self, header: CheckpointHeader, last: &FinalState) -> Manifest {
-        Manifest {
-            task: header.task,
-            task_version: header.task_version,
-            epoch: header.epoch,
-            sequence: header.sequence,
-            module_hash: header.module_hash,
-            memory_pages: self.hashes.len() as u32,
-            pages: self.pages(),
-            globals: last.globals.clone(),
-            answers: last.answers.clone(),
-            invocations: header.invocations,
-            created_unix_ms: header.created_unix_ms,
-            pending: last.pending.clone(),
-        }
+        header.manifest(&self.hashes, last.globals.clone(), last.answers.clone(), last.pending.clone())
     }
 }

@@ -297,7 +297,7 @@ impl Driver<'_> {
                 round += delta.pages.len();
                 let marked = *marked.get_or_insert(delta.pages.len() + delta.remaining);
                 let pages = copy.table.record(delta.memory_pages, delta.pages);
-                self.send(copy, pages.new, pages.bytes, None).await?;
+                self.send(copy, pages.new, pages.bytes).await?;
                 if delta.remaining == 0 || round >= marked {
                     break;
                 }
@@ -324,13 +324,7 @@ impl Driver<'_> {
 
     /// Sends a round's pages and, at the same time, stores them here (fdatasync'ed and pinned):
     /// this hub's copy of the migrated state then needs only the last ones in the critical phase.
-    async fn send(
-        &self,
-        copy: &mut Copy,
-        pages: Vec<(Hash, Vec<u8>)>,
-        bytes: u64,
-        last: Option<(String, Vec<u8>)>,
-    ) -> Result<(), String> {
+    async fn send(&self, copy: &mut Copy, pages: Vec<(Hash, Vec<u8>)>, bytes: u64) -> Result<(), String> {
         let log = self.hub.executor().pages().clone();
         // Every page the migrated state refers to stays here, stored before or now.
         copy.pin.add(pages.iter().map(|(h, _)| *h));
@@ -341,7 +335,7 @@ impl Driver<'_> {
             }
             log.write(&[PageWrite { pages: std::mem::take(&mut own), ..Default::default() }], true)
         });
-        let (sent, stored) = tokio::join!(self.send_counted(&mut copy.bytes, pages, bytes, last), store);
+        let (sent, stored) = tokio::join!(self.send_counted(&mut copy.bytes, pages, bytes, None), store);
         sent?;
         match stored {
             Ok(Ok(_)) => Ok(()),
