@@ -130,12 +130,24 @@ async fn periodic_and_stateless_tasks_migrate_and_bad_requests_change_nothing() 
         hubs[1].client.invoke("hourly", b"1".to_vec(), None).await.unwrap();
     }
     let before = task(&hubs[0], "hourly").await.placement.unwrap();
-    let m = hubs[2].client.migrate("hourly", None).await.unwrap();
+    // Through the command line, as a user would.
+    let out = hubs[2].cli(&["task", "migrate", "hourly", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m: hubmesh_proto::api::MigrationInfo = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(m.from_node_id, before.node_id);
     assert!(m.epoch > before.epoch);
     let out = hubs[0].client.invoke_placed("hourly", b"1".to_vec(), None).await.unwrap();
     assert_eq!(out.output, b"8", "the seven calls since the last checkpoint moved with the task");
     assert_eq!((out.node, out.epoch), (Some(m.to_node_id), Some(m.epoch)), "answered by the target");
+    let out = hubs[0].cli(&["task", "history", "hourly"]);
+    let history = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && history.contains("MIGRATION"), "{history}");
+    assert!(history.lines().any(|l| l.contains("manual") && l.contains("rounds")), "{history}");
+    let out = hubs[1].cli(&["task", "migrate", "hourly", "--to", &m.from_node_name]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.starts_with("migrated hourly from"), "{said}");
+    let out = hubs[1].cli(&["task", "migrate", "hourly", "--to", "no-such-hub"]);
+    assert!(!out.status.success(), "an unknown hub is refused");
 
     step("a stateful task without checkpoints moves with its memory");
     let memory_only = DeployParams { stateful: true, ..Default::default() };
