@@ -37,11 +37,26 @@ pub struct Applied {
     pub aimed: bool,
     /// Packets the rules dropped (network faults).
     pub dropped: u64,
+    /// The hub a `migrate` step killed mid-migration (restarted at the heal).
+    #[serde(default)]
+    pub killed: Option<usize>,
     pub note: String,
 }
 
 fn yes() -> bool {
     true
+}
+
+impl Applied {
+    /// The hubs whose tasks the fault should move (the failover bound applies to them): every
+    /// hub it touched for a fault that takes a host away, the killed hub for a migration.
+    pub fn hubs_taken_away(&self) -> Vec<usize> {
+        match self.fault {
+            FaultKind::Migrate => self.killed.into_iter().collect(),
+            f if f.takes_host_away() => self.hubs.clone(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// What the nemesis knows of the mesh when it picks a target.
@@ -182,6 +197,7 @@ pub async fn apply(
         effective: false,
         aimed,
         dropped: 0,
+        killed: None,
         note: String::new(),
     };
     if !lab.hubs[t].is_running() {
@@ -200,6 +216,7 @@ pub async fn apply(
             lab.pause(t, true)?;
             applied.effective = true;
         }
+        FaultKind::Migrate => migrate(lab, &targets, t, &mut applied, rng).await?,
         kind => {
             let (rules, involved) = rules_for(kind, t, n, flaky_percent, rng);
             for (i, r) in rules.iter().enumerate() {
@@ -213,6 +230,63 @@ pub async fn apply(
         applied.note = format!("{} {}", step.fault.name(), lab.hubs[t].name());
     }
     Ok(applied)
+}
+
+/// A live migration of a counter hosted on hub `t` to another running hub, asked through a random
+/// hub; half the time the source or the target is killed 0-300 ms into it. Effective when the
+/// migration committed or the kill was delivered. Without a kill it waits for the outcome, so the
+/// migration's own pause falls before the step's start and counts against I14 like any stall.
+async fn migrate(
+    lab: &mut Lab,
+    view: &View,
+    t: usize,
+    applied: &mut Applied,
+    rng: &mut impl Rng,
+) -> anyhow::Result<()> {
+    let from = lab.hubs[t].node_id;
+    let movable: Vec<&String> = view.tasks.iter().filter(|(_, (h, _, _))| *h == from).map(|(k, _)| k).collect();
+    let others: Vec<usize> = lab.hubs.iter().filter(|h| h.is_running() && !h.paused && h.index != t).map(|h| h.index).collect();
+    let (Some(task), Some(&to)) = (movable.choose(rng).map(|s| (*s).clone()), others.choose(rng)) else {
+        applied.note = format!("migrate: no counter on n{} or no other hub to take it", t + 1);
+        return Ok(());
+    };
+    let askers: Vec<usize> = lab.hubs.iter().filter(|h| h.is_running() && !h.paused).map(|h| h.index).collect();
+    let client = lab.hubs[*askers.choose(rng).unwrap_or(&t)].client.clone();
+    let to_id = lab.hubs[to].node_id.to_string();
+    let call = {
+        let task = task.clone();
+        tokio::spawn(async move { client.migrate(&task, Some(&to_id)).await })
+    };
+    applied.hubs = vec![t, to];
+    let victim = match rng.random_range(0..4u8) {
+        0 => Some(t),
+        1 => Some(to),
+        _ => None,
+    };
+    let note = format!("migrate {task} n{}->n{}", t + 1, to + 1);
+    if let Some(v) = victim {
+        // The fault starts when `apply` returns: the migration's own outcome is left to the
+        // hubs' logs and to the checks (one instance, nothing acknowledged lost).
+        let delay = rng.random_range(0..=300);
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        lab.kill(v)?;
+        applied.killed = Some(v);
+        applied.effective = true;
+        applied.note = format!("{note}, n{} killed after {delay} ms", v + 1);
+        return Ok(());
+    }
+    // Bounded (the lab is not supervised meanwhile): a migration takes well under a second.
+    let outcome = match tokio::time::timeout(std::time::Duration::from_secs(10), call).await {
+        Ok(Ok(Ok(m))) => {
+            applied.effective = true;
+            format!("moved, pause {} us, {} rounds", m.pause_us, m.rounds)
+        }
+        Ok(Ok(Err(e))) => format!("not moved ({e})"),
+        Ok(Err(e)) => format!("the call panicked ({e})"),
+        Err(_) => "no answer in 10 s".to_owned(),
+    };
+    applied.note = format!("{note}: {outcome}");
+    Ok(())
 }
 
 fn describe(rules: &[Rules]) -> String {
@@ -237,6 +311,11 @@ pub async fn heal(lab: &mut Lab, applied: &mut Applied) -> anyhow::Result<()> {
     let t = applied.hub;
     match applied.fault {
         FaultKind::Kill | FaultKind::Restart => lab.restart(t).await?,
+        FaultKind::Migrate => {
+            if let Some(v) = applied.killed {
+                lab.restart(v).await?;
+            }
+        }
         FaultKind::PauseShort | FaultKind::PauseLong => lab.pause(t, false)?,
         _ => {
             applied.dropped = (0..lab.hubs.len()).map(|i| lab.dropped_packets(i)).sum();

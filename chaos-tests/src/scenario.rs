@@ -175,6 +175,10 @@ pub enum FaultKind {
     LeaderDeaf,
     /// Random drop of a share of the packets between the target and the others.
     Flaky,
+    /// Not a fault but an action: a live migration of a counter task off its host (the target)
+    /// to another hub, and half the time a kill of the source or the target 0-300 ms into it
+    /// (healed by a restart).
+    Migrate,
 }
 
 impl FaultKind {
@@ -189,6 +193,7 @@ impl FaultKind {
             Self::Bridge => "bridge",
             Self::LeaderDeaf => "leader-deaf",
             Self::Flaky => "flaky",
+            Self::Migrate => "migrate",
         }
     }
 

@@ -79,6 +79,7 @@ pub fn generate(scenario: &Scenario, seed: u64, rng: &mut impl Rng) -> Schedule 
 fn pick_target(fault: FaultKind, allowed: &[Target], rng: &mut impl Rng) -> Target {
     let usable: Vec<Target> = match fault {
         FaultKind::LeaderDeaf => vec![Target::Leader],
+        FaultKind::Migrate => vec![Target::Host],
         _ => allowed.to_vec(),
     };
     *usable.choose(rng).unwrap_or(&Target::One)

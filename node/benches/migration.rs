@@ -5,7 +5,9 @@
 //! measured (freeze → the target serves), the longest gap between two answers the client saw
 //! during a migration, the whole migration, rounds, bytes against the state, and calls lost or
 //! doubled (the answers must be consecutive call counts). Every loop is bounded in count and
-//! time. `MIGRATION_BENCH_RUNS=N` changes the 20.
+//! time. `MIGRATION_BENCH_RUNS=N` changes the 20. Then the overload benchmark
+//! (`common::overload`, `MIGRATION_BENCH_OVERLOAD_RUNS=N`, default 5; `MIGRATION_BENCH_ONLY=overload`
+//! runs it alone).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,7 +51,13 @@ fn us(d: Duration) -> f64 {
 
 fn main() {
     let runs: usize = std::env::var("MIGRATION_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let overload_runs: usize =
+        std::env::var("MIGRATION_BENCH_OVERLOAD_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    if std::env::var("MIGRATION_BENCH_ONLY").as_deref() == Ok("overload") {
+        rt.block_on(common::overload::bench(overload_runs));
+        return;
+    }
     rt.block_on(async {
         let hubs = mesh(3).await;
         let churn = std::fs::read(example("churn.wat")).unwrap();
@@ -145,6 +153,8 @@ fn main() {
             drop(s);
             hubs[0].client.remove(&task).await.unwrap();
         }
+        drop(hubs);
+        common::overload::bench(overload_runs).await;
         let mut floor = bulk_floor(64 << 20, 3);
         floor.sort_by(f64::total_cmp);
         println!(

@@ -31,6 +31,11 @@ pub struct Config {
     /// Memory this hub offers to task instances: the scheduler places an instance only where the
     /// memory caps of the instances already there plus its own fit. Default: half the machine's RAM.
     pub task_memory: Option<ByteSize>,
+    /// CPU cores this hub offers to tasks: its load is the CPU time its tasks use against this.
+    /// Default: the machine's cores.
+    pub task_cpus: Option<u32>,
+    /// When the mesh moves tasks off a hub that is overloaded.
+    pub overload: OverloadConfig,
     /// Limits of the WebAssembly engine.
     pub executor: ExecutorConfig,
     /// Defaults for tasks deployed without explicit limits.
@@ -39,6 +44,44 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// A witness votes in Raft but never runs tasks (a tiny third hub for two real ones).
     pub witness: bool,
+}
+
+/// Migrate on overload (design §7): the leader moves tasks, by live migration, off a hub whose
+/// load stays above `high` for `window`, to hubs below `low`. A hub's load is the largest of: the
+/// CPU time its tasks use against `task_cpus`, the memory their instances hold against
+/// `task_memory`, and the mean queue wait of its calls against `queue_wait`. The leader's values
+/// are the ones in force.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverloadConfig {
+    /// Whether the mesh sheds load at all (tasks deployed with `--pin` never move for it).
+    pub enabled: bool,
+    /// Above this load (a fraction, 0.85 = 85 %) a hub is overloaded.
+    pub high: f64,
+    /// Only a hub below this load takes a task, and only if the task does not take it above `high`.
+    pub low: f64,
+    /// How long a hub must stay above `high` before it sheds a task (and between two sheds).
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// A task that migrated is not moved for load again before this.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// A mean queue wait this long counts as a fully loaded hub.
+    #[serde(with = "humantime_serde")]
+    pub queue_wait: Duration,
+}
+
+impl Default for OverloadConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            high: 0.85,
+            low: 0.60,
+            window: Duration::from_secs(10),
+            cooldown: Duration::from_secs(120),
+            queue_wait: Duration::from_millis(100),
+        }
+    }
 }
 
 /// Limits of the WebAssembly engine on this hub.
@@ -162,6 +205,8 @@ impl Default for Config {
             labels: BTreeMap::new(),
             slots: 128,
             task_memory: None,
+            task_cpus: None,
+            overload: OverloadConfig::default(),
             executor: ExecutorConfig::default(),
             task_defaults: TaskDefaults::default(),
             timeouts: Timeouts::default(),
@@ -187,6 +232,11 @@ impl Default for TaskDefaults {
             tick: Duration::from_secs(1),
         }
     }
+}
+
+/// The machine's cores (1 where they cannot be read).
+pub fn machine_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
 /// Half of `MemTotal` from `/proc/meminfo` (1 GiB where it cannot be read).

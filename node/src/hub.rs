@@ -37,6 +37,8 @@ pub(crate) struct Hub {
     workers: Workers,
     /// Live migrations in and out (`migration`).
     pub(super) migrations: crate::migration::Migrations,
+    /// The hubs' latest load reports (`load`).
+    loads: crate::load::Loads,
 }
 
 impl Hub {
@@ -58,12 +60,18 @@ impl Hub {
             start_failures: Mutex::new(HashMap::new()),
             workers: Workers::new(),
             migrations: crate::migration::Migrations::default(),
+            loads: crate::load::Loads::default(),
         }
     }
 
     /// The background workers.
     pub(crate) fn workers(&self) -> &Workers {
         &self.workers
+    }
+
+    /// The hubs' latest load reports.
+    pub(crate) fn loads(&self) -> &crate::load::Loads {
+        &self.loads
     }
 
     /// The configuration this hub runs with.

@@ -197,18 +197,18 @@ impl Hub {
         }
     }
 
-    /// Completes once the state no longer trusts `p`: its hub is not up any more or the instance
+    /// Completes once the state no longer trusts `p`: its hub is not serving any more or the instance
     /// was re-placed (a new epoch). A call still waiting on that hub then stops waiting.
     /// With `trusted` false (the hub was already not up when the call was made) only a new
     /// placement counts: the call was made knowing the hub was suspect. A live migration away
-    /// from `p` does not count while `p`'s hub is up: it relays the calls it held.
+    /// from `p` does not count while `p`'s hub serves: it relays the calls it held.
     fn host_replaced(&self, name: &str, p: Placement, trusted: bool) -> impl std::future::Future<Output = ()> + use<> {
         let mut rx = self.consensus().watch();
         let name = name.to_owned();
         async move {
             let _ = rx
                 .wait_for(|s| {
-                    let hub_up = s.is_up(p.node);
+                    let hub_up = serves(s, p.node);
                     let still_placed = s.tasks.get(&name).is_some_and(|t| {
                         t.placements().any(|(_, q)| q == p) || hub_up && t.history.iter().any(|h| migrated_from(h, p))
                     });
@@ -244,7 +244,7 @@ impl Hub {
             // draining stops waiting only when the instance is placed elsewhere: the leader marks
             // a hub down a moment before it re-places its instances, and a call made in between
             // must not sit out its whole budget on a dead hub (the chaos suite measured 5 s).
-            let trusted = state.is_up(p.node);
+            let trusted = serves(state, p.node);
             let moved = self.host_replaced(name, p, trusted);
             let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget, moved).await;
             forwarded_seconds().record(started.elapsed().as_secs_f64());
@@ -260,6 +260,12 @@ impl Hub {
         }
         Step::Wait(reason)
     }
+}
+
+/// Whether `node` serves its instances: up, or draining (its tasks leave by live migration, and
+/// it relays the calls it held; a call waiting on it must not give up when the drain begins).
+fn serves(state: &ClusterState, node: NodeId) -> bool {
+    state.nodes.get(&node).is_some_and(|n| matches!(n.status, NodeStatus::Up | NodeStatus::Draining))
 }
 
 /// Whether `h` records a committed live migration away from `p`.

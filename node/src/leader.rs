@@ -1,6 +1,8 @@
 //! Every hub keeps its own node record current (proposing through the leader); only the leader
-//! runs the scheduler and proposes its placements. Followers never decide placement.
+//! runs the scheduler and proposes its placements, judges the hubs' health, and runs the
+//! migration policy (drain and overload, `migration::policy`). Followers never decide placement.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,6 +11,7 @@ use hubmesh_consensus::{ClusterState, Command, NodeId};
 use tokio::sync::watch;
 
 use crate::hub::Hub;
+use crate::migration::Policy;
 use crate::scheduler;
 use crate::worker::{state_or_tick, Worker};
 
@@ -25,6 +28,10 @@ pub(crate) struct LeaderDuties {
     previous_leader: Option<NodeId>,
     /// Health is judged this often: a tenth of node_down keeps detection within 10 % of it.
     tick: Duration,
+    /// Drains and overload (while this hub leads).
+    policy: Policy,
+    /// Draining hubs this leader has not reached for `node_down`: their tasks fail over.
+    silent_draining: BTreeSet<NodeId>,
 }
 
 impl LeaderDuties {
@@ -32,7 +39,17 @@ impl LeaderDuties {
         let rx = hub.consensus().watch();
         let tick = (hub.config().timeouts.resolve().node_down / 10)
             .clamp(Duration::from_millis(20), Duration::from_millis(500));
-        Self { hub, api_addr, rx, leading_since: None, followed: None, previous_leader: None, tick }
+        Self {
+            hub,
+            api_addr,
+            rx,
+            leading_since: None,
+            followed: None,
+            previous_leader: None,
+            tick,
+            policy: Policy::default(),
+            silent_draining: BTreeSet::new(),
+        }
     }
 }
 
@@ -44,13 +61,22 @@ impl Worker for LeaderDuties {
     async fn work(&mut self) -> Result<(), String> {
         self.rx.borrow_and_update();
         let hub = &self.hub;
-        step(hub, &self.api_addr).await;
+        let deferred = if hub.consensus().is_leader() {
+            self.policy.round(hub, &hub.consensus().state(), &self.silent_draining)
+        } else {
+            self.policy.reset();
+            self.silent_draining.clear();
+            BTreeSet::new()
+        };
+        step(hub, &self.api_addr, &deferred).await;
         if hub.consensus().is_leader() {
             let since = *self.leading_since.get_or_insert_with(|| {
                 self.previous_leader = self.followed;
                 Instant::now()
             });
-            watch_health(hub, since, self.previous_leader).await;
+            if let Some(silent) = watch_health(hub, since, self.previous_leader).await {
+                self.silent_draining = silent;
+            }
         } else {
             self.leading_since = None;
             if let Some(l) = hub.consensus().status().leader.filter(|l| *l != hub.consensus().node_id().0) {
@@ -65,7 +91,7 @@ impl Worker for LeaderDuties {
     }
 }
 
-async fn step(hub: &Hub, api_addr: &str) {
+async fn step(hub: &Hub, api_addr: &str, deferred: &BTreeSet<String>) {
     let state = hub.consensus().state();
     let me = hub.consensus().node_id();
     // The status is the leader's to judge; a hub only keeps its own description current.
@@ -95,7 +121,7 @@ async fn step(hub: &Hub, api_addr: &str) {
     if !hub.consensus().is_leader() {
         return;
     }
-    let plan = scheduler::plan(&state);
+    let plan = scheduler::plan_deferring(&state, deferred);
     if plan.is_empty() {
         return;
     }
@@ -112,7 +138,15 @@ async fn step(hub: &Hub, api_addr: &str) {
 /// from the last request it heard from it (with at least half a `node_down` of grace after the
 /// election), so a dead leader's tasks fail over about as soon as a dead follower's would, not a
 /// whole election later.
-async fn watch_health(hub: &Hub, leading_since: Instant, previous_leader: Option<NodeId>) {
+///
+/// A draining hub keeps its status (the operator's): when it goes silent it is returned in the
+/// set of silent draining hubs instead, whose tasks the scheduler then re-places (a failover)
+/// rather than wait for their migration. `None`: this leader cannot judge now.
+async fn watch_health(
+    hub: &Hub,
+    leading_since: Instant,
+    previous_leader: Option<NodeId>,
+) -> Option<BTreeSet<NodeId>> {
     let state = hub.consensus().state();
     let me = hub.consensus().node_id();
     let node_down = hub.config().timeouts.resolve().node_down;
@@ -120,9 +154,10 @@ async fn watch_health(hub: &Hub, leading_since: Instant, previous_leader: Option
     // A leader that has not heard from a quorum lately is the one cut off: its silence from the
     // others says nothing about them.
     if !hub.consensus().holds_lease(hub.config().timeouts.resolve().lease) {
-        return;
+        return None;
     }
     let mut changes = Vec::new();
+    let mut silent_draining = BTreeSet::new();
     // The leader is alive by definition: a record saying otherwise (left by a deposed leader's
     // view, or by a partition the mesh has healed) would keep tasks and holders off it forever.
     if state.nodes.get(&me).is_some_and(|n| n.status == NodeStatus::Down) {
@@ -132,7 +167,7 @@ async fn watch_health(hub: &Hub, leading_since: Instant, previous_leader: Option
     for n in state.nodes.values().filter(|n| n.id != me) {
         let called = transport.last_ok(n.id.0);
         let (status, silent_for) = match n.status {
-            NodeStatus::Up | NodeStatus::Suspect => {
+            NodeStatus::Up | NodeStatus::Suspect | NodeStatus::Draining => {
                 let last = if Some(n.id) == previous_leader {
                     // At least half a node_down of grace still, for this leader's first
                     // heartbeats to reach a previous leader that is alive but was cut off.
@@ -148,6 +183,10 @@ async fn watch_health(hub: &Hub, leading_since: Instant, previous_leader: Option
                 if last.elapsed() <= node_down {
                     continue;
                 }
+                if n.status == NodeStatus::Draining {
+                    silent_draining.insert(n.id);
+                    continue;
+                }
                 (NodeStatus::Down, last.elapsed())
             }
             // Only this leader's own recent successful call brings a hub back up (a new
@@ -156,8 +195,6 @@ async fn watch_health(hub: &Hub, leading_since: Instant, previous_leader: Option
                 Some(t) => (NodeStatus::Up, t.elapsed()),
                 None => continue,
             },
-            // A draining hub's status is the operator's.
-            NodeStatus::Draining => continue,
         };
         tracing::warn!(node = n.id.0, name = %n.name, ?status, ?silent_for, "hub health changed");
         changes.push(Command::SetNodeStatus { node: n.id, status });
@@ -167,4 +204,5 @@ async fn watch_health(hub: &Hub, leading_since: Instant, previous_leader: Option
             tracing::warn!(error = %e, "recording hub health failed");
         }
     }
+    Some(silent_draining)
 }

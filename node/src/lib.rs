@@ -23,6 +23,7 @@ mod faults;
 mod hub;
 mod invoke;
 mod leader;
+mod load;
 mod migration;
 mod reconcile;
 mod replication;

@@ -98,6 +98,7 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
             }
         };
         let record = state.tasks.get(&name).and_then(|t| t.checkpoint.as_ref().map(|c| (t, c)));
+        let began = std::time::Instant::now();
         let restore = match record {
             Some((t, record)) if cfg.checkpoint != CheckpointPolicy::None || migrated_here(t, cfg.epoch, record) => {
                 match crate::replication::fetch_checkpoint(hub, &name, record).await {
@@ -113,9 +114,11 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
         };
         let executor = hub.executor().clone();
         let cfg2 = cfg.clone();
+        let fetched = began.elapsed();
         let res = tokio::task::spawn_blocking(move || executor.start_task_from(cfg2, &wasm, restore)).await;
         match res {
             Ok(Ok(())) => {
+                tracing::info!(task = %name, epoch = cfg.epoch, checkpoint_ready = ?fetched, started = ?began.elapsed(), "task started");
                 hub.forget_start_failures(|n| n != name);
             }
             Ok(Err(crate::executor::StartTaskError::Restore(e))) => {

@@ -84,6 +84,13 @@ pub async fn run(
     if timeouts.lease >= timeouts.node_down {
         bail!("the lease ({:?}) must be shorter than node_down ({:?})", timeouts.lease, timeouts.node_down);
     }
+    if config.task_cpus == Some(0) {
+        bail!("task_cpus must be at least 1");
+    }
+    let o = &config.overload;
+    if !(o.low > 0.0 && o.low < o.high && o.high <= 10.0) || o.queue_wait.is_zero() {
+        bail!("[overload]: expected 0 < low ({}) < high ({}) <= 10 and a queue_wait above 0", o.low, o.high);
+    }
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .with_context(|| format!("binding the API to {}", config.api))?;
@@ -128,6 +135,7 @@ pub async fn run(
     crate::dataplane::register(&hub);
     crate::replication::register(&hub);
     crate::migration::register(&hub);
+    crate::load::register(&hub);
     hub.executor().set_sink(Arc::new(crate::replication::Replicator::new(&hub)));
     let workers = hub.workers();
     workers.spawn(crate::reconcile::reconciler(hub.clone()));
@@ -135,6 +143,7 @@ pub async fn run(
     workers.spawn(crate::replication::upkeep(hub.clone()));
     workers.spawn(crate::leader::LeaderDuties::new(hub.clone(), api_addr.to_string()));
     workers.spawn(crate::access::AdminTokenKeeper::new(hub.clone()));
+    workers.spawn(crate::load::LoadMeter::new(hub.clone()));
 
     tracing::info!(
         api = %format!("http://{api_addr}"),

@@ -305,6 +305,30 @@ pub struct NodeInfo {
     /// The leader has marked it down.
     #[serde(default)]
     pub down: bool,
+    /// Its latest load report, as this hub received it (none yet, or older than a few seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadInfo>,
+}
+
+/// A hub's load over its last reporting interval (about a second).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LoadInfo {
+    /// CPU time its tasks used against the cores it offers to tasks, in thousandths.
+    pub cpu_permille: u32,
+    /// Cores it offers to tasks (`--task-cpus`).
+    pub task_cpus: u32,
+    /// Memory its tasks hold against the task memory it offers, in thousandths.
+    pub memory_permille: u32,
+    /// The longest of its tasks' mean queue waits (time a call waited before it ran), microseconds.
+    pub queue_wait_us: u64,
+    /// The machine's CPU pressure (`/proc/pressure/cpu`, some avg10), hundredths of a percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_pressure: Option<u32>,
+    /// How old the report is, milliseconds.
+    pub age_ms: u64,
+    /// Its tasks' CPU, busiest first: (task, thousandths of a core).
+    #[serde(default)]
+    pub tasks: Vec<(String, u32)>,
 }
 
 /// `GET /v1/workers`: one background loop of the hub.

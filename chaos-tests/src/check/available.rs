@@ -187,6 +187,7 @@ mod tests {
             effective: true,
             aimed: true,
             dropped: 0,
+            killed: None,
             note: String::new(),
         }
     }

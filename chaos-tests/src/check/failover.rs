@@ -26,9 +26,9 @@ pub struct Failover {
 /// The failovers of a run: one per (fault that took a host away, task on that host).
 pub fn failovers(events: &[Event], ev: &Evidence) -> Vec<Failover> {
     let mut out = Vec::new();
-    for f in ev.faults.iter().filter(|f| f.fault.takes_host_away()) {
+    for f in ev.faults.iter() {
         for (task, &(host, epoch)) in &f.hosts_before {
-            if !f.hubs.iter().any(|&h| ev.node_ids.get(h) == Some(&host)) {
+            if !f.hubs_taken_away().iter().any(|&h| ev.node_ids.get(h) == Some(&host)) {
                 continue;
             }
             let since = |t: u64| (t.saturating_sub(f.start_us)) as f64 / 1e3;
@@ -121,6 +121,7 @@ mod tests {
             effective: true,
             aimed: true,
             dropped: 0,
+            killed: None,
             note: String::new(),
         }
     }

@@ -143,6 +143,7 @@ mod tests {
             effective: true,
             aimed,
             dropped: 0,
+            killed: None,
             note: String::new(),
         };
         ev.planned_faults = 1;

@@ -99,6 +99,7 @@ mod tests {
             effective: true,
             aimed: true,
             dropped: 0,
+            killed: None,
             note: String::new(),
         }
     }

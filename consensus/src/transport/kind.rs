@@ -35,11 +35,13 @@ pub enum StreamKind {
     MigratePages = 106,
     /// A live migration ended: aborted, or committed at an epoch (node).
     MigrateEnd = 107,
+    /// A hub's load, sent to every member each second (node).
+    LoadReport = 108,
 }
 
 impl StreamKind {
     /// Every kind, for lookups and listings.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::RaftAppend,
         Self::RaftVote,
         Self::RaftSnapshot,
@@ -55,6 +57,7 @@ impl StreamKind {
         Self::MigratePrepare,
         Self::MigratePages,
         Self::MigrateEnd,
+        Self::LoadReport,
     ];
 
     /// The kind a request names, if it is one of ours.
@@ -85,6 +88,7 @@ impl StreamKind {
             Self::MigratePrepare => "migrate-prepare",
             Self::MigratePages => "migrate-pages",
             Self::MigrateEnd => "migrate-end",
+            Self::LoadReport => "load-report",
         }
     }
 }

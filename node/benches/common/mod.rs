@@ -4,6 +4,7 @@
 
 pub(crate) mod floor;
 pub(crate) mod lossy;
+pub(crate) mod overload;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,6 +29,11 @@ impl Drop for Hub {
 
 /// Starts a hub; its log goes to `DIR/hub.log` at `BENCH_HUB_LOG` (default `warn,openraft=error`).
 pub(crate) fn spawn(dir: &Path, join: Option<&str>) -> Child {
+    spawn_with(dir, join, &[])
+}
+
+/// Like [`spawn`], with extra `up` flags.
+pub(crate) fn spawn_with(dir: &Path, join: Option<&str>, extra: &[&str]) -> Child {
     let mesh = std::fs::read_to_string(dir.join("mesh.addr"))
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "127.0.0.1:0".into());
@@ -37,6 +43,7 @@ pub(crate) fn spawn(dir: &Path, join: Option<&str>) -> Child {
     if let Some(t) = join {
         cmd.args(["--join", t]);
     }
+    cmd.args(extra);
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("hub.log")).unwrap();
     cmd.env("HUBMESH_LOG", std::env::var("BENCH_HUB_LOG").unwrap_or_else(|_| "warn,openraft=error".into()))
         .stdout(Stdio::null())
@@ -91,8 +98,14 @@ pub(crate) fn data_dir() -> tempfile::TempDir {
 }
 
 pub(crate) async fn mesh(n: usize) -> Vec<Hub> {
+    mesh_with(&vec![&[][..]; n]).await
+}
+
+/// A mesh of one hub per entry of `flags`, each started with its extra `up` flags.
+pub(crate) async fn mesh_with(flags: &[&[&str]]) -> Vec<Hub> {
+    let n = flags.len();
     let first = data_dir();
-    let child = spawn(first.path(), None);
+    let child = spawn_with(first.path(), None, flags[0]);
     let client = ready(first.path()).await;
     let end = Instant::now() + Duration::from_secs(30);
     let token = loop {
@@ -103,9 +116,9 @@ pub(crate) async fn mesh(n: usize) -> Vec<Hub> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let mut hubs = vec![Hub { dir: first, child: Some(child), client, id: 0 }];
-    for _ in 1..n {
+    for extra in &flags[1..n] {
         let dir = data_dir();
-        let child = spawn(dir.path(), Some(&token));
+        let child = spawn_with(dir.path(), Some(&token), extra);
         let client = ready(dir.path()).await;
         hubs.push(Hub { dir, child: Some(child), client, id: 0 });
     }

@@ -150,7 +150,7 @@ pub(crate) fn status(hub: &Hub) -> api::StatusInfo {
         term: mesh.term,
         last_applied: mesh.last_applied,
         voters: mesh.voters.clone(),
-        nodes: nodes(&state, &mesh.voters, mesh.leader),
+        nodes: nodes(&state, &mesh.voters, mesh.leader, hub.loads()),
         tasks_total: state.tasks.len() as u32,
         tasks_placed,
         tasks_pending,
@@ -158,7 +158,7 @@ pub(crate) fn status(hub: &Hub) -> api::StatusInfo {
     }
 }
 
-fn nodes(state: &ClusterState, voters: &[u64], leader: Option<u64>) -> Vec<api::NodeInfo> {
+fn nodes(state: &ClusterState, voters: &[u64], leader: Option<u64>, loads: &crate::load::Loads) -> Vec<api::NodeInfo> {
     state
         .nodes
         .values()
@@ -184,6 +184,15 @@ fn nodes(state: &ClusterState, voters: &[u64], leader: Option<u64>) -> Vec<api::
                 },
                 instances,
                 down: n.status == NodeStatus::Down,
+                load: loads.get(n.id).filter(|(age, _)| *age <= crate::load::FRESH).map(|(age, r)| api::LoadInfo {
+                    cpu_permille: r.cpu_permille,
+                    task_cpus: r.task_cpus,
+                    memory_permille: r.memory_permille,
+                    queue_wait_us: r.queue_wait_us,
+                    cpu_pressure: r.cpu_pressure,
+                    age_ms: age.as_millis() as u64,
+                    tasks: r.tasks.iter().map(|t| (t.name.clone(), t.cpu_millicores)).collect(),
+                }),
             }
         })
         .collect()

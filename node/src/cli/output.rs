@@ -131,11 +131,22 @@ pub(super) fn nodes(nodes: &[api::NodeInfo], json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&nodes);
     }
+    let pct = |permille: u32| format!("{}.{}%", permille / 10, permille % 10);
     let rows = nodes
         .iter()
-        .map(|n| vec![n.name.clone(), n.id.to_string(), n.role.clone(), n.api_addr.clone(), n.instances.to_string()])
+        .map(|n| {
+            let (cpu, mem, wait) = match &n.load {
+                Some(l) => (
+                    format!("{} of {}", pct(l.cpu_permille), l.task_cpus),
+                    pct(l.memory_permille),
+                    format!("{:.1}ms", l.queue_wait_us as f64 / 1000.0),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            vec![n.name.clone(), n.id.to_string(), n.role.clone(), n.api_addr.clone(), n.instances.to_string(), cpu, mem, wait]
+        })
         .collect();
-    table(&["NAME", "ID", "ROLE", "API", "INSTANCES"], rows);
+    table(&["NAME", "ID", "ROLE", "API", "INSTANCES", "CPU", "MEM", "WAIT"], rows);
     Ok(())
 }
 

@@ -41,6 +41,9 @@ pub struct UpArgs {
     /// Memory this hub offers to task instances, e.g. `512MiB` (default: half the RAM).
     #[arg(long = "task-memory", env = "HUBMESH_TASK_MEMORY")]
     pub task_memory: Option<bytesize::ByteSize>,
+    /// CPU cores this hub offers to tasks (default: the machine's); its load is measured against it.
+    #[arg(long = "task-cpus", env = "HUBMESH_TASK_CPUS", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub task_cpus: Option<u32>,
 }
 
 /// Defaults, then the file, then env and flags.
@@ -72,6 +75,9 @@ pub(super) fn config_of(args: &UpArgs, conn: &ConnArgs) -> anyhow::Result<Config
     }
     if let Some(m) = args.task_memory {
         c.task_memory = Some(m);
+    }
+    if let Some(n) = args.task_cpus {
+        c.task_cpus = Some(n);
     }
     for l in &args.labels {
         let Some((k, v)) = l.split_once('=') else { bail!("--label {l:?}: expected key=value") };

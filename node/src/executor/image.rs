@@ -114,7 +114,8 @@ impl MemoryImage {
         }
     }
 
-    /// Rebuilds the image from a manifest, verifying every page. A manifest whose memory exceeds
+    /// Rebuilds the image from a manifest, verifying every page (a page that fails its hash is
+    /// forgotten by the page log, so that the caller's next attempt fetches it again). A manifest whose memory exceeds
     /// the task's limit (`max_bytes`) is refused before anything is allocated.
     pub(crate) fn restore(manifest: &Manifest, pages: &PageLog, max_bytes: u64) -> Result<Self, String> {
         let bytes = u64::from(manifest.memory_pages) * PAGE as u64;
@@ -128,7 +129,14 @@ impl MemoryImage {
         let mut base = vec![0u8; n * PAGE];
         let mut hashes = vec![None; n];
         for (index, hash) in &manifest.pages {
-            let bytes = pages.read_page(hash).map_err(|e| e.to_string())?;
+            let bytes = pages.read_page(hash).map_err(|e| {
+                if let hubmesh_storage::PageLogError::Corrupt(h) = &e {
+                    // The next attempt fetches it again from a hub that stores it.
+                    tracing::error!(page = %h, "a checkpoint page is corrupt here; forgetting it");
+                    pages.forget_page(h);
+                }
+                e.to_string()
+            })?;
             if bytes.len() != PAGE {
                 return Err(format!("page {hash} has {} bytes", bytes.len()));
             }

@@ -19,6 +19,7 @@ mod host;
 mod image;
 pub(crate) mod instance;
 mod instrument;
+mod meter;
 mod module_cache;
 mod page_table;
 mod stateful;
@@ -41,6 +42,7 @@ pub(crate) use image::{CheckpointHeader, MigrationDelta};
 pub use instance::InstanceLimits;
 pub use instrument::PrepareError;
 pub(crate) use page_table::PageTable;
+pub use meter::MeterReading;
 pub use stateful::StatefulStatus;
 pub(crate) use stateful::{FinalState, MigrationStart, MovedTo, Resolution};
 
@@ -428,6 +430,21 @@ impl Executor {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .is_some_and(|t| t.config.version == version && t.config.epoch == epoch)
+    }
+
+    /// What each running task has cost so far, by name.
+    pub fn meters(&self) -> Vec<(String, MeterReading)> {
+        let tasks = self.tasks.read().unwrap_or_else(|p| p.into_inner());
+        tasks
+            .iter()
+            .map(|(name, t)| {
+                let reading = match &t.runtime {
+                    Runtime::Stateful(s) => s.meter.read(),
+                    Runtime::Stateless(p) => p.meter.read(),
+                };
+                (name.clone(), reading)
+            })
+            .collect()
     }
 
     /// What a running task reports.

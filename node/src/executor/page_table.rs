@@ -67,6 +67,7 @@ impl PageTable {
     }
 
     /// Every non-zero page, `(index, hash)`.
+    #[cfg(test)]
     pub(crate) fn pages(&self) -> Vec<(u32, Hash)> {
         self.hashes.iter().enumerate().filter_map(|(i, h)| h.map(|h| (i as u32, h))).collect()
     }

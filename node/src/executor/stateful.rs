@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 
 use super::image::{CheckpointHeader, MemoryImage};
 use super::instance::{Instance, LoadedModule};
+use super::meter::TaskMeter;
 use super::Answer;
 use super::{CheckpointSink, CheckpointSummary, InvokeError, LocalCheckpoint, Restore, StartTaskError, TaskConfig};
 use crate::checkpoint::{AnswerCache, Manifest, Writer};
@@ -33,6 +34,8 @@ enum Msg {
         input: Vec<u8>,
         key: Option<String>,
         reply: oneshot::Sender<Result<Answer, InvokeError>>,
+        /// When it was queued (for the queue wait the load worker reports).
+        queued: Instant,
     },
     Checkpoint {
         reply: oneshot::Sender<Result<CheckpointSummary, InvokeError>>,
@@ -63,6 +66,8 @@ pub(crate) struct StatefulTask {
     /// the queue limit).
     backlog_len: Arc<std::sync::atomic::AtomicUsize>,
     pub(crate) status: Arc<Mutex<StatefulStatus>>,
+    /// What the task costs (CPU, queue wait, memory).
+    pub(crate) meter: Arc<TaskMeter>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -93,6 +98,7 @@ struct Actor {
     mode: migrate::Mode,
     /// A wait before each call while a migration's pages do not converge.
     throttle: Duration,
+    meter: Arc<TaskMeter>,
 }
 
 /// Most input bytes of queued invocations a checkpoint carries.
@@ -141,11 +147,15 @@ impl StatefulTask {
         let pending: Vec<(Option<String>, Vec<u8>)> = saved.as_ref().map(|m| m.pending.clone()).unwrap_or_default();
         let (inst, image, answers, sequence, invocations) = match saved {
             Some(m) => {
+                let began = Instant::now();
                 let image =
                     MemoryImage::restore(&m, &pages, cfg.limits.memory_bytes).map_err(StartTaskError::Restore)?;
+                let read = began.elapsed();
                 let mut inst = Instance::new(&module, name, cfg.limits, false)
                     .map_err(|e| StartTaskError::Module(e.to_string()))?;
+                let instantiated = began.elapsed();
                 image.apply_to(&mut inst).map_err(|e| StartTaskError::Restore(e.to_string()))?;
+                tracing::debug!(task = %cfg.name, ?read, ?instantiated, applied = ?began.elapsed(), "restore timings");
                 let mut answers = AnswerCache::default();
                 for (k, a) in m.answers.clone() {
                     answers.insert(k, a);
@@ -173,11 +183,13 @@ impl StatefulTask {
         // Invocations the checkpoint had accepted run first; nobody waits for their answers here
         // (a caller that retries with the same key gets the cached one).
         let backlog: std::collections::VecDeque<Msg> =
-            pending.into_iter().map(|(key, input)| Msg::Invoke { input, key, reply: oneshot::channel().0 }).collect();
+            pending.into_iter().map(|(key, input)| Msg::Invoke { input, key, reply: oneshot::channel().0, queued: Instant::now() }).collect();
         if !backlog.is_empty() {
             tracing::info!(task = %cfg.name, pending = backlog.len(), "running invocations the checkpoint had accepted");
         }
         let backlog_len = Arc::new(std::sync::atomic::AtomicUsize::new(backlog.len()));
+        let meter = Arc::new(TaskMeter::default());
+        meter.set_memory(inst.memory_len() as u64);
         let actor = Actor {
             cfg,
             module,
@@ -198,18 +210,19 @@ impl StatefulTask {
             next_tick,
             mode: migrate::Mode::Running,
             throttle: Duration::ZERO,
+            meter: meter.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("hm-task-{}", actor.cfg.name))
             .spawn(move || actor.run())
             .map_err(|e| StartTaskError::Module(format!("spawning the task thread: {e}")))?;
-        Ok(Self { tx, queue, backlog_len, status, thread: Mutex::new(Some(thread)) })
+        Ok(Self { tx, queue, backlog_len, status, meter, thread: Mutex::new(Some(thread)) })
     }
 
     /// Queues an invocation and waits for its answer.
     pub(crate) async fn invoke(&self, input: Vec<u8>, key: Option<String>) -> Result<Answer, InvokeError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Msg::Invoke { input, key, reply })?;
+        self.send(Msg::Invoke { input, key, reply, queued: Instant::now() })?;
         rx.await.map_err(|_| InvokeError::Unavailable("the task stopped".into()))?
     }
 
@@ -274,11 +287,14 @@ impl Actor {
                 other => other,
             };
             match msg {
-                Ok(Msg::Invoke { input, key, reply }) => {
+                Ok(Msg::Invoke { input, key, reply, queued }) => {
+                    self.meter.waited(queued.elapsed());
                     if !self.throttle.is_zero() && self.image.migrating() {
                         std::thread::sleep(self.throttle);
                     }
-                    let res = self.invoke(input, key);
+                    // The call's whole cost: the run, the page sync, the checkpoint's hashing.
+                    let meter = self.meter.clone();
+                    let res = meter.run(|| self.invoke(input, key));
                     let _ = reply.send(res);
                 }
                 Ok(Msg::Checkpoint { reply }) => {
@@ -312,7 +328,10 @@ impl Actor {
                     }
                     return;
                 }
-                Err(RecvTimeoutError::Timeout) => self.on_timer(),
+                Err(RecvTimeoutError::Timeout) => {
+                    let meter = self.meter.clone();
+                    meter.run(|| self.on_timer());
+                }
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
@@ -345,6 +364,7 @@ impl Actor {
                 match self.inst.tick() {
                     Ok(_) => {
                         self.image.sync(&mut self.inst);
+                        self.meter.set_memory(self.inst.memory_len() as u64);
                     }
                     Err(e) => {
                         tracing::warn!(task = %self.cfg.name, error = %e, "tick failed; state rolled back");
@@ -380,6 +400,7 @@ impl Actor {
             }
         };
         self.image.sync(&mut self.inst);
+        self.meter.set_memory(self.inst.memory_len() as u64);
         self.invocations += 1;
         if let Some(k) = key {
             self.answers.insert(k, answer.clone());

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::instance::{Instance, InstanceLimits, LoadedModule};
+use super::meter::TaskMeter;
 use super::{Answer, InvokeError};
 
 /// Idle instances kept per task.
@@ -25,6 +26,8 @@ pub(crate) struct StatelessTask {
     in_flight: AtomicU32,
     max_in_flight: u32,
     pub(crate) invocations: AtomicU64,
+    /// What the task costs (CPU; stateless calls do not queue).
+    pub(crate) meter: TaskMeter,
 }
 
 struct InFlight<'a>(&'a AtomicU32);
@@ -53,6 +56,7 @@ impl StatelessTask {
             in_flight: AtomicU32::new(0),
             max_in_flight: queue.max(1),
             invocations: AtomicU64::new(0),
+            meter: TaskMeter::default(),
         })
     }
 
@@ -73,7 +77,7 @@ impl StatelessTask {
             Some(i) => i,
             None => Instance::new(&self.module, self.name.clone(), self.limits, true)?,
         };
-        let res = inst.call(input);
+        let res = self.meter.run(|| inst.call(input));
         if matches!(res, Ok(_) | Err(InvokeError::InputTooLarge { .. })) {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < MAX_IDLE {

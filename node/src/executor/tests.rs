@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hubmesh_consensus::state::{CheckpointPolicy, TaskKind};
+use hubmesh_consensus::state::{parse_checkpoint_key, CheckpointPolicy, TaskKind};
 use hubmesh_storage::{Hash, PageLog};
 use proptest::prelude::*;
 
@@ -184,6 +184,37 @@ fn durable_state_and_keys_survive_a_restart() {
 }
 
 #[test]
+fn a_rotten_page_fails_the_restore_and_is_forgotten_so_it_can_be_fetched_again() {
+    let f = fixture();
+    start(&f.exec, "counter", "counter.wat", TaskKind::Stateful, CheckpointPolicy::Durable);
+    rt().block_on(async {
+        call(&f.exec, "counter", "5").await.unwrap();
+    });
+    f.exec.stop_task("counter", false);
+    let key = f
+        .exec
+        .pages()
+        .manifest_keys()
+        .into_iter()
+        .filter_map(|k| parse_checkpoint_key(&k).map(|(_, e, s)| (e, s, k.clone())))
+        .max()
+        .unwrap()
+        .2;
+    let manifest = Manifest::decode(&f.exec.pages().read_manifest(&key).unwrap().unwrap()).unwrap();
+    let (_, rotten) = manifest.pages[0];
+    // The page's bytes no longer match its hash, as after a flipped bit on disk.
+    f.exec.pages().forget_page(&rotten);
+    let garbage = hubmesh_storage::PageWrite { pages: vec![(rotten, vec![7u8; crate::checkpoint::PAGE])], ..Default::default() };
+    f.exec.pages().write(&[garbage], true).unwrap();
+    assert!(f.exec.pages().has_page(&rotten));
+    let prepared = f.exec.prepare(&example("counter.wat"), LIMITS).unwrap();
+    let cfg = config("counter", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Durable);
+    let err = f.exec.start_task_from(cfg, &prepared.wasm, Restore::Key(key)).unwrap_err();
+    assert!(matches!(err, StartTaskError::Restore(_)), "{err:?}");
+    assert!(!f.exec.pages().has_page(&rotten), "forgotten: the next attempt fetches a good copy");
+}
+
+#[test]
 fn new_module_version_starts_fresh() {
     let f = fixture();
     start(&f.exec, "t", "counter.wat", TaskKind::Stateful, CheckpointPolicy::Durable);
@@ -352,7 +383,7 @@ fn invocations_a_checkpoint_accepted_run_on_the_host_that_restores_it() {
     let (t, epoch, seq) = pages
         .manifest_keys()
         .iter()
-        .filter_map(|k| hubmesh_consensus::state::parse_checkpoint_key(k).map(|(t, e, s)| (t.to_owned(), e, s)))
+        .filter_map(|k| parse_checkpoint_key(k).map(|(t, e, s)| (t.to_owned(), e, s)))
         .max_by_key(|(_, e, s)| (*e, *s))
         .unwrap();
     let key = hubmesh_consensus::state::checkpoint_key(&t, epoch, seq);

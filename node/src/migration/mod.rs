@@ -30,8 +30,11 @@ use crate::dataplane::alive;
 use crate::hub::Hub;
 
 mod ending;
+mod policy;
 mod source;
 mod target;
+
+pub(crate) use policy::Policy;
 
 /// Longest a migration may take from its begin to its commit; past it, it is given up.
 const BUDGET: Duration = Duration::from_secs(30);

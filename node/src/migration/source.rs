@@ -100,6 +100,8 @@ async fn drive(
         TaskKind::Stateful => d.stateful(t.spec.module_hash).await,
         TaskKind::Stateless => d.stateless().await,
     };
+    let outcome = if result.is_ok() { "moved" } else { "not_moved" };
+    metrics::counter!("hubmesh_migration_requests_total", "reason" => reason.as_str(), "outcome" => outcome).increment(1);
     match &result {
         Ok(r) => tracing::info!(
             task,

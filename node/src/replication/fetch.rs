@@ -42,7 +42,11 @@ pub(super) fn serve_fetch(log: &PageLog, req: pb::CheckpointFetch) -> Result<pb:
         let Some(hash) = Hash::from_slice(raw) else { continue };
         match log.read_page(&hash) {
             Ok(data) => pages.push(pb::Page { hash: hash.0.to_vec(), data }),
-            Err(PageLogError::Corrupt(h)) => tracing::error!(page = %h, "a checkpoint page is corrupt on this hub"),
+            Err(PageLogError::Corrupt(h)) => {
+                // Forgotten: this hub's own next restore or copy fetches a good one.
+                tracing::error!(page = %h, "a checkpoint page is corrupt on this hub; forgetting it");
+                log.forget_page(&h);
+            }
             Err(_) => {}
         }
     }
@@ -98,24 +102,13 @@ pub(crate) async fn store_with_pages(
     let transport = hub.consensus().transport();
     let manifest = Manifest::decode(&manifest_bytes).map_err(|e| format!("checkpoint {key}: {e}"))?;
     let refs: Vec<Hash> = manifest.pages.iter().map(|(_, h)| *h).collect();
-    // Local pages are read back (verifying them); missing and corrupt ones are fetched.
-    let log2 = log.clone();
-    let refs2 = refs.clone();
+    // Missing pages are fetched. Local ones are verified once, by the restore that reads them:
+    // one found rotten there is forgotten, and the next attempt fetches it here.
+    // Off the runtime: a page-log write holds the log's lock through its fdatasync.
+    let (log2, refs2) = (log.clone(), refs.clone());
     let mut wanted: Vec<Hash> = tokio::task::spawn_blocking(move || {
         let mut seen = HashSet::new();
-        refs2
-            .into_iter()
-            .filter(|h| seen.insert(*h))
-            .filter(|h| match log2.read_page(h) {
-                Ok(_) => false,
-                Err(PageLogError::Corrupt(h)) => {
-                    tracing::error!(page = %h, "corrupt checkpoint page; fetching it from another holder");
-                    log2.forget_page(&h);
-                    true
-                }
-                Err(_) => true,
-            })
-            .collect()
+        refs2.into_iter().filter(|h| seen.insert(*h) && !log2.has_page(h)).collect()
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -154,11 +147,17 @@ pub(crate) async fn store_with_pages(
     if !wanted.is_empty() {
         return Err(format!("checkpoint {key}: {} of its pages are on no reachable hub", wanted.len()).into());
     }
+    // Nothing to store when the manifest and every page are here already (a migration's target
+    // stored them, fdatasync'ed, before the commit).
     let write = PageWrite { pages: fetched, key: key.clone(), manifest: manifest_bytes, refs, remove: vec![] };
-    tokio::task::spawn_blocking(move || log.write(&[write], true))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || {
+        let stored = write.pages.is_empty()
+            && log.read_manifest(&write.key).ok().flatten().is_some_and(|m| m == write.manifest);
+        if stored { Ok(0) } else { log.write(&[write], true) }
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     if total > 0 {
         tracing::info!(task, key = %key, pages = total, "fetched checkpoint pages from holders");
     }

@@ -32,6 +32,20 @@ async fn deploy_invoke_list_rm_from_the_command_line() {
     let status: serde_json::Value = serde_json::from_str(&ok(&hub.cli(&["status", "--json"]))).unwrap();
     assert_eq!(status["tasks_total"], 1);
     assert!(ok(&hub.cli(&["node", "list"])).contains("leader"));
+    // The hub's own load report, once a second: CPU against the cores it offers.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let loaded = loop {
+        let nodes: serde_json::Value = serde_json::from_str(&ok(&hub.cli(&["node", "list", "--json"]))).unwrap();
+        if nodes[0]["load"]["task_cpus"].as_u64().is_some_and(|n| n >= 1) || std::time::Instant::now() > deadline {
+            break nodes;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(loaded[0]["load"]["cpu_permille"].is_u64(), "{loaded}");
+    let table = ok(&hub.cli(&["node", "list"]));
+    let header = table.lines().next().unwrap();
+    assert!(header.contains("CPU") && header.contains("WAIT"), "{table}");
+    assert!(table.lines().nth(1).unwrap().contains("% of "), "the hub's load in its row: {table}");
     assert!(ok(&hub.cli(&["task", "checkpoint", "counter"])).contains("checkpoint #"));
     step("worker list: every background loop, with its rounds");
     let workers: serde_json::Value = serde_json::from_str(&ok(&hub.cli(&["worker", "list", "--json"]))).unwrap();
@@ -47,7 +61,8 @@ async fn deploy_invoke_list_rm_from_the_command_line() {
             "module-keeper",
             "replication-upkeep",
             "leader",
-            "api-tokens"
+            "api-tokens",
+            "load"
         ]
     );
     assert!(workers.as_array().unwrap().iter().all(|w| w["rounds"].as_u64().unwrap() > 0), "{workers}");

@@ -16,7 +16,7 @@
 //! set, so an aborted migration leaves the checkpoint's own marks as they were.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hubmesh_storage::PagePin;
 use tokio::sync::oneshot;
@@ -186,7 +186,7 @@ impl Actor {
         let mut bytes = 0usize;
         let mut pending = Vec::new();
         for m in self.backlog.drain(..) {
-            let Msg::Invoke { input, key, reply } = m else {
+            let Msg::Invoke { input, key, reply, .. } = m else {
                 others.push_back(m);
                 continue;
             };
@@ -222,7 +222,7 @@ impl Actor {
     /// Handles a message while frozen or moved; says whether the actor ends.
     pub(super) fn while_migrating(&mut self, msg: Msg) -> bool {
         match msg {
-            Msg::Invoke { input, key, reply } => match &mut self.mode {
+            Msg::Invoke { input, key, reply, .. } => match &mut self.mode {
                 Mode::Frozen { held } => {
                     held.push_back(Held { input, relay_key: key.clone(), key, carried: false, reply });
                     let n = held.len();
@@ -293,7 +293,12 @@ impl Actor {
             Resolution::Aborted => {
                 tracing::info!(task = %self.cfg.name, resumed = held.len(), "migration aborted; running here again");
                 for h in held.into_iter().rev() {
-                    self.backlog.push_front(Msg::Invoke { input: h.input, key: h.key, reply: h.reply });
+                    self.backlog.push_front(Msg::Invoke {
+                        input: h.input,
+                        key: h.key,
+                        reply: h.reply,
+                        queued: Instant::now(),
+                    });
                 }
                 let n = self.backlog.len();
                 self.count_waiting(n);

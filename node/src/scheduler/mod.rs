@@ -13,11 +13,18 @@
 //! goes to a live hub that stores the committed checkpoint first (it restores without fetching).
 //! When every hub that stores it is down, the task is not placed at all: it waits, unavailable
 //! with a reason, rather than restart empty.
+//!
+//! Tasks on a draining hub move by live migration ([`drain`]: the leader defers their re-placement
+//! while it migrates them one by one; the re-placement from the checkpoint is the fallback), and
+//! an overloaded hub sheds tasks the same way ([`overload`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use hubmesh_consensus::state::{CheckpointPolicy, ClusterState, NodeRecord, NodeStatus, TaskKind, TaskRecord};
 use hubmesh_consensus::{Command, NodeId};
+
+pub mod drain;
+pub mod overload;
 
 /// What is placed on one hub.
 #[derive(Debug, Clone, Copy, Default)]
@@ -40,6 +47,11 @@ fn load(state: &ClusterState) -> BTreeMap<NodeId, Used> {
         for p in t.instances.values() {
             load.entry(p.node).or_default().add(t);
         }
+        // A migration under way takes its room on the target already: two at once must not
+        // pick the same last slot.
+        if let Some(m) = &t.migration {
+            load.entry(m.to).or_default().add(t);
+        }
     }
     load
 }
@@ -60,12 +72,18 @@ fn live_copies(state: &ClusterState, task: &TaskRecord) -> Option<Vec<NodeId>> {
 
 /// The placements the leader should propose now, then the holder changes.
 pub fn plan(state: &ClusterState) -> Vec<Command> {
-    let mut out = place(state);
+    plan_deferring(state, &BTreeSet::new())
+}
+
+/// Like [`plan`], but the instance 0 of the tasks in `deferred` is left where it is even if its
+/// hub is draining: the leader is moving it by live migration (see [`drain`]).
+pub fn plan_deferring(state: &ClusterState, deferred: &BTreeSet<String>) -> Vec<Command> {
+    let mut out = place(state, deferred);
     out.extend(holders(state));
     out
 }
 
-fn place(state: &ClusterState) -> Vec<Command> {
+fn place(state: &ClusterState, deferred: &BTreeSet<String>) -> Vec<Command> {
     let mut load = load(state);
     let mut out = Vec::new();
     for (name, task) in &state.tasks {
@@ -77,6 +95,10 @@ fn place(state: &ClusterState) -> Vec<Command> {
             if current.is_some_and(|p| usable(state, p.node, task)) {
                 continue;
             }
+            let draining = current.is_some_and(|p| state.nodes.get(&p.node).is_some_and(|n| n.status == NodeStatus::Draining));
+            if instance == 0 && draining && deferred.contains(name) {
+                continue;
+            }
             let copies = live_copies(state, task);
             if copies.as_ref().is_some_and(|c| c.is_empty()) {
                 continue; // unavailable: see pending_reason
@@ -85,7 +107,7 @@ fn place(state: &ClusterState) -> Vec<Command> {
             let Some(node) = pick_preferring(state, &load, task, &hosts, &preferred) else { continue };
             let reason = match current.and_then(|p| state.nodes.get(&p.node)) {
                 None if current.is_none() => "placed",
-                Some(n) if n.status == NodeStatus::Up => "moved",
+                Some(n) if matches!(n.status, NodeStatus::Up | NodeStatus::Draining) => "moved",
                 _ => "failover",
             };
             out.push(Command::Note { at_ms: hubmesh_consensus::now_ms(), reason: reason.into() });
@@ -222,7 +244,9 @@ impl Pending {
 /// Why `task` has no usable placement, or `None` when it has one.
 pub fn pending_reason(state: &ClusterState, task: &str) -> Option<Pending> {
     let t = state.tasks.get(task)?;
-    if t.placements().any(|(_, p)| usable(state, p.node, t)) {
+    // A task on a draining hub runs and answers there until its migration moves it.
+    let draining = |n: NodeId| state.nodes.get(&n).is_some_and(|r| r.status == NodeStatus::Draining);
+    if t.placements().any(|(_, p)| usable(state, p.node, t) || draining(p.node)) {
         return None;
     }
     if let (Some(c), Some(copies)) = (&t.checkpoint, live_copies(state, t)) {
@@ -244,262 +268,4 @@ pub fn pending_reason(state: &ClusterState, task: &str) -> Option<Pending> {
 }
 
 #[cfg(test)]
-mod tests {
-    use hubmesh_consensus::state::{CheckpointPolicy, DeployMode, Limits, NodeRecord, TaskKind, TaskSpec};
-    use hubmesh_consensus::Epoch;
-    use hubmesh_storage::Hash;
-
-    use super::*;
-
-    /// The plan without its history notes.
-    pub(super) fn places(s: &ClusterState) -> Vec<Command> {
-        plan(s).into_iter().filter(|c| !matches!(c, Command::Note { .. })).collect()
-    }
-
-    fn node(id: u64, slots: u32, status: NodeStatus) -> Command {
-        labelled_node(id, slots, status, &[])
-    }
-
-    pub(super) fn labelled_node(id: u64, slots: u32, status: NodeStatus, labels: &[(&str, &str)]) -> Command {
-        Command::RegisterNode {
-            node: NodeRecord {
-                id: NodeId(id),
-                name: format!("h{id}"),
-                api_addr: String::new(),
-                mesh_addr: String::new(),
-                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-                slots,
-                memory_bytes: 1 << 30,
-                witness: false,
-                cert_fingerprint: String::new(),
-                status,
-            },
-        }
-    }
-
-    fn deploy(name: &str) -> Command {
-        constrained_deploy(name, TaskKind::Stateful, &[])
-    }
-
-    pub(super) fn constrained_deploy(name: &str, kind: TaskKind, constraints: &[(&str, &str)]) -> Command {
-        Command::DeployTask {
-            spec: TaskSpec {
-                name: name.into(),
-                kind,
-                module_hash: Hash::of(b"m"),
-                source_hash: Hash::of(b"s"),
-                limits: Limits { memory_bytes: 1, timeout_ms: 1, max_input_bytes: 1, max_output_bytes: 1, queue: 1 },
-                checkpoint: CheckpointPolicy::None,
-                tick_ms: None,
-                constraints: constraints.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-                replicas: 1,
-                state_replicas: 2,
-                pinned: false,
-            },
-            mode: DeployMode::Create,
-            at_ms: 0,
-        }
-    }
-
-    fn state(cmds: &[Command]) -> ClusterState {
-        let mut s = ClusterState::default();
-        for c in cmds {
-            s.apply(c).unwrap();
-        }
-        s
-    }
-
-    #[test]
-    fn places_unplaced_tasks_on_the_emptiest_up_hub() {
-        let s = state(&[
-            node(1, 1, NodeStatus::Up),
-            node(2, 5, NodeStatus::Up),
-            node(3, 9, NodeStatus::Down),
-            deploy("a"),
-            deploy("b"),
-        ]);
-        assert_eq!(
-            places(&s),
-            vec![
-                Command::PlaceInstance { task: "a".into(), instance: 0, node: NodeId(2), expected: None },
-                Command::PlaceInstance { task: "b".into(), instance: 0, node: NodeId(2), expected: None },
-            ]
-        );
-    }
-
-    #[test]
-    fn full_hubs_leave_tasks_pending_with_a_reason() {
-        let mut s = state(&[node(1, 1, NodeStatus::Up), deploy("a"), deploy("b")]);
-        for c in plan(&s) {
-            s.apply(&c).unwrap();
-        }
-        assert_eq!(s.placement("a", 0).map(|p| p.node), Some(NodeId(1)));
-        assert!(places(&s).is_empty());
-        assert_eq!(pending_reason(&s, "a"), None);
-        assert!(pending_reason(&s, "b").unwrap().to_string().contains("slot"));
-    }
-
-    #[test]
-    fn memory_caps_must_fit_in_the_memory_a_hub_offers() {
-        // Hub 1 has the most slots but room for one 600 MiB task only; hub 2 has room for one more.
-        let mut s =
-            state(&[node(1, 9, NodeStatus::Up), node(2, 5, NodeStatus::Up), deploy("a"), deploy("b"), deploy("c")]);
-        for (id, mib) in [(1, 1000), (2, 700)] {
-            let mut n = s.nodes[&NodeId(id)].clone();
-            n.memory_bytes = mib << 20;
-            s.apply(&Command::RegisterNode { node: n }).unwrap();
-        }
-        for t in s.tasks.values_mut() {
-            t.spec.limits.memory_bytes = 600 << 20;
-        }
-        assert_eq!(
-            places(&s),
-            vec![
-                Command::PlaceInstance { task: "a".into(), instance: 0, node: NodeId(1), expected: None },
-                Command::PlaceInstance { task: "b".into(), instance: 0, node: NodeId(2), expected: None },
-            ]
-        );
-        for c in plan(&s) {
-            s.apply(&c).unwrap();
-        }
-        let reason = pending_reason(&s, "c").unwrap().to_string();
-        assert!(reason.contains("600.0 MiB") && reason.contains("memory"), "{reason}");
-        // Capacity appears (task a goes away): c is placed.
-        s.apply(&Command::DeleteTask { name: "a".into() }).unwrap();
-        assert_eq!(
-            places(&s),
-            vec![Command::PlaceInstance { task: "c".into(), instance: 0, node: NodeId(1), expected: None }]
-        );
-    }
-
-    #[test]
-    fn instances_of_a_down_hub_are_replaced_with_the_seen_epoch() {
-        let mut s = state(&[node(1, 4, NodeStatus::Up), deploy("a")]);
-        for c in plan(&s) {
-            s.apply(&c).unwrap();
-        }
-        s.apply(&node(1, 4, NodeStatus::Down)).unwrap();
-        s.apply(&node(2, 4, NodeStatus::Up)).unwrap();
-        assert_eq!(
-            places(&s),
-            vec![Command::PlaceInstance { task: "a".into(), instance: 0, node: NodeId(2), expected: Some(Epoch(1)) }]
-        );
-    }
-}
-
-#[cfg(test)]
-mod constraint_tests {
-    use hubmesh_consensus::state::TaskKind;
-
-    use super::tests::{constrained_deploy, labelled_node, places};
-    use super::*;
-
-    fn node(id: u64, room: &str) -> Command {
-        labelled_node(id, 10, NodeStatus::Up, &[("room", room)])
-    }
-
-    fn deploy(name: &str, room: &str) -> Command {
-        constrained_deploy(name, TaskKind::Stateless, &[("room", room)])
-    }
-
-    #[test]
-    fn replicas_spread_one_per_hub() {
-        let mut s = ClusterState::default();
-        for c in [node(1, "a"), node(2, "a"), deploy("web", "a")] {
-            s.apply(&c).unwrap();
-        }
-        if let Some(t) = s.tasks.get_mut("web") {
-            t.spec.replicas = 3;
-        }
-        let p = places(&s);
-        let nodes: Vec<NodeId> = p
-            .iter()
-            .map(|c| match c {
-                Command::PlaceInstance { node, .. } => *node,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(nodes.len(), 2, "two hubs, so two of three replicas: {p:?}");
-        assert_ne!(nodes[0], nodes[1]);
-    }
-
-    #[test]
-    fn tasks_go_only_to_hubs_with_their_labels() {
-        let mut s = ClusterState::default();
-        for c in [node(1, "attic"), node(2, "cellar"), deploy("fan", "attic"), deploy("pump", "garage")] {
-            s.apply(&c).unwrap();
-        }
-        assert_eq!(
-            places(&s),
-            vec![Command::PlaceInstance { task: "fan".into(), instance: 0, node: NodeId(1), expected: None }]
-        );
-        assert!(pending_reason(&s, "pump").unwrap().to_string().contains("room=garage"));
-    }
-
-    #[test]
-    fn holders_spread_never_the_host_and_failover_prefers_a_live_holder() {
-        use hubmesh_consensus::state::{CheckpointPolicy, CheckpointRecord};
-        use hubmesh_storage::Hash;
-        let mut s = ClusterState::default();
-        for c in [node(1, "a"), node(2, "a"), node(3, "a"), node(4, "a")] {
-            s.apply(&c).unwrap();
-        }
-        for name in ["x", "y"] {
-            s.apply(&constrained_deploy(name, TaskKind::Stateful, &[])).unwrap();
-            s.tasks.get_mut(name).unwrap().spec.checkpoint = CheckpointPolicy::Durable;
-        }
-        for c in plan(&s) {
-            s.apply(&c).unwrap();
-        }
-        for c in plan(&s) {
-            s.apply(&c).unwrap();
-        }
-        assert!(plan(&s).is_empty(), "stable: {:?}", plan(&s));
-        let (x, y) = (&s.tasks["x"], &s.tasks["y"]);
-        for t in [x, y] {
-            assert_eq!(t.holders.len(), 2, "{t:?}");
-            assert!(!t.holders.contains(&t.instances[&0].node));
-        }
-        // Four holder slots over the hubs: no hub holds both tasks' checkpoints twice over.
-        let mut all: Vec<NodeId> = x.holders.iter().chain(&y.holders).copied().collect();
-        all.sort();
-        all.dedup();
-        assert!(all.len() >= 3, "spread: {all:?}");
-
-        // x's host dies after a checkpoint stored on it and on its holders.
-        let host = x.instances[&0].node;
-        let epoch = x.instances[&0].epoch;
-        let holder = x.holders[1];
-        let record = CheckpointRecord {
-            version: 1,
-            epoch,
-            sequence: 4,
-            manifest_hash: Hash::of(b"m"),
-            stored_on: vec![host, x.holders[0], holder],
-            size_bytes: 0,
-            at_ms: 0,
-        };
-        s.apply(&Command::CommitCheckpoint { task: "x".into(), record, based_on: None }).unwrap();
-        let dead = s.tasks["x"].holders[0];
-        for n in [host, dead] {
-            let mut r = s.nodes[&n].clone();
-            r.status = NodeStatus::Down;
-            s.apply(&Command::RegisterNode { node: r }).unwrap();
-        }
-        let p = places(&s);
-        assert!(
-            p.contains(&Command::PlaceInstance { task: "x".into(), instance: 0, node: holder, expected: Some(epoch) }),
-            "{p:?}"
-        );
-        // Every hub with the checkpoint down: x waits, unavailable, and is not restarted empty.
-        let mut r = s.nodes[&holder].clone();
-        r.status = NodeStatus::Down;
-        s.apply(&Command::RegisterNode { node: r }).unwrap();
-        assert!(!places(&s).iter().any(|c| matches!(c, Command::PlaceInstance { task, .. } if task == "x")));
-        assert!(
-            matches!(pending_reason(&s, "x"), Some(Pending::StateUnavailable { .. })),
-            "{:?}",
-            pending_reason(&s, "x")
-        );
-    }
-}
+mod tests;

@@ -1,0 +1,95 @@
+//! What each task costs this hub: the CPU time its calls and ticks use (by the thread's own CPU
+//! clock, so time spent waiting for a core does not count), how long its calls wait in the queue,
+//! and the memory its state holds. The load worker (`crate::load`) reads these counters once a
+//! second and turns their differences into the hub's load.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Counters of one task; they only grow (except `memory_bytes`, a level).
+#[derive(Debug, Default)]
+pub(crate) struct TaskMeter {
+    cpu_ns: AtomicU64,
+    wait_ns: AtomicU64,
+    waits: AtomicU64,
+    memory_bytes: AtomicU64,
+}
+
+/// A reading of a [`TaskMeter`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MeterReading {
+    /// CPU time used by the task's calls and ticks since it started here.
+    pub cpu_ns: u64,
+    /// Time its calls waited in the queue before they ran, summed.
+    pub wait_ns: u64,
+    /// Calls that waited (or not) in the queue.
+    pub waits: u64,
+    /// Bytes of linear memory its instance holds (stateful tasks; 0 for stateless).
+    pub memory_bytes: u64,
+}
+
+impl TaskMeter {
+    /// Runs `f` on this thread, adding the CPU time it used.
+    pub(crate) fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        let before = thread_cpu_ns();
+        let out = f();
+        self.cpu_ns.fetch_add(thread_cpu_ns().saturating_sub(before), Ordering::Relaxed);
+        out
+    }
+
+    /// A call waited `d` in the queue before it ran.
+    pub(crate) fn waited(&self, d: Duration) {
+        self.wait_ns.fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The instance now holds `bytes` of memory.
+    pub(crate) fn set_memory(&self, bytes: u64) {
+        self.memory_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn read(&self) -> MeterReading {
+        MeterReading {
+            cpu_ns: self.cpu_ns.load(Ordering::Relaxed),
+            wait_ns: self.wait_ns.load(Ordering::Relaxed),
+            waits: self.waits.load(Ordering::Relaxed),
+            memory_bytes: self.memory_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// CPU time this thread has used, from `CLOCK_THREAD_CPUTIME_ID` (a vDSO call: tens of
+/// nanoseconds, cheap enough around every call).
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux supports.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_cpu_spent_and_not_sleep() {
+        let m = TaskMeter::default();
+        m.run(|| std::thread::sleep(Duration::from_millis(30)));
+        let slept = m.read().cpu_ns;
+        m.run(|| {
+            let t = std::time::Instant::now();
+            let mut x = 0u64;
+            while t.elapsed() < Duration::from_millis(30) {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        });
+        let spun = m.read().cpu_ns - slept;
+        assert!(slept < 10_000_000, "sleeping used {slept} ns of CPU");
+        assert!(spun >= 15_000_000, "spinning 30 ms counted only {spun} ns");
+        m.waited(Duration::from_millis(2));
+        assert_eq!((m.read().wait_ns, m.read().waits), (2_000_000, 1));
+    }
+}

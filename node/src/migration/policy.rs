@@ -1,0 +1,158 @@
+//! The leader's migrations: it drains hubs and sheds load by asking tasks' hosts to migrate them
+//! (`Hub::migrate`, which forwards to the host). The decisions are the scheduler's, pure:
+//! `scheduler::drain` and `scheduler::overload`; this module feeds them the state and the
+//! hubs' loads, runs what they ask for (at most one migration out of each hub at a time, and one
+//! overload move in the whole mesh at a time), and remembers failures. What it remembers lives
+//! in the leader's memory only: a new leader starts afresh, and reads the cooldowns from the
+//! replicated history.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hubmesh_consensus::state::{ClusterState, MigrationReason};
+use hubmesh_consensus::{now_ms, NodeId};
+
+use super::MigrateError;
+use crate::hub::Hub;
+use crate::scheduler::drain;
+use crate::scheduler::overload::{HubLoad, Overload, TaskLoad, Thresholds};
+
+/// The first wait after a failed drain migration; it doubles with each failure.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between two drain attempts of one task.
+const LAST_RETRY: Duration = Duration::from_secs(30);
+/// After an overload move ends, the loads the next decision reads must show it.
+const SETTLE: Duration = Duration::from_secs(2 * crate::load::INTERVAL.as_secs());
+
+/// What the policy's migrations report back.
+#[derive(Default)]
+struct Shared {
+    /// Migrations asked for and not ended, by source hub, with their reason.
+    running: BTreeMap<NodeId, (String, MigrationReason)>,
+    /// Failed drain migrations, by task.
+    drain_failures: BTreeMap<String, u32>,
+    /// When a task whose drain migration failed may be tried again.
+    retry_at: BTreeMap<String, Instant>,
+    /// No overload decision before this (the last overload move's effect is not measured yet).
+    overload_quiet_until: Option<Instant>,
+}
+
+/// The leader's migration policy.
+#[derive(Default)]
+pub(crate) struct Policy {
+    overload: Overload,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Policy {
+    /// Forgets everything (this hub no longer leads).
+    pub(crate) fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// One round on the leader: starts the migrations the drain and overload policies ask for.
+    /// `silent`: draining hubs the leader has not reached lately (their tasks fail over).
+    /// Returns the tasks whose re-placement waits for their drain migration.
+    pub(crate) fn round(&mut self, hub: &Arc<Hub>, state: &ClusterState, silent: &BTreeSet<NodeId>) -> BTreeSet<String> {
+        let now = Instant::now();
+        let (mut busy, failures, resting, overload_running, quiet) = {
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            // A task no longer on a draining hub starts with a clean slate next time.
+            let draining = drain::deferred(state, &BTreeMap::new(), &BTreeSet::new());
+            shared.drain_failures.retain(|t, _| draining.contains(t));
+            shared.retry_at.retain(|t, at| *at > now && draining.contains(t));
+            let busy: BTreeSet<NodeId> = shared.running.keys().copied().collect();
+            let overload_running = shared.running.values().any(|(_, r)| *r == MigrationReason::Overload);
+            let quiet = shared.overload_quiet_until.is_some_and(|t| t > now);
+            let resting: BTreeSet<String> = shared.retry_at.keys().cloned().collect();
+            (busy, shared.drain_failures.clone(), resting, overload_running, quiet)
+        };
+        let deferred = drain::deferred(state, &failures, silent);
+        for (task, from) in drain::next(state, &failures, silent, &busy, &resting) {
+            busy.insert(from);
+            self.start(hub, task, from, None, MigrationReason::Drain);
+        }
+        let config = hub.config().overload;
+        if config.enabled {
+            let thresholds = Thresholds {
+                high: config.high,
+                low: config.low,
+                window_ms: config.window.as_millis() as u64,
+                cooldown_ms: config.cooldown.as_millis() as u64,
+            };
+            let loads = loads(hub, state, config.queue_wait.as_micros() as f64);
+            // Every round records the loads (the windows), but a move waits until the last one
+            // has ended and shows in the reports: two decisions on one stale report could send
+            // two tasks to the same hub.
+            let mv = self.overload.round(state, &loads, now_ms(), &thresholds, &busy);
+            if let Some(m) = mv.filter(|_| !overload_running && !quiet) {
+                tracing::info!(task = %m.task, from = m.from.0, to = m.to.0, "shedding load by live migration");
+                self.start(hub, m.task, m.from, Some(m.to), MigrationReason::Overload);
+            }
+        }
+        deferred
+    }
+
+    /// Asks for one migration on a task of its own; its end is recorded in `shared`.
+    fn start(&self, hub: &Arc<Hub>, task: String, from: NodeId, to: Option<NodeId>, reason: MigrationReason) {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).running.insert(from, (task.clone(), reason));
+        let (hub, shared) = (hub.clone(), self.shared.clone());
+        tokio::spawn(async move {
+            let result = hub.migrate(&task, to, reason).await;
+            let mut shared = shared.lock().unwrap_or_else(|p| p.into_inner());
+            shared.running.remove(&from);
+            if reason == MigrationReason::Overload {
+                shared.overload_quiet_until = Some(Instant::now() + SETTLE);
+            }
+            let Err(e) = result else { return };
+            tracing::warn!(task, reason = reason.as_str(), error = %e, "the policy's migration failed");
+            if reason != MigrationReason::Drain {
+                return;
+            }
+            // Another migration under way, or an outcome not known yet, says nothing about
+            // this task: it is tried again without counting.
+            let counts = !matches!(e, MigrateError::InProgress(_) | MigrateError::Unknown(_));
+            let n = shared.drain_failures.entry(task.clone()).or_default();
+            if counts {
+                *n += 1;
+            }
+            let wait = FIRST_RETRY.saturating_mul(1 << (*n).min(5)).min(LAST_RETRY);
+            if *n == drain::MAX_ATTEMPTS {
+                tracing::warn!(task, "drain keeps failing to migrate it; a durable task restarts elsewhere from its checkpoint");
+            }
+            shared.retry_at.insert(task, Instant::now() + wait);
+        });
+    }
+}
+
+/// The fresh loads of the hubs that are up, as the overload policy reads them.
+fn loads(hub: &Hub, state: &ClusterState, full_wait_us: f64) -> BTreeMap<NodeId, HubLoad> {
+    let wait = |us: u64| us as f64 / full_wait_us.max(1.0);
+    hub.loads()
+        .fresh()
+        .into_iter()
+        .filter(|(n, _)| state.nodes.get(n).is_some_and(|r| state.is_up(*n) && !r.witness))
+        .map(|(n, r)| {
+            let tasks = r
+                .tasks
+                .iter()
+                .map(|t| {
+                    let load = TaskLoad {
+                        cores: f64::from(t.cpu_millicores) / 1000.0,
+                        memory_bytes: t.memory_bytes,
+                        wait: wait(t.queue_wait_us),
+                    };
+                    (t.name.clone(), load)
+                })
+                .collect();
+            let load = HubLoad {
+                cpu: f64::from(r.cpu_permille) / 1000.0,
+                memory: f64::from(r.memory_permille) / 1000.0,
+                task_cpus: f64::from(r.task_cpus.max(1)),
+                tasks,
+            };
+            (n, load)
+        })
+        .collect()
+}
