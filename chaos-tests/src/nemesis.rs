@@ -40,6 +40,9 @@ pub struct Applied {
     /// The hub a `migrate` step killed mid-migration (restarted at the heal).
     #[serde(default)]
     pub killed: Option<usize>,
+    /// A `migrate` step cut the source and the target apart mid-migration (joined at the heal).
+    #[serde(default)]
+    pub cut: bool,
     pub note: String,
 }
 
@@ -198,6 +201,7 @@ pub async fn apply(
         aimed,
         dropped: 0,
         killed: None,
+        cut: false,
         note: String::new(),
     };
     if !lab.hubs[t].is_running() {
@@ -233,7 +237,8 @@ pub async fn apply(
 }
 
 /// A live migration of a counter hosted on hub `t` to another running hub, asked through a random
-/// hub; half the time the source or the target is killed 0-300 ms into it. Effective when the
+/// hub; three times in four the source or the target is killed, or the two are cut apart, 0-300
+/// ms into it. Effective when the
 /// migration committed or the kill was delivered. Without a kill it waits for the outcome, so the
 /// migration's own pause falls before the step's start and counts against I14 like any stall.
 async fn migrate(
@@ -258,12 +263,33 @@ async fn migrate(
         tokio::spawn(async move { client.migrate(&task, Some(&to_id)).await })
     };
     applied.hubs = vec![t, to];
-    let victim = match rng.random_range(0..4u8) {
+    // A quarter each: kill the source, kill the target, cut them apart (not on a LAN run, which
+    // has no firewall), or let the migration run.
+    let mut pick = rng.random_range(0..4u8);
+    if pick == 2 && lab.is_lan() {
+        pick = 3;
+    }
+    let victim = match pick {
         0 => Some(t),
         1 => Some(to),
         _ => None,
     };
     let note = format!("migrate {task} n{}->n{}", t + 1, to + 1);
+    if pick == 2 {
+        let delay = rng.random_range(0..=300);
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        let mut rules = vec![Rules::default(); lab.hubs.len()];
+        for (a, b) in [(t, to), (to, t)] {
+            rules[a].drop_from.insert(b);
+            rules[a].drop_to.insert(b);
+        }
+        for (i, r) in rules.iter().enumerate() {
+            lab.set_rules(i, r).context("cutting the source from the target")?;
+        }
+        applied.cut = true;
+        applied.note = format!("{note}, n{} and n{} cut apart after {delay} ms", t + 1, to + 1);
+        return Ok(());
+    }
     if let Some(v) = victim {
         // The fault starts when `apply` returns: the migration's own outcome is left to the
         // hubs' logs and to the checks (one instance, nothing acknowledged lost).
@@ -311,6 +337,13 @@ pub async fn heal(lab: &mut Lab, applied: &mut Applied) -> anyhow::Result<()> {
     let t = applied.hub;
     match applied.fault {
         FaultKind::Kill | FaultKind::Restart => lab.restart(t).await?,
+        FaultKind::Migrate if applied.cut => {
+            applied.dropped = (0..lab.hubs.len()).map(|i| lab.dropped_packets(i)).sum();
+            applied.effective = applied.dropped > 0;
+            for i in 0..lab.hubs.len() {
+                lab.set_rules(i, &Rules::default())?;
+            }
+        }
         FaultKind::Migrate => {
             if let Some(v) = applied.killed {
                 lab.restart(v).await?;

@@ -176,8 +176,8 @@ pub enum FaultKind {
     /// Random drop of a share of the packets between the target and the others.
     Flaky,
     /// Not a fault but an action: a live migration of a counter task off its host (the target)
-    /// to another hub, and half the time a kill of the source or the target 0-300 ms into it
-    /// (healed by a restart).
+    /// to another hub, and three times in four a kill of the source or of the target (healed by
+    /// a restart), or a cut between the two (healed by the rules' removal), 0-300 ms into it.
     Migrate,
 }
 

@@ -112,10 +112,19 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
             }
             _ => Restore::Fresh,
         };
+        // A live migration to this hub built the instance already.
+        let staged = match &restore {
+            Restore::Key(key) => hub.migrations().take_staged(&name, key).map(|s| (key.clone(), s)),
+            _ => None,
+        };
         let executor = hub.executor().clone();
         let cfg2 = cfg.clone();
         let fetched = began.elapsed();
-        let res = tokio::task::spawn_blocking(move || executor.start_task_from(cfg2, &wasm, restore)).await;
+        let res = tokio::task::spawn_blocking(move || match staged {
+            Some((key, staged)) => executor.start_staged(cfg2, &wasm, key, staged),
+            None => executor.start_task_from(cfg2, &wasm, restore),
+        })
+        .await;
         match res {
             Ok(Ok(())) => {
                 tracing::info!(task = %name, epoch = cfg.epoch, checkpoint_ready = ?fetched, started = ?began.elapsed(), "task started");

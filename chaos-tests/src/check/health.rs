@@ -144,6 +144,7 @@ mod tests {
             aimed,
             dropped: 0,
             killed: None,
+            cut: false,
             note: String::new(),
         };
         ev.planned_faults = 1;

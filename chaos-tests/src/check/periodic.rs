@@ -100,6 +100,7 @@ mod tests {
             aimed: true,
             dropped: 0,
             killed: None,
+            cut: false,
             note: String::new(),
         }
     }

@@ -24,6 +24,11 @@ pub(crate) struct Hub {
 impl Drop for Hub {
     fn drop(&mut self) {
         kill(self);
+        // BENCH_LOG_DIR keeps the hubs' logs (the data dirs go with the bench).
+        if let Some(keep) = std::env::var_os("BENCH_LOG_DIR") {
+            let _ = std::fs::create_dir_all(&keep);
+            let _ = std::fs::copy(self.dir.path().join("hub.log"), Path::new(&keep).join(format!("{}.log", self.id)));
+        }
     }
 }
 

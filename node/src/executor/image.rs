@@ -155,6 +155,62 @@ impl MemoryImage {
         })
     }
 
+    /// Staging (a live migration's target): grows the image and `inst` to `pages` pages. Wasm
+    /// memory cannot shrink: a smaller size is refused.
+    pub(crate) fn stage_size(&mut self, inst: &mut Instance, pages: usize) -> Result<(), String> {
+        let have = inst.memory_len() / PAGE;
+        if pages < have || pages < self.hashes.len() {
+            return Err(format!("the memory shrank to {pages} pages"));
+        }
+        if pages > have {
+            inst.memory.grow(&mut inst.store, (pages - have) as u64).map_err(|e| format!("growing memory: {e}"))?;
+        }
+        self.base.resize(pages * PAGE, 0);
+        self.hashes.resize(pages, None);
+        self.ckpt_dirty.resize(pages, false);
+        Ok(())
+    }
+
+    /// Staging: page `index` of the image and of `inst` becomes `bytes` (`None`: zero), whose
+    /// hash is `hash` (the caller verified it).
+    pub(crate) fn stage_page(&mut self, inst: &mut Instance, index: usize, hash: Option<Hash>, bytes: Option<&[u8]>) {
+        let range = index * PAGE..(index + 1) * PAGE;
+        match bytes {
+            Some(b) => {
+                self.base[range.clone()].copy_from_slice(b);
+                inst.memory.data_mut(&mut inst.store)[range].copy_from_slice(b);
+            }
+            None => {
+                self.base[range.clone()].fill(0);
+                inst.memory.data_mut(&mut inst.store)[range].fill(0);
+            }
+        }
+        self.hashes[index] = hash;
+    }
+
+    /// Staging: the hash of each page as the image holds it (`None`: zero).
+    pub(crate) fn staged_hashes(&self) -> &[Option<Hash>] {
+        &self.hashes
+    }
+
+    /// Staging done: the image is the checkpoint `manifest` (the caller checked its pages): its
+    /// globals are set on `inst`, nothing counts as changed since it.
+    pub(crate) fn finish_staging(&mut self, inst: &mut Instance, manifest: &Manifest) -> Result<(), InvokeError> {
+        self.globals = manifest.globals.iter().map(|(_, v)| *v).collect();
+        if self.globals.len() != inst.globals.len() {
+            return Err(InvokeError::Unavailable("saved globals do not match the module".into()));
+        }
+        for (value, (name, g)) in self.globals.iter().zip(inst.globals.clone()) {
+            g.set(&mut inst.store, value.to_val())
+                .map_err(|e| InvokeError::Unavailable(format!("restoring global {name}: {e}")))?;
+        }
+        inst.dirty.data_mut(&mut inst.store).fill(0);
+        self.ckpt_dirty.iter_mut().for_each(|d| *d = false);
+        self.changed = false;
+        self.mig_dirty = None;
+        Ok(())
+    }
+
     /// Copies into the image the pages the instance changed since the last sync (as marked in
     /// its dirty map) and its globals. Returns how many pages were copied.
     pub(crate) fn sync(&mut self, inst: &mut Instance) -> usize {

@@ -53,12 +53,18 @@ fn a_migrated_counter_goes_on_exactly_where_the_source_stopped() {
         // The target holds the base checkpoint, as a holder of the task does.
         let base = copy_checkpoint(src.pages(), dst.pages(), &base_key);
         let mut table = PageTable::from_manifest(Some(&base));
+        // The target builds the task's instance from the base, then from each round.
+        let mut staged = dst.stage(&cfg, &prepared.wasm, Some(&base)).unwrap();
+        let unchanged = dst.stage(&cfg, &prepared.wasm, Some(&base)).unwrap();
         // The task serves during the rounds.
         assert_eq!(call(&src, "c", "100").await.unwrap(), "115");
         let round = src.migration_round("c", 16, Duration::ZERO).await.unwrap();
         assert!(!round.pages.is_empty(), "the page the call changed is sent");
         assert_eq!(round.remaining, 0);
-        let sent = table.record(round.memory_pages, round.pages);
+        let memory_pages = round.memory_pages;
+        let sent = table.record(memory_pages, round.pages);
+        let contents = sent.new.iter().map(|(h, d)| (*h, d.as_slice())).collect();
+        staged.apply(dst.pages(), memory_pages, &sent.entries, &contents).unwrap();
         dst.pages().write(&[PageWrite { pages: sent.new, ..Default::default() }], true).unwrap();
 
         // Calls that wait when the source freezes travel with its state or are held.
@@ -69,7 +75,11 @@ fn a_migrated_counter_goes_on_exactly_where_the_source_stopped() {
         // Durable commits went on during the rounds: the final state names the newest.
         assert!(last.committed_key.as_ref().is_some_and(|k| *k != base_key));
         let final_pages = table.record(last.memory_pages, last.pages.clone());
+        let contents = final_pages.new.iter().map(|(h, d)| (*h, d.as_slice())).collect();
+        staged.apply(dst.pages(), last.memory_pages, &final_pages.entries, &contents).unwrap();
         let manifest = table.manifest(header(&cfg, &last), &last);
+        assert!(staged.matches(&manifest), "the staged memory is the migrated state");
+        assert!(!unchanged.matches(&manifest), "an instance that missed a round is not used");
         let key = checkpoint_key("c", Epoch(cfg.epoch), last.sequence);
         let refs = manifest.pages.iter().map(|(_, h)| *h).collect();
         let write =
@@ -79,7 +89,7 @@ fn a_migrated_counter_goes_on_exactly_where_the_source_stopped() {
         // The switch: the target runs the task at a new epoch from the migrated state.
         src.migration_resolve("c", Resolution::Moved(MovedTo { node: 2, epoch: 2 })).await.unwrap();
         let target = TaskConfig { epoch: 2, ..cfg.clone() };
-        dst.start_task_from(target, &prepared.wasm, Restore::Key(key)).unwrap();
+        dst.start_staged(target, &prepared.wasm, key, staged).unwrap();
         let mut ran_at_source = 0;
         for answer in answers {
             match answer {

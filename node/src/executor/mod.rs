@@ -22,6 +22,7 @@ mod instrument;
 mod meter;
 mod module_cache;
 mod page_table;
+mod staged;
 mod stateful;
 mod stateless;
 
@@ -43,6 +44,7 @@ pub use instance::InstanceLimits;
 pub use instrument::PrepareError;
 pub(crate) use page_table::PageTable;
 pub use meter::MeterReading;
+pub use staged::StagedTask;
 pub use stateful::StatefulStatus;
 pub(crate) use stateful::{FinalState, MigrationStart, MovedTo, Resolution};
 
@@ -252,6 +254,17 @@ impl Executor {
     /// Starts `config` with the instrumented module `wasm` and the state `restore` names,
     /// replacing a running task of the same name (which is stopped with a final checkpoint).
     pub fn start_task_from(&self, config: TaskConfig, wasm: &[u8], restore: Restore) -> Result<(), StartTaskError> {
+        self.start_task_with(config, wasm, restore, None)
+    }
+
+    /// [`Self::start_task_from`], with an instance built ahead (a migration's target).
+    fn start_task_with(
+        &self,
+        config: TaskConfig,
+        wasm: &[u8],
+        restore: Restore,
+        staged: Option<StagedTask>,
+    ) -> Result<(), StartTaskError> {
         let started = Instant::now();
         // The lock is released before stopping: the old instance may need a while (its last
         // call and final checkpoint) and other tasks must not wait for it.
@@ -268,6 +281,7 @@ impl Executor {
                 self.writer.clone(),
                 self.sink.get().cloned(),
                 restore,
+                staged,
             )?),
             TaskKind::Stateless => Runtime::Stateless(Arc::new(
                 StatelessTask::start(&config.name, module, config.limits, config.queue)

@@ -114,6 +114,7 @@ impl StatefulTask {
         writer: Writer,
         sink: Option<Arc<dyn CheckpointSink>>,
         restore: Restore,
+        staged: Option<super::StagedTask>,
     ) -> Result<Self, StartTaskError> {
         let name: Arc<str> = cfg.name.as_str().into();
         let mut status = StatefulStatus::default();
@@ -148,14 +149,19 @@ impl StatefulTask {
         let (inst, image, answers, sequence, invocations) = match saved {
             Some(m) => {
                 let began = Instant::now();
-                let image =
-                    MemoryImage::restore(&m, &pages, cfg.limits.memory_bytes).map_err(StartTaskError::Restore)?;
-                let read = began.elapsed();
-                let mut inst = Instance::new(&module, name, cfg.limits, false)
-                    .map_err(|e| StartTaskError::Module(e.to_string()))?;
-                let instantiated = began.elapsed();
-                image.apply_to(&mut inst).map_err(|e| StartTaskError::Restore(e.to_string()))?;
-                tracing::debug!(task = %cfg.name, ?read, ?instantiated, applied = ?began.elapsed(), "restore timings");
+                let (inst, image) = match staged.filter(|s| s.matches(&m) && s.built_with(&cfg.limits)) {
+                    // Built while the migration ran: nothing to read back or copy.
+                    Some(s) => super::staged::take(s, &m)?,
+                    None => {
+                        let image = MemoryImage::restore(&m, &pages, cfg.limits.memory_bytes)
+                            .map_err(StartTaskError::Restore)?;
+                        let mut inst = Instance::new(&module, name, cfg.limits, false)
+                            .map_err(|e| StartTaskError::Module(e.to_string()))?;
+                        image.apply_to(&mut inst).map_err(|e| StartTaskError::Restore(e.to_string()))?;
+                        (inst, image)
+                    }
+                };
+                tracing::debug!(task = %cfg.name, took = ?began.elapsed(), "restored");
                 let mut answers = AnswerCache::default();
                 for (k, a) in m.answers.clone() {
                     answers.insert(k, a);

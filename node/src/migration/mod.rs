@@ -150,6 +150,8 @@ pub(crate) struct Migrations {
     outgoing: Mutex<HashSet<String>>,
     /// Tasks this hub is receiving, by name.
     incoming: Mutex<HashMap<String, target::Incoming>>,
+    /// Staged instances of migrated checkpoints, waiting for the switch, by task name.
+    ready: Mutex<HashMap<String, target::Ready>>,
 }
 
 impl Migrations {
@@ -157,6 +159,13 @@ impl Migrations {
     /// telling): their pinned pages become garbage again. The reconciler calls it each round.
     pub(crate) fn sweep(&self) {
         target::sweep(&mut self.incoming.lock().unwrap_or_else(|p| p.into_inner()));
+        target::sweep_ready(&mut self.ready.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// The instance staged for `task`'s migrated checkpoint `key`, if this hub built one (the
+    /// reconciler starts the task from it).
+    pub(crate) fn take_staged(&self, task: &str, key: &str) -> Option<crate::executor::StagedTask> {
+        target::take_ready(&mut self.ready.lock().unwrap_or_else(|p| p.into_inner()), task, key)
     }
 
     /// Whether this hub is moving `task` away.

@@ -299,7 +299,8 @@ impl Driver<'_> {
                 round += delta.pages.len();
                 let marked = *marked.get_or_insert(delta.pages.len() + delta.remaining);
                 let pages = copy.table.record(delta.memory_pages, delta.pages);
-                self.send(copy, pages.new, pages.bytes).await?;
+                let layout = Layout { entries: pages.entries, memory_pages: delta.memory_pages };
+                self.send(copy, layout, pages.new, pages.bytes).await?;
                 if delta.remaining == 0 || round >= marked {
                     break;
                 }
@@ -326,7 +327,7 @@ impl Driver<'_> {
 
     /// Sends a round's pages and, at the same time, stores them here (fdatasync'ed and pinned):
     /// this hub's copy of the migrated state then needs only the last ones in the critical phase.
-    async fn send(&self, copy: &mut Copy, pages: Vec<(Hash, Vec<u8>)>, bytes: u64) -> Result<(), String> {
+    async fn send(&self, copy: &mut Copy, layout: Layout, pages: Vec<(Hash, Vec<u8>)>, bytes: u64) -> Result<(), String> {
         let log = self.hub.executor().pages().clone();
         // Every page the migrated state refers to stays here, stored before or now.
         copy.pin.add(pages.iter().map(|(h, _)| *h));
@@ -337,7 +338,7 @@ impl Driver<'_> {
             }
             log.write(&[PageWrite { pages: std::mem::take(&mut own), ..Default::default() }], true)
         });
-        let (sent, stored) = tokio::join!(self.send_counted(&mut copy.bytes, pages, bytes, None), store);
+        let (sent, stored) = tokio::join!(self.send_counted(&mut copy.bytes, layout, pages, bytes, None), store);
         sent?;
         match stored {
             Ok(Ok(_)) => Ok(()),
@@ -349,20 +350,28 @@ impl Driver<'_> {
     async fn send_counted(
         &self,
         sent: &mut u64,
+        layout: Layout,
         pages: Vec<(Hash, Vec<u8>)>,
         bytes: u64,
         last: Option<(String, Vec<u8>)>,
     ) -> Result<(), String> {
-        if pages.is_empty() && last.is_none() {
+        if pages.is_empty() && layout.entries.is_empty() && last.is_none() {
             return Ok(());
         }
         let (key, manifest) = last.unwrap_or_default();
+        let entries = layout
+            .entries
+            .into_iter()
+            .map(|(index, h)| pb::PageAt { index, hash: h.map_or_else(Vec::new, |h| h.0.to_vec()) })
+            .collect();
         let req = pb::MigratePages {
             task: self.task.to_owned(),
             id: self.id,
             pages: pages.into_iter().map(|(h, data)| pb::Page { hash: h.0.to_vec(), data }).collect(),
             key,
             manifest,
+            entries,
+            memory_pages: layout.memory_pages,
         };
         *sent += bytes;
         MIGRATE_PAGES
@@ -402,16 +411,19 @@ impl Driver<'_> {
         let write = PageWrite { pages: own, key: key.clone(), manifest: encoded.clone(), refs, remove: Vec::new() };
         let local = tokio::task::spawn_blocking(move || log.write(&[write], true));
         // The last pages in messages of at most PAGES_PER_MESSAGE, the manifest with the last.
+        // The layout goes with the last message: the target stores the earlier ones' pages first.
+        let layout = Layout { entries: pages.entries, memory_pages: last.memory_pages };
         let remote = async {
             let mut rest = pages.new;
             while rest.len() > PAGES_PER_MESSAGE {
                 let tail = rest.split_off(PAGES_PER_MESSAGE);
                 let bytes = rest.iter().map(|(_, d)| d.len() as u64).sum();
-                self.send_counted(&mut copy.bytes, rest, bytes, None).await?;
+                let size_only = Layout { entries: Vec::new(), memory_pages: last.memory_pages };
+                self.send_counted(&mut copy.bytes, size_only, rest, bytes, None).await?;
                 rest = tail;
             }
             let bytes = rest.iter().map(|(_, d)| d.len() as u64).sum();
-            self.send_counted(&mut copy.bytes, rest, bytes, Some((key, encoded.clone()))).await
+            self.send_counted(&mut copy.bytes, layout, rest, bytes, Some((key, encoded.clone()))).await
         };
         let (local, remote) = tokio::join!(local, remote);
         remote?;
@@ -431,6 +443,13 @@ impl Driver<'_> {
             at_ms: now_ms(),
         })
     }
+}
+
+/// Where a message's round puts which content, and the memory's size (for the target's staged
+/// instance).
+struct Layout {
+    entries: Vec<(u32, Option<Hash>)>,
+    memory_pages: u32,
 }
 
 /// What a migration has sent so far.

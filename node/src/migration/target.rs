@@ -1,20 +1,22 @@
-//! A live migration's target: it takes the base checkpoint (fetched if it lacks it), keeps the
-//! pages of the rounds in memory (verified by hash, bounded by the task's memory), stores the
-//! final manifest with every page it refers to before it answers, and, once the commit has made
-//! it the host, says when the task runs here. Only the hub the replicated state names as the
-//! migration's source is heard, and only for a migration to this hub.
+//! A live migration's target: it takes the base checkpoint (fetched if it lacks it), stores the
+//! pages of the rounds as they arrive (verified by hash, bounded by the task's memory) and builds
+//! the task's instance from them (`executor::StagedTask`), stores the final manifest with every
+//! page it refers to before it answers, and, once the commit has made it the host, starts the
+//! task from the staged instance and says when it runs here. Only the hub the replicated state
+//! names as the migration's source is heard, and only for a migration to this hub.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hubmesh_consensus::state::{checkpoint_key, parse_checkpoint_key};
+use hubmesh_consensus::state::{checkpoint_key, parse_checkpoint_key, TaskKind, TaskRecord};
 use hubmesh_consensus::transport::Refusal;
 use hubmesh_consensus::{Epoch, NodeId};
 use hubmesh_proto::pb;
 use hubmesh_storage::{Hash, PagePin, PageWrite};
 
 use crate::checkpoint::{Manifest, PAGE};
+use crate::executor::StagedTask;
 use crate::hub::Hub;
 
 /// Longest the target waits for the state to show the migration, or the task to run.
@@ -33,6 +35,20 @@ pub(super) struct Incoming {
     since: Instant,
     /// The base checkpoint's pages and the received ones: compaction keeps them.
     pin: PagePin,
+    /// The task's instance, built as the pages arrive (none if it could not be: the task then
+    /// restores from the page log at the switch, as after a failover).
+    staged: Option<StagedTask>,
+}
+
+/// A staged instance whose migration handed over its final state: the reconciler starts the task
+/// from it once the switch makes this hub the host.
+pub(super) struct Ready {
+    id: u64,
+    from: NodeId,
+    /// The page-log key of the migrated checkpoint.
+    key: String,
+    staged: StagedTask,
+    since: Instant,
 }
 
 fn refuse(code: pb::ErrorCode, message: impl Into<String>) -> Refusal {
@@ -85,10 +101,11 @@ pub(super) async fn prepare(
         // Pinned first: a newer committed checkpoint may make the garbage collector drop this
         // manifest at once, and a compaction its pages, while the migration needs them.
         pin.add(m.pages.iter().map(|(_, h)| *h));
-        crate::replication::store_with_pages(hub, &task, &req.base_key, req.base_manifest, &sources)
+        crate::replication::store_with_pages(hub, &task, &req.base_key, req.base_manifest.clone(), &sources)
             .await
             .map_err(|e| refuse(pb::ErrorCode::Unavailable, format!("the base checkpoint: {e}")))?;
     }
+    let staged = if staging_room(hub) { stage(hub, t, &req.base_manifest, !req.base_key.is_empty()).await } else { None };
     let mut incoming = hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner());
     sweep(&mut incoming);
     let entry = Incoming {
@@ -98,14 +115,116 @@ pub(super) async fn prepare(
         limit: memory.saturating_mul(4).saturating_add(1 << 20),
         since: Instant::now(),
         pin,
+        staged,
     };
     incoming.insert(task, entry);
     Ok(pb::MigratePrepareResponse {})
 }
 
+/// Builds the task's instance from the base checkpoint (stored here already) off the runtime's
+/// threads. None when it cannot be (the module is not here, the pool is full): the task then
+/// restores from the page log at the switch.
+async fn stage(hub: &Arc<Hub>, t: &TaskRecord, base_manifest: &[u8], has_base: bool) -> Option<StagedTask> {
+    if t.spec.kind != TaskKind::Stateful {
+        return None;
+    }
+    let wasm = hub.blobs().get(&t.spec.module_hash).ok()?;
+    let base = if has_base { Some(Manifest::decode(base_manifest).ok()?) } else { None };
+    let cfg = crate::reconcile::config_of(t, 0);
+    let ex = hub.executor().clone();
+    let staged = tokio::task::spawn_blocking(move || ex.stage(&cfg, &wasm, base.as_ref())).await.ok()?;
+    staged.map_err(|e| tracing::info!(task = %t.spec.name, error = %e, "no staged instance for the migration")).ok()
+}
+
+/// Staged instances one hub holds at once: each takes an instance slot and twice the task's
+/// memory, so a few migrations to one hub must not crowd out its own tasks' starts.
+const MAX_STAGED: usize = 2;
+
+/// Whether another staged instance may be built here.
+fn staging_room(hub: &Hub) -> bool {
+    let m = hub.migrations();
+    let incoming = m.incoming.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|i| i.staged.is_some()).count();
+    let ready = m.ready.lock().unwrap_or_else(|p| p.into_inner()).len();
+    incoming + ready < MAX_STAGED
+}
+
+/// Drops `what` (staged instances: a pool slot and large buffers to free) off the runtime's
+/// threads.
+pub(super) fn drop_later<T: Send + 'static>(what: T) {
+    tokio::task::spawn_blocking(move || drop(what));
+}
+
 /// Forgets migrations whose source stopped sending (it died, or gave up without telling).
 pub(super) fn sweep(incoming: &mut HashMap<String, Incoming>) {
-    incoming.retain(|_, i| i.since.elapsed() < super::BUDGET * 2);
+    let stale: Vec<String> =
+        incoming.iter().filter(|(_, i)| i.since.elapsed() >= super::BUDGET * 2).map(|(k, _)| k.clone()).collect();
+    drop_later(stale.into_iter().filter_map(|k| incoming.remove(&k)).collect::<Vec<_>>());
+}
+
+/// Forgets staged instances the reconciler did not take (the commit never came).
+pub(super) fn sweep_ready(ready: &mut HashMap<String, Ready>) {
+    let stale: Vec<String> =
+        ready.iter().filter(|(_, r)| r.since.elapsed() >= super::BUDGET * 2).map(|(k, _)| k.clone()).collect();
+    drop_later(stale.into_iter().filter_map(|k| ready.remove(&k)).collect::<Vec<_>>());
+}
+
+/// The staged instance of `task`'s migrated checkpoint `key`, if this hub built one.
+pub(super) fn take_ready(ready: &mut HashMap<String, Ready>, task: &str, key: &str) -> Option<StagedTask> {
+    match ready.remove(task) {
+        Some(r) if r.key == key => Some(r.staged),
+        other => {
+            drop_later(other);
+            None
+        }
+    }
+}
+
+/// The round's entries, checked against the task's memory.
+fn entries(req: &pb::MigratePages, memory: u64) -> Result<Vec<(u32, Option<Hash>)>, Refusal> {
+    let max_pages = memory / PAGE as u64;
+    if u64::from(req.memory_pages) > max_pages || req.entries.len() as u64 > max_pages {
+        return Err(Refusal::bad_request("more pages than the task's memory"));
+    }
+    req.entries
+        .iter()
+        .map(|e| {
+            if e.index >= req.memory_pages {
+                return Err(Refusal::bad_request(format!("page {} is beyond the memory", e.index)));
+            }
+            match e.hash.as_slice() {
+                [] => Ok((e.index, None)),
+                raw => Hash::from_slice(raw).map(|h| (e.index, Some(h))).ok_or_else(|| Refusal::bad_request("a hash is 32 bytes")),
+            }
+        })
+        .collect()
+}
+
+/// Applies a round to the staged instance off the runtime's threads; a round that does not
+/// apply drops it (the task will restore from the page log).
+async fn apply_round(
+    hub: &Hub,
+    staged: Option<StagedTask>,
+    memory_pages: u32,
+    entries: Vec<(u32, Option<Hash>)>,
+    pages: Vec<(Hash, Vec<u8>)>,
+) -> Result<(Option<StagedTask>, Vec<(Hash, Vec<u8>)>), Refusal> {
+    let Some(mut staged) = staged else { return Ok((None, pages)) };
+    let log = hub.executor().pages().clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        let contents: HashMap<Hash, &[u8]> = pages.iter().map(|(h, d)| (*h, d.as_slice())).collect();
+        let r = staged.apply(&log, memory_pages, &entries, &contents);
+        drop(contents);
+        (r.map(|()| staged), pages)
+    })
+    .await;
+    match applied {
+        Ok((Ok(staged), pages)) => Ok((Some(staged), pages)),
+        Ok((Err(e), pages)) => {
+            tracing::info!(error = %e, "the staged instance is dropped; the task will restore at the switch");
+            Ok((None, pages))
+        }
+        Err(e) => Err(Refusal::internal(format!("applying a round: {e}"))),
+    }
 }
 
 /// Most page bytes all incoming migrations together may take.
@@ -125,6 +244,8 @@ pub(super) async fn pages(
             return Err(refuse(pb::ErrorCode::NotFound, format!("no migration {} of {:?} here", req.id, req.task)));
         }
     }
+    let memory = hub.consensus().state().tasks.get(&req.task).map_or(0, |t| t.spec.limits.memory_bytes);
+    let entries = entries(&req, memory)?;
     // Verified before anything is kept.
     let mut pages = Vec::with_capacity(req.pages.len());
     for p in req.pages {
@@ -134,28 +255,35 @@ pub(super) async fn pages(
         }
         pages.push((hash, p.data));
     }
-    let finished = {
+    let (finished, staged) = {
         let mut incoming = hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner());
         let Some(entry) = incoming.get_mut(&req.task).filter(|i| i.id == req.id && i.from == from) else {
             return Err(refuse(pb::ErrorCode::NotFound, format!("no migration {} of {:?} here", req.id, req.task)));
         };
+        // Out while the round applies: rounds of one migration come one at a time.
+        let staged = entry.staged.take();
         entry.bytes += pages.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
         // Pinned before they are written: compaction must not drop them before the manifest.
         entry.pin.add(pages.iter().map(|(h, _)| *h));
         let over_task = entry.bytes > entry.limit;
         let taken: u64 = incoming.values().map(|i| i.bytes).sum();
         if over_task || taken > global_limit(hub) {
-            incoming.remove(&req.task);
+            drop_later((incoming.remove(&req.task), staged));
             return Err(refuse(pb::ErrorCode::PayloadTooLarge, "more pages than this hub takes for migrations"));
         }
         if req.key.is_empty() {
-            None
+            (None, staged)
         } else {
-            incoming.remove(&req.task)
+            (incoming.remove(&req.task), staged)
         }
     };
+    let (staged, pages) = apply_round(hub, staged, req.memory_pages, entries, pages).await?;
     match finished {
         None => {
+            match hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&req.task) {
+                Some(entry) if entry.id == req.id => entry.staged = staged,
+                _ => drop_later(staged),
+            }
             let log = hub.executor().pages().clone();
             let write = PageWrite { pages, ..Default::default() };
             tokio::task::spawn_blocking(move || log.write(&[write], true))
@@ -163,7 +291,7 @@ pub(super) async fn pages(
                 .map_err(|e| Refusal::internal(e.to_string()))?
                 .map_err(|e| Refusal::internal(format!("storing migrated pages: {e}")))?;
         }
-        Some(entry) => store_final(hub, &req.task, &req.key, req.manifest, pages, entry).await?,
+        Some(entry) => store_final(hub, &req.task, &req.key, req.manifest, pages, entry, staged).await?,
     }
     Ok(pb::MigratePagesResponse {})
 }
@@ -177,6 +305,7 @@ async fn store_final(
     bytes: Vec<u8>,
     pages: Vec<(Hash, Vec<u8>)>,
     entry: Incoming,
+    staged: Option<StagedTask>,
 ) -> Result<(), Refusal> {
     if !expected(hub, task, entry.id, entry.from) {
         return Err(refuse(pb::ErrorCode::Unavailable, "the migration is no longer under way"));
@@ -204,7 +333,18 @@ async fn store_final(
         .map_err(|e| Refusal::internal(e.to_string()))?
         .map_err(|e| Refusal::internal(format!("storing the migrated state: {e}")))?;
     // The manifest refers to the pages now.
-    drop(entry);
+    let (entry_id, entry_from) = (entry.id, entry.from);
+    drop_later(entry);
+    match staged {
+        Some(staged) if staged.matches(&m) => {
+            let mut ready = hub.migrations().ready.lock().unwrap_or_else(|p| p.into_inner());
+            sweep_ready(&mut ready);
+            let (id, from) = (entry_id, entry_from);
+            let old = ready.insert(task.to_owned(), Ready { id, from, key: key.to_owned(), staged, since: Instant::now() });
+            drop_later(old);
+        }
+        other => drop_later(other),
+    }
     Ok(())
 }
 
@@ -212,10 +352,14 @@ pub(super) async fn end(hub: &Arc<Hub>, from: NodeId, req: pb::MigrateEnd) -> Re
     {
         let mut incoming = hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner());
         if incoming.get(&req.task).is_some_and(|i| i.id == req.id && i.from == from) {
-            incoming.remove(&req.task);
+            drop_later(incoming.remove(&req.task));
         }
     }
     if req.epoch == 0 {
+        let mut ready = hub.migrations().ready.lock().unwrap_or_else(|p| p.into_inner());
+        if ready.get(&req.task).is_some_and(|r| r.id == req.id && r.from == from) {
+            drop_later(ready.remove(&req.task));
+        }
         return Ok(pb::MigrateEndResponse::default());
     }
     // Committed: answer once the task runs here at that epoch (the source measures the pause).
