@@ -250,7 +250,8 @@ async fn migrate(
 ) -> anyhow::Result<()> {
     let from = lab.hubs[t].node_id;
     let movable: Vec<&String> = view.tasks.iter().filter(|(_, (h, _, _))| *h == from).map(|(k, _)| k).collect();
-    let others: Vec<usize> = lab.hubs.iter().filter(|h| h.is_running() && !h.paused && h.index != t).map(|h| h.index).collect();
+    let others: Vec<usize> =
+        lab.hubs.iter().filter(|h| h.is_running() && !h.paused && h.index != t).map(|h| h.index).collect();
     let (Some(task), Some(&to)) = (movable.choose(rng).map(|s| (*s).clone()), others.choose(rng)) else {
         applied.note = format!("migrate: no counter on n{} or no other hub to take it", t + 1);
         return Ok(());

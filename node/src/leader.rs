@@ -142,11 +142,7 @@ async fn step(hub: &Hub, api_addr: &str, deferred: &BTreeSet<String>) {
 /// A draining hub keeps its status (the operator's): when it goes silent it is returned in the
 /// set of silent draining hubs instead, whose tasks the scheduler then re-places (a failover)
 /// rather than wait for their migration. `None`: this leader cannot judge now.
-async fn watch_health(
-    hub: &Hub,
-    leading_since: Instant,
-    previous_leader: Option<NodeId>,
-) -> Option<BTreeSet<NodeId>> {
+async fn watch_health(hub: &Hub, leading_since: Instant, previous_leader: Option<NodeId>) -> Option<BTreeSet<NodeId>> {
     let state = hub.consensus().state();
     let me = hub.consensus().node_id();
     let node_down = hub.config().timeouts.resolve().node_down;

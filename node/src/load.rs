@@ -193,7 +193,8 @@ mod tests {
 
     #[test]
     fn load_is_the_cpu_used_against_the_cpu_offered() {
-        let before = HashMap::from([("a".to_owned(), reading(1000, 0, 0, 0)), ("gone".to_owned(), reading(5, 0, 0, 0))]);
+        let before =
+            HashMap::from([("a".to_owned(), reading(1000, 0, 0, 0)), ("gone".to_owned(), reading(5, 0, 0, 0))]);
         let after = HashMap::from([
             ("a".to_owned(), reading(1900, 30, 10, 4 << 20)),
             ("new".to_owned(), reading(300, 10, 10, 0)),
@@ -202,7 +203,7 @@ mod tests {
         // 900 ms + 300 ms of CPU in 1 s against 2 cores: 60 %.
         assert_eq!(r.cpu_permille, 600);
         assert_eq!(r.memory_permille, 63); // 4 MiB of 64 MiB
-        // a: 30 ms over 10 calls, new: 10 ms over 10 calls; the hub shows its longest queue.
+                                           // a: 30 ms over 10 calls, new: 10 ms over 10 calls; the hub shows its longest queue.
         assert_eq!(r.queue_wait_us, 3000);
         assert_eq!(r.tasks.iter().map(|t| t.queue_wait_us).collect::<Vec<_>>(), [3000, 1000]);
         assert_eq!(r.cpu_pressure, Some(125));
@@ -212,7 +213,8 @@ mod tests {
 
     #[test]
     fn pressure_is_read_from_the_some_line() {
-        let text = "some avg10=12.34 avg60=1.00 avg300=0.50 total=123\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+        let text =
+            "some avg10=12.34 avg60=1.00 avg300=0.50 total=123\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
         assert_eq!(parse_pressure(text), Some(1234));
         assert_eq!(parse_pressure("garbage"), None);
     }

@@ -143,7 +143,16 @@ pub(super) fn nodes(nodes: &[api::NodeInfo], json: bool) -> anyhow::Result<()> {
                 ),
                 None => ("-".into(), "-".into(), "-".into()),
             };
-            vec![n.name.clone(), n.id.to_string(), n.role.clone(), n.api_addr.clone(), n.instances.to_string(), cpu, mem, wait]
+            vec![
+                n.name.clone(),
+                n.id.to_string(),
+                n.role.clone(),
+                n.api_addr.clone(),
+                n.instances.to_string(),
+                cpu,
+                mem,
+                wait,
+            ]
         })
         .collect();
     table(&["NAME", "ID", "ROLE", "API", "INSTANCES", "CPU", "MEM", "WAIT"], rows);

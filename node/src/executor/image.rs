@@ -197,14 +197,7 @@ impl MemoryImage {
     /// globals are set on `inst`, nothing counts as changed since it.
     pub(crate) fn finish_staging(&mut self, inst: &mut Instance, manifest: &Manifest) -> Result<(), InvokeError> {
         self.globals = manifest.globals.iter().map(|(_, v)| *v).collect();
-        if self.globals.len() != inst.globals.len() {
-            return Err(InvokeError::Unavailable("saved globals do not match the module".into()));
-        }
-        for (value, (name, g)) in self.globals.iter().zip(inst.globals.clone()) {
-            g.set(&mut inst.store, value.to_val())
-                .map_err(|e| InvokeError::Unavailable(format!("restoring global {name}: {e}")))?;
-        }
-        inst.dirty.data_mut(&mut inst.store).fill(0);
+        self.set_globals(inst)?;
         self.ckpt_dirty.iter_mut().for_each(|d| *d = false);
         self.changed = false;
         self.mig_dirty = None;
@@ -278,6 +271,11 @@ impl MemoryImage {
                 .map_err(|e| InvokeError::Unavailable(format!("growing memory to the saved size: {e}")))?;
         }
         inst.memory.data_mut(&mut inst.store)[..self.base.len()].copy_from_slice(&self.base);
+        self.set_globals(inst)
+    }
+
+    /// Sets the image's globals on `inst` and clears its dirty map (nothing changed since).
+    fn set_globals(&self, inst: &mut Instance) -> Result<(), InvokeError> {
         if self.globals.len() != inst.globals.len() {
             return Err(InvokeError::Unavailable("saved globals do not match the module".into()));
         }

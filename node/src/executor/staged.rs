@@ -35,7 +35,8 @@ impl Executor {
             .map_err(|e| StartTaskError::Module(e.to_string()))?;
         let image = match base {
             Some(m) => {
-                let image = MemoryImage::restore(m, &self.pages, cfg.limits.memory_bytes).map_err(StartTaskError::Restore)?;
+                let image =
+                    MemoryImage::restore(m, &self.pages, cfg.limits.memory_bytes).map_err(StartTaskError::Restore)?;
                 image.apply_to(&mut inst).map_err(|e| StartTaskError::Restore(e.to_string()))?;
                 image
             }
@@ -45,7 +46,13 @@ impl Executor {
                 MemoryImage::capture(&mut inst)
             }
         };
-        Ok(StagedTask { module_hash: cfg.module_hash, limits: cfg.limits, memory_limit: cfg.limits.memory_bytes, inst, image })
+        Ok(StagedTask {
+            module_hash: cfg.module_hash,
+            limits: cfg.limits,
+            memory_limit: cfg.limits.memory_bytes,
+            inst,
+            image,
+        })
     }
 }
 

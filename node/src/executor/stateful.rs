@@ -188,8 +188,10 @@ impl StatefulTask {
         let (tx, rx) = mpsc::sync_channel(queue.max(1) as usize);
         // Invocations the checkpoint had accepted run first; nobody waits for their answers here
         // (a caller that retries with the same key gets the cached one).
-        let backlog: std::collections::VecDeque<Msg> =
-            pending.into_iter().map(|(key, input)| Msg::Invoke { input, key, reply: oneshot::channel().0, queued: Instant::now() }).collect();
+        let backlog: std::collections::VecDeque<Msg> = pending
+            .into_iter()
+            .map(|(key, input)| Msg::Invoke { input, key, reply: oneshot::channel().0, queued: Instant::now() })
+            .collect();
         if !backlog.is_empty() {
             tracing::info!(task = %cfg.name, pending = backlog.len(), "running invocations the checkpoint had accepted");
         }

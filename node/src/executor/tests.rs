@@ -204,7 +204,8 @@ fn a_rotten_page_fails_the_restore_and_is_forgotten_so_it_can_be_fetched_again()
     let (_, rotten) = manifest.pages[0];
     // The page's bytes no longer match its hash, as after a flipped bit on disk.
     f.exec.pages().forget_page(&rotten);
-    let garbage = hubmesh_storage::PageWrite { pages: vec![(rotten, vec![7u8; crate::checkpoint::PAGE])], ..Default::default() };
+    let garbage =
+        hubmesh_storage::PageWrite { pages: vec![(rotten, vec![7u8; crate::checkpoint::PAGE])], ..Default::default() };
     f.exec.pages().write(&[garbage], true).unwrap();
     assert!(f.exec.pages().has_page(&rotten));
     let prepared = f.exec.prepare(&example("counter.wat"), LIMITS).unwrap();

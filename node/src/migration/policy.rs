@@ -54,7 +54,12 @@ impl Policy {
     /// One round on the leader: starts the migrations the drain and overload policies ask for.
     /// `silent`: draining hubs the leader has not reached lately (their tasks fail over).
     /// Returns the tasks whose re-placement waits for their drain migration.
-    pub(crate) fn round(&mut self, hub: &Arc<Hub>, state: &ClusterState, silent: &BTreeSet<NodeId>) -> BTreeSet<String> {
+    pub(crate) fn round(
+        &mut self,
+        hub: &Arc<Hub>,
+        state: &ClusterState,
+        silent: &BTreeSet<NodeId>,
+    ) -> BTreeSet<String> {
         let now = Instant::now();
         let (mut busy, failures, resting, overload_running, quiet) = {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -119,7 +124,10 @@ impl Policy {
             }
             let wait = FIRST_RETRY.saturating_mul(1 << (*n).min(5)).min(LAST_RETRY);
             if *n == drain::MAX_ATTEMPTS {
-                tracing::warn!(task, "drain keeps failing to migrate it; a durable task restarts elsewhere from its checkpoint");
+                tracing::warn!(
+                    task,
+                    "drain keeps failing to migrate it; a durable task restarts elsewhere from its checkpoint"
+                );
             }
             shared.retry_at.insert(task, Instant::now() + wait);
         });

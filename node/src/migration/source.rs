@@ -101,7 +101,8 @@ async fn drive(
         TaskKind::Stateless => d.stateless().await,
     };
     let outcome = if result.is_ok() { "moved" } else { "not_moved" };
-    metrics::counter!("hubmesh_migration_requests_total", "reason" => reason.as_str(), "outcome" => outcome).increment(1);
+    metrics::counter!("hubmesh_migration_requests_total", "reason" => reason.as_str(), "outcome" => outcome)
+        .increment(1);
     match &result {
         Ok(r) => tracing::info!(
             task,
@@ -327,7 +328,13 @@ impl Driver<'_> {
 
     /// Sends a round's pages and, at the same time, stores them here (fdatasync'ed and pinned):
     /// this hub's copy of the migrated state then needs only the last ones in the critical phase.
-    async fn send(&self, copy: &mut Copy, layout: Layout, pages: Vec<(Hash, Vec<u8>)>, bytes: u64) -> Result<(), String> {
+    async fn send(
+        &self,
+        copy: &mut Copy,
+        layout: Layout,
+        pages: Vec<(Hash, Vec<u8>)>,
+        bytes: u64,
+    ) -> Result<(), String> {
         let log = self.hub.executor().pages().clone();
         // Every page the migrated state refers to stays here, stored before or now.
         copy.pin.add(pages.iter().map(|(h, _)| *h));

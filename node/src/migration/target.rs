@@ -105,7 +105,8 @@ pub(super) async fn prepare(
             .await
             .map_err(|e| refuse(pb::ErrorCode::Unavailable, format!("the base checkpoint: {e}")))?;
     }
-    let staged = if staging_room(hub) { stage(hub, t, &req.base_manifest, !req.base_key.is_empty()).await } else { None };
+    let staged =
+        if staging_room(hub) { stage(hub, t, &req.base_manifest, !req.base_key.is_empty()).await } else { None };
     let mut incoming = hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner());
     sweep(&mut incoming);
     let entry = Incoming {
@@ -193,7 +194,9 @@ fn entries(req: &pb::MigratePages, memory: u64) -> Result<Vec<(u32, Option<Hash>
             }
             match e.hash.as_slice() {
                 [] => Ok((e.index, None)),
-                raw => Hash::from_slice(raw).map(|h| (e.index, Some(h))).ok_or_else(|| Refusal::bad_request("a hash is 32 bytes")),
+                raw => Hash::from_slice(raw)
+                    .map(|h| (e.index, Some(h)))
+                    .ok_or_else(|| Refusal::bad_request("a hash is 32 bytes")),
             }
         })
         .collect()
@@ -340,7 +343,8 @@ async fn store_final(
             let mut ready = hub.migrations().ready.lock().unwrap_or_else(|p| p.into_inner());
             sweep_ready(&mut ready);
             let (id, from) = (entry_id, entry_from);
-            let old = ready.insert(task.to_owned(), Ready { id, from, key: key.to_owned(), staged, since: Instant::now() });
+            let old =
+                ready.insert(task.to_owned(), Ready { id, from, key: key.to_owned(), staged, since: Instant::now() });
             drop_later(old);
         }
         other => drop_later(other),

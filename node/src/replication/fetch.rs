@@ -151,9 +151,13 @@ pub(crate) async fn store_with_pages(
     // stored them, fdatasync'ed, before the commit).
     let write = PageWrite { pages: fetched, key: key.clone(), manifest: manifest_bytes, refs, remove: vec![] };
     tokio::task::spawn_blocking(move || {
-        let stored = write.pages.is_empty()
-            && log.read_manifest(&write.key).ok().flatten().is_some_and(|m| m == write.manifest);
-        if stored { Ok(0) } else { log.write(&[write], true) }
+        let stored =
+            write.pages.is_empty() && log.read_manifest(&write.key).ok().flatten().is_some_and(|m| m == write.manifest);
+        if stored {
+            Ok(0)
+        } else {
+            log.write(&[write], true)
+        }
     })
     .await
     .map_err(|e| e.to_string())?

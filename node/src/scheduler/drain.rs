@@ -18,11 +18,7 @@ pub const MAX_ATTEMPTS: u32 = 3;
 /// The tasks whose instance 0 runs on a draining hub that is not silent and that the leader
 /// still migrates (some other hub can take them; a durable one has failed fewer than
 /// [`MAX_ATTEMPTS`] times).
-pub fn deferred(
-    state: &ClusterState,
-    attempts: &BTreeMap<String, u32>,
-    silent: &BTreeSet<NodeId>,
-) -> BTreeSet<String> {
+pub fn deferred(state: &ClusterState, attempts: &BTreeMap<String, u32>, silent: &BTreeSet<NodeId>) -> BTreeSet<String> {
     state
         .tasks
         .iter()
@@ -98,7 +94,9 @@ mod tests {
         let none_silent = BTreeSet::new();
         let deferred = deferred(&s, &attempts, &none_silent);
         assert_eq!(deferred, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
-        assert!(super::super::plan_deferring(&s, &deferred).iter().all(|c| !matches!(c, Command::PlaceInstance { .. })));
+        assert!(super::super::plan_deferring(&s, &deferred)
+            .iter()
+            .all(|c| !matches!(c, Command::PlaceInstance { .. })));
         // Without the deferral the scheduler would re-place both at once.
         assert_eq!(super::super::tests::places(&s).len(), 2);
         let none = BTreeSet::new();

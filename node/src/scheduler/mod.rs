@@ -95,7 +95,8 @@ fn place(state: &ClusterState, deferred: &BTreeSet<String>) -> Vec<Command> {
             if current.is_some_and(|p| usable(state, p.node, task)) {
                 continue;
             }
-            let draining = current.is_some_and(|p| state.nodes.get(&p.node).is_some_and(|n| n.status == NodeStatus::Draining));
+            let draining =
+                current.is_some_and(|p| state.nodes.get(&p.node).is_some_and(|n| n.status == NodeStatus::Draining));
             if instance == 0 && draining && deferred.contains(name) {
                 continue;
             }

@@ -104,7 +104,9 @@ impl Overload {
         let mut sources: Vec<(NodeId, &HubLoad)> = self
             .above_since
             .iter()
-            .filter(|(n, since)| now_ms.saturating_sub(**since) >= th.window_ms && !busy.contains(n) && state.is_up(**n))
+            .filter(|(n, since)| {
+                now_ms.saturating_sub(**since) >= th.window_ms && !busy.contains(n) && state.is_up(**n)
+            })
             .map(|(n, _)| (*n, &loads[n]))
             .collect();
         sources.sort_by(|a, b| b.1.score().total_cmp(&a.1.score()).then(a.0.cmp(&b.0)));

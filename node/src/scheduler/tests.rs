@@ -97,8 +97,7 @@ fn full_hubs_leave_tasks_pending_with_a_reason() {
 #[test]
 fn memory_caps_must_fit_in_the_memory_a_hub_offers() {
     // Hub 1 has the most slots but room for one 600 MiB task only; hub 2 has room for one more.
-    let mut s =
-        state(&[node(1, 9, NodeStatus::Up), node(2, 5, NodeStatus::Up), deploy("a"), deploy("b"), deploy("c")]);
+    let mut s = state(&[node(1, 9, NodeStatus::Up), node(2, 5, NodeStatus::Up), deploy("a"), deploy("b"), deploy("c")]);
     for (id, mib) in [(1, 1000), (2, 700)] {
         let mut n = s.nodes[&NodeId(id)].clone();
         n.memory_bytes = mib << 20;
@@ -144,8 +143,8 @@ fn instances_of_a_down_hub_are_replaced_with_the_seen_epoch() {
 mod constraint_tests {
     use hubmesh_consensus::state::TaskKind;
 
-    use super::{constrained_deploy, labelled_node, places};
     use super::super::*;
+    use super::{constrained_deploy, labelled_node, places};
 
     fn node(id: u64, room: &str) -> Command {
         labelled_node(id, 10, NodeStatus::Up, &[("room", room)])

@@ -9,26 +9,9 @@ use std::time::Duration;
 use hubmesh::client::Client;
 use hubmesh_proto::api::{DeployParams, TaskInfo};
 
-use crate::failover::{deploy_counter, host_index, task, three_hubs};
+use crate::failover::{deploy_counter, host_index, task, three_hubs, three_voters_everywhere};
 use crate::harness::{example_bytes, step, wait_until, Hub};
-
-/// `+1` calls in a loop through `client` until `stop` (at most 20,000), alternating keyed and
-/// keyless; every answer in order, or the first failure.
-async fn count_until(client: Client, task: String, who: String, stop: Arc<AtomicBool>) -> Result<Vec<u64>, String> {
-    let mut answers = Vec::new();
-    for i in 0..20_000u32 {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let key = (i % 2 == 0).then(|| format!("{who}-{i}"));
-        let out = client
-            .invoke(&task, b"1".to_vec(), key.as_deref())
-            .await
-            .map_err(|e| format!("{task}: call {i} failed during the drain: {e}"))?;
-        answers.push(String::from_utf8(out).unwrap().parse().unwrap());
-    }
-    Ok(answers)
-}
+use crate::migration::increment_until;
 
 fn last_reason(t: &TaskInfo) -> (String, bool) {
     let h = t.history.last().expect("a history");
@@ -66,7 +49,7 @@ async fn draining_a_hub_migrates_its_tasks_and_no_call_fails_in_any_mode() {
     let mut callers = Vec::new();
     for (n, name) in ["tally", "scratch", "hourly"].into_iter().enumerate() {
         let client = hubs[callers_at[n % 2]].client.clone();
-        callers.push(tokio::spawn(count_until(client, name.into(), format!("c{n}"), stop.clone())));
+        callers.push(tokio::spawn(increment_until(client, name, format!("c{n}"), stop.clone())));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let host_name = hubs[host].name.clone();
@@ -133,14 +116,7 @@ async fn a_hub_offering_one_core_sheds_a_cpu_heavy_task_by_itself_and_nothing_mo
     let b = Hub::start_with("ovb", &["--join", &token, "--config", &config, "--task-cpus", "2"]).await;
     let c = Hub::start_with("ovc", &["--join", &token, "--config", &config, "--task-cpus", "2"]).await;
     let hubs = [a, b, c];
-    for h in &hubs {
-        let client = h.client.clone();
-        wait_until(Duration::from_secs(60), "3 voters", || {
-            let c = client.clone();
-            async move { c.status().await.is_ok_and(|s| s.voters.len() == 3 && s.nodes.len() == 3) }
-        })
-        .await;
-    }
+    three_voters_everywhere(&hubs).await;
     let a_id = hubs[0].client.status().await.unwrap().node_id;
     let stateful = DeployParams { stateful: true, ..Default::default() };
     for (name, params) in [("spin-a", &stateful), ("spin-b", &DeployParams::default())] {
@@ -157,7 +133,8 @@ async fn a_hub_offering_one_core_sheds_a_cpu_heavy_task_by_itself_and_nothing_mo
         let c = probe.clone();
         async move {
             c.nodes().await.is_ok_and(|ns| {
-                ns.iter().any(|n| n.id == a_id && n.load.as_ref().is_some_and(|l| l.cpu_permille > 300 && l.task_cpus == 1))
+                ns.iter()
+                    .any(|n| n.id == a_id && n.load.as_ref().is_some_and(|l| l.cpu_permille > 300 && l.task_cpus == 1))
             })
         }
     })

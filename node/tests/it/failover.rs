@@ -19,7 +19,13 @@ pub(crate) async fn three_hubs_with(prefix: &str, extra: &[&str]) -> Vec<Hub> {
     let b = Hub::start_with(&format!("{prefix}b"), &joining).await;
     let c = Hub::start_with(&format!("{prefix}c"), &joining).await;
     let hubs = vec![a, b, c];
-    for h in &hubs {
+    three_voters_everywhere(&hubs).await;
+    hubs
+}
+
+/// Waits until every hub sees 3 voters and 3 hubs.
+pub(crate) async fn three_voters_everywhere(hubs: &[Hub]) {
+    for h in hubs {
         let client = h.client.clone();
         wait_until(Duration::from_secs(60), "3 voters", || {
             let c = client.clone();
@@ -27,7 +33,6 @@ pub(crate) async fn three_hubs_with(prefix: &str, extra: &[&str]) -> Vec<Hub> {
         })
         .await;
     }
-    hubs
 }
 
 pub(crate) async fn task(hub: &Hub, name: &str) -> TaskInfo {
@@ -251,7 +256,11 @@ async fn holders_are_replaced_and_a_corrupt_page_is_repaired_from_another_holder
     hubs[h].kill9();
     assert_eq!(add_eventually(&hubs[next], "tally", "h6").await, 6);
     assert_eq!(task(&hubs[next], "tally").await.placement.unwrap().node_id, holder_ids[0].0);
-    assert!(hubs[next].log_tail(usize::MAX).contains("a checkpoint page is corrupt here"), "{}", hubs[next].log_tail(60));
+    assert!(
+        hubs[next].log_tail(usize::MAX).contains("a checkpoint page is corrupt here"),
+        "{}",
+        hubs[next].log_tail(60)
+    );
     assert_eq!(add(&hubs[next], "tally", Some("h2")).await, 2, "idempotency answers survive the repair");
 }
 

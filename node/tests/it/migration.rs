@@ -23,9 +23,14 @@ async fn placed_everywhere(hubs: &[Hub], name: &str) {
     }
 }
 
-/// Calls `+1` in a loop until `stop` (at most 20,000 calls), alternating keyed (`{who}-N`) and
-/// keyless calls; returns every answer in order, or the first failure.
-async fn increment_until(client: Client, who: &str, stop: Arc<AtomicBool>) -> Result<Vec<u64>, String> {
+/// Calls `+1` on `task` in a loop until `stop` (at most 20,000 calls), alternating keyed
+/// (`{who}-N`) and keyless calls; returns every answer in order, or the first failure.
+pub(crate) async fn increment_until(
+    client: Client,
+    task: &'static str,
+    who: String,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<u64>, String> {
     let mut answers = Vec::new();
     for i in 0..20_000u32 {
         if stop.load(Ordering::Relaxed) {
@@ -33,9 +38,9 @@ async fn increment_until(client: Client, who: &str, stop: Arc<AtomicBool>) -> Re
         }
         let key = (i % 2 == 0).then(|| format!("{who}-{i}"));
         let out = client
-            .invoke("tally", b"1".to_vec(), key.as_deref())
+            .invoke(task, b"1".to_vec(), key.as_deref())
             .await
-            .map_err(|e| format!("call {i} failed during the migrations: {e}"))?;
+            .map_err(|e| format!("{task}: call {i} failed while it moved: {e}"))?;
         answers.push(String::from_utf8(out).unwrap().parse().unwrap());
     }
     Ok(answers)
@@ -58,8 +63,8 @@ async fn a_durable_counter_migrates_back_and_forth_under_load_and_no_call_fails(
     assert_eq!(hubs[1].client.invoke("tally", b"0".to_vec(), None).await.unwrap(), b"0");
     step("two clients call through hubs 0 and 2 while the counter migrates 50 times");
     let stop = Arc::new(AtomicBool::new(false));
-    let callers =
-        [(0, "a"), (2, "b")].map(|(i, who)| tokio::spawn(increment_until(hubs[i].client.clone(), who, stop.clone())));
+    let callers = [(0, "a"), (2, "b")]
+        .map(|(i, who)| tokio::spawn(increment_until(hubs[i].client.clone(), "tally", who.into(), stop.clone())));
     let mut last_host = task(&hubs[0], "tally").await.placement.unwrap().node_id;
     let mut rounds_seen = 0;
     let mut pauses = Vec::new();
