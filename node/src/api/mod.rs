@@ -122,7 +122,12 @@ async fn drain(
         return Err(error::ApiError::no_quorum());
     }
     let status = if q.undo { NodeStatus::Up } else { NodeStatus::Draining };
-    s.hub.consensus().propose(hubmesh_consensus::Command::SetNodeStatus { node: node.id, status }).await?;
+    let id = node.id;
+    s.hub.consensus().propose(hubmesh_consensus::Command::SetNodeStatus { node: id, status }).await?;
+    // Committed at the leader; the listing answered is this hub's, once it has applied it.
+    s.hub
+        .wait_state(std::time::Duration::from_secs(2), |st| st.nodes.get(&id).is_some_and(|n| n.status == status))
+        .await;
     Ok(Json(views::status(&s.hub).nodes))
 }
 

@@ -343,7 +343,10 @@ impl Driver<'_> {
             if own.is_empty() {
                 return Ok(0);
             }
-            log.write(&[PageWrite { pages: std::mem::take(&mut own), ..Default::default() }], true)
+            // Appended under the log's lock, synced outside it: the task's own checkpoints
+            // wait for neither.
+            let n = log.write(&[PageWrite { pages: std::mem::take(&mut own), ..Default::default() }], false)?;
+            log.sync().map(|()| n)
         });
         let (sent, stored) = tokio::join!(self.send_counted(&mut copy.bytes, layout, pages, bytes, None), store);
         sent?;

@@ -289,7 +289,8 @@ pub(super) async fn pages(
             }
             let log = hub.executor().pages().clone();
             let write = PageWrite { pages, ..Default::default() };
-            tokio::task::spawn_blocking(move || log.write(&[write], true))
+            // Synced outside the log's lock: this hub's own tasks' checkpoints do not wait.
+            tokio::task::spawn_blocking(move || log.write(&[write], false).and_then(|n| log.sync().map(|()| n)))
                 .await
                 .map_err(|e| Refusal::internal(e.to_string()))?
                 .map_err(|e| Refusal::internal(format!("storing migrated pages: {e}")))?;

@@ -253,6 +253,15 @@ impl PageLog {
         self.lock().pages.contains_key(hash)
     }
 
+    /// Makes everything appended so far durable with one fdatasync, without holding the log's
+    /// lock meanwhile (other writers and readers go on). For pages written with `sync` unset
+    /// whose durability is wanted soon but not by the write itself: a live migration's rounds,
+    /// which must not hold up the task's own checkpoints.
+    pub fn sync(&self) -> Result<(), PageLogError> {
+        let file = self.lock().file.clone();
+        file.sync_data().map_err(io(&self.path))
+    }
+
     /// Appends the checkpoints in `writes`, skipping pages already stored, and makes them durable
     /// with one fdatasync when `sync` is set. Returns the bytes appended.
     pub fn write(&self, writes: &[PageWrite], sync: bool) -> Result<u64, PageLogError> {

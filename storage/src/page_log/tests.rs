@@ -49,6 +49,23 @@ fn pages_are_written_once_and_survive_reopen() {
 }
 
 #[test]
+fn pages_written_without_sync_are_kept_by_a_later_sync_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PageLog::open(dir.path()).unwrap();
+    let a = page(7);
+    log.write(&[PageWrite { pages: vec![a.clone()], ..Default::default() }], false).unwrap();
+    assert!(log.has_page(&a.0), "indexed at once");
+    log.sync().unwrap();
+    // A manifest written later refers to it without carrying it again.
+    let refs = vec![a.0];
+    log.write(&[PageWrite { key: "t#3".into(), manifest: b"m3".to_vec(), refs, ..Default::default() }], true).unwrap();
+    drop(log);
+    let log = PageLog::open(dir.path()).unwrap();
+    assert_eq!(log.read_page(&a.0).unwrap(), a.1);
+    assert_eq!(log.read_manifest("t#3").unwrap().unwrap(), b"m3");
+}
+
+#[test]
 fn torn_tail_is_cut_and_earlier_records_kept() {
     let dir = tempfile::tempdir().unwrap();
     let log = PageLog::open(dir.path()).unwrap();
