@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubmesh_consensus::state::{CheckpointPolicy, CheckpointRecord, TaskRecord};
+use hubmesh_consensus::state::{CheckpointPolicy, CheckpointRecord, TaskKind, TaskRecord};
 use hubmesh_consensus::ClusterState;
 
 use crate::executor::{InstanceLimits, Restore, TaskConfig};
@@ -97,7 +97,25 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
                 continue;
             }
         };
-        let record = state.tasks.get(&name).and_then(|t| t.checkpoint.as_ref().map(|c| (t, c)));
+        // This hub's applied state may lag the leader's (it has just restarted, or was cut off):
+        // restoring from an older committed checkpoint than the mesh's would reuse its sequence
+        // numbers. So a stateful task restores from the leader's view.
+        let fresh = if cfg.kind == TaskKind::Stateful && state.tasks.get(&name).is_some_and(|t| t.checkpoint.is_some())
+        {
+            hub.consensus().catch_up(Duration::from_secs(1)).await;
+            let fresh = hub.consensus().state();
+            let still = fresh
+                .tasks
+                .get(&name)
+                .is_some_and(|t| t.placements().any(|(_, p)| p.node == me && p.epoch.0 == cfg.epoch));
+            if !still {
+                continue;
+            }
+            fresh
+        } else {
+            state.clone()
+        };
+        let record = fresh.tasks.get(&name).and_then(|t| t.checkpoint.as_ref().map(|c| (t, c)));
         let began = std::time::Instant::now();
         let restore = match record {
             Some((t, record)) if cfg.checkpoint != CheckpointPolicy::None || migrated_here(t, cfg.epoch, record) => {

@@ -94,13 +94,25 @@ pub(super) async fn receive_push(
 /// A host that was replaced must not leave its late checkpoints here (a copy of the committed
 /// checkpoint for a new holder is fine, whatever its epoch).
 fn check_push_epoch(state: &ClusterState, req: &pb::CheckpointPush) -> Result<(), Refusal> {
-    let Some((task, epoch, _)) = parse_checkpoint_key(&req.key).filter(|(t, ..)| *t == req.task) else {
+    let Some((task, epoch, sequence)) = parse_checkpoint_key(&req.key).filter(|(t, ..)| *t == req.task) else {
         return Err(Refusal::new(
             pb::ErrorCode::BadRequest,
             format!("checkpoint key {:?} is not of task {:?}", req.key, req.task),
         ));
     };
-    let committed = state.tasks.get(task).and_then(|t| t.checkpoint.as_ref()).map(|c| c.key(task));
+    let record = state.tasks.get(task).and_then(|t| t.checkpoint.as_ref());
+    // A checkpoint no newer than the committed one can never commit; stored under the committed
+    // key with other contents it would replace the committed state here (a host restarted from
+    // a lagging view of the mesh reuses sequence numbers). Only the committed one itself passes.
+    if let Some(c) = record.filter(|c| c.epoch == epoch && sequence <= c.sequence) {
+        if !(sequence == c.sequence && Hash::of(&req.manifest) == c.manifest_hash) {
+            return Err(Refusal::new(
+                pb::ErrorCode::Unavailable,
+                format!("checkpoint {} is not newer than the committed {}", req.key, c.key(task)),
+            ));
+        }
+    }
+    let committed = record.map(|c| c.key(task));
     if let Some(p) = state.placement(task, 0) {
         if epoch < p.epoch && committed.as_deref() != Some(req.key.as_str()) {
             return Err(Refusal::new(

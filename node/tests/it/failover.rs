@@ -462,9 +462,13 @@ async fn a_holder_refuses_bad_checkpoint_pushes_and_stores_nothing() {
     refused(r, pb::ErrorCode::BadRequest, "");
 
     assert_eq!(size(), before, "a refused push wrote to the holder's page log");
-    step("the task goes on; a good push of a page it lacks is answered with the page missing no more");
+    step("the task goes on: its committed checkpoint cannot be replaced under its key");
     assert_eq!(add(&hubs[h], "bp", None).await, 2);
-    let r = send(next_key.clone(), vec![]).await.unwrap();
+    let r = send(next_key.clone(), vec![]).await;
+    refused(r, pb::ErrorCode::Unavailable, "is not newer than the committed");
+    step("a good push of a page it lacks is answered with the page missing");
+    let later_key = format!("bp/{}/{}", c.epoch, c.sequence + 100);
+    let r = send(later_key, vec![]).await.unwrap();
     let missing = pb::CheckpointPushResponse::decode(r.as_slice()).unwrap().missing;
     assert_eq!(missing, vec![good.to_vec()], "the holder names the page it lacks");
 }
