@@ -456,6 +456,18 @@ impl Actor {
     fn checkpoint(&mut self) -> Result<CheckpointSummary, String> {
         let started = Instant::now();
         let sequence = self.sequence + 1;
+        // A checkpoint at or behind the mesh's committed one of this epoch could never commit,
+        // and written here it would replace the committed manifest under its key (an instance
+        // restarted from a lagging view of the mesh). Checked before the image's marks are taken.
+        let committed = self.sink.as_ref().and_then(|s| s.committed_key(&self.cfg.name));
+        if let Some((_, epoch, at)) = committed.as_deref().and_then(parse_checkpoint_key) {
+            if epoch == Epoch(self.cfg.epoch) && at >= sequence {
+                return Err(format!(
+                    "this instance is behind the committed checkpoint {}",
+                    committed.clone().unwrap_or_default()
+                ));
+            }
+        }
         let header = CheckpointHeader::of(&self.cfg, sequence, self.invocations, hubmesh_consensus::now_ms());
         let answers = self.answers.entries().map(|(k, a)| (k.clone(), a.clone())).collect();
         let pages = &self.pages;
