@@ -66,6 +66,7 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
     }
     hub.forget_start_failures(|n| desired.contains_key(n));
 
+    let mut caught_up: Option<Arc<ClusterState>> = None;
     for (name, cfg) in desired {
         if running.get(&name) == Some(&cfg) || migrating(&name) {
             continue;
@@ -102,8 +103,14 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
         // numbers. So a stateful task restores from the leader's view.
         let fresh = if cfg.kind == TaskKind::Stateful && state.tasks.get(&name).is_some_and(|t| t.checkpoint.is_some())
         {
-            hub.consensus().catch_up(Duration::from_secs(1)).await;
-            let fresh = hub.consensus().state();
+            // One read barrier per round, however many tasks start (a hub's boot starts them all).
+            let fresh = match &caught_up {
+                Some(s) => Arc::clone(s),
+                None => {
+                    hub.consensus().catch_up(Duration::from_secs(1)).await;
+                    caught_up.insert(hub.consensus().state()).clone()
+                }
+            };
             let still = fresh
                 .tasks
                 .get(&name)
