@@ -226,6 +226,15 @@ impl Consensus {
         self.state.clone()
     }
 
+    /// A receiver of the state whose `changed()` waits for the next change after this call.
+    /// (A receiver from [`Self::watch`] has seen no change yet: its `changed()` returns at once,
+    /// and a loop that waits on a fresh one each time spins.)
+    pub fn changes(&self) -> watch::Receiver<Arc<ClusterState>> {
+        let mut rx = self.state.clone();
+        rx.mark_unchanged();
+        rx
+    }
+
     /// Commits `cmd` through Raft and returns the state machine's answer. A follower forwards
     /// the command to the leader.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {

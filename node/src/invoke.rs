@@ -91,6 +91,8 @@ impl Hub {
     ) -> Result<(Answer, Placement), RouteError> {
         let deadline = Instant::now() + SETTLE;
         loop {
+            // Watched from before the try: what changes during it wakes the wait below.
+            let (mut state, mut starts) = (self.consensus().changes(), self.executor().starts());
             let reason = match self.try_once(name, &input, &key, may_forward).await {
                 Step::Done(r) => return r,
                 Step::Wait(reason) => reason,
@@ -98,8 +100,15 @@ impl Hub {
             if Instant::now() >= deadline {
                 return Err(RouteError::NotReady(reason));
             }
-            let mut rx = self.consensus().watch();
-            let _ = tokio::time::timeout(Duration::from_millis(20), rx.changed()).await;
+            // A new state or a task started here (what a call held for a starting task waits
+            // for: a migration's target starts it a few milliseconds after the switch).
+            let _ = tokio::time::timeout(Duration::from_millis(20), async {
+                tokio::select! {
+                    _ = state.changed() => {}
+                    _ = starts.changed() => {}
+                }
+            })
+            .await;
         }
     }
 
@@ -118,6 +127,10 @@ impl Hub {
             );
         }
         let Some(p) = placements.iter().find(|p| p.node == me).copied() else {
+            // Relayed by a migration's source that saw the switch commit before this hub did.
+            if !may_forward && task.migration.is_some_and(|m| m.to == me) {
+                return Step::Wait("the migration's switch is not applied here yet".into());
+            }
             if !may_forward {
                 return Step::Done(Err(InvokeError::Unavailable("the task has no instance on this hub".into()).into()));
             }

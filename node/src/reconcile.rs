@@ -100,8 +100,18 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
         };
         // This hub's applied state may lag the leader's (it has just restarted, or was cut off):
         // restoring from an older committed checkpoint than the mesh's would reuse its sequence
-        // numbers. So a stateful task restores from the leader's view.
-        let fresh = if cfg.kind == TaskKind::Stateful && state.tasks.get(&name).is_some_and(|t| t.checkpoint.is_some())
+        // numbers. So a stateful task restores from the leader's view — unless this process
+        // staged the instance for the checkpoint the live migration to this epoch committed: it
+        // has never run the task at this epoch (a start takes the staged instance), so no newer
+        // checkpoint of it can exist, and the barrier would only lengthen the migration's pause.
+        let staged_for_this_epoch = state.tasks.get(&name).is_some_and(|t| {
+            t.checkpoint.as_ref().is_some_and(|c| {
+                migrated_here(t, cfg.epoch, c) && hub.migrations().has_staged(&name, &c.key(&name), &c.manifest_hash)
+            })
+        });
+        let fresh = if cfg.kind == TaskKind::Stateful
+            && !staged_for_this_epoch
+            && state.tasks.get(&name).is_some_and(|t| t.checkpoint.is_some())
         {
             // One read barrier per round, however many tasks start (a hub's boot starts them all).
             let fresh = match &caught_up {
@@ -125,6 +135,8 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
         let record = fresh.tasks.get(&name).and_then(|t| t.checkpoint.as_ref().map(|c| (t, c)));
         let began = std::time::Instant::now();
         let restore = match record {
+            // Stored here, with this manifest, before the staged instance was kept.
+            Some((_, record)) if staged_for_this_epoch => Restore::Key(record.key(&name)),
             Some((t, record)) if cfg.checkpoint != CheckpointPolicy::None || migrated_here(t, cfg.epoch, record) => {
                 match crate::replication::fetch_checkpoint(hub, &name, record).await {
                     Ok(key) => Restore::Key(key),

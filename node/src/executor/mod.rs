@@ -186,6 +186,8 @@ pub struct Executor {
     tasks: RwLock<HashMap<String, Arc<Running>>>,
     sink: std::sync::OnceLock<Arc<dyn CheckpointSink>>,
     max_task_memory: u64,
+    /// Bumped each time a task starts: calls waiting for a task to run here wake at once.
+    started: tokio::sync::watch::Sender<u64>,
     _ticker: engine::Ticker,
 }
 
@@ -207,6 +209,7 @@ impl Executor {
             tasks: RwLock::new(HashMap::new()),
             sink: std::sync::OnceLock::new(),
             max_task_memory: limits.max_task_memory,
+            started: tokio::sync::watch::Sender::new(0),
             _ticker: ticker,
         })
     }
@@ -291,7 +294,13 @@ impl Executor {
         tracing::info!(task = %config.name, version = config.version, epoch = config.epoch, took = ?started.elapsed(), "task started");
         let name = config.name.clone();
         self.tasks.write().unwrap_or_else(|p| p.into_inner()).insert(name, Arc::new(Running { config, runtime }));
+        self.started.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Changes each time a task starts here (see [`Self::runs_at`]).
+    pub fn starts(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.started.subscribe()
     }
 
     /// Stops a task. With `forget_state` its checkpoint is deleted too (the task was removed).

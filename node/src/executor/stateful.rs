@@ -149,7 +149,9 @@ impl StatefulTask {
         let (inst, image, answers, sequence, invocations) = match saved {
             Some(m) => {
                 let began = Instant::now();
-                let (inst, image) = match staged.filter(|s| s.matches(&m) && s.built_with(&cfg.limits)) {
+                let staged = staged.filter(|s| s.matches(&m) && s.built_with(&cfg.limits));
+                let from_staged = staged.is_some();
+                let (inst, image) = match staged {
                     // Built while the migration ran: nothing to read back or copy.
                     Some(s) => super::staged::take(s, &m)?,
                     None => {
@@ -161,7 +163,7 @@ impl StatefulTask {
                         (inst, image)
                     }
                 };
-                tracing::debug!(task = %cfg.name, took = ?began.elapsed(), "restored");
+                tracing::debug!(task = %cfg.name, took = ?began.elapsed(), from_staged, "restored");
                 let mut answers = AnswerCache::default();
                 for (k, a) in m.answers.clone() {
                     answers.insert(k, a);

@@ -25,6 +25,7 @@ use hubmesh_consensus::state::{MigrationReason, Rejected};
 use hubmesh_consensus::transport::{Refusal, RpcError, MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE, MIGRATE_REQUEST};
 use hubmesh_consensus::{NodeId, ProposeError};
 use hubmesh_proto::pb;
+use hubmesh_storage::Hash;
 
 use crate::dataplane::alive;
 use crate::hub::Hub;
@@ -166,6 +167,12 @@ impl Migrations {
     /// reconciler starts the task from it).
     pub(crate) fn take_staged(&self, task: &str, key: &str) -> Option<crate::executor::StagedTask> {
         target::take_ready(&mut self.ready.lock().unwrap_or_else(|p| p.into_inner()), task, key)
+    }
+
+    /// Whether an instance is staged for `task`'s migrated checkpoint `key`, stored here with
+    /// this manifest.
+    pub(crate) fn has_staged(&self, task: &str, key: &str, manifest_hash: &Hash) -> bool {
+        target::has_ready(&self.ready.lock().unwrap_or_else(|p| p.into_inner()), task, key, manifest_hash)
     }
 
     /// Whether this hub is moving `task` away.

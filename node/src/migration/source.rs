@@ -213,6 +213,7 @@ impl Driver<'_> {
         if let Err(e) = MIGRATE_PREPARE.call(&transport, self.to.0, &prepare, CALL_TIMEOUT).await {
             return Err(self.give_up(format!("hub {} could not get ready: {e}", self.to), false).await);
         }
+        tracing::debug!(task = self.task, took = ?self.started.elapsed(), "the target is ready");
         let mut copy = Copy { table, pin: self.hub.executor().pages().pin(), rounds: 0, bytes: 0 };
         if let Err(why) = self.precopy(&mut copy).await {
             return Err(self.give_up(why, false).await);
@@ -306,6 +307,7 @@ impl Driver<'_> {
                     break;
                 }
             }
+            tracing::debug!(task = self.task, round = copy.rounds, pages = round, took = ?self.started.elapsed(), "round sent");
             // Several times the state sent: the rounds chase a hot task; freeze now (the last
             // delta is at most the state) rather than send more.
             if round <= SMALL_ROUND || copy.rounds >= MAX_ROUNDS || copy.bytes > 3 * self.memory {
@@ -326,8 +328,9 @@ impl Driver<'_> {
         }
     }
 
-    /// Sends a round's pages and, at the same time, stores them here (fdatasync'ed and pinned):
-    /// this hub's copy of the migrated state then needs only the last ones in the critical phase.
+    /// Sends a round's pages and, at the same time, stores them here (pinned, synced in the
+    /// background): this hub's copy of the migrated state then needs only the last ones in the
+    /// critical phase.
     async fn send(
         &self,
         copy: &mut Copy,
@@ -341,12 +344,14 @@ impl Driver<'_> {
         let mut own: Vec<(Hash, Vec<u8>)> = pages.iter().filter(|(h, _)| !log.has_page(h)).cloned().collect();
         let store = tokio::task::spawn_blocking(move || {
             if own.is_empty() {
-                return Ok(0);
+                return Ok::<u64, hubmesh_storage::PageLogError>(0);
             }
-            // Appended under the log's lock, synced outside it: the task's own checkpoints
-            // wait for neither.
+            // Synced in the background: the critical phase's synced write makes them durable
+            // and then finds little left to flush; neither the round nor the task's own
+            // checkpoints wait for the disk.
             let n = log.write(&[PageWrite { pages: std::mem::take(&mut own), ..Default::default() }], false)?;
-            log.sync().map(|()| n)
+            log.sync_behind();
+            Ok(n)
         });
         let (sent, stored) = tokio::join!(self.send_counted(&mut copy.bytes, layout, pages, bytes, None), store);
         sent?;
@@ -419,7 +424,11 @@ impl Driver<'_> {
         copy.pin.add(pages.new.iter().map(|(h, _)| *h));
         let own: Vec<(Hash, Vec<u8>)> = pages.new.iter().filter(|(h, _)| !log.has_page(h)).cloned().collect();
         let write = PageWrite { pages: own, key: key.clone(), manifest: encoded.clone(), refs, remove: Vec::new() };
-        let local = tokio::task::spawn_blocking(move || log.write(&[write], true));
+        let began = Instant::now();
+        let local = tokio::task::spawn_blocking(move || {
+            let r = log.write(&[write], true);
+            (r, began.elapsed())
+        });
         // The last pages in messages of at most PAGES_PER_MESSAGE, the manifest with the last.
         // The layout goes with the last message: the target stores the earlier ones' pages first.
         let layout = Layout { entries: pages.entries, memory_pages: last.memory_pages };
@@ -433,10 +442,20 @@ impl Driver<'_> {
                 rest = tail;
             }
             let bytes = rest.iter().map(|(_, d)| d.len() as u64).sum();
-            self.send_counted(&mut copy.bytes, layout, rest, bytes, Some((key, encoded.clone()))).await
+            self.send_counted(&mut copy.bytes, layout, rest, bytes, Some((key, encoded.clone()))).await?;
+            Ok::<_, String>(began.elapsed())
         };
         let (local, remote) = tokio::join!(local, remote);
-        remote?;
+        let remote_took = remote?;
+        let local = local.map(|(r, took)| {
+            tracing::debug!(
+                task = self.task,
+                local_us = took.as_micros() as u64,
+                remote_us = remote_took.as_micros() as u64,
+                "final state handed over"
+            );
+            r
+        });
         // Two copies before the switch, as a durable commit has: the target's and this hub's.
         match local {
             Ok(Ok(_)) => {}

@@ -22,9 +22,9 @@ use crate::hub::Hub;
 /// Longest the target waits for the state to show the migration, or the task to run.
 const SETTLE: Duration = Duration::from_secs(10);
 
-/// A migration to this hub: its pages are in the page log as they arrive (fdatasync'ed, so
-/// that the critical phase writes only the last ones), pinned until the final manifest refers
-/// to them.
+/// A migration to this hub: its pages are in the page log as they arrive (synced in the
+/// background, so that the critical phase writes and flushes little more than the last ones),
+/// pinned until the final manifest refers to them.
 pub(super) struct Incoming {
     id: u64,
     from: NodeId,
@@ -47,6 +47,8 @@ pub(super) struct Ready {
     from: NodeId,
     /// The page-log key of the migrated checkpoint.
     key: String,
+    /// The hash of its manifest as stored here.
+    manifest_hash: Hash,
     staged: StagedTask,
     since: Instant,
 }
@@ -169,6 +171,10 @@ pub(super) fn sweep_ready(ready: &mut HashMap<String, Ready>) {
     drop_later(stale.into_iter().filter_map(|k| ready.remove(&k)).collect::<Vec<_>>());
 }
 
+pub(super) fn has_ready(ready: &HashMap<String, Ready>, task: &str, key: &str, manifest_hash: &Hash) -> bool {
+    ready.get(task).is_some_and(|r| r.key == key && r.manifest_hash == *manifest_hash)
+}
+
 /// The staged instance of `task`'s migrated checkpoint `key`, if this hub built one.
 pub(super) fn take_ready(ready: &mut HashMap<String, Ready>, task: &str, key: &str) -> Option<StagedTask> {
     match ready.remove(task) {
@@ -249,6 +255,7 @@ pub(super) async fn pages(
     }
     let memory = hub.consensus().state().tasks.get(&req.task).map_or(0, |t| t.spec.limits.memory_bytes);
     let entries = entries(&req, memory)?;
+    let received = Instant::now();
     // Verified before anything is kept.
     let mut pages = Vec::with_capacity(req.pages.len());
     for p in req.pages {
@@ -280,37 +287,63 @@ pub(super) async fn pages(
             (incoming.remove(&req.task), staged)
         }
     };
-    let (staged, pages) = apply_round(hub, staged, req.memory_pages, entries, pages).await?;
+    let verified_us = received.elapsed().as_micros() as u64;
     match finished {
         None => {
+            let (staged, pages) = apply_round(hub, staged, req.memory_pages, entries, pages).await?;
             match hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&req.task) {
                 Some(entry) if entry.id == req.id => entry.staged = staged,
                 _ => drop_later(staged),
             }
             let log = hub.executor().pages().clone();
             let write = PageWrite { pages, ..Default::default() };
-            // Synced outside the log's lock: this hub's own tasks' checkpoints do not wait.
-            tokio::task::spawn_blocking(move || log.write(&[write], false).and_then(|n| log.sync().map(|()| n)))
-                .await
-                .map_err(|e| Refusal::internal(e.to_string()))?
-                .map_err(|e| Refusal::internal(format!("storing migrated pages: {e}")))?;
+            // Synced in the background (the final manifest's synced write makes them durable):
+            // neither the round nor this hub's own tasks' checkpoints wait for the disk.
+            tokio::task::spawn_blocking(move || {
+                let n = log.write(&[write], false)?;
+                log.sync_behind();
+                Ok::<_, hubmesh_storage::PageLogError>(n)
+            })
+            .await
+            .map_err(|e| Refusal::internal(e.to_string()))?
+            .map_err(|e| Refusal::internal(format!("storing migrated pages: {e}")))?;
         }
-        Some(entry) => store_final(hub, &req.task, &req.key, req.manifest, pages, entry, staged).await?,
+        Some(entry) => {
+            // The last pages apply to the staged instance while they are stored.
+            let n = pages.len();
+            let (applied, stored) = tokio::join!(
+                apply_round(hub, staged, req.memory_pages, entries, pages.clone()),
+                store_final(hub, &req.task, &req.key, req.manifest, pages, &entry),
+            );
+            let (m, staged) = match (stored, applied) {
+                (Ok(m), Ok((staged, _))) => (m, staged),
+                (Err(e), applied) => {
+                    drop_later((entry, applied.ok()));
+                    return Err(e);
+                }
+                (Ok(_), Err(e)) => {
+                    drop_later(entry);
+                    return Err(e);
+                }
+            };
+            keep_ready(hub, &req.task, &req.key, entry, staged, m);
+            let stored_us = received.elapsed().as_micros() as u64;
+            tracing::debug!(task = req.task, pages = n, verified_us, stored_us, "final state stored");
+        }
     }
     Ok(pb::MigratePagesResponse {})
 }
 
 /// Checks the final manifest against the task and stores it with the last pages (the others are
-/// stored and pinned already).
+/// stored and pinned already). Returns the manifest and its hash.
 async fn store_final(
     hub: &Hub,
     task: &str,
     key: &str,
     bytes: Vec<u8>,
     pages: Vec<(Hash, Vec<u8>)>,
-    entry: Incoming,
-    staged: Option<StagedTask>,
-) -> Result<(), Refusal> {
+    entry: &Incoming,
+) -> Result<(Manifest, Hash), Refusal> {
     if !expected(hub, task, entry.id, entry.from) {
         return Err(refuse(pb::ErrorCode::Unavailable, "the migration is no longer under way"));
     }
@@ -331,26 +364,38 @@ async fn store_final(
     if let Some(h) = refs.iter().find(|h| !last.contains(h) && !log.has_page(h)) {
         return Err(Refusal::bad_request(format!("page {h} of the manifest was never sent")));
     }
+    let manifest_hash = Hash::of(&bytes);
     let write = PageWrite { pages, key: key.to_owned(), manifest: bytes, refs, remove: Vec::new() };
     tokio::task::spawn_blocking(move || log.write(&[write], true))
         .await
         .map_err(|e| Refusal::internal(e.to_string()))?
         .map_err(|e| Refusal::internal(format!("storing the migrated state: {e}")))?;
-    // The manifest refers to the pages now.
-    let (entry_id, entry_from) = (entry.id, entry.from);
+    Ok((m, manifest_hash))
+}
+
+/// Keeps the staged instance for the switch if its pages are exactly the stored manifest's; the
+/// migration's pins go (the manifest refers to the pages now).
+fn keep_ready(
+    hub: &Hub,
+    task: &str,
+    key: &str,
+    entry: Incoming,
+    staged: Option<StagedTask>,
+    (m, manifest_hash): (Manifest, Hash),
+) {
+    let (id, from) = (entry.id, entry.from);
     drop_later(entry);
     match staged {
         Some(staged) if staged.matches(&m) => {
             let mut ready = hub.migrations().ready.lock().unwrap_or_else(|p| p.into_inner());
             sweep_ready(&mut ready);
-            let (id, from) = (entry_id, entry_from);
+            let key = key.to_owned();
             let old =
-                ready.insert(task.to_owned(), Ready { id, from, key: key.to_owned(), staged, since: Instant::now() });
+                ready.insert(task.to_owned(), Ready { id, from, key, manifest_hash, staged, since: Instant::now() });
             drop_later(old);
         }
         other => drop_later(other),
     }
-    Ok(())
 }
 
 pub(super) async fn end(hub: &Arc<Hub>, from: NodeId, req: pb::MigrateEnd) -> Result<pb::MigrateEndResponse, Refusal> {
@@ -373,6 +418,8 @@ pub(super) async fn end(hub: &Arc<Hub>, from: NodeId, req: pb::MigrateEnd) -> Re
     let me = hub.consensus().node_id();
     let mut applied_us = None;
     loop {
+        // Watched from before the check: a change during it wakes the wait below.
+        let (mut changes, mut starts) = (hub.consensus().changes(), hub.executor().starts());
         let state = hub.consensus().state();
         let Some(t) = state.tasks.get(&req.task) else {
             return Err(refuse(pb::ErrorCode::NotFound, "the task was deleted"));
@@ -388,7 +435,12 @@ pub(super) async fn end(hub: &Arc<Hub>, from: NodeId, req: pb::MigrateEnd) -> Re
         if Instant::now() >= deadline {
             return Err(refuse(pb::ErrorCode::Unavailable, "the task did not start here in time"));
         }
-        let mut rx = hub.consensus().watch();
-        let _ = tokio::time::timeout(Duration::from_millis(2), rx.changed()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(20), async {
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = starts.changed() => {}
+            }
+        })
+        .await;
     }
 }

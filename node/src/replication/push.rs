@@ -123,7 +123,7 @@ pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitE
             return Err(CommitError::NotCommitted(last_error));
         }
         tracing::debug!(task = %c.task, error = %last_error, "checkpoint commit retry");
-        let mut rx = hub.consensus().watch();
+        let mut rx = hub.consensus().changes();
         let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
     }
 }

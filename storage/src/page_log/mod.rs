@@ -159,6 +159,11 @@ pub struct PageLog {
     compacting: Mutex<()>,
     /// Whether writes wake the compactor (tests turn it off to compact at a chosen moment).
     auto_compact: AtomicBool,
+    /// Wakes the syncer thread ([`PageLog::sync_behind`]); dropping it ends the thread.
+    wake_syncer: SyncSender<()>,
+    /// A background fdatasync that failed, reported by the next sync a caller waits for: after
+    /// a failed fdatasync the kernel may report success next time, with the pages lost.
+    behind_failed: Mutex<Option<std::io::Error>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PageLogError + '_ {
@@ -211,6 +216,7 @@ impl PageLog {
             compaction_locked_bytes_max: 0,
         };
         let (wake_compactor, wakes) = std::sync::mpsc::sync_channel(1);
+        let (wake_syncer, sync_wakes) = std::sync::mpsc::sync_channel(1);
         let log = Arc::new(Self {
             path,
             inner: Mutex::new(inner),
@@ -218,11 +224,18 @@ impl PageLog {
             wake_compactor,
             compacting: Mutex::new(()),
             auto_compact: AtomicBool::new(true),
+            wake_syncer,
+            behind_failed: Mutex::new(None),
         });
         let weak = Arc::downgrade(&log);
         std::thread::Builder::new()
             .name("page-log-compactor".into())
             .spawn(move || compactor(weak, wakes))
+            .map_err(io(&log.path))?;
+        let weak = Arc::downgrade(&log);
+        std::thread::Builder::new()
+            .name("page-log-syncer".into())
+            .spawn(move || syncer(weak, sync_wakes))
             .map_err(io(&log.path))?;
         Ok(log)
     }
@@ -254,12 +267,28 @@ impl PageLog {
     }
 
     /// Makes everything appended so far durable with one fdatasync, without holding the log's
-    /// lock meanwhile (other writers and readers go on). For pages written with `sync` unset
-    /// whose durability is wanted soon but not by the write itself: a live migration's rounds,
-    /// which must not hold up the task's own checkpoints.
+    /// lock meanwhile (other writers and readers go on).
     pub fn sync(&self) -> Result<(), PageLogError> {
+        self.take_behind_failure()?;
         let file = self.lock().file.clone();
         file.sync_data().map_err(io(&self.path))
+    }
+
+    /// Starts an fdatasync of everything appended so far on a background thread and returns at
+    /// once (one already due covers it). For pages written with `sync` unset that a later
+    /// synced write will need durable: a live migration's rounds, whose pages are then mostly on
+    /// disk when the critical phase's write syncs, without any round waiting for a disk flush.
+    /// A failure is reported by the next [`Self::sync`] or synced [`Self::write`].
+    pub fn sync_behind(&self) {
+        // Full: a wake-up is pending, and the sync it starts comes after this call's appends.
+        let _ = self.wake_syncer.try_send(());
+    }
+
+    fn take_behind_failure(&self) -> Result<(), PageLogError> {
+        match self.behind_failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(source) => Err(PageLogError::Io { path: self.path.clone(), source }),
+            None => Ok(()),
+        }
     }
 
     /// Appends the checkpoints in `writes`, skipping pages already stored, and makes them durable
@@ -310,10 +339,10 @@ impl PageLog {
             return Err(io(&self.path)(e));
         }
         if sync {
-            if let Err(e) = file.sync_data() {
+            if let Err(e) = self.take_behind_failure().and_then(|()| file.sync_data().map_err(io(&self.path))) {
                 // Not durable, so not there: the index and the file must agree again.
                 let _ = file.set_len(base);
-                return Err(io(&self.path)(e));
+                return Err(e);
             }
         }
         inner.len = base + buf.len();
@@ -432,6 +461,18 @@ impl PageLog {
 const COMPACT_BACKOFF: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The compactor thread: one compaction check per wake-up, until the log is dropped.
+/// The background fdatasyncs of [`PageLog::sync_behind`]; ends when the log drops.
+fn syncer(log: Weak<PageLog>, wakes: Receiver<()>) {
+    while wakes.recv().is_ok() {
+        let Some(log) = log.upgrade() else { return };
+        let file = log.lock().file.clone();
+        if let Err(e) = file.sync_data() {
+            tracing::warn!(error = %e, "a background fdatasync of the page log failed");
+            *log.behind_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        }
+    }
+}
+
 fn compactor(log: Weak<PageLog>, wakes: Receiver<()>) {
     let mut failed_at: Option<std::time::Instant> = None;
     while wakes.recv().is_ok() {

@@ -340,3 +340,26 @@ fn a_manifest_whose_pages_are_gone_is_refused_and_nothing_is_written() {
     assert_eq!(log.stats(), before);
     assert!(log.read_manifest("t/1/2").unwrap().is_none());
 }
+
+#[test]
+fn a_background_sync_covers_unsynced_pages_and_its_failure_fails_the_next_synced_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PageLog::open(dir.path()).unwrap();
+    let a = page(11);
+    log.write(&[PageWrite { pages: vec![a.clone()], ..Default::default() }], false).unwrap();
+    log.sync_behind();
+    // A failed background fdatasync (as the syncer records it) is reported to the next caller
+    // that waits for durability, and that write changes nothing.
+    *log.behind_failed.lock().unwrap() = Some(std::io::Error::other("injected"));
+    let refs = vec![a.0];
+    let m =
+        |key: &str| PageWrite { key: key.into(), manifest: b"m".to_vec(), refs: refs.clone(), ..Default::default() };
+    assert!(matches!(log.write(&[m("t#1")], true), Err(PageLogError::Io { .. })));
+    assert!(log.read_manifest("t#1").unwrap().is_none(), "a write that failed must not be stored");
+    // Reported once: the next synced write stores it.
+    log.write(&[m("t#2")], true).unwrap();
+    drop(log);
+    let log = PageLog::open(dir.path()).unwrap();
+    assert_eq!(log.read_page(&a.0).unwrap(), a.1);
+    assert!(log.read_manifest("t#2").unwrap().is_some());
+}
