@@ -55,6 +55,8 @@ async fn mesh(dirs: &[tempfile::TempDir]) -> Vec<Arc<Consensus>> {
         memory_bytes: 0,
         witness: false,
         cert_fingerprint: String::new(),
+        gossip_addr: String::new(),
+        public_key: String::new(),
         status: NodeStatus::Up,
     };
     first.propose(Command::RegisterNode { node: record }).await.unwrap();

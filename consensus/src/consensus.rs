@@ -102,6 +102,7 @@ pub struct Consensus {
     state: watch::Receiver<Arc<ClusterState>>,
     applied: watch::Receiver<u64>,
     cert_der: Vec<u8>,
+    key: tls::NodeKey,
     proposer: ProposeHandle,
     /// When this hub last took entries from a leader (the follower lease, the election gate).
     contact: LeaderContact,
@@ -153,6 +154,7 @@ impl Consensus {
         let me = Self {
             read_barrier,
             cert_der: identity.cert_der.clone(),
+            key: identity.key.clone(),
             proposer,
             raft,
             node_id,
@@ -204,6 +206,11 @@ impl Consensus {
     /// Hex SHA-256 of this hub's mesh certificate.
     pub fn cert_fingerprint(&self) -> String {
         hex::encode(tls::fingerprint(&self.cert_der))
+    }
+
+    /// This hub's key pair (Ed25519): its mesh certificate's, and its gossip identity's.
+    pub fn node_key(&self) -> &tls::NodeKey {
+        &self.key
     }
 
     /// The mesh endpoint's bound address.
@@ -287,6 +294,15 @@ impl Consensus {
     /// exist. `false` when no leader could be reached within `timeout`.
     pub async fn catch_up(&self, timeout: Duration) -> bool {
         self.read_barrier.catch_up(timeout).await
+    }
+
+    /// Whether this hub has applied every entry its log holds: it is not applying a backlog (after
+    /// a partition or a restart). With a lease ([`Self::holds_lease`]) its applied state is then
+    /// the mesh's as of its last contact with the leader — a local stand-in for a read barrier.
+    pub fn applied_all_received(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.last_applied.map_or(0, |l| l.index) >= m.last_log_index.unwrap_or(0)
     }
 
     /// Waits until some hub is known as leader.

@@ -73,6 +73,8 @@ impl From<&NodeRecord> for pb::NodeRecord {
             witness: n.witness,
             cert_fingerprint: n.cert_fingerprint.clone(),
             status: pb::NodeStatus::from(n.status) as i32,
+            gossip_addr: n.gossip_addr.clone(),
+            public_key: n.public_key.clone(),
         }
     }
 }
@@ -128,6 +130,8 @@ impl TryFrom<pb::NodeRecord> for NodeRecord {
             witness: n.witness,
             cert_fingerprint: n.cert_fingerprint,
             status: node_status(n.status)?,
+            gossip_addr: n.gossip_addr,
+            public_key: n.public_key,
         })
     }
 }

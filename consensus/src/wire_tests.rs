@@ -24,6 +24,8 @@ fn node(status: NodeStatus) -> NodeRecord {
         memory_bytes: 1 << 30,
         witness: false,
         cert_fingerprint: "ab".repeat(32),
+        gossip_addr: String::new(),
+        public_key: String::new(),
         status,
     }
 }

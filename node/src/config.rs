@@ -24,6 +24,10 @@ pub struct Config {
     /// Address of the mesh endpoint (QUIC over UDP, mutual TLS). Other hubs must be able to reach
     /// it: use the hub's LAN address to form a mesh. Port 0 picks one (`DATA_DIR/mesh.addr`).
     pub mesh: SocketAddr,
+    /// Address of the gossip endpoint (libp2p over TCP: hub discovery on the LAN, loads).
+    /// Default: the mesh address's host, port 7072 (port 0 when the mesh's is 0; the bound
+    /// address is written to `DATA_DIR/gossip.addr`).
+    pub gossip: Option<SocketAddr>,
     /// Labels for placement constraints, e.g. `room = "attic"`.
     pub labels: BTreeMap<String, String>,
     /// How many task instances this hub offers to run.
@@ -202,6 +206,7 @@ impl Default for Config {
             name: default_name(),
             api: SocketAddr::from(([127, 0, 0, 1], 7070)),
             mesh: SocketAddr::from(([127, 0, 0, 1], 7071)),
+            gossip: None,
             labels: BTreeMap::new(),
             slots: 128,
             task_memory: None,
@@ -270,6 +275,15 @@ impl Config {
     /// The configuration as TOML.
     pub fn to_toml(&self) -> anyhow::Result<String> {
         toml::to_string_pretty(self).context("encoding the configuration")
+    }
+
+    /// The gossip endpoint's address: the configured one, or the mesh's host with port 7072
+    /// (0 when the mesh's port is 0: tests run many hubs on one machine).
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.gossip.unwrap_or_else(|| {
+            let port = if self.mesh.port() == 0 { 0 } else { 7072 };
+            SocketAddr::new(self.mesh.ip(), port)
+        })
     }
 }
 

@@ -39,6 +39,8 @@ pub(crate) struct Hub {
     pub(super) migrations: crate::migration::Migrations,
     /// The hubs' latest load reports (`load`).
     loads: crate::load::Loads,
+    /// The gossip plane (`gossip`).
+    gossip: crate::gossip::Gossip,
 }
 
 impl Hub {
@@ -49,6 +51,7 @@ impl Hub {
         blobs: BlobStore,
         token: String,
         started: Instant,
+        gossip: crate::gossip::Gossip,
     ) -> Self {
         Self {
             config,
@@ -61,7 +64,13 @@ impl Hub {
             workers: Workers::new(),
             migrations: crate::migration::Migrations::default(),
             loads: crate::load::Loads::default(),
+            gossip,
         }
+    }
+
+    /// The gossip plane.
+    pub(crate) fn gossip(&self) -> &crate::gossip::Gossip {
+        &self.gossip
     }
 
     /// The background workers.

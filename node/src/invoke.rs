@@ -127,8 +127,10 @@ impl Hub {
             );
         }
         let Some(p) = placements.iter().find(|p| p.node == me).copied() else {
-            // Relayed by a migration's source that saw the switch commit before this hub did.
-            if !may_forward && task.migration.is_some_and(|m| m.to == me) {
+            // Relayed by a migration's source that saw the switch commit before this hub did (the
+            // final state is here: the commit may come any moment). Any other forwarded call
+            // fails fast, as before.
+            if !may_forward && task.migration.is_some_and(|m| m.to == me && self.migrations().handed_over(name, m.id)) {
                 return Step::Wait("the migration's switch is not applied here yet".into());
             }
             if !may_forward {

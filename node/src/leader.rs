@@ -111,6 +111,8 @@ async fn step(hub: &Hub, api_addr: &str, deferred: &BTreeSet<String>) {
         witness: hub.config().witness,
         cert_fingerprint: hub.consensus().cert_fingerprint(),
         status,
+        gossip_addr: hub.gossip().addr().to_string(),
+        public_key: hex::encode(hub.consensus().node_key().public_key()),
     };
     if state.nodes.get(&me) != Some(&record) {
         if let Err(e) = hub.consensus().propose(Command::RegisterNode { node: record }).await {

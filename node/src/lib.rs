@@ -20,6 +20,7 @@ mod dataplane;
 mod deploy;
 pub mod executor;
 mod faults;
+mod gossip;
 mod hub;
 mod invoke;
 mod leader;

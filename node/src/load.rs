@@ -1,22 +1,20 @@
-//! The hubs' loads: each hub measures what its tasks cost it once a second and sends the figures
-//! to every member (`LOAD_REPORT`); every hub keeps the latest report of each, in memory only (a
-//! load is stale in seconds: it never goes to Raft). `node list` shows them; the leader's
-//! migration policy (`migration::policy`) reads them.
+//! The hubs' loads: each hub measures what its tasks cost it once a second and publishes the
+//! figures on the gossip plane; every hub keeps the latest report of each, in memory only (a load
+//! is stale in seconds: it never goes to Raft). `node list` shows them; the leader's migration
+//! policy (`migration::policy`) reads them.
 //!
 //! ```text
 //!  executor meters (CPU by thread clock, queue wait, memory) --1 s--> LoadMeter: differences
-//!    --> this hub's report --LOAD_REPORT--> every member --> Loads (by the sender's identity)
+//!    --> this hub's report --gossip--> every member --> Loads (by the signer's membership)
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hubmesh_consensus::transport::LOAD_REPORT;
 use hubmesh_consensus::NodeId;
 use hubmesh_proto::pb;
 
-use crate::dataplane::alive;
 use crate::executor::MeterReading;
 use crate::hub::Hub;
 use crate::worker::Worker;
@@ -59,19 +57,6 @@ impl Loads {
     }
 }
 
-/// Serves `LOAD_REPORT`; called once at boot. Members only; the sender is the caller's
-/// authenticated identity, never a field of the message.
-pub(crate) fn register(hub: &Arc<Hub>) {
-    let h = Arc::downgrade(hub);
-    LOAD_REPORT.serve(&hub.consensus().transport(), move |from, report: pb::LoadReport| {
-        let h = h.clone();
-        async move {
-            alive(&h)?.loads().record(from, report);
-            Ok(pb::LoadReportResponse {})
-        }
-    });
-}
-
 /// The worker that measures this hub's load and sends it around.
 pub(crate) struct LoadMeter {
     hub: Arc<Hub>,
@@ -111,14 +96,7 @@ impl Worker for LoadMeter {
         hub.loads().record(me, report.clone());
         let state = hub.consensus().state();
         hub.loads().retain(|n| state.nodes.contains_key(&n));
-        // Each send on its own task: a member that does not answer delays no other.
-        let transport = hub.consensus().transport();
-        for n in state.nodes.keys().filter(|n| **n != me) {
-            let (t, r, to) = (transport.clone(), report.clone(), n.0);
-            tokio::spawn(async move {
-                let _ = LOAD_REPORT.call(&t, to, &r, INTERVAL).await;
-            });
-        }
+        hub.gossip().publish(pb::gossip_message::Body::Load(report));
         Ok(())
     }
 

@@ -104,11 +104,17 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
         // staged the instance for the checkpoint the live migration to this epoch committed: it
         // has never run the task at this epoch (a start takes the staged instance), so no newer
         // checkpoint of it can exist, and the barrier would only lengthen the migration's pause.
-        let staged_for_this_epoch = state.tasks.get(&name).is_some_and(|t| {
-            t.checkpoint.as_ref().is_some_and(|c| {
-                migrated_here(t, cfg.epoch, c) && hub.migrations().has_staged(&name, &c.key(&name), &c.manifest_hash)
-            })
-        });
+        // The barrier also confirms the task is still placed here; without it, a lease and no
+        // backlog being applied stand in (a target that learns the switch late, after a
+        // partition, is applying a backlog that may hold a re-placement).
+        let staged_for_this_epoch = hub.has_quorum()
+            && hub.consensus().applied_all_received()
+            && state.tasks.get(&name).is_some_and(|t| {
+                t.checkpoint.as_ref().is_some_and(|c| {
+                    migrated_here(t, cfg.epoch, c)
+                        && hub.migrations().has_staged(&name, &c.key(&name), &c.manifest_hash)
+                })
+            });
         let fresh = if cfg.kind == TaskKind::Stateful
             && !staged_for_this_epoch
             && state.tasks.get(&name).is_some_and(|t| t.checkpoint.is_some())

@@ -2,8 +2,10 @@
 //!
 //! ```text
 //!  1 data dir + format marker   2 API token   3 page log, blob store   4 Raft (sled; init or recover)
-//!  5 executor (wasmtime)        6 API listener (api.addr)               7 reconciler, leader worker
-//!  shutdown: stop API -> stop workers -> stop tasks (final checkpoints) -> stop Raft
+//!  5 gossip endpoint (gossip.addr)  6 executor (wasmtime)  7 API listener (api.addr)
+//!  8 workers (reconciler, leader, gossip, ...)
+//!  shutdown: stop API -> stop workers (the gossip swarm with them) -> stop tasks (final
+//!  checkpoints) -> stop Raft
 //! ```
 
 use std::future::Future;
@@ -29,6 +31,8 @@ pub const TOKEN_FILE: &str = "admin.token";
 pub const API_ADDR_FILE: &str = "api.addr";
 /// File holding the mesh endpoint's bound address.
 pub const MESH_ADDR_FILE: &str = "mesh.addr";
+/// File holding the gossip endpoint's address (as other hubs dial it).
+pub const GOSSIP_ADDR_FILE: &str = "gossip.addr";
 
 fn check_format(dir: &Path) -> anyhow::Result<()> {
     let path = dir.join(FORMAT_FILE);
@@ -67,19 +71,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = config.data_dir.clone();
-    tracing::info!(data_dir = %dir.display(), name = %config.name, "1/7 data dir");
+    tracing::info!(data_dir = %dir.display(), name = %config.name, "1/8 data dir");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating data dir {}", dir.display()))?;
     check_format(&dir)?;
     crate::faults::set_marker_dir(&dir);
 
-    tracing::info!("2/7 API token");
+    tracing::info!("2/8 API token");
     let token = load_or_create_token(&dir.join(TOKEN_FILE))?;
 
-    tracing::info!("3/7 page log and blob store");
+    tracing::info!("3/8 page log and blob store");
     let pages = PageLog::open(&dir.join("checkpoints")).context("opening the page log")?;
     let blobs = BlobStore::open(&dir.join("blobs")).context("opening the blob store")?;
 
-    tracing::info!("4/7 raft");
+    tracing::info!("4/8 raft");
     let timeouts = config.timeouts.resolve();
     if timeouts.lease >= timeouts.node_down {
         bail!("the lease ({:?}) must be shorter than node_down ({:?})", timeouts.lease, timeouts.node_down);
@@ -114,16 +118,23 @@ pub async fn run(
     write_atomic(&dir.join(MESH_ADDR_FILE), format!("{mesh_addr}\n").as_bytes(), 0o644).context("writing mesh.addr")?;
     tracing::info!(node_id = consensus.node_id().0, ?leader, %mesh_addr, "raft is up");
 
-    tracing::info!("5/7 executor");
+    let (gossip, gossip_swarm) = crate::gossip::start(consensus.node_key(), config.gossip_addr(), mesh_addr.ip())
+        .await
+        .context("starting the gossip endpoint")?;
+    write_atomic(&dir.join(GOSSIP_ADDR_FILE), format!("{}\n", gossip.addr()).as_bytes(), 0o644)
+        .context("writing gossip.addr")?;
+    tracing::info!(addr = %gossip.addr(), peer_id = %gossip.peer_id(), "5/8 gossip");
+
+    tracing::info!("6/8 executor");
     let limits = EngineLimits {
         max_instances: config.executor.max_instances,
         max_task_memory: config.executor.max_task_memory.as_u64(),
     };
     let executor = Arc::new(Executor::new(limits, &dir.join("cache"), pages).context("starting the executor")?);
 
-    let hub = Arc::new(Hub::new(config.clone(), consensus, executor, blobs, token, started));
+    let hub = Arc::new(Hub::new(config.clone(), consensus, executor, blobs, token, started, gossip));
 
-    tracing::info!(%api_addr, "6/7 API");
+    tracing::info!(%api_addr, "7/8 API");
     write_atomic(&dir.join(API_ADDR_FILE), format!("{api_addr}\n").as_bytes(), 0o644).context("writing api.addr")?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
@@ -131,11 +142,10 @@ pub async fn run(
         .ok();
     let app = api::router(api::ApiState { hub: hub.clone(), metrics });
 
-    tracing::info!("7/7 workers");
+    tracing::info!("8/8 workers");
     crate::dataplane::register(&hub);
     crate::replication::register(&hub);
     crate::migration::register(&hub);
-    crate::load::register(&hub);
     hub.executor().set_sink(Arc::new(crate::replication::Replicator::new(&hub)));
     let workers = hub.workers();
     workers.spawn(crate::reconcile::reconciler(hub.clone()));
@@ -144,6 +154,7 @@ pub async fn run(
     workers.spawn(crate::leader::LeaderDuties::new(hub.clone(), api_addr.to_string()));
     workers.spawn(crate::access::AdminTokenKeeper::new(hub.clone()));
     workers.spawn(crate::load::LoadMeter::new(hub.clone()));
+    workers.spawn(crate::gossip::GossipWorker::new(hub.clone(), gossip_swarm));
 
     tracing::info!(
         api = %format!("http://{api_addr}"),

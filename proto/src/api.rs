@@ -308,6 +308,12 @@ pub struct NodeInfo {
     /// Its latest load report, as this hub received it (none yet, or older than a few seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<LoadInfo>,
+    /// Its gossip (libp2p, TCP) address.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gossip_addr: String,
+    /// Its libp2p PeerId: the one its mesh key gives (empty until it registered its key).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer_id: String,
 }
 
 /// A hub's load over its last reporting interval (about a second).

@@ -41,6 +41,9 @@ async fn admit(
         witness: false,
         cert_fingerprint: String::new(),
         status: NodeStatus::Up,
+        gossip_addr: String::new(),
+        // The key the certificate below is issued for: the hub's libp2p identity too.
+        public_key: hex::encode(&req.public_key),
     };
     let secret_hash = hash_secret(&req.secret);
     let at_ms = crate::now_ms();

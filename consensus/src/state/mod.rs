@@ -303,7 +303,12 @@ impl ClusterState {
                 if self.removed.contains(&node.id) {
                     return Err(Rejected::Removed(node.id));
                 }
-                self.nodes.insert(node.id, node.clone());
+                let mut node = node.clone();
+                // A hub's key is fixed once known (admitted with it, or first registered).
+                if let Some(known) = self.nodes.get(&node.id).filter(|n| !n.public_key.is_empty()) {
+                    node.public_key.clone_from(&known.public_key);
+                }
+                self.nodes.insert(node.id, node);
                 Ok(Outcome::NodeRegistered)
             }
             Command::DeployTask { spec, mode, at_ms } => self.deploy(spec, *mode, *at_ms),

@@ -274,6 +274,14 @@ pub struct NodeRecord {
     #[serde(default)]
     pub cert_fingerprint: String,
     pub status: NodeStatus,
+    /// Its gossip (libp2p, TCP) address, as it reports it.
+    #[serde(default)]
+    pub gossip_addr: String,
+    /// Hex of its Ed25519 public key: the key its mesh certificate was issued for, and the one
+    /// its libp2p PeerId derives from. Set when it is admitted (or, for the hub that started
+    /// the mesh, when it first registers) and never changed after.
+    #[serde(default)]
+    pub public_key: String,
 }
 
 fn unlimited() -> u64 {

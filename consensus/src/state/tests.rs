@@ -15,6 +15,8 @@ pub(super) fn node(id: u64) -> NodeRecord {
         memory_bytes: u64::MAX,
         witness: false,
         cert_fingerprint: String::new(),
+        gossip_addr: String::new(),
+        public_key: String::new(),
         status: NodeStatus::Up,
     }
 }
@@ -200,6 +202,8 @@ mod join_tests {
             memory_bytes: u64::MAX,
             witness: false,
             cert_fingerprint: String::new(),
+            gossip_addr: String::new(),
+            public_key: String::new(),
             status: NodeStatus::Up,
         }
     }

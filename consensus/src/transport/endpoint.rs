@@ -275,5 +275,3 @@ pub const MIGRATE_PREPARE: Endpoint<pb::MigratePrepare, pb::MigratePrepareRespon
 pub const MIGRATE_PAGES: Endpoint<pb::MigratePages, pb::MigratePagesResponse> = Endpoint::new(StreamKind::MigratePages);
 /// A live migration ended.
 pub const MIGRATE_END: Endpoint<pb::MigrateEnd, pb::MigrateEndResponse> = Endpoint::new(StreamKind::MigrateEnd);
-/// A hub's load, to every member once a second.
-pub const LOAD_REPORT: Endpoint<pb::LoadReport, pb::LoadReportResponse> = Endpoint::new(StreamKind::LoadReport);

@@ -35,13 +35,12 @@ pub enum StreamKind {
     MigratePages = 106,
     /// A live migration ended: aborted, or committed at an epoch (node).
     MigrateEnd = 107,
-    /// A hub's load, sent to every member each second (node).
-    LoadReport = 108,
+    // 108 was a hub's load report; loads travel on the gossip plane now. Not reused.
 }
 
 impl StreamKind {
     /// Every kind, for lookups and listings.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 15] = [
         Self::RaftAppend,
         Self::RaftVote,
         Self::RaftSnapshot,
@@ -57,7 +56,6 @@ impl StreamKind {
         Self::MigratePrepare,
         Self::MigratePages,
         Self::MigrateEnd,
-        Self::LoadReport,
     ];
 
     /// The kind a request names, if it is one of ours.
@@ -88,7 +86,6 @@ impl StreamKind {
             Self::MigratePrepare => "migrate-prepare",
             Self::MigratePages => "migrate-pages",
             Self::MigrateEnd => "migrate-end",
-            Self::LoadReport => "load-report",
         }
     }
 }

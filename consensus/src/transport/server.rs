@@ -242,9 +242,9 @@ fn caller_of(t: &Weak<Transport>, who: &Who, kind: u32, from: u64) -> Result<(Ca
         }
         (Who::Joiner(_), false) => return Err(members_only()),
     };
-    // A ping (or a load report, sent on a timer) says only that the process is alive, not that
-    // it still leads: it must not keep a follower's lease about a deposed leader alive.
-    if let (Caller::Member(id), false) = (caller, matches!(kind, StreamKind::Ping | StreamKind::LoadReport)) {
+    // A ping says only that the process is alive, not that it still leads: it must not keep a
+    // follower's lease about a deposed leader alive.
+    if let (Caller::Member(id), false) = (caller, matches!(kind, StreamKind::Ping)) {
         lock(&t.last_heard).insert(id, Instant::now());
     }
     Ok((caller, kind))

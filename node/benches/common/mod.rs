@@ -42,9 +42,14 @@ pub(crate) fn spawn_with(dir: &Path, join: Option<&str>, extra: &[&str]) -> Chil
     let mesh = std::fs::read_to_string(dir.join("mesh.addr"))
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "127.0.0.1:0".into());
+    // A restarted hub keeps its gossip address too (the default port, 7072, would be every
+    // hub's on loopback).
+    let gossip = std::fs::read_to_string(dir.join("gossip.addr"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "127.0.0.1:0".into());
     let _ = std::fs::remove_file(dir.join("api.addr"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubmesh"));
-    cmd.arg("--data-dir").arg(dir).args(["up", "--api", "127.0.0.1:0", "--mesh", &mesh]);
+    cmd.arg("--data-dir").arg(dir).args(["up", "--api", "127.0.0.1:0", "--mesh", &mesh, "--gossip", &gossip]);
     if let Some(t) = join {
         cmd.args(["--join", t]);
     }

@@ -193,6 +193,8 @@ fn nodes(state: &ClusterState, voters: &[u64], leader: Option<u64>, loads: &crat
                     age_ms: age.as_millis() as u64,
                     tasks: r.tasks.iter().map(|t| (t.name.clone(), t.cpu_millicores)).collect(),
                 }),
+                gossip_addr: n.gossip_addr.clone(),
+                peer_id: crate::gossip::peer_id_of(&n.public_key).map(|p| p.to_string()).unwrap_or_default(),
             }
         })
         .collect()

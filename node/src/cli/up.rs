@@ -23,6 +23,9 @@ pub struct UpArgs {
     /// Address of the mesh endpoint (UDP); use a LAN address to form a mesh.
     #[arg(long, env = "HUBMESH_MESH")]
     pub mesh: Option<SocketAddr>,
+    /// Address of the gossip endpoint (TCP; default: the mesh's host, port 7072).
+    #[arg(long, env = "HUBMESH_GOSSIP")]
+    pub gossip: Option<SocketAddr>,
     /// Join an existing mesh with a token from `hubmesh token create` (empty data dir only).
     #[arg(long, env = "HUBMESH_JOIN", hide_env_values = true)]
     pub join: Option<String>,
@@ -63,6 +66,9 @@ pub(super) fn config_of(args: &UpArgs, conn: &ConnArgs) -> anyhow::Result<Config
     }
     if let Some(m) = args.mesh {
         c.mesh = m;
+    }
+    if let Some(g) = args.gossip {
+        c.gossip = Some(g);
     }
     if let Some(p) = args.profile {
         c.timeouts.profile = p;

@@ -153,6 +153,9 @@ pub(crate) struct Migrations {
     incoming: Mutex<HashMap<String, target::Incoming>>,
     /// Staged instances of migrated checkpoints, waiting for the switch, by task name.
     ready: Mutex<HashMap<String, target::Ready>>,
+    /// Migrations to this hub whose final state is stored here (by task: the migration's id):
+    /// the switch may commit any moment, and a call the source relays then waits for it here.
+    handed_over: Mutex<HashMap<String, (u64, std::time::Instant)>>,
 }
 
 impl Migrations {
@@ -161,6 +164,20 @@ impl Migrations {
     pub(crate) fn sweep(&self) {
         target::sweep(&mut self.incoming.lock().unwrap_or_else(|p| p.into_inner()));
         target::sweep_ready(&mut self.ready.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut handed_over = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());
+        handed_over.retain(|_, (_, at)| at.elapsed() < BUDGET * 2);
+    }
+
+    /// Whether migration `id` of `task` to this hub has handed its final state over here.
+    pub(crate) fn handed_over(&self, task: &str, id: u64) -> bool {
+        self.handed_over.lock().unwrap_or_else(|p| p.into_inner()).get(task).is_some_and(|(i, _)| *i == id)
+    }
+
+    /// Kept until the sweep (twice the budget): once the switch is applied, or the migration
+    /// aborted, the state no longer shows the migration and the entry matters no more.
+    fn mark_handed_over(&self, task: &str, id: u64) {
+        let mut handed_over = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());
+        handed_over.insert(task.to_owned(), (id, std::time::Instant::now()));
     }
 
     /// The instance staged for `task`'s migrated checkpoint `key`, if this hub built one (the

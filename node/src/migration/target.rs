@@ -321,11 +321,13 @@ pub(super) async fn pages(
                     drop_later((entry, applied.ok()));
                     return Err(e);
                 }
-                (Ok(_), Err(e)) => {
-                    drop_later(entry);
-                    return Err(e);
+                // Stored: the task restores from the page log at the switch instead.
+                (Ok(m), Err(e)) => {
+                    tracing::warn!(task = %req.task, error = %e.message, "the staged instance is lost; the task will restore at the switch");
+                    (m, None)
                 }
             };
+            hub.migrations().mark_handed_over(&req.task, req.id);
             keep_ready(hub, &req.task, &req.key, entry, staged, m);
             let stored_us = received.elapsed().as_micros() as u64;
             tracing::debug!(task = req.task, pages = n, verified_us, stored_us, "final state stored");

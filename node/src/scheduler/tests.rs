@@ -27,6 +27,8 @@ pub(crate) fn labelled_node(id: u64, slots: u32, status: NodeStatus, labels: &[(
             memory_bytes: 1 << 30,
             witness: false,
             cert_fingerprint: String::new(),
+            gossip_addr: String::new(),
+            public_key: String::new(),
             status,
         },
     }

@@ -62,7 +62,8 @@ async fn deploy_invoke_list_rm_from_the_command_line() {
             "replication-upkeep",
             "leader",
             "api-tokens",
-            "load"
+            "load",
+            "gossip"
         ]
     );
     assert!(workers.as_array().unwrap().iter().all(|w| w["rounds"].as_u64().unwrap() > 0), "{workers}");

@@ -11,6 +11,7 @@ mod bad_input;
 mod cli;
 mod drain;
 mod failover;
+mod gossip;
 mod invoke;
 mod mesh;
 mod migration;

@@ -161,9 +161,8 @@ pub struct PageLog {
     auto_compact: AtomicBool,
     /// Wakes the syncer thread ([`PageLog::sync_behind`]); dropping it ends the thread.
     wake_syncer: SyncSender<()>,
-    /// A background fdatasync that failed, reported by the next sync a caller waits for: after
-    /// a failed fdatasync the kernel may report success next time, with the pages lost.
-    behind_failed: Mutex<Option<std::io::Error>>,
+    /// Held through every fdatasync, and the first one that failed (see [`PageLog::fdatasync`]).
+    sync_failed: Mutex<Option<(std::io::ErrorKind, String)>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PageLogError + '_ {
@@ -225,7 +224,7 @@ impl PageLog {
             compacting: Mutex::new(()),
             auto_compact: AtomicBool::new(true),
             wake_syncer,
-            behind_failed: Mutex::new(None),
+            sync_failed: Mutex::new(None),
         });
         let weak = Arc::downgrade(&log);
         std::thread::Builder::new()
@@ -269,26 +268,41 @@ impl PageLog {
     /// Makes everything appended so far durable with one fdatasync, without holding the log's
     /// lock meanwhile (other writers and readers go on).
     pub fn sync(&self) -> Result<(), PageLogError> {
-        self.take_behind_failure()?;
         let file = self.lock().file.clone();
-        file.sync_data().map_err(io(&self.path))
+        self.fdatasync(&file)
     }
 
     /// Starts an fdatasync of everything appended so far on a background thread and returns at
     /// once (one already due covers it). For pages written with `sync` unset that a later
     /// synced write will need durable: a live migration's rounds, whose pages are then mostly on
     /// disk when the critical phase's write syncs, without any round waiting for a disk flush.
-    /// A failure is reported by the next [`Self::sync`] or synced [`Self::write`].
+    /// A failure fails every later sync (see [`Self::fdatasync`]).
     pub fn sync_behind(&self) {
         // Full: a wake-up is pending, and the sync it starts comes after this call's appends.
         let _ = self.wake_syncer.try_send(());
     }
 
-    fn take_behind_failure(&self) -> Result<(), PageLogError> {
-        match self.behind_failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            Some(source) => Err(PageLogError::Io { path: self.path.clone(), source }),
-            None => Ok(()),
+    /// fdatasyncs `file` (the log's). The first failure is sticky: every later sync fails too,
+    /// until the hub restarts and rescans the file. After a failed fdatasync the kernel may have
+    /// dropped pages appended earlier by any writer (still in the index) and reports the error
+    /// only once, so a later sync that "succeeds" would vouch for pages that are gone. The lock
+    /// is held through the fdatasync: a failure is recorded before any other sync can start.
+    fn fdatasync(&self, file: &File) -> Result<(), PageLogError> {
+        let mut failed = self.sync_failed.lock().unwrap_or_else(|p| p.into_inner());
+        let failure = |(kind, message): &(std::io::ErrorKind, String)| PageLogError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::new(*kind, format!("an earlier fdatasync failed ({message}); restart the hub")),
+        };
+        if let Some(f) = failed.as_ref() {
+            return Err(failure(f));
         }
+        file.sync_data().map_err(|e| {
+            tracing::error!(path = %self.path.display(), error = %e, "fdatasync of the page log failed; it takes no more durable writes");
+            let f = (e.kind(), e.to_string());
+            let err = failure(&f);
+            *failed = Some(f);
+            err
+        })
     }
 
     /// Appends the checkpoints in `writes`, skipping pages already stored, and makes them durable
@@ -339,7 +353,7 @@ impl PageLog {
             return Err(io(&self.path)(e));
         }
         if sync {
-            if let Err(e) = self.take_behind_failure().and_then(|()| file.sync_data().map_err(io(&self.path))) {
+            if let Err(e) = self.fdatasync(&file) {
                 // Not durable, so not there: the index and the file must agree again.
                 let _ = file.set_len(base);
                 return Err(e);
@@ -375,9 +389,11 @@ impl PageLog {
         let mut buf = Vec::new();
         encode(&mut buf, KIND_TOMBSTONE, key.as_bytes(), &[]);
         let base = inner.len;
-        if let Err(e) = (&*inner.file).write_all(&buf).and_then(|()| inner.file.sync_data()) {
-            let _ = inner.file.set_len(base);
-            return Err(io(&self.path)(e));
+        let file = inner.file.clone();
+        let written = (&*file).write_all(&buf).map_err(io(&self.path)).and_then(|()| self.fdatasync(&file));
+        if let Err(e) = written {
+            let _ = file.set_len(base);
+            return Err(e);
         }
         inner.len += buf.len() as u64;
         inner.manifests.remove(key);
@@ -460,19 +476,17 @@ impl PageLog {
 /// again: every write past the threshold wakes it, and each try copies the whole live set.
 const COMPACT_BACKOFF: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The compactor thread: one compaction check per wake-up, until the log is dropped.
-/// The background fdatasyncs of [`PageLog::sync_behind`]; ends when the log drops.
+/// The background fdatasyncs of [`PageLog::sync_behind`]; ends when the log drops. A failure
+/// is recorded (sticky) by `fdatasync` itself.
 fn syncer(log: Weak<PageLog>, wakes: Receiver<()>) {
     while wakes.recv().is_ok() {
         let Some(log) = log.upgrade() else { return };
         let file = log.lock().file.clone();
-        if let Err(e) = file.sync_data() {
-            tracing::warn!(error = %e, "a background fdatasync of the page log failed");
-            *log.behind_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-        }
+        let _ = log.fdatasync(&file);
     }
 }
 
+/// The compactor thread: one compaction check per wake-up, until the log is dropped.
 fn compactor(log: Weak<PageLog>, wakes: Receiver<()>) {
     let mut failed_at: Option<std::time::Instant> = None;
     while wakes.recv().is_ok() {

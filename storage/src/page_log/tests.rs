@@ -342,24 +342,45 @@ fn a_manifest_whose_pages_are_gone_is_refused_and_nothing_is_written() {
 }
 
 #[test]
-fn a_background_sync_covers_unsynced_pages_and_its_failure_fails_the_next_synced_write() {
+fn a_failed_fdatasync_fails_every_later_synced_write_and_they_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let log = PageLog::open(dir.path()).unwrap();
     let a = page(11);
     log.write(&[PageWrite { pages: vec![a.clone()], ..Default::default() }], false).unwrap();
     log.sync_behind();
-    // A failed background fdatasync (as the syncer records it) is reported to the next caller
-    // that waits for durability, and that write changes nothing.
-    *log.behind_failed.lock().unwrap() = Some(std::io::Error::other("injected"));
-    let refs = vec![a.0];
-    let m =
-        |key: &str| PageWrite { key: key.into(), manifest: b"m".to_vec(), refs: refs.clone(), ..Default::default() };
-    assert!(matches!(log.write(&[m("t#1")], true), Err(PageLogError::Io { .. })));
-    assert!(log.read_manifest("t#1").unwrap().is_none(), "a write that failed must not be stored");
-    // Reported once: the next synced write stores it.
-    log.write(&[m("t#2")], true).unwrap();
+    log.write(&[PageWrite { key: "t#1".into(), manifest: b"m".to_vec(), refs: vec![a.0], ..Default::default() }], true)
+        .unwrap();
+    // A failed fdatasync (as the syncer or any writer records it): the kernel may have dropped
+    // unsynced pages of any writer and reports that once, so no later sync may vouch for them.
+    *log.sync_failed.lock().unwrap() = Some((std::io::ErrorKind::Other, "injected".into()));
+    let b = page(12);
+    for key in ["t#2", "t#3"] {
+        let w = PageWrite {
+            key: key.into(),
+            manifest: b"m".to_vec(),
+            refs: vec![b.0],
+            pages: vec![b.clone()],
+            ..Default::default()
+        };
+        assert!(matches!(log.write(&[w], true), Err(PageLogError::Io { .. })), "{key}");
+        assert!(log.read_manifest(key).unwrap().is_none(), "a write that failed must not be stored");
+    }
+    assert!(!log.has_page(&b.0));
+    assert!(log.sync().is_err() && log.remove("t#1").is_err());
+    // What was synced before survives a restart, which clears the failure.
     drop(log);
     let log = PageLog::open(dir.path()).unwrap();
     assert_eq!(log.read_page(&a.0).unwrap(), a.1);
-    assert!(log.read_manifest("t#2").unwrap().is_some());
+    assert!(log.read_manifest("t#1").unwrap().is_some());
+    log.write(
+        &[PageWrite {
+            pages: vec![b.clone()],
+            key: "t#4".into(),
+            manifest: b"m".to_vec(),
+            refs: vec![b.0],
+            ..Default::default()
+        }],
+        true,
+    )
+    .unwrap();
 }

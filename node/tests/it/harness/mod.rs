@@ -62,6 +62,20 @@ fn mesh_port() -> u16 {
     }
 }
 
+/// A free TCP port below the kernel's ephemeral range, for a hub's gossip endpoint (see
+/// [`mesh_port`]; from another part of the range).
+fn gossip_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = (std::process::id() % 600) * 20;
+    loop {
+        let port = (10_000 + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % 10_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// One hub process.
 pub struct Hub {
     pub name: String,
@@ -116,11 +130,16 @@ impl Hub {
         let mesh = std::fs::read_to_string(self.dir.path().join("mesh.addr"))
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| format!("127.0.0.1:{}", mesh_port()));
+        // And its gossip address (TCP): the default, the mesh's host with port 7072, would be
+        // the same for every hub on loopback.
+        let gossip = std::fs::read_to_string(self.dir.path().join("gossip.addr"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| format!("127.0.0.1:{}", gossip_port()));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
         let child = Command::new(bin())
             .arg("--data-dir")
             .arg(self.dir.path())
-            .args(["up", "--api", "127.0.0.1:0", "--mesh", &mesh, "--name", &self.name])
+            .args(["up", "--api", "127.0.0.1:0", "--mesh", &mesh, "--gossip", &gossip, "--name", &self.name])
             .args(&self.extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("HUBMESH_LOG", "info,openraft=warn")

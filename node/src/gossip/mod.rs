@@ -1,0 +1,364 @@
+//! The gossip plane (design §8): a libp2p swarm on every hub (TCP, noise, yamux) with gossipsub
+//! (every message signed by its origin and delivered only after hubmesh validates it), identify,
+//! mDNS to find other hubs on the LAN, and explicit dials to the members' gossip addresses from
+//! the replicated state (so hubs in different subnets gossip too). Members only: a hub's libp2p
+//! identity is its mesh key, so its PeerId derives from the public key the state recorded when it
+//! was admitted; connections from any other PeerId are refused (`allow_block_list`), pending and
+//! established connections are bounded (`connection_limits`), and a message counts only if a
+//! member signed it for itself (`members::judge`). It carries the hubs' loads (`load`).
+//!
+//! ```text
+//!  boot: start() binds (DATA_DIR/gossip.addr) --> Gossip handle (publish) + GossipWorker (swarm)
+//!  state change, 2 s tick: allow-list := members' PeerIds; dial members not connected
+//!  mDNS: a member found on the LAN is dialled; anyone else is ignored
+//!  message: judge (member signer, member relay, speaks for itself, newer seq) -> Accept -> loads
+//! ```
+
+mod members;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use hubmesh_consensus::tls::NodeKey;
+use hubmesh_consensus::{ClusterState, NodeId};
+use hubmesh_proto::{pb, Message as _};
+use libp2p::futures::StreamExt;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{allow_block_list, connection_limits, identify, identity, mdns, noise, tcp, yamux, PeerId, Swarm};
+use tokio::sync::{mpsc, watch};
+
+use crate::hub::Hub;
+use crate::worker::Worker;
+use members::{judge, multiaddr_of, Verdict};
+pub(crate) use members::{peer_id_of, Members};
+
+/// The identify protocol version: a peer that speaks another is disconnected.
+const PROTOCOL: &str = "/hubmesh/gossip/1";
+/// The topic of the hubs' loads.
+const LOAD_TOPIC: &str = "hubmesh/load/1";
+/// The largest message gossipsub takes or sends.
+const MAX_MESSAGE: usize = 64 << 10;
+/// How often members that are not connected are dialled again.
+const REDIAL: Duration = Duration::from_secs(2);
+/// Messages waiting to be published; more are dropped (loads are sent again each second).
+const OUTBOX: usize = 64;
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    allowed: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
+    limits: connection_limits::Behaviour,
+    gossipsub: gossipsub::Behaviour,
+    identify: identify::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// The handle the rest of the hub publishes through.
+pub(crate) struct Gossip {
+    peer_id: PeerId,
+    addr: SocketAddr,
+    outbox: mpsc::Sender<pb::gossip_message::Body>,
+}
+
+impl Gossip {
+    /// Publishes `body` to every member (dropped if the outbox is full: what is gossiped is sent
+    /// again periodically).
+    pub(crate) fn publish(&self, body: pb::gossip_message::Body) {
+        if self.outbox.try_send(body).is_err() {
+            metrics::counter!("hubmesh_gossip_dropped_total").increment(1);
+        }
+    }
+
+    /// The address other hubs dial (recorded in the replicated state).
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// This hub's libp2p identity.
+    pub(crate) fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+}
+
+/// The libp2p key pair of the hub whose mesh key is `key` (the same Ed25519 key).
+fn keypair_of(key: &NodeKey) -> anyhow::Result<identity::Keypair> {
+    // An Ed25519 PKCS#8 document holds the 32-byte seed as an OCTET STRING in an OCTET STRING.
+    let der = key.pkcs8();
+    let at = der.windows(4).position(|w| w == [0x04, 0x22, 0x04, 0x20]).context("no Ed25519 seed in the node key")?;
+    let mut seed: Vec<u8> = der.get(at + 4..at + 36).context("a truncated node key")?.to_vec();
+    let pair = identity::Keypair::ed25519_from_bytes(&mut seed).context("the node key's seed")?;
+    let public = pair.public().try_into_ed25519().context("an Ed25519 key")?.to_bytes();
+    if public[..] != *key.public_key() {
+        bail!("the node key's seed does not give its public key");
+    }
+    Ok(pair)
+}
+
+/// A bound swarm, before the hub exists.
+pub(crate) struct Bound {
+    swarm: Swarm<Behaviour>,
+    outbox: mpsc::Receiver<pb::gossip_message::Body>,
+}
+
+/// Binds the gossip endpoint at `bind` with the hub's key. `host` is the address other hubs
+/// reach this one at when `bind` is a wildcard (the mesh's).
+pub(crate) async fn start(key: &NodeKey, bind: SocketAddr, host: IpAddr) -> anyhow::Result<(Gossip, Bound)> {
+    let pair = keypair_of(key)?;
+    let peer_id = pair.public().to_peer_id();
+    let lan = !bind.ip().is_loopback();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(pair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .context("the gossip transport")?
+        .with_behaviour(|key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+            let config = gossipsub::ConfigBuilder::default()
+                .validation_mode(ValidationMode::Strict)
+                .validate_messages()
+                .max_transmit_size(MAX_MESSAGE)
+                // A handful of hubs: everyone in everyone's mesh, a fast heartbeat.
+                .heartbeat_interval(Duration::from_millis(500))
+                .mesh_n_low(2)
+                .mesh_n(4)
+                .mesh_n_high(8)
+                .mesh_outbound_min(1)
+                .flood_publish(true)
+                .build()?;
+            let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), config)?;
+            let identify = identify::Behaviour::new(identify::Config::new(PROTOCOL.into(), key.public()));
+            // mDNS skips loopback: it finds hubs only from a LAN address.
+            let mdns = if lan {
+                let config = mdns::Config {
+                    ttl: Duration::from_secs(30),
+                    query_interval: Duration::from_secs(5),
+                    enable_ipv6: false,
+                };
+                mdns::tokio::Behaviour::new(config, key.public().to_peer_id())
+                    .map_err(
+                        |e| tracing::warn!(error = %e, "mDNS is off: hubs are found only by their recorded addresses"),
+                    )
+                    .ok()
+            } else {
+                None
+            };
+            let limits = connection_limits::ConnectionLimits::default()
+                .with_max_pending_incoming(Some(16))
+                .with_max_pending_outgoing(Some(32))
+                .with_max_established_per_peer(Some(2))
+                .with_max_established(Some(256));
+            Ok(Behaviour {
+                allowed: allow_block_list::Behaviour::default(),
+                limits: connection_limits::Behaviour::new(limits),
+                gossipsub,
+                identify,
+                mdns: Toggle::from(mdns),
+            })
+        })
+        .context("the gossip behaviour")?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    swarm.behaviour_mut().gossipsub.subscribe(&IdentTopic::new(LOAD_TOPIC)).context("subscribing to loads")?;
+    swarm.listen_on(multiaddr_of(bind)).with_context(|| format!("listening for gossip on {bind}"))?;
+    // The bound port (the configured one, or the one port 0 picked).
+    let port = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    if let Some(Protocol::Tcp(port)) = address.iter().find(|p| matches!(p, Protocol::Tcp(_))) {
+                        return Ok(port);
+                    }
+                }
+                SwarmEvent::ListenerError { error, .. } => return Err(anyhow::anyhow!("{error}")),
+                SwarmEvent::ListenerClosed { reason: Err(error), .. } => return Err(anyhow::anyhow!("{error}")),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .context("binding the gossip endpoint timed out")?
+    .with_context(|| format!("binding the gossip endpoint to {bind}"))?;
+    let ip = if bind.ip().is_unspecified() { host } else { bind.ip() };
+    let (tx, outbox) = mpsc::channel(OUTBOX);
+    Ok((Gossip { peer_id, addr: SocketAddr::new(ip, port), outbox: tx }, Bound { swarm, outbox }))
+}
+
+/// What woke the worker.
+enum Input {
+    Swarm(SwarmEvent<BehaviourEvent>),
+    Publish(pb::gossip_message::Body),
+    Members,
+}
+
+/// The swarm's owner: it polls the swarm, publishes, and follows the membership.
+pub(crate) struct GossipWorker {
+    hub: Arc<Hub>,
+    swarm: Swarm<Behaviour>,
+    outbox: mpsc::Receiver<pb::gossip_message::Body>,
+    state: watch::Receiver<Arc<ClusterState>>,
+    state_open: bool,
+    members: Members,
+    last_seq: HashMap<NodeId, u64>,
+    /// The sequence number of this hub's last message: microseconds since the epoch at least,
+    /// so that it grows across restarts.
+    seq: u64,
+    next_dial: tokio::time::Instant,
+    input: Option<Input>,
+}
+
+impl GossipWorker {
+    pub(crate) fn new(hub: Arc<Hub>, bound: Bound) -> Self {
+        let state = hub.consensus().watch();
+        Self {
+            hub,
+            swarm: bound.swarm,
+            outbox: bound.outbox,
+            state,
+            state_open: true,
+            members: Members::default(),
+            last_seq: HashMap::new(),
+            seq: 0,
+            next_dial: tokio::time::Instant::now(),
+            input: Some(Input::Members),
+        }
+    }
+
+    /// Follows the membership: the allow-list is exactly the members, and members not connected
+    /// are dialled.
+    fn follow_members(&mut self) {
+        let me = self.hub.consensus().node_id();
+        let members = Members::of(&self.hub.consensus().state(), me);
+        let local = *self.swarm.local_peer_id();
+        let allowed = &mut self.swarm.behaviour_mut().allowed;
+        let gone: Vec<PeerId> =
+            allowed.allowed_peers().iter().filter(|p| members.node_of(p).is_none()).copied().collect();
+        for p in gone {
+            allowed.disallow_peer(p);
+        }
+        for p in members.peers().filter(|p| **p != local) {
+            allowed.allow_peer(*p);
+        }
+        self.last_seq.retain(|n, _| members.peers().any(|p| members.node_of(p) == Some(*n)));
+        self.members = members;
+        for (peer, addr) in self.members.dial_targets().to_vec() {
+            self.dial(peer, addr);
+        }
+        self.next_dial = tokio::time::Instant::now() + REDIAL;
+        metrics::gauge!("hubmesh_gossip_peers").set(self.swarm.connected_peers().count() as f64);
+    }
+
+    fn dial(&mut self, peer: PeerId, addr: libp2p::Multiaddr) {
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        let opts =
+            DialOpts::peer_id(peer).addresses(vec![addr]).condition(PeerCondition::DisconnectedAndNotDialing).build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, error = %e, "dialling a member for gossip failed");
+        }
+    }
+
+    fn publish(&mut self, body: pb::gossip_message::Body) {
+        self.seq = (self.seq + 1).max(hubmesh_consensus::now_ms() * 1000);
+        let msg = pb::GossipMessage { node: self.hub.consensus().node_id().0, seq: self.seq, body: Some(body) };
+        match self.swarm.behaviour_mut().gossipsub.publish(IdentTopic::new(LOAD_TOPIC), msg.encode_to_vec()) {
+            Ok(_) => metrics::counter!("hubmesh_gossip_published_total").increment(1),
+            // Alone, or no member connected yet: nothing to do until one is.
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+            Err(e) => tracing::debug!(error = %e, "publishing on the gossip plane failed"),
+        }
+    }
+
+    fn on_swarm(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => {
+                let verdict = judge(
+                    &self.members,
+                    &mut self.last_seq,
+                    message.source.as_ref(),
+                    &propagation_source,
+                    &message.data,
+                );
+                let acceptance = match &verdict {
+                    Verdict::Accept(..) => MessageAcceptance::Accept,
+                    Verdict::Reject(why) => {
+                        tracing::warn!(source = ?message.source, via = %propagation_source, why, "a gossip message refused");
+                        metrics::counter!("hubmesh_gossip_refused_total").increment(1);
+                        MessageAcceptance::Reject
+                    }
+                    Verdict::Ignore(_) => MessageAcceptance::Ignore,
+                };
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    acceptance,
+                );
+                if let Verdict::Accept(node, msg) = verdict {
+                    self.deliver(node, msg);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    if self.members.node_of(&peer).is_some() && peer != *self.swarm.local_peer_id() {
+                        self.dial(peer, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                if info.protocol_version != PROTOCOL {
+                    tracing::warn!(peer = %peer_id, version = %info.protocol_version, "a gossip peer speaks another protocol");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } | SwarmEvent::ConnectionClosed { peer_id, .. } => {
+                tracing::debug!(peer = %peer_id, connected = self.swarm.is_connected(&peer_id), "gossip connection");
+                metrics::gauge!("hubmesh_gossip_peers").set(self.swarm.connected_peers().count() as f64);
+            }
+            _ => {}
+        }
+    }
+
+    fn deliver(&self, node: NodeId, msg: pb::GossipMessage) {
+        match msg.body {
+            Some(pb::gossip_message::Body::Load(report)) => self.hub.loads().record(node, report),
+            None => {}
+        }
+    }
+}
+
+impl Worker for GossipWorker {
+    fn name(&self) -> &'static str {
+        "gossip"
+    }
+
+    async fn work(&mut self) -> Result<(), String> {
+        match self.input.take() {
+            Some(Input::Swarm(event)) => self.on_swarm(event),
+            Some(Input::Publish(body)) => self.publish(body),
+            Some(Input::Members) => self.follow_members(),
+            None => {}
+        }
+        Ok(())
+    }
+
+    async fn wait(&mut self) {
+        let input = tokio::select! {
+            event = self.swarm.select_next_some() => Input::Swarm(event),
+            Some(body) = self.outbox.recv() => Input::Publish(body),
+            changed = self.state.changed(), if self.state_open => {
+                self.state_open = changed.is_ok();
+                Input::Members
+            }
+            () = tokio::time::sleep_until(self.next_dial) => Input::Members,
+        };
+        self.input = Some(input);
+    }
+}
