@@ -30,9 +30,11 @@ impl LoopbackHub {
         std::fs::create_dir_all(&dir).unwrap();
         let api = format!("127.0.0.1:{}", free_tcp());
         let mesh = format!("127.0.0.1:{}", free_udp());
+        // Its own gossip port: the default (the mesh's host, port 7072) is every hub's on loopback.
+        let gossip = format!("127.0.0.1:{}", free_tcp());
         let d = dir.display();
         let start = format!(
-            "{} --data-dir {d} up --api {api} --mesh {mesh} --name {name} >> {d}/hub.log 2>&1 & echo $! > {d}/pid",
+            "{} --data-dir {d} up --api {api} --mesh {mesh} --gossip {gossip} --name {name} >> {d}/hub.log 2>&1 & echo $! > {d}/pid",
             bin.display()
         );
         Self { dir, api, start }

@@ -195,6 +195,8 @@ fn main() {
             if let Some(w) = writing {
                 w.await.unwrap();
             }
+            // The report, with the clients' records locked (not across an await).
+            {
             let s = seen.lock().unwrap();
             let w = written.lock().unwrap();
             let calls = s.answers.len() + w.answers.len();
@@ -241,7 +243,7 @@ fn main() {
                 pct(&mut totals, 0.5).as_secs_f64() * 1e3,
                 pct(&mut totals, 0.99).as_secs_f64() * 1e3,
             );
-            drop((s, w));
+            }
             hubs[0].client.remove(&task).await.unwrap();
         }
         drop(hubs);

@@ -7,8 +7,9 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Up(_));
     let default_level = if serving { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HUBMESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},openraft=warn,sled=warn")));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HUBMESH_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default_level},openraft=warn,sled=warn,libp2p_mdns=warn"))
+    });
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if serving {
         // A hub that panics must not linger half-alive: Raft recovers from a crash, not a zombie.

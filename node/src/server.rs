@@ -95,6 +95,10 @@ pub async fn run(
     if !(o.low > 0.0 && o.low < o.high && o.high <= 10.0) || o.queue_wait.is_zero() {
         bail!("[overload]: expected 0 < low ({}) < high ({}) <= 10 and a queue_wait above 0", o.low, o.high);
     }
+    // The gossip endpoint binds after Raft (it needs the hub's key): a port that is taken must
+    // fail the start before a joining hub is admitted.
+    std::net::TcpListener::bind(config.gossip_addr())
+        .with_context(|| format!("the gossip address {} is not free (set --gossip)", config.gossip_addr()))?;
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .with_context(|| format!("binding the API to {}", config.api))?;
@@ -118,7 +122,7 @@ pub async fn run(
     write_atomic(&dir.join(MESH_ADDR_FILE), format!("{mesh_addr}\n").as_bytes(), 0o644).context("writing mesh.addr")?;
     tracing::info!(node_id = consensus.node_id().0, ?leader, %mesh_addr, "raft is up");
 
-    let (gossip, gossip_swarm) = crate::gossip::start(consensus.node_key(), config.gossip_addr(), mesh_addr.ip())
+    let (gossip, gossip_swarm) = crate::gossip::start(&dir, consensus.node_key(), config.gossip_addr(), mesh_addr.ip())
         .await
         .context("starting the gossip endpoint")?;
     write_atomic(&dir.join(GOSSIP_ADDR_FILE), format!("{}\n", gossip.addr()).as_bytes(), 0o644)

@@ -288,7 +288,19 @@ impl ClusterState {
         if node.id.0 == 0 || self.nodes.contains_key(&node.id) || self.removed.contains(&node.id) {
             return Err(Rejected::NodeIdTaken(node.id));
         }
-        Ok(())
+        self.check_key_free(node)
+    }
+
+    /// A hub's key (its gossip identity) is its own: no other hub may record it.
+    fn check_key_free(&self, node: &NodeRecord) -> Result<(), Rejected> {
+        match self
+            .nodes
+            .values()
+            .find(|n| n.id != node.id && !node.public_key.is_empty() && n.public_key == node.public_key)
+        {
+            Some(other) => Err(Rejected::Invalid(format!("that public key belongs to hub {}", other.id))),
+            None => Ok(()),
+        }
     }
 
     /// Whether the state says hub `node` is up.
@@ -303,12 +315,14 @@ impl ClusterState {
                 if self.removed.contains(&node.id) {
                     return Err(Rejected::Removed(node.id));
                 }
-                let mut node = node.clone();
-                // A hub's key is fixed once known (admitted with it, or first registered).
-                if let Some(known) = self.nodes.get(&node.id).filter(|n| !n.public_key.is_empty()) {
-                    node.public_key.clone_from(&known.public_key);
+                // A hub's key is fixed once known (admitted with it, or first registered), and no
+                // other hub's.
+                let known = self.nodes.get(&node.id).map(|n| n.public_key.as_str()).filter(|k| !k.is_empty());
+                if known.is_some_and(|k| k != node.public_key) {
+                    return Err(Rejected::Invalid(format!("hub {}'s key never changes", node.id)));
                 }
-                self.nodes.insert(node.id, node);
+                self.check_key_free(node)?;
+                self.nodes.insert(node.id, node.clone());
                 Ok(Outcome::NodeRegistered)
             }
             Command::DeployTask { spec, mode, at_ms } => self.deploy(spec, *mode, *at_ms),

@@ -238,6 +238,29 @@ mod join_tests {
     }
 
     #[test]
+    fn a_hubs_key_is_its_own_and_never_changes() {
+        let mut s = ClusterState::default();
+        let keyed = |id: u64, key: &str| NodeRecord { public_key: key.into(), ..node(id) };
+        s.apply(&Command::RegisterNode { node: keyed(1, "k1") }).unwrap();
+        s.apply(&Command::CreateToken { id: "t1".into(), secret_hash: "h".into(), expires_ms: 100, at_ms: 0 }).unwrap();
+        let before = s.clone();
+        let taken =
+            Command::AdmitNode { node: keyed(2, "k1"), token_id: "t1".into(), secret_hash: "h".into(), at_ms: 1 };
+        assert!(matches!(s.apply(&taken), Err(Rejected::Invalid(m)) if m.contains("belongs to hub 1")));
+        assert!(matches!(s.apply(&Command::RegisterNode { node: keyed(1, "k9") }), Err(Rejected::Invalid(_))));
+        assert!(matches!(s.apply(&Command::RegisterNode { node: keyed(3, "k1") }), Err(Rejected::Invalid(_))));
+        assert_eq!(s, before);
+        let admitted =
+            Command::AdmitNode { node: keyed(2, "k2"), token_id: "t1".into(), secret_hash: "h".into(), at_ms: 1 };
+        assert_eq!(s.apply(&admitted), Ok(Outcome::Admitted));
+        // Its own record again, with its own key: fine (a hub keeps its description current).
+        assert_eq!(
+            s.apply(&Command::RegisterNode { node: NodeRecord { slots: 9, ..keyed(2, "k2") } }),
+            Ok(Outcome::NodeRegistered)
+        );
+    }
+
+    #[test]
     fn a_removed_hub_is_revoked_and_cannot_come_back() {
         let mut s = ClusterState::default();
         let admin = ApiTokenRecord {

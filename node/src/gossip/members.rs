@@ -68,7 +68,7 @@ impl Members {
 pub(crate) enum Verdict {
     /// Delivered and forwarded: it came from `NodeId`.
     Accept(NodeId, pb::GossipMessage),
-    /// Dropped, and its relay penalized: it breaks a rule no member's message breaks.
+    /// Dropped and not forwarded: it breaks a rule no member's message breaks.
     Reject(&'static str),
     /// Dropped without penalty (a replay, or an old message relayed late).
     Ignore(&'static str),

@@ -18,6 +18,7 @@ mod members;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,8 @@ const MAX_MESSAGE: usize = 64 << 10;
 const REDIAL: Duration = Duration::from_secs(2);
 /// Messages waiting to be published; more are dropped (loads are sent again each second).
 const OUTBOX: usize = 64;
+/// The start counter's file in the data dir.
+const BOOT_FILE: &str = "gossip.boot";
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -104,11 +107,34 @@ fn keypair_of(key: &NodeKey) -> anyhow::Result<identity::Keypair> {
 pub(crate) struct Bound {
     swarm: Swarm<Behaviour>,
     outbox: mpsc::Receiver<pb::gossip_message::Body>,
+    boot: u64,
+}
+
+/// This start's number (`DATA_DIR/gossip.boot`, one more each start): the high half of every
+/// sequence number this hub gossips, so that a restarted hub's messages are newer than its old
+/// ones without trusting its clock (a board without a real-time clock may boot in the past).
+fn next_boot(dir: &Path) -> anyhow::Result<u64> {
+    let path = dir.join(BOOT_FILE);
+    let last = match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse::<u64>().with_context(|| format!("{} is not a number", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let boot = last + 1;
+    hubmesh_storage::write_atomic(&path, format!("{boot}\n").as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(boot)
 }
 
 /// Binds the gossip endpoint at `bind` with the hub's key. `host` is the address other hubs
 /// reach this one at when `bind` is a wildcard (the mesh's).
-pub(crate) async fn start(key: &NodeKey, bind: SocketAddr, host: IpAddr) -> anyhow::Result<(Gossip, Bound)> {
+pub(crate) async fn start(
+    dir: &Path,
+    key: &NodeKey,
+    bind: SocketAddr,
+    host: IpAddr,
+) -> anyhow::Result<(Gossip, Bound)> {
+    let boot = next_boot(dir)?;
     let pair = keypair_of(key)?;
     let peer_id = pair.public().to_peer_id();
     let lan = !bind.ip().is_loopback();
@@ -147,7 +173,7 @@ pub(crate) async fn start(key: &NodeKey, bind: SocketAddr, host: IpAddr) -> anyh
                 None
             };
             let limits = connection_limits::ConnectionLimits::default()
-                .with_max_pending_incoming(Some(16))
+                .with_max_pending_incoming(Some(64))
                 .with_max_pending_outgoing(Some(32))
                 .with_max_established_per_peer(Some(2))
                 .with_max_established(Some(256));
@@ -161,6 +187,8 @@ pub(crate) async fn start(key: &NodeKey, bind: SocketAddr, host: IpAddr) -> anyh
         })
         .context("the gossip behaviour")?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        // A handshake that stalls gives its pending slot back after 3 s (libp2p's default: 10).
+        .with_connection_timeout(Duration::from_secs(3))
         .build();
     swarm.behaviour_mut().gossipsub.subscribe(&IdentTopic::new(LOAD_TOPIC)).context("subscribing to loads")?;
     swarm.listen_on(multiaddr_of(bind)).with_context(|| format!("listening for gossip on {bind}"))?;
@@ -184,12 +212,12 @@ pub(crate) async fn start(key: &NodeKey, bind: SocketAddr, host: IpAddr) -> anyh
     .with_context(|| format!("binding the gossip endpoint to {bind}"))?;
     let ip = if bind.ip().is_unspecified() { host } else { bind.ip() };
     let (tx, outbox) = mpsc::channel(OUTBOX);
-    Ok((Gossip { peer_id, addr: SocketAddr::new(ip, port), outbox: tx }, Bound { swarm, outbox }))
+    Ok((Gossip { peer_id, addr: SocketAddr::new(ip, port), outbox: tx }, Bound { swarm, outbox, boot }))
 }
 
 /// What woke the worker.
 enum Input {
-    Swarm(SwarmEvent<BehaviourEvent>),
+    Swarm(Box<SwarmEvent<BehaviourEvent>>),
     Publish(pb::gossip_message::Body),
     Members,
 }
@@ -203,8 +231,8 @@ pub(crate) struct GossipWorker {
     state_open: bool,
     members: Members,
     last_seq: HashMap<NodeId, u64>,
-    /// The sequence number of this hub's last message: microseconds since the epoch at least,
-    /// so that it grows across restarts.
+    /// The sequence number of this hub's last message: this start's number in the high half, a
+    /// count in the low half.
     seq: u64,
     next_dial: tokio::time::Instant,
     input: Option<Input>,
@@ -221,7 +249,7 @@ impl GossipWorker {
             state_open: true,
             members: Members::default(),
             last_seq: HashMap::new(),
-            seq: 0,
+            seq: bound.boot << 32,
             next_dial: tokio::time::Instant::now(),
             input: Some(Input::Members),
         }
@@ -263,7 +291,7 @@ impl GossipWorker {
     }
 
     fn publish(&mut self, body: pb::gossip_message::Body) {
-        self.seq = (self.seq + 1).max(hubmesh_consensus::now_ms() * 1000);
+        self.seq += 1;
         let msg = pb::GossipMessage { node: self.hub.consensus().node_id().0, seq: self.seq, body: Some(body) };
         match self.swarm.behaviour_mut().gossipsub.publish(IdentTopic::new(LOAD_TOPIC), msg.encode_to_vec()) {
             Ok(_) => metrics::counter!("hubmesh_gossip_published_total").increment(1),
@@ -294,7 +322,11 @@ impl GossipWorker {
                         metrics::counter!("hubmesh_gossip_refused_total").increment(1);
                         MessageAcceptance::Reject
                     }
-                    Verdict::Ignore(_) => MessageAcceptance::Ignore,
+                    Verdict::Ignore(why) => {
+                        tracing::debug!(source = ?message.source, why, "a gossip message ignored");
+                        metrics::counter!("hubmesh_gossip_ignored_total").increment(1);
+                        MessageAcceptance::Ignore
+                    }
                 };
                 self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
                     &message_id,
@@ -309,14 +341,19 @@ impl GossipWorker {
                 for (peer, addr) in found {
                     if self.members.node_of(&peer).is_some() && peer != *self.swarm.local_peer_id() {
                         self.dial(peer, addr);
+                    } else if let Some(mdns) = self.swarm.behaviour_mut().mdns.as_mut() {
+                        // Anyone on the LAN can announce PeerIds: mDNS would keep each (with
+                        // the TTL it claims) and look it up linearly. Only members are kept.
+                        #[allow(deprecated)] // the one way to drop an entry in libp2p-mdns 0.49
+                        mdns.expire_node(&peer);
                     }
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                if info.protocol_version != PROTOCOL {
-                    tracing::warn!(peer = %peer_id, version = %info.protocol_version, "a gossip peer speaks another protocol");
-                    let _ = self.swarm.disconnect_peer_id(peer_id);
-                }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
+                if info.protocol_version != PROTOCOL =>
+            {
+                tracing::warn!(peer = %peer_id, version = %info.protocol_version, "a gossip peer speaks another protocol");
+                let _ = self.swarm.disconnect_peer_id(peer_id);
             }
             SwarmEvent::ConnectionEstablished { peer_id, .. } | SwarmEvent::ConnectionClosed { peer_id, .. } => {
                 tracing::debug!(peer = %peer_id, connected = self.swarm.is_connected(&peer_id), "gossip connection");
@@ -341,7 +378,7 @@ impl Worker for GossipWorker {
 
     async fn work(&mut self) -> Result<(), String> {
         match self.input.take() {
-            Some(Input::Swarm(event)) => self.on_swarm(event),
+            Some(Input::Swarm(event)) => self.on_swarm(*event),
             Some(Input::Publish(body)) => self.publish(body),
             Some(Input::Members) => self.follow_members(),
             None => {}
@@ -351,7 +388,7 @@ impl Worker for GossipWorker {
 
     async fn wait(&mut self) {
         let input = tokio::select! {
-            event = self.swarm.select_next_some() => Input::Swarm(event),
+            event = self.swarm.select_next_some() => Input::Swarm(Box::new(event)),
             Some(body) = self.outbox.recv() => Input::Publish(body),
             changed = self.state.changed(), if self.state_open => {
                 self.state_open = changed.is_ok();

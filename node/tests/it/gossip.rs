@@ -96,6 +96,7 @@ async fn members_gossip_their_loads_and_a_stranger_gets_nothing_in() {
     }
     let nodes = a.client.nodes().await.unwrap();
     let mut ids: Vec<&str> = nodes.iter().map(|n| n.peer_id.as_str()).collect();
+    ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), 3, "one PeerId per hub: {nodes:?}");
     let a_id = a.client.status().await.unwrap().node_id;

@@ -46,34 +46,30 @@ where
     }
 }
 
-/// A free UDP port below the kernel's ephemeral range (32768 and up), for a hub's mesh endpoint:
-/// a restarted hub binds its old port again, and a port the kernel handed out as ephemeral could
-/// meanwhile be taken by any other socket of the test run.
-fn mesh_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    // Spread over the range by process id so that parallel test binaries rarely meet.
-    static NEXT: AtomicU32 = AtomicU32::new(0);
+/// A free port below the kernel's ephemeral range (32768 and up), in `first..first + span`, that
+/// `free` can bind: a restarted hub binds its old port again, and a port the kernel handed out as
+/// ephemeral could meanwhile be taken by any other socket of the test run. Spread over the range
+/// by process id so that parallel test binaries rarely meet.
+fn free_port(next: &std::sync::atomic::AtomicU32, first: u32, span: u32, free: fn(u16) -> bool) -> u16 {
     let offset = (std::process::id() % 600) * 20;
     loop {
-        let port = (20_000 + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000) as u16;
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        let port = (first + (offset + next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % span) as u16;
+        if free(port) {
             return port;
         }
     }
 }
 
-/// A free TCP port below the kernel's ephemeral range, for a hub's gossip endpoint (see
-/// [`mesh_port`]; from another part of the range).
+/// For a hub's mesh endpoint (UDP).
+fn mesh_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    free_port(&NEXT, 20_000, 12_000, |p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())
+}
+
+/// For a hub's gossip endpoint (TCP), from another part of the range.
 fn gossip_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let offset = (std::process::id() % 600) * 20;
-    loop {
-        let port = (10_000 + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % 10_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    free_port(&NEXT, 10_000, 10_000, |p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
 }
 
 /// One hub process.
