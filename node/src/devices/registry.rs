@@ -1,0 +1,286 @@
+//! The device registry (design §8; docs/plans/devices.md §2): what the hubs see of the LAN's
+//! devices, merged without coordination. Pure.
+//!
+//! Each hub writes only its own sightings (the gossip plane checks that a hub speaks for itself),
+//! one per device, each with the hub's own version counter; merging keeps, per (device, hub), the
+//! sighting with the higher version — commutative, associative and idempotent, so hubs converge
+//! whatever order the messages arrive in. A device that left cleanly is a sighting marked absent
+//! (kept for a while so that an older sighting arriving late cannot bring it back). Nothing here
+//! ever removes a device because a hub is unreachable: the view marks it `Unreachable` instead.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hubmesh_consensus::NodeId;
+
+/// What a hub says a device is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Description {
+    pub(crate) name: String,
+    /// Its service type (`_hap._tcp`, `ssdp:urn:…`).
+    pub(crate) kind: String,
+    /// Every address it answered from: one device, however many addresses.
+    pub(crate) addresses: BTreeSet<String>,
+    /// Its TXT records (mDNS) or headers of note (SSDP).
+    pub(crate) properties: BTreeMap<String, String>,
+}
+
+/// One hub's sighting of one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sighting {
+    /// The hub's counter: the higher one wins.
+    pub(crate) version: u64,
+    /// When the hub last saw it (or saw it leave), ms since the epoch on the hub's clock.
+    pub(crate) at_ms: u64,
+    /// False once it left cleanly or missed its probes.
+    pub(crate) present: bool,
+    pub(crate) description: Description,
+}
+
+/// Whether a device can be reached now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reach {
+    /// A hub that the mesh reaches sees it.
+    Seen,
+    /// Only hubs the mesh cannot reach see it: since the latest of them went out of reach.
+    Unreachable { since_ms: u64 },
+}
+
+/// A device as the registry shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeviceView {
+    pub(crate) id: String,
+    /// From the newest present sighting.
+    pub(crate) description: Description,
+    /// The hubs that see it, and when each last did, newest first.
+    pub(crate) seen_by: Vec<(NodeId, u64)>,
+    pub(crate) reach: Reach,
+}
+
+/// A 64-bit hash of one sighting's identity (FNV-1a over the device id and the version).
+fn fingerprint(device: &str, version: u64) -> u64 {
+    device
+        .bytes()
+        .chain(version.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Every hub's sightings of every device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Registry {
+    devices: BTreeMap<String, BTreeMap<NodeId, Sighting>>,
+}
+
+impl Registry {
+    /// Merges `hub`'s sighting of `device`; true if it changed the registry (it was newer).
+    pub(crate) fn merge(&mut self, device: &str, hub: NodeId, sighting: Sighting) -> bool {
+        let sightings = self.devices.entry(device.to_owned()).or_default();
+        match sightings.get(&hub) {
+            Some(known) if known.version >= sighting.version => false,
+            _ => {
+                sightings.insert(hub, sighting);
+                true
+            }
+        }
+    }
+
+    /// Per hub, the highest version of its sightings and a fingerprint of which ones (device and
+    /// version): equal digests mean equal registries, for what each hub said.
+    pub(crate) fn digest(&self) -> BTreeMap<NodeId, (u64, u64)> {
+        let mut d: BTreeMap<NodeId, (u64, u64)> = BTreeMap::new();
+        for (id, by) in &self.devices {
+            for (hub, s) in by {
+                let e = d.entry(*hub).or_default();
+                e.0 = e.0.max(s.version);
+                e.1 ^= fingerprint(id, s.version);
+            }
+        }
+        d
+    }
+
+    /// What a peer whose digest is `theirs` lacks: every sighting of each hub whose entry
+    /// differs (a hub's sightings number at most the devices it sees; after a partition one
+    /// exchange each way makes two registries equal).
+    pub(crate) fn missing_for(&self, theirs: &BTreeMap<NodeId, (u64, u64)>) -> Vec<(String, NodeId, Sighting)> {
+        let mine = self.digest();
+        let differ: BTreeSet<NodeId> = mine.iter().filter(|(h, d)| theirs.get(h) != Some(d)).map(|(h, _)| *h).collect();
+        let mut out = Vec::new();
+        for (id, by) in &self.devices {
+            for (hub, s) in by.iter().filter(|(h, _)| differ.contains(h)) {
+                out.push((id.clone(), *hub, s.clone()));
+            }
+        }
+        out
+    }
+
+    /// Forgets a hub that left the mesh, and absent sightings older than `before_ms`
+    /// (late copies of what they replaced can no longer be in flight).
+    pub(crate) fn prune(&mut self, is_member: impl Fn(NodeId) -> bool, before_ms: u64) {
+        for by in self.devices.values_mut() {
+            by.retain(|hub, s| is_member(*hub) && (s.present || s.at_ms >= before_ms));
+        }
+        self.devices.retain(|_, by| !by.is_empty());
+    }
+
+    /// The devices some hub sees. `out_of_reach(hub)` is `Some(since_ms)` for a hub the mesh
+    /// cannot reach now: a device only such hubs see is `Unreachable`, never left out.
+    pub(crate) fn view(&self, out_of_reach: impl Fn(NodeId) -> Option<u64>) -> Vec<DeviceView> {
+        let mut out = Vec::new();
+        for (id, by) in &self.devices {
+            let mut present: Vec<(NodeId, &Sighting)> =
+                by.iter().filter(|(_, s)| s.present).map(|(h, s)| (*h, s)).collect();
+            if present.is_empty() {
+                continue;
+            }
+            present.sort_by(|a, b| b.1.at_ms.cmp(&a.1.at_ms).then(a.0.cmp(&b.0)));
+            let newest = present.iter().max_by_key(|(h, s)| (s.version, *h)).map(|(_, s)| s.description.clone());
+            let downs: Vec<Option<u64>> = present.iter().map(|(h, _)| out_of_reach(*h)).collect();
+            let reach = if downs.iter().all(Option::is_some) {
+                Reach::Unreachable { since_ms: downs.iter().flatten().copied().max().unwrap_or(0) }
+            } else {
+                Reach::Seen
+            };
+            out.push(DeviceView {
+                id: id.clone(),
+                description: newest.unwrap_or_default(),
+                seen_by: present.iter().map(|(h, s)| (*h, s.at_ms)).collect(),
+                reach,
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn seen(version: u64, at_ms: u64, present: bool, name: &str) -> Sighting {
+        Sighting {
+            version,
+            at_ms,
+            present,
+            description: Description { name: name.into(), kind: "_hap._tcp".into(), ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn a_clean_leave_is_not_undone_by_an_older_sighting() {
+        let mut r = Registry::default();
+        assert!(r.merge("lamp", NodeId(1), seen(1, 10, true, "lamp")));
+        assert!(r.merge("lamp", NodeId(1), seen(2, 20, false, "lamp")));
+        assert!(!r.merge("lamp", NodeId(1), seen(1, 10, true, "lamp")), "late and older: ignored");
+        assert!(r.view(|_| None).is_empty());
+        // Seen again (a newer sighting): back.
+        assert!(r.merge("lamp", NodeId(1), seen(3, 30, true, "lamp")));
+        assert_eq!(r.view(|_| None).len(), 1);
+    }
+
+    #[test]
+    fn a_partitioned_hub_makes_its_devices_unreachable_never_gone() {
+        let mut r = Registry::default();
+        r.merge("lamp", NodeId(1), seen(1, 10, true, "lamp"));
+        r.merge("tv", NodeId(1), seen(2, 10, true, "tv"));
+        r.merge("tv", NodeId(2), seen(7, 12, true, "tv (newer name)"));
+        let cut = |h: NodeId| (h == NodeId(1)).then_some(500);
+        let v = r.view(cut);
+        assert_eq!(v.len(), 2, "nothing removed: {v:?}");
+        let lamp = v.iter().find(|d| d.id == "lamp").unwrap();
+        assert_eq!(lamp.reach, Reach::Unreachable { since_ms: 500 });
+        let tv = v.iter().find(|d| d.id == "tv").unwrap();
+        assert_eq!(tv.reach, Reach::Seen, "another hub still sees it");
+        assert_eq!(tv.description.name, "tv (newer name)");
+        assert_eq!(tv.seen_by, vec![(NodeId(2), 12), (NodeId(1), 10)]);
+    }
+
+    #[test]
+    fn pruning_forgets_removed_hubs_and_old_tombstones_only() {
+        let mut r = Registry::default();
+        r.merge("lamp", NodeId(1), seen(1, 10, true, "lamp"));
+        r.merge("tv", NodeId(2), seen(1, 10, false, "tv"));
+        r.merge("fan", NodeId(3), seen(1, 10, true, "fan"));
+        r.prune(|h| h != NodeId(3), 100);
+        assert_eq!(r.view(|_| None).iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["lamp"]);
+        assert_eq!(r.digest().keys().copied().collect::<Vec<_>>(), [NodeId(1)]);
+    }
+
+    #[test]
+    fn one_exchange_of_digest_and_difference_makes_two_registries_equal() {
+        let (mut a, mut b) = (Registry::default(), Registry::default());
+        a.merge("lamp", NodeId(1), seen(3, 30, true, "lamp"));
+        a.merge("tv", NodeId(2), seen(1, 10, true, "tv"));
+        b.merge("tv", NodeId(2), seen(4, 40, false, "tv"));
+        b.merge("fan", NodeId(3), seen(2, 20, true, "fan"));
+        // Each sends the other what the other's digest says it lacks.
+        let (to_b, to_a) = (a.missing_for(&b.digest()), b.missing_for(&a.digest()));
+        for (d, h, s) in to_b {
+            b.merge(&d, h, s);
+        }
+        for (d, h, s) in to_a {
+            a.merge(&d, h, s);
+        }
+        assert_eq!(a, b);
+        assert_eq!(a.view(|_| None).iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["fan", "lamp"]);
+    }
+
+    fn arb_update() -> impl Strategy<Value = (String, NodeId, Sighting)> {
+        (0..4u8, 1..4u64, 1..20u64, any::<bool>(), 0..3u8).prop_map(|(d, h, v, present, n)| {
+            // The same (hub, version) always carries the same sighting, as a hub's counter does.
+            let at_ms = v * 10 + h;
+            (format!("d{d}"), NodeId(h), seen(v, at_ms, present ^ (n == 0 && v % 2 == 0), &format!("n{h}-{v}")))
+        })
+    }
+
+    fn consistent(updates: &[(String, NodeId, Sighting)]) -> Vec<(String, NodeId, Sighting)> {
+        // A hub never sends two different sightings of one device under one version.
+        let mut seen = BTreeMap::new();
+        updates.iter().filter(|(d, h, s)| seen.insert((d.clone(), *h, s.version), ()).is_none()).cloned().collect()
+    }
+
+    proptest! {
+        #[test]
+        fn merging_is_order_free_and_idempotent(updates in prop::collection::vec(arb_update(), 0..40), seed in any::<u64>()) {
+            let updates = consistent(&updates);
+            let mut a = Registry::default();
+            for (d, h, s) in &updates {
+                a.merge(d, *h, s.clone());
+            }
+            let mut shuffled = updates.clone();
+            // A deterministic shuffle from the seed.
+            let mut x = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let mut b = Registry::default();
+            for (d, h, s) in shuffled.iter().chain(&shuffled) {
+                b.merge(d, *h, s.clone());
+            }
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(a.digest(), b.digest());
+            // Unreachable hubs hide no device.
+            let all: Vec<String> = a.view(|_| None).into_iter().map(|d| d.id).collect();
+            let cut: Vec<String> = a.view(|_| Some(1)).into_iter().map(|d| d.id).collect();
+            prop_assert_eq!(all, cut);
+        }
+
+        #[test]
+        fn one_exchange_makes_any_two_registries_equal(updates in prop::collection::vec(arb_update(), 0..40), split in any::<u64>()) {
+            let updates = consistent(&updates);
+            let (mut a, mut b) = (Registry::default(), Registry::default());
+            for (i, (d, h, s)) in updates.iter().enumerate() {
+                // Each update reached one side, the other or both.
+                match (split >> (i % 32 * 2)) & 3 {
+                    0 => { a.merge(d, *h, s.clone()); }
+                    1 => { b.merge(d, *h, s.clone()); }
+                    _ => { a.merge(d, *h, s.clone()); b.merge(d, *h, s.clone()); }
+                }
+            }
+            let (to_b, to_a) = (a.missing_for(&b.digest()), b.missing_for(&a.digest()));
+            for (d, h, s) in to_b { b.merge(&d, h, s); }
+            for (d, h, s) in to_a { a.merge(&d, h, s); }
+            prop_assert_eq!(a, b);
+        }
+    }
+}
