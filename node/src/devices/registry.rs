@@ -205,14 +205,8 @@ mod tests {
         assert_eq!(r.digest().keys().copied().collect::<Vec<_>>(), [NodeId(1)]);
     }
 
-    #[test]
-    fn one_exchange_of_digest_and_difference_makes_two_registries_equal() {
-        let (mut a, mut b) = (Registry::default(), Registry::default());
-        a.merge("lamp", NodeId(1), seen(3, 30, true, "lamp"));
-        a.merge("tv", NodeId(2), seen(1, 10, true, "tv"));
-        b.merge("tv", NodeId(2), seen(4, 40, false, "tv"));
-        b.merge("fan", NodeId(3), seen(2, 20, true, "fan"));
-        // Each sends the other what the other's digest says it lacks.
+    /// One anti-entropy exchange: each sends the other what the other's digest says it lacks.
+    fn exchange(a: &mut Registry, b: &mut Registry) {
         let (to_b, to_a) = (a.missing_for(&b.digest()), b.missing_for(&a.digest()));
         for (d, h, s) in to_b {
             b.merge(&d, h, s);
@@ -220,6 +214,16 @@ mod tests {
         for (d, h, s) in to_a {
             a.merge(&d, h, s);
         }
+    }
+
+    #[test]
+    fn one_exchange_of_digest_and_difference_makes_two_registries_equal() {
+        let (mut a, mut b) = (Registry::default(), Registry::default());
+        a.merge("lamp", NodeId(1), seen(3, 30, true, "lamp"));
+        a.merge("tv", NodeId(2), seen(1, 10, true, "tv"));
+        b.merge("tv", NodeId(2), seen(4, 40, false, "tv"));
+        b.merge("fan", NodeId(3), seen(2, 20, true, "fan"));
+        exchange(&mut a, &mut b);
         assert_eq!(a, b);
         assert_eq!(a.view(|_| None).iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["fan", "lamp"]);
     }
@@ -277,9 +281,7 @@ mod tests {
                     _ => { a.merge(d, *h, s.clone()); b.merge(d, *h, s.clone()); }
                 }
             }
-            let (to_b, to_a) = (a.missing_for(&b.digest()), b.missing_for(&a.digest()));
-            for (d, h, s) in to_b { b.merge(&d, h, s); }
-            for (d, h, s) in to_a { a.merge(&d, h, s); }
+            exchange(&mut a, &mut b);
             prop_assert_eq!(a, b);
         }
     }
