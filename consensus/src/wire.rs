@@ -166,6 +166,7 @@ impl From<&TaskSpec> for pb::TaskSpec {
             replicas: s.replicas,
             state_replicas: s.state_replicas,
             pinned: s.pinned,
+            near: s.near.clone(),
         }
     }
 }
@@ -204,6 +205,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
             replicas: s.replicas,
             state_replicas: s.state_replicas,
             pinned: s.pinned,
+            near: s.near,
         })
     }
 }

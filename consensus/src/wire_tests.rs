@@ -49,6 +49,7 @@ fn spec(checkpoint: CheckpointPolicy, kind: TaskKind) -> TaskSpec {
         replicas: 1,
         state_replicas: 2,
         pinned: true,
+        near: Some("mdns:_hap._tcp/id=AA:BB".into()),
     }
 }
 

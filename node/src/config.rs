@@ -48,6 +48,25 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// A witness votes in Raft but never runs tasks (a tiny third hub for two real ones).
     pub witness: bool,
+    /// Discovery of the LAN's devices (runs only when the mesh address is not loopback).
+    pub devices: DevicesConfig,
+}
+
+/// Device discovery (design §8): what a hub looks for on its LAN. A hub whose mesh address is
+/// loopback has no LAN and discovers nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesConfig {
+    /// The mDNS/DNS-SD service types browsed, e.g. `_hap._tcp` (HomeKit). Empty: no mDNS browsing.
+    pub mdns_types: Vec<String>,
+    /// Whether the hub searches for UPnP devices by SSDP (UDP 1900) too.
+    pub ssdp: bool,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        Self { mdns_types: crate::devices::mdns::DEFAULT_TYPES.iter().map(|t| (*t).to_owned()).collect(), ssdp: true }
+    }
 }
 
 /// Migrate on overload (design §7): the leader moves tasks, by live migration, off a hub whose
@@ -216,6 +235,7 @@ impl Default for Config {
             task_defaults: TaskDefaults::default(),
             timeouts: Timeouts::default(),
             witness: false,
+            devices: DevicesConfig::default(),
         }
     }
 }

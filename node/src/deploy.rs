@@ -153,6 +153,18 @@ fn constraints_of(p: &api::DeployParams) -> Result<std::collections::BTreeMap<St
     Ok(out)
 }
 
+/// The device a task is placed near: an id as the registry shows it.
+fn near_of(p: &api::DeployParams) -> Result<Option<String>, DeployError> {
+    match p.near.as_deref().map(str::trim) {
+        None => Ok(None),
+        Some(id) if id.is_empty() || id.len() > crate::devices::wire::MAX_ID => Err(DeployError::BadRequest(format!(
+            "near: a device id is 1 to {} bytes (`hubmesh device list` shows them)",
+            crate::devices::wire::MAX_ID
+        ))),
+        Some(id) => Ok(Some(id.to_owned())),
+    }
+}
+
 /// A deploy the mesh committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Deployed {
@@ -228,6 +240,7 @@ impl Hub {
             replicas,
             state_replicas,
             pinned: params.pin,
+            near: near_of(params)?,
         };
         let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let mode = if update { DeployMode::Update } else { DeployMode::Create };
@@ -248,10 +261,11 @@ impl Hub {
     async fn settle(&self, name: &str, version: u64) {
         let me = self.consensus().node_id();
         // Placed, or pending for a reason that waiting will not fix (no hub qualifies).
+        let near = self.devices().near();
         let placed = self
             .wait_state(SETTLE, |s| {
                 let placed = s.tasks.get(name).is_some_and(|t| t.version >= version && t.instances.contains_key(&0));
-                let stuck = crate::scheduler::pending_reason(s, name).is_some_and(|p| !p.resolves_by_waiting());
+                let stuck = crate::scheduler::pending_reason(s, &near, name).is_some_and(|p| !p.resolves_by_waiting());
                 placed || stuck
             })
             .await

@@ -41,6 +41,8 @@ pub(crate) struct Hub {
     loads: crate::load::Loads,
     /// The gossip plane (`gossip`).
     gossip: crate::gossip::Gossip,
+    /// The LAN's devices as the hubs see them (`devices`).
+    devices: crate::devices::Devices,
 }
 
 impl Hub {
@@ -53,6 +55,7 @@ impl Hub {
         started: Instant,
         gossip: crate::gossip::Gossip,
     ) -> Self {
+        let consensus_node_id = consensus.node_id();
         Self {
             config,
             consensus,
@@ -64,6 +67,7 @@ impl Hub {
             workers: Workers::new(),
             migrations: crate::migration::Migrations::default(),
             loads: crate::load::Loads::default(),
+            devices: crate::devices::Devices::new(consensus_node_id, gossip.boot()),
             gossip,
         }
     }
@@ -71,6 +75,11 @@ impl Hub {
     /// The gossip plane.
     pub(crate) fn gossip(&self) -> &crate::gossip::Gossip {
         &self.gossip
+    }
+
+    /// The LAN's devices.
+    pub(crate) fn devices(&self) -> &crate::devices::Devices {
+        &self.devices
     }
 
     /// The background workers.

@@ -123,7 +123,8 @@ impl Hub {
         let placements: Vec<Placement> = task.placements().map(|(_, p)| p).collect();
         if placements.is_empty() {
             return Step::Wait(
-                scheduler::pending_reason(&state, name).map_or_else(|| "not placed".into(), |p| p.to_string()),
+                scheduler::pending_reason(&state, &self.devices().near(), name)
+                    .map_or_else(|| "not placed".into(), |p| p.to_string()),
             );
         }
         let Some(p) = placements.iter().find(|p| p.node == me).copied() else {

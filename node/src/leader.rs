@@ -123,7 +123,7 @@ async fn step(hub: &Hub, api_addr: &str, deferred: &BTreeSet<String>) {
     if !hub.consensus().is_leader() {
         return;
     }
-    let plan = scheduler::plan_deferring(&state, deferred);
+    let plan = scheduler::plan_deferring(&state, deferred, &hub.devices().near());
     if plan.is_empty() {
         return;
     }

@@ -18,9 +18,6 @@ pub mod client;
 pub mod config;
 mod dataplane;
 mod deploy;
-// Used by its tests until the discovery handlers and the gossip of the registry are wired in
-// (docs/plans/devices.md, stages 3-4).
-#[cfg_attr(not(test), allow(dead_code))]
 mod devices;
 pub mod executor;
 mod faults;

@@ -95,6 +95,9 @@ pub async fn run(
     if !(o.low > 0.0 && o.low < o.high && o.high <= 10.0) || o.queue_wait.is_zero() {
         bail!("[overload]: expected 0 < low ({}) < high ({}) <= 10 and a queue_wait above 0", o.low, o.high);
     }
+    if let Some(bad) = config.devices.mdns_types.iter().find(|t| !crate::devices::mdns::valid_type(t)) {
+        bail!("the mDNS service type {bad:?} is not valid: expected _name._tcp or _name._udp (name: 1-15 letters, digits, hyphens)");
+    }
     // The gossip endpoint binds after Raft (it needs the hub's key): a port that is taken must
     // fail the start before a joining hub is admitted.
     std::net::TcpListener::bind(config.gossip_addr())
@@ -159,6 +162,21 @@ pub async fn run(
     workers.spawn(crate::access::AdminTokenKeeper::new(hub.clone()));
     workers.spawn(crate::load::LoadMeter::new(hub.clone()));
     workers.spawn(crate::gossip::GossipWorker::new(hub.clone(), gossip_swarm));
+    workers.spawn(crate::devices::DevicesWorker::new(hub.clone()));
+    // Discovery looks at the LAN: a hub on loopback (tests, a single-machine trial) has none.
+    let lan = !mesh_addr.ip().is_loopback();
+    if lan && !config.devices.mdns_types.is_empty() {
+        match crate::devices::mdns::MdnsWorker::start(hub.clone(), &config.devices.mdns_types) {
+            Ok(mdns) => workers.spawn(mdns),
+            Err(e) => tracing::warn!(error = %e, "mDNS device discovery is off"),
+        }
+    }
+    if lan && config.devices.ssdp {
+        match crate::devices::upnp::UpnpWorker::start(hub.clone()) {
+            Ok(upnp) => workers.spawn(upnp),
+            Err(e) => tracing::warn!(error = %e, "SSDP device discovery is off"),
+        }
+    }
 
     tracing::info!(
         api = %format!("http://{api_addr}"),

@@ -82,6 +82,9 @@ pub struct DeployParams {
     /// failover still move it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pin: bool,
+    /// Place it only on hubs that see this device (an id from `GET /v1/devices`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub near: Option<String>,
 }
 
 /// Limits of a task, as applied.
@@ -206,6 +209,9 @@ pub struct TaskInfo {
     /// Never moved by the overload policy (`task deploy --pin`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pinned: bool,
+    /// Placed only on hubs that see this device (`task deploy --near`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub near: Option<String>,
     /// A live migration under way (begun, neither committed nor given up yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationProgressInfo>,
@@ -314,6 +320,39 @@ pub struct NodeInfo {
     /// Its libp2p PeerId: the one its mesh key gives (empty until it registered its key).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub peer_id: String,
+}
+
+/// A LAN device as the hubs see it (`GET /v1/devices`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Its stable key (`mdns:<type>/<instance>`, `mdns:<type>/id=<TXT id>`, `ssdp:<UDN>`), never
+    /// an address.
+    pub id: String,
+    pub name: String,
+    /// Its service type (`_hap._tcp`, an SSDP device type).
+    pub kind: String,
+    /// Every address it answered from.
+    pub addresses: Vec<String>,
+    /// Its TXT records (mDNS) or headers of note (SSDP).
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// The hubs that see it, the most recent sighting first.
+    pub seen_by: Vec<DeviceSeenBy>,
+    /// `seen` (a hub in reach sees it) or `unreachable` (only hubs out of reach do).
+    pub reach: String,
+    /// With `unreachable`: since when (ms since the epoch), as this hub judges it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_since_ms: Option<u64>,
+}
+
+/// One hub's sighting of a device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceSeenBy {
+    pub node_id: u64,
+    /// Empty if the hub is no longer a member.
+    pub node_name: String,
+    /// When it last saw the device (ms since the epoch, on that hub's clock; refreshed at least
+    /// every minute while it sees it).
+    pub last_seen_ms: u64,
 }
 
 /// A hub's load over its last reporting interval (about a second).

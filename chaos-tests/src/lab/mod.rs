@@ -17,10 +17,12 @@ use hubmesh::client::Client;
 
 use crate::scenario::{LanHub, LanSpec};
 
+mod devices;
 mod net;
 
-pub use net::{clean_leftovers, hub_ip, hub_name, netns, require_root, Rules, BRIDGE};
-use net::{ip, run, CONTROLLER, FORWARD_RULE};
+pub use devices::{device_ip, Devsim};
+use net::{allow_forwarding, ip, run, CONTROLLER};
+pub use net::{clean_leftovers, hub_ip, hub_name, netns, require_root, Rules, BRIDGE, BRIDGE_B};
 
 /// One hub of the lab.
 pub struct LabHub {
@@ -208,10 +210,7 @@ impl Lab {
         let _ = ip(&["link", "set", BRIDGE, "type", "bridge", "mcast_snooping", "0"]);
         ip(&["addr", "add", &format!("{CONTROLLER}/24"), "dev", BRIDGE])?;
         ip(&["link", "set", BRIDGE, "up"])?;
-        if Command::new("iptables").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok() {
-            run(Command::new("iptables").arg("-I").args(FORWARD_RULE).arg("ACCEPT"))
-                .context("letting the lab bridge forward")?;
-        }
+        allow_forwarding(BRIDGE)?;
         for i in 0..n {
             let ns = netns(i);
             let veth = format!("hmv{}", i + 1);

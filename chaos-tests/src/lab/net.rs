@@ -10,10 +10,23 @@ use anyhow::{bail, Context};
 pub const BRIDGE: &str = "hmbr0";
 pub(super) const CONTROLLER: &str = "10.77.0.1";
 pub(super) const TABLE: &str = "inet hubmesh_chaos";
+/// The second LAN's bridge (device tests: devices only some hubs reach).
+pub const BRIDGE_B: &str = "hmbr1";
+
 /// Docker and other hosts set the FORWARD policy to DROP, which also drops bridged traffic when
-/// br_netfilter is loaded; this rule (tagged, so teardown finds it) lets the lab's bridge through.
-pub(super) const FORWARD_RULE: [&str; 10] =
-    ["FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-m", "comment", "--comment", "hubmesh-chaos", "-j"];
+/// br_netfilter is loaded; this rule (tagged, so teardown finds it) lets a lab bridge through.
+pub(super) fn forward_rule(bridge: &str) -> [&str; 10] {
+    ["FORWARD", "-i", bridge, "-o", bridge, "-m", "comment", "--comment", "hubmesh-chaos", "-j"]
+}
+
+/// Lets `bridge` forward (see [`forward_rule`]), where iptables exists.
+pub(super) fn allow_forwarding(bridge: &str) -> anyhow::Result<()> {
+    if Command::new("iptables").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok() {
+        run(Command::new("iptables").arg("-I").args(forward_rule(bridge)).arg("ACCEPT"))
+            .with_context(|| format!("letting {bridge} forward"))?;
+    }
+    Ok(())
+}
 
 /// The address of hub `i` (0-based).
 pub fn hub_ip(i: usize) -> String {
@@ -111,19 +124,21 @@ pub fn clean_leftovers() {
         }
         let _ = Command::new("ip").args(["netns", "del", ns]).status();
     }
-    let _ = Command::new("ip").args(["link", "del", BRIDGE]).stderr(Stdio::null()).status();
-    // One delete per copy of the rule a crashed run may have left.
-    for _ in 0..16 {
-        let deleted = Command::new("iptables")
-            .arg("-D")
-            .args(FORWARD_RULE)
-            .arg("ACCEPT")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !deleted {
-            break;
+    for bridge in [BRIDGE, BRIDGE_B] {
+        let _ = Command::new("ip").args(["link", "del", bridge]).stderr(Stdio::null()).status();
+        // One delete per copy of the rule a crashed run may have left.
+        for _ in 0..16 {
+            let deleted = Command::new("iptables")
+                .arg("-D")
+                .args(forward_rule(bridge))
+                .arg("ACCEPT")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !deleted {
+                break;
+            }
         }
     }
 }

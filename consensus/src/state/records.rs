@@ -64,6 +64,11 @@ pub struct TaskSpec {
     /// migration or a failover still moves it.
     #[serde(default)]
     pub pinned: bool,
+    /// Placed only on hubs that see this LAN device (`task deploy --near`, a device id of the
+    /// gossiped registry), preferring the one that saw it last; moved (failover, migration) only
+    /// to such hubs. The registry is not replicated: the leader judges by its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub near: Option<String>,
 }
 
 fn one() -> u32 {

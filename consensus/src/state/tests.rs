@@ -40,6 +40,7 @@ pub(super) fn spec(name: &str, kind: TaskKind) -> TaskSpec {
         replicas: 1,
         state_replicas: 2,
         pinned: false,
+        near: None,
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod api_tokens;
 mod auth;
+mod devices;
 mod error;
 mod tasks;
 mod views;
@@ -37,6 +38,8 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/api-tokens/{name}", axum::routing::delete(api_tokens::revoke))
         .route("/v1/nodes/{name}/drain", post(drain))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
+        .route("/v1/devices", get(devices::list))
+        .route("/v1/devices/{*id}", get(devices::show))
         .route("/v1/tasks", get(tasks::list))
         .route("/v1/tasks/{name}", get(tasks::show).post(tasks::deploy).put(tasks::deploy).delete(tasks::remove))
         .route("/v1/tasks/{name}/invoke", post(tasks::invoke))

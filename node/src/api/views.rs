@@ -36,7 +36,7 @@ pub(crate) fn task_info(hub: &Hub, state: &ClusterState, record: &TaskRecord) ->
     let local = hub.executor().status(name);
     let failure = hub.start_failure(name).map(|f| f.to_string());
     let here = record.placements().any(|(_, p)| p.node == hub.consensus().node_id());
-    let (state_text, reason) = if let Some(reason) = scheduler::pending_reason(state, name) {
+    let (state_text, reason) = if let Some(reason) = scheduler::pending_reason(state, &hub.devices().near(), name) {
         ("pending", Some(reason.to_string()))
     } else if let Some(f) = failure.filter(|_| here) {
         ("failed", Some(f))
@@ -77,6 +77,7 @@ pub(crate) fn task_info(hub: &Hub, state: &ClusterState, record: &TaskRecord) ->
         placement,
         replicas: spec.replicas,
         pinned: spec.pinned,
+        near: spec.near.clone(),
         migration: record.migration.map(|m| api::MigrationProgressInfo {
             id: m.id,
             reason: m.reason.as_str().to_owned(),
@@ -135,8 +136,9 @@ pub(crate) fn status(hub: &Hub) -> api::StatusInfo {
     let mesh = hub.consensus().status();
     let mut tasks_placed = 0;
     let mut tasks_pending = 0;
+    let near = hub.devices().near();
     for name in state.tasks.keys() {
-        if scheduler::pending_reason(&state, name).is_some() {
+        if scheduler::pending_reason(&state, &near, name).is_some() {
             tasks_pending += 1;
         } else {
             tasks_placed += 1;

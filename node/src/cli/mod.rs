@@ -63,6 +63,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: NodeCmd,
     },
+    /// The LAN's devices that the hubs discover (mDNS, SSDP) and gossip.
+    Device {
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
     /// The hub's background workers: state, rounds, errors.
     Worker {
         #[command(subcommand)]
@@ -78,6 +83,24 @@ pub enum Command {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCmd {
+    /// List the devices some hub sees, with the hubs that see them.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one device: addresses, properties, and when each hub last saw it.
+    Show {
+        /// Its id, as `device list` prints it.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -234,6 +257,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node { cmd: NodeCmd::Drain { name, undo } } => {
             let nodes = cli.conn.client()?.drain(&name, undo).await?;
             output::nodes(&nodes, false)
+        }
+        Command::Device { cmd: DeviceCmd::List { json } } => {
+            let devices = cli.conn.client()?.devices().await?;
+            output::devices(&devices, json)
+        }
+        Command::Device { cmd: DeviceCmd::Show { id, json } } => {
+            let device = cli.conn.client()?.device(&id).await?;
+            output::device(&device, json)
         }
         Command::Worker { cmd: WorkerCmd::List { json } } => {
             let workers = cli.conn.client()?.workers().await?;

@@ -211,3 +211,44 @@ pub(super) fn json_or<T: serde::Serialize>(v: &T, json: bool, human: impl FnOnce
     human();
     Ok(())
 }
+
+fn seen_by(d: &api::DeviceInfo) -> String {
+    let hubs: Vec<&str> =
+        d.seen_by.iter().map(|h| if h.node_name.is_empty() { "?" } else { h.node_name.as_str() }).collect();
+    match d.unreachable_since_ms {
+        Some(_) => format!("{} (unreachable)", hubs.join(",")),
+        None => hubs.join(","),
+    }
+}
+
+pub(super) fn devices(devices: &[api::DeviceInfo], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&devices);
+    }
+    let rows = devices
+        .iter()
+        .map(|d| vec![d.id.clone(), d.name.clone(), d.kind.clone(), d.addresses.join(","), seen_by(d)])
+        .collect();
+    table(&["ID", "NAME", "KIND", "ADDRESSES", "SEEN BY"], rows);
+    Ok(())
+}
+
+pub(super) fn device(d: &api::DeviceInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(d);
+    }
+    println!("id          {}", d.id);
+    println!("name        {}", d.name);
+    println!("kind        {}", d.kind);
+    println!("addresses   {}", d.addresses.join(", "));
+    println!("reach       {}", d.reach);
+    for (k, v) in &d.properties {
+        println!("property    {k}={v}");
+    }
+    let now = hubmesh_consensus::now_ms();
+    for h in &d.seen_by {
+        let ago = std::time::Duration::from_millis(now.saturating_sub(h.last_seen_ms) / 1000 * 1000);
+        println!("seen by     {} (#{}) {} ago", h.node_name, h.node_id, humantime::format_duration(ago));
+    }
+    Ok(())
+}

@@ -59,6 +59,10 @@ pub enum TaskCmd {
         /// Never move the task off its hub to relieve an overload.
         #[arg(long)]
         pin: bool,
+        /// Run only on hubs that see this LAN device (an id from `hubmesh device list`),
+        /// preferring the one that saw it last; pending while no hub sees it.
+        #[arg(long, value_name = "DEVICE")]
+        near: Option<String>,
         /// Publish a new version of an existing task.
         #[arg(long)]
         update: bool,
@@ -139,6 +143,7 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
             replicas_state,
             on,
             pin,
+            near,
             update,
             json,
         } => {
@@ -164,6 +169,7 @@ pub(super) async fn run(cmd: TaskCmd, client: &Client) -> anyhow::Result<()> {
                 replicas,
                 replicas_state,
                 pin,
+                near,
             };
             let resp = client.deploy(&name, module, &params, update).await?;
             output::json_or(&resp, json, || {

@@ -47,6 +47,13 @@ pub struct UpArgs {
     /// CPU cores this hub offers to tasks (default: the machine's); its load is measured against it.
     #[arg(long = "task-cpus", env = "HUBMESH_TASK_CPUS", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub task_cpus: Option<u32>,
+    /// An mDNS service type to look for devices of, e.g. `_hap._tcp` (repeatable; replaces the
+    /// default list: `hubmesh config show` prints it).
+    #[arg(long = "mdns-type", value_name = "TYPE")]
+    pub mdns_types: Vec<String>,
+    /// Do not search for UPnP devices by SSDP.
+    #[arg(long = "no-ssdp")]
+    pub no_ssdp: bool,
 }
 
 /// Defaults, then the file, then env and flags.
@@ -84,6 +91,12 @@ pub(super) fn config_of(args: &UpArgs, conn: &ConnArgs) -> anyhow::Result<Config
     }
     if let Some(n) = args.task_cpus {
         c.task_cpus = Some(n);
+    }
+    if args.no_ssdp {
+        c.devices.ssdp = false;
+    }
+    if !args.mdns_types.is_empty() {
+        c.devices.mdns_types = args.mdns_types.clone();
     }
     for l in &args.labels {
         let Some((k, v)) = l.split_once('=') else { bail!("--label {l:?}: expected key=value") };

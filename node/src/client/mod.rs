@@ -138,6 +138,29 @@ impl Client {
         self.json(self.req(reqwest::Method::GET, "/v1/nodes"), "/v1/nodes").await
     }
 
+    /// `GET /v1/devices`.
+    pub async fn devices(&self) -> Result<Vec<api::DeviceInfo>, ClientError> {
+        self.json(self.req(reqwest::Method::GET, "/v1/devices"), "/v1/devices").await
+    }
+
+    /// `GET /v1/devices/{id}` (the id's slashes stay: the route takes the rest of the path).
+    pub async fn device(&self, id: &str) -> Result<api::DeviceInfo, ClientError> {
+        let mut escaped = String::new();
+        for c in id.chars() {
+            match c {
+                '%' | ' ' | '#' | '?' | '"' | '<' | '>' | '\\' | '^' | '`' | '{' | '|' | '}' => {
+                    let mut buf = [0u8; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        escaped.push_str(&format!("%{b:02X}"));
+                    }
+                }
+                c => escaped.push(c),
+            }
+        }
+        let path = format!("/v1/devices/{escaped}");
+        self.json(self.req(reqwest::Method::GET, &path), &path).await
+    }
+
     /// The hub's background workers.
     pub async fn workers(&self) -> Result<Vec<api::WorkerInfo>, ClientError> {
         self.json(self.req(reqwest::Method::GET, "/v1/workers"), "/v1/workers").await

@@ -1,7 +1,243 @@
-//! Devices on the LAN (design §8; docs/plans/devices.md): what the hubs see, gossiped between
-//! them. Built so far: the registry (`registry`, pure) and SSDP's messages (`ssdp`, pure); the
-//! discovery handlers, its gossip and
-//! anti-entropy, `--near` placement and the device API follow the plan.
+//! Devices on the LAN (design §8; docs/plans/devices.md): what each hub sees, gossiped between
+//! the hubs so that every hub knows every device and which hubs see it.
+//!
+//! ```text
+//!  mdns (mdns-sd browse, verify)  --saw/left-->  Devices (registry, own counter)
+//!  upnp (SSDP: M-SEARCH, NOTIFY)  --saw/left-->     |  own changes (batched 100 ms)
+//!                                                   v
+//!  DevicesWorker --gossip: sightings / complete accounts / digest every 5 s--> members
+//!  members' messages --GossipWorker (judged: a member, for itself)--> Devices::merge_from
+//!  a digest whose entry for this hub differs --> a complete account of this hub's sightings
+//! ```
+//!
+//! Each hub speaks only for its own sightings, so anti-entropy is done by the owners: a hub
+//! whose sightings a peer's digest gets wrong sends a complete account of them (which also
+//! makes peers forget what a restarted hub no longer sees). A device seen only by hubs that this
+//! hub has not heard from for [`OUT_OF_REACH`] is `unreachable`, never removed.
 
+pub(crate) mod mdns;
 pub(crate) mod registry;
 pub(crate) mod ssdp;
+pub(crate) mod upnp;
+pub(crate) mod wire;
+mod worker;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hubmesh_consensus::{now_ms, NodeId};
+use hubmesh_proto::pb;
+use tokio::sync::Notify;
+
+use registry::{Description, DeviceView, Registry, Sighting};
+pub(crate) use worker::DevicesWorker;
+
+/// A hub not heard from on the gossip plane for this long is out of reach (it sends its load
+/// every second).
+pub(crate) const OUT_OF_REACH: Duration = Duration::from_secs(5);
+/// Most devices one hub may have sightings of; more from a member are refused.
+pub(crate) const MAX_DEVICES: usize = 4096;
+/// A present sighting is written again (a newer `at_ms`) when it is older than this, so that
+/// "last seen" stays within a minute without gossiping every probe.
+const REFRESH: Duration = Duration::from_secs(60);
+
+/// This hub's view of the LAN's devices, shared by the discovery handlers, the gossip worker
+/// and the API.
+pub(crate) struct Devices {
+    me: NodeId,
+    inner: Mutex<Inner>,
+    /// Wakes the worker: own sightings changed, or a complete account is due.
+    wake: Notify,
+}
+
+struct Inner {
+    registry: Registry,
+    /// This hub's counter for its own sightings: the gossip start number in the high half.
+    counter: u64,
+    /// Own sightings changed since they were last published.
+    unsent: BTreeSet<String>,
+    /// A peer lacks some of this hub's sightings: send a complete account.
+    account_due: bool,
+    /// When each hub was last heard from on the gossip plane (ms since the epoch).
+    heard: HashMap<NodeId, u64>,
+}
+
+/// Why a member's device message was not taken.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum DeviceMessageError {
+    #[error("a sighting is malformed: {0}")]
+    Malformed(#[from] wire::WireError),
+    #[error("the hub would see more than {MAX_DEVICES} devices")]
+    TooMany,
+}
+
+impl Devices {
+    /// `boot` is this start's number (the gossip plane's), so that a restarted hub's sightings are
+    /// newer than its old ones.
+    pub(crate) fn new(me: NodeId, boot: u64) -> Self {
+        let inner = Inner {
+            registry: Registry::default(),
+            counter: boot << 32,
+            unsent: BTreeSet::new(),
+            account_due: false,
+            heard: HashMap::new(),
+        };
+        Self { me, inner: Mutex::new(inner), wake: Notify::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This hub sees `device` now, as `description`.
+    pub(crate) fn saw(&self, device: &str, description: Description) {
+        let now = now_ms();
+        let mut inner = self.lock();
+        if let Some((_, known)) = inner.registry.sightings_of(self.me).into_iter().find(|(id, _)| id == device) {
+            let fresh = now.saturating_sub(known.at_ms) < REFRESH.as_millis() as u64;
+            if known.present && known.description == description && fresh {
+                return;
+            }
+        } else if inner.registry.count_of(self.me) >= MAX_DEVICES {
+            metrics::counter!("hubmesh_devices_refused_total").increment(1);
+            return;
+        }
+        self.write_own(&mut inner, device, Sighting { version: 0, at_ms: now, present: true, description });
+    }
+
+    /// `device` left cleanly (goodbye, byebye) or stopped answering this hub's probes.
+    pub(crate) fn left(&self, device: &str) {
+        let mut inner = self.lock();
+        let Some((_, known)) = inner.registry.sightings_of(self.me).into_iter().find(|(id, _)| id == device) else {
+            return;
+        };
+        if known.present {
+            let gone = Sighting { version: 0, at_ms: now_ms(), present: false, description: known.description };
+            self.write_own(&mut inner, device, gone);
+        }
+    }
+
+    fn write_own(&self, inner: &mut Inner, device: &str, mut sighting: Sighting) {
+        inner.counter += 1;
+        sighting.version = inner.counter;
+        inner.registry.merge(device, self.me, sighting);
+        inner.unsent.insert(device.to_owned());
+        self.wake.notify_one();
+    }
+
+    /// A member's message was accepted from `hub`: it is in reach.
+    pub(crate) fn heard_from(&self, hub: NodeId) {
+        self.lock().heard.insert(hub, now_ms());
+    }
+
+    /// Takes `hub`'s sightings (the gossip plane checked that `hub` signed them).
+    pub(crate) fn merge_from(&self, hub: NodeId, msg: pb::DeviceSightings) -> Result<bool, DeviceMessageError> {
+        if hub == self.me {
+            return Ok(false);
+        }
+        let sightings = msg.sightings.into_iter().map(wire::from_pb).collect::<Result<Vec<_>, _>>()?;
+        let mut inner = self.lock();
+        let new = sightings.iter().filter(|(id, _)| !inner.registry.has(id, hub)).count();
+        if inner.registry.count_of(hub) + new > MAX_DEVICES {
+            return Err(DeviceMessageError::TooMany);
+        }
+        let changed = if msg.complete {
+            let to = (!msg.to.is_empty()).then_some(msg.to.as_str());
+            inner.registry.replace_range(hub, msg.as_of, &msg.from, to, sightings)
+        } else {
+            sightings.into_iter().fold(false, |c, (id, s)| inner.registry.merge(&id, hub, s) | c)
+        };
+        Ok(changed)
+    }
+
+    /// A member's digest: if what it holds of this hub's sightings differs from what this hub
+    /// has, a complete account is due.
+    pub(crate) fn on_digest(&self, digest: &pb::DeviceDigest) {
+        let theirs = digest.hubs.iter().find(|h| h.hub == self.me.0).map(|h| (h.max_version, h.fingerprint));
+        let mut inner = self.lock();
+        let mine = inner.registry.digest().get(&self.me).copied();
+        if theirs != mine && !inner.account_due {
+            inner.account_due = true;
+            drop(inner);
+            self.wake.notify_one();
+        }
+    }
+
+    /// A member joined the devices topic: it needs this hub's sightings.
+    pub(crate) fn account_due(&self) {
+        self.lock().account_due = true;
+        self.wake.notify_one();
+    }
+
+    /// Own sightings changed since the last call, to publish.
+    fn take_unsent(&self) -> Vec<pb::DeviceSighting> {
+        let mut inner = self.lock();
+        let unsent = std::mem::take(&mut inner.unsent);
+        let own = inner.registry.sightings_of(self.me);
+        own.into_iter().filter(|(id, _)| unsent.contains(id)).map(|(id, s)| wire::to_pb(&id, &s)).collect()
+    }
+
+    /// A complete account of own sightings if one is due: the counter it is as of, and the
+    /// sightings by device id.
+    fn take_account(&self) -> Option<(u64, Vec<pb::DeviceSighting>)> {
+        let mut inner = self.lock();
+        if !std::mem::take(&mut inner.account_due) {
+            return None;
+        }
+        let own = inner.registry.sightings_of(self.me);
+        Some((inner.counter, own.iter().map(|(id, s)| wire::to_pb(id, s)).collect()))
+    }
+
+    fn is_account_due(&self) -> bool {
+        self.lock().account_due
+    }
+
+    /// What this hub holds of each hub's sightings.
+    fn digest(&self) -> pb::DeviceDigest {
+        let hubs = self.lock().registry.digest();
+        let hubs = hubs
+            .into_iter()
+            .map(|(hub, (max_version, fingerprint))| pb::HubDigest { hub: hub.0, max_version, fingerprint })
+            .collect();
+        pb::DeviceDigest { hubs }
+    }
+
+    /// Forgets hubs that left the mesh and tombstones older than `before_ms`.
+    fn prune(&self, is_member: impl Fn(NodeId) -> bool, before_ms: u64) {
+        let mut inner = self.lock();
+        inner.registry.prune(&is_member, before_ms);
+        inner.heard.retain(|h, _| is_member(*h));
+    }
+
+    /// The devices some hub sees, with reach judged by when each hub was last heard from.
+    pub(crate) fn view(&self) -> Vec<DeviceView> {
+        let now = now_ms();
+        let inner = self.lock();
+        inner.registry.view(|hub| {
+            if hub == self.me {
+                return None;
+            }
+            let heard = inner.heard.get(&hub).copied().unwrap_or(0);
+            (now.saturating_sub(heard) > OUT_OF_REACH.as_millis() as u64).then_some(heard)
+        })
+    }
+
+    /// For each device, the hubs in reach that see it, the most recent sighting first: where
+    /// tasks deployed `--near` it may go.
+    pub(crate) fn near(&self) -> crate::scheduler::Near {
+        let views = self.view();
+        let now = now_ms();
+        let inner = self.lock();
+        let in_reach = |h: NodeId| {
+            h == self.me
+                || inner.heard.get(&h).is_some_and(|t| now.saturating_sub(*t) <= OUT_OF_REACH.as_millis() as u64)
+        };
+        let seen = views
+            .into_iter()
+            .map(|v| (v.id, v.seen_by.iter().map(|(h, _)| *h).filter(|h| in_reach(*h)).collect::<Vec<_>>()))
+            .filter(|(_, hubs)| !hubs.is_empty())
+            .collect();
+        crate::scheduler::Near::new(seen)
+    }
+}

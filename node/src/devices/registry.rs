@@ -97,19 +97,50 @@ impl Registry {
         d
     }
 
-    /// What a peer whose digest is `theirs` lacks: every sighting of each hub whose entry
-    /// differs (a hub's sightings number at most the devices it sees; after a partition one
-    /// exchange each way makes two registries equal).
-    pub(crate) fn missing_for(&self, theirs: &BTreeMap<NodeId, (u64, u64)>) -> Vec<(String, NodeId, Sighting)> {
-        let mine = self.digest();
-        let differ: BTreeSet<NodeId> = mine.iter().filter(|(h, d)| theirs.get(h) != Some(d)).map(|(h, _)| *h).collect();
-        let mut out = Vec::new();
-        for (id, by) in &self.devices {
-            for (hub, s) in by.iter().filter(|(h, _)| differ.contains(h)) {
-                out.push((id.clone(), *hub, s.clone()));
+    /// `hub`'s sightings, by device id: what it sends as a complete account of itself.
+    pub(crate) fn sightings_of(&self, hub: NodeId) -> Vec<(String, Sighting)> {
+        self.devices.iter().filter_map(|(id, by)| by.get(&hub).map(|s| (id.clone(), s.clone()))).collect()
+    }
+
+    /// How many devices `hub` has a sighting of.
+    pub(crate) fn count_of(&self, hub: NodeId) -> usize {
+        self.devices.values().filter(|by| by.contains_key(&hub)).count()
+    }
+
+    /// Whether `hub` has a sighting of `device`.
+    pub(crate) fn has(&self, device: &str, hub: NodeId) -> bool {
+        self.devices.get(device).is_some_and(|by| by.contains_key(&hub))
+    }
+
+    /// Takes `hub`'s complete account of its sightings of the devices whose ids are in
+    /// `[from, to)` (`to` = `None`: no end), written when its counter was `as_of`: its sightings
+    /// there that the account leaves out and that are not newer than `as_of` are forgotten (a
+    /// restarted hub's stale ones, tombstones it pruned), and the account's are merged. True if
+    /// the registry changed.
+    pub(crate) fn replace_range(
+        &mut self,
+        hub: NodeId,
+        as_of: u64,
+        from: &str,
+        to: Option<&str>,
+        account: Vec<(String, Sighting)>,
+    ) -> bool {
+        let within = |id: &str| id >= from && to.is_none_or(|t| id < t);
+        let mentioned: BTreeSet<&str> = account.iter().map(|(id, _)| id.as_str()).collect();
+        let mut changed = false;
+        for (id, by) in self.devices.iter_mut() {
+            if within(id) && !mentioned.contains(id.as_str()) && by.get(&hub).is_some_and(|s| s.version <= as_of) {
+                by.remove(&hub);
+                changed = true;
             }
         }
-        out
+        self.devices.retain(|_, by| !by.is_empty());
+        for (id, s) in account {
+            if within(&id) {
+                changed |= self.merge(&id, hub, s);
+            }
+        }
+        changed
     }
 
     /// Forgets a hub that left the mesh, and absent sightings older than `before_ms`
@@ -205,27 +236,36 @@ mod tests {
         assert_eq!(r.digest().keys().copied().collect::<Vec<_>>(), [NodeId(1)]);
     }
 
-    /// One anti-entropy exchange: each sends the other what the other's digest says it lacks.
-    fn exchange(a: &mut Registry, b: &mut Registry) {
-        let (to_b, to_a) = (a.missing_for(&b.digest()), b.missing_for(&a.digest()));
-        for (d, h, s) in to_b {
-            b.merge(&d, h, s);
+    /// One anti-entropy exchange as the hubs run it: each hub whose entry in the peer's digest
+    /// differs from its own sends the peer a complete account of itself, in two ranges.
+    fn exchange(owner: &Registry, hub: NodeId, peer: &mut Registry) {
+        if owner.digest().get(&hub) == peer.digest().get(&hub) {
+            return;
         }
-        for (d, h, s) in to_a {
-            a.merge(&d, h, s);
-        }
+        let as_of = owner.digest().get(&hub).map_or(0, |d| d.0);
+        let (low, high): (Vec<_>, Vec<_>) = owner.sightings_of(hub).into_iter().partition(|(id, _)| id.as_str() < "d2");
+        peer.replace_range(hub, as_of, "", Some("d2"), low);
+        peer.replace_range(hub, as_of, "d2", None, high);
     }
 
     #[test]
-    fn one_exchange_of_digest_and_difference_makes_two_registries_equal() {
-        let (mut a, mut b) = (Registry::default(), Registry::default());
-        a.merge("lamp", NodeId(1), seen(3, 30, true, "lamp"));
-        a.merge("tv", NodeId(2), seen(1, 10, true, "tv"));
-        b.merge("tv", NodeId(2), seen(4, 40, false, "tv"));
-        b.merge("fan", NodeId(3), seen(2, 20, true, "fan"));
-        exchange(&mut a, &mut b);
-        assert_eq!(a, b);
-        assert_eq!(a.view(|_| None).iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["fan", "lamp"]);
+    fn a_complete_account_makes_a_peer_hold_exactly_what_the_hub_says() {
+        let mut owner = Registry::default();
+        owner.merge("d1", NodeId(1), seen(5, 50, true, "lamp"));
+        owner.merge("d3", NodeId(1), seen(6, 60, false, "fan"));
+        let mut peer = Registry::default();
+        // A stale sighting from before a restart, an old version, and another hub's.
+        peer.merge("d0", NodeId(1), seen(2, 20, true, "gone"));
+        peer.merge("d1", NodeId(1), seen(3, 30, true, "lamp (old)"));
+        peer.merge("d2", NodeId(2), seen(9, 90, true, "tv"));
+        exchange(&owner, NodeId(1), &mut peer);
+        assert_eq!(peer.sightings_of(NodeId(1)), owner.sightings_of(NodeId(1)));
+        assert_eq!(peer.count_of(NodeId(2)), 1, "another hub's sightings are not touched");
+        assert_eq!(peer.digest().get(&NodeId(1)), owner.digest().get(&NodeId(1)));
+        // A sighting newer than the account (sent after it, arrived first) stays.
+        peer.merge("d4", NodeId(1), seen(8, 80, true, "new"));
+        assert!(!peer.replace_range(NodeId(1), 6, "", None, owner.sightings_of(NodeId(1))));
+        assert!(peer.has("d4", NodeId(1)));
     }
 
     fn arb_update() -> impl Strategy<Value = (String, NodeId, Sighting)> {
@@ -270,19 +310,20 @@ mod tests {
         }
 
         #[test]
-        fn one_exchange_makes_any_two_registries_equal(updates in prop::collection::vec(arb_update(), 0..40), split in any::<u64>()) {
+        fn one_complete_account_makes_a_peer_agree_with_each_hub(updates in prop::collection::vec(arb_update(), 0..40), split in any::<u64>()) {
             let updates = consistent(&updates);
-            let (mut a, mut b) = (Registry::default(), Registry::default());
+            // Each hub's own registry holds everything it said; the peer got some of it.
+            let (mut owners, mut peer) = (Registry::default(), Registry::default());
             for (i, (d, h, s)) in updates.iter().enumerate() {
-                // Each update reached one side, the other or both.
-                match (split >> (i % 32 * 2)) & 3 {
-                    0 => { a.merge(d, *h, s.clone()); }
-                    1 => { b.merge(d, *h, s.clone()); }
-                    _ => { a.merge(d, *h, s.clone()); b.merge(d, *h, s.clone()); }
+                owners.merge(d, *h, s.clone());
+                if (split >> (i % 64)) & 1 == 1 {
+                    peer.merge(d, *h, s.clone());
                 }
             }
-            exchange(&mut a, &mut b);
-            prop_assert_eq!(a, b);
+            for hub in 1..4 {
+                exchange(&owners, NodeId(hub), &mut peer);
+            }
+            prop_assert_eq!(peer, owners);
         }
     }
 }

@@ -93,8 +93,14 @@ pub(crate) fn judge(
     if msg.node != signer.0 {
         return Verdict::Reject("speaks for another hub");
     }
-    if msg.body.is_none() {
-        return Verdict::Reject("says nothing");
+    match msg.body {
+        None => return Verdict::Reject("says nothing"),
+        // Device messages merge by their own versions, so a late or repeated one changes
+        // nothing: only loads (the latest wins) must be newer than the last one.
+        Some(pb::gossip_message::Body::Sightings(_) | pb::gossip_message::Body::Digest(_)) => {
+            return Verdict::Accept(signer, msg)
+        }
+        Some(pb::gossip_message::Body::Load(_)) => {}
     }
     let last = last_seq.entry(signer).or_insert(0);
     if msg.seq <= *last {
@@ -175,6 +181,18 @@ mod tests {
         let empty = pb::GossipMessage { node: 2, seq: 10, body: None }.encode_to_vec();
         assert_eq!(judge(&members, &mut last, Some(&pb_), &pb_, &empty), Verdict::Reject("says nothing"));
         assert_eq!(last.get(&NodeId(2)), Some(&6), "a refused message moves nothing");
+        // A device message is judged by its signer, never by its place in the sequence: its
+        // sightings carry their own versions.
+        let digest = pb::gossip_message::Body::Digest(pb::DeviceDigest::default());
+        let late = pb::GossipMessage { node: 2, seq: 3, body: Some(digest) }.encode_to_vec();
+        assert!(matches!(judge(&members, &mut last, Some(&pb_), &pb_, &late), Verdict::Accept(NodeId(2), _)));
+        let forged =
+            pb::GossipMessage { node: 1, seq: 3, body: Some(pb::gossip_message::Body::Digest(Default::default())) };
+        assert_eq!(
+            judge(&members, &mut last, Some(&pb_), &pb_, &forged.encode_to_vec()),
+            Verdict::Reject("speaks for another hub")
+        );
+        assert_eq!(last.get(&NodeId(2)), Some(&6), "device messages leave the load sequence alone");
     }
 
     #[test]

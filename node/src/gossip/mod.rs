@@ -5,7 +5,8 @@
 //! identity is its mesh key, so its PeerId derives from the public key the state recorded when it
 //! was admitted; connections from any other PeerId are refused (`allow_block_list`), pending and
 //! established connections are bounded (`connection_limits`), and a message counts only if a
-//! member signed it for itself (`members::judge`). It carries the hubs' loads (`load`).
+//! member signed it for itself (`members::judge`). It carries the hubs' loads (`load`) and the
+//! device registry (`devices`).
 //!
 //! ```text
 //!  boot: start() binds (DATA_DIR/gossip.addr) --> Gossip handle (publish) + GossipWorker (swarm)
@@ -44,6 +45,8 @@ pub(crate) use members::{peer_id_of, Members};
 const PROTOCOL: &str = "/hubmesh/gossip/1";
 /// The topic of the hubs' loads.
 const LOAD_TOPIC: &str = "hubmesh/load/1";
+/// The topic of the device registry (sightings, complete accounts, digests).
+const DEVICE_TOPIC: &str = "hubmesh/devices/1";
 /// The largest message gossipsub takes or sends.
 const MAX_MESSAGE: usize = 64 << 10;
 /// How often members that are not connected are dialled again.
@@ -66,6 +69,7 @@ struct Behaviour {
 pub(crate) struct Gossip {
     peer_id: PeerId,
     addr: SocketAddr,
+    boot: u64,
     outbox: mpsc::Sender<pb::gossip_message::Body>,
 }
 
@@ -86,6 +90,11 @@ impl Gossip {
     /// This hub's libp2p identity.
     pub(crate) fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// This start's number (`DATA_DIR/gossip.boot`).
+    pub(crate) fn boot(&self) -> u64 {
+        self.boot
     }
 }
 
@@ -190,7 +199,9 @@ pub(crate) async fn start(
         // A handshake that stalls gives its pending slot back after 3 s (libp2p's default: 10).
         .with_connection_timeout(Duration::from_secs(3))
         .build();
-    swarm.behaviour_mut().gossipsub.subscribe(&IdentTopic::new(LOAD_TOPIC)).context("subscribing to loads")?;
+    for topic in [LOAD_TOPIC, DEVICE_TOPIC] {
+        swarm.behaviour_mut().gossipsub.subscribe(&IdentTopic::new(topic)).context("subscribing to a topic")?;
+    }
     swarm.listen_on(multiaddr_of(bind)).with_context(|| format!("listening for gossip on {bind}"))?;
     // The bound port (the configured one, or the one port 0 picked).
     let port = tokio::time::timeout(Duration::from_secs(5), async {
@@ -212,7 +223,7 @@ pub(crate) async fn start(
     .with_context(|| format!("binding the gossip endpoint to {bind}"))?;
     let ip = if bind.ip().is_unspecified() { host } else { bind.ip() };
     let (tx, outbox) = mpsc::channel(OUTBOX);
-    Ok((Gossip { peer_id, addr: SocketAddr::new(ip, port), outbox: tx }, Bound { swarm, outbox, boot }))
+    Ok((Gossip { peer_id, addr: SocketAddr::new(ip, port), boot, outbox: tx }, Bound { swarm, outbox, boot }))
 }
 
 /// What woke the worker.
@@ -292,8 +303,12 @@ impl GossipWorker {
 
     fn publish(&mut self, body: pb::gossip_message::Body) {
         self.seq += 1;
+        let topic = match body {
+            pb::gossip_message::Body::Load(_) => LOAD_TOPIC,
+            pb::gossip_message::Body::Sightings(_) | pb::gossip_message::Body::Digest(_) => DEVICE_TOPIC,
+        };
         let msg = pb::GossipMessage { node: self.hub.consensus().node_id().0, seq: self.seq, body: Some(body) };
-        match self.swarm.behaviour_mut().gossipsub.publish(IdentTopic::new(LOAD_TOPIC), msg.encode_to_vec()) {
+        match self.swarm.behaviour_mut().gossipsub.publish(IdentTopic::new(topic), msg.encode_to_vec()) {
             Ok(_) => metrics::counter!("hubmesh_gossip_published_total").increment(1),
             // Alone, or no member connected yet: nothing to do until one is.
             Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
@@ -337,6 +352,12 @@ impl GossipWorker {
                     self.deliver(node, msg);
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }))
+                if topic == IdentTopic::new(DEVICE_TOPIC).hash() && self.members.node_of(&peer_id).is_some() =>
+            {
+                // A member (re)joined the device topic: it may lack this hub's sightings.
+                self.hub.devices().account_due();
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
                     if self.members.node_of(&peer).is_some() && peer != *self.swarm.local_peer_id() {
@@ -364,8 +385,17 @@ impl GossipWorker {
     }
 
     fn deliver(&self, node: NodeId, msg: pb::GossipMessage) {
+        let devices = self.hub.devices();
+        devices.heard_from(node);
         match msg.body {
             Some(pb::gossip_message::Body::Load(report)) => self.hub.loads().record(node, report),
+            Some(pb::gossip_message::Body::Sightings(sightings)) => {
+                if let Err(e) = devices.merge_from(node, sightings) {
+                    tracing::warn!(node = node.0, error = %e, "device sightings refused");
+                    metrics::counter!("hubmesh_gossip_refused_total").increment(1);
+                }
+            }
+            Some(pb::gossip_message::Body::Digest(digest)) => devices.on_digest(&digest),
             None => {}
         }
     }

@@ -61,10 +61,11 @@ impl Policy {
         silent: &BTreeSet<NodeId>,
     ) -> BTreeSet<String> {
         let now = Instant::now();
+        let near = hub.devices().near();
         let (mut busy, failures, resting, overload_running, quiet) = {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             // A task no longer on a draining hub starts with a clean slate next time.
-            let draining = drain::deferred(state, &BTreeMap::new(), &BTreeSet::new());
+            let draining = drain::deferred(state, &near, &BTreeMap::new(), &BTreeSet::new());
             shared.drain_failures.retain(|t, _| draining.contains(t));
             shared.retry_at.retain(|t, at| *at > now && draining.contains(t));
             let busy: BTreeSet<NodeId> = shared.running.keys().copied().collect();
@@ -73,8 +74,8 @@ impl Policy {
             let resting: BTreeSet<String> = shared.retry_at.keys().cloned().collect();
             (busy, shared.drain_failures.clone(), resting, overload_running, quiet)
         };
-        let deferred = drain::deferred(state, &failures, silent);
-        for (task, from) in drain::next(state, &failures, silent, &busy, &resting) {
+        let deferred = drain::deferred(state, &near, &failures, silent);
+        for (task, from) in drain::next(state, &near, &failures, silent, &busy, &resting) {
             busy.insert(from);
             self.start(hub, task, from, None, MigrationReason::Drain);
         }
@@ -90,7 +91,7 @@ impl Policy {
             // Every round records the loads (the windows), but a move waits until the last one
             // has ended and shows in the reports: two decisions on one stale report could send
             // two tasks to the same hub.
-            let mv = self.overload.round(state, &loads, now_ms(), &thresholds, &busy);
+            let mv = self.overload.round(state, &loads, now_ms(), &thresholds, &busy, &near);
             if let Some(m) = mv.filter(|_| !overload_running && !quiet) {
                 tracing::info!(task = %m.task, from = m.from.0, to = m.to.0, "shedding load by live migration");
                 self.start(hub, m.task, m.from, Some(m.to), MigrationReason::Overload);

@@ -79,7 +79,8 @@ async fn drive(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let target = crate::scheduler::migration_target(&state, task, to).map_err(MigrateError::NoTarget)?;
+    let target =
+        crate::scheduler::migration_target(&state, &hub.devices().near(), task, to).map_err(MigrateError::NoTarget)?;
     let Some(_outgoing) = Outgoing::start(hub.migrations(), task) else {
         return Err(MigrateError::InProgress(state.migration(task).map_or(0, |m| m.id)));
     };

@@ -18,7 +18,12 @@ pub const MAX_ATTEMPTS: u32 = 3;
 /// The tasks whose instance 0 runs on a draining hub that is not silent and that the leader
 /// still migrates (some other hub can take them; a durable one has failed fewer than
 /// [`MAX_ATTEMPTS`] times).
-pub fn deferred(state: &ClusterState, attempts: &BTreeMap<String, u32>, silent: &BTreeSet<NodeId>) -> BTreeSet<String> {
+pub fn deferred(
+    state: &ClusterState,
+    near: &super::Near,
+    attempts: &BTreeMap<String, u32>,
+    silent: &BTreeSet<NodeId>,
+) -> BTreeSet<String> {
     state
         .tasks
         .iter()
@@ -29,7 +34,7 @@ pub fn deferred(state: &ClusterState, attempts: &BTreeMap<String, u32>, silent: 
             draining
                 && !silent.contains(&host)
                 && !given_up
-                && (t.migration.is_some() || super::migration_target(state, name, None).is_ok())
+                && (t.migration.is_some() || super::migration_target(state, near, name, None).is_ok())
         })
         .map(|(name, _)| name.clone())
         .collect()
@@ -44,6 +49,7 @@ fn durable(t: &TaskRecord) -> bool {
 /// `resting` (a failed attempt a moment ago) wait their turn.
 pub fn next(
     state: &ClusterState,
+    near: &super::Near,
     attempts: &BTreeMap<String, u32>,
     silent: &BTreeSet<NodeId>,
     busy: &BTreeSet<NodeId>,
@@ -52,7 +58,7 @@ pub fn next(
     let mut busy = busy.clone();
     busy.extend(state.tasks.values().filter_map(|t| t.migration.map(|m| m.from)));
     let mut out = Vec::new();
-    for name in deferred(state, attempts, silent) {
+    for name in deferred(state, near, attempts, silent) {
         let t = &state.tasks[&name];
         let from = t.instances[&0].node;
         if t.migration.is_none() && !resting.contains(&name) && busy.insert(from) {
@@ -92,22 +98,31 @@ mod tests {
         let s = drained_state();
         let attempts = BTreeMap::new();
         let none_silent = BTreeSet::new();
-        let deferred = deferred(&s, &attempts, &none_silent);
+        let deferred = deferred(&s, &super::super::Near::default(), &attempts, &none_silent);
         assert_eq!(deferred, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
-        assert!(super::super::plan_deferring(&s, &deferred)
+        assert!(super::super::plan_deferring(&s, &deferred, &super::super::Near::default())
             .iter()
             .all(|c| !matches!(c, Command::PlaceInstance { .. })));
         // Without the deferral the scheduler would re-place both at once.
         assert_eq!(super::super::tests::places(&s).len(), 2);
         let none = BTreeSet::new();
-        assert_eq!(next(&s, &attempts, &none_silent, &BTreeSet::new(), &none), vec![("a".to_owned(), NodeId(1))]);
+        assert_eq!(
+            next(&s, &super::super::Near::default(), &attempts, &none_silent, &BTreeSet::new(), &none),
+            vec![("a".to_owned(), NodeId(1))]
+        );
         let busy = BTreeSet::from([NodeId(1)]);
-        assert!(next(&s, &attempts, &none_silent, &busy, &none).is_empty(), "one migration per hub at a time");
+        assert!(
+            next(&s, &super::super::Near::default(), &attempts, &none_silent, &busy, &none).is_empty(),
+            "one migration per hub at a time"
+        );
         let resting = BTreeSet::from(["a".to_owned()]);
-        assert_eq!(next(&s, &attempts, &none_silent, &BTreeSet::new(), &resting), vec![("b".to_owned(), NodeId(1))]);
+        assert_eq!(
+            next(&s, &super::super::Near::default(), &attempts, &none_silent, &BTreeSet::new(), &resting),
+            vec![("b".to_owned(), NodeId(1))]
+        );
         // A silent draining hub's tasks are not waited for: they fail over.
         let silent = BTreeSet::from([NodeId(1)]);
-        assert!(super::deferred(&s, &attempts, &silent).is_empty());
+        assert!(super::deferred(&s, &super::super::Near::default(), &attempts, &silent).is_empty());
     }
 
     #[test]
@@ -117,19 +132,22 @@ mod tests {
         s.tasks.get_mut("b").unwrap().spec.checkpoint = CheckpointPolicy::Periodic { every_ms: 1000 };
         let attempts = BTreeMap::from([("a".to_owned(), MAX_ATTEMPTS), ("b".to_owned(), MAX_ATTEMPTS + 5)]);
         let none = BTreeSet::new();
-        let deferred = deferred(&s, &attempts, &none);
+        let deferred = deferred(&s, &super::super::Near::default(), &attempts, &none);
         // b's state since its last checkpoint would be lost by a re-placement: it keeps trying.
         assert_eq!(deferred, BTreeSet::from(["b".to_owned()]));
-        let plan = super::super::plan_deferring(&s, &deferred);
+        let plan = super::super::plan_deferring(&s, &deferred, &super::super::Near::default());
         assert!(plan.iter().any(|c| matches!(c, Command::PlaceInstance { task, .. } if task == "a")), "{plan:?}");
         assert!(!plan.iter().any(|c| matches!(c, Command::PlaceInstance { task, .. } if task == "b")), "{plan:?}");
-        assert_eq!(next(&s, &attempts, &none, &BTreeSet::new(), &BTreeSet::new()), vec![("b".to_owned(), NodeId(1))]);
+        assert_eq!(
+            next(&s, &super::super::Near::default(), &attempts, &none, &BTreeSet::new(), &BTreeSet::new()),
+            vec![("b".to_owned(), NodeId(1))]
+        );
     }
 
     #[test]
     fn nothing_is_deferred_when_no_hub_can_take_the_task() {
         let mut s = drained_state();
         s.apply(&Command::SetNodeStatus { node: NodeId(2), status: NodeStatus::Down }).unwrap();
-        assert!(deferred(&s, &BTreeMap::new(), &BTreeSet::new()).is_empty());
+        assert!(deferred(&s, &super::super::Near::default(), &BTreeMap::new(), &BTreeSet::new()).is_empty());
     }
 }

@@ -14,6 +14,10 @@
 //! When every hub that stores it is down, the task is not placed at all: it waits, unavailable
 //! with a reason, rather than restart empty.
 //!
+//! A task deployed `--near DEVICE` goes only to hubs that see the device ([`Near`], the leader's
+//! device registry), the one that saw it last first; it stays where it runs while its hub lives,
+//! and fails over or migrates only to such hubs. When none sees it, it is pending.
+//!
 //! Tasks on a draining hub move by live migration ([`drain`]: the leader defers their re-placement
 //! while it migrates them one by one; the re-placement from the checkpoint is the fallback), and
 //! an overloaded hub sheds tasks the same way ([`overload`]).
@@ -56,6 +60,31 @@ fn load(state: &ClusterState) -> BTreeMap<NodeId, Used> {
     load
 }
 
+/// Which hubs see each LAN device, the one that saw it last first (the leader's device registry,
+/// hubs in reach only): where a task deployed `--near` the device may go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Near(BTreeMap<String, Vec<NodeId>>);
+
+impl Near {
+    pub fn new(seen_by: BTreeMap<String, Vec<NodeId>>) -> Self {
+        Self(seen_by)
+    }
+
+    /// Whether `node` may take `task`: the task is near no device, or `node` sees it.
+    fn allows(&self, task: &TaskRecord, node: NodeId) -> bool {
+        self.rank(task, node).is_some()
+    }
+
+    /// 0 for the hub that saw the task's device last, 1 for the next…; 0 for every hub when the
+    /// task is near no device; `None` for a hub that does not see it.
+    fn rank(&self, task: &TaskRecord, node: NodeId) -> Option<usize> {
+        match &task.spec.near {
+            None => Some(0),
+            Some(d) => self.0.get(d)?.iter().position(|n| *n == node),
+        }
+    }
+}
+
 fn fits(n: &NodeRecord, task: &TaskRecord) -> bool {
     n.status == NodeStatus::Up && !n.witness && task.spec.constraints.iter().all(|(k, v)| n.labels.get(k) == Some(v))
 }
@@ -70,20 +99,22 @@ fn live_copies(state: &ClusterState, task: &TaskRecord) -> Option<Vec<NodeId>> {
     Some(c.stored_on.iter().copied().filter(|n| state.is_up(*n)).collect())
 }
 
-/// The placements the leader should propose now, then the holder changes.
+/// The placements the leader should propose now, then the holder changes (no device is seen:
+/// tasks deployed `--near` one stay pending; see [`plan_deferring`]).
 pub fn plan(state: &ClusterState) -> Vec<Command> {
-    plan_deferring(state, &BTreeSet::new())
+    plan_deferring(state, &BTreeSet::new(), &Near::default())
 }
 
-/// Like [`plan`], but the instance 0 of the tasks in `deferred` is left where it is even if its
-/// hub is draining: the leader is moving it by live migration (see [`drain`]).
-pub fn plan_deferring(state: &ClusterState, deferred: &BTreeSet<String>) -> Vec<Command> {
-    let mut out = place(state, deferred);
+/// Like [`plan`], with the devices the hubs see, and the instance 0 of the tasks in `deferred`
+/// left where it is even if its hub is draining: the leader is moving it by live migration (see
+/// [`drain`]).
+pub fn plan_deferring(state: &ClusterState, deferred: &BTreeSet<String>, near: &Near) -> Vec<Command> {
+    let mut out = place(state, deferred, near);
     out.extend(holders(state));
     out
 }
 
-fn place(state: &ClusterState, deferred: &BTreeSet<String>) -> Vec<Command> {
+fn place(state: &ClusterState, deferred: &BTreeSet<String>, near: &Near) -> Vec<Command> {
     let mut load = load(state);
     let mut out = Vec::new();
     for (name, task) in &state.tasks {
@@ -105,7 +136,7 @@ fn place(state: &ClusterState, deferred: &BTreeSet<String>) -> Vec<Command> {
                 continue; // unavailable: see pending_reason
             }
             let preferred = copies.unwrap_or_default();
-            let Some(node) = pick_preferring(state, &load, task, &hosts, &preferred) else { continue };
+            let Some(node) = pick_preferring(state, &load, near, task, &hosts, &preferred) else { continue };
             let reason = match current.and_then(|p| state.nodes.get(&p.node)) {
                 None if current.is_none() => "placed",
                 Some(n) if matches!(n.status, NodeStatus::Up | NodeStatus::Draining) => "moved",
@@ -123,7 +154,7 @@ fn place(state: &ClusterState, deferred: &BTreeSet<String>) -> Vec<Command> {
 /// Where a live migration of `task`'s instance should go: `to` if it qualifies, else the hub
 /// the scheduler would pick, preferring one that already stores the task's checkpoint (only the
 /// pages changed since travel). `Err` says why no hub (or not `to`) can take it.
-pub fn migration_target(state: &ClusterState, task: &str, to: Option<NodeId>) -> Result<NodeId, String> {
+pub fn migration_target(state: &ClusterState, near: &Near, task: &str, to: Option<NodeId>) -> Result<NodeId, String> {
     let t = state.tasks.get(task).ok_or_else(|| format!("no task named {task:?}"))?;
     let load = load(state);
     let taken: Vec<NodeId> = t.placements().map(|(_, p)| p.node).collect();
@@ -135,7 +166,11 @@ pub fn migration_target(state: &ClusterState, task: &str, to: Option<NodeId>) ->
         if taken.contains(&to) {
             return Err(format!("the task already runs on hub {to}"));
         }
-        return match pick(state, &load, t, &state.nodes.keys().copied().filter(|n| *n != to).collect::<Vec<_>>()) {
+        if let (Some(device), false) = (&t.spec.near, near.allows(t, to)) {
+            return Err(format!("hub {to} does not see the device {device:?} the task is placed near"));
+        }
+        let others: Vec<NodeId> = state.nodes.keys().copied().filter(|n| *n != to).collect();
+        return match pick(state, &load, near, t, &others) {
             Some(n) if n == to => Ok(to),
             _ => Err(format!("hub {to} has no free instance slot or not enough free task memory")),
         };
@@ -143,21 +178,26 @@ pub fn migration_target(state: &ClusterState, task: &str, to: Option<NodeId>) ->
     let mut preferred: Vec<NodeId> = t.holders.clone();
     preferred.extend(t.checkpoint.iter().flat_map(|c| c.stored_on.iter().copied()));
     preferred.retain(|n| state.is_up(*n));
-    pick_preferring(state, &load, t, &taken, &preferred)
-        .ok_or_else(|| "no other hub that is up has the task's labels, a free slot and the memory".to_owned())
+    pick_preferring(state, &load, near, t, &taken, &preferred).ok_or_else(|| match &t.spec.near {
+        Some(device) => format!(
+            "no other hub that sees the device {device:?} is up with the task's labels, a free slot and the memory"
+        ),
+        None => "no other hub that is up has the task's labels, a free slot and the memory".to_owned(),
+    })
 }
 
 /// Like [`pick`], but a hub in `preferred` that qualifies wins.
 fn pick_preferring(
     state: &ClusterState,
     load: &BTreeMap<NodeId, Used>,
+    near: &Near,
     task: &TaskRecord,
     taken: &[NodeId],
     preferred: &[NodeId],
 ) -> Option<NodeId> {
     let mut others: Vec<NodeId> = taken.to_vec();
     others.extend(state.nodes.keys().filter(|n| !preferred.contains(n)));
-    pick(state, load, task, &others).or_else(|| pick(state, load, task, taken))
+    pick(state, load, near, task, &others).or_else(|| pick(state, load, near, task, taken))
 }
 
 /// Holder changes: each checkpointed stateful task keeps the live holders it has and gets more,
@@ -196,19 +236,28 @@ fn holders(state: &ClusterState) -> Vec<Command> {
     out
 }
 
-fn pick(state: &ClusterState, load: &BTreeMap<NodeId, Used>, task: &TaskRecord, taken: &[NodeId]) -> Option<NodeId> {
+/// The hub with the most free slots (then free memory, then lowest id) among those that fit the
+/// task, are not `taken` and see its device; of those, the one that saw the device last wins.
+fn pick(
+    state: &ClusterState,
+    load: &BTreeMap<NodeId, Used>,
+    near: &Near,
+    task: &TaskRecord,
+    taken: &[NodeId],
+) -> Option<NodeId> {
     state
         .nodes
         .values()
         .filter(|n| fits(n, task) && !taken.contains(&n.id))
         .filter_map(|n| {
+            let rank = near.rank(task, n.id)?;
             let used = load.get(&n.id).copied().unwrap_or_default();
             let free_memory = n.memory_bytes.saturating_sub(used.memory);
             let room = used.instances < n.slots && task.spec.limits.memory_bytes <= free_memory;
-            room.then_some((n.slots - used.instances, free_memory, n.id))
+            room.then_some((std::cmp::Reverse(rank), n.slots - used.instances, free_memory, std::cmp::Reverse(n.id)))
         })
-        .max_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(b.2.cmp(&a.2)))
-        .map(|(_, _, id)| id)
+        .max()
+        .map(|(_, _, _, id)| id.0)
 }
 
 /// Why a task has no usable placement.
@@ -227,6 +276,9 @@ pub enum Pending {
     /// No hub that is up carries the task's labels.
     #[error("no hub that is up (and not a witness) has the labels {0}")]
     NoHubWithLabels(String),
+    /// The task is placed near a device that no hub in reach sees.
+    #[error("no hub sees {0}")]
+    NoHubSees(String),
     /// Hubs qualify but none has a free slot and the memory.
     #[error("no hub that qualifies has a free instance slot and {memory} of free task memory")]
     NoRoom { memory: bytesize::ByteSize },
@@ -243,7 +295,7 @@ impl Pending {
 }
 
 /// Why `task` has no usable placement, or `None` when it has one.
-pub fn pending_reason(state: &ClusterState, task: &str) -> Option<Pending> {
+pub fn pending_reason(state: &ClusterState, near: &Near, task: &str) -> Option<Pending> {
     let t = state.tasks.get(task)?;
     // A task on a draining hub runs and answers there until its migration moves it.
     let draining = |n: NodeId| state.nodes.get(&n).is_some_and(|r| r.status == NodeStatus::Draining);
@@ -262,7 +314,12 @@ pub fn pending_reason(state: &ClusterState, task: &str) -> Option<Pending> {
         let wanted: Vec<String> = t.spec.constraints.iter().map(|(k, v)| format!("{k}={v}")).collect();
         return Some(Pending::NoHubWithLabels(wanted.join(",")));
     }
-    if pick(state, &load(state), t, &[]).is_none() {
+    if let Some(device) = &t.spec.near {
+        if !state.nodes.values().any(|n| fits(n, t) && near.allows(t, n.id)) {
+            return Some(Pending::NoHubSees(device.clone()));
+        }
+    }
+    if pick(state, &load(state), near, t, &[]).is_none() {
         return Some(Pending::NoRoom { memory: bytesize::ByteSize(t.spec.limits.memory_bytes) });
     }
     Some(Pending::WaitingForLeader)

@@ -92,6 +92,7 @@ impl Overload {
         now_ms: u64,
         th: &Thresholds,
         busy: &BTreeSet<NodeId>,
+        near: &super::Near,
     ) -> Option<Move> {
         self.above_since.retain(|n, _| loads.get(n).is_some_and(|l| l.score() > th.high));
         for (n, l) in loads {
@@ -111,7 +112,7 @@ impl Overload {
             .collect();
         sources.sort_by(|a, b| b.1.score().total_cmp(&a.1.score()).then(a.0.cmp(&b.0)));
         for (from, load) in sources {
-            if let Some(m) = shed(state, loads, from, load, now_ms, th) {
+            if let Some(m) = shed(state, near, loads, from, load, now_ms, th) {
                 // The next decision about this hub waits for reports that show the move.
                 self.above_since.insert(from, now_ms);
                 return Some(m);
@@ -124,6 +125,7 @@ impl Overload {
 /// The best task for `from` to shed, and where to.
 fn shed(
     state: &ClusterState,
+    near: &super::Near,
     loads: &BTreeMap<NodeId, HubLoad>,
     from: NodeId,
     load: &HubLoad,
@@ -158,7 +160,7 @@ fn shed(
                 let projected = with(l, state.nodes.get(n)?.memory_bytes, tl);
                 (projected < th.high && projected <= source_after).then_some((projected, *n))
             })
-            .filter(|(_, n)| super::migration_target(state, task, Some(*n)).is_ok())
+            .filter(|(_, n)| super::migration_target(state, near, task, Some(*n)).is_ok())
             .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         if let Some((_, to)) = target {
             return Some(Move { task: task.clone(), from, to });

@@ -52,6 +52,7 @@ pub(crate) fn constrained_deploy(name: &str, kind: TaskKind, constraints: &[(&st
             replicas: 1,
             state_replicas: 2,
             pinned: false,
+            near: None,
         },
         mode: DeployMode::Create,
         at_ms: 0,
@@ -92,8 +93,8 @@ fn full_hubs_leave_tasks_pending_with_a_reason() {
     }
     assert_eq!(s.placement("a", 0).map(|p| p.node), Some(NodeId(1)));
     assert!(places(&s).is_empty());
-    assert_eq!(pending_reason(&s, "a"), None);
-    assert!(pending_reason(&s, "b").unwrap().to_string().contains("slot"));
+    assert_eq!(pending_reason(&s, &Near::default(), "a"), None);
+    assert!(pending_reason(&s, &Near::default(), "b").unwrap().to_string().contains("slot"));
 }
 
 #[test]
@@ -118,7 +119,7 @@ fn memory_caps_must_fit_in_the_memory_a_hub_offers() {
     for c in plan(&s) {
         s.apply(&c).unwrap();
     }
-    let reason = pending_reason(&s, "c").unwrap().to_string();
+    let reason = pending_reason(&s, &Near::default(), "c").unwrap().to_string();
     assert!(reason.contains("600.0 MiB") && reason.contains("memory"), "{reason}");
     // Capacity appears (task a goes away): c is placed.
     s.apply(&Command::DeleteTask { name: "a".into() }).unwrap();
@@ -187,7 +188,7 @@ mod constraint_tests {
             places(&s),
             vec![Command::PlaceInstance { task: "fan".into(), instance: 0, node: NodeId(1), expected: None }]
         );
-        assert!(pending_reason(&s, "pump").unwrap().to_string().contains("room=garage"));
+        assert!(pending_reason(&s, &Near::default(), "pump").unwrap().to_string().contains("room=garage"));
     }
 
     #[test]
@@ -251,9 +252,52 @@ mod constraint_tests {
         s.apply(&Command::RegisterNode { node: r }).unwrap();
         assert!(!places(&s).iter().any(|c| matches!(c, Command::PlaceInstance { task, .. } if task == "x")));
         assert!(
-            matches!(pending_reason(&s, "x"), Some(Pending::StateUnavailable { .. })),
+            matches!(pending_reason(&s, &Near::default(), "x"), Some(Pending::StateUnavailable { .. })),
             "{:?}",
-            pending_reason(&s, "x")
+            pending_reason(&s, &Near::default(), "x")
         );
     }
+}
+
+fn near_deploy(name: &str, device: &str) -> Command {
+    let Command::DeployTask { mut spec, mode, at_ms } = deploy(name) else { unreachable!() };
+    spec.near = Some(device.into());
+    Command::DeployTask { spec, mode, at_ms }
+}
+
+#[test]
+fn a_task_near_a_device_goes_only_where_it_is_seen_and_waits_when_nowhere() {
+    let mut s = state(&[
+        node(1, 9, NodeStatus::Up),
+        node(2, 1, NodeStatus::Up),
+        node(3, 1, NodeStatus::Up),
+        near_deploy("light", "mdns:_hap._tcp/id=lamp"),
+    ]);
+    // Nobody sees it: pending with the reason, never placed.
+    assert!(plan(&s).is_empty());
+    assert_eq!(
+        pending_reason(&s, &Near::default(), "light").unwrap().to_string(),
+        "no hub sees mdns:_hap._tcp/id=lamp"
+    );
+    // Seen by 3 (last) and 2: hub 3, though hub 1 has far more room.
+    let near = Near::new([("mdns:_hap._tcp/id=lamp".to_owned(), vec![NodeId(3), NodeId(2)])].into());
+    let p: Vec<Command> = plan_deferring(&s, &BTreeSet::new(), &near)
+        .into_iter()
+        .filter(|c| !matches!(c, Command::Note { .. }))
+        .collect();
+    assert_eq!(p, vec![Command::PlaceInstance { task: "light".into(), instance: 0, node: NodeId(3), expected: None }]);
+    for c in p {
+        s.apply(&c).unwrap();
+    }
+    assert_eq!(pending_reason(&s, &near, "light"), None);
+    // Its host dies: it fails over only to the other hub that sees the device.
+    s.apply(&Command::SetNodeStatus { node: NodeId(3), status: NodeStatus::Down }).unwrap();
+    let p: Vec<Command> = plan_deferring(&s, &BTreeSet::new(), &near)
+        .into_iter()
+        .filter(|c| !matches!(c, Command::Note { .. }))
+        .collect();
+    assert!(matches!(&p[..], [Command::PlaceInstance { node: NodeId(2), .. }]), "{p:?}");
+    // A migration may go only to a hub that sees it.
+    assert!(migration_target(&s, &near, "light", Some(NodeId(1))).unwrap_err().contains("does not see"));
+    assert_eq!(migration_target(&s, &near, "light", None), Ok(NodeId(2)));
 }

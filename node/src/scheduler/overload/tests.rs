@@ -6,6 +6,7 @@ use hubmesh_consensus::Command;
 
 use super::super::tests::{constrained_deploy, labelled_node};
 use super::*;
+use crate::scheduler::Near;
 
 const TH: Thresholds = Thresholds { high: 0.85, low: 0.6, window_ms: 10_000, cooldown_ms: 120_000 };
 
@@ -69,19 +70,19 @@ fn a_hub_sheds_only_after_staying_above_high_for_the_window() {
     let l = loads(&s, &cores);
     let mut p = Overload::default();
     let none = BTreeSet::new();
-    assert_eq!(p.round(&s, &l, 0, &TH, &none), None, "just went above high");
-    assert_eq!(p.round(&s, &l, 9_999, &TH, &none), None);
+    assert_eq!(p.round(&s, &l, 0, &TH, &none, &Near::default()), None, "just went above high");
+    assert_eq!(p.round(&s, &l, 9_999, &TH, &none, &Near::default()), None);
     // A dip below high starts the window again.
     let mut calm = l.clone();
     calm.get_mut(&NodeId(1)).unwrap().cpu = 0.8;
-    assert_eq!(p.round(&s, &calm, 9_999, &TH, &none), None);
-    assert_eq!(p.round(&s, &l, 10_000, &TH, &none), None);
+    assert_eq!(p.round(&s, &calm, 9_999, &TH, &none, &Near::default()), None);
+    assert_eq!(p.round(&s, &l, 10_000, &TH, &none, &Near::default()), None);
     // The most CPU per MiB of state goes first, to the hub below low (and it may: the target
     // ends no more loaded than the source, 0.5 against 0.5).
-    let m = p.round(&s, &l, 20_000, &TH, &none).expect("a move after the window");
+    let m = p.round(&s, &l, 20_000, &TH, &none, &Near::default()).expect("a move after the window");
     assert_eq!(m, Move { task: "a".into(), from: NodeId(1), to: NodeId(2) });
     // The window restarts after a move.
-    assert_eq!(p.round(&s, &l, 20_500, &TH, &none), None);
+    assert_eq!(p.round(&s, &l, 20_500, &TH, &none, &Near::default()), None);
 }
 
 #[test]
@@ -90,8 +91,8 @@ fn one_move_per_hub_at_a_time_and_never_a_pinned_or_recently_moved_task() {
     let cores = BTreeMap::from([("a", 0.6), ("b", 0.4)]);
     let l = loads(&s, &cores);
     let mut p = Overload::default();
-    p.round(&s, &l, 0, &TH, &BTreeSet::new());
-    assert_eq!(p.round(&s, &l, 10_000, &TH, &BTreeSet::from([NodeId(1)])), None, "busy");
+    p.round(&s, &l, 0, &TH, &BTreeSet::new(), &Near::default());
+    assert_eq!(p.round(&s, &l, 10_000, &TH, &BTreeSet::from([NodeId(1)]), &Near::default()), None, "busy");
     let epoch = s.tasks["a"].instances[&0].epoch;
     let begin = Command::BeginMigration {
         task: "b".into(),
@@ -105,17 +106,21 @@ fn one_move_per_hub_at_a_time_and_never_a_pinned_or_recently_moved_task() {
     };
     let mut migrating = s.clone();
     migrating.apply(&begin).unwrap();
-    assert_eq!(p.round(&migrating, &l, 10_000, &TH, &BTreeSet::new()), None, "a migration out is under way");
+    assert_eq!(
+        p.round(&migrating, &l, 10_000, &TH, &BTreeSet::new(), &Near::default()),
+        None,
+        "a migration out is under way"
+    );
     s.tasks.get_mut("a").unwrap().spec.pinned = true;
-    let m = p.round(&s, &l, 10_000, &TH, &BTreeSet::new()).unwrap();
+    let m = p.round(&s, &l, 10_000, &TH, &BTreeSet::new(), &Near::default()).unwrap();
     assert_eq!(m.task, "b", "a is pinned");
     // b moved a moment ago (history): within the cooldown nothing else qualifies.
     apply(&mut s, &Move { task: "b".into(), from: NodeId(1), to: NodeId(3) }, 5_000);
     apply(&mut s, &Move { task: "b".into(), from: NodeId(3), to: NodeId(1) }, 6_000);
     let mut p = Overload::default();
-    p.round(&s, &l, 0, &TH, &BTreeSet::new());
-    assert_eq!(p.round(&s, &l, 20_000, &TH, &BTreeSet::new()), None, "cooldown");
-    assert!(p.round(&s, &l, 6_000 + TH.cooldown_ms + 10_000, &TH, &BTreeSet::new()).is_some());
+    p.round(&s, &l, 0, &TH, &BTreeSet::new(), &Near::default());
+    assert_eq!(p.round(&s, &l, 20_000, &TH, &BTreeSet::new(), &Near::default()), None, "cooldown");
+    assert!(p.round(&s, &l, 6_000 + TH.cooldown_ms + 10_000, &TH, &BTreeSet::new(), &Near::default()).is_some());
     assert_eq!(s.tasks["a"].instances[&0].epoch, epoch);
 }
 
@@ -124,8 +129,8 @@ fn a_task_that_would_overload_any_target_stays_put() {
     let s = mesh(2, &[("hog", 1)]);
     let l = loads(&s, &BTreeMap::from([("hog", 0.95)]));
     let mut p = Overload::default();
-    p.round(&s, &l, 0, &TH, &BTreeSet::new());
-    assert_eq!(p.round(&s, &l, 60_000, &TH, &BTreeSet::new()), None);
+    p.round(&s, &l, 0, &TH, &BTreeSet::new(), &Near::default());
+    assert_eq!(p.round(&s, &l, 60_000, &TH, &BTreeSet::new(), &Near::default()), None);
 }
 
 /// Two loaded hubs and two idle, with the loads following every move, for 60 rounds of a
@@ -142,7 +147,7 @@ fn loaded_hubs_do_not_ping_pong() {
     for tick in 0..60u64 {
         let now = tick * 1000;
         let l = loads(&s, &cores);
-        if let Some(m) = p.round(&s, &l, now, &th, &BTreeSet::new()) {
+        if let Some(m) = p.round(&s, &l, now, &th, &BTreeSet::new(), &Near::default()) {
             assert!(!left.get(&m.task).is_some_and(|l| l.contains(&m.to)), "{m:?} goes back after {moves:?}");
             left.entry(m.task.clone()).or_default().insert(m.from);
             apply(&mut s, &m, now);
@@ -165,6 +170,6 @@ fn a_queue_that_travels_with_its_task_moves_nothing() {
     l.get_mut(&NodeId(1)).unwrap().tasks.get_mut("busy").unwrap().wait = 2.0;
     assert!(l[&NodeId(1)].score() > TH.high);
     let mut p = Overload::default();
-    p.round(&s, &l, 0, &TH, &BTreeSet::new());
-    assert_eq!(p.round(&s, &l, 60_000, &TH, &BTreeSet::new()), None);
+    p.round(&s, &l, 0, &TH, &BTreeSet::new(), &Near::default());
+    assert_eq!(p.round(&s, &l, 60_000, &TH, &BTreeSet::new(), &Near::default()), None);
 }

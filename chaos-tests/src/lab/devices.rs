@@ -1,0 +1,101 @@
+//! Devices in the lab (device discovery tests): namespaces `hm-d<k>` that run `hubmesh-devsim`,
+//! on the lab's bridge (LAN A, 10.77.0.0/24) or on a second LAN B (`hmbr1`, 10.78.0.0/24) that
+//! only the hubs given a second interface (`eth1`) reach. mDNS does not cross from one LAN to the
+//! other: what the hubs on A know of B's devices they learn by gossip.
+
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+
+use anyhow::Context;
+
+use super::net::{allow_forwarding, ip, BRIDGE, BRIDGE_B};
+use super::{netns, Lab};
+
+/// The address of device host `k` on LAN A or B.
+pub fn device_ip(k: usize, lan_b: bool) -> String {
+    format!("10.{}.0.{}", if lan_b { 78 } else { 77 }, 100 + k)
+}
+
+/// A hub's address on LAN B.
+fn hub_ip_b(i: usize) -> String {
+    format!("10.78.0.{}", 11 + i)
+}
+
+fn device_ns(k: usize) -> String {
+    format!("hm-d{k}")
+}
+
+impl Lab {
+    /// Builds LAN B and gives hubs `hubs` (0-based) an interface on it.
+    pub fn add_lan_b(&self, hubs: &[usize]) -> anyhow::Result<()> {
+        ip(&["link", "add", BRIDGE_B, "type", "bridge"])?;
+        let _ = ip(&["link", "set", BRIDGE_B, "type", "bridge", "mcast_snooping", "0"]);
+        ip(&["link", "set", BRIDGE_B, "up"])?;
+        allow_forwarding(BRIDGE_B)?;
+        for &i in hubs {
+            let (ns, veth) = (netns(i), format!("hmb{}", i + 1));
+            ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth1", "netns", &ns])?;
+            ip(&["link", "set", &veth, "master", BRIDGE_B, "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", hub_ip_b(i)), "dev", "eth1"])?;
+            ip(&["-n", &ns, "link", "set", "eth1", "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Starts `count` simulated devices named `prefix-0..`, advertised `via` mDNS or SSDP, in a
+    /// new device host `k` on LAN A or B.
+    pub fn spawn_devsim(
+        &self,
+        devsim: &Path,
+        k: usize,
+        lan_b: bool,
+        via: &str,
+        prefix: &str,
+        count: usize,
+    ) -> anyhow::Result<Devsim> {
+        let (ns, veth, addr) = (device_ns(k), format!("hmd{k}"), device_ip(k, lan_b));
+        ip(&["netns", "add", &ns])?;
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&["link", "set", &veth, "master", if lan_b { BRIDGE_B } else { BRIDGE }, "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(devsim)
+            .args(["--ip", &addr, "--via", via, "--prefix", prefix, "--count", &count.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", devsim.display()))?;
+        let stdin = child.stdin.take().context("the simulator's stdin")?;
+        Ok(Devsim { child, stdin })
+    }
+}
+
+/// A running `hubmesh-devsim`.
+pub struct Devsim {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+impl Devsim {
+    /// Device `i` says goodbye.
+    pub fn leave(&mut self, i: usize) -> anyhow::Result<()> {
+        use std::io::Write;
+        writeln!(self.stdin, "leave {i}").context("telling the simulator")?;
+        self.stdin.flush().context("telling the simulator")
+    }
+
+    /// Every device vanishes without a word (SIGKILL).
+    pub fn vanish(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Devsim {
+    fn drop(&mut self) {
+        self.vanish();
+    }
+}

@@ -1,0 +1,165 @@
+//! Device discovery on a real network (root only, like the chaos lab): five hubs on LAN A, two
+//! of them also on LAN B; simulated devices (`hubmesh-devsim`, mDNS) on each LAN. Every hub
+//! must know every device with the right seen-by set, a clean leave must be gone everywhere, a
+//! silent vanish must leave within its probe bound, and a partition must make a device
+//! `unreachable`, never missing, and heal without a flap.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hubmesh_chaos::lab::{Lab, Rules};
+use hubmesh_proto::api::DeviceInfo;
+
+fn skip_without_root() -> bool {
+    if let Err(e) = hubmesh_chaos::lab::require_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the device lab as root: {e}");
+        eprintln!("SKIPPED: {e}");
+        return true;
+    }
+    false
+}
+
+fn id(name: &str) -> String {
+    format!("mdns:_hubmesh-dev._tcp/id={name}")
+}
+
+/// Every hub's device list, by hub index (a hub that does not answer has none).
+async fn lists(lab: &Lab, hubs: &[usize]) -> BTreeMap<usize, BTreeMap<String, DeviceInfo>> {
+    let mut out = BTreeMap::new();
+    for &i in hubs {
+        let list = lab.hubs[i].client.devices().await.unwrap_or_default();
+        out.insert(i, list.into_iter().map(|d| (d.id.clone(), d)).collect());
+    }
+    out
+}
+
+fn seen_by(d: &DeviceInfo) -> BTreeSet<String> {
+    d.seen_by.iter().map(|s| s.node_name.clone()).collect()
+}
+
+/// Polls until `ok` holds for the lists of `hubs`, or fails after `limit` with the last lists.
+async fn until(
+    lab: &Lab,
+    hubs: &[usize],
+    limit: Duration,
+    what: &str,
+    ok: impl Fn(&BTreeMap<String, DeviceInfo>) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let all = lists(lab, hubs).await;
+        if all.values().all(&ok) {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}; the hubs' lists: {all:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn names(set: &[&str]) -> BTreeSet<String> {
+    set.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_discover_devices_gossip_them_and_keep_them_through_a_partition() {
+    if skip_without_root() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("devices-lab");
+    let _ = std::fs::remove_dir_all(&dir);
+    let bin: PathBuf = hubmesh_chaos::find_hubmesh(None).expect("the hubmesh binary next to this test");
+    let devsim = Path::new(env!("CARGO_BIN_EXE_hubmesh-devsim"));
+    let mut lab = Lab::up(&dir, 5, false, &bin, "lan", &[], Duration::from_secs(5)).await.expect("the lab is up");
+    let all: Vec<usize> = (0..5).collect();
+    lab.add_lan_b(&[3, 4]).expect("LAN B");
+    let mut lamps = lab.spawn_devsim(devsim, 1, false, "mdns", "lamp", 2).expect("lamps on LAN A");
+    let _fan = lab.spawn_devsim(devsim, 2, true, "mdns", "fan", 1).expect("a fan on LAN B");
+    let mut plug = lab.spawn_devsim(devsim, 3, false, "mdns", "plug", 1).expect("a plug on LAN A");
+    let mut tv = lab.spawn_devsim(devsim, 4, false, "ssdp", "tv", 1).expect("a UPnP TV on LAN A");
+    let tv_id = "ssdp:uuid:hubmesh-devsim-tv-0".to_owned();
+
+    // 1. Every hub knows every device; a LAN A device is seen by all five, LAN B's only by the
+    //    two hubs on LAN B (the others learnt it by gossip); one entry per device.
+    let every_hub = names(&["n1", "n2", "n3", "n4", "n5"]);
+    let took = until(&lab, &all, Duration::from_secs(60), "discovery", |l| {
+        l.len() == 5
+            && ["lamp-0", "lamp-1", "plug-0"].iter().all(|n| l.get(&id(n)).is_some_and(|d| seen_by(d) == every_hub))
+            && l.get(&tv_id).is_some_and(|d| seen_by(d) == every_hub)
+            && l.get(&id("fan-0")).is_some_and(|d| seen_by(d) == names(&["n4", "n5"]) && d.reach == "seen")
+    })
+    .await;
+    eprintln!("discovered everywhere in {took:?}");
+    let lamp = &lists(&lab, &[0]).await[&0][&id("lamp-0")];
+    assert_eq!(lamp.name, "lamp-0");
+    assert_eq!(lamp.kind, "_hubmesh-dev._tcp");
+    assert_eq!(lamp.addresses, vec!["10.77.0.101:8000".to_owned()], "one entry, its own address: {lamp:?}");
+    assert_eq!(lamp.properties.get("model").map(String::as_str), Some("hubmesh-devsim"));
+    let tvs = &lists(&lab, &[0]).await[&0][&tv_id];
+    assert_eq!(tvs.kind, "urn:schemas-upnp-org:device:BinaryLight:1");
+    assert_eq!(tvs.addresses, vec!["10.77.0.104".to_owned()]);
+    assert_eq!(tvs.properties.get("location").map(String::as_str), Some("http://10.77.0.104:8000/description.xml"));
+
+    // 2. A clean leave (mDNS goodbye) is gone from every hub.
+    lamps.leave(1).expect("lamp-1 leaves");
+    let took = until(&lab, &all, Duration::from_secs(10), "a clean leave", |l| !l.contains_key(&id("lamp-1"))).await;
+    eprintln!("a clean leave (mDNS goodbye) gone everywhere in {took:?}");
+    tv.leave(0).expect("the TV leaves");
+    let took = until(&lab, &all, Duration::from_secs(10), "an SSDP byebye", |l| !l.contains_key(&tv_id)).await;
+    eprintln!("a clean leave (SSDP byebye) gone everywhere in {took:?}");
+
+    // 3. A silent vanish (SIGKILL: no goodbye) leaves every hub within the probe bound (10 s
+    //    probe + 10 s verify), far below mDNS's 75-minute TTL.
+    plug.vanish();
+    let took = until(&lab, &all, Duration::from_secs(40), "a silent vanish", |l| !l.contains_key(&id("plug-0"))).await;
+    eprintln!("a silent vanish gone everywhere in {took:?}");
+    assert!(lists(&lab, &[0]).await[&0].contains_key(&id("lamp-0")), "the other devices stay");
+
+    // 4. Cut n4 and n5 (the only hubs on LAN B) off from n1-n3: for n1-n3 the fan turns
+    //    `unreachable`, and is never missing; lamp-0 stays seen (n1-n3 see it themselves).
+    let side = |others: [usize; 3]| Rules { drop_from: others.into(), drop_to: others.into(), ..Default::default() };
+    for i in [3, 4] {
+        lab.set_rules(i, &side([0, 1, 2])).expect("cutting");
+    }
+    let start = Instant::now();
+    let mut turned = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        let now = lists(&lab, &[0, 1, 2]).await;
+        for (hub, l) in &now {
+            let fan =
+                l.get(&id("fan-0")).unwrap_or_else(|| panic!("n{} lost the fan during the partition: {l:#?}", hub + 1));
+            assert_eq!(l.get(&id("lamp-0")).map(|d| d.reach.as_str()), Some("seen"), "lamp-0 on n{}", hub + 1);
+            if fan.reach == "unreachable" && hub == &0 && turned.is_none() {
+                turned = Some(start.elapsed());
+            }
+        }
+        if now.values().all(|l| l[&id("fan-0")].reach == "unreachable") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = turned.expect("the fan turned unreachable on n1 within 20 s");
+    eprintln!("partition: the fan unreachable on n1 after {took:?}");
+    let fan = &lists(&lab, &[0]).await[&0][&id("fan-0")];
+    assert_eq!(seen_by(fan), names(&["n4", "n5"]), "seen-by kept: {fan:?}");
+    assert!(fan.unreachable_since_ms.is_some());
+
+    // Heal: the fan is seen again without ever having been missing.
+    for i in [3, 4] {
+        lab.set_rules(i, &Rules::default()).expect("healing");
+    }
+    let start = Instant::now();
+    loop {
+        let now = lists(&lab, &[0, 1, 2]).await;
+        for (hub, l) in &now {
+            assert!(l.contains_key(&id("fan-0")), "n{} lost the fan while healing: {l:#?}", hub + 1);
+        }
+        if now.values().all(|l| l[&id("fan-0")].reach == "seen") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the fan is not seen again after the heal: {now:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("healed: the fan seen again after {:?}", start.elapsed());
+    lab.teardown();
+}

@@ -1,0 +1,195 @@
+//! mDNS/DNS-SD discovery (RFC 6762/6763) with the `mdns-sd` crate: browse each configured
+//! service type on the LAN's interfaces (never loopback, never IPv6 link-local noise), and
+//! report to [`Devices`](super::Devices) what resolves, what says goodbye and what stops
+//! answering.
+//!
+//! mDNS alone would keep a silent device for its records' TTL (75 minutes for the pointer
+//! record): every [`PROBE`] each known instance is verified (RFC 6762 §10.4: queried, and
+//! flushed when nothing answers within [`VERIFY`]), so a device that vanished leaves this hub's
+//! sightings within `PROBE + VERIFY`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mdns_sd::{IfKind, ResolvedService, ServiceDaemon, ServiceEvent};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::registry::Description;
+use super::wire;
+use crate::hub::Hub;
+use crate::worker::Worker;
+
+/// How often each known instance is verified.
+pub(crate) const PROBE: Duration = Duration::from_secs(10);
+/// How long a verified instance has to answer.
+pub(crate) const VERIFY: Duration = Duration::from_secs(10);
+/// The service types browsed when none are configured: common home devices, and hubmesh's own
+/// type for simple devices.
+pub(crate) const DEFAULT_TYPES: &[&str] = &[
+    "_hubmesh-dev._tcp",
+    "_hap._tcp",
+    "_hue._tcp",
+    "_matter._tcp",
+    "_esphomelib._tcp",
+    "_googlecast._tcp",
+    "_airplay._tcp",
+    "_ipp._tcp",
+];
+
+/// Whether `ty` is a DNS-SD service type this hub can browse: `_name._tcp` or `_name._udp`, the
+/// name 1-15 letters, digits and hyphens (RFC 6335 §5.1).
+pub(crate) fn valid_type(ty: &str) -> bool {
+    let Some(name) = ty.strip_suffix("._tcp").or_else(|| ty.strip_suffix("._udp")) else { return false };
+    let Some(name) = name.strip_prefix('_') else { return false };
+    (1..=15).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// The registry's key of an instance: its TXT `id` when it has one (a device that renames
+/// itself stays one entry), else its instance name; never an address.
+pub(crate) fn device_id(service_type: &str, instance: &str, txt_id: Option<&str>) -> String {
+    match txt_id.filter(|id| !id.is_empty()) {
+        Some(id) => format!("mdns:{service_type}/id={id}"),
+        None => format!("mdns:{service_type}/{instance}"),
+    }
+}
+
+/// `_hap._tcp.local.` -> `_hap._tcp`.
+fn short_type(ty_domain: &str) -> &str {
+    ty_domain.trim_end_matches('.').trim_end_matches(".local")
+}
+
+/// The instance part of a full name (`Hall lamp._hap._tcp.local.` -> `Hall lamp`).
+fn instance_of<'a>(fullname: &'a str, ty_domain: &str) -> &'a str {
+    fullname.strip_suffix(ty_domain).map_or(fullname, |s| s.trim_end_matches('.'))
+}
+
+/// What a resolved instance says: its id and description.
+fn describe(r: &ResolvedService) -> (String, Description) {
+    let ty = short_type(&r.ty_domain);
+    let instance = instance_of(&r.fullname, &r.ty_domain);
+    let properties: BTreeMap<String, String> =
+        r.txt_properties.iter().map(|p| (p.key().to_owned(), p.val_str().to_owned())).collect();
+    let id = device_id(ty, instance, properties.get("id").map(String::as_str));
+    let addresses = r.addresses.iter().map(|a| std::net::SocketAddr::new(a.to_ip_addr(), r.port).to_string()).collect();
+    let description = wire::fit(Description { name: instance.to_owned(), kind: ty.to_owned(), addresses, properties });
+    (id, description)
+}
+
+/// Browses the LAN and keeps this hub's mDNS sightings.
+pub(crate) struct MdnsWorker {
+    hub: Arc<Hub>,
+    daemon: ServiceDaemon,
+    events: mpsc::Receiver<ServiceEvent>,
+    /// Full instance name -> device id and description, for what resolved.
+    known: HashMap<String, (String, Description)>,
+    next_probe: Instant,
+    event: Option<ServiceEvent>,
+}
+
+impl MdnsWorker {
+    /// Starts the mDNS daemon (its own thread) and browses `types` (`_hap._tcp`, …).
+    pub(crate) fn start(hub: Arc<Hub>, types: &[String]) -> Result<Self, mdns_sd::Error> {
+        let daemon = ServiceDaemon::new()?;
+        daemon.disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6, IfKind::IPv6])?;
+        let (tx, events) = mpsc::channel(256);
+        for ty in types {
+            let receiver = daemon.browse(&format!("{ty}.local."))?;
+            let tx = tx.clone();
+            // Ends when the daemon shuts down (the receiver closes) or the worker is gone.
+            tokio::spawn(async move {
+                while let Ok(event) = receiver.recv_async().await {
+                    if tx.send(event).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Self { hub, daemon, events, known: HashMap::new(), next_probe: Instant::now() + PROBE, event: None })
+    }
+
+    fn on_event(&mut self, event: ServiceEvent) {
+        match event {
+            ServiceEvent::ServiceResolved(r) => {
+                let (id, description) = describe(&r);
+                tracing::debug!(device = %id, addresses = ?description.addresses, "mDNS: resolved");
+                self.hub.devices().saw(&id, description.clone());
+                self.known.insert(r.fullname.clone(), (id, description));
+            }
+            ServiceEvent::ServiceRemoved(_, fullname) => {
+                if let Some((id, _)) = self.known.remove(&fullname) {
+                    tracing::debug!(device = %id, "mDNS: removed");
+                    self.hub.devices().left(&id);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for MdnsWorker {
+    fn drop(&mut self) {
+        let _ = self.daemon.shutdown();
+    }
+}
+
+impl Worker for MdnsWorker {
+    fn name(&self) -> &'static str {
+        "mdns"
+    }
+
+    async fn work(&mut self) -> Result<(), String> {
+        if let Some(event) = self.event.take() {
+            self.on_event(event);
+        }
+        if Instant::now() >= self.next_probe {
+            self.next_probe = Instant::now() + PROBE;
+            for (fullname, (id, description)) in &self.known {
+                // Still known: it answered the last verification (a silent one was removed), so
+                // this hub still sees it ("last seen" is refreshed at most every minute).
+                self.hub.devices().saw(id, description.clone());
+                if let Err(e) = self.daemon.verify(fullname.clone(), VERIFY) {
+                    return Err(format!("verifying {fullname}: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            Some(event) = self.events.recv() => self.event = Some(event),
+            () = tokio::time::sleep_until(self.next_probe) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_is_keyed_by_its_txt_id_or_instance_never_its_address() {
+        assert_eq!(device_id("_hap._tcp", "Hall lamp", Some("AA:BB")), "mdns:_hap._tcp/id=AA:BB");
+        assert_eq!(device_id("_hap._tcp", "Hall lamp", Some("")), "mdns:_hap._tcp/Hall lamp");
+        assert_eq!(device_id("_hap._tcp", "Hall lamp", None), "mdns:_hap._tcp/Hall lamp");
+        assert_eq!(short_type("_hap._tcp.local."), "_hap._tcp");
+        assert!(DEFAULT_TYPES.iter().all(|t| valid_type(t)));
+        for bad in [
+            "_hap",
+            "hap._tcp",
+            "_._tcp",
+            "_a-very-long-service-name._tcp",
+            "_hap._tcp.local.",
+            "_-x._udp",
+            "_h p._tcp",
+        ] {
+            assert!(!valid_type(bad), "{bad}");
+        }
+        assert_eq!(instance_of("Hall lamp._hap._tcp.local.", "_hap._tcp.local."), "Hall lamp");
+    }
+}

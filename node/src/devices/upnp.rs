@@ -1,0 +1,190 @@
+//! SSDP (UPnP) discovery, the second handler beside mDNS: listen on 239.255.255.250:1900 on the
+//! LAN's interfaces for `NOTIFY` (alive, byebye), and search (`M-SEARCH ssdp:all`) every
+//! [`PROBE`] from a socket of its own, whose unicast answers count as sightings. A device that
+//! answers neither search nor announcement for [`SILENT`] has vanished; a byebye leaves at once.
+//! Messages are parsed by `ssdp` (pure); this module owns the sockets and the timers.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
+
+use super::registry::Description;
+use super::ssdp::{self, Announcement, GROUP, MAX_DATAGRAM};
+use super::{wire, MAX_DEVICES};
+use crate::hub::Hub;
+use crate::worker::Worker;
+
+/// How often the hub searches.
+pub(crate) const PROBE: Duration = Duration::from_secs(10);
+/// A device silent this long (two searches missed, and the wait for the third) has vanished.
+pub(crate) const SILENT: Duration = Duration::from_secs(25);
+
+/// The LAN's IPv4 interface addresses (loopback never: SSDP looks at the LAN).
+fn lan_interfaces() -> Vec<Ipv4Addr> {
+    let all = if_addrs::get_if_addrs().unwrap_or_default();
+    all.iter()
+        .filter(|i| !i.is_loopback())
+        .filter_map(|i| match i.ip() {
+            IpAddr::V4(v4) if !v4.is_link_local() => Some(v4),
+            _ => None,
+        })
+        .collect()
+}
+
+fn udp(bind: SocketAddrV4, shared: bool) -> std::io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    if shared {
+        // Other SSDP stacks on the machine (and other hubs in tests) listen on 1900 too.
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::V4(bind).into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// What this hub knows of one device from SSDP.
+struct Known {
+    last: Instant,
+    description: Description,
+}
+
+/// The SSDP handler.
+pub(crate) struct UpnpWorker {
+    hub: Arc<Hub>,
+    /// Bound to 1900, joined to the group: announcements.
+    listen: UdpSocket,
+    /// An ephemeral port: searches out, their unicast answers in.
+    search: UdpSocket,
+    interfaces: Vec<Ipv4Addr>,
+    known: HashMap<String, Known>,
+    next_probe: Instant,
+    buf: Vec<u8>,
+    received: Option<(usize, SocketAddr)>,
+}
+
+impl UpnpWorker {
+    /// Binds the sockets and joins the group on each LAN interface.
+    pub(crate) fn start(hub: Arc<Hub>) -> std::io::Result<Self> {
+        let interfaces = lan_interfaces();
+        let listen = udp(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, GROUP.port()), true)?;
+        for ip in &interfaces {
+            listen.join_multicast_v4(*GROUP.ip(), *ip)?;
+        }
+        let search = udp(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), false)?;
+        Ok(Self {
+            hub,
+            listen,
+            search,
+            interfaces,
+            known: HashMap::new(),
+            next_probe: Instant::now(),
+            buf: vec![0; MAX_DATAGRAM + 1],
+            received: None,
+        })
+    }
+
+    /// Sends an M-SEARCH out of every LAN interface.
+    fn probe(&self) -> Result<(), String> {
+        let socket = socket2::SockRef::from(&self.search);
+        let message = ssdp::search("ssdp:all", 2);
+        for ip in &self.interfaces {
+            socket.set_multicast_if_v4(ip).map_err(|e| format!("the SSDP search on {ip}: {e}"))?;
+            if let Err(e) = self.search.try_send_to(&message, SocketAddr::V4(GROUP)) {
+                tracing::debug!(%ip, error = %e, "an SSDP search was not sent");
+            }
+        }
+        Ok(())
+    }
+
+    fn on_datagram(&mut self, len: usize, from: SocketAddr) {
+        let announcement = match ssdp::parse(&self.buf[..len]) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::trace!(%from, error = %e, "an SSDP datagram ignored");
+                return;
+            }
+        };
+        let id = announcement.device_id();
+        match announcement {
+            Announcement::ByeBye { .. } => {
+                if self.known.remove(&id).is_some() {
+                    tracing::debug!(device = %id, "SSDP: byebye");
+                    self.hub.devices().left(&id);
+                }
+            }
+            Announcement::Alive { kind, location, server, .. } => {
+                if !self.known.contains_key(&id) && self.known.len() >= MAX_DEVICES {
+                    return;
+                }
+                let entry = self.known.entry(id.clone()).or_insert_with(|| Known {
+                    last: Instant::now(),
+                    description: Description { name: id.trim_start_matches("ssdp:").to_owned(), ..Default::default() },
+                });
+                entry.last = Instant::now();
+                let d = &mut entry.description;
+                // A device announces itself once per type it has: keep the most telling one.
+                let vague = d.kind == "upnp:rootdevice" || d.kind.starts_with("uuid:");
+                if d.kind.is_empty() || (vague && kind.contains(":device:")) {
+                    d.kind = kind;
+                }
+                d.addresses = [from.ip().to_string()].into();
+                if let Some(l) = location {
+                    d.properties.insert("location".into(), l);
+                }
+                if let Some(s) = server {
+                    d.properties.insert("server".into(), s);
+                }
+                let description = wire::fit(d.clone());
+                self.hub.devices().saw(&id, description);
+            }
+        }
+    }
+
+    /// Devices silent for [`SILENT`] have vanished.
+    fn expire(&mut self) {
+        let silent: Vec<String> =
+            self.known.iter().filter(|(_, k)| k.last.elapsed() >= SILENT).map(|(id, _)| id.clone()).collect();
+        for id in silent {
+            self.known.remove(&id);
+            tracing::debug!(device = %id, "SSDP: silent, gone");
+            self.hub.devices().left(&id);
+        }
+    }
+}
+
+impl Worker for UpnpWorker {
+    fn name(&self) -> &'static str {
+        "ssdp"
+    }
+
+    async fn work(&mut self) -> Result<(), String> {
+        if let Some((len, from)) = self.received.take() {
+            self.on_datagram(len, from);
+        }
+        if Instant::now() >= self.next_probe {
+            self.next_probe = Instant::now() + PROBE;
+            self.expire();
+            self.probe()?;
+        }
+        Ok(())
+    }
+
+    async fn wait(&mut self) {
+        let ready = tokio::select! {
+            r = self.listen.readable() => r.ok().map(|()| true),
+            r = self.search.readable() => r.ok().map(|()| false),
+            () = tokio::time::sleep_until(self.next_probe) => None,
+        };
+        let Some(announcements) = ready else { return };
+        let socket = if announcements { &self.listen } else { &self.search };
+        // A readiness that was spurious reads nothing (WouldBlock); a datagram longer than the
+        // buffer's one spare byte was cut, and is dropped.
+        self.received = socket.try_recv_from(&mut self.buf).ok().filter(|(len, _)| *len <= MAX_DATAGRAM);
+    }
+}
