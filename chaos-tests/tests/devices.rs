@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hubmesh_chaos::lab::{Lab, Rules};
-use hubmesh_proto::api::DeviceInfo;
+use hubmesh_proto::api::{DeployParams, DeviceInfo};
+
+const ECHO: &[u8] = include_bytes!("../../examples/tasks/echo.wat");
 
 fn skip_without_root() -> bool {
     if let Err(e) = hubmesh_chaos::lab::require_root() {
@@ -24,11 +26,11 @@ fn id(name: &str) -> String {
     format!("mdns:_hubmesh-dev._tcp/id={name}")
 }
 
-/// Every hub's device list, by hub index (a hub that does not answer has none).
+/// Every hub's device list, by hub index (each must answer: an absence proves nothing otherwise).
 async fn lists(lab: &Lab, hubs: &[usize]) -> BTreeMap<usize, BTreeMap<String, DeviceInfo>> {
     let mut out = BTreeMap::new();
     for &i in hubs {
-        let list = lab.hubs[i].client.devices().await.unwrap_or_default();
+        let list = lab.hubs[i].client.devices().await.unwrap_or_else(|e| panic!("n{} does not answer: {e}", i + 1));
         out.insert(i, list.into_iter().map(|d| (d.id.clone(), d)).collect());
     }
     out
@@ -78,14 +80,16 @@ async fn hubs_discover_devices_gossip_them_and_keep_them_through_a_partition() {
     let mut plug = lab.spawn_devsim(devsim, 3, false, "mdns", "plug", 1).expect("a plug on LAN A");
     let mut tv = lab.spawn_devsim(devsim, 4, false, "ssdp", "tv", 1).expect("a UPnP TV on LAN A");
     let tv_id = "ssdp:uuid:hubmesh-devsim-tv-0".to_owned();
+    let mut radio = lab.spawn_devsim(devsim, 5, false, "ssdp", "radio", 1).expect("a UPnP radio on LAN A");
+    let radio_id = "ssdp:uuid:hubmesh-devsim-radio-0".to_owned();
 
     // 1. Every hub knows every device; a LAN A device is seen by all five, LAN B's only by the
     //    two hubs on LAN B (the others learnt it by gossip); one entry per device.
     let every_hub = names(&["n1", "n2", "n3", "n4", "n5"]);
     let took = until(&lab, &all, Duration::from_secs(60), "discovery", |l| {
-        l.len() == 5
+        l.len() == 6
             && ["lamp-0", "lamp-1", "plug-0"].iter().all(|n| l.get(&id(n)).is_some_and(|d| seen_by(d) == every_hub))
-            && l.get(&tv_id).is_some_and(|d| seen_by(d) == every_hub)
+            && [&tv_id, &radio_id].iter().all(|i| l.get(*i).is_some_and(|d| seen_by(d) == every_hub))
             && l.get(&id("fan-0")).is_some_and(|d| seen_by(d) == names(&["n4", "n5"]) && d.reach == "seen")
     })
     .await;
@@ -102,18 +106,28 @@ async fn hubs_discover_devices_gossip_them_and_keep_them_through_a_partition() {
 
     // 2. A clean leave (mDNS goodbye) is gone from every hub.
     lamps.leave(1).expect("lamp-1 leaves");
-    let took = until(&lab, &all, Duration::from_secs(10), "a clean leave", |l| !l.contains_key(&id("lamp-1"))).await;
+    let lamp0 = id("lamp-0");
+    let took = until(&lab, &all, Duration::from_secs(10), "a clean leave", |l| {
+        !l.contains_key(&id("lamp-1")) && l.contains_key(&lamp0)
+    })
+    .await;
     eprintln!("a clean leave (mDNS goodbye) gone everywhere in {took:?}");
     tv.leave(0).expect("the TV leaves");
-    let took = until(&lab, &all, Duration::from_secs(10), "an SSDP byebye", |l| !l.contains_key(&tv_id)).await;
+    let took = until(&lab, &all, Duration::from_secs(10), "an SSDP byebye", |l| {
+        !l.contains_key(&tv_id) && l.contains_key(&radio_id)
+    })
+    .await;
     eprintln!("a clean leave (SSDP byebye) gone everywhere in {took:?}");
 
-    // 3. A silent vanish (SIGKILL: no goodbye) leaves every hub within the probe bound (10 s
-    //    probe + 10 s verify), far below mDNS's 75-minute TTL.
+    // 3. A silent vanish (SIGKILL: no goodbye) leaves every hub within the probe bound (mDNS: a
+    //    10 s probe + 10 s verify, far below its 75-minute TTL; SSDP: 25 s of silence).
     plug.vanish();
-    let took = until(&lab, &all, Duration::from_secs(40), "a silent vanish", |l| !l.contains_key(&id("plug-0"))).await;
-    eprintln!("a silent vanish gone everywhere in {took:?}");
-    assert!(lists(&lab, &[0]).await[&0].contains_key(&id("lamp-0")), "the other devices stay");
+    radio.vanish();
+    let took = until(&lab, &all, Duration::from_secs(45), "a silent vanish", |l| {
+        !l.contains_key(&id("plug-0")) && !l.contains_key(&radio_id) && l.contains_key(&lamp0)
+    })
+    .await;
+    eprintln!("a silent vanish (mDNS and SSDP) gone everywhere in {took:?}");
 
     // 4. Cut n4 and n5 (the only hubs on LAN B) off from n1-n3: for n1-n3 the fan turns
     //    `unreachable`, and is never missing; lamp-0 stays seen (n1-n3 see it themselves).
@@ -139,6 +153,8 @@ async fn hubs_discover_devices_gossip_them_and_keep_them_through_a_partition() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = turned.expect("the fan turned unreachable on n1 within 20 s");
+    let now = lists(&lab, &[0, 1, 2]).await;
+    assert!(now.values().all(|l| l[&id("fan-0")].reach == "unreachable"), "on every hub of the cut side: {now:#?}");
     eprintln!("partition: the fan unreachable on n1 after {took:?}");
     let fan = &lists(&lab, &[0]).await[&0][&id("fan-0")];
     assert_eq!(seen_by(fan), names(&["n4", "n5"]), "seen-by kept: {fan:?}");
@@ -161,5 +177,68 @@ async fn hubs_discover_devices_gossip_them_and_keep_them_through_a_partition() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("healed: the fan seen again after {:?}", start.elapsed());
+    // And it stays so: no flap after the heal.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        let now = lists(&lab, &all).await;
+        assert!(
+            now.values().all(|l| l.get(&id("fan-0")).is_some_and(|d| d.reach == "seen")),
+            "a flap after the heal: {now:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 5. The registries converge: every hub holds the same devices with the same seen-by sets.
+    let view = |l: &BTreeMap<String, DeviceInfo>| -> Vec<(String, BTreeSet<String>, String)> {
+        l.values().map(|d| (d.id.clone(), seen_by(d), d.reach.clone())).collect()
+    };
+    let start = Instant::now();
+    loop {
+        let now = lists(&lab, &all).await;
+        let first = view(&now[&0]);
+        if now.values().all(|l| view(l) == first) {
+            assert_eq!(first.len(), 2, "lamp-0 and the fan: {first:?}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "the registries differ: {now:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 6. `--near`: a task near the fan runs only on n4 or n5 (the hubs that see it) and fails
+    //    over only to the other; a task near a device nobody sees waits, with the reason.
+    let c = lab.hubs[0].client.clone();
+    let near_fan = DeployParams { near: Some(id("fan-0")), ..Default::default() };
+    let task = c.deploy("fan-control", ECHO.to_vec(), &near_fan, false).await.expect("deploy near the fan").task;
+    let host = task.placement.as_ref().map(|p| p.node_name.clone()).expect("placed at once");
+    assert!(host == "n4" || host == "n5", "placed near the fan: {task:?}");
+    assert_eq!(c.invoke("fan-control", b"hi".to_vec(), None).await.expect("it answers"), b"hi");
+    let ghost = DeployParams { near: Some(id("ghost")), ..Default::default() };
+    let waiting = c.deploy("ghost-control", ECHO.to_vec(), &ghost, false).await.expect("deploy near a ghost").task;
+    assert_eq!(waiting.state, "pending", "{waiting:?}");
+    assert_eq!(waiting.reason.as_deref(), Some(format!("no hub sees {}", id("ghost")).as_str()));
+    let (host_i, other) = if host == "n4" { (3, "n5") } else { (4, "n4") };
+    lab.kill(host_i).expect("killing the task's host");
+    let start = Instant::now();
+    loop {
+        let t = c.task("fan-control").await.expect("task show");
+        let now = t.placement.as_ref().map(|p| p.node_name.clone());
+        if now.as_deref() == Some(other) {
+            break;
+        }
+        assert!(now.as_deref() == Some(host.as_str()), "failed over to a hub that does not see the fan: {t:?}");
+        assert!(start.elapsed() < Duration::from_secs(30), "no failover to {other}: {t:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("the task near the fan failed over from {host} to {other} in {:?}", start.elapsed());
+
+    // 7. The dead host comes back off LAN B: it no longer sees the fan, and its complete account
+    //    makes every hub forget the sighting it had before the restart.
+    lab.detach_lan_b(host_i).expect("off LAN B");
+    lab.restart(host_i).await.expect("restart");
+    let took = until(&lab, &all, Duration::from_secs(30), "forgetting a restarted hub's stale sighting", |l| {
+        l.get(&id("fan-0")).is_some_and(|d| seen_by(d) == names(&[other]))
+    })
+    .await;
+    eprintln!("a restarted hub's stale sighting forgotten everywhere in {took:?}");
     lab.teardown();
 }

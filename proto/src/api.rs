@@ -350,8 +350,9 @@ pub struct DeviceSeenBy {
     pub node_id: u64,
     /// Empty if the hub is no longer a member.
     pub node_name: String,
-    /// When it last saw the device (ms since the epoch, on that hub's clock; refreshed at least
-    /// every minute while it sees it).
+    /// When that hub was last known to see the device (ms since the epoch): for a hub in reach,
+    /// the last time this hub heard from it (about every second); for one out of reach, the
+    /// last news of it.
     pub last_seen_ms: u64,
 }
 

@@ -42,6 +42,11 @@ impl Lab {
         Ok(())
     }
 
+    /// Takes hub `i` off LAN B (its `eth1` goes with the veth pair).
+    pub fn detach_lan_b(&self, i: usize) -> anyhow::Result<()> {
+        ip(&["link", "del", &format!("hmb{}", i + 1)])
+    }
+
     /// Starts `count` simulated devices named `prefix-0..`, advertised `via` mDNS or SSDP, in a
     /// new device host `k` on LAN A or B.
     pub fn spawn_devsim(
@@ -69,14 +74,15 @@ impl Lab {
             .spawn()
             .with_context(|| format!("starting {}", devsim.display()))?;
         let stdin = child.stdin.take().context("the simulator's stdin")?;
-        Ok(Devsim { child, stdin })
+        Ok(Devsim { child, stdin, ns })
     }
 }
 
-/// A running `hubmesh-devsim`.
+/// A running `hubmesh-devsim`; dropping it kills it and removes its device host.
 pub struct Devsim {
     child: Child,
     stdin: ChildStdin,
+    ns: String,
 }
 
 impl Devsim {
@@ -97,5 +103,6 @@ impl Devsim {
 impl Drop for Devsim {
     fn drop(&mut self) {
         self.vanish();
+        let _ = ip(&["netns", "del", &self.ns]);
     }
 }

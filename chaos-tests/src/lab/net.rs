@@ -124,6 +124,26 @@ pub fn clean_leftovers() {
         }
         let _ = Command::new("ip").args(["netns", "del", ns]).status();
     }
+    // The kernel destroys a deleted namespace (and the veth ends in it) in the background: wait
+    // for the lab's veth ends in this namespace to go, and delete any that stay.
+    for attempt in 0..50 {
+        let links = Command::new("ip").args(["-o", "link", "show"]).output().map(|o| o.stdout).unwrap_or_default();
+        let stale: Vec<String> = String::from_utf8_lossy(&links)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1)?.split('@').next().map(str::to_owned))
+            // Veth ends: hmvN (LAN A), hmbN (LAN B), hmdN (device hosts); not the bridges (hmbrN).
+            .filter(|name| ["hmv", "hmb", "hmd"].iter().any(|p| name.starts_with(p)) && !name.starts_with("hmbr"))
+            .collect();
+        if stale.is_empty() {
+            break;
+        }
+        if attempt >= 20 {
+            for name in &stale {
+                let _ = Command::new("ip").args(["link", "del", name]).stderr(Stdio::null()).status();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     for bridge in [BRIDGE, BRIDGE_B] {
         let _ = Command::new("ip").args(["link", "del", bridge]).stderr(Stdio::null()).status();
         // One delete per copy of the rule a crashed run may have left.

@@ -49,13 +49,14 @@ async fn state_with(s: &ApiState, name: &str) -> Result<Arc<ClusterState>, ApiEr
 
 pub(crate) async fn list(State(s): State<ApiState>) -> Json<Vec<api::TaskInfo>> {
     let state = s.hub.consensus().state();
-    Json(state.tasks.values().map(|r| views::task_info(&s.hub, &state, r)).collect())
+    let near = s.hub.devices().near();
+    Json(state.tasks.values().map(|r| views::task_info(&s.hub, &state, &near, r)).collect())
 }
 
 pub(crate) async fn show(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Json<api::TaskInfo>, ApiError> {
     let state = state_with(&s, &name).await?;
     let record = state.tasks.get(&name).ok_or_else(|| no_such_task(&name))?;
-    Ok(Json(views::task_info(&s.hub, &state, record)))
+    Ok(Json(views::task_info(&s.hub, &state, &s.hub.devices().near(), record)))
 }
 
 /// `POST` creates a task, `PUT` publishes a new version of an existing one.
@@ -76,7 +77,10 @@ pub(crate) async fn deploy(
     // Committed; if this hub has not applied it yet, it catches up (or answers 503, never 404).
     let state = state_with(&s, &name).await?;
     let record = state.tasks.get(&name).ok_or_else(|| no_such_task(&name))?;
-    let resp = api::DeployResponse { task: views::task_info(&s.hub, &state, record), created: deployed.created };
+    let resp = api::DeployResponse {
+        task: views::task_info(&s.hub, &state, &s.hub.devices().near(), record),
+        created: deployed.created,
+    };
     let status = if deployed.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(resp)).into_response())
 }

@@ -23,7 +23,8 @@ pub(crate) fn checkpoint_info(c: &CheckpointSummary) -> api::CheckpointInfo {
 }
 
 /// This hub's view of a task, for `task list`.
-pub(crate) fn task_info(hub: &Hub, state: &ClusterState, record: &TaskRecord) -> api::TaskInfo {
+/// `near`: the devices the hubs see (`Devices::near`, computed once per answer).
+pub(crate) fn task_info(hub: &Hub, state: &ClusterState, near: &scheduler::Near, record: &TaskRecord) -> api::TaskInfo {
     let spec = &record.spec;
     let name = &spec.name;
     let info = |p: &hubmesh_consensus::state::Placement| api::PlacementInfo {
@@ -36,7 +37,7 @@ pub(crate) fn task_info(hub: &Hub, state: &ClusterState, record: &TaskRecord) ->
     let local = hub.executor().status(name);
     let failure = hub.start_failure(name).map(|f| f.to_string());
     let here = record.placements().any(|(_, p)| p.node == hub.consensus().node_id());
-    let (state_text, reason) = if let Some(reason) = scheduler::pending_reason(state, &hub.devices().near(), name) {
+    let (state_text, reason) = if let Some(reason) = scheduler::pending_reason(state, near, name) {
         ("pending", Some(reason.to_string()))
     } else if let Some(f) = failure.filter(|_| here) {
         ("failed", Some(f))

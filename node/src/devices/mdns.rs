@@ -1,14 +1,15 @@
 //! mDNS/DNS-SD discovery (RFC 6762/6763) with the `mdns-sd` crate: browse each configured
-//! service type on the LAN's interfaces (never loopback, never IPv6 link-local noise), and
+//! service type on the LAN's IPv4 interfaces (never loopback; IPv6 is off), and
 //! report to [`Devices`](super::Devices) what resolves, what says goodbye and what stops
 //! answering.
 //!
 //! mDNS alone would keep a silent device for its records' TTL (75 minutes for the pointer
 //! record): every [`PROBE`] each known instance is verified (RFC 6762 §10.4: queried, and
-//! flushed when nothing answers within [`VERIFY`]), so a device that vanished leaves this hub's
-//! sightings within `PROBE + VERIFY`.
+//! flushed when nothing answers within [`VERIFY`]), a slice of them each second, so a device
+//! that vanished leaves this hub's sightings within about `PROBE + VERIFY`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,9 @@ use crate::worker::Worker;
 pub(crate) const PROBE: Duration = Duration::from_secs(10);
 /// How long a verified instance has to answer.
 pub(crate) const VERIFY: Duration = Duration::from_secs(10);
+/// How often a slice of the known instances is verified (each one every [`PROBE`]): mdns-sd's
+/// command queue holds 100, so thousands are never asked at once.
+const PROBE_TICK: Duration = Duration::from_secs(1);
 /// The service types browsed when none are configured: common home devices, and hubmesh's own
 /// type for simple devices.
 pub(crate) const DEFAULT_TYPES: &[&str] = &[
@@ -85,8 +89,11 @@ pub(crate) struct MdnsWorker {
     hub: Arc<Hub>,
     daemon: ServiceDaemon,
     events: mpsc::Receiver<ServiceEvent>,
-    /// Full instance name -> device id and description, for what resolved.
-    known: HashMap<String, (String, Description)>,
+    /// Full instance name -> device id, for what resolved (two names may be one device: a
+    /// rename, or a name conflict, keeps its TXT id).
+    known: BTreeMap<String, String>,
+    /// The instance verified last: the next tick goes on after it.
+    cursor: Option<String>,
     next_probe: Instant,
     event: Option<ServiceEvent>,
 }
@@ -109,7 +116,8 @@ impl MdnsWorker {
                 }
             });
         }
-        Ok(Self { hub, daemon, events, known: HashMap::new(), next_probe: Instant::now() + PROBE, event: None })
+        let next_probe = Instant::now() + PROBE_TICK;
+        Ok(Self { hub, daemon, events, known: BTreeMap::new(), cursor: None, next_probe, event: None })
     }
 
     fn on_event(&mut self, event: ServiceEvent) {
@@ -117,17 +125,43 @@ impl MdnsWorker {
             ServiceEvent::ServiceResolved(r) => {
                 let (id, description) = describe(&r);
                 tracing::debug!(device = %id, addresses = ?description.addresses, "mDNS: resolved");
-                self.hub.devices().saw(&id, description.clone());
-                self.known.insert(r.fullname.clone(), (id, description));
+                // A device the registry refused (this hub sees too many) is not tracked either.
+                if self.hub.devices().saw(&id, description) {
+                    self.known.insert(r.fullname.clone(), id);
+                }
             }
             ServiceEvent::ServiceRemoved(_, fullname) => {
-                if let Some((id, _)) = self.known.remove(&fullname) {
-                    tracing::debug!(device = %id, "mDNS: removed");
-                    self.hub.devices().left(&id);
+                if let Some(id) = self.known.remove(&fullname) {
+                    // Still announced under another name: it did not leave.
+                    if !self.known.values().any(|other| *other == id) {
+                        tracing::debug!(device = %id, "mDNS: removed");
+                        self.hub.devices().left(&id);
+                    }
                 }
             }
             _ => {}
         }
+    }
+}
+
+impl MdnsWorker {
+    /// Verifies the next slice of the known instances, going on where the last tick stopped.
+    fn verify_slice(&mut self) -> Result<(), String> {
+        let share = self.known.len().div_ceil((PROBE.as_millis() / PROBE_TICK.as_millis()) as usize);
+        let after = match &self.cursor {
+            Some(c) => self.known.range::<str, _>((Bound::Excluded(c.as_str()), Bound::Unbounded)),
+            None => self.known.range::<str, _>(..),
+        };
+        let slice: Vec<String> = after.chain(self.known.iter()).map(|(name, _)| name.clone()).take(share).collect();
+        for fullname in slice {
+            match self.daemon.verify(fullname.clone(), VERIFY) {
+                Ok(()) => self.cursor = Some(fullname),
+                // The daemon's queue is full: the rest waits for the next tick.
+                Err(mdns_sd::Error::Again) => break,
+                Err(e) => return Err(format!("verifying {fullname}: {e}")),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -147,15 +181,8 @@ impl Worker for MdnsWorker {
             self.on_event(event);
         }
         if Instant::now() >= self.next_probe {
-            self.next_probe = Instant::now() + PROBE;
-            for (fullname, (id, description)) in &self.known {
-                // Still known: it answered the last verification (a silent one was removed), so
-                // this hub still sees it ("last seen" is refreshed at most every minute).
-                self.hub.devices().saw(id, description.clone());
-                if let Err(e) = self.daemon.verify(fullname.clone(), VERIFY) {
-                    return Err(format!("verifying {fullname}: {e}"));
-                }
-            }
+            self.next_probe = Instant::now() + PROBE_TICK;
+            self.verify_slice()?;
         }
         Ok(())
     }

@@ -36,11 +36,11 @@ pub(crate) use worker::DevicesWorker;
 /// A hub not heard from on the gossip plane for this long is out of reach (it sends its load
 /// every second).
 pub(crate) const OUT_OF_REACH: Duration = Duration::from_secs(5);
-/// Most devices one hub may have sightings of; more from a member are refused.
+/// Most devices one hub sees at once; it writes no sighting of more.
 pub(crate) const MAX_DEVICES: usize = 4096;
-/// A present sighting is written again (a newer `at_ms`) when it is older than this, so that
-/// "last seen" stays within a minute without gossiping every probe.
-const REFRESH: Duration = Duration::from_secs(60);
+/// Most sightings of one hub a registry keeps: what it sees and as many tombstones (a member's
+/// message that would take its hub above this is refused).
+pub(crate) const MAX_SIGHTINGS: usize = 2 * MAX_DEVICES;
 
 /// This hub's view of the LAN's devices, shared by the discovery handlers, the gossip worker
 /// and the API.
@@ -59,8 +59,10 @@ struct Inner {
     unsent: BTreeSet<String>,
     /// A peer lacks some of this hub's sightings: send a complete account.
     account_due: bool,
-    /// When each hub was last heard from on the gossip plane (ms since the epoch).
+    /// When each hub was last heard from on the gossip plane (ms since the epoch), by its loads.
     heard: HashMap<NodeId, u64>,
+    /// When this hub started: the "since" of a hub not heard from since.
+    started_ms: u64,
 }
 
 /// Why a member's device message was not taken.
@@ -68,7 +70,7 @@ struct Inner {
 pub(crate) enum DeviceMessageError {
     #[error("a sighting is malformed: {0}")]
     Malformed(#[from] wire::WireError),
-    #[error("the hub would see more than {MAX_DEVICES} devices")]
+    #[error("the hub would have more than {MAX_SIGHTINGS} sightings")]
     TooMany,
 }
 
@@ -82,6 +84,7 @@ impl Devices {
             unsent: BTreeSet::new(),
             account_due: false,
             heard: HashMap::new(),
+            started_ms: now_ms(),
         };
         Self { me, inner: Mutex::new(inner), wake: Notify::new() }
     }
@@ -90,31 +93,36 @@ impl Devices {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// This hub sees `device` now, as `description`.
-    pub(crate) fn saw(&self, device: &str, description: Description) {
+    /// This hub sees `device` now, as `description`; false if it already sees [`MAX_DEVICES`]
+    /// others. Only a change is written (and gossiped): a present sighting of a hub in reach means
+    /// that hub still sees the device (it would have said otherwise within its probe bound), so
+    /// probes that find nothing new cost no traffic.
+    pub(crate) fn saw(&self, device: &str, description: Description) -> bool {
+        let device = wire::bounded_id(device);
+        let description = wire::fit(description);
         let now = now_ms();
         let mut inner = self.lock();
-        if let Some((_, known)) = inner.registry.sightings_of(self.me).into_iter().find(|(id, _)| id == device) {
-            let fresh = now.saturating_sub(known.at_ms) < REFRESH.as_millis() as u64;
-            if known.present && known.description == description && fresh {
-                return;
+        match inner.registry.get(&device, self.me) {
+            Some(known) if known.present && known.description == description => return true,
+            Some(known) if known.present => {}
+            _ if inner.registry.count_of(self.me, |_, s| s.present) >= MAX_DEVICES => {
+                metrics::counter!("hubmesh_devices_refused_total").increment(1);
+                return false;
             }
-        } else if inner.registry.count_of(self.me) >= MAX_DEVICES {
-            metrics::counter!("hubmesh_devices_refused_total").increment(1);
-            return;
+            _ => {}
         }
-        self.write_own(&mut inner, device, Sighting { version: 0, at_ms: now, present: true, description });
+        self.write_own(&mut inner, &device, Sighting { version: 0, at_ms: now, present: true, description });
+        true
     }
 
     /// `device` left cleanly (goodbye, byebye) or stopped answering this hub's probes.
     pub(crate) fn left(&self, device: &str) {
+        let device = wire::bounded_id(device);
         let mut inner = self.lock();
-        let Some((_, known)) = inner.registry.sightings_of(self.me).into_iter().find(|(id, _)| id == device) else {
-            return;
-        };
+        let Some(known) = inner.registry.get(&device, self.me) else { return };
         if known.present {
-            let gone = Sighting { version: 0, at_ms: now_ms(), present: false, description: known.description };
-            self.write_own(&mut inner, device, gone);
+            let gone = Sighting { version: 0, at_ms: now_ms(), present: false, description: known.description.clone() };
+            self.write_own(&mut inner, &device, gone);
         }
     }
 
@@ -126,7 +134,8 @@ impl Devices {
         self.wake.notify_one();
     }
 
-    /// A member's message was accepted from `hub`: it is in reach.
+    /// A newer load of `hub` arrived: it is in reach (only loads count: they are checked to be
+    /// newer than the last, so a late or replayed message cannot make a silent hub look alive).
     pub(crate) fn heard_from(&self, hub: NodeId) {
         self.lock().heard.insert(hub, now_ms());
     }
@@ -136,19 +145,37 @@ impl Devices {
         if hub == self.me {
             return Ok(false);
         }
-        let sightings = msg.sightings.into_iter().map(wire::from_pb).collect::<Result<Vec<_>, _>>()?;
+        // A malformed sighting is left out, not the message: the others still count.
+        let (mut sightings, mut malformed) = (Vec::new(), None);
+        for s in msg.sightings {
+            match wire::from_pb(s) {
+                Ok(s) => sightings.push(s),
+                Err(e) => malformed = Some(e),
+            }
+        }
         let mut inner = self.lock();
-        let new = sightings.iter().filter(|(id, _)| !inner.registry.has(id, hub)).count();
-        if inner.registry.count_of(hub) + new > MAX_DEVICES {
+        let to = (!msg.to.is_empty()).then_some(msg.to.as_str());
+        let within = |id: &str| id >= msg.from.as_str() && to.is_none_or(|t| id < t);
+        // What the hub will have once this message is taken.
+        let after = if msg.complete {
+            let kept = inner.registry.count_of(hub, |id, s| !within(id) || s.version > msg.as_of);
+            kept + sightings.iter().filter(|(id, _)| within(id)).count()
+        } else {
+            let all = inner.registry.count_of(hub, |_, _| true);
+            all + sightings.iter().filter(|(id, _)| !inner.registry.has(id, hub)).count()
+        };
+        if after > MAX_SIGHTINGS {
             return Err(DeviceMessageError::TooMany);
         }
         let changed = if msg.complete {
-            let to = (!msg.to.is_empty()).then_some(msg.to.as_str());
             inner.registry.replace_range(hub, msg.as_of, &msg.from, to, sightings)
         } else {
             sightings.into_iter().fold(false, |c, (id, s)| inner.registry.merge(&id, hub, s) | c)
         };
-        Ok(changed)
+        match malformed {
+            Some(e) => Err(DeviceMessageError::Malformed(e)),
+            None => Ok(changed),
+        }
     }
 
     /// A member's digest: if what it holds of this hub's sightings differs from what this hub
@@ -203,24 +230,46 @@ impl Devices {
         pb::DeviceDigest { hubs }
     }
 
-    /// Forgets hubs that left the mesh and tombstones older than `before_ms`.
+    /// Forgets hubs that left the mesh, and this hub's tombstones older than `before_ms` or
+    /// beyond the newest [`MAX_DEVICES`] (a LAN churning through names cannot fill the registry).
     fn prune(&self, is_member: impl Fn(NodeId) -> bool, before_ms: u64) {
         let mut inner = self.lock();
-        inner.registry.prune(&is_member, before_ms);
+        inner.registry.prune(&is_member, self.me, before_ms);
+        let mut tombstones: Vec<(u64, String)> = inner
+            .registry
+            .sightings_of(self.me)
+            .into_iter()
+            .filter(|(_, s)| !s.present)
+            .map(|(id, s)| (s.at_ms, id))
+            .collect();
+        if tombstones.len() > MAX_DEVICES {
+            tombstones.sort();
+            let excess = tombstones.len() - MAX_DEVICES;
+            for (_, id) in tombstones.into_iter().take(excess) {
+                inner.registry.forget(&id, self.me);
+            }
+        }
         inner.heard.retain(|h, _| is_member(*h));
     }
 
-    /// The devices some hub sees, with reach judged by when each hub was last heard from.
+    /// The devices some hub sees, with reach judged by when each hub was last heard from. In
+    /// `seen_by` the hubs stay in the order of their sightings (the latest (re)discovery first),
+    /// and each time is when that hub was last known to see the device: now for this hub, the
+    /// last message heard from a hub (it still saw it then), or its sighting's time if older.
     pub(crate) fn view(&self) -> Vec<DeviceView> {
         let now = now_ms();
         let inner = self.lock();
-        inner.registry.view(|hub| {
-            if hub == self.me {
-                return None;
+        let heard =
+            |hub: NodeId| if hub == self.me { now } else { inner.heard.get(&hub).copied().unwrap_or(inner.started_ms) };
+        let mut views = inner.registry.view(|hub| {
+            (hub != self.me && now.saturating_sub(heard(hub)) > OUT_OF_REACH.as_millis() as u64).then(|| heard(hub))
+        });
+        for v in &mut views {
+            for (hub, at_ms) in &mut v.seen_by {
+                *at_ms = (*at_ms).max(heard(*hub));
             }
-            let heard = inner.heard.get(&hub).copied().unwrap_or(0);
-            (now.saturating_sub(heard) > OUT_OF_REACH.as_millis() as u64).then_some(heard)
-        })
+        }
+        views
     }
 
     /// For each device, the hubs in reach that see it, the most recent sighting first: where

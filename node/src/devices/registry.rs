@@ -9,6 +9,7 @@
 //! ever removes a device because a hub is unreachable: the view marks it `Unreachable` instead.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 use hubmesh_consensus::NodeId;
 
@@ -102,14 +103,29 @@ impl Registry {
         self.devices.iter().filter_map(|(id, by)| by.get(&hub).map(|s| (id.clone(), s.clone()))).collect()
     }
 
-    /// How many devices `hub` has a sighting of.
-    pub(crate) fn count_of(&self, hub: NodeId) -> usize {
-        self.devices.values().filter(|by| by.contains_key(&hub)).count()
+    /// How many of `hub`'s sightings pass `keep`.
+    pub(crate) fn count_of(&self, hub: NodeId, keep: impl Fn(&str, &Sighting) -> bool) -> usize {
+        self.devices.iter().filter(|(id, by)| by.get(&hub).is_some_and(|s| keep(id, s))).count()
+    }
+
+    /// `hub`'s sighting of `device`.
+    pub(crate) fn get(&self, device: &str, hub: NodeId) -> Option<&Sighting> {
+        self.devices.get(device)?.get(&hub)
+    }
+
+    /// Drops `hub`'s sighting of `device`.
+    pub(crate) fn forget(&mut self, device: &str, hub: NodeId) {
+        if let Some(by) = self.devices.get_mut(device) {
+            by.remove(&hub);
+            if by.is_empty() {
+                self.devices.remove(device);
+            }
+        }
     }
 
     /// Whether `hub` has a sighting of `device`.
     pub(crate) fn has(&self, device: &str, hub: NodeId) -> bool {
-        self.devices.get(device).is_some_and(|by| by.contains_key(&hub))
+        self.get(device, hub).is_some()
     }
 
     /// Takes `hub`'s complete account of its sightings of the devices whose ids are in
@@ -127,14 +143,24 @@ impl Registry {
     ) -> bool {
         let within = |id: &str| id >= from && to.is_none_or(|t| id < t);
         let mentioned: BTreeSet<&str> = account.iter().map(|(id, _)| id.as_str()).collect();
-        let mut changed = false;
-        for (id, by) in self.devices.iter_mut() {
-            if within(id) && !mentioned.contains(id.as_str()) && by.get(&hub).is_some_and(|s| s.version <= as_of) {
+        let range = match to {
+            Some(t) if t <= from => return false,
+            Some(t) => self.devices.range::<str, _>((Bound::Included(from), Bound::Excluded(t))),
+            None => self.devices.range::<str, _>((Bound::Included(from), Bound::Unbounded)),
+        };
+        let stale: Vec<String> = range
+            .filter(|(id, by)| !mentioned.contains(id.as_str()) && by.get(&hub).is_some_and(|s| s.version <= as_of))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut changed = !stale.is_empty();
+        for id in stale {
+            if let Some(by) = self.devices.get_mut(&id) {
                 by.remove(&hub);
-                changed = true;
+                if by.is_empty() {
+                    self.devices.remove(&id);
+                }
             }
         }
-        self.devices.retain(|_, by| !by.is_empty());
         for (id, s) in account {
             if within(&id) {
                 changed |= self.merge(&id, hub, s);
@@ -143,11 +169,13 @@ impl Registry {
         changed
     }
 
-    /// Forgets a hub that left the mesh, and absent sightings older than `before_ms`
-    /// (late copies of what they replaced can no longer be in flight).
-    pub(crate) fn prune(&mut self, is_member: impl Fn(NodeId) -> bool, before_ms: u64) {
+    /// Forgets hubs that left the mesh, and `owner`'s own absent sightings older than
+    /// `before_ms` (late copies of what they replaced can no longer be in flight). Only the owner
+    /// prunes its tombstones, by its own clock: peers forget them through its complete account
+    /// (pruning by each peer's clock would disagree with the owner's and never settle).
+    pub(crate) fn prune(&mut self, is_member: impl Fn(NodeId) -> bool, owner: NodeId, before_ms: u64) {
         for by in self.devices.values_mut() {
-            by.retain(|hub, s| is_member(*hub) && (s.present || s.at_ms >= before_ms));
+            by.retain(|hub, s| is_member(*hub) && (*hub != owner || s.present || s.at_ms >= before_ms));
         }
         self.devices.retain(|_, by| !by.is_empty());
     }
@@ -163,7 +191,8 @@ impl Registry {
                 continue;
             }
             present.sort_by(|a, b| b.1.at_ms.cmp(&a.1.at_ms).then(a.0.cmp(&b.0)));
-            let newest = present.iter().max_by_key(|(h, s)| (s.version, *h)).map(|(_, s)| s.description.clone());
+            // Versions of different hubs do not compare: the latest sighting (by its time) tells.
+            let newest = present.iter().max_by_key(|(h, s)| (s.at_ms, *h)).map(|(_, s)| s.description.clone());
             let downs: Vec<Option<u64>> = present.iter().map(|(h, _)| out_of_reach(*h)).collect();
             let reach = if downs.iter().all(Option::is_some) {
                 Reach::Unreachable { since_ms: downs.iter().flatten().copied().max().unwrap_or(0) }
@@ -231,9 +260,13 @@ mod tests {
         r.merge("lamp", NodeId(1), seen(1, 10, true, "lamp"));
         r.merge("tv", NodeId(2), seen(1, 10, false, "tv"));
         r.merge("fan", NodeId(3), seen(1, 10, true, "fan"));
-        r.prune(|h| h != NodeId(3), 100);
+        r.merge("fan", NodeId(1), seen(2, 10, false, "fan"));
+        // Hub 1 prunes: hub 3 left the mesh, hub 1's own old tombstone goes, hub 2's stays (only
+        // its owner prunes it, by its own clock).
+        r.prune(|h| h != NodeId(3), NodeId(1), 100);
         assert_eq!(r.view(|_| None).iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["lamp"]);
-        assert_eq!(r.digest().keys().copied().collect::<Vec<_>>(), [NodeId(1)]);
+        assert_eq!(r.digest().keys().copied().collect::<Vec<_>>(), [NodeId(1), NodeId(2)]);
+        assert!(r.has("tv", NodeId(2)) && !r.has("fan", NodeId(1)));
     }
 
     /// One anti-entropy exchange as the hubs run it: each hub whose entry in the peer's digest
@@ -260,7 +293,7 @@ mod tests {
         peer.merge("d2", NodeId(2), seen(9, 90, true, "tv"));
         exchange(&owner, NodeId(1), &mut peer);
         assert_eq!(peer.sightings_of(NodeId(1)), owner.sightings_of(NodeId(1)));
-        assert_eq!(peer.count_of(NodeId(2)), 1, "another hub's sightings are not touched");
+        assert_eq!(peer.count_of(NodeId(2), |_, _| true), 1, "another hub's sightings are not touched");
         assert_eq!(peer.digest().get(&NodeId(1)), owner.digest().get(&NodeId(1)));
         // A sighting newer than the account (sent after it, arrived first) stays.
         peer.merge("d4", NodeId(1), seen(8, 80, true, "new"));

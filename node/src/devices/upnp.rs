@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::registry::Description;
 use super::ssdp::{self, Announcement, GROUP, MAX_DATAGRAM};
-use super::{wire, MAX_DEVICES};
+use super::MAX_DEVICES;
 use crate::hub::Hub;
 use crate::worker::Worker;
 
@@ -51,6 +51,9 @@ fn udp(bind: SocketAddrV4, shared: bool) -> std::io::Result<UdpSocket> {
 /// What this hub knows of one device from SSDP.
 struct Known {
     last: Instant,
+    /// Each address it spoke from, and when last: one that has been silent for [`SILENT`] is
+    /// dropped (a device that moved does not keep its old address).
+    addresses: HashMap<IpAddr, Instant>,
     description: Description,
 }
 
@@ -69,19 +72,15 @@ pub(crate) struct UpnpWorker {
 }
 
 impl UpnpWorker {
-    /// Binds the sockets and joins the group on each LAN interface.
+    /// Binds the sockets (the group is joined on each LAN interface at every probe).
     pub(crate) fn start(hub: Arc<Hub>) -> std::io::Result<Self> {
-        let interfaces = lan_interfaces();
         let listen = udp(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, GROUP.port()), true)?;
-        for ip in &interfaces {
-            listen.join_multicast_v4(*GROUP.ip(), *ip)?;
-        }
         let search = udp(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), false)?;
         Ok(Self {
             hub,
             listen,
             search,
-            interfaces,
+            interfaces: Vec::new(),
             known: HashMap::new(),
             next_probe: Instant::now(),
             buf: vec![0; MAX_DATAGRAM + 1],
@@ -89,17 +88,28 @@ impl UpnpWorker {
         })
     }
 
-    /// Sends an M-SEARCH out of every LAN interface.
-    fn probe(&self) -> Result<(), String> {
-        let socket = socket2::SockRef::from(&self.search);
+    /// Joins the group on interfaces that appeared since the last probe (best effort: one that
+    /// refuses is tried again next time), then sends an M-SEARCH out of every LAN interface.
+    async fn probe(&mut self) {
+        for ip in lan_interfaces() {
+            if self.interfaces.contains(&ip) {
+                continue;
+            }
+            match self.listen.join_multicast_v4(*GROUP.ip(), ip) {
+                Ok(()) => self.interfaces.push(ip),
+                Err(e) => tracing::debug!(%ip, error = %e, "SSDP: joining the group failed"),
+            }
+        }
         let message = ssdp::search("ssdp:all", 2);
         for ip in &self.interfaces {
-            socket.set_multicast_if_v4(ip).map_err(|e| format!("the SSDP search on {ip}: {e}"))?;
-            if let Err(e) = self.search.try_send_to(&message, SocketAddr::V4(GROUP)) {
+            let sent = match socket2::SockRef::from(&self.search).set_multicast_if_v4(ip) {
+                Ok(()) => self.search.send_to(&message, SocketAddr::V4(GROUP)).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
                 tracing::debug!(%ip, error = %e, "an SSDP search was not sent");
             }
         }
-        Ok(())
     }
 
     fn on_datagram(&mut self, len: usize, from: SocketAddr) {
@@ -124,24 +134,28 @@ impl UpnpWorker {
                 }
                 let entry = self.known.entry(id.clone()).or_insert_with(|| Known {
                     last: Instant::now(),
+                    addresses: HashMap::new(),
                     description: Description { name: id.trim_start_matches("ssdp:").to_owned(), ..Default::default() },
                 });
                 entry.last = Instant::now();
+                entry.addresses.insert(from.ip(), entry.last);
+                entry.addresses.retain(|_, at| at.elapsed() < SILENT);
                 let d = &mut entry.description;
                 // A device announces itself once per type it has: keep the most telling one.
                 let vague = d.kind == "upnp:rootdevice" || d.kind.starts_with("uuid:");
                 if d.kind.is_empty() || (vague && kind.contains(":device:")) {
                     d.kind = kind;
                 }
-                d.addresses = [from.ip().to_string()].into();
+                d.addresses = entry.addresses.keys().map(ToString::to_string).collect();
                 if let Some(l) = location {
                     d.properties.insert("location".into(), l);
                 }
                 if let Some(s) = server {
                     d.properties.insert("server".into(), s);
                 }
-                let description = wire::fit(d.clone());
-                self.hub.devices().saw(&id, description);
+                if !self.hub.devices().saw(&id, d.clone()) {
+                    self.known.remove(&id);
+                }
             }
         }
     }
@@ -170,7 +184,7 @@ impl Worker for UpnpWorker {
         if Instant::now() >= self.next_probe {
             self.next_probe = Instant::now() + PROBE;
             self.expire();
-            self.probe()?;
+            self.probe().await;
         }
         Ok(())
     }

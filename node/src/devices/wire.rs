@@ -50,6 +50,20 @@ pub(crate) fn check(device: &str, d: &Description) -> Result<(), WireError> {
     Ok(())
 }
 
+/// A device id within [`MAX_ID`]: a longer one (a UDN or TXT id a device may make as long as a
+/// datagram) keeps its start and ends in a hash of the whole, so it stays stable and distinct.
+pub(crate) fn bounded_id(id: &str) -> String {
+    if id.len() <= MAX_ID {
+        return id.to_owned();
+    }
+    let hash = blake3::hash(id.as_bytes()).to_hex();
+    let mut at = MAX_ID - 1 - hash.len();
+    while !id.is_char_boundary(at) {
+        at -= 1;
+    }
+    format!("{}#{hash}", &id[..at])
+}
+
 /// Cuts what discovery found down to the bounds (a device may announce more than a registry
 /// entry keeps): the first addresses and properties in order, texts cut at a char boundary.
 pub(crate) fn fit(mut d: Description) -> Description {
@@ -137,6 +151,12 @@ mod tests {
         let mut zero = to_pb("lamp", &sighting());
         zero.version = 0;
         assert_eq!(from_pb(zero), Err(WireError::Version));
+        let long = format!("ssdp:uuid:{}", "é".repeat(300));
+        let bounded = bounded_id(&long);
+        assert!(bounded.len() <= MAX_ID && bounded.starts_with("ssdp:uuid:é"), "{bounded}");
+        assert_eq!(bounded, bounded_id(&long), "stable");
+        assert_ne!(bounded, bounded_id(&format!("{long}x")), "distinct");
+        assert_eq!(bounded_id("mdns:_hap._tcp/lamp"), "mdns:_hap._tcp/lamp");
         let fitted = fit(big.description);
         assert_eq!(check("lamp", &fitted), Ok(()));
         assert_eq!(fitted.addresses.len(), MAX_ADDRESSES);

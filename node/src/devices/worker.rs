@@ -84,13 +84,13 @@ impl Worker for DevicesWorker {
         if !unsent.is_empty() {
             for sightings in chunks(unsent) {
                 let msg = pb::DeviceSightings { sightings, ..Default::default() };
-                gossip.publish(pb::gossip_message::Body::Sightings(msg));
+                gossip.publish_device(pb::gossip_message::Body::Sightings(msg)).await;
             }
         }
         if self.last_account.is_none_or(|t| t.elapsed() >= ACCOUNT_GAP) {
             if let Some((as_of, own)) = devices.take_account() {
                 for msg in account(as_of, own) {
-                    gossip.publish(pb::gossip_message::Body::Sightings(msg));
+                    gossip.publish_device(pb::gossip_message::Body::Sightings(msg)).await;
                 }
                 self.last_account = Some(Instant::now());
                 metrics::counter!("hubmesh_devices_accounts_total").increment(1);
@@ -99,7 +99,7 @@ impl Worker for DevicesWorker {
         if Instant::now() >= self.next_digest {
             let state = self.hub.consensus().state();
             devices.prune(|h| state.nodes.contains_key(&h), now_ms().saturating_sub(TOMBSTONE.as_millis() as u64));
-            gossip.publish(pb::gossip_message::Body::Digest(devices.digest()));
+            gossip.publish_device(pb::gossip_message::Body::Digest(devices.digest())).await;
             self.next_digest = Instant::now() + DIGEST;
             metrics::gauge!("hubmesh_devices").set(devices.view().len() as f64);
         }

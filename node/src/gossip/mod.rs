@@ -51,8 +51,11 @@ const DEVICE_TOPIC: &str = "hubmesh/devices/1";
 const MAX_MESSAGE: usize = 64 << 10;
 /// How often members that are not connected are dialled again.
 const REDIAL: Duration = Duration::from_secs(2);
-/// Messages waiting to be published; more are dropped (loads are sent again each second).
+/// Loads waiting to be published; more are dropped (loads are sent again each second).
 const OUTBOX: usize = 64;
+/// Device messages waiting to be published; the sender waits for room (a complete account must
+/// arrive whole), on a queue of its own so that it never crowds out the loads.
+const DEVICE_OUTBOX: usize = 16;
 /// The start counter's file in the data dir.
 const BOOT_FILE: &str = "gossip.boot";
 
@@ -71,6 +74,7 @@ pub(crate) struct Gossip {
     addr: SocketAddr,
     boot: u64,
     outbox: mpsc::Sender<pb::gossip_message::Body>,
+    device_outbox: mpsc::Sender<pb::gossip_message::Body>,
 }
 
 impl Gossip {
@@ -80,6 +84,12 @@ impl Gossip {
         if self.outbox.try_send(body).is_err() {
             metrics::counter!("hubmesh_gossip_dropped_total").increment(1);
         }
+    }
+
+    /// Publishes a device message, waiting for room in its queue (false: the gossip plane
+    /// stopped).
+    pub(crate) async fn publish_device(&self, body: pb::gossip_message::Body) -> bool {
+        self.device_outbox.send(body).await.is_ok()
     }
 
     /// The address other hubs dial (recorded in the replicated state).
@@ -116,6 +126,7 @@ fn keypair_of(key: &NodeKey) -> anyhow::Result<identity::Keypair> {
 pub(crate) struct Bound {
     swarm: Swarm<Behaviour>,
     outbox: mpsc::Receiver<pb::gossip_message::Body>,
+    device_outbox: mpsc::Receiver<pb::gossip_message::Body>,
     boot: u64,
 }
 
@@ -223,7 +234,9 @@ pub(crate) async fn start(
     .with_context(|| format!("binding the gossip endpoint to {bind}"))?;
     let ip = if bind.ip().is_unspecified() { host } else { bind.ip() };
     let (tx, outbox) = mpsc::channel(OUTBOX);
-    Ok((Gossip { peer_id, addr: SocketAddr::new(ip, port), boot, outbox: tx }, Bound { swarm, outbox, boot }))
+    let (device_tx, device_outbox) = mpsc::channel(DEVICE_OUTBOX);
+    let gossip = Gossip { peer_id, addr: SocketAddr::new(ip, port), boot, outbox: tx, device_outbox: device_tx };
+    Ok((gossip, Bound { swarm, outbox, device_outbox, boot }))
 }
 
 /// What woke the worker.
@@ -238,6 +251,7 @@ pub(crate) struct GossipWorker {
     hub: Arc<Hub>,
     swarm: Swarm<Behaviour>,
     outbox: mpsc::Receiver<pb::gossip_message::Body>,
+    device_outbox: mpsc::Receiver<pb::gossip_message::Body>,
     state: watch::Receiver<Arc<ClusterState>>,
     state_open: bool,
     members: Members,
@@ -256,6 +270,7 @@ impl GossipWorker {
             hub,
             swarm: bound.swarm,
             outbox: bound.outbox,
+            device_outbox: bound.device_outbox,
             state,
             state_open: true,
             members: Members::default(),
@@ -386,9 +401,11 @@ impl GossipWorker {
 
     fn deliver(&self, node: NodeId, msg: pb::GossipMessage) {
         let devices = self.hub.devices();
-        devices.heard_from(node);
         match msg.body {
-            Some(pb::gossip_message::Body::Load(report)) => self.hub.loads().record(node, report),
+            Some(pb::gossip_message::Body::Load(report)) => {
+                devices.heard_from(node);
+                self.hub.loads().record(node, report);
+            }
             Some(pb::gossip_message::Body::Sightings(sightings)) => {
                 if let Err(e) = devices.merge_from(node, sightings) {
                     tracing::warn!(node = node.0, error = %e, "device sightings refused");
@@ -420,6 +437,7 @@ impl Worker for GossipWorker {
         let input = tokio::select! {
             event = self.swarm.select_next_some() => Input::Swarm(Box::new(event)),
             Some(body) = self.outbox.recv() => Input::Publish(body),
+            Some(body) = self.device_outbox.recv() => Input::Publish(body),
             changed = self.state.changed(), if self.state_open => {
                 self.state_open = changed.is_ok();
                 Input::Members

@@ -121,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
             adv.ssdp = Some(s);
         }
     }
-    let mut announce = tokio::time::interval(ssdp::ANNOUNCE);
+    let mut announce = tokio::time::interval_at(tokio::time::Instant::now() + ssdp::ANNOUNCE, ssdp::ANNOUNCE);
     println!("ready");
     // stdin on a thread (a blocking read), its lines into the loop.
     let (tx, mut commands) = tokio::sync::mpsc::channel::<String>(16);
@@ -138,7 +138,12 @@ async fn main() -> anyhow::Result<()> {
     loop {
         let command = tokio::select! {
             _ = term.recv() => "leave all".to_owned(),
-            () = async { adv.ssdp.as_ref().expect("guarded").answer_one(&adv.devices).await }, if ssdp_on => continue,
+            Some((text, from)) = async { adv.ssdp.as_ref().expect("guarded").receive().await }, if ssdp_on => {
+                if let Some(u) = &adv.ssdp {
+                    u.answer(&adv.devices, &text, from).await;
+                }
+                continue;
+            }
             _ = announce.tick(), if ssdp_on => {
                 if let Some(u) = &adv.ssdp {
                     u.alive(&adv.devices).await;

@@ -57,11 +57,15 @@ impl Ssdp {
         self.notify(d, "ssdp:byebye").await;
     }
 
-    /// Waits for one datagram; answers it if it is a search that some device matches.
-    pub(crate) async fn answer_one(&self, devices: &[Device]) {
+    /// Waits for one datagram (cancel-safe: nothing is sent here).
+    pub(crate) async fn receive(&self) -> Option<(String, SocketAddr)> {
         let mut buf = [0u8; 2048];
-        let Ok((len, from)) = self.socket.recv_from(&mut buf).await else { return };
-        let text = String::from_utf8_lossy(&buf[..len]);
+        let (len, from) = self.socket.recv_from(&mut buf).await.ok()?;
+        Some((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
+    }
+
+    /// Answers `text` from `from` if it is a search that some device matches.
+    pub(crate) async fn answer(&self, devices: &[Device], text: &str, from: SocketAddr) {
         if !text.starts_with("M-SEARCH") {
             return;
         }
@@ -72,13 +76,19 @@ impl Ssdp {
             })
             .unwrap_or_default();
         for d in devices.iter().filter(|d| !d.gone) {
-            if !(st == "ssdp:all" || st == "upnp:rootdevice" || st == DEVICE_TYPE || st == d.udn) {
-                continue;
-            }
+            // The answer names what was searched for (UPnP 1.1 §1.3.3): `ssdp:all` gets the
+            // device type.
+            let answered = match st.as_str() {
+                "ssdp:all" | DEVICE_TYPE => DEVICE_TYPE,
+                "upnp:rootdevice" => "upnp:rootdevice",
+                s if s == d.udn => d.udn.as_str(),
+                _ => continue,
+            };
+            let usn = if answered == d.udn { d.udn.clone() } else { format!("{}::{answered}", d.udn) };
             let text = format!(
                 "HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=1800\r\nEXT:\r\nLOCATION: {}\r\nSERVER: Linux UPnP/1.1 hubmesh-devsim/1\r\n\
-                 ST: {DEVICE_TYPE}\r\nUSN: {}::{DEVICE_TYPE}\r\n\r\n",
-                d.location, d.udn
+                 ST: {answered}\r\nUSN: {usn}\r\n\r\n",
+                d.location
             );
             let _ = self.socket.send_to(text.as_bytes(), from).await;
         }

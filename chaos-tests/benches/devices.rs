@@ -1,0 +1,267 @@
+//! Device discovery and its gossip on a real network (root; the chaos lab's namespaces): five
+//! release hubs on LAN A, n4 and n5 also on LAN B, simulated devices (`hubmesh-devsim`).
+//! Run: `cargo build --release -p hubmesh && cargo bench -p hubmesh-chaos --bench devices`.
+//!
+//! - a device on LAN B (only n4 and n5 see it; n1-n3 learn it by gossip): announcement → listed
+//!   by every hub, and the gossip part: first of n4/n5 lists it → last of n1-n3 does; the same for
+//!   its clean leave; by mDNS and by SSDP;
+//! - gossip traffic of one hub (TCP 7072, both ways) with 500 devices on the LAN, steady;
+//! - heal after a partition (n4, n5 cut off from n1-n3 while a LAN B device leaves and another
+//!   comes): heal → every hub's registry equal;
+//! - idle RSS of each hub with the swarm and both discovery handlers running.
+//!
+//! Every loop is bounded in count and time. `DEVICES_BENCH_ATTEMPTS` (default 20),
+//! `DEVICES_BENCH_PARTITIONS` (3), `DEVICES_BENCH_PARTITION_S` (60), `DEVICES_BENCH_STEADY_S`
+//! (60), `DEVICES_BENCH_COUNT` (500).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hubmesh_chaos::lab::{netns, Lab, Rules};
+use hubmesh_proto::api::DeviceInfo;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// p50, p99 and max of `v` (sorted here).
+fn pct(v: &mut [Duration]) -> (Duration, Duration, Duration) {
+    v.sort();
+    if v.is_empty() {
+        return (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    }
+    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+    (at(0.5), at(0.99), v[v.len() - 1])
+}
+
+fn row(what: &str, v: &mut Vec<Duration>, attempts: usize) {
+    let failures = attempts - v.len();
+    let (p50, p99, max) = pct(v);
+    println!("| {what} | {} | {} | {} | {attempts} ({failures} failed) |", ms(p50), ms(p99), ms(max));
+}
+
+/// Each hub's device ids.
+async fn ids(lab: &Lab) -> Vec<BTreeSet<String>> {
+    let lists = futures_lists(lab).await;
+    lists.into_iter().map(|l| l.into_keys().collect()).collect()
+}
+
+/// Every hub's list, asked of all five at once (each answer is timed when all are in).
+async fn futures_lists(lab: &Lab) -> Vec<BTreeMap<String, DeviceInfo>> {
+    let calls: Vec<_> = lab
+        .hubs
+        .iter()
+        .map(|h| {
+            let c = h.client.clone();
+            tokio::spawn(async move { c.devices().await.unwrap_or_default() })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for c in calls {
+        out.push(c.await.unwrap_or_default().into_iter().map(|d| (d.id.clone(), d)).collect());
+    }
+    out
+}
+
+/// Polls every 5 ms until `id` is listed (`present`) or not by every hub, or `limit` passes;
+/// returns when each hub first matched.
+async fn watch(lab: &Lab, id: &str, present: bool, limit: Duration) -> Vec<Option<Instant>> {
+    let start = Instant::now();
+    let mut when = vec![None; lab.hubs.len()];
+    while start.elapsed() < limit && when.iter().any(Option::is_none) {
+        let now = ids(lab).await;
+        let t = Instant::now();
+        for (i, set) in now.iter().enumerate() {
+            if when[i].is_none() && set.contains(id) == present {
+                when[i] = Some(t);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    when
+}
+
+/// (start → every hub, first of n4/n5 → last of n1-n3), when every hub got there.
+fn spans(start: Instant, when: &[Option<Instant>]) -> Option<(Duration, Duration)> {
+    let all: Vec<Instant> = when.iter().copied().collect::<Option<_>>()?;
+    let last = *all.iter().max()?;
+    let first_b = all[3].min(all[4]);
+    let last_a = all[0].max(all[1]).max(all[2]);
+    Some((last - start, last_a.saturating_duration_since(first_b)))
+}
+
+fn nft(ns: &str, script: &str) -> String {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("nft");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
+}
+
+/// Bytes of gossip (TCP 7072, either side) through hub `i`'s namespace since the counters began.
+fn gossip_bytes(i: usize) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &netns(i), "nft", "list", "table", "inet", "hubmesh_bench"])
+        .output()
+        .expect("nft list");
+    String::from_utf8_lossy(&out.stdout)
+        .split("bytes ")
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn count_gossip(i: usize) {
+    nft(
+        &netns(i),
+        "table inet hubmesh_bench\ndelete table inet hubmesh_bench\ntable inet hubmesh_bench {\n  chain i { type filter hook input priority 0; policy accept; tcp dport 7072 counter; tcp sport 7072 counter; }\n  chain o { type filter hook output priority 0; policy accept; tcp dport 7072 counter; tcp sport 7072 counter; }\n}\n",
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+fn main() {
+    if let Err(e) = hubmesh_chaos::lab::require_root() {
+        eprintln!("the device benchmark needs the lab: {e}");
+        std::process::exit(2);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(bench());
+}
+
+async fn bench() {
+    let attempts = env("DEVICES_BENCH_ATTEMPTS", 20) as usize;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("devices-bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    let bin = hubmesh_chaos::find_hubmesh(None).expect("build it first: cargo build --release -p hubmesh");
+    let devsim = Path::new(env!("CARGO_BIN_EXE_hubmesh-devsim"));
+    eprintln!("hubs: {}", bin.display());
+    let mut lab = Lab::up(&dir, 5, false, &bin, "lan", &[], Duration::from_secs(5)).await.expect("the lab");
+    lab.add_lan_b(&[3, 4]).expect("LAN B");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pids: Vec<u32> = lab.hubs.iter().filter_map(|h| h.pid()).collect();
+    let idle: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+
+    println!("| benchmark (5 release hubs in namespaces, lan profile) | p50 | p99 | max | attempts |");
+    println!("|---|---|---|---|---|");
+    for via in ["mdns", "ssdp"] {
+        let (mut known, mut gossip_in, mut left, mut gossip_out) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for k in 0..attempts {
+            let host = 10 + k + if via == "ssdp" { attempts } else { 0 };
+            let id = match via {
+                "mdns" => format!("mdns:_hubmesh-dev._tcp/id=b{host}-0"),
+                _ => format!("ssdp:uuid:hubmesh-devsim-b{host}-0"),
+            };
+            let start = Instant::now();
+            let mut sim = lab.spawn_devsim(devsim, host, true, via, &format!("b{host}"), 1).expect("devsim");
+            if let Some((all, gossip)) = spans(start, &watch(&lab, &id, true, Duration::from_secs(10)).await) {
+                known.push(all);
+                gossip_in.push(gossip);
+            }
+            let start = Instant::now();
+            sim.leave(0).expect("leave");
+            if let Some((all, gossip)) = spans(start, &watch(&lab, &id, false, Duration::from_secs(10)).await) {
+                left.push(all);
+                gossip_out.push(gossip);
+            }
+            drop(sim);
+        }
+        row(&format!("{via}: new device on LAN B → listed by all 5 hubs"), &mut known, attempts);
+        row(&format!("{via}: gossip, listed by n4/n5 → by all of n1-n3"), &mut gossip_in, attempts);
+        row(&format!("{via}: clean leave → gone from all 5 hubs"), &mut left, attempts);
+        row(&format!("{via}: gossip, gone from n4/n5 → from all of n1-n3"), &mut gossip_out, attempts);
+    }
+
+    // Heal after a partition.
+    let partitions = env("DEVICES_BENCH_PARTITIONS", 3) as usize;
+    let cut_s = env("DEVICES_BENCH_PARTITION_S", 60);
+    let view = |l: &BTreeMap<String, DeviceInfo>| -> Vec<(String, Vec<u64>, String)> {
+        l.values()
+            .map(|d| {
+                (
+                    d.id.clone(),
+                    d.seen_by.iter().map(|s| s.node_id).collect::<BTreeSet<_>>().into_iter().collect(),
+                    d.reach.clone(),
+                )
+            })
+            .collect()
+    };
+    let mut heal = Vec::new();
+    let mut staying = lab.spawn_devsim(devsim, 90, true, "mdns", "stay", 1).expect("devsim");
+    for p in 0..partitions {
+        let mut leaving = lab.spawn_devsim(devsim, 91, true, "mdns", &format!("leave{p}"), 1).expect("devsim");
+        watch(&lab, &format!("mdns:_hubmesh-dev._tcp/id=leave{p}-0"), true, Duration::from_secs(10)).await;
+        let side =
+            |others: [usize; 3]| Rules { drop_from: others.into(), drop_to: others.into(), ..Default::default() };
+        for i in [3, 4] {
+            lab.set_rules(i, &side([0, 1, 2])).expect("cut");
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        leaving.leave(0).expect("leave");
+        let _coming = lab.spawn_devsim(devsim, 92, true, "mdns", &format!("come{p}"), 1).expect("devsim");
+        tokio::time::sleep(Duration::from_secs(cut_s.saturating_sub(5))).await;
+        for i in [3, 4] {
+            lab.set_rules(i, &Rules::default()).expect("heal");
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            let lists = futures_lists(&lab).await;
+            let first = view(&lists[0]);
+            let equal = lists.iter().all(|l| view(l) == first);
+            let right = first.iter().any(|(id, _, r)| id.ends_with(&format!("come{p}-0")) && r == "seen")
+                && !first.iter().any(|(id, _, _)| id.ends_with(&format!("leave{p}-0")));
+            if equal && right {
+                heal.push(start.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(leaving);
+    }
+    row(&format!("heal after a {cut_s} s partition → every registry equal"), &mut heal, partitions);
+    drop(staying);
+
+    // Traffic with many devices, steady.
+    let count = env("DEVICES_BENCH_COUNT", 500) as usize;
+    let steady = Duration::from_secs(env("DEVICES_BENCH_STEADY_S", 60));
+    count_gossip(0);
+    let start = Instant::now();
+    let _many = lab.spawn_devsim(devsim, 99, false, "mdns", "many", count).expect("devsim");
+    let mut converged = None;
+    while start.elapsed() < Duration::from_secs(60) {
+        if ids(&lab).await.iter().all(|s| s.iter().filter(|id| id.contains("/id=many-")).count() == count) {
+            converged = Some(start.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let burst = gossip_bytes(0);
+    let before = gossip_bytes(0);
+    tokio::time::sleep(steady).await;
+    let bytes = gossip_bytes(0) - before;
+    let rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    println!();
+    println!(
+        "{count} devices: known by every hub after {}; gossip through n1 meanwhile {} KiB; steady over {} s: {:.1} kbit/s (both ways, TCP 7072, loads and digests included)",
+        converged.map_or("(not within 60 s)".into(), ms),
+        burst / 1024,
+        steady.as_secs(),
+        bytes as f64 * 8.0 / 1000.0 / steady.as_secs_f64()
+    );
+    println!("idle RSS per hub (KiB): {idle:?}; with {count} devices: {rss:?}");
+    lab.teardown();
+}
