@@ -201,7 +201,7 @@ async fn bench() {
             .collect()
     };
     let mut heal = Vec::new();
-    let mut staying = lab.spawn_devsim(devsim, 90, true, "mdns", "stay", 1).expect("devsim");
+    let staying = lab.spawn_devsim(devsim, 90, true, "mdns", "stay", 1).expect("devsim");
     for p in 0..partitions {
         let mut leaving = lab.spawn_devsim(devsim, 91, true, "mdns", &format!("leave{p}"), 1).expect("devsim");
         watch(&lab, &format!("mdns:_hubmesh-dev._tcp/id=leave{p}-0"), true, Duration::from_secs(10)).await;

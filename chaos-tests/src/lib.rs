@@ -1,14 +1,16 @@
 //! hubmesh-chaos: the user-runnable chaos suite. It builds a lab of real `hubmesh` processes in
 //! network namespaces, drives a workload through their public HTTP API while a nemesis kills,
 //! pauses and partitions hubs, then checks the history (no lost acknowledged update, no fork,
-//! exactly-once with keys, fencing, no stale answers, failover bound, liveness, not vacuous) and
-//! writes a report. It uses `hubmesh::client` and `hubmesh_proto::api`, never hubmesh's internals.
+//! exactly-once with keys, fencing, no stale answers, failover bound, liveness, not vacuous, the
+//! device registry) and writes a report. It uses `hubmesh::client` and `hubmesh_proto::api`, never hubmesh's internals.
 //!
 //! Modules: [`scenario`] (TOML), [`schedule`] (seeded fault plan), [`lab`] (namespaces, nftables,
-//! processes), [`nemesis`] (faults), [`workload`] (clients), [`monitor`] (polling), [`history`],
+//! processes), [`nemesis`] (faults), [`devices`] (simulated LAN devices and their faults),
+//! [`workload`] (clients), [`monitor`] (polling), [`history`],
 //! [`check`] (verdicts), [`report`] and [`svg`] (the run directory), [`run`] (the phases).
 
 pub mod check;
+pub mod devices;
 pub mod history;
 pub mod lab;
 pub mod monitor;

@@ -87,3 +87,47 @@ pub fn trace(samples: &[Sample], node_names: &BTreeMap<u64, String>) -> String {
     }
     s
 }
+
+/// What one hub listed of the LAN's devices at one time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceSample {
+    pub t_us: u64,
+    pub hub: usize,
+    /// How long the hub had been up (a hub that just started has not caught up yet).
+    pub uptime_ms: u64,
+    /// Device id → `seen` or `unreachable`.
+    pub devices: BTreeMap<String, String>,
+}
+
+/// Polls every hub's device list every `every` until `stop` (a hub that does not answer is
+/// skipped for that round).
+pub async fn devices(hubs: Vec<Client>, every: Duration, rec: Recorder, stop: Arc<AtomicBool>) -> Vec<DeviceSample> {
+    let mut out = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let mut polls = tokio::task::JoinSet::new();
+        for (i, c) in hubs.iter().cloned().enumerate() {
+            let rec = rec.clone();
+            polls.spawn(async move {
+                // The uptime is read first: a restart between the two reads shows as a young hub.
+                let s = tokio::time::timeout(Duration::from_millis(800), c.status()).await.ok()?.ok()?;
+                let list = tokio::time::timeout(Duration::from_millis(800), c.devices()).await.ok()?.ok()?;
+                Some(DeviceSample {
+                    t_us: rec.now_us(),
+                    hub: i,
+                    uptime_ms: s.uptime_ms,
+                    devices: list.into_iter().map(|d| (d.id, d.reach)).collect(),
+                })
+            });
+        }
+        while let Some(r) = polls.join_next().await {
+            if let Ok(Some(sample)) = r {
+                out.push(sample);
+            }
+        }
+    }
+    out.sort_by_key(|s: &DeviceSample| s.t_us);
+    out
+}

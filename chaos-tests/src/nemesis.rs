@@ -43,6 +43,9 @@ pub struct Applied {
     /// A `migrate` step cut the source and the target apart mid-migration (joined at the heal).
     #[serde(default)]
     pub cut: bool,
+    /// The simulated device a device fault acted on (it touches no hub: `hubs` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<usize>,
     pub note: String,
 }
 
@@ -202,6 +205,7 @@ pub async fn apply(
         dropped: 0,
         killed: None,
         cut: false,
+        device: None,
         note: String::new(),
     };
     if !lab.hubs[t].is_running() {
@@ -221,6 +225,7 @@ pub async fn apply(
             applied.effective = true;
         }
         FaultKind::Migrate => migrate(lab, &targets, t, &mut applied, rng).await?,
+        FaultKind::DeviceVanish | FaultKind::DeviceMove => bail!("a device fault is the fleet's (run::device_fault)"),
         kind => {
             let (rules, involved) = rules_for(kind, t, n, flaky_percent, rng);
             for (i, r) in rules.iter().enumerate() {
@@ -351,6 +356,7 @@ pub async fn heal(lab: &mut Lab, applied: &mut Applied) -> anyhow::Result<()> {
             }
         }
         FaultKind::PauseShort | FaultKind::PauseLong => lab.pause(t, false)?,
+        FaultKind::DeviceVanish | FaultKind::DeviceMove => {}
         _ => {
             applied.dropped = (0..lab.hubs.len()).map(|i| lab.dropped_packets(i)).sum();
             applied.effective = applied.dropped > 0;

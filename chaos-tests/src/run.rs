@@ -1,5 +1,6 @@
-//! One chaos run, phase by phase: lab up → deploy → warm-up → faults → final heal → liveness →
-//! final reads → checkpoint audit → checks → report. The lab is torn down on every path out.
+//! One chaos run, phase by phase: lab up → deploy (and the simulated devices) → warm-up →
+//! faults → final heal → liveness → final reads → checkpoint audit → device convergence →
+//! checks → report. The lab is torn down on every path out.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -13,10 +14,12 @@ use hubmesh::client::Client;
 use hubmesh_proto::api::DeployParams;
 use rand::SeedableRng;
 
+use crate::check::devices::DeviceEvidence;
 use crate::check::{self, CheckResult, CheckpointAudit, Evidence, Liveness, Verdict};
+use crate::devices::Fleet;
 use crate::history::{self, Event, Recorder, Type, NEMESIS};
 use crate::lab::{hub_name, Lab};
-use crate::scenario::{Keys, Scenario};
+use crate::scenario::{FaultKind, Keys, Scenario};
 use crate::schedule::{self, Schedule};
 use crate::workload::{self, CounterTask, Plan};
 use crate::{monitor, nemesis, report};
@@ -138,6 +141,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
     deploy(&lab, &sc, &counters, echo.as_deref()).await?;
     let task_names: Vec<String> = counters.iter().map(|c| c.name.clone()).collect();
     let watched: Vec<String> = echo.iter().cloned().collect();
+    // Devices on LAN A; LAN B (for `device-move`) reaches the last task hub only.
+    let mut fleet = None;
+    if sc.devices.count > 0 {
+        lab.add_lan_b(&[lab.task_hubs - 1]).context("building LAN B")?;
+        let devsim = crate::devices::find_devsim()?;
+        fleet = Some(Fleet::start(&lab, &devsim, sc.devices.count, rec.now_us()).context("starting the devices")?);
+    }
 
     // Clients, monitor, progress.
     let clients: Vec<Client> = lab.hubs.iter().map(|h| h.client.clone()).collect();
@@ -157,6 +167,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
     ));
     let monitor =
         tokio::spawn(monitor::run(clients.clone(), Duration::from_millis(250), rec.clone(), stop_watch.clone()));
+    let device_monitor = fleet.as_ref().map(|_| {
+        tokio::spawn(monitor::devices(clients.clone(), Duration::from_millis(500), rec.clone(), stop_watch.clone()))
+    });
     let progress = Arc::new(Mutex::new(Progress::default()));
     let total = sc.chaos.warmup + sc.chaos.duration + sc.checks.liveness_max / 3 + Duration::from_secs(10);
     let bar = progress_loop(rec.clone(), total, progress.clone(), stop_watch.clone());
@@ -173,16 +186,25 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
         let mut e = Event::new(NEMESIS, Type::Invoke, step.fault.name());
         e.note = Some(format!("target {}", step.target.name()));
         let start_us = rec.now_us();
-        match nemesis::apply(&mut lab, step, &task_names, &watched, sc.chaos.flaky_drop_percent, start_us, &mut rng)
-            .await
-        {
+        let applied = match (step.fault.is_device(), fleet.as_mut()) {
+            (true, Some(f)) => device_fault(&lab, f, step.fault, start_us, &mut rng),
+            (true, None) => Err(anyhow::anyhow!("{} needs devices (devices.count)", step.fault.name())),
+            (false, _) => {
+                nemesis::apply(&mut lab, step, &task_names, &watched, sc.chaos.flaky_drop_percent, start_us, &mut rng)
+                    .await
+            }
+        };
+        match applied {
             Ok(mut a) => {
                 e.hubs = a.hubs.clone();
                 e.note = Some(a.note.clone());
                 a.start_us = rec.record(e.clone());
                 set_phase(&progress, "chaos", &a.note);
                 supervised_sleep(&mut lab, Instant::now() + Duration::from_millis(step.hold_ms), &rec).await;
-                let healed = nemesis::heal(&mut lab, &mut a).await;
+                let healed = match (a.device, fleet.as_mut()) {
+                    (Some(k), Some(f)) => f.heal(&lab, k, rec.now_us()),
+                    _ => nemesis::heal(&mut lab, &mut a).await,
+                };
                 let mut done = e.clone();
                 done.kind = Type::Info;
                 if let Err(err) = healed {
@@ -226,9 +248,24 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
         liveness.reached_after_ms = None;
     }
     let checkpoints = audit(&lab, &counters).await;
+    let devices = match fleet.as_mut() {
+        Some(f) => {
+            set_phase(&progress, "devices", "");
+            Some(converge(&lab, f, &rec).await)
+        }
+        None => None,
+    };
     let faults_fired = fired(&lab, sc.lab.env.get("HUBMESH_FAULTS")).await;
     stop_watch.store(true, Ordering::Relaxed);
     let samples = monitor.await.unwrap_or_default();
+    let devices = match (devices, device_monitor) {
+        (Some(mut d), Some(m)) => {
+            d.samples = m.await.unwrap_or_default();
+            Some(d)
+        }
+        _ => None,
+    };
+    drop(fleet);
     let _ = bar.await;
     let node_ids: Vec<u64> = lab.hubs.iter().map(|h| h.node_id).collect();
     if lab.is_lan() {
@@ -253,11 +290,77 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
         node_ids,
         healed_at_us,
         faults_fired,
+        devices,
     };
     let results = check::check_all(&events, &ev);
     let verdict = check::overall(&results);
     report::write(&dir, &sc_saved, &plan, &events, &ev, &results, &nemesis_errors)?;
     Ok(RunOutcome { dir, verdict, results })
+}
+
+/// A device fault, on a device the fleet picks; it touches no hub.
+fn device_fault(
+    lab: &Lab,
+    fleet: &mut Fleet,
+    fault: FaultKind,
+    now_us: u64,
+    rng: &mut impl rand::Rng,
+) -> anyhow::Result<nemesis::Applied> {
+    let k = match fault {
+        FaultKind::DeviceVanish => fleet.vanish(rng, now_us)?,
+        _ => fleet.move_one(lab, rng, now_us)?,
+    };
+    Ok(nemesis::Applied {
+        fault,
+        target: crate::scenario::Target::One,
+        hub: 0,
+        hubs: Vec::new(),
+        start_us: now_us,
+        end_us: now_us,
+        hosts_before: BTreeMap::new(),
+        leader_before: None,
+        effective: true,
+        aimed: true,
+        dropped: 0,
+        killed: None,
+        cut: false,
+        device: Some(k),
+        note: format!("{} {}", fault.name(), crate::devices::device_id(k)),
+    })
+}
+
+/// After the final heal: every device runs on LAN A again; waits (at most 40 s) until every
+/// hub lists exactly those, all `seen`.
+async fn converge(lab: &Lab, fleet: &mut Fleet, rec: &Recorder) -> DeviceEvidence {
+    let start = Instant::now();
+    let healed = fleet.heal_all(lab, rec.now_us());
+    let ids: Vec<String> = fleet.ids();
+    let mut last = Vec::new();
+    let mut converged_after_ms = None;
+    while healed.is_ok() && start.elapsed() < Duration::from_secs(40) {
+        last.clear();
+        for h in &lab.hubs {
+            match h.client.devices().await {
+                Ok(list) => {
+                    let got: Vec<(String, String)> = list.into_iter().map(|d| (d.id, d.reach)).collect();
+                    let want: Vec<(String, String)> = ids.iter().map(|i| (i.clone(), "seen".to_owned())).collect();
+                    if got != want {
+                        last.push(format!("{} lists {got:?}", h.name()));
+                    }
+                }
+                Err(e) => last.push(format!("{} does not answer: {e}", h.name())),
+            }
+        }
+        if last.is_empty() {
+            converged_after_ms = Some(start.elapsed().as_millis() as u64);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Err(e) = healed {
+        last.push(format!("the devices could not be restored: {e:#}"));
+    }
+    DeviceEvidence { events: fleet.events.clone(), samples: Vec::new(), ids, converged_after_ms, unconverged: last }
 }
 
 /// Deletes the suite's tasks from a LAN mesh (best effort).

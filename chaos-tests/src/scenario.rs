@@ -22,6 +22,9 @@ pub struct Scenario {
     pub chaos: ChaosSpec,
     #[serde(default)]
     pub checks: ChecksSpec,
+    /// Simulated LAN devices (lab runs only).
+    #[serde(default)]
+    pub devices: DevicesSpec,
     /// Drive hubs that already run (on a LAN) instead of building a lab; see [`LanSpec`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lan: Option<LanSpec>,
@@ -47,6 +50,16 @@ impl Default for LabSpec {
     fn default() -> Self {
         Self { hubs: 3, witness: false, profile: "lan".into(), env: Default::default() }
     }
+}
+
+/// The run's simulated LAN devices (`hubmesh-devsim`, mDNS), each in its own device host: the
+/// hubs must list every one that runs (I15) through every hub fault, and the device faults
+/// (`device-vanish`, `device-move`) act on them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesSpec {
+    /// How many (0: none, and no device faults).
+    pub count: usize,
 }
 
 /// Hubs that already form a mesh, reached through their API; faults are the shell commands the
@@ -175,6 +188,10 @@ pub enum FaultKind {
     LeaderDeaf,
     /// Random drop of a share of the packets between the target and the others.
     Flaky,
+    /// A device killed without a goodbye; healed by starting it again.
+    DeviceVanish,
+    /// A device taken to LAN B, which only the last task hub reaches; healed by bringing it back.
+    DeviceMove,
     /// Not a fault but an action: a live migration of a counter task off its host (the target)
     /// to another hub, and three times in four a kill of the source or of the target (healed by
     /// a restart), or a cut between the two (healed by the rules' removal), 0-300 ms into it.
@@ -194,7 +211,14 @@ impl FaultKind {
             Self::LeaderDeaf => "leader-deaf",
             Self::Flaky => "flaky",
             Self::Migrate => "migrate",
+            Self::DeviceVanish => "device-vanish",
+            Self::DeviceMove => "device-move",
         }
+    }
+
+    /// Whether the fault acts on a simulated device, not on a hub.
+    pub fn is_device(self) -> bool {
+        matches!(self, Self::DeviceVanish | Self::DeviceMove)
     }
 
     /// Whether the fault is made of firewall rules (else of signals).
@@ -391,6 +415,15 @@ impl Scenario {
         }
         if self.workload.clients == 0 || self.workload.clients > 256 {
             return Err("workload.clients must be 1 to 256".into());
+        }
+        let kinds = || self.chaos.faults.iter().copied().chain(self.steps.iter().map(|s| s.fault));
+        if let Some(k) = kinds().find(|k| k.is_device()) {
+            if self.devices.count == 0 || self.lan.is_some() {
+                return Err(format!("{} needs simulated devices: a lab run with devices.count above 0", k.name()));
+            }
+        }
+        if self.devices.count > 64 {
+            return Err("devices.count must be at most 64".into());
         }
         if self.chaos.targets.is_empty() {
             return Err("chaos.targets is empty".into());

@@ -104,6 +104,18 @@ async fn hubs_discover_devices_gossip_them_and_keep_them_through_a_partition() {
     assert_eq!(tvs.addresses, vec!["10.77.0.104".to_owned()]);
     assert_eq!(tvs.properties.get("location").map(String::as_str), Some("http://10.77.0.104:8000/description.xml"));
 
+    // A stranger on LAN A — a libp2p node with its own key, announcing itself by mDNS, dialling
+    // every hub's gossip port and publishing forged sightings in n1's name — gets nothing in.
+    let n1 = lab.hubs[0].node_id;
+    let said = lab.run_stranger(devsim, 6, n1, 5).expect("the stranger runs");
+    eprintln!("stranger: {said}");
+    let said: serde_json::Value = serde_json::from_str(&said).expect("the stranger's JSON");
+    assert_eq!(said["published"], 0, "a non-member never has a subscribed member to publish to: {said}");
+    assert!(said["longest_ms"].as_u64().is_some_and(|ms| ms < 1000), "no connection stays up: {said}");
+    for (hub, l) in lists(&lab, &all).await {
+        assert!(!l.keys().any(|k| k.contains("intruder")), "n{} took a forged sighting: {l:#?}", hub + 1);
+    }
+
     // 2. A clean leave (mDNS goodbye) is gone from every hub.
     lamps.leave(1).expect("lamp-1 leaves");
     let lamp0 = id("lamp-0");

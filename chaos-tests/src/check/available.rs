@@ -189,6 +189,7 @@ mod tests {
             dropped: 0,
             killed: None,
             cut: false,
+            device: None,
             note: String::new(),
         }
     }

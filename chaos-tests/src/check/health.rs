@@ -145,6 +145,7 @@ mod tests {
             dropped: 0,
             killed: None,
             cut: false,
+            device: None,
             note: String::new(),
         };
         ev.planned_faults = 1;

@@ -12,6 +12,7 @@ use crate::nemesis::Applied;
 
 pub mod available;
 pub mod counter;
+pub mod devices;
 pub mod failover;
 pub mod health;
 pub mod periodic;
@@ -126,6 +127,9 @@ pub struct Evidence {
     /// `/metrics` at the end; counts of hubs restarted meanwhile are lost, so a lower bound).
     #[serde(default)]
     pub faults_fired: BTreeMap<String, u64>,
+    /// The simulated devices, when the run had some (I15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<devices::DeviceEvidence>,
 }
 
 /// Runs every checker.
@@ -140,6 +144,7 @@ pub fn check_all(events: &[Event], ev: &Evidence) -> Vec<CheckResult> {
         health::checkpoints(ev),
         failover::bound(events, ev),
         available::untouched(events, ev),
+        devices::registry(ev),
         health::liveness(ev),
         health::not_vacuous(events, ev),
     ]

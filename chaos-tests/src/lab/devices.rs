@@ -47,6 +47,29 @@ impl Lab {
         ip(&["link", "del", &format!("hmb{}", i + 1)])
     }
 
+    /// Runs `hubmesh-devsim --stranger` (a libp2p node of no mesh) in a new host `k` on LAN A
+    /// for `secs` against the hubs' gossip ports, in the name of hub `as_node`; returns what it
+    /// printed (JSON: connections established, publishes that went out, longest connection).
+    pub fn run_stranger(&self, devsim: &Path, k: usize, as_node: u64, secs: u64) -> anyhow::Result<String> {
+        let (ns, veth, addr) = (device_ns(k), format!("hmd{k}"), device_ip(k, false));
+        ip(&["netns", "add", &ns])?;
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&["link", "set", &veth, "master", BRIDGE, "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns]).arg(devsim).args(["--ip", &addr, "--prefix", "stranger"]);
+        cmd.args(["--as-node", &as_node.to_string(), "--for", &secs.to_string()]);
+        for i in 0..self.hubs.len() {
+            cmd.args(["--stranger", &format!("{}:7072", super::hub_ip(i))]);
+        }
+        let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {}", devsim.display()));
+        let _ = ip(&["netns", "del", &ns]);
+        let out = out?;
+        anyhow::ensure!(out.status.success(), "the stranger failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
     /// Starts `count` simulated devices named `prefix-0..`, advertised `via` mDNS or SSDP, in a
     /// new device host `k` on LAN A or B.
     pub fn spawn_devsim(

@@ -180,7 +180,7 @@ impl Worker for MdnsWorker {
         if let Some(event) = self.event.take() {
             self.on_event(event);
         }
-        if Instant::now() >= self.next_probe {
+        if Instant::now() >= self.next_probe || self.known.is_empty() {
             self.next_probe = Instant::now() + PROBE_TICK;
             self.verify_slice()?;
         }
@@ -190,7 +190,10 @@ impl Worker for MdnsWorker {
     async fn wait(&mut self) {
         tokio::select! {
             Some(event) = self.events.recv() => self.event = Some(event),
-            () = tokio::time::sleep_until(self.next_probe) => {}
+            // Nothing to verify: no tick (an idle hub sleeps).
+            () = tokio::time::sleep_until(self.next_probe), if !self.known.is_empty() => {}
+            // The daemon is gone and nothing is known: nothing will ever happen.
+            else => std::future::pending::<()>().await,
         }
     }
 }

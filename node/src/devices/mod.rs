@@ -36,6 +36,10 @@ pub(crate) use worker::DevicesWorker;
 /// A hub not heard from on the gossip plane for this long is out of reach (it sends its load
 /// every second).
 pub(crate) const OUT_OF_REACH: Duration = Duration::from_secs(5);
+/// A hub sends no complete account this soon after it started: its discovery has not found
+/// again what it saw before the restart, and an account without those devices would make its
+/// peers drop them for a moment (its stale sightings go with the first account after this).
+const SETTLE: Duration = Duration::from_secs(5);
 /// Most devices one hub sees at once; it writes no sighting of more.
 pub(crate) const MAX_DEVICES: usize = 4096;
 /// Most sightings of one hub a registry keeps: what it sees and as many tombstones (a member's
@@ -209,7 +213,9 @@ impl Devices {
     /// sightings by device id.
     fn take_account(&self) -> Option<(u64, Vec<pb::DeviceSighting>)> {
         let mut inner = self.lock();
-        if !std::mem::take(&mut inner.account_due) {
+        if now_ms().saturating_sub(inner.started_ms) < SETTLE.as_millis() as u64
+            || !std::mem::take(&mut inner.account_due)
+        {
             return None;
         }
         let own = inner.registry.sightings_of(self.me);

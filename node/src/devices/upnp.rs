@@ -21,8 +21,10 @@ use crate::worker::Worker;
 
 /// How often the hub searches.
 pub(crate) const PROBE: Duration = Duration::from_secs(10);
-/// A device silent this long (two searches missed, and the wait for the third) has vanished.
-pub(crate) const SILENT: Duration = Duration::from_secs(25);
+/// A device silent this long (it missed two searches and their answer time) has vanished.
+pub(crate) const SILENT: Duration = Duration::from_secs(22);
+/// How often silence is looked for: a vanished device leaves within `SILENT + EXPIRY_TICK`.
+const EXPIRY_TICK: Duration = Duration::from_secs(1);
 
 /// The LAN's IPv4 interface addresses (loopback never: SSDP looks at the LAN).
 fn lan_interfaces() -> Vec<Ipv4Addr> {
@@ -67,6 +69,7 @@ pub(crate) struct UpnpWorker {
     interfaces: Vec<Ipv4Addr>,
     known: HashMap<String, Known>,
     next_probe: Instant,
+    next_expiry: Instant,
     buf: Vec<u8>,
     received: Option<(usize, SocketAddr)>,
 }
@@ -83,6 +86,7 @@ impl UpnpWorker {
             interfaces: Vec::new(),
             known: HashMap::new(),
             next_probe: Instant::now(),
+            next_expiry: Instant::now() + EXPIRY_TICK,
             buf: vec![0; MAX_DATAGRAM + 1],
             received: None,
         })
@@ -181,19 +185,24 @@ impl Worker for UpnpWorker {
         if let Some((len, from)) = self.received.take() {
             self.on_datagram(len, from);
         }
+        if Instant::now() >= self.next_expiry {
+            self.next_expiry = Instant::now() + EXPIRY_TICK;
+            self.expire();
+        }
         if Instant::now() >= self.next_probe {
             self.next_probe = Instant::now() + PROBE;
-            self.expire();
             self.probe().await;
         }
         Ok(())
     }
 
     async fn wait(&mut self) {
+        // Silence is looked for only while there is someone to fall silent.
+        let wake = if self.known.is_empty() { self.next_probe } else { self.next_probe.min(self.next_expiry) };
         let ready = tokio::select! {
             r = self.listen.readable() => r.ok().map(|()| true),
             r = self.search.readable() => r.ok().map(|()| false),
-            () = tokio::time::sleep_until(self.next_probe) => None,
+            () = tokio::time::sleep_until(wake) => None,
         };
         let Some(announcements) = ready else { return };
         let socket = if announcements { &self.listen } else { &self.search };

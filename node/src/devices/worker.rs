@@ -110,6 +110,7 @@ impl Worker for DevicesWorker {
         // A due account that waits for its gap is sent when the gap ends.
         let retry = match self.last_account {
             Some(t) if self.hub.devices().is_account_due() => (t + ACCOUNT_GAP).min(self.next_digest),
+            // Due while the hub settles after its start: the next digest round retries.
             _ => self.next_digest,
         };
         tokio::select! {

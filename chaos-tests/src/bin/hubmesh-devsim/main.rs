@@ -20,6 +20,7 @@ use clap::Parser;
 use mdns_sd::{ServiceDaemon, ServiceInfo};
 
 mod ssdp;
+mod stranger;
 
 /// How the devices advertise themselves.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -51,6 +52,15 @@ struct Args {
     /// The first device's port (the others count up).
     #[arg(long, default_value_t = 8000)]
     port: u16,
+    /// Instead of devices: be a stranger — a libp2p node of no mesh — that dials these gossip
+    /// addresses (repeatable) and publishes forged sightings of the device `PREFIX-intruder` in
+    /// the name of hub `--as-node`, for `--for` seconds; prints what it managed as JSON.
+    #[arg(long = "stranger", value_name = "ADDR")]
+    stranger: Vec<std::net::SocketAddr>,
+    #[arg(long = "as-node", default_value_t = 1)]
+    as_node: u64,
+    #[arg(long = "for", default_value_t = 5)]
+    for_s: u64,
 }
 
 fn fullname(args: &Args, i: usize) -> String {
@@ -88,6 +98,15 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.count == 0 || args.count > 1000 {
         bail!("--count must be 1..=1000");
+    }
+    if !args.stranger.is_empty() {
+        let device = format!("mdns:{}/id={}-intruder", args.service_type, args.prefix);
+        let out = stranger::run(&args.stranger, args.as_node, &device, Duration::from_secs(args.for_s)).await?;
+        println!(
+            "{{\"established\":{},\"published\":{},\"longest_ms\":{}}}",
+            out.established, out.published, out.longest_ms
+        );
+        return Ok(());
     }
     let mut adv = Advertiser {
         mdns: None,
