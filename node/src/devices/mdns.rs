@@ -6,7 +6,8 @@
 //! mDNS alone would keep a silent device for its records' TTL (75 minutes for the pointer
 //! record): every [`PROBE`] each known instance is verified (RFC 6762 §10.4: queried, and
 //! flushed when nothing answers within [`VERIFY`]), a slice of them each second, so a device
-//! that vanished leaves this hub's sightings within about `PROBE + VERIFY`.
+//! that vanished leaves this hub's sightings within about `PROBE + VERIFY`. A goodbye is taken
+//! at once from the wire (`goodbye`), not a second later when `mdns-sd` drops the record.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -14,11 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mdns_sd::{IfKind, ResolvedService, ServiceDaemon, ServiceEvent};
+use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::registry::Description;
-use super::wire;
+use super::{goodbye, net, wire};
 use crate::hub::Hub;
 use crate::worker::Worker;
 
@@ -96,6 +98,11 @@ pub(crate) struct MdnsWorker {
     cursor: Option<String>,
     next_probe: Instant,
     event: Option<ServiceEvent>,
+    /// Bound to 5353 beside the daemon, for goodbyes (None: it could not bind; the daemon's
+    /// removals, a second later, still come).
+    goodbyes: Option<UdpSocket>,
+    joined: Vec<std::net::Ipv4Addr>,
+    datagram: Option<Vec<u8>>,
 }
 
 impl MdnsWorker {
@@ -117,7 +124,25 @@ impl MdnsWorker {
             });
         }
         let next_probe = Instant::now() + PROBE_TICK;
-        Ok(Self { hub, daemon, events, known: BTreeMap::new(), cursor: None, next_probe, event: None })
+        let goodbyes = net::udp(goodbye::GROUP.port(), true)
+            .map_err(|e| tracing::warn!(error = %e, "mDNS goodbyes are taken a second late (the daemon's removal)"))
+            .ok();
+        let mut joined = Vec::new();
+        if let Some(s) = &goodbyes {
+            net::join_new(s, *goodbye::GROUP.ip(), &mut joined);
+        }
+        Ok(Self {
+            hub,
+            daemon,
+            events,
+            known: BTreeMap::new(),
+            cursor: None,
+            next_probe,
+            event: None,
+            goodbyes,
+            joined,
+            datagram: None,
+        })
     }
 
     fn on_event(&mut self, event: ServiceEvent) {
@@ -130,16 +155,18 @@ impl MdnsWorker {
                     self.known.insert(r.fullname.clone(), id);
                 }
             }
-            ServiceEvent::ServiceRemoved(_, fullname) => {
-                if let Some(id) = self.known.remove(&fullname) {
-                    // Still announced under another name: it did not leave.
-                    if !self.known.values().any(|other| *other == id) {
-                        tracing::debug!(device = %id, "mDNS: removed");
-                        self.hub.devices().left(&id);
-                    }
-                }
-            }
+            ServiceEvent::ServiceRemoved(_, fullname) => self.removed(&fullname, "removed"),
             _ => {}
+        }
+    }
+
+    fn removed(&mut self, fullname: &str, how: &str) {
+        if let Some(id) = self.known.remove(fullname) {
+            // Still announced under another name: it did not leave.
+            if !self.known.values().any(|other| *other == id) {
+                tracing::debug!(device = %id, how, "mDNS: gone");
+                self.hub.devices().left(&id);
+            }
         }
     }
 }
@@ -180,16 +207,33 @@ impl Worker for MdnsWorker {
         if let Some(event) = self.event.take() {
             self.on_event(event);
         }
+        if let Some(datagram) = self.datagram.take() {
+            for fullname in goodbye::goodbyes(&datagram) {
+                self.removed(&fullname, "goodbye");
+            }
+        }
         if Instant::now() >= self.next_probe || self.known.is_empty() {
             self.next_probe = Instant::now() + PROBE_TICK;
+            if let Some(s) = &self.goodbyes {
+                net::join_new(s, *goodbye::GROUP.ip(), &mut self.joined);
+            }
             self.verify_slice()?;
         }
         Ok(())
     }
 
     async fn wait(&mut self) {
+        let goodbyes = self.goodbyes.as_ref();
         tokio::select! {
             Some(event) = self.events.recv() => self.event = Some(event),
+            Ok(()) = async { goodbyes.expect("guarded").readable().await }, if goodbyes.is_some() => {
+                let mut buf = vec![0; 9000];
+                // A readiness that was spurious reads nothing.
+                if let Some(Ok((len, _))) = goodbyes.map(|s| s.try_recv_from(&mut buf)) {
+                    buf.truncate(len);
+                    self.datagram = Some(buf);
+                }
+            }
             // Nothing to verify: no tick (an idle hub sleeps).
             () = tokio::time::sleep_until(self.next_probe), if !self.known.is_empty() => {}
             // The daemon is gone and nothing is known: nothing will ever happen.

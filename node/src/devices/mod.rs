@@ -15,7 +15,9 @@
 //! makes peers forget what a restarted hub no longer sees). A device seen only by hubs that this
 //! hub has not heard from for [`OUT_OF_REACH`] is `unreachable`, never removed.
 
+pub(crate) mod goodbye;
 pub(crate) mod mdns;
+mod net;
 pub(crate) mod registry;
 pub(crate) mod ssdp;
 pub(crate) mod upnp;

@@ -5,17 +5,16 @@
 //! Messages are parsed by `ssdp` (pure); this module owns the sockets and the timers.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 use super::registry::Description;
 use super::ssdp::{self, Announcement, GROUP, MAX_DATAGRAM};
-use super::MAX_DEVICES;
+use super::{net, MAX_DEVICES};
 use crate::hub::Hub;
 use crate::worker::Worker;
 
@@ -25,30 +24,6 @@ pub(crate) const PROBE: Duration = Duration::from_secs(10);
 pub(crate) const SILENT: Duration = Duration::from_secs(22);
 /// How often silence is looked for: a vanished device leaves within `SILENT + EXPIRY_TICK`.
 const EXPIRY_TICK: Duration = Duration::from_secs(1);
-
-/// The LAN's IPv4 interface addresses (loopback never: SSDP looks at the LAN).
-fn lan_interfaces() -> Vec<Ipv4Addr> {
-    let all = if_addrs::get_if_addrs().unwrap_or_default();
-    all.iter()
-        .filter(|i| !i.is_loopback())
-        .filter_map(|i| match i.ip() {
-            IpAddr::V4(v4) if !v4.is_link_local() => Some(v4),
-            _ => None,
-        })
-        .collect()
-}
-
-fn udp(bind: SocketAddrV4, shared: bool) -> std::io::Result<UdpSocket> {
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    if shared {
-        // Other SSDP stacks on the machine (and other hubs in tests) listen on 1900 too.
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&SocketAddr::V4(bind).into())?;
-    UdpSocket::from_std(socket.into())
-}
 
 /// What this hub knows of one device from SSDP.
 struct Known {
@@ -77,8 +52,8 @@ pub(crate) struct UpnpWorker {
 impl UpnpWorker {
     /// Binds the sockets (the group is joined on each LAN interface at every probe).
     pub(crate) fn start(hub: Arc<Hub>) -> std::io::Result<Self> {
-        let listen = udp(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, GROUP.port()), true)?;
-        let search = udp(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), false)?;
+        let listen = net::udp(GROUP.port(), true)?;
+        let search = net::udp(0, false)?;
         Ok(Self {
             hub,
             listen,
@@ -95,15 +70,7 @@ impl UpnpWorker {
     /// Joins the group on interfaces that appeared since the last probe (best effort: one that
     /// refuses is tried again next time), then sends an M-SEARCH out of every LAN interface.
     async fn probe(&mut self) {
-        for ip in lan_interfaces() {
-            if self.interfaces.contains(&ip) {
-                continue;
-            }
-            match self.listen.join_multicast_v4(*GROUP.ip(), ip) {
-                Ok(()) => self.interfaces.push(ip),
-                Err(e) => tracing::debug!(%ip, error = %e, "SSDP: joining the group failed"),
-            }
-        }
+        net::join_new(&self.listen, *GROUP.ip(), &mut self.interfaces);
         let message = ssdp::search("ssdp:all", 2);
         for ip in &self.interfaces {
             let sent = match socket2::SockRef::from(&self.search).set_multicast_if_v4(ip) {
