@@ -21,6 +21,7 @@ mod deploy;
 mod devices;
 pub mod executor;
 mod faults;
+pub mod fuzzing;
 mod gossip;
 mod hub;
 mod invoke;

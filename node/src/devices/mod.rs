@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  mdns (mdns-sd browse, verify)  --saw/left-->  Devices (registry, own counter)
-//!  upnp (SSDP: M-SEARCH, NOTIFY)  --saw/left-->     |  own changes (batched 100 ms)
+//!  upnp (SSDP: M-SEARCH, NOTIFY)  --saw/left-->     |  own changes (batched 20 ms)
 //!                                                   v
 //!  DevicesWorker --gossip: sightings / complete accounts / digest every 5 s--> members
 //!  members' messages --GossipWorker (judged: a member, for itself)--> Devices::merge_from

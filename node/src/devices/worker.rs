@@ -11,8 +11,9 @@ use tokio::time::Instant;
 use crate::hub::Hub;
 use crate::worker::Worker;
 
-/// Own changes are gathered this long before they are sent.
-const BATCH: Duration = Duration::from_millis(100);
+/// Own changes are gathered this long before they are sent (a burst of discoveries goes out in
+/// a few messages; a single change is not held up for long).
+const BATCH: Duration = Duration::from_millis(20);
 /// How often the digest goes out (and the registry is pruned).
 const DIGEST: Duration = Duration::from_secs(5);
 /// Least time between two complete accounts.
