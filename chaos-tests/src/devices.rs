@@ -66,22 +66,27 @@ pub fn find_devsim() -> anyhow::Result<PathBuf> {
 }
 
 impl Fleet {
-    /// Starts `count` devices on LAN A.
-    pub fn start(lab: &Lab, devsim: &Path, count: usize, now_us: u64) -> anyhow::Result<Self> {
+    /// Starts `count` devices on LAN A; `now` is the run's clock (µs), read after each start.
+    pub fn start(lab: &Lab, devsim: &Path, count: usize, now: &dyn Fn() -> u64) -> anyhow::Result<Self> {
         let mut fleet = Self { devsim: devsim.to_owned(), devices: Vec::new(), next_host: 20, events: Vec::new() };
         for k in 0..count {
             let sim = fleet.spawn(lab, k, false)?;
             fleet.devices.push(Device { sim: Some(sim), on_b: false });
-            fleet.events.push(DeviceEvent { t_us: now_us, device: device_id(k), what: DeviceChange::Started });
+            fleet.events.push(DeviceEvent { t_us: now(), device: device_id(k), what: DeviceChange::Started });
         }
         Ok(fleet)
     }
 
     fn spawn(&mut self, lab: &Lab, k: usize, on_b: bool) -> anyhow::Result<Devsim> {
+        anyhow::ensure!(self.can_spawn(), "the run used up its device hosts");
         let host = self.next_host;
-        anyhow::ensure!(host < 150, "the run used up its device hosts");
         self.next_host += 1;
         lab.spawn_devsim(&self.devsim, host, on_b, "mdns", &format!("dev{k}"), 1)
+    }
+
+    /// Whether a device host is left (they are never reused in a run).
+    fn can_spawn(&self) -> bool {
+        self.next_host < 150
     }
 
     /// The ids of every device.
@@ -89,51 +94,72 @@ impl Fleet {
         (0..self.devices.len()).map(device_id).collect()
     }
 
+    fn running(&self) -> Vec<usize> {
+        (0..self.devices.len()).filter(|k| self.devices[*k].sim.is_some()).collect()
+    }
+
     /// Kills a running device (no goodbye); returns its index.
-    pub fn vanish(&mut self, rng: &mut impl Rng, now_us: u64) -> anyhow::Result<usize> {
-        let running: Vec<usize> = (0..self.devices.len()).filter(|k| self.devices[*k].sim.is_some()).collect();
-        let k = *running.choose(rng).context("no device runs")?;
+    pub fn vanish(&mut self, rng: &mut impl Rng, now: &dyn Fn() -> u64) -> anyhow::Result<usize> {
+        let k = *self.running().choose(rng).context("no device runs")?;
         drop(self.devices[k].sim.take());
-        self.events.push(DeviceEvent { t_us: now_us, device: device_id(k), what: DeviceChange::Vanished });
+        self.events.push(DeviceEvent { t_us: now(), device: device_id(k), what: DeviceChange::Vanished });
         Ok(k)
     }
 
     /// Moves a running device to the other LAN; returns its index.
-    pub fn move_one(&mut self, lab: &Lab, rng: &mut impl Rng, now_us: u64) -> anyhow::Result<usize> {
-        let running: Vec<usize> = (0..self.devices.len()).filter(|k| self.devices[*k].sim.is_some()).collect();
-        let k = *running.choose(rng).context("no device runs")?;
-        self.relocate(lab, k, now_us)?;
+    pub fn move_one(&mut self, lab: &Lab, rng: &mut impl Rng, now: &dyn Fn() -> u64) -> anyhow::Result<usize> {
+        let k = *self.running().choose(rng).context("no device runs")?;
+        self.relocate(lab, k, now)?;
         Ok(k)
     }
 
-    /// Device `k` to the other LAN: killed where it is, started on the other.
-    fn relocate(&mut self, lab: &Lab, k: usize, now_us: u64) -> anyhow::Result<()> {
-        drop(self.devices[k].sim.take());
+    /// Device `k` to the other LAN: it says goodbye where it is (so the hubs there drop it at
+    /// once, and only gossip from the other LAN's hubs keeps it listed), then starts there.
+    fn relocate(&mut self, lab: &Lab, k: usize, now: &dyn Fn() -> u64) -> anyhow::Result<()> {
+        anyhow::ensure!(self.can_spawn(), "the run used up its device hosts");
+        if let Some(mut sim) = self.devices[k].sim.take() {
+            sim.leave_all();
+        }
         let on_b = !self.devices[k].on_b;
-        let sim = self.spawn(lab, k, on_b)?;
-        self.devices[k] = Device { sim: Some(sim), on_b };
-        let what = if on_b { DeviceChange::MovedToB } else { DeviceChange::MovedToA };
-        self.events.push(DeviceEvent { t_us: now_us, device: device_id(k), what });
-        Ok(())
+        match self.spawn(lab, k, on_b) {
+            Ok(sim) => {
+                self.devices[k] = Device { sim: Some(sim), on_b };
+                let what = if on_b { DeviceChange::MovedToB } else { DeviceChange::MovedToA };
+                self.events.push(DeviceEvent { t_us: now(), device: device_id(k), what });
+                Ok(())
+            }
+            Err(e) => {
+                // It left and did not come back: nobody should list it.
+                self.events.push(DeviceEvent { t_us: now(), device: device_id(k), what: DeviceChange::Vanished });
+                Err(e)
+            }
+        }
     }
 
     /// Undoes a device fault on device `k`: starts it again, or brings it back to LAN A.
-    pub fn heal(&mut self, lab: &Lab, k: usize, now_us: u64) -> anyhow::Result<()> {
+    pub fn heal(&mut self, lab: &Lab, k: usize, now: &dyn Fn() -> u64) -> anyhow::Result<()> {
         if self.devices[k].sim.is_none() {
             let sim = self.spawn(lab, k, false)?;
             self.devices[k] = Device { sim: Some(sim), on_b: false };
-            self.events.push(DeviceEvent { t_us: now_us, device: device_id(k), what: DeviceChange::Started });
+            self.events.push(DeviceEvent { t_us: now(), device: device_id(k), what: DeviceChange::Started });
         } else if self.devices[k].on_b {
-            self.relocate(lab, k, now_us)?;
+            self.relocate(lab, k, now)?;
         }
         Ok(())
     }
 
-    /// Every device running on LAN A again (the final heal).
-    pub fn heal_all(&mut self, lab: &Lab, now_us: u64) -> anyhow::Result<()> {
-        for k in 0..self.devices.len() {
-            self.heal(lab, k, now_us)?;
-        }
+    /// Every device running on LAN A again (the final heal); the devices that could not be are
+    /// named in the error, the others are healed all the same.
+    pub fn heal_all(&mut self, lab: &Lab, now: &dyn Fn() -> u64) -> anyhow::Result<()> {
+        let failed: Vec<String> = (0..self.devices.len())
+            .filter_map(|k| self.heal(lab, k, now).err().map(|e| format!("{}: {e:#}", device_id(k))))
+            .collect();
+        anyhow::ensure!(failed.is_empty(), "devices not restored: {}", failed.join("; "));
         Ok(())
+    }
+
+    /// The devices that run (their ids): what every hub must list after the final heal.
+    pub fn running_ids(&self) -> Vec<String> {
+        self.running().into_iter().map(device_id).collect()
     }
 }

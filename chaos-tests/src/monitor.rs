@@ -111,11 +111,13 @@ pub async fn devices(hubs: Vec<Client>, every: Duration, rec: Recorder, stop: Ar
         for (i, c) in hubs.iter().cloned().enumerate() {
             let rec = rec.clone();
             polls.spawn(async move {
-                // The uptime is read first: a restart between the two reads shows as a young hub.
-                let s = tokio::time::timeout(Duration::from_millis(800), c.status()).await.ok()?.ok()?;
+                // Stamped when asked (the grace periods count from there), the list before the
+                // uptime: a restart between the two reads shows as a young hub.
+                let t_us = rec.now_us();
                 let list = tokio::time::timeout(Duration::from_millis(800), c.devices()).await.ok()?.ok()?;
+                let s = tokio::time::timeout(Duration::from_millis(800), c.status()).await.ok()?.ok()?;
                 Some(DeviceSample {
-                    t_us: rec.now_us(),
+                    t_us,
                     hub: i,
                     uptime_ms: s.uptime_ms,
                     devices: list.into_iter().map(|d| (d.id, d.reach)).collect(),

@@ -212,16 +212,23 @@ pub fn write(
     );
     let _ = writeln!(md, "## Faults\n\n| from | to | fault | target | effect |\n|---|---|---|---|---|");
     for f in &ev.faults {
-        let effect =
-            if f.fault.is_network() { format!("{} packets dropped", f.dropped) } else { "signal delivered".into() };
+        let effect = if f.fault.is_network() {
+            format!("{} packets dropped", f.dropped)
+        } else if f.fault.is_device() {
+            "a simulated device, no hub".into()
+        } else {
+            "signal delivered".into()
+        };
+        let target = match f.device {
+            Some(k) => format!("device {}", crate::devices::device_id(k)),
+            None => format!("{} → n{}", f.target.name(), f.hub + 1),
+        };
         let _ = writeln!(
             md,
-            "| {:.1}s | {:.1}s | {} | {} → n{} | {} ({}) |",
+            "| {:.1}s | {:.1}s | {} | {target} | {} ({}) |",
             f.start_us as f64 / 1e6,
             f.end_us as f64 / 1e6,
             f.fault.name(),
-            f.target.name(),
-            f.hub + 1,
             effect,
             f.note
         );

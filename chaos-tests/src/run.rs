@@ -146,7 +146,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
     if sc.devices.count > 0 {
         lab.add_lan_b(&[lab.task_hubs - 1]).context("building LAN B")?;
         let devsim = crate::devices::find_devsim()?;
-        fleet = Some(Fleet::start(&lab, &devsim, sc.devices.count, rec.now_us()).context("starting the devices")?);
+        let now = || rec.now_us();
+        fleet = Some(Fleet::start(&lab, &devsim, sc.devices.count, &now).context("starting the devices")?);
     }
 
     // Clients, monitor, progress.
@@ -187,7 +188,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
         e.note = Some(format!("target {}", step.target.name()));
         let start_us = rec.now_us();
         let applied = match (step.fault.is_device(), fleet.as_mut()) {
-            (true, Some(f)) => device_fault(&lab, f, step.fault, start_us, &mut rng),
+            (true, Some(f)) => device_fault(&lab, f, step.fault, &rec, &mut rng),
             (true, None) => Err(anyhow::anyhow!("{} needs devices (devices.count)", step.fault.name())),
             (false, _) => {
                 nemesis::apply(&mut lab, step, &task_names, &watched, sc.chaos.flaky_drop_percent, start_us, &mut rng)
@@ -202,7 +203,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
                 set_phase(&progress, "chaos", &a.note);
                 supervised_sleep(&mut lab, Instant::now() + Duration::from_millis(step.hold_ms), &rec).await;
                 let healed = match (a.device, fleet.as_mut()) {
-                    (Some(k), Some(f)) => f.heal(&lab, k, rec.now_us()),
+                    (Some(k), Some(f)) => f.heal(&lab, k, &|| rec.now_us()),
                     _ => nemesis::heal(&mut lab, &mut a).await,
                 };
                 let mut done = e.clone();
@@ -251,7 +252,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
     let devices = match fleet.as_mut() {
         Some(f) => {
             set_phase(&progress, "devices", "");
-            Some(converge(&lab, f, &rec).await)
+            Some(converge(&mut lab, f, &rec).await)
         }
         None => None,
     };
@@ -303,13 +304,15 @@ fn device_fault(
     lab: &Lab,
     fleet: &mut Fleet,
     fault: FaultKind,
-    now_us: u64,
+    rec: &Recorder,
     rng: &mut impl rand::Rng,
 ) -> anyhow::Result<nemesis::Applied> {
+    let now = || rec.now_us();
     let k = match fault {
-        FaultKind::DeviceVanish => fleet.vanish(rng, now_us)?,
-        _ => fleet.move_one(lab, rng, now_us)?,
+        FaultKind::DeviceVanish => fleet.vanish(rng, &now)?,
+        _ => fleet.move_one(lab, rng, &now)?,
     };
+    let now_us = now();
     Ok(nemesis::Applied {
         fault,
         target: crate::scenario::Target::One,
@@ -329,21 +332,21 @@ fn device_fault(
     })
 }
 
-/// After the final heal: every device runs on LAN A again; waits (at most 40 s) until every
-/// hub lists exactly those, all `seen`.
-async fn converge(lab: &Lab, fleet: &mut Fleet, rec: &Recorder) -> DeviceEvidence {
+/// After the final heal: every device runs on LAN A again; waits (at most 40 s, restarting hubs
+/// that exit on their own meanwhile) until every hub lists exactly those, all `seen`.
+async fn converge(lab: &mut Lab, fleet: &mut Fleet, rec: &Recorder) -> DeviceEvidence {
     let start = Instant::now();
-    let healed = fleet.heal_all(lab, rec.now_us());
-    let ids: Vec<String> = fleet.ids();
+    let healed = fleet.heal_all(lab, &|| rec.now_us());
+    // What runs (a device that could not be restored is not expected).
+    let want: BTreeMap<String, String> = fleet.running_ids().into_iter().map(|i| (i, "seen".to_owned())).collect();
     let mut last = Vec::new();
     let mut converged_after_ms = None;
-    while healed.is_ok() && start.elapsed() < Duration::from_secs(40) {
+    while start.elapsed() < Duration::from_secs(40) {
         last.clear();
         for h in &lab.hubs {
             match h.client.devices().await {
                 Ok(list) => {
-                    let got: Vec<(String, String)> = list.into_iter().map(|d| (d.id, d.reach)).collect();
-                    let want: Vec<(String, String)> = ids.iter().map(|i| (i.clone(), "seen".to_owned())).collect();
+                    let got: BTreeMap<String, String> = list.into_iter().map(|d| (d.id, d.reach)).collect();
                     if got != want {
                         last.push(format!("{} lists {got:?}", h.name()));
                     }
@@ -355,11 +358,13 @@ async fn converge(lab: &Lab, fleet: &mut Fleet, rec: &Recorder) -> DeviceEvidenc
             converged_after_ms = Some(start.elapsed().as_millis() as u64);
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        supervised_sleep(lab, Instant::now() + Duration::from_millis(100), rec).await;
     }
     if let Err(e) = healed {
         last.push(format!("the devices could not be restored: {e:#}"));
+        converged_after_ms = None;
     }
+    let ids = want.into_keys().collect();
     DeviceEvidence { events: fleet.events.clone(), samples: Vec::new(), ids, converged_after_ms, unconverged: last }
 }
 

@@ -132,7 +132,7 @@ async fn hubs_discover_devices_gossip_them_and_keep_them_through_a_partition() {
     eprintln!("a clean leave (SSDP byebye) gone everywhere in {took:?}");
 
     // 3. A silent vanish (SIGKILL: no goodbye) leaves every hub within the probe bound (mDNS: a
-    //    10 s probe + 10 s verify, far below its 75-minute TTL; SSDP: 25 s of silence).
+    //    10 s probe + 10 s verify, far below its 75-minute TTL; SSDP: 25 s of silence, looked for each second).
     plug.vanish();
     radio.vanish();
     let took = until(&lab, &all, Duration::from_secs(45), "a silent vanish", |l| {

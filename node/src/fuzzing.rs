@@ -11,7 +11,7 @@ use crate::devices::{goodbye, ssdp, Devices, MAX_SIGHTINGS};
 /// replay would), whose bounds must hold.
 pub fn devices(data: &[u8]) {
     let _ = ssdp::parse(data);
-    let _ = goodbye::goodbyes(data);
+    let _ = goodbye::pointers(data, goodbye::GROUP.port());
     let Ok(msg) = pb::GossipMessage::decode(data) else { return };
     let registry = Devices::new(NodeId(1), 1);
     for _ in 0..2 {

@@ -21,6 +21,7 @@ mod deploy;
 mod devices;
 pub mod executor;
 mod faults;
+#[doc(hidden)]
 pub mod fuzzing;
 mod gossip;
 mod hub;

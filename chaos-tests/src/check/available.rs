@@ -105,7 +105,8 @@ pub fn windows(events: &[Event], ev: &Evidence, min_ms: f64) -> Vec<Window> {
             let touched_by = ev
                 .faults
                 .iter()
-                .filter(|f| f.start_us < to_us && from_us < f.end_us.max(f.start_us) + grace_us)
+                // A device fault touches no hub: it excuses nothing.
+                .filter(|f| f.device.is_none() && f.start_us < to_us && from_us < f.end_us.max(f.start_us) + grace_us)
                 .find(|f| {
                     let nodes: Vec<u64> = f.hubs.iter().filter_map(|h| ev.node_ids.get(*h).copied()).collect();
                     let host = f.hosts_before.get(&task).map(|(h, _)| *h);
@@ -128,6 +129,7 @@ pub fn untouched(events: &[Event], ev: &Evidence) -> CheckResult {
     let unattributed = ev
         .faults
         .iter()
+        .filter(|f| f.device.is_none())
         .filter(|f| f.leader_before.is_none() || tasks.iter().any(|t| !f.hosts_before.contains_key(t)))
         .count();
     r.count("unattributed", unattributed as u64);

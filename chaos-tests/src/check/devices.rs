@@ -16,8 +16,9 @@ use crate::monitor::DeviceSample;
 
 /// From a device's start (or a hub's) until the hub must list it.
 pub const SETTLE_US: u64 = 5_000_000;
-/// From a device's move to the other LAN until every hub must list it again.
-pub const MOVE_GRACE_US: u64 = 2_000_000;
+/// From a device's move to the other LAN (a goodbye, then its start there, with its mDNS
+/// probing) until every hub must list it again.
+pub const MOVE_GRACE_US: u64 = 3_000_000;
 
 /// What the run saw of the devices.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -152,7 +153,7 @@ mod tests {
     fn a_move_keeps_it_expected_after_the_grace_and_no_convergence_is_false() {
         let ev = evidence(
             vec![event(0, DeviceChange::Started), event(10_000_000, DeviceChange::MovedToB)],
-            vec![sample(11_000_000, 0, false), sample(13_000_000, 0, false)],
+            vec![sample(11_000_000, 0, false), sample(14_000_000, 0, false)],
             true,
         );
         let r = registry(&ev);

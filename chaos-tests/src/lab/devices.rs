@@ -116,6 +116,19 @@ impl Devsim {
         self.stdin.flush().context("telling the simulator")
     }
 
+    /// Every device says goodbye (`leave all`); waits (at most 3 s) for the simulator to exit.
+    pub fn leave_all(&mut self) {
+        use std::io::Write;
+        let _ = writeln!(self.stdin, "leave all").and_then(|()| self.stdin.flush());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Every device vanishes without a word (SIGKILL).
     pub fn vanish(&mut self) {
         let _ = self.child.kill();

@@ -1,8 +1,14 @@
 //! mDNS goodbyes (RFC 6762 §10.1), read straight off the wire. A device that leaves cleanly
 //! sends its PTR record with TTL 0; `mdns-sd`, as the RFC asks of a cache, keeps the record one
-//! more second before it reports the removal. The registry wants the leave at once (gone from
-//! every hub within a second), so the mDNS handler also listens for goodbyes itself. Pure:
-//! [`goodbyes`] parses one datagram.
+//! more second before it reports the removal (another responder may still re-assert it). The
+//! registry wants the leave at once (gone from every hub within a second), so the mDNS handler
+//! also listens itself: a goodbye marks the device gone at once, and a PTR that re-asserts it
+//! (TTL above 0) on the same socket brings it back. Pure: [`pointers`] parses one datagram.
+//!
+//! The socket shares port 5353 with `mdns-sd` and libp2p (`SO_REUSEPORT`): every socket gets
+//! each multicast datagram, but a unicast datagram goes to one of them by hash, so a responder's
+//! rare unicast answers to this port may land here instead of in `mdns-sd` (which sends no
+//! unicast-response queries, so it expects none).
 
 /// The mDNS group and port.
 pub(crate) const GROUP: std::net::SocketAddrV4 =
@@ -53,16 +59,29 @@ fn u16_at(msg: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*msg.get(at)?, *msg.get(at + 1)?]))
 }
 
-/// The service instances (full names, as `mdns-sd` reports them) whose PTR records `msg`
-/// withdraws with TTL 0. Anything that is not a well-formed mDNS response gives none.
-pub(crate) fn goodbyes(msg: &[u8]) -> Vec<String> {
+/// A PTR record of a response: `owner` (a service type, `_hap._tcp.local.`) points at
+/// `target` (an instance's full name, as `mdns-sd` reports it) for `ttl` seconds (0: goodbye).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pointer {
+    pub(crate) owner: String,
+    pub(crate) target: String,
+    pub(crate) ttl: u32,
+}
+
+/// The PTR answers of `msg`, an mDNS response from port `from_port`. Anything that is not a
+/// well-formed mDNS response (RFC 6762 §18: from port 5353, opcode and rcode 0) gives none.
+pub(crate) fn pointers(msg: &[u8], from_port: u16) -> Vec<Pointer> {
+    if from_port != GROUP.port() {
+        return Vec::new();
+    }
     parse(msg).unwrap_or_default()
 }
 
-fn parse(msg: &[u8]) -> Option<Vec<String>> {
+fn parse(msg: &[u8]) -> Option<Vec<Pointer>> {
     let flags = u16_at(msg, 2)?;
-    if flags & 0x8000 == 0 {
-        return Some(Vec::new()); // a query
+    // A response (QR), opcode 0 (bits 11-14), rcode 0 (bits 0-3).
+    if flags & 0x8000 == 0 || flags & 0x7800 != 0 || flags & 0x000F != 0 {
+        return Some(Vec::new());
     }
     let (questions, answers) = (u16_at(msg, 4)?, u16_at(msg, 6)?);
     let mut at = 12;
@@ -71,14 +90,19 @@ fn parse(msg: &[u8]) -> Option<Vec<String>> {
     }
     let mut out = Vec::new();
     for _ in 0..answers {
-        let (_, after) = name(msg, at)?;
+        let (owner, after) = name(msg, at)?;
         let kind = u16_at(msg, after)?;
         let ttl = u32::from_be_bytes(msg.get(after + 4..after + 8)?.try_into().ok()?);
         let len = u16_at(msg, after + 8)? as usize;
         let data = after + 10;
         msg.get(data..data + len)?;
-        if kind == PTR && ttl == 0 {
-            out.push(name(msg, data)?.0);
+        if kind == PTR {
+            let (target, end) = name(msg, data)?;
+            // The target must end within the record (its own labels; a pointer may go anywhere).
+            if end > data + len {
+                return None;
+            }
+            out.push(Pointer { owner, target, ttl });
         }
         at = data + len;
     }
@@ -109,24 +133,40 @@ mod tests {
     }
 
     #[test]
-    fn a_ptr_with_ttl_zero_is_a_goodbye_and_nothing_else_is() {
-        assert_eq!(goodbyes(&response(0)), ["lamp-0._hubmesh-dev._tcp.local."]);
-        assert!(goodbyes(&response(4500)).is_empty(), "an announcement");
+    fn a_ptr_answer_says_its_type_instance_and_ttl_and_only_a_proper_response_counts() {
+        let ptr = |ttl| Pointer {
+            owner: "_hubmesh-dev._tcp.local.".into(),
+            target: "lamp-0._hubmesh-dev._tcp.local.".into(),
+            ttl,
+        };
+        assert_eq!(pointers(&response(0), 5353), [ptr(0)], "a goodbye");
+        assert_eq!(pointers(&response(4500), 5353), [ptr(4500)], "an announcement");
+        assert!(pointers(&response(0), 40000).is_empty(), "not from port 5353");
         let mut query = response(0);
         query[2] = 0;
-        assert!(goodbyes(&query).is_empty(), "a query");
+        assert!(pointers(&query, 5353).is_empty(), "a query");
+        let mut refused = response(0);
+        refused[3] = 0x05;
+        assert!(pointers(&refused, 5353).is_empty(), "an rcode");
+        let mut update = response(0);
+        update[2] |= 0x28;
+        assert!(pointers(&update, 5353).is_empty(), "another opcode");
     }
 
     #[test]
-    fn garbage_truncation_and_pointer_loops_give_nothing() {
+    fn garbage_truncation_overlong_targets_and_pointer_loops_give_nothing() {
         let full = response(0);
         for cut in 0..full.len() {
-            assert!(goodbyes(&full[..cut]).is_empty(), "cut at {cut}");
+            assert!(pointers(&full[..cut], 5353).is_empty(), "cut at {cut}");
         }
         let mut looped = response(0);
         let at = looped.len() - 2;
         looped[at + 1] = at as u8; // the pointer points at itself
-        assert!(goodbyes(&looped).is_empty());
-        assert!(goodbyes(&[0xff; 64]).is_empty());
+        assert!(pointers(&looped, 5353).is_empty());
+        let mut short = response(0);
+        let rdlength = short.len() - 10; // the record's rdlength, one shorter than its name
+        short[rdlength] -= 1;
+        assert!(pointers(&short, 5353).is_empty(), "a target running past its record");
+        assert!(pointers(&[0xff; 64], 5353).is_empty());
     }
 }

@@ -31,6 +31,8 @@ pub(crate) const VERIFY: Duration = Duration::from_secs(10);
 /// How often a slice of the known instances is verified (each one every [`PROBE`]): mdns-sd's
 /// command queue holds 100, so thousands are never asked at once.
 const PROBE_TICK: Duration = Duration::from_secs(1);
+/// How often the goodbye socket joins the group on interfaces that appeared.
+const JOIN_EVERY: Duration = Duration::from_secs(10);
 /// The service types browsed when none are configured: common home devices, and hubmesh's own
 /// type for simple devices.
 pub(crate) const DEFAULT_TYPES: &[&str] = &[
@@ -86,23 +88,38 @@ fn describe(r: &ResolvedService) -> (String, Description) {
     (id, description)
 }
 
+/// An instance that resolved.
+struct Instance {
+    /// Its device (two names may be one device: a rename, or a name conflict, keeps its TXT id).
+    id: String,
+    description: Description,
+    /// It said goodbye (this hub reported it gone); `mdns-sd` still holds it for a second, in
+    /// which a re-announcement brings it back.
+    gone: bool,
+}
+
 /// Browses the LAN and keeps this hub's mDNS sightings.
 pub(crate) struct MdnsWorker {
     hub: Arc<Hub>,
     daemon: ServiceDaemon,
     events: mpsc::Receiver<ServiceEvent>,
-    /// Full instance name -> device id, for what resolved (two names may be one device: a
-    /// rename, or a name conflict, keeps its TXT id).
-    known: BTreeMap<String, String>,
+    /// The browsed types, as in PTR owners (`_hap._tcp.local.`).
+    types: Vec<String>,
+    /// By full instance name.
+    known: BTreeMap<String, Instance>,
     /// The instance verified last: the next tick goes on after it.
     cursor: Option<String>,
     next_probe: Instant,
+    /// When the goodbye socket next joins the group on interfaces that appeared.
+    next_join: Instant,
     event: Option<ServiceEvent>,
     /// Bound to 5353 beside the daemon, for goodbyes (None: it could not bind; the daemon's
     /// removals, a second later, still come).
     goodbyes: Option<UdpSocket>,
     joined: Vec<std::net::Ipv4Addr>,
-    datagram: Option<Vec<u8>>,
+    buf: Vec<u8>,
+    /// The length and source port of a datagram in `buf`.
+    datagram: Option<(usize, u16)>,
 }
 
 impl MdnsWorker {
@@ -111,8 +128,9 @@ impl MdnsWorker {
         let daemon = ServiceDaemon::new()?;
         daemon.disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6, IfKind::IPv6])?;
         let (tx, events) = mpsc::channel(256);
-        for ty in types {
-            let receiver = daemon.browse(&format!("{ty}.local."))?;
+        let types: Vec<String> = types.iter().map(|t| format!("{t}.local.")).collect();
+        for ty in &types {
+            let receiver = daemon.browse(ty)?;
             let tx = tx.clone();
             // Ends when the daemon shuts down (the receiver closes) or the worker is gone.
             tokio::spawn(async move {
@@ -123,24 +141,22 @@ impl MdnsWorker {
                 }
             });
         }
-        let next_probe = Instant::now() + PROBE_TICK;
         let goodbyes = net::udp(goodbye::GROUP.port(), true)
             .map_err(|e| tracing::warn!(error = %e, "mDNS goodbyes are taken a second late (the daemon's removal)"))
             .ok();
-        let mut joined = Vec::new();
-        if let Some(s) = &goodbyes {
-            net::join_new(s, *goodbye::GROUP.ip(), &mut joined);
-        }
         Ok(Self {
             hub,
             daemon,
             events,
+            types,
             known: BTreeMap::new(),
             cursor: None,
-            next_probe,
+            next_probe: Instant::now() + PROBE_TICK,
+            next_join: Instant::now(),
             event: None,
             goodbyes,
-            joined,
+            joined: Vec::new(),
+            buf: vec![0; 9000],
             datagram: None,
         })
     }
@@ -151,27 +167,48 @@ impl MdnsWorker {
                 let (id, description) = describe(&r);
                 tracing::debug!(device = %id, addresses = ?description.addresses, "mDNS: resolved");
                 // A device the registry refused (this hub sees too many) is not tracked either.
-                if self.hub.devices().saw(&id, description) {
-                    self.known.insert(r.fullname.clone(), id);
+                if self.hub.devices().saw(&id, description.clone()) {
+                    self.known.insert(r.fullname.clone(), Instance { id, description, gone: false });
                 }
             }
-            ServiceEvent::ServiceRemoved(_, fullname) => self.removed(&fullname, "removed"),
+            ServiceEvent::ServiceRemoved(_, fullname) => {
+                if let Some(i) = self.known.remove(&fullname) {
+                    self.left_unless_announced(&i.id, "removed");
+                }
+            }
             _ => {}
         }
     }
 
-    fn removed(&mut self, fullname: &str, how: &str) {
-        if let Some(id) = self.known.remove(fullname) {
-            // Still announced under another name: it did not leave.
-            if !self.known.values().any(|other| *other == id) {
-                tracing::debug!(device = %id, how, "mDNS: gone");
-                self.hub.devices().left(&id);
-            }
+    /// `id` left, unless it is still announced under another name.
+    fn left_unless_announced(&self, id: &str, how: &str) {
+        if !self.known.values().any(|i| i.id == id && !i.gone) {
+            tracing::debug!(device = %id, how, "mDNS: gone");
+            self.hub.devices().left(id);
         }
     }
-}
 
-impl MdnsWorker {
+    /// A PTR seen on the wire: a goodbye of a known instance makes it gone at once; a PTR that
+    /// re-asserts an instance that said goodbye brings it back.
+    fn on_pointer(&mut self, p: goodbye::Pointer) {
+        if !self.types.contains(&p.owner) {
+            return; // a subtype, or a type this hub does not browse
+        }
+        let Some(i) = self.known.get_mut(&p.target) else { return };
+        match (p.ttl, i.gone) {
+            (0, false) => {
+                i.gone = true;
+                let id = i.id.clone();
+                self.left_unless_announced(&id, "goodbye");
+            }
+            (1.., true) => {
+                i.gone = false;
+                self.hub.devices().saw(&i.id, i.description.clone());
+            }
+            _ => {}
+        }
+    }
+
     /// Verifies the next slice of the known instances, going on where the last tick stopped.
     fn verify_slice(&mut self) -> Result<(), String> {
         let share = self.known.len().div_ceil((PROBE.as_millis() / PROBE_TICK.as_millis()) as usize);
@@ -207,37 +244,42 @@ impl Worker for MdnsWorker {
         if let Some(event) = self.event.take() {
             self.on_event(event);
         }
-        if let Some(datagram) = self.datagram.take() {
-            for fullname in goodbye::goodbyes(&datagram) {
-                self.removed(&fullname, "goodbye");
+        if let Some((len, port)) = self.datagram.take() {
+            for p in goodbye::pointers(&self.buf[..len], port) {
+                self.on_pointer(p);
             }
         }
-        if Instant::now() >= self.next_probe || self.known.is_empty() {
-            self.next_probe = Instant::now() + PROBE_TICK;
+        let now = Instant::now();
+        if now >= self.next_join {
+            self.next_join = now + JOIN_EVERY;
             if let Some(s) = &self.goodbyes {
                 net::join_new(s, *goodbye::GROUP.ip(), &mut self.joined);
             }
+        }
+        if now >= self.next_probe {
+            self.next_probe = now + PROBE_TICK;
             self.verify_slice()?;
         }
         Ok(())
     }
 
     async fn wait(&mut self) {
+        // Nothing to verify: only the join timer (an idle hub sleeps).
+        let wake = if self.known.is_empty() { self.next_join } else { self.next_join.min(self.next_probe) };
         let goodbyes = self.goodbyes.as_ref();
         tokio::select! {
             Some(event) = self.events.recv() => self.event = Some(event),
             Ok(()) = async { goodbyes.expect("guarded").readable().await }, if goodbyes.is_some() => {
-                let mut buf = vec![0; 9000];
                 // A readiness that was spurious reads nothing.
-                if let Some(Ok((len, _))) = goodbyes.map(|s| s.try_recv_from(&mut buf)) {
-                    buf.truncate(len);
-                    self.datagram = Some(buf);
+                if let Some(Ok((len, from))) = goodbyes.map(|s| s.try_recv_from(&mut self.buf)) {
+                    self.datagram = Some((len, from.port()));
                 }
             }
-            // Nothing to verify: no tick (an idle hub sleeps).
-            () = tokio::time::sleep_until(self.next_probe), if !self.known.is_empty() => {}
-            // The daemon is gone and nothing is known: nothing will ever happen.
-            else => std::future::pending::<()>().await,
+            () = tokio::time::sleep_until(wake) => {
+                if self.known.is_empty() {
+                    self.next_probe = Instant::now() + PROBE_TICK;
+                }
+            }
         }
     }
 }

@@ -20,8 +20,9 @@ use crate::worker::Worker;
 
 /// How often the hub searches.
 pub(crate) const PROBE: Duration = Duration::from_secs(10);
-/// A device silent this long (it missed two searches and their answer time) has vanished.
-pub(crate) const SILENT: Duration = Duration::from_secs(22);
+/// A device silent this long has vanished: it missed two searches and their answer time, with
+/// room for one lost answer (2 × PROBE + MX + a margin), so one dropped datagram is no flap.
+pub(crate) const SILENT: Duration = Duration::from_secs(25);
 /// How often silence is looked for: a vanished device leaves within `SILENT + EXPIRY_TICK`.
 const EXPIRY_TICK: Duration = Duration::from_secs(1);
 
