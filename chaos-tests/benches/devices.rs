@@ -10,7 +10,8 @@
 //!   comes): heal → every hub's registry equal;
 //! - idle RSS of each hub with the swarm and both discovery handlers running.
 //!
-//! Every loop is bounded in count and time. `DEVICES_BENCH_ATTEMPTS` (default 20),
+//! Every loop is bounded in count and time. `DEVICES_BENCH_ONLY=traffic` runs the last two
+//! parts only. `DEVICES_BENCH_ATTEMPTS` (default 20),
 //! `DEVICES_BENCH_PARTITIONS` (3), `DEVICES_BENCH_PARTITION_S` (60), `DEVICES_BENCH_STEADY_S`
 //! (60), `DEVICES_BENCH_COUNT` (500).
 
@@ -194,7 +195,8 @@ async fn bench() {
     let sniffed = sniff_lan_b();
     println!("| benchmark (5 release hubs in namespaces, lan profile) | p50 | p99 | max | attempts |");
     println!("|---|---|---|---|---|");
-    for via in ["mdns", "ssdp"] {
+    let only_traffic = std::env::var("DEVICES_BENCH_ONLY").is_ok_and(|v| v == "traffic");
+    for via in ["mdns", "ssdp"].into_iter().filter(|_| !only_traffic) {
         let (mut known, mut gossip_in, mut left, mut gossip_out) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut from_announcement = Vec::new();
         for k in 0..attempts {
@@ -236,7 +238,7 @@ async fn bench() {
     }
 
     // Heal after a partition.
-    let partitions = env("DEVICES_BENCH_PARTITIONS", 3) as usize;
+    let partitions = if only_traffic { 0 } else { env("DEVICES_BENCH_PARTITIONS", 3) as usize };
     let cut_s = env("DEVICES_BENCH_PARTITION_S", 60);
     let view = |l: &BTreeMap<String, DeviceInfo>| -> Vec<(String, Vec<u64>, String)> {
         l.values()
@@ -282,33 +284,79 @@ async fn bench() {
         }
         drop(leaving);
     }
-    row(&format!("heal after a {cut_s} s partition → every registry equal"), &mut heal, partitions);
+    if partitions > 0 {
+        row(&format!("heal after a {cut_s} s partition → every registry equal"), &mut heal, partitions);
+    }
     drop(staying);
 
     // Traffic with many devices, steady.
     let count = env("DEVICES_BENCH_COUNT", 500) as usize;
     let steady = Duration::from_secs(env("DEVICES_BENCH_STEADY_S", 60));
     count_gossip(0);
+    // The floor: loads (each hub's, once a second) and digests, with no device on the LAN.
+    let quiet = gossip_bytes(0);
+    tokio::time::sleep(steady).await;
+    let quiet = gossip_bytes(0) - quiet;
+    println!();
+    println!(
+        "no device: gossip through n1, steady over {} s: {:.1} kbit/s (both ways, TCP 7072 with headers: loads, digests, gossipsub's own)",
+        steady.as_secs(),
+        quiet as f64 * 8.0 / 1000.0 / steady.as_secs_f64()
+    );
     let start = Instant::now();
-    let _many = lab.spawn_devsim(devsim, 120, false, "mdns", "many", count).expect("devsim");
+    // Fifty devices per simulator, as a LAN's devices answer for themselves (one responder
+    // answering verifications for hundreds would be the bottleneck, not the hubs).
+    let per = 50.min(count);
+    let _many: Vec<_> = (0..count.div_ceil(per))
+        .map(|j| {
+            let n = per.min(count - j * per);
+            lab.spawn_devsim(devsim, 120 + j, false, "mdns", &format!("many{j}"), n).expect("devsim")
+        })
+        .collect();
     let mut converged = None;
     while start.elapsed() < Duration::from_secs(60) {
-        if ids(&lab).await.iter().all(|s| s.iter().filter(|id| id.contains("/id=many-")).count() == count) {
+        if ids(&lab).await.iter().all(|s| s.iter().filter(|id| id.contains("/id=many")).count() == count) {
             converged = Some(start.elapsed());
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The discovery's tail (every hub resolving every device, then digests agreeing) is not
+    // the steady state.
+    tokio::time::sleep(Duration::from_secs(10)).await;
     let burst = gossip_bytes(0);
-    let before = gossip_bytes(0);
+    let before = burst;
+    let counters = |text: String| -> BTreeMap<String, f64> {
+        text.lines()
+            .filter(|l| l.starts_with("hubmesh_gossip") || l.starts_with("hubmesh_devices"))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| Some((k.to_owned(), v.parse().ok()?))))
+            .collect()
+    };
+    let all_counters = async || {
+        let mut sum: BTreeMap<String, f64> = BTreeMap::new();
+        for h in &lab.hubs {
+            for (k, v) in counters(h.client.metrics().await.unwrap_or_default()) {
+                *sum.entry(k).or_default() += v;
+            }
+        }
+        sum
+    };
+    let c0 = all_counters().await;
     tokio::time::sleep(steady).await;
     let bytes = gossip_bytes(0) - before;
+    let c1 = all_counters().await;
+    let moved: Vec<String> = c1
+        .iter()
+        .filter(|(k, v)| c0.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k} {}→{v}", c0.get(k).copied().unwrap_or(0.0)))
+        .collect();
+    println!("gossip counters of all five hubs that moved in the steady window: {}", moved.join(", "));
     let rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     println!();
     println!(
         "{count} devices: known by every hub after {}; gossip through n1 meanwhile {} KiB; steady over {} s: {:.1} kbit/s (both ways, TCP 7072, loads and digests included)",
         converged.map_or("(not within 60 s)".into(), ms),
-        burst / 1024,
+        (burst - quiet) / 1024,
         steady.as_secs(),
         bytes as f64 * 8.0 / 1000.0 / steady.as_secs_f64()
     );

@@ -133,6 +133,8 @@ impl Devices {
     }
 
     fn write_own(&self, inner: &mut Inner, device: &str, mut sighting: Sighting) {
+        let change = if sighting.present { "seen" } else { "left" };
+        metrics::counter!("hubmesh_devices_changes_total", "change" => change).increment(1);
         inner.counter += 1;
         sighting.version = inner.counter;
         inner.registry.merge(device, self.me, sighting);

@@ -63,11 +63,20 @@ async fn deploy_invoke_list_rm_from_the_command_line() {
             "leader",
             "api-tokens",
             "load",
-            "gossip"
+            "gossip",
+            "devices"
         ]
     );
     assert!(workers.as_array().unwrap().iter().all(|w| w["rounds"].as_u64().unwrap() > 0), "{workers}");
     assert!(ok(&hub.cli(&["worker", "list"])).starts_with("WORKER"));
+
+    step("device list and show: none on loopback (discovery looks at the LAN only); an unknown id is a clear 404");
+    assert_eq!(ok(&hub.cli(&["device", "list", "--json"])).trim(), "[]");
+    assert!(ok(&hub.cli(&["device", "list"])).starts_with("ID"));
+    let unknown = hub.cli(&["device", "show", "mdns:_hap._tcp/id=nobody"]);
+    assert!(!unknown.status.success());
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(said.contains("no hub sees a device") && said.contains("device list"), "{said}");
 
     step("api-token create, list, revoke");
     let token =

@@ -130,7 +130,17 @@ async fn main() -> anyhow::Result<()> {
                 let ty = format!("{}.local.", args.service_type);
                 let info = ServiceInfo::new(&ty, &name, &host, std::net::IpAddr::V4(args.ip), port, &props[..])
                     .context("describing a device")?;
-                daemon.register(info).context("registering a device")?;
+                // The daemon's command queue holds 100: many devices at once wait for room.
+                let mut info = Some(info);
+                while let Some(i) = info.take() {
+                    match daemon.register(i.clone()) {
+                        Err(mdns_sd::Error::Again) => {
+                            info = Some(i);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        r => r.context("registering a device")?,
+                    }
+                }
             }
             adv.mdns = Some(daemon);
         }
