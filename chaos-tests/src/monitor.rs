@@ -26,9 +26,14 @@ pub struct Sample {
     pub tasks: BTreeMap<String, (u64, u64, String)>,
 }
 
-/// Polls `hubs` every `every` until `stop`; a hub that does not answer within the client's
-/// timeout is skipped for that round.
-pub async fn run(hubs: Vec<Client>, every: Duration, rec: Recorder, stop: Arc<AtomicBool>) -> Vec<Sample> {
+/// Every `every` until `stop`, asks each hub with `ask` (a hub whose answer is `None` is skipped
+/// for that round); the answers in time order (`time_of`).
+async fn poll<T, F, Fut>(hubs: &[Client], every: Duration, stop: &AtomicBool, ask: F, time_of: fn(&T) -> u64) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize, Client) -> Fut,
+    Fut: std::future::Future<Output = Option<T>> + Send + 'static,
+{
     let mut out = Vec::new();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -36,35 +41,44 @@ pub async fn run(hubs: Vec<Client>, every: Duration, rec: Recorder, stop: Arc<At
         tick.tick().await;
         let mut polls = tokio::task::JoinSet::new();
         for (i, c) in hubs.iter().cloned().enumerate() {
-            let rec = rec.clone();
-            polls.spawn(async move {
-                let s = tokio::time::timeout(Duration::from_millis(800), c.status()).await.ok()?.ok()?;
-                let tasks = tokio::time::timeout(Duration::from_millis(800), c.tasks()).await.ok()?.ok()?;
-                Some(Sample {
-                    t_us: rec.now_us(),
-                    hub: i,
-                    leader: s.leader,
-                    term: s.term,
-                    voters: s.voters.len(),
-                    down: s.nodes.iter().filter(|n| n.role.contains("down")).map(|n| n.id).collect(),
-                    tasks: tasks
-                        .into_iter()
-                        .filter_map(|t| {
-                            let p = t.placement?;
-                            Some((t.name, (p.node_id, p.epoch, t.state)))
-                        })
-                        .collect(),
-                })
-            });
+            polls.spawn(ask(i, c));
         }
         while let Some(r) = polls.join_next().await {
-            if let Ok(Some(sample)) = r {
-                out.push(sample);
+            if let Ok(Some(answer)) = r {
+                out.push(answer);
             }
         }
     }
-    out.sort_by_key(|s: &Sample| s.t_us);
+    out.sort_by_key(time_of);
     out
+}
+
+/// Polls `hubs` every `every` until `stop`; a hub that does not answer within 800 ms is skipped
+/// for that round.
+pub async fn run(hubs: Vec<Client>, every: Duration, rec: Recorder, stop: Arc<AtomicBool>) -> Vec<Sample> {
+    let ask = |i: usize, c: Client| {
+        let rec = rec.clone();
+        async move {
+            let s = tokio::time::timeout(Duration::from_millis(800), c.status()).await.ok()?.ok()?;
+            let tasks = tokio::time::timeout(Duration::from_millis(800), c.tasks()).await.ok()?.ok()?;
+            Some(Sample {
+                t_us: rec.now_us(),
+                hub: i,
+                leader: s.leader,
+                term: s.term,
+                voters: s.voters.len(),
+                down: s.nodes.iter().filter(|n| n.role.contains("down")).map(|n| n.id).collect(),
+                tasks: tasks
+                    .into_iter()
+                    .filter_map(|t| {
+                        let p = t.placement?;
+                        Some((t.name, (p.node_id, p.epoch, t.state)))
+                    })
+                    .collect(),
+            })
+        }
+    };
+    poll(&hubs, every, &stop, ask, |s: &Sample| s.t_us).await
 }
 
 /// One line per sample (VOPR style): time, hub, leader, term, voters, down, tasks.
@@ -102,34 +116,21 @@ pub struct DeviceSample {
 /// Polls every hub's device list every `every` until `stop` (a hub that does not answer is
 /// skipped for that round).
 pub async fn devices(hubs: Vec<Client>, every: Duration, rec: Recorder, stop: Arc<AtomicBool>) -> Vec<DeviceSample> {
-    let mut out = Vec::new();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    while !stop.load(Ordering::Relaxed) {
-        tick.tick().await;
-        let mut polls = tokio::task::JoinSet::new();
-        for (i, c) in hubs.iter().cloned().enumerate() {
-            let rec = rec.clone();
-            polls.spawn(async move {
-                // Stamped when asked (the grace periods count from there), the list before the
-                // uptime: a restart between the two reads shows as a young hub.
-                let t_us = rec.now_us();
-                let list = tokio::time::timeout(Duration::from_millis(800), c.devices()).await.ok()?.ok()?;
-                let s = tokio::time::timeout(Duration::from_millis(800), c.status()).await.ok()?.ok()?;
-                Some(DeviceSample {
-                    t_us,
-                    hub: i,
-                    uptime_ms: s.uptime_ms,
-                    devices: list.into_iter().map(|d| (d.id, d.reach)).collect(),
-                })
-            });
+    let ask = |i: usize, c: Client| {
+        let rec = rec.clone();
+        async move {
+            // Stamped when asked (the grace periods count from there), the list before the
+            // uptime: a restart between the two reads shows as a young hub.
+            let t_us = rec.now_us();
+            let list = tokio::time::timeout(Duration::from_millis(800), c.devices()).await.ok()?.ok()?;
+            let s = tokio::time::timeout(Duration::from_millis(800), c.status()).await.ok()?.ok()?;
+            Some(DeviceSample {
+                t_us,
+                hub: i,
+                uptime_ms: s.uptime_ms,
+                devices: list.into_iter().map(|d| (d.id, d.reach)).collect(),
+            })
         }
-        while let Some(r) = polls.join_next().await {
-            if let Ok(Some(sample)) = r {
-                out.push(sample);
-            }
-        }
-    }
-    out.sort_by_key(|s: &DeviceSample| s.t_us);
-    out
+    };
+    poll(&hubs, every, &stop, ask, |s: &DeviceSample| s.t_us).await
 }

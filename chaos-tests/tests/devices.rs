@@ -8,19 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hubmesh_chaos::lab::{Lab, Rules};
+use hubmesh_chaos::lab::{skip_without_root, Lab, Rules};
 use hubmesh_proto::api::{DeployParams, DeviceInfo};
 
 const ECHO: &[u8] = include_bytes!("../../examples/tasks/echo.wat");
-
-fn skip_without_root() -> bool {
-    if let Err(e) = hubmesh_chaos::lab::require_root() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run the device lab as root: {e}");
-        eprintln!("SKIPPED: {e}");
-        return true;
-    }
-    false
-}
 
 fn id(name: &str) -> String {
     format!("mdns:_hubmesh-dev._tcp/id={name}")

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use hubmesh_chaos::check::Verdict;
+use hubmesh_chaos::lab::skip_without_root;
 use hubmesh_chaos::run::{run, RunOptions};
 use hubmesh_chaos::scenario::Scenario;
 
@@ -14,17 +15,6 @@ static LAB: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 fn scenario(name: &str) -> Scenario {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios").join(name);
     Scenario::load(&p).unwrap()
-}
-
-/// Without root the lab cannot run: outside CI the test says it was skipped; under `CI` (which
-/// runs as root) that is a failure, never a silent pass.
-fn skip_without_root() -> bool {
-    if let Err(e) = hubmesh_chaos::lab::require_root() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run the chaos lab as root: {e}");
-        eprintln!("SKIPPED: {e}");
-        return true;
-    }
-    false
 }
 
 fn out_dir(name: &str) -> PathBuf {

@@ -22,7 +22,7 @@ mod net;
 
 pub use devices::{device_ip, Devsim};
 use net::{allow_forwarding, ip, run, CONTROLLER};
-pub use net::{clean_leftovers, hub_ip, hub_name, netns, require_root, Rules, BRIDGE, BRIDGE_B};
+pub use net::{clean_leftovers, hub_ip, hub_name, netns, require_root, skip_without_root, Rules, BRIDGE, BRIDGE_B};
 
 /// One hub of the lab.
 pub struct LabHub {

@@ -98,6 +98,17 @@ pub fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// For the suite's own tests: without root the lab cannot run, and outside CI the test says it
+/// was skipped (true); under `CI` (which runs as root) that is a failure, never a silent pass.
+pub fn skip_without_root() -> bool {
+    if let Err(e) = require_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the lab as root: {e}");
+        eprintln!("SKIPPED: {e}");
+        return true;
+    }
+    false
+}
+
 pub(super) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
