@@ -464,6 +464,9 @@ async fn a_holder_refuses_bad_checkpoint_pushes_and_stores_nothing() {
     assert_eq!(size(), before, "a refused push wrote to the holder's page log");
     step("the task goes on: its committed checkpoint cannot be replaced under its key");
     assert_eq!(add(&hubs[h], "bp", None).await, 2);
+    // The answer waits for the commit, not for the holder to apply it: the holder judges the
+    // push by what it has applied.
+    committed_on(&hubs[holder], "bp", |c| c.sequence == 2).await;
     let r = send(next_key.clone(), vec![]).await;
     refused(r, pb::ErrorCode::Unavailable, "is not newer than the committed");
     step("a good push of a page it lacks is answered with the page missing");
