@@ -65,7 +65,9 @@ pub(crate) fn parse(datagram: &[u8]) -> Result<Announcement, SsdpError> {
         lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim(), v.trim())).collect();
     let header = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| (*v).to_owned());
     let usn = header("USN").unwrap_or_default();
-    let udn = usn.split("::").next().filter(|u| u.len() > 5 && u[..5].eq_ignore_ascii_case("uuid:"));
+    // `get`, not an index: byte 5 of what a stranger sent may fall inside a character.
+    let udn =
+        usn.split("::").next().filter(|u| u.len() > 5 && u.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("uuid:")));
     let Some(udn) = udn.map(|u| u.to_ascii_lowercase()) else { return Err(SsdpError::NoUdn) };
     // A search response names its type in ST, an announcement in NT.
     let kind = header(if notify { "NT" } else { "ST" }).unwrap_or_default();
@@ -136,6 +138,8 @@ mod tests {
         assert_eq!(parse(ALIVE.replace("USN: uuid:", "USN: x:").as_bytes()), Err(SsdpError::NoUdn));
         assert!(matches!(parse(ALIVE.replace("ssdp:alive", "ssdp:odd").as_bytes()), Err(SsdpError::UnknownNts(_))));
         assert_eq!(parse(b""), Err(SsdpError::NotSsdp(String::new())));
+        // Found by the fuzzer: a USN whose fifth byte falls inside a character (a panic before).
+        assert_eq!(parse(ALIVE.replace("USN: uuid:", "USN: uui\u{20ac}:").as_bytes()), Err(SsdpError::NoUdn));
     }
 
     #[test]
