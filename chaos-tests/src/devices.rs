@@ -89,11 +89,6 @@ impl Fleet {
         self.next_host < 150
     }
 
-    /// The ids of every device.
-    pub fn ids(&self) -> Vec<String> {
-        (0..self.devices.len()).map(device_id).collect()
-    }
-
     fn running(&self) -> Vec<usize> {
         (0..self.devices.len()).filter(|k| self.devices[*k].sim.is_some()).collect()
     }

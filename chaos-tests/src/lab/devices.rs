@@ -25,6 +25,19 @@ fn device_ns(k: usize) -> String {
     format!("hm-d{k}")
 }
 
+/// Makes device host `k` on LAN A or B: its namespace and veth pair; returns the namespace and
+/// its address.
+fn device_host(k: usize, lan_b: bool) -> anyhow::Result<(String, String)> {
+    let (ns, veth, addr) = (device_ns(k), format!("hmd{k}"), device_ip(k, lan_b));
+    ip(&["netns", "add", &ns])?;
+    ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+    ip(&["link", "set", &veth, "master", if lan_b { BRIDGE_B } else { BRIDGE }, "up"])?;
+    ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+    ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+    Ok((ns, addr))
+}
+
 impl Lab {
     /// Builds LAN B and gives hubs `hubs` (0-based) an interface on it.
     pub fn add_lan_b(&self, hubs: &[usize]) -> anyhow::Result<()> {
@@ -51,12 +64,7 @@ impl Lab {
     /// for `secs` against the hubs' gossip ports, in the name of hub `as_node`; returns what it
     /// printed (JSON: connections established, publishes that went out, longest connection).
     pub fn run_stranger(&self, devsim: &Path, k: usize, as_node: u64, secs: u64) -> anyhow::Result<String> {
-        let (ns, veth, addr) = (device_ns(k), format!("hmd{k}"), device_ip(k, false));
-        ip(&["netns", "add", &ns])?;
-        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        ip(&["link", "set", &veth, "master", BRIDGE, "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        let (ns, addr) = device_host(k, false)?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns]).arg(devsim).args(["--ip", &addr, "--prefix", "stranger"]);
         cmd.args(["--as-node", &as_node.to_string(), "--for", &secs.to_string()]);
@@ -81,13 +89,7 @@ impl Lab {
         prefix: &str,
         count: usize,
     ) -> anyhow::Result<Devsim> {
-        let (ns, veth, addr) = (device_ns(k), format!("hmd{k}"), device_ip(k, lan_b));
-        ip(&["netns", "add", &ns])?;
-        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        ip(&["link", "set", &veth, "master", if lan_b { BRIDGE_B } else { BRIDGE }, "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        let (ns, addr) = device_host(k, lan_b)?;
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns])
             .arg(devsim)
