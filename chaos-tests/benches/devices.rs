@@ -123,10 +123,13 @@ fn gossip_bytes(i: usize) -> u64 {
         .sum()
 }
 
+/// Counts each packet once: a connection between two listening ports (7072 both sides, as
+/// libp2p's TCP dials from its listening port) matched both rules before (2026-12-01: every
+/// earlier traffic figure was about twice the real one).
 fn count_gossip(i: usize) {
     nft(
         &netns(i),
-        "table inet hubmesh_bench\ndelete table inet hubmesh_bench\ntable inet hubmesh_bench {\n  chain i { type filter hook input priority 0; policy accept; tcp dport 7072 counter; tcp sport 7072 counter; }\n  chain o { type filter hook output priority 0; policy accept; tcp dport 7072 counter; tcp sport 7072 counter; }\n}\n",
+        "table inet hubmesh_bench\ndelete table inet hubmesh_bench\ntable inet hubmesh_bench {\n  chain i { type filter hook input priority 0; policy accept; tcp dport 7072 counter; tcp sport 7072 tcp dport != 7072 counter; }\n  chain o { type filter hook output priority 0; policy accept; tcp dport 7072 counter; tcp sport 7072 tcp dport != 7072 counter; }\n}\n",
     );
 }
 

@@ -1,5 +1,6 @@
 //! The gossip plane (design §8): a libp2p swarm on every hub (TCP, noise, yamux) with gossipsub
-//! (every message signed by its origin and delivered only after hubmesh validates it), identify,
+//! (every message signed by its origin and delivered only after hubmesh validates it; flooded to
+//! every member directly, no forwarding mesh; compact message ids), identify, ping,
 //! mDNS to find other hubs on the LAN, and explicit dials to the members' gossip addresses from
 //! the replicated state (so hubs in different subnets gossip too). Members only: a hub's libp2p
 //! identity is its mesh key, so its PeerId derives from the public key the state recorded when it
@@ -10,11 +11,15 @@
 //!
 //! ```text
 //!  boot: start() binds (DATA_DIR/gossip.addr) --> Gossip handle (publish) + GossipWorker (swarm)
-//!  state change, 2 s tick: allow-list := members' PeerIds; dial members not connected
+//!  state change, or 1 s tick while a member is not connected (30 s when all are):
+//!    allow-list := members' PeerIds; dial members not connected
+//!  one connection per member (`links`); ping every 15 s, no answer in 15 s: closed
+//!    (idle member connections stay)
 //!  mDNS: a member found on the LAN is dialled; anyone else is ignored
 //!  message: judge (member signer, member relay, speaks for itself, newer seq) -> Accept -> loads
 //! ```
 
+mod links;
 mod members;
 
 use std::collections::HashMap;
@@ -33,11 +38,12 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{allow_block_list, connection_limits, identify, identity, mdns, noise, tcp, yamux, PeerId, Swarm};
+use libp2p::{allow_block_list, connection_limits, identify, identity, mdns, noise, ping, tcp, yamux, PeerId, Swarm};
 use tokio::sync::{mpsc, watch};
 
 use crate::hub::Hub;
 use crate::worker::Worker;
+use links::Links;
 use members::{judge, multiaddr_of, Verdict};
 pub(crate) use members::{peer_id_of, Members};
 
@@ -50,7 +56,18 @@ const DEVICE_TOPIC: &str = "hubmesh/devices/1";
 /// The largest message gossipsub takes or sends.
 const MAX_MESSAGE: usize = 64 << 10;
 /// How often members that are not connected are dialled again.
-const REDIAL: Duration = Duration::from_secs(2);
+const REDIAL: Duration = Duration::from_secs(1);
+/// How often the membership is looked at when every member is connected (a state change or a
+/// lost connection looks sooner).
+const RECHECK: Duration = Duration::from_secs(30);
+/// A connection is checked this often, and closed when a check is not answered in `PING_TIMEOUT`:
+/// connections to members are never closed for being idle, so a partition or a peer that vanished
+/// without a FIN must be noticed here, or TCP's backoff would delay the reconnection after a heal
+/// by tens of seconds.
+/// (Each check costs a few packets a connection: every 5 s, they were a quarter of the traffic of
+/// a hub of five.)
+const PING_INTERVAL: Duration = Duration::from_secs(15);
+const PING_TIMEOUT: Duration = Duration::from_secs(15);
 /// Loads waiting to be published; more are dropped (loads are sent again each second).
 const OUTBOX: usize = 64;
 /// Device messages waiting to be published; the sender waits for room (a complete account must
@@ -65,6 +82,7 @@ struct Behaviour {
     limits: connection_limits::Behaviour,
     gossipsub: gossipsub::Behaviour,
     identify: identify::Behaviour,
+    ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
@@ -122,6 +140,24 @@ fn keypair_of(key: &NodeKey) -> anyhow::Result<identity::Keypair> {
     Ok(pair)
 }
 
+/// Gossipsub's id of a message, which every IHAVE lists: 8 bytes of a hash of its signer and
+/// sequence number (unique per message under strict signing), where the default is about 70
+/// bytes of text.
+fn message_id(message: &gossipsub::Message) -> gossipsub::MessageId {
+    let mut hash = blake3::Hasher::new();
+    match (&message.source, message.sequence_number) {
+        (Some(source), Some(seq)) => {
+            hash.update(&source.to_bytes());
+            hash.update(&seq.to_be_bytes());
+        }
+        // Not under strict signing; kept total all the same.
+        _ => {
+            hash.update(&message.data);
+        }
+    }
+    gossipsub::MessageId::new(&hash.finalize().as_bytes()[..8])
+}
+
 /// A bound swarm, before the hub exists.
 pub(crate) struct Bound {
     swarm: Swarm<Behaviour>,
@@ -167,23 +203,26 @@ pub(crate) async fn start(
                 .validation_mode(ValidationMode::Strict)
                 .validate_messages()
                 .max_transmit_size(MAX_MESSAGE)
-                // A handful of hubs, each connected to every member: a publisher floods its
-                // message to all of them, so forwarding along the mesh only sends copies. A mesh
-                // of one peer keeps a path for a member reached only through another (and
-                // gossip of message ids, once a second, to one more), at about one copy per
-                // message instead of three (measured: 173 → 93-105 kbit/s per hub of 5; no mesh
-                // at all saved nothing more).
+                // A handful of hubs, each connected to every member (the worker dials them all):
+                // a publisher floods its message to every member directly, and forwarding along
+                // a mesh would only send copies (measured: a mesh of one peer doubled the loads'
+                // bytes). A member reached only through another (a cut link) still gets each
+                // message from the gossip of the last second's message ids to two random peers, which it
+                // asks for (IWANT) from the one that has it.
                 .heartbeat_interval(Duration::from_secs(1))
-                .mesh_n_low(1)
-                .mesh_n(1)
-                .mesh_n_high(2)
+                .mesh_n_low(0)
+                .mesh_n(0)
+                .mesh_n_high(0)
                 .mesh_outbound_min(0)
-                .gossip_lazy(1)
-                .history_gossip(2)
+                .gossip_lazy(2)
+                .history_gossip(1)
                 .flood_publish(true)
+                .message_id_fn(message_id)
                 .build()?;
             let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), config)?;
             let identify = identify::Behaviour::new(identify::Config::new(PROTOCOL.into(), key.public()));
+            let ping =
+                ping::Behaviour::new(ping::Config::new().with_interval(PING_INTERVAL).with_timeout(PING_TIMEOUT));
             // mDNS skips loopback: it finds hubs only from a LAN address.
             let mdns = if lan {
                 let config = mdns::Config {
@@ -209,11 +248,15 @@ pub(crate) async fn start(
                 limits: connection_limits::Behaviour::new(limits),
                 gossipsub,
                 identify,
+                ping,
                 mdns: Toggle::from(mdns),
             })
         })
         .context("the gossip behaviour")?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        // Only members may connect (the allow-list closes a removed member's connections), and
+        // gossipsub keeps a connection open only for its mesh, which is empty: idle member
+        // connections stay; dead ones are found by `ping`.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::MAX))
         // A handshake that stalls gives its pending slot back after 3 s (libp2p's default: 10).
         .with_connection_timeout(Duration::from_secs(3))
         .build();
@@ -262,6 +305,7 @@ pub(crate) struct GossipWorker {
     state: watch::Receiver<Arc<ClusterState>>,
     state_open: bool,
     members: Members,
+    links: Links,
     last_seq: HashMap<NodeId, u64>,
     /// The sequence number of this hub's last message: this start's number in the high half, a
     /// count in the low half.
@@ -281,6 +325,7 @@ impl GossipWorker {
             state,
             state_open: true,
             members: Members::default(),
+            links: Links::default(),
             last_seq: HashMap::new(),
             seq: bound.boot << 32,
             next_dial: tokio::time::Instant::now(),
@@ -305,10 +350,14 @@ impl GossipWorker {
         }
         self.last_seq.retain(|n, _| members.peers().any(|p| members.node_of(p) == Some(*n)));
         self.members = members;
+        let mut missing = false;
         for (peer, addr) in self.members.dial_targets().to_vec() {
+            missing |= !self.swarm.is_connected(&peer);
             self.dial(peer, addr);
         }
-        self.next_dial = tokio::time::Instant::now() + REDIAL;
+        // A timer that ticks for nothing wakes a small board: every second only while a member
+        // is not connected.
+        self.next_dial = tokio::time::Instant::now() + if missing { REDIAL } else { RECHECK };
         metrics::gauge!("hubmesh_gossip_peers").set(self.swarm.connected_peers().count() as f64);
     }
 
@@ -398,9 +447,26 @@ impl GossipWorker {
                 tracing::warn!(peer = %peer_id, version = %info.protocol_version, "a gossip peer speaks another protocol");
                 let _ = self.swarm.disconnect_peer_id(peer_id);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } | SwarmEvent::ConnectionClosed { peer_id, .. } => {
-                tracing::debug!(peer = %peer_id, connected = self.swarm.is_connected(&peer_id), "gossip connection");
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) })) => {
+                tracing::debug!(%peer, error = %e, "a gossip connection did not answer its check: closed");
+                self.swarm.close_connection(connection);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                let local = *self.swarm.local_peer_id();
+                for extra in self.links.established(&local, peer_id, connection_id, endpoint.is_dialer()) {
+                    tracing::debug!(peer = %peer_id, "a second gossip connection to a member: closed");
+                    self.swarm.close_connection(extra);
+                }
                 metrics::gauge!("hubmesh_gossip_peers").set(self.swarm.connected_peers().count() as f64);
+            }
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, .. } => {
+                self.links.closed(&peer_id, connection_id);
+                let connected = self.swarm.is_connected(&peer_id);
+                tracing::debug!(peer = %peer_id, connected, "gossip connection");
+                metrics::gauge!("hubmesh_gossip_peers").set(self.swarm.connected_peers().count() as f64);
+                if !connected && self.members.node_of(&peer_id).is_some() {
+                    self.next_dial = self.next_dial.min(tokio::time::Instant::now() + REDIAL);
+                }
             }
             _ => {}
         }
