@@ -1,8 +1,9 @@
 //! Device discovery on a real network (root only, like the chaos lab): five hubs on LAN A, two
 //! of them also on LAN B; simulated devices (`hubmesh-devsim`, mDNS) on each LAN. Every hub
 //! must know every device with the right seen-by set, a clean leave must be gone everywhere, a
-//! silent vanish must leave within its probe bound, and a partition must make a device
-//! `unreachable`, never missing, and heal without a flap.
+//! silent vanish must leave within its probe bound, a partition must make a device
+//! `unreachable`, never missing, and heal without a flap, and a task placed near a device
+//! fails over only to a hub that sees it and follows the device when it moves.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -243,5 +244,41 @@ async fn hubs_discover_devices_gossip_them_and_keep_them_through_a_partition() {
     })
     .await;
     eprintln!("a restarted hub's stale sighting forgotten everywhere in {took:?}");
+
+    // 8. A task follows its device: near lamp-0 (LAN A, seen by every hub) and moved to n1 by
+    //    hand, then lamp-0 moves to LAN B, where only `other` sees it: the leader live-migrates
+    //    the task there, and its history says why.
+    let near_lamp = DeployParams { near: Some(id("lamp-0")), ..Default::default() };
+    c.deploy("lamp-control", ECHO.to_vec(), &near_lamp, false).await.expect("deploy near lamp-0");
+    // (Its hub answers `not now` until the instance runs: tried again for a while.)
+    let start = Instant::now();
+    loop {
+        let on = c.task("lamp-control").await.expect("task show").placement.map(|p| p.node_name);
+        if on.as_deref() == Some("n1") {
+            break;
+        }
+        match c.migrate("lamp-control", Some("n1")).await {
+            Ok(_) => break,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(20), "migrate to n1, which sees lamp-0: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    lamps.leave(0).expect("lamp-0 leaves LAN A");
+    until(&lab, &all, Duration::from_secs(10), "lamp-0's goodbye", |l| !l.contains_key(&id("lamp-0"))).await;
+    let _moved = lab.spawn_devsim(devsim, 6, true, "mdns", "lamp", 1).expect("lamp-0 on LAN B");
+    let start = Instant::now();
+    let t = loop {
+        let t = c.task("lamp-control").await.expect("task show");
+        if t.placement.as_ref().is_some_and(|p| p.node_name == other) {
+            break t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the task did not follow lamp-0 to {other}: {t:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let last = t.history.last().expect("a history");
+    assert_eq!(last.reason, "device", "{last:?}");
+    assert!(last.migration.as_ref().is_some_and(|m| m.aborted.is_none()), "a completed live migration: {last:?}");
+    assert_eq!(c.invoke("lamp-control", b"hi".to_vec(), None).await.expect("it answers"), b"hi");
+    eprintln!("the task followed lamp-0 from n1 to {other} in {:?} (grace 10 s)", start.elapsed());
     lab.teardown();
 }

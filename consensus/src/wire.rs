@@ -246,6 +246,7 @@ impl From<MigrationReason> for pb::MigrationReason {
             MigrationReason::Manual => Self::Manual,
             MigrationReason::Drain => Self::Drain,
             MigrationReason::Overload => Self::Overload,
+            MigrationReason::Device => Self::Device,
         }
     }
 }
@@ -255,6 +256,7 @@ fn migration_reason(raw: i32) -> Result<MigrationReason, WireError> {
         Ok(pb::MigrationReason::Manual) => Ok(MigrationReason::Manual),
         Ok(pb::MigrationReason::Drain) => Ok(MigrationReason::Drain),
         Ok(pb::MigrationReason::Overload) => Ok(MigrationReason::Overload),
+        Ok(pb::MigrationReason::Device) => Ok(MigrationReason::Device),
         _ => Err(WireError::UnknownValue("migration reason", raw)),
     }
 }

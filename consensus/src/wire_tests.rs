@@ -127,7 +127,8 @@ fn every_command() -> Vec<Command> {
         Command::AbortMigration { task: "pump".into(), id: 77, why: "the target went down".into(), at_ms: 12 },
         Command::AnnotateMigration { task: "pump".into(), epoch: Epoch(10), pause_us: 1500 },
     ];
-    for reason in [MigrationReason::Manual, MigrationReason::Drain, MigrationReason::Overload] {
+    for reason in [MigrationReason::Manual, MigrationReason::Drain, MigrationReason::Overload, MigrationReason::Device]
+    {
         all.push(Command::BeginMigration {
             task: "pump".into(),
             instance: 0,

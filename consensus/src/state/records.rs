@@ -60,8 +60,8 @@ pub struct TaskSpec {
     /// Hubs besides the host that keep each checkpoint of a stateful task (`--replicas-state`).
     #[serde(default = "two")]
     pub state_replicas: u32,
-    /// Never moved off its hub by the overload policy (`task deploy --pin`); an operator's
-    /// migration or a failover still moves it.
+    /// Never moved off its hub by the overload policy or after its device (`task deploy --pin`);
+    /// an operator's migration, a drain or a failover still moves it.
     #[serde(default)]
     pub pinned: bool,
     /// Placed only on hubs that see this LAN device (`task deploy --near`, a device id of the
@@ -175,6 +175,8 @@ pub enum MigrationReason {
     Drain,
     /// Its hub is overloaded.
     Overload,
+    /// It runs near a device its hub no longer sees, and another hub does.
+    Device,
 }
 
 impl MigrationReason {
@@ -184,6 +186,7 @@ impl MigrationReason {
             Self::Manual => "manual",
             Self::Drain => "drain",
             Self::Overload => "overload",
+            Self::Device => "device",
         }
     }
 }
@@ -239,7 +242,7 @@ pub struct HistoryEvent {
     pub node: NodeId,
     pub epoch: Epoch,
     /// `placed`, `failover` (its hub was down), `moved` (drain, labels), `updated`, or for a
-    /// live migration `manual`, `drain`, `overload` (or `aborted`, which moved nothing).
+    /// live migration `manual`, `drain`, `overload`, `device` (or `aborted`, which moved nothing).
     pub reason: String,
     /// The checkpoint sequence the instance starts from, if any.
     pub from_sequence: Option<u64>,

@@ -56,7 +56,7 @@ pub enum TaskCmd {
         /// Run only on hubs with this label, `key=value` (repeatable).
         #[arg(long = "on", value_name = "KEY=VALUE")]
         on: Vec<String>,
-        /// Never move the task off its hub to relieve an overload.
+        /// Never move the task off its hub to relieve an overload or to follow its `--near` device.
         #[arg(long)]
         pin: bool,
         /// Run only on hubs that see this LAN device (an id from `hubmesh device list`),

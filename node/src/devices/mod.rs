@@ -282,6 +282,14 @@ impl Devices {
         views
     }
 
+    /// This hub and the hubs heard from on the gossip plane lately: whose sightings are in reach.
+    pub(crate) fn reached(&self) -> BTreeSet<NodeId> {
+        let now = now_ms();
+        let inner = self.lock();
+        let heard = inner.heard.iter().filter(|(_, t)| now.saturating_sub(**t) <= OUT_OF_REACH.as_millis() as u64);
+        heard.map(|(h, _)| *h).chain([self.me]).collect()
+    }
+
     /// For each device, the hubs in reach that see it, the most recent sighting first: where
     /// tasks deployed `--near` it may go.
     pub(crate) fn near(&self) -> crate::scheduler::Near {

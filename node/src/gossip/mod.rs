@@ -13,7 +13,8 @@
 //!  boot: start() binds (DATA_DIR/gossip.addr) --> Gossip handle (publish) + GossipWorker (swarm)
 //!  state change, or 1 s tick while a member is not connected (30 s when all are):
 //!    allow-list := members' PeerIds; dial members not connected
-//!  one connection per member (`links`); ping every 15 s, no answer in 15 s: closed
+//!  one connection per member (`links`: a redundant one closed 5 s after it opened);
+//!    ping every 5 s, two unanswered in a row: closed
 //!    (idle member connections stay)
 //!  mDNS: a member found on the LAN is dialled; anyone else is ignored
 //!  message: judge (member signer, member relay, speaks for itself, newer seq) -> Accept -> loads
@@ -60,14 +61,14 @@ const REDIAL: Duration = Duration::from_secs(1);
 /// How often the membership is looked at when every member is connected (a state change or a
 /// lost connection looks sooner).
 const RECHECK: Duration = Duration::from_secs(30);
-/// A connection is checked this often, and closed when a check is not answered in `PING_TIMEOUT`:
-/// connections to members are never closed for being idle, so a partition or a peer that vanished
-/// without a FIN must be noticed here, or TCP's backoff would delay the reconnection after a heal
-/// by tens of seconds.
-/// (Each check costs a few packets a connection: every 5 s, they were a quarter of the traffic of
-/// a hub of five.)
-const PING_INTERVAL: Duration = Duration::from_secs(15);
-const PING_TIMEOUT: Duration = Duration::from_secs(15);
+/// A connection is checked this often, and closed when two checks in a row are not answered in
+/// `PING_TIMEOUT` (libp2p's ping keeps the first failure to itself; the second try opens a new
+/// stream, with its own 10 s): about 25 s at most. Connections to members are never closed for
+/// being idle, so a partition or a peer that vanished without a FIN must be noticed here, or
+/// TCP's backoff would delay the reconnection after a heal by tens of seconds. (Each check costs a
+/// few packets a connection: about 3 kbit/s a hub of five.)
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Loads waiting to be published; more are dropped (loads are sent again each second).
 const OUTBOX: usize = 64;
 /// Device messages waiting to be published; the sender waits for room (a complete account must
@@ -207,15 +208,17 @@ pub(crate) async fn start(
                 // a publisher floods its message to every member directly, and forwarding along
                 // a mesh would only send copies (measured: a mesh of one peer doubled the loads'
                 // bytes). A member reached only through another (a cut link) still gets each
-                // message from the gossip of the last second's message ids to two random peers, which it
-                // asks for (IWANT) from the one that has it.
+                // message: each hub sends the ids of the messages of its last three heartbeats to
+                // two random peers each second (IHAVE), and the member asks for what it lacks
+                // (IWANT). In a mesh of five, a member cut from one publisher misses a message
+                // only if none of the three others picked it in three tries: (1/2)^9, 0.2 %.
                 .heartbeat_interval(Duration::from_secs(1))
                 .mesh_n_low(0)
                 .mesh_n(0)
                 .mesh_n_high(0)
                 .mesh_outbound_min(0)
                 .gossip_lazy(2)
-                .history_gossip(1)
+                .history_gossip(3)
                 .flood_publish(true)
                 .message_id_fn(message_id)
                 .build()?;
@@ -294,6 +297,8 @@ enum Input {
     Swarm(Box<SwarmEvent<BehaviourEvent>>),
     Publish(pb::gossip_message::Body),
     Members,
+    /// A redundant connection is due to be closed (`links`).
+    Duplicates,
 }
 
 /// The swarm's owner: it polls the swarm, publishes, and follows the membership.
@@ -306,6 +311,8 @@ pub(crate) struct GossipWorker {
     state_open: bool,
     members: Members,
     links: Links,
+    /// When each member was last dialled.
+    dialled: HashMap<PeerId, tokio::time::Instant>,
     last_seq: HashMap<NodeId, u64>,
     /// The sequence number of this hub's last message: this start's number in the high half, a
     /// count in the low half.
@@ -326,6 +333,7 @@ impl GossipWorker {
             state_open: true,
             members: Members::default(),
             links: Links::default(),
+            dialled: HashMap::new(),
             last_seq: HashMap::new(),
             seq: bound.boot << 32,
             next_dial: tokio::time::Instant::now(),
@@ -349,6 +357,7 @@ impl GossipWorker {
             allowed.allow_peer(*p);
         }
         self.last_seq.retain(|n, _| members.peers().any(|p| members.node_of(p) == Some(*n)));
+        self.dialled.retain(|p, _| members.node_of(p).is_some());
         self.members = members;
         let mut missing = false;
         for (peer, addr) in self.members.dial_targets().to_vec() {
@@ -361,12 +370,16 @@ impl GossipWorker {
         metrics::gauge!("hubmesh_gossip_peers").set(self.swarm.connected_peers().count() as f64);
     }
 
+    /// Dials `peer` unless it is connected or was dialled less than half a [`REDIAL`] ago. A dial still
+    /// pending does not hold back the next one: through a partition each attempt waits out its
+    /// 3 s, and a heal would otherwise wait for the attempt in flight to give up.
     fn dial(&mut self, peer: PeerId, addr: libp2p::Multiaddr) {
-        if self.swarm.is_connected(&peer) {
+        let now = tokio::time::Instant::now();
+        if self.swarm.is_connected(&peer) || self.dialled.get(&peer).is_some_and(|at| now < *at + REDIAL / 2) {
             return;
         }
-        let opts =
-            DialOpts::peer_id(peer).addresses(vec![addr]).condition(PeerCondition::DisconnectedAndNotDialing).build();
+        self.dialled.insert(peer, now);
+        let opts = DialOpts::peer_id(peer).addresses(vec![addr]).condition(PeerCondition::Disconnected).build();
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, error = %e, "dialling a member for gossip failed");
         }
@@ -447,16 +460,18 @@ impl GossipWorker {
                 tracing::warn!(peer = %peer_id, version = %info.protocol_version, "a gossip peer speaks another protocol");
                 let _ = self.swarm.disconnect_peer_id(peer_id);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e @ (ping::Failure::Timeout | ping::Failure::Other { .. })),
+            })) => {
                 tracing::debug!(%peer, error = %e, "a gossip connection did not answer its check: closed");
                 self.swarm.close_connection(connection);
             }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                 let local = *self.swarm.local_peer_id();
-                for extra in self.links.established(&local, peer_id, connection_id, endpoint.is_dialer()) {
-                    tracing::debug!(peer = %peer_id, "a second gossip connection to a member: closed");
-                    self.swarm.close_connection(extra);
-                }
+                let now = tokio::time::Instant::now();
+                self.links.established(&local, peer_id, connection_id, endpoint.is_dialer(), now);
                 metrics::gauge!("hubmesh_gossip_peers").set(self.swarm.connected_peers().count() as f64);
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, .. } => {
@@ -501,12 +516,19 @@ impl Worker for GossipWorker {
             Some(Input::Swarm(event)) => self.on_swarm(*event),
             Some(Input::Publish(body)) => self.publish(body),
             Some(Input::Members) => self.follow_members(),
+            Some(Input::Duplicates) => {
+                for extra in self.links.take_due(tokio::time::Instant::now()) {
+                    tracing::debug!("a second gossip connection to a member: closed");
+                    self.swarm.close_connection(extra);
+                }
+            }
             None => {}
         }
         Ok(())
     }
 
     async fn wait(&mut self) {
+        let duplicates = self.links.next_due();
         let input = tokio::select! {
             event = self.swarm.select_next_some() => Input::Swarm(Box::new(event)),
             Some(body) = self.outbox.recv() => Input::Publish(body),
@@ -516,6 +538,9 @@ impl Worker for GossipWorker {
                 Input::Members
             }
             () = tokio::time::sleep_until(self.next_dial) => Input::Members,
+            () = tokio::time::sleep_until(duplicates.unwrap_or(self.next_dial)), if duplicates.is_some() => {
+                Input::Duplicates
+            }
         };
         self.input = Some(input);
     }

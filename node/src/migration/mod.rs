@@ -265,6 +265,7 @@ pub(crate) fn register(hub: &Arc<Hub>) {
             let reason = match pb::MigrationReason::try_from(req.reason) {
                 Ok(pb::MigrationReason::Drain) => MigrationReason::Drain,
                 Ok(pb::MigrationReason::Overload) => MigrationReason::Overload,
+                Ok(pb::MigrationReason::Device) => MigrationReason::Device,
                 _ => MigrationReason::Manual,
             };
             let me = Some(hub.consensus().node_id());

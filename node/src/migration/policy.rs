@@ -1,6 +1,7 @@
-//! The leader's migrations: it drains hubs and sheds load by asking tasks' hosts to migrate them
-//! (`Hub::migrate`, which forwards to the host). The decisions are the scheduler's, pure:
-//! `scheduler::drain` and `scheduler::overload`; this module feeds them the state and the
+//! The leader's migrations: it drains hubs, sheds load and moves tasks after their devices by
+//! asking tasks' hosts to migrate them (`Hub::migrate`, which forwards to the host). The decisions
+//! are the scheduler's, pure: `scheduler::drain`, `scheduler::overload` and `scheduler::follow`;
+//! this module feeds them the state and the
 //! hubs' loads, runs what they ask for (at most one migration out of each hub at a time, and one
 //! overload move in the whole mesh at a time), and remembers failures. What it remembers lives
 //! in the leader's memory only: a new leader starts afresh, and reads the cooldowns from the
@@ -15,13 +16,21 @@ use hubmesh_consensus::{now_ms, NodeId};
 
 use super::MigrateError;
 use crate::hub::Hub;
-use crate::scheduler::drain;
 use crate::scheduler::overload::{HubLoad, Overload, TaskLoad, Thresholds};
+use crate::scheduler::{drain, follow};
 
 /// The first wait after a failed drain migration; it doubles with each failure.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// The longest wait between two drain attempts of one task.
 const LAST_RETRY: Duration = Duration::from_secs(30);
+/// How long a task's hub must have stopped seeing the task's device (while another hub sees
+/// it) before the task follows: a device that blinks, or one between its goodbye on one segment
+/// and its hello on the other, does not move its task.
+const FOLLOW_GRACE: Duration = Duration::from_secs(10);
+/// After a failed move after a device, the next try waits this long.
+const FOLLOW_RETRY: Duration = Duration::from_secs(10);
+/// A task that followed its device does not follow it again for this long.
+const FOLLOW_COOLDOWN: Duration = Duration::from_secs(60);
 /// After an overload move ends, the loads the next decision reads must show it.
 const SETTLE: Duration = Duration::from_secs(2 * crate::load::INTERVAL.as_secs());
 
@@ -36,12 +45,16 @@ struct Shared {
     retry_at: BTreeMap<String, Instant>,
     /// No overload decision before this (the last overload move's effect is not measured yet).
     overload_quiet_until: Option<Instant>,
+    /// When a task whose move after its device failed may be tried again.
+    follow_retry_at: BTreeMap<String, Instant>,
 }
 
 /// The leader's migration policy.
 #[derive(Default)]
 pub(crate) struct Policy {
     overload: Overload,
+    /// Since when each task has been astray (its hub does not see its device; another does).
+    astray_since: BTreeMap<String, Instant>,
     shared: Arc<Mutex<Shared>>,
 }
 
@@ -79,6 +92,16 @@ impl Policy {
             busy.insert(from);
             self.start(hub, task, from, None, MigrationReason::Drain);
         }
+        // A hub that is the source of a migration (the policy's, an operator's, a former
+        // leader's) starts no other.
+        busy.extend(state.tasks.values().filter_map(|t| t.migration.map(|m| m.from)));
+        let reached = hub.devices().reached();
+        for (task, from) in self.follow(state, &near, &reached, now) {
+            if busy.insert(from) {
+                tracing::info!(%task, from = from.0, "its hub no longer sees its device: moving it to one that does");
+                self.start(hub, task, from, None, MigrationReason::Device);
+            }
+        }
         let config = hub.config().overload;
         if config.enabled {
             let thresholds = Thresholds {
@@ -100,6 +123,27 @@ impl Policy {
         deferred
     }
 
+    /// The tasks astray for `FOLLOW_GRACE` and not resting after a failed move, with their hubs.
+    fn follow(
+        &mut self,
+        state: &ClusterState,
+        near: &crate::scheduler::Near,
+        reached: &BTreeSet<NodeId>,
+        now: Instant,
+    ) -> Vec<(String, NodeId)> {
+        let astray = follow::astray(state, near, reached, now_ms(), FOLLOW_COOLDOWN.as_millis() as u64);
+        self.astray_since.retain(|t, _| astray.contains_key(t));
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared.follow_retry_at.retain(|t, at| *at > now && astray.contains_key(t));
+        astray
+            .into_iter()
+            .filter(|(task, _)| {
+                let since = *self.astray_since.entry(task.clone()).or_insert(now);
+                now.duration_since(since) >= FOLLOW_GRACE && !shared.follow_retry_at.contains_key(task)
+            })
+            .collect()
+    }
+
     /// Asks for one migration on a task of its own; its end is recorded in `shared`.
     fn start(&self, hub: &Arc<Hub>, task: String, from: NodeId, to: Option<NodeId>, reason: MigrationReason) {
         self.shared.lock().unwrap_or_else(|p| p.into_inner()).running.insert(from, (task.clone(), reason));
@@ -113,6 +157,10 @@ impl Policy {
             }
             let Err(e) = result else { return };
             tracing::warn!(task, reason = reason.as_str(), error = %e, "the policy's migration failed");
+            if reason == MigrationReason::Device {
+                shared.follow_retry_at.insert(task, Instant::now() + FOLLOW_RETRY);
+                return;
+            }
             if reason != MigrationReason::Drain {
                 return;
             }

@@ -15,8 +15,9 @@
 //! with a reason, rather than restart empty.
 //!
 //! A task deployed `--near DEVICE` goes only to hubs that see the device ([`Near`], the leader's
-//! device registry), the one that saw it last first; it stays where it runs while its hub lives,
-//! and fails over or migrates only to such hubs. When none sees it, it is pending.
+//! device registry), the one that saw it last first, and fails over or migrates only to such
+//! hubs; when its hub stops seeing the device and another sees it, the leader moves it there by
+//! live migration ([`follow`]). When none sees it, it is pending.
 //!
 //! Tasks on a draining hub move by live migration ([`drain`]: the leader defers their re-placement
 //! while it migrates them one by one; the re-placement from the checkpoint is the fallback), and
@@ -28,6 +29,7 @@ use hubmesh_consensus::state::{CheckpointPolicy, ClusterState, NodeRecord, NodeS
 use hubmesh_consensus::{Command, NodeId};
 
 pub mod drain;
+pub mod follow;
 pub mod overload;
 
 /// What is placed on one hub.

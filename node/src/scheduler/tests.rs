@@ -301,3 +301,43 @@ fn a_task_near_a_device_goes_only_where_it_is_seen_and_waits_when_nowhere() {
     assert!(migration_target(&s, &near, "light", Some(NodeId(1))).unwrap_err().contains("does not see"));
     assert_eq!(migration_target(&s, &near, "light", None), Ok(NodeId(2)));
 }
+
+#[test]
+fn a_task_whose_hub_stops_seeing_its_device_is_astray_only_when_another_hub_sees_it() {
+    let lamp = "mdns:_hap._tcp/id=lamp";
+    let mut s = state(&[node(1, 1, NodeStatus::Up), node(2, 1, NodeStatus::Up), near_deploy("light", lamp)]);
+    s.apply(&Command::PlaceInstance { task: "light".into(), instance: 0, node: NodeId(2), expected: None }).unwrap();
+    let seen_by = |nodes: &[u64]| Near::new([(lamp.to_owned(), nodes.iter().map(|n| NodeId(*n)).collect())].into());
+    let both: BTreeSet<NodeId> = [NodeId(1), NodeId(2)].into();
+    let astray = |s: &ClusterState, near: &Near| follow::astray(s, near, &both, 1_000_000, 60_000);
+    assert!(astray(&s, &seen_by(&[2])).is_empty(), "its hub sees it");
+    assert!(astray(&s, &seen_by(&[2, 1])).is_empty(), "its hub still sees it");
+    // The device moved to hub 1's segment.
+    assert_eq!(astray(&s, &seen_by(&[1])), [("light".to_owned(), NodeId(2))].into());
+    // Its hub is out of the leader's gossip reach: its sightings are unknown, not gone.
+    assert!(follow::astray(&s, &seen_by(&[1]), &[NodeId(1)].into(), 1_000_000, 60_000).is_empty());
+    // Pinned: left where it is.
+    let mut pinned = s.clone();
+    pinned.tasks.get_mut("light").unwrap().spec.pinned = true;
+    assert!(astray(&pinned, &seen_by(&[1])).is_empty());
+    // It followed its device 30 s ago: not again within the cooldown, but after it.
+    let mut followed = s.clone();
+    let mut event = followed.tasks["light"].history.last().unwrap().clone();
+    (event.reason, event.at_ms) = ("device".into(), 970_000);
+    followed.tasks.get_mut("light").unwrap().history.push(event);
+    assert!(astray(&followed, &seen_by(&[1])).is_empty());
+    assert_eq!(follow::astray(&followed, &seen_by(&[1]), &both, 1_030_000, 60_000).len(), 1);
+    // Nobody sees it: nowhere better to go.
+    assert!(astray(&s, &Near::default()).is_empty());
+    // The only hub that sees it has no free slot: it stays.
+    let mut full = s.clone();
+    full.apply(&deploy("other")).unwrap();
+    full.apply(&Command::PlaceInstance { task: "other".into(), instance: 0, node: NodeId(1), expected: None }).unwrap();
+    assert!(astray(&full, &seen_by(&[1])).is_empty());
+    // Its hub is down: failover re-places it, not a migration.
+    s.apply(&Command::SetNodeStatus { node: NodeId(2), status: NodeStatus::Down }).unwrap();
+    assert!(astray(&s, &seen_by(&[1])).is_empty());
+    // A task near no device is never astray.
+    let plain = state(&[node(1, 1, NodeStatus::Up), node(2, 1, NodeStatus::Up), deploy("echo")]);
+    assert!(astray(&plain, &seen_by(&[1])).is_empty());
+}
