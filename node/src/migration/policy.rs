@@ -1,11 +1,10 @@
 //! The leader's migrations: it drains hubs, sheds load and moves tasks after their devices by
 //! asking tasks' hosts to migrate them (`Hub::migrate`, which forwards to the host). The decisions
 //! are the scheduler's, pure: `scheduler::drain`, `scheduler::overload` and `scheduler::follow`;
-//! this module feeds them the state and the
-//! hubs' loads, runs what they ask for (at most one migration out of each hub at a time, and one
-//! overload move in the whole mesh at a time), and remembers failures. What it remembers lives
-//! in the leader's memory only: a new leader starts afresh, and reads the cooldowns from the
-//! replicated history.
+//! this module feeds them the state and the hubs' loads, runs what they ask for (at most one
+//! migration out of each hub at a time, and one overload move in the whole mesh at a time), and
+//! remembers failures. What it remembers lives in the leader's memory only: a new leader starts
+//! afresh, and reads the cooldowns from the replicated history.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
