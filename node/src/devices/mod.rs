@@ -294,15 +294,10 @@ impl Devices {
     /// tasks deployed `--near` it may go.
     pub(crate) fn near(&self) -> crate::scheduler::Near {
         let views = self.view();
-        let now = now_ms();
-        let inner = self.lock();
-        let in_reach = |h: NodeId| {
-            h == self.me
-                || inner.heard.get(&h).is_some_and(|t| now.saturating_sub(*t) <= OUT_OF_REACH.as_millis() as u64)
-        };
+        let reached = self.reached();
         let seen = views
             .into_iter()
-            .map(|v| (v.id, v.seen_by.iter().map(|(h, _)| *h).filter(|h| in_reach(*h)).collect::<Vec<_>>()))
+            .map(|v| (v.id, v.seen_by.iter().map(|(h, _)| *h).filter(|h| reached.contains(h)).collect::<Vec<_>>()))
             .filter(|(_, hubs)| !hubs.is_empty())
             .collect();
         crate::scheduler::Near::new(seen)

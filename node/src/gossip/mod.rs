@@ -370,9 +370,9 @@ impl GossipWorker {
         metrics::gauge!("hubmesh_gossip_peers").set(self.swarm.connected_peers().count() as f64);
     }
 
-    /// Dials `peer` unless it is connected or was dialled less than half a [`REDIAL`] ago. A dial still
-    /// pending does not hold back the next one: through a partition each attempt waits out its
-    /// 3 s, and a heal would otherwise wait for the attempt in flight to give up.
+    /// Dials `peer` unless it is connected or was dialled less than half a [`REDIAL`] ago. A
+    /// dial still pending does not hold back the next one: through a partition each attempt
+    /// waits out its 3 s, and a heal would otherwise wait for the attempt in flight to give up.
     fn dial(&mut self, peer: PeerId, addr: libp2p::Multiaddr) {
         let now = tokio::time::Instant::now();
         if self.swarm.is_connected(&peer) || self.dialled.get(&peer).is_some_and(|at| now < *at + REDIAL / 2) {
