@@ -4,7 +4,9 @@
 //!
 //! - a device on LAN B (only n4 and n5 see it; n1-n3 learn it by gossip): announcement → listed
 //!   by every hub, and the gossip part: first of n4/n5 lists it → last of n1-n3 does; the same for
-//!   its clean leave; by mDNS and by SSDP;
+//!   its clean leave; by mDNS and by SSDP (each hub polled on its own every 5 ms; an attempt
+//!   whose gossip took over 100 ms is printed with each hub's times and the TCP loss recoveries
+//!   in each hub's namespace meanwhile);
 //! - gossip traffic of one hub (TCP 7072, both ways) with 500 devices on the LAN, steady;
 //! - heal after a partition (n4, n5 cut off from n1-n3 while a LAN B device leaves and another
 //!   comes): heal → every hub's registry equal;
@@ -72,31 +74,97 @@ async fn futures_lists(lab: &Lab) -> Vec<BTreeMap<String, DeviceInfo>> {
     out
 }
 
-/// Polls every 5 ms until `id` is listed (`present`) or not by every hub, or `limit` passes;
-/// returns when each hub first matched.
-async fn watch(lab: &Lab, id: &str, present: bool, limit: Duration) -> Vec<Option<Instant>> {
-    let start = Instant::now();
-    let mut when = vec![None; lab.hubs.len()];
-    while start.elapsed() < limit && when.iter().any(Option::is_none) {
-        let now = ids(lab).await;
-        let t = Instant::now();
-        for (i, set) in now.iter().enumerate() {
-            if when[i].is_none() && set.contains(id) == present {
-                when[i] = Some(t);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+/// When one hub first answered as asked: the poll's answer arrived at `at`, `took` after it was
+/// sent (the hub's state changed somewhere in that window).
+#[derive(Clone, Copy)]
+struct Seen {
+    at: Instant,
+    took: Duration,
+}
+
+/// Polls each hub on its own every 5 ms (one slow answer from one hub must not make the others
+/// look late) until `id` is listed (`present`) or not, or `limit` passes.
+async fn watch(lab: &Lab, id: &str, present: bool, limit: Duration) -> Vec<Option<Seen>> {
+    let polls: Vec<_> = lab
+        .hubs
+        .iter()
+        .map(|h| {
+            let (client, id) = (h.client.clone(), id.to_owned());
+            tokio::spawn(async move {
+                let start = Instant::now();
+                while start.elapsed() < limit {
+                    let sent = Instant::now();
+                    if let Ok(list) = client.devices().await {
+                        let at = Instant::now();
+                        if list.iter().any(|d| d.id == id) == present {
+                            return Some(Seen { at, took: at - sent });
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                None
+            })
+        })
+        .collect();
+    let mut when = Vec::new();
+    for p in polls {
+        when.push(p.await.ok().flatten());
     }
     when
 }
 
+/// TCP loss recovery counters of the namespace `pid` runs in (`/proc/PID/net` is that
+/// namespace's): retransmitted segments, tail-loss probes, retransmission timeouts.
+fn tcp_losses(pid: u32) -> [u64; 3] {
+    let read = |file: &str, prefix: &str, names: &[&str]| -> Vec<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(prefix)).collect();
+        let (Some(head), Some(values)) = (lines.first(), lines.get(1)) else { return vec![0; names.len()] };
+        let pairs: BTreeMap<&str, u64> = head
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+            .collect();
+        names.iter().map(|n| pairs.get(n).copied().unwrap_or(0)).collect()
+    };
+    let snmp = read("snmp", "Tcp:", &["RetransSegs"]);
+    let ext = read("netstat", "TcpExt:", &["TCPLossProbes", "TCPTimeouts"]);
+    [snmp[0], ext[0], ext[1]]
+}
+
 /// (start → every hub, first of n4/n5 → last of n1-n3), when every hub got there.
-fn spans(start: Instant, when: &[Option<Instant>]) -> Option<(Duration, Duration)> {
-    let all: Vec<Instant> = when.iter().copied().collect::<Option<_>>()?;
+fn spans(start: Instant, when: &[Option<Seen>]) -> Option<(Duration, Duration)> {
+    let all: Vec<Instant> = when.iter().map(|w| w.map(|s| s.at)).collect::<Option<_>>()?;
     let last = *all.iter().max()?;
     let first_b = all[3].min(all[4]);
     let last_a = all[0].max(all[1]).max(all[2]);
     Some((last - start, last_a.saturating_duration_since(first_b)))
+}
+
+/// One line on an attempt whose gossip took more than 100 ms: when each hub answered (after the
+/// first of n4/n5), how long that answer took, and the TCP loss recoveries in each hub's
+/// namespace during the attempt (retransmitted segments / tail-loss probes / timeouts).
+fn explain_slow(what: &str, k: usize, gossip: Duration, when: &[Option<Seen>], losses: &[[u64; 3]]) {
+    if gossip <= Duration::from_millis(100) {
+        return;
+    }
+    let Some(first_b) = when.get(3..5).and_then(|b| b.iter().flatten().map(|s| s.at).min()) else { return };
+    let hubs: Vec<String> = when
+        .iter()
+        .zip(losses)
+        .enumerate()
+        .map(|(i, (w, l))| {
+            let w = w.map_or("-".into(), |s| {
+                format!(
+                    "{:+.0} ms (answer {:.0} ms)",
+                    s.at.saturating_duration_since(first_b).as_secs_f64() * 1e3,
+                    s.took.as_secs_f64() * 1e3
+                )
+            });
+            format!("n{}: {w}, tcp {}/{}/{}", i + 1, l[0], l[1], l[2])
+        })
+        .collect();
+    println!("slow {what} attempt {k}: {}; {}", ms(gossip), hubs.join("; "));
 }
 
 fn nft(ns: &str, script: &str) -> String {
@@ -166,6 +234,16 @@ fn announced(seen: &Mutex<Vec<(Instant, Vec<u8>)>>, instance: &str, after: Insta
         .map(|(t, _)| *t)
 }
 
+fn losses_since(pids: &[u32], before: &[[u64; 3]]) -> Vec<[u64; 3]> {
+    pids.iter()
+        .zip(before)
+        .map(|(p, b)| {
+            let now = tcp_losses(*p);
+            [0, 1, 2].map(|i| now[i].saturating_sub(b[i]))
+        })
+        .collect()
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -209,21 +287,27 @@ async fn bench() {
                 _ => format!("ssdp:uuid:hubmesh-devsim-b{host}-0"),
             };
             let start = Instant::now();
+            let before: Vec<[u64; 3]> = pids.iter().map(|p| tcp_losses(*p)).collect();
             let mut sim = lab.spawn_devsim(devsim, host, true, via, &format!("b{host}"), 1).expect("devsim");
             let when = watch(&lab, &id, true, Duration::from_secs(10)).await;
+            let losses = losses_since(&pids, &before);
             if let Some((all, gossip)) = spans(start, &when) {
                 known.push(all);
                 gossip_in.push(gossip);
-                let last = when.iter().flatten().max().copied();
+                explain_slow(&format!("{via} arrival"), k, gossip, &when, &losses);
+                let last = when.iter().flatten().map(|s| s.at).max();
                 if let (Some(a), Some(last), "mdns") = (announced(&sniffed, &format!("b{host}-0"), start), last, via) {
                     from_announcement.push(last.saturating_duration_since(a));
                 }
             }
             let start = Instant::now();
+            let before: Vec<[u64; 3]> = pids.iter().map(|p| tcp_losses(*p)).collect();
             sim.leave(0).expect("leave");
-            if let Some((all, gossip)) = spans(start, &watch(&lab, &id, false, Duration::from_secs(10)).await) {
+            let when = watch(&lab, &id, false, Duration::from_secs(10)).await;
+            if let Some((all, gossip)) = spans(start, &when) {
                 left.push(all);
                 gossip_out.push(gossip);
+                explain_slow(&format!("{via} leave"), k, gossip, &when, &losses_since(&pids, &before));
             }
             drop(sim);
         }
