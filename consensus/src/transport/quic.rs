@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use sha2::{Digest, Sha256};
 
 use super::TransportError;
 use crate::tls::Identity;
@@ -84,14 +85,40 @@ fn common(loopback: bool) -> quinn::TransportConfig {
     t
 }
 
+/// Keys that let a restarted hub's endpoint recognise the connection ids its previous run handed
+/// out, and answer a packet on one with a stateless reset (RFC 9000 §10.3) that the peer can
+/// verify. Without them the new process drops such packets as garbage, and a peer that still
+/// holds a connection to the old one sends into the void until its idle timeout (5 s): a
+/// proposal forwarded to a leader that had just restarted timed out after a rolling upgrade's
+/// fast restart. With them the peer's keep-alive (every second) is answered by a reset, the
+/// connection closes, and the next call dials the new process. Both keys derive from the node's
+/// private key: secret, and the same in every run.
+fn restart_keys(identity: &Identity) -> (ring::hmac::Key, u64) {
+    let derive = |purpose: &[u8]| -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(purpose);
+        h.update(identity.key.pkcs8());
+        h.finalize().into()
+    };
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derive(b"hubmesh quic stateless reset key v1"));
+    let cid = derive(b"hubmesh quic connection id key v1");
+    (reset, u64::from_le_bytes(cid[..8].try_into().expect("8 of 32 bytes")))
+}
+
 /// Binds the UDP socket and wraps it in a quinn endpoint with this mesh's limits.
-pub(super) fn endpoint(server: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+pub(super) fn endpoint(
+    server: quinn::ServerConfig,
+    identity: &Identity,
+    addr: SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(addr)?;
     let state = quinn::udp::UdpSocketState::new((&socket).into())?;
     // Best effort: a smaller buffer only costs retransmissions under bursts.
     let _ = state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER);
     let _ = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER);
-    let mut config = quinn::EndpointConfig::default();
+    let (reset, cid_key) = restart_keys(identity);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
     if addr.ip().is_loopback() {
         config
             .max_udp_payload_size(LOOPBACK_UDP_PAYLOAD)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use hubmesh_proto::{pb, Message};
 
 use crate::tls::{fingerprint, CaMaterial, Identity, NodeKey};
-use crate::transport::{bulk_handler, handler, BulkBody, Caller, RpcError, StreamKind, Transport, MODULE_FETCH};
+use crate::transport::{bulk_handler, handler, lock, BulkBody, Caller, RpcError, StreamKind, Transport, MODULE_FETCH};
 
 const T: Duration = Duration::from_secs(5);
 /// The untyped echo handler of these tests rides on a kind a bare endpoint does not serve.
@@ -397,4 +397,50 @@ async fn a_burst_of_calls_shares_one_dial() {
     let failed: Vec<_> = answers.iter().filter(|r| r.is_err()).collect();
     assert!(failed.is_empty(), "{} of 40 calls failed: {failed:?}", failed.len());
     assert_eq!(a.live_connections_for_tests(), 1, "one connection from b");
+}
+
+/// A hub that dies without a word (its runtime dropped: no close is sent) and comes back on the
+/// same address with the same key: the peer's connection to the dead process is reset by the new
+/// one (RFC 9000 stateless reset, keyed by the node's key) at the peer's next keep-alive, well
+/// before its 5 s idle timeout, and the next call reaches the new process.
+#[tokio::test]
+async fn a_hub_restarted_on_its_address_resets_the_connections_to_its_old_self() {
+    let ca = CaMaterial::generate().unwrap();
+    let a = hub(&ca, 1);
+    let id = identity(&ca, 2);
+    let (ready, bound) = std::sync::mpsc::channel();
+    let (crash, crashed) = std::sync::mpsc::channel::<()>();
+    let old = {
+        let id = id.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let transport = rt.block_on(async {
+                let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &id, 2).unwrap();
+                t.register(
+                    ECHO,
+                    handler(|_, payload: Vec<u8>| async move { Ok([b"old:".to_vec(), payload].concat()) }),
+                );
+                t
+            });
+            ready.send(transport.local_addr().unwrap()).unwrap();
+            // Serve until told to crash, then drop the runtime: its tasks and socket are gone and
+            // nothing is sent.
+            rt.block_on(async { tokio::task::spawn_blocking(move || crashed.recv()).await.unwrap().unwrap() });
+            rt.shutdown_background();
+            drop(transport);
+        })
+    };
+    let at = bound.recv().unwrap();
+    a.set_peer(2, at);
+    assert_eq!(a.call(2, ECHO, b"x".to_vec(), T).await.unwrap(), b"old:x");
+    let before = lock(&a.conns).get(&2).cloned().expect("a connection to the old process");
+    crash.send(()).unwrap();
+    old.join().unwrap();
+
+    let new = Transport::bind(at, &id, 2).unwrap();
+    new.register(ECHO, handler(|_, payload: Vec<u8>| async move { Ok([b"new:".to_vec(), payload].concat()) }));
+    wait_for("the old connection is closed", || before.close_reason().is_some()).await;
+    let reason = before.close_reason().unwrap();
+    assert!(matches!(reason, quinn::ConnectionError::Reset), "closed by a stateless reset, not a timeout: {reason:?}");
+    assert_eq!(a.call(2, ECHO, b"y".to_vec(), T).await.unwrap(), b"new:y");
 }
