@@ -1,7 +1,8 @@
-//! The wasmtime engine of a hub: pooling allocator, epoch interruption and its ticker thread.
+//! The wasmtime engine of a hub: pooling allocator, epoch interruption and its ticker thread,
+//! which ticks only while task code runs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -38,29 +39,77 @@ pub(crate) fn build(limits: EngineLimits) -> wasmtime::Result<Engine> {
     Engine::new(&config)
 }
 
-/// Advances the engine's epoch every [`TICK`] until dropped.
+/// Which task code runs now: the ticker advances the epoch only while some does. An idle hub
+/// would otherwise wake 500 times a second for nothing (a small board's idle CPU, measured in
+/// docs/benchmarks.md). Every entry into task code holds an [`Entered`] (`instance.rs`), so a
+/// deadline is counted in ticks from the moment its call starts.
+#[derive(Default)]
+pub(crate) struct Clock {
+    running: Mutex<usize>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+impl Clock {
+    /// Task code starts: the ticker runs until every [`Entered`] is dropped.
+    pub(crate) fn enter(self: &Arc<Self>) -> Entered {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        *running += 1;
+        if *running == 1 {
+            self.wake.notify_one();
+        }
+        Entered(self.clone())
+    }
+
+    /// Waits while no task code runs; false once the ticker must stop.
+    fn wait_for_work(&self) -> bool {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        while *running == 0 && !self.stop.load(Ordering::Relaxed) {
+            running = self.wake.wait(running).unwrap_or_else(|p| p.into_inner());
+        }
+        !self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// Task code runs while this lives.
+pub(crate) struct Entered(Arc<Clock>);
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let mut running = self.0.running.lock().unwrap_or_else(|p| p.into_inner());
+        *running -= 1;
+    }
+}
+
+/// Advances the engine's epoch every [`TICK`] while task code runs, until dropped.
 pub(crate) struct Ticker {
-    stop: Arc<AtomicBool>,
+    clock: Arc<Clock>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Ticker {
-    pub(crate) fn start(engine: Engine) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+    /// Calls `tick` (the engine's `increment_epoch`) every [`TICK`] while `clock` says task code
+    /// runs.
+    pub(crate) fn start(clock: Arc<Clock>, mut tick: impl FnMut() + Send + 'static) -> std::io::Result<Self> {
+        let shared = clock.clone();
         let thread = std::thread::Builder::new().name("hm-epoch".into()).spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
+            while shared.wait_for_work() {
                 std::thread::sleep(TICK);
-                engine.increment_epoch();
+                tick();
             }
         })?;
-        Ok(Self { stop, thread: Some(thread) })
+        Ok(Self { clock, thread: Some(thread) })
     }
 }
 
 impl Drop for Ticker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.clock.stop.store(true, Ordering::Relaxed);
+        {
+            // Under the lock: the thread is either before its check or waiting, never between.
+            let _running = self.clock.running.lock().unwrap_or_else(|p| p.into_inner());
+            self.clock.wake.notify_one();
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -70,4 +119,44 @@ impl Drop for Ticker {
 /// Epoch ticks for a deadline of `ms` milliseconds (at least one).
 pub(crate) fn ticks_for(ms: u64) -> u64 {
     (ms / TICK.as_millis() as u64).max(1) + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+    use std::time::Instant;
+
+    use super::*;
+
+    fn ticks_while(count: &AtomicU64, window: Duration) -> u64 {
+        let before = count.load(Ordering::Relaxed);
+        std::thread::sleep(window);
+        count.load(Ordering::Relaxed) - before
+    }
+
+    #[test]
+    fn the_clock_ticks_only_while_task_code_runs_and_stops_when_dropped() {
+        let clock = Arc::new(Clock::default());
+        let count = Arc::new(AtomicU64::new(0));
+        let counted = count.clone();
+        let ticker = Ticker::start(clock.clone(), move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+        assert_eq!(ticks_while(&count, Duration::from_millis(30)), 0, "idle: no tick");
+        let (a, b) = (clock.enter(), clock.enter());
+        let start = Instant::now();
+        while count.load(Ordering::Relaxed) < 5 {
+            assert!(start.elapsed() < Duration::from_secs(5), "running: it ticks");
+            std::thread::yield_now();
+        }
+        drop(a);
+        assert!(ticks_while(&count, Duration::from_millis(20)) > 0, "one caller still runs");
+        drop(b);
+        // The tick in progress when the last caller left may still land.
+        std::thread::sleep(TICK * 2);
+        assert_eq!(ticks_while(&count, Duration::from_millis(30)), 0, "idle again: no tick");
+        let _c = clock.enter();
+        drop(ticker);
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use wasmtime::{Engine, Global, InstancePre, Memory, Module, Store, Trap, TypedFunc, Val};
 
 use super::abi;
-use super::engine::ticks_for;
+use super::engine::{ticks_for, Clock};
 use super::error::InvokeError;
 use super::host::{HostFault, HostState};
 use super::instrument::{DIRTY_EXPORT, GLOBAL_PREFIX, MEMORY_EXPORT};
@@ -25,6 +25,8 @@ pub struct InstanceLimits {
 #[derive(Clone)]
 pub(crate) struct LoadedModule {
     pub(crate) engine: Engine,
+    /// Held while the module's code runs: the epoch (deadlines) advances only then.
+    clock: Arc<Clock>,
     pub(crate) pre: InstancePre<HostState>,
     pub(crate) global_names: Arc<[String]>,
     pub(crate) has_tick: bool,
@@ -34,6 +36,7 @@ pub(crate) struct LoadedModule {
 impl LoadedModule {
     pub(crate) fn new(
         engine: &Engine,
+        clock: &Arc<Clock>,
         linker: &wasmtime::Linker<HostState>,
         module: &Module,
     ) -> wasmtime::Result<Self> {
@@ -44,6 +47,7 @@ impl LoadedModule {
         let has = |name: &str| module.exports().any(|e| e.name() == name);
         Ok(Self {
             engine: engine.clone(),
+            clock: clock.clone(),
             pre,
             global_names: global_names.into(),
             has_tick: has(abi::TICK_EXPORT),
@@ -61,6 +65,7 @@ pub(crate) struct Instance {
     pub(crate) dirty: Memory,
     pub(crate) globals: Vec<(String, Global)>,
     limits: InstanceLimits,
+    clock: Arc<Clock>,
 }
 
 impl Instance {
@@ -76,8 +81,10 @@ impl Instance {
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(ticks_for(limits.timeout_ms));
+        let running = module.clock.enter();
         let instance =
             module.pre.instantiate(&mut store).map_err(|e| classify_instantiation(&e, &mut store, limits))?;
+        drop(running);
         let missing = |what: &str| InvokeError::Unavailable(format!("instrumented module lacks {what}"));
         let memory = instance.get_memory(&mut store, MEMORY_EXPORT).ok_or_else(|| missing(MEMORY_EXPORT))?;
         let dirty = instance.get_memory(&mut store, DIRTY_EXPORT).ok_or_else(|| missing(DIRTY_EXPORT))?;
@@ -100,12 +107,13 @@ impl Instance {
         }
         store.data_mut().memory = Some(memory);
         store.data_mut().dirty = Some(dirty);
-        let mut inst = Self { store, invoke, tick, memory, dirty, globals, limits };
+        let mut inst = Self { store, invoke, tick, memory, dirty, globals, limits, clock: module.clock.clone() };
         if initialize && module.has_initialize {
             let init = instance
                 .get_typed_func::<(), ()>(&mut inst.store, abi::INITIALIZE_EXPORT)
                 .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
             inst.arm();
+            let _running = inst.clock.enter();
             init.call(&mut inst.store, ()).map_err(|e| classify(&e, &mut inst.store, limits))?;
         }
         Ok(inst)
@@ -126,7 +134,9 @@ impl Instance {
         data.input.clear();
         data.input.extend_from_slice(input);
         data.output.clear();
+        let running = self.clock.enter();
         let res = self.invoke.call(&mut self.store, input.len() as i32);
+        drop(running);
         match res {
             Ok(status) => Ok(Answer { status, output: std::mem::take(&mut self.store.data_mut().output) }),
             Err(e) => Err(classify(&e, &mut self.store, self.limits)),
@@ -137,6 +147,7 @@ impl Instance {
     pub(crate) fn tick(&mut self) -> Result<bool, InvokeError> {
         let Some(tick) = self.tick.clone() else { return Ok(false) };
         self.arm();
+        let _running = self.clock.enter();
         tick.call(&mut self.store, ()).map_err(|e| classify(&e, &mut self.store, self.limits))?;
         Ok(true)
     }

@@ -188,6 +188,8 @@ pub struct Executor {
     max_task_memory: u64,
     /// Bumped each time a task starts: calls waiting for a task to run here wake at once.
     started: tokio::sync::watch::Sender<u64>,
+    /// Which task code runs: the epoch ticks only then.
+    clock: Arc<engine::Clock>,
     _ticker: engine::Ticker,
 }
 
@@ -199,7 +201,9 @@ impl Executor {
         abi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
         let cache = ModuleCache::open(cache_dir, engine.clone())?;
         let writer = Writer::start(pages.clone())?;
-        let ticker = engine::Ticker::start(engine.clone())?;
+        let clock = Arc::new(engine::Clock::default());
+        let ticking = engine.clone();
+        let ticker = engine::Ticker::start(clock.clone(), move || ticking.increment_epoch())?;
         Ok(Self {
             engine,
             linker,
@@ -210,6 +214,7 @@ impl Executor {
             sink: std::sync::OnceLock::new(),
             max_task_memory: limits.max_task_memory,
             started: tokio::sync::watch::Sender::new(0),
+            clock,
             _ticker: ticker,
         })
     }
@@ -235,7 +240,7 @@ impl Executor {
         let (wasm, facts) = instrument::instrument(source)?;
         let hash = Hash::of(&wasm);
         let (module, _) = self.cache.get(&hash, &wasm).map_err(|e| PrepareError::Unsupported(format!("{e:?}")))?;
-        let loaded = instance::LoadedModule::new(&self.engine, &self.linker, &module)
+        let loaded = instance::LoadedModule::new(&self.engine, &self.clock, &self.linker, &module)
             .map_err(|e| PrepareError::Unsupported(e.to_string()))?;
         instance::Instance::new(&loaded, "deploy-check".into(), limits, false)
             .map_err(|e| PrepareError::Unsupported(format!("the module does not start: {e}")))?;
@@ -245,7 +250,7 @@ impl Executor {
     fn load(&self, hash: &Hash, wasm: &[u8]) -> Result<instance::LoadedModule, StartTaskError> {
         let (module, source) = self.cache.get(hash, wasm).map_err(|e| StartTaskError::Module(format!("{e:?}")))?;
         tracing::debug!(module = %hash, ?source, "module loaded");
-        instance::LoadedModule::new(&self.engine, &self.linker, &module)
+        instance::LoadedModule::new(&self.engine, &self.clock, &self.linker, &module)
             .map_err(|e| StartTaskError::Module(e.to_string()))
     }
 
