@@ -31,6 +31,8 @@ pub const TOKEN_FILE: &str = "admin.token";
 pub const API_ADDR_FILE: &str = "api.addr";
 /// File holding the mesh endpoint's bound address.
 pub const MESH_ADDR_FILE: &str = "mesh.addr";
+/// Directory holding the hub's certificates and key: present once it is a member of a mesh.
+pub const TLS_DIR: &str = "tls";
 /// File holding the gossip endpoint's address (as other hubs dial it).
 pub const GOSSIP_ADDR_FILE: &str = "gossip.addr";
 
@@ -108,7 +110,7 @@ pub async fn run(
     let api_addr = listener.local_addr().context("reading the API address")?;
     let consensus = Consensus::start(ConsensusConfig {
         dir: dir.join("raft"),
-        tls_dir: dir.join("tls"),
+        tls_dir: dir.join(TLS_DIR),
         fresh_node_id: fresh_node_id()?,
         node: NodeAddr { name: config.name.clone(), api_addr: api_addr.to_string(), mesh_addr: String::new() },
         mesh_addr: config.mesh,

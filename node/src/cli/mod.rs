@@ -2,6 +2,7 @@
 //! of a hub's HTTP API (`--hub`, `HUBMESH_HUB`, default http://127.0.0.1:7070) with the token
 //! from `HUBMESH_TOKEN`, `--token-file`, or `DATA_DIR/admin.token`.
 
+mod join_tokens;
 mod output;
 mod task;
 mod up;
@@ -9,11 +10,14 @@ mod up;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::client::Client;
 use crate::config::default_data_dir;
 use crate::server::TOKEN_FILE;
+
+/// The data dir of a hub installed by the package (its unit's `--data-dir`).
+const PACKAGE_DATA_DIR: &str = "/var/lib/hubmesh";
 
 /// hubmesh: several home or edge machines as one fault-tolerant hub for WebAssembly tasks.
 #[derive(Debug, Parser)]
@@ -83,6 +87,38 @@ pub enum Command {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+    /// Make this machine's packaged hub join a mesh: writes the token where the systemd unit reads
+    /// it (`--env-file`, mode 0600) and (re)starts the service. For a hub installed by the .deb;
+    /// elsewhere, `hubmesh up --join TOKEN`.
+    Join {
+        /// A token from `hubmesh token create` on a member; `-` reads it from stdin (it is then in
+        /// neither the process list nor the shell history).
+        token: String,
+        /// The environment file the unit reads (`HUBMESH_JOIN=…`).
+        #[arg(long, default_value = "/etc/hubmesh/join.env")]
+        env_file: PathBuf,
+        /// The service to (re)start; empty: write the file only.
+        #[arg(long, default_value = "hubmesh")]
+        service: String,
+    },
+    /// Ask a hub whether it is up (`GET /health`, no token): exit status 0 if it answers within
+    /// `--timeout`, 1 if not. For container health checks and scripts.
+    Health {
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Print a shell completion script (e.g. `hubmesh completions bash > /etc/bash_completion.d/hubmesh`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (hubmesh.1 and one per subcommand) into a directory.
+    Man {
+        /// Where to write them.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
     },
 }
 
@@ -273,6 +309,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node { cmd: NodeCmd::List { json } } => {
             let nodes = cli.conn.client()?.nodes().await?;
             output::nodes(&nodes, json)
+        }
+        Command::Join { token, env_file, service } => {
+            let data_dir = cli.conn.data_dir.clone().unwrap_or_else(|| PathBuf::from(PACKAGE_DATA_DIR));
+            join_tokens::install(&token, &data_dir, &env_file, &service)
+        }
+        Command::Health { timeout } => {
+            let health = Client::with_timeout(&cli.conn.hub, None, timeout)
+                .health()
+                .await
+                .with_context(|| format!("{} is not healthy", cli.conn.hub))?;
+            println!("{health}");
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "hubmesh", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out_dir } => {
+            std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &out_dir)
+                .with_context(|| format!("writing manual pages into {}", out_dir.display()))?;
+            Ok(())
         }
     }
 }

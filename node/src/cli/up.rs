@@ -6,8 +6,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use super::ConnArgs;
+use super::{join_tokens, ConnArgs};
 use crate::config::Config;
+
+/// How long `--join-file` waits for its token.
+const JOIN_FILE_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
@@ -27,8 +30,17 @@ pub struct UpArgs {
     #[arg(long, env = "HUBMESH_GOSSIP")]
     pub gossip: Option<SocketAddr>,
     /// Join an existing mesh with a token from `hubmesh token create` (empty data dir only).
-    #[arg(long, env = "HUBMESH_JOIN", hide_env_values = true)]
+    #[arg(long, env = "HUBMESH_JOIN", hide_env_values = true, conflicts_with = "join_file")]
     pub join: Option<String>,
+    /// Join with the token in this file, waiting up to 5 minutes for it to appear (a hub that is
+    /// already a member does not read it): for hubs started together, with a first hub that
+    /// `--publish-join-token`s to a shared file.
+    #[arg(long, env = "HUBMESH_JOIN_FILE", value_name = "PATH")]
+    pub join_file: Option<PathBuf>,
+    /// Once up, write a join token to this file (mode 0600; valid for an hour, renewed every half
+    /// hour while the hub runs), for hubs started with `--join-file`.
+    #[arg(long, env = "HUBMESH_PUBLISH_JOIN_TOKEN", value_name = "PATH")]
+    pub publish_join_token: Option<PathBuf>,
     /// Timeouts profile: lan (default), wifi or wan.
     #[arg(long, env = "HUBMESH_PROFILE")]
     pub profile: Option<crate::config::Profile>,
@@ -107,14 +119,38 @@ pub(super) fn config_of(args: &UpArgs, conn: &ConnArgs) -> anyhow::Result<Config
 
 pub(super) async fn run(args: UpArgs, conn: &ConnArgs) -> anyhow::Result<()> {
     let config = config_of(&args, conn)?;
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler does not fail on Unix");
+    // The handlers first: as a container's PID 1, a process without one ignores SIGTERM, and the
+    // wait for a join file below must end on `docker stop` like the hub itself.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
+    let join = match (&args.join, &args.join_file) {
+        (Some(token), _) => Some(token.clone()),
+        (None, Some(path)) => tokio::select! {
+            token = join_tokens::read(&config.data_dir, path, JOIN_FILE_WAIT) => token?,
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        },
+        (None, None) => None,
+    };
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
+            _ = int.recv() => {}
         }
         tracing::info!("shutdown requested");
     };
-    crate::server::run(config, args.join.clone(), shutdown).await.context("the hub stopped with an error")
+    let publish = async {
+        match &args.publish_join_token {
+            Some(path) => join_tokens::publish(&config.data_dir, path).await,
+            None => std::future::pending().await,
+        }
+    };
+    let hub = crate::server::run(config.clone(), join, shutdown);
+    tokio::pin!(hub);
+    tokio::select! {
+        result = &mut hub => result.context("the hub stopped with an error"),
+        () = publish => hub.await.context("the hub stopped with an error"),
+    }
 }

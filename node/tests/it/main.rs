@@ -16,3 +16,4 @@ mod invoke;
 mod mesh;
 mod migration;
 mod restart;
+mod upgrade;

@@ -82,6 +82,8 @@ pub struct Hub {
     extra: Vec<String>,
     /// Environment variables of the hub process.
     env: Vec<(String, String)>,
+    /// The binary it runs (the one under test unless [`Hub::set_program`] says otherwise).
+    program: PathBuf,
 }
 
 impl Hub {
@@ -97,6 +99,15 @@ impl Hub {
 
     /// Starts a hub with extra `up` flags and environment variables.
     pub async fn start_with_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(Path::new(bin()), name, extra, env).await
+    }
+
+    /// Starts a hub that runs `program`, not the binary under test (say, an older release).
+    pub async fn start_from(program: &Path, name: &str, extra: &[&str]) -> Self {
+        Self::launch(program, name, extra, &[]).await
+    }
+
+    async fn launch(program: &Path, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::Builder::new().prefix(&format!("hubmesh-it-{name}-")).tempdir().expect("temp dir");
         let mut hub = Self {
             name: name.to_owned(),
@@ -106,6 +117,7 @@ impl Hub {
             client: Client::new("http://127.0.0.1:1", None),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            program: program.to_path_buf(),
         };
         hub.spawn().await;
         hub
@@ -132,7 +144,7 @@ impl Hub {
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| format!("127.0.0.1:{}", gossip_port()));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
-        let child = Command::new(bin())
+        let child = Command::new(&self.program)
             .arg("--data-dir")
             .arg(self.dir.path())
             .args(["up", "--api", "127.0.0.1:0", "--mesh", &mesh, "--gossip", &gossip, "--name", &self.name])
