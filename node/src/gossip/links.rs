@@ -1,5 +1,6 @@
-//! One connection per member. Two hubs that dial each other at the same moment end up with two
-//! connections; gossipsub uses one, but both would be kept (member connections never idle out)
+//! One connection per member. Of two members only the smaller PeerId dials at first (`DIAL_DEFER`
+//! in the worker), but two hubs may still dial each other at the same moment (after a partition
+//! heals, both have been dialling) and end up with two connections; gossipsub uses one, but both would be kept (member connections never idle out)
 //! and checked by `ping`. Both sides must close the same one without talking about it: the one
 //! kept is the one dialled by the hub with the smaller PeerId. The other is closed only
 //! [`SETTLE`] after it opened: gossipsub announces a hub's topics once per peer, on whichever

@@ -12,7 +12,8 @@
 //! ```text
 //!  boot: start() binds (DATA_DIR/gossip.addr) --> Gossip handle (publish) + GossipWorker (swarm)
 //!  state change, or 1 s tick while a member is not connected (30 s when all are):
-//!    allow-list := members' PeerIds; dial members not connected
+//!    allow-list := members' PeerIds; dial members not connected (the smaller PeerId of two
+//!    dials; the larger only after 3 s without a connection)
 //!  one connection per member (`links`: a redundant one closed 5 s after it opened);
 //!    ping every 5 s, two unanswered in a row: closed
 //!    (idle member connections stay)
@@ -58,6 +59,13 @@ const DEVICE_TOPIC: &str = "hubmesh/devices/1";
 const MAX_MESSAGE: usize = 64 << 10;
 /// How often members that are not connected are dialled again.
 const REDIAL: Duration = Duration::from_secs(1);
+/// Of two members, the one with the smaller PeerId dials; the other dials only once the first
+/// has not for this long (a member that cannot reach it, across a one-way firewall). Two hubs
+/// that dial each other at once get two connections, and closing the redundant one (`links`)
+/// loses what gossipsub had handed that connection: measured, the first device event after a
+/// mesh formed reached one hub 0.2 s late and a leave 1.4 s late (repaired at the next
+/// heartbeat's IHAVE).
+const DIAL_DEFER: Duration = Duration::from_secs(3);
 /// How often the membership is looked at when every member is connected (a state change or a
 /// lost connection looks sooner).
 const RECHECK: Duration = Duration::from_secs(30);
@@ -313,6 +321,8 @@ pub(crate) struct GossipWorker {
     links: Links,
     /// When each member was last dialled.
     dialled: HashMap<PeerId, tokio::time::Instant>,
+    /// Since when each member that is not connected has been found so.
+    missing_since: HashMap<PeerId, tokio::time::Instant>,
     last_seq: HashMap<NodeId, u64>,
     /// The sequence number of this hub's last message: this start's number in the high half, a
     /// count in the low half.
@@ -334,6 +344,7 @@ impl GossipWorker {
             members: Members::default(),
             links: Links::default(),
             dialled: HashMap::new(),
+            missing_since: HashMap::new(),
             last_seq: HashMap::new(),
             seq: bound.boot << 32,
             next_dial: tokio::time::Instant::now(),
@@ -358,6 +369,7 @@ impl GossipWorker {
         }
         self.last_seq.retain(|n, _| members.peers().any(|p| members.node_of(p) == Some(*n)));
         self.dialled.retain(|p, _| members.node_of(p).is_some());
+        self.missing_since.retain(|p, _| members.node_of(p).is_some());
         self.members = members;
         let mut missing = false;
         for (peer, addr) in self.members.dial_targets().to_vec() {
@@ -370,12 +382,19 @@ impl GossipWorker {
         metrics::gauge!("hubmesh_gossip_peers").set(self.swarm.connected_peers().count() as f64);
     }
 
-    /// Dials `peer` unless it is connected or was dialled less than half a [`REDIAL`] ago. A
+    /// Dials `peer` unless it is connected, it is the smaller PeerId and has been missing for
+    /// less than [`DIAL_DEFER`] (it dials), or it was dialled less than half a [`REDIAL`] ago. A
     /// dial still pending does not hold back the next one: through a partition each attempt
     /// waits out its 3 s, and a heal would otherwise wait for the attempt in flight to give up.
     fn dial(&mut self, peer: PeerId, addr: libp2p::Multiaddr) {
         let now = tokio::time::Instant::now();
-        if self.swarm.is_connected(&peer) || self.dialled.get(&peer).is_some_and(|at| now < *at + REDIAL / 2) {
+        if self.swarm.is_connected(&peer) {
+            self.missing_since.remove(&peer);
+            return;
+        }
+        let missing_since = *self.missing_since.entry(peer).or_insert(now);
+        let defer = *self.swarm.local_peer_id() > peer && now < missing_since + DIAL_DEFER;
+        if defer || self.dialled.get(&peer).is_some_and(|at| now < *at + REDIAL / 2) {
             return;
         }
         self.dialled.insert(peer, now);
@@ -472,6 +491,7 @@ impl GossipWorker {
                 let local = *self.swarm.local_peer_id();
                 let now = tokio::time::Instant::now();
                 self.links.established(&local, peer_id, connection_id, endpoint.is_dialer(), now);
+                self.missing_since.remove(&peer_id);
                 metrics::gauge!("hubmesh_gossip_peers").set(self.swarm.connected_peers().count() as f64);
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, .. } => {
