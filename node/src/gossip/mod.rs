@@ -77,6 +77,9 @@ const RECHECK: Duration = Duration::from_secs(30);
 /// few packets a connection: about 3 kbit/s a hub of five.)
 const PING_INTERVAL: Duration = Duration::from_secs(5);
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// A load this recent is sent again to a member that subscribes (loads are published every
+/// second).
+const LOAD_RESEND_AGE: Duration = Duration::from_secs(2);
 /// Loads waiting to be published; more are dropped (loads are sent again each second).
 const OUTBOX: usize = 64;
 /// Device messages waiting to be published; the sender waits for room (a complete account must
@@ -323,6 +326,12 @@ pub(crate) struct GossipWorker {
     dialled: HashMap<PeerId, tokio::time::Instant>,
     /// Since when each member that is not connected has been found so.
     missing_since: HashMap<PeerId, tokio::time::Instant>,
+    /// This hub's last load and when it was published, sent again at once to a member that
+    /// (re)subscribes while it is recent.
+    last_load: Option<(tokio::time::Instant, pb::gossip_message::Body)>,
+    /// Addresses mDNS found members at: dialled with the recorded one (a deferred dial must not
+    /// forget them; mDNS reports an entry once).
+    mdns_addrs: HashMap<PeerId, libp2p::Multiaddr>,
     last_seq: HashMap<NodeId, u64>,
     /// The sequence number of this hub's last message: this start's number in the high half, a
     /// count in the low half.
@@ -345,6 +354,8 @@ impl GossipWorker {
             links: Links::default(),
             dialled: HashMap::new(),
             missing_since: HashMap::new(),
+            last_load: None,
+            mdns_addrs: HashMap::new(),
             last_seq: HashMap::new(),
             seq: bound.boot << 32,
             next_dial: tokio::time::Instant::now(),
@@ -370,6 +381,7 @@ impl GossipWorker {
         self.last_seq.retain(|n, _| members.peers().any(|p| members.node_of(p) == Some(*n)));
         self.dialled.retain(|p, _| members.node_of(p).is_some());
         self.missing_since.retain(|p, _| members.node_of(p).is_some());
+        self.mdns_addrs.retain(|p, _| members.node_of(p).is_some());
         self.members = members;
         let mut missing = false;
         for (peer, addr) in self.members.dial_targets().to_vec() {
@@ -398,13 +410,20 @@ impl GossipWorker {
             return;
         }
         self.dialled.insert(peer, now);
-        let opts = DialOpts::peer_id(peer).addresses(vec![addr]).condition(PeerCondition::Disconnected).build();
+        let mut addresses = vec![addr];
+        if let Some(found) = self.mdns_addrs.get(&peer).filter(|a| **a != addresses[0]) {
+            addresses.push(found.clone());
+        }
+        let opts = DialOpts::peer_id(peer).addresses(addresses).condition(PeerCondition::Disconnected).build();
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, error = %e, "dialling a member for gossip failed");
         }
     }
 
     fn publish(&mut self, body: pb::gossip_message::Body) {
+        if matches!(body, pb::gossip_message::Body::Load(_)) {
+            self.last_load = Some((tokio::time::Instant::now(), body.clone()));
+        }
         self.seq += 1;
         let topic = match body {
             pb::gossip_message::Body::Load(_) => LOAD_TOPIC,
@@ -461,9 +480,21 @@ impl GossipWorker {
                 // A member (re)joined the device topic: it may lack this hub's sightings.
                 self.hub.devices().account_due();
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }))
+                if topic == IdentTopic::new(LOAD_TOPIC).hash() && self.members.node_of(&peer_id).is_some() =>
+            {
+                // A member (re)joined: it judges this hub in reach only once it hears a load, so
+                // send the last one now rather than up to a second later (a partition's heal).
+                // Only a recent one: a stalled meter's old report must not pass for current.
+                let recent = self.last_load.as_ref().filter(|(at, _)| at.elapsed() < LOAD_RESEND_AGE);
+                if let Some((_, load)) = recent.cloned() {
+                    self.publish(load);
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
                     if self.members.node_of(&peer).is_some() && peer != *self.swarm.local_peer_id() {
+                        self.mdns_addrs.insert(peer, addr.clone());
                         self.dial(peer, addr);
                     } else if let Some(mdns) = self.swarm.behaviour_mut().mdns.as_mut() {
                         // Anyone on the LAN can announce PeerIds: mDNS would keep each (with
