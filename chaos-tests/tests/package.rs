@@ -22,15 +22,20 @@ fn output(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = output(cmd);
+/// The stdout of `out`, failing the test with all it printed if `what` did not succeed.
+fn succeeded(what: &str, out: Output) -> String {
     assert!(
         out.status.success(),
-        "{cmd:?} failed: {}{}",
+        "{what} failed: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    succeeded(&format!("{cmd:?}"), out)
 }
 
 /// A Debian root with systemd in `dir`, from the cached tarball or debootstrap.
@@ -58,14 +63,7 @@ fn in_root(root: &Path, script: &str) -> Output {
 }
 
 fn ok_in_root(root: &Path, script: &str) -> String {
-    let out = in_root(root, script);
-    assert!(
-        out.status.success(),
-        "in the chroot: {script}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    succeeded(&format!("in the chroot: {script}"), in_root(root, script))
 }
 
 #[test]
