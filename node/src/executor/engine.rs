@@ -1,7 +1,7 @@
 //! The wasmtime engine of a hub: pooling allocator, epoch interruption and its ticker thread,
 //! which ticks only while task code runs.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -39,35 +39,57 @@ pub(crate) fn build(limits: EngineLimits) -> wasmtime::Result<Engine> {
     Engine::new(&config)
 }
 
-/// Which task code runs now: the ticker advances the epoch only while some does. An idle hub
-/// would otherwise wake 500 times a second for nothing (a small board's idle CPU, measured in
-/// docs/benchmarks.md). Every entry into task code holds an [`Entered`] (`instance.rs`), so a
-/// deadline is counted in ticks from the moment its call starts.
+/// Which task code runs now: the ticker advances the epoch only while some does, or did within
+/// [`IDLE_GRACE`]. An idle hub would otherwise wake 500 times a second for nothing (a small
+/// board's idle CPU, measured in docs/benchmarks.md). Every entry into task code holds an
+/// [`Entered`] (`instance.rs`), so a deadline is counted in ticks from the moment its call starts.
+///
+/// Entering is two atomic operations while the ticker is awake: a call must not pay a lock and a
+/// wake-up of the ticker thread (that made a 0.15 µs call cost 1.2 µs). Only a call that finds
+/// the ticker parked takes the lock to wake it. The parking handshake: the ticker publishes
+/// `parked` and then reads `running`; a caller increments `running` and then reads `parked`
+/// (all sequentially consistent), so at least one of them sees the other, and the ticker checks
+/// and waits under the lock a waking caller notifies under.
 #[derive(Default)]
 pub(crate) struct Clock {
-    running: Mutex<usize>,
+    running: AtomicUsize,
+    /// Task code was entered since the ticker last looked.
+    used: AtomicBool,
+    parked: AtomicBool,
+    lock: Mutex<()>,
     wake: Condvar,
     stop: AtomicBool,
 }
 
+/// The ticker parks after this long without task code.
+pub(crate) const IDLE_GRACE: Duration = Duration::from_millis(500);
+
 impl Clock {
-    /// Task code starts: the ticker runs until every [`Entered`] is dropped.
+    /// Task code starts: the ticker runs until every [`Entered`] is dropped (and the grace after).
     pub(crate) fn enter(self: &Arc<Self>) -> Entered {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        *running += 1;
-        if *running == 1 {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        self.used.store(true, Ordering::Relaxed);
+        if self.parked.load(Ordering::SeqCst) {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
             self.wake.notify_one();
         }
         Entered(self.clone())
     }
 
-    /// Waits while no task code runs; false once the ticker must stop.
-    fn wait_for_work(&self) -> bool {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        while *running == 0 && !self.stop.load(Ordering::Relaxed) {
-            running = self.wake.wait(running).unwrap_or_else(|p| p.into_inner());
+    /// Parks the ticker while no task code runs; false once the ticker must stop.
+    fn park(&self) -> bool {
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.parked.store(true, Ordering::SeqCst);
+        while self.running.load(Ordering::SeqCst) == 0 && !self.stop.load(Ordering::SeqCst) {
+            g = self.wake.wait(g).unwrap_or_else(|p| p.into_inner());
         }
-        !self.stop.load(Ordering::Relaxed)
+        self.parked.store(false, Ordering::SeqCst);
+        !self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Whether task code ran since the last call (or runs now).
+    fn was_used(&self) -> bool {
+        self.used.swap(false, Ordering::Relaxed) || self.running.load(Ordering::SeqCst) > 0
     }
 }
 
@@ -76,8 +98,7 @@ pub(crate) struct Entered(Arc<Clock>);
 
 impl Drop for Entered {
     fn drop(&mut self) {
-        let mut running = self.0.running.lock().unwrap_or_else(|p| p.into_inner());
-        *running -= 1;
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -89,13 +110,25 @@ pub(crate) struct Ticker {
 
 impl Ticker {
     /// Calls `tick` (the engine's `increment_epoch`) every [`TICK`] while `clock` says task code
-    /// runs.
+    /// runs or ran within [`IDLE_GRACE`].
     pub(crate) fn start(clock: Arc<Clock>, mut tick: impl FnMut() + Send + 'static) -> std::io::Result<Self> {
         let shared = clock.clone();
+        let grace_ticks = (IDLE_GRACE.as_millis() / TICK.as_millis()) as u32;
         let thread = std::thread::Builder::new().name("hm-epoch".into()).spawn(move || {
-            while shared.wait_for_work() {
+            let mut idle = grace_ticks; // park at once: nothing ran yet
+            loop {
+                if idle >= grace_ticks {
+                    if !shared.park() {
+                        return;
+                    }
+                    idle = 0;
+                }
+                if shared.stop.load(Ordering::SeqCst) {
+                    return;
+                }
                 std::thread::sleep(TICK);
                 tick();
+                idle = if shared.was_used() { 0 } else { idle + 1 };
             }
         })?;
         Ok(Self { clock, thread: Some(thread) })
@@ -104,10 +137,10 @@ impl Ticker {
 
 impl Drop for Ticker {
     fn drop(&mut self) {
-        self.clock.stop.store(true, Ordering::Relaxed);
+        self.clock.stop.store(true, Ordering::SeqCst);
         {
             // Under the lock: the thread is either before its check or waiting, never between.
-            let _running = self.clock.running.lock().unwrap_or_else(|p| p.into_inner());
+            let _g = self.clock.lock.lock().unwrap_or_else(|p| p.into_inner());
             self.clock.wake.notify_one();
         }
         if let Some(t) = self.thread.take() {
@@ -135,7 +168,7 @@ mod tests {
     }
 
     #[test]
-    fn the_clock_ticks_only_while_task_code_runs_and_stops_when_dropped() {
+    fn the_clock_ticks_only_while_task_code_runs_or_just_ran_and_stops_when_dropped() {
         let clock = Arc::new(Clock::default());
         let count = Arc::new(AtomicU64::new(0));
         let counted = count.clone();
@@ -153,8 +186,9 @@ mod tests {
         drop(a);
         assert!(ticks_while(&count, Duration::from_millis(20)) > 0, "one caller still runs");
         drop(b);
-        // The tick in progress when the last caller left may still land.
-        std::thread::sleep(TICK * 2);
+        assert!(ticks_while(&count, Duration::from_millis(20)) > 0, "it ticks on for the grace");
+        // Past the grace (and the tick in progress): parked.
+        std::thread::sleep(IDLE_GRACE + TICK * 5);
         assert_eq!(ticks_while(&count, Duration::from_millis(30)), 0, "idle again: no tick");
         let _c = clock.enter();
         drop(ticker);
