@@ -25,6 +25,8 @@ pub(crate) use answers::AnswerCache;
 pub(crate) use manifest::PAGE;
 pub use manifest::{GlobalValue, Manifest};
 pub(crate) use writer::Writer;
+#[cfg(test)]
+pub(crate) use writer::MISSING_PAGE_RETRIES;
 
 /// The answer of one successful call: what an invocation returns, and what a checkpoint keeps
 /// for each idempotency key.

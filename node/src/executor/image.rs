@@ -294,6 +294,12 @@ impl MemoryImage {
         self.changed = true;
     }
 
+    /// The bytes of a page of the last checkpoint whose hash is `h`, if any.
+    pub(crate) fn page_with_hash(&self, h: &Hash) -> Option<Vec<u8>> {
+        let i = self.hashes.iter().position(|x| x.as_ref() == Some(h))?;
+        Some(self.base[i * PAGE..(i + 1) * PAGE].to_vec())
+    }
+
     /// Whether anything changed since the last checkpoint.
     pub(crate) fn changed(&self) -> bool {
         self.changed

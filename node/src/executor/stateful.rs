@@ -501,7 +501,7 @@ impl Actor {
         let key = checkpoint_key(&self.cfg.name, Epoch(self.cfg.epoch), sequence);
         let encoded = manifest.encode();
         let refs: Vec<_> = manifest.pages.iter().map(|(_, h)| *h).collect();
-        let new_hashes: Vec<_> = new_pages.iter().map(|(h, _)| *h).collect();
+        let mut new_hashes: Vec<_> = new_pages.iter().map(|(h, _)| *h).collect();
         // Older manifests of this task go, except the committed one (a failover may need it until
         // this one is committed).
         // Only what is surely garbage goes: checkpoints older than the committed one, and this
@@ -523,11 +523,14 @@ impl Actor {
         let write =
             PageWrite { pages: new_pages, key: key.clone(), manifest: encoded.clone(), refs: refs.clone(), remove };
         let built = Instant::now();
-        if let Err(e) = self.writer.write_durable(write) {
-            // The pages this checkpoint marked clean were not written: make the next one write
-            // them again.
-            self.image.mark_all_changed();
-            return Err(e);
+        match self.writer.write_durable(write, |h| self.image.page_with_hash(h)) {
+            Ok(added) => new_hashes.extend(added), // holders may lack them as well
+            Err(e) => {
+                // The pages this checkpoint marked clean were not written: make the next one
+                // write them again.
+                self.image.mark_all_changed();
+                return Err(e.to_string());
+            }
         }
         // The sequence moves on even if the commit below fails: this key is on disk already.
         self.sequence = sequence;

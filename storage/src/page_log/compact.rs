@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::record::{self, encode, encode_refs, Version, KIND_MANIFEST, KIND_PAGE, MAGIC};
-use super::{io, sync_dir, Inner, Loc, ManifestLoc, PageLog, PageLogError, COMPACT_MIN_BYTES};
+use super::{io, sync_dir, Inner, Loc, ManifestLoc, PageLog, PageLogError};
 use crate::Hash;
 
 /// A record's bytes around its data: kind, key length, a 32-byte key or so, length, checksum.
@@ -236,7 +236,7 @@ impl PageLog {
     /// Step 1: whether to compact, and what.
     fn snapshot(&self) -> Option<Snapshot> {
         let inner = self.lock();
-        if inner.len < COMPACT_MIN_BYTES {
+        if inner.len < self.compact_min.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
         let live = self.live(&inner);

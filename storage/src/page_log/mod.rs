@@ -29,7 +29,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -159,6 +159,8 @@ pub struct PageLog {
     compacting: Mutex<()>,
     /// Whether writes wake the compactor (tests turn it off to compact at a chosen moment).
     auto_compact: AtomicBool,
+    /// Compaction is considered only past this size ([`COMPACT_MIN_BYTES`] unless set).
+    compact_min: AtomicU64,
     /// Wakes the syncer thread ([`PageLog::sync_behind`]); dropping it ends the thread.
     wake_syncer: SyncSender<()>,
     /// Held through every fdatasync, and the first one that failed (see [`PageLog::fdatasync`]).
@@ -223,6 +225,7 @@ impl PageLog {
             wake_compactor,
             compacting: Mutex::new(()),
             auto_compact: AtomicBool::new(true),
+            compact_min: AtomicU64::new(COMPACT_MIN_BYTES),
             wake_syncer,
             sync_failed: Mutex::new(None),
         });
@@ -237,6 +240,12 @@ impl PageLog {
             .spawn(move || syncer(weak, sync_wakes))
             .map_err(io(&log.path))?;
         Ok(log)
+    }
+
+    /// Considers compaction past `bytes` of file instead of 64 MiB (tests of other crates make
+    /// the compactor run on small logs with it).
+    pub fn set_compact_min_bytes(&self, bytes: u64) {
+        self.compact_min.store(bytes, Ordering::Relaxed);
     }
 
     /// Stops writes from waking the compactor.
@@ -371,7 +380,7 @@ impl PageLog {
                 .manifests
                 .insert(key, ManifestLoc { loc: Loc { offset: base + m.loc.offset, ..m.loc }, refs: m.refs });
         }
-        let large = inner.len >= COMPACT_MIN_BYTES;
+        let large = inner.len >= self.compact_min.load(Ordering::Relaxed);
         drop(inner);
         if large && self.auto_compact.load(Ordering::Relaxed) {
             // A full channel means a wake-up is pending already: nothing is lost by dropping this one.
