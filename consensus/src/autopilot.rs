@@ -14,6 +14,9 @@ use crate::state::{ClusterState, NodeStatus};
 use crate::type_config::{NodeAddr, TypeConfig};
 use crate::worker::Worker;
 
+/// A hub alone in the mesh looks again at least this often.
+const ALONE_RECHECK: Duration = Duration::from_secs(5);
+
 /// How far behind the leader's log a learner may be and still be promoted.
 const CAUGHT_UP: u64 = 16;
 
@@ -26,7 +29,10 @@ pub fn target_voters(hubs: usize) -> usize {
     }
 }
 
-/// The autopilot as a worker: a round every 200 ms (it acts only while this hub leads).
+/// The autopilot as a worker: a round every 200 ms (it acts only while this hub leads); a hub
+/// alone in the mesh — one record in the state, one member in Raft — has nothing to promote or
+/// demote until another is admitted, and waits for a change of the state (at most 5 s, which
+/// also retries a change that failed).
 pub(crate) struct Autopilot {
     pub(crate) raft: Raft<TypeConfig>,
     pub(crate) node_id: u64,
@@ -39,12 +45,25 @@ impl Worker for Autopilot {
     }
 
     async fn work(&mut self) -> Result<(), String> {
+        // Seen before the round: a change published while it runs wakes the next wait.
+        self.state.borrow_and_update();
         round(&self.raft, self.node_id, &self.state).await;
         Ok(())
     }
 
     async fn wait(&mut self) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let alone = self.state.borrow().nodes.len() <= 1
+            && self.raft.metrics().borrow().membership_config.membership().nodes().count() <= 1;
+        if !alone {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return;
+        }
+        tokio::select! {
+            r = self.state.changed() => if r.is_err() {
+                tokio::time::sleep(ALONE_RECHECK).await; // Raft is gone; shutdown stops this worker
+            },
+            () = tokio::time::sleep(ALONE_RECHECK) => {}
+        }
     }
 }
 

@@ -27,6 +27,15 @@
 //! that voter may campaign. Pings are not "hearing from the leader": they do not feed the
 //! follower lease (`transport::server`). One ping per peer in flight at a time. Voting for
 //! others, and a leader's work, are untouched.
+//!
+//! A hub that leads a mesh of one (the only voter, no learners) has no one to send heartbeats
+//! to and no election to gate: the gate switches openraft's tick off (`runtime_config().tick`)
+//! and sleeps until Raft's metrics change (a proposal, a member joining): an idle hub on its own
+//! then runs no Raft loop pass, metrics report, gate round or metrics watcher per tick (openraft's
+//! tick task itself still wakes, and does nothing). Any change that adds a member — which only
+//! this leader can commit — wakes it, and the tick comes back before the new member needs a
+//! heartbeat. The lease of a voter alone needs no quorum's answer (`Consensus::holds_lease`,
+//! [`hears_leader`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,6 +64,9 @@ struct Peer {
 
 pub(crate) struct ElectionGate {
     raft: Raft<TypeConfig>,
+    metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, crate::type_config::NodeAddr>>,
+    /// This hub leads a mesh of one, and openraft's tick is off (see the module doc).
+    solo: bool,
     transport: Arc<Transport>,
     node_id: u64,
     /// An answer older than this does not count.
@@ -101,6 +113,8 @@ impl ElectionGate {
         let mut tick = tokio::time::interval(t.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
+            metrics: raft.metrics(),
+            solo: false,
             raft,
             transport,
             node_id,
@@ -146,7 +160,21 @@ impl Worker for ElectionGate {
     }
 
     async fn work(&mut self) -> Result<(), String> {
-        let voters: Vec<u64> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let (voters, solo) = {
+            let m = self.metrics.borrow_and_update();
+            let membership = m.membership_config.membership();
+            let voters: Vec<u64> = membership.voter_ids().collect();
+            let solo = leads_alone(self.node_id, &voters, membership.learner_ids().count(), m.current_leader);
+            (voters, solo)
+        };
+        if solo != self.solo {
+            self.raft.runtime_config().tick(!solo);
+            self.solo = solo;
+            tracing::debug!(solo, "openraft's tick is {}", if solo { "off: this hub leads alone" } else { "on" });
+        }
+        if solo {
+            return Ok(());
+        }
         if !voters.contains(&self.node_id) {
             return Ok(()); // a learner never campaigns
         }
@@ -234,8 +262,17 @@ impl Worker for ElectionGate {
     }
 
     async fn wait(&mut self) {
-        self.tick.tick().await;
+        if !self.solo {
+            self.tick.tick().await;
+        } else if self.metrics.changed().await.is_err() {
+            std::future::pending::<()>().await; // Raft is gone; shutdown stops this worker
+        }
     }
+}
+
+/// Whether `me` leads a mesh of one: the only voter, no learners. Pure.
+pub(crate) fn leads_alone(me: u64, voters: &[u64], learners: usize, leader: Option<u64>) -> bool {
+    voters == [me] && learners == 0 && leader == Some(me)
 }
 
 /// Answers the gate's pings of other voters with `answer()` (whether this voter hears a leader
@@ -281,8 +318,16 @@ impl LeaderContact {
 /// [`LeaderContact`]). Also the lease's test.
 pub(crate) fn hears_leader(raft: &Raft<TypeConfig>, contact: &LeaderContact, within: Duration) -> bool {
     // Called on every local invocation: read the metrics in place rather than clone them.
-    let Some(leader) = raft.metrics().borrow().current_leader else { return false };
-    contact.within(leader, within)
+    let (leader, alone) = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let Some(leader) = m.current_leader else { return false };
+        let mut voters = m.membership_config.membership().voter_ids();
+        (leader, leader == m.id && voters.next() == Some(m.id) && voters.next().is_none())
+    };
+    // The only voter hears itself: its tick is off (see the module doc), so no quorum
+    // acknowledgement dates the contact.
+    alone || contact.within(leader, within)
 }
 
 /// Dates this hub's quorum acknowledgements while it leads, into its [`LeaderContact`], at every
@@ -323,7 +368,16 @@ impl Worker for QuorumAckWatch {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{majority, may_campaign, LeaderContact};
+    use super::{leads_alone, majority, may_campaign, LeaderContact};
+
+    #[test]
+    fn only_a_leader_without_other_members_is_alone() {
+        assert!(leads_alone(1, &[1], 0, Some(1)));
+        assert!(!leads_alone(1, &[1], 0, None), "not yet leader: the tick must run to elect it");
+        assert!(!leads_alone(1, &[1], 1, Some(1)), "a learner needs heartbeats");
+        assert!(!leads_alone(1, &[1, 2], 0, Some(1)));
+        assert!(!leads_alone(1, &[2], 0, Some(2)), "a hub that is not the voter");
+    }
 
     #[test]
     fn contact_is_dated_and_belongs_to_one_leader() {

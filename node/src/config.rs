@@ -259,17 +259,22 @@ impl Default for TaskDefaults {
     }
 }
 
-/// The machine's cores (1 where they cannot be read).
+/// The machine's cores (1 where they cannot be read), read once: the load meter and the leader
+/// ask every round, and each read is five files of /proc and the cgroup.
 pub fn machine_cpus() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+    static CPUS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32))
 }
 
-/// Half of `MemTotal` from `/proc/meminfo` (1 GiB where it cannot be read).
+/// Half of `MemTotal` from `/proc/meminfo` (1 GiB where it cannot be read), read once.
 pub fn half_of_ram() -> ByteSize {
-    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        s.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
-    });
-    total_kib.map_or(ByteSize::gib(1), |kib| ByteSize::b(kib * 1024 / 2))
+    static HALF: std::sync::OnceLock<ByteSize> = std::sync::OnceLock::new();
+    *HALF.get_or_init(|| {
+        let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+        });
+        total_kib.map_or(ByteSize::gib(1), |kib| ByteSize::b(kib * 1024 / 2))
+    })
 }
 
 /// The default data directory: `$XDG_DATA_HOME/hubmesh` or `~/.local/share/hubmesh`.

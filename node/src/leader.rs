@@ -34,6 +34,9 @@ pub(crate) struct LeaderDuties {
     silent_draining: BTreeSet<NodeId>,
 }
 
+/// The round interval of a hub alone in the mesh.
+const ALONE_TICK: Duration = Duration::from_secs(1);
+
 impl LeaderDuties {
     pub(crate) fn new(hub: Arc<Hub>, api_addr: String) -> Self {
         let rx = hub.consensus().watch();
@@ -87,7 +90,10 @@ impl Worker for LeaderDuties {
     }
 
     async fn wait(&mut self) {
-        state_or_tick(&mut self.rx, self.tick).await;
+        // A hub alone in the mesh has no one's health to judge: a change of the state (a deploy,
+        // a hub admitted) or a slow tick is enough.
+        let alone = self.rx.borrow().nodes.len() <= 1;
+        state_or_tick(&mut self.rx, if alone { ALONE_TICK } else { self.tick }).await;
     }
 }
 

@@ -25,7 +25,9 @@ const LAST_PURGED: &[u8] = b"last_purged";
 
 /// Opens (or creates) the sled database that holds the Raft log, vote and snapshot.
 pub fn open_raft_db(dir: &Path) -> Result<sled::Db, sled::Error> {
-    sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()
+    // No background flusher: every write that must survive a crash flushes itself (see the
+    // module doc), and the flusher fsynced twice a second on an idle hub.
+    sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).flush_every_ms(None).open()
 }
 
 /// The Raft log and vote of one hub, in sled. Cloning is cheap and shares the trees.
