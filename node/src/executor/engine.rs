@@ -44,7 +44,7 @@ pub(crate) fn build(limits: EngineLimits) -> wasmtime::Result<Engine> {
 /// board's idle CPU, measured in docs/benchmarks.md). Every entry into task code holds an
 /// [`Entered`] (`instance.rs`), so a deadline is counted in ticks from the moment its call starts.
 ///
-/// Entering is two atomic operations while the ticker is awake: a call must not pay a lock and a
+/// Entering is a few atomic operations while the ticker is awake: a call must not pay a lock and a
 /// wake-up of the ticker thread (that made a 0.15 µs call cost 1.2 µs). Only a call that finds
 /// the ticker parked takes the lock to wake it. The parking handshake: the ticker publishes
 /// `parked` and then reads `running`; a caller increments `running` and then reads `parked`

@@ -58,8 +58,9 @@ impl TaskMeter {
     }
 }
 
-/// CPU time this thread has used, from `CLOCK_THREAD_CPUTIME_ID` (a vDSO call: tens of
-/// nanoseconds, cheap enough around every call).
+/// CPU time this thread has used, from `CLOCK_THREAD_CPUTIME_ID`. Not a vDSO read on Linux: a
+/// system call, twice per call into a task (docs/benchmarks.md, "Packaging and footprint,
+/// second pass").
 fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux supports.
