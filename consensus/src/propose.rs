@@ -87,6 +87,10 @@ struct Batcher {
 /// Most commands in one log entry.
 const MAX_BATCH: usize = 512;
 
+/// The first and the longest pause between two tries of an idempotent command.
+const RETRY_FIRST_PAUSE: Duration = Duration::from_millis(25);
+const RETRY_MAX_PAUSE: Duration = Duration::from_millis(400);
+
 impl Batcher {
     fn start(raft: Raft<TypeConfig>, timeout: Duration) -> Self {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Command, Waiter)>();
@@ -162,8 +166,30 @@ impl ProposeHandle {
         }
     }
 
-    /// Commits here if this hub leads, else through the leader.
+    /// Commits here if this hub leads, else through the leader. A command that applies the same
+    /// twice ([`Command::is_idempotent`]) is proposed again, within the proposal timeout, while
+    /// no leader takes it or its outcome is unknown: an operator's `node drain` right after the
+    /// leader restarted would otherwise fail on a forward to the leader's previous run.
     pub(crate) async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        if !cmd.is_idempotent() {
+            return self.propose_once(cmd).await;
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut pause = RETRY_FIRST_PAUSE;
+        loop {
+            match self.propose_once(cmd.clone()).await {
+                Err(ProposeError::NotLeader { .. } | ProposeError::Timeout)
+                    if tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_MAX_PAUSE);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn propose_once(&self, cmd: Command) -> Result<Outcome, ProposeError> {
         match self.propose_here(cmd.clone()).await {
             Err(ProposeError::NotLeader { leader }) => {
                 // openraft names the leader only once its vote is committed here; the metrics may

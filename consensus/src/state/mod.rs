@@ -125,6 +125,15 @@ pub enum Command {
     AnnotateMigration { task: String, epoch: Epoch, pause_us: u64 },
 }
 
+impl Command {
+    /// Whether applying it a second time changes nothing and answers as the first time did, so
+    /// that a proposal whose outcome is unknown (the leader restarted, an election) may simply be
+    /// proposed again.
+    pub fn is_idempotent(&self) -> bool {
+        matches!(self, Self::SetNodeStatus { .. })
+    }
+}
+
 /// What an applied command did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {

@@ -285,3 +285,22 @@ mod join_tests {
         assert_eq!(s.apply(&Command::RemoveNode { node: NodeId(9) }), Err(Rejected::NoSuchNode(NodeId(9))));
     }
 }
+
+#[test]
+fn an_idempotent_command_applied_twice_changes_nothing_more_and_answers_alike() {
+    let mut s = ClusterState::default();
+    s.apply(&Command::RegisterNode { node: node(1) }).unwrap();
+    s.apply(&Command::RegisterNode { node: node(2) }).unwrap();
+    for status in [NodeStatus::Draining, NodeStatus::Up, NodeStatus::Down] {
+        let cmd = Command::SetNodeStatus { node: NodeId(2), status };
+        assert!(cmd.is_idempotent());
+        let first = s.apply(&cmd);
+        let once = s.clone();
+        assert_eq!(s.apply(&cmd), first, "{status:?}");
+        assert_eq!(s, once, "{status:?}");
+    }
+    // Not every command: a second deploy under Create is refused, a second registration
+    // re-registers, a removal of a removed hub is refused.
+    assert!(!deploy("t", DeployMode::Create).is_idempotent());
+    assert!(!Command::RemoveNode { node: NodeId(2) }.is_idempotent());
+}

@@ -102,8 +102,8 @@ pub struct Transport {
     /// Bound to a loopback address: every peer is on this machine.
     loopback: bool,
     member_client: RwLock<quinn::ClientConfig>,
-    peers: RwLock<HashMap<u64, SocketAddr>>,
-    conns: Mutex<HashMap<u64, quinn::Connection>>,
+    peers: Arc<RwLock<HashMap<u64, SocketAddr>>>,
+    conns: Arc<Mutex<HashMap<u64, quinn::Connection>>>,
     /// One dial at a time per peer: concurrent callers wait for its connection rather than each
     /// opening one (a burst would spend the peer's slots for this hub's address).
     dialing: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
@@ -145,8 +145,8 @@ impl Transport {
             node_id,
             loopback,
             member_client: RwLock::new(member_client),
-            peers: RwLock::new(HashMap::new()),
-            conns: Mutex::new(HashMap::new()),
+            peers: Default::default(),
+            conns: Default::default(),
             dialing: Mutex::new(HashMap::new()),
             handlers: RwLock::new(HashMap::new()),
             bulk_handlers: RwLock::new(HashMap::new()),
@@ -348,7 +348,7 @@ impl Transport {
             return Ok(c);
         }
         let dial = lock(&self.dialing).entry(target).or_default().clone();
-        let _dialing = dial.lock().await;
+        let dialing = dial.lock_owned().await;
         // Another caller's dial may have finished while this one waited.
         if let Some(c) = self.cached(target) {
             return Ok(c);
@@ -368,15 +368,27 @@ impl Transport {
                 &tls::server_name(target),
             )
             .map_err(|e| RpcError::Unreachable(target, e.to_string()))?;
-        // Bounded: callers to this peer wait behind this dial (QUIC alone would give up only at
-        // its idle timeout).
-        let conn = match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(RpcError::Unreachable(target, e.to_string())),
-            Err(_) => return Err(RpcError::Unreachable(target, "the handshake timed out".into())),
-        };
-        lock(&self.conns).insert(target, conn.clone());
-        Ok(conn)
+        // The handshake runs on its own task and keeps its connection even if this caller stops
+        // waiting: a Raft heartbeat waits 30 ms, and a handshake that takes longer (a loaded
+        // machine, a debug build) was cancelled at every attempt, so that a restarted leader never
+        // reached its followers again. Callers behind it wait on `dialing`, which it holds.
+        let (conns, peers) = (self.conns.clone(), self.peers.clone());
+        let handshake = tokio::spawn(async move {
+            let _dialing = dialing;
+            // Bounded: callers to this peer wait behind this dial (QUIC alone would give up only
+            // at its idle timeout).
+            let conn = match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => return Err(RpcError::Unreachable(target, e.to_string())),
+                Err(_) => return Err(RpcError::Unreachable(target, "the handshake timed out".into())),
+            };
+            // Kept only while the peer is still known at the address dialled.
+            if peers.read().unwrap_or_else(|p| p.into_inner()).get(&target) == Some(&addr) {
+                lock(&conns).insert(target, conn.clone());
+            }
+            Ok(conn)
+        });
+        handshake.await.map_err(|e| RpcError::Unreachable(target, format!("the dial failed: {e}")))?
     }
 
     fn cached(&self, target: u64) -> Option<quinn::Connection> {

@@ -399,6 +399,23 @@ async fn a_burst_of_calls_shares_one_dial() {
     assert_eq!(a.live_connections_for_tests(), 1, "one connection from b");
 }
 
+/// A caller that stops waiting before the handshake ends (a Raft heartbeat's 30 ms on a loaded
+/// machine) does not take the dial down with it: the connection is made and kept for the next
+/// call. (When every call cancelled its own dial, a restarted leader never reached its followers
+/// again while the machine was busy.)
+#[tokio::test]
+async fn a_dial_outlives_a_caller_that_stops_waiting() {
+    let ca = CaMaterial::generate().unwrap();
+    let (a, b) = (hub(&ca, 1), hub(&ca, 2));
+    a.set_peer(2, addr(&b));
+    let err = a.call(2, ECHO, b"early".to_vec(), Duration::from_micros(1)).await.unwrap_err();
+    assert!(matches!(err, RpcError::Timeout), "{err:?}");
+    wait_for("the dial the caller left ends in a connection", || a.path_mtu(2).is_some()).await;
+    assert_eq!(b.live_connections_for_tests(), 1);
+    assert_eq!(a.call(2, ECHO, b"hi".to_vec(), T).await.unwrap(), b"member 1:hi");
+    assert_eq!(b.live_connections_for_tests(), 1, "the next call used it");
+}
+
 /// A hub that dies without a word (its runtime dropped: no close is sent) and comes back on the
 /// same address with the same key: the peer's connection to the dead process is reset by the new
 /// one (RFC 9000 stateless reset, keyed by the node's key) at the peer's next keep-alive, well
