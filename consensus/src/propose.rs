@@ -177,7 +177,9 @@ impl ProposeHandle {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut pause = RETRY_FIRST_PAUSE;
         loop {
-            match self.propose_once(cmd.clone()).await {
+            // Every try within the one budget: a last try must not get a whole timeout of its own.
+            let once = tokio::time::timeout_at(deadline, self.propose_once(cmd.clone()));
+            match once.await.unwrap_or(Err(ProposeError::Timeout)) {
                 Err(ProposeError::NotLeader { .. } | ProposeError::Timeout)
                     if tokio::time::Instant::now() + pause < deadline =>
                 {

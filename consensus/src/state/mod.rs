@@ -128,7 +128,10 @@ pub enum Command {
 impl Command {
     /// Whether applying it a second time changes nothing and answers as the first time did, so
     /// that a proposal whose outcome is unknown (the leader restarted, an election) may simply be
-    /// proposed again.
+    /// proposed again. A repeat that lands after another change of the same field overrides it,
+    /// as a later identical request would: only for commands where the last request should win
+    /// (an operator's drain or undrain; the leader's own health marks go `propose_as_leader`,
+    /// never repeated, and correct a wrong mark at the next health round).
     pub fn is_idempotent(&self) -> bool {
         matches!(self, Self::SetNodeStatus { .. })
     }

@@ -104,6 +104,9 @@ pub struct Transport {
     member_client: RwLock<quinn::ClientConfig>,
     peers: Arc<RwLock<HashMap<u64, SocketAddr>>>,
     conns: Arc<Mutex<HashMap<u64, quinn::Connection>>>,
+    /// Bumped whenever `conns` is cleared for good reason (a new identity, shutdown): a dial that
+    /// started before keeps its connection out of `conns`.
+    conns_era: Arc<std::sync::atomic::AtomicU64>,
     /// One dial at a time per peer: concurrent callers wait for its connection rather than each
     /// opening one (a burst would spend the peer's slots for this hub's address).
     dialing: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
@@ -147,6 +150,7 @@ impl Transport {
             member_client: RwLock::new(member_client),
             peers: Default::default(),
             conns: Default::default(),
+            conns_era: Default::default(),
             dialing: Mutex::new(HashMap::new()),
             handlers: RwLock::new(HashMap::new()),
             bulk_handlers: RwLock::new(HashMap::new()),
@@ -165,7 +169,7 @@ impl Transport {
         let (server, client) = quic::configs(identity, self.loopback)?;
         self.endpoint.set_server_config(Some(server));
         *self.member_client.write().unwrap_or_else(|p| p.into_inner()) = client;
-        lock(&self.conns).clear();
+        self.forget_connections();
         Ok(())
     }
 
@@ -191,7 +195,10 @@ impl Transport {
 
     /// Records where `node` listens.
     pub fn set_peer(&self, node: u64, addr: SocketAddr) {
-        let old = self.peers.write().unwrap_or_else(|p| p.into_inner()).insert(node, addr);
+        // The connection goes while the book is locked: a dial to the old address that ends now
+        // must not find the old address still there (`connection`).
+        let mut book = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let old = book.insert(node, addr);
         if old.is_some_and(|o| o != addr) {
             lock(&self.conns).remove(&node);
         }
@@ -290,7 +297,7 @@ impl Transport {
         give_up: impl Future<Output = ()>,
     ) -> Result<Vec<u8>, RpcError> {
         let sent = std::sync::atomic::AtomicBool::new(false);
-        let used: Mutex<Option<quinn::Connection>> = Mutex::new(None);
+        let used: Mutex<Option<Used>> = Mutex::new(None);
         let res = tokio::select! {
             // Giving up is checked first: if it is already due, the request is never sent.
             biased;
@@ -310,12 +317,17 @@ impl Transport {
                 lock(&self.last_ok).insert(target, Instant::now());
             }
             Err(RpcError::Unreachable(..)) | Err(RpcError::Timeout) | Err(RpcError::NotDelivered(_)) => {
-                // Only the connection this call used: a concurrent call may have opened a good one.
-                // (The handle is held until here, so its id cannot have been reused.)
-                let used = lock(&used).take();
-                let mut conns = lock(&self.conns);
-                if used.is_some_and(|u| conns.get(&target).is_some_and(|c| c.stable_id() == u.stable_id())) {
-                    conns.remove(&target);
+                // Only the connection this call used (a concurrent call may have opened a good one;
+                // the handle is held until here, so its id cannot have been reused), and only if
+                // nothing at all came from the peer during the call: a peer that sent an ack or a
+                // keep-alive is alive and merely slow, and its connection is worth keeping (on a
+                // loaded machine, evicting every connection whose call outlasted a 30 ms heartbeat
+                // made each next call dial again). A connection this call dialled is not evicted.
+                if let Some(u) = lock(&used).take().filter(|u| u.conn.stats().udp_rx.datagrams == u.received) {
+                    let mut conns = lock(&self.conns);
+                    if conns.get(&target).is_some_and(|c| c.stable_id() == u.conn.stable_id()) {
+                        conns.remove(&target);
+                    }
                 }
             }
             Err(RpcError::Protocol(_)) => {}
@@ -329,10 +341,12 @@ impl Transport {
         kind: StreamKind,
         payload: Vec<u8>,
         sent: &std::sync::atomic::AtomicBool,
-        used: &Mutex<Option<quinn::Connection>>,
+        used: &Mutex<Option<Used>>,
     ) -> Result<Vec<u8>, RpcError> {
-        let conn = self.connection(target).await?;
-        *lock(used) = Some(conn.clone());
+        let (conn, dialled) = self.connect(target).await?;
+        if !dialled {
+            *lock(used) = Some(Used { received: conn.stats().udp_rx.datagrams, conn: conn.clone() });
+        }
         let req = pb::MeshRequest { kind: kind as u32, from: self.node_id, payload };
         exchange(&conn, &req.encode_to_vec(), Some(sent)).await.map_err(|e| match e {
             // Lost after the request's end went out: the peer may have acted on it.
@@ -344,14 +358,19 @@ impl Transport {
     }
 
     async fn connection(&self, target: u64) -> Result<quinn::Connection, RpcError> {
+        Ok(self.connect(target).await?.0)
+    }
+
+    /// The connection to `target`, and whether this caller dialled it.
+    async fn connect(&self, target: u64) -> Result<(quinn::Connection, bool), RpcError> {
         if let Some(c) = self.cached(target) {
-            return Ok(c);
+            return Ok((c, false));
         }
         let dial = lock(&self.dialing).entry(target).or_default().clone();
         let dialing = dial.lock_owned().await;
         // Another caller's dial may have finished while this one waited.
         if let Some(c) = self.cached(target) {
-            return Ok(c);
+            return Ok((c, false));
         }
         let addr = self
             .peers
@@ -372,7 +391,8 @@ impl Transport {
         // waiting: a Raft heartbeat waits 30 ms, and a handshake that takes longer (a loaded
         // machine, a debug build) was cancelled at every attempt, so that a restarted leader never
         // reached its followers again. Callers behind it wait on `dialing`, which it holds.
-        let (conns, peers) = (self.conns.clone(), self.peers.clone());
+        let (conns, peers, era) = (self.conns.clone(), self.peers.clone(), self.conns_era.clone());
+        let started_in = era.load(std::sync::atomic::Ordering::Acquire);
         let handshake = tokio::spawn(async move {
             let _dialing = dialing;
             // Bounded: callers to this peer wait behind this dial (QUIC alone would give up only
@@ -382,13 +402,17 @@ impl Transport {
                 Ok(Err(e)) => return Err(RpcError::Unreachable(target, e.to_string())),
                 Err(_) => return Err(RpcError::Unreachable(target, "the handshake timed out".into())),
             };
-            // Kept only while the peer is still known at the address dialled.
-            if peers.read().unwrap_or_else(|p| p.into_inner()).get(&target) == Some(&addr) {
-                lock(&conns).insert(target, conn.clone());
+            // Kept only while the peer is still known at the address dialled and nothing cleared
+            // the connections since the dial began (the same lock order as `set_peers`).
+            let book = peers.read().unwrap_or_else(|p| p.into_inner());
+            let mut conns = lock(&conns);
+            if book.get(&target) == Some(&addr) && era.load(std::sync::atomic::Ordering::Acquire) == started_in {
+                conns.insert(target, conn.clone());
             }
             Ok(conn)
         });
-        handshake.await.map_err(|e| RpcError::Unreachable(target, format!("the dial failed: {e}")))?
+        let conn = handshake.await.map_err(|e| RpcError::Unreachable(target, format!("the dial failed: {e}")))??;
+        Ok((conn, true))
     }
 
     fn cached(&self, target: u64) -> Option<quinn::Connection> {
@@ -456,7 +480,14 @@ impl Transport {
     pub fn clear_handlers(&self) {
         self.handlers.write().unwrap_or_else(|p| p.into_inner()).clear();
         self.bulk_handlers.write().unwrap_or_else(|p| p.into_inner()).clear();
-        lock(&self.conns).clear();
+        self.forget_connections();
+    }
+
+    /// Drops every cached connection, including those of dials still under way.
+    fn forget_connections(&self) {
+        let mut conns = lock(&self.conns);
+        self.conns_era.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        conns.clear();
     }
 
     /// Closes the endpoint. It does not wait for the peers to hear of it (`wait_idle`): a
@@ -467,6 +498,12 @@ impl Transport {
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutdown");
     }
+}
+
+/// The cached connection a call used, and how many datagrams had come from the peer when it began.
+struct Used {
+    conn: quinn::Connection,
+    received: u64,
 }
 
 enum Exchange {
