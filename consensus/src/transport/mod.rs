@@ -372,6 +372,9 @@ impl Transport {
         if let Some(c) = self.cached(target) {
             return Ok((c, false));
         }
+        // Read before the client config: a new identity set after this read makes the dial's
+        // connection stale, and the era tells (see below).
+        let started_in = self.conns_era.load(std::sync::atomic::Ordering::Acquire);
         let addr = self
             .peers
             .read()
@@ -392,7 +395,6 @@ impl Transport {
         // machine, a debug build) was cancelled at every attempt, so that a restarted leader never
         // reached its followers again. Callers behind it wait on `dialing`, which it holds.
         let (conns, peers, era) = (self.conns.clone(), self.peers.clone(), self.conns_era.clone());
-        let started_in = era.load(std::sync::atomic::Ordering::Acquire);
         let handshake = tokio::spawn(async move {
             let _dialing = dialing;
             // Bounded: callers to this peer wait behind this dial (QUIC alone would give up only
