@@ -23,6 +23,32 @@ async fn placed_everywhere(hubs: &[Hub], name: &str) {
     }
 }
 
+/// The placement of `name` once every hub reports the same one (at most 60 s).
+async fn one_placement(hubs: &[Hub], name: &str) -> hubmesh_proto::api::PlacementInfo {
+    let clients: Vec<_> = hubs.iter().map(|h| h.client.clone()).collect();
+    let agreed = Arc::new(std::sync::Mutex::new(None));
+    wait_until(Duration::from_secs(60), "every hub sees the same placement", || {
+        let (clients, name, agreed) = (clients.clone(), name.to_owned(), agreed.clone());
+        async move {
+            let mut seen = Vec::new();
+            for c in &clients {
+                match c.task(&name).await.ok().and_then(|t| t.placement) {
+                    Some(p) => seen.push(p),
+                    None => return false,
+                }
+            }
+            let same = seen.windows(2).all(|w| (w[0].node_id, w[0].epoch) == (w[1].node_id, w[1].epoch));
+            if same {
+                *agreed.lock().unwrap() = seen.pop();
+            }
+            same
+        }
+    })
+    .await;
+    let placement = agreed.lock().unwrap().take();
+    placement.expect("agreed on a placement")
+}
+
 /// Calls `+1` on `task` in a loop until `stop` (at most 20,000 calls), alternating keyed
 /// (`{who}-N`) and keyless calls; returns every answer in order, or the first failure.
 pub(crate) async fn increment_until(
@@ -271,7 +297,10 @@ async fn killing_the_source_or_the_target_mid_migration_loses_nothing() {
         for h in &hubs {
             ids.push(h.client.status().await.unwrap().node_id);
         }
-        let before = task(&hubs[0], "tally").await.placement.expect("placed");
+        // Every hub's view agrees first: a hub that just came back may still be applying its log,
+        // and a round planned on its stale view (a source the task left by a failover) would ask
+        // for a migration to the task's own host, refused again and again.
+        let before = one_placement(&hubs, "tally").await;
         let source = ids.iter().position(|id| *id == before.node_id).unwrap();
         let target = (source + 1 + round % 2) % 3;
         let asker = 3 - source - target;
