@@ -20,7 +20,7 @@ use rand::RngCore;
 
 use crate::api;
 use crate::config::Config;
-use crate::executor::{EngineLimits, Executor};
+use crate::executor::{Compiler, EngineLimits, Executor};
 use crate::hub::Hub;
 
 const FORMAT_FILE: &str = "FORMAT";
@@ -139,7 +139,12 @@ pub async fn run(
         max_instances: config.executor.max_instances,
         max_task_memory: config.executor.max_task_memory.as_u64(),
     };
-    let executor = Arc::new(Executor::new(limits, &dir.join("cache"), pages).context("starting the executor")?);
+    // Modules compile in a child process of this binary (`executor::Compiler`): the compiler's
+    // pages stay out of the hub's memory. `server::run` runs only in the `hubmesh` binary.
+    let compiler = Compiler::child_of_this_binary(limits);
+    let executor = Arc::new(
+        Executor::with_compiler(limits, &dir.join("cache"), pages, compiler).context("starting the executor")?,
+    );
 
     let hub = Arc::new(Hub::new(config.clone(), consensus, executor, blobs, token, started, gossip));
 

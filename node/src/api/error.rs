@@ -99,6 +99,10 @@ impl From<DeployError> for ApiError {
         let msg = e.to_string();
         match e {
             DeployError::BadRequest(_) => Self::bad_request(msg),
+            DeployError::InvalidModule(crate::executor::PrepareError::Compiler(_)) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "compiler_failed", msg)
+                    .hint("the hub's compiler process failed (its log says why); nothing was changed, try again")
+            }
             DeployError::InvalidModule(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_module", msg)
                 .hint("see docs/task-abi.md for what a task module must export and may import"),
             DeployError::TooLarge { .. } => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", msg),

@@ -13,6 +13,7 @@
 //! The executor knows nothing of Raft: the node's reconciler tells it which tasks to run.
 
 mod abi;
+mod compile;
 mod engine;
 mod error;
 mod host;
@@ -37,6 +38,7 @@ use hubmesh_storage::{Hash, PageLog};
 use wasmtime::{Engine, Linker};
 
 pub use crate::checkpoint::Answer;
+pub use compile::{serve_child as serve_compile_child, ChildCompiler, CompileError, Compiler};
 pub use engine::EngineLimits;
 pub use error::{CommitError, InvokeError, StartTaskError};
 pub(crate) use image::{CheckpointHeader, MigrationDelta};
@@ -194,12 +196,23 @@ pub struct Executor {
 }
 
 impl Executor {
-    /// Builds the engine, starts the epoch ticker and the checkpoint writer.
+    /// Builds the engine, starts the epoch ticker and the checkpoint writer; compiles in this
+    /// process.
     pub fn new(limits: EngineLimits, cache_dir: &Path, pages: Arc<PageLog>) -> anyhow::Result<Self> {
+        Self::with_compiler(limits, cache_dir, pages, Compiler::InProcess)
+    }
+
+    /// [`Self::new`], compiling where `compiler` says (a serving hub: in a child process).
+    pub fn with_compiler(
+        limits: EngineLimits,
+        cache_dir: &Path,
+        pages: Arc<PageLog>,
+        compiler: Compiler,
+    ) -> anyhow::Result<Self> {
         let engine = engine::build(limits).map_err(anyhow::Error::from)?;
         let mut linker = Linker::new(&engine);
         abi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
-        let cache = ModuleCache::open(cache_dir, engine.clone())?;
+        let cache = ModuleCache::open(cache_dir, engine.clone(), compiler)?;
         let writer = Writer::start(pages.clone())?;
         let clock = Arc::new(engine::Clock::default());
         let ticking = engine.clone();
@@ -237,9 +250,7 @@ impl Executor {
     /// Checks and instruments an uploaded module, and proves it compiles and instantiates under
     /// `limits`. Nothing is stored or started.
     pub fn prepare(&self, source: &[u8], limits: InstanceLimits) -> Result<PreparedModule, PrepareError> {
-        let (wasm, facts) = instrument::instrument(source)?;
-        let hash = Hash::of(&wasm);
-        let (module, _) = self.cache.get(&hash, &wasm).map_err(|e| PrepareError::Unsupported(format!("{e:?}")))?;
+        let (wasm, _hash, facts, module) = self.cache.prepare(source)?;
         let loaded = instance::LoadedModule::new(&self.engine, &self.clock, &self.linker, &module)
             .map_err(|e| PrepareError::Unsupported(e.to_string()))?;
         instance::Instance::new(&loaded, "deploy-check".into(), limits, false)
@@ -248,7 +259,7 @@ impl Executor {
     }
 
     fn load(&self, hash: &Hash, wasm: &[u8]) -> Result<instance::LoadedModule, StartTaskError> {
-        let (module, source) = self.cache.get(hash, wasm).map_err(|e| StartTaskError::Module(format!("{e:?}")))?;
+        let (module, source) = self.cache.get(hash, wasm).map_err(|e| StartTaskError::Module(e.to_string()))?;
         tracing::debug!(module = %hash, ?source, "module loaded");
         instance::LoadedModule::new(&self.engine, &self.clock, &self.linker, &module)
             .map_err(|e| StartTaskError::Module(e.to_string()))

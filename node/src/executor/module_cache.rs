@@ -3,7 +3,8 @@
 //! File: `DATA_DIR/cache/<module hash>-<engine hash>.cwasm` = blake3 of the rest (32 bytes) +
 //! wasmtime's serialized artefact. The checksum is verified before the artefact is handed to
 //! `Module::deserialize` (which trusts its input); a corrupted file is deleted and the module
-//! recompiled. Artefacts are only ever produced by this hub: they are never shipped between hubs.
+//! recompiled. Artefacts are only ever produced by this hub (or its compiler child, the same
+//! binary): they are never shipped between hubs.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -15,6 +16,9 @@ use std::sync::Mutex;
 
 use hubmesh_storage::Hash;
 use wasmtime::{Engine, Module};
+
+use super::compile::{CompileError, Compiled, Compiler};
+use super::instrument::{ModuleFacts, PrepareError};
 
 /// Where a module came from, for logs and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,16 +34,17 @@ pub(crate) struct ModuleCache {
     dir: PathBuf,
     engine: Engine,
     engine_key: String,
+    compiler: Compiler,
     memory: Mutex<HashMap<Hash, Module>>,
 }
 
 impl ModuleCache {
-    pub(crate) fn open(dir: &Path, engine: Engine) -> std::io::Result<Self> {
+    pub(crate) fn open(dir: &Path, engine: Engine, compiler: Compiler) -> std::io::Result<Self> {
         fs::create_dir_all(dir)?;
         let mut h = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
         let engine_key = format!("{:016x}", h.finish());
-        Ok(Self { dir: dir.to_owned(), engine, engine_key, memory: Mutex::new(HashMap::new()) })
+        Ok(Self { dir: dir.to_owned(), engine, engine_key, compiler, memory: Mutex::new(HashMap::new()) })
     }
 
     fn path(&self, hash: &Hash) -> PathBuf {
@@ -47,7 +52,7 @@ impl ModuleCache {
     }
 
     /// The compiled form of `wasm` (whose hash is `hash`).
-    pub(crate) fn get(&self, hash: &Hash, wasm: &[u8]) -> wasmtime::Result<(Module, CacheSource)> {
+    pub(crate) fn get(&self, hash: &Hash, wasm: &[u8]) -> Result<(Module, CacheSource), CompileError> {
         if let Some(m) = self.memory.lock().unwrap_or_else(|p| p.into_inner()).get(hash) {
             return Ok((m.clone(), CacheSource::Memory));
         }
@@ -66,12 +71,32 @@ impl ModuleCache {
                 }
             }
         }
-        let module = Module::new(&self.engine, wasm)?;
-        if let Err(e) = self.store(&path, &module) {
+        let compiled = self.compiler.compile(&self.engine, wasm)?;
+        Ok((self.keep(hash, compiled), source))
+    }
+
+    /// Instruments the uploaded `source` and compiles the result (see `compile::Compiler`):
+    /// the instrumented module, its hash, what instrumentation learned and the compiled module.
+    pub(crate) fn prepare(&self, source: &[u8]) -> Result<(Vec<u8>, Hash, ModuleFacts, Module), PrepareError> {
+        let (wasm, facts, compiled) = self.compiler.prepare(&self.engine, source)?;
+        let hash = Hash::of(&wasm);
+        // A module deployed again: keep the copy running tasks hold, not a second one.
+        let known = self.memory.lock().unwrap_or_else(|p| p.into_inner()).get(&hash).cloned();
+        let module = match known {
+            Some(module) => module,
+            None => self.keep(&hash, compiled),
+        };
+        Ok((wasm, hash, facts, module))
+    }
+
+    /// Writes a freshly compiled module to disk and keeps it in memory.
+    fn keep(&self, hash: &Hash, compiled: Compiled) -> Module {
+        let path = self.path(hash);
+        if let Err(e) = self.store(&path, &compiled.module, compiled.artefact) {
             tracing::warn!(path = %path.display(), error = %e, "could not cache the compiled module");
         }
-        self.remember(hash, &module);
-        Ok((module, source))
+        self.remember(hash, &compiled.module);
+        compiled.module
     }
 
     /// Drops the in-memory entry (the disk entry stays for the next start).
@@ -94,8 +119,12 @@ impl ModuleCache {
         unsafe { Module::deserialize(&self.engine, artefact) }.ok()
     }
 
-    fn store(&self, path: &Path, module: &Module) -> anyhow::Result<()> {
-        let artefact = module.serialize().map_err(anyhow::Error::from)?;
+    /// Writes `module`'s artefact (`artefact` if the compiler handed it over already).
+    fn store(&self, path: &Path, module: &Module, artefact: Option<Vec<u8>>) -> anyhow::Result<()> {
+        let artefact = match artefact {
+            Some(a) => a,
+            None => module.serialize().map_err(anyhow::Error::from)?,
+        };
         let tmp = path.with_extension("tmp");
         let mut f = fs::File::create(&tmp)?;
         f.write_all(blake3::hash(&artefact).as_bytes())?;

@@ -53,6 +53,8 @@ async fn echo_and_counter_end_to_end() {
     assert_eq!(status.voters, vec![status.node_id]);
     let metrics = reqwest::get(format!("{}/metrics", hub.url)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("hubmesh_invoke_total"), "{metrics}");
+    // Both modules were compiled by the hub's compiler process, not in the hub.
+    assert!(metrics.contains("hubmesh_module_compiles_total{in=\"child\"} 2"), "{metrics}");
 
     step("remove");
     hub.client.remove("echo").await.unwrap();

@@ -9,6 +9,7 @@ mod api_tokens;
 mod attacker;
 mod bad_input;
 mod cli;
+mod compiler;
 mod drain;
 mod failover;
 mod gossip;
