@@ -45,7 +45,7 @@ fn pct(v: &mut [Duration]) -> (Duration, Duration, Duration) {
     (at(0.5), at(0.99), v[v.len() - 1])
 }
 
-fn row(what: &str, v: &mut Vec<Duration>, attempts: usize) {
+fn row(what: &str, v: &mut [Duration], attempts: usize) {
     let failures = attempts - v.len();
     let (p50, p99, max) = pct(v);
     println!("| {what} | {} | {} | {} | {attempts} ({failures} failed) |", ms(p50), ms(p99), ms(max));
@@ -201,9 +201,12 @@ fn count_gossip(i: usize) {
     );
 }
 
+/// mDNS responses with the time each arrived.
+type Sightings = Arc<Mutex<Vec<(Instant, Vec<u8>)>>>;
+
 /// Every mDNS response seen on LAN B (from the controller's own address there), with the time it
 /// arrived: when a device announced itself, after its own probing (RFC 6762 §8.1, about 1 s).
-fn sniff_lan_b() -> Arc<Mutex<Vec<(Instant, Vec<u8>)>>> {
+fn sniff_lan_b() -> Sightings {
     let _ = Command::new("ip").args(["addr", "add", "10.78.0.1/24", "dev", "hmbr1"]).status();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");

@@ -283,7 +283,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunOutcome> {
         keyed: counters.iter().map(|c| (c.name.clone(), c.keyed)).collect(),
         echo,
         durable: sc.workload.mode == "durable",
-        checkpoint_every_us: (sc.workload.mode == "periodic").then(|| sc.workload.checkpoint_every.as_micros() as u64),
+        checkpoint_every_us: (sc.workload.mode == "periodic")
+            .then_some(sc.workload.checkpoint_every.as_micros() as u64),
         liveness,
         checkpoints,
         failover_max_ms: sc.checks.failover_max.as_millis() as u64,

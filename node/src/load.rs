@@ -129,7 +129,7 @@ fn measure(
             name: name.clone(),
             cpu_millicores: (cpu as f64 * 1000.0 / dt_ns).round() as u32,
             memory_bytes: now.memory_bytes,
-            queue_wait_us: if waits == 0 { 0 } else { wait_ns / waits / 1000 },
+            queue_wait_us: wait_ns.checked_div(waits).map_or(0, |w| w / 1000),
         });
     }
     tasks.sort_by(|a, b| b.cpu_millicores.cmp(&a.cpu_millicores).then_with(|| a.name.cmp(&b.name)));

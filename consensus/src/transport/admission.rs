@@ -187,9 +187,9 @@ impl Admission {
 impl Source {
     fn host_ip(&self) -> IpAddr {
         match self {
-            Source::Host(ip) => *ip,
-            Source::Prefix(p) => IpAddr::V6(*p),
-            Source::Member(a) => a.ip(),
+            Self::Host(ip) => *ip,
+            Self::Prefix(p) => IpAddr::V6(*p),
+            Self::Member(a) => a.ip(),
         }
     }
 }

@@ -119,12 +119,15 @@ pub struct Transport {
     revoked: RwLock<std::collections::HashSet<[u8; 32]>>,
     admission: admission::Admission,
     /// Open member connections to this hub, by quinn's id: their certificate's fingerprint.
-    live: Arc<Mutex<HashMap<usize, ([u8; 32], quinn::Connection)>>>,
+    live: LiveConnections,
 }
+
+/// Open member connections by quinn's id, with their certificate's fingerprint.
+type LiveConnections = Arc<Mutex<HashMap<usize, ([u8; 32], quinn::Connection)>>>;
 
 /// An open member connection's entry in `Transport::live`; removed when dropped.
 struct Live {
-    live: Arc<Mutex<HashMap<usize, ([u8; 32], quinn::Connection)>>>,
+    live: LiveConnections,
     id: usize,
 }
 

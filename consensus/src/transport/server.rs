@@ -98,11 +98,8 @@ async fn serve_connection(t: Weak<Transport>, incoming: quinn::Incoming, pending
 async fn serve_joiner(t: Weak<Transport>, conn: quinn::Connection, pending: Pending) {
     let addr = conn.remote_address().ip();
     let deadline = tokio::time::Instant::now() + JOINER_LIFETIME;
-    loop {
-        match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
-            Ok(Ok((send, recv))) => serve_stream(t.clone(), Who::Joiner(addr), send, recv, Some(deadline)).await,
-            Ok(Err(_)) | Err(_) => break,
-        }
+    while let Ok(Ok((send, recv))) = tokio::time::timeout_at(deadline, conn.accept_bi()).await {
+        serve_stream(t.clone(), Who::Joiner(addr), send, recv, Some(deadline)).await;
     }
     conn.close(0u32.into(), b"a joiner's time is up");
     drop(pending);

@@ -187,14 +187,11 @@ async fn an_attacker_on_the_mesh_port_is_refused_and_changes_nothing() {
             let cfg = joiner(&token);
             let ep = attacker.clone();
             wave.spawn(async move {
-                let conn = match tokio::time::timeout(
-                    Duration::from_secs(5),
-                    ep.connect_with(cfg, target, "join.hubmesh").unwrap(),
-                )
-                .await
-                {
-                    Ok(Ok(c)) => c,
-                    _ => return (false, false, None),
+                let Ok(Ok(conn)) =
+                    tokio::time::timeout(Duration::from_secs(5), ep.connect_with(cfg, target, "join.hubmesh").unwrap())
+                        .await
+                else {
+                    return (false, false, None);
                 };
                 // 8 MiB in one request on a join stream, then a second stream.
                 let big = pb::MeshRequest { kind: StreamKind::Join as u32, from: 0, payload: vec![0x55; 8 << 20] }
