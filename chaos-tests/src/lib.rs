@@ -15,6 +15,7 @@ pub mod history;
 pub mod lab;
 pub mod monitor;
 pub mod nemesis;
+mod progress;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -3,7 +3,6 @@
 //! checks → report. The lab is torn down on every path out.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +18,7 @@ use crate::check::{self, CheckResult, CheckpointAudit, Evidence, Liveness, Verdi
 use crate::devices::Fleet;
 use crate::history::{self, Event, Recorder, Type, NEMESIS};
 use crate::lab::{hub_name, Lab};
+use crate::progress::{progress_loop, set_phase, Progress};
 use crate::scenario::{FaultKind, Keys, Scenario};
 use crate::schedule::{self, Schedule};
 use crate::workload::{self, CounterTask, Plan};
@@ -45,55 +45,6 @@ pub struct RunOutcome {
     pub dir: PathBuf,
     pub verdict: Verdict,
     pub results: Vec<CheckResult>,
-}
-
-/// Shared state for the progress line.
-#[derive(Default)]
-struct Progress {
-    phase: String,
-    fault: String,
-}
-
-fn progress_loop(
-    rec: Recorder,
-    total: Duration,
-    state: Arc<Mutex<Progress>>,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let tty = std::io::stderr().is_terminal();
-        let every = if tty { Duration::from_millis(500) } else { Duration::from_secs(10) };
-        let started = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
-            tokio::time::sleep(every).await;
-            let (ok, fail, info) = rec.counts();
-            let p = state.lock().unwrap_or_else(|p| p.into_inner());
-            let done = started.elapsed().as_secs_f64() / total.as_secs_f64().max(1.0);
-            let width = 24;
-            let filled = ((done.min(1.0)) * width as f64) as usize;
-            let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
-            let line = format!(
-                "[{bar}] {:>4.0}s {:<10} ok {ok} fail {fail} unknown {info} {}",
-                started.elapsed().as_secs_f64(),
-                p.phase,
-                p.fault
-            );
-            if tty {
-                eprint!("\r{line:<110}");
-            } else {
-                eprintln!("{line}");
-            }
-        }
-        if tty {
-            eprintln!();
-        }
-    })
-}
-
-fn set_phase(p: &Arc<Mutex<Progress>>, phase: &str, fault: &str) {
-    let mut g = p.lock().unwrap_or_else(|p| p.into_inner());
-    g.phase = phase.into();
-    g.fault = fault.into();
 }
 
 /// Runs `opts` to the end and writes the report; the error path also tears the lab down.
