@@ -25,6 +25,23 @@ pub mod workload;
 
 use std::path::PathBuf;
 
+/// The hub a user installs, for the packaging tests: `$HUBMESH_RELEASE_BINARY` (scripts/test
+/// builds the release pair with `deploy/build-release` and sets it: the hub without the compiler,
+/// `hubmesh-compile` beside it), else this build's `hubmesh`. Under `CI` the release pair is
+/// required, so that what is shipped is what is tested.
+pub fn installable_hubmesh() -> anyhow::Result<PathBuf> {
+    match std::env::var_os("HUBMESH_RELEASE_BINARY") {
+        Some(path) => find_hubmesh(Some(PathBuf::from(path))),
+        None => {
+            anyhow::ensure!(
+                std::env::var_os("CI").is_none(),
+                "CI must test the release pair: scripts/test sets HUBMESH_RELEASE_BINARY"
+            );
+            find_hubmesh(None)
+        }
+    }
+}
+
 /// The `hubmesh` binary to start: `explicit`, else the one next to this program, else from PATH.
 pub fn find_hubmesh(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {

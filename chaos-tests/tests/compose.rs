@@ -147,7 +147,7 @@ fn the_compose_mesh_forms_by_itself_fails_a_killed_hub_over_and_leaves_nothing_b
             return;
         }
     };
-    let bin = hubmesh_chaos::find_hubmesh(None).expect("the hubmesh binary");
+    let bin = hubmesh_chaos::installable_hubmesh().expect("the hubmesh binary");
     let built = run(Command::new(repo().join("deploy/build-image")).arg("--binary").arg(&bin).args(["--tag", IMAGE]));
     eprintln!("{}", built.trim());
     let api_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -84,7 +84,7 @@ fn the_package_installs_a_hardened_service_joins_upgrades_and_purges() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let bin = hubmesh_chaos::find_hubmesh(None).expect("the hubmesh binary");
+    let bin = hubmesh_chaos::installable_hubmesh().expect("the hubmesh binary");
     let built =
         run(Command::new(repo().join("deploy/build-deb")).arg("--binary").arg(&bin).arg("--out").arg(work.path()));
     eprintln!("{}", built.trim());
@@ -107,6 +107,10 @@ fn the_package_installs_a_hardened_service_joins_upgrades_and_purges() {
         ok_in_root(&root, "dpkg-query -W -f=\"\\${Conffiles}\" hubmesh").split_whitespace().next(),
         Some("/etc/hubmesh/config.toml")
     );
+    // The module compiler, where the hub looks for it, of the hub's own version.
+    let versions = ok_in_root(&root, "hubmesh --version && /usr/libexec/hubmesh/hubmesh-compile --version");
+    let versions: Vec<&str> = versions.lines().map(|l| l.split_whitespace().last().unwrap_or("")).collect();
+    assert!(versions.len() == 2 && versions[0] == versions[1], "{versions:?}");
     ok_in_root(&root, "test -s /usr/share/man/man1/hubmesh.1.gz && test -s /usr/share/man/man1/hubmesh-up.1.gz");
     ok_in_root(&root, "grep -q hubmesh /usr/share/bash-completion/completions/hubmesh && test -s /usr/share/zsh/vendor-completions/_hubmesh");
     // The conffile's commented defaults are the hub's own: uncommented, they parse as its config.
@@ -144,7 +148,7 @@ fn the_package_installs_a_hardened_service_joins_upgrades_and_purges() {
 
     // Purge: the user, the settings and the token go; the data stays unless asked.
     ok_in_root(&root, "dpkg --purge hubmesh");
-    ok_in_root(&root, "! getent passwd hubmesh && test ! -e /etc/hubmesh && test ! -e /usr/bin/hubmesh && test -e /var/lib/hubmesh/keep");
+    ok_in_root(&root, "! getent passwd hubmesh && test ! -e /etc/hubmesh && test ! -e /usr/bin/hubmesh && test ! -e /usr/libexec/hubmesh && test -e /var/lib/hubmesh/keep");
     ok_in_root(&root, "dpkg -i /tmp/hubmesh.deb && HUBMESH_PURGE_DATA=yes dpkg --purge hubmesh");
     ok_in_root(&root, "test ! -e /var/lib/hubmesh && ! getent group hubmesh");
 }

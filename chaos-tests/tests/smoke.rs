@@ -1,5 +1,7 @@
-//! `deploy/smoke-arch` with this build on both sides, so that the script a user runs to try a
-//! build of another CPU architecture keeps working: a durable counter, an echo task and a
+//! `deploy/smoke-arch` with the release pair on both sides (the hub without the compiler and
+//! `hubmesh-compile`, as installed: `hubmesh_chaos::installable_hubmesh`), so that both the
+//! shipped build and the script a user runs to try a build of another CPU architecture keep
+//! working: a durable counter, an echo task and a
 //! looping task's deadline on one data dir, across a SIGKILL and a restart, then a SIGTERM that
 //! must end in exit 0. CI makes no arm64 build (15 more minutes); docs/benchmarks.md has the
 //! script's runs with an x86_64 and an arm64 build under qemu-user.
@@ -9,7 +11,7 @@ use std::process::{Command, Stdio};
 
 #[test]
 fn the_smoke_script_passes_with_this_build_on_both_sides() {
-    let bin = hubmesh_chaos::find_hubmesh(None).expect("the hubmesh binary");
+    let bin = hubmesh_chaos::installable_hubmesh().expect("the hubmesh binary");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/smoke-arch");
     let out = Command::new(&script).arg(&bin).stdin(Stdio::null()).output().expect("running deploy/smoke-arch");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

@@ -5,10 +5,6 @@ use hubmesh::cli::{Cli, Command};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Command::CompileModule(args) = &cli.command {
-        // A hub's compiler process: no runtime, no log (its stderr is the refusal's text).
-        return hubmesh::executor::serve_compile_child(args.limits(), args.instrument).into();
-    }
     let serving = matches!(cli.command, Command::Up(_));
     let default_level = if serving { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("HUBMESH_LOG").unwrap_or_else(|_| {

@@ -139,9 +139,9 @@ pub async fn run(
         max_instances: config.executor.max_instances,
         max_task_memory: config.executor.max_task_memory.as_u64(),
     };
-    // Modules compile in a child process of this binary (`executor::Compiler`): the compiler's
-    // pages stay out of the hub's memory. `server::run` runs only in the `hubmesh` binary.
-    let compiler = Compiler::child_of_this_binary(limits);
+    // Modules compile in `hubmesh-compile` (`executor::Compiler`): the compiler's pages stay out
+    // of the hub's memory, and a hub built without the compiler cannot start without it.
+    let compiler = Compiler::for_hub(limits).context("finding the module compiler")?;
     let executor = Arc::new(
         Executor::with_compiler(limits, &dir.join("cache"), pages, compiler).context("starting the executor")?,
     );

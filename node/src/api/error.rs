@@ -103,6 +103,12 @@ impl From<DeployError> for ApiError {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "compiler_failed", msg)
                     .hint("the hub's compiler process failed (its log says why); nothing was changed, try again")
             }
+            DeployError::InvalidModule(crate::executor::PrepareError::CompilerBuild(_)) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "compiler_mismatch", msg).hint(
+                    "the hub's compiler program (hubmesh-compile) is of another build: restart the hub after an \
+                     upgrade, else install the two together; nothing was changed",
+                )
+            }
             DeployError::InvalidModule(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_module", msg)
                 .hint("see docs/task-abi.md for what a task module must export and may import"),
             DeployError::TooLarge { .. } => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", msg),

@@ -21,7 +21,8 @@ const PACKAGE_DATA_DIR: &str = "/var/lib/hubmesh";
 
 /// hubmesh: several home or edge machines as one fault-tolerant hub for WebAssembly tasks.
 #[derive(Debug, Parser)]
-#[command(name = "hubmesh", version, about, propagate_version = true)]
+// The version is the build's (`HUBMESH_BUILD_ID`): `hubmesh-compile --version` must print the same.
+#[command(name = "hubmesh", version = crate::executor::BUILD_ID, about, propagate_version = true)]
 pub struct Cli {
     #[command(flatten)]
     pub conn: ConnArgs,
@@ -120,29 +121,6 @@ pub enum Command {
         #[arg(long, default_value = ".")]
         out_dir: PathBuf,
     },
-    /// Internal: a serving hub's compiler process (the module on stdin, the compiled artefact
-    /// on stdout; see `executor::Compiler`). Not for people.
-    #[command(hide = true)]
-    CompileModule(CompileModuleArgs),
-}
-
-/// The engine settings of the hub that started the compiler process.
-#[derive(Debug, Clone, Copy, Args)]
-pub struct CompileModuleArgs {
-    #[arg(long)]
-    max_instances: u32,
-    #[arg(long)]
-    max_task_memory: u64,
-    /// The input is an uploaded module: instrument it first, answer with the frame.
-    #[arg(long)]
-    pub instrument: bool,
-}
-
-impl CompileModuleArgs {
-    /// The limits to build the engine with: the parent's.
-    pub fn limits(&self) -> crate::executor::EngineLimits {
-        crate::executor::EngineLimits { max_instances: self.max_instances, max_task_memory: self.max_task_memory }
-    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -354,9 +332,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             clap_mangen::generate_to(Cli::command(), &out_dir)
                 .with_context(|| format!("writing manual pages into {}", out_dir.display()))?;
             Ok(())
-        }
-        Command::CompileModule(args) => {
-            std::process::exit(crate::executor::serve_compile_child(args.limits(), args.instrument).into())
         }
     }
 }

@@ -26,7 +26,10 @@ pub(crate) const INITIALIZE_EXPORT: &str = "_initialize";
 
 const HUBMESH: &str = "hubmesh";
 const WASI: &str = "wasi_snapshot_preview1";
+/// What the host provides (the instrumenter refuses other imports).
+#[cfg(feature = "compiler")]
 const HUBMESH_FUNCS: &[&str] = &["input", "output", "log"];
+#[cfg(feature = "compiler")]
 const WASI_FUNCS: &[&str] = &[
     "fd_write",
     "fd_read",
@@ -57,6 +60,7 @@ const EINVAL: i32 = 28;
 const ESPIPE: i32 = 70;
 
 /// Whether the host provides `module::name`.
+#[cfg(feature = "compiler")]
 pub(crate) fn is_provided(module: &str, name: &str) -> bool {
     match module {
         HUBMESH => HUBMESH_FUNCS.contains(&name),

@@ -1,36 +1,52 @@
-//! Preparing a module (WAT parsing, instrumentation) and compiling it: in this process, or in a
-//! child process of the same binary.
+//! Preparing a module (WAT parsing, instrumentation) and compiling it: in `hubmesh-compile`, a
+//! separate program the hub starts for each module, or (with the `compiler` feature) in this
+//! process.
 //!
-//! A serving hub does both in a child (`hubmesh compile-module`, hidden): the code of the WAT
-//! parser, the validator, the re-encoder and cranelift (together a quarter of the binary) and
-//! their heap never become the hub's resident memory; a module that makes the compiler slow is
-//! killed at a deadline instead of holding a thread; a compiler crash costs one deploy, not the
-//! hub. The child is `/proc/self/exe`, so it is the very build that runs (also after a package
-//! upgrade replaced the file), and it builds the engine from the same [`EngineLimits`]: its
-//! artefact is what this engine would have produced, which is what makes handing it to
-//! `Module::deserialize` sound.
+//! A serving hub compiles in `hubmesh-compile`: the code of the WAT parser, the validator, the
+//! re-encoder and cranelift (a quarter of a hub that links them) and their heap never become the
+//! hub's resident memory; a module that makes the compiler slow is killed at a deadline instead of
+//! holding a thread; a compiler crash costs one deploy, not the hub. A hub built without the
+//! `compiler` feature (the small-board build) has none of that code at all, and so cannot start
+//! without the program; a hub built with it compiles in its own process when the program is
+//! missing. The program is looked for once, at start: `$HUBMESH_COMPILER` if set, else beside
+//! the hub's binary, else in `../libexec/hubmesh/` from it (the package's layout). It must be of
+//! the same build (`HUBMESH_BUILD_ID`, node/build.rs: the version and a hash of the files that
+//! decide what a compiled module looks like; checked by the program on every run) and produce
+//! artefacts this hub's engine loads (checked at start with an empty module, and by
+//! `Module::deserialize` on every load); it builds its engine from the hub's [`EngineLimits`]
+//! with the same `engine::build`. A program of another build (say, upgraded under a running hub)
+//! refuses; a hub with the `compiler` feature then compiles in its own process, one without
+//! answers that a restart is needed.
 //!
 //! Protocol: the parent writes the input to the child's stdin and closes it.
-//! - `compile-module`: input = instrumented wasm; output = wasmtime's serialized artefact.
-//! - `compile-module --instrument`: input = the uploaded module (wasm or WAT); output =
+//! - `hubmesh-compile`: input = instrumented wasm; output = wasmtime's serialized artefact.
+//! - `hubmesh-compile --instrument`: input = the uploaded module (wasm or WAT); output =
 //!   [`FRAME_MAGIC`], flags (1: has `hm_tick`, 2: has `_initialize`), the mutable-global count
 //!   (u32 LE), the instrumented wasm's length (u64 LE), the wasm, then the artefact.
 //!
 //! Exit status 0: the output is complete. 1: the compiler refused the module, 3: it is not
-//! WebAssembly, 4: hubmesh cannot run it (instrumentation's refusal); the reason is on stderr.
-//! Any other end (a signal, another status) is the child's own failure.
+//! WebAssembly, 4: hubmesh cannot run it (instrumentation's refusal), 5: the program is of another
+//! build than the hub; the reason is on stderr. Any other end (a signal, another status) is
+//! the child's own failure.
 
 use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use wasmtime::{Engine, Module};
 
 use super::engine::{self, EngineLimits};
-use super::instrument::{self, ModuleFacts, PrepareError};
+#[cfg(feature = "compiler")]
+use super::instrument;
+use super::prepared::{ModuleFacts, PrepareError};
 
+/// The compiler program's file name.
+pub(crate) const PROGRAM: &str = "hubmesh-compile";
+/// Where the compiler program is looked for instead, if set.
+pub(crate) const PROGRAM_ENV: &str = "HUBMESH_COMPILER";
+/// What the hub and the program must agree on (see the module doc).
+pub const BUILD_ID: &str = env!("HUBMESH_BUILD_ID");
 /// How long a child may take for one module.
 const CHILD_BUDGET: Duration = Duration::from_secs(120);
 /// The most of a child's stderr kept for the error message.
@@ -43,6 +59,7 @@ const FRAME_MAGIC: &[u8; 4] = b"HMC1";
 const EXIT_REFUSED: u8 = 1;
 const EXIT_MALFORMED: u8 = 3;
 const EXIT_UNSUPPORTED: u8 = 4;
+const EXIT_OTHER_BUILD: u8 = 5;
 
 /// Why a module did not compile.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +70,9 @@ pub enum CompileError {
     /// The compiler process failed (died, timed out, could not be talked to).
     #[error("the compiler process failed: {0}")]
     Child(String),
+    /// The compiler program is of another build than this hub.
+    #[error("{0}")]
+    OtherBuild(String),
 }
 
 impl From<CompileError> for PrepareError {
@@ -60,21 +80,30 @@ impl From<CompileError> for PrepareError {
         match e {
             CompileError::Refused(reason) => Self::Unsupported(reason),
             CompileError::Child(_) => Self::Compiler(e.to_string()),
+            CompileError::OtherBuild(reason) => Self::CompilerBuild(reason),
         }
     }
+}
+
+/// No usable compiler program was found at start.
+#[derive(Debug, thiserror::Error)]
+#[error("no module compiler: {reason} (install {PROGRAM} with the hub, or set {PROGRAM_ENV})")]
+pub struct NoCompiler {
+    reason: String,
 }
 
 /// Where modules are prepared and compiled.
 #[derive(Debug, Clone)]
 pub enum Compiler {
-    /// In this process (tests, benches, embedders).
+    /// In this process (tests, benches, embedders; a hub whose compiler program is missing).
+    #[cfg(feature = "compiler")]
     InProcess,
-    /// In a child process of this binary (see the module doc); made by
-    /// [`Compiler::child_of_this_binary`] only, since its output goes to `Module::deserialize`.
+    /// In the compiler program (see the module doc); made by [`Compiler::for_hub`] only, since
+    /// its output goes to `Module::deserialize`.
     Child(ChildCompiler),
 }
 
-/// `program compile-module` with the engine limits of this hub.
+/// The compiler program, run with the engine limits of this hub.
 #[derive(Debug, Clone)]
 pub struct ChildCompiler {
     program: PathBuf,
@@ -88,22 +117,23 @@ pub(crate) struct Compiled {
 }
 
 impl Compiler {
-    /// A child running this very binary, for a hub whose engine was built with `limits` — if
-    /// such a child answers here: it is tried once with an empty module, and where it fails (no
-    /// /proc, exec forbidden, the hub started through a loader such as `ld.so` or qemu-user, so
-    /// that /proc/self/exe is not hubmesh) the hub compiles in its own process, with a warning.
-    pub fn child_of_this_binary(limits: EngineLimits) -> Self {
-        let child = ChildCompiler { program: PathBuf::from("/proc/self/exe"), limits };
-        match run_child(&child, false, EMPTY_MODULE) {
-            Ok(artefact) if Engine::detect_precompiled(&artefact).is_some() => Self::Child(child),
-            Ok(_) => {
-                tracing::warn!("the compiler process answers with something else; compiling in the hub");
-                Self::InProcess
+    /// The compiler of a hub whose engine is built from `limits`: the compiler program, found as
+    /// the module doc says, if it compiles an empty module into an artefact such an engine loads.
+    /// Without one, a hub with the `compiler` feature compiles in its own process (with a
+    /// warning); one without it cannot compile, and this says why.
+    pub fn for_hub(limits: EngineLimits) -> Result<Self, NoCompiler> {
+        match ChildCompiler::find(limits) {
+            Ok(child) => {
+                tracing::info!(program = %child.program.display(), "module compiler");
+                Ok(Self::Child(child))
             }
+            #[cfg(feature = "compiler")]
             Err(e) => {
-                tracing::warn!(error = %e, "no compiler process can run here; compiling in the hub");
-                Self::InProcess
+                tracing::warn!(error = %e, "compiling modules in the hub's own process");
+                Ok(Self::InProcess)
             }
+            #[cfg(not(feature = "compiler"))]
+            Err(e) => Err(e),
         }
     }
 
@@ -111,14 +141,20 @@ impl Compiler {
     pub(crate) fn compile(&self, engine: &Engine, wasm: &[u8]) -> Result<Compiled, CompileError> {
         let started = std::time::Instant::now();
         let compiled = match self {
+            #[cfg(feature = "compiler")]
             Self::InProcess => in_process(engine, wasm),
             Self::Child(child) => match run_child(child, false, wasm) {
                 Ok(artefact) => load(engine, artefact),
-                Err(ChildError::NotStarted(e)) => {
-                    not_started(&e);
-                    in_process(engine, wasm)
-                }
                 Err(ChildError::Exit { code: EXIT_REFUSED, reason }) => Err(CompileError::Refused(reason)),
+                Err(ChildError::Exit { code: EXIT_OTHER_BUILD, reason }) => {
+                    #[cfg(feature = "compiler")]
+                    {
+                        other_build(&reason);
+                        return Self::InProcess.compile(engine, wasm);
+                    }
+                    #[cfg(not(feature = "compiler"))]
+                    Err(CompileError::OtherBuild(reason))
+                }
                 Err(e) => Err(CompileError::Child(e.to_string())),
             },
         };
@@ -132,16 +168,21 @@ impl Compiler {
         engine: &Engine,
         source: &[u8],
     ) -> Result<(Vec<u8>, ModuleFacts, Compiled), PrepareError> {
-        let Self::Child(child) = self else {
-            let (wasm, facts) = instrument::instrument(source)?;
-            let compiled = self.compile(engine, &wasm)?;
-            return Ok((wasm, facts, compiled));
+        let child = match self {
+            #[cfg(feature = "compiler")]
+            Self::InProcess => {
+                let (wasm, facts) = instrument::instrument(source)?;
+                let compiled = self.compile(engine, &wasm)?;
+                return Ok((wasm, facts, compiled));
+            }
+            Self::Child(child) => child,
         };
         let started = std::time::Instant::now();
         let answer = match run_child(child, true, source) {
             Ok(answer) => answer,
-            Err(ChildError::NotStarted(e)) => {
-                not_started(&e);
+            #[cfg(feature = "compiler")]
+            Err(ChildError::Exit { code: EXIT_OTHER_BUILD, reason }) => {
+                other_build(&reason);
                 return Self::InProcess.prepare(engine, source);
             }
             Err(ChildError::Exit { code, reason }) => {
@@ -149,6 +190,7 @@ impl Compiler {
                     EXIT_MALFORMED => PrepareError::Malformed(reason),
                     EXIT_UNSUPPORTED => PrepareError::Unsupported(reason),
                     EXIT_REFUSED => CompileError::Refused(reason).into(),
+                    EXIT_OTHER_BUILD => CompileError::OtherBuild(reason).into(),
                     _ => CompileError::Child(ChildError::Exit { code, reason }.to_string()).into(),
                 })
             }
@@ -162,6 +204,47 @@ impl Compiler {
     }
 }
 
+impl ChildCompiler {
+    /// The program where the module doc says, if it passes the start-up check.
+    fn find(limits: EngineLimits) -> Result<Self, NoCompiler> {
+        let candidates = match std::env::var_os(PROGRAM_ENV) {
+            Some(path) => vec![PathBuf::from(path)],
+            None => {
+                let exe = std::env::current_exe()
+                    .map_err(|e| NoCompiler { reason: format!("cannot tell where this binary is: {e}") })?;
+                let dir = exe.parent().unwrap_or(Path::new("/"));
+                vec![dir.join(PROGRAM), dir.join("../libexec/hubmesh").join(PROGRAM)]
+            }
+        };
+        Self::find_in(candidates, limits)
+    }
+
+    /// The first of `candidates` that exists, if it passes the start-up check.
+    fn find_in(candidates: Vec<PathBuf>, limits: EngineLimits) -> Result<Self, NoCompiler> {
+        let Some(program) = candidates.iter().find(|p| p.is_file()) else {
+            let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+            return Err(NoCompiler { reason: format!("{PROGRAM} is not at {}", looked.join(" or ")) });
+        };
+        let child = Self { program: program.clone(), limits };
+        child.check(limits).map_err(|reason| NoCompiler { reason: format!("{}: {reason}", program.display()) })?;
+        Ok(child)
+    }
+
+    /// Compiles the empty module and loads the artefact into an engine built like the hub's.
+    fn check(&self, limits: EngineLimits) -> Result<(), String> {
+        let artefact = run_child(self, false, EMPTY_MODULE).map_err(|e| e.to_string())?;
+        let engine = engine::build(limits).map_err(|e| format!("building an engine: {e}"))?;
+        load(&engine, artefact).map(drop).map_err(|e| e.to_string())
+    }
+}
+
+/// A program of another build answered (see the module doc): this hub compiles by itself.
+#[cfg(feature = "compiler")]
+fn other_build(reason: &str) {
+    tracing::warn!(reason, "the compiler program is of another build; compiling in the hub");
+}
+
+#[cfg(feature = "compiler")]
 fn in_process(engine: &Engine, wasm: &[u8]) -> Result<Compiled, CompileError> {
     Module::new(engine, wasm)
         .map(|module| Compiled { module, artefact: None })
@@ -172,18 +255,13 @@ fn load(engine: &Engine, artefact: Vec<u8>) -> Result<Compiled, CompileError> {
     if Engine::detect_precompiled(&artefact).is_none() {
         return Err(CompileError::Child("its output is not a compiled module".into()));
     }
-    // SAFETY: the artefact comes from this same binary (`/proc/self/exe`) with an engine built
-    // from the same limits, through a pipe only we hold; `deserialize` still refuses one whose
-    // engine settings differ.
+    // SAFETY: the artefact comes from the compiler program of this build (it checks),
+    // which passed the start-up check, built its engine from this hub's limits with the same
+    // `engine::build`, and wrote it to a pipe only we hold; `deserialize` still refuses one whose
+    // wasmtime version or engine settings differ.
     let module = unsafe { Module::deserialize(engine, &artefact) }
         .map_err(|e| CompileError::Child(format!("its artefact does not load: {e}")))?;
     Ok(Compiled { module, artefact: Some(artefact) })
-}
-
-fn not_started(e: &std::io::Error) {
-    // No child can be started here (no /proc, a sandbox without exec): the hub still works, with
-    // the compiler's pages in its own memory.
-    tracing::warn!(error = %e, "cannot start a compiler process; compiling in the hub");
 }
 
 fn count(compiled: &Result<Compiled, CompileError>, started: std::time::Instant) {
@@ -194,6 +272,7 @@ fn count(compiled: &Result<Compiled, CompileError>, started: std::time::Instant)
     }
 }
 
+#[cfg(feature = "compiler")]
 fn encode_frame(wasm: &[u8], facts: &ModuleFacts, artefact: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(17 + wasm.len() + artefact.len());
     out.extend_from_slice(FRAME_MAGIC);
@@ -236,8 +315,8 @@ fn run_child(child: &ChildCompiler, instrument: bool, input: &[u8]) -> Result<Ve
     let ChildCompiler { program, limits } = child;
     let mut command = Command::new(program);
     command
-        .arg0("hubmesh")
-        .arg("compile-module")
+        .arg("--hub-build")
+        .arg(BUILD_ID)
         .arg("--max-instances")
         .arg(limits.max_instances.to_string())
         .arg("--max-task-memory")
@@ -297,14 +376,24 @@ fn run_child(child: &ChildCompiler, instrument: bool, input: &[u8]) -> Result<Ve
     }
 }
 
-/// The child's side (`hubmesh compile-module`): the input on stdin, the answer on stdout, the
-/// exit status and stderr as the module doc says. Returns the exit status.
-pub fn serve_child(limits: EngineLimits, instrument: bool) -> u8 {
+/// The compiler program's side (`hubmesh-compile`): the input on stdin, the answer on stdout,
+/// the exit status and stderr as the module doc says. Returns the exit status.
+#[cfg(feature = "compiler")]
+pub fn serve_child(limits: EngineLimits, instrument: bool, hub_build: &str) -> u8 {
     let fail = |code: u8, reason: &dyn std::fmt::Display| {
         // Not eprintln!: a parent that stopped reading must not turn a refusal into a panic.
         let _ = writeln!(std::io::stderr(), "{reason}");
         code
     };
+    if hub_build != BUILD_ID {
+        return fail(
+            EXIT_OTHER_BUILD,
+            &format!(
+                "this {PROGRAM} is of build {BUILD_ID}, the hub of build {hub_build}: \
+                 restart the hub if it was upgraded, else install the {PROGRAM} built with it"
+            ),
+        );
+    }
     let mut input = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut input) {
         return fail(u8::MAX, &format!("reading the module: {e}"));
@@ -318,7 +407,7 @@ pub fn serve_child(limits: EngineLimits, instrument: bool) -> u8 {
             Ok(prepared) => Some(prepared),
             Err(PrepareError::Malformed(m)) => return fail(EXIT_MALFORMED, &m),
             Err(PrepareError::Unsupported(m)) => return fail(EXIT_UNSUPPORTED, &m),
-            Err(PrepareError::Compiler(m)) => return fail(u8::MAX, &m),
+            Err(e @ (PrepareError::Compiler(_) | PrepareError::CompilerBuild(_))) => return fail(u8::MAX, &e),
         }
     } else {
         None
@@ -339,7 +428,7 @@ pub fn serve_child(limits: EngineLimits, instrument: bool) -> u8 {
     0
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "compiler"))]
 mod tests {
     use super::*;
 
@@ -354,16 +443,43 @@ mod tests {
     }
 
     #[test]
-    fn without_a_child_the_hub_compiles_itself() {
-        let engine = engine::build(EngineLimits { max_instances: 4, max_task_memory: 16 << 20 }).unwrap();
+    fn a_compiler_program_of_another_build_is_passed_over_for_this_process() {
+        use std::os::unix::fs::PermissionsExt;
         let limits = EngineLimits { max_instances: 4, max_task_memory: 16 << 20 };
-        let compiler = Compiler::Child(ChildCompiler { program: PathBuf::from("/nonexistent/hubmesh"), limits });
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join(PROGRAM);
+        std::fs::write(&program, "#!/bin/sh\necho 'this hubmesh-compile is of build x' >&2\nexit 5\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let engine = engine::build(limits).unwrap();
+        let compiler = Compiler::Child(ChildCompiler { program, limits });
         let source = br#"(module (memory 1) (func (export "hm_invoke") (param i32) (result i32) local.get 0))"#;
-        let (_, facts, compiled) = compiler.prepare(&engine, source).unwrap();
+        let (wasm, _, compiled) = compiler.prepare(&engine, source).unwrap();
+        assert!(compiled.artefact.is_none(), "compiled in this process");
+        assert!(compiler.compile(&engine, &wasm).unwrap().artefact.is_none());
+    }
+
+    #[test]
+    fn a_missing_or_foreign_compiler_program_is_refused_at_start_and_a_vanished_one_at_deploy() {
+        let limits = EngineLimits { max_instances: 4, max_task_memory: 16 << 20 };
+        let missing = PathBuf::from("/nonexistent/hubmesh-compile");
+        let e = ChildCompiler::find_in(vec![missing.clone()], limits).unwrap_err();
+        assert!(e.reason.contains("/nonexistent/hubmesh-compile"), "{e}");
+        // A program that answers, but not with an artefact.
+        let e = ChildCompiler::find_in(vec![PathBuf::from("/bin/true")], limits).unwrap_err();
+        assert!(e.reason.starts_with("/bin/true"), "{e}");
+        let e = ChildCompiler::find_in(vec![PathBuf::from("/bin/false")], limits).unwrap_err();
+        assert!(e.reason.contains("status 1"), "{e}");
+
+        // Found at start, gone since: the deploy fails as the compiler's fault, not the module's.
+        let engine = engine::build(limits).unwrap();
+        let compiler = Compiler::Child(ChildCompiler { program: missing, limits });
+        let source = br#"(module (memory 1) (func (export "hm_invoke") (param i32) (result i32) local.get 0))"#;
+        assert!(matches!(compiler.prepare(&engine, source), Err(PrepareError::Compiler(_))));
+        assert!(matches!(compiler.compile(&engine, EMPTY_MODULE), Err(CompileError::Child(_))));
+        // In this process instead.
+        let (_, facts, compiled) = Compiler::InProcess.prepare(&engine, source).unwrap();
         assert!(compiled.artefact.is_none(), "compiled in this process");
         assert_eq!(facts.mutable_globals, 0);
-        assert!(matches!(compiler.prepare(&engine, b"nonsense"), Err(PrepareError::Malformed(_))));
-        // The start-up check: this test binary is no compiler process, so the hub compiles.
-        assert!(matches!(Compiler::child_of_this_binary(limits), Compiler::InProcess));
+        assert!(matches!(Compiler::InProcess.prepare(&engine, b"nonsense"), Err(PrepareError::Malformed(_))));
     }
 }

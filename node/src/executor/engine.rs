@@ -34,8 +34,9 @@ pub(crate) fn build(limits: EngineLimits) -> wasmtime::Result<Engine> {
     config
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
         .epoch_interruption(true)
-        .wasm_multi_memory(true)
-        .parallel_compilation(true);
+        .wasm_multi_memory(true);
+    #[cfg(feature = "compiler")]
+    config.parallel_compilation(true);
     Engine::new(&config)
 }
 

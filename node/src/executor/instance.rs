@@ -9,7 +9,7 @@ use super::abi;
 use super::engine::{ticks_for, Clock};
 use super::error::InvokeError;
 use super::host::{HostFault, HostState};
-use super::instrument::{DIRTY_EXPORT, GLOBAL_PREFIX, MEMORY_EXPORT};
+use super::prepared::{DIRTY_EXPORT, GLOBAL_PREFIX, MEMORY_EXPORT};
 use super::Answer;
 
 /// The limits an instance runs under.

@@ -20,41 +20,14 @@ use wasmparser::{
 };
 
 use super::abi;
+use super::prepared::{ModuleFacts, PrepareError, DIRTY_EXPORT, GLOBAL_PREFIX, MEMORY_EXPORT};
 
-/// Export name of the task's memory after instrumentation.
-pub(crate) const MEMORY_EXPORT: &str = "hm:memory";
-/// Export name of the dirty-page map.
-pub(crate) const DIRTY_EXPORT: &str = "hm:dirty";
-/// Prefix of the exported mutable globals.
-pub(crate) const GLOBAL_PREFIX: &str = "hm:g";
 /// Pages of the dirty map: one byte for each of the 65,536 pages of a 4 GiB memory, plus one
 /// page so that a store that straddles the last page's end still lands in bounds.
 const DIRTY_PAGES: u64 = 2;
 /// The task's memory is memory 0 (a task has exactly one); the dirty map is added as memory 1.
 const TASK_MEMORY: u32 = 0;
 const DIRTY_MEMORY: u32 = 1;
-
-/// Why a module was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum PrepareError {
-    /// Not WebAssembly (or WAT) at all.
-    #[error("not a WebAssembly module: {0}")]
-    Malformed(String),
-    /// Valid WebAssembly that hubmesh cannot run or checkpoint.
-    #[error("unsupported module: {0}")]
-    Unsupported(String),
-    /// The hub's compiler process failed: not the module's fault as far as anyone knows.
-    #[error("{0}")]
-    Compiler(String),
-}
-
-/// What the rewriting learned about a module.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ModuleFacts {
-    pub(crate) has_tick: bool,
-    pub(crate) has_initialize: bool,
-    pub(crate) mutable_globals: u32,
-}
 
 /// Parses `source` (binary or text), checks it against the task ABI and returns the
 /// instrumented binary.

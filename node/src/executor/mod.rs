@@ -19,10 +19,12 @@ mod error;
 mod host;
 mod image;
 pub(crate) mod instance;
+#[cfg(feature = "compiler")]
 mod instrument;
 mod meter;
 mod module_cache;
 mod page_table;
+mod prepared;
 mod staged;
 mod stateful;
 mod stateless;
@@ -38,14 +40,16 @@ use hubmesh_storage::{Hash, PageLog};
 use wasmtime::{Engine, Linker};
 
 pub use crate::checkpoint::Answer;
-pub use compile::{serve_child as serve_compile_child, ChildCompiler, CompileError, Compiler};
+#[cfg(feature = "compiler")]
+pub use compile::serve_child as serve_compile_child;
+pub use compile::{ChildCompiler, CompileError, Compiler, NoCompiler, BUILD_ID};
 pub use engine::EngineLimits;
 pub use error::{CommitError, InvokeError, StartTaskError};
 pub(crate) use image::{CheckpointHeader, MigrationDelta};
 pub use instance::InstanceLimits;
-pub use instrument::PrepareError;
 pub use meter::MeterReading;
 pub(crate) use page_table::PageTable;
+pub use prepared::PrepareError;
 pub use staged::StagedTask;
 pub use stateful::StatefulStatus;
 pub(crate) use stateful::{FinalState, MigrationStart, MovedTo, Resolution};
@@ -198,11 +202,13 @@ pub struct Executor {
 impl Executor {
     /// Builds the engine, starts the epoch ticker and the checkpoint writer; compiles in this
     /// process.
+    #[cfg(feature = "compiler")]
     pub fn new(limits: EngineLimits, cache_dir: &Path, pages: Arc<PageLog>) -> anyhow::Result<Self> {
         Self::with_compiler(limits, cache_dir, pages, Compiler::InProcess)
     }
 
-    /// [`Self::new`], compiling where `compiler` says (a serving hub: in a child process).
+    /// Builds the engine, starts the epoch ticker and the checkpoint writer; compiles where
+    /// `compiler` says (a serving hub: in `hubmesh-compile`).
     pub fn with_compiler(
         limits: EngineLimits,
         cache_dir: &Path,
@@ -212,7 +218,7 @@ impl Executor {
         let engine = engine::build(limits).map_err(anyhow::Error::from)?;
         let mut linker = Linker::new(&engine);
         abi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
-        let cache = ModuleCache::open(cache_dir, engine.clone(), compiler)?;
+        let cache = ModuleCache::open(cache_dir, engine.clone(), limits, compiler)?;
         let writer = Writer::start(pages.clone())?;
         let clock = Arc::new(engine::Clock::default());
         let ticking = engine.clone();
@@ -523,8 +529,8 @@ impl Drop for Executor {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "compiler"))]
 mod tests;
 
-#[cfg(test)]
+#[cfg(all(test, feature = "compiler"))]
 mod migration_tests;

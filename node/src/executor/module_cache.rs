@@ -1,15 +1,18 @@
 //! Compiled modules, cached in memory and on disk so a restart does not recompile.
 //!
-//! File: `DATA_DIR/cache/<module hash>-<engine hash>.cwasm` = blake3 of the rest (32 bytes) +
-//! wasmtime's serialized artefact. The checksum is verified before the artefact is handed to
-//! `Module::deserialize` (which trusts its input); a corrupted file is deleted and the module
-//! recompiled. Artefacts are only ever produced by this hub (or its compiler child, the same
-//! binary): they are never shipped between hubs.
+//! File: `DATA_DIR/cache/<module hash>-<arch>-<build key>.cwasm`: the blake3 of the rest (32
+//! bytes), then wasmtime's serialized artefact. The build key hashes `HUBMESH_BUILD_ID` (the version, the
+//! files that decide the compiled code, Cargo.lock) and the engine limits, so another build's
+//! files are not even read: at open, files of this architecture under another key (and of the
+//! older `<hash>-<key>` naming) are deleted, and another architecture's are left alone (one data
+//! dir may be run by an x86_64 and an arm64 build in turn). The checksum is verified before the
+//! artefact is handed to `Module::deserialize` (which trusts its input), and that still refuses
+//! an artefact of another wasmtime or engine setting; a file that fails either is deleted and the
+//! module recompiled. Artefacts are only ever produced by this hub (or its compiler program, of
+//! the same build): they are never shipped between hubs.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::fs;
-use std::hash::{Hash as _, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -18,7 +21,25 @@ use hubmesh_storage::Hash;
 use wasmtime::{Engine, Module};
 
 use super::compile::{CompileError, Compiled, Compiler};
-use super::instrument::{ModuleFacts, PrepareError};
+use super::engine::EngineLimits;
+use super::prepared::{ModuleFacts, PrepareError};
+
+/// This machine's architecture, as a cache file names it.
+const ARCH: &str = std::env::consts::ARCH;
+
+/// Whether the cache file `name` is of this architecture but not of `key` (this build's
+/// `<arch>-<hash>`), or of the older naming, or a write a crash left behind.
+fn is_stale(name: &str, key: &str) -> bool {
+    let Some((stem, extension)) = name.rsplit_once('.') else { return false };
+    let parts: Vec<&str> = stem.split('-').collect();
+    match (extension, parts.as_slice()) {
+        ("cwasm", [_, _]) => true,
+        ("cwasm", [_, arch, hash]) => *arch == ARCH && format!("{arch}-{hash}") != key,
+        ("tmp", [_, arch, _]) => *arch == ARCH,
+        ("tmp", [_, _]) => true,
+        _ => false,
+    }
+}
 
 /// Where a module came from, for logs and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,11 +60,17 @@ pub(crate) struct ModuleCache {
 }
 
 impl ModuleCache {
-    pub(crate) fn open(dir: &Path, engine: Engine, compiler: Compiler) -> std::io::Result<Self> {
+    pub(crate) fn open(dir: &Path, engine: Engine, limits: EngineLimits, compiler: Compiler) -> std::io::Result<Self> {
         fs::create_dir_all(dir)?;
-        let mut h = DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut h);
-        let engine_key = format!("{:016x}", h.finish());
+        // Not wasmtime's `precompile_compatibility_hash`: a hub without the compiler has none.
+        let build = format!("{} {} {}", super::compile::BUILD_ID, limits.max_instances, limits.max_task_memory);
+        let engine_key = format!("{ARCH}-{}", &blake3::hash(build.as_bytes()).to_hex()[..16]);
+        for entry in fs::read_dir(dir)?.flatten() {
+            let name = entry.file_name();
+            if name.to_str().is_some_and(|n| is_stale(n, &engine_key)) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
         Ok(Self { dir: dir.to_owned(), engine, engine_key, compiler, memory: Mutex::new(HashMap::new()) })
     }
 
@@ -65,7 +92,7 @@ impl ModuleCache {
                     return Ok((module, CacheSource::Disk));
                 }
                 None => {
-                    tracing::warn!(path = %path.display(), "compiled module cache entry is corrupt; recompiling");
+                    tracing::warn!(path = %path.display(), "compiled module cache entry is corrupt or does not load here; recompiling");
                     let _ = fs::remove_file(&path);
                     source = CacheSource::Rebuilt;
                 }
@@ -115,7 +142,8 @@ impl ModuleCache {
         }
         Engine::detect_precompiled(artefact)?;
         // SAFETY: the artefact was written by this hub's own `store` (checked by the checksum
-        // above) for an engine with the same compatibility hash (part of the file name).
+        // above) for a build with the same key (part of the file name); `deserialize` still
+        // checks wasmtime's version and the engine's settings.
         unsafe { Module::deserialize(&self.engine, artefact) }.ok()
     }
 
@@ -123,7 +151,11 @@ impl ModuleCache {
     fn store(&self, path: &Path, module: &Module, artefact: Option<Vec<u8>>) -> anyhow::Result<()> {
         let artefact = match artefact {
             Some(a) => a,
+            #[cfg(feature = "compiler")]
             None => module.serialize().map_err(anyhow::Error::from)?,
+            // Without the compiler every module comes from the compiler program, artefact and all.
+            #[cfg(not(feature = "compiler"))]
+            None => anyhow::bail!("no artefact for {:?}", module.name()),
         };
         let tmp = path.with_extension("tmp");
         let mut f = fs::File::create(&tmp)?;
@@ -137,5 +169,23 @@ impl ModuleCache {
     #[cfg(test)]
     pub(crate) fn file_of(&self, hash: &Hash) -> PathBuf {
         self.path(hash)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_cache_files_are_this_architectures_of_other_builds_older_names_and_leftover_writes() {
+        let key = format!("{ARCH}-0123456789abcdef");
+        let hash = "ab".repeat(32);
+        assert!(!is_stale(&format!("{hash}-{key}.cwasm"), &key), "this build's");
+        assert!(is_stale(&format!("{hash}-{ARCH}-fedcba9876543210.cwasm"), &key), "another build's");
+        assert!(!is_stale(&format!("{hash}-riscv32-fedcba9876543210.cwasm"), &key), "another machine's");
+        assert!(is_stale(&format!("{hash}-fedcba9876543210.cwasm"), &key), "the older naming");
+        assert!(is_stale(&format!("{hash}-{key}.tmp"), &key), "a write a crash left");
+        assert!(!is_stale(&format!("{hash}-riscv32-fedcba9876543210.tmp"), &key));
+        assert!(!is_stale("README", &key) && !is_stale("notes.txt", &key));
     }
 }

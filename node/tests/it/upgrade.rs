@@ -29,9 +29,18 @@ use crate::harness::{bin, example_bytes, step, wait_until, Hub};
 /// hub taken out of it (for writing) has no call of the client in flight.
 type Rotation = Arc<tokio::sync::RwLock<Vec<(usize, Client)>>>;
 
-/// Installs `binary` at `path` as a package would: beside it, then renamed over the old one (a
+/// Installs `binary` at `path` as a package would, with the module compiler beside it where the
+/// build has one (`hubmesh-compile`): each beside its target, then renamed over the old one (a
 /// running hub keeps the file it started from).
 fn install(binary: &Path, path: &Path) {
+    let compiler = binary.with_file_name("hubmesh-compile");
+    if compiler.is_file() {
+        replace(&compiler, &path.with_file_name("hubmesh-compile"));
+    }
+    replace(binary, path);
+}
+
+fn replace(binary: &Path, path: &Path) {
     let fresh = path.with_extension("new");
     let _ = std::fs::remove_file(&fresh);
     // A hard link where it can (the debug binary is large), a copy where it cannot.
