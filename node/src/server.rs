@@ -20,7 +20,7 @@ use rand::RngCore;
 
 use crate::api;
 use crate::config::Config;
-use crate::executor::{Compiler, EngineLimits, Executor};
+use crate::executor::{EngineLimits, Executor};
 use crate::hub::Hub;
 
 const FORMAT_FILE: &str = "FORMAT";
@@ -141,10 +141,7 @@ pub async fn run(
     };
     // Modules compile in `hubmesh-compile` (`executor::Compiler`): the compiler's pages stay out
     // of the hub's memory, and a hub built without the compiler cannot start without it.
-    let compiler = Compiler::for_hub(limits).context("finding the module compiler")?;
-    let executor = Arc::new(
-        Executor::with_compiler(limits, &dir.join("cache"), pages, compiler).context("starting the executor")?,
-    );
+    let executor = Arc::new(Executor::for_hub(limits, &dir.join("cache"), pages).context("starting the executor")?);
 
     let hub = Arc::new(Hub::new(config.clone(), consensus, executor, blobs, token, started, gossip));
 

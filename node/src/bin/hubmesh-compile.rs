@@ -4,7 +4,7 @@
 //! (or in `/usr/libexec/hubmesh/` by the package).
 
 use clap::Parser;
-use hubmesh::executor::{serve_compile_child, EngineLimits, BUILD_ID};
+use hubmesh::executor::{serve_compile_child, BUILD_ID};
 
 /// The module compiler of a hubmesh hub (started by the hub, not by people).
 #[derive(Debug, Parser)]
@@ -13,11 +13,6 @@ struct Args {
     /// The build of the hub that started it: it must be this program's own.
     #[arg(long)]
     hub_build: String,
-    /// The hub's engine limits, which the compiled code must match.
-    #[arg(long)]
-    max_instances: u32,
-    #[arg(long)]
-    max_task_memory: u64,
     /// The input is an uploaded module: instrument it first, answer with the frame.
     #[arg(long)]
     instrument: bool,
@@ -25,6 +20,5 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let limits = EngineLimits { max_instances: args.max_instances, max_task_memory: args.max_task_memory };
-    serve_compile_child(limits, args.instrument, &args.hub_build).into()
+    serve_compile_child(args.instrument, &args.hub_build).into()
 }

@@ -13,8 +13,8 @@
 //! the same build (`HUBMESH_BUILD_ID`, node/build.rs: the version and a hash of the files that
 //! decide what a compiled module looks like; checked by the program on every run) and produce
 //! artefacts this hub's engine loads (checked at start with an empty module, and by
-//! `Module::deserialize` on every load); it builds its engine from the hub's [`EngineLimits`]
-//! with the same `engine::build`. A program of another build (say, upgraded under a running hub)
+//! `Module::deserialize` on every load); its engine has the hub's settings without the instance
+//! pool (`engine::build_for_compiling`). A program of another build (say, upgraded under a running hub)
 //! refuses; a hub with the `compiler` feature then compiles in its own process, one without
 //! answers that a restart is needed.
 //!
@@ -36,7 +36,10 @@ use std::time::Duration;
 
 use wasmtime::{Engine, Module};
 
-use super::engine::{self, EngineLimits};
+#[cfg(feature = "compiler")]
+use super::engine;
+#[cfg(all(test, feature = "compiler"))]
+use super::engine::EngineLimits;
 #[cfg(feature = "compiler")]
 use super::instrument;
 use super::prepared::{ModuleFacts, PrepareError};
@@ -103,11 +106,10 @@ pub enum Compiler {
     Child(ChildCompiler),
 }
 
-/// The compiler program, run with the engine limits of this hub.
+/// The compiler program.
 #[derive(Debug, Clone)]
 pub struct ChildCompiler {
     program: PathBuf,
-    limits: EngineLimits,
 }
 
 /// A compiled module, with its serialized artefact when a child produced it.
@@ -117,12 +119,12 @@ pub(crate) struct Compiled {
 }
 
 impl Compiler {
-    /// The compiler of a hub whose engine is built from `limits`: the compiler program, found as
-    /// the module doc says, if it compiles an empty module into an artefact such an engine loads.
-    /// Without one, a hub with the `compiler` feature compiles in its own process (with a
-    /// warning); one without it cannot compile, and this says why.
-    pub fn for_hub(limits: EngineLimits) -> Result<Self, NoCompiler> {
-        match ChildCompiler::find(limits) {
+    /// The compiler of a hub whose engine is `engine`: the compiler program, found as the module
+    /// doc says, if it compiles an empty module into an artefact `engine` loads. Without one, a
+    /// hub with the `compiler` feature compiles in its own process (with a warning); one without
+    /// it cannot compile, and this says why.
+    pub fn for_hub(engine: &Engine) -> Result<Self, NoCompiler> {
+        match ChildCompiler::find(engine) {
             Ok(child) => {
                 tracing::info!(program = %child.program.display(), "module compiler");
                 Ok(Self::Child(child))
@@ -206,7 +208,7 @@ impl Compiler {
 
 impl ChildCompiler {
     /// The program where the module doc says, if it passes the start-up check.
-    fn find(limits: EngineLimits) -> Result<Self, NoCompiler> {
+    fn find(engine: &Engine) -> Result<Self, NoCompiler> {
         let candidates = match std::env::var_os(PROGRAM_ENV) {
             Some(path) => vec![PathBuf::from(path)],
             None => {
@@ -216,25 +218,24 @@ impl ChildCompiler {
                 vec![dir.join(PROGRAM), dir.join("../libexec/hubmesh").join(PROGRAM)]
             }
         };
-        Self::find_in(candidates, limits)
+        Self::find_in(candidates, engine)
     }
 
     /// The first of `candidates` that exists, if it passes the start-up check.
-    fn find_in(candidates: Vec<PathBuf>, limits: EngineLimits) -> Result<Self, NoCompiler> {
+    fn find_in(candidates: Vec<PathBuf>, engine: &Engine) -> Result<Self, NoCompiler> {
         let Some(program) = candidates.iter().find(|p| p.is_file()) else {
             let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
             return Err(NoCompiler { reason: format!("{PROGRAM} is not at {}", looked.join(" or ")) });
         };
-        let child = Self { program: program.clone(), limits };
-        child.check(limits).map_err(|reason| NoCompiler { reason: format!("{}: {reason}", program.display()) })?;
+        let child = Self { program: program.clone() };
+        child.check(engine).map_err(|reason| NoCompiler { reason: format!("{}: {reason}", program.display()) })?;
         Ok(child)
     }
 
-    /// Compiles the empty module and loads the artefact into an engine built like the hub's.
-    fn check(&self, limits: EngineLimits) -> Result<(), String> {
+    /// Compiles the empty module and loads the artefact into the hub's `engine`.
+    fn check(&self, engine: &Engine) -> Result<(), String> {
         let artefact = run_child(self, false, EMPTY_MODULE).map_err(|e| e.to_string())?;
-        let engine = engine::build(limits).map_err(|e| format!("building an engine: {e}"))?;
-        load(&engine, artefact).map(drop).map_err(|e| e.to_string())
+        load(engine, artefact).map(drop).map_err(|e| e.to_string())
     }
 }
 
@@ -255,10 +256,10 @@ fn load(engine: &Engine, artefact: Vec<u8>) -> Result<Compiled, CompileError> {
     if Engine::detect_precompiled(&artefact).is_none() {
         return Err(CompileError::Child("its output is not a compiled module".into()));
     }
-    // SAFETY: the artefact comes from the compiler program of this build (it checks),
-    // which passed the start-up check, built its engine from this hub's limits with the same
-    // `engine::build`, and wrote it to a pipe only we hold; `deserialize` still refuses one whose
-    // wasmtime version or engine settings differ.
+    // SAFETY: the artefact comes from the compiler program of this build (it checks), which
+    // passed the start-up check (one of its artefacts loaded into this engine), built its engine
+    // with the same `engine::settings`, and wrote it to a pipe only we hold; `deserialize` still
+    // refuses one whose wasmtime version, target, flags, tunables or features differ.
     let module = unsafe { Module::deserialize(engine, &artefact) }
         .map_err(|e| CompileError::Child(format!("its artefact does not load: {e}")))?;
     Ok(Compiled { module, artefact: Some(artefact) })
@@ -312,18 +313,8 @@ enum ChildError {
 }
 
 fn run_child(child: &ChildCompiler, instrument: bool, input: &[u8]) -> Result<Vec<u8>, ChildError> {
-    let ChildCompiler { program, limits } = child;
-    let mut command = Command::new(program);
-    command
-        .arg("--hub-build")
-        .arg(BUILD_ID)
-        .arg("--max-instances")
-        .arg(limits.max_instances.to_string())
-        .arg("--max-task-memory")
-        .arg(limits.max_task_memory.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut command = Command::new(&child.program);
+    command.arg("--hub-build").arg(BUILD_ID).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     if instrument {
         command.arg("--instrument");
     }
@@ -379,7 +370,7 @@ fn run_child(child: &ChildCompiler, instrument: bool, input: &[u8]) -> Result<Ve
 /// The compiler program's side (`hubmesh-compile`): the input on stdin, the answer on stdout,
 /// the exit status and stderr as the module doc says. Returns the exit status.
 #[cfg(feature = "compiler")]
-pub fn serve_child(limits: EngineLimits, instrument: bool, hub_build: &str) -> u8 {
+pub fn serve_child(instrument: bool, hub_build: &str) -> u8 {
     let fail = |code: u8, reason: &dyn std::fmt::Display| {
         // Not eprintln!: a parent that stopped reading must not turn a refusal into a panic.
         let _ = writeln!(std::io::stderr(), "{reason}");
@@ -398,7 +389,7 @@ pub fn serve_child(limits: EngineLimits, instrument: bool, hub_build: &str) -> u
     if let Err(e) = std::io::stdin().read_to_end(&mut input) {
         return fail(u8::MAX, &format!("reading the module: {e}"));
     }
-    let engine = match engine::build(limits) {
+    let engine = match engine::build_for_compiling() {
         Ok(engine) => engine,
         Err(e) => return fail(u8::MAX, &format!("building the engine: {e:?}")),
     };
@@ -451,7 +442,7 @@ mod tests {
         std::fs::write(&program, "#!/bin/sh\necho 'this hubmesh-compile is of build x' >&2\nexit 5\n").unwrap();
         std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
         let engine = engine::build(limits).unwrap();
-        let compiler = Compiler::Child(ChildCompiler { program, limits });
+        let compiler = Compiler::Child(ChildCompiler { program });
         let source = br#"(module (memory 1) (func (export "hm_invoke") (param i32) (result i32) local.get 0))"#;
         let (wasm, _, compiled) = compiler.prepare(&engine, source).unwrap();
         assert!(compiled.artefact.is_none(), "compiled in this process");
@@ -462,17 +453,17 @@ mod tests {
     fn a_missing_or_foreign_compiler_program_is_refused_at_start_and_a_vanished_one_at_deploy() {
         let limits = EngineLimits { max_instances: 4, max_task_memory: 16 << 20 };
         let missing = PathBuf::from("/nonexistent/hubmesh-compile");
-        let e = ChildCompiler::find_in(vec![missing.clone()], limits).unwrap_err();
+        let engine = engine::build(limits).unwrap();
+        let e = ChildCompiler::find_in(vec![missing.clone()], &engine).unwrap_err();
         assert!(e.reason.contains("/nonexistent/hubmesh-compile"), "{e}");
         // A program that answers, but not with an artefact.
-        let e = ChildCompiler::find_in(vec![PathBuf::from("/bin/true")], limits).unwrap_err();
+        let e = ChildCompiler::find_in(vec![PathBuf::from("/bin/true")], &engine).unwrap_err();
         assert!(e.reason.starts_with("/bin/true"), "{e}");
-        let e = ChildCompiler::find_in(vec![PathBuf::from("/bin/false")], limits).unwrap_err();
+        let e = ChildCompiler::find_in(vec![PathBuf::from("/bin/false")], &engine).unwrap_err();
         assert!(e.reason.contains("status 1"), "{e}");
 
         // Found at start, gone since: the deploy fails as the compiler's fault, not the module's.
-        let engine = engine::build(limits).unwrap();
-        let compiler = Compiler::Child(ChildCompiler { program: missing, limits });
+        let compiler = Compiler::Child(ChildCompiler { program: missing });
         let source = br#"(module (memory 1) (func (export "hm_invoke") (param i32) (result i32) local.get 0))"#;
         assert!(matches!(compiler.prepare(&engine, source), Err(PrepareError::Compiler(_))));
         assert!(matches!(compiler.compile(&engine, EMPTY_MODULE), Err(CompileError::Child(_))));

@@ -20,7 +20,8 @@ pub struct EngineLimits {
     pub max_task_memory: u64,
 }
 
-/// Builds the engine.
+/// Builds a hub's engine: the settings every compiled module depends on ([`settings`]) and the
+/// instance pool sized by `limits`.
 pub(crate) fn build(limits: EngineLimits) -> wasmtime::Result<Engine> {
     let mut pool = PoolingAllocationConfig::new();
     pool.total_core_instances(limits.max_instances)
@@ -30,14 +31,28 @@ pub(crate) fn build(limits: EngineLimits) -> wasmtime::Result<Engine> {
         .total_tables(limits.max_instances)
         .max_memory_size(limits.max_task_memory as usize)
         .max_unused_warm_slots(limits.max_instances.min(64));
+    let mut config = settings();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config)
+}
+
+/// Builds the compiler program's engine: a hub's settings without the instance pool. How
+/// instances are allocated is no part of a compiled artefact (wasmtime checks the target, the
+/// compiler flags, the tunables and the features), and a pool reserves address space for every
+/// instance a hub may hold, which a process that never instantiates need not pay for at each
+/// start. A hub checks at start that what this engine compiles loads into its own.
+#[cfg(feature = "compiler")]
+pub(crate) fn build_for_compiling() -> wasmtime::Result<Engine> {
+    Engine::new(&settings())
+}
+
+/// What every engine of hubmesh is built with.
+fn settings() -> Config {
     let mut config = Config::new();
-    config
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-        .epoch_interruption(true)
-        .wasm_multi_memory(true);
+    config.epoch_interruption(true).wasm_multi_memory(true);
     #[cfg(feature = "compiler")]
     config.parallel_compilation(true);
-    Engine::new(&config)
+    config
 }
 
 /// Which task code runs now: the ticker advances the epoch only while some does, or did within

@@ -204,18 +204,26 @@ impl Executor {
     /// process.
     #[cfg(feature = "compiler")]
     pub fn new(limits: EngineLimits, cache_dir: &Path, pages: Arc<PageLog>) -> anyhow::Result<Self> {
-        Self::with_compiler(limits, cache_dir, pages, Compiler::InProcess)
+        let engine = engine::build(limits).map_err(anyhow::Error::from)?;
+        Self::with_engine(engine, limits, cache_dir, pages, Compiler::InProcess)
     }
 
-    /// Builds the engine, starts the epoch ticker and the checkpoint writer; compiles where
-    /// `compiler` says (a serving hub: in `hubmesh-compile`).
-    pub fn with_compiler(
+    /// [`Self::new`] for a serving hub: compiles in `hubmesh-compile` ([`Compiler::for_hub`],
+    /// checked against this engine), and fails where a hub without the compiler finds none.
+    pub fn for_hub(limits: EngineLimits, cache_dir: &Path, pages: Arc<PageLog>) -> anyhow::Result<Self> {
+        let engine = engine::build(limits).map_err(anyhow::Error::from)?;
+        // One engine only: each reserves the whole instance pool's address space.
+        let compiler = Compiler::for_hub(&engine)?;
+        Self::with_engine(engine, limits, cache_dir, pages, compiler)
+    }
+
+    fn with_engine(
+        engine: Engine,
         limits: EngineLimits,
         cache_dir: &Path,
         pages: Arc<PageLog>,
         compiler: Compiler,
     ) -> anyhow::Result<Self> {
-        let engine = engine::build(limits).map_err(anyhow::Error::from)?;
         let mut linker = Linker::new(&engine);
         abi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
         let cache = ModuleCache::open(cache_dir, engine.clone(), limits, compiler)?;

@@ -14,7 +14,7 @@ fn compile(input: &[u8], extra: &[&str]) -> std::process::Output {
 
 fn compile_for(hub_build: &str, input: &[u8], extra: &[&str]) -> std::process::Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hubmesh-compile"))
-        .args(["--hub-build", hub_build, "--max-instances", "8", "--max-task-memory", "16777216"])
+        .args(["--hub-build", hub_build])
         .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
