@@ -149,13 +149,16 @@ impl ModuleCache {
 
     /// Writes `module`'s artefact (`artefact` if the compiler handed it over already).
     fn store(&self, path: &Path, module: &Module, artefact: Option<Vec<u8>>) -> anyhow::Result<()> {
+        #[cfg(feature = "compiler")]
         let artefact = match artefact {
             Some(a) => a,
-            #[cfg(feature = "compiler")]
             None => module.serialize().map_err(anyhow::Error::from)?,
-            // Without the compiler every module comes from the compiler program, artefact and all.
-            #[cfg(not(feature = "compiler"))]
-            None => anyhow::bail!("no artefact for {:?}", module.name()),
+        };
+        // Without the compiler every module comes from the compiler program, artefact and all.
+        #[cfg(not(feature = "compiler"))]
+        let Some(artefact) = artefact
+        else {
+            anyhow::bail!("no artefact for {:?}", module.name())
         };
         let tmp = path.with_extension("tmp");
         let mut f = fs::File::create(&tmp)?;
