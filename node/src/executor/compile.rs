@@ -147,17 +147,14 @@ impl Compiler {
             Self::InProcess => in_process(engine, wasm),
             Self::Child(child) => match run_child(child, false, wasm) {
                 Ok(artefact) => load(engine, artefact),
-                Err(ChildError::Exit { code: EXIT_REFUSED, reason }) => Err(CompileError::Refused(reason)),
-                Err(ChildError::Exit { code: EXIT_OTHER_BUILD, reason }) => {
+                Err(e) => match compile_failure(e) {
                     #[cfg(feature = "compiler")]
-                    {
+                    CompileError::OtherBuild(reason) => {
                         other_build(&reason);
                         return Self::InProcess.compile(engine, wasm);
                     }
-                    #[cfg(not(feature = "compiler"))]
-                    Err(CompileError::OtherBuild(reason))
-                }
-                Err(e) => Err(CompileError::Child(e.to_string())),
+                    e => Err(e),
+                },
             },
         };
         count(&compiled, started);
@@ -182,21 +179,14 @@ impl Compiler {
         let started = std::time::Instant::now();
         let answer = match run_child(child, true, source) {
             Ok(answer) => answer,
-            #[cfg(feature = "compiler")]
-            Err(ChildError::Exit { code: EXIT_OTHER_BUILD, reason }) => {
-                other_build(&reason);
-                return Self::InProcess.prepare(engine, source);
-            }
-            Err(ChildError::Exit { code, reason }) => {
-                return Err(match code {
-                    EXIT_MALFORMED => PrepareError::Malformed(reason),
-                    EXIT_UNSUPPORTED => PrepareError::Unsupported(reason),
-                    EXIT_REFUSED => CompileError::Refused(reason).into(),
-                    EXIT_OTHER_BUILD => CompileError::OtherBuild(reason).into(),
-                    _ => CompileError::Child(ChildError::Exit { code, reason }.to_string()).into(),
-                })
-            }
-            Err(e) => return Err(CompileError::Child(e.to_string()).into()),
+            Err(e) => match prepare_failure(e) {
+                #[cfg(feature = "compiler")]
+                PrepareError::CompilerBuild(reason) => {
+                    other_build(&reason);
+                    return Self::InProcess.prepare(engine, source);
+                }
+                e => return Err(e),
+            },
         };
         let (wasm, facts, artefact) =
             decode_frame(answer).ok_or_else(|| CompileError::Child("its answer is not a prepared module".into()))?;
@@ -236,6 +226,25 @@ impl ChildCompiler {
     fn check(&self, engine: &Engine) -> Result<(), String> {
         let artefact = run_child(self, false, EMPTY_MODULE).map_err(|e| e.to_string())?;
         load(engine, artefact).map(drop).map_err(|e| e.to_string())
+    }
+}
+
+/// What a failed run of the program without `--instrument` means (see the module doc).
+fn compile_failure(e: ChildError) -> CompileError {
+    match e {
+        ChildError::Exit { code: EXIT_REFUSED, reason } => CompileError::Refused(reason),
+        ChildError::Exit { code: EXIT_OTHER_BUILD, reason } => CompileError::OtherBuild(reason),
+        e => CompileError::Child(e.to_string()),
+    }
+}
+
+/// What a failed run of the program with `--instrument` means: the two refusals of
+/// instrumentation, else what [`compile_failure`] says.
+fn prepare_failure(e: ChildError) -> PrepareError {
+    match e {
+        ChildError::Exit { code: EXIT_MALFORMED, reason } => PrepareError::Malformed(reason),
+        ChildError::Exit { code: EXIT_UNSUPPORTED, reason } => PrepareError::Unsupported(reason),
+        e => compile_failure(e).into(),
     }
 }
 
