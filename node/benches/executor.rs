@@ -3,7 +3,8 @@
 //! Prints a Markdown table for docs/benchmarks.md: warm invoke next to a bare wasmtime call of
 //! the same function, cold start from the compiled cache, checkpoint cost against dirty pages
 //! and memory size, and durable invocations (one fdatasync each, group-committed across tasks).
-//! Every loop is bounded in count and time.
+//! Every loop is bounded in count and time. `EXECUTOR_BENCH=warm|cold|checkpoints|durable` runs
+//! one section alone.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -122,12 +123,31 @@ fn bare_wasmtime_echo(input: &[u8]) -> Vec<Duration> {
     })
 }
 
+/// Whether the section `name` runs (all of them unless `EXECUTOR_BENCH` names one).
+fn wanted(name: &str) -> bool {
+    std::env::var("EXECUTOR_BENCH").map_or(true, |only| only == name)
+}
+
 fn main() {
-    let dir = tempfile::tempdir().unwrap();
     println!("| benchmark | p50 | p99 | other |");
     println!("|---|---|---|---|");
+    if wanted("warm") {
+        warm();
+    }
+    if wanted("cold") {
+        cold();
+    }
+    if wanted("checkpoints") {
+        checkpoints();
+    }
+    if wanted("durable") {
+        durable();
+    }
+}
 
-    // Warm invoke vs bare wasmtime.
+/// Warm invoke vs bare wasmtime.
+fn warm() {
+    let dir = tempfile::tempdir().unwrap();
     let input = b"hello, hubmesh!!";
     let exec = executor(dir.path());
     start(&exec, "echo", "echo.wat", TaskKind::Stateless, CheckpointPolicy::None);
@@ -149,10 +169,12 @@ fn main() {
         us(bare.p99),
         1.0 / bare.mean.as_secs_f64()
     );
-    drop(exec);
+}
 
-    // Cold start from the compiled cache: a new executor (as after a restart) loads the module
-    // from DATA_DIR/cache, instantiates and answers the first call.
+/// Cold start from the compiled cache: a new executor (as after a restart) loads the module from
+/// DATA_DIR/cache, instantiates and answers the first call.
+fn cold() {
+    let input = b"hello, hubmesh!!";
     let cold_dir = tempfile::tempdir().unwrap();
     let (config, wasm) = {
         let e = executor(cold_dir.path());
@@ -172,8 +194,10 @@ fn main() {
         ms(cold.p50),
         ms(cold.p99)
     );
+}
 
-    // Checkpoints: cost against dirty pages and memory size.
+/// Checkpoints: cost against dirty pages and memory size.
+fn checkpoints() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let ck_dir = tempfile::tempdir().unwrap();
     let exec = executor(ck_dir.path());
@@ -208,8 +232,13 @@ fn main() {
         });
         exec.stop_task(&name, true);
     }
+}
 
-    // Durable invocations: one task sequentially, then 16 tasks at once (group commit).
+/// Durable invocations: one task sequentially, then 16 tasks at once (group commit).
+fn durable() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor(dir.path());
     start(&exec, "counter", "counter.wat", TaskKind::Stateful, CheckpointPolicy::Durable);
     rt.block_on(async {
         let s = stats(sample_async(&exec, "counter", 2000, Duration::from_secs(10)).await);
