@@ -1,9 +1,11 @@
 //! Derives `HUBMESH_BUILD_ID`: what a hub and its compiler program (`hubmesh-compile`) must agree
 //! on to work together — the version, and a hash of the files that decide what a compiled module
 //! looks like (the instrumenter, the names and facts it hands over, the host ABI it checks
-//! imports against, the compiler protocol, the engine's settings) and of Cargo.lock (wasmtime's
-//! exact version). Both binaries of one tree get the same id; any change to those files makes a
-//! stale one refuse (`executor::compile`).
+//! imports against, the compiler protocol and the program that serves it, the engine's settings),
+//! of the workspace's and node's manifests (wasmtime's features; the text, not the features a
+//! build enables: a hub built without the compiler pairs with a compiler built with it) and of
+//! Cargo.lock (wasmtime's exact version). Both binaries of one tree get the same id; any change
+//! to those files makes a stale one refuse (`executor::compile`).
 
 use std::hash::{Hash, Hasher};
 
@@ -13,6 +15,9 @@ const DECIDING: &[&str] = &[
     "src/executor/abi.rs",
     "src/executor/compile.rs",
     "src/executor/engine.rs",
+    "src/bin/hubmesh-compile.rs",
+    "Cargo.toml",
+    "../Cargo.toml",
     "../Cargo.lock",
 ];
 

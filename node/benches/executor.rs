@@ -123,12 +123,17 @@ fn bare_wasmtime_echo(input: &[u8]) -> Vec<Duration> {
     })
 }
 
+const SECTIONS: [&str; 4] = ["warm", "cold", "checkpoints", "durable"];
+
 /// Whether the section `name` runs (all of them unless `EXECUTOR_BENCH` names one).
 fn wanted(name: &str) -> bool {
     std::env::var("EXECUTOR_BENCH").map_or(true, |only| only == name)
 }
 
 fn main() {
+    if let Ok(only) = std::env::var("EXECUTOR_BENCH") {
+        assert!(SECTIONS.contains(&only.as_str()), "EXECUTOR_BENCH={only}: not one of {SECTIONS:?}");
+    }
     println!("| benchmark | p50 | p99 | other |");
     println!("|---|---|---|---|");
     if wanted("warm") {

@@ -280,7 +280,8 @@ impl Hub {
         let deadline = tokio::time::Instant::now() + SETTLE;
         while tokio::time::Instant::now() < deadline {
             let running = self.executor().status(name).is_some_and(|s| s.config.version >= version);
-            let failed = self.start_failure(name).is_some();
+            // A failure of the hub is tried again meanwhile: waiting may see it start.
+            let failed = self.start_failure(name).is_some_and(|f| f.version >= version && f.retry_at.is_none());
             if running || failed {
                 return;
             }

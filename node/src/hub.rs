@@ -13,15 +13,50 @@ use crate::config::Config;
 use crate::executor::Executor;
 use crate::worker::Workers;
 
-/// Why a task placed here could not be started, for the task version and epoch it was tried at
-/// (a new version or epoch is tried again).
+/// Why a task placed here could not be started, for the task version and epoch it was tried at.
+/// A failure of the task is not tried again before a new version or epoch; one of this hub
+/// (`StartTaskError::Hub`) is, after a wait that doubles with each failed try.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{version}@{epoch}: {reason}")]
+#[error("{version}@{epoch}: {reason}{}", if .retry_at.is_some() { " (retrying)" } else { "" })]
 pub(crate) struct StartFailure {
     pub(crate) version: u64,
     pub(crate) epoch: u64,
     /// For people: the module does not load, the module could not be stored, ...
     pub(crate) reason: String,
+    /// When the reconciler tries again; never for a failure of the task.
+    pub(crate) retry_at: Option<Instant>,
+    /// Failed tries of this version and epoch in a row.
+    pub(crate) tries: u32,
+}
+
+/// The first wait before a failure of the hub is tried again, and the longest.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+impl StartFailure {
+    /// A failure of the task: not tried again at this version and epoch.
+    pub(crate) fn of_task(version: u64, epoch: u64, reason: String) -> Self {
+        Self { version, epoch, reason, retry_at: None, tries: 1 }
+    }
+
+    /// A failure of this hub, after `before` (the last failure recorded for the task, if any):
+    /// tried again after 1 s, 2 s, 4 s... up to 5 min, counted per version and epoch.
+    pub(crate) fn of_hub(version: u64, epoch: u64, reason: String, before: Option<&Self>) -> Self {
+        let tries = before.filter(|b| b.retry_at.is_some() && b.is_of(version, epoch)).map_or(0, |b| b.tries) + 1;
+        let wait = RETRY_FIRST.saturating_mul(1 << (tries - 1).min(16)).min(RETRY_MAX);
+        Self { version, epoch, reason, retry_at: Some(Instant::now() + wait), tries }
+    }
+
+    /// Whether this failure, of `version` at `epoch`, stands now (the reconciler does not try
+    /// the start).
+    pub(crate) fn holds(&self, version: u64, epoch: u64) -> bool {
+        (self.version, self.epoch) == (version, epoch) && self.retry_at.is_none_or(|t| Instant::now() < t)
+    }
+
+    /// Whether it is of `version` at `epoch` (a failure of an older one says nothing of this).
+    pub(crate) fn is_of(&self, version: u64, epoch: u64) -> bool {
+        (self.version, self.epoch) == (version, epoch)
+    }
 }
 
 /// The services of a hub.
@@ -134,10 +169,18 @@ impl Hub {
         self.start_failures.lock().unwrap_or_else(|p| p.into_inner()).get(task).cloned()
     }
 
-    /// Records that `task` could not start.
+    /// Records that `task` could not start. Logged when the reason is new (a failure of the hub
+    /// recurs at every try).
     pub(crate) fn record_start_failure(&self, task: &str, failure: StartFailure) {
-        tracing::error!(task, %failure, "task failed to start");
-        self.start_failures.lock().unwrap_or_else(|p| p.into_inner()).insert(task.to_owned(), failure);
+        let mut failures = self.start_failures.lock().unwrap_or_else(|p| p.into_inner());
+        let again =
+            failures.get(task).is_some_and(|f| f.is_of(failure.version, failure.epoch) && f.reason == failure.reason);
+        match (&failure.retry_at, again) {
+            (_, true) => tracing::debug!(task, %failure, tries = failure.tries, "task failed to start again"),
+            (Some(_), false) => tracing::warn!(task, %failure, "task failed to start"),
+            (None, false) => tracing::error!(task, %failure, "task failed to start"),
+        }
+        failures.insert(task.to_owned(), failure);
     }
 
     /// Forgets the failures of tasks for which `keep` is false (started, moved away, deleted).
@@ -156,5 +199,39 @@ impl Hub {
     pub(crate) async fn wait_state(&self, timeout: Duration, cond: impl Fn(&ClusterState) -> bool) -> bool {
         let mut rx = self.consensus.watch();
         tokio::time::timeout(timeout, rx.wait_for(|s| cond(s))).await.is_ok_and(|r| r.is_ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_of_the_hub_is_tried_again_ever_later_and_one_of_the_task_not_at_all() {
+        let task = StartFailure::of_task(2, 5, "the module does not load".into());
+        assert!(task.holds(2, 5), "not tried again at its version and epoch");
+        assert!(!task.holds(3, 5) && !task.holds(2, 6), "a new version or epoch is tried");
+        assert!(!task.to_string().contains("retrying"));
+
+        let mut waits = Vec::new();
+        let mut last: Option<StartFailure> = Some(task);
+        for _ in 0..12 {
+            let f = StartFailure::of_hub(2, 5, "the compiler died".into(), last.as_ref());
+            assert!(f.holds(2, 5), "not before its time");
+            waits.push(f.retry_at.unwrap().saturating_duration_since(Instant::now()));
+            last = Some(f);
+        }
+        let secs: Vec<u64> = waits.iter().map(|w| (w.as_millis() as u64 + 500) / 1000).collect();
+        assert_eq!(
+            secs,
+            [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300],
+            "doubling from 1 s (a task's failure does not count), at most 5 min"
+        );
+        let last = last.unwrap();
+        assert!(last.to_string().ends_with("the compiler died (retrying)"), "{last}");
+        assert_eq!(StartFailure::of_hub(2, 6, "x".into(), Some(&last)).tries, 1, "counted per epoch");
+
+        let due = StartFailure { retry_at: Some(Instant::now() - Duration::from_millis(1)), ..last };
+        assert!(!due.holds(2, 5), "tried once its time has come");
     }
 }

@@ -145,7 +145,7 @@ impl Hub {
             return Step::Wait("this hub has lost contact with the mesh (no lease)".into());
         }
         if !self.executor().runs_at(name, task.version, p.epoch.0) {
-            return match self.start_failure(name) {
+            return match self.start_failure(name).filter(|f| f.is_of(task.version, p.epoch.0)) {
                 Some(f) => Step::Done(Err(RouteError::NotReady(f.to_string()))),
                 None => Step::Wait("the task is starting".into()),
             };

@@ -71,7 +71,7 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
         if running.get(&name) == Some(&cfg) || migrating(&name) {
             continue;
         }
-        let failed_before = hub.start_failure(&name).is_some_and(|f| (f.version, f.epoch) == (cfg.version, cfg.epoch));
+        let failed_before = hub.start_failure(&name).is_some_and(|f| f.holds(cfg.version, cfg.epoch));
         if failed_before {
             continue;
         }
@@ -81,7 +81,8 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
                 match crate::dataplane::fetch_module(hub, &cfg.module_hash).await {
                     Ok(w) => {
                         if let Err(e) = hub.blobs().put(&w) {
-                            record_failure(hub, &cfg, &e.to_string());
+                            // This hub's disk (full, failing): not the task's.
+                            record_retrying(hub, &cfg, &e.to_string());
                             continue;
                         }
                         w
@@ -94,7 +95,7 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
                 }
             }
             Err(e) => {
-                record_failure(hub, &cfg, &e.to_string());
+                record_retrying(hub, &cfg, &e.to_string());
                 continue;
             }
         };
@@ -177,6 +178,8 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
                 // The checkpoint may be on its way (or fetched again next round): not permanent.
                 tracing::warn!(task = %name, error = %e, "restoring the task failed; retrying");
             }
+            // Shown to callers and in `task show` meanwhile, and tried again next round.
+            Ok(Err(e @ crate::executor::StartTaskError::Hub(_))) => record_retrying(hub, &cfg, &e.to_string()),
             Ok(Err(e)) => record_failure(hub, &cfg, &e.to_string()),
             Err(e) => record_failure(hub, &cfg, &format!("the start thread failed: {e}")),
         }
@@ -196,7 +199,13 @@ fn migrated_here(t: &TaskRecord, epoch: u64, record: &CheckpointRecord) -> bool 
 }
 
 fn record_failure(hub: &Hub, cfg: &TaskConfig, reason: &str) {
-    let failure = StartFailure { version: cfg.version, epoch: cfg.epoch, reason: reason.to_owned() };
+    hub.record_start_failure(&cfg.name, StartFailure::of_task(cfg.version, cfg.epoch, reason.to_owned()));
+}
+
+/// A failure of this hub (see `StartFailure::of_hub`).
+fn record_retrying(hub: &Hub, cfg: &TaskConfig, reason: &str) {
+    let before = hub.start_failure(&cfg.name);
+    let failure = StartFailure::of_hub(cfg.version, cfg.epoch, reason.to_owned(), before.as_ref());
     hub.record_start_failure(&cfg.name, failure);
 }
 

@@ -197,7 +197,9 @@ pub struct TaskInfo {
     /// blake3 of the module as uploaded, hex.
     pub source_hash: String,
     pub limits: LimitsInfo,
-    /// `running`, `pending` or `failed`.
+    /// `running`, `starting`, `pending` or `failed`. `starting` with a `reason`: the start failed
+    /// for a reason of the hub's (its compiler program, its disk) and is tried again; `failed`:
+    /// the task's own (the module does not load here), not tried again before a new version.
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -395,6 +397,11 @@ pub struct WorkerInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StatusInfo {
     pub version: String,
+    /// The build (what `hubmesh --version` prints: the version and a hash of what decides a
+    /// compiled module); a hub and its compiler program must be of one build. Empty from a hub
+    /// older than this field.
+    #[serde(default)]
+    pub build: String,
     pub node_id: u64,
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

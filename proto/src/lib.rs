@@ -17,4 +17,7 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/hubmesh.v1.rs"));
 }
 
+/// prost's field encoders, for a message written by hand where its generated form would copy
+/// too much (the checkpoint manifest's page list).
+pub use prost::encoding;
 pub use prost::{DecodeError, Message};

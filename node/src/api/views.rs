@@ -35,12 +35,15 @@ pub(crate) fn task_info(hub: &Hub, state: &ClusterState, near: &scheduler::Near,
     let instances: Vec<api::PlacementInfo> = record.placements().map(|(_, p)| info(&p)).collect();
     let placement = record.instances.get(&0).map(info);
     let local = hub.executor().status(name);
-    let failure = hub.start_failure(name).map(|f| f.to_string());
-    let here = record.placements().any(|(_, p)| p.node == hub.consensus().node_id());
+    let here_at = record.placements().find(|(_, p)| p.node == hub.consensus().node_id()).map(|(_, p)| p.epoch.0);
+    let here = here_at.is_some();
+    // Only a failure of this version at this placement: an older one says nothing of it.
+    let failure = hub.start_failure(name).filter(|f| here_at.is_some_and(|e| f.is_of(record.version, e)));
     let (state_text, reason) = if let Some(reason) = scheduler::pending_reason(state, near, name) {
         ("pending", Some(reason.to_string()))
-    } else if let Some(f) = failure.filter(|_| here) {
-        ("failed", Some(f))
+    } else if let Some(f) = failure {
+        // A failure of the hub (its compiler program, say) is tried again: still starting.
+        (if f.retry_at.is_some() { "starting" } else { "failed" }, Some(f.to_string()))
     } else if let Some(broken) = local.as_ref().and_then(|s| s.broken.clone()) {
         ("failed", Some(broken))
     } else if here && local.as_ref().is_none_or(|s| s.config.version != record.version) {
@@ -147,6 +150,7 @@ pub(crate) fn status(hub: &Hub) -> api::StatusInfo {
     }
     api::StatusInfo {
         version: env!("CARGO_PKG_VERSION").into(),
+        build: crate::executor::BUILD_ID.into(),
         node_id: mesh.node_id,
         name: hub.config().name.clone(),
         leader: mesh.leader,

@@ -116,7 +116,8 @@ pub(super) fn status(s: &api::StatusInfo, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(s);
     }
-    println!("hub       {} (id {}), hubmesh {}", s.name, s.node_id, s.version);
+    let build = if s.build.is_empty() { &s.version } else { &s.build };
+    println!("hub       {} (id {}), hubmesh {build}", s.name, s.node_id);
     println!("leader    {}", s.leader.map_or("none".to_owned(), |l| l.to_string()));
     println!("term      {}   applied {}", s.term, s.last_applied);
     println!("voters    {:?}", s.voters);

@@ -268,9 +268,11 @@ fn load(engine: &Engine, artefact: Vec<u8>) -> Result<Compiled, CompileError> {
     // SAFETY: the artefact comes from the compiler program of this build (it checks), which
     // passed the start-up check (one of its artefacts loaded into this engine), built its engine
     // with the same `engine::settings`, and wrote it to a pipe only we hold; `deserialize` still
-    // refuses one whose wasmtime version, target, flags, tunables or features differ.
+    // refuses one whose wasmtime version, target, flags, tunables or features differ. So what
+    // it refuses now is this module's (memory or tables larger than this hub's pool reserves, as
+    // compiling in process would refuse it), not the program's.
     let module = unsafe { Module::deserialize(engine, &artefact) }
-        .map_err(|e| CompileError::Child(format!("its artefact does not load: {e}")))?;
+        .map_err(|e| CompileError::Refused(format!("the compiled module does not load on this hub: {e}")))?;
     Ok(Compiled { module, artefact: Some(artefact) })
 }
 
@@ -334,9 +336,28 @@ fn run_child(child: &ChildCompiler, instrument: bool, input: &[u8]) -> Result<Ve
     else {
         unreachable!("all three were piped");
     };
+    // No thread (a hub at its limit): the child goes, and the threads already started end with
+    // it (the writer when its stdin closes, the reader at the end of its stderr). The watchdog
+    // starts last, so it never outlives a child reaped here.
+    let no_thread = |child: &mut std::process::Child, e: std::io::Error| {
+        let _ = child.kill();
+        let _ = child.wait();
+        ChildError::Other(format!("no thread to talk to it: {e}"))
+    };
+    let input = input.to_vec();
+    let writer = std::thread::Builder::new().spawn(move || stdin.write_all(&input));
+    let writer = writer.map_err(|e| no_thread(&mut child, e))?;
+    let errors = std::thread::Builder::new().spawn(move || {
+        // Read to the end (a child must never block on a full stderr), keep the start.
+        let mut text = Vec::new();
+        let _ = stderr.by_ref().take(STDERR_KEPT).read_to_end(&mut text);
+        let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    let errors = errors.map_err(|e| no_thread(&mut child, e))?;
     // The deadline: past it the child is killed, which ends the reads below.
     let (done, watch) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
+    let watchdog = std::thread::Builder::new().spawn(move || {
         if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(CHILD_BUDGET) {
             // SAFETY: kill(2) of our own child, which is reaped only after this thread ended.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -344,15 +365,7 @@ fn run_child(child: &ChildCompiler, instrument: bool, input: &[u8]) -> Result<Ve
         }
         false
     });
-    let input = input.to_vec();
-    let writer = std::thread::spawn(move || stdin.write_all(&input));
-    let errors = std::thread::spawn(move || {
-        // Read to the end (a child must never block on a full stderr), keep the start.
-        let mut text = Vec::new();
-        let _ = stderr.by_ref().take(STDERR_KEPT).read_to_end(&mut text);
-        let _ = std::io::copy(&mut stderr, &mut std::io::sink());
-        String::from_utf8_lossy(&text).into_owned()
-    });
+    let watchdog = watchdog.map_err(|e| no_thread(&mut child, e))?;
     let mut output = Vec::new();
     let read = stdout.read_to_end(&mut output);
     let _ = done.send(());

@@ -48,6 +48,21 @@ pub enum StartTaskError {
     /// The saved state could not be restored.
     #[error("restoring the task's checkpoint: {0}")]
     Restore(String),
+    /// This hub failed, not the module: its compiler program died, timed out or is of another
+    /// build (upgraded under the running hub), or no thread could be spawned. Worth trying again.
+    #[error("this hub could not start it now: {0}")]
+    Hub(String),
+}
+
+impl From<InvokeError> for StartTaskError {
+    /// An instance that could not be built: the engine's pool was full (this hub's failure, for
+    /// now), or the module's start or memory failed (its own).
+    fn from(e: InvokeError) -> Self {
+        match e {
+            InvokeError::Unavailable(_) => Self::Hub(e.to_string()),
+            e => Self::Module(e.to_string()),
+        }
+    }
 }
 
 /// Why a checkpoint was not committed for the mesh (the [`super::CheckpointSink`]'s answer).

@@ -226,7 +226,7 @@ impl Executor {
     ) -> anyhow::Result<Self> {
         let mut linker = Linker::new(&engine);
         abi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
-        let cache = ModuleCache::open(cache_dir, engine.clone(), limits, compiler)?;
+        let cache = ModuleCache::open(cache_dir, engine.clone(), compiler)?;
         let writer = Writer::start(pages.clone())?;
         let clock = Arc::new(engine::Clock::default());
         let ticking = engine.clone();
@@ -273,7 +273,10 @@ impl Executor {
     }
 
     fn load(&self, hash: &Hash, wasm: &[u8]) -> Result<instance::LoadedModule, StartTaskError> {
-        let (module, source) = self.cache.get(hash, wasm).map_err(|e| StartTaskError::Module(e.to_string()))?;
+        let (module, source) = self.cache.get(hash, wasm).map_err(|e| match e {
+            CompileError::Refused(_) => StartTaskError::Module(e.to_string()),
+            CompileError::Child(_) | CompileError::OtherBuild(_) => StartTaskError::Hub(e.to_string()),
+        })?;
         tracing::debug!(module = %hash, ?source, "module loaded");
         instance::LoadedModule::new(&self.engine, &self.clock, &self.linker, &module)
             .map_err(|e| StartTaskError::Module(e.to_string()))
@@ -316,10 +319,9 @@ impl Executor {
                 restore,
                 staged,
             )?),
-            TaskKind::Stateless => Runtime::Stateless(Arc::new(
-                StatelessTask::start(&config.name, module, config.limits, config.queue)
-                    .map_err(|e| StartTaskError::Module(e.to_string()))?,
-            )),
+            TaskKind::Stateless => {
+                Runtime::Stateless(Arc::new(StatelessTask::start(&config.name, module, config.limits, config.queue)?))
+            }
         };
         tracing::info!(task = %config.name, version = config.version, epoch = config.epoch, took = ?started.elapsed(), "task started");
         let name = config.name.clone();

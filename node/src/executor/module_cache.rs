@@ -1,8 +1,8 @@
 //! Compiled modules, cached in memory and on disk so a restart does not recompile.
 //!
 //! File: `DATA_DIR/cache/<module hash>-<arch>-<build key>.cwasm`: the blake3 of the rest (32
-//! bytes), then wasmtime's serialized artefact. The build key hashes `HUBMESH_BUILD_ID` (the version, the
-//! files that decide the compiled code, Cargo.lock) and the engine limits, so another build's
+//! bytes), then wasmtime's serialized artefact. The build key hashes `HUBMESH_BUILD_ID` (the
+//! version and a hash of what decides the compiled code: node/build.rs), so another build's
 //! files are not even read: at open, files of this architecture under another key (and of the
 //! older `<hash>-<key>` naming) are deleted, and another architecture's are left alone (one data
 //! dir may be run by an x86_64 and an arm64 build in turn). The checksum is verified before the
@@ -21,7 +21,6 @@ use hubmesh_storage::Hash;
 use wasmtime::{Engine, Module};
 
 use super::compile::{CompileError, Compiled, Compiler};
-use super::engine::EngineLimits;
 use super::prepared::{ModuleFacts, PrepareError};
 
 /// This machine's architecture, as a cache file names it.
@@ -60,11 +59,12 @@ pub(crate) struct ModuleCache {
 }
 
 impl ModuleCache {
-    pub(crate) fn open(dir: &Path, engine: Engine, limits: EngineLimits, compiler: Compiler) -> std::io::Result<Self> {
+    pub(crate) fn open(dir: &Path, engine: Engine, compiler: Compiler) -> std::io::Result<Self> {
         fs::create_dir_all(dir)?;
         // Not wasmtime's `precompile_compatibility_hash`: a hub without the compiler has none.
-        let build = format!("{} {} {}", super::compile::BUILD_ID, limits.max_instances, limits.max_task_memory);
-        let engine_key = format!("{ARCH}-{}", &blake3::hash(build.as_bytes()).to_hex()[..16]);
+        // The instance pool's sizes are no part of an artefact (see `engine::build_for_compiling`):
+        // a hub restarted with other limits keeps its cache.
+        let engine_key = format!("{ARCH}-{}", &blake3::hash(super::compile::BUILD_ID.as_bytes()).to_hex()[..16]);
         for entry in fs::read_dir(dir)?.flatten() {
             let name = entry.file_name();
             if name.to_str().is_some_and(|n| is_stale(n, &engine_key)) {

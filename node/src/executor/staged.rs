@@ -31,8 +31,7 @@ impl Executor {
     /// or, without one, with all-zero memory (the rounds then carry every page).
     pub fn stage(&self, cfg: &TaskConfig, wasm: &[u8], base: Option<&Manifest>) -> Result<StagedTask, StartTaskError> {
         let module = self.load(&cfg.module_hash, wasm)?;
-        let mut inst = Instance::new(&module, cfg.name.as_str().into(), cfg.limits, false)
-            .map_err(|e| StartTaskError::Module(e.to_string()))?;
+        let mut inst = Instance::new(&module, cfg.name.as_str().into(), cfg.limits, false)?;
         let image = match base {
             Some(m) => {
                 let image =

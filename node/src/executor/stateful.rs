@@ -157,8 +157,7 @@ impl StatefulTask {
                     None => {
                         let image = MemoryImage::restore(&m, &pages, cfg.limits.memory_bytes)
                             .map_err(StartTaskError::Restore)?;
-                        let mut inst = Instance::new(&module, name, cfg.limits, false)
-                            .map_err(|e| StartTaskError::Module(e.to_string()))?;
+                        let mut inst = Instance::new(&module, name, cfg.limits, false)?;
                         image.apply_to(&mut inst).map_err(|e| StartTaskError::Restore(e.to_string()))?;
                         (inst, image)
                     }
@@ -175,8 +174,7 @@ impl StatefulTask {
                 (inst, image, answers, m.sequence, m.invocations)
             }
             None => {
-                let mut inst = Instance::new(&module, name, cfg.limits, true)
-                    .map_err(|e| StartTaskError::Module(e.to_string()))?;
+                let mut inst = Instance::new(&module, name, cfg.limits, true)?;
                 let image = MemoryImage::capture(&mut inst);
                 (inst, image, AnswerCache::default(), 0, 0)
             }
@@ -225,7 +223,7 @@ impl StatefulTask {
         let thread = std::thread::Builder::new()
             .name(format!("hm-task-{}", actor.cfg.name))
             .spawn(move || actor.run())
-            .map_err(|e| StartTaskError::Module(format!("spawning the task thread: {e}")))?;
+            .map_err(|e| StartTaskError::Hub(format!("spawning the task thread: {e}")))?;
         Ok(Self { tx, queue, backlog_len, status, meter, thread: Mutex::new(Some(thread)) })
     }
 

@@ -2,8 +2,11 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use crate::harness::{example, step};
+use hubmesh_proto::api::DeployParams;
+
+use crate::harness::{example, example_bytes, step, wait_until, Hub};
 
 /// The build of this tree: the hub's and the compiler program's (node/build.rs).
 const BUILD: &str = env!("HUBMESH_BUILD_ID");
@@ -76,4 +79,70 @@ fn the_compiler_program_of_another_build_refuses_to_compile_and_says_which_it_is
     };
     assert_eq!(version(env!("CARGO_BIN_EXE_hubmesh-compile")), BUILD);
     assert_eq!(version(env!("CARGO_BIN_EXE_hubmesh")), BUILD);
+}
+
+/// A compiler program that fails for a while (killed, out of memory, half-upgraded) is the hub's
+/// failure, not the task's: the task is shown starting with the reason, and starts with its state
+/// once the program works again, without a restart of the hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_module_the_compiler_program_fails_to_compile_starts_once_it_works_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wrapper, broken, checked) =
+        (dir.path().join("hubmesh-compile"), dir.path().join("broken"), dir.path().join("checked"));
+    // Passes the hub's start-up check (the first run), then fails while `broken` exists.
+    let script = format!(
+        "#!/bin/sh\nif [ -e '{b}' ] && [ -e '{c}' ]; then echo 'the compiler is broken (test)' >&2; exit 2; fi\n\
+         touch '{c}'\nexec '{real}' \"$@\"\n",
+        b = broken.display(),
+        c = checked.display(),
+        real = env!("CARGO_BIN_EXE_hubmesh-compile"),
+    );
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let env = [("HUBMESH_COMPILER", wrapper.to_str().unwrap())];
+    let mut hub = Hub::start_with_env("compiler-retry", &[], &env).await;
+    let params = DeployParams { durable: true, ..Default::default() };
+    hub.client.deploy("counter", example_bytes("counter.wat"), &params, false).await.unwrap();
+    for i in 1..=3 {
+        let out = hub.client.invoke("counter", b"1".to_vec(), None).await.unwrap();
+        assert_eq!(out, i.to_string().into_bytes());
+    }
+
+    step("restart with an empty compiled-module cache and a compiler program that fails after its check");
+    hub.terminate();
+    let cache = hub.data_dir().join("cache");
+    let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(!cached.is_empty(), "the deploy left a compiled module in {}", cache.display());
+    for f in cached {
+        std::fs::remove_file(f).unwrap();
+    }
+    std::fs::remove_file(&checked).unwrap();
+    std::fs::write(&broken, b"").unwrap();
+    hub.restart().await;
+
+    step("the task is starting, with the compiler's failure as the reason; a call is refused with it");
+    let client = hub.client.clone();
+    wait_until(Duration::from_secs(30), "the task shows the compiler's failure", || {
+        let c = client.clone();
+        async move {
+            c.task("counter").await.is_ok_and(|t| {
+                t.state == "starting"
+                    && t.reason.is_some_and(|r| r.contains("compiler is broken") && r.contains("retrying"))
+            })
+        }
+    })
+    .await;
+    let err = hub.client.invoke("counter", b"1".to_vec(), None).await.unwrap_err();
+    assert!(err.to_string().contains("compiler is broken"), "{err}");
+
+    step("the program works again: the task starts by itself, with its state");
+    std::fs::remove_file(&broken).unwrap();
+    let client = hub.client.clone();
+    wait_until(Duration::from_secs(30), "the task runs again", || {
+        let c = client.clone();
+        async move { c.task("counter").await.is_ok_and(|t| t.state == "running" && t.reason.is_none()) }
+    })
+    .await;
+    let out = hub.client.invoke("counter", b"1".to_vec(), None).await.unwrap();
+    assert_eq!(out, b"4".to_vec(), "the three acknowledged increments survived");
 }
