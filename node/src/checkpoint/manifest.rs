@@ -76,8 +76,9 @@ pub enum ManifestError {
 impl Manifest {
     /// The protobuf encoding: byte for byte what `pb::CheckpointManifest::from(self)` encodes to,
     /// without the heap copy of each page's hash that form makes. A durable task writes a
-    /// manifest at every call, listing every non-zero page, and 1,024 small allocations and frees
-    /// were most of the cost of a checkpoint with one dirty page (docs/benchmarks.md). prost
+    /// manifest at every call, listing every non-zero page: a 64 MiB task's 1,024 small
+    /// allocations and frees were a large part of a checkpoint with one dirty page
+    /// (docs/benchmarks.md, "fifth pass"). prost
     /// writes fields in field-number order and a message is the concatenation of its fields, so
     /// the fields before `pages`, the pages, and the fields after are written one after another.
     pub(crate) fn encode(&self) -> Vec<u8> {
@@ -92,7 +93,8 @@ impl Manifest {
         };
         let pages: usize =
             self.pages.iter().map(|(i, _)| page_ref_len(*i)).map(|l| 1 + encoded_len_varint(l as u64) + l).sum();
-        let mut buf = Vec::with_capacity(head.encoded_len() + pages + tail.encoded_len());
+        let size = head.encoded_len() + pages + tail.encoded_len();
+        let mut buf = Vec::with_capacity(size);
         // Writing into a Vec cannot run out of room.
         head.encode(&mut buf).expect("a Vec grows");
         for (index, hash) in &self.pages {
@@ -108,6 +110,7 @@ impl Manifest {
             buf.extend_from_slice(&hash.0);
         }
         tail.encode(&mut buf).expect("a Vec grows");
+        debug_assert_eq!(buf.len(), size, "the page list's length is computed as it is written");
         buf
     }
 

@@ -225,7 +225,7 @@ impl ChildCompiler {
     /// Compiles the empty module and loads the artefact into the hub's `engine`.
     fn check(&self, engine: &Engine) -> Result<(), String> {
         let artefact = run_child(self, false, EMPTY_MODULE).map_err(|e| e.to_string())?;
-        load(engine, artefact).map(drop).map_err(|e| e.to_string())
+        load(engine, artefact).map(drop).map_err(|e| format!("the empty module it compiled: {e}"))
     }
 }
 
@@ -269,8 +269,11 @@ fn load(engine: &Engine, artefact: Vec<u8>) -> Result<Compiled, CompileError> {
     // passed the start-up check (one of its artefacts loaded into this engine), built its engine
     // with the same `engine::settings`, and wrote it to a pipe only we hold; `deserialize` still
     // refuses one whose wasmtime version, target, flags, tunables or features differ. So what
-    // it refuses now is this module's (memory or tables larger than this hub's pool reserves, as
-    // compiling in process would refuse it), not the program's.
+    // it refuses now is taken to be this module's (memory or tables larger than this hub's pool
+    // reserves, as compiling in process would refuse it), not the program's. Not told apart: an
+    // mmap that fails for want of memory here, or a program swapped since the check for one of
+    // the same build id with other wasmtime features; both leave the task failed until a new
+    // version or a restart.
     let module = unsafe { Module::deserialize(engine, &artefact) }
         .map_err(|e| CompileError::Refused(format!("the compiled module does not load on this hub: {e}")))?;
     Ok(Compiled { module, artefact: Some(artefact) })

@@ -54,13 +54,13 @@ pub enum StartTaskError {
     Hub(String),
 }
 
-impl From<InvokeError> for StartTaskError {
+impl From<super::instance::InstanceError> for StartTaskError {
     /// An instance that could not be built: the engine's pool was full (this hub's failure, for
-    /// now), or the module's start or memory failed (its own).
-    fn from(e: InvokeError) -> Self {
+    /// now), or the module failed (its own).
+    fn from(e: super::instance::InstanceError) -> Self {
         match e {
-            InvokeError::Unavailable(_) => Self::Hub(e.to_string()),
-            e => Self::Module(e.to_string()),
+            super::instance::InstanceError::NoSlot(_) => Self::Hub(e.to_string()),
+            super::instance::InstanceError::Module(e) => Self::Module(e.to_string()),
         }
     }
 }

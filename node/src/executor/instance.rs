@@ -76,7 +76,7 @@ impl Instance {
         task: Arc<str>,
         limits: InstanceLimits,
         initialize: bool,
-    ) -> Result<Self, InvokeError> {
+    ) -> Result<Self, InstanceError> {
         let mut store = Store::new(&module.engine, HostState::new(task, limits.memory_bytes, limits.max_output_bytes));
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         store.epoch_deadline_trap();
@@ -85,18 +85,14 @@ impl Instance {
         let instance =
             module.pre.instantiate(&mut store).map_err(|e| classify_instantiation(&e, &mut store, limits))?;
         drop(running);
-        let missing = |what: &str| InvokeError::Unavailable(format!("instrumented module lacks {what}"));
+        let missing =
+            |what: &str| InstanceError::Module(InvokeError::Unavailable(format!("instrumented module lacks {what}")));
+        let no_func = |e: wasmtime::Error| InstanceError::Module(InvokeError::Unavailable(e.to_string()));
         let memory = instance.get_memory(&mut store, MEMORY_EXPORT).ok_or_else(|| missing(MEMORY_EXPORT))?;
         let dirty = instance.get_memory(&mut store, DIRTY_EXPORT).ok_or_else(|| missing(DIRTY_EXPORT))?;
-        let invoke = instance
-            .get_typed_func::<i32, i32>(&mut store, abi::INVOKE_EXPORT)
-            .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
+        let invoke = instance.get_typed_func::<i32, i32>(&mut store, abi::INVOKE_EXPORT).map_err(no_func)?;
         let tick = if module.has_tick {
-            Some(
-                instance
-                    .get_typed_func::<(), ()>(&mut store, abi::TICK_EXPORT)
-                    .map_err(|e| InvokeError::Unavailable(e.to_string()))?,
-            )
+            Some(instance.get_typed_func::<(), ()>(&mut store, abi::TICK_EXPORT).map_err(no_func)?)
         } else {
             None
         };
@@ -109,12 +105,10 @@ impl Instance {
         store.data_mut().dirty = Some(dirty);
         let mut inst = Self { store, invoke, tick, memory, dirty, globals, limits, clock: module.clock.clone() };
         if initialize && module.has_initialize {
-            let init = instance
-                .get_typed_func::<(), ()>(&mut inst.store, abi::INITIALIZE_EXPORT)
-                .map_err(|e| InvokeError::Unavailable(e.to_string()))?;
+            let init = instance.get_typed_func::<(), ()>(&mut inst.store, abi::INITIALIZE_EXPORT).map_err(no_func)?;
             inst.arm();
             let _running = inst.clock.enter();
-            init.call(&mut inst.store, ()).map_err(|e| classify(&e, &mut inst.store, limits))?;
+            init.call(&mut inst.store, ()).map_err(|e| InstanceError::Module(classify(&e, &mut inst.store, limits)))?;
         }
         Ok(inst)
     }
@@ -185,12 +179,37 @@ fn classify(err: &wasmtime::Error, store: &mut Store<HostState>, limits: Instanc
 /// Like [`classify`], for a failed instantiation: besides the start function's traps and the
 /// limiter's refusals, the engine itself may refuse: a full pool of instances (try later), or a
 /// module whose memory or tables do not fit what the pool reserves per instance.
-fn classify_instantiation(err: &wasmtime::Error, store: &mut Store<HostState>, limits: InstanceLimits) -> InvokeError {
+fn classify_instantiation(
+    err: &wasmtime::Error,
+    store: &mut Store<HostState>,
+    limits: InstanceLimits,
+) -> InstanceError {
     if store.data().fault.is_some() || err.downcast_ref::<Trap>().is_some() {
-        return classify(err, store, limits);
+        return InstanceError::Module(classify(err, store, limits));
     }
     if err.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
-        return InvokeError::Unavailable(format!("no free instance slot on this hub: {err}"));
+        return InstanceError::NoSlot(err.to_string());
     }
-    InvokeError::MemoryLimit { limit: limits.memory_bytes }
+    InstanceError::Module(InvokeError::MemoryLimit { limit: limits.memory_bytes })
+}
+
+/// Why an instance could not be built: this hub's pool was full, or the module failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InstanceError {
+    /// Every instance slot of the engine's pool is taken: this hub's limit, for now.
+    #[error("no free instance slot on this hub: {0}")]
+    NoSlot(String),
+    /// The module's: its start or `_initialize` trapped or ran out of memory, or it lacks what
+    /// instrumentation adds or an export of the right type.
+    #[error(transparent)]
+    Module(InvokeError),
+}
+
+impl From<InstanceError> for InvokeError {
+    fn from(e: InstanceError) -> Self {
+        match e {
+            InstanceError::NoSlot(_) => Self::Unavailable(e.to_string()),
+            InstanceError::Module(e) => e,
+        }
+    }
 }

@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::instance::{Instance, InstanceLimits, LoadedModule};
+use super::instance::{Instance, InstanceError, InstanceLimits, LoadedModule};
 use super::meter::TaskMeter;
 use super::{Answer, InvokeError};
 
@@ -45,7 +45,7 @@ impl StatelessTask {
         module: LoadedModule,
         limits: InstanceLimits,
         queue: u32,
-    ) -> Result<Self, InvokeError> {
+    ) -> Result<Self, InstanceError> {
         let name: Arc<str> = name.into();
         let first = Instance::new(&module, name.clone(), limits, true)?;
         Ok(Self {

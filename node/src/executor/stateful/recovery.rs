@@ -11,6 +11,7 @@ use super::Actor;
 use crate::checkpoint::{AnswerCache, Manifest};
 use crate::executor::image::MemoryImage;
 use crate::executor::instance::Instance;
+use crate::executor::InvokeError;
 
 impl Actor {
     /// Takes the mesh's committed checkpoint as this instance's own when it is newer, of this
@@ -74,6 +75,7 @@ impl Actor {
     /// call).
     pub(super) fn rollback(&mut self) {
         let fresh = Instance::new(&self.module, self.cfg.name.as_str().into(), self.cfg.limits, false)
+            .map_err(InvokeError::from)
             .and_then(|mut inst| self.image.apply_to(&mut inst).map(|()| inst));
         match fresh {
             Ok(inst) => self.inst = inst,
