@@ -178,7 +178,7 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
                 // The checkpoint may be on its way (or fetched again next round): not permanent.
                 tracing::warn!(task = %name, error = %e, "restoring the task failed; retrying");
             }
-            // Shown to callers and in `task show` meanwhile, and tried again next round.
+            // Shown to callers and in `task show` meanwhile, and tried again after a backoff.
             Ok(Err(e @ crate::executor::StartTaskError::Hub(_))) => record_retrying(hub, &cfg, &e.to_string()),
             Ok(Err(e)) => record_failure(hub, &cfg, &e.to_string()),
             Err(e) => record_failure(hub, &cfg, &format!("the start thread failed: {e}")),

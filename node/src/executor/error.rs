@@ -49,7 +49,8 @@ pub enum StartTaskError {
     #[error("restoring the task's checkpoint: {0}")]
     Restore(String),
     /// This hub failed, not the module: its compiler program died, timed out or is of another
-    /// build (upgraded under the running hub), or no thread could be spawned. Worth trying again.
+    /// build (upgraded under the running hub), its instance pool is full, or no thread could be
+    /// spawned. Worth trying again.
     #[error("this hub could not start it now: {0}")]
     Hub(String),
 }
