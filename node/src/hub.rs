@@ -50,7 +50,7 @@ impl StartFailure {
     /// Whether this failure, of `version` at `epoch`, stands now (the reconciler does not try
     /// the start).
     pub(crate) fn holds(&self, version: u64, epoch: u64) -> bool {
-        (self.version, self.epoch) == (version, epoch) && self.retry_at.is_none_or(|t| Instant::now() < t)
+        self.is_of(version, epoch) && self.retry_at.is_none_or(|t| Instant::now() < t)
     }
 
     /// Whether it is of `version` at `epoch` (a failure of an older one says nothing of this).
