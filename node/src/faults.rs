@@ -15,6 +15,15 @@
 //!   the record is proposed (the invocation was never acknowledged).
 //! - `crash-after-checkpoint-commit`: the hub aborts after the record is committed, before it
 //!   answers (committed, never acknowledged: the client sees an unknown outcome).
+//! - Live migration's phases (of a stateful task; a stateless one only switches). On the source:
+//!   `crash-migration-source-precopy` (the begin recorded, the target ready, before the first
+//!   round), `crash-migration-source-frozen` (the task frozen with its calls held, the final
+//!   state stored on both hubs, the switch not proposed), `crash-migration-source-committed`
+//!   (the switch committed, the held calls not relayed). On the target:
+//!   `crash-migration-target-precopy` (the base checkpoint stored and the instance staged, before
+//!   the source hears it is ready), `crash-migration-target-stored` (the final state stored,
+//!   before the source hears so), `crash-migration-target-committed` (the switch applied here,
+//!   before it says it serves).
 //!
 //! A crash point fires at most once per data dir (a marker file `fault-crashed-NAME` remembers
 //! it), so a restarted hub runs on instead of crashing in a loop.

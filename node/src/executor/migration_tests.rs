@@ -293,3 +293,58 @@ fn a_checked_in_checkpoint_restores_on_this_host() {
         assert_eq!(call(&exec, &m.task, "1").await.unwrap(), "43");
     });
 }
+
+/// A sink whose next commit lands in the mesh only after the instance was told it failed (its
+/// answer was lost in a crash or a timeout, and the mesh committed it later).
+#[derive(Default)]
+struct LateCommits {
+    committed: std::sync::Mutex<Option<String>>,
+    lose_next: std::sync::atomic::AtomicBool,
+    late: std::sync::Mutex<Option<String>>,
+}
+
+impl LateCommits {
+    /// The commit whose answer was lost lands now.
+    fn land(&self) {
+        *self.committed.lock().unwrap() = self.late.lock().unwrap().take();
+    }
+}
+
+impl CheckpointSink for LateCommits {
+    fn commit(&self, c: &LocalCheckpoint) -> Result<(), CommitError> {
+        if self.lose_next.swap(false, Ordering::SeqCst) {
+            *self.late.lock().unwrap() = Some(c.key.clone());
+            return Err(CommitError::NotCommitted("the answer was lost".into()));
+        }
+        *self.committed.lock().unwrap() = Some(c.key.clone());
+        Ok(())
+    }
+
+    fn committed_key(&self, _task: &str) -> Option<String> {
+        self.committed.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn a_migration_builds_on_a_checkpoint_committed_after_the_instance_gave_it_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor_in(dir.path());
+    let sink = Arc::new(LateCommits::default());
+    exec.set_sink(sink.clone());
+    let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
+    let cfg = config("c", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Durable);
+    exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+    rt().block_on(async {
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        sink.lose_next.store(true, Ordering::SeqCst);
+        // Told it failed: the instance goes back to 3 ...
+        assert!(call(&exec, "c", "10").await.is_err());
+        // ... but the mesh committed the change after all.
+        sink.land();
+        let landed = sink.committed_key("c").unwrap();
+        let start = exec.migration_begin("c").await.unwrap();
+        let (base, _, _pin) = start.base.expect("a base checkpoint");
+        assert_eq!(base, landed, "the migration builds on the mesh's committed checkpoint");
+        assert_eq!(call(&exec, "c", "0").await.unwrap(), "13", "the instance holds the committed state");
+    });
+}

@@ -422,11 +422,7 @@ impl Actor {
                     // instance's belief when it is newer in this epoch and here (an instance
                     // restarted from a lagging view of the state is behind it).
                     self.catch_up_committed_key();
-                    if let Err(r) = self.revert_to_committed() {
-                        tracing::error!(task = %self.cfg.name, error = %r, "could not return to the committed state");
-                        self.status.lock().unwrap_or_else(|p| p.into_inner()).broken =
-                            Some(format!("the committed state could not be restored: {r}"));
-                    }
+                    self.revert_or_break();
                     return Err(InvokeError::Unavailable(format!(
                         "the state change could not be committed and was undone: {e}"
                     )));
@@ -438,11 +434,7 @@ impl Actor {
                         tracing::error!(task = %self.cfg.name, error = %e, "periodic checkpoint failed");
                         // Behind the mesh's committed checkpoint: this state can never commit.
                         if self.catch_up_committed_key() {
-                            if let Err(r) = self.revert_to_committed() {
-                                tracing::error!(task = %self.cfg.name, error = %r, "could not return to the committed state");
-                                self.status.lock().unwrap_or_else(|p| p.into_inner()).broken =
-                                    Some(format!("the committed state could not be restored: {r}"));
-                            }
+                            self.revert_or_break();
                         }
                     }
                 }

@@ -19,7 +19,7 @@ impl Driver<'_> {
     /// the two is recorded (they exclude each other), then the state says which. With a commit
     /// proposed (`patient`) that takes as long as it takes — a frozen task answering from here
     /// could fork its state; otherwise no commit was proposed, and after the budget the task
-    /// simply goes on here (a begin left behind is cleared by the next attempt).
+    /// simply goes on here (a begin left behind is aborted by the reconciler, `abort_left_behind`).
     pub(super) async fn settle(&self, why: &str, patient: bool) -> Ended {
         let deadline = Instant::now() + BUDGET;
         loop {

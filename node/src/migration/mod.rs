@@ -19,9 +19,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hubmesh_consensus::state::{MigrationReason, Rejected};
+use hubmesh_consensus::state::{ClusterState, Command, MigrationReason, Rejected};
 use hubmesh_consensus::transport::{Refusal, RpcError, MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE, MIGRATE_REQUEST};
 use hubmesh_consensus::{NodeId, ProposeError};
 use hubmesh_proto::pb;
@@ -110,6 +110,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_migration_from_this_hub_that_nothing_drives_is_left_behind_once_per_retry() {
+        use crate::scheduler::tests::{constrained_deploy, labelled_node};
+        use hubmesh_consensus::state::{NodeStatus, TaskKind};
+        let mut s = ClusterState::default();
+        let place = Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(1), expected: None };
+        for c in [
+            labelled_node(1, 10, NodeStatus::Up, &[]),
+            labelled_node(2, 10, NodeStatus::Up, &[]),
+            constrained_deploy("t", TaskKind::Stateful, &[]),
+            place,
+        ] {
+            s.apply(&c).unwrap();
+        }
+        let expected = s.placement("t", 0).unwrap().epoch;
+        let reason = MigrationReason::Manual;
+        let begin = Command::BeginMigration {
+            task: "t".into(),
+            instance: 0,
+            id: 5,
+            from: NodeId(1),
+            to: NodeId(2),
+            expected,
+            reason,
+            at_ms: 0,
+        };
+        s.apply(&begin).unwrap();
+        let (mut tried, t0) = (HashMap::new(), Instant::now());
+        assert!(left_behind(&s, NodeId(1), |_| true, &mut tried, t0).is_empty(), "a driver runs it");
+        assert!(left_behind(&s, NodeId(2), |_| false, &mut tried, t0).is_empty(), "the target's is not its own");
+        assert_eq!(left_behind(&s, NodeId(1), |_| false, &mut tried, t0), [("t".to_owned(), 5)]);
+        let soon = t0 + LEFT_BEHIND_RETRY / 2;
+        assert!(left_behind(&s, NodeId(1), |_| false, &mut tried, soon).is_empty(), "not again at once");
+        assert_eq!(left_behind(&s, NodeId(1), |_| false, &mut tried, t0 + LEFT_BEHIND_RETRY).len(), 1);
+        s.apply(&Command::AbortMigration { task: "t".into(), id: 5, why: "x".into(), at_ms: 0 }).unwrap();
+        assert!(left_behind(&s, NodeId(1), |_| false, &mut tried, t0).is_empty());
+        assert!(tried.is_empty(), "an ended migration is forgotten");
+    }
+
+    #[test]
     fn every_error_survives_the_mesh_as_itself() {
         let all = [
             MigrateError::NotFound("t".into()),
@@ -155,7 +194,10 @@ pub(crate) struct Migrations {
     ready: Mutex<HashMap<String, target::Ready>>,
     /// Migrations to this hub whose final state is stored here (by task: the migration's id):
     /// the switch may commit any moment, and a call the source relays then waits for it here.
-    handed_over: Mutex<HashMap<String, (u64, std::time::Instant)>>,
+    handed_over: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Migrations from this hub left behind (no driver here), by id: when an abort was last
+    /// proposed.
+    left_behind: Mutex<HashMap<u64, Instant>>,
 }
 
 impl Migrations {
@@ -177,7 +219,7 @@ impl Migrations {
     /// aborted, the state no longer shows the migration and the entry matters no more.
     fn mark_handed_over(&self, task: &str, id: u64) {
         let mut handed_over = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());
-        handed_over.insert(task.to_owned(), (id, std::time::Instant::now()));
+        handed_over.insert(task.to_owned(), (id, Instant::now()));
     }
 
     /// The instance staged for `task`'s migrated checkpoint `key`, if this hub built one (the
@@ -196,6 +238,59 @@ impl Migrations {
     pub(crate) fn is_outgoing(&self, task: &str) -> bool {
         self.outgoing.lock().unwrap_or_else(|p| p.into_inner()).contains(task)
     }
+}
+
+/// How often an abort of a migration left behind is proposed again while it stays in the state.
+const LEFT_BEHIND_RETRY: Duration = Duration::from_secs(5);
+
+/// Aborts the migrations from this hub that no driver here runs: left behind by a process that
+/// died mid-migration (the begin outlives it in the replicated state) or by a driver that gave
+/// up without recording an end. Until it ends, the leader's policy counts this hub as the source
+/// of a migration and starts no other from it. The reconciler calls it each round with the state
+/// it read before: a driver marks its task outgoing before it proposes a begin and clears the
+/// mark only when it is done (the end recorded, or given up), so a begin in that state with no
+/// mark now has no driver.
+pub(crate) fn abort_left_behind(hub: &Arc<Hub>, state: &ClusterState) {
+    let migrations = hub.migrations();
+    let mut tried = migrations.left_behind.lock().unwrap_or_else(|p| p.into_inner());
+    let due = left_behind(state, hub.consensus().node_id(), |t| migrations.is_outgoing(t), &mut tried, Instant::now());
+    for (task, id) in due {
+        tracing::info!(task, id, "aborting a migration from this hub that no driver runs");
+        let why = "left behind: its source hub no longer drives it".to_owned();
+        let abort = Command::AbortMigration { task, id, why, at_ms: hubmesh_consensus::now_ms() };
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            if let Err(e) = hub.consensus().propose(abort).await {
+                tracing::debug!(error = %e, "aborting a migration left behind");
+            }
+        });
+    }
+}
+
+/// The migrations from `me` in `state` that no driver runs (`driving` says which tasks one
+/// does), each at most once per `LEFT_BEHIND_RETRY` (`tried`: id → when; ended ones forgotten).
+fn left_behind(
+    state: &ClusterState,
+    me: NodeId,
+    driving: impl Fn(&str) -> bool,
+    tried: &mut HashMap<u64, Instant>,
+    now: Instant,
+) -> Vec<(String, u64)> {
+    let mine: Vec<(String, u64)> = state
+        .tasks
+        .iter()
+        .filter_map(|(n, t)| t.migration.filter(|m| m.from == me).map(|m| (n.clone(), m.id)))
+        .collect();
+    tried.retain(|id, _| mine.iter().any(|(_, i)| i == id));
+    mine.into_iter()
+        .filter(|(task, id)| {
+            if driving(task) || tried.get(id).is_some_and(|at| now < *at + LEFT_BEHIND_RETRY) {
+                return false;
+            }
+            tried.insert(*id, now);
+            true
+        })
+        .collect()
 }
 
 /// Marks a task outgoing for as long as it lives.

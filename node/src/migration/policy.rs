@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hubmesh_consensus::state::{ClusterState, MigrationReason};
+use hubmesh_consensus::state::{ClusterState, Command, MigrationReason};
 use hubmesh_consensus::{now_ms, NodeId};
 
 use super::MigrateError;
@@ -33,6 +33,15 @@ const FOLLOW_COOLDOWN: Duration = Duration::from_secs(60);
 /// After an overload move ends, the loads the next decision reads must show it.
 const SETTLE: Duration = Duration::from_secs(2 * crate::load::INTERVAL.as_secs());
 
+/// A migration the leader has seen under way for this long (by its own clock) is aborted. Its
+/// source aborts one it no longer drives (`abort_left_behind`), and a driver gives up its
+/// pre-copy after half the budget; this catches the rest: a driver that hangs, or a hand-over
+/// so slow (each message may take `CALL_TIMEOUT`) that it is better given up. Aborting is safe in
+/// every phase: a commit proposed after it is refused, and the driver then resumes the task.
+const ABANDONED: Duration = Duration::from_secs(3 * super::BUDGET.as_secs());
+/// After an abort of an abandoned migration is proposed, the next try for it waits this long.
+const ABANDONED_RETRY: Duration = Duration::from_secs(5);
+
 /// What the policy's migrations report back.
 #[derive(Default)]
 struct Shared {
@@ -54,6 +63,8 @@ pub(crate) struct Policy {
     overload: Overload,
     /// Since when each task has been astray (its hub does not see its device; another does).
     astray_since: BTreeMap<String, Instant>,
+    /// Migrations under way, by task and id: when this leader may abort them as abandoned.
+    watchdog: BTreeMap<(String, u64), Instant>,
     shared: Arc<Mutex<Shared>>,
 }
 
@@ -73,6 +84,21 @@ impl Policy {
         silent: &BTreeSet<NodeId>,
     ) -> BTreeSet<String> {
         let now = Instant::now();
+        for (task, id) in overdue(&mut self.watchdog, state, now) {
+            tracing::warn!(task, id, "a migration has not ended in {ABANDONED:?}: aborting it");
+            let abort = Command::AbortMigration {
+                task,
+                id,
+                why: format!("abandoned: not ended after {}s", ABANDONED.as_secs()),
+                at_ms: now_ms(),
+            };
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                if let Err(e) = hub.consensus().propose(abort).await {
+                    tracing::debug!(error = %e, "aborting an abandoned migration");
+                }
+            });
+        }
         let near = hub.devices().near();
         let (mut busy, failures, resting, overload_running, quiet) = {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -182,6 +208,23 @@ impl Policy {
     }
 }
 
+/// The migrations in `state` that `watchdog` has seen for `ABANDONED`; each is due again only
+/// after `ABANDONED_RETRY`. Forgets the ones that ended.
+fn overdue(watchdog: &mut BTreeMap<(String, u64), Instant>, state: &ClusterState, now: Instant) -> Vec<(String, u64)> {
+    let live: BTreeSet<(String, u64)> =
+        state.tasks.iter().filter_map(|(n, t)| t.migration.map(|m| (n.clone(), m.id))).collect();
+    watchdog.retain(|k, _| live.contains(k));
+    let mut due = Vec::new();
+    for k in live {
+        let at = watchdog.entry(k.clone()).or_insert(now + ABANDONED);
+        if *at <= now {
+            *at = now + ABANDONED_RETRY;
+            due.push(k);
+        }
+    }
+    due
+}
+
 /// The fresh loads of the hubs that are up, as the overload policy reads them.
 fn loads(hub: &Hub, state: &ClusterState, full_wait_us: f64) -> BTreeMap<NodeId, HubLoad> {
     let wait = |us: u64| us as f64 / full_wait_us.max(1.0);
@@ -211,4 +254,67 @@ fn loads(hub: &Hub, state: &ClusterState, full_wait_us: f64) -> BTreeMap<NodeId,
             (n, load)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use hubmesh_consensus::state::{NodeStatus, TaskKind};
+    use hubmesh_consensus::NodeId;
+
+    use super::*;
+    use crate::scheduler::tests::{constrained_deploy, labelled_node};
+
+    /// Task `t` on hub 1, with migration `id` to hub 2 under way (or none).
+    fn with_migration(id: Option<u64>) -> ClusterState {
+        let mut s = ClusterState::default();
+        let place = Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(1), expected: None };
+        for c in [
+            labelled_node(1, 10, NodeStatus::Up, &[]),
+            labelled_node(2, 10, NodeStatus::Up, &[]),
+            constrained_deploy("t", TaskKind::Stateful, &[]),
+            place,
+        ] {
+            s.apply(&c).unwrap();
+        }
+        if let Some(id) = id {
+            let epoch = s.placement("t", 0).unwrap().epoch;
+            let begin = Command::BeginMigration {
+                task: "t".into(),
+                instance: 0,
+                id,
+                from: NodeId(1),
+                to: NodeId(2),
+                expected: epoch,
+                reason: MigrationReason::Manual,
+                at_ms: 0,
+            };
+            s.apply(&begin).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn a_migration_is_overdue_after_the_watchdogs_time_then_again_after_the_retry() {
+        let (mut watchdog, t0) = (BTreeMap::new(), Instant::now());
+        let state = with_migration(Some(7));
+        assert!(overdue(&mut watchdog, &state, t0).is_empty(), "first seen");
+        assert!(overdue(&mut watchdog, &state, t0 + ABANDONED - Duration::from_millis(1)).is_empty());
+        assert_eq!(overdue(&mut watchdog, &state, t0 + ABANDONED), [("t".to_owned(), 7)]);
+        let later = t0 + ABANDONED + ABANDONED_RETRY / 2;
+        assert!(overdue(&mut watchdog, &state, later).is_empty(), "not proposed again at once");
+        assert_eq!(overdue(&mut watchdog, &state, t0 + ABANDONED + ABANDONED_RETRY).len(), 1);
+    }
+
+    #[test]
+    fn an_ended_migration_is_forgotten_and_a_new_one_waits_the_whole_time() {
+        let (mut watchdog, t0) = (BTreeMap::new(), Instant::now());
+        assert!(overdue(&mut watchdog, &with_migration(Some(7)), t0).is_empty());
+        assert!(overdue(&mut watchdog, &with_migration(None), t0 + ABANDONED).is_empty());
+        assert!(watchdog.is_empty());
+        // Another migration of the same task (a new id) starts its own clock.
+        let t1 = t0 + ABANDONED;
+        assert!(overdue(&mut watchdog, &with_migration(Some(9)), t1).is_empty());
+        assert!(overdue(&mut watchdog, &with_migration(Some(9)), t1 + ABANDONED / 2).is_empty());
+        assert_eq!(overdue(&mut watchdog, &with_migration(Some(9)), t1 + ABANDONED), [("t".to_owned(), 9)]);
+    }
 }

@@ -158,7 +158,8 @@ async fn begin(
             }
             Err(ProposeError::Rejected(r)) => return Err(MigrateError::from_rejected(r)),
             Err(e) => {
-                // The begin may have been recorded: withdraw it (a later attempt clears it too).
+                // The begin may have been recorded: withdraw it (else the reconciler's
+                // `abort_left_behind` does, once this driver is gone).
                 let abort = Command::AbortMigration { task: task.to_owned(), id, why: e.to_string(), at_ms: now_ms() };
                 let _ = hub.consensus().propose(abort).await;
                 return Err(MigrateError::NotNow(format!("the migration could not be recorded: {e}")));
@@ -215,6 +216,7 @@ impl Driver<'_> {
             return Err(self.give_up(format!("hub {} could not get ready: {e}", self.to), false).await);
         }
         tracing::debug!(task = self.task, took = ?self.started.elapsed(), "the target is ready");
+        crate::faults::crash_point("crash-migration-source-precopy");
         let mut copy = Copy { table, pin: self.hub.executor().pages().pin(), rounds: 0, bytes: 0 };
         if let Err(why) = self.precopy(&mut copy).await {
             return Err(self.give_up(why, false).await);
@@ -232,6 +234,7 @@ impl Driver<'_> {
             Err(why) => return Err(self.give_up(why, true).await),
         };
         let handed_over = frozen.elapsed();
+        crate::faults::crash_point("crash-migration-source-frozen");
         // A task without checkpoints has no committed state but a migration's: its commit is
         // not checked against one.
         let based_on = (self.policy != CheckpointPolicy::None).then(|| BasedOn {
@@ -255,6 +258,9 @@ impl Driver<'_> {
                 self.settle(&format!("the commit failed: {e}"), true).await
             }
         };
+        if matches!(ended, Ended::Moved(_)) {
+            crate::faults::crash_point("crash-migration-source-committed");
+        }
         let parts = [froze_in, handed_over, frozen.elapsed()].map(|d| d.as_micros() as u64);
         let mut report = self.finish(ended, frozen, stats, true).await?;
         [report.frozen_us, report.stored_us, report.committed_us] = parts;

@@ -121,6 +121,8 @@ pub(super) async fn prepare(
         staged,
     };
     incoming.insert(task, entry);
+    drop(incoming);
+    crate::faults::crash_point("crash-migration-target-precopy");
     Ok(pb::MigratePrepareResponse {})
 }
 
@@ -328,6 +330,7 @@ pub(super) async fn pages(
                 }
             };
             hub.migrations().mark_handed_over(&req.task, req.id);
+            crate::faults::crash_point("crash-migration-target-stored");
             keep_ready(hub, &req.task, &req.key, entry, staged, m);
             let stored_us = received.elapsed().as_micros() as u64;
             tracing::debug!(task = req.task, pages = n, verified_us, stored_us, "final state stored");
@@ -429,6 +432,7 @@ pub(super) async fn end(hub: &Arc<Hub>, from: NodeId, req: pb::MigrateEnd) -> Re
         let placed = t.instances.get(&0).is_some_and(|p| p.node == me && p.epoch.0 == req.epoch);
         if placed && applied_us.is_none() {
             applied_us = Some(asked.elapsed().as_micros() as u64);
+            crate::faults::crash_point("crash-migration-target-committed");
         }
         if placed && hub.executor().runs_at(&req.task, t.version, req.epoch) {
             let running_us = asked.elapsed().as_micros() as u64;

@@ -328,4 +328,4 @@ pub fn pending_reason(state: &ClusterState, near: &Near, task: &str) -> Option<P
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use hubmesh_consensus::state::CheckpointPolicy;
 use hubmesh_storage::PagePin;
 use tokio::sync::oneshot;
 
@@ -127,6 +128,15 @@ impl Actor {
     pub(super) fn migrate(&mut self, msg: MigrateMsg) {
         match msg {
             MigrateMsg::Begin { reply } => {
+                // A checkpoint whose commit answered too late for this instance may be committed
+                // after all: the migration's commit must build on the mesh's committed one, or
+                // it is refused (every attempt, until a call happens to catch up). A durable
+                // instance went back to its older committed state when the commit failed, so it
+                // returns to the newer one; a periodic one holds more than either (its failed
+                // checkpoint marked every page again, so all of it travels).
+                if self.catch_up_committed_key() && self.cfg.checkpoint == CheckpointPolicy::Durable {
+                    self.revert_or_break();
+                }
                 // The image's checkpoint marks are relative to the last checkpoint, which is the
                 // committed one: a checkpoint that failed to commit marked every page again.
                 // Read here, on the thread that deletes older manifests, so it cannot go away.

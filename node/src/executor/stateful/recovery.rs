@@ -30,6 +30,16 @@ impl Actor {
         false
     }
 
+    /// [`Self::revert_to_committed`]; an instance that cannot is marked broken (it answers
+    /// nothing more from a state that may not be the committed one).
+    pub(super) fn revert_or_break(&mut self) {
+        if let Err(e) = self.revert_to_committed() {
+            tracing::error!(task = %self.cfg.name, error = %e, "could not return to the committed state");
+            self.status.lock().unwrap_or_else(|p| p.into_inner()).broken =
+                Some(format!("the committed state could not be restored: {e}"));
+        }
+    }
+
     /// Rebuilds the instance from the last committed checkpoint (or fresh, if none).
     pub(super) fn revert_to_committed(&mut self) -> Result<(), String> {
         let migrating = self.image.migrating();

@@ -221,6 +221,32 @@ impl Hub {
         }
     }
 
+    /// Sets (`Some`) or removes (`None`) an environment variable of the hub's process, from its
+    /// next start on.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_owned(), v.to_owned()));
+        }
+    }
+
+    /// Waits up to `timeout` for the hub's process to exit by itself (a crash point fired);
+    /// whether it did.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("the hub runs");
+            if child.try_wait().expect("waiting for the hub").is_some() {
+                self.child = None;
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Starts the hub again on the same data dir (same mesh address, new API port).
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the hub before restarting it");
