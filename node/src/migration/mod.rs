@@ -111,31 +111,8 @@ mod tests {
 
     #[test]
     fn a_migration_from_this_hub_that_nothing_drives_is_left_behind_once_per_retry() {
-        use crate::scheduler::tests::{constrained_deploy, labelled_node};
-        use hubmesh_consensus::state::{NodeStatus, TaskKind};
-        let mut s = ClusterState::default();
-        let place = Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(1), expected: None };
-        for c in [
-            labelled_node(1, 10, NodeStatus::Up, &[]),
-            labelled_node(2, 10, NodeStatus::Up, &[]),
-            constrained_deploy("t", TaskKind::Stateful, &[]),
-            place,
-        ] {
-            s.apply(&c).unwrap();
-        }
-        let expected = s.placement("t", 0).unwrap().epoch;
-        let reason = MigrationReason::Manual;
-        let begin = Command::BeginMigration {
-            task: "t".into(),
-            instance: 0,
-            id: 5,
-            from: NodeId(1),
-            to: NodeId(2),
-            expected,
-            reason,
-            at_ms: 0,
-        };
-        s.apply(&begin).unwrap();
+        // Task `t` on hub 1, migration 5 to hub 2 under way.
+        let mut s = policy::tests::with_migration(Some(5));
         let (mut tried, t0) = (HashMap::new(), Instant::now());
         assert!(left_behind(&s, NodeId(1), |_| true, &mut tried, t0).is_empty(), "a driver runs it");
         assert!(left_behind(&s, NodeId(2), |_| false, &mut tried, t0).is_empty(), "the target's is not its own");

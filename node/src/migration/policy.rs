@@ -257,7 +257,7 @@ fn loads(hub: &Hub, state: &ClusterState, full_wait_us: f64) -> BTreeMap<NodeId,
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use hubmesh_consensus::state::{NodeStatus, TaskKind};
     use hubmesh_consensus::NodeId;
 
@@ -265,7 +265,7 @@ mod tests {
     use crate::scheduler::tests::{constrained_deploy, labelled_node};
 
     /// Task `t` on hub 1, with migration `id` to hub 2 under way (or none).
-    fn with_migration(id: Option<u64>) -> ClusterState {
+    pub(in crate::migration) fn with_migration(id: Option<u64>) -> ClusterState {
         let mut s = ClusterState::default();
         let place = Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(1), expected: None };
         for c in [
