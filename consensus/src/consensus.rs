@@ -173,6 +173,7 @@ impl Consensus {
         let (raft, contact) = (me.raft.clone(), me.contact.clone());
         crate::election_gate::serve(&me.transport, move || PingAnswer {
             hears_leader: crate::election_gate::hears_leader(&raft, &contact, cfg.election_timeout_min),
+            last_log_index: raft.metrics().borrow().last_log_index,
         });
         let timings = Timings {
             heartbeat: cfg.heartbeat,

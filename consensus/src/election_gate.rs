@@ -22,9 +22,13 @@
 //! fresh random share of `election_timeout_min` — instead of waiting for openraft's timer, which
 //! adds an election timeout drawn once per process, so that two voters with close draws split
 //! the vote round after round.
-//! When a majority answers again after a cut, elections stay off for `election_timeout_max` more:
-//! the leader's heartbeat must reach a returning voter (and reset its long-expired timer) before
-//! that voter may campaign. Pings are not "hearing from the leader": they do not feed the
+//! When a majority answers again after a cut and one of them still hears a leader, elections stay
+//! off for `election_timeout_max` more: the leader's heartbeat must reach a returning voter (and
+//! reset its long-expired timer) before that voter may campaign. Of the voters that lost the
+//! leader, one whose log is shorter than another's leaves the first campaign to that one (the
+//! answers carry each voter's last log index): its vote request would be refused for its log,
+//! and its failed campaign would cost an election timeout (a voter that had just restarted and
+//! not caught up went first and lost, round after round). Pings are not "hearing from the leader": they do not feed the
 //! follower lease (`transport::server`). One ping per peer in flight at a time. Voting for
 //! others, and a leader's work, are untouched.
 //!
@@ -154,6 +158,12 @@ pub(crate) fn may_campaign(voters: usize, answers: &[bool]) -> bool {
     majority(1 + answers.len(), voters) && majority(leaderless, voters)
 }
 
+/// Whether a voter whose last log index is `mine` leaves the first campaign to another voter
+/// that also lost the leader and has a longer log (its answer among `fresh`). Pure.
+pub(crate) fn defers(mine: Option<u64>, fresh: &[PingAnswer]) -> bool {
+    fresh.iter().any(|a| !a.hears_leader && a.last_log_index > mine)
+}
+
 impl Worker for ElectionGate {
     fn name(&self) -> &'static str {
         "election-gate"
@@ -198,24 +208,28 @@ impl Worker for ElectionGate {
                 }
             });
         }
-        // Whether each voter that answered freshly hears a leader.
-        let answers: Vec<bool> = {
+        // The fresh answers of the other voters.
+        let fresh: Vec<PingAnswer> = {
             let peers = self.peers();
             voters
                 .iter()
                 .filter_map(|v| peers.get(v)?.answered)
                 .filter(|(at, _)| at.elapsed() <= self.fresh)
-                .map(|(_, a)| a.hears_leader)
+                .map(|(_, a)| a)
                 .collect()
         };
+        // Whether each voter that answered freshly hears a leader.
+        let answers: Vec<bool> = fresh.iter().map(|a| a.hears_leader).collect();
         let reach = majority(1 + answers.len(), voters.len());
         if !reach {
             self.cut = true;
             self.held_until = None;
         } else if self.cut {
-            // Back from a cut: the leader's heartbeat first.
+            // Back from a cut: the leader's heartbeat first — if a voter that answers hears one.
+            // When none does (the leader died while this voter heard from too few, say a peer
+            // that had just restarted), there is no heartbeat to wait for.
             self.cut = false;
-            self.held_until = Some(Instant::now() + self.hold);
+            self.held_until = answers.iter().any(|hears| *hears).then(|| Instant::now() + self.hold);
         }
         let held = self.held_until.is_some_and(|t| Instant::now() < t);
         let open = !held && may_campaign(voters.len(), &answers);
@@ -239,7 +253,11 @@ impl Worker for ElectionGate {
             self.vote = Some((vote, Instant::now()));
         }
         let vote_quiet = |quiet: Duration| self.vote.as_ref().is_some_and(|(_, at)| at.elapsed() >= quiet);
-        if let Some(quiet) = self.campaign_at.filter(|_| !self.campaigned) {
+        // A voter with a longer log would refuse this one's vote request, and this voter's
+        // failed campaign would leave it a higher term and a changed vote: the longer log
+        // campaigns first (openraft's timer, on meanwhile, still campaigns if it does not).
+        let mine = self.raft.metrics().borrow().last_log_index;
+        if let Some(quiet) = self.campaign_at.filter(|_| !self.campaigned && !defers(mine, &fresh)) {
             if self.contact.quiet_for(quiet) && vote_quiet(quiet) {
                 self.campaigned = true;
                 tracing::info!(voters = voters.len(), "a majority lost the leader: campaigning");
@@ -368,7 +386,20 @@ impl Worker for QuorumAckWatch {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{leads_alone, majority, may_campaign, LeaderContact};
+    use super::{defers, leads_alone, majority, may_campaign, LeaderContact};
+    use crate::transport::PingAnswer;
+
+    #[test]
+    fn the_longer_log_campaigns_first() {
+        let answer = |hears_leader, last| PingAnswer { hears_leader, last_log_index: last };
+        assert!(defers(Some(7), &[answer(false, Some(8))]), "the other one's vote would be refused");
+        assert!(!defers(Some(8), &[answer(false, Some(8))]), "equal logs: both may");
+        assert!(!defers(Some(9), &[answer(false, Some(8))]));
+        assert!(!defers(Some(7), &[answer(true, Some(8))]), "one that still hears a leader does not campaign");
+        assert!(!defers(Some(7), &[answer(false, None)]), "an older hub says nothing of its log");
+        assert!(defers(None, &[answer(false, Some(0))]), "an empty log is the shortest");
+        assert!(defers(Some(3), &[answer(false, Some(1)), answer(false, Some(4))]));
+    }
 
     #[test]
     fn only_a_leader_without_other_members_is_alone() {

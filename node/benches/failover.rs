@@ -2,7 +2,10 @@
 //! (run: `cargo bench -p hubmesh --bench failover`):
 //! leader killed → new leader; hub killed → its stateless task answers from another hub;
 //! and the cost of a forwarded invocation over a local one. Loops are bounded in count and time.
-//! `FAILOVER_BENCH=forward` measures forwarding only; `FAILOVER_BENCH=election` kills only leaders.
+//! `FAILOVER_BENCH=forward` measures forwarding only; `FAILOVER_BENCH=election` kills only leaders,
+//! each once the mesh has settled after the last kill (every hub follows one leader and has
+//! applied the same log); `FAILOVER_BENCH=election-rejoin` kills the leader as soon as the hub
+//! killed before answers again, before it has caught up: two faults at once.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -13,7 +16,7 @@ use hubmesh_proto::api::DeployParams;
 mod common;
 
 use common::floor::transport_floor;
-use common::{example, kill, mesh, ms, pct, ready, settle, spawn};
+use common::{example, kill, mesh, ms, pct, ready, settle, spawn, Hub};
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -72,7 +75,8 @@ fn main() {
 
         // Leader failover and stateless failover, alternating, bounded.
         // `FAILOVER_BENCH=election` kills only leaders.
-        let elections_only = std::env::var("FAILOVER_BENCH").is_ok_and(|v| v == "election");
+        let rejoin = std::env::var("FAILOVER_BENCH").is_ok_and(|v| v == "election-rejoin");
+        let elections_only = rejoin || std::env::var("FAILOVER_BENCH").is_ok_and(|v| v == "election");
         let stateless_wanted = if elections_only { 0 } else { 10 };
         let mut election = Vec::new();
         let mut stateless = Vec::new();
@@ -82,7 +86,7 @@ fn main() {
         let mut trial = 0;
         while (election.len() < 20 || stateless.len() < stateless_wanted) && Instant::now() < deadline {
             trial += 1;
-            let leader = hubs[0].client.status().await.ok().and_then(|s| s.leader).or(hubs[1].client.status().await.ok().and_then(|s| s.leader)).unwrap();
+            let leader = agreed_leader(&hubs).await;
             let victim = if trial % 2 == 0 && stateless.len() < stateless_wanted {
                 let host = hubs[0].client.task("echo").await.unwrap().placement.unwrap().node_id;
                 hubs.iter().position(|h| h.id == host).unwrap()
@@ -144,7 +148,11 @@ fn main() {
             let dir: PathBuf = hubs[victim].dir.path().to_owned();
             hubs[victim].child = Some(spawn(&dir, None));
             hubs[victim].client = ready(&dir).await;
-            settle(&hubs).await;
+            if rejoin {
+                answering(&hubs).await;
+            } else {
+                settle(&hubs).await;
+            }
         }
         // Attempts next to every percentile: a trial without its event within 30 s is a failure.
         let ne = election.len();
@@ -167,4 +175,38 @@ fn main() {
             }
         }
     });
+}
+
+/// The leader two of the three hubs name (a hub that just restarted names itself, from its
+/// stored vote, until it hears the current one).
+async fn agreed_leader(hubs: &[Hub]) -> u64 {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < end, "no leader two hubs agree on");
+        let mut named = Vec::new();
+        for h in hubs {
+            named.extend(h.client.status().await.ok().and_then(|s| s.leader));
+        }
+        if let Some(l) = named.iter().find(|l| named.iter().filter(|m| m == l).count() >= 2) {
+            return *l;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every hub answers with three voters and names a leader (not necessarily the same one, and a
+/// restarted hub not caught up yet): what `election-rejoin` waits for.
+async fn answering(hubs: &[Hub]) {
+    let end = Instant::now() + Duration::from_secs(60);
+    'outer: loop {
+        assert!(Instant::now() < end, "the hubs did not answer");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for h in hubs {
+            match h.client.status().await {
+                Ok(s) if s.voters.len() == 3 && s.leader.is_some() => {}
+                _ => continue 'outer,
+            }
+        }
+        return;
+    }
 }

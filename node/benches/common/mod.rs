@@ -78,13 +78,21 @@ pub(crate) async fn settle(hubs: &[Hub]) {
     'outer: loop {
         assert!(Instant::now() < end, "the mesh did not settle");
         tokio::time::sleep(Duration::from_millis(20)).await;
+        // Every hub follows the same leader in the same term, has applied the same log and sees
+        // every hub up: a hub that just restarted names itself leader from its stored vote, and
+        // a leader killed before it caught up would make the next trial two faults at once.
+        let mut seen = Vec::new();
         for h in hubs {
             match h.client.status().await {
-                Ok(s) if s.voters.len() == 3 && s.leader.is_some() => {}
+                Ok(s) if s.voters.len() == 3 && s.leader.is_some() && s.nodes.iter().all(|n| !n.down) => {
+                    seen.push((s.leader, s.term, s.last_applied))
+                }
                 _ => continue 'outer,
             }
         }
-        return;
+        if seen.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
     }
 }
 
