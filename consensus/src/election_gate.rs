@@ -28,9 +28,9 @@
 //! leader, one whose log is shorter than another's leaves the first campaign to that one (the
 //! answers carry each voter's last log index): its vote request would be refused for its log,
 //! and its failed campaign would cost an election timeout (a voter that had just restarted and
-//! not caught up went first and lost, round after round). Pings are not "hearing from the leader": they do not feed the
-//! follower lease (`transport::server`). One ping per peer in flight at a time. Voting for
-//! others, and a leader's work, are untouched.
+//! not caught up went first and lost, round after round). Pings are not "hearing from the
+//! leader": they do not feed the follower lease (`transport::server`). One ping per peer in
+//! flight at a time. Voting for others, and a leader's work, are untouched.
 //!
 //! A hub that leads a mesh of one (the only voter, no learners) has no one to send heartbeats
 //! to and no election to gate: the gate switches openraft's tick off (`runtime_config().tick`)
