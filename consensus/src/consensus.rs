@@ -171,9 +171,17 @@ impl Consensus {
         me.workers.spawn(AddressBook::new(me.transport.clone(), &me.raft, me.state.clone()));
         crate::read_barrier::serve(&me.transport, me.raft.clone());
         let (raft, contact) = (me.raft.clone(), me.contact.clone());
-        crate::election_gate::serve(&me.transport, move || PingAnswer {
-            hears_leader: crate::election_gate::hears_leader(&raft, &contact, cfg.election_timeout_min),
-            last_log_index: raft.metrics().borrow().last_log_index,
+        crate::election_gate::serve(&me.transport, move || {
+            let (last_log_index, leader) = {
+                let metrics = raft.metrics();
+                let m = metrics.borrow();
+                (m.last_log_index, m.current_leader)
+            };
+            PingAnswer {
+                hears_leader: crate::election_gate::hears_leader(&raft, &contact, cfg.election_timeout_min),
+                last_log_index,
+                leader,
+            }
         });
         let timings = Timings {
             heartbeat: cfg.heartbeat,

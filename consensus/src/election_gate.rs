@@ -22,13 +22,13 @@
 //! fresh random share of `election_timeout_min` — instead of waiting for openraft's timer, which
 //! adds an election timeout drawn once per process, so that two voters with close draws split
 //! the vote round after round.
-//! When a majority answers again after a cut and one of them still hears a leader, elections stay
-//! off for `election_timeout_max` more: the leader's heartbeat must reach a returning voter (and
-//! reset its long-expired timer) before that voter may campaign. Of the voters that lost the
-//! leader, one whose log is shorter than another's leaves the first campaign to that one (the
-//! answers carry each voter's last log index): its vote request would be refused for its log,
-//! and its failed campaign would cost an election timeout (a voter that had just restarted and
-//! not caught up went first and lost, round after round). Pings are not "hearing from the
+//! When a majority answers again after a cut and a leader may be alive (an answering voter hears
+//! one or leads), elections stay off for `election_timeout_max` more: the leader's heartbeat must
+//! reach a returning voter (and reset its long-expired timer) before that voter may campaign. Of
+//! the voters that lost the leader, one whose last log index is lower than another's leaves the
+//! first campaign to that one for up to `election_timeout_min` (the answers carry each voter's
+//! last log index and leader): its vote request would likely be refused for its log, costing an
+//! election timeout (a voter that had just restarted and not caught up went first and lost). Pings are not "hearing from the
 //! leader": they do not feed the follower lease (`transport::server`). One ping per peer in
 //! flight at a time. Voting for others, and a leader's work, are untouched.
 //!
@@ -160,8 +160,14 @@ pub(crate) fn may_campaign(voters: usize, answers: &[bool]) -> bool {
 
 /// Whether a voter whose last log index is `mine` leaves the first campaign to another voter
 /// that also lost the leader and has a longer log (its answer among `fresh`). Pure.
-pub(crate) fn defers(mine: Option<u64>, fresh: &[PingAnswer]) -> bool {
-    fresh.iter().any(|a| !a.hears_leader && a.last_log_index > mine)
+pub(crate) fn defers(mine: Option<u64>, fresh: &[(u64, PingAnswer)]) -> bool {
+    fresh.iter().any(|(_, a)| !a.hears_leader && a.last_log_index > mine)
+}
+
+/// Whether the answers (by voter) say a leader may be alive: one hears a leader, or one names
+/// itself leader. Pure.
+pub(crate) fn leader_may_live(fresh: &[(u64, PingAnswer)]) -> bool {
+    fresh.iter().any(|(voter, a)| a.hears_leader || a.leader == Some(*voter))
 }
 
 impl Worker for ElectionGate {
@@ -208,28 +214,30 @@ impl Worker for ElectionGate {
                 }
             });
         }
-        // The fresh answers of the other voters.
-        let fresh: Vec<PingAnswer> = {
+        // The fresh answers of the other voters, by voter.
+        let fresh: Vec<(u64, PingAnswer)> = {
             let peers = self.peers();
             voters
                 .iter()
-                .filter_map(|v| peers.get(v)?.answered)
-                .filter(|(at, _)| at.elapsed() <= self.fresh)
-                .map(|(_, a)| a)
+                .filter_map(|v| Some((*v, peers.get(v)?.answered?)))
+                .filter(|(_, (at, _))| at.elapsed() <= self.fresh)
+                .map(|(v, (_, a))| (v, a))
                 .collect()
         };
         // Whether each voter that answered freshly hears a leader.
-        let answers: Vec<bool> = fresh.iter().map(|a| a.hears_leader).collect();
+        let answers: Vec<bool> = fresh.iter().map(|(_, a)| a.hears_leader).collect();
         let reach = majority(1 + answers.len(), voters.len());
         if !reach {
             self.cut = true;
             self.held_until = None;
         } else if self.cut {
-            // Back from a cut: the leader's heartbeat first — if a voter that answers hears one.
-            // When none does (the leader died while this voter heard from too few, say a peer
-            // that had just restarted), there is no heartbeat to wait for.
+            // Back from a cut: the leader's heartbeat first — if a leader may be alive: an
+            // answering voter hears one, or leads (it answers, so it will send heartbeats; after
+            // a cut of the whole mesh its quorum is too old for it to say it hears itself). When
+            // neither holds (the leader died while this voter heard from too few, say a peer that
+            // had just restarted), there is no heartbeat to wait for.
             self.cut = false;
-            self.held_until = answers.iter().any(|hears| *hears).then(|| Instant::now() + self.hold);
+            self.held_until = leader_may_live(&fresh).then(|| Instant::now() + self.hold);
         }
         let held = self.held_until.is_some_and(|t| Instant::now() < t);
         let open = !held && may_campaign(voters.len(), &answers);
@@ -253,12 +261,15 @@ impl Worker for ElectionGate {
             self.vote = Some((vote, Instant::now()));
         }
         let vote_quiet = |quiet: Duration| self.vote.as_ref().is_some_and(|(_, at)| at.elapsed() >= quiet);
-        // A voter with a longer log would refuse this one's vote request, and this voter's
-        // failed campaign would leave it a higher term and a changed vote: the longer log
-        // campaigns first (openraft's timer, on meanwhile, still campaigns if it does not).
+        // A voter with a longer log would likely refuse this one's vote request (openraft
+        // compares term and index; the answers carry the index), and the failed campaign would
+        // cost this voter an election timeout: the longer log campaigns first — for at most
+        // `election_min` more, after which this voter campaigns anyway (the other may be unable
+        // to win, or its gate shut).
         let mine = self.raft.metrics().borrow().last_log_index;
-        if let Some(quiet) = self.campaign_at.filter(|_| !self.campaigned && !defers(mine, &fresh)) {
-            if self.contact.quiet_for(quiet) && vote_quiet(quiet) {
+        if let Some(quiet) = self.campaign_at.filter(|_| !self.campaigned) {
+            let defer = defers(mine, &fresh) && !self.contact.quiet_for(quiet + self.election_min);
+            if !defer && self.contact.quiet_for(quiet) && vote_quiet(quiet) {
                 self.campaigned = true;
                 tracing::info!(voters = voters.len(), "a majority lost the leader: campaigning");
                 self.raft.trigger().elect().await.map_err(|e| e.to_string())?;
@@ -386,12 +397,22 @@ impl Worker for QuorumAckWatch {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{defers, leads_alone, majority, may_campaign, LeaderContact};
+    use super::{defers, leader_may_live, leads_alone, majority, may_campaign, LeaderContact};
     use crate::transport::PingAnswer;
 
     #[test]
+    fn a_leader_may_live_if_an_answer_hears_one_or_one_leads() {
+        let answer = |hears_leader, leader| PingAnswer { hears_leader, last_log_index: Some(1), leader };
+        assert!(leader_may_live(&[(2, answer(true, Some(3)))]));
+        assert!(leader_may_live(&[(2, answer(false, Some(2)))]), "a leader whose quorum is old still leads");
+        assert!(!leader_may_live(&[(2, answer(false, Some(3)))]), "it names a leader that does not answer");
+        assert!(!leader_may_live(&[(2, answer(false, None))]));
+        assert!(!leader_may_live(&[]));
+    }
+
+    #[test]
     fn the_longer_log_campaigns_first() {
-        let answer = |hears_leader, last| PingAnswer { hears_leader, last_log_index: last };
+        let answer = |hears_leader, last| (2, PingAnswer { hears_leader, last_log_index: last, leader: None });
         assert!(defers(Some(7), &[answer(false, Some(8))]), "the other one's vote would be refused");
         assert!(!defers(Some(8), &[answer(false, Some(8))]), "equal logs: both may");
         assert!(!defers(Some(9), &[answer(false, Some(8))]));

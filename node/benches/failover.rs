@@ -86,7 +86,7 @@ fn main() {
         let mut trial = 0;
         while (election.len() < 20 || stateless.len() < stateless_wanted) && Instant::now() < deadline {
             trial += 1;
-            let leader = agreed_leader(&hubs).await;
+            let (leader, term) = agreed_leader(&hubs).await;
             let victim = if trial % 2 == 0 && stateless.len() < stateless_wanted {
                 let host = hubs[0].client.task("echo").await.unwrap().placement.unwrap().node_id;
                 hubs.iter().position(|h| h.id == host).unwrap()
@@ -110,7 +110,9 @@ fn main() {
                 let end = Instant::now() + Duration::from_secs(30);
                 while watch_election && Instant::now() < end {
                     for c in &probes {
-                        if c.status().await.is_ok_and(|s| s.leader.is_some_and(|l| l != leader)) {
+                        // Of a later term: a hub that just restarted names itself leader from
+                        // its stored vote, of an older term.
+                        if c.status().await.is_ok_and(|s| s.term > term && s.leader.is_some_and(|l| l != leader)) {
                             return Some(t.elapsed());
                         }
                     }
@@ -177,15 +179,15 @@ fn main() {
     });
 }
 
-/// The leader two of the three hubs name (a hub that just restarted names itself, from its
-/// stored vote, until it hears the current one).
-async fn agreed_leader(hubs: &[Hub]) -> u64 {
+/// The leader two of the three hubs name, and its term (a hub that just restarted names
+/// itself, from its stored vote, until it hears the current one).
+async fn agreed_leader(hubs: &[Hub]) -> (u64, u64) {
     let end = Instant::now() + Duration::from_secs(60);
     loop {
         assert!(Instant::now() < end, "no leader two hubs agree on");
         let mut named = Vec::new();
         for h in hubs {
-            named.extend(h.client.status().await.ok().and_then(|s| s.leader));
+            named.extend(h.client.status().await.ok().and_then(|s| Some((s.leader?, s.term))));
         }
         if let Some(l) = named.iter().find(|l| named.iter().filter(|m| m == l).count() >= 2) {
             return *l;

@@ -250,10 +250,12 @@ pub struct PingAnswer {
     /// entries from the leader it follows recently.
     pub hears_leader: bool,
     /// The index of the last entry in its log (none from a hub of an older version): a voter
-    /// whose log is shorter than another leaderless voter's would have its vote refused, so it
-    /// lets that one campaign first.
+    /// whose log is shorter than another leaderless voter's lets that one campaign first.
     #[serde(default)]
     pub last_log_index: Option<u64>,
+    /// The leader it knows of, itself included (none from a hub of an older version).
+    #[serde(default)]
+    pub leader: Option<u64>,
 }
 /// The log index a read on this hub must have applied to see everything the leader committed.
 pub const READ_INDEX: Endpoint<Json<()>, Json<u64>> = Endpoint::new(StreamKind::ReadIndex);

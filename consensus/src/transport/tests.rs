@@ -75,7 +75,11 @@ async fn members_call_each_other_and_see_who_calls() {
 async fn a_ping_is_not_hearing_from_a_member() {
     let ca = CaMaterial::generate().unwrap();
     let (a, b) = (hub(&ca, 1), hub(&ca, 2));
-    crate::election_gate::serve(&b, || crate::transport::PingAnswer { hears_leader: true, last_log_index: Some(3) });
+    crate::election_gate::serve(&b, || crate::transport::PingAnswer {
+        hears_leader: true,
+        last_log_index: Some(3),
+        leader: Some(1),
+    });
     a.set_peer(2, addr(&b));
     let crate::transport::Json(answer) =
         crate::transport::PING.call(&a, 2, &crate::transport::Json(()), T).await.unwrap();

@@ -78,19 +78,26 @@ pub(crate) async fn settle(hubs: &[Hub]) {
     'outer: loop {
         assert!(Instant::now() < end, "the mesh did not settle");
         tokio::time::sleep(Duration::from_millis(20)).await;
-        // Every hub follows the same leader in the same term, has applied the same log and sees
-        // every hub up: a hub that just restarted names itself leader from its stored vote, and
-        // a leader killed before it caught up would make the next trial two faults at once.
+        // Every hub follows the same leader in the same term, has applied what the first read
+        // showed as applied anywhere, and sees every hub up: a hub that just restarted names
+        // itself leader from its stored vote, and a leader killed before it caught up would make
+        // the next trial two faults at once. (Two reads: under steady writes the hubs' applied
+        // indexes are never equal at one instant.)
         let mut seen = Vec::new();
-        for h in hubs {
-            match h.client.status().await {
-                Ok(s) if s.voters.len() == 3 && s.leader.is_some() && s.nodes.iter().all(|n| !n.down) => {
-                    seen.push((s.leader, s.term, s.last_applied))
+        for _read in 0..2 {
+            for h in hubs {
+                match h.client.status().await {
+                    Ok(s) if s.voters.len() == 3 && s.leader.is_some() && s.nodes.iter().all(|n| !n.down) => {
+                        seen.push((s.leader, s.term, s.last_applied))
+                    }
+                    _ => continue 'outer,
                 }
-                _ => continue 'outer,
             }
         }
-        if seen.windows(2).all(|w| w[0] == w[1]) {
+        let (first, second) = seen.split_at(hubs.len());
+        let applied = first.iter().map(|s| s.2).max().unwrap_or(0);
+        let one_leader = seen.windows(2).all(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1));
+        if one_leader && second.iter().all(|s| s.2 >= applied) {
             return;
         }
     }
