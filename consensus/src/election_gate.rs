@@ -82,6 +82,8 @@ pub(crate) struct ElectionGate {
     elections: bool,
     /// A majority did not answer at the last tick.
     cut: bool,
+    /// When a majority last answered again after a cut.
+    back: Option<Instant>,
     /// Back from a cut: no elections before this.
     held_until: Option<Instant>,
     /// In a leaderless spell: campaign once no leader was heard for this long.
@@ -127,6 +129,7 @@ impl ElectionGate {
             peers: Arc::new(Mutex::new(HashMap::new())),
             elections: false,
             cut: false,
+            back: None,
             held_until: None,
             campaign_at: None,
             campaigned: false,
@@ -162,6 +165,35 @@ pub(crate) fn may_campaign(voters: usize, answers: &[bool]) -> bool {
 /// that also lost the leader and has a longer log (its answer among `fresh`). Pure.
 pub(crate) fn defers(mine: Option<u64>, fresh: &[(u64, PingAnswer)]) -> bool {
     fresh.iter().any(|(_, a)| !a.hears_leader && a.last_log_index > mine)
+}
+
+/// Whether this voter campaigns now, `quiet` into a leaderless spell: it has heard no leader
+/// (`heard`: how long ago it last did; `None`: never since it started) and seen no change of vote
+/// (`voted`: how long ago) for `quiet`; and if it `defers` to a longer log, for `election_min`
+/// more (the other may be unable to win, or its gate shut). The vote's clock counts for a hub that
+/// just restarted and has heard no leader yet: it must neither campaign at once nor skip the
+/// deferral. Pure.
+pub(crate) fn campaigns(
+    quiet: Duration,
+    election_min: Duration,
+    heard: Option<Duration>,
+    voted: Duration,
+    defers: bool,
+) -> bool {
+    let silent = |d: Duration| heard.is_none_or(|h| h >= d) && voted >= d;
+    silent(quiet) && (!defers || silent(quiet + election_min))
+}
+
+/// Back from a cut at `back` (`None`: not back from one): elections stay off until `back + hold`
+/// once the answers say a leader may be alive. Asked each round of that window, not only the
+/// first, since the answers arrive one by one. Pure.
+pub(crate) fn hold_after_cut(
+    back: Option<Instant>,
+    hold: Duration,
+    now: Instant,
+    fresh: &[(u64, PingAnswer)],
+) -> Option<Instant> {
+    back.map(|b| b + hold).filter(|end| now < *end && leader_may_live(fresh))
 }
 
 /// Whether the answers (by voter) say a leader may be alive: one hears a leader, or one names
@@ -229,15 +261,19 @@ impl Worker for ElectionGate {
         let reach = majority(1 + answers.len(), voters.len());
         if !reach {
             self.cut = true;
+            self.back = None;
             self.held_until = None;
         } else if self.cut {
-            // Back from a cut: the leader's heartbeat first — if a leader may be alive: an
-            // answering voter hears one, or leads (it answers, so it will send heartbeats; after
-            // a cut of the whole mesh its quorum is too old for it to say it hears itself). When
-            // neither holds (the leader died while this voter heard from too few, say a peer that
-            // had just restarted), there is no heartbeat to wait for.
             self.cut = false;
-            self.held_until = leader_may_live(&fresh).then(|| Instant::now() + self.hold);
+            self.back = Some(Instant::now());
+        }
+        // Back from a cut: the leader's heartbeat first — if a leader may be alive: an answering
+        // voter hears one, or leads (it answers, so it will send heartbeats; after a cut of the
+        // whole mesh its quorum is too old for it to say it hears itself). When neither holds
+        // (the leader died while this voter heard from too few, say a peer that had just
+        // restarted), there is no heartbeat to wait for.
+        if self.held_until.is_none() {
+            self.held_until = hold_after_cut(self.back, self.hold, Instant::now(), &fresh);
         }
         let held = self.held_until.is_some_and(|t| Instant::now() < t);
         let open = !held && may_campaign(voters.len(), &answers);
@@ -260,7 +296,7 @@ impl Worker for ElectionGate {
         if self.vote.as_ref().is_none_or(|(v, _)| *v != vote) {
             self.vote = Some((vote, Instant::now()));
         }
-        let vote_quiet = |quiet: Duration| self.vote.as_ref().is_some_and(|(_, at)| at.elapsed() >= quiet);
+        let voted = self.vote.as_ref().map_or(Duration::ZERO, |(_, at)| at.elapsed());
         // A voter with a longer log would likely refuse this one's vote request (openraft
         // compares term and index; the answers carry the index), and the failed campaign would
         // cost this voter an election timeout: the longer log campaigns first — for at most
@@ -268,8 +304,8 @@ impl Worker for ElectionGate {
         // to win, or its gate shut).
         let mine = self.raft.metrics().borrow().last_log_index;
         if let Some(quiet) = self.campaign_at.filter(|_| !self.campaigned) {
-            let defer = defers(mine, &fresh) && !self.contact.quiet_for(quiet + self.election_min);
-            if !defer && self.contact.quiet_for(quiet) && vote_quiet(quiet) {
+            let heard = self.contact.since();
+            if campaigns(quiet, self.election_min, heard, voted, defers(mine, &fresh)) {
                 self.campaigned = true;
                 tracing::info!(voters = voters.len(), "a majority lost the leader: campaigning");
                 self.raft.trigger().elect().await.map_err(|e| e.to_string())?;
@@ -331,9 +367,9 @@ impl LeaderContact {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((leader, at));
     }
 
-    /// Whether no leader sent entries this hub took for `quiet` (or ever).
-    pub(crate) fn quiet_for(&self, quiet: Duration) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_none_or(|(_, at)| at.elapsed() >= quiet)
+    /// How long ago a leader last sent entries this hub took (`None`: never since it started).
+    pub(crate) fn since(&self) -> Option<Duration> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).map(|(_, at)| at.elapsed())
     }
 
     /// Whether `leader` sent entries this hub took within `within`, on monotonic time.
@@ -397,7 +433,9 @@ impl Worker for QuorumAckWatch {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{defers, leader_may_live, leads_alone, majority, may_campaign, LeaderContact};
+    use super::{
+        campaigns, defers, hold_after_cut, leader_may_live, leads_alone, majority, may_campaign, LeaderContact,
+    };
     use crate::transport::PingAnswer;
 
     #[test]
@@ -408,6 +446,38 @@ mod tests {
         assert!(!leader_may_live(&[(2, answer(false, Some(3)))]), "it names a leader that does not answer");
         assert!(!leader_may_live(&[(2, answer(false, None))]));
         assert!(!leader_may_live(&[]));
+    }
+
+    #[test]
+    fn a_deferring_voter_waits_election_min_more_even_just_restarted() {
+        let ms = Duration::from_millis;
+        let (quiet, min) = (ms(1000), ms(300));
+        assert!(campaigns(quiet, min, Some(ms(1000)), ms(5000), false));
+        assert!(!campaigns(quiet, min, Some(ms(999)), ms(5000), false), "heard a leader too recently");
+        assert!(!campaigns(quiet, min, Some(ms(5000)), ms(999), false), "saw a vote too recently");
+        assert!(!campaigns(quiet, min, Some(ms(1200)), ms(5000), true), "a longer log goes first");
+        assert!(campaigns(quiet, min, Some(ms(1300)), ms(5000), true), "for election_min at most");
+        // Just restarted: no leader heard since; its vote's clock started with it.
+        assert!(!campaigns(quiet, min, None, ms(500), false));
+        assert!(campaigns(quiet, min, None, ms(1000), false));
+        assert!(!campaigns(quiet, min, None, ms(1000), true), "the restarted voter defers too");
+        assert!(campaigns(quiet, min, None, ms(1300), true));
+    }
+
+    #[test]
+    fn back_from_a_cut_the_hold_starts_when_a_leader_may_live_and_ends_on_time() {
+        let answer = |hears_leader| (2, PingAnswer { hears_leader, last_log_index: Some(1), leader: None });
+        let hold = Duration::from_millis(600);
+        let back = Instant::now();
+        assert_eq!(hold_after_cut(None, hold, back, &[answer(true)]), None, "not back from a cut");
+        assert_eq!(hold_after_cut(Some(back), hold, back, &[answer(false)]), None, "no leader in sight");
+        let later = back + Duration::from_millis(200);
+        assert_eq!(
+            hold_after_cut(Some(back), hold, later, &[answer(true)]),
+            Some(back + hold),
+            "an answer that hears the leader arrives a round later: held until the same end"
+        );
+        assert_eq!(hold_after_cut(Some(back), hold, back + hold, &[answer(true)]), None, "the window is over");
     }
 
     #[test]
