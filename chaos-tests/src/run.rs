@@ -321,26 +321,27 @@ async fn converge(lab: &mut Lab, fleet: &mut Fleet, rec: &Recorder) -> DeviceEvi
 }
 
 /// Deletes the suite's tasks from a LAN mesh. Right after the final heal the mesh may still be
-/// electing or a hub catching up, so a refused removal is retried for a while (any hub will do);
-/// a task that is not there counts as removed. What still fails is reported, not fatal: the
-/// user's mesh keeps working with a leftover task, and the next run removes it first.
+/// electing or a hub catching up, so a removal that fails for that (no answer, or a 5xx: no
+/// quorum, a read barrier not met) is retried for a while, on each hub in turn; a task that is not
+/// there counts as removed. What still fails is reported, not fatal: the user's mesh keeps working
+/// with a leftover task, and the next run removes it first.
 async fn remove_tasks(lab: &Lab, names: &[String]) {
     const PATIENCE: Duration = Duration::from_secs(20);
-    let started = Instant::now();
     for name in names {
-        let mut attempt = 0usize;
-        loop {
+        let started = Instant::now();
+        for attempt in 0.. {
             let hub = &lab.hubs[attempt % lab.hubs.len()];
-            attempt += 1;
-            match hub.client.remove(name).await {
+            let e = match hub.client.remove(name).await {
                 Ok(()) => break,
                 Err(e) if e.status() == Some(404) => break,
-                Err(e) if started.elapsed() >= PATIENCE => {
-                    eprintln!("could not remove the suite's task {name} from the mesh: {e}");
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+                Err(e) => e,
+            };
+            let passing = e.status().is_none_or(|s| s >= 500);
+            if !passing || started.elapsed() >= PATIENCE {
+                eprintln!("could not remove the suite's task {name} from the mesh: {e}");
+                break;
             }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 }

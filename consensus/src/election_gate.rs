@@ -22,15 +22,17 @@
 //! fresh random share of `election_timeout_min` — instead of waiting for openraft's timer, which
 //! adds an election timeout drawn once per process, so that two voters with close draws split
 //! the vote round after round.
-//! When a majority answers again after a cut and a leader may be alive (an answering voter hears
-//! one or leads), elections stay off for `election_timeout_max` more: the leader's heartbeat must
-//! reach a returning voter (and reset its long-expired timer) before that voter may campaign. Of
-//! the voters that lost the leader, one whose last log index is lower than another's leaves the
-//! first campaign to that one for up to `election_timeout_min` (the answers carry each voter's
-//! last log index and leader): its vote request would likely be refused for its log, costing an
-//! election timeout (a voter that had just restarted and not caught up went first and lost). Pings are not "hearing from the
-//! leader": they do not feed the follower lease (`transport::server`). One ping per peer in
-//! flight at a time. Voting for others, and a leader's work, are untouched.
+//! When a majority answers again after a cut, elections stay off until every voter has answered
+//! (for a fresh answer's lifetime at most), and, once an answer says a leader may be alive (an
+//! answering voter hears one or leads), until `election_timeout_max` after the return: the
+//! leader's heartbeat must reach a returning voter (and reset its long-expired timer) before that
+//! voter may campaign. Of the voters that lost the leader, one whose last log index is lower
+//! than another's leaves the first campaign to that one for up to `election_timeout_min` (the
+//! answers carry each voter's last log index and leader): its vote request would likely be
+//! refused for its log, costing an election timeout (a voter that had just restarted and not
+//! caught up went first and lost). Pings are not "hearing from the leader": they do not feed the
+//! follower lease (`transport::server`). One ping per peer in flight at a time. Voting for
+//! others, and a leader's work, are untouched.
 //!
 //! A hub that leads a mesh of one (the only voter, no learners) has no one to send heartbeats
 //! to and no election to gate: the gate switches openraft's tick off (`runtime_config().tick`)
@@ -86,7 +88,7 @@ pub(crate) struct ElectionGate {
     back: Option<Instant>,
     /// Back from a cut: no elections before this.
     held_until: Option<Instant>,
-    /// In a leaderless spell: campaign once no leader was heard for this long.
+    /// In a leaderless spell: campaign once no leader was heard and no vote seen for this long.
     campaign_at: Option<Duration>,
     /// This voter started its campaign for the current leaderless spell.
     campaigned: bool,
@@ -196,6 +198,18 @@ pub(crate) fn hold_after_cut(
     back.map(|b| b + hold).filter(|end| now < *end && leader_may_live(fresh))
 }
 
+/// Whether a voter back from a cut at `back` still waits for the answers of all `voters` (it has
+/// `answered`, itself included) before it may campaign, for `grace` at most. Pure.
+pub(crate) fn awaits_answers(
+    back: Option<Instant>,
+    grace: Duration,
+    now: Instant,
+    answered: usize,
+    voters: usize,
+) -> bool {
+    back.is_some_and(|b| now < b + grace) && answered < voters
+}
+
 /// Whether the answers (by voter) say a leader may be alive: one hears a leader, or one names
 /// itself leader. Pure.
 pub(crate) fn leader_may_live(fresh: &[(u64, PingAnswer)]) -> bool {
@@ -272,10 +286,15 @@ impl Worker for ElectionGate {
         // whole mesh its quorum is too old for it to say it hears itself). When neither holds
         // (the leader died while this voter heard from too few, say a peer that had just
         // restarted), there is no heartbeat to wait for.
+        // The answers come one by one: until every voter has answered, or for `fresh` at most (a
+        // voter may be dead), elections stay off, so that a leader whose answer comes last is not
+        // deposed by a campaign decided on the others'.
+        let now = Instant::now();
         if self.held_until.is_none() {
-            self.held_until = hold_after_cut(self.back, self.hold, Instant::now(), &fresh);
+            self.held_until = hold_after_cut(self.back, self.hold, now, &fresh);
         }
-        let held = self.held_until.is_some_and(|t| Instant::now() < t);
+        let held = self.held_until.is_some_and(|t| now < t)
+            || awaits_answers(self.back, self.fresh, now, fresh.len() + 1, voters.len());
         let open = !held && may_campaign(voters.len(), &answers);
         // Campaign as soon as the others' leases have run out (they heard the leader when this
         // voter last did), rather than after openraft's lease plus its election timeout, which
@@ -434,7 +453,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::{
-        campaigns, defers, hold_after_cut, leader_may_live, leads_alone, majority, may_campaign, LeaderContact,
+        awaits_answers, campaigns, defers, hold_after_cut, leader_may_live, leads_alone, majority, may_campaign,
+        LeaderContact,
     };
     use crate::transport::PingAnswer;
 
@@ -456,6 +476,7 @@ mod tests {
         assert!(!campaigns(quiet, min, Some(ms(999)), ms(5000), false), "heard a leader too recently");
         assert!(!campaigns(quiet, min, Some(ms(5000)), ms(999), false), "saw a vote too recently");
         assert!(!campaigns(quiet, min, Some(ms(1200)), ms(5000), true), "a longer log goes first");
+        assert!(!campaigns(quiet, min, Some(ms(5000)), ms(1200), true), "the vote's clock counts in the cap too");
         assert!(campaigns(quiet, min, Some(ms(1300)), ms(5000), true), "for election_min at most");
         // Just restarted: no leader heard since; its vote's clock started with it.
         assert!(!campaigns(quiet, min, None, ms(500), false));
@@ -478,6 +499,16 @@ mod tests {
             "an answer that hears the leader arrives a round later: held until the same end"
         );
         assert_eq!(hold_after_cut(Some(back), hold, back + hold, &[answer(true)]), None, "the window is over");
+    }
+
+    #[test]
+    fn back_from_a_cut_a_voter_waits_for_every_answer_for_a_while() {
+        let grace = Duration::from_millis(100);
+        let back = Instant::now();
+        assert!(awaits_answers(Some(back), grace, back, 2, 3), "the third voter may be the leader");
+        assert!(!awaits_answers(Some(back), grace, back, 3, 3), "all answered: decide now");
+        assert!(!awaits_answers(Some(back), grace, back + grace, 2, 3), "the third may be dead");
+        assert!(!awaits_answers(None, grace, back, 2, 3), "not back from a cut");
     }
 
     #[test]

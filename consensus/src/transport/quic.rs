@@ -64,8 +64,18 @@ pub(super) fn raise_to_member(conn: &quinn::Connection) {
     conn.set_receive_window(MEMBER_WINDOW.into());
 }
 
+/// The round trip a connection assumes before it has measured one. QUIC's default (333 ms, RFC
+/// 9002 §6.2.2) puts the first retransmission of a handshake's Initial packet about a second after
+/// the first: a dial begun while the peer was down (it restarts; its port answers nothing) then
+/// waited that second after the peer was back — and every call to that peer, Raft's and the
+/// election gate's pings among them, waited behind the dial. Hubs share a LAN (the `lan` profile's
+/// heartbeat is 30 ms); on a slower link the cost of a low guess is a few spare Initial packets
+/// per dial, until the first answer gives the real round trip.
+const INITIAL_RTT: Duration = Duration::from_millis(30);
+
 fn common(loopback: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    t.initial_rtt(INITIAL_RTT);
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     t.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("5 s is a valid idle timeout")));
     // The mesh uses neither unidirectional streams nor datagrams.
