@@ -20,7 +20,7 @@ const BULK_TOTAL: usize = 1 << 30;
 fn hub(ca: &CaMaterial, id: u64) -> Arc<Transport> {
     let key = NodeKey::generate().unwrap();
     let identity = Identity { ca_der: ca.cert_der.clone(), cert_der: ca.issue(id, key.public_key()).unwrap(), key };
-    let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity, id).unwrap();
+    let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity, id, Duration::from_millis(30)).unwrap();
     t.register(
         SINK,
         handler(|_caller, payload: Vec<u8>| async move { Ok((payload.len() as u64).to_le_bytes().to_vec()) }),

@@ -27,7 +27,7 @@ pub(super) async fn join(
         cert_der: scratch_ca.issue(node_id, key.public_key()).map_err(|e| join_err(e.to_string()))?,
         key: key.clone(),
     };
-    let transport = Transport::bind(cfg.mesh_addr, &scratch, node_id)?;
+    let transport = Transport::bind(cfg.mesh_addr, &scratch, node_id, cfg.heartbeat)?;
     let mesh_addr = transport.local_addr().map_err(|e| join_err(e.to_string()))?;
     let req = pb::JoinRequest {
         token_id: token.id.clone(),

@@ -73,7 +73,7 @@ pub(crate) async fn bootstrap(
     // A joiner bound its endpoint already, to tell the mesh its address.
     let transport = match bound {
         Some(t) => t,
-        None => Transport::bind(cfg.mesh_addr, &identity, node_id)?,
+        None => Transport::bind(cfg.mesh_addr, &identity, node_id, cfg.heartbeat)?,
     };
     transport.set_identity(&identity)?;
     Ok(Boot { identity, new_ca, transport })

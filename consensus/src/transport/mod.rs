@@ -101,8 +101,7 @@ where
 pub struct Transport {
     endpoint: quinn::Endpoint,
     node_id: u64,
-    /// Bound to a loopback address: every peer is on this machine.
-    loopback: bool,
+    link: quic::Link,
     member_client: RwLock<quinn::ClientConfig>,
     peers: Arc<RwLock<HashMap<u64, SocketAddr>>>,
     conns: Arc<Mutex<HashMap<u64, quinn::Connection>>>,
@@ -142,16 +141,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Transport {
-    /// Binds the endpoint and starts accepting.
-    pub fn bind(addr: SocketAddr, identity: &Identity, node_id: u64) -> Result<Arc<Self>, TransportError> {
-        let loopback = addr.ip().is_loopback();
-        let (server, member_client) = quic::configs(identity, loopback)?;
+    /// Binds the endpoint and starts accepting. `heartbeat` (the Raft heartbeat of the hub's
+    /// timeout profile) stands for the link's round trip until a connection measures it.
+    pub fn bind(
+        addr: SocketAddr,
+        identity: &Identity,
+        node_id: u64,
+        heartbeat: Duration,
+    ) -> Result<Arc<Self>, TransportError> {
+        let link = quic::Link::new(addr, heartbeat);
+        let (server, member_client) = quic::configs(identity, link)?;
         let endpoint =
             quic::endpoint(server, identity, addr).map_err(|source| TransportError::Bind { addr, source })?;
         let t = Arc::new(Self {
             endpoint,
             node_id,
-            loopback,
+            link,
             member_client: RwLock::new(member_client),
             peers: Default::default(),
             conns: Default::default(),
@@ -171,7 +176,7 @@ impl Transport {
 
     /// Replaces the certificate this endpoint presents and trusts (a joiner, once admitted).
     pub fn set_identity(&self, identity: &Identity) -> Result<(), TransportError> {
-        let (server, client) = quic::configs(identity, self.loopback)?;
+        let (server, client) = quic::configs(identity, self.link)?;
         self.endpoint.set_server_config(Some(server));
         *self.member_client.write().unwrap_or_else(|p| p.into_inner()) = client;
         self.forget_connections();
@@ -463,7 +468,7 @@ impl Transport {
             )
             .map_err(|e| RpcError::Protocol(e.to_string()))?;
             let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-            cfg.transport_config(quic::client_transport(self.loopback));
+            cfg.transport_config(quic::client_transport(self.link));
             let conn = self
                 .endpoint
                 .connect_with(cfg, addr, tls::JOIN_SERVER_NAME)

@@ -39,8 +39,8 @@ const INCOMING_BUFFER_TOTAL: u64 = 4 << 20;
 
 /// The transport parameters of connections this hub accepts: a joiner's until the accept loop
 /// raises them (see the module doc).
-pub(super) fn server_transport(loopback: bool) -> Arc<quinn::TransportConfig> {
-    let mut t = common(loopback);
+pub(super) fn server_transport(link: Link) -> Arc<quinn::TransportConfig> {
+    let mut t = common(link);
     t.max_concurrent_bidi_streams(JOINER_STREAMS.into());
     // The connection window bounds what a joiner can make this hub buffer; the stream window is a
     // member's already (it cannot be raised after the handshake, and bounds nothing on its own).
@@ -50,8 +50,8 @@ pub(super) fn server_transport(loopback: bool) -> Arc<quinn::TransportConfig> {
 }
 
 /// The transport parameters of connections this hub opens: the peer serves, it opens no streams.
-pub(super) fn client_transport(loopback: bool) -> Arc<quinn::TransportConfig> {
-    let mut t = common(loopback);
+pub(super) fn client_transport(link: Link) -> Arc<quinn::TransportConfig> {
+    let mut t = common(link);
     t.max_concurrent_bidi_streams(0u32.into());
     t.receive_window(MEMBER_WINDOW.into());
     t.stream_receive_window(MEMBER_STREAM_WINDOW.into());
@@ -64,25 +64,42 @@ pub(super) fn raise_to_member(conn: &quinn::Connection) {
     conn.set_receive_window(MEMBER_WINDOW.into());
 }
 
-/// The round trip a connection assumes before it has measured one. QUIC's default (333 ms, RFC
-/// 9002 §6.2.2) puts the first retransmission of a handshake's Initial packet about a second after
-/// the first: a dial begun while the peer was down (it restarts; its port answers nothing) then
-/// waited that second after the peer was back — and every call to that peer, Raft's and the
-/// election gate's pings among them, waited behind the dial. Hubs share a LAN (the `lan` profile's
-/// heartbeat is 30 ms); on a slower link the cost of a low guess is a few spare Initial packets
-/// per dial, until the first answer gives the real round trip.
-const INITIAL_RTT: Duration = Duration::from_millis(30);
+/// What a connection's parameters depend on besides the identity: the address bound, and the
+/// round trip it assumes before it has measured one.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Link {
+    /// Bound to a loopback address: every peer is on this machine.
+    pub(super) loopback: bool,
+    initial_rtt: Duration,
+}
 
-fn common(loopback: bool) -> quinn::TransportConfig {
+impl Link {
+    /// The guess is the Raft heartbeat (`lan` 30 ms, `wifi` 100 ms, `wan` 300 ms: a profile is
+    /// chosen for the link), at most QUIC's default (333 ms, RFC 9002 §6.2.2). With the default,
+    /// a handshake's first Initial packet is sent again about a second after the first (the probe
+    /// timeout is three round trips), the next at three seconds, past the dial's timeout: a dial
+    /// begun while the peer was down (it restarts; its port answers nothing) waited up to that
+    /// second after the peer was back — and every call to that peer, Raft's and the election
+    /// gate's pings among them, waited behind the dial. With 30 ms the Initial goes out at 0, 90,
+    /// 270, 630 and 1,350 ms. A guess far below the real round trip is not free: each early probe
+    /// raises quinn's probe count, which the server's first answer does not reset, so a lost
+    /// flight later in the handshake waits a long backoff — hence the guess follows the profile.
+    pub(super) fn new(addr: SocketAddr, heartbeat: Duration) -> Self {
+        let quic_default = Duration::from_millis(333);
+        Self { loopback: addr.ip().is_loopback(), initial_rtt: heartbeat.min(quic_default) }
+    }
+}
+
+fn common(link: Link) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.initial_rtt(INITIAL_RTT);
+    t.initial_rtt(link.initial_rtt);
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     t.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("5 s is a valid idle timeout")));
     // The mesh uses neither unidirectional streams nor datagrams.
     t.max_concurrent_uni_streams(0u32.into());
     t.datagram_receive_buffer_size(None);
     t.send_window(64 << 20);
-    if loopback {
+    if link.loopback {
         // Loopback carries 64 KiB datagrams: MTU discovery climbs there in a dozen probes, and
         // every packet then costs 45 times fewer sends, receives and seals per byte. Segmentation
         // offload is off because a batch of such datagrams exceeds what one send may carry (the
@@ -142,18 +159,18 @@ pub(super) fn endpoint(
 /// The QUIC server and member-client configurations of an identity.
 pub(super) fn configs(
     identity: &Identity,
-    loopback: bool,
+    link: Link,
 ) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
     let server_crypto =
         QuicServerConfig::try_from(identity.server_config()?).map_err(|e| TransportError::Config(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-    server.transport_config(server_transport(loopback));
+    server.transport_config(server_transport(link));
     server.max_incoming(MAX_INCOMING);
     server.incoming_buffer_size(INCOMING_BUFFER);
     server.incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     let client_crypto =
         QuicClientConfig::try_from(identity.client_config()?).map_err(|e| TransportError::Config(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-    client.transport_config(client_transport(loopback));
+    client.transport_config(client_transport(link));
     Ok((server, client))
 }

@@ -23,7 +23,7 @@ fn identity(ca: &CaMaterial, id: u64) -> Identity {
 }
 
 fn hub(ca: &CaMaterial, id: u64) -> Arc<Transport> {
-    let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(ca, id), id).unwrap();
+    let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(ca, id), id, Duration::from_millis(30)).unwrap();
     t.register(
         ECHO,
         handler(|caller, payload: Vec<u8>| async move {
@@ -109,7 +109,7 @@ async fn a_client_certificate_from_another_ca_is_refused() {
     // by another CA: the server must refuse it rather than treat it as a joiner.
     let key = NodeKey::generate().unwrap();
     let forged = Identity { ca_der: ca.cert_der.clone(), cert_der: other.issue(2, key.public_key()).unwrap(), key };
-    let stranger = Transport::bind("127.0.0.1:0".parse().unwrap(), &forged, 2).unwrap();
+    let stranger = Transport::bind("127.0.0.1:0".parse().unwrap(), &forged, 2, Duration::from_millis(30)).unwrap();
     stranger.set_peer(1, addr(&a));
     let err = stranger.call(1, ECHO, b"let me in".to_vec(), T).await.unwrap_err();
     assert!(matches!(err, RpcError::Unreachable(..)), "{err:?}");
@@ -331,8 +331,8 @@ async fn typed_endpoints_decode_once_refuse_garbage_and_short_cut_to_this_hub() 
             Ok(pb::ModuleFetchResponse { module: [from.0.to_le_bytes().to_vec(), req.hash].concat() })
         })
     };
-    let a = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, 1), 1).unwrap();
-    let b = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, 2), 2).unwrap();
+    let a = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, 1), 1, Duration::from_millis(30)).unwrap();
+    let b = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, 2), 2, Duration::from_millis(30)).unwrap();
     serve(&a);
     serve(&b);
     a.set_peer(2, addr(&b));
@@ -439,7 +439,7 @@ async fn a_hub_restarted_on_its_address_resets_the_connections_to_its_old_self()
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let transport = rt.block_on(async {
-                let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &id, 2).unwrap();
+                let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &id, 2, Duration::from_millis(30)).unwrap();
                 t.register(
                     ECHO,
                     handler(|_, payload: Vec<u8>| async move { Ok([b"old:".to_vec(), payload].concat()) }),
@@ -461,7 +461,7 @@ async fn a_hub_restarted_on_its_address_resets_the_connections_to_its_old_self()
     crash.send(()).unwrap();
     old.join().unwrap();
 
-    let new = Transport::bind(at, &id, 2).unwrap();
+    let new = Transport::bind(at, &id, 2, Duration::from_millis(30)).unwrap();
     new.register(ECHO, handler(|_, payload: Vec<u8>| async move { Ok([b"new:".to_vec(), payload].concat()) }));
     wait_for("the old connection is closed", || before.close_reason().is_some()).await;
     let reason = before.close_reason().unwrap();

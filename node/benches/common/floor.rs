@@ -12,7 +12,7 @@ use hubmesh_consensus::transport::{bulk_handler, handler, BulkBody, StreamKind, 
 fn endpoint(ca: &CaMaterial, id: u64) -> Arc<Transport> {
     let key = NodeKey::generate().unwrap();
     let identity = Identity { ca_der: ca.cert_der.clone(), cert_der: ca.issue(id, key.public_key()).unwrap(), key };
-    let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity, id).unwrap();
+    let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity, id, Duration::from_millis(30)).unwrap();
     t.register(StreamKind::InvokeForward, handler(|_caller, payload: Vec<u8>| async move { Ok(payload) }));
     t.register_bulk(
         StreamKind::CheckpointPush,

@@ -395,7 +395,7 @@ async fn a_holder_refuses_bad_checkpoint_pushes_and_stores_nothing() {
         cert_der: read("node.der"),
         key: NodeKey::from_pkcs8(&read("node.key")).unwrap(),
     };
-    let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity, host_id).unwrap();
+    let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity, host_id, Duration::from_millis(30)).unwrap();
     let mesh = std::fs::read_to_string(hubs[holder].data_dir().join("mesh.addr")).unwrap();
     t.set_peer(holder_id, mesh.trim().parse().unwrap());
     let log = hubs[holder].data_dir().join("checkpoints/pages.log");
