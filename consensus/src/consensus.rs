@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hubmesh_storage::{open_raft_db, LogStore, SnapshotStore};
 use openraft::{Raft, SnapshotPolicy};
@@ -20,7 +20,8 @@ use tokio::sync::watch;
 
 use crate::address_book::AddressBook;
 use crate::autopilot::Autopilot;
-use crate::election_gate::{ElectionGate, LeaderContact, QuorumAckWatch, Timings};
+use crate::contact::{LeaderContact, PeerAnswers, QuorumAckWatch};
+use crate::election_gate::{ElectionGate, Timings};
 use crate::identity::{self, open_err};
 use crate::ids::NodeId;
 use crate::join::{self, hash_secret, Boot, JoinToken};
@@ -106,6 +107,10 @@ pub struct Consensus {
     proposer: ProposeHandle,
     /// When this hub last took entries from a leader (the follower lease, the election gate).
     contact: LeaderContact,
+    /// The election gate's ping answers: which voters answer this hub, and since when not.
+    peers: PeerAnswers,
+    /// When Raft started here (a hub that never heard a leader has had no lease since then).
+    started: Instant,
     /// Consensus's own background loops (autopilot, address book).
     workers: Workers,
     read_barrier: crate::read_barrier::ReadBarrier,
@@ -163,6 +168,8 @@ impl Consensus {
             state: state_rx,
             applied: applied_rx,
             contact,
+            peers: PeerAnswers::default(),
+            started: Instant::now(),
             workers: Workers::new(),
         };
         me.proposer.serve();
@@ -178,7 +185,7 @@ impl Consensus {
                 (m.last_log_index, m.current_leader)
             };
             PingAnswer {
-                hears_leader: crate::election_gate::hears_leader(&raft, &contact, cfg.election_timeout_min),
+                hears_leader: crate::contact::hears_leader(&raft, &contact, cfg.election_timeout_min),
                 last_log_index,
                 leader,
             }
@@ -193,6 +200,7 @@ impl Consensus {
             me.raft.clone(),
             me.transport.clone(),
             me.contact.clone(),
+            me.peers.clone(),
             node_id,
             timings,
         ));
@@ -334,7 +342,30 @@ impl Consensus {
             let mut voters = m.membership_config.membership().voter_ids();
             voters.next() == Some(self.node_id) && voters.next().is_none()
         };
-        alone || crate::election_gate::hears_leader(&self.raft, &self.contact, lease)
+        alone || crate::contact::hears_leader(&self.raft, &self.contact, lease)
+    }
+
+    /// How long ago this hub's `lease` ran out: since it last heard a leader (or, never having
+    /// heard one, since Raft started here), less the lease; `None` while it holds one.
+    pub fn lease_lapsed_for(&self, lease: Duration) -> Option<Duration> {
+        if self.holds_lease(lease) {
+            return None;
+        }
+        let unheard = self.contact.since().unwrap_or_else(|| self.started.elapsed());
+        Some(unheard.saturating_sub(lease))
+    }
+
+    /// How long voter `node` has not answered this hub's election-gate pings (sent every
+    /// heartbeat); `None` if this hub does not ask it (not a voter, or this hub is not one).
+    pub fn silent_for(&self, node: u64) -> Option<Duration> {
+        self.peers.silent_for(node)
+    }
+
+    /// How long a voter must stay [silent](Self::silent_for) to count as gone for this hub: at
+    /// least `lease`, and at least a ping's timeout — so one late answer (a lossy link, a busy
+    /// hub) is not taken for silence; only a ping that timed out is.
+    pub fn silent_after(&self, lease: Duration) -> Duration {
+        lease.max(crate::election_gate::PING_TIMEOUT)
     }
 
     /// Consensus's background workers (autopilot, address book).

@@ -41,14 +41,15 @@
 //! tick task itself still wakes, and does nothing). Any change that adds a member — which only
 //! this leader can commit — wakes it, and the tick comes back before the new member needs a
 //! heartbeat. The lease of a voter alone needs no quorum's answer (`Consensus::holds_lease`,
-//! [`hears_leader`]).
+//! [`hears_leader`](crate::contact::hears_leader)).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::Raft;
 
+use crate::contact::{LeaderContact, Peer, PeerAnswers};
 use crate::transport::{Json, PingAnswer, Transport, PING};
 use crate::type_config::TypeConfig;
 use crate::worker::Worker;
@@ -58,15 +59,7 @@ const FRESH_HEARTBEATS: u32 = 5;
 
 /// A ping waits this long for its answer (a late answer still counts, from when it came; a
 /// timeout drops the connection the peer's Raft traffic shares, so it must be rare).
-const PING_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// What the gate knows of each other voter.
-#[derive(Default)]
-struct Peer {
-    /// When it last answered, and its answer.
-    answered: Option<(Instant, PingAnswer)>,
-    in_flight: bool,
-}
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub(crate) struct ElectionGate {
     raft: Raft<TypeConfig>,
@@ -79,7 +72,7 @@ pub(crate) struct ElectionGate {
     fresh: Duration,
     /// How long elections stay off after a majority answers again.
     hold: Duration,
-    peers: Arc<Mutex<HashMap<u64, Peer>>>,
+    peers: PeerAnswers,
     /// What the gate last told openraft (openraft starts with elections off, see `Consensus`).
     elections: bool,
     /// A majority did not answer at the last tick.
@@ -115,6 +108,7 @@ impl ElectionGate {
         raft: Raft<TypeConfig>,
         transport: Arc<Transport>,
         contact: LeaderContact,
+        peers: PeerAnswers,
         node_id: u64,
         t: Timings,
     ) -> Self {
@@ -128,7 +122,7 @@ impl ElectionGate {
             node_id,
             fresh: (t.heartbeat * FRESH_HEARTBEATS).min(t.election_min),
             hold: t.election_max,
-            peers: Arc::new(Mutex::new(HashMap::new())),
+            peers,
             elections: false,
             cut: false,
             back: None,
@@ -145,7 +139,7 @@ impl ElectionGate {
     }
 
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Peer>> {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+        self.peers.lock()
     }
 }
 
@@ -234,6 +228,9 @@ impl Worker for ElectionGate {
             self.solo = solo;
             tracing::debug!(solo, "openraft's tick is {}", if solo { "off: this hub leads alone" } else { "on" });
         }
+        // Only the voters this hub pings now have answers to go by (`Consensus::silent_for`).
+        let asks = !solo && voters.contains(&self.node_id);
+        self.peers().retain(|peer, _| asks && voters.contains(peer));
         if solo {
             return Ok(());
         }
@@ -246,13 +243,13 @@ impl Worker for ElectionGate {
             if p.in_flight {
                 continue;
             }
-            p.in_flight = true;
+            p.asked(Instant::now());
             drop(peers);
             // In the background: a round must not wait for a peer that does not answer.
             let (transport, all) = (self.transport.clone(), self.peers.clone());
             tokio::spawn(async move {
                 let answer = PING.call(&transport, peer, &Json(()), PING_TIMEOUT).await;
-                let mut all = all.lock().unwrap_or_else(|p| p.into_inner());
+                let mut all = all.lock();
                 let p = all.entry(peer).or_default();
                 p.in_flight = false;
                 if let Ok(Json(a)) = answer {
@@ -360,7 +357,7 @@ pub(crate) fn leads_alone(me: u64, voters: &[u64], learners: usize, leader: Opti
 }
 
 /// Answers the gate's pings of other voters with `answer()` (whether this voter hears a leader
-/// now, see [`hears_leader`]); called once at boot.
+/// now, see [`hears_leader`](crate::contact::hears_leader)); called once at boot.
 pub(crate) fn serve(transport: &Transport, answer: impl Fn() -> PingAnswer + Send + Sync + 'static) {
     let answer = Arc::new(answer);
     PING.serve(transport, move |_from, Json(())| {
@@ -369,92 +366,12 @@ pub(crate) fn serve(transport: &Transport, answer: impl Fn() -> PingAnswer + Sen
     });
 }
 
-/// When this hub last took Raft entries (or a snapshot) from a leader, and from which. This, not
-/// any request, is "hearing the leader" for the gate and the follower lease: a hub whose Raft has
-/// stopped or that was deposed may still forward calls and fetch pages.
-#[derive(Clone, Default)]
-pub(crate) struct LeaderContact(Arc<Mutex<Option<(u64, Instant)>>>);
-
-impl LeaderContact {
-    /// `leader` just sent entries this hub took.
-    pub(crate) fn record(&self, leader: u64) {
-        self.record_at(leader, Instant::now());
-    }
-
-    /// Evidence of `leader` dated `at` (this hub leading: a quorum's acknowledgement).
-    pub(crate) fn record_at(&self, leader: u64, at: Instant) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((leader, at));
-    }
-
-    /// How long ago a leader last sent entries this hub took (`None`: never since it started).
-    pub(crate) fn since(&self) -> Option<Duration> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).map(|(_, at)| at.elapsed())
-    }
-
-    /// Whether `leader` sent entries this hub took within `within`, on monotonic time.
-    pub(crate) fn within(&self, leader: u64, within: Duration) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|(l, at)| l == leader && at.elapsed() <= within)
-    }
-}
-
-/// Whether `me` has heard a leader within `within`: it leads and a quorum acknowledged it (as
-/// [`QuorumAckWatch`] dated it), or the leader it follows sent it entries it took (see
-/// [`LeaderContact`]). Also the lease's test.
-pub(crate) fn hears_leader(raft: &Raft<TypeConfig>, contact: &LeaderContact, within: Duration) -> bool {
-    // Called on every local invocation: read the metrics in place rather than clone them.
-    let (leader, alone) = {
-        let metrics = raft.metrics();
-        let m = metrics.borrow();
-        let Some(leader) = m.current_leader else { return false };
-        let mut voters = m.membership_config.membership().voter_ids();
-        (leader, leader == m.id && voters.next() == Some(m.id) && voters.next().is_none())
-    };
-    // The only voter hears itself: its tick is off (see the module doc), so no quorum
-    // acknowledgement dates the contact.
-    alone || contact.within(leader, within)
-}
-
-/// Dates this hub's quorum acknowledgements while it leads, into its [`LeaderContact`], at every
-/// metrics report. openraft computes `millis_since_quorum_ack` only when it reports metrics (each
-/// pass of its loop, at least every tick), so the value read later is as old as that report — and
-/// frozen if the loop stalls (a disk flush that hangs): a lease taken from it would never run out.
-pub(crate) struct QuorumAckWatch {
-    pub(crate) metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, crate::type_config::NodeAddr>>,
-    pub(crate) me: u64,
-    pub(crate) contact: LeaderContact,
-}
-
-impl Worker for QuorumAckWatch {
-    fn name(&self) -> &'static str {
-        "quorum-ack"
-    }
-
-    async fn work(&mut self) -> Result<(), String> {
-        let acked = {
-            let m = self.metrics.borrow_and_update();
-            let ms = m.millis_since_quorum_ack.filter(|_| m.current_leader == Some(self.me));
-            ms.and_then(|ms| Instant::now().checked_sub(Duration::from_millis(ms)))
-        };
-        if let Some(at) = acked {
-            self.contact.record_at(self.me, at);
-        }
-        Ok(())
-    }
-
-    async fn wait(&mut self) {
-        if self.metrics.changed().await.is_err() {
-            std::future::pending::<()>().await; // Raft is gone; shutdown stops this worker
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
 
     use super::{
         awaits_answers, campaigns, defers, hold_after_cut, leader_may_live, leads_alone, majority, may_campaign,
-        LeaderContact,
     };
     use crate::transport::PingAnswer;
 
@@ -530,19 +447,6 @@ mod tests {
         assert!(!leads_alone(1, &[1], 1, Some(1)), "a learner needs heartbeats");
         assert!(!leads_alone(1, &[1, 2], 0, Some(1)));
         assert!(!leads_alone(1, &[2], 0, Some(2)), "a hub that is not the voter");
-    }
-
-    #[test]
-    fn contact_is_dated_and_belongs_to_one_leader() {
-        let c = LeaderContact::default();
-        assert!(!c.within(1, Duration::from_secs(60)), "no contact yet");
-        // A quorum acknowledgement 200 ms old, as the watcher dates it.
-        c.record_at(1, Instant::now() - Duration::from_millis(200));
-        assert!(!c.within(1, Duration::from_millis(100)), "too old for a 100 ms window");
-        assert!(c.within(1, Duration::from_millis(300)));
-        assert!(!c.within(2, Duration::from_millis(300)), "another leader's contact does not count");
-        c.record(2);
-        assert!(c.within(2, Duration::from_millis(100)) && !c.within(1, Duration::from_secs(60)));
     }
 
     #[test]

@@ -24,6 +24,7 @@
 mod address_book;
 mod autopilot;
 mod consensus;
+mod contact;
 mod election_gate;
 mod identity;
 mod ids;

@@ -13,7 +13,7 @@ use openraft::raft::{
 };
 use openraft::Raft;
 
-use crate::election_gate::LeaderContact;
+use crate::contact::LeaderContact;
 use crate::transport::{Endpoint, Json, RpcError, Transport, Wire, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE};
 use crate::type_config::{NodeAddr, TypeConfig};
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hubmesh_consensus::{ClusterState, Consensus};
+use hubmesh_consensus::{ClusterState, Consensus, NodeId};
 use hubmesh_storage::BlobStore;
 
 use crate::config::Config;
@@ -195,6 +195,45 @@ impl Hub {
         self.consensus.holds_lease(self.config.timeouts.resolve().lease)
     }
 
+    /// Whether this hub has lost the mesh rather than waiting out an election: it has had no lease
+    /// for two election timeouts past its end. A call to one of its own instances is then refused
+    /// at once (it cannot run without a lease) instead of being held for seconds.
+    pub(crate) fn lost_mesh(&self) -> bool {
+        let t = self.config.timeouts.resolve();
+        lost_mesh(self.consensus.lease_lapsed_for(t.lease), t.election)
+    }
+
+    /// Completes once [`lost_mesh`](Self::lost_mesh) holds (checked every heartbeat).
+    pub(crate) async fn until_lost_mesh(&self) {
+        let every = self.config.timeouts.resolve().heartbeat;
+        while !self.lost_mesh() {
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Whether `node` has not answered this hub's pings for a lease (and a ping's timeout): a
+    /// call is not sent to it, and one waiting on it stops waiting (it is as good as down for
+    /// this hub, whatever the leader says).
+    pub(crate) fn is_silent(&self, node: NodeId) -> bool {
+        self.consensus.silent_for(node.0).is_some_and(|d| d >= self.silent_after())
+    }
+
+    fn silent_after(&self) -> Duration {
+        self.consensus.silent_after(self.config.timeouts.resolve().lease)
+    }
+
+    /// Completes once `node` [is silent](Self::is_silent).
+    pub(crate) async fn until_silent(&self, node: NodeId) {
+        let after = self.silent_after();
+        loop {
+            let quiet = self.consensus.silent_for(node.0).unwrap_or_default();
+            if quiet >= after {
+                return;
+            }
+            tokio::time::sleep(after - quiet).await;
+        }
+    }
+
     /// Waits until `cond` holds for the applied state, or `timeout` passes.
     pub(crate) async fn wait_state(&self, timeout: Duration, cond: impl Fn(&ClusterState) -> bool) -> bool {
         let mut rx = self.consensus.watch();
@@ -202,9 +241,25 @@ impl Hub {
     }
 }
 
+/// Whether a hub whose lease ran out `lapsed` ago (`None`: it holds one) has lost the mesh: two
+/// election timeouts past the lease, an election that could renew it has had its chance (one
+/// normally ends within one). Pure.
+fn lost_mesh(lapsed: Option<Duration>, election: Duration) -> bool {
+    lapsed.is_some_and(|d| d >= election * 2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hub_loses_the_mesh_two_election_timeouts_after_its_lease() {
+        let ms = Duration::from_millis;
+        assert!(!lost_mesh(None, ms(100)), "it holds a lease");
+        assert!(!lost_mesh(Some(ms(0)), ms(100)), "the lease just ran out: an election may renew it");
+        assert!(!lost_mesh(Some(ms(199)), ms(100)));
+        assert!(lost_mesh(Some(ms(200)), ms(100)));
+    }
 
     #[test]
     fn a_failure_of_the_hub_is_tried_again_ever_later_and_one_of_the_task_not_at_all() {

@@ -6,6 +6,10 @@
 //!      placed on hub B --> dataplane::forward --> B: Hub::invoke_here (never forwards again)
 //!      (a stateless task with replicas: a local one first, else the next host that answers)
 //!      not placed / starting / B unreachable --> wait for the state to change, bounded
+//!      B silent (no answer to this hub's pings for a lease) --> not sent there; a call waiting
+//!        on B stops waiting; without a lease here: refused at once (503 no_quorum)
+//!      placed here, but this hub lost the mesh (no lease, two elections past it) --> refused
+//!        at once (503 no_quorum): it cannot run without a lease, and holding it helps no one
 //!      forwarded call timed out --> retried only with an idempotency key, else "outcome unknown"
 //!      the task was live-migrated while the call waited here --> relayed once to the new host
 //! ```
@@ -13,7 +17,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hubmesh_consensus::state::{HistoryEvent, NodeStatus, Placement};
+use hubmesh_consensus::state::{HistoryEvent, NodeStatus, Placement, TaskRecord};
 use hubmesh_consensus::{ClusterState, Epoch, NodeId};
 use tokio::time::Instant;
 
@@ -37,6 +41,10 @@ pub(crate) enum RouteError {
     /// The task is not placed (or not started) and did not become so within the deadline.
     #[error("the task is not available: {0}")]
     NotReady(String),
+    /// This hub cannot reach the mesh, and the call was not run anywhere (a call that may have run
+    /// on a host that then went silent ends `Unknown` instead).
+    #[error("the invocation did not run: {0}")]
+    NoQuorum(String),
     /// A forwarded call got no answer in time; it may or may not have run.
     #[error("no answer from hub {node} in time; the invocation may or may not have run")]
     Unknown { node: u64 },
@@ -48,6 +56,16 @@ pub(crate) enum RouteError {
 enum Step {
     Done(Result<(Answer, Placement), RouteError>),
     Wait(String),
+}
+
+/// What one call's tries so far have done.
+#[derive(Default)]
+struct Tried {
+    /// A hub the call was sent to with its key and that did not answer: the call may have run
+    /// there, so it never ends with a definite refusal.
+    may_have_run: Option<NodeId>,
+    /// Since when every host has been silent to this hub (while it held a lease).
+    all_silent_since: Option<Instant>,
 }
 
 impl Hub {
@@ -90,15 +108,26 @@ impl Hub {
         may_forward: bool,
     ) -> Result<(Answer, Placement), RouteError> {
         let deadline = Instant::now() + SETTLE;
+        let t = self.config().timeouts.resolve();
+        let mut tried = Tried::default();
         loop {
             // Watched from before the try: what changes during it wakes the wait below.
             let (mut state, mut starts) = (self.consensus().changes(), self.executor().starts());
-            let reason = match self.try_once(name, &input, &key, may_forward).await {
+            let reason = match self.try_once(name, &input, &key, may_forward, &mut tried).await {
+                Step::Done(Err(RouteError::NoQuorum(_) | RouteError::NotReady(_))) if tried.may_have_run.is_some() => {
+                    return Err(RouteError::Unknown { node: tried.may_have_run.map_or(0, |n| n.0) })
+                }
                 Step::Done(r) => return r,
                 Step::Wait(reason) => reason,
             };
-            if Instant::now() >= deadline {
-                return Err(RouteError::NotReady(reason));
+            // Hosts silent to this hub but not to the leader (the far end of a bridge) are not
+            // re-placed: the wait ends once the leader would have re-placed a host it lost.
+            let silent_too_long = tried.all_silent_since.is_some_and(|at| at.elapsed() >= t.node_down + t.heartbeat);
+            if Instant::now() >= deadline || silent_too_long {
+                return Err(match tried.may_have_run {
+                    Some(node) => RouteError::Unknown { node: node.0 },
+                    None => RouteError::NotReady(reason),
+                });
             }
             // A new state or a task started here (what a call held for a starting task waits
             // for: a migration's target starts it a few milliseconds after the switch).
@@ -112,7 +141,14 @@ impl Hub {
         }
     }
 
-    async fn try_once(&self, name: &str, input: &[u8], key: &Option<String>, may_forward: bool) -> Step {
+    async fn try_once(
+        &self,
+        name: &str,
+        input: &[u8],
+        key: &Option<String>,
+        may_forward: bool,
+        tried: &mut Tried,
+    ) -> Step {
         let me = self.consensus().node_id();
         let state = self.consensus().state();
         let Some(task) = state.tasks.get(name) else { return Step::Done(Err(RouteError::NotFound(name.to_owned()))) };
@@ -137,12 +173,17 @@ impl Hub {
             if !may_forward {
                 return Step::Done(Err(InvokeError::Unavailable("the task has no instance on this hub".into()).into()));
             }
-            return self.forward_to_any(name, task.spec.limits.timeout_ms, &placements, &state, input, key).await;
+            return self.forward_to_any(name, task, &state, input, key, tried).await;
         };
         if !self.has_quorum() {
             // Without a lease this hub may already have been declared down and the instance
-            // re-placed: answering from here could fork the task's history.
-            return Step::Wait("this hub has lost contact with the mesh (no lease)".into());
+            // re-placed: answering from here could fork the task's history. Waiting helps only
+            // while an election may renew the lease; after that the caller is better told at once.
+            if self.lost_mesh() {
+                let reason = "this hub has lost contact with the mesh (no lease)";
+                return Step::Done(Err(RouteError::NoQuorum(reason.into())));
+            }
+            return Step::Wait("this hub has no lease (an election may be under way)".into());
         }
         if !self.executor().runs_at(name, task.version, p.epoch.0) {
             return match self.start_failure(name).filter(|f| f.is_of(task.version, p.epoch.0)) {
@@ -242,17 +283,33 @@ impl Hub {
     async fn forward_to_any(
         &self,
         name: &str,
-        timeout_ms: u64,
-        placements: &[Placement],
+        task: &TaskRecord,
         state: &ClusterState,
         input: &[u8],
         key: &Option<String>,
+        tried: &mut Tried,
     ) -> Step {
-        let mut order: Vec<Placement> = placements.to_vec();
+        let mut order: Vec<Placement> = task.placements().map(|(_, p)| p).collect();
         let n = order.len();
         order.rotate_left(NEXT_REPLICA.fetch_add(1, Ordering::Relaxed) % n);
         order.sort_by_key(|p| state.nodes.get(&p.node).is_none_or(|n| n.status != NodeStatus::Up));
-        let budget = Duration::from_millis(timeout_ms) + Duration::from_secs(5);
+        // A host that has not answered this hub's pings for a lease gets no call: it would only
+        // hang there (paused, cut off, or at the far end of a bridge) until the budget ends.
+        let (silent, order): (Vec<Placement>, Vec<Placement>) = order.into_iter().partition(|p| self.is_silent(p.node));
+        if order.is_empty() {
+            let hubs: Vec<String> = silent.iter().map(|p| p.node.to_string()).collect();
+            let reason = format!("hub {} does not answer this hub", hubs.join(", "));
+            // Cut off from the mesh, this hub cannot know when the task is re-placed, nor reach
+            // anyone who does. Otherwise (or while an election may renew its lease) it waits: the
+            // leader re-places the task if it lost the host too.
+            if self.lost_mesh() {
+                return Step::Done(Err(RouteError::NoQuorum(format!("{reason}, and this hub has no lease"))));
+            }
+            tried.all_silent_since.get_or_insert_with(Instant::now);
+            return Step::Wait(reason);
+        }
+        tried.all_silent_since = None;
+        let budget = Duration::from_millis(task.spec.limits.timeout_ms) + Duration::from_secs(5);
         let mut reason = String::from("no host answered");
         for p in order {
             let started = std::time::Instant::now();
@@ -262,7 +319,16 @@ impl Hub {
             // must not sit out its whole budget on a dead hub (the chaos suite measured 5 s).
             let trusted = serves(state, p.node);
             let moved = self.host_replaced(name, p, trusted);
-            let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget, moved).await;
+            // Or if the host stops answering this hub's pings: a keyless call sent there then
+            // answers `outcome_unknown` at once, a keyed one tries the next host or waits for a
+            // new placement.
+            let give_up = async {
+                tokio::select! {
+                    () = moved => {}
+                    () = self.until_silent(p.node) => {}
+                }
+            };
+            let res = dataplane::forward(self, p.node, name, input.to_vec(), key.clone(), budget, give_up).await;
             forwarded_seconds().record(started.elapsed().as_secs_f64());
             tracing::debug!(task = name, node = p.node.0, epoch = p.epoch.0, trusted, outcome = res.kind(), took = ?started.elapsed(), "forwarded");
             match res {
@@ -270,7 +336,10 @@ impl Hub {
                 Forwarded::Failed(InvokeError::Unavailable(m)) => reason = m,
                 Forwarded::Failed(e) => return Step::Done(Err(e.into())),
                 Forwarded::Unreachable(m) => reason = format!("hub {} is unreachable: {m}", p.node),
-                Forwarded::Timeout if key.is_some() => reason = "retrying with the idempotency key".into(),
+                Forwarded::Timeout if key.is_some() => {
+                    tried.may_have_run = Some(p.node);
+                    reason = "retrying with the idempotency key".into();
+                }
                 Forwarded::Timeout => return Step::Done(Err(RouteError::Unknown { node: p.node.0 })),
             }
         }

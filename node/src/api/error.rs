@@ -69,9 +69,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         metrics::counter!("hubmesh_api_errors_total", "code" => self.body.code.clone()).increment(1);
+        // States that pass by themselves (no quorum, an election, a task starting); not, say, a
+        // compiler of another build, which waits for an operator.
+        let passing = matches!(self.body.code.as_str(), "no_quorum" | "not_leader" | "unavailable");
         let mut resp = (self.status, Json(self.body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if passing {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }
@@ -165,6 +171,8 @@ impl From<RouteError> for ApiError {
         match e {
             RouteError::NotFound(_) => Self::not_found(msg),
             RouteError::NotReady(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
+            RouteError::NoQuorum(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "no_quorum", msg)
+                .hint("call another hub, or retry when this one is back in the mesh (`hubmesh node list` shows which hubs are down)"),
             RouteError::Unknown { .. } => Self::new(StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", msg)
                 .hint("retry with an idempotency key (--key) so that a retry cannot apply twice"),
             RouteError::Invoke(i) => i.into(),

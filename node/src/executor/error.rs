@@ -81,7 +81,26 @@ pub enum CommitError {
     /// Holders or the leader did not take it in time; a later checkpoint may.
     #[error("the checkpoint could not be committed: {0}")]
     NotCommitted(String),
+    /// Its record was proposed and no answer came in time: it may still commit.
+    #[error("the checkpoint's record was proposed without an answer; it may yet be committed: {0}")]
+    MayHaveCommitted(String),
     /// The hub is shutting down.
     #[error("the hub is shutting down")]
     ShuttingDown,
+}
+
+/// Why the actor's checkpoint failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct CheckpointFailed {
+    pub(crate) message: String,
+    /// Its record may still commit ([`CommitError::MayHaveCommitted`]): a change it carries may
+    /// take effect, so its caller must not be told that it did not.
+    pub(crate) may_have_committed: bool,
+}
+
+impl From<String> for CheckpointFailed {
+    fn from(message: String) -> Self {
+        Self { message, may_have_committed: false }
+    }
 }

@@ -17,11 +17,14 @@ use hubmesh_consensus::Epoch;
 use hubmesh_storage::{PageLog, PageWrite};
 use tokio::sync::oneshot;
 
+use super::error::CheckpointFailed;
 use super::image::{CheckpointHeader, MemoryImage};
 use super::instance::{Instance, LoadedModule};
 use super::meter::TaskMeter;
 use super::Answer;
-use super::{CheckpointSink, CheckpointSummary, InvokeError, LocalCheckpoint, Restore, StartTaskError, TaskConfig};
+use super::{
+    CheckpointSink, CheckpointSummary, CommitError, InvokeError, LocalCheckpoint, Restore, StartTaskError, TaskConfig,
+};
 use crate::checkpoint::{AnswerCache, Manifest, Writer};
 
 mod migrate;
@@ -306,7 +309,10 @@ impl Actor {
                     let _ = reply.send(res);
                 }
                 Ok(Msg::Checkpoint { reply }) => {
-                    let res = self.checkpoint().map_err(InvokeError::Unavailable);
+                    let res = self.checkpoint().map_err(|e| match e.may_have_committed {
+                        true => InvokeError::OutcomeUnknown(e.message),
+                        false => InvokeError::Unavailable(e.message),
+                    });
                     let _ = reply.send(res);
                 }
                 Ok(Msg::Migrate(m)) => self.migrate(m),
@@ -423,9 +429,12 @@ impl Actor {
                     // restarted from a lagging view of the state is behind it).
                     self.catch_up_committed_key();
                     self.revert_or_break();
-                    return Err(InvokeError::Unavailable(format!(
-                        "the state change could not be committed and was undone: {e}"
-                    )));
+                    return Err(match e.may_have_committed {
+                        true => InvokeError::OutcomeUnknown(format!("the state change may yet be committed: {e}")),
+                        false => InvokeError::Unavailable(format!(
+                            "the state change could not be committed and was undone: {e}"
+                        )),
+                    });
                 }
             }
             CheckpointPolicy::Periodic { every_ms } => {
@@ -445,7 +454,7 @@ impl Actor {
         Ok(answer)
     }
 
-    fn checkpoint(&mut self) -> Result<CheckpointSummary, String> {
+    fn checkpoint(&mut self) -> Result<CheckpointSummary, CheckpointFailed> {
         let started = Instant::now();
         let sequence = self.sequence + 1;
         // A checkpoint at or behind the mesh's committed one of this epoch could never commit,
@@ -454,10 +463,10 @@ impl Actor {
         let committed = self.sink.as_ref().and_then(|s| s.committed_key(&self.cfg.name));
         if let Some((_, epoch, at)) = committed.as_deref().and_then(parse_checkpoint_key) {
             if epoch == Epoch(self.cfg.epoch) && at >= sequence {
-                return Err(format!(
+                return Err(CheckpointFailed::from(format!(
                     "this instance is behind the committed checkpoint {}",
                     committed.clone().unwrap_or_default()
-                ));
+                )));
             }
         }
         let header = CheckpointHeader::of(&self.cfg, sequence, self.invocations, hubmesh_consensus::now_ms());
@@ -519,7 +528,7 @@ impl Actor {
                 // The pages this checkpoint marked clean were not written: make the next one
                 // write them again.
                 self.image.mark_all_changed();
-                return Err(e.to_string());
+                return Err(e.to_string().into());
             }
         }
         // The sequence moves on even if the commit below fails: this key is on disk already.
@@ -542,7 +551,8 @@ impl Actor {
                 // The next checkpoint must carry this state again (periodic mode retries it, a
                 // stop takes it as the final one).
                 self.image.mark_all_changed();
-                return Err(e.to_string());
+                let may_have_committed = matches!(e, CommitError::MayHaveCommitted(_));
+                return Err(CheckpointFailed { message: e.to_string(), may_have_committed });
             }
         }
         self.committed_key = Some(key);

@@ -46,6 +46,10 @@ pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitE
     let me = hub.consensus().node_id();
     let manifest_hash = Hash::of(&c.manifest);
     let mut last_error;
+    // Whether a proposal of this record may have been taken (it timed out, or went lost on the
+    // way): then only the deadline ends the retries. Until then nothing can have committed, and a
+    // hub that lost the mesh gives up at once: its caller is told, and the state is undone.
+    let mut maybe_proposed = false;
     loop {
         let state = hub.consensus().state();
         let task = state.tasks.get(&c.task).ok_or(CommitError::Deleted)?;
@@ -78,7 +82,17 @@ pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitE
         if live.len() < wanted {
             last_error = format!("waiting for the leader to choose holders ({} of {wanted} up)", live.len());
         } else {
-            let results = push_until(hub, &live, c, &keep, ack_quorum(wanted)).await;
+            let lost = async {
+                if maybe_proposed {
+                    std::future::pending().await
+                } else {
+                    hub.until_lost_mesh().await
+                }
+            };
+            let results = tokio::select! {
+                r = push_until(hub, &live, c, &keep, ack_quorum(wanted)) => r,
+                () = lost => return Err(CommitError::NotCommitted("this hub lost contact with the mesh".into())),
+            };
             let stored: Vec<NodeId> =
                 live.iter().copied().filter(|h| results.get(h).is_some_and(Result::is_ok)).collect();
             // A holder marked down meanwhile lowers what is wanted, and its copy does not count:
@@ -111,7 +125,10 @@ pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitE
                         return Err(CommitError::Behind(e.to_string()))
                     }
                     Err(ProposeError::Rejected(Rejected::StaleEpoch { .. })) => return Err(CommitError::Replaced),
-                    Err(e) => last_error = format!("committing the record: {e}"),
+                    Err(e) => {
+                        maybe_proposed |= !matches!(e, ProposeError::NotLeader { .. } | ProposeError::Rejected(_));
+                        last_error = format!("committing the record: {e}");
+                    }
                 }
             } else {
                 let errors: Vec<String> = results.into_values().filter_map(Result::err).collect();
@@ -119,7 +136,10 @@ pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitE
                     format!("only {} of {need_now} holders took the checkpoint: {}", stored.len(), errors.join("; "));
             }
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline && maybe_proposed {
+            return Err(CommitError::MayHaveCommitted(last_error));
+        }
+        if Instant::now() >= deadline || !maybe_proposed && hub.lost_mesh() {
             return Err(CommitError::NotCommitted(last_error));
         }
         tracing::debug!(task = %c.task, error = %last_error, "checkpoint commit retry");

@@ -86,7 +86,7 @@ async fn add(hub: &Hub, name: &str, key: Option<&str>) -> u64 {
 }
 
 /// Invokes through `hub` until it answers (the task may be failing over), bounded.
-async fn add_eventually(hub: &Hub, name: &str, key: &str) -> u64 {
+pub(crate) async fn add_eventually(hub: &Hub, name: &str, key: &str) -> u64 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         match hub.client.invoke(name, b"1".to_vec(), Some(key)).await {

@@ -10,6 +10,7 @@ mod attacker;
 mod bad_input;
 mod cli;
 mod compiler;
+mod cut_off;
 mod drain;
 mod failover;
 mod gossip;

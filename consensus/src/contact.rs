@@ -1,0 +1,208 @@
+//! Whom this hub hears, on monotonic time: the leader whose Raft entries it took, or the quorum
+//! that acknowledged it as leader ([`LeaderContact`], the follower lease and the election gate's
+//! "hears a leader"), and which voters answered the gate's pings and when ([`PeerAnswers`]: a
+//! peer that stopped answering is "silent", and the invocation router stops sending calls to it).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::Raft;
+
+use crate::transport::PingAnswer;
+use crate::type_config::TypeConfig;
+use crate::worker::Worker;
+
+/// A silence counts only while this hub still asks: a peer it stopped pinging (no longer a voter,
+/// or this hub leads alone) is not silent, just not asked; one it asks again after longer than
+/// this starts a new silence.
+pub(crate) const ASKED_WITHIN: Duration = Duration::from_secs(3);
+
+/// What this hub knows of each other voter from the election gate's pings.
+#[derive(Default)]
+pub(crate) struct Peer {
+    /// When it last answered, and its answer.
+    pub(crate) answered: Option<(Instant, PingAnswer)>,
+    /// When this hub began asking it, this time (the silence of a peer that has not answered since
+    /// runs from here).
+    pub(crate) first_asked: Option<Instant>,
+    /// When this hub last sent it a ping.
+    pub(crate) last_asked: Option<Instant>,
+    pub(crate) in_flight: bool,
+}
+
+/// The election gate's ping answers, by voter; shared with the rest of the hub.
+#[derive(Clone, Default)]
+pub(crate) struct PeerAnswers(Arc<Mutex<HashMap<u64, Peer>>>);
+
+impl PeerAnswers {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Peer>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long `peer` has not answered a ping (`None`: this hub does not ask it now).
+    pub(crate) fn silent_for(&self, peer: u64) -> Option<Duration> {
+        let now = Instant::now();
+        self.lock().get(&peer).and_then(|p| silence(p, now))
+    }
+}
+
+/// How long `p` has been silent at `now`: since its last answer or since this hub began asking
+/// it, whichever is later; `None` if it was not asked within [`ASKED_WITHIN`]. Pure.
+pub(crate) fn silence(p: &Peer, now: Instant) -> Option<Duration> {
+    let asked = p.last_asked.filter(|at| now.saturating_duration_since(*at) <= ASKED_WITHIN)?;
+    let since = p.answered.map(|(at, _)| at).into_iter().chain(p.first_asked).max().unwrap_or(asked);
+    Some(now.saturating_duration_since(since))
+}
+
+impl Peer {
+    /// This hub sends `self` a ping at `now`.
+    pub(crate) fn asked(&mut self, now: Instant) {
+        // Asked again after a pause (it was not a voter, or this hub led alone): an answer from
+        // before is no evidence either way, and its age must not count as silence.
+        if self.last_asked.is_none_or(|at| now.saturating_duration_since(at) > ASKED_WITHIN) {
+            self.first_asked = Some(now);
+        }
+        self.last_asked = Some(now);
+        self.in_flight = true;
+    }
+}
+
+/// When this hub last took Raft entries (or a snapshot) from a leader, and from which. This, not
+/// any request, is "hearing the leader" for the gate and the follower lease: a hub whose Raft has
+/// stopped or that was deposed may still forward calls and fetch pages.
+#[derive(Clone, Default)]
+pub(crate) struct LeaderContact(Arc<Mutex<Option<(u64, Instant)>>>);
+
+impl LeaderContact {
+    /// `leader` just sent entries this hub took.
+    pub(crate) fn record(&self, leader: u64) {
+        self.record_at(leader, Instant::now());
+    }
+
+    /// Evidence of `leader` dated `at` (this hub leading: a quorum's acknowledgement).
+    pub(crate) fn record_at(&self, leader: u64, at: Instant) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((leader, at));
+    }
+
+    /// How long ago a leader last sent entries this hub took (`None`: never since it started).
+    pub(crate) fn since(&self) -> Option<Duration> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).map(|(_, at)| at.elapsed())
+    }
+
+    /// Whether `leader` sent entries this hub took within `within`, on monotonic time.
+    pub(crate) fn within(&self, leader: u64, within: Duration) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|(l, at)| l == leader && at.elapsed() <= within)
+    }
+}
+
+/// Whether `me` has heard a leader within `within`: it leads and a quorum acknowledged it (as
+/// [`QuorumAckWatch`] dated it), or the leader it follows sent it entries it took (see
+/// [`LeaderContact`]). Also the lease's test.
+pub(crate) fn hears_leader(raft: &Raft<TypeConfig>, contact: &LeaderContact, within: Duration) -> bool {
+    // Called on every local invocation: read the metrics in place rather than clone them.
+    let (leader, alone) = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let Some(leader) = m.current_leader else { return false };
+        let mut voters = m.membership_config.membership().voter_ids();
+        (leader, leader == m.id && voters.next() == Some(m.id) && voters.next().is_none())
+    };
+    // The only voter hears itself: its tick is off (see `election_gate`'s module doc), so no quorum
+    // acknowledgement dates the contact.
+    alone || contact.within(leader, within)
+}
+
+/// Dates this hub's quorum acknowledgements while it leads, into its [`LeaderContact`], at every
+/// metrics report. openraft computes `millis_since_quorum_ack` only when it reports metrics (each
+/// pass of its loop, at least every tick), so the value read later is as old as that report — and
+/// frozen if the loop stalls (a disk flush that hangs): a lease taken from it would never run out.
+pub(crate) struct QuorumAckWatch {
+    pub(crate) metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, crate::type_config::NodeAddr>>,
+    pub(crate) me: u64,
+    pub(crate) contact: LeaderContact,
+}
+
+impl Worker for QuorumAckWatch {
+    fn name(&self) -> &'static str {
+        "quorum-ack"
+    }
+
+    async fn work(&mut self) -> Result<(), String> {
+        let acked = {
+            let m = self.metrics.borrow_and_update();
+            let ms = m.millis_since_quorum_ack.filter(|_| m.current_leader == Some(self.me));
+            ms.and_then(|ms| Instant::now().checked_sub(Duration::from_millis(ms)))
+        };
+        if let Some(at) = acked {
+            self.contact.record_at(self.me, at);
+        }
+        Ok(())
+    }
+
+    async fn wait(&mut self) {
+        if self.metrics.changed().await.is_err() {
+            std::future::pending::<()>().await; // Raft is gone; shutdown stops this worker
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{silence, LeaderContact, Peer};
+    use crate::transport::PingAnswer;
+
+    #[test]
+    fn contact_is_dated_and_belongs_to_one_leader() {
+        let c = LeaderContact::default();
+        assert!(!c.within(1, Duration::from_secs(60)), "no contact yet");
+        // A quorum acknowledgement 200 ms old, as the watcher dates it.
+        c.record_at(1, Instant::now() - Duration::from_millis(200));
+        assert!(!c.within(1, Duration::from_millis(100)), "too old for a 100 ms window");
+        assert!(c.within(1, Duration::from_millis(300)));
+        assert!(!c.within(2, Duration::from_millis(300)), "another leader's contact does not count");
+        c.record(2);
+        assert!(c.within(2, Duration::from_millis(100)) && !c.within(1, Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_peer_is_silent_since_its_last_answer_and_only_while_it_is_asked() {
+        let now = Instant::now();
+        let ago = |ms| now - Duration::from_millis(ms);
+        let answer = PingAnswer { hears_leader: true, last_log_index: None, leader: None };
+        let peer = |answered: Option<u64>, first: Option<u64>, last: Option<u64>| Peer {
+            answered: answered.map(|ms| (ago(ms), answer)),
+            first_asked: first.map(ago),
+            last_asked: last.map(ago),
+            in_flight: false,
+        };
+        assert_eq!(silence(&peer(Some(700), Some(9000), Some(30)), now), Some(Duration::from_millis(700)));
+        assert_eq!(silence(&peer(None, Some(900), Some(30)), now), Some(Duration::from_millis(900)), "never answered");
+        assert_eq!(silence(&peer(Some(5), Some(900), Some(5)), now), Some(Duration::from_millis(5)));
+        assert_eq!(silence(&peer(Some(4000), Some(9000), Some(3500)), now), None, "no longer asked");
+        assert_eq!(silence(&peer(None, None, None), now), None, "never asked");
+        assert_eq!(silence(&peer(Some(60_000), Some(100), Some(30)), now), Some(Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn asking_again_after_a_pause_starts_a_new_silence() {
+        let now = Instant::now();
+        let answer = PingAnswer { hears_leader: true, last_log_index: None, leader: None };
+        let mut p = Peer {
+            answered: Some((now - Duration::from_secs(60), answer)),
+            first_asked: Some(now - Duration::from_secs(70)),
+            last_asked: Some(now - Duration::from_secs(59)),
+            in_flight: false,
+        };
+        assert_eq!(silence(&p, now), None, "not asked lately");
+        p.asked(now);
+        assert_eq!(silence(&p, now), Some(Duration::ZERO), "the old answer's age does not count");
+        p.in_flight = false;
+        let later = now + Duration::from_millis(500);
+        p.asked(later);
+        assert_eq!(p.first_asked, Some(now), "asked without a pause: the same silence goes on");
+        assert_eq!(silence(&p, later), Some(Duration::from_millis(500)));
+    }
+}
