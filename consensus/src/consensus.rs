@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::address_book::AddressBook;
 use crate::autopilot::Autopilot;
-use crate::contact::{LeaderContact, PeerAnswers, QuorumAckWatch};
+use crate::contact::{GateClock, LeaderContact, PeerAnswers, QuorumAckWatch};
 use crate::election_gate::{ElectionGate, Timings};
 use crate::identity::{self, open_err};
 use crate::ids::NodeId;
@@ -109,6 +109,8 @@ pub struct Consensus {
     contact: LeaderContact,
     /// The election gate's ping answers: which voters answer this hub, and since when not.
     peers: PeerAnswers,
+    /// Whether this hub's own view of `contact` and `peers` is current (see [`GateClock`]).
+    clock: GateClock,
     /// When Raft started here (a hub that never heard a leader has had no lease since then).
     started: Instant,
     /// Consensus's own background loops (autopilot, address book).
@@ -169,6 +171,7 @@ impl Consensus {
             applied: applied_rx,
             contact,
             peers: PeerAnswers::default(),
+            clock: GateClock::new(cfg.heartbeat, crate::election_gate::PING_TIMEOUT),
             started: Instant::now(),
             workers: Workers::new(),
         };
@@ -201,6 +204,7 @@ impl Consensus {
             me.transport.clone(),
             me.contact.clone(),
             me.peers.clone(),
+            me.clock.clone(),
             node_id,
             timings,
         ));
@@ -362,10 +366,17 @@ impl Consensus {
     }
 
     /// How long a voter must stay [silent](Self::silent_for) to count as gone for this hub: at
-    /// least `lease`, and at least a ping's timeout — so one late answer (a lossy link, a busy
-    /// hub) is not taken for silence; only a ping that timed out is.
-    pub fn silent_after(&self, lease: Duration) -> Duration {
-        lease.max(crate::election_gate::PING_TIMEOUT)
+    /// least `lease`, and at least a ping's timeout and a round — so one late answer (a lossy
+    /// link, a busy hub) is not taken for silence; only a ping that timed out is.
+    pub fn silent_after(&self, lease: Duration, heartbeat: Duration) -> Duration {
+        lease.max(crate::election_gate::PING_TIMEOUT + heartbeat)
+    }
+
+    /// Whether this hub's own view of whom it hears is current: the election gate runs on time,
+    /// and a full ping round has passed since this hub last came back from a stall of its own
+    /// (until then, the others' silence and a lapsed lease may be its own doing).
+    pub fn view_is_current(&self) -> bool {
+        self.clock.is_current(Instant::now())
     }
 
     /// Consensus's background workers (autopilot, address book).

@@ -55,6 +55,58 @@ pub(crate) fn silence(p: &Peer, now: Instant) -> Option<Duration> {
     Some(now.saturating_duration_since(since))
 }
 
+/// When the election gate last ran a round, and when it last came back from a stall. This hub's
+/// view of whom it hears is current only while the gate runs on time, and only once a full ping
+/// round has passed since such a stall: a hub that was itself stopped (SIGSTOP, a VM pause, a
+/// starved CPU) must not take the silence of the others during its own stop for theirs, nor its
+/// own missed contact with the leader for a lost mesh.
+#[derive(Clone)]
+pub(crate) struct GateClock {
+    rounds: Arc<Mutex<Rounds>>,
+    /// A gap between rounds longer than this is a stall.
+    stall: Duration,
+    /// After a stall, the view is current again after this long (a ping's timeout and a round).
+    settle: Duration,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Rounds {
+    pub(crate) last: Option<Instant>,
+    pub(crate) resumed: Option<Instant>,
+}
+
+impl GateClock {
+    /// Rounds every `heartbeat`; pings wait `ping_timeout` for an answer.
+    pub(crate) fn new(heartbeat: Duration, ping_timeout: Duration) -> Self {
+        Self { rounds: Arc::default(), stall: heartbeat * 10, settle: ping_timeout + heartbeat }
+    }
+
+    /// The gate runs a round at `now`.
+    pub(crate) fn round(&self, now: Instant) {
+        let mut r = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+        *r = next_round(*r, now, self.stall);
+    }
+
+    /// Whether this hub's view of whom it hears is current at `now`.
+    pub(crate) fn is_current(&self, now: Instant) -> bool {
+        let r = *self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+        is_current(r, now, self.stall, self.settle)
+    }
+}
+
+/// The rounds after one at `now`: a gap over `stall` since the last is a return from a stall. Pure.
+pub(crate) fn next_round(r: Rounds, now: Instant, stall: Duration) -> Rounds {
+    let stalled = r.last.is_some_and(|l| now.saturating_duration_since(l) > stall);
+    Rounds { last: Some(now), resumed: if stalled { Some(now) } else { r.resumed } }
+}
+
+/// Whether the view is current at `now`: the last round is at most `stall` old, and the last
+/// return from a stall at least `settle`. Pure.
+pub(crate) fn is_current(r: Rounds, now: Instant, stall: Duration, settle: Duration) -> bool {
+    r.last.is_some_and(|l| now.saturating_duration_since(l) <= stall)
+        && r.resumed.is_none_or(|at| now.saturating_duration_since(at) >= settle)
+}
+
 impl Peer {
     /// This hub sends `self` a ping at `now`.
     pub(crate) fn asked(&mut self, now: Instant) {
@@ -151,7 +203,7 @@ impl Worker for QuorumAckWatch {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{silence, LeaderContact, Peer};
+    use super::{is_current, next_round, silence, LeaderContact, Peer, Rounds};
     use crate::transport::PingAnswer;
 
     #[test]
@@ -184,6 +236,31 @@ mod tests {
         assert_eq!(silence(&peer(Some(4000), Some(9000), Some(3500)), now), None, "no longer asked");
         assert_eq!(silence(&peer(None, None, None), now), None, "never asked");
         assert_eq!(silence(&peer(Some(60_000), Some(100), Some(30)), now), Some(Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn the_view_is_current_only_while_the_gate_runs_on_time_and_a_while_after_a_stall() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let (stall, settle) = (ms(300), ms(1030));
+        assert!(!is_current(Rounds::default(), t0, stall, settle), "no round yet");
+        let r = next_round(Rounds::default(), t0, stall);
+        assert!(is_current(r, t0 + ms(300), stall, settle));
+        assert!(!is_current(r, t0 + ms(301), stall, settle), "the gate stopped running: this hub may be stalled");
+        let r = next_round(r, t0 + ms(30), stall);
+        assert_eq!(r.resumed, None, "rounds on time");
+        let back = t0 + ms(2030);
+        let r = next_round(r, back, stall);
+        assert_eq!(r.resumed, Some(back), "a 2 s gap is a stall");
+        assert!(!is_current(r, back + ms(30), stall, settle), "a full ping round first");
+        // Rounds on time again, every 30 ms.
+        let mut r = r;
+        for i in 1..=34 {
+            r = next_round(r, back + ms(30 * i), stall);
+        }
+        assert_eq!(r.resumed, Some(back));
+        assert!(!is_current(r, back + ms(1029), stall, settle));
+        assert!(is_current(r, back + ms(1030), stall, settle));
     }
 
     #[test]

@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use openraft::Raft;
 
-use crate::contact::{LeaderContact, Peer, PeerAnswers};
+use crate::contact::{GateClock, LeaderContact, Peer, PeerAnswers};
 use crate::transport::{Json, PingAnswer, Transport, PING};
 use crate::type_config::TypeConfig;
 use crate::worker::Worker;
@@ -73,6 +73,7 @@ pub(crate) struct ElectionGate {
     /// How long elections stay off after a majority answers again.
     hold: Duration,
     peers: PeerAnswers,
+    clock: GateClock,
     /// What the gate last told openraft (openraft starts with elections off, see `Consensus`).
     elections: bool,
     /// A majority did not answer at the last tick.
@@ -109,6 +110,7 @@ impl ElectionGate {
         transport: Arc<Transport>,
         contact: LeaderContact,
         peers: PeerAnswers,
+        clock: GateClock,
         node_id: u64,
         t: Timings,
     ) -> Self {
@@ -123,6 +125,7 @@ impl ElectionGate {
             fresh: (t.heartbeat * FRESH_HEARTBEATS).min(t.election_min),
             hold: t.election_max,
             peers,
+            clock,
             elections: false,
             cut: false,
             back: None,
@@ -228,6 +231,7 @@ impl Worker for ElectionGate {
             self.solo = solo;
             tracing::debug!(solo, "openraft's tick is {}", if solo { "off: this hub leads alone" } else { "on" });
         }
+        self.clock.round(Instant::now());
         // Only the voters this hub pings now have answers to go by (`Consensus::silent_for`).
         let asks = !solo && voters.contains(&self.node_id);
         self.peers().retain(|peer, _| asks && voters.contains(peer));
@@ -250,10 +254,12 @@ impl Worker for ElectionGate {
             tokio::spawn(async move {
                 let answer = PING.call(&transport, peer, &Json(()), PING_TIMEOUT).await;
                 let mut all = all.lock();
-                let p = all.entry(peer).or_default();
-                p.in_flight = false;
-                if let Ok(Json(a)) = answer {
-                    p.answered = Some((Instant::now(), a));
+                // Not recreated if the gate stopped asking meanwhile (it is no voter any more).
+                if let Some(p) = all.get_mut(&peer) {
+                    p.in_flight = false;
+                    if let Ok(Json(a)) = answer {
+                        p.answered = Some((Instant::now(), a));
+                    }
                 }
             });
         }

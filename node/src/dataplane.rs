@@ -135,6 +135,10 @@ pub(crate) async fn forward(
         Err(RpcError::Unreachable(_, m)) => Forwarded::Unreachable(m),
         Err(e @ RpcError::NotDelivered(_)) => Forwarded::Unreachable(e.to_string()),
         Err(RpcError::Timeout) => Forwarded::Timeout,
-        Err(RpcError::Protocol(m)) => Forwarded::Failed(InvokeError::Unavailable(m)),
+        // An answer that cannot be read came after the request was sent: the call may have run.
+        Err(RpcError::Protocol(m)) => {
+            tracing::warn!(node = node.0, task, error = %m, "a forwarded call's answer could not be read");
+            Forwarded::Timeout
+        }
     }
 }

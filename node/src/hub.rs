@@ -200,7 +200,7 @@ impl Hub {
     /// at once (it cannot run without a lease) instead of being held for seconds.
     pub(crate) fn lost_mesh(&self) -> bool {
         let t = self.config.timeouts.resolve();
-        lost_mesh(self.consensus.lease_lapsed_for(t.lease), t.election)
+        lost_mesh(self.consensus.lease_lapsed_for(t.lease), t.election) && self.consensus.view_is_current()
     }
 
     /// Completes once [`lost_mesh`](Self::lost_mesh) holds (checked every heartbeat).
@@ -215,22 +215,21 @@ impl Hub {
     /// call is not sent to it, and one waiting on it stops waiting (it is as good as down for
     /// this hub, whatever the leader says).
     pub(crate) fn is_silent(&self, node: NodeId) -> bool {
-        self.consensus.silent_for(node.0).is_some_and(|d| d >= self.silent_after())
+        self.consensus.silent_for(node.0).is_some_and(|d| d >= self.silent_after()) && self.consensus.view_is_current()
     }
 
     fn silent_after(&self) -> Duration {
-        self.consensus.silent_after(self.config.timeouts.resolve().lease)
+        let t = self.config.timeouts.resolve();
+        self.consensus.silent_after(t.lease, t.heartbeat)
     }
 
     /// Completes once `node` [is silent](Self::is_silent).
     pub(crate) async fn until_silent(&self, node: NodeId) {
-        let after = self.silent_after();
-        loop {
+        let (after, heartbeat) = (self.silent_after(), self.config.timeouts.resolve().heartbeat);
+        while !self.is_silent(node) {
             let quiet = self.consensus.silent_for(node.0).unwrap_or_default();
-            if quiet >= after {
-                return;
-            }
-            tokio::time::sleep(after - quiet).await;
+            // Silent long enough but this hub's own view is not current yet: look again soon.
+            tokio::time::sleep(after.saturating_sub(quiet).max(heartbeat)).await;
         }
     }
 

@@ -64,8 +64,27 @@ struct Tried {
     /// A hub the call was sent to with its key and that did not answer: the call may have run
     /// there, so it never ends with a definite refusal.
     may_have_run: Option<NodeId>,
-    /// Since when every host has been silent to this hub (while it held a lease).
-    all_silent_since: Option<Instant>,
+    /// The last try found every host silent to this hub (and this hub had not lost the mesh).
+    all_silent: bool,
+}
+
+impl RouteError {
+    /// Whether this says that the call did not run (as opposed to an answer of a run under the
+    /// call's key, or an unknown outcome).
+    fn is_refusal(&self) -> bool {
+        match self {
+            Self::NotFound(_) | Self::NotReady(_) | Self::NoQuorum(_) => true,
+            Self::Invoke(e) => matches!(
+                e,
+                InvokeError::NotFound(_)
+                    | InvokeError::InputTooLarge { .. }
+                    | InvokeError::QueueFull { .. }
+                    | InvokeError::Unavailable(_)
+                    | InvokeError::Moved { .. }
+            ),
+            Self::Unknown { .. } => false,
+        }
+    }
 }
 
 impl Hub {
@@ -110,19 +129,25 @@ impl Hub {
         let deadline = Instant::now() + SETTLE;
         let t = self.config().timeouts.resolve();
         let mut tried = Tried::default();
+        // Since when every host has been silent to this hub, try after try.
+        let mut all_silent_since: Option<Instant> = None;
         loop {
             // Watched from before the try: what changes during it wakes the wait below.
             let (mut state, mut starts) = (self.consensus().changes(), self.executor().starts());
+            tried.all_silent = false;
             let reason = match self.try_once(name, &input, &key, may_forward, &mut tried).await {
-                Step::Done(Err(RouteError::NoQuorum(_) | RouteError::NotReady(_))) if tried.may_have_run.is_some() => {
+                // Sent with its key and unanswered, the call may have run (or wait in that host's
+                // queue): whatever a later try is refused, its outcome stays unknown.
+                Step::Done(Err(e)) if e.is_refusal() && tried.may_have_run.is_some() => {
                     return Err(RouteError::Unknown { node: tried.may_have_run.map_or(0, |n| n.0) })
                 }
                 Step::Done(r) => return r,
                 Step::Wait(reason) => reason,
             };
+            all_silent_since = if tried.all_silent { all_silent_since.or_else(|| Some(Instant::now())) } else { None };
             // Hosts silent to this hub but not to the leader (the far end of a bridge) are not
             // re-placed: the wait ends once the leader would have re-placed a host it lost.
-            let silent_too_long = tried.all_silent_since.is_some_and(|at| at.elapsed() >= t.node_down + t.heartbeat);
+            let silent_too_long = all_silent_since.is_some_and(|at| at.elapsed() >= t.node_down + t.heartbeat);
             if Instant::now() >= deadline || silent_too_long {
                 return Err(match tried.may_have_run {
                     Some(node) => RouteError::Unknown { node: node.0 },
@@ -305,10 +330,9 @@ impl Hub {
             if self.lost_mesh() {
                 return Step::Done(Err(RouteError::NoQuorum(format!("{reason}, and this hub has no lease"))));
             }
-            tried.all_silent_since.get_or_insert_with(Instant::now);
+            tried.all_silent = true;
             return Step::Wait(reason);
         }
-        tried.all_silent_since = None;
         let budget = Duration::from_millis(task.spec.limits.timeout_ms) + Duration::from_secs(5);
         let mut reason = String::from("no host answered");
         for p in order {
@@ -368,4 +392,29 @@ fn forwarded_seconds() -> &'static metrics::Histogram {
 fn invoke_seconds() -> &'static metrics::Histogram {
     static H: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
     H.get_or_init(|| metrics::histogram!("hubmesh_invoke_seconds"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_say_the_call_did_not_run_answers_of_a_run_do_not() {
+        let refused = [
+            RouteError::NotFound("t".into()),
+            RouteError::NotReady("starting".into()),
+            RouteError::NoQuorum("cut off".into()),
+            InvokeError::QueueFull { limit: 8 }.into(),
+            InvokeError::Unavailable("not here".into()).into(),
+            InvokeError::NotFound("t".into()).into(),
+        ];
+        assert!(refused.iter().all(RouteError::is_refusal));
+        let ran = [
+            RouteError::Unknown { node: 2 },
+            InvokeError::Trapped("unreachable".into()).into(),
+            InvokeError::DeadlineExceeded { timeout_ms: 5 }.into(),
+            InvokeError::OutcomeUnknown("cut short".into()).into(),
+        ];
+        assert!(!ran.iter().any(RouteError::is_refusal));
+    }
 }

@@ -29,8 +29,9 @@ impl From<InvokeError> for Refusal {
 }
 
 impl From<Refusal> for InvokeError {
-    /// A code this hub does not know (or one no invocation answers with) reads as
-    /// `Unavailable`: the router then tries another host or waits.
+    /// A refusal before the call ran (membership, a bad request) reads as `Unavailable`: the
+    /// router then tries another host or waits. `Internal` (the handler or its answer failed,
+    /// after the call may have run) and a code this hub does not know read as `OutcomeUnknown`.
     fn from(r: Refusal) -> Self {
         use pb::ErrorCode as C;
         let pb::ErrorHint { size, limit, .. } = r.hint;
@@ -42,7 +43,7 @@ impl From<Refusal> for InvokeError {
             C::MemoryLimit => Self::MemoryLimit { limit },
             C::TaskTrapped => Self::Trapped(r.message),
             C::QueueFull => Self::QueueFull { limit: u32::try_from(limit).unwrap_or(u32::MAX) },
-            C::OutcomeUnknown => Self::OutcomeUnknown(r.message),
+            C::OutcomeUnknown | C::Internal | C::Unspecified => Self::OutcomeUnknown(r.message),
             _ => Self::Unavailable(r.message),
         }
     }
@@ -73,8 +74,12 @@ mod tests {
     }
 
     #[test]
-    fn unknown_codes_read_as_unavailable() {
+    fn a_refusal_before_running_reads_as_unavailable_a_failure_after_as_unknown() {
+        let r = Refusal::new(pb::ErrorCode::Unauthorized, "not a member");
+        assert_eq!(InvokeError::from(r), InvokeError::Unavailable("not a member".into()));
         let r = Refusal::new(pb::ErrorCode::Internal, "disk full");
-        assert_eq!(InvokeError::from(r), InvokeError::Unavailable("disk full".into()));
+        assert_eq!(InvokeError::from(r), InvokeError::OutcomeUnknown("disk full".into()));
+        let r = Refusal::new(pb::ErrorCode::Unspecified, "from a newer release");
+        assert_eq!(InvokeError::from(r), InvokeError::OutcomeUnknown("from a newer release".into()));
     }
 }

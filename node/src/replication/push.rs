@@ -39,31 +39,44 @@ const TAIL_GRACE_MIN: Duration = Duration::from_millis(1);
 const LAGGARD_WAIT: Duration = Duration::from_millis(200);
 
 /// Replicates `c` to the task's holders and commits its record, retrying (holders change when
-/// one dies, leaders change) until the propose timeout has passed twice.
+/// one dies, leaders change) until the propose timeout has passed twice. Once a proposal of the
+/// record may have been taken (it timed out, or went lost on the way), any failure is
+/// [`CommitError::MayHaveCommitted`]: the record may yet commit, or have committed already and
+/// been restored elsewhere, so the change it carries must not be reported as not made.
 pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitError> {
+    let mut maybe_proposed = false;
+    match try_commit(hub, c, &mut maybe_proposed).await {
+        Err(e) if maybe_proposed && !matches!(e, CommitError::MayHaveCommitted(_)) => {
+            Err(CommitError::MayHaveCommitted(e.to_string()))
+        }
+        res => res,
+    }
+}
+
+async fn try_commit(hub: &Hub, c: &LocalCheckpoint, maybe_proposed: &mut bool) -> Result<(), CommitError> {
     let started = Instant::now();
     let deadline = started + hub.config().timeouts.resolve().propose * 2;
     let me = hub.consensus().node_id();
     let manifest_hash = Hash::of(&c.manifest);
     let mut last_error;
-    // Whether a proposal of this record may have been taken (it timed out, or went lost on the
-    // way): then only the deadline ends the retries. Until then nothing can have committed, and a
-    // hub that lost the mesh gives up at once: its caller is told, and the state is undone.
-    let mut maybe_proposed = false;
+    // Until a proposal may have been taken, nothing can have committed, and a hub that lost the
+    // mesh gives up at once: its caller is told, and the state is undone.
     loop {
         let state = hub.consensus().state();
         let task = state.tasks.get(&c.task).ok_or(CommitError::Deleted)?;
-        let current = task.instances.get(&0).copied();
-        if !current.is_some_and(|p| p.node == me && p.epoch.0 == c.epoch) {
-            return Err(CommitError::Replaced);
-        }
+        // First: an earlier attempt whose answer was lost may have committed (and the instance
+        // been re-placed since, from this very checkpoint).
         if let Some(r) = task.checkpoint.as_ref().filter(|r| r.epoch.0 == c.epoch && r.sequence == c.sequence) {
             if r.manifest_hash == manifest_hash {
-                return Ok(()); // an earlier attempt whose answer was lost did commit
+                return Ok(());
             }
             // Another state under this checkpoint's name (an instance that restarted from a
             // stale view of the committed checkpoint): this one can never commit.
             return Err(CommitError::Behind(format!("checkpoint {} was committed with other contents", c.key)));
+        }
+        let current = task.instances.get(&0).copied();
+        if !current.is_some_and(|p| p.node == me && p.epoch.0 == c.epoch) {
+            return Err(CommitError::Replaced);
         }
         let holders: Vec<NodeId> = task.holders.iter().copied().filter(|h| *h != me).collect();
         // Until the leader has chosen as many holders as the mesh allows, committing would keep
@@ -83,7 +96,7 @@ pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitE
             last_error = format!("waiting for the leader to choose holders ({} of {wanted} up)", live.len());
         } else {
             let lost = async {
-                if maybe_proposed {
+                if *maybe_proposed {
                     std::future::pending().await
                 } else {
                     hub.until_lost_mesh().await
@@ -126,7 +139,7 @@ pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitE
                     }
                     Err(ProposeError::Rejected(Rejected::StaleEpoch { .. })) => return Err(CommitError::Replaced),
                     Err(e) => {
-                        maybe_proposed |= !matches!(e, ProposeError::NotLeader { .. } | ProposeError::Rejected(_));
+                        *maybe_proposed |= !matches!(e, ProposeError::NotLeader { .. } | ProposeError::Rejected(_));
                         last_error = format!("committing the record: {e}");
                     }
                 }
@@ -136,11 +149,8 @@ pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitE
                     format!("only {} of {need_now} holders took the checkpoint: {}", stored.len(), errors.join("; "));
             }
         }
-        if Instant::now() >= deadline && maybe_proposed {
-            return Err(CommitError::MayHaveCommitted(last_error));
-        }
-        if Instant::now() >= deadline || !maybe_proposed && hub.lost_mesh() {
-            return Err(CommitError::NotCommitted(last_error));
+        if Instant::now() >= deadline || !*maybe_proposed && hub.lost_mesh() {
+            return Err(CommitError::NotCommitted(last_error)); // MayHaveCommitted if it may have
         }
         tracing::debug!(task = %c.task, error = %last_error, "checkpoint commit retry");
         let mut rx = hub.consensus().changes();

@@ -137,3 +137,25 @@ async fn a_keyed_call_in_flight_when_its_host_goes_silent_ends_outcome_unknown_n
     hubs[h].pause(false);
     hubs[third].pause(false);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_that_was_itself_stopped_does_not_take_the_others_for_silent() {
+    let hubs = three_hubs("st").await;
+    hubs[0].client.deploy("echo", example_bytes("echo.wat"), &DeployParams::default(), false).await.unwrap();
+    let h = host_index(&hubs, "echo").await;
+    let p = (h + 1) % 3;
+    let c = hubs[p].client.clone();
+    wait_until(Duration::from_secs(30), "the hub to stop sees echo placed", || {
+        let c = c.clone();
+        async move { c.task("echo").await.is_ok_and(|t| t.placement.is_some()) }
+    })
+    .await;
+
+    step("SIGSTOP a hub that does not host echo for 2 s, with a call to it waiting in its socket");
+    hubs[p].pause(true);
+    let call = tokio::spawn(async move { c.invoke("echo", b"still here".to_vec(), None).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    hubs[p].pause(false);
+    // On waking, its lease and its last ping answers are 2 s old: its own stop, not the mesh's.
+    assert_eq!(call.await.unwrap().expect("the woken hub forwards the call"), b"still here");
+}
