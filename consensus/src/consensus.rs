@@ -171,7 +171,7 @@ impl Consensus {
             applied: applied_rx,
             contact,
             peers: PeerAnswers::default(),
-            clock: GateClock::new(cfg.heartbeat, crate::election_gate::PING_TIMEOUT),
+            clock: GateClock::new(cfg.heartbeat, cfg.election_timeout_min, crate::election_gate::PING_TIMEOUT),
             started: Instant::now(),
             workers: Workers::new(),
         };

@@ -76,15 +76,20 @@ pub(crate) struct Rounds {
 }
 
 impl GateClock {
-    /// Rounds every `heartbeat`; pings wait `ping_timeout` for an answer.
-    pub(crate) fn new(heartbeat: Duration, ping_timeout: Duration) -> Self {
-        Self { rounds: Arc::default(), stall: heartbeat * 10, settle: ping_timeout + heartbeat }
+    /// For a gate that rounds every `heartbeat` and whose pings wait `ping_timeout` for an
+    /// answer: a stall is ten rounds missed — and shorter than three election timeouts, which is
+    /// less than the lease plus two election timeouts after which a hub counts as cut off.
+    pub(crate) fn new(heartbeat: Duration, election_min: Duration, ping_timeout: Duration) -> Self {
+        let stall = (heartbeat * 10).min(election_min * 3);
+        Self { rounds: Arc::default(), stall, settle: ping_timeout + heartbeat }
     }
 
-    /// The gate runs a round at `now`.
-    pub(crate) fn round(&self, now: Instant) {
+    /// The gate runs a round at `now`; `Some(gap)` if it comes back from a stall of `gap`.
+    pub(crate) fn round(&self, now: Instant) -> Option<Duration> {
         let mut r = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+        let gap = r.last.map(|l| now.saturating_duration_since(l));
         *r = next_round(*r, now, self.stall);
+        gap.filter(|_| r.resumed == Some(now))
     }
 
     /// Whether this hub's view of whom it hears is current at `now`.

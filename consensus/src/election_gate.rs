@@ -231,7 +231,11 @@ impl Worker for ElectionGate {
             self.solo = solo;
             tracing::debug!(solo, "openraft's tick is {}", if solo { "off: this hub leads alone" } else { "on" });
         }
-        self.clock.round(Instant::now());
+        if let Some(gap) = self.clock.round(Instant::now()) {
+            // This hub itself stood still (a pause, a starved CPU): until a ping round has passed,
+            // it judges no one silent and does not count itself cut off.
+            tracing::info!(?gap, "the election gate ran late; this hub's view of its peers is stale for a ping round");
+        }
         // Only the voters this hub pings now have answers to go by (`Consensus::silent_for`).
         let asks = !solo && voters.contains(&self.node_id);
         self.peers().retain(|peer, _| asks && voters.contains(peer));

@@ -258,6 +258,7 @@ impl Hub {
                 // Not run there, or (with its key) answered from the cache on a retry.
                 Forwarded::Failed(e @ (InvokeError::Unavailable(_) | InvokeError::QueueFull { .. })) => e.to_string(),
                 Forwarded::Failed(InvokeError::NotFound(_)) if key.is_some() => "not started there yet".into(),
+                Forwarded::Failed(InvokeError::OutcomeUnknown(m)) if key.is_some() => m,
                 Forwarded::Failed(e) => return Err(e.into()),
                 Forwarded::Unreachable(m) => m,
                 Forwarded::Timeout if key.is_some() => "no answer in time; retrying under the key".into(),
@@ -358,6 +359,12 @@ impl Hub {
             match res {
                 Forwarded::Answer(a, ran) => return Step::Done(Ok((a, ran.unwrap_or(p)))),
                 Forwarded::Failed(InvokeError::Unavailable(m)) => reason = m,
+                // The host's durable commit may yet apply: under its key the call may be retried
+                // (a run that did commit answers from the key's cache).
+                Forwarded::Failed(InvokeError::OutcomeUnknown(m)) if key.is_some() => {
+                    tried.may_have_run = Some(p.node);
+                    reason = m;
+                }
                 Forwarded::Failed(e) => return Step::Done(Err(e.into())),
                 Forwarded::Unreachable(m) => reason = format!("hub {} is unreachable: {m}", p.node),
                 Forwarded::Timeout if key.is_some() => {

@@ -4,7 +4,9 @@
 //! scenario's bound (`untouched_gap_max`, else `failover_max`) must overlap a fault that touched
 //! the task — one whose hubs include the task's host or the leader when it began — or the
 //! recovery after it (the failover bound past its heal). Calls sent into a hub that a fault
-//! touched at the time do not open a window (the caller's own hub was faulted, not the task), and
+//! touched at the time, or touched before the call ended, do not open a window (the caller's own
+//! hub was faulted, not the task — whether the call went in just before the fault or just after
+//! is a race of a few milliseconds), and
 //! windows end at the final heal, when the workload stops. A fault whose leader or task host the
 //! nemesis could not read touches every task (counted as `unattributed`). Per task, not per
 //! caller: a window closes when any caller gets an answer.
@@ -92,12 +94,34 @@ fn bound_ms(ev: &Evidence) -> u64 {
     ev.untouched_gap_max_ms.unwrap_or(ev.failover_max_ms)
 }
 
+/// When each call ended, by (client, sent at): its client's next event (a client makes one call
+/// at a time; one that timed out becomes a new client).
+fn call_ends(events: &[Event]) -> std::collections::HashMap<(i64, u64), u64> {
+    let mut open: std::collections::HashMap<i64, u64> = std::collections::HashMap::new();
+    let mut ends = std::collections::HashMap::new();
+    for e in events.iter().filter(|e| e.task.is_some()) {
+        if let Some(sent) = open.remove(&e.process) {
+            ends.insert((e.process, sent), e.t_us);
+        }
+        if e.kind == Type::Invoke {
+            open.insert(e.process, e.t_us);
+        }
+    }
+    ends
+}
+
 /// Every window longer than `min_ms`, with the fault (if any) that touched its task meanwhile.
 pub fn windows(events: &[Event], ev: &Evidence, min_ms: f64) -> Vec<Window> {
     let grace_us = ev.failover_max_ms * 1000;
-    let active = |f: &crate::nemesis::Applied, t: u64| f.start_us <= t && t < f.end_us.max(f.start_us) + grace_us;
+    let ends = call_ends(events);
+    // A fault on the call's hub that began before the call ended, and had not long healed when
+    // it was sent.
+    let during = |f: &crate::nemesis::Applied, e: &Event| {
+        let end = ends.get(&(e.process, e.t_us)).copied().unwrap_or(e.t_us);
+        f.start_us <= end && e.t_us < f.end_us.max(f.start_us) + grace_us
+    };
     let into_faulted_hub =
-        |e: &Event| ev.faults.iter().any(|f| active(f, e.t_us) && e.hubs.iter().any(|h| f.hubs.contains(h)));
+        |e: &Event| ev.faults.iter().any(|f| during(f, e) && e.hubs.iter().any(|h| f.hubs.contains(h)));
     waits(events, &tasks(ev), min_ms, end_of_workload(events, ev), into_faulted_hub)
         .into_iter()
         .map(|(task, from_us, ms)| {
@@ -246,6 +270,13 @@ mod tests {
         h.events[failed].hubs = vec![1];
         let e = ev(vec![fault(1, from - 500_000, Some(30))]);
         assert_eq!(untouched(&h.events, &e).verdict, Verdict::True, "the caller's hub was faulted, not the task");
+        // The same call, sent just before the fault began on its hub (it ended 1 ms after it was sent).
+        let e = ev(vec![fault(1, h.events[failed].t_us + 500, Some(30))]);
+        assert_eq!(untouched(&h.events, &e).verdict, Verdict::True, "the fault met the call in its hub");
+        // But not a fault on its hub that began after the call had ended.
+        let ended = h.events[failed + 1].t_us;
+        let e = ev(vec![fault(1, ended + 1, Some(30))]);
+        assert_eq!(untouched(&h.events, &e).verdict, Verdict::False, "the call had failed before the fault");
         // A call that failed just before the final heal: the idle time after it is no window.
         let mut h = H::default();
         h.add_ok("c", 1, &[1], 10, 1);

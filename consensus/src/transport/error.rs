@@ -31,7 +31,8 @@ impl Refusal {
         Self::new(pb::ErrorCode::BadRequest, message)
     }
 
-    /// This hub failed to serve it; the caller may try elsewhere.
+    /// This hub failed to serve it — perhaps after running it (an answer that could not be sent
+    /// back), so the outcome is unknown to the caller.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(pb::ErrorCode::Internal, message)
     }

@@ -297,7 +297,8 @@ impl Transport {
 
     /// Like [`call`](Self::call), but stops waiting when `give_up` completes: with
     /// [`RpcError::NotDelivered`] if the request's end had not been sent yet (the peer cannot
-    /// have all of it, so the caller may safely try elsewhere), else with `Timeout`.
+    /// have all of it, so the caller may safely try elsewhere), else with `Timeout` — and the same
+    /// when `timeout` passes.
     pub async fn call_unless(
         &self,
         target: u64,
@@ -319,7 +320,11 @@ impl Transport {
                 }
             }
             r = tokio::time::timeout(timeout, self.call_inner(target, kind, payload, &sent, &used)) => {
-                r.unwrap_or(Err(RpcError::Timeout))
+                // Still dialing, or waiting for stream credit: the request never left.
+                r.unwrap_or_else(|_| match sent.load(std::sync::atomic::Ordering::Acquire) {
+                    true => Err(RpcError::Timeout),
+                    false => Err(RpcError::NotDelivered(target)),
+                })
             }
         };
         match &res {

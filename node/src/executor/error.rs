@@ -24,8 +24,9 @@ pub enum InvokeError {
     /// Too many invocations are waiting for this task.
     #[error("the task's queue is full ({limit} waiting)")]
     QueueFull { limit: u32 },
-    /// The task is stopping, restarting or its state could not be saved; the outcome of a
-    /// durable invocation that fails this way is unknown.
+    /// The task is stopping, restarting, not here, or its state change could not be saved and
+    /// was undone: the call did not take effect (a forwarder tries another host). A durable
+    /// change that may yet commit answers [`Self::OutcomeUnknown`] instead.
     #[error("the task is unavailable: {0}")]
     Unavailable(String),
     /// The task was live-migrated to hub `node` (placement epoch `epoch`) while this call waited
