@@ -6,8 +6,9 @@
 //!      placed on hub B --> dataplane::forward --> B: Hub::invoke_here (never forwards again)
 //!      (a stateless task with replicas: a local one first, else the next host that answers)
 //!      not placed / starting / B unreachable --> wait for the state to change, bounded
-//!      B silent (no answer to this hub's pings for a lease) --> not sent there; a call waiting
-//!        on B stops waiting; without a lease here: refused at once (503 no_quorum)
+//!      B silent (no answer to this hub's pings for a lease and a ping's timeout) --> not sent
+//!        there; a call waiting on B stops waiting; if this hub lost the mesh too: refused at
+//!        once (503 no_quorum), else it waits for a new placement, bounded by node_down
 //!      placed here, but this hub lost the mesh (no lease, two elections past it) --> refused
 //!        at once (503 no_quorum): it cannot run without a lease, and holding it helps no one
 //!      forwarded call timed out --> retried only with an idempotency key, else "outcome unknown"

@@ -27,6 +27,16 @@ async fn add(hub: &Hub, key: &str) -> u64 {
     add_eventually(hub, "tally", key).await
 }
 
+/// Waits until `hub` sees `task` placed (it forwards calls to it only then).
+async fn sees_placed(hub: &Hub, task: &str) {
+    let c = hub.client.clone();
+    wait_until(Duration::from_secs(30), &format!("{} sees {task} placed", hub.name), || {
+        let (c, task) = (c.clone(), task.to_owned());
+        async move { c.task(&task).await.is_ok_and(|t| t.placement.is_some()) }
+    })
+    .await;
+}
+
 /// Three hubs with the durable counter `tally` at 3 and `echo` placed, every hub seeing both.
 /// Where `echo` runs is the scheduler's choice: on the host of `tally` (refused there for want of
 /// a lease) or on another hub (not sent there: it is silent); both end `no_quorum`.
@@ -120,11 +130,7 @@ async fn a_keyed_call_in_flight_when_its_host_goes_silent_ends_outcome_unknown_n
     let h = host_index(&hubs, "spinner").await;
     let (via, third) = ((h + 1) % 3, (h + 2) % 3);
     let c = hubs[via].client.clone();
-    wait_until(Duration::from_secs(30), "the hub that forwards sees the task placed", || {
-        let c = c.clone();
-        async move { c.task("spinner").await.is_ok_and(|t| t.placement.is_some()) }
-    })
-    .await;
+    sees_placed(&hubs[via], "spinner").await;
 
     step("a keyed call runs on the host (it loops until its 4 s deadline); then the host and the third hub stop");
     let call = tokio::spawn(async move { c.invoke("spinner", b"x".to_vec(), Some("once")).await });
@@ -145,11 +151,7 @@ async fn a_hub_that_was_itself_stopped_does_not_take_the_others_for_silent() {
     let h = host_index(&hubs, "echo").await;
     let p = (h + 1) % 3;
     let c = hubs[p].client.clone();
-    wait_until(Duration::from_secs(30), "the hub to stop sees echo placed", || {
-        let c = c.clone();
-        async move { c.task("echo").await.is_ok_and(|t| t.placement.is_some()) }
-    })
-    .await;
+    sees_placed(&hubs[p], "echo").await;
 
     step("SIGSTOP a hub that does not host echo for 2 s, with a call to it waiting in its socket");
     hubs[p].pause(true);
