@@ -6,9 +6,9 @@
 //!      placed on hub B --> dataplane::forward --> B: Hub::invoke_here (never forwards again)
 //!      (a stateless task with replicas: a local one first, else the next host that answers)
 //!      not placed / starting / B unreachable --> wait for the state to change, bounded
-//!      B silent (no answer to this hub's pings for a lease and a ping's timeout) --> not sent
-//!        there; a call waiting on B stops waiting; if this hub lost the mesh too: refused at
-//!        once (503 no_quorum), else it waits for a new placement, bounded by node_down
+//!      B silent (no answer to this hub's pings for max(lease, ping timeout + heartbeat))
+//!        --> not sent there; a call waiting on B stops waiting; if this hub lost the mesh too:
+//!        refused at once (503 no_quorum), else it waits for a new placement, bounded by node_down
 //!      placed here, but this hub lost the mesh (no lease, two elections past it) --> refused
 //!        at once (503 no_quorum): it cannot run without a lease, and holding it helps no one
 //!      forwarded call timed out --> retried only with an idempotency key, else "outcome unknown"
@@ -320,8 +320,9 @@ impl Hub {
         let n = order.len();
         order.rotate_left(NEXT_REPLICA.fetch_add(1, Ordering::Relaxed) % n);
         order.sort_by_key(|p| state.nodes.get(&p.node).is_none_or(|n| n.status != NodeStatus::Up));
-        // A host that has not answered this hub's pings for a lease gets no call: it would only
-        // hang there (paused, cut off, or at the far end of a bridge) until the budget ends.
+        // A host that has not answered this hub's pings for a while (`Hub::is_silent`) gets no
+        // call: it would only hang there (paused, cut off, the far end of a bridge) until the
+        // budget ends.
         let (silent, order): (Vec<Placement>, Vec<Placement>) = order.into_iter().partition(|p| self.is_silent(p.node));
         if order.is_empty() {
             let hubs: Vec<String> = silent.iter().map(|p| p.node.to_string()).collect();
