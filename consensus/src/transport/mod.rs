@@ -20,12 +20,14 @@
 
 mod admission;
 mod bulk;
+mod congestion;
 mod endpoint;
 mod error;
 mod exchange;
 mod kind;
 mod quic;
 mod server;
+mod silence;
 #[cfg(test)]
 mod tests;
 
@@ -117,6 +119,8 @@ pub struct Transport {
     last_heard: Mutex<HashMap<u64, Instant>>,
     revoked: RwLock<std::collections::HashSet<[u8; 32]>>,
     admission: admission::Admission,
+    /// How long each peer's connection has been silent, as failed calls saw it.
+    silence: silence::Silence,
     /// Open member connections to this hub, by quinn's id: their certificate's fingerprint.
     live: LiveConnections,
 }
@@ -168,6 +172,7 @@ impl Transport {
             last_heard: Mutex::new(HashMap::new()),
             revoked: RwLock::new(Default::default()),
             admission: Default::default(),
+            silence: Default::default(),
             live: Default::default(),
         });
         tokio::spawn(server::accept_loop(Arc::downgrade(&t), t.endpoint.clone()));
@@ -333,12 +338,20 @@ impl Transport {
             }
             Err(RpcError::Unreachable(..)) | Err(RpcError::Timeout) | Err(RpcError::NotDelivered(_)) => {
                 // Only the connection this call used (a concurrent call may have opened a good one;
-                // the handle is held until here, so its id cannot have been reused), and only if
-                // nothing at all came from the peer during the call: a peer that sent an ack or a
-                // keep-alive is alive and merely slow, and its connection is worth keeping (on a
-                // loaded machine, evicting every connection whose call outlasted a 30 ms heartbeat
-                // made each next call dial again). A connection this call dialled is not evicted.
-                if let Some(u) = lock(&used).take().filter(|u| u.conn.stats().udp_rx.datagrams == u.received) {
+                // the handle is held until here, so its id cannot have been reused), and only once
+                // nothing at all has come from the peer on it for a while (`silence`): a peer that
+                // sent an ack or a keep-alive is alive and merely slow or lossy, and its connection
+                // is worth keeping. A connection this call dialled is not evicted.
+                let used = lock(&used).take();
+                if let Some(u) = used.filter(|u| {
+                    let call = silence::FailedCall {
+                        conn: u.conn.stable_id(),
+                        received_then: u.received,
+                        received_now: u.conn.stats().udp_rx.datagrams,
+                        started: u.started,
+                    };
+                    self.silence.failed(target, call, Instant::now())
+                }) {
                     let mut conns = lock(&self.conns);
                     if conns.get(&target).is_some_and(|c| c.stable_id() == u.conn.stable_id()) {
                         conns.remove(&target);
@@ -359,8 +372,11 @@ impl Transport {
         used: &Mutex<Option<Used>>,
     ) -> Result<Vec<u8>, RpcError> {
         let (conn, dialled) = self.connect(target).await?;
-        if !dialled {
-            *lock(used) = Some(Used { received: conn.stats().udp_rx.datagrams, conn: conn.clone() });
+        if dialled {
+            self.silence.forget(target);
+        } else {
+            let received = conn.stats().udp_rx.datagrams;
+            *lock(used) = Some(Used { received, started: Instant::now(), conn: conn.clone() });
         }
         let req = pb::MeshRequest { kind: kind as u32, from: self.node_id, payload };
         exchange(&conn, &req.encode_to_vec(), Some(sent)).await.map_err(|e| match e {
@@ -517,10 +533,12 @@ impl Transport {
     }
 }
 
-/// The cached connection a call used, and how many datagrams had come from the peer when it began.
+/// The cached connection a call used, how many datagrams had come from the peer when it began, and
+/// when that was.
 struct Used {
     conn: quinn::Connection,
     received: u64,
+    started: Instant,
 }
 
 #[cfg(test)]
@@ -528,6 +546,16 @@ impl Transport {
     /// Unauthenticated connections holding a stranger's slot.
     pub(crate) fn unauthenticated_for_tests(&self) -> usize {
         self.admission.held()
+    }
+
+    /// quinn's statistics of the cached connection to `node`.
+    pub(crate) fn connection_stats_for_tests(&self, node: u64) -> Option<quinn::ConnectionStats> {
+        lock(&self.conns).get(&node).map(|c| c.stats())
+    }
+
+    /// quinn's statistics of the member connections other hubs opened to this one.
+    pub(crate) fn accepted_stats_for_tests(&self) -> Vec<quinn::ConnectionStats> {
+        lock(&self.live).values().map(|(_, c)| c.stats()).collect()
     }
 
     /// Open member connections to this hub.

@@ -58,6 +58,11 @@ pub(super) fn client_transport(link: Link) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// How long a peer may hold back an acknowledgement (asked of it with the ack-frequency extension).
+const ACK_DELAY: Duration = Duration::from_millis(1);
+/// The longest heartbeat of a profile for a local network (`wifi`'s).
+const LOCAL_HEARTBEAT: Duration = Duration::from_millis(100);
+
 /// Raises an accepted connection whose certificate the cluster CA signed to a member's limits.
 pub(super) fn raise_to_member(conn: &quinn::Connection) {
     conn.set_max_concurrent_bi_streams(MEMBER_STREAMS.into());
@@ -71,6 +76,9 @@ pub(super) struct Link {
     /// Bound to a loopback address: every peer is on this machine.
     pub(super) loopback: bool,
     initial_rtt: Duration,
+    /// A local network (the `lan` and `wifi` profiles): loss there is rarely congestion, and the
+    /// congestion window keeps a floor (`congestion`).
+    local: bool,
 }
 
 impl Link {
@@ -86,7 +94,11 @@ impl Link {
     /// flight later in the handshake waits a long backoff — hence the guess follows the profile.
     pub(super) fn new(addr: SocketAddr, heartbeat: Duration) -> Self {
         let quic_default = Duration::from_millis(333);
-        Self { loopback: addr.ip().is_loopback(), initial_rtt: heartbeat.min(quic_default) }
+        Self {
+            loopback: addr.ip().is_loopback(),
+            initial_rtt: heartbeat.min(quic_default),
+            local: heartbeat <= LOCAL_HEARTBEAT,
+        }
     }
 }
 
@@ -99,6 +111,21 @@ fn common(link: Link) -> quinn::TransportConfig {
     t.max_concurrent_uni_streams(0u32.into());
     t.datagram_receive_buffer_size(None);
     t.send_window(64 << 20);
+    // Ask the peer to acknowledge within 1 ms instead of QUIC's 25 ms (the ack-frequency
+    // extension, which every hub speaks). The probe timeout that resends a lost tail packet is the
+    // round trip + 4 × its variance + the peer's ack delay: with 25 ms it came after Raft's 30 ms
+    // append timeout, so a lost request or answer was never resent in time, and one lossy hub
+    // (30 % loss) failed most heartbeats to and from it. With 1 ms a LAN resends within a few ms.
+    // The ack threshold stays quinn's (every other packet), so bulk pushes do not double their
+    // acks; a packet out of order is acknowledged at once, as without the extension. Limit:
+    // quinn-proto 0.11 sends the request once, at the connection's start, and does not resend it
+    // if that packet is lost; such a connection keeps the 25 ms.
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.max_ack_delay(Some(ACK_DELAY)).reordering_threshold(1u32.into());
+    t.ack_frequency_config(Some(acks));
+    if link.local {
+        t.congestion_controller_factory(Arc::new(super::congestion::FlooredCubic));
+    }
     if link.loopback {
         // Loopback carries 64 KiB datagrams: MTU discovery climbs there in a dozen probes, and
         // every packet then costs 45 times fewer sends, receives and seals per byte. Segmentation

@@ -404,6 +404,25 @@ async fn a_burst_of_calls_shares_one_dial() {
     assert_eq!(a.live_connections_for_tests(), 1, "one connection from b");
 }
 
+/// Every connection asks its peer to acknowledge within 1 ms (QUIC's ack-frequency extension), so
+/// that a lost request or answer is resent after a probe timeout of a few ms, not after QUIC's
+/// 25 ms ack delay — most of a Raft heartbeat's 30 ms.
+#[tokio::test]
+async fn connections_ask_their_peer_to_acknowledge_at_once() {
+    let ca = CaMaterial::generate().unwrap();
+    let (a, b) = (hub(&ca, 1), hub(&ca, 2));
+    a.set_peer(2, addr(&b));
+    assert_eq!(a.call(2, ECHO, b"hi".to_vec(), T).await.unwrap(), b"member 1:hi");
+    // quinn sends ACK_FREQUENCY frames only when configured to: both ends ask, and each receives
+    // the other's request.
+    wait_for("each end received the other's request for immediate acks", || {
+        let dialled = a.connection_stats_for_tests(2).expect("a connection to hub 2");
+        let accepted = b.accepted_stats_for_tests();
+        dialled.frame_rx.ack_frequency >= 1 && accepted.len() == 1 && accepted[0].frame_rx.ack_frequency >= 1
+    })
+    .await;
+}
+
 /// A caller that stops waiting before the handshake ends (a Raft heartbeat's 30 ms on a loaded
 /// machine) does not take the dial down with it: the connection is made and kept for the next
 /// call. (When every call cancelled its own dial, a restarted leader never reached its followers
@@ -418,10 +437,7 @@ async fn a_dial_outlives_a_caller_that_stops_waiting() {
     // the handshake end first (`Timeout`: sent, no answer yet) and a release build might even
     // answer within it; the rest holds either way.
     let first = a.call(2, ECHO, b"early".to_vec(), Duration::from_micros(1)).await;
-    assert!(
-        matches!(first, Err(RpcError::NotDelivered(2) | RpcError::Timeout) | Ok(_)),
-        "{first:?}"
-    );
+    assert!(matches!(first, Err(RpcError::NotDelivered(2) | RpcError::Timeout) | Ok(_)), "{first:?}");
     wait_for("the dial the caller left ends in a connection", || a.path_mtu(2).is_some()).await;
     wait_for("the peer sees one connection", || b.live_connections_for_tests() == 1).await;
     assert_eq!(a.call(2, ECHO, b"hi".to_vec(), T).await.unwrap(), b"member 1:hi");
