@@ -4,7 +4,7 @@
 //! failover time from `kill -9` of the host to the first answer elsewhere, split into
 //! detection, re-placement and restore + first answer, for 1 MiB and 64 MiB of state. Every
 //! loop is bounded in count and time. `STATEFUL_BENCH=lossy` (root): durable commits with one
-//! holder behind 30 % packet loss against none.
+//! holder, then the host, behind 30 % packet loss, against none.
 
 use std::time::{Duration, Instant};
 
@@ -304,7 +304,8 @@ async fn fully_replicated_after(c: &Client, task: &str, pages: u32) {
 
 /// Durable invocations of one counter through its host: with no loss, then with 30 % of the
 /// packets to and from one of its holders dropped (that holder stays a voter and a holder: the
-/// leader does not mark it down). Each phase: 20 s or 2,000 calls, whichever ends first.
+/// leader does not mark it down), then with the host's mesh packets dropped instead (every push
+/// and every proposal crosses the loss). Each phase: 20 s or 2,000 calls, whichever ends first.
 async fn lossy_holder(hubs: &[Hub], counter: &[u8]) {
     hubs[0].client.deploy("lossy", counter.to_vec(), &durable("1MiB"), false).await.unwrap();
     let end = Instant::now() + Duration::from_secs(60);
@@ -317,18 +318,19 @@ async fn lossy_holder(hubs: &[Hub], counter: &[u8]) {
     let leader = hubs[0].client.status().await.unwrap().leader.unwrap();
     // A holder that does not lead, if there is one: the fault is on a follower that holds.
     let holder = task.holders.iter().copied().find(|h| *h != leader).unwrap_or(task.holders[0]);
-    let lossy = hubs.iter().find(|h| h.id == holder).unwrap();
-    let port: u16 = std::fs::read_to_string(lossy.dir.path().join("mesh.addr"))
-        .unwrap()
-        .trim()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let mesh_port = |id: u64| -> u16 {
+        let hub = hubs.iter().find(|h| h.id == id).unwrap();
+        let addr = std::fs::read_to_string(hub.dir.path().join("mesh.addr")).unwrap();
+        addr.trim().rsplit(':').next().unwrap().parse().unwrap()
+    };
     let via = host_client(hubs, host);
-    for phase in ["no loss", "one holder at 30 % loss"] {
-        let loss = (phase != "no loss").then(|| common::lossy::Loss::on_port(port, 30).unwrap());
+    for phase in ["no loss", "one holder at 30 % loss", "the host at 30 % loss"] {
+        let port = match phase {
+            "no loss" => None,
+            "one holder at 30 % loss" => Some(mesh_port(holder)),
+            _ => Some(mesh_port(host)),
+        };
+        let loss = port.map(|p| common::lossy::Loss::on_port(p, 30).unwrap());
         let (mut lat, mut failed, mut attempts) = (Vec::new(), 0, 0);
         let started = Instant::now();
         while attempts < 2000 && started.elapsed() < Duration::from_secs(20) {
@@ -342,7 +344,7 @@ async fn lossy_holder(hubs: &[Hub], counter: &[u8]) {
         let dropped = loss.as_ref().map_or(0, |l| l.dropped());
         let copies = via.task("lossy").await.unwrap().committed.map_or(0, |c| c.stored_on.len());
         println!(
-            "| durable invoke, 1 client, {phase} (holder {holder}, leader {leader}) | {:.2} ms | {:.2} ms | {} ok of {attempts}, {failed} failed, max {:.0} ms, {dropped} packets dropped, last record on {copies} hubs |",
+            "| durable invoke, 1 client, {phase} (host {host}, holder {holder}, leader {leader}) | {:.2} ms | {:.2} ms | {} ok of {attempts}, {failed} failed, max {:.0} ms, {dropped} packets dropped, last record on {copies} hubs |",
             ms(pct(&mut lat, 0.5)),
             ms(pct(&mut lat, 0.99)),
             lat.len(),

@@ -120,7 +120,7 @@ pub struct Transport {
     revoked: RwLock<std::collections::HashSet<[u8; 32]>>,
     admission: admission::Admission,
     /// How long each peer's connection has been silent, as failed calls saw it.
-    silence: silence::Silence,
+    silence: Arc<silence::Silence>,
     /// Open member connections to this hub, by quinn's id: their certificate's fingerprint.
     live: LiveConnections,
 }
@@ -372,9 +372,7 @@ impl Transport {
         used: &Mutex<Option<Used>>,
     ) -> Result<Vec<u8>, RpcError> {
         let (conn, dialled) = self.connect(target).await?;
-        if dialled {
-            self.silence.forget(target);
-        } else {
+        if !dialled {
             let received = conn.stats().udp_rx.datagrams;
             *lock(used) = Some(Used { received, started: Instant::now(), conn: conn.clone() });
         }
@@ -426,6 +424,7 @@ impl Transport {
         // machine, a debug build) was cancelled at every attempt, so that a restarted leader never
         // reached its followers again. Callers behind it wait on `dialing`, which it holds.
         let (conns, peers, era) = (self.conns.clone(), self.peers.clone(), self.conns_era.clone());
+        let silence = self.silence.clone();
         let handshake = tokio::spawn(async move {
             let _dialing = dialing;
             // Bounded: callers to this peer wait behind this dial (QUIC alone would give up only
@@ -441,6 +440,8 @@ impl Transport {
             let mut conns = lock(&conns);
             if book.get(&target) == Some(&addr) && era.load(std::sync::atomic::Ordering::Acquire) == started_in {
                 conns.insert(target, conn.clone());
+                // What failed calls saw of the connection this one replaces is not about it.
+                silence.forget(target);
             }
             Ok(conn)
         });
