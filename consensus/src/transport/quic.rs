@@ -115,7 +115,10 @@ fn common(link: Link) -> quinn::TransportConfig {
     // extension, which every hub speaks). The probe timeout that resends a lost tail packet is the
     // round trip + 4 × its variance + the peer's ack delay: with 25 ms it came after Raft's 30 ms
     // append timeout, so a lost request or answer was never resent in time, and one lossy hub
-    // (30 % loss) failed most heartbeats to and from it. With 1 ms a LAN resends within a few ms.
+    // (30 % loss: one packet each way gets through about half the time) failed about half the
+    // heartbeats to and from it. With 1 ms a LAN resends within a few ms; the cost is more ack
+    // packets: a lone packet is acknowledged within 1 ms instead of riding on the next answer
+    // (docs/benchmarks.md, "Availability, stage 4").
     // The ack threshold stays quinn's (every other packet), so bulk pushes do not double their
     // acks; a packet out of order is acknowledged at once, as without the extension. Limit:
     // quinn-proto 0.11 sends the request once, at the connection's start, and does not resend it
