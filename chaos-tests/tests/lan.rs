@@ -55,6 +55,13 @@ impl LoopbackHub {
         format!("kill -{signal} $(cat {}/pid)", self.dir.display())
     }
 
+    /// The end of the hub's log.
+    fn log(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("hub.log")).unwrap_or_default();
+        let from = (log.len().saturating_sub(4_000)..log.len()).find(|i| log.is_char_boundary(*i)).unwrap_or(log.len());
+        log[from..].to_owned()
+    }
+
     async fn client(&self) -> Client {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -64,7 +71,15 @@ impl LoopbackHub {
                     return c;
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "hub at {} did not start", self.api);
+            // A hub that exited (a port another process took between `free_*` and its bind, say)
+            // fails at once, with its log: a CI run once saw only "did not start".
+            let alive = std::process::Command::new("sh").arg("-c").arg(self.pid_cmd("0")).status().unwrap().success();
+            assert!(
+                alive && tokio::time::Instant::now() < deadline,
+                "hub at {} did not start:\n{}",
+                self.api,
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
