@@ -112,3 +112,65 @@ hold = "3s"
     let lost = r.results.iter().find(|c| c.id == "I1").unwrap();
     assert_eq!(lost.verdict, Verdict::False, "I1 must name the lost updates: {lost:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_followers_of_a_deaf_leader_refuse_its_entries() {
+    if skip_without_root() {
+        return;
+    }
+    let _lab = LAB.lock().await;
+    let out = out_dir("deaf-leader");
+    let sc = Scenario::parse(
+        r#"
+name = "deaf-leader"
+seed = 3
+[lab]
+hubs = 3
+[workload]
+counters = 1
+keys = "always"
+mode = "durable"
+echo = true
+rate_hz = 30
+clients = 4
+[chaos]
+warmup = "4s"
+duration = "16s"
+[[step]]
+at = "2s"
+fault = "leader-deaf"
+target = "leader"
+hold = "3s"
+[[step]]
+at = "9s"
+fault = "leader-deaf"
+target = "leader"
+hold = "3s"
+"#,
+    )
+    .unwrap();
+    let r =
+        run(RunOptions { scenario: sc, out, bin: bin(), seed: None, schedule: None }).await.expect("the run completes");
+    eprintln!("{}", summary(&r.dir));
+    assert_eq!(r.verdict, Verdict::True, "report in {}", r.dir.display());
+    // Each fault: the hub that led drops what the others send, and each of them, still getting
+    // its entries but no answer to its pings, refuses them (one line per refusal that begins).
+    let nem = std::fs::read_to_string(r.dir.join("nemesis.jsonl")).unwrap();
+    let deaf: Vec<usize> = nem
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["type"] == "invoke" && e["f"] == "leader-deaf")
+        .map(|e| e["hubs"][0].as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(deaf.len(), 2, "both faults ran: {nem}");
+    for i in 0..3 {
+        let log = std::fs::read_to_string(r.dir.join("hubs").join(format!("n{}", i + 1)).join("hub.log")).unwrap();
+        let refusals = log.lines().filter(|l| l.contains("entries are refused") && l.contains("deaf=true")).count();
+        let as_follower = deaf.iter().filter(|d| **d != i).count();
+        assert!(
+            refusals >= as_follower,
+            "n{} followed a deaf leader {as_follower} times but refused its entries {refusals} times",
+            i + 1
+        );
+    }
+}

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::address_book::AddressBook;
 use crate::autopilot::Autopilot;
-use crate::contact::{GateClock, LeaderContact, PeerAnswers, QuorumAckWatch};
+use crate::contact::{DeafLeader, GateClock, LeaderContact, PeerAnswers, QuorumAckWatch};
 use crate::election_gate::{ElectionGate, Timings};
 use crate::identity::{self, open_err};
 use crate::ids::NodeId;
@@ -155,7 +155,12 @@ impl Consensus {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         let contact = LeaderContact::default();
-        crate::network::register_handlers(&transport, &raft, &contact);
+        let peers = PeerAnswers::default();
+        let clock = GateClock::new(cfg.heartbeat, cfg.election_timeout_min, crate::election_gate::PING_TIMEOUT);
+        // Deaf after openraft's leader lease (`election_timeout_max`) without a ping answered:
+        // well before the transport drops the leader's silent connection.
+        let deaf = DeafLeader::new(peers.clone(), clock.clone(), cfg.election_timeout_max);
+        crate::network::register_handlers(&transport, &raft, &contact, &deaf);
         let proposer = ProposeHandle::new(raft.clone(), transport.clone(), cfg.propose_timeout);
         let read_barrier = crate::read_barrier::ReadBarrier::new(raft.clone(), transport.clone(), applied_rx.clone());
         let me = Self {
@@ -170,8 +175,8 @@ impl Consensus {
             state: state_rx,
             applied: applied_rx,
             contact,
-            peers: PeerAnswers::default(),
-            clock: GateClock::new(cfg.heartbeat, cfg.election_timeout_min, crate::election_gate::PING_TIMEOUT),
+            peers,
+            clock,
             started: Instant::now(),
             workers: Workers::new(),
         };
@@ -333,6 +338,19 @@ impl Consensus {
         match res {
             Ok(Ok(m)) => m.current_leader,
             _ => None,
+        }
+    }
+
+    /// The leader this hub knows now, if any.
+    pub fn leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Completes once this hub knows a leader other than `than` (at once if it already does).
+    pub async fn another_leader(&self, than: Option<u64>) {
+        let mut rx = self.raft.metrics();
+        if rx.wait_for(|m| m.current_leader.is_some() && m.current_leader != than).await.is_err() {
+            std::future::pending::<()>().await; // Raft is gone; the caller's bound ends the wait
         }
     }
 

@@ -125,6 +125,58 @@ impl Peer {
     }
 }
 
+/// Whether the leader this hub follows has gone deaf to it: its entries still arrive, but it has
+/// not answered this hub's pings for `after` while this hub's own view is current ([`GateClock`]).
+/// Such a leader hears nothing this hub sends — its appends' answers included — and keeps
+/// renewing this hub's leases with them until its transport gives up on the silent connection
+/// (`transport::silence`, 400 ms). Refusing its entries from `after` on lets this hub (and every
+/// follower that sees the same) lose the leader sooner; the election gate still decides whether
+/// to campaign, which needs a majority that lost the leader: a follower alone whose messages to
+/// the leader are lost (a lossy or one-way link; its answers to the entries would be lost too)
+/// refuses entries while that lasts, and deposes no one. Limits: the leader's appends and this
+/// hub's pings travel on different connections (each hub calls on the one it dialled), so a
+/// redial of this hub's own connection to a healthy leader also reads as deafness; and a leader
+/// that restarts fast and keeps its vote is refused until a ping reaches its new process.
+#[derive(Clone)]
+pub(crate) struct DeafLeader {
+    peers: PeerAnswers,
+    clock: GateClock,
+    after: Duration,
+    /// Whether entries are being refused now (to log the start and the end of a refusal once).
+    refusing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DeafLeader {
+    pub(crate) fn new(peers: PeerAnswers, clock: GateClock, after: Duration) -> Self {
+        Self { peers, clock, after, refusing: Arc::default() }
+    }
+
+    /// Whether entries from `leader` should be refused now.
+    pub(crate) fn refuses(&self, leader: u64) -> bool {
+        let now = Instant::now();
+        let deaf =
+            self.clock.is_current(now) && self.peers.lock().get(&leader).is_some_and(|p| deaf(p, now, self.after));
+        if self.refusing.swap(deaf, std::sync::atomic::Ordering::Relaxed) != deaf {
+            let silent = self.peers.silent_for(leader);
+            tracing::info!(
+                leader,
+                deaf,
+                ?silent,
+                "the leader's entries are {}",
+                if deaf { "refused: it does not answer pings" } else { "taken again" }
+            );
+        }
+        deaf
+    }
+}
+
+/// Whether `p` has not answered for `after` at `now` although it answered since this hub began
+/// asking it (a peer not yet answered — a restart, a new dial — is no evidence of deafness). Pure.
+pub(crate) fn deaf(p: &Peer, now: Instant, after: Duration) -> bool {
+    let answered_this_time = p.answered.is_some_and(|(at, _)| p.first_asked.is_none_or(|f| at >= f));
+    answered_this_time && silence(p, now).is_some_and(|s| s >= after)
+}
+
 /// When this hub last took Raft entries (or a snapshot) from a leader, and from which. This, not
 /// any request, is "hearing the leader" for the gate and the follower lease: a hub whose Raft has
 /// stopped or that was deposed may still forward calls and fetch pages.
@@ -208,7 +260,7 @@ impl Worker for QuorumAckWatch {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{is_current, next_round, silence, LeaderContact, Peer, Rounds};
+    use super::{deaf, is_current, next_round, silence, LeaderContact, Peer, Rounds};
     use crate::transport::PingAnswer;
 
     #[test]
@@ -241,6 +293,27 @@ mod tests {
         assert_eq!(silence(&peer(Some(4000), Some(9000), Some(3500)), now), None, "no longer asked");
         assert_eq!(silence(&peer(None, None, None), now), None, "never asked");
         assert_eq!(silence(&peer(Some(60_000), Some(100), Some(30)), now), Some(Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn a_leader_is_deaf_once_it_stops_answering_pings_it_answered_before() {
+        let now = Instant::now();
+        let ago = |ms| now - Duration::from_millis(ms);
+        let answer = PingAnswer { hears_leader: true, last_log_index: None, leader: None };
+        let peer = |answered: Option<u64>, first: u64| Peer {
+            answered: answered.map(|ms| (ago(ms), answer)),
+            first_asked: Some(ago(first)),
+            last_asked: Some(ago(10)),
+            in_flight: true,
+        };
+        let after = Duration::from_millis(200);
+        assert!(deaf(&peer(Some(250), 5000), now, after), "answered, then silent for 250 ms");
+        assert!(!deaf(&peer(Some(150), 5000), now, after), "silent for less than the bound");
+        assert!(!deaf(&peer(None, 5000), now, after), "never answered: no evidence");
+        assert!(!deaf(&peer(Some(6000), 5000), now, after), "its only answer is from before this asking began");
+        let mut not_asked = peer(Some(9000), 10_000);
+        not_asked.last_asked = Some(ago(4000));
+        assert!(!deaf(&not_asked, now, after), "not asked lately");
     }
 
     #[test]

@@ -13,8 +13,10 @@ use openraft::raft::{
 };
 use openraft::Raft;
 
-use crate::contact::LeaderContact;
-use crate::transport::{Endpoint, Json, RpcError, Transport, Wire, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE};
+use hubmesh_proto::pb;
+
+use crate::contact::{DeafLeader, LeaderContact};
+use crate::transport::{Endpoint, Json, Refusal, RpcError, Transport, Wire, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE};
 use crate::type_config::{NodeAddr, TypeConfig};
 
 /// Creates a client per peer; records each peer's mesh address in the transport.
@@ -56,6 +58,13 @@ impl PeerClient {
         let res = match endpoint.call(&self.transport, self.target, &Json(req), opt.hard_ttl()).await {
             Ok(Json(res)) => res,
             Err(e @ RpcError::Unreachable(..)) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e @ RpcError::Remote(_)) => {
+                // A member that refuses Raft traffic (a follower that finds this leader deaf) is
+                // asked again only after the call's time: openraft resends at once after any
+                // error but `Unreachable`, which would back off for far longer.
+                tokio::time::sleep(opt.hard_ttl()).await;
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
             Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
         };
         res.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
@@ -89,12 +98,23 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 }
 
 /// Serves Raft RPCs arriving on the transport (members only: [`Endpoint::serve`] checks). Entries
-/// or a snapshot accepted from a leader are recorded in `contact`.
-pub(crate) fn register_handlers(transport: &Transport, raft: &Raft<TypeConfig>, contact: &LeaderContact) {
-    let (r, c) = (raft.clone(), contact.clone());
+/// or a snapshot accepted from a leader are recorded in `contact`; those of a leader that has gone
+/// deaf to this hub are refused ([`DeafLeader`]).
+pub(crate) fn register_handlers(
+    transport: &Transport,
+    raft: &Raft<TypeConfig>,
+    contact: &LeaderContact,
+    deaf: &DeafLeader,
+) {
+    let (r, c, d) = (raft.clone(), contact.clone(), deaf.clone());
     RAFT_APPEND.serve(transport, move |from, Json(req)| {
-        let (r, c) = (r.clone(), c.clone());
+        let (r, c, d) = (r.clone(), c.clone(), d.clone());
         async move {
+            // Refused before openraft sees them, so that they renew neither its vote lease nor
+            // this hub's contact; a refusal is a network error to openraft (no back-off).
+            if follows(&r, &req.vote) && d.refuses(from.0) {
+                return Err(Refusal::new(pb::ErrorCode::Unavailable, DEAF_REFUSAL));
+            }
             let answer = r.append_entries(req).await;
             // A higher vote answers a deposed leader; anything else is the leader's.
             if answer.as_ref().is_ok_and(|a| !matches!(a, AppendEntriesResponse::HigherVote(_))) {
@@ -108,10 +128,13 @@ pub(crate) fn register_handlers(transport: &Transport, raft: &Raft<TypeConfig>, 
         let r = r.clone();
         async move { Ok(Json(r.vote(req).await)) }
     });
-    let (r, c) = (raft.clone(), contact.clone());
+    let (r, c, d) = (raft.clone(), contact.clone(), deaf.clone());
     RAFT_SNAPSHOT.serve(transport, move |from, Json(req)| {
-        let (r, c) = (r.clone(), c.clone());
+        let (r, c, d) = (r.clone(), c.clone(), d.clone());
         async move {
+            if follows(&r, &req.vote) && d.refuses(from.0) {
+                return Err(Refusal::new(pb::ErrorCode::Unavailable, DEAF_REFUSAL));
+            }
             let vote = req.vote;
             let answer = r.install_snapshot(req).await;
             if answer.as_ref().is_ok_and(|a| a.vote <= vote) {
@@ -120,4 +143,13 @@ pub(crate) fn register_handlers(transport: &Transport, raft: &Raft<TypeConfig>, 
             Ok(Json(answer))
         }
     });
+}
+
+/// Why a deaf leader's entries are refused (it cannot hear this anyway; a log line can).
+const DEAF_REFUSAL: &str = "this hub's pings to the leader go unanswered: its entries are refused";
+
+/// Whether `vote` is the one this hub already follows: a higher vote (a new leader) is never
+/// refused, and a lower one is openraft's to answer.
+fn follows(raft: &Raft<TypeConfig>, vote: &openraft::Vote<u64>) -> bool {
+    raft.metrics().borrow().vote == *vote
 }

@@ -37,6 +37,8 @@ const TAIL_GRACE_MIN: Duration = Duration::from_millis(1);
 /// How long the first round's reader waits for one holder's stream to take a page while others
 /// wait too.
 const LAGGARD_WAIT: Duration = Duration::from_millis(200);
+/// How long a failed commit waits, at most, before it tries again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Replicates `c` to the task's holders and commits its record, retrying (holders change when
 /// one dies, leaders change) until the propose timeout has passed twice. Once a proposal of the
@@ -59,6 +61,9 @@ async fn try_commit(hub: &Hub, c: &LocalCheckpoint, maybe_proposed: &mut bool) -
     let me = hub.consensus().node_id();
     let manifest_hash = Hash::of(&c.manifest);
     let mut last_error;
+    // The leader this hub knew when it last proposed the record and the proposal failed for want
+    // of a leader (`None` inside: it knew none); `None`: no such failure to follow up.
+    let mut leader_tried: Option<Option<u64>> = None;
     // Until a proposal may have been taken, nothing can have committed, and a hub that lost the
     // mesh gives up at once: its caller is told, and the state is undone.
     loop {
@@ -127,6 +132,7 @@ async fn try_commit(hub: &Hub, c: &LocalCheckpoint, maybe_proposed: &mut bool) -
                     checkpoint: c.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s)),
                 };
                 let cmd = Command::CommitCheckpoint { task: c.task.clone(), record, based_on: Some(based_on) };
+                let leader_before = hub.consensus().leader();
                 match hub.consensus().propose(cmd).await {
                     Ok(_) => {
                         crate::faults::crash_point("crash-after-checkpoint-commit");
@@ -139,6 +145,9 @@ async fn try_commit(hub: &Hub, c: &LocalCheckpoint, maybe_proposed: &mut bool) -
                     }
                     Err(ProposeError::Rejected(Rejected::StaleEpoch { .. })) => return Err(CommitError::Replaced),
                     Err(e) => {
+                        if matches!(e, ProposeError::NotLeader { .. } | ProposeError::Timeout) {
+                            leader_tried = Some(leader_before);
+                        }
                         *maybe_proposed |= !matches!(e, ProposeError::NotLeader { .. } | ProposeError::Rejected(_));
                         last_error = format!("committing the record: {e}");
                     }
@@ -153,8 +162,23 @@ async fn try_commit(hub: &Hub, c: &LocalCheckpoint, maybe_proposed: &mut bool) -
             return Err(CommitError::NotCommitted(last_error)); // MayHaveCommitted if it may have
         }
         tracing::debug!(task = %c.task, error = %last_error, "checkpoint commit retry");
+        // Again once the state changes or, after a proposal that found no leader or lost the one
+        // it went to, as soon as another leader is known (an election ends, or the forward was
+        // cut short because a new leader was already known): the caller has waited long enough.
         let mut rx = hub.consensus().changes();
-        let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+        let new_leader = async {
+            match leader_tried.take() {
+                Some(tried) => hub.consensus().another_leader(tried).await,
+                None => std::future::pending().await,
+            }
+        };
+        let _ = tokio::time::timeout(RETRY_PAUSE, async {
+            tokio::select! {
+                _ = rx.changed() => {}
+                () = new_leader => {}
+            }
+        })
+        .await;
     }
 }
 
