@@ -58,10 +58,11 @@ impl PeerClient {
         let res = match endpoint.call(&self.transport, self.target, &Json(req), opt.hard_ttl()).await {
             Ok(Json(res)) => res,
             Err(e @ RpcError::Unreachable(..)) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
-            Err(e @ RpcError::Remote(_)) => {
-                // A member that refuses Raft traffic (a follower that finds this leader deaf) is
-                // asked again only after the call's time: openraft resends at once after any
-                // error but `Unreachable`, which would back off for far longer.
+            Err(e @ RpcError::Remote(_)) if endpoint.kind() == RAFT_APPEND.kind() => {
+                // A follower that refuses appends (it finds this leader deaf) is asked again only
+                // after the call's time: openraft resends at once after any error but
+                // `Unreachable`, which would back off for far longer. (Snapshot chunks have a
+                // back-off of their own; votes are never refused.)
                 tokio::time::sleep(opt.hard_ttl()).await;
                 return Err(RPCError::Network(NetworkError::new(&e)));
             }

@@ -166,8 +166,9 @@ async fn try_commit(hub: &Hub, c: &LocalCheckpoint, maybe_proposed: &mut bool) -
         // it went to, as soon as another leader is known (an election ends, or the forward was
         // cut short because a new leader was already known): the caller has waited long enough.
         let mut rx = hub.consensus().changes();
+        let tried = leader_tried.take();
         let new_leader = async {
-            match leader_tried.take() {
+            match tried {
                 Some(tried) => hub.consensus().another_leader(tried).await,
                 None => std::future::pending().await,
             }
