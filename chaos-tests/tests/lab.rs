@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use hubmesh_chaos::check::Verdict;
 use hubmesh_chaos::lab::skip_without_root;
-use hubmesh_chaos::run::{run, RunOptions};
+use hubmesh_chaos::run::{run, RunOptions, RunOutcome};
 use hubmesh_chaos::scenario::Scenario;
 
 /// One lab at a time: the labs share namespace names and addresses.
@@ -69,45 +69,52 @@ async fn short_mode_says_true_and_writes_the_report() {
     assert_eq!(again, Verdict::True);
 }
 
+/// A 16 s run on 3 hubs and one counter, with `fault` on `target` at 2 s and at 9 s for 3 s each;
+/// `lab` and `workload` are further lines of those sections. The caller holds [`LAB`].
+async fn two_faults(name: &str, seed: u64, lab: &str, workload: &str, fault: &str, target: &str) -> RunOutcome {
+    let toml = format!(
+        r#"
+name = "{name}"
+seed = {seed}
+[lab]
+hubs = 3
+{lab}
+[workload]
+counters = 1
+keys = "always"
+rate_hz = 30
+clients = 4
+{workload}
+[chaos]
+warmup = "4s"
+duration = "16s"
+[[step]]
+at = "2s"
+fault = "{fault}"
+target = "{target}"
+hold = "3s"
+[[step]]
+at = "9s"
+fault = "{fault}"
+target = "{target}"
+hold = "3s"
+"#
+    );
+    let sc = Scenario::parse(&toml).unwrap();
+    let options = RunOptions { scenario: sc, out: out_dir(name), bin: bin(), seed: None, schedule: None };
+    let r = run(options).await.expect("the run completes");
+    eprintln!("{}", summary(&r.dir));
+    r
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledging_before_commit_is_caught() {
     if skip_without_root() {
         return;
     }
     let _lab = LAB.lock().await;
-    let out = out_dir("ack-before-commit");
-    let sc = Scenario::parse(
-        r#"
-name = "ack-without-commit"
-seed = 1
-[lab]
-hubs = 3
-env = { HUBMESH_FAULTS = "durable-ack-without-commit" }
-[workload]
-counters = 1
-keys = "always"
-echo = false
-rate_hz = 30
-clients = 4
-[chaos]
-warmup = "4s"
-duration = "16s"
-[[step]]
-at = "2s"
-fault = "kill"
-target = "host"
-hold = "3s"
-[[step]]
-at = "9s"
-fault = "kill"
-target = "host"
-hold = "3s"
-"#,
-    )
-    .unwrap();
-    let r =
-        run(RunOptions { scenario: sc, out, bin: bin(), seed: None, schedule: None }).await.expect("the run completes");
-    eprintln!("{}", summary(&r.dir));
+    let env = r#"env = { HUBMESH_FAULTS = "durable-ack-without-commit" }"#;
+    let r = two_faults("ack-without-commit", 1, env, "echo = false", "kill", "host").await;
     assert_eq!(r.verdict, Verdict::False, "a hub that acknowledges before committing must fail the run");
     let lost = r.results.iter().find(|c| c.id == "I1").unwrap();
     assert_eq!(lost.verdict, Verdict::False, "I1 must name the lost updates: {lost:?}");
@@ -119,39 +126,7 @@ async fn the_followers_of_a_deaf_leader_refuse_its_entries() {
         return;
     }
     let _lab = LAB.lock().await;
-    let out = out_dir("deaf-leader");
-    let sc = Scenario::parse(
-        r#"
-name = "deaf-leader"
-seed = 3
-[lab]
-hubs = 3
-[workload]
-counters = 1
-keys = "always"
-mode = "durable"
-echo = true
-rate_hz = 30
-clients = 4
-[chaos]
-warmup = "4s"
-duration = "16s"
-[[step]]
-at = "2s"
-fault = "leader-deaf"
-target = "leader"
-hold = "3s"
-[[step]]
-at = "9s"
-fault = "leader-deaf"
-target = "leader"
-hold = "3s"
-"#,
-    )
-    .unwrap();
-    let r =
-        run(RunOptions { scenario: sc, out, bin: bin(), seed: None, schedule: None }).await.expect("the run completes");
-    eprintln!("{}", summary(&r.dir));
+    let r = two_faults("deaf-leader", 3, "", "mode = \"durable\"\necho = true", "leader-deaf", "leader").await;
     assert_eq!(r.verdict, Verdict::True, "report in {}", r.dir.display());
     // Each fault: the hub that led drops what the others send, and each of them, still getting
     // its entries but no answer to its pings, refuses them (one line per refusal that begins).
