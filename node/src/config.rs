@@ -205,6 +205,36 @@ impl Timeouts {
     }
 }
 
+/// Timeouts that would let two hubs answer for one instance.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnsafeTimeouts {
+    /// A cut-off host must stop answering before the leader re-places its instances.
+    #[error("the lease ({lease:?}) must be shorter than node_down ({node_down:?})")]
+    LeaseNotShorter { lease: Duration, node_down: Duration },
+    /// A new leader marks the leader it replaced down as early as `node_down / 2` after its
+    /// election; the old leader answers until `lease` after its last quorum acknowledgement,
+    /// which came at least `election_max` (openraft's vote lease) before the vote that elected
+    /// the new one.
+    #[error(
+        "the lease ({lease:?}) must be shorter than half of node_down ({node_down:?}) plus twice the election timeout ({election:?}): a new leader may mark the previous one down that soon"
+    )]
+    LeaseOutlastsLeaderChange { lease: Duration, node_down: Duration, election: Duration },
+}
+
+impl ResolvedTimeouts {
+    /// Whether a cut-off host always stops answering before its instances can run elsewhere.
+    pub fn check(&self) -> Result<(), UnsafeTimeouts> {
+        let (lease, node_down, election) = (self.lease, self.node_down, self.election);
+        if lease >= node_down {
+            return Err(UnsafeTimeouts::LeaseNotShorter { lease, node_down });
+        }
+        if lease >= node_down / 2 + election * 2 {
+            return Err(UnsafeTimeouts::LeaseOutlastsLeaderChange { lease, node_down, election });
+        }
+        Ok(())
+    }
+}
+
 impl Default for Timeouts {
     fn default() -> Self {
         Self {
@@ -326,5 +356,23 @@ mod tests {
         assert_eq!(partial.task_defaults.timeout, Duration::from_millis(250));
         assert_eq!(partial.task_defaults.memory, ByteSize::mib(8));
         assert_eq!(partial.api, c.api);
+    }
+
+    #[test]
+    fn every_profile_is_safe_and_a_lease_that_outlasts_a_leader_change_is_refused() {
+        for profile in [Profile::Lan, Profile::Wifi, Profile::Wan] {
+            let t = Timeouts { profile, ..Timeouts::default() };
+            assert_eq!(t.resolve().check(), Ok(()), "{profile:?}");
+        }
+        let ms = Duration::from_millis;
+        let lan = |lease, node_down| {
+            Timeouts { lease: Some(ms(lease)), node_down: Some(ms(node_down)), ..Timeouts::default() }.resolve().check()
+        };
+        assert!(matches!(lan(1000, 1000), Err(UnsafeTimeouts::LeaseNotShorter { .. })));
+        // lan: election 100 ms, so a leader change may mark the old leader down 700 ms on.
+        assert!(matches!(lan(900, 1000), Err(UnsafeTimeouts::LeaseOutlastsLeaderChange { .. })));
+        assert!(matches!(lan(700, 1000), Err(UnsafeTimeouts::LeaseOutlastsLeaderChange { .. })));
+        assert_eq!(lan(699, 1000), Ok(()));
+        assert_eq!(lan(900, 30_000), Ok(()), "the tests' long node_down");
     }
 }

@@ -87,9 +87,7 @@ pub async fn run(
 
     tracing::info!("4/8 raft");
     let timeouts = config.timeouts.resolve();
-    if timeouts.lease >= timeouts.node_down {
-        bail!("the lease ({:?}) must be shorter than node_down ({:?})", timeouts.lease, timeouts.node_down);
-    }
+    timeouts.check().context("unsafe [timeouts]")?;
     if config.task_cpus == Some(0) {
         bail!("task_cpus must be at least 1");
     }

@@ -118,3 +118,23 @@ fn config_show_prints_the_effective_configuration() {
         "{text}"
     );
 }
+
+#[test]
+fn a_hub_refuses_to_start_with_a_lease_that_outlasts_a_leader_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    // `lan`: election 100 ms and node_down 1 s, so a new leader may mark the previous one down
+    // 700 ms after the last quorum acknowledgement the previous one had.
+    std::fs::write(&cfg, "[timeouts]\nlease = \"900ms\"\n").unwrap();
+    let out = std::process::Command::new(crate::harness::bin())
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["up", "--api", "127.0.0.1:0", "--mesh", "127.0.0.1:0", "--gossip", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the hub started");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("unsafe [timeouts]") && said.contains("half of node_down"), "{said}");
+    assert!(!dir.path().join("data").join("raft").exists(), "Raft was started: {said}");
+}
