@@ -112,7 +112,7 @@ pub(crate) fn register_handlers(
         let (r, c, d) = (r.clone(), c.clone(), d.clone());
         async move {
             // Refused before openraft sees them, so that they renew neither its vote lease nor
-            // this hub's contact; a refusal is a network error to openraft (no back-off).
+            // this hub's contact; the leader waits out the call before it resends (`PeerClient::rpc`).
             if follows(&r, &req.vote) && d.refuses(from.0) {
                 return Err(Refusal::new(pb::ErrorCode::Unavailable, DEAF_REFUSAL));
             }
