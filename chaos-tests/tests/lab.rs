@@ -149,3 +149,31 @@ async fn the_followers_of_a_deaf_leader_refuse_its_entries() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_of_a_leader_cut_off_from_its_quorum_answers_nothing_stale() {
+    if skip_without_root() {
+        return;
+    }
+    let _lab = LAB.lock().await;
+    let sc = scenario("minority.toml");
+    let r = run(RunOptions { scenario: sc, out: out_dir("minority"), bin: bin(), seed: None, schedule: None })
+        .await
+        .expect("the run completes");
+    eprintln!("{}", summary(&r.dir));
+    for id in ["I2", "I5", "I7"] {
+        let c = r.results.iter().find(|c| c.id == id).unwrap();
+        assert_eq!(c.verdict, Verdict::True, "{c:?}; report in {}", r.dir.display());
+    }
+    assert_eq!(r.verdict, Verdict::True, "report in {}", r.dir.display());
+    // Not vacuous: in some split the follower on the leader's side hosted a counter.
+    let ev: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(r.dir.join("evidence.json")).unwrap()).unwrap();
+    let ids = ev["node_ids"].as_array().unwrap();
+    let hosted = ev["faults"].as_array().unwrap().iter().any(|f| {
+        let follower =
+            f["hubs"].as_array().unwrap().iter().find(|h| *h != &f["hub"]).map(|h| &ids[h.as_u64().unwrap() as usize]);
+        f["hosts_before"].as_object().unwrap().iter().any(|(task, at)| task != "chaos-echo" && Some(&at[0]) == follower)
+    });
+    assert!(hosted, "no split left a counter's host with the cut-off leader: {}", ev["faults"]);
+}

@@ -25,6 +25,7 @@ use crate::election_gate::{ElectionGate, Timings};
 use crate::identity::{self, open_err};
 use crate::ids::NodeId;
 use crate::join::{self, hash_secret, Boot, JoinToken};
+use crate::lease::Lease;
 use crate::network::NetworkFactory;
 use crate::propose::{ProposeError, ProposeHandle};
 use crate::state::{ClusterState, Command, Outcome};
@@ -107,6 +108,8 @@ pub struct Consensus {
     proposer: ProposeHandle,
     /// When this hub last took entries from a leader (the follower lease, the election gate).
     contact: LeaderContact,
+    /// Whether this hub may act for its instances ([`crate::lease`]).
+    lease: Lease,
     /// The election gate's ping answers: which voters answer this hub, and since when not.
     peers: PeerAnswers,
     /// Whether this hub's own view of `contact` and `peers` is current (see [`GateClock`]).
@@ -150,7 +153,8 @@ impl Consensus {
         }
         .validate()
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let network = NetworkFactory { transport: transport.clone() };
+        let lease = Lease::default();
+        let network = NetworkFactory { transport: transport.clone(), lease: lease.clone(), me: node_id };
         let raft = Raft::new(node_id, Arc::new(raft_config), network, log_store, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -160,7 +164,7 @@ impl Consensus {
         // Deaf after openraft's leader lease (`election_timeout_max`) without a ping answered:
         // well before the transport drops the leader's silent connection.
         let deaf = DeafLeader::new(peers.clone(), clock.clone(), cfg.election_timeout_max);
-        crate::network::register_handlers(&transport, &raft, &contact, &deaf);
+        crate::network::register_handlers(&transport, &raft, &contact, &lease, &deaf);
         let proposer = ProposeHandle::new(raft.clone(), transport.clone(), cfg.propose_timeout);
         let read_barrier = crate::read_barrier::ReadBarrier::new(raft.clone(), transport.clone(), applied_rx.clone());
         let me = Self {
@@ -175,6 +179,7 @@ impl Consensus {
             state: state_rx,
             applied: applied_rx,
             contact,
+            lease,
             peers,
             clock,
             started: Instant::now(),
@@ -203,7 +208,12 @@ impl Consensus {
             election_min: cfg.election_timeout_min,
             election_max: cfg.election_timeout_max,
         };
-        me.workers.spawn(QuorumAckWatch { metrics: me.raft.metrics(), me: node_id, contact: me.contact.clone() });
+        me.workers.spawn(QuorumAckWatch {
+            metrics: me.raft.metrics(),
+            me: node_id,
+            contact: me.contact.clone(),
+            lease: me.lease.clone(),
+        });
         me.workers.spawn(ElectionGate::new(
             me.raft.clone(),
             me.transport.clone(),
@@ -355,8 +365,9 @@ impl Consensus {
     }
 
     /// Whether this hub may act for its instances: it is alone in the mesh, or it has heard from a
-    /// quorum (as leader) or took Raft entries from the leader (as follower) within `lease`, on
-    /// monotonic time.
+    /// quorum (as leader) within `lease`, or (as follower) holds the lease its leader lent it
+    /// ([`crate::lease`]: no longer than the leader's own, and only once it has applied what the
+    /// leader had committed), on monotonic time.
     pub fn holds_lease(&self, lease: Duration) -> bool {
         let alone = {
             let metrics = self.raft.metrics();
@@ -364,16 +375,17 @@ impl Consensus {
             let mut voters = m.membership_config.membership().voter_ids();
             voters.next() == Some(self.node_id) && voters.next().is_none()
         };
-        alone || crate::contact::hears_leader(&self.raft, &self.contact, lease)
+        alone || crate::lease::holds(&self.raft, &self.lease, lease)
     }
 
-    /// How long ago this hub's `lease` ran out: since it last heard a leader (or, never having
-    /// heard one, since Raft started here), less the lease; `None` while it holds one.
+    /// How long ago this hub's `lease` ran out: since its last lease began (or, never having held
+    /// one, since Raft started here), less the lease; `None` while it holds one.
     pub fn lease_lapsed_for(&self, lease: Duration) -> Option<Duration> {
         if self.holds_lease(lease) {
             return None;
         }
-        let unheard = self.contact.since().unwrap_or_else(|| self.started.elapsed());
+        let applied = crate::lease::applied(&self.raft.metrics().borrow());
+        let unheard = self.lease.age(applied).unwrap_or_else(|| self.started.elapsed());
         Some(unheard.saturating_sub(lease))
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use openraft::Raft;
 
+use crate::lease::Lease;
 use crate::transport::PingAnswer;
 use crate::type_config::TypeConfig;
 use crate::worker::Worker;
@@ -207,7 +208,7 @@ impl LeaderContact {
 
 /// Whether `me` has heard a leader within `within`: it leads and a quorum acknowledged it (as
 /// [`QuorumAckWatch`] dated it), or the leader it follows sent it entries it took (see
-/// [`LeaderContact`]). Also the lease's test.
+/// [`LeaderContact`]). The election gate's test; the lease's is [`crate::lease::holds`].
 pub(crate) fn hears_leader(raft: &Raft<TypeConfig>, contact: &LeaderContact, within: Duration) -> bool {
     // Called on every local invocation: read the metrics in place rather than clone them.
     let (leader, alone) = {
@@ -222,14 +223,15 @@ pub(crate) fn hears_leader(raft: &Raft<TypeConfig>, contact: &LeaderContact, wit
     alone || contact.within(leader, within)
 }
 
-/// Dates this hub's quorum acknowledgements while it leads, into its [`LeaderContact`], at every
-/// metrics report. openraft computes `millis_since_quorum_ack` only when it reports metrics (each
+/// Dates this hub's quorum acknowledgements while it leads, into its [`LeaderContact`] and its
+/// [`Lease`], at every metrics report. openraft computes `millis_since_quorum_ack` only when it reports metrics (each
 /// pass of its loop, at least every tick), so the value read later is as old as that report — and
 /// frozen if the loop stalls (a disk flush that hangs): a lease taken from it would never run out.
 pub(crate) struct QuorumAckWatch {
     pub(crate) metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, crate::type_config::NodeAddr>>,
     pub(crate) me: u64,
     pub(crate) contact: LeaderContact,
+    pub(crate) lease: Lease,
 }
 
 impl Worker for QuorumAckWatch {
@@ -245,6 +247,7 @@ impl Worker for QuorumAckWatch {
         };
         if let Some(at) = acked {
             self.contact.record_at(self.me, at);
+            self.lease.led(self.me, at);
         }
         Ok(())
     }

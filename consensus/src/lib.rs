@@ -29,6 +29,7 @@ mod election_gate;
 mod identity;
 mod ids;
 pub mod join;
+mod lease;
 pub mod network;
 pub mod propose;
 mod read_barrier;

@@ -4,6 +4,7 @@
 //! by [`register_handlers`].
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -16,13 +17,19 @@ use openraft::Raft;
 use hubmesh_proto::pb;
 
 use crate::contact::{DeafLeader, LeaderContact};
-use crate::transport::{Endpoint, Json, Refusal, RpcError, Transport, Wire, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE};
+use crate::lease::Lease;
+use crate::transport::{
+    Endpoint, Json, LeaderAppend, Refusal, RpcError, Transport, Wire, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE,
+};
 use crate::type_config::{NodeAddr, TypeConfig};
 
 /// Creates a client per peer; records each peer's mesh address in the transport.
 #[derive(Clone)]
 pub struct NetworkFactory {
     pub(crate) transport: Arc<Transport>,
+    /// This hub's lease: its appends lend their followers its age.
+    pub(crate) lease: Lease,
+    pub(crate) me: u64,
 }
 
 /// A client for one peer.
@@ -30,6 +37,8 @@ pub struct PeerClient {
     transport: Arc<Transport>,
     target: u64,
     node: NodeAddr,
+    lease: Lease,
+    me: u64,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -39,7 +48,13 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         if let Ok(addr) = node.mesh_addr.parse() {
             self.transport.set_peer(target, addr);
         }
-        PeerClient { transport: self.transport.clone(), target, node: node.clone() }
+        PeerClient {
+            transport: self.transport.clone(),
+            target,
+            node: node.clone(),
+            lease: self.lease.clone(),
+            me: self.me,
+        }
     }
 }
 
@@ -78,7 +93,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeAddr, RaftError<u64>>> {
-        self.rpc(&RAFT_APPEND, rpc, &option).await
+        // Aged when sent, not when openraft built the request: the follower dates its lease back
+        // from when it takes this.
+        let age = self.lease.own_age(self.me).map(|d| d.as_micros().min(u64::MAX as u128) as u64);
+        self.rpc(&RAFT_APPEND, LeaderAppend { entries: rpc, quorum_ack_age_us: age }, &option).await
     }
 
     async fn install_snapshot(
@@ -99,27 +117,34 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 }
 
 /// Serves Raft RPCs arriving on the transport (members only: [`Endpoint::serve`] checks). Entries
-/// or a snapshot accepted from a leader are recorded in `contact`; those of a leader that has gone
-/// deaf to this hub are refused ([`DeafLeader`]).
+/// or a snapshot accepted from a leader are recorded in `contact`, and entries in `lease` with
+/// what the leader lent ([`crate::lease`]); those of a leader that has gone deaf to this hub are
+/// refused ([`DeafLeader`]).
 pub(crate) fn register_handlers(
     transport: &Transport,
     raft: &Raft<TypeConfig>,
     contact: &LeaderContact,
+    lease: &Lease,
     deaf: &DeafLeader,
 ) {
-    let (r, c, d) = (raft.clone(), contact.clone(), deaf.clone());
-    RAFT_APPEND.serve(transport, move |from, Json(req)| {
-        let (r, c, d) = (r.clone(), c.clone(), d.clone());
+    let (r, c, l, d) = (raft.clone(), contact.clone(), lease.clone(), deaf.clone());
+    RAFT_APPEND.serve(transport, move |from, Json(LeaderAppend { entries: req, quorum_ack_age_us })| {
+        let (r, c, l, d) = (r.clone(), c.clone(), l.clone(), d.clone());
         async move {
+            let received = Instant::now();
             // Refused before openraft sees them, so that they renew neither its vote lease nor
             // this hub's contact; the leader waits out the call before it resends (`PeerClient::rpc`).
             if follows(&r, &req.vote) && d.refuses(from.0) {
                 return Err(Refusal::new(pb::ErrorCode::Unavailable, DEAF_REFUSAL));
             }
+            let committed = req.leader_commit.map_or(0, |c| c.index);
             let answer = r.append_entries(req).await;
             // A higher vote answers a deposed leader; anything else is the leader's.
             if answer.as_ref().is_ok_and(|a| !matches!(a, AppendEntriesResponse::HigherVote(_))) {
                 c.record(from.0);
+                let applied = r.metrics().borrow().last_applied.map_or(0, |a| a.index);
+                let lent = quorum_ack_age_us.map(Duration::from_micros);
+                l.took(from.0, received, lent, committed, applied);
             }
             Ok(Json(answer))
         }

@@ -69,7 +69,11 @@ pub fn lost(events: &[Event], ev: &Evidence) -> CheckResult {
 }
 
 /// I2: every answer's (length, prefix hash) is a prefix of the final list, and an append's own
-/// id is at the position it reported; a mismatch is a fork (split brain) or a rollback.
+/// id is at the position it reported; a mismatch is a fork (split brain) or a rollback. In periodic
+/// mode an instance's last changes may be lost with it (I1 counts them, I7 bounds them): its
+/// answers then saw entries the final list does not hold, which is a rollback, not a fork — unless
+/// an append's own op is in the final list after all (elsewhere), which no rollback explains. A
+/// stale instance answering after a newer one is I5's.
 pub fn fork(events: &[Event], ev: &Evidence) -> CheckResult {
     let mut r = CheckResult::new("I2", "no forked or rolled-back history");
     for e in events.iter().filter(|e| e.kind == Type::Ok && !e.is_nemesis()) {
@@ -84,6 +88,7 @@ pub fn fork(events: &[Event], ev: &Evidence) -> CheckResult {
             continue;
         };
         let hashes = prefix_hashes(list);
+        let kept: HashSet<u64> = list.iter().copied().collect();
         for e in events.iter().filter(|e| e.kind == Type::Ok && e.task.as_deref() == Some(task)) {
             let (Some(len), Some(hash)) = (e.len, e.hash) else { continue };
             r.count("answers_checked", 1);
@@ -100,6 +105,10 @@ pub fn fork(events: &[Event], ev: &Evidence) -> CheckResult {
                 continue;
             }
             if hashes[len as usize] != hash {
+                if !ev.durable && (e.f != "add" || e.op.is_some_and(|op| !kept.contains(&op))) {
+                    r.count("rolled_back_in_periodic_mode", 1);
+                    continue;
+                }
                 r.violation(format!(
                     "{task}: {at} answered a prefix of length {len} that is not the final list's (fork)"
                 ));
@@ -268,6 +277,25 @@ mod tests {
         assert_eq!(fork(&h.events, &evidence(Some(&[1, 2]), true)).verdict, Verdict::False);
         // A different prefix: another instance appended 9 where 2 was acknowledged.
         assert_eq!(fork(&h.events, &evidence(Some(&[1, 9, 3]), true)).verdict, Verdict::False);
+    }
+
+    #[test]
+    fn a_periodic_rollback_is_counted_and_a_fork_is_still_false() {
+        let mut h = H::default();
+        h.add_ok("c", 1, &[1], 10, 1);
+        h.add_ok("c", 2, &[1, 2], 10, 1);
+        // Op 3 was acknowledged and lost with epoch 1; epoch 2 restored [1, 2] and appended 4.
+        h.add_ok("c", 3, &[1, 2, 3], 10, 1);
+        h.read_ok("c", &[1, 2, 3], 10, 1);
+        h.add_ok("c", 4, &[1, 2, 4], 20, 2);
+        let periodic = Evidence { durable: false, ..evidence(Some(&[1, 2, 4]), true) };
+        let r = fork(&h.events, &periodic);
+        assert_eq!(r.verdict, Verdict::True, "{r:?}");
+        assert_eq!(r.counts["rolled_back_in_periodic_mode"], 2);
+        assert_eq!(fork(&h.events, &evidence(Some(&[1, 2, 4]), true)).verdict, Verdict::False, "durable: a loss");
+        // Op 2 answered at position 2, but the final list holds it at 3: no rollback explains it.
+        let periodic = Evidence { durable: false, ..evidence(Some(&[1, 9, 2, 4]), true) };
+        assert_eq!(fork(&h.events, &periodic).verdict, Verdict::False);
     }
 
     #[test]

@@ -227,8 +227,8 @@ impl<Header: Wire, Resp: Wire> BulkEndpoint<Header, Resp> {
 /// The answer of a Raft RPC as openraft produces it.
 type RaftAnswer<T, E = openraft::error::Infallible> = Json<Result<T, RaftError<u64, E>>>;
 
-/// openraft AppendEntries.
-pub const RAFT_APPEND: Endpoint<Json<AppendEntriesRequest<TypeConfig>>, RaftAnswer<AppendEntriesResponse<u64>>> =
+/// openraft AppendEntries, with what the leader's lease lends its followers.
+pub const RAFT_APPEND: Endpoint<Json<LeaderAppend>, RaftAnswer<AppendEntriesResponse<u64>>> =
     Endpoint::new(StreamKind::RaftAppend);
 /// openraft Vote.
 pub const RAFT_VOTE: Endpoint<Json<VoteRequest<u64>>, RaftAnswer<VoteResponse<u64>>> =
@@ -242,6 +242,16 @@ pub const RAFT_SNAPSHOT: Endpoint<
 pub const JOIN: Endpoint<pb::JoinRequest, pb::JoinResponse> = Endpoint::new(StreamKind::Join);
 /// Are you there, and do you hear a leader? (The election gate's probe between voters.)
 pub const PING: Endpoint<Json<()>, Json<PingAnswer>> = Endpoint::new(StreamKind::Ping);
+
+/// An append as a leader sends it: openraft's request, and how old the leader's last quorum
+/// acknowledgement was when it sent it — all that a follower's lease may borrow (`lease`).
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct LeaderAppend {
+    pub entries: AppendEntriesRequest<TypeConfig>,
+    /// In microseconds; `None`: the leader has none to lend (just elected, or not leading).
+    #[serde(default)]
+    pub quorum_ack_age_us: Option<u64>,
+}
 
 /// A voter's answer to the election gate's ping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]

@@ -98,10 +98,12 @@ pub(crate) struct CheckpointFailed {
     /// Its record may still commit ([`CommitError::MayHaveCommitted`]): a change it carries may
     /// take effect, so its caller must not be told that it did not.
     pub(crate) may_have_committed: bool,
+    /// A newer epoch of the task exists ([`CommitError::Replaced`]): this instance is stale.
+    pub(crate) replaced: bool,
 }
 
 impl From<String> for CheckpointFailed {
     fn from(message: String) -> Self {
-        Self { message, may_have_committed: false }
+        Self { message, may_have_committed: false, replaced: false }
     }
 }

@@ -95,6 +95,8 @@ struct Actor {
     /// Key of the last committed checkpoint: kept until a newer one is committed.
     committed_key: Option<String>,
     status: Arc<Mutex<StatefulStatus>>,
+    /// When the last checkpoint was committed, or a periodic one last failed: the next periodic
+    /// one is due a period later (one that fails at once, without a lease, is not retried in a loop).
     last_checkpoint: Instant,
     next_tick: Option<Instant>,
     /// Running, or frozen / moved by a live migration.
@@ -392,6 +394,7 @@ impl Actor {
             if self.image.changed() && now >= self.last_checkpoint + every {
                 if let Err(e) = self.checkpoint() {
                     tracing::error!(task = %self.cfg.name, error = %e, "periodic checkpoint failed");
+                    self.last_checkpoint = now;
                 }
             }
         }
@@ -441,6 +444,12 @@ impl Actor {
                 if self.last_checkpoint.elapsed() >= Duration::from_millis(every_ms) {
                     if let Err(e) = self.checkpoint() {
                         tracing::error!(task = %self.cfg.name, error = %e, "periodic checkpoint failed");
+                        self.last_checkpoint = Instant::now();
+                        if e.replaced {
+                            // The task runs elsewhere now: an answer from here would be stale.
+                            self.revert_or_break();
+                            return Err(InvokeError::Unavailable(format!("this call's change was undone: {e}")));
+                        }
                         // Behind the mesh's committed checkpoint: this state can never commit.
                         if self.catch_up_committed_key() {
                             self.revert_or_break();
@@ -551,8 +560,9 @@ impl Actor {
                 // The next checkpoint must carry this state again (periodic mode retries it, a
                 // stop takes it as the final one).
                 self.image.mark_all_changed();
-                let may_have_committed = matches!(e, CommitError::MayHaveCommitted(_));
-                return Err(CheckpointFailed { message: e.to_string(), may_have_committed });
+                let (may_have_committed, replaced) =
+                    (matches!(e, CommitError::MayHaveCommitted(_)), e == CommitError::Replaced);
+                return Err(CheckpointFailed { message: e.to_string(), may_have_committed, replaced });
             }
         }
         self.committed_key = Some(key);

@@ -443,3 +443,67 @@ fn invocations_a_checkpoint_accepted_run_on_the_host_that_restores_it() {
         assert_eq!(call(&f.exec, "queued", "1").await.unwrap(), "15");
     });
 }
+
+/// A mesh that re-placed the task elsewhere once `replaced` is set: every commit is refused.
+#[derive(Default)]
+struct ReplacedAfter {
+    replaced: std::sync::atomic::AtomicBool,
+    committed: std::sync::Mutex<Option<String>>,
+    attempts: std::sync::atomic::AtomicUsize,
+}
+
+impl CheckpointSink for ReplacedAfter {
+    fn commit(&self, c: &LocalCheckpoint) -> Result<(), CommitError> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self.replaced.load(Ordering::SeqCst) {
+            return Err(CommitError::Replaced);
+        }
+        *self.committed.lock().unwrap() = Some(c.key.clone());
+        Ok(())
+    }
+
+    fn committed_key(&self, _task: &str) -> Option<String> {
+        self.committed.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn a_periodic_instance_that_learns_it_was_replaced_answers_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor_in(dir.path());
+    let sink = Arc::new(ReplacedAfter::default());
+    exec.set_sink(sink.clone());
+    let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
+    // Every call is due for a checkpoint (a period of 0).
+    let cfg = config("c", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Periodic { every_ms: 0 });
+    exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+    rt().block_on(async {
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        sink.replaced.store(true, Ordering::SeqCst);
+        // The change ran here, but the task now runs elsewhere: no answer from a stale instance.
+        let e = call(&exec, "c", "10").await.unwrap_err();
+        assert!(matches!(e, InvokeError::Unavailable(_)), "{e:?}");
+        sink.replaced.store(false, Ordering::SeqCst);
+        assert_eq!(call(&exec, "c", "0").await.unwrap(), "3", "the refused change was undone");
+    });
+}
+
+#[test]
+fn a_periodic_checkpoint_that_fails_is_tried_again_a_period_later_not_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor_in(dir.path());
+    let sink = Arc::new(ReplacedAfter::default());
+    sink.replaced.store(true, Ordering::SeqCst);
+    exec.set_sink(sink.clone());
+    let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
+    let cfg = config("c", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Periodic { every_ms: 100 });
+    exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+    rt().block_on(async {
+        // Too soon for a checkpoint: the change waits for the timer's.
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        tokio::time::sleep(Duration::from_millis(550)).await;
+    });
+    // Every 100 ms, not in a loop (which tried thousands of times in this half second).
+    let attempts = sink.attempts.load(Ordering::SeqCst);
+    assert!((1..=10).contains(&attempts), "{attempts} attempts in 550 ms");
+}
