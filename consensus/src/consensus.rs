@@ -106,7 +106,7 @@ pub struct Consensus {
     cert_der: Vec<u8>,
     key: tls::NodeKey,
     proposer: ProposeHandle,
-    /// When this hub last took entries from a leader (the follower lease, the election gate).
+    /// When this hub last took entries from a leader (the election gate's leader contact).
     contact: LeaderContact,
     /// Whether this hub may act for its instances ([`crate::lease`]).
     lease: Lease,

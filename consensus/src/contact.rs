@@ -1,6 +1,6 @@
 //! Whom this hub hears, on monotonic time: the leader whose Raft entries it took, or the quorum
-//! that acknowledged it as leader ([`LeaderContact`], the follower lease and the election gate's
-//! "hears a leader"), and which voters answered the gate's pings and when ([`PeerAnswers`]: a
+//! that acknowledged it as leader ([`LeaderContact`], the election gate's "hears a leader"; the
+//! lease is [`crate::lease`]'s), and which voters answered the gate's pings and when ([`PeerAnswers`]: a
 //! peer that stopped answering is "silent", and the invocation router stops sending calls to it).
 
 use std::collections::HashMap;
@@ -128,9 +128,9 @@ impl Peer {
 
 /// Whether the leader this hub follows has gone deaf to it: its entries still arrive, but it has
 /// not answered this hub's pings for `after` while this hub's own view is current ([`GateClock`]).
-/// Such a leader hears nothing this hub sends — its appends' answers included — and keeps
-/// renewing this hub's leases with them until its transport gives up on the silent connection
-/// (`transport::silence`, 400 ms). Refusing its entries from `after` on lets this hub (and every
+/// Such a leader hears nothing this hub sends — its appends' answers included — and keeps this
+/// hub's leader contact fresh with them (not its lease: the acknowledgement they lend ages) until
+/// its transport gives up on the silent connection (`transport::silence`, 400 ms). Refusing its entries from `after` on lets this hub (and every
 /// follower that sees the same) lose the leader sooner; the election gate still decides whether
 /// to campaign, which needs a majority that lost the leader: a follower alone whose messages to
 /// the leader are lost (a lossy or one-way link; its answers to the entries would be lost too)
@@ -179,7 +179,7 @@ pub(crate) fn deaf(p: &Peer, now: Instant, after: Duration) -> bool {
 }
 
 /// When this hub last took Raft entries (or a snapshot) from a leader, and from which. This, not
-/// any request, is "hearing the leader" for the gate and the follower lease: a hub whose Raft has
+/// any request, is "hearing the leader" for the gate (the lease has more to it: `crate::lease`): a hub whose Raft has
 /// stopped or that was deposed may still forward calls and fetch pages.
 #[derive(Clone, Default)]
 pub(crate) struct LeaderContact(Arc<Mutex<Option<(u64, Instant)>>>);

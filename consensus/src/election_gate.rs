@@ -30,8 +30,8 @@
 //! than another's leaves the first campaign to that one for up to `election_timeout_min` (the
 //! answers carry each voter's last log index and leader): its vote request would likely be
 //! refused for its log, costing an election timeout (a voter that had just restarted and not
-//! caught up went first and lost). Pings are not "hearing from the leader": they do not feed the
-//! follower lease (`transport::server`). One ping per peer in flight at a time. Voting for
+//! caught up went first and lost). Pings are not "hearing from the leader": they feed neither
+//! the gate's leader contact nor the lease (`crate::lease`). One ping per peer in flight at a time. Voting for
 //! others, and a leader's work, are untouched.
 //!
 //! A hub that leads a mesh of one (the only voter, no learners) has no one to send heartbeats

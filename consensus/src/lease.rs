@@ -1,6 +1,8 @@
 //! The lease: whether this hub may still act for its instances without asking the mesh. A leader
 //! holds it while a quorum acknowledged it within the lease (dated by [`QuorumAckWatch`]). A
-//! follower's lease is borrowed from its leader's, never longer:
+//! follower's lease is borrowed from its leader's, and outlasts it by no more than the append's
+//! way from the leader's lease slot to this hub (a dial or stream credit can add to it; the
+//! leader marks a follower down a whole `node_down` after it last reached it):
 //! - each append carries how old the leader's last quorum acknowledgement was when it sent it
 //!   ([`LeaderAppend`](crate::transport::LeaderAppend)), and the follower dates its lease that
 //!   much before it took the append. A leader cut off from its quorum keeps sending (openraft 0.9
@@ -45,7 +47,15 @@ pub(crate) fn applied(m: &openraft::RaftMetrics<u64, crate::type_config::NodeAdd
 
 /// The lease this hub holds, or is about to.
 #[derive(Clone, Default)]
-pub(crate) struct Lease(Arc<Mutex<Option<Held>>>);
+pub(crate) struct Lease(Arc<Mutex<State>>);
+
+#[derive(Default)]
+struct State {
+    held: Option<Held>,
+    /// The latest start of a lease that counted, from any leader: how long ago the lease ran out
+    /// is counted from here, also while a new leader has nothing to lend yet.
+    last: Option<Instant>,
+}
 
 /// A lease from one leader (this hub, when it leads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,22 +63,28 @@ pub(crate) struct Held {
     pub(crate) leader: u64,
     /// Where the lease runs from; `None`: the leader had no quorum acknowledgement to lend.
     pub(crate) from: Option<Instant>,
-    /// A later start, which counts once this hub has applied the log up to this index.
+    /// A later start, which counts once this hub has applied the log up to this index. The
+    /// oldest one not yet covered is kept (a newer one would move the goal on every append under
+    /// a steady load, and the lease would never advance).
     pub(crate) pending: Option<(Instant, u64)>,
 }
 
 impl Lease {
     /// This hub leads and a quorum acknowledged it at `at`.
     pub(crate) fn led(&self, me: u64, at: Instant) {
-        *self.lock() = Some(Held { leader: me, from: Some(at), pending: None });
+        let mut s = self.lock();
+        s.held = Some(Held { leader: me, from: Some(at), pending: None });
+        s.last = s.last.max(Some(at));
     }
 
     /// This hub took an append from `leader` at `now`; the leader's quorum acknowledgement was
     /// `leader_age` old when it sent it, and it had committed the log up to `committed`; this hub
     /// has applied up to `applied`.
     pub(crate) fn took(&self, leader: u64, now: Instant, leader_age: Option<Duration>, committed: u64, applied: u64) {
-        let mut held = self.lock();
-        *held = Some(took(*held, leader, now, leader_age, committed, applied));
+        let mut s = self.lock();
+        let h = took(s.held, leader, now, leader_age, committed, applied);
+        s.held = Some(h);
+        s.last = s.last.max(h.from);
     }
 
     /// Where the lease from `leader` runs from, with this hub's log applied up to `applied`.
@@ -76,23 +92,26 @@ impl Lease {
         self.current(applied).filter(|h| h.leader == leader).and_then(|h| h.from)
     }
 
-    /// How long ago the lease (from any leader) began; `None`: there never was one.
+    /// How long ago the latest lease that counted (from any leader) began; `None`: there never
+    /// was one.
     pub(crate) fn age(&self, applied: u64) -> Option<Duration> {
-        self.current(applied).and_then(|h| h.from).map(|at| at.elapsed())
+        self.current(applied);
+        self.lock().last.map(|at| at.elapsed())
     }
 
     /// How old this hub's own quorum acknowledgement is, while it leads (what its appends lend).
     pub(crate) fn own_age(&self, me: u64) -> Option<Duration> {
-        self.lock().filter(|h| h.leader == me).and_then(|h| h.from).map(|at| at.elapsed())
+        self.lock().held.filter(|h| h.leader == me).and_then(|h| h.from).map(|at| at.elapsed())
     }
 
     fn current(&self, applied: u64) -> Option<Held> {
-        let mut held = self.lock();
-        *held = held.map(|h| settle(h, applied));
-        *held
+        let mut s = self.lock();
+        s.held = s.held.map(|h| settle(h, applied));
+        s.last = s.last.max(s.held.and_then(|h| h.from));
+        s.held
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -124,6 +143,7 @@ pub(crate) fn took(
         // it is no longer backed.
         None => Held { from: None, pending: None, ..h },
         Some(from) if applied >= committed => Held { from: Some(from), pending: None, ..h },
+        Some(_) if h.pending.is_some() => h,
         Some(from) => Held { pending: Some((from, committed)), ..h },
     }
 }
@@ -164,6 +184,13 @@ mod tests {
         let next = took(Some(h), 1, back + ms(30), Some(ms(10)), 11, 9);
         assert_eq!(next.from, Some(back - ms(10)));
         assert_eq!(next.pending, Some((back + ms(20), 11)));
+        // Under a load that keeps the applied index behind each append's commit, the oldest
+        // pending start is kept until it is covered, so the lease still moves on.
+        let busy = took(Some(next), 1, back + ms(60), Some(ms(10)), 13, 10);
+        assert_eq!(busy.pending, Some((back + ms(20), 11)), "not pushed on to 13");
+        let busy = took(Some(busy), 1, back + ms(90), Some(ms(10)), 15, 12);
+        assert_eq!(busy.from, Some(back + ms(20)));
+        assert_eq!(busy.pending, Some((back + ms(80), 15)));
     }
 
     #[test]
@@ -173,9 +200,13 @@ mod tests {
         lease.took(1, now, Some(Duration::ZERO), 3, 3);
         assert_eq!(lease.runs_from(1, 3), Some(now));
         assert_eq!(lease.runs_from(2, 3), None, "another leader's lease does not count");
-        // A new leader's first append, before it has a quorum's acknowledgement of its own.
-        lease.took(2, now, None, 3, 3);
+        // A new leader's first append, before it has a quorum's acknowledgement of its own: no
+        // lease from it yet, but the last one still dates how long ago the lease ran out.
+        let later = now + Duration::from_millis(50);
+        lease.took(2, later, None, 3, 3);
         assert_eq!((lease.runs_from(1, 3), lease.runs_from(2, 3)), (None, None));
+        let since = now.elapsed();
+        assert!(lease.age(3).unwrap() >= since, "from the last lease that counted");
         assert_eq!(lease.own_age(2), None, "a follower lends nothing");
         lease.led(3, now);
         assert_eq!(lease.runs_from(3, 0), Some(now));

@@ -142,9 +142,17 @@ pub(crate) fn register_handlers(
             // A higher vote answers a deposed leader; anything else is the leader's.
             if answer.as_ref().is_ok_and(|a| !matches!(a, AppendEntriesResponse::HigherVote(_))) {
                 c.record(from.0);
-                let applied = r.metrics().borrow().last_applied.map_or(0, |a| a.index);
-                let lent = quorum_ack_age_us.map(Duration::from_micros);
-                l.took(from.0, received, lent, committed, applied);
+                let (leader, applied) = {
+                    let metrics = r.metrics();
+                    let m = metrics.borrow();
+                    (m.current_leader, crate::lease::applied(&m))
+                };
+                // Only while this hub follows the sender: an append that finishes after this hub
+                // was elected must not take over its own lease.
+                if leader == Some(from.0) {
+                    let lent = quorum_ack_age_us.map(Duration::from_micros);
+                    l.took(from.0, received, lent, committed, applied);
+                }
             }
             Ok(Json(answer))
         }

@@ -164,7 +164,8 @@ pub struct Timeouts {
     /// Raft election timeout (lower bound; the upper bound is twice this).
     #[serde(with = "humantime_serde")]
     pub election: Option<Duration>,
-    /// A hub that has not heard from the leader for this long stops answering for its instances.
+    /// A hub stops answering for its instances this long after a quorum last acknowledged its
+    /// leader (as the leader's last append it took says; as leader, its own quorum).
     #[serde(with = "humantime_serde")]
     pub lease: Option<Duration>,
     /// The leader marks a hub down (and re-places its instances) after this long without contact.

@@ -70,10 +70,11 @@ pub fn lost(events: &[Event], ev: &Evidence) -> CheckResult {
 
 /// I2: every answer's (length, prefix hash) is a prefix of the final list, and an append's own
 /// id is at the position it reported; a mismatch is a fork (split brain) or a rollback. In periodic
-/// mode an instance's last changes may be lost with it (I1 counts them, I7 bounds them): its
-/// answers then saw entries the final list does not hold, which is a rollback, not a fork — unless
-/// an append's own op is in the final list after all (elsewhere), which no rollback explains. A
-/// stale instance answering after a newer one is I5's.
+/// mode an instance's last changes may be lost with it (I1 counts them, I7 bounds them): the
+/// answers of an instance that a newer epoch replaced then saw entries the final list does not
+/// hold, which is a rollback, not a fork — unless an append's own op is in the final list after
+/// all (elsewhere), which no rollback explains. The newest epoch's answers must match. A stale
+/// instance answering after a newer one is I5's (and I7's, when what it acknowledged is lost).
 pub fn fork(events: &[Event], ev: &Evidence) -> CheckResult {
     let mut r = CheckResult::new("I2", "no forked or rolled-back history");
     for e in events.iter().filter(|e| e.kind == Type::Ok && !e.is_nemesis()) {
@@ -89,6 +90,11 @@ pub fn fork(events: &[Event], ev: &Evidence) -> CheckResult {
         };
         let hashes = prefix_hashes(list);
         let kept: HashSet<u64> = list.iter().copied().collect();
+        let newest = events
+            .iter()
+            .filter(|e| e.kind == Type::Ok && e.task.as_deref() == Some(task))
+            .filter_map(|e| e.epoch)
+            .max();
         for e in events.iter().filter(|e| e.kind == Type::Ok && e.task.as_deref() == Some(task)) {
             let (Some(len), Some(hash)) = (e.len, e.hash) else { continue };
             r.count("answers_checked", 1);
@@ -105,7 +111,8 @@ pub fn fork(events: &[Event], ev: &Evidence) -> CheckResult {
                 continue;
             }
             if hashes[len as usize] != hash {
-                if !ev.durable && (e.f != "add" || e.op.is_some_and(|op| !kept.contains(&op))) {
+                let replaced = e.epoch.is_some_and(|epoch| Some(epoch) < newest);
+                if !ev.durable && replaced && (e.f != "add" || e.op.is_some_and(|op| !kept.contains(&op))) {
                     r.count("rolled_back_in_periodic_mode", 1);
                     continue;
                 }
@@ -295,6 +302,12 @@ mod tests {
         assert_eq!(fork(&h.events, &evidence(Some(&[1, 2, 4]), true)).verdict, Verdict::False, "durable: a loss");
         // Op 2 answered at position 2, but the final list holds it at 3: no rollback explains it.
         let periodic = Evidence { durable: false, ..evidence(Some(&[1, 9, 2, 4]), true) };
+        assert_eq!(fork(&h.events, &periodic).verdict, Verdict::False);
+        // The newest epoch's answers must match the final list: nothing replaced it.
+        let mut h = H::default();
+        h.add_ok("c", 1, &[1], 10, 1);
+        h.read_ok("c", &[1, 7], 10, 1);
+        let periodic = Evidence { durable: false, ..evidence(Some(&[1, 2]), true) };
         assert_eq!(fork(&h.events, &periodic).verdict, Verdict::False);
     }
 

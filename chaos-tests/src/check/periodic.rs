@@ -3,8 +3,10 @@
 //! by `t + period` and committed a moment later; so an acknowledged update that is missing from
 //! the final list must have been acknowledged within one period (plus `COMMIT_SLACK_US`) of the
 //! fault that lost it — the first fault under way at or after its acknowledgement that touched the
-//! task's host (any such fault when none did). Durable mode loses nothing (I1); this check has
-//! nothing to say there.
+//! task's host (any such fault when none did). And it must have been acknowledged before any newer
+//! epoch of the task answered: an instance that goes on acknowledging after it was replaced (a
+//! cut-off host answering at the heal) loses what it acknowledges. Durable mode loses nothing
+//! (I1); this check has nothing to say there.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -30,16 +32,36 @@ pub fn bounded_loss(events: &[Event], ev: &Evidence) -> CheckResult {
             continue;
         };
         let present: HashSet<u64> = list.iter().copied().collect();
-        // The latest acknowledgement of each op (a keyed retry may answer it twice).
-        let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
+        // The latest acknowledgement of each op (a keyed retry may answer it twice), and its epoch.
+        let mut acked: BTreeMap<u64, (u64, Option<u64>)> = BTreeMap::new();
         for o in ops_of(&ops, task, "add") {
             if let (Type::Ok, Some(done), Some(op)) = (o.kind(), o.done, o.invoke.op) {
                 let t = acked.entry(op).or_default();
-                *t = (*t).max(done.t_us);
+                *t = (*t).max((done.t_us, done.epoch));
             }
         }
-        for (op, t_ack) in acked.into_iter().filter(|(op, _)| !present.contains(op)) {
+        // When each epoch first answered a call of this task.
+        let mut first_answer: BTreeMap<u64, u64> = BTreeMap::new();
+        for o in ops.iter().filter(|o| o.invoke.task.as_deref() == Some(task.as_str())) {
+            if let (Type::Ok, Some(done)) = (o.kind(), o.done) {
+                if let Some(epoch) = done.epoch {
+                    let t = first_answer.entry(epoch).or_insert(done.t_us);
+                    *t = (*t).min(done.t_us);
+                }
+            }
+        }
+        for (op, (t_ack, epoch)) in acked.into_iter().filter(|(op, _)| !present.contains(op)) {
             r.count("lost", 1);
+            let newer = epoch.and_then(|e| first_answer.range(e + 1..).map(|(e, t)| (*t, *e)).min());
+            if let Some((at, newer)) = newer.filter(|(at, _)| *at < t_ack) {
+                r.violation(format!(
+                    "{task}: op {op} acknowledged at {:.3}s by epoch {} is lost, and epoch {newer} had answered at {:.3}s: a replaced instance acknowledged it",
+                    t_ack as f64 / 1e6,
+                    epoch.unwrap_or_default(),
+                    at as f64 / 1e6
+                ));
+                continue;
+            }
             // The first fault under way at or after the acknowledgement that touched the task's
             // host (any fault, when the nemesis could not tell where the task ran).
             let pending = || ev.faults.iter().filter(|f| f.end_us >= t_ack);
@@ -125,6 +147,18 @@ mod tests {
         let r = bounded_loss(&h.events, &ev);
         assert_eq!(r.verdict, Verdict::True, "{r:?}");
         assert_eq!(r.counts["lost_within_a_period"], 2);
+    }
+
+    #[test]
+    fn a_loss_acknowledged_after_a_newer_epoch_answered_is_false() {
+        let (mut h, mut ev) = history();
+        ev.faults = vec![kill_at(300_000)];
+        // Epoch 2 answers (at 8 ms), then the replaced epoch 1 acknowledges op 4, which is lost.
+        h.read_ok("c", &[1], 20, 2);
+        h.add_ok("c", 4, &[1, 2, 3, 4], 10, 1);
+        let r = bounded_loss(&h.events, &ev);
+        assert_eq!(r.verdict, Verdict::False, "{r:?}");
+        assert_eq!(r.examples.len(), 1, "{r:?}");
     }
 
     #[test]

@@ -248,7 +248,8 @@ pub const PING: Endpoint<Json<()>, Json<PingAnswer>> = Endpoint::new(StreamKind:
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct LeaderAppend {
     pub entries: AppendEntriesRequest<TypeConfig>,
-    /// In microseconds; `None`: the leader has none to lend (just elected, or not leading).
+    /// In microseconds; `None`: the sender has none to lend (it has not led long enough for a
+    /// quorum to acknowledge it).
     #[serde(default)]
     pub quorum_ack_age_us: Option<u64>,
 }

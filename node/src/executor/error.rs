@@ -70,9 +70,11 @@ impl From<super::instance::InstanceError> for StartTaskError {
 /// Why a checkpoint was not committed for the mesh (the [`super::CheckpointSink`]'s answer).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommitError {
-    /// A newer epoch of the instance exists: this one was replaced and must not commit.
+    /// A newer epoch of the instance exists: this one was replaced and must not commit. With
+    /// `may_have_committed`, a proposal of the record was taken before that was seen: the change
+    /// may be in a checkpoint committed before the re-placement.
     #[error("this instance was replaced (a newer epoch exists); its change is not committed")]
-    Replaced,
+    Replaced { may_have_committed: bool },
     /// The instance is behind the committed checkpoint; it must return to it.
     #[error("this instance is behind the committed checkpoint: {0}")]
     Behind(String),
@@ -98,7 +100,8 @@ pub(crate) struct CheckpointFailed {
     /// Its record may still commit ([`CommitError::MayHaveCommitted`]): a change it carries may
     /// take effect, so its caller must not be told that it did not.
     pub(crate) may_have_committed: bool,
-    /// A newer epoch of the task exists ([`CommitError::Replaced`]): this instance is stale.
+    /// A newer epoch of the task exists ([`CommitError::Replaced`]): this instance is stale and
+    /// must answer nothing more.
     pub(crate) replaced: bool,
 }
 

@@ -395,6 +395,7 @@ impl Actor {
                 if let Err(e) = self.checkpoint() {
                     tracing::error!(task = %self.cfg.name, error = %e, "periodic checkpoint failed");
                     self.last_checkpoint = now;
+                    self.break_if_replaced(&e);
                 }
             }
         }
@@ -445,10 +446,13 @@ impl Actor {
                     if let Err(e) = self.checkpoint() {
                         tracing::error!(task = %self.cfg.name, error = %e, "periodic checkpoint failed");
                         self.last_checkpoint = Instant::now();
-                        if e.replaced {
-                            // The task runs elsewhere now: an answer from here would be stale.
-                            self.revert_or_break();
-                            return Err(InvokeError::Unavailable(format!("this call's change was undone: {e}")));
+                        if self.break_if_replaced(&e) {
+                            return Err(match e.may_have_committed {
+                                true => {
+                                    InvokeError::OutcomeUnknown(format!("the state change may yet be committed: {e}"))
+                                }
+                                false => InvokeError::Unavailable(format!("this call's change is not kept: {e}")),
+                            });
                         }
                         // Behind the mesh's committed checkpoint: this state can never commit.
                         if self.catch_up_committed_key() {
@@ -560,8 +564,10 @@ impl Actor {
                 // The next checkpoint must carry this state again (periodic mode retries it, a
                 // stop takes it as the final one).
                 self.image.mark_all_changed();
-                let (may_have_committed, replaced) =
-                    (matches!(e, CommitError::MayHaveCommitted(_)), e == CommitError::Replaced);
+                let (may_have_committed, replaced) = match e {
+                    CommitError::Replaced { may_have_committed } => (may_have_committed, true),
+                    _ => (matches!(e, CommitError::MayHaveCommitted(_)), false),
+                };
                 return Err(CheckpointFailed { message: e.to_string(), may_have_committed, replaced });
             }
         }

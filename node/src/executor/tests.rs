@@ -456,7 +456,7 @@ impl CheckpointSink for ReplacedAfter {
     fn commit(&self, c: &LocalCheckpoint) -> Result<(), CommitError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         if self.replaced.load(Ordering::SeqCst) {
-            return Err(CommitError::Replaced);
+            return Err(CommitError::Replaced { may_have_committed: false });
         }
         *self.committed.lock().unwrap() = Some(c.key.clone());
         Ok(())
@@ -480,11 +480,37 @@ fn a_periodic_instance_that_learns_it_was_replaced_answers_no_more() {
     rt().block_on(async {
         assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
         sink.replaced.store(true, Ordering::SeqCst);
-        // The change ran here, but the task now runs elsewhere: no answer from a stale instance.
+        // The change ran here, but the task now runs elsewhere: no answer from a stale instance,
+        // to this call or to any after it (calls queued behind its checkpoint included).
         let e = call(&exec, "c", "10").await.unwrap_err();
         assert!(matches!(e, InvokeError::Unavailable(_)), "{e:?}");
         sink.replaced.store(false, Ordering::SeqCst);
-        assert_eq!(call(&exec, "c", "0").await.unwrap(), "3", "the refused change was undone");
+        let e = call(&exec, "c", "0").await.unwrap_err();
+        assert!(matches!(e, InvokeError::Unavailable(_)), "{e:?}");
+        assert!(exec.status("c").unwrap().broken.is_some());
+    });
+}
+
+#[test]
+fn a_periodic_instance_whose_timed_checkpoint_finds_it_replaced_answers_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor_in(dir.path());
+    let sink = Arc::new(ReplacedAfter::default());
+    exec.set_sink(sink.clone());
+    let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
+    let cfg = config("c", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Periodic { every_ms: 100 });
+    exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+    rt().block_on(async {
+        sink.replaced.store(true, Ordering::SeqCst);
+        // Too soon for a checkpoint after the call: the actor's timer takes it, and is refused.
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sink.attempts.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "no checkpoint was tried");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let e = call(&exec, "c", "1").await.unwrap_err();
+        assert!(matches!(e, InvokeError::Unavailable(_)), "a replaced instance answered: {e:?}");
     });
 }
 

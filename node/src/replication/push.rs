@@ -48,6 +48,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 pub(super) async fn commit(hub: &Hub, c: &LocalCheckpoint) -> Result<(), CommitError> {
     let mut maybe_proposed = false;
     match try_commit(hub, c, &mut maybe_proposed).await {
+        // Still a replacement: the instance must stop answering whatever became of the record.
+        Err(CommitError::Replaced { .. }) if maybe_proposed => Err(CommitError::Replaced { may_have_committed: true }),
         Err(e) if maybe_proposed && !matches!(e, CommitError::MayHaveCommitted(_)) => {
             Err(CommitError::MayHaveCommitted(e.to_string()))
         }
@@ -81,7 +83,7 @@ async fn try_commit(hub: &Hub, c: &LocalCheckpoint, maybe_proposed: &mut bool) -
         }
         let current = task.instances.get(&0).copied();
         if !current.is_some_and(|p| p.node == me && p.epoch.0 == c.epoch) {
-            return Err(CommitError::Replaced);
+            return Err(CommitError::Replaced { may_have_committed: false });
         }
         let holders: Vec<NodeId> = task.holders.iter().copied().filter(|h| *h != me).collect();
         // Until the leader has chosen as many holders as the mesh allows, committing would keep
@@ -143,7 +145,9 @@ async fn try_commit(hub: &Hub, c: &LocalCheckpoint, maybe_proposed: &mut bool) -
                     Err(ProposeError::Rejected(e @ Rejected::NotBasedOnCommitted { .. })) => {
                         return Err(CommitError::Behind(e.to_string()))
                     }
-                    Err(ProposeError::Rejected(Rejected::StaleEpoch { .. })) => return Err(CommitError::Replaced),
+                    Err(ProposeError::Rejected(Rejected::StaleEpoch { .. })) => {
+                        return Err(CommitError::Replaced { may_have_committed: false })
+                    }
                     Err(e) => {
                         if matches!(e, ProposeError::NotLeader { .. } | ProposeError::Timeout) {
                             leader_tried = Some(leader_before);

@@ -30,6 +30,18 @@ impl Actor {
         false
     }
 
+    /// Marks this instance broken if `e` says a newer epoch of the task exists: it then answers
+    /// nothing more — neither the calls queued behind this checkpoint nor later ones — until the
+    /// hub stops it (its callers hear `unavailable` from the broken instance). Whether it did.
+    pub(super) fn break_if_replaced(&mut self, e: &crate::executor::error::CheckpointFailed) -> bool {
+        if e.replaced {
+            tracing::warn!(task = %self.cfg.name, epoch = self.cfg.epoch, "this instance was replaced: it answers no more");
+            self.status.lock().unwrap_or_else(|p| p.into_inner()).broken =
+                Some("this instance was replaced: the task runs with a newer epoch elsewhere".into());
+        }
+        e.replaced
+    }
+
     /// [`Self::revert_to_committed`]; an instance that cannot is marked broken (it answers
     /// nothing more from a state that may not be the committed one).
     pub(super) fn revert_or_break(&mut self) {
