@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{CheckResult, Evidence};
 use crate::history::{pair, Event, Op, Type};
+use crate::scenario::FaultKind;
 use crate::workload::prefix_hashes;
 
 pub(super) fn ops_of<'a>(ops: &'a [Op<'a>], task: &'a str, f: &'a str) -> impl Iterator<Item = &'a Op<'a>> + 'a {
@@ -71,9 +72,10 @@ pub fn lost(events: &[Event], ev: &Evidence) -> CheckResult {
 /// I2: every answer's (length, prefix hash) is a prefix of the final list, and an append's own
 /// id is at the position it reported; a mismatch is a fork (split brain) or a rollback. In periodic
 /// mode an instance's last changes may be lost with it (I1 counts them, I7 bounds them): the
-/// answers of an instance that a newer epoch replaced then saw entries the final list does not
-/// hold, which is a rollback, not a fork — unless an append's own op is in the final list after
-/// all (elsewhere), which no rollback explains. The newest epoch's answers must match. A stale
+/// answers of an instance that a newer epoch replaced (or that a kill or restart of its hub ended:
+/// restarted within its epoch, it restores its last checkpoint) then saw entries the final list
+/// does not hold, which is a rollback, not a fork — unless an append's own op is in the final list
+/// after all (elsewhere), which no rollback explains. Other answers must match. A stale
 /// instance answering after a newer one is I5's (and I7's, when what it acknowledged is lost).
 pub fn fork(events: &[Event], ev: &Evidence) -> CheckResult {
     let mut r = CheckResult::new("I2", "no forked or rolled-back history");
@@ -111,7 +113,12 @@ pub fn fork(events: &[Event], ev: &Evidence) -> CheckResult {
                 continue;
             }
             if hashes[len as usize] != hash {
-                let replaced = e.epoch.is_some_and(|epoch| Some(epoch) < newest);
+                let ended = |f: &&crate::nemesis::Applied| {
+                    matches!(f.fault, FaultKind::Kill | FaultKind::Restart)
+                        && f.start_us >= e.t_us
+                        && f.hubs.iter().any(|i| ev.node_ids.get(*i).copied() == e.node)
+                };
+                let replaced = e.epoch.is_some_and(|epoch| Some(epoch) < newest) || ev.faults.iter().any(|f| ended(&f));
                 if !ev.durable && replaced && (e.f != "add" || e.op.is_some_and(|op| !kept.contains(&op))) {
                     r.count("rolled_back_in_periodic_mode", 1);
                     continue;
@@ -303,12 +310,32 @@ mod tests {
         // Op 2 answered at position 2, but the final list holds it at 3: no rollback explains it.
         let periodic = Evidence { durable: false, ..evidence(Some(&[1, 9, 2, 4]), true) };
         assert_eq!(fork(&h.events, &periodic).verdict, Verdict::False);
-        // The newest epoch's answers must match the final list: nothing replaced it.
+        // The newest epoch's answers must match the final list: nothing replaced it ...
         let mut h = H::default();
         h.add_ok("c", 1, &[1], 10, 1);
         h.read_ok("c", &[1, 7], 10, 1);
-        let periodic = Evidence { durable: false, ..evidence(Some(&[1, 2]), true) };
+        let mut periodic = Evidence { durable: false, ..evidence(Some(&[1, 2]), true) };
         assert_eq!(fork(&h.events, &periodic).verdict, Verdict::False);
+        // ... unless a kill of its hub came after: restarted in its epoch, it rolled back.
+        periodic.node_ids = vec![10];
+        periodic.faults = vec![crate::nemesis::Applied {
+            fault: FaultKind::Kill,
+            target: crate::scenario::Target::Host,
+            hub: 0,
+            hubs: vec![0],
+            start_us: 1_000_000,
+            end_us: 2_000_000,
+            hosts_before: Default::default(),
+            leader_before: None,
+            effective: true,
+            aimed: true,
+            dropped: 0,
+            killed: None,
+            cut: false,
+            device: None,
+            note: String::new(),
+        }];
+        assert_eq!(fork(&h.events, &periodic).verdict, Verdict::True);
     }
 
     #[test]

@@ -105,6 +105,16 @@ pub(crate) struct CheckpointFailed {
     pub(crate) replaced: bool,
 }
 
+impl From<CheckpointFailed> for InvokeError {
+    /// A checkpoint asked for on its own: whether its change may still be committed.
+    fn from(e: CheckpointFailed) -> Self {
+        match e.may_have_committed {
+            true => Self::OutcomeUnknown(e.message),
+            false => Self::Unavailable(e.message),
+        }
+    }
+}
+
 impl From<String> for CheckpointFailed {
     fn from(message: String) -> Self {
         Self { message, may_have_committed: false, replaced: false }

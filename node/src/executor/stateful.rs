@@ -57,8 +57,10 @@ pub struct StatefulStatus {
     pub last_checkpoint: Option<CheckpointSummary>,
     /// Sequence of the checkpoint the instance was restored from at start.
     pub restored_from: Option<u64>,
-    /// Set when the instance could not be rebuilt after a trap.
+    /// Set when the instance could not be rebuilt after a trap, or was replaced.
     pub broken: Option<String>,
+    /// A newer epoch of the task exists: this instance answers nothing more (`recovery.rs`).
+    pub replaced: bool,
 }
 
 /// Handle to a running stateful task.
@@ -311,11 +313,8 @@ impl Actor {
                     let _ = reply.send(res);
                 }
                 Ok(Msg::Checkpoint { reply }) => {
-                    let res = self.checkpoint().map_err(|e| match e.may_have_committed {
-                        true => InvokeError::OutcomeUnknown(e.message),
-                        false => InvokeError::Unavailable(e.message),
-                    });
-                    let _ = reply.send(res);
+                    let res = self.checkpoint().inspect_err(|e| _ = self.break_if_replaced(e));
+                    let _ = reply.send(res.map_err(InvokeError::from));
                 }
                 Ok(Msg::Migrate(m)) => self.migrate(m),
                 Ok(Msg::Stop { final_checkpoint }) => {
@@ -361,8 +360,8 @@ impl Actor {
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
-        if !self.mode.running() {
-            // Frozen or moved: no ticks, no checkpoints; only messages wake the actor.
+        if !self.mode.running() || self.refused().is_some() {
+            // Frozen, moved or refusing: no ticks, no checkpoints; only messages wake the actor.
             return None;
         }
         let ckpt = self.periodic_every().filter(|_| self.image.changed()).map(|every| self.last_checkpoint + every);
@@ -402,8 +401,8 @@ impl Actor {
     }
 
     fn invoke(&mut self, input: Vec<u8>, key: Option<String>) -> Result<Answer, InvokeError> {
-        if let Some(reason) = self.status.lock().unwrap_or_else(|p| p.into_inner()).broken.clone() {
-            return Err(InvokeError::Unavailable(reason));
+        if let Some(refusal) = self.refused() {
+            return Err(refusal);
         }
         if let Some(answer) = key.as_deref().and_then(|k| self.answers.get(k)) {
             metrics::counter!("hubmesh_invoke_deduplicated_total").increment(1);
@@ -447,12 +446,7 @@ impl Actor {
                         tracing::error!(task = %self.cfg.name, error = %e, "periodic checkpoint failed");
                         self.last_checkpoint = Instant::now();
                         if self.break_if_replaced(&e) {
-                            return Err(match e.may_have_committed {
-                                true => {
-                                    InvokeError::OutcomeUnknown(format!("the state change may yet be committed: {e}"))
-                                }
-                                false => InvokeError::Unavailable(format!("this call's change is not kept: {e}")),
-                            });
+                            return Err(self.refused().unwrap_or(InvokeError::OutcomeUnknown(e.message)));
                         }
                         // Behind the mesh's committed checkpoint: this state can never commit.
                         if self.catch_up_committed_key() {

@@ -30,16 +30,29 @@ impl Actor {
         false
     }
 
-    /// Marks this instance broken if `e` says a newer epoch of the task exists: it then answers
-    /// nothing more — neither the calls queued behind this checkpoint nor later ones — until the
-    /// hub stops it (its callers hear `unavailable` from the broken instance). Whether it did.
+    /// Marks this instance replaced if `e` says a newer epoch of the task exists: it then answers
+    /// nothing more — neither the call whose checkpoint said so, nor the calls queued behind it,
+    /// nor later ones — until the hub stops it. Whether it did.
     pub(super) fn break_if_replaced(&mut self, e: &crate::executor::error::CheckpointFailed) -> bool {
         if e.replaced {
             tracing::warn!(task = %self.cfg.name, epoch = self.cfg.epoch, "this instance was replaced: it answers no more");
-            self.status.lock().unwrap_or_else(|p| p.into_inner()).broken =
-                Some("this instance was replaced: the task runs with a newer epoch elsewhere".into());
+            let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            status.replaced = true;
+            status.broken = Some("this instance was replaced by a newer epoch of the task".into());
         }
         e.replaced
+    }
+
+    /// Why this instance refuses every call, if it does: broken (`unavailable`), or replaced —
+    /// then `outcome_unknown`, because a call queued here may be in the pending list of a
+    /// checkpoint the newer epoch restored, and run there.
+    pub(super) fn refused(&self) -> Option<InvokeError> {
+        let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        match (&status.broken, status.replaced) {
+            (Some(reason), true) => Some(InvokeError::OutcomeUnknown(format!("{reason}; it may run there"))),
+            (Some(reason), false) => Some(InvokeError::Unavailable(reason.clone())),
+            (None, _) => None,
+        }
     }
 
     /// [`Self::revert_to_committed`]; an instance that cannot is marked broken (it answers
