@@ -318,23 +318,7 @@ mod tests {
         assert_eq!(fork(&h.events, &periodic).verdict, Verdict::False);
         // ... unless a kill of its hub came after: restarted in its epoch, it rolled back.
         periodic.node_ids = vec![10];
-        periodic.faults = vec![crate::nemesis::Applied {
-            fault: FaultKind::Kill,
-            target: crate::scenario::Target::Host,
-            hub: 0,
-            hubs: vec![0],
-            start_us: 1_000_000,
-            end_us: 2_000_000,
-            hosts_before: Default::default(),
-            leader_before: None,
-            effective: true,
-            aimed: true,
-            dropped: 0,
-            killed: None,
-            cut: false,
-            device: None,
-            note: String::new(),
-        }];
+        periodic.faults = vec![super::super::fixtures::kill_at(1_000_000)];
         assert_eq!(fork(&h.events, &periodic).verdict, Verdict::True);
     }
 

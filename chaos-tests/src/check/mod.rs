@@ -163,6 +163,27 @@ pub(crate) mod fixtures {
     use crate::history::Type;
     use crate::workload::prefix_hashes;
 
+    /// A kill of hub 0 at `start_us`, held 2 s.
+    pub(crate) fn kill_at(start_us: u64) -> Applied {
+        Applied {
+            fault: crate::scenario::FaultKind::Kill,
+            target: crate::scenario::Target::Host,
+            hub: 0,
+            hubs: vec![0],
+            start_us,
+            end_us: start_us + 2_000_000,
+            hosts_before: Default::default(),
+            leader_before: Some(1),
+            effective: true,
+            aimed: true,
+            dropped: 0,
+            killed: None,
+            cut: false,
+            device: None,
+            note: String::new(),
+        }
+    }
+
     /// A history builder with a clock.
     #[derive(Default)]
     pub(crate) struct H {

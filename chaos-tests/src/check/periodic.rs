@@ -102,31 +102,9 @@ pub fn bounded_loss(events: &[Event], ev: &Evidence) -> CheckResult {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{evidence, H};
+    use super::super::fixtures::{evidence, kill_at, H};
     use super::super::Verdict;
     use super::*;
-    use crate::nemesis::Applied;
-    use crate::scenario::{FaultKind, Target};
-
-    fn kill_at(start_us: u64) -> Applied {
-        Applied {
-            fault: FaultKind::Kill,
-            target: Target::Host,
-            hub: 0,
-            hubs: vec![0],
-            start_us,
-            end_us: start_us + 2_000_000,
-            hosts_before: Default::default(),
-            leader_before: Some(1),
-            effective: true,
-            aimed: true,
-            dropped: 0,
-            killed: None,
-            cut: false,
-            device: None,
-            note: String::new(),
-        }
-    }
 
     /// Ops 1..=3 acknowledged (at 2, 4 and 6 ms); the final list has only op 1.
     fn history() -> (H, Evidence) {
