@@ -202,21 +202,10 @@ mod tests {
     /// node 30 (hub 2) led.
     fn fault(hub: usize, start_us: u64, leader: Option<u64>) -> Applied {
         Applied {
-            fault: FaultKind::Flaky,
             target: Target::One,
-            hub,
-            hubs: vec![hub],
-            start_us,
-            end_us: start_us + 3_000_000,
             hosts_before: [("c".to_string(), (10, 1))].into(),
             leader_before: leader,
-            effective: true,
-            aimed: true,
-            dropped: 0,
-            killed: None,
-            cut: false,
-            device: None,
-            note: String::new(),
+            ..super::super::fixtures::fault(FaultKind::Flaky, hub, start_us, 3_000_000)
         }
     }
 

@@ -106,25 +106,13 @@ mod tests {
     use super::super::Verdict;
     use super::*;
     use crate::nemesis::Applied;
-    use crate::scenario::{FaultKind, Target};
+    use crate::scenario::FaultKind;
 
     fn kill_at(t_us: u64) -> Applied {
         Applied {
-            fault: FaultKind::Kill,
-            target: Target::Host,
-            hub: 0,
-            hubs: vec![0],
-            start_us: t_us,
-            end_us: t_us + 3_000_000,
             hosts_before: [("c".to_string(), (10, 1))].into(),
             leader_before: Some(20),
-            effective: true,
-            aimed: true,
-            dropped: 0,
-            killed: None,
-            cut: false,
-            device: None,
-            note: String::new(),
+            ..super::super::fixtures::fault(FaultKind::Kill, 0, t_us, 3_000_000)
         }
     }
 

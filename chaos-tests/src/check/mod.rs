@@ -165,15 +165,21 @@ pub(crate) mod fixtures {
 
     /// A kill of hub 0 at `start_us`, held 2 s.
     pub(crate) fn kill_at(start_us: u64) -> Applied {
+        fault(crate::scenario::FaultKind::Kill, 0, start_us, 2_000_000)
+    }
+
+    /// `kind` on hub `hub` (index) from `start_us` for `hold_us`, aimed at a host; no task hosts
+    /// or leader recorded (a test sets what it needs).
+    pub(crate) fn fault(kind: crate::scenario::FaultKind, hub: usize, start_us: u64, hold_us: u64) -> Applied {
         Applied {
-            fault: crate::scenario::FaultKind::Kill,
+            fault: kind,
             target: crate::scenario::Target::Host,
-            hub: 0,
-            hubs: vec![0],
+            hub,
+            hubs: vec![hub],
             start_us,
-            end_us: start_us + 2_000_000,
+            end_us: start_us + hold_us,
             hosts_before: Default::default(),
-            leader_before: Some(1),
+            leader_before: None,
             effective: true,
             aimed: true,
             dropped: 0,
