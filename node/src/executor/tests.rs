@@ -444,10 +444,12 @@ fn invocations_a_checkpoint_accepted_run_on_the_host_that_restores_it() {
     });
 }
 
-/// A mesh that re-placed the task elsewhere once `replaced` is set: every commit is refused.
+/// A mesh that re-placed the task elsewhere once `replaced` is set (every commit is refused), or
+/// that cannot commit for now once `unreachable` is set.
 #[derive(Default)]
 struct ReplacedAfter {
     replaced: std::sync::atomic::AtomicBool,
+    unreachable: std::sync::atomic::AtomicBool,
     committed: std::sync::Mutex<Option<String>>,
     attempts: std::sync::atomic::AtomicUsize,
 }
@@ -458,6 +460,9 @@ impl CheckpointSink for ReplacedAfter {
         if self.replaced.load(Ordering::SeqCst) {
             return Err(CommitError::Replaced { may_have_committed: false });
         }
+        if self.unreachable.load(Ordering::SeqCst) {
+            return Err(CommitError::NotCommitted("this hub lost contact with the mesh".into()));
+        }
         *self.committed.lock().unwrap() = Some(c.key.clone());
         Ok(())
     }
@@ -467,23 +472,29 @@ impl CheckpointSink for ReplacedAfter {
     }
 }
 
-#[test]
-fn a_periodic_instance_that_learns_it_was_replaced_answers_no_more() {
+/// A periodic counter `c` checkpointed every `every_ms` into a [`ReplacedAfter`].
+fn periodic_counter(every_ms: u64) -> (tempfile::TempDir, Executor, Arc<ReplacedAfter>) {
     let dir = tempfile::tempdir().unwrap();
     let exec = executor_in(dir.path());
     let sink = Arc::new(ReplacedAfter::default());
     exec.set_sink(sink.clone());
     let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
-    // Every call is due for a checkpoint (a period of 0).
-    let cfg = config("c", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Periodic { every_ms: 0 });
+    let cfg = config("c", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Periodic { every_ms });
     exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+    (dir, exec, sink)
+}
+
+#[test]
+fn a_periodic_instance_that_learns_it_was_replaced_answers_no_more() {
+    // Every call is due for a checkpoint (a period of 0).
+    let (_dir, exec, sink) = periodic_counter(0);
     rt().block_on(async {
         assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
         sink.replaced.store(true, Ordering::SeqCst);
         // The change ran here, but the task now runs elsewhere: no answer from a stale instance,
-        // to this call or to any after it (calls queued behind its checkpoint included).
-        // A call queued here may be in a checkpoint the newer epoch restored, and run there: its
-        // outcome is unknown, never a definite failure.
+        // to this call or to any after it (calls queued behind its checkpoint included). Such a
+        // call may be in a checkpoint the newer epoch restored, and run there: its outcome is
+        // unknown, never a definite failure.
         let e = call(&exec, "c", "10").await.unwrap_err();
         assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
         sink.replaced.store(false, Ordering::SeqCst);
@@ -495,13 +506,7 @@ fn a_periodic_instance_that_learns_it_was_replaced_answers_no_more() {
 
 #[test]
 fn a_periodic_instance_whose_timed_checkpoint_finds_it_replaced_answers_no_more() {
-    let dir = tempfile::tempdir().unwrap();
-    let exec = executor_in(dir.path());
-    let sink = Arc::new(ReplacedAfter::default());
-    exec.set_sink(sink.clone());
-    let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
-    let cfg = config("c", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Periodic { every_ms: 100 });
-    exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+    let (_dir, exec, sink) = periodic_counter(100);
     rt().block_on(async {
         sink.replaced.store(true, Ordering::SeqCst);
         // Too soon for a checkpoint after the call: the actor's timer takes it, and is refused.
@@ -513,6 +518,7 @@ fn a_periodic_instance_whose_timed_checkpoint_finds_it_replaced_answers_no_more(
         }
         let e = call(&exec, "c", "1").await.unwrap_err();
         assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "a replaced instance answered: {e:?}");
+        // An absence is checked over a window of three periods: no condition to wait for.
         let attempts = sink.attempts.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(sink.attempts.load(Ordering::SeqCst), attempts, "a replaced instance takes no more checkpoints");
@@ -521,17 +527,13 @@ fn a_periodic_instance_whose_timed_checkpoint_finds_it_replaced_answers_no_more(
 
 #[test]
 fn a_periodic_checkpoint_that_fails_is_tried_again_a_period_later_not_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let exec = executor_in(dir.path());
-    let sink = Arc::new(ReplacedAfter::default());
-    sink.replaced.store(true, Ordering::SeqCst);
-    exec.set_sink(sink.clone());
-    let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
-    let cfg = config("c", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Periodic { every_ms: 100 });
-    exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+    let (_dir, exec, sink) = periodic_counter(100);
+    // Refused without a replacement (no lease): the instance goes on, and so do its checkpoints.
+    sink.unreachable.store(true, Ordering::SeqCst);
     rt().block_on(async {
         // Too soon for a checkpoint: the change waits for the timer's.
         assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        // A rate is counted over a fixed window: no condition to wait for.
         tokio::time::sleep(Duration::from_millis(550)).await;
     });
     // Every 100 ms, not in a loop (which tried thousands of times in this half second).
