@@ -87,7 +87,7 @@ pub enum CommitError {
     /// Its record was proposed and no answer came in time: it may still commit.
     #[error("the checkpoint's record was proposed without an answer; it may yet be committed: {0}")]
     MayHaveCommitted(String),
-    /// The hub is shutting down.
+    /// The hub is shutting down; the commit was not begun.
     #[error("the hub is shutting down")]
     ShuttingDown,
 }

@@ -85,7 +85,7 @@ impl CheckpointSink for Replicator {
         self.runtime.spawn(async move {
             let _ = tx.send(push::commit(&hub, &checkpoint).await);
         });
-        rx.blocking_recv().map_err(|_| CommitError::ShuttingDown)?
+        await_commit(rx)
     }
 
     fn committed_key(&self, task: &str) -> Option<String> {
@@ -93,6 +93,15 @@ impl CheckpointSink for Replicator {
         let state = hub.consensus().state();
         state.tasks.get(task)?.checkpoint.as_ref().map(|r| r.key(task))
     }
+}
+
+/// The commit's answer, waited for on the actor's thread. A commit dropped unanswered (the runtime
+/// shut down under it) may have proposed its record already: its change may still commit, so the
+/// call it carries is not reported as undone.
+fn await_commit(rx: tokio::sync::oneshot::Receiver<Result<(), CommitError>>) -> Result<(), CommitError> {
+    rx.blocking_recv().unwrap_or_else(|_| {
+        Err(CommitError::MayHaveCommitted("the hub shut down while the checkpoint was being committed".into()))
+    })
 }
 
 /// Serves the holder-side endpoints; called once at boot.
@@ -113,4 +122,19 @@ pub(crate) fn register(hub: &Arc<Hub>) {
                 .map_err(|e| Refusal::internal(e.to_string()))?
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_dropped_unanswered_may_have_committed() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        drop(tx);
+        assert!(matches!(await_commit(rx), Err(CommitError::MayHaveCommitted(_))));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tx.send(Err(CommitError::Deleted)).unwrap();
+        assert_eq!(await_commit(rx), Err(CommitError::Deleted), "an answer is passed on as it is");
+    }
 }
