@@ -5,7 +5,7 @@
 
 use hubmesh_consensus::transport::{
     StreamKind, CHECKPOINT_FETCH, CHECKPOINT_PUSH, INVOKE_FORWARD, JOIN, MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE,
-    MIGRATE_REQUEST, MODULE_FETCH, PING, PROPOSE, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE, READ_INDEX,
+    MIGRATE_REQUEST, MIGRATE_WATCH, MODULE_FETCH, PING, PROPOSE, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE, READ_INDEX,
 };
 use hubmesh_proto::{pb, Message};
 use libfuzzer_sys::fuzz_target;
@@ -33,6 +33,7 @@ fn payload(kind: u32, raw: &[u8]) {
         Some(StreamKind::MigratePrepare) => drop(MIGRATE_PREPARE.decode_request(raw)),
         Some(StreamKind::MigratePages) => drop(MIGRATE_PAGES.decode_request(raw)),
         Some(StreamKind::MigrateEnd) => drop(MIGRATE_END.decode_request(raw)),
+        Some(StreamKind::MigrateWatch) => drop(MIGRATE_WATCH.decode_request(raw)),
         None => {}
     }
 }

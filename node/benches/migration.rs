@@ -163,8 +163,7 @@ fn main() {
                         let before = began.checked_sub(Duration::from_secs(1)).unwrap_or(began);
                         let counter = u64::from(m.rounds);
                         dirtied.push(((rewrote(began) + counter) * PAGE, (rewrote(before) + counter) * PAGE));
-                        let after = [m.applied_us, m.running_us].map(|us| us + m.committed_us);
-                        for (v, us) in parts.iter_mut().zip([m.frozen_us, m.stored_us, m.committed_us, after[0], after[1]]) {
+                        for (v, us) in parts.iter_mut().zip([m.frozen_us, m.stored_us, m.committed_us, m.applied_us, m.running_us]) {
                             v.push(Duration::from_micros(us));
                         }
                         // The longest gap between answers the client saw from the begin to

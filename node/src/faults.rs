@@ -23,7 +23,7 @@
 //!   `crash-migration-target-precopy` (the base checkpoint stored and the instance staged, before
 //!   the source hears it is ready), `crash-migration-target-stored` (the final state stored,
 //!   before the source hears so), `crash-migration-target-committed` (the switch applied here,
-//!   before it says it serves).
+//!   before it says it serves — perhaps before the source heard of the commit).
 //!
 //! A crash point fires at most once per data dir (a marker file `fault-crashed-NAME` remembers
 //! it), so a restarted hub runs on instead of crashing in a loop.

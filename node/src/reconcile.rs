@@ -158,8 +158,10 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
             _ => Restore::Fresh,
         };
         // A live migration to this hub built the instance already.
-        let staged = match &restore {
-            Restore::Key(key) => hub.migrations().take_staged(&name, key).map(|s| (key.clone(), s)),
+        let staged = match (&restore, record) {
+            (Restore::Key(key), Some((_, record))) => {
+                hub.migrations().take_staged(&name, key, &record.manifest_hash).map(|s| (key.clone(), s))
+            }
             _ => None,
         };
         let executor = hub.executor().clone();

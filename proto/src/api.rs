@@ -170,7 +170,7 @@ pub struct MigrationEventInfo {
     pub rounds: u32,
     pub bytes: u64,
     pub precopy_ms: u64,
-    /// From the freeze on the source to the target's first answer.
+    /// From the freeze on the source until the target served and the held calls were released.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_us: Option<u64>,
     /// Why it was given up, if it was.
@@ -275,8 +275,9 @@ pub struct MigrationInfo {
     pub to_node_name: String,
     /// The placement epoch the task runs at on the target.
     pub epoch: u64,
-    /// From the freeze on the source to the target serving (calls were held meanwhile); 0 when
-    /// the target could not say (it died right after the commit; failover took over).
+    /// From the freeze on the source until the target serves and the source has released the
+    /// calls it held meanwhile; 0 when the target could not say (it died right after the commit;
+    /// failover took over).
     pub pause_us: u64,
     /// Pre-copy rounds, the final one included.
     pub rounds: u32,
@@ -287,15 +288,18 @@ pub struct MigrationInfo {
     /// The whole migration.
     pub duration_ms: u64,
     /// The pause's parts, from the freeze: the source had the final state (`frozen_us`), the
-    /// target and the source had stored it (`stored_us`), the switch was committed
-    /// (`committed_us`); the target served at `pause_us`.
+    /// target and the source had stored it (`stored_us`), the source heard the switch
+    /// committed (`committed_us`).
     #[serde(default)]
     pub frozen_us: u64,
     #[serde(default)]
     pub stored_us: u64,
     #[serde(default)]
     pub committed_us: u64,
-    /// From the commit's answer: the target had applied the commit, and the task ran there.
+    /// From the freeze too, as the target measured them from a request sent once the final
+    /// state was stored (approximate: low by its transit, high when it came after the fact):
+    /// the target had applied the commit, and the task ran there. `pause_us` ends once the
+    /// task runs there and the source has released the calls it held.
     #[serde(default)]
     pub applied_us: u64,
     #[serde(default)]

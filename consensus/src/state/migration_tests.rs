@@ -76,8 +76,10 @@ fn refused(s: &mut ClusterState, cmd: &Command, matches: impl Fn(&Rejected) -> b
 #[test]
 fn a_commit_is_the_one_switch() {
     let (mut s, e) = mesh();
+    assert_eq!(s.tasks["t"].migration_outcome(7), MigrationOutcome::NotMoved, "not begun");
     assert_eq!(s.apply(&begin(7, 2, e)), Ok(Outcome::MigrationBegun));
     assert_eq!(s.apply(&begin(7, 2, e)), Ok(Outcome::MigrationBegun), "a repeated begin is a no-op");
+    assert_eq!(s.tasks["t"].migration_outcome(7), MigrationOutcome::Underway);
     // Until the commit, the source is the host and may keep committing checkpoints.
     assert_eq!(s.placement("t", 0).map(|p| p.node), Some(NodeId(1)));
     let durable = Command::CommitCheckpoint { task: "t".into(), record: record(e, 2), based_on: None };
@@ -90,6 +92,8 @@ fn a_commit_is_the_one_switch() {
     assert_eq!(t.checkpoint.as_ref().map(|c| (c.epoch, c.sequence)), Some((e, 3)));
     assert_eq!(t.holders, vec![NodeId(1), NodeId(3)], "the source takes the target's place as holder");
     assert_eq!(t.migration, None);
+    assert_eq!(t.migration_outcome(7), MigrationOutcome::Moved(Placement { node: NodeId(2), epoch }));
+    assert_eq!(t.migration_outcome(6), MigrationOutcome::NotMoved, "another migration");
     let last = t.history.last().unwrap();
     assert_eq!((last.node, last.epoch, last.reason.as_str()), (NodeId(2), epoch, "manual"));
     let m = last.migration.as_ref().unwrap();
@@ -113,6 +117,7 @@ fn an_abort_leaves_the_source_and_fences_a_late_commit() {
     let t = &s.tasks["t"];
     assert_eq!(t.instances[&0], Placement { node: NodeId(1), epoch: e });
     assert_eq!(t.migration, None);
+    assert_eq!(t.migration_outcome(7), MigrationOutcome::NotMoved);
     let last = t.history.last().unwrap();
     assert_eq!((last.node, last.reason.as_str()), (NodeId(1), "aborted"));
     assert_eq!(last.migration.as_ref().unwrap().aborted.as_deref(), Some("target down"));
@@ -177,6 +182,7 @@ fn a_failover_an_update_or_a_removal_fences_the_migration() {
     let place = Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(3), expected: Some(e) };
     let Outcome::Placed { epoch } = s.apply(&place).unwrap() else { panic!("placed") };
     assert_eq!(s.migration("t"), None);
+    assert_eq!(s.tasks["t"].migration_outcome(7), MigrationOutcome::NotMoved, "fenced, not moved");
     refused(&mut s, &commit(7, e, 2, 1), |r| matches!(r, Rejected::NoSuchMigration { .. }));
 
     let from_3 = |id| Command::BeginMigration {

@@ -130,6 +130,33 @@ impl TaskRecord {
         let wanted = self.spec.wanted();
         self.instances.iter().filter(move |(i, _)| wanted.contains(i)).map(|(i, p)| (*i, *p))
     }
+
+    /// Where live migration `id` of this task stands in this state (the source and the target
+    /// each read it from their own applied state).
+    pub fn migration_outcome(&self, id: u64) -> MigrationOutcome {
+        if self.migration.is_some_and(|m| m.id == id) {
+            return MigrationOutcome::Underway;
+        }
+        let committed =
+            self.history.iter().rev().find(|h| h.migration.as_ref().is_some_and(|m| m.id == id && m.aborted.is_none()));
+        match committed {
+            Some(h) => MigrationOutcome::Moved(Placement { node: h.node, epoch: h.epoch }),
+            None => MigrationOutcome::NotMoved,
+        }
+    }
+}
+
+/// Where a live migration stands: its begin and its commit or abort exclude each other, so once
+/// it is not underway it either moved the task (to that placement) or never will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationOutcome {
+    /// Begun, neither committed nor aborted yet.
+    Underway,
+    /// Committed: the instance went to this placement.
+    Moved(Placement),
+    /// Aborted, fenced by a re-placement, or never begun here (or its event is older than the
+    /// kept history).
+    NotMoved,
 }
 
 /// Where an instance runs, with its fencing epoch.
@@ -215,7 +242,8 @@ pub struct MigrationStats {
     pub bytes: u64,
     /// From the begin to the freeze.
     pub precopy_ms: u64,
-    /// From the freeze to the first answer the target gave; filled in by `AnnotateMigration`.
+    /// From the freeze until the target served and the source had released the calls it held;
+    /// filled in by `AnnotateMigration`.
     pub pause_us: Option<u64>,
 }
 

@@ -293,3 +293,5 @@ pub const MIGRATE_PREPARE: Endpoint<pb::MigratePrepare, pb::MigratePrepareRespon
 pub const MIGRATE_PAGES: Endpoint<pb::MigratePages, pb::MigratePagesResponse> = Endpoint::new(StreamKind::MigratePages);
 /// A live migration ended.
 pub const MIGRATE_END: Endpoint<pb::MigrateEnd, pb::MigrateEndResponse> = Endpoint::new(StreamKind::MigrateEnd);
+/// A live migration's switch is being committed: answer once the target serves.
+pub const MIGRATE_WATCH: Endpoint<pb::MigrateWatch, pb::MigrateEndResponse> = Endpoint::new(StreamKind::MigrateWatch);

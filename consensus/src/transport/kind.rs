@@ -36,11 +36,14 @@ pub enum StreamKind {
     /// A live migration ended: aborted, or committed at an epoch (node).
     MigrateEnd = 107,
     // 108 was a hub's load report; loads travel on the gossip plane now. Not reused.
+    /// A live migration's source asks the target to answer once the switch's commit has it
+    /// serving (node).
+    MigrateWatch = 109,
 }
 
 impl StreamKind {
     /// Every kind, for lookups and listings.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::RaftAppend,
         Self::RaftVote,
         Self::RaftSnapshot,
@@ -56,6 +59,7 @@ impl StreamKind {
         Self::MigratePrepare,
         Self::MigratePages,
         Self::MigrateEnd,
+        Self::MigrateWatch,
     ];
 
     /// The kind a request names, if it is one of ours.
@@ -86,6 +90,7 @@ impl StreamKind {
             Self::MigratePrepare => "migrate-prepare",
             Self::MigratePages => "migrate-pages",
             Self::MigrateEnd => "migrate-end",
+            Self::MigrateWatch => "migrate-watch",
         }
     }
 }

@@ -44,8 +44,8 @@ use quinn::crypto::rustls::QuicClientConfig;
 pub use bulk::{BulkBody, BulkCall};
 pub use endpoint::{
     BulkEndpoint, Endpoint, Json, LeaderAppend, PingAnswer, TypedBulkCall, Wire, CHECKPOINT_FETCH, CHECKPOINT_PUSH,
-    INVOKE_FORWARD, JOIN, MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE, MIGRATE_REQUEST, MODULE_FETCH, PING, PROPOSE,
-    RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE, READ_INDEX,
+    INVOKE_FORWARD, JOIN, MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE, MIGRATE_REQUEST, MIGRATE_WATCH, MODULE_FETCH,
+    PING, PROPOSE, RAFT_APPEND, RAFT_SNAPSHOT, RAFT_VOTE, READ_INDEX,
 };
 pub use error::{Refusal, RpcError, TransportError};
 pub use kind::StreamKind;

@@ -15,6 +15,16 @@ pub(crate) struct AnswerCache {
 }
 
 impl AnswerCache {
+    /// The cache of `entries`, oldest first (as a checkpoint lists them).
+    pub(crate) fn from_oldest_first(entries: Vec<(String, Answer)>) -> Self {
+        let room = entries.len().min(CAPACITY) + 1;
+        let mut cache = Self { order: VecDeque::with_capacity(room), answers: HashMap::with_capacity(room) };
+        for (key, answer) in entries {
+            cache.insert(key, answer);
+        }
+        cache
+    }
+
     pub(crate) fn get(&self, key: &str) -> Option<&Answer> {
         self.answers.get(key)
     }
@@ -49,5 +59,20 @@ mod tests {
         assert!(c.get("k0").is_none());
         assert_eq!(c.get(&format!("k{}", CAPACITY + 9)).unwrap().output, vec![(CAPACITY + 9) as u8]);
         assert_eq!(c.entries().count(), CAPACITY);
+    }
+
+    #[test]
+    fn a_checkpoint_list_builds_the_same_cache_as_inserting_it() {
+        let list: Vec<(String, Answer)> =
+            (0..CAPACITY + 3).map(|i| (format!("k{i}"), Answer { status: 0, output: vec![i as u8] })).collect();
+        let mut inserted = AnswerCache::default();
+        for (k, a) in list.clone() {
+            inserted.insert(k, a);
+        }
+        let built = AnswerCache::from_oldest_first(list);
+        let entries = |c: &AnswerCache| c.entries().map(|(k, a)| (k.clone(), a.output.clone())).collect::<Vec<_>>();
+        assert_eq!(entries(&built), entries(&inserted));
+        assert_eq!(built.entries().count(), CAPACITY);
+        assert!(built.get("k0").is_none(), "the oldest key is forgotten");
     }
 }

@@ -85,6 +85,9 @@ fn a_migrated_counter_goes_on_exactly_where_the_source_stopped() {
         let write =
             PageWrite { pages: final_pages.new, key: key.clone(), manifest: manifest.encode(), refs, remove: vec![] };
         dst.pages().write(&[write], true).unwrap();
+        // The target keeps the manifest it stored with the instance: the start does not read
+        // it back.
+        staged.keep_manifest(key.clone(), manifest.clone());
 
         // The switch: the target runs the task at a new epoch from the migrated state.
         src.migration_resolve("c", Resolution::Moved(MovedTo { node: 2, epoch: 2 })).await.unwrap();

@@ -24,6 +24,9 @@ pub struct StagedTask {
     memory_limit: u64,
     pub(super) inst: Instance,
     pub(super) image: MemoryImage,
+    /// The checkpoint it was kept for — its key and manifest, decoded when the target stored
+    /// it — so that the start at the switch does not read and decode it again.
+    pub(super) manifest: Option<(String, Manifest)>,
 }
 
 impl Executor {
@@ -51,6 +54,7 @@ impl Executor {
             memory_limit: cfg.limits.memory_bytes,
             inst,
             image,
+            manifest: None,
         })
     }
 }
@@ -90,6 +94,11 @@ impl StagedTask {
             }
         }
         Ok(())
+    }
+
+    /// Keeps the manifest stored under `key` that it matches, for the start.
+    pub fn keep_manifest(&mut self, key: String, manifest: Manifest) {
+        self.manifest = Some((key, manifest));
     }
 
     /// Whether it was built with these limits (an update between the switch and the start may

@@ -121,7 +121,7 @@ impl StatefulTask {
         writer: Writer,
         sink: Option<Arc<dyn CheckpointSink>>,
         restore: Restore,
-        staged: Option<super::StagedTask>,
+        mut staged: Option<super::StagedTask>,
     ) -> Result<Self, StartTaskError> {
         let name: Arc<str> = cfg.name.as_str().into();
         let mut status = StatefulStatus::default();
@@ -135,8 +135,20 @@ impl StatefulTask {
         // A task without checkpoints restores only what the mesh names (a live migration's
         // state), never an old local one.
         let key = key.filter(|_| cfg.checkpoint != CheckpointPolicy::None || !guessed);
+        // A staged instance's manifest was decoded when the target stored it under its key.
+        let carried = match (&key, staged.as_mut()) {
+            (Some(k), Some(s)) => s.manifest.take().filter(|(stored, _)| stored == k).map(|(_, m)| m),
+            _ => None,
+        };
         let saved = match &key {
             None => None,
+            Some(k) if carried.is_some() => match carried {
+                Some(_) if !pages.has_manifest(k) => {
+                    return Err(StartTaskError::Restore(format!("checkpoint {k} is not on this hub")))
+                }
+                Some(m) if m.module_hash == cfg.module_hash => Some(m),
+                _ => return Err(StartTaskError::Restore(format!("checkpoint {k} belongs to another module"))),
+            },
             Some(k) => match pages.read_manifest(k) {
                 Ok(Some(bytes)) => match Manifest::decode(&bytes) {
                     Ok(m) if m.module_hash == cfg.module_hash => Some(m),
@@ -152,9 +164,8 @@ impl StatefulTask {
             },
         };
         let committed_key = saved.as_ref().and(key);
-        let pending: Vec<(Option<String>, Vec<u8>)> = saved.as_ref().map(|m| m.pending.clone()).unwrap_or_default();
-        let (inst, image, answers, sequence, invocations) = match saved {
-            Some(m) => {
+        let (inst, image, answers, pending, sequence, invocations) = match saved {
+            Some(mut m) => {
                 let began = Instant::now();
                 let staged = staged.filter(|s| s.matches(&m) && s.built_with(&cfg.limits));
                 let from_staged = staged.is_some();
@@ -170,20 +181,18 @@ impl StatefulTask {
                     }
                 };
                 tracing::debug!(task = %cfg.name, took = ?began.elapsed(), from_staged, "restored");
-                let mut answers = AnswerCache::default();
-                for (k, a) in m.answers.clone() {
-                    answers.insert(k, a);
-                }
                 status.restored_from = Some(m.sequence);
                 status.invocations = m.invocations;
                 status.last_checkpoint = Some(CheckpointSummary::of(&m));
+                let answers = AnswerCache::from_oldest_first(std::mem::take(&mut m.answers));
+                let pending = std::mem::take(&mut m.pending);
                 tracing::info!(task = %cfg.name, sequence = m.sequence, pages = m.pages.len(), "restored from checkpoint");
-                (inst, image, answers, m.sequence, m.invocations)
+                (inst, image, answers, pending, m.sequence, m.invocations)
             }
             None => {
                 let mut inst = Instance::new(&module, name, cfg.limits, true)?;
                 let image = MemoryImage::capture(&mut inst);
-                (inst, image, AnswerCache::default(), 0, 0)
+                (inst, image, AnswerCache::default(), Vec::new(), 0, 0)
             }
         };
         let status = Arc::new(Mutex::new(status));

@@ -1,12 +1,13 @@
 //! How a live migration ends, on its source: settling an unknown outcome (an abort is proposed
 //! until the commit or the abort is recorded — they exclude each other), giving up before the
-//! commit, and finishing after it (the actor told, the target asked when it serves, the moved
-//! instance dropped once this hub applied the commit).
+//! commit, and finishing after it (the actor told, the target's answer that it serves — watched
+//! for since before the commit — awaited, the moved instance dropped once this hub applied the
+//! commit).
 
 use std::time::{Duration, Instant};
 
-use hubmesh_consensus::state::{Command, MigrationStats, Placement};
-use hubmesh_consensus::transport::MIGRATE_END;
+use hubmesh_consensus::state::{Command, MigrationOutcome, MigrationStats, Placement};
+use hubmesh_consensus::transport::{RpcError, MIGRATE_END, MIGRATE_WATCH};
 use hubmesh_consensus::{now_ms, ProposeError};
 use hubmesh_proto::pb;
 
@@ -59,18 +60,11 @@ impl Driver<'_> {
     fn recorded(&self) -> Option<Ended> {
         let state = self.hub.consensus().state();
         let Some(t) = state.tasks.get(self.task) else { return Some(Ended::NotMoved(None)) };
-        if t.migration.is_some_and(|m| m.id == self.id) {
-            return None;
+        match t.migration_outcome(self.id) {
+            MigrationOutcome::Underway => None,
+            MigrationOutcome::Moved(p) => Some(Ended::Moved(p)),
+            MigrationOutcome::NotMoved => Some(Ended::NotMoved(t.instances.get(&0).copied())),
         }
-        let committed = t
-            .history
-            .iter()
-            .rev()
-            .find(|h| h.migration.as_ref().is_some_and(|m| m.id == self.id && m.aborted.is_none()));
-        Some(match committed {
-            Some(h) => Ended::Moved(Placement { node: h.node, epoch: h.epoch }),
-            None => Ended::NotMoved(t.instances.get(&0).copied()),
-        })
     }
 
     /// Gives the migration up before the commit: aborted in the state, the actor runs again.
@@ -117,32 +111,69 @@ impl Driver<'_> {
         }
     }
 
-    async fn end_on_target(&self, epoch: u64) -> Result<pb::MigrateEndResponse, String> {
+    async fn end_on_target(&self, epoch: u64) -> Result<pb::MigrateEndResponse, RpcError> {
         let req = pb::MigrateEnd { task: self.task.to_owned(), id: self.id, epoch };
-        MIGRATE_END
-            .call(&self.hub.consensus().transport(), self.to.0, &req, CALL_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())
+        MIGRATE_END.call(&self.hub.consensus().transport(), self.to.0, &req, CALL_TIMEOUT).await
     }
 
-    /// After the state recorded the end: the actor is told, the target asked to say when it
-    /// serves (the pause ends then), the pause recorded.
+    /// Asks the target, with the commit still in flight, to answer once it serves at the
+    /// commit's epoch (`MIGRATE_WATCH`): the pause then ends when the target serves, not a round
+    /// trip after this hub learned of the commit. Nothing depends on the answer but the figures.
+    pub(super) fn watch_target(&self, frozen: Instant) -> Watch {
+        let transport = self.hub.consensus().transport();
+        let req = pb::MigrateWatch { task: self.task.to_owned(), id: self.id };
+        let to = self.to.0;
+        Watch(tokio::spawn(async move {
+            let asked = frozen.elapsed();
+            let target = MIGRATE_WATCH.call(&transport, to, &req, CALL_TIMEOUT).await?;
+            Ok(Serving { asked, answered: frozen.elapsed(), target })
+        }))
+    }
+
+    /// When the target served at `epoch`: the watch's answer, or — the target did not take the
+    /// watch (a hub from before it), refused it, or served another epoch — `MIGRATE_END` asked
+    /// now (or could not reach it). A watch that timed out is not asked again: the target is
+    /// stuck or gone, and failover takes over.
+    async fn serving(&self, watch: Option<Watch>, paused: Instant, epoch: u64) -> Result<Serving, RpcError> {
+        if let Some(mut w) = watch {
+            match (&mut w.0).await {
+                Ok(Ok(s)) if s.target.epoch == epoch => return Ok(s),
+                Ok(Ok(s)) => {
+                    tracing::debug!(task = self.task, epoch = s.target.epoch, "the target serves another epoch")
+                }
+                Ok(Err(e @ (RpcError::Remote(_) | RpcError::NotDelivered(_) | RpcError::Unreachable(..)))) => {
+                    tracing::debug!(task = self.task, error = %e, "the target did not take the watch; asking again");
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(e) => tracing::warn!(task = self.task, error = %e, "the watch's task failed; asking again"),
+            }
+        }
+        let asked = paused.elapsed();
+        let target = self.end_on_target(epoch).await?;
+        Ok(Serving { asked, answered: paused.elapsed(), target })
+    }
+
+    /// After the state recorded the end: the actor is told (its held calls go to the target),
+    /// the target's answer that it serves awaited (`watch`, or asked now), the pause recorded.
     pub(super) async fn finish(
         &self,
         ended: Ended,
         paused: Instant,
         stats: MigrationStats,
         stateful: bool,
+        watch: Option<Watch>,
     ) -> Result<pb::MigrateReport, MigrateError> {
         let moved = match ended {
             Ended::Moved(p) if p.node == self.to => p,
             Ended::Moved(p) => {
+                drop(watch);
                 if stateful {
                     let _ = self.hub.executor().migration_resolve(self.task, Resolution::Moved(moved_to(p))).await;
                 }
                 return Err(MigrateError::Aborted(format!("the task was moved to hub {} meanwhile", p.node)));
             }
             Ended::NotMoved(now) => {
+                drop(watch);
                 metrics::counter!("hubmesh_migration_aborts_total").increment(1);
                 if stateful {
                     self.resume(now).await;
@@ -156,13 +187,20 @@ impl Driver<'_> {
                 tracing::warn!(task = self.task, error = %e, "telling the task it moved");
             }
         }
-        // The pause ends when the target serves; if it cannot say so (it died after the
-        // commit: failover takes over), the pause is not known.
-        let (pause_us, target) = match self.end_on_target(moved.epoch.0).await {
-            Ok(r) => (paused.elapsed().as_micros() as u64, r),
+        // The held calls are on their way to the target now.
+        let released = paused.elapsed();
+        // The pause ends when the target serves and the held calls are released; if the target
+        // cannot say when it serves (it died after the commit: failover takes over), the pause
+        // is not known.
+        let (pause_us, applied_us, running_us) = match self.serving(watch, paused, moved.epoch.0).await {
+            Ok(s) => {
+                let asked = s.asked.as_micros() as u64;
+                let pause = s.answered.max(released).as_micros() as u64;
+                (pause, asked + s.target.applied_us, asked + s.target.running_us)
+            }
             Err(e) => {
                 tracing::warn!(task = self.task, error = %e, "the target did not say it serves");
-                (0, pb::MigrateEndResponse::default())
+                (0, 0, 0)
             }
         };
         if stateful {
@@ -188,9 +226,25 @@ impl Driver<'_> {
             precopy_ms: stats.precopy_ms,
             pause_us,
             duration_ms: self.started.elapsed().as_millis() as u64,
-            applied_us: target.applied_us,
-            running_us: target.running_us,
+            applied_us,
+            running_us,
             ..Default::default()
         })
+    }
+}
+
+/// The target's answer that it serves: when (from the freeze) it was asked and when it answered.
+pub(super) struct Serving {
+    asked: Duration,
+    answered: Duration,
+    target: pb::MigrateEndResponse,
+}
+
+/// A request to the target to answer once it serves; dropped, it stops waiting for the answer.
+pub(super) struct Watch(tokio::task::JoinHandle<Result<Serving, RpcError>>);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -7,9 +7,13 @@
 //!  rounds: actor Round -> PageTable ----MIGRATE_PAGES--> keep the pages (verified, in memory)
 //!  actor Freeze (calls held) -----MIGRATE_PAGES+manifest-> store manifest + pages, fdatasync
 //!  own copy of the final checkpoint (fdatasync), in parallel
-//!  CommitMigration --Raft-->  the one switch: placement (target, E+1) + the final checkpoint
+//!  --------------------MIGRATE_WATCH--------------------> (answers below)
+//!  CommitMigration --Raft--> the one switch: placement (target, E+1) + the final checkpoint
 //!  actor Resolve(moved): held calls answer Moved --> the invocation path relays each once
-//!  -----------------MIGRATE_END(epoch)-----------------> answers once it runs at E+1 (the pause)
+//!                                                      applies the commit, starts the staged
+//!  <-------------------------------------------------- instance, answers the watch: serving
+//!  (a hub without MIGRATE_WATCH: MIGRATE_END(E+1) now, answered once it serves)
+//!  pause = until both the held calls are released and the target serves
 //!  actor detached (no checkpoint); AnnotateMigration(pause)
 //! ```
 //!
@@ -22,7 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hubmesh_consensus::state::{ClusterState, Command, MigrationReason, Rejected};
-use hubmesh_consensus::transport::{Refusal, RpcError, MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE, MIGRATE_REQUEST};
+use hubmesh_consensus::transport::{
+    Refusal, RpcError, MIGRATE_END, MIGRATE_PAGES, MIGRATE_PREPARE, MIGRATE_REQUEST, MIGRATE_WATCH,
+};
 use hubmesh_consensus::{NodeId, ProposeError};
 use hubmesh_proto::pb;
 use hubmesh_storage::Hash;
@@ -201,8 +207,13 @@ impl Migrations {
 
     /// The instance staged for `task`'s migrated checkpoint `key`, if this hub built one (the
     /// reconciler starts the task from it).
-    pub(crate) fn take_staged(&self, task: &str, key: &str) -> Option<crate::executor::StagedTask> {
-        target::take_ready(&mut self.ready.lock().unwrap_or_else(|p| p.into_inner()), task, key)
+    pub(crate) fn take_staged(
+        &self,
+        task: &str,
+        key: &str,
+        manifest_hash: &Hash,
+    ) -> Option<crate::executor::StagedTask> {
+        target::take_ready(&mut self.ready.lock().unwrap_or_else(|p| p.into_inner()), task, key, manifest_hash)
     }
 
     /// Whether an instance is staged for `task`'s migrated checkpoint `key`, stored here with
@@ -365,5 +376,10 @@ pub(crate) fn register(hub: &Arc<Hub>) {
     MIGRATE_END.serve(&transport, move |from, req| {
         let h = h.clone();
         async move { target::end(&alive(&h)?, from, req).await }
+    });
+    let h = Arc::downgrade(hub);
+    MIGRATE_WATCH.serve(&transport, move |_, req| {
+        let h = h.clone();
+        async move { target::watch(&alive(&h)?, req).await }
     });
 }

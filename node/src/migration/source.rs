@@ -250,6 +250,7 @@ impl Driver<'_> {
             stats,
             at_ms: now_ms(),
         };
+        let watch = self.watch_target(frozen);
         let ended = match self.hub.consensus().propose(commit).await {
             Ok(Outcome::Migrated { epoch }) => Ended::Moved(Placement { node: self.to, epoch }),
             Ok(other) => return Err(self.give_up(format!("unexpected outcome {other:?}"), true).await),
@@ -262,7 +263,7 @@ impl Driver<'_> {
             crate::faults::crash_point("crash-migration-source-committed");
         }
         let parts = [froze_in, handed_over, frozen.elapsed()].map(|d| d.as_micros() as u64);
-        let mut report = self.finish(ended, frozen, stats, true).await?;
+        let mut report = self.finish(ended, frozen, stats, true, Some(watch)).await?;
         [report.frozen_us, report.stored_us, report.committed_us] = parts;
         Ok(report)
     }
@@ -284,7 +285,7 @@ impl Driver<'_> {
             Ok(_) | Err(_) => self.settle("the commit failed", false).await,
         };
         // Calls in flight here finish; the reconciler stops the pool once the driver is done.
-        self.finish(ended, switched, MigrationStats::default(), false).await
+        self.finish(ended, switched, MigrationStats::default(), false, None).await
     }
 
     /// Rounds while the task serves, until one is small, or `MAX_ROUNDS`. A round sends at most

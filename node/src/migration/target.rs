@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hubmesh_consensus::state::{checkpoint_key, parse_checkpoint_key, TaskKind, TaskRecord};
+use hubmesh_consensus::state::{checkpoint_key, parse_checkpoint_key, MigrationOutcome, TaskKind, TaskRecord};
 use hubmesh_consensus::transport::Refusal;
 use hubmesh_consensus::{Epoch, NodeId};
 use hubmesh_proto::pb;
@@ -177,10 +177,17 @@ pub(super) fn has_ready(ready: &HashMap<String, Ready>, task: &str, key: &str, m
     ready.get(task).is_some_and(|r| r.key == key && r.manifest_hash == *manifest_hash)
 }
 
-/// The staged instance of `task`'s migrated checkpoint `key`, if this hub built one.
-pub(super) fn take_ready(ready: &mut HashMap<String, Ready>, task: &str, key: &str) -> Option<StagedTask> {
+/// The staged instance of `task`'s migrated checkpoint `key` with this manifest, if this hub
+/// built one (the key alone is not enough: a source that restarted may have stored other
+/// contents under the same epoch and sequence since, and the instance carries its manifest).
+pub(super) fn take_ready(
+    ready: &mut HashMap<String, Ready>,
+    task: &str,
+    key: &str,
+    manifest_hash: &Hash,
+) -> Option<StagedTask> {
     match ready.remove(task) {
-        Some(r) if r.key == key => Some(r.staged),
+        Some(r) if r.key == key && r.manifest_hash == *manifest_hash => Some(r.staged),
         other => {
             drop_later(other);
             None
@@ -391,7 +398,8 @@ fn keep_ready(
     let (id, from) = (entry.id, entry.from);
     drop_later(entry);
     match staged {
-        Some(staged) if staged.matches(&m) => {
+        Some(mut staged) if staged.matches(&m) => {
+            staged.keep_manifest(key.to_owned(), m);
             let mut ready = hub.migrations().ready.lock().unwrap_or_else(|p| p.into_inner());
             sweep_ready(&mut ready);
             let key = key.to_owned();
@@ -399,7 +407,11 @@ fn keep_ready(
                 ready.insert(task.to_owned(), Ready { id, from, key, manifest_hash, staged, since: Instant::now() });
             drop_later(old);
         }
-        other => drop_later(other),
+        other => {
+            // A staged instance kept for an earlier migration of the task is stale now.
+            let old = hub.migrations().ready.lock().unwrap_or_else(|p| p.into_inner()).remove(task);
+            drop_later((other, old));
+        }
     }
 }
 
@@ -418,6 +430,31 @@ pub(super) async fn end(hub: &Arc<Hub>, from: NodeId, req: pb::MigrateEnd) -> Re
         return Ok(pb::MigrateEndResponse::default());
     }
     // Committed: answer once the task runs here at that epoch (the source measures the pause).
+    serving(hub, &req.task, |_| Ok(Some(req.epoch))).await
+}
+
+/// Answers once the state shows migration `req.id` committed to this hub and the task runs at
+/// the commit's epoch; sent by the source with the commit in flight, so the answer comes when
+/// the task serves here rather than a round trip after the source learned of the commit.
+pub(super) async fn watch(hub: &Arc<Hub>, req: pb::MigrateWatch) -> Result<pb::MigrateEndResponse, Refusal> {
+    let me = hub.consensus().node_id();
+    serving(hub, &req.task, |t| match t.migration_outcome(req.id) {
+        MigrationOutcome::Underway => Ok(None),
+        MigrationOutcome::Moved(p) if p.node == me => Ok(Some(p.epoch.0)),
+        MigrationOutcome::Moved(_) | MigrationOutcome::NotMoved => {
+            Err(refuse(pb::ErrorCode::MigrationAborted, "the migration ended without moving the task here"))
+        }
+    })
+    .await
+}
+
+/// Waits until `task` runs here at the epoch `epoch_of` reads from the applied state (`None`:
+/// not known yet), and says how long after the call this hub had applied it and ran the task.
+async fn serving(
+    hub: &Arc<Hub>,
+    task: &str,
+    epoch_of: impl Fn(&TaskRecord) -> Result<Option<u64>, Refusal>,
+) -> Result<pb::MigrateEndResponse, Refusal> {
     let asked = Instant::now();
     let deadline = asked + SETTLE;
     let me = hub.consensus().node_id();
@@ -426,20 +463,31 @@ pub(super) async fn end(hub: &Arc<Hub>, from: NodeId, req: pb::MigrateEnd) -> Re
         // Watched from before the check: a change during it wakes the wait below.
         let (mut changes, mut starts) = (hub.consensus().changes(), hub.executor().starts());
         let state = hub.consensus().state();
-        let Some(t) = state.tasks.get(&req.task) else {
+        let Some(t) = state.tasks.get(task) else {
             return Err(refuse(pb::ErrorCode::NotFound, "the task was deleted"));
         };
-        let placed = t.instances.get(&0).is_some_and(|p| p.node == me && p.epoch.0 == req.epoch);
-        if placed && applied_us.is_none() {
-            applied_us = Some(asked.elapsed().as_micros() as u64);
-            crate::faults::crash_point("crash-migration-target-committed");
-        }
-        if placed && hub.executor().runs_at(&req.task, t.version, req.epoch) {
-            let running_us = asked.elapsed().as_micros() as u64;
-            return Ok(pb::MigrateEndResponse { applied_us: applied_us.unwrap_or(running_us), running_us });
+        let epoch = epoch_of(t)?;
+        let now = t.instances.get(&0).copied();
+        if let (Some(epoch), Some(now)) = (epoch, now) {
+            if now.epoch.0 > epoch {
+                return Err(refuse(pb::ErrorCode::Unavailable, format!("the task moved on (epoch {})", now.epoch.0)));
+            }
+            let placed = now.node == me && now.epoch.0 == epoch;
+            if placed && applied_us.is_none() {
+                applied_us = Some(asked.elapsed().as_micros() as u64);
+                crate::faults::crash_point("crash-migration-target-committed");
+            }
+            if placed && hub.executor().runs_at(task, t.version, epoch) {
+                let running_us = asked.elapsed().as_micros() as u64;
+                return Ok(pb::MigrateEndResponse { applied_us: applied_us.unwrap_or(running_us), running_us, epoch });
+            }
         }
         if Instant::now() >= deadline {
-            return Err(refuse(pb::ErrorCode::Unavailable, "the task did not start here in time"));
+            let why = match epoch {
+                Some(_) => "the task did not start here in time",
+                None => "the migration's commit did not reach this hub in time",
+            };
+            return Err(refuse(pb::ErrorCode::Unavailable, why));
         }
         let _ = tokio::time::timeout(Duration::from_millis(20), async {
             tokio::select! {

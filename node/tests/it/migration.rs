@@ -111,6 +111,10 @@ async fn a_durable_counter_migrates_back_and_forth_under_load_and_no_call_fails(
             assert_eq!(m.to_node_id, to, "--to is honoured");
         }
         assert!(m.rounds >= 2, "pre-copy and the final round: {m:?}");
+        // The target said when it served, within the pause the source saw, after both stored.
+        let parts = [m.stored_us, m.applied_us, m.running_us, m.pause_us];
+        assert!(m.pause_us > 0 && parts.windows(2).all(|w| w[0] <= w[1]), "the pause's parts: {m:?}");
+        assert!(m.committed_us <= m.pause_us, "the held calls were released within the pause: {m:?}");
         rounds_seen += m.rounds;
         pauses.push(m.pause_us);
         last_host = m.to_node_id;
