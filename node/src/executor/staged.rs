@@ -101,6 +101,13 @@ impl StagedTask {
         self.manifest = Some((key, manifest));
     }
 
+    /// The manifest it keeps, if it was kept for `key` and `log` still holds it there (decoded
+    /// when the target stored it: the start need not read it back).
+    pub(super) fn take_manifest(&mut self, key: &str, log: &PageLog) -> Option<Manifest> {
+        let (kept, manifest) = self.manifest.take()?;
+        (kept == key && log.has_manifest(key)).then_some(manifest)
+    }
+
     /// Whether it was built with these limits (an update between the switch and the start may
     /// have changed them: the task then restores with the new ones).
     pub fn built_with(&self, limits: &InstanceLimits) -> bool {

@@ -135,17 +135,10 @@ impl StatefulTask {
         // A task without checkpoints restores only what the mesh names (a live migration's
         // state), never an old local one.
         let key = key.filter(|_| cfg.checkpoint != CheckpointPolicy::None || !guessed);
-        // A staged instance's manifest was decoded when the target stored it under its key.
-        let carried = match (&key, staged.as_mut()) {
-            (Some(k), Some(s)) => s.manifest.take().filter(|(stored, _)| stored == k).map(|(_, m)| m),
-            _ => None,
-        };
+        let carried = key.as_ref().zip(staged.as_mut()).and_then(|(k, s)| s.take_manifest(k, &pages));
         let saved = match &key {
             None => None,
             Some(k) if carried.is_some() => match carried {
-                Some(_) if !pages.has_manifest(k) => {
-                    return Err(StartTaskError::Restore(format!("checkpoint {k} is not on this hub")))
-                }
                 Some(m) if m.module_hash == cfg.module_hash => Some(m),
                 _ => return Err(StartTaskError::Restore(format!("checkpoint {k} belongs to another module"))),
             },
