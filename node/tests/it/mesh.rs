@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use hubmesh_proto::api::DeployParams;
 
-use crate::harness::{bin, example_bytes, step, wait_until, Hub};
+use crate::harness::{bin, example_bytes, retrying_nothing_changed, step, wait_until, Hub};
 
 async fn three_voters(hub: &Hub) -> bool {
     hub.client.status().await.is_ok_and(|s| s.voters.len() == 3)
@@ -30,23 +30,12 @@ fn try_join_as(token: &str, node_id: Option<u64>) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// Deploys through `hub`, retrying (for 10 s) refusals that say nothing changed: right after an
-/// election, or one set off by a membership change on a busy machine, a hub may not hold its
-/// lease yet (`no_quorum`) or know no leader (`not_leader`) for a heartbeat or two, as a user
-/// retrying would see.
+/// Deploys through `hub`, retrying refusals that say nothing changed (see
+/// `retrying_nothing_changed`).
 async fn deploy_retrying(hub: &Hub, name: &str, module: &str, params: &DeployParams) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match hub.client.deploy(name, example_bytes(module), params, false).await {
-            Ok(_) => return,
-            Err(e)
-                if matches!(e.code(), Some("no_quorum" | "not_leader")) && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("deploying {name} through hub {}: {e}", hub.name),
-        }
-    }
+    retrying_nothing_changed(|| hub.client.deploy(name, example_bytes(module), params, false))
+        .await
+        .unwrap_or_else(|e| panic!("deploying {name} through hub {}: {e}", hub.name));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,28 @@ where
     }
 }
 
+/// Runs `change` until it is not refused with a "nothing changed" answer, for up to 10 s: right
+/// after an election (a leader's restart, or one set off by a membership change on a busy
+/// machine), a hub may not hold its lease yet (`no_quorum`) or know no leader (`not_leader`) for
+/// a heartbeat or two, as a user retrying would see. Any other answer is returned.
+pub async fn retrying_nothing_changed<T, F, Fut>(mut change: F) -> Result<T, hubmesh::client::ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, hubmesh::client::ClientError>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match change().await {
+            Err(e)
+                if matches!(e.code(), Some("no_quorum" | "not_leader")) && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A free port below the kernel's ephemeral range (32768 and up), in `first..first + span`, that
 /// `free` can bind: a restarted hub binds its old port again, and a port the kernel handed out as
 /// ephemeral could meanwhile be taken by any other socket of the test run. Spread over the range
