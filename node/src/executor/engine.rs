@@ -30,7 +30,10 @@ pub(crate) fn build(limits: EngineLimits) -> wasmtime::Result<Engine> {
         .max_memories_per_module(2)
         .total_tables(limits.max_instances)
         .max_memory_size(limits.max_task_memory as usize)
-        .max_unused_warm_slots(limits.max_instances.min(64));
+        .max_unused_warm_slots(limits.max_instances.min(64))
+        // A stateless call runs on a fiber stack of its own (`Instance::call_sliced`); each holds
+        // an instance, so there are never more such calls than instances.
+        .total_stacks(limits.max_instances);
     let mut config = settings();
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&config)
@@ -100,7 +103,13 @@ impl Clock {
             g = self.wake.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         self.parked.store(false, Ordering::SeqCst);
-        !self.stop.load(Ordering::SeqCst)
+        !self.finished()
+    }
+
+    /// The ticker was dropped and no task code runs: code still running when it was dropped (a
+    /// call whose caller is gone, on a blocking thread) reaches its deadline only through ticks.
+    fn finished(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) && self.running.load(Ordering::SeqCst) == 0
     }
 
     /// Whether task code ran since the last call (or runs now).
@@ -118,7 +127,8 @@ impl Drop for Entered {
     }
 }
 
-/// Advances the engine's epoch every [`TICK`] while task code runs, until dropped.
+/// Advances the engine's epoch every [`TICK`] while task code runs, until dropped and no task
+/// code runs.
 pub(crate) struct Ticker {
     clock: Arc<Clock>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -139,7 +149,7 @@ impl Ticker {
                     }
                     used_at = Some(Instant::now());
                 }
-                if shared.stop.load(Ordering::SeqCst) {
+                if shared.finished() {
                     return;
                 }
                 std::thread::sleep(TICK);
@@ -161,7 +171,8 @@ impl Drop for Ticker {
             let _g = self.clock.lock.lock().unwrap_or_else(|p| p.into_inner());
             self.clock.wake.notify_one();
         }
-        if let Some(t) = self.thread.take() {
+        // Code that still runs keeps the thread ticking until it ends; do not wait for it here.
+        if let Some(t) = self.thread.take().filter(|_| self.clock.running.load(Ordering::SeqCst) == 0) {
             let _ = t.join();
         }
     }
@@ -185,7 +196,7 @@ mod tests {
     }
 
     #[test]
-    fn the_clock_ticks_only_while_task_code_runs_or_just_ran_and_stops_when_dropped() {
+    fn the_clock_ticks_only_while_task_code_runs_or_just_ran_and_stops_once_dropped_and_idle() {
         let clock = Arc::new(Clock::default());
         let count = Arc::new(AtomicU64::new(0));
         let counted = count.clone();
@@ -207,7 +218,11 @@ mod tests {
         // Past the grace (and the tick in progress, however late a loaded machine runs it).
         std::thread::sleep(IDLE_GRACE + Duration::from_millis(250));
         assert_eq!(ticks_while(&count, Duration::from_millis(30)), 0, "idle again: no tick");
-        let _c = clock.enter();
+        let c = clock.enter();
         drop(ticker);
+        assert!(ticks_while(&count, Duration::from_millis(20)) > 0, "dropped while code runs: it ticks on");
+        drop(c);
+        std::thread::sleep(TICK * 10);
+        assert_eq!(ticks_while(&count, Duration::from_millis(30)), 0, "dropped, and nothing runs: it stopped");
     }
 }

@@ -1,7 +1,9 @@
 //! The data each wasm `Store` carries: the invocation's input and output, the limits, and the
 //! handles of the instance's memories (cached so host functions do not look exports up by name).
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Instant;
 
 use wasmtime::{Memory, ResourceLimiter};
 
@@ -26,6 +28,10 @@ pub(crate) struct HostState {
     pub(crate) fault: Option<HostFault>,
     pub(crate) memory: Option<Memory>,
     pub(crate) dirty: Option<Memory>,
+    /// When a call run in slices (`Instance::call_sliced`) must end.
+    pub(crate) deadline: Instant,
+    /// Set when the caller of a call in slices stopped waiting: the call ends at the next tick.
+    pub(crate) abandoned: Arc<AtomicBool>,
 }
 
 impl HostState {
@@ -39,6 +45,8 @@ impl HostState {
             fault: None,
             memory: None,
             dirty: None,
+            deadline: Instant::now(),
+            abandoned: Arc::default(),
         }
     }
 }

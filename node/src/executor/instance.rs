@@ -1,9 +1,11 @@
 //! One instantiated task module, with the handles the executor needs, and the classification of
 //! what went wrong in a call.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use wasmtime::{Engine, Global, InstancePre, Memory, Module, Store, Trap, TypedFunc, Val};
+use wasmtime::{Engine, Global, InstancePre, Memory, Module, Store, Trap, TypedFunc, UpdateDeadline, Val};
 
 use super::abi;
 use super::engine::{ticks_for, Clock};
@@ -66,6 +68,8 @@ pub(crate) struct Instance {
     pub(crate) globals: Vec<(String, Global)>,
     limits: InstanceLimits,
     clock: Arc<Clock>,
+    /// The store yields at each tick (a call in slices) instead of trapping at its deadline.
+    sliced: bool,
 }
 
 impl Instance {
@@ -103,7 +107,8 @@ impl Instance {
         }
         store.data_mut().memory = Some(memory);
         store.data_mut().dirty = Some(dirty);
-        let mut inst = Self { store, invoke, tick, memory, dirty, globals, limits, clock: module.clock.clone() };
+        let mut inst =
+            Self { store, invoke, tick, memory, dirty, globals, limits, clock: module.clock.clone(), sliced: false };
         if initialize && module.has_initialize {
             let init = instance.get_typed_func::<(), ()>(&mut inst.store, abi::INITIALIZE_EXPORT).map_err(no_func)?;
             inst.arm();
@@ -114,23 +119,74 @@ impl Instance {
     }
 
     fn arm(&mut self) {
+        if self.sliced {
+            self.store.epoch_deadline_trap();
+            self.sliced = false;
+        }
         self.store.set_epoch_deadline(ticks_for(self.limits.timeout_ms));
         self.store.data_mut().fault = None;
     }
 
-    /// Runs `hm_invoke` with `input`.
+    /// Arms a call in slices: at every tick the call yields to the async runtime, until its
+    /// deadline, where it traps as an armed call does.
+    fn arm_sliced(&mut self) {
+        if !self.sliced {
+            self.store.epoch_deadline_callback(|store| {
+                let data = store.data();
+                if data.abandoned.load(Ordering::Relaxed) || Instant::now() >= data.deadline {
+                    return Ok(UpdateDeadline::Interrupt);
+                }
+                // tokio's own yield puts the task at the back of the queue, behind what waits.
+                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
+            });
+            self.sliced = true;
+        }
+        let data = self.store.data_mut();
+        data.deadline = Instant::now() + Duration::from_millis(self.limits.timeout_ms);
+        data.abandoned.store(false, Ordering::Relaxed);
+        data.fault = None;
+        self.store.set_epoch_deadline(1);
+    }
+
+    /// The flag that ends this instance's call in slices at its next tick once set.
+    pub(crate) fn abandon_flag(&self) -> Arc<AtomicBool> {
+        self.store.data().abandoned.clone()
+    }
+
+    /// Runs `hm_invoke` with `input`, on this thread, until it ends or its deadline.
     pub(crate) fn call(&mut self, input: &[u8]) -> Result<Answer, InvokeError> {
+        self.take_input(input)?;
+        self.arm();
+        let running = self.clock.enter();
+        let res = self.invoke.call(&mut self.store, input.len() as i32);
+        drop(running);
+        self.answer(res)
+    }
+
+    /// Runs `hm_invoke` with `input` in slices of a tick: the future yields between them, so a
+    /// call that runs long holds no thread of the runtime that polls it for more than a tick at
+    /// a time, and its poller may hand it to another thread.
+    pub(crate) async fn call_sliced(&mut self, input: &[u8]) -> Result<Answer, InvokeError> {
+        self.take_input(input)?;
+        self.arm_sliced();
+        let running = self.clock.enter();
+        let res = self.invoke.call_async(&mut self.store, input.len() as i32).await;
+        drop(running);
+        self.answer(res)
+    }
+
+    fn take_input(&mut self, input: &[u8]) -> Result<(), InvokeError> {
         if input.len() as u64 > self.limits.max_input_bytes {
             return Err(InvokeError::InputTooLarge { size: input.len() as u64, limit: self.limits.max_input_bytes });
         }
-        self.arm();
         let data = self.store.data_mut();
         data.input.clear();
         data.input.extend_from_slice(input);
         data.output.clear();
-        let running = self.clock.enter();
-        let res = self.invoke.call(&mut self.store, input.len() as i32);
-        drop(running);
+        Ok(())
+    }
+
+    fn answer(&mut self, res: wasmtime::Result<i32>) -> Result<Answer, InvokeError> {
         match res {
             Ok(status) => Ok(Answer { status, output: std::mem::take(&mut self.store.data_mut().output) }),
             Err(e) => Err(classify(&e, &mut self.store, self.limits)),

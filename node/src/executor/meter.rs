@@ -3,7 +3,11 @@
 //! and the memory its state holds. The load worker (`crate::load`) reads these counters once a
 //! second and turns their differences into the hub's load.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// Counters of one task; they only grow (except `memory_bytes`, a level).
@@ -58,10 +62,32 @@ impl TaskMeter {
     }
 }
 
+/// A future whose polls count as its task's CPU time, on whichever thread polls it: a call in
+/// slices may begin on an API thread and end on a blocking one.
+pub(crate) struct Metered<F> {
+    meter: Arc<TaskMeter>,
+    inner: F,
+}
+
+impl<F: Future + Unpin> Metered<F> {
+    pub(crate) fn new(meter: Arc<TaskMeter>, inner: F) -> Self {
+        Self { meter, inner }
+    }
+}
+
+impl<F: Future + Unpin> Future for Metered<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        this.meter.run(|| Pin::new(&mut this.inner).poll(cx))
+    }
+}
+
 /// CPU time this thread has used, from `CLOCK_THREAD_CPUTIME_ID`. Not a vDSO read on Linux: a
 /// system call, twice per call into a task (docs/benchmarks.md, "Packaging and footprint,
 /// second pass").
-fn thread_cpu_ns() -> u64 {
+pub(super) fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux supports.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
@@ -75,22 +101,41 @@ fn thread_cpu_ns() -> u64 {
 mod tests {
     use super::*;
 
+    /// Spins until this thread has used `d` of CPU (not of the clock: other threads may share
+    /// the core).
+    fn spin_cpu(d: Duration) {
+        let start = thread_cpu_ns();
+        let mut x = 0u64;
+        while thread_cpu_ns() - start < d.as_nanos() as u64 {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+    }
+
     #[test]
     fn counts_cpu_spent_and_not_sleep() {
         let m = TaskMeter::default();
         m.run(|| std::thread::sleep(Duration::from_millis(30)));
         let slept = m.read().cpu_ns;
-        m.run(|| {
-            let t = std::time::Instant::now();
-            let mut x = 0u64;
-            while t.elapsed() < Duration::from_millis(30) {
-                x = std::hint::black_box(x.wrapping_add(1));
-            }
-        });
+        m.run(|| spin_cpu(Duration::from_millis(30)));
         let spun = m.read().cpu_ns - slept;
         assert!(slept < 10_000_000, "sleeping used {slept} ns of CPU");
-        assert!(spun >= 15_000_000, "spinning 30 ms counted only {spun} ns");
+        assert!((30_000_000..45_000_000).contains(&spun), "spinning 30 ms of CPU counted {spun} ns");
         m.waited(Duration::from_millis(2));
         assert_eq!((m.read().wait_ns, m.read().waits), (2_000_000, 1));
+    }
+
+    #[test]
+    fn a_metered_future_counts_its_polls_and_not_its_waits() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let meter = Arc::new(TaskMeter::default());
+        rt.block_on(Metered::new(
+            meter.clone(),
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                spin_cpu(Duration::from_millis(30));
+            }),
+        ));
+        let cpu = meter.read().cpu_ns;
+        assert!((30_000_000..45_000_000).contains(&cpu), "30 ms asleep and 30 ms of CPU counted {cpu} ns");
     }
 }

@@ -383,20 +383,7 @@ impl Executor {
         let task = self.running(name)?;
         match &task.runtime {
             Runtime::Stateful(s) => s.invoke(input, key).await,
-            Runtime::Stateless(p) => {
-                // On the multi-threaded runtime, tokio first moves this worker's other work
-                // elsewhere, so a task that runs to its deadline cannot stall the API.
-                let multi_thread =
-                    tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
-                if multi_thread {
-                    tokio::task::block_in_place(|| p.invoke(&input))
-                } else {
-                    let pool = p.clone();
-                    tokio::task::spawn_blocking(move || pool.invoke(&input))
-                        .await
-                        .map_err(|e| InvokeError::Unavailable(format!("the invocation thread failed: {e}")))?
-                }
-            }
+            Runtime::Stateless(p) => p.invoke_sliced(input).await,
         }
     }
 

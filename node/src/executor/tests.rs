@@ -93,6 +93,62 @@ fn endless_loop_is_stopped_and_the_hub_goes_on() {
 }
 
 #[test]
+fn a_call_that_runs_long_leaves_the_calling_thread_to_the_others() {
+    // One runtime thread for everything: a loop that kept it would hold every other call until
+    // its deadline.
+    let Fixture { dir: _dir, exec } = fixture();
+    start(&exec, "loop", "loop.wat", TaskKind::Stateless, CheckpointPolicy::None);
+    start(&exec, "echo", "echo.wat", TaskKind::Stateless, CheckpointPolicy::None);
+    let exec = Arc::new(exec);
+    let runtime_cpu = rt().block_on(async {
+        let cpu_before = meter::thread_cpu_ns();
+        let started = Instant::now();
+        let looping = tokio::spawn({
+            let exec = exec.clone();
+            async move { call(&exec, "loop", "").await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(exec.status("loop").unwrap().in_flight, 1, "the loop runs");
+        for i in 0..20 {
+            assert_eq!(call(&exec, "echo", &i.to_string()).await.unwrap(), i.to_string());
+        }
+        assert!(!looping.is_finished(), "the loop ended before the echoes answered: the test proves nothing");
+        let ended =
+            tokio::time::timeout(Duration::from_secs(10), looping).await.expect("the loop outlived its deadline");
+        assert_eq!(ended.unwrap().unwrap_err(), InvokeError::DeadlineExceeded { timeout_ms: 200 });
+        assert!(started.elapsed() >= Duration::from_millis(200), "stopped early: {:?}", started.elapsed());
+        meter::thread_cpu_ns() - cpu_before
+    });
+    // The runtime's one thread ran the loop's first slice only (a tick), not its 200 ms.
+    assert!(runtime_cpu < 100_000_000, "the runtime's thread used {runtime_cpu} ns of CPU");
+    let status = exec.status("loop").unwrap();
+    assert_eq!((status.in_flight, status.invocations), (0, 0));
+    let cpu = exec.meters().into_iter().find(|(n, _)| n == "loop").unwrap().1.cpu_ns;
+    // Its slices ran on two threads; both count (other tests share the cores: a margin).
+    assert!(cpu >= 60_000_000, "a 200 ms loop counted {cpu} ns of CPU");
+    assert_eq!(rt().block_on(call(&exec, "echo", "after")).unwrap(), "after");
+}
+
+#[test]
+fn a_call_whose_caller_stops_waiting_ends_at_the_next_tick() {
+    let Fixture { dir: _dir, exec } = fixture();
+    let prepared = exec.prepare(&example("loop.wat"), LIMITS).unwrap();
+    let mut slow = config("loop", &prepared.wasm, TaskKind::Stateless, CheckpointPolicy::None);
+    slow.limits.timeout_ms = 60_000;
+    exec.start_task(slow, &prepared.wasm).unwrap();
+    let exec = Arc::new(exec);
+    rt().block_on(async {
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), call(&exec, "loop", "")).await;
+        assert!(gave_up.is_err(), "a 60 s loop answered in 100 ms");
+        let dropped = Instant::now();
+        while exec.status("loop").unwrap().in_flight > 0 {
+            assert!(dropped.elapsed() < Duration::from_secs(5), "the abandoned call still runs");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+}
+
+#[test]
 fn memory_hog_fails_only_its_invocation() {
     let f = fixture();
     start(&f.exec, "grow", "grow.wat", TaskKind::Stateless, CheckpointPolicy::None);
