@@ -106,14 +106,17 @@ impl StatelessTask {
     /// the first tick) on a blocking thread.
     pub(crate) async fn invoke_sliced(self: &Arc<Self>, input: Vec<u8>) -> Result<Answer, InvokeError> {
         let counted = self.admit()?;
-        let inst = match self.take_idle() {
-            Some(i) => i,
-            // Instantiating runs the module's `_initialize`, which may run long: not on this thread.
+        let (inst, counted) = match self.take_idle() {
+            Some(i) => (i, counted),
+            // Instantiating runs the module's `_initialize`, which may run long: not on this
+            // thread. It stays counted until it ends, even if its caller stops waiting.
             None => {
                 let task = self.clone();
-                tokio::task::spawn_blocking(move || Instance::new(&task.module, task.name.clone(), task.limits, true))
-                    .await
-                    .map_err(|e| InvokeError::Unavailable(format!("the instantiating thread failed: {e}")))??
+                tokio::task::spawn_blocking(move || {
+                    Instance::new(&task.module, task.name.clone(), task.limits, true).map(|i| (i, counted))
+                })
+                .await
+                .map_err(|e| InvokeError::Unavailable(format!("the instantiating thread failed: {e}")))??
             }
         };
         let abandon = AbandonOnDrop(Some(inst.abandon_flag()));
