@@ -159,6 +159,15 @@ pub trait CheckpointSink: Send + Sync {
     fn committed_key(&self, _task: &str) -> Option<String> {
         None
     }
+
+    /// Whether this hub may still give `task`'s instance at `epoch` an answer that no commit
+    /// fences (a periodic or checkpoint-less task's): it holds its lease, and the mesh as this hub
+    /// has applied it still places that epoch here. Asked when the call runs and again when it
+    /// answers, since a call may wait behind others or a slow checkpoint for longer than a lease;
+    /// on the task's thread, and it may wait a while for a lease an election may renew.
+    fn may_answer(&self, _task: &str, _epoch: u64) -> bool {
+        true
+    }
 }
 
 /// What a running task reports.
@@ -531,3 +540,9 @@ mod tests;
 
 #[cfg(all(test, feature = "compiler"))]
 mod migration_tests;
+
+#[cfg(all(test, feature = "compiler"))]
+mod fence_tests;
+
+#[cfg(all(test, feature = "compiler"))]
+mod late_commit_tests;

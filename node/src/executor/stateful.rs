@@ -29,6 +29,9 @@ use crate::checkpoint::{AnswerCache, Manifest, Writer};
 
 mod migrate;
 mod recovery;
+mod timer;
+
+use recovery::Caller;
 
 pub(crate) use migrate::{FinalState, MigrateMsg, MigrationStart, MovedTo, Resolution};
 
@@ -96,6 +99,11 @@ struct Actor {
     sink: Option<Arc<dyn CheckpointSink>>,
     /// Key of the last committed checkpoint: kept until a newer one is committed.
     committed_key: Option<String>,
+    /// This instance's checkpoints whose commit may have gone through although it failed here (its
+    /// answer was lost), since one last committed, oldest first (at most [`UNSETTLED`]): they stay
+    /// on disk for [`Self::catch_up_committed_key`]; `true` while this state still descends from
+    /// it (no revert since).
+    unsettled: Vec<(String, bool)>,
     status: Arc<Mutex<StatefulStatus>>,
     /// When the last checkpoint was committed, or a periodic one last failed: the next periodic
     /// one is due a period later (one that fails at once, without a lease, is not retried in a loop).
@@ -107,6 +115,10 @@ struct Actor {
     throttle: Duration,
     meter: Arc<TaskMeter>,
 }
+
+/// Most checkpoints an instance keeps on disk in case the mesh committed them after it heard
+/// their commit failed.
+const UNSETTLED: usize = 4;
 
 /// Most input bytes of queued invocations a checkpoint carries.
 const PENDING_BYTES: usize = 8 << 20;
@@ -222,6 +234,7 @@ impl StatefulTask {
             backlog_len: backlog_len.clone(),
             sink,
             committed_key,
+            unsettled: Vec::new(),
             status: status.clone(),
             last_checkpoint: Instant::now(),
             next_tick,
@@ -284,6 +297,8 @@ impl StatefulTask {
 impl Actor {
     fn run(mut self) {
         loop {
+            // A call from the backlog may be in the pending list of a checkpoint or a migration.
+            let recorded = !self.backlog.is_empty();
             let msg = match self.backlog.pop_front() {
                 Some(m) => {
                     self.backlog_len.store(self.backlog.len(), std::sync::atomic::Ordering::Release);
@@ -311,7 +326,8 @@ impl Actor {
                     }
                     // The call's whole cost: the run, the page sync, the checkpoint's hashing.
                     let meter = self.meter.clone();
-                    let res = meter.run(|| self.invoke(input, key));
+                    let caller = if reply.is_closed() { Caller::Gone } else { Caller::Waits { recorded } };
+                    let res = meter.run(|| self.invoke_for(input, key, caller));
                     let _ = reply.send(res);
                 }
                 Ok(Msg::Checkpoint { reply }) => {
@@ -350,54 +366,6 @@ impl Actor {
                     meter.run(|| self.on_timer());
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
-            }
-        }
-    }
-
-    fn periodic_every(&self) -> Option<Duration> {
-        match self.cfg.checkpoint {
-            CheckpointPolicy::Periodic { every_ms } => Some(Duration::from_millis(every_ms)),
-            _ => None,
-        }
-    }
-
-    fn next_wakeup(&self) -> Option<Instant> {
-        if !self.mode.running() || self.refused().is_some() {
-            // Frozen, moved or refusing: no ticks, no checkpoints; only messages wake the actor.
-            return None;
-        }
-        let ckpt = self.periodic_every().filter(|_| self.image.changed()).map(|every| self.last_checkpoint + every);
-        match (ckpt, self.next_tick) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    fn on_timer(&mut self) {
-        let now = Instant::now();
-        if let (Some(at), Some(ms)) = (self.next_tick, self.cfg.tick_ms) {
-            if now >= at {
-                self.next_tick = Some(now + Duration::from_millis(ms));
-                match self.inst.tick() {
-                    Ok(_) => {
-                        self.image.sync(&mut self.inst);
-                        self.meter.set_memory(self.inst.memory_len() as u64);
-                    }
-                    Err(e) => {
-                        tracing::warn!(task = %self.cfg.name, error = %e, "tick failed; state rolled back");
-                        metrics::counter!("hubmesh_tick_failures_total").increment(1);
-                        self.rollback();
-                    }
-                }
-            }
-        }
-        if let Some(every) = self.periodic_every() {
-            if self.image.changed() && now >= self.last_checkpoint + every {
-                if let Err(e) = self.checkpoint() {
-                    tracing::error!(task = %self.cfg.name, error = %e, "periodic checkpoint failed");
-                    self.last_checkpoint = now;
-                    self.break_if_replaced(&e);
-                }
             }
         }
     }
@@ -450,9 +418,16 @@ impl Actor {
                         if self.break_if_replaced(&e) {
                             return Err(self.refused().unwrap_or(InvokeError::OutcomeUnknown(e.message)));
                         }
-                        // Behind the mesh's committed checkpoint: this state can never commit.
-                        if self.catch_up_committed_key() {
+                        // Behind the mesh's committed checkpoint, which is not one this state
+                        // grew from: this state can never commit, and this call's change goes.
+                        if self.catch_up_committed_key() && !self.descends_from_committed() {
                             self.revert_or_break();
+                            return Err(match e.may_have_committed {
+                                true => {
+                                    InvokeError::OutcomeUnknown(format!("the state change may yet be committed: {e}"))
+                                }
+                                false => InvokeError::Unavailable(format!("the state change was undone: {e}")),
+                            });
                         }
                     }
                 }
@@ -527,6 +502,7 @@ impl Actor {
                 })
             })
             .filter(|k| Some(k) != self.committed_key.as_ref() && *k != key)
+            .filter(|k| !self.unsettled.iter().any(|(u, _)| u == k))
             .collect();
         let write =
             PageWrite { pages: new_pages, key: key.clone(), manifest: encoded.clone(), refs: refs.clone(), remove };
@@ -564,10 +540,17 @@ impl Actor {
                     CommitError::Replaced { may_have_committed } => (may_have_committed, true),
                     _ => (matches!(e, CommitError::MayHaveCommitted(_)), false),
                 };
+                if may_have_committed {
+                    self.unsettled.push((key, true));
+                    if self.unsettled.len() > UNSETTLED {
+                        self.unsettled.remove(0);
+                    }
+                }
                 return Err(CheckpointFailed { message: e.to_string(), may_have_committed, replaced });
             }
         }
         self.committed_key = Some(key);
+        self.unsettled.clear(); // older than what is committed now: garbage
         self.last_checkpoint = Instant::now();
         let mut summary = CheckpointSummary::of(&manifest);
         summary.build_micros = built.duration_since(started).as_micros() as u64;

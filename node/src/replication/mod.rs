@@ -37,7 +37,7 @@ mod push;
 mod upkeep;
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hubmesh_consensus::transport::{Refusal, CHECKPOINT_FETCH, CHECKPOINT_PUSH};
 
@@ -92,6 +92,34 @@ impl CheckpointSink for Replicator {
         let hub = self.hub.upgrade()?;
         let state = hub.consensus().state();
         state.tasks.get(task)?.checkpoint.as_ref().map(|r| r.key(task))
+    }
+
+    fn may_answer(&self, task: &str, epoch: u64) -> bool {
+        let Some(hub) = self.hub.upgrade() else { return false };
+        let me = hub.consensus().node_id();
+        let placed_here = |t: &hubmesh_consensus::state::TaskRecord| {
+            t.placements().any(|(_, p)| p.node == me && p.epoch == hubmesh_consensus::Epoch(epoch))
+        };
+        // As the router does, wait while an election may renew the lease rather than refuse (on
+        // the actor's thread: the calls behind this one wait for it anyway), within the time
+        // after which this hub has lost the mesh.
+        let t = hub.config().timeouts.resolve();
+        let deadline = Instant::now() + t.lease + t.election * 2 + t.heartbeat;
+        loop {
+            // The lease first: once it holds, this hub has applied what the leader had committed
+            // when it began, so the placement read after it is current.
+            let leased = hub.has_quorum();
+            if !hub.consensus().state().tasks.get(task).is_some_and(placed_here) {
+                return false; // replaced (or deleted): an older view could not say so
+            }
+            if leased {
+                return true;
+            }
+            if hub.lost_mesh() || Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(t.heartbeat);
+        }
     }
 }
 

@@ -1,17 +1,34 @@
 //! How a stateful actor gets back to a state it may answer from: after a trap (rebuilt from the
 //! base image), and after a checkpoint that could not be committed (back to the committed one,
-//! which the mesh may know to be newer than this instance does).
+//! which the mesh may know to be newer than this instance does); and when it may answer at all
+//! (replaced, broken, or without the lease its answers need).
 
 use std::sync::Arc;
 
-use hubmesh_consensus::state::parse_checkpoint_key;
+use hubmesh_consensus::state::{parse_checkpoint_key, CheckpointPolicy};
 use hubmesh_consensus::Epoch;
 
 use super::Actor;
 use crate::checkpoint::{AnswerCache, Manifest};
 use crate::executor::image::MemoryImage;
 use crate::executor::instance::Instance;
-use crate::executor::InvokeError;
+use crate::executor::{Answer, InvokeError};
+
+/// Who hears a stateful call's answer, as far as [`Actor::invoke_for`] cares.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Caller {
+    /// Nobody: the call was carried here in a checkpoint or a migration, or its caller left.
+    Gone,
+    /// A caller; `recorded`: the call waited in the backlog, which checkpoints record.
+    Waits { recorded: bool },
+}
+
+/// Whether a call ran before its answer was withheld.
+#[derive(Debug, Clone, Copy)]
+enum Ran {
+    Yes,
+    No { recorded: bool },
+}
 
 impl Actor {
     /// Takes the mesh's committed checkpoint as this instance's own when it is newer, of this
@@ -28,6 +45,14 @@ impl Actor {
             return true;
         }
         false
+    }
+
+    /// Whether this state grew from the committed checkpoint without a revert since: one this
+    /// instance took, whose commit it was told had failed, and that the mesh committed after all.
+    /// It then needs no revert: the next checkpoint builds on it.
+    pub(super) fn descends_from_committed(&self) -> bool {
+        let committed = self.committed_key.as_deref();
+        self.unsettled.iter().any(|(key, descends)| *descends && Some(key.as_str()) == committed)
     }
 
     /// Marks this instance replaced if `e` says a newer epoch of the task exists: it then answers
@@ -55,6 +80,61 @@ impl Actor {
         }
     }
 
+    /// [`Self::invoke`], answered to a caller who waits only while this hub may give the answer
+    /// ([`CheckpointSink::may_answer`](crate::executor::CheckpointSink::may_answer)): before the
+    /// call runs, and again after it and its checkpoint ran. The router checked the lease when it
+    /// queued the call, but a call can wait here behind a slow checkpoint for longer than a lease,
+    /// while the mesh re-places the task. A call nobody waits for (one a checkpoint or a migration
+    /// carried here, or whose caller left) runs regardless: its answer goes at most to the answer
+    /// cache, which a retry reads through this same check.
+    pub(super) fn invoke_for(
+        &mut self,
+        input: Vec<u8>,
+        key: Option<String>,
+        caller: Caller,
+    ) -> Result<Answer, InvokeError> {
+        let Caller::Waits { recorded } = caller else { return self.invoke(input, key) };
+        // A retry of a call that ran here under its key is not refused as not run.
+        let ran = match key.as_deref().is_some_and(|k| self.answers.get(k).is_some()) {
+            true => Ran::Yes,
+            false => Ran::No { recorded },
+        };
+        if let Some(refusal) = self.may_not_answer(ran) {
+            return Err(refusal);
+        }
+        let answer = self.invoke(input, key)?;
+        match self.may_not_answer(Ran::Yes) {
+            Some(withheld) => Err(withheld),
+            None => Ok(answer),
+        }
+    }
+
+    /// Why this instance may not answer a caller now, if it may not. A durable answer needs no
+    /// such check: its commit is refused to a replaced epoch.
+    fn may_not_answer(&self, ran: Ran) -> Option<InvokeError> {
+        if self.cfg.checkpoint == CheckpointPolicy::Durable {
+            return None;
+        }
+        let sink = self.sink.as_ref()?;
+        if sink.may_answer(&self.cfg.name, self.cfg.epoch) {
+            return None;
+        }
+        metrics::counter!("hubmesh_answers_withheld_total").increment(1);
+        tracing::warn!(task = %self.cfg.name, epoch = self.cfg.epoch, ?ran, "an answer withheld: this hub has no lease on the task's instance, or the mesh placed it elsewhere");
+        let why = "this hub may not answer for the task now (it has no lease, or the mesh placed the task elsewhere)";
+        Some(match ran {
+            Ran::Yes => InvokeError::OutcomeUnknown(format!(
+                "{why}; the call ran here, and counts only if this instance goes on"
+            )),
+            // A call that waited in the backlog may be in the pending list of a checkpoint that a
+            // newer epoch restores, or of a migration's final state, and run there.
+            Ran::No { recorded: true } => InvokeError::OutcomeUnknown(format!(
+                "{why}; the call did not run here, but may run on the task's next host"
+            )),
+            Ran::No { recorded: false } => InvokeError::Unavailable(format!("{why}; the call did not run")),
+        })
+    }
+
     /// [`Self::revert_to_committed`]; an instance that cannot is marked broken (it answers
     /// nothing more from a state that may not be the committed one).
     pub(super) fn revert_or_break(&mut self) {
@@ -67,6 +147,9 @@ impl Actor {
 
     /// Rebuilds the instance from the last committed checkpoint (or fresh, if none).
     pub(super) fn revert_to_committed(&mut self) -> Result<(), String> {
+        for (_, descends) in &mut self.unsettled {
+            *descends = false;
+        }
         let migrating = self.image.migrating();
         self.revert_image()?;
         if migrating {

@@ -1,0 +1,100 @@
+//! A checkpoint whose commit the instance was told had failed (its answer was lost in a timeout
+//! or a leader change) and that the mesh committed after all: the instance must find its way to
+//! it, keep committing after it, and not throw away what it acknowledged since.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hubmesh_consensus::state::{parse_checkpoint_key, CheckpointPolicy, TaskKind};
+
+use super::tests::{call, config, example, executor_in, rt, LIMITS};
+use super::*;
+
+/// A mesh that commits a checkpoint only if it was built on the committed one (as the state
+/// machine checks). Its next commit goes through, but the instance hears that it may not have,
+/// and this hub applies it only later (`land`).
+#[derive(Default)]
+struct Mesh {
+    committed: Mutex<Option<String>>,
+    applied: Mutex<Option<String>>,
+    lose_next: AtomicBool,
+}
+
+impl Mesh {
+    /// This hub applies what the mesh committed.
+    fn land(&self) {
+        *self.applied.lock().unwrap() = self.committed.lock().unwrap().clone();
+    }
+
+    fn committed_sequence(&self) -> u64 {
+        parse_checkpoint_key(self.committed.lock().unwrap().as_deref().unwrap()).unwrap().2
+    }
+}
+
+impl CheckpointSink for Mesh {
+    fn commit(&self, c: &LocalCheckpoint) -> Result<(), CommitError> {
+        let mut committed = self.committed.lock().unwrap();
+        if c.committed_key != *committed {
+            return Err(CommitError::Behind(format!("built on {:?}, {committed:?} is committed", c.committed_key)));
+        }
+        *committed = Some(c.key.clone());
+        if self.lose_next.swap(false, Ordering::SeqCst) {
+            return Err(CommitError::MayHaveCommitted("the answer was lost".into()));
+        }
+        *self.applied.lock().unwrap() = Some(c.key.clone());
+        Ok(())
+    }
+
+    fn committed_key(&self, _task: &str) -> Option<String> {
+        self.applied.lock().unwrap().clone()
+    }
+}
+
+fn counter(policy: CheckpointPolicy) -> (tempfile::TempDir, Executor, Arc<Mesh>) {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor_in(dir.path());
+    let mesh = Arc::new(Mesh::default());
+    exec.set_sink(mesh.clone());
+    let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
+    let cfg = config("c", &prepared.wasm, TaskKind::Stateful, policy);
+    exec.start_task_from(cfg, &prepared.wasm, Restore::Fresh).unwrap();
+    (dir, exec, mesh)
+}
+
+#[test]
+fn a_durable_instance_returns_to_a_checkpoint_that_committed_after_it_gave_it_up() {
+    let (_dir, exec, mesh) = counter(CheckpointPolicy::Durable);
+    rt().block_on(async {
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        mesh.lose_next.store(true, Ordering::SeqCst);
+        let e = call(&exec, "c", "5").await.unwrap_err();
+        assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
+        mesh.land();
+        // Built on the checkpoint before the lost one: refused, and the instance returns to the
+        // lost one, which it kept on disk although it took a newer one since.
+        let e = call(&exec, "c", "1").await.unwrap_err();
+        assert!(matches!(e, InvokeError::Unavailable(_)), "{e:?}");
+        assert_eq!(call(&exec, "c", "0").await.unwrap(), "8", "the committed state, and commits go on");
+        assert!(mesh.committed_sequence() >= 4, "no commit after the late one (checkpoint 2)");
+    });
+}
+
+#[test]
+fn a_periodic_instance_keeps_what_it_answered_after_a_checkpoint_that_committed_late() {
+    // Every call is due for a checkpoint (a period of 0).
+    let (_dir, exec, mesh) = counter(CheckpointPolicy::Periodic { every_ms: 0 });
+    rt().block_on(async {
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        mesh.lose_next.store(true, Ordering::SeqCst);
+        assert_eq!(call(&exec, "c", "5").await.unwrap(), "8", "periodic: answered before its checkpoint");
+        // Checkpoints built on the one before the lost one are refused meanwhile.
+        assert_eq!(call(&exec, "c", "2").await.unwrap(), "10");
+        mesh.land();
+        // This state grew from the checkpoint that landed: nothing to undo (the 2 acknowledged
+        // since stays), and the next checkpoint builds on it.
+        assert_eq!(call(&exec, "c", "1").await.unwrap(), "11");
+        assert_eq!(call(&exec, "c", "0").await.unwrap(), "11");
+        // (The actor's timer may try more: every page counts as changed after a failed commit.)
+        assert!(mesh.committed_sequence() >= 4, "no commit after the late one (checkpoint 2)");
+    });
+}
