@@ -389,8 +389,8 @@ impl Actor {
         self.image.sync(&mut self.inst);
         self.meter.set_memory(self.inst.memory_len() as u64);
         self.invocations += 1;
-        if let Some(k) = key {
-            self.answers.insert(k, answer.clone());
+        if let Some(k) = &key {
+            self.answers.insert(k.clone(), answer.clone());
         }
         match self.cfg.checkpoint {
             CheckpointPolicy::Durable if crate::faults::armed("durable-ack-without-commit") => {}
@@ -400,14 +400,9 @@ impl Actor {
                     // then changes once. The mesh's committed checkpoint wins over this
                     // instance's belief when it is newer in this epoch and here (an instance
                     // restarted from a lagging view of the state is behind it).
-                    self.catch_up_committed_key();
+                    let adopted = self.catch_up_committed_key();
                     self.revert_or_break();
-                    return Err(match e.may_have_committed {
-                        true => InvokeError::OutcomeUnknown(format!("the state change may yet be committed: {e}")),
-                        false => InvokeError::Unavailable(format!(
-                            "the state change could not be committed and was undone: {e}"
-                        )),
-                    });
+                    return self.undone(key.as_deref(), &e, adopted);
                 }
             }
             CheckpointPolicy::Periodic { every_ms } => {
@@ -422,12 +417,7 @@ impl Actor {
                         // grew from: this state can never commit, and this call's change goes.
                         if self.catch_up_committed_key() && !self.descends_from_committed() {
                             self.revert_or_break();
-                            return Err(match e.may_have_committed {
-                                true => {
-                                    InvokeError::OutcomeUnknown(format!("the state change may yet be committed: {e}"))
-                                }
-                                false => InvokeError::Unavailable(format!("the state change was undone: {e}")),
-                            });
+                            return self.undone(key.as_deref(), &e, true);
                         }
                     }
                 }
@@ -540,11 +530,10 @@ impl Actor {
                     CommitError::Replaced { may_have_committed } => (may_have_committed, true),
                     _ => (matches!(e, CommitError::MayHaveCommitted(_)), false),
                 };
-                if may_have_committed {
+                // All are built on the same committed one, so at most one of them can commit:
+                // most likely the first proposed, so the oldest are kept.
+                if may_have_committed && self.unsettled.len() < UNSETTLED {
                     self.unsettled.push((key, true));
-                    if self.unsettled.len() > UNSETTLED {
-                        self.unsettled.remove(0);
-                    }
                 }
                 return Err(CheckpointFailed { message: e.to_string(), may_have_committed, replaced });
             }

@@ -132,9 +132,11 @@ impl Actor {
                 // after all: the migration's commit must build on the mesh's committed one, or
                 // it is refused (every attempt, until a call happens to catch up). A durable
                 // instance went back to its older committed state when the commit failed, so it
-                // returns to the newer one; a periodic one holds more than either (its failed
-                // checkpoint marked every page again, so all of it travels).
-                if self.catch_up_committed_key() && self.cfg.checkpoint == CheckpointPolicy::Durable {
+                // returns to the newer one; a periodic one that grew from it holds more than
+                // either (its failed checkpoint marked every page again, so all of it travels).
+                if self.catch_up_committed_key()
+                    && (self.cfg.checkpoint == CheckpointPolicy::Durable || !self.descends_from_committed())
+                {
                     self.revert_or_break();
                 }
                 // The image's checkpoint marks are relative to the last checkpoint, which is the

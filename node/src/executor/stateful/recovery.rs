@@ -10,6 +10,7 @@ use hubmesh_consensus::Epoch;
 
 use super::Actor;
 use crate::checkpoint::{AnswerCache, Manifest};
+use crate::executor::error::CheckpointFailed;
 use crate::executor::image::MemoryImage;
 use crate::executor::instance::Instance;
 use crate::executor::{Answer, InvokeError};
@@ -45,6 +46,25 @@ impl Actor {
             return true;
         }
         false
+    }
+
+    /// The answer to a call whose change went when a failed checkpoint took this instance back
+    /// to the committed state (`adopted`: a newer one it caught up to). That state may hold an
+    /// earlier run of the call under its key, whose commit landed late: then it is committed, and
+    /// this is its answer. Or it may carry the call in its pending list, which a host that
+    /// restores it runs: then its outcome is unknown, as it is when the failed checkpoint may
+    /// commit yet.
+    pub(super) fn undone(&self, key: Option<&str>, e: &CheckpointFailed, adopted: bool) -> Result<Answer, InvokeError> {
+        if let Some(refusal) = self.refused() {
+            return Err(refusal);
+        }
+        if let Some(answer) = key.and_then(|k| self.answers.get(k)) {
+            return Ok(answer.clone());
+        }
+        Err(match e.may_have_committed || adopted {
+            true => InvokeError::OutcomeUnknown(format!("the state change may yet be committed: {e}")),
+            false => InvokeError::Unavailable(format!("the state change could not be committed and was undone: {e}")),
+        })
     }
 
     /// Whether this state grew from the committed checkpoint without a revert since: one this
