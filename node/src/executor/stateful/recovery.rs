@@ -78,7 +78,7 @@ impl Actor {
     /// Marks this instance replaced if `e` says a newer epoch of the task exists: it then answers
     /// nothing more — neither the call whose checkpoint said so, nor the calls queued behind it,
     /// nor later ones — until the hub stops it. Whether it did.
-    pub(super) fn break_if_replaced(&mut self, e: &crate::executor::error::CheckpointFailed) -> bool {
+    pub(super) fn break_if_replaced(&mut self, e: &CheckpointFailed) -> bool {
         if e.replaced {
             tracing::warn!(task = %self.cfg.name, epoch = self.cfg.epoch, "this instance was replaced: it answers no more");
             let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
