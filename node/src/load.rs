@@ -4,7 +4,7 @@
 //! policy (`migration::policy`) reads them.
 //!
 //! ```text
-//!  executor meters (CPU by thread clock, queue wait, memory) --1 s--> LoadMeter: differences
+//!  executor meters (CPU, queue wait, memory: `executor::meter`) --1 s--> LoadMeter: differences
 //!    --> this hub's report --gossip--> every member --> Loads (by the signer's membership)
 //! ```
 

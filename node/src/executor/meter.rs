@@ -2,13 +2,14 @@
 //! in the queue, and the memory its state holds. The load worker (`crate::load`) reads these
 //! counters once a second and turns their differences into the hub's load.
 //!
-//! CPU time is read two ways. A stateful task's actor thread reads its own CPU clock around each
-//! call and tick (many actor threads may share a core: time spent waiting for one must not
-//! count). A stateless call's slices run on the runtime's threads, one per core, and are timed
-//! by the monotonic clock around each poll: the thread CPU clock is a system call, not a vDSO
-//! read, and its two reads per poll took 12 % of the hub's CPU under `wrk -c32`
-//! (docs/benchmarks.md). A poll the kernel preempts also counts its wait for a core, which
-//! overstates a task's cost only on a hub whose cores are already contended.
+//! CPU time is read two ways. By the thread's own CPU clock, so that time spent waiting for a
+//! core does not count: around each call and tick of a stateful task's actor thread, and around
+//! each slice of a stateless call after its first, on a blocking thread (many such threads may
+//! share a core). The first slice of a stateless call, on the runtime's thread that took the
+//! request (where most calls begin and end, within a tick), is timed by the monotonic clock
+//! instead: the thread CPU clock is a system call, not a vDSO read, and its two reads per call
+//! took 12 % of the hub's CPU under `wrk -c32` (docs/benchmarks.md). A first slice the kernel
+//! preempts also counts its wait for a core; it lasts a tick (2 ms) at most.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -69,17 +70,24 @@ impl TaskMeter {
     }
 }
 
-/// A future whose polls count as its task's CPU time (by the monotonic clock, see the module
-/// doc), on whichever thread polls it: a call in slices may begin on an API thread and end on a
-/// blocking one.
+/// A future whose polls count as its task's CPU time, on whichever thread polls it: a call in
+/// slices may begin on an API thread and end on a blocking one. Timed by the monotonic clock
+/// until [`Metered::by_thread_clock`] (see the module doc).
 pub(crate) struct Metered<F> {
     meter: Arc<TaskMeter>,
     inner: F,
+    thread_clock: bool,
 }
 
 impl<F: Future + Unpin> Metered<F> {
     pub(crate) fn new(meter: Arc<TaskMeter>, inner: F) -> Self {
-        Self { meter, inner }
+        Self { meter, inner, thread_clock: false }
+    }
+
+    /// From now on, each poll is timed by the polling thread's CPU clock.
+    pub(crate) fn by_thread_clock(mut self) -> Self {
+        self.thread_clock = true;
+        self
     }
 }
 
@@ -88,6 +96,9 @@ impl<F: Future + Unpin> Future for Metered<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
+        if this.thread_clock {
+            return this.meter.run(|| Pin::new(&mut this.inner).poll(cx));
+        }
         let began = std::time::Instant::now();
         let out = Pin::new(&mut this.inner).poll(cx);
         this.meter.cpu_ns.fetch_add(began.elapsed().as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
@@ -142,7 +153,7 @@ mod tests {
         rt.block_on(Metered::new(
             meter.clone(),
             Box::pin(async {
-                tokio::time::sleep(Duration::from_millis(30)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 // Busy for 30 ms of the clock it is metered by, however the cores are shared.
                 let start = std::time::Instant::now();
                 while start.elapsed() < Duration::from_millis(30) {
@@ -151,6 +162,20 @@ mod tests {
             }),
         ));
         let cpu = meter.read().cpu_ns;
-        assert!((30_000_000..50_000_000).contains(&cpu), "30 ms asleep and 30 ms busy counted {cpu} ns");
+        assert!((30_000_000..90_000_000).contains(&cpu), "100 ms asleep and 30 ms busy counted {cpu} ns");
+    }
+
+    #[test]
+    fn a_future_metered_by_the_thread_clock_counts_only_its_cpu() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let meter = Arc::new(TaskMeter::default());
+        let busy = Box::pin(async {
+            // A thread that does not run (a blocked one, or one waiting for a core) costs nothing.
+            std::thread::sleep(Duration::from_millis(30));
+            spin_cpu(Duration::from_millis(30));
+        });
+        rt.block_on(Metered::new(meter.clone(), busy).by_thread_clock());
+        let cpu = meter.read().cpu_ns;
+        assert!((30_000_000..45_000_000).contains(&cpu), "30 ms blocked and 30 ms of CPU counted {cpu} ns");
     }
 }

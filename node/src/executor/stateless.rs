@@ -132,6 +132,7 @@ impl StatelessTask {
             Poll::Ready(done) => done,
             Poll::Pending => {
                 let runtime = tokio::runtime::Handle::current();
+                let call = call.by_thread_clock();
                 tokio::task::spawn_blocking(move || runtime.block_on(call))
                     .await
                     .map_err(|e| InvokeError::Unavailable(format!("the invocation thread failed: {e}")))?
