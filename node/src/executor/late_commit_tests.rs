@@ -116,3 +116,22 @@ fn a_keyed_retry_hears_the_answer_of_its_run_that_landed_late() {
         assert_eq!(call(&exec, "c", "0").await.unwrap(), "8");
     });
 }
+
+#[test]
+fn a_call_undone_before_this_hub_applied_a_checkpoint_that_landed_late_is_not_said_to_have_failed() {
+    let (_dir, exec, mesh) = counter(CheckpointPolicy::Durable);
+    rt().block_on(async {
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        mesh.lose_next.store(true, Ordering::SeqCst);
+        let e = call(&exec, "c", "5").await.unwrap_err();
+        assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
+        // Landed in the mesh but not applied here: the next call's checkpoint is refused, and
+        // the instance cannot tell yet where it stands. The landed checkpoint may carry the call
+        // (as pending) to a host that restores it: not a definite failure.
+        let e = call(&exec, "c", "1").await.unwrap_err();
+        assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
+        mesh.land();
+        let _ = call(&exec, "c", "0").await; // finds the landed checkpoint and returns to it
+        assert_eq!(call(&exec, "c", "0").await.unwrap(), "8");
+    });
+}

@@ -8,8 +8,8 @@
 //! share a core). The first slice of a stateless call, on the runtime's thread that took the
 //! request (where most calls begin and end, within a tick), is timed by the monotonic clock
 //! instead: the thread CPU clock is a system call, not a vDSO read, and its two reads per call
-//! took 12 % of the hub's CPU under `wrk -c32` (docs/benchmarks.md). A first slice the kernel
-//! preempts also counts its wait for a core; it lasts a tick (2 ms) at most.
+//! took up to 12 % of the hub's CPU under `wrk -c32` (docs/benchmarks.md). A first slice the
+//! kernel preempts also counts its wait for a core; it lasts about a tick (2 ms).
 
 use std::future::Future;
 use std::pin::Pin;

@@ -53,7 +53,8 @@ impl Actor {
     /// earlier run of the call under its key, whose commit landed late: then it is committed, and
     /// this is its answer. Or it may carry the call in its pending list, which a host that
     /// restores it runs: then its outcome is unknown, as it is when the failed checkpoint may
-    /// commit yet.
+    /// commit yet, and while a checkpoint of this instance may have landed that this hub has not
+    /// applied (`unsettled`: it may carry the call too).
     pub(super) fn undone(&self, key: Option<&str>, e: &CheckpointFailed, adopted: bool) -> Result<Answer, InvokeError> {
         if let Some(refusal) = self.refused() {
             return Err(refusal);
@@ -61,9 +62,14 @@ impl Actor {
         if let Some(answer) = key.and_then(|k| self.answers.get(k)) {
             return Ok(answer.clone());
         }
-        Err(match e.may_have_committed || adopted {
-            true => InvokeError::OutcomeUnknown(format!("the state change may yet be committed: {e}")),
-            false => InvokeError::Unavailable(format!("the state change could not be committed and was undone: {e}")),
+        Err(if e.may_have_committed {
+            InvokeError::OutcomeUnknown(format!("the state change may yet be committed: {e}"))
+        } else if adopted || !self.unsettled.is_empty() {
+            InvokeError::OutcomeUnknown(format!(
+                "the state change was undone, but a committed checkpoint may carry the call to run later: {e}"
+            ))
+        } else {
+            InvokeError::Unavailable(format!("the state change could not be committed and was undone: {e}"))
         })
     }
 
