@@ -32,6 +32,24 @@ impl BulkBody {
             Err(quinn::ReadExactError::ReadError(e)) => Err(Refusal::bad_request(format!("reading the body: {e}"))),
         }
     }
+
+    /// The next `len` bytes, in a buffer filled as they arrive (never zeroed first: a holder
+    /// reads every page of a push this way). `Ok(None)` when the sender finished the stream
+    /// before their first byte; a stream that ends inside them is refused.
+    pub async fn read_vec(&mut self, len: usize) -> Result<Option<Vec<u8>>, Refusal> {
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            match self.recv.read_chunk(len - out.len(), true).await {
+                Ok(Some(chunk)) => out.extend_from_slice(&chunk.bytes),
+                Ok(None) if out.is_empty() => return Ok(None),
+                Ok(None) => {
+                    return Err(Refusal::bad_request(format!("the body ended after {} of {len} bytes", out.len())))
+                }
+                Err(e) => return Err(Refusal::bad_request(format!("reading the body: {e}"))),
+            }
+        }
+        Ok(Some(out))
+    }
 }
 
 /// A bulk stream being sent: write the body with [`send`](Self::send), then

@@ -35,13 +35,13 @@ fn hub(ca: &CaMaterial, id: u64) -> Arc<Transport> {
         }),
     );
     t.register(StreamKind::Join, handler(|caller, _p| async move { Ok(format!("{caller:?}").into_bytes()) }));
-    // Counts whole frames until the body ends and sums their bytes: "<header>:<frames>:<sum>".
+    // Counts whole frames until the body ends and sums their bytes: "<header>:<frames>:<sum>"
+    // (read as a checkpoint's holder reads pages).
     t.register_bulk(
         FRAMES,
         bulk_handler(|_caller, header: Vec<u8>, mut body: BulkBody| async move {
-            let mut buf = vec![0u8; FRAME];
             let (mut frames, mut sum) = (0u64, 0u64);
-            while body.read_exact_or_end(&mut buf).await? {
+            while let Some(buf) = body.read_vec(FRAME).await? {
                 frames += 1;
                 sum += buf.iter().map(|b| *b as u64).sum::<u64>();
             }

@@ -58,10 +58,9 @@ pub(super) async fn receive_push(
             frames_left = frames_left
                 .checked_sub(1)
                 .ok_or_else(|| bad(format!("more pages than checkpoint {} refers to", req.key)))?;
-            let mut data = vec![0u8; len];
-            if !body.read_exact_or_end(&mut data).await? && len > 0 {
+            let Some(data) = body.read_vec(len).await? else {
                 return Err(bad(format!("the push ended inside page {hash}")));
-            }
+            };
             batch_bytes += data.len();
             batch.push((hash, data));
         }

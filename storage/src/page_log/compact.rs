@@ -2,7 +2,7 @@
 //! pin holds, and the latest manifests), holding the index's lock only for moments.
 //!
 //! ```text
-//!  1 lock:    decide (live bytes under half the file); snapshot the live records' places and
+//!  1 lock:    decide (live bytes a third of the file or less); snapshot the live records' places and
 //!             the file's length; unlock
 //!  2 no lock: copy those records into pages.log.compact (the old file below a length read
 //!             under the lock never changes: it is append-only)
@@ -36,6 +36,12 @@ const CATCH_UP_ENOUGH: u64 = 1 << 20;
 /// At most this many catch-up rounds (a writer faster than the copy must not keep a compaction
 /// going forever; what is left then is copied under the lock).
 const CATCH_UP_ROUNDS: usize = 8;
+/// A compaction waits until the file is this many times its live bytes: each then copies at most
+/// half a byte per byte of garbage it drops. At 2 (compact once half is garbage) a task whose
+/// checkpoints rewrite all its pages had every checkpoint copied once more on every hub that
+/// stores it, and the compactor took a quarter of the CPU during pushes (docs/benchmarks.md,
+/// fifth pass); the price is a file up to three times its live bytes.
+const FILE_PER_LIVE_BYTE: u64 = 3;
 /// How much of the old file a raw copy reads at a time.
 const COPY_CHUNK: usize = 1 << 20;
 
@@ -165,7 +171,7 @@ fn finish_file(rewrite: Rewrite<BufWriter<File>>, tmp: &Path) -> Result<(File, R
 }
 
 impl PageLog {
-    /// Compacts the file if at least half of it is garbage. Returns whether it did.
+    /// Compacts the file if at least two thirds of it are garbage. Returns whether it did.
     pub fn compact_if_needed(&self) -> Result<bool, PageLogError> {
         self.compact_with(|| {})
     }
@@ -242,7 +248,7 @@ impl PageLog {
         let live = self.live(&inner);
         let pages: Vec<(Hash, Loc)> = live.iter().filter_map(|h| inner.pages.get(h).map(|l| (*h, *l))).collect();
         let live_bytes: u64 = pages.iter().map(|(_, l)| u64::from(l.len) + RECORD_OVERHEAD).sum();
-        if live_bytes * 2 > inner.len {
+        if live_bytes * FILE_PER_LIVE_BYTE > inner.len {
             return None;
         }
         let manifests = inner.manifests.iter().map(|(k, m)| (k.clone(), m.loc, m.refs.clone())).collect();

@@ -3,8 +3,8 @@
 //! A batch of records is appended (a vectored write, from the callers' page buffers: `batch`)
 //! and then made durable with **one** `fdatasync`, which is what a durable invocation pays. On open the file is scanned to rebuild the in-memory index; a torn
 //! tail (a crash mid-append) is cut off at the last whole record. Each page read re-hashes the
-//! bytes, so a flipped bit is reported as [`PageLogError::Corrupt`], never returned. When most of
-//! the file is garbage (pages no manifest refers to), a background thread rewrites it with only
+//! bytes, so a flipped bit is reported as [`PageLogError::Corrupt`], never returned. When two thirds
+//! of the file are garbage (pages no manifest refers to), a background thread rewrites it with only
 //! the live records (`compact`), holding the index's lock only to copy what was appended
 //! meanwhile and to swap the files: writers never wait for a whole rewrite.
 //!
