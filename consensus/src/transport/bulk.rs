@@ -37,15 +37,21 @@ impl BulkBody {
     /// reads every page of a push this way). `Ok(None)` when the sender finished the stream
     /// before their first byte; a stream that ends inside them is refused.
     pub async fn read_vec(&mut self, len: usize) -> Result<Option<Vec<u8>>, Refusal> {
+        use bytes::BufMut;
+        use tokio::io::AsyncReadExt;
         let mut out = Vec::with_capacity(len);
         while out.len() < len {
-            match self.recv.read_chunk(len - out.len(), true).await {
-                Ok(Some(chunk)) => out.extend_from_slice(&chunk.bytes),
-                Ok(None) if out.is_empty() => return Ok(None),
-                Ok(None) => {
-                    return Err(Refusal::bad_request(format!("the body ended after {} of {len} bytes", out.len())))
-                }
-                Err(e) => return Err(Refusal::bad_request(format!("reading the body: {e}"))),
+            // As much as has arrived, up to what is left, in one go (not a packet's chunk at a time).
+            let limit = len - out.len();
+            let n = self
+                .recv
+                .read_buf(&mut (&mut out).limit(limit))
+                .await
+                .map_err(|e| Refusal::bad_request(format!("reading the body: {e}")))?;
+            match n {
+                0 if out.is_empty() => return Ok(None),
+                0 => return Err(Refusal::bad_request(format!("the body ended after {} of {len} bytes", out.len()))),
+                _ => {}
             }
         }
         Ok(Some(out))

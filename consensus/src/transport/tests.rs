@@ -41,9 +41,20 @@ fn hub(ca: &CaMaterial, id: u64) -> Arc<Transport> {
         FRAMES,
         bulk_handler(|_caller, header: Vec<u8>, mut body: BulkBody| async move {
             let (mut frames, mut sum) = (0u64, 0u64);
-            while let Some(buf) = body.read_vec(FRAME).await? {
+            let mut count = |buf: &[u8]| {
                 frames += 1;
                 sum += buf.iter().map(|b| *b as u64).sum::<u64>();
+            };
+            // A header of "exact" reads into one buffer, as a holder reads a page's frame head.
+            if header == b"exact" {
+                let mut buf = vec![0u8; FRAME];
+                while body.read_exact_or_end(&mut buf).await? {
+                    count(&buf);
+                }
+            } else {
+                while let Some(buf) = body.read_vec(FRAME).await? {
+                    count(&buf);
+                }
             }
             Ok(format!("{}:{frames}:{sum}", String::from_utf8_lossy(&header)).into_bytes())
         }),
@@ -292,11 +303,18 @@ async fn bad_bulk_streams_get_clear_errors() {
     let (a, b) = (hub(&ca, 1), hub(&ca, 2));
     a.set_peer(2, addr(&b));
     let code = |raw: Vec<u8>| pb::MeshResponse::decode(raw.as_slice()).unwrap();
-    // A body that ends inside a frame.
-    let mut call = a.call_bulk(2, FRAMES, vec![]).await.unwrap();
-    call.send(vec![1u8; FRAME + 10].into()).await.unwrap();
-    let err = call.finish().await.unwrap_err();
-    assert!(matches!(&err, RpcError::Remote(r) if r.message.contains("ended after 10")), "{err:?}");
+    // A body that ends inside a frame, read either way.
+    for header in [&b""[..], b"exact"] {
+        let mut call = a.call_bulk(2, FRAMES, header.to_vec()).await.unwrap();
+        call.send(vec![1u8; FRAME + 10].into()).await.unwrap();
+        let err = call.finish().await.unwrap_err();
+        assert!(matches!(&err, RpcError::Remote(r) if r.message.contains("ended after 10")), "{err:?}");
+    }
+    // Whole frames read either way.
+    let mut call = a.call_bulk(2, FRAMES, b"exact".to_vec()).await.unwrap();
+    call.send(vec![2u8; 2 * FRAME].into()).await.unwrap();
+    let out = call.finish().await.unwrap();
+    assert_eq!(String::from_utf8(out).unwrap(), format!("exact:2:{}", 4 * FRAME));
     // A kind without a bulk handler: refused, the sender's body is not read, and the sender
     // learns why.
     let err = a.call_bulk(2, StreamKind::CheckpointFetch, vec![]).await.unwrap().finish().await.unwrap_err();

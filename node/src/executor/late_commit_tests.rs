@@ -2,10 +2,12 @@
 //! or a leader change) and that the mesh committed after all: the instance must find its way to
 //! it, keep committing after it, and not throw away what it acknowledged since.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hubmesh_consensus::state::{parse_checkpoint_key, CheckpointPolicy, TaskKind};
+use hubmesh_storage::{Hash, PageLog, PageWrite};
 
 use super::tests::{call, config, example, executor_in, rt, LIMITS};
 use super::*;
@@ -18,6 +20,13 @@ struct Mesh {
     committed: Mutex<Option<String>>,
     applied: Mutex<Option<String>>,
     lose_next: AtomicBool,
+    /// Commits that fail with an unknown outcome, and did not commit.
+    fail_unknown: AtomicUsize,
+    /// What each commit carried, as the holders would store it: key → (manifest, refs).
+    stored: Mutex<HashMap<String, (Vec<u8>, Vec<Hash>)>>,
+    /// The instance's page log, where a fetch puts the committed checkpoint.
+    log: Mutex<Option<Arc<PageLog>>>,
+    fetches: AtomicUsize,
 }
 
 impl Mesh {
@@ -33,6 +42,10 @@ impl Mesh {
 
 impl CheckpointSink for Mesh {
     fn commit(&self, c: &LocalCheckpoint) -> Result<(), CommitError> {
+        self.stored.lock().unwrap().insert(c.key.clone(), (c.manifest.clone(), c.refs.clone()));
+        if self.fail_unknown.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(CommitError::MayHaveCommitted("the proposal timed out".into()));
+        }
         let mut committed = self.committed.lock().unwrap();
         if c.committed_key != *committed {
             return Err(CommitError::Behind(format!("built on {:?}, {committed:?} is committed", c.committed_key)));
@@ -48,12 +61,24 @@ impl CheckpointSink for Mesh {
     fn committed_key(&self, _task: &str) -> Option<String> {
         self.applied.lock().unwrap().clone()
     }
+
+    fn fetch_committed(&self, _task: &str) -> Option<String> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        let key = self.applied.lock().unwrap().clone()?;
+        let (manifest, refs) = self.stored.lock().unwrap().get(&key).cloned()?;
+        let log = self.log.lock().unwrap().clone()?;
+        // The pages are still in the log (garbage, not yet compacted): only the manifest came back.
+        log.write(&[PageWrite { pages: Vec::new(), key: key.clone(), manifest, refs, remove: Vec::new() }], true)
+            .unwrap();
+        Some(key)
+    }
 }
 
 fn counter(policy: CheckpointPolicy) -> (tempfile::TempDir, Executor, Arc<Mesh>) {
     let dir = tempfile::tempdir().unwrap();
     let exec = executor_in(dir.path());
     let mesh = Arc::new(Mesh::default());
+    *mesh.log.lock().unwrap() = Some(exec.pages().clone());
     exec.set_sink(mesh.clone());
     let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
     let cfg = config("c", &prepared.wasm, TaskKind::Stateful, policy);
@@ -133,5 +158,53 @@ fn a_call_undone_before_this_hub_applied_a_checkpoint_that_landed_late_is_not_sa
         mesh.land();
         let _ = call(&exec, "c", "0").await; // finds the landed checkpoint and returns to it
         assert_eq!(call(&exec, "c", "0").await.unwrap(), "8");
+    });
+}
+
+#[test]
+fn an_instance_past_its_kept_checkpoints_fetches_the_one_that_landed_late() {
+    let (_dir, exec, mesh) = counter(CheckpointPolicy::Durable);
+    rt().block_on(async {
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        // More checkpoints whose outcome is unknown than the instance keeps on disk...
+        mesh.fail_unknown.store(stateful::UNSETTLED, Ordering::SeqCst);
+        for _ in 0..stateful::UNSETTLED {
+            let e = call(&exec, "c", "1").await.unwrap_err();
+            assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
+        }
+        // ...and then the one that did commit, whose answer was lost too.
+        mesh.lose_next.store(true, Ordering::SeqCst);
+        let e = call(&exec, "c", "5").await.unwrap_err();
+        assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
+        // Refused before this hub applied the commit: the next checkpoint drops it from disk.
+        let e = call(&exec, "c", "1").await.unwrap_err();
+        assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
+        assert!(!exec.pages().has_manifest(mesh.committed.lock().unwrap().as_ref().unwrap()));
+        mesh.land();
+        // Behind the landed checkpoint, which is not here: fetched, and returned to.
+        let _ = call(&exec, "c", "0").await;
+        assert_eq!(mesh.fetches.load(Ordering::SeqCst), 1);
+        assert_eq!(call(&exec, "c", "0").await.unwrap(), "8", "the committed state, and commits go on");
+        assert_eq!(call(&exec, "c", "2").await.unwrap(), "10");
+    });
+}
+
+#[test]
+fn a_checkpoint_the_mesh_committed_is_kept_on_disk_past_the_unsettled_ones() {
+    let (_dir, exec, mesh) = counter(CheckpointPolicy::Durable);
+    rt().block_on(async {
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        mesh.fail_unknown.store(stateful::UNSETTLED, Ordering::SeqCst);
+        for _ in 0..stateful::UNSETTLED {
+            assert!(call(&exec, "c", "1").await.is_err());
+        }
+        mesh.lose_next.store(true, Ordering::SeqCst);
+        assert!(call(&exec, "c", "5").await.is_err());
+        // Applied here before the next checkpoint: that one keeps it on disk, and no fetch is needed.
+        mesh.land();
+        let e = call(&exec, "c", "1").await.unwrap_err();
+        assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
+        assert_eq!(call(&exec, "c", "0").await.unwrap(), "8");
+        assert_eq!(mesh.fetches.load(Ordering::SeqCst), 0, "fetched what was on disk");
     });
 }

@@ -160,6 +160,13 @@ pub trait CheckpointSink: Send + Sync {
         None
     }
 
+    /// Puts `task`'s committed checkpoint, as the mesh knows it, in the local page log (fetched
+    /// and verified from the hubs that store it); its key, once it is there. On the task's thread,
+    /// which waits for it (an instance that lost sight of its own checkpoint that committed late).
+    fn fetch_committed(&self, _task: &str) -> Option<String> {
+        None
+    }
+
     /// Whether this hub may still give `task`'s instance at `epoch` an answer that no commit
     /// fences (a periodic or checkpoint-less task's): it holds its lease, and the mesh as this hub
     /// has applied it still places that epoch here. Asked when the call runs and again when it

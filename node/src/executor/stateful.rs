@@ -118,7 +118,7 @@ struct Actor {
 
 /// Most checkpoints an instance keeps on disk in case the mesh committed them after it heard
 /// their commit failed.
-const UNSETTLED: usize = 4;
+pub(super) const UNSETTLED: usize = 4;
 
 /// Most input bytes of queued invocations a checkpoint carries.
 const PENDING_BYTES: usize = 8 << 20;
@@ -480,7 +480,7 @@ impl Actor {
         // Only what is surely garbage goes: checkpoints older than the committed one, and this
         // instance's own earlier ones that never committed. Another epoch's newer ones (a lagging
         // view of a move) are left to the garbage collector, which reads the mesh's state.
-        let committed = self.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s));
+        let older_than = self.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s));
         let mine = Epoch(self.cfg.epoch);
         let remove = self
             .pages
@@ -488,10 +488,13 @@ impl Actor {
             .into_iter()
             .filter(|k| {
                 parse_checkpoint_key(k).is_some_and(|(t, e, s)| {
-                    t == self.cfg.name && (committed.is_some_and(|c| (e, s) < c) || (e == mine && s < sequence))
+                    t == self.cfg.name && (older_than.is_some_and(|c| (e, s) < c) || (e == mine && s < sequence))
                 })
             })
             .filter(|k| Some(k) != self.committed_key.as_ref() && *k != key)
+            // Nor the one the mesh says is committed: a late commit this instance has not caught
+            // up to yet (past the unsettled ones it keeps) is what it must return to.
+            .filter(|k| Some(k) != committed.as_ref())
             .filter(|k| !self.unsettled.iter().any(|(u, _)| u == k))
             .collect();
         let write =

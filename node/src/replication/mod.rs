@@ -94,6 +94,24 @@ impl CheckpointSink for Replicator {
         state.tasks.get(task)?.checkpoint.as_ref().map(|r| r.key(task))
     }
 
+    fn fetch_committed(&self, task: &str) -> Option<String> {
+        let hub = self.hub.upgrade()?;
+        let record = hub.consensus().state().tasks.get(task)?.checkpoint.clone()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let name = task.to_owned();
+        self.runtime.spawn(async move {
+            let _ = tx.send(fetch_checkpoint(&hub, &name, &record).await);
+        });
+        match rx.blocking_recv() {
+            Ok(Ok(key)) => Some(key),
+            Ok(Err(e)) => {
+                tracing::warn!(task, error = %e, "could not fetch the committed checkpoint");
+                None
+            }
+            Err(_) => None, // the hub is shutting down
+        }
+    }
+
     fn may_answer(&self, task: &str, epoch: u64) -> bool {
         let Some(hub) = self.hub.upgrade() else { return false };
         let me = hub.consensus().node_id();

@@ -39,8 +39,9 @@ const CATCH_UP_ROUNDS: usize = 8;
 /// A compaction waits until the file is this many times its live bytes: each then copies at most
 /// half a byte per byte of garbage it drops. At 2 (compact once half is garbage) a task whose
 /// checkpoints rewrite all its pages had every checkpoint copied once more on every hub that
-/// stores it, and the compactor took a quarter of the CPU during pushes (docs/benchmarks.md,
-/// fifth pass); the price is a file up to three times its live bytes.
+/// stores it, and the compactors took a quarter of the CPU during pushes (docs/benchmarks.md,
+/// "The mesh plane, fifth pass"); the price is a file up to three times its live bytes (four
+/// while a compaction writes the new one).
 const FILE_PER_LIVE_BYTE: u64 = 3;
 /// How much of the old file a raw copy reads at a time.
 const COPY_CHUNK: usize = 1 << 20;

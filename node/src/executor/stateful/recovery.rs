@@ -32,20 +32,25 @@ enum Ran {
 }
 
 impl Actor {
-    /// Takes the mesh's committed checkpoint as this instance's own when it is newer, of this
-    /// epoch and in the local page log; says whether it did.
+    /// Takes the mesh's committed checkpoint as this instance's own when it is newer and of this
+    /// epoch (one of its own, whose commit landed late); says whether it did. Not in the local page
+    /// log any more (past the unsettled ones kept), it is fetched from the hubs that store it:
+    /// else every later checkpoint would be refused as not built on it, until the task restarted.
     pub(super) fn catch_up_committed_key(&mut self) -> bool {
-        let Some(key) = self.sink.as_ref().and_then(|s| s.committed_key(&self.cfg.name)) else { return false };
+        let Some(sink) = self.sink.clone() else { return false };
+        let Some(key) = sink.committed_key(&self.cfg.name) else { return false };
         let Some((_, epoch, sequence)) = parse_checkpoint_key(&key) else { return false };
         let mine = self.committed_key.as_deref().and_then(parse_checkpoint_key).map(|(_, e, s)| (e, s));
-        if epoch == Epoch(self.cfg.epoch) && mine.is_none_or(|m| m < (epoch, sequence)) && self.pages.has_manifest(&key)
-        {
-            tracing::warn!(task = %self.cfg.name, from = ?self.committed_key, to = %key, "this instance was behind the committed checkpoint");
-            self.committed_key = Some(key);
-            self.sequence = self.sequence.max(sequence);
-            return true;
+        if epoch != Epoch(self.cfg.epoch) || mine.is_some_and(|m| m >= (epoch, sequence)) {
+            return false;
         }
-        false
+        if !self.pages.has_manifest(&key) && sink.fetch_committed(&self.cfg.name).as_deref() != Some(key.as_str()) {
+            return false;
+        }
+        tracing::warn!(task = %self.cfg.name, from = ?self.committed_key, to = %key, "this instance was behind the committed checkpoint");
+        self.committed_key = Some(key);
+        self.sequence = self.sequence.max(sequence);
+        true
     }
 
     /// The answer to a call whose change went when a failed checkpoint took this instance back
