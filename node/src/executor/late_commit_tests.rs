@@ -62,15 +62,21 @@ impl CheckpointSink for Mesh {
         self.applied.lock().unwrap().clone()
     }
 
-    fn fetch_committed(&self, _task: &str) -> Option<String> {
+    fn committed_hash(&self, _task: &str, key: &str) -> Option<Hash> {
+        self.stored.lock().unwrap().get(key).map(|(manifest, _)| Hash::of(manifest))
+    }
+
+    fn fetch_committed(&self, _task: &str, key: &str) -> bool {
         self.fetches.fetch_add(1, Ordering::SeqCst);
-        let key = self.applied.lock().unwrap().clone()?;
-        let (manifest, refs) = self.stored.lock().unwrap().get(&key).cloned()?;
-        let log = self.log.lock().unwrap().clone()?;
+        if self.applied.lock().unwrap().as_deref() != Some(key) {
+            return false;
+        }
+        let Some((manifest, refs)) = self.stored.lock().unwrap().get(key).cloned() else { return false };
+        let log = self.log.lock().unwrap().clone().unwrap();
         // The pages are still in the log (garbage, not yet compacted): only the manifest came back.
-        log.write(&[PageWrite { pages: Vec::new(), key: key.clone(), manifest, refs, remove: Vec::new() }], true)
-            .unwrap();
-        Some(key)
+        let write = PageWrite { pages: Vec::new(), key: key.to_owned(), manifest, refs, remove: Vec::new() };
+        log.write(&[write], true).unwrap();
+        true
     }
 }
 
@@ -206,5 +212,26 @@ fn a_checkpoint_the_mesh_committed_is_kept_on_disk_past_the_unsettled_ones() {
         assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
         assert_eq!(call(&exec, "c", "0").await.unwrap(), "8");
         assert_eq!(mesh.fetches.load(Ordering::SeqCst), 0, "fetched what was on disk");
+    });
+}
+
+#[test]
+fn a_committed_key_held_here_with_other_contents_is_fetched_not_taken() {
+    let (_dir, exec, mesh) = counter(CheckpointPolicy::Durable);
+    rt().block_on(async {
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        let first = mesh.committed.lock().unwrap().clone().unwrap();
+        mesh.lose_next.store(true, Ordering::SeqCst);
+        assert!(call(&exec, "c", "5").await.is_err());
+        // This hub holds the key that landed with other contents (as after a restart that
+        // reused it): the state of the checkpoint before.
+        let landed = mesh.committed.lock().unwrap().clone().unwrap();
+        let (manifest, refs) = mesh.stored.lock().unwrap()[&first].clone();
+        let write = PageWrite { pages: Vec::new(), key: landed, manifest, refs, remove: Vec::new() };
+        exec.pages().write(&[write], true).unwrap();
+        mesh.land();
+        let _ = call(&exec, "c", "0").await;
+        assert_eq!(mesh.fetches.load(Ordering::SeqCst), 1, "the contents here were taken as committed");
+        assert_eq!(call(&exec, "c", "0").await.unwrap(), "8", "the committed state, and commits go on");
     });
 }

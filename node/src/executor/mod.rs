@@ -160,11 +160,17 @@ pub trait CheckpointSink: Send + Sync {
         None
     }
 
-    /// Puts `task`'s committed checkpoint, as the mesh knows it, in the local page log (fetched
-    /// and verified from the hubs that store it); its key, once it is there. On the task's thread,
-    /// which waits for it (an instance that lost sight of its own checkpoint that committed late).
-    fn fetch_committed(&self, _task: &str) -> Option<String> {
+    /// The manifest hash of `task`'s committed checkpoint if its key is `key` (`None`: unknown).
+    fn committed_hash(&self, _task: &str, _key: &str) -> Option<Hash> {
         None
+    }
+
+    /// Puts `task`'s committed checkpoint `key` in the local page log as the mesh committed it
+    /// (fetched and verified from the other hubs that store it, if missing or different here);
+    /// whether it is there now. On the task's thread, which waits for it, a bounded time (an
+    /// instance that lost sight of its own checkpoint that committed late).
+    fn fetch_committed(&self, _task: &str, _key: &str) -> bool {
+        false
     }
 
     /// Whether this hub may still give `task`'s instance at `epoch` an answer that no commit

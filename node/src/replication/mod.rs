@@ -40,6 +40,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use hubmesh_consensus::transport::{Refusal, CHECKPOINT_FETCH, CHECKPOINT_PUSH};
+use hubmesh_storage::Hash;
 
 pub(crate) use fetch::{fetch_checkpoint, store_with_pages};
 pub(crate) use upkeep::upkeep;
@@ -62,6 +63,9 @@ const MAX_PAGE: usize = 1 << 20;
 const PUSH_ROUNDS: usize = 4;
 /// Time for one message to a holder.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an instance waits for its committed checkpoint to be fetched back (its calls wait
+/// behind it; it tries again at its next failed checkpoint).
+const FETCH_COMMITTED_BUDGET: Duration = Duration::from_secs(30);
 
 /// The node's [`CheckpointSink`]: replicates, then commits the record.
 pub(crate) struct Replicator {
@@ -94,21 +98,36 @@ impl CheckpointSink for Replicator {
         state.tasks.get(task)?.checkpoint.as_ref().map(|r| r.key(task))
     }
 
-    fn fetch_committed(&self, task: &str) -> Option<String> {
+    fn committed_hash(&self, task: &str, key: &str) -> Option<Hash> {
         let hub = self.hub.upgrade()?;
-        let record = hub.consensus().state().tasks.get(task)?.checkpoint.clone()?;
+        let state = hub.consensus().state();
+        state.tasks.get(task)?.checkpoint.as_ref().filter(|r| r.key(task) == key).map(|r| r.manifest_hash)
+    }
+
+    fn fetch_committed(&self, task: &str, key: &str) -> bool {
+        let Some(hub) = self.hub.upgrade() else { return false };
+        let state = hub.consensus().state();
+        let Some(record) = state.tasks.get(task).and_then(|t| t.checkpoint.clone()).filter(|r| r.key(task) == key)
+        else {
+            return false; // committed past it meanwhile: the caller looks again
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let name = task.to_owned();
         self.runtime.spawn(async move {
-            let _ = tx.send(fetch_checkpoint(&hub, &name, &record).await);
+            let fetched = tokio::time::timeout(FETCH_COMMITTED_BUDGET, fetch_checkpoint(&hub, &name, &record)).await;
+            let _ = tx.send(fetched);
         });
         match rx.blocking_recv() {
-            Ok(Ok(key)) => Some(key),
-            Ok(Err(e)) => {
-                tracing::warn!(task, error = %e, "could not fetch the committed checkpoint");
-                None
+            Ok(Ok(Ok(fetched))) => fetched == key,
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(task, key, error = %e, "could not fetch the committed checkpoint");
+                false
             }
-            Err(_) => None, // the hub is shutting down
+            Ok(Err(_)) => {
+                tracing::warn!(task, key, "fetching the committed checkpoint timed out");
+                false
+            }
+            Err(_) => false, // the hub is shutting down
         }
     }
 

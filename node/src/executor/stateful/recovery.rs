@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use hubmesh_consensus::state::{parse_checkpoint_key, CheckpointPolicy};
 use hubmesh_consensus::Epoch;
+use hubmesh_storage::Hash;
 
 use super::Actor;
 use crate::checkpoint::{AnswerCache, Manifest};
@@ -44,9 +45,17 @@ impl Actor {
         if epoch != Epoch(self.cfg.epoch) || mine.is_some_and(|m| m >= (epoch, sequence)) {
             return false;
         }
-        if !self.pages.has_manifest(&key) && sink.fetch_committed(&self.cfg.name).as_deref() != Some(key.as_str()) {
+        // The committed contents, not only the key: a restart may have reused the key for another
+        // state of its own here.
+        let here = match sink.committed_hash(&self.cfg.name, &key) {
+            Some(hash) => self.pages.read_manifest(&key).ok().flatten().is_some_and(|m| Hash::of(&m) == hash),
+            None => self.pages.has_manifest(&key),
+        };
+        if !here && !sink.fetch_committed(&self.cfg.name, &key) {
             return false;
         }
+        // Checkpoints built on the one before can never commit now.
+        self.unsettled.retain(|(k, _)| parse_checkpoint_key(k).is_some_and(|(_, e, s)| (e, s) >= (epoch, sequence)));
         tracing::warn!(task = %self.cfg.name, from = ?self.committed_key, to = %key, "this instance was behind the committed checkpoint");
         self.committed_key = Some(key);
         self.sequence = self.sequence.max(sequence);
