@@ -67,7 +67,7 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
     }
     hub.forget_start_failures(|n| desired.contains_key(n));
 
-    let mut caught_up: Option<Arc<ClusterState>> = None;
+    let mut caught_up: Option<Option<Arc<ClusterState>>> = None;
     for (name, cfg) in desired {
         if running.get(&name) == Some(&cfg) || migrating(&name) {
             continue;
@@ -122,11 +122,21 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
             && state.tasks.get(&name).is_some_and(|t| t.checkpoint.is_some())
         {
             // One read barrier per round, however many tasks start (a hub's boot starts them all).
+            // Without it (no leader known yet after a restart, or cut off), the tasks wait for the
+            // next round: a lagging view may name an older checkpoint than the mesh committed.
             let fresh = match &caught_up {
-                Some(s) => Arc::clone(s),
+                Some(Some(s)) => Arc::clone(s),
+                Some(None) => continue,
                 None => {
-                    hub.consensus().catch_up(Duration::from_secs(1)).await;
-                    caught_up.insert(hub.consensus().state()).clone()
+                    let ok = hub.consensus().catch_up(Duration::from_secs(1)).await;
+                    match caught_up.insert(ok.then(|| hub.consensus().state())) {
+                        Some(s) => Arc::clone(s),
+                        None => {
+                            // Not a start failure (no back-off): the next round tries again.
+                            tracing::info!(task = %name, "waiting to learn the mesh's current state before restoring");
+                            continue;
+                        }
+                    }
                 }
             };
             let still = fresh

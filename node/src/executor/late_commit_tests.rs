@@ -235,3 +235,49 @@ fn a_committed_key_held_here_with_other_contents_is_fetched_not_taken() {
         assert_eq!(call(&exec, "c", "0").await.unwrap(), "8", "the committed state, and commits go on");
     });
 }
+
+#[test]
+fn a_restart_from_a_lagging_view_uses_no_key_again_and_returns_to_the_one_that_landed() {
+    let (_dir, exec, mesh) = counter(CheckpointPolicy::Durable);
+    let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
+    rt().block_on(async {
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        let first = mesh.committed.lock().unwrap().clone().unwrap();
+        // The hub dies while its checkpoint commits: the mesh commits it, this hub never hears.
+        mesh.lose_next.store(true, Ordering::SeqCst);
+        assert!(call(&exec, "c", "5").await.is_err());
+        let landed = mesh.committed.lock().unwrap().clone().unwrap();
+        let landed_manifest = mesh.stored.lock().unwrap()[&landed].0.clone();
+        exec.stop_task("c", false);
+        // Back, it restores from the checkpoint its lagging view says is committed.
+        let cfg = config("c", &prepared.wasm, TaskKind::Stateful, CheckpointPolicy::Durable);
+        exec.start_task_from(cfg, &prepared.wasm, Restore::Key(first)).unwrap();
+        let e = call(&exec, "c", "1").await.unwrap_err();
+        assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "the landed checkpoint may carry it: {e:?}");
+        // That checkpoint went under a new key: the one that landed is the same here and on holders.
+        assert_eq!(mesh.stored.lock().unwrap()[&landed].0, landed_manifest, "the landed key was used again");
+        assert_eq!(exec.pages().read_manifest(&landed).unwrap(), Some(landed_manifest));
+        mesh.land();
+        let _ = call(&exec, "c", "0").await; // finds the landed checkpoint here and returns to it
+        assert_eq!(call(&exec, "c", "0").await.unwrap(), "8", "the committed state, and commits go on");
+        assert_eq!(mesh.fetches.load(Ordering::SeqCst), 0, "fetched what was on disk");
+    });
+}
+
+#[test]
+fn a_checkpoint_skips_a_key_the_page_log_holds_already() {
+    let (_dir, exec, mesh) = counter(CheckpointPolicy::Durable);
+    rt().block_on(async {
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        let first = mesh.committed.lock().unwrap().clone().unwrap();
+        let (_, epoch, sequence) = parse_checkpoint_key(&first).unwrap();
+        // Something holds the next key here (what an earlier run of the instance would leave).
+        let next = hubmesh_consensus::state::checkpoint_key("c", epoch, sequence + 1);
+        let (manifest, refs) = mesh.stored.lock().unwrap()[&first].clone();
+        let write = PageWrite { pages: Vec::new(), key: next.clone(), manifest, refs, remove: Vec::new() };
+        exec.pages().write(&[write], true).unwrap();
+        assert_eq!(call(&exec, "c", "5").await.unwrap(), "8", "the checkpoint went under the key after it");
+        assert_eq!(mesh.committed_sequence(), sequence + 2);
+        assert!(!mesh.stored.lock().unwrap().contains_key(&next), "a checkpoint went under the key held");
+    });
+}

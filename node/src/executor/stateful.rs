@@ -31,7 +31,7 @@ mod migrate;
 mod recovery;
 mod timer;
 
-use recovery::Caller;
+use recovery::{newest_local, written_after, Caller};
 
 pub(crate) use migrate::{FinalState, MigrateMsg, MigrationStart, MovedTo, Resolution};
 
@@ -200,6 +200,13 @@ impl StatefulTask {
                 (inst, image, AnswerCache::default(), Vec::new(), 0, 0)
             }
         };
+        // A hub restarted from a lagging view of the mesh restores an older committed checkpoint
+        // than the newest it wrote at this epoch, whose commit may land yet: those are unsettled,
+        // and a checkpoint under a used key would replace one's manifest here and on holders.
+        let unsettled = written_after(&pages, &cfg.name, Epoch(cfg.epoch), sequence);
+        let sequence = unsettled.last().and_then(|k| parse_checkpoint_key(k)).map_or(sequence, |(.., s)| s);
+        let unsettled: Vec<(String, bool)> =
+            unsettled.into_iter().rev().take(UNSETTLED).rev().map(|k| (k, false)).collect();
         let status = Arc::new(Mutex::new(status));
         let next_tick = match (module.has_tick, cfg.tick_ms) {
             (true, Some(ms)) => Some(Instant::now() + Duration::from_millis(ms)),
@@ -234,7 +241,7 @@ impl StatefulTask {
             backlog_len: backlog_len.clone(),
             sink,
             committed_key,
-            unsettled: Vec::new(),
+            unsettled,
             status: status.clone(),
             last_checkpoint: Instant::now(),
             next_tick,
@@ -430,7 +437,7 @@ impl Actor {
 
     fn checkpoint(&mut self) -> Result<CheckpointSummary, CheckpointFailed> {
         let started = Instant::now();
-        let sequence = self.sequence + 1;
+        let sequence = self.next_sequence();
         // A checkpoint at or behind the mesh's committed one of this epoch could never commit,
         // and written here it would replace the committed manifest under its key (an instance
         // restarted from a lagging view of the mesh). Checked before the image's marks are taken.
@@ -443,6 +450,7 @@ impl Actor {
                 )));
             }
         }
+        let key = checkpoint_key(&self.cfg.name, Epoch(self.cfg.epoch), sequence);
         let header = CheckpointHeader::of(&self.cfg, sequence, self.invocations, hubmesh_consensus::now_ms());
         let answers = self.answers.entries().map(|(k, a)| (k.clone(), a.clone())).collect();
         let pages = &self.pages;
@@ -471,7 +479,6 @@ impl Actor {
                 bytes <= PENDING_BYTES
             })
             .collect();
-        let key = checkpoint_key(&self.cfg.name, Epoch(self.cfg.epoch), sequence);
         let encoded = manifest.encode();
         let refs: Vec<_> = manifest.pages.iter().map(|(_, h)| *h).collect();
         let mut new_hashes: Vec<_> = new_pages.iter().map(|(h, _)| *h).collect();
@@ -553,22 +560,4 @@ impl Actor {
         metrics::counter!("hubmesh_checkpoints_total").increment(1);
         Ok(summary)
     }
-}
-
-/// The newest checkpoint of `task` in the local page log that can restore (has all its pages).
-/// Passing over a newer one that lost pages rolls the task back, so that is logged as an error.
-fn newest_local(pages: &PageLog, task: &str) -> Option<String> {
-    let mut keys: Vec<_> = pages
-        .manifest_keys()
-        .into_iter()
-        .filter_map(|k| parse_checkpoint_key(&k).filter(|(t, ..)| *t == task).map(|(_, e, s)| (e, s, k.clone())))
-        .collect();
-    keys.sort();
-    while let Some((.., k)) = keys.pop() {
-        if pages.is_complete(&k) {
-            return Some(k);
-        }
-        tracing::error!(%task, checkpoint = %k, "a local checkpoint lost pages; restoring an older one");
-    }
-    None
 }

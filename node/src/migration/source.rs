@@ -86,6 +86,9 @@ async fn drive(
     };
     let id = rand::random::<u64>() | 1;
     begin(hub, task, id, p, target, reason).await?;
+    // The begin is committed, not yet applied here: once it is, so is every checkpoint committed
+    // before it, which the instance must build the migration's state on (a late commit of its own).
+    hub.wait_state(Duration::from_secs(2), |s| s.migration(task).is_some_and(|m| m.id == id)).await;
     let d = Driver {
         hub,
         task,

@@ -378,10 +378,20 @@ async fn store_final(
     }
     let manifest_hash = Hash::of(&bytes);
     let write = PageWrite { pages, key: key.to_owned(), manifest: bytes, refs, remove: Vec::new() };
-    tokio::task::spawn_blocking(move || log.write(&[write], true))
-        .await
-        .map_err(|e| Refusal::internal(e.to_string()))?
-        .map_err(|e| Refusal::internal(format!("storing the migrated state: {e}")))?;
+    tokio::task::spawn_blocking(move || {
+        // A key is stored once: other contents here are a state the source wrote before under
+        // the key it used again (a restart from a lagging view), which the mesh may have committed.
+        match log.read_manifest(&write.key) {
+            Ok(Some(here)) if here != write.manifest => {
+                return Err(refuse(pb::ErrorCode::Unavailable, format!("{} is here with other contents", write.key)))
+            }
+            Err(e) => return Err(Refusal::internal(e.to_string())),
+            Ok(_) => {}
+        }
+        log.write(&[write], true).map_err(|e| Refusal::internal(format!("storing the migrated state: {e}")))
+    })
+    .await
+    .map_err(|e| Refusal::internal(e.to_string()))??;
     Ok((m, manifest_hash))
 }
 

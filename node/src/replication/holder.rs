@@ -154,7 +154,20 @@ fn store_manifest(
     if !missing.is_empty() {
         return Ok(pb::CheckpointPushResponse { missing });
     }
-    let committed = state.tasks.get(task).and_then(|t| t.checkpoint.as_ref()).map(|c| c.key(task));
+    let record = state.tasks.get(task).and_then(|t| t.checkpoint.as_ref());
+    // A key is stored once: other contents under it are a host that used it again (the one here
+    // may be committed, which this hub may not know yet) — unless they are the committed ones.
+    if log.read_manifest(&req.key).map_err(io)?.is_some_and(|here| here != req.manifest) {
+        let committed_new =
+            record.is_some_and(|c| c.key(task) == req.key && c.manifest_hash == Hash::of(&req.manifest));
+        if !committed_new {
+            return Err(Refusal::new(
+                pb::ErrorCode::Unavailable,
+                format!("checkpoint {} is here already with other contents", req.key),
+            ));
+        }
+    }
+    let committed = record.map(|c| c.key(task));
     // Only checkpoints older than the newest committed one go: newer ones may be about to commit.
     let keep = parse_checkpoint_key(&req.keep).filter(|(t, ..)| *t == task).map(|(_, e, s)| (e, s));
     let remove = log
@@ -169,4 +182,39 @@ fn store_manifest(
     let key = req.key.clone();
     log.write(&[PageWrite { pages: Vec::new(), key, manifest: req.manifest, refs, remove }], true).map_err(io)?;
     Ok(pb::CheckpointPushResponse::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(key: &str, manifest: &[u8], page: &Hash) -> pb::CheckpointPush {
+        pb::CheckpointPush {
+            task: "t".into(),
+            key: key.into(),
+            manifest: manifest.to_vec(),
+            refs: vec![page.0.to_vec()],
+            keep: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_key_stored_here_is_not_replaced_by_other_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = PageLog::open(dir.path()).unwrap();
+        let state = ClusterState::default();
+        let page = vec![7u8; 100];
+        let hash = Hash::of(&page);
+        store_pages(&log, vec![(hash, page)]).unwrap();
+        store_manifest(&log, &state, push("t/1/2", b"first", &hash)).unwrap();
+        // The same again (a retried push) is fine.
+        store_manifest(&log, &state, push("t/1/2", b"first", &hash)).unwrap();
+        // Other contents under the key (a host that used it again) are refused, and change nothing.
+        let e = store_manifest(&log, &state, push("t/1/2", b"second", &hash)).unwrap_err();
+        assert_eq!(e.code, pb::ErrorCode::Unavailable, "{e:?}");
+        assert_eq!(log.read_manifest("t/1/2").unwrap().as_deref(), Some(&b"first"[..]));
+        // A new key is stored.
+        store_manifest(&log, &state, push("t/1/3", b"second", &hash)).unwrap();
+        assert_eq!(log.read_manifest("t/1/3").unwrap().as_deref(), Some(&b"second"[..]));
+    }
 }

@@ -215,7 +215,7 @@ impl Actor {
         }
         self.backlog = others;
         let delta = self.image.take_migration_delta(usize::MAX);
-        self.sequence += 1;
+        self.sequence = self.next_sequence();
         self.count_waiting(held.len());
         self.mode = Mode::Frozen { held };
         tracing::info!(task = %self.cfg.name, id, pages = delta.pages.len(), pending = pending.len(), "frozen for migration");

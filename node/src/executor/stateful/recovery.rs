@@ -1,13 +1,14 @@
 //! How a stateful actor gets back to a state it may answer from: after a trap (rebuilt from the
 //! base image), and after a checkpoint that could not be committed (back to the committed one,
 //! which the mesh may know to be newer than this instance does); and when it may answer at all
-//! (replaced, broken, or without the lease its answers need).
+//! (replaced, broken, or without the lease its answers need). Also what a start finds in the
+//! local page log: the newest checkpoint that can restore, and the keys an earlier run wrote.
 
 use std::sync::Arc;
 
-use hubmesh_consensus::state::{parse_checkpoint_key, CheckpointPolicy};
+use hubmesh_consensus::state::{checkpoint_key, parse_checkpoint_key, CheckpointPolicy};
 use hubmesh_consensus::Epoch;
-use hubmesh_storage::Hash;
+use hubmesh_storage::{Hash, PageLog};
 
 use super::Actor;
 use crate::checkpoint::{AnswerCache, Manifest};
@@ -60,6 +61,19 @@ impl Actor {
         self.committed_key = Some(key);
         self.sequence = self.sequence.max(sequence);
         true
+    }
+
+    /// The sequence of this instance's next checkpoint (or migration's final state): the next
+    /// one whose key the local page log does not hold. A key is written once, as the manifest
+    /// under it may be committed; a start moves past the keys an earlier run wrote already, so
+    /// this only guards.
+    pub(super) fn next_sequence(&self) -> u64 {
+        let mut sequence = self.sequence + 1;
+        while self.pages.has_manifest(&checkpoint_key(&self.cfg.name, Epoch(self.cfg.epoch), sequence)) {
+            tracing::error!(task = %self.cfg.name, sequence, "a checkpoint key of this instance was used already");
+            sequence += 1;
+        }
+        sequence
     }
 
     /// The answer to a call whose change went when a failed checkpoint took this instance back
@@ -244,4 +258,37 @@ impl Actor {
             }
         }
     }
+}
+
+/// The newest checkpoint of `task` in the local page log that can restore (has all its pages).
+/// Passing over a newer one that lost pages rolls the task back, so that is logged as an error.
+pub(super) fn newest_local(pages: &PageLog, task: &str) -> Option<String> {
+    let mut keys: Vec<_> = pages
+        .manifest_keys()
+        .into_iter()
+        .filter_map(|k| parse_checkpoint_key(&k).filter(|(t, ..)| *t == task).map(|(_, e, s)| (e, s, k.clone())))
+        .collect();
+    keys.sort();
+    while let Some((.., k)) = keys.pop() {
+        if pages.is_complete(&k) {
+            return Some(k);
+        }
+        tracing::error!(%task, checkpoint = %k, "a local checkpoint lost pages; restoring an older one");
+    }
+    None
+}
+
+/// Keys of the checkpoints of `task` at `epoch` in the local page log past `sequence`, oldest
+/// first: written by an earlier run of this instance before it stopped.
+pub(super) fn written_after(pages: &PageLog, task: &str, epoch: Epoch, sequence: u64) -> Vec<String> {
+    let mut keys: Vec<(u64, String)> = pages
+        .manifest_keys()
+        .into_iter()
+        .filter_map(|k| match parse_checkpoint_key(&k) {
+            Some((t, e, s)) if t == task && e == epoch && s > sequence => Some((s, k.clone())),
+            _ => None,
+        })
+        .collect();
+    keys.sort();
+    keys.into_iter().map(|(_, k)| k).collect()
 }

@@ -304,6 +304,16 @@ impl Drop for Hub {
         self.kill9();
         if std::thread::panicking() {
             eprintln!("===== log tail of hub {} =====\n{}\n=====", self.name, self.log_tail(60));
+            // The whole log, for a failure that the tail does not explain (a flaky one, say).
+            if let Some(dir) = std::env::var_os("HUBMESH_IT_LOG_DIR") {
+                // Tests of one binary share a process and may reuse hub names: the thread names the test.
+                let test = std::thread::current().name().unwrap_or("test").replace("::", "-");
+                let to = Path::new(&dir).join(format!("{test}-{}-{}.log", self.name, std::process::id()));
+                let _ = std::fs::create_dir_all(&dir);
+                if let Err(e) = std::fs::copy(self.log_path(), &to) {
+                    eprintln!("could not keep the log of hub {}: {e}", self.name);
+                }
+            }
         }
     }
 }
