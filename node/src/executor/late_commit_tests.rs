@@ -281,3 +281,70 @@ fn a_checkpoint_skips_a_key_the_page_log_holds_already() {
         assert!(!mesh.stored.lock().unwrap().contains_key(&next), "a checkpoint went under the key held");
     });
 }
+
+#[test]
+fn a_periodic_instance_that_fetched_back_its_own_late_checkpoint_keeps_what_it_answered_since() {
+    // Every change is due for a checkpoint (a period of 0): the actor's timer retries at once.
+    let (_dir, exec, mesh) = counter(CheckpointPolicy::Periodic { every_ms: 0 });
+    let bounded = |what: &str, cond: &dyn Fn() -> bool| {
+        use std::time::{Duration, Instant};
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "waited 10 s until {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    rt().block_on(async {
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        let first = mesh.committed.lock().unwrap().clone().unwrap();
+        // More checkpoints of unknown outcome than the instance keeps, then one that commits
+        // with its answer lost (whoever takes them: the call or the timer).
+        mesh.lose_next.store(true, Ordering::SeqCst);
+        mesh.fail_unknown.store(stateful::UNSETTLED, Ordering::SeqCst);
+        assert_eq!(call(&exec, "c", "1").await.unwrap(), "4", "periodic: answered before its checkpoint");
+        bounded("the lost checkpoint committed", &|| mesh.committed.lock().unwrap().as_ref() != Some(&first));
+        let landed = mesh.committed.lock().unwrap().clone().unwrap();
+        assert_eq!(call(&exec, "c", "2").await.unwrap(), "6");
+        // Refused as not built on it, the later checkpoints drop it from disk: it was past the
+        // unsettled ones kept, and this hub has not applied its commit.
+        bounded("the landed checkpoint left the disk", &|| !exec.pages().has_manifest(&landed));
+        mesh.land();
+        // Fetched back, and taken without going back to it: this state grew from it.
+        let _ = call(&exec, "c", "0").await;
+        assert_eq!(call(&exec, "c", "0").await.unwrap(), "6", "what was answered since the landed one stays");
+        assert!(mesh.fetches.load(Ordering::SeqCst) >= 1, "not fetched");
+        bounded("a checkpoint built on the landed one commits", &|| {
+            parse_checkpoint_key(mesh.committed.lock().unwrap().as_deref().unwrap()).unwrap().2
+                > parse_checkpoint_key(&landed).unwrap().2
+        });
+    });
+}
+
+#[test]
+fn a_periodic_instance_goes_back_to_a_committed_checkpoint_it_did_not_write() {
+    let (_dir, exec, mesh) = counter(CheckpointPolicy::Periodic { every_ms: 0 });
+    rt().block_on(async {
+        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
+        let first = mesh.committed.lock().unwrap().clone().unwrap();
+        let (_, epoch, sequence) = parse_checkpoint_key(&first).unwrap();
+        // The next key of its epoch, written by someone else (an earlier run) and committed: a
+        // sequence within what this instance took since, but not a state it grew from.
+        let foreign = hubmesh_consensus::state::checkpoint_key("c", epoch, sequence + 1);
+        let (manifest, refs) = mesh.stored.lock().unwrap()[&first].clone();
+        let write = PageWrite {
+            pages: Vec::new(),
+            key: foreign.clone(),
+            manifest: manifest.clone(),
+            refs: refs.clone(),
+            remove: Vec::new(),
+        };
+        exec.pages().write(&[write], true).unwrap();
+        mesh.stored.lock().unwrap().insert(foreign.clone(), (manifest, refs));
+        *mesh.committed.lock().unwrap() = Some(foreign);
+        mesh.land();
+        // Its checkpoint (past the key held) is refused; it goes back to the committed state.
+        let e = call(&exec, "c", "5").await.unwrap_err();
+        assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
+        assert_eq!(call(&exec, "c", "0").await.unwrap(), "3", "the committed state, not one grown from another");
+    });
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use hubmesh_consensus::state::{checkpoint_key, parse_checkpoint_key, CheckpointPolicy};
 use hubmesh_consensus::Epoch;
-use hubmesh_storage::{PageLog, PageWrite};
+use hubmesh_storage::{Hash, PageLog, PageWrite};
 use tokio::sync::oneshot;
 
 use super::error::CheckpointFailed;
@@ -101,9 +101,12 @@ struct Actor {
     committed_key: Option<String>,
     /// This instance's checkpoints whose commit may have gone through although it failed here (its
     /// answer was lost), since one last committed, oldest first (at most [`UNSETTLED`]): they stay
-    /// on disk for [`Self::catch_up_committed_key`]; `true` while this state still descends from
-    /// it (no revert since).
-    unsettled: Vec<(String, bool)>,
+    /// on disk for [`Self::catch_up_committed_key`].
+    unsettled: Vec<String>,
+    /// The checkpoints this instance wrote since it last went back to a committed state (or
+    /// started), with their manifest's hash, newest last (at most [`GROWN`]): this state grew
+    /// from each of them.
+    grown: Vec<(String, Hash)>,
     status: Arc<Mutex<StatefulStatus>>,
     /// When the last checkpoint was committed, or a periodic one last failed: the next periodic
     /// one is due a period later (one that fails at once, without a lease, is not retried in a loop).
@@ -119,6 +122,11 @@ struct Actor {
 /// Most checkpoints an instance keeps on disk in case the mesh committed them after it heard
 /// their commit failed.
 pub(super) const UNSETTLED: usize = 4;
+
+/// Most checkpoints an instance remembers having grown from since its last commit (a periodic
+/// one whose commits fail for long takes one a period): past them, one that lands late is gone
+/// back to.
+const GROWN: usize = 64;
 
 /// Most input bytes of queued invocations a checkpoint carries.
 const PENDING_BYTES: usize = 8 << 20;
@@ -205,8 +213,7 @@ impl StatefulTask {
         // and a checkpoint under a used key would replace one's manifest here and on holders.
         let unsettled = written_after(&pages, &cfg.name, Epoch(cfg.epoch), sequence);
         let sequence = unsettled.last().and_then(|k| parse_checkpoint_key(k)).map_or(sequence, |(.., s)| s);
-        let unsettled: Vec<(String, bool)> =
-            unsettled.into_iter().rev().take(UNSETTLED).rev().map(|k| (k, false)).collect();
+        let unsettled: Vec<String> = unsettled.into_iter().rev().take(UNSETTLED).rev().collect();
         let status = Arc::new(Mutex::new(status));
         let next_tick = match (module.has_tick, cfg.tick_ms) {
             (true, Some(ms)) => Some(Instant::now() + Duration::from_millis(ms)),
@@ -242,6 +249,7 @@ impl StatefulTask {
             sink,
             committed_key,
             unsettled,
+            grown: Vec::new(),
             status: status.clone(),
             last_checkpoint: Instant::now(),
             next_tick,
@@ -502,7 +510,7 @@ impl Actor {
             // Nor the one the mesh says is committed: a late commit this instance has not caught
             // up to yet (past the unsettled ones it keeps) is what it must return to.
             .filter(|k| Some(k) != committed.as_ref())
-            .filter(|k| !self.unsettled.iter().any(|(u, _)| u == k))
+            .filter(|k| !self.unsettled.contains(k))
             .collect();
         let write =
             PageWrite { pages: new_pages, key: key.clone(), manifest: encoded.clone(), refs: refs.clone(), remove };
@@ -518,6 +526,10 @@ impl Actor {
         }
         // The sequence moves on even if the commit below fails: this key is on disk already.
         self.sequence = sequence;
+        if self.grown.len() == GROWN {
+            self.grown.remove(0);
+        }
+        self.grown.push((key.clone(), Hash::of(&encoded)));
         if let Some(sink) = &self.sink {
             let local = LocalCheckpoint {
                 task: self.cfg.name.clone(),
@@ -543,13 +555,14 @@ impl Actor {
                 // All are built on the same committed one, so at most one of them can commit:
                 // most likely the first proposed, so the oldest are kept.
                 if may_have_committed && self.unsettled.len() < UNSETTLED {
-                    self.unsettled.push((key, true));
+                    self.unsettled.push(key);
                 }
                 return Err(CheckpointFailed { message: e.to_string(), may_have_committed, replaced });
             }
         }
         self.committed_key = Some(key);
         self.unsettled.clear(); // older than what is committed now: garbage
+        self.grown.clear(); // what is committed now is this state
         self.last_checkpoint = Instant::now();
         let mut summary = CheckpointSummary::of(&manifest);
         summary.build_micros = built.duration_since(started).as_micros() as u64;

@@ -56,7 +56,7 @@ impl Actor {
             return false;
         }
         // Checkpoints built on the one before can never commit now.
-        self.unsettled.retain(|(k, _)| parse_checkpoint_key(k).is_some_and(|(_, e, s)| (e, s) >= (epoch, sequence)));
+        self.unsettled.retain(|k| parse_checkpoint_key(k).is_some_and(|(_, e, s)| (e, s) >= (epoch, sequence)));
         tracing::warn!(task = %self.cfg.name, from = ?self.committed_key, to = %key, "this instance was behind the committed checkpoint");
         self.committed_key = Some(key);
         self.sequence = self.sequence.max(sequence);
@@ -102,11 +102,13 @@ impl Actor {
     }
 
     /// Whether this state grew from the committed checkpoint without a revert since: one this
-    /// instance took, whose commit it was told had failed, and that the mesh committed after all.
-    /// It then needs no revert: the next checkpoint builds on it.
+    /// instance wrote, whose commit it was told had failed, and that the mesh committed after all
+    /// with the same contents (kept here as unsettled, or fetched back; not a key an earlier run
+    /// wrote). It then needs no revert: the next checkpoint builds on it.
     pub(super) fn descends_from_committed(&self) -> bool {
-        let committed = self.committed_key.as_deref();
-        self.unsettled.iter().any(|(key, descends)| *descends && Some(key.as_str()) == committed)
+        let (Some(key), Some(sink)) = (self.committed_key.as_deref(), self.sink.as_ref()) else { return false };
+        let committed = sink.committed_hash(&self.cfg.name, key);
+        self.grown.iter().any(|(k, hash)| k == key && committed == Some(*hash))
     }
 
     /// Marks this instance replaced if `e` says a newer epoch of the task exists: it then answers
@@ -201,9 +203,7 @@ impl Actor {
 
     /// Rebuilds the instance from the last committed checkpoint (or fresh, if none).
     pub(super) fn revert_to_committed(&mut self) -> Result<(), String> {
-        for (_, descends) in &mut self.unsettled {
-            *descends = false;
-        }
+        self.grown.clear();
         let migrating = self.image.migrating();
         self.revert_image()?;
         if migrating {
