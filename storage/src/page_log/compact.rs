@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::record::{self, encode, encode_refs, Version, KIND_MANIFEST, KIND_PAGE, MAGIC};
+use super::record::{self, checksum, encode, encode_head, encode_refs, Version, KIND_MANIFEST, KIND_PAGE, MAGIC};
 use super::{io, sync_dir, Inner, Loc, ManifestLoc, PageLog, PageLogError};
 use crate::Hash;
 
@@ -45,6 +45,10 @@ const CATCH_UP_ROUNDS: usize = 8;
 const FILE_PER_LIVE_BYTE: u64 = 3;
 /// How much of the old file a raw copy reads at a time.
 const COPY_CHUNK: usize = 1 << 20;
+/// A page record's bytes before its data (kind, key length, its 32-byte hash, data length) and
+/// after it (the checksum).
+const PAGE_HEAD: u64 = 1 + 2 + 32 + 4;
+const PAGE_TAIL: u64 = 32;
 
 /// What step 2 copies: taken under the lock in step 1.
 struct Snapshot {
@@ -108,6 +112,59 @@ impl<W: Write> Rewrite<W> {
         }
         self.len += to - self.copied_to;
         self.copied_to = to;
+        Ok(())
+    }
+
+    /// Copies version-2 page records as they are, in file order, neighbours in one read and one
+    /// write of up to `COPY_CHUNK`: their checksum covers the head, not where they sit, so they
+    /// need no new one (re-encoding each page cost two more copies of it). A run whose heads or
+    /// checksums are not what the index says (rot since the scan) is written anew, page by page.
+    fn copy_pages(&mut self, file: &File, mut pages: Vec<(Hash, Loc)>, path: &Path) -> Result<(), PageLogError> {
+        pages.sort_unstable_by_key(|(_, l)| l.offset);
+        let span = |l: &Loc| (l.offset - PAGE_HEAD, l.offset + u64::from(l.len) + PAGE_TAIL);
+        let (mut buf, mut head) = (Vec::new(), Vec::with_capacity(PAGE_HEAD as usize));
+        let mut rest = &pages[..];
+        while let Some((first, _)) = rest.split_first() {
+            let (start, mut end) = span(&first.1);
+            let mut n = 1;
+            for (_, l) in &rest[1..] {
+                let (s, e) = span(l);
+                if s != end || e - start > COPY_CHUNK as u64 {
+                    break;
+                }
+                end = e;
+                n += 1;
+            }
+            buf.resize((end - start) as usize, 0);
+            file.read_exact_at(&mut buf, start).map_err(io(path))?;
+            let (run, after) = rest.split_at(n);
+            rest = after;
+            let intact = run.iter().all(|(hash, loc)| {
+                let (s, e) = span(loc);
+                let record = &buf[(s - start) as usize..(e - start) as usize];
+                head.clear();
+                encode_head(&mut head, KIND_PAGE, &hash.0, loc.len as usize);
+                record.starts_with(&head)
+                    && record.ends_with(&checksum(
+                        Version::V2,
+                        KIND_PAGE,
+                        &hash.0,
+                        &record[head.len()..][..loc.len as usize],
+                    ))
+            });
+            if !intact {
+                tracing::warn!(pages = n, "page records changed since the page log was read; written anew");
+                for (hash, loc) in run {
+                    self.copy_page(file, *hash, *loc, path)?;
+                }
+                continue;
+            }
+            self.out.write_all(&buf).map_err(io(path))?;
+            for (hash, loc) in run {
+                self.pages.insert(*hash, Loc { offset: self.len + (loc.offset - start), ..*loc });
+            }
+            self.len += end - start;
+        }
         Ok(())
     }
 
@@ -181,12 +238,11 @@ impl PageLog {
     /// the live records and the catch-up rounds (tests write there, as other threads may).
     pub(super) fn compact_with(&self, meanwhile: impl FnOnce()) -> Result<bool, PageLogError> {
         let _one = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(snapshot) = self.snapshot() else { return Ok(false) };
+        let Some(mut snapshot) = self.snapshot() else { return Ok(false) };
         let tmp = self.path.with_extension("log.compact");
         let copied = rewrite_file(&tmp, snapshot.len).and_then(|mut rewrite| {
-            for (hash, loc) in &snapshot.pages {
-                rewrite.copy_page(&snapshot.file, *hash, *loc, &self.path)?;
-            }
+            // The live file is version 2 (a version-1 one is rewritten when it is opened).
+            rewrite.copy_pages(&snapshot.file, std::mem::take(&mut snapshot.pages), &self.path)?;
             for (key, loc, refs) in &snapshot.manifests {
                 rewrite.copy_manifest(&snapshot.file, key, *loc, refs, &self.path)?;
             }

@@ -228,6 +228,65 @@ fn pinned_pages_survive_compaction_until_the_pin_drops() {
 }
 
 #[test]
+fn a_compaction_copies_live_pages_between_garbage_and_in_long_runs_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PageLog::open(dir.path()).unwrap();
+    log.pause_compactor();
+    // Live pages one by one between garbage ones (runs of one), then 40 in a row (runs that
+    // stop at the copy's chunk), and each of different lengths.
+    let sized = |n: u32, len: usize| {
+        let mut b = vec![(n % 251) as u8 + 1; len];
+        b[..4].copy_from_slice(&n.to_le_bytes());
+        (Hash::of(&b), b)
+    };
+    let (mut live, mut dead) = (Vec::new(), Vec::new());
+    for i in 0..60u32 {
+        let (a, b) = (sized(i, 65536 - i as usize * 7), sized(10_000 + i, 65536));
+        log.write(&[PageWrite { pages: vec![a.clone(), b.clone()], ..Default::default() }], false).unwrap();
+        live.push(a);
+        dead.push(b);
+    }
+    // (The last one is larger than a copy's chunk.)
+    let mut run: Vec<_> = (0..40u32).map(|i| sized(20_000 + i, 40_000 + i as usize * 1000)).collect();
+    run.push(sized(30_000, 1_500_000));
+    write_one(&log, "run#0", run.clone(), b"run");
+    let refs = |p: &[(Hash, Vec<u8>)]| p.iter().map(|(h, _)| *h).collect::<Vec<_>>();
+    let manifest = |key: &str, p: &[(Hash, Vec<u8>)]| PageWrite {
+        key: key.into(),
+        manifest: key.as_bytes().to_vec(),
+        refs: refs(p),
+        ..Default::default()
+    };
+    log.write(&[manifest("live#0", &live), manifest("dead#0", &dead)], true).unwrap();
+    log.remove("dead#0").unwrap();
+    // Enough garbage to compact.
+    for chunk in 0..11u32 {
+        write_one(&log, "big#0", (0..100u32).map(|i| distinct(chunk * 100 + i)).collect(), b"big");
+    }
+    log.remove("big#0").unwrap();
+    // One record's checksum rots after the log was read: the compaction writes it anew.
+    let rotten = log.lock().pages[&live[5].0];
+    let file = OpenOptions::new().read(true).write(true).open(&log.path).unwrap();
+    let at = rotten.offset + u64::from(rotten.len) + 3;
+    let mut byte = [0u8];
+    file.read_at(&mut byte, at).unwrap();
+    file.write_at(&[byte[0] ^ 0x55], at).unwrap();
+    assert!(log.compact_if_needed().unwrap());
+    assert!(log.stats().file_bytes < 8 << 20, "{:?}", log.stats());
+    for (h, b) in live.iter().chain(&run) {
+        assert_eq!(&log.read_page(h).unwrap(), b, "compacted: page {h}");
+    }
+    assert!(!log.has_page(&dead[0].0), "garbage kept");
+    assert_eq!(log.read_manifest("live#0").unwrap().as_deref(), Some(&b"live#0"[..]));
+    drop(log);
+    let log = PageLog::open(dir.path()).unwrap();
+    assert_eq!((log.stats().pages, log.stats().manifests), (101, 2), "{:?}", log.stats());
+    for (h, b) in live.iter().chain(&run) {
+        assert_eq!(&log.read_page(h).unwrap(), b, "reopened: page {h}");
+    }
+}
+
+#[test]
 fn writes_during_a_compaction_are_kept_and_late_references_revive_pages() {
     let dir = tempfile::tempdir().unwrap();
     let log = PageLog::open(dir.path()).unwrap();
