@@ -1,5 +1,6 @@
-//! One page-log compaction of 64 MiB of live pages (1,024 pages of 64 KiB) out of a file four
-//! times that, as a task whose checkpoints rewrite every page leaves it: wall and CPU time of the
+//! One page-log compaction of 64 MiB of live pages (1,024 pages of 64 KiB) out of a file five
+//! times that (four full checkpoints written over the live one), as a task whose checkpoints
+//! rewrite every page leaves it: wall and CPU time of the
 //! compacting thread, and the live bytes it copies per second. Data dir in `HUBMESH_BENCH_DIR`
 //! (default `/dev/shm`, the figure then excludes the disk). Run:
 //! `cargo bench -p hubmesh-storage --bench compaction`. Bounded: `ROUNDS` compactions.
@@ -43,7 +44,8 @@ fn main() {
     let (mut wall, mut cpu) = (Vec::new(), Vec::new());
     let mut generation = 0;
     for round in 0..ROUNDS {
-        // No compaction while the garbage piles up: four full checkpoints, three of them garbage.
+        // No compaction while the garbage piles up: four full checkpoints over the live one (the
+        // first round has none), all but the last garbage.
         log.set_compact_min_bytes(u64::MAX);
         for _ in 0..4 {
             generation += 1;
@@ -67,7 +69,7 @@ fn main() {
         v.sort_by(f64::total_cmp);
     }
     let live_mb = f64::from(PAGES) * PAGE as f64 / 1e6;
-    println!("compaction of {live_mb:.0} MB live out of a file 4x that, {} rounds (+1 warm-up) in {base}", wall.len());
+    println!("compaction of {live_mb:.0} MB live out of a file 5x that, {} rounds (+1 warm-up) in {base}", wall.len());
     println!(
         "  wall ms: p50 {:.1}  min {:.1}  max {:.1}   cpu ms: p50 {:.1}  min {:.1}  max {:.1}   live copied: {:.0} MB/s (p50 wall)",
         pct(&wall, 0.5),

@@ -36,8 +36,31 @@ impl Mesh {
     }
 
     fn committed_sequence(&self) -> u64 {
-        parse_checkpoint_key(self.committed.lock().unwrap().as_deref().unwrap()).unwrap().2
+        parse_checkpoint_key(&self.committed_now()).unwrap().2
     }
+
+    /// The key the mesh has committed (whether this hub applied it or not).
+    fn committed_now(&self) -> String {
+        self.committed.lock().unwrap().clone().unwrap()
+    }
+
+    /// Writes the manifest the commit of `from` carried under `to` in `log`.
+    fn copy_manifest(&self, log: &PageLog, from: &str, to: &str) {
+        let (manifest, refs) = self.stored.lock().unwrap()[from].clone();
+        let write = PageWrite { pages: Vec::new(), key: to.to_owned(), manifest, refs, remove: Vec::new() };
+        log.write(&[write], true).unwrap();
+    }
+}
+
+/// A durable counter at 3, then a call adding 5 whose checkpoint commits with its answer lost:
+/// the key committed before, and the one that landed (not applied here yet).
+async fn three_then_a_lost_commit(exec: &Executor, mesh: &Mesh) -> (String, String) {
+    assert_eq!(call(exec, "c", "3").await.unwrap(), "3");
+    let first = mesh.committed_now();
+    mesh.lose_next.store(true, Ordering::SeqCst);
+    let e = call(exec, "c", "5").await.unwrap_err();
+    assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
+    (first, mesh.committed_now())
 }
 
 impl CheckpointSink for Mesh {
@@ -71,11 +94,11 @@ impl CheckpointSink for Mesh {
         if self.applied.lock().unwrap().as_deref() != Some(key) {
             return false;
         }
-        let Some((manifest, refs)) = self.stored.lock().unwrap().get(key).cloned() else { return false };
-        let log = self.log.lock().unwrap().clone().unwrap();
+        if !self.stored.lock().unwrap().contains_key(key) {
+            return false;
+        }
         // The pages are still in the log (garbage, not yet compacted): only the manifest came back.
-        let write = PageWrite { pages: Vec::new(), key: key.to_owned(), manifest, refs, remove: Vec::new() };
-        log.write(&[write], true).unwrap();
+        self.copy_manifest(&self.log.lock().unwrap().clone().unwrap(), key, key);
         true
     }
 }
@@ -96,10 +119,7 @@ fn counter(policy: CheckpointPolicy) -> (tempfile::TempDir, Executor, Arc<Mesh>)
 fn a_durable_instance_returns_to_a_checkpoint_that_committed_after_it_gave_it_up() {
     let (_dir, exec, mesh) = counter(CheckpointPolicy::Durable);
     rt().block_on(async {
-        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
-        mesh.lose_next.store(true, Ordering::SeqCst);
-        let e = call(&exec, "c", "5").await.unwrap_err();
-        assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
+        three_then_a_lost_commit(&exec, &mesh).await;
         mesh.land();
         // Built on the checkpoint before the lost one: refused, and the instance returns to the
         // lost one, which it kept on disk although it took a newer one since. (Unknown, not
@@ -152,10 +172,7 @@ fn a_keyed_retry_hears_the_answer_of_its_run_that_landed_late() {
 fn a_call_undone_before_this_hub_applied_a_checkpoint_that_landed_late_is_not_said_to_have_failed() {
     let (_dir, exec, mesh) = counter(CheckpointPolicy::Durable);
     rt().block_on(async {
-        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
-        mesh.lose_next.store(true, Ordering::SeqCst);
-        let e = call(&exec, "c", "5").await.unwrap_err();
-        assert!(matches!(e, InvokeError::OutcomeUnknown(_)), "{e:?}");
+        three_then_a_lost_commit(&exec, &mesh).await;
         // Landed in the mesh but not applied here: the next call's checkpoint is refused, and
         // the instance cannot tell yet where it stands. The landed checkpoint may carry the call
         // (as pending) to a host that restores it: not a definite failure.
@@ -219,16 +236,10 @@ fn a_checkpoint_the_mesh_committed_is_kept_on_disk_past_the_unsettled_ones() {
 fn a_committed_key_held_here_with_other_contents_is_fetched_not_taken() {
     let (_dir, exec, mesh) = counter(CheckpointPolicy::Durable);
     rt().block_on(async {
-        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
-        let first = mesh.committed.lock().unwrap().clone().unwrap();
-        mesh.lose_next.store(true, Ordering::SeqCst);
-        assert!(call(&exec, "c", "5").await.is_err());
+        let (first, landed) = three_then_a_lost_commit(&exec, &mesh).await;
         // This hub holds the key that landed with other contents (as after a restart that
         // reused it): the state of the checkpoint before.
-        let landed = mesh.committed.lock().unwrap().clone().unwrap();
-        let (manifest, refs) = mesh.stored.lock().unwrap()[&first].clone();
-        let write = PageWrite { pages: Vec::new(), key: landed, manifest, refs, remove: Vec::new() };
-        exec.pages().write(&[write], true).unwrap();
+        mesh.copy_manifest(exec.pages(), &first, &landed);
         mesh.land();
         let _ = call(&exec, "c", "0").await;
         assert_eq!(mesh.fetches.load(Ordering::SeqCst), 1, "the contents here were taken as committed");
@@ -241,12 +252,8 @@ fn a_restart_from_a_lagging_view_uses_no_key_again_and_returns_to_the_one_that_l
     let (_dir, exec, mesh) = counter(CheckpointPolicy::Durable);
     let prepared = exec.prepare(&example("counter.wat"), LIMITS).unwrap();
     rt().block_on(async {
-        assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
-        let first = mesh.committed.lock().unwrap().clone().unwrap();
         // The hub dies while its checkpoint commits: the mesh commits it, this hub never hears.
-        mesh.lose_next.store(true, Ordering::SeqCst);
-        assert!(call(&exec, "c", "5").await.is_err());
-        let landed = mesh.committed.lock().unwrap().clone().unwrap();
+        let (first, landed) = three_then_a_lost_commit(&exec, &mesh).await;
         let landed_manifest = mesh.stored.lock().unwrap()[&landed].0.clone();
         exec.stop_task("c", false);
         // Back, it restores from the checkpoint its lagging view says is committed.
@@ -269,13 +276,11 @@ fn a_checkpoint_skips_a_key_the_page_log_holds_already() {
     let (_dir, exec, mesh) = counter(CheckpointPolicy::Durable);
     rt().block_on(async {
         assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
-        let first = mesh.committed.lock().unwrap().clone().unwrap();
+        let first = mesh.committed_now();
         let (_, epoch, sequence) = parse_checkpoint_key(&first).unwrap();
         // Something holds the next key here (what an earlier run of the instance would leave).
         let next = hubmesh_consensus::state::checkpoint_key("c", epoch, sequence + 1);
-        let (manifest, refs) = mesh.stored.lock().unwrap()[&first].clone();
-        let write = PageWrite { pages: Vec::new(), key: next.clone(), manifest, refs, remove: Vec::new() };
-        exec.pages().write(&[write], true).unwrap();
+        mesh.copy_manifest(exec.pages(), &first, &next);
         assert_eq!(call(&exec, "c", "5").await.unwrap(), "8", "the checkpoint went under the key after it");
         assert_eq!(mesh.committed_sequence(), sequence + 2);
         assert!(!mesh.stored.lock().unwrap().contains_key(&next), "a checkpoint went under the key held");
@@ -296,14 +301,14 @@ fn a_periodic_instance_that_fetched_back_its_own_late_checkpoint_keeps_what_it_a
     };
     rt().block_on(async {
         assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
-        let first = mesh.committed.lock().unwrap().clone().unwrap();
+        let first = mesh.committed_now();
         // More checkpoints of unknown outcome than the instance keeps, then one that commits
         // with its answer lost (whoever takes them: the call or the timer).
         mesh.lose_next.store(true, Ordering::SeqCst);
         mesh.fail_unknown.store(stateful::UNSETTLED, Ordering::SeqCst);
         assert_eq!(call(&exec, "c", "1").await.unwrap(), "4", "periodic: answered before its checkpoint");
         bounded("the lost checkpoint committed", &|| mesh.committed.lock().unwrap().as_ref() != Some(&first));
-        let landed = mesh.committed.lock().unwrap().clone().unwrap();
+        let landed = mesh.committed_now();
         assert_eq!(call(&exec, "c", "2").await.unwrap(), "6");
         // Refused as not built on it, the later checkpoints drop it from disk: it was past the
         // unsettled ones kept, and this hub has not applied its commit.
@@ -325,21 +330,14 @@ fn a_periodic_instance_goes_back_to_a_committed_checkpoint_it_did_not_write() {
     let (_dir, exec, mesh) = counter(CheckpointPolicy::Periodic { every_ms: 0 });
     rt().block_on(async {
         assert_eq!(call(&exec, "c", "3").await.unwrap(), "3");
-        let first = mesh.committed.lock().unwrap().clone().unwrap();
+        let first = mesh.committed_now();
         let (_, epoch, sequence) = parse_checkpoint_key(&first).unwrap();
         // The next key of its epoch, written by someone else (an earlier run) and committed: a
         // sequence within what this instance took since, but not a state it grew from.
         let foreign = hubmesh_consensus::state::checkpoint_key("c", epoch, sequence + 1);
-        let (manifest, refs) = mesh.stored.lock().unwrap()[&first].clone();
-        let write = PageWrite {
-            pages: Vec::new(),
-            key: foreign.clone(),
-            manifest: manifest.clone(),
-            refs: refs.clone(),
-            remove: Vec::new(),
-        };
-        exec.pages().write(&[write], true).unwrap();
-        mesh.stored.lock().unwrap().insert(foreign.clone(), (manifest, refs));
+        mesh.copy_manifest(exec.pages(), &first, &foreign);
+        let carried = mesh.stored.lock().unwrap()[&first].clone();
+        mesh.stored.lock().unwrap().insert(foreign.clone(), carried);
         *mesh.committed.lock().unwrap() = Some(foreign);
         mesh.land();
         // Its checkpoint (past the key held) is refused; it goes back to the committed state.
