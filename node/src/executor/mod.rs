@@ -138,6 +138,8 @@ pub struct LocalCheckpoint {
     /// Its page-log key.
     pub key: String,
     pub manifest: Vec<u8>,
+    /// blake3 of `manifest` (the record's), computed once by its writer.
+    pub manifest_hash: Hash,
     /// Every page the manifest refers to.
     pub refs: Vec<Hash>,
     /// Pages this checkpoint wrote (the others were stored before).

@@ -529,7 +529,8 @@ impl Actor {
         if self.grown.len() == GROWN {
             self.grown.remove(0);
         }
-        self.grown.push((key.clone(), Hash::of(&encoded)));
+        let manifest_hash = Hash::of(&encoded);
+        self.grown.push((key.clone(), manifest_hash));
         if let Some(sink) = &self.sink {
             let local = LocalCheckpoint {
                 task: self.cfg.name.clone(),
@@ -538,6 +539,7 @@ impl Actor {
                 sequence,
                 key: key.clone(),
                 manifest: encoded,
+                manifest_hash,
                 refs,
                 new_pages: new_hashes,
                 size_bytes: manifest.size_bytes(),

@@ -61,7 +61,7 @@ async fn try_commit(hub: &Hub, c: &LocalCheckpoint, maybe_proposed: &mut bool) -
     let started = Instant::now();
     let deadline = started + hub.config().timeouts.resolve().propose * 2;
     let me = hub.consensus().node_id();
-    let manifest_hash = Hash::of(&c.manifest);
+    let manifest_hash = c.manifest_hash;
     let mut last_error;
     // The leader this hub knew when it last proposed the record and the proposal failed for want
     // of a leader (`None` inside: it knew none); `None`: no such failure to follow up.

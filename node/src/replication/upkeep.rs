@@ -101,6 +101,7 @@ async fn refill(hub: &Hub, task: &str, record: &CheckpointRecord, to: &[NodeId])
         sequence: record.sequence,
         key: key.clone(),
         manifest,
+        manifest_hash: record.manifest_hash,
         refs,
         new_pages: Vec::new(),
         size_bytes: record.size_bytes,
