@@ -1,6 +1,6 @@
 //! Mesh frames as the endpoint reads them: a unary request (or a bulk stream's length-prefixed
-//! header) and its payload decoded as the request type of its stream kind; answers as a caller
-//! reads them. Nothing may panic.
+//! header, or a kept stream's frame) and its payload decoded as the request type of its stream
+//! kind; answers as a caller reads them. Nothing may panic.
 #![no_main]
 
 use hubmesh_consensus::transport::{
@@ -43,7 +43,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(req) = pb::MeshRequest::decode(data) {
         payload(req.kind, &req.payload);
     }
-    // A bulk stream after its mark: u32 length, header.
+    // A bulk stream after its mark (u32 length, header), or a frame of a kept stream (u32
+    // length, request).
     if let Some((len, rest)) = data.split_first_chunk::<4>() {
         let len = u32::from_le_bytes(*len) as usize;
         if let Some(head) = rest.get(..len) {

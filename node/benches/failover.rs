@@ -58,7 +58,7 @@ fn main() {
         // The floor of the forwarding hop: the mesh transport alone, one echo call at a time.
         let (mut bare, bare_failed) = transport_floor();
         println!(
-            "| floor: a 16-byte echo over the bare mesh transport (two endpoints in the bench, QUIC + mutual TLS, a stream per call), {} calls, {bare_failed} failed | {:.0} µs | {:.0} µs | forwarding adds {:.1}× the bare round trip |",
+            "| floor: a 16-byte echo over the bare mesh transport (two endpoints in the bench, QUIC + mutual TLS, on streams kept between calls), {} calls, {bare_failed} failed | {:.0} µs | {:.0} µs | forwarding adds {:.1}× the bare round trip |",
             bare.len(),
             pct(&mut bare, 0.5).as_secs_f64() * 1e6,
             pct(&mut bare, 0.99).as_secs_f64() * 1e6,

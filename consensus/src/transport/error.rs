@@ -45,7 +45,13 @@ impl Refusal {
 
     /// The response that carries it.
     pub(crate) fn into_response(self) -> pb::MeshResponse {
-        pb::MeshResponse { code: self.code as i32, message: self.message, payload: Vec::new(), hint: Some(self.hint) }
+        pb::MeshResponse {
+            code: self.code as i32,
+            message: self.message,
+            payload: Vec::new(),
+            hint: Some(self.hint),
+            keeps_streams: false,
+        }
     }
 
     /// The refusal a response carries, if it is one. An unknown code (a newer peer) reads as

@@ -55,7 +55,7 @@ pub(super) const CLOSE_REVOKED: u32 = 2;
 /// before the peer could handle any stream — it refused our certificate in the TLS handshake (a
 /// TLS alert, QUIC's crypto error codes 0x100–0x1ff), or closed it as a removed hub's with
 /// [`CLOSE_REFUSED`] before accepting a stream — else [`Exchange::Lost`].
-fn broken(conn: &quinn::Connection, e: impl std::fmt::Display) -> Exchange {
+pub(super) fn broken(conn: &quinn::Connection, e: impl std::fmt::Display) -> Exchange {
     let refused = match conn.close_reason() {
         Some(quinn::ConnectionError::ConnectionClosed(c)) => (0x100..0x200).contains(&u64::from(c.error_code)),
         Some(quinn::ConnectionError::ApplicationClosed(c)) => c.error_code == quinn::VarInt::from_u32(CLOSE_REFUSED),
@@ -69,6 +69,12 @@ fn broken(conn: &quinn::Connection, e: impl std::fmt::Display) -> Exchange {
     }
 }
 
+/// An answer's payload, and whether the peer serves kept streams (`kept`).
+pub(super) struct Answered {
+    pub(super) payload: Vec<u8>,
+    pub(super) keeps_streams: bool,
+}
+
 /// One request and its answer on a new stream. `sent` is set just before the request's end
 /// (its FIN) goes out: from then on the peer may have all of it and act on it. Only an answer, a
 /// refusal, or a connection the peer refused before it accepted streams proves otherwise — not a
@@ -79,7 +85,7 @@ pub(super) async fn exchange(
     conn: &quinn::Connection,
     request: &[u8],
     sent: Option<&std::sync::atomic::AtomicBool>,
-) -> Result<Vec<u8>, Exchange> {
+) -> Result<Answered, Exchange> {
     let (send, mut recv) = conn.open_bi().await.map_err(|e| broken(conn, e))?;
     let mut send = Outgoing::new(send);
     let stream = send.stream().ok_or_else(|| Exchange::Bad("the stream is already finished".into()))?;
@@ -97,6 +103,6 @@ pub(super) async fn exchange(
     let mut resp = pb::MeshResponse::decode(raw.as_slice()).map_err(|e| Exchange::Bad(e.to_string()))?;
     match Refusal::from_response(&mut resp) {
         Some(refusal) => Err(Exchange::Remote(RpcError::Remote(refusal))),
-        None => Ok(resp.payload),
+        None => Ok(Answered { payload: resp.payload, keeps_streams: resp.keeps_streams }),
     }
 }

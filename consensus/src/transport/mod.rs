@@ -8,12 +8,14 @@
 //!  ENDPOINT.call(target, req) --cached connection to node-<target>.hubmesh--> open_bi
 //!      write pb::MeshRequest{kind, from, payload}, finish --> read pb::MeshResponse to the end
 //!      (code != 0: a Refusal{code, message, hint} --> RpcError::Remote)
+//!      once the peer's answer says keeps_streams: small requests go as frames on streams kept
+//!      open between calls (kept), no stream opened per call
 //!  accept loop (server) --> per connection: who is it (CA-signed certificate = member; none =
 //!      joiner, which may only JOIN) --> per stream: size-limited read, decode, dispatch by kind
 //!  BULK.open(target, header) --same connection--> a bulk stream (bulk): header, then the body
 //! ```
-//! A unary request never starts with 0x00 (a protobuf message starts with a field tag), so one
-//! byte tells unary and bulk streams apart.
+//! A unary request never starts with 0x00 or 0x01 (a protobuf message starts with a field tag of
+//! field 1 or more), so one byte tells a unary stream from a bulk (0x00) and a kept (0x01) one.
 //!
 //! Nothing on this path panics on its input: garbage, truncated or oversized requests get an
 //! error response (or a closed stream) and the endpoint goes on.
@@ -24,6 +26,9 @@ mod congestion;
 mod endpoint;
 mod error;
 mod exchange;
+mod kept;
+#[cfg(test)]
+mod kept_tests;
 mod kind;
 mod quic;
 mod server;
@@ -53,6 +58,7 @@ pub use server::MAX_JOIN_REQUEST;
 
 use crate::tls::{self, Identity};
 use exchange::{exchange, Exchange, Outgoing, CLOSE_REFUSED, CLOSE_REVOKED};
+use kept::{exchange_kept, Kept, MAX_KEPT_REQUEST};
 
 /// Largest request or response.
 pub const MAX_FRAME: usize = 64 << 20;
@@ -123,6 +129,8 @@ pub struct Transport {
     silence: Arc<silence::Silence>,
     /// Open member connections to this hub, by quinn's id: their certificate's fingerprint.
     live: LiveConnections,
+    /// Streams kept open between calls, per peer.
+    kept: Kept,
 }
 
 /// Open member connections by quinn's id, with their certificate's fingerprint.
@@ -174,6 +182,7 @@ impl Transport {
             admission: Default::default(),
             silence: Default::default(),
             live: Default::default(),
+            kept: Default::default(),
         });
         tokio::spawn(server::accept_loop(Arc::downgrade(&t), t.endpoint.clone()));
         Ok(t)
@@ -216,6 +225,7 @@ impl Transport {
         let old = book.insert(node, addr);
         if old.is_some_and(|o| o != addr) {
             lock(&self.conns).remove(&node);
+            self.kept.forget(node);
         }
     }
 
@@ -226,6 +236,7 @@ impl Transport {
         let mut book = self.peers.write().unwrap_or_else(|p| p.into_inner());
         let mut conns = lock(&self.conns);
         conns.retain(|node, _| peers.get(node).is_some_and(|a| book.get(node) == Some(a)));
+        self.kept.keep_only(&conns);
         lock(&self.dialing).retain(|node, _| peers.contains_key(node));
         *book = peers;
     }
@@ -262,6 +273,7 @@ impl Transport {
             }
             keep
         });
+        self.kept.keep_only(&lock(&self.conns));
     }
 
     /// Whether `addr` is a member's mesh address (a member connects from its own endpoint).
@@ -355,6 +367,7 @@ impl Transport {
                     let mut conns = lock(&self.conns);
                     if conns.get(&target).is_some_and(|c| c.stable_id() == u.conn.stable_id()) {
                         conns.remove(&target);
+                        self.kept.forget(target);
                     }
                 }
             }
@@ -376,14 +389,31 @@ impl Transport {
             let received = conn.stats().udp_rx.datagrams;
             *lock(used) = Some(Used { received, started: Instant::now(), conn: conn.clone() });
         }
-        let req = pb::MeshRequest { kind: kind as u32, from: self.node_id, payload };
-        exchange(&conn, &req.encode_to_vec(), Some(sent)).await.map_err(|e| match e {
+        let req = pb::MeshRequest { kind: kind as u32, from: self.node_id, payload }.encode_to_vec();
+        let failed = |e| match e {
             // Lost after the request's end went out: the peer may have acted on it.
             Exchange::Lost(_) if sent.load(std::sync::atomic::Ordering::Acquire) => RpcError::Timeout,
             Exchange::Lost(m) | Exchange::Refused(m) => RpcError::Unreachable(target, m),
             Exchange::Bad(m) => RpcError::Protocol(m),
             Exchange::Remote(e) => e,
-        })
+        };
+        if req.len() <= MAX_KEPT_REQUEST {
+            if let Some(stream) = self.kept.take(target, &conn).await {
+                let mut stream = stream.map_err(failed)?;
+                let res = exchange_kept(&conn, &mut stream, &req, sent).await;
+                self.kept.put_back(target, &conn, stream);
+                return res.map_err(failed);
+            }
+        }
+        let answered = exchange(&conn, &req, Some(sent)).await.map_err(failed)?;
+        if answered.keeps_streams {
+            // Only for the cached connection: one evicted meanwhile must not be kept open here.
+            let conns = lock(&self.conns);
+            if conns.get(&target).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                self.kept.learned(target, &conn);
+            }
+        }
+        Ok(answered.payload)
     }
 
     async fn connection(&self, target: u64) -> Result<quinn::Connection, RpcError> {
@@ -500,7 +530,7 @@ impl Transport {
             let req = pb::MeshRequest { kind: StreamKind::Join as u32, from: 0, payload };
             let res = exchange(&conn, &req.encode_to_vec(), None).await;
             conn.close(0u32.into(), b"joined");
-            res.map_err(|e| match e {
+            res.map(|a| a.payload).map_err(|e| match e {
                 Exchange::Lost(m) | Exchange::Refused(m) => RpcError::Unreachable(0, m),
                 Exchange::Bad(m) => RpcError::Protocol(m),
                 Exchange::Remote(e) => e,
@@ -522,6 +552,7 @@ impl Transport {
         let mut conns = lock(&self.conns);
         self.conns_era.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         conns.clear();
+        self.kept.clear();
     }
 
     /// Closes the endpoint. It does not wait for the peers to hear of it (`wait_idle`): a
@@ -557,6 +588,11 @@ impl Transport {
     /// quinn's statistics of the member connections other hubs opened to this one.
     pub(crate) fn accepted_stats_for_tests(&self) -> Vec<quinn::ConnectionStats> {
         lock(&self.live).values().map(|(_, c)| c.stats()).collect()
+    }
+
+    /// Kept streams opened so far, and those idle for `node`.
+    pub(crate) fn kept_streams_for_tests(&self, node: u64) -> (u64, usize) {
+        (self.kept.opened(), self.kept.idle(node))
     }
 
     /// Open member connections to this hub.

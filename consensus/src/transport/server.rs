@@ -1,6 +1,8 @@
 //! The serving side of the endpoint: accepts connections (within the limits of [`super::admission`]),
 //! tells members from joiners by their certificate, reads each stream's request (size-limited, a
-//! joiner's to a few KiB) and hands it to the handler of its kind. Nothing here panics on its input: garbage gets a `BadRequest` answer or a closed stream.
+//! joiner's to a few KiB) and hands it to the handler of its kind; a member's kept stream
+//! (`kept`) is read frame after frame by one task. Nothing here panics on its input: garbage gets
+//! a `BadRequest` answer or a closed stream.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Weak};
@@ -10,6 +12,7 @@ use hubmesh_proto::{pb, Message};
 
 use super::admission::{Peer, Pending};
 use super::bulk::BulkBody;
+use super::kept::{read_frame, write_frame, FrameError, KEEP_MARK, MAX_KEPT_REQUEST};
 use super::{lock, quic, Caller, Refusal, StreamKind, Transport, BULK_MARK, CLOSE_REFUSED, MAX_BULK_HEADER, MAX_FRAME};
 
 /// Largest request a joiner may send (a `JoinRequest` is a few hundred bytes).
@@ -106,6 +109,7 @@ async fn serve_joiner(t: Weak<Transport>, conn: quinn::Connection, pending: Pend
 }
 
 /// Who opened a stream.
+#[derive(Clone)]
 enum Who {
     Member(Arc<Peer>),
     Joiner(IpAddr),
@@ -131,7 +135,7 @@ async fn serve_stream(
         let mut first = [0u8; 1];
         let first = recv.read_exact(&mut first).await.map(|()| first[0]);
         let rest = match first {
-            Ok(b) if b != BULK_MARK => Some(recv.read_to_end(limit - 1).await),
+            Ok(b) if b != BULK_MARK && b != KEEP_MARK => Some(recv.read_to_end(limit - 1).await),
             _ => None,
         };
         (first, rest)
@@ -143,7 +147,11 @@ async fn serve_stream(
             Err(_) => return,
         },
     };
-    let resp = match read {
+    let mut resp = match read {
+        (Ok(KEEP_MARK), None) => match who {
+            Who::Member(peer) => return serve_kept(t, peer, send, recv).await,
+            Who::Joiner(_) => members_only().into_response(),
+        },
         (Ok(_), None) => serve_bulk(t, who, recv).await,
         (Ok(b), Some(rest)) => match rest {
             Err(e) => Refusal::bad_request(format!("unreadable request: {e}")).into_response(),
@@ -164,6 +172,8 @@ async fn serve_stream(
             Refusal::bad_request(format!("unreadable request: {e}")).into_response()
         }
     };
+    // Only members learn that this hub keeps streams (a joiner is never sent one).
+    resp.keeps_streams = member;
     let write = async {
         if send.write_all(&resp.encode_to_vec()).await.is_ok() {
             let _ = send.finish();
@@ -177,6 +187,33 @@ async fn serve_stream(
         write.await;
     } else if tokio::time::timeout(answer_time, write).await.is_err() {
         tracing::debug!("a joiner did not take its answer in time");
+    }
+}
+
+/// A kept stream after its mark (`kept`): a member's requests, one frame at a time, each answered
+/// before the next is read, until the caller ends or resets the stream. A frame larger than a
+/// kept stream carries is refused and the stream ended.
+async fn serve_kept(t: Weak<Transport>, peer: Arc<Peer>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    loop {
+        let mut resp = match read_frame(&mut recv, MAX_KEPT_REQUEST).await {
+            Ok(raw) => match pb::MeshRequest::decode(raw.as_slice()) {
+                Err(e) => Refusal::bad_request(format!("garbage request: {e}")).into_response(),
+                Ok(req) => dispatch(t.clone(), Who::Member(peer.clone()), req).await,
+            },
+            Err(e @ FrameError::TooLarge(_)) => {
+                let refusal = Refusal::bad_request(format!("{e} on a kept stream")).into_response();
+                let _ = write_frame(&mut send, &refusal).await;
+                let _ = send.finish();
+                let _ = recv.stop(0u32.into());
+                return;
+            }
+            // The caller is done with the stream, or gave it up.
+            Err(FrameError::Ended | FrameError::Read(_)) => return,
+        };
+        resp.keeps_streams = true;
+        if write_frame(&mut send, &resp).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -9,9 +9,9 @@ use hubmesh_proto::{pb, Message};
 use crate::tls::{fingerprint, CaMaterial, Identity, NodeKey};
 use crate::transport::{bulk_handler, handler, lock, BulkBody, Caller, RpcError, StreamKind, Transport, MODULE_FETCH};
 
-const T: Duration = Duration::from_secs(5);
+pub(super) const T: Duration = Duration::from_secs(5);
 /// The untyped echo handler of these tests rides on a kind a bare endpoint does not serve.
-const ECHO: StreamKind = StreamKind::ModuleFetch;
+pub(super) const ECHO: StreamKind = StreamKind::ModuleFetch;
 /// The frame-counting bulk handler.
 const FRAMES: StreamKind = StreamKind::CheckpointPush;
 /// Frame size of the [`FRAMES`] bulk handler.
@@ -22,7 +22,7 @@ fn identity(ca: &CaMaterial, id: u64) -> Identity {
     Identity { ca_der: ca.cert_der.clone(), cert_der: ca.issue(id, key.public_key()).unwrap(), key }
 }
 
-fn hub(ca: &CaMaterial, id: u64) -> Arc<Transport> {
+pub(super) fn hub(ca: &CaMaterial, id: u64) -> Arc<Transport> {
     let t = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(ca, id), id, Duration::from_millis(30)).unwrap();
     t.register(
         ECHO,
@@ -62,7 +62,7 @@ fn hub(ca: &CaMaterial, id: u64) -> Arc<Transport> {
     t
 }
 
-fn addr(t: &Transport) -> SocketAddr {
+pub(super) fn addr(t: &Transport) -> SocketAddr {
     t.local_addr().unwrap()
 }
 
@@ -157,7 +157,7 @@ async fn wait_for(what: &str, done: impl Fn() -> bool) {
 
 /// A raw endpoint at `bind` that connects like a joiner (no certificate, the CA pinned), with a
 /// stream receive window of `window` bytes.
-fn raw_joiner(ca: &CaMaterial, bind: &str, window: u32) -> quinn::Endpoint {
+pub(super) fn raw_joiner(ca: &CaMaterial, bind: &str, window: u32) -> quinn::Endpoint {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
         crate::tls::join_client_config(fingerprint(&ca.cert_der)).unwrap(),
     )
@@ -273,7 +273,7 @@ async fn step_garbage_udp(to: SocketAddr) {
     sock.send_to(&truncated_initial, to).await.unwrap();
 }
 
-async fn raw_stream(t: &Transport, target: u64, bytes: &[u8]) -> Vec<u8> {
+pub(super) async fn raw_stream(t: &Transport, target: u64, bytes: &[u8]) -> Vec<u8> {
     t.raw_exchange_for_tests(target, bytes).await
 }
 

@@ -37,8 +37,8 @@ fn on_own_runtime<T: Send + 'static>(f: impl std::future::Future<Output = T> + S
     .unwrap()
 }
 
-/// Round trips of a 16-byte echo, a stream per call (as a forwarded invocation): 300 to warm
-/// up, then 3,000 timed. Returns them and how many calls failed.
+/// Round trips of a 16-byte echo, one at a time, on streams kept between calls (as a forwarded
+/// invocation): 300 to warm up, then 3,000 timed. Returns them and how many calls failed.
 pub(crate) fn transport_floor() -> (Vec<Duration>, usize) {
     on_own_runtime(async {
         let ca = CaMaterial::generate().unwrap();
