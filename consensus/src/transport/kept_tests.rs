@@ -1,12 +1,11 @@
 //! Kept streams (`kept`) against real quinn and rustls on loopback.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use hubmesh_proto::{pb, Message};
 
 use super::kept::{KEEP_MARK, MAX_IDLE, MAX_KEPT_REQUEST};
-use super::tests::{addr, hub, raw_joiner, raw_stream, ECHO, T};
+use super::tests::{addr, hub, raw_joiner, raw_stream, serve_propose_that_runs, ECHO, T};
 use crate::tls::CaMaterial;
 use crate::transport::{handler, RpcError, StreamKind};
 
@@ -51,28 +50,12 @@ async fn calls_after_the_first_go_on_kept_streams() {
 async fn a_call_given_up_on_a_kept_stream_is_an_unknown_outcome_and_its_stream_goes() {
     let ca = CaMaterial::generate().unwrap();
     let (a, b) = (hub(&ca, 1), hub(&ca, 2));
-    let (ran_tx, ran_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let ran_rx = Arc::new(tokio::sync::Mutex::new(ran_rx));
-    b.register(
-        StreamKind::Propose,
-        handler(move |_caller, payload: Vec<u8>| {
-            let ran = ran_tx.clone();
-            async move {
-                let _ = ran.send(());
-                // Ran; the answer comes after the caller has given up.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Ok(payload)
-            }
-        }),
-    );
+    // Ran; the answer comes after the caller has given up.
+    let ran = serve_propose_that_runs(&b, Some(Duration::from_millis(50)));
     a.set_peer(2, addr(&b));
     a.call(2, ECHO, b"learn".to_vec(), T).await.unwrap();
     for round in 0..10u8 {
-        let ran = ran_rx.clone();
-        let give_up = async move {
-            ran.lock().await.recv().await;
-        };
-        let err = a.call_unless(2, StreamKind::Propose, vec![round], T, give_up).await.unwrap_err();
+        let err = a.call_unless(2, StreamKind::Propose, vec![round], T, ran.next()).await.unwrap_err();
         assert!(matches!(err, RpcError::Timeout), "round {round}: the peer ran the request, yet {err:?}");
     }
     assert_eq!(a.kept_streams_for_tests(2), (10, 0), "each given-up call's stream went");

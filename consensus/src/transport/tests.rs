@@ -369,6 +369,41 @@ async fn typed_endpoints_decode_once_refuse_garbage_and_short_cut_to_this_hub() 
     assert_eq!(err.code(), Some(pb::ErrorCode::BadRequest), "{err:?}");
 }
 
+/// Tells when a handler ran.
+#[derive(Clone)]
+pub(super) struct Ran(Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<()>>>);
+
+impl Ran {
+    /// Completes when the handler next runs (a caller's `give_up`).
+    pub(super) fn next(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let ran = self.0.clone();
+        async move {
+            ran.lock().await.recv().await;
+        }
+    }
+}
+
+/// Serves `PROPOSE` on `t` with a handler that tells when it runs, then answers its payload
+/// after `answer_after` (never, if `None`).
+pub(super) fn serve_propose_that_runs(t: &Transport, answer_after: Option<Duration>) -> Ran {
+    let (ran_tx, ran_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    t.register(
+        StreamKind::Propose,
+        handler(move |_caller, payload: Vec<u8>| {
+            let ran = ran_tx.clone();
+            async move {
+                let _ = ran.send(());
+                match answer_after {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending::<()>().await,
+                }
+                Ok(payload)
+            }
+        }),
+    );
+    Ran(Arc::new(tokio::sync::Mutex::new(ran_rx)))
+}
+
 /// A handler that ran may never be reported as a request its peer did not receive, even when
 /// the caller gives up before the peer's acknowledgement is back (QUIC delays acknowledgements
 /// by up to 25 ms; a hub that dies in between never sends one).
@@ -376,27 +411,11 @@ async fn typed_endpoints_decode_once_refuse_garbage_and_short_cut_to_this_hub() 
 async fn a_request_the_peer_ran_is_never_reported_undelivered() {
     let ca = CaMaterial::generate().unwrap();
     let (a, b) = (hub(&ca, 1), hub(&ca, 2));
-    let (ran_tx, ran_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let ran_rx = Arc::new(tokio::sync::Mutex::new(ran_rx));
-    b.register(
-        StreamKind::Propose,
-        handler(move |_caller, _p| {
-            let ran = ran_tx.clone();
-            async move {
-                let _ = ran.send(());
-                // Ran, but no answer comes: a hub that dies right after acting.
-                std::future::pending::<()>().await;
-                Ok(vec![])
-            }
-        }),
-    );
+    // Ran, but no answer comes: a hub that dies right after acting.
+    let ran = serve_propose_that_runs(&b, None);
     a.set_peer(2, addr(&b));
     for round in 0..20 {
-        let ran = ran_rx.clone();
-        let give_up = async move {
-            ran.lock().await.recv().await;
-        };
-        let err = a.call_unless(2, StreamKind::Propose, vec![round], T, give_up).await.unwrap_err();
+        let err = a.call_unless(2, StreamKind::Propose, vec![round], T, ran.next()).await.unwrap_err();
         assert!(matches!(err, RpcError::Timeout), "round {round}: the peer ran the request, yet {err:?}");
     }
     // A caller that gives up before sending is told the peer does not have the request.
