@@ -5,7 +5,7 @@ use std::time::Duration;
 use hubmesh_proto::{pb, Message};
 
 use super::kept::{KEEP_MARK, MAX_IDLE, MAX_KEPT_REQUEST};
-use super::tests::{addr, hub, raw_joiner, raw_stream, serve_propose_that_runs, ECHO, T};
+use super::tests::{addr, hub, raw_joiner, raw_stream, serve_propose_that_runs, wait_for, ECHO, T};
 use crate::tls::CaMaterial;
 use crate::transport::{handler, RpcError, StreamKind};
 
@@ -59,7 +59,8 @@ async fn a_call_given_up_on_a_kept_stream_is_an_unknown_outcome_and_its_stream_g
         assert!(matches!(err, RpcError::Timeout), "round {round}: the peer ran the request, yet {err:?}");
     }
     assert_eq!(a.kept_streams_for_tests(2), (10, 0), "each given-up call's stream went");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The late answers are written to the streams the caller dropped before the next call.
+    wait_for("the peer answered every given-up call", || ran.answered() == 10).await;
     assert_eq!(a.call(2, ECHO, b"after".to_vec(), T).await.unwrap(), echoed(b"after"));
     assert_eq!(a.kept_streams_for_tests(2), (11, 1));
 }

@@ -109,7 +109,6 @@ async fn serve_joiner(t: Weak<Transport>, conn: quinn::Connection, pending: Pend
 }
 
 /// Who opened a stream.
-#[derive(Clone)]
 enum Who {
     Member(Arc<Peer>),
     Joiner(IpAddr),

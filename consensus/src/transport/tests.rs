@@ -7,7 +7,9 @@ use std::time::Duration;
 use hubmesh_proto::{pb, Message};
 
 use crate::tls::{fingerprint, CaMaterial, Identity, NodeKey};
-use crate::transport::{bulk_handler, handler, lock, BulkBody, Caller, RpcError, StreamKind, Transport, MODULE_FETCH};
+use crate::transport::{
+    bulk_handler, handler, lock, BulkBody, Caller, RpcError, StreamKind, Transport, MAX_FRAME, MODULE_FETCH,
+};
 
 pub(super) const T: Duration = Duration::from_secs(5);
 /// The untyped echo handler of these tests rides on a kind a bare endpoint does not serve.
@@ -147,7 +149,7 @@ async fn joiners_pin_the_ca_and_may_only_join() {
 }
 
 /// Polls `done` until it holds, for at most `T`.
-async fn wait_for(what: &str, done: impl Fn() -> bool) {
+pub(super) async fn wait_for(what: &str, done: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + T;
     while !done() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
@@ -369,17 +371,25 @@ async fn typed_endpoints_decode_once_refuse_garbage_and_short_cut_to_this_hub() 
     assert_eq!(err.code(), Some(pb::ErrorCode::BadRequest), "{err:?}");
 }
 
-/// Tells when a handler ran.
+/// Tells when a handler ran, and how many times it answered.
 #[derive(Clone)]
-pub(super) struct Ran(Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<()>>>);
+pub(super) struct Ran {
+    ran: Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<()>>>,
+    answered: Arc<std::sync::atomic::AtomicUsize>,
+}
 
 impl Ran {
     /// Completes when the handler next runs (a caller's `give_up`).
     pub(super) fn next(&self) -> impl std::future::Future<Output = ()> + 'static {
-        let ran = self.0.clone();
+        let ran = self.ran.clone();
         async move {
             ran.lock().await.recv().await;
         }
+    }
+
+    /// Answers the handler has given so far.
+    pub(super) fn answered(&self) -> usize {
+        self.answered.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -387,21 +397,24 @@ impl Ran {
 /// after `answer_after` (never, if `None`).
 pub(super) fn serve_propose_that_runs(t: &Transport, answer_after: Option<Duration>) -> Ran {
     let (ran_tx, ran_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = answered.clone();
     t.register(
         StreamKind::Propose,
         handler(move |_caller, payload: Vec<u8>| {
-            let ran = ran_tx.clone();
+            let (ran, count) = (ran_tx.clone(), count.clone());
             async move {
                 let _ = ran.send(());
                 match answer_after {
                     Some(d) => tokio::time::sleep(d).await,
                     None => std::future::pending::<()>().await,
                 }
+                count.fetch_add(1, std::sync::atomic::Ordering::Release);
                 Ok(payload)
             }
         }),
     );
-    Ran(Arc::new(tokio::sync::Mutex::new(ran_rx)))
+    Ran { ran: Arc::new(tokio::sync::Mutex::new(ran_rx)), answered }
 }
 
 /// A handler that ran may never be reported as a request its peer did not receive, even when
@@ -525,4 +538,41 @@ async fn a_hub_restarted_on_its_address_resets_the_connections_to_its_old_self()
     let reason = before.close_reason().unwrap();
     assert!(matches!(reason, quinn::ConnectionError::Reset), "closed by a stateless reset, not a timeout: {reason:?}");
     assert_eq!(a.call(2, ECHO, b"y".to_vec(), T).await.unwrap(), b"new:y");
+}
+
+/// What the tests read of an endpoint's inside.
+impl Transport {
+    /// Unauthenticated connections holding a stranger's slot.
+    pub(super) fn unauthenticated_for_tests(&self) -> usize {
+        self.admission.held()
+    }
+
+    /// quinn's statistics of the cached connection to `node`.
+    pub(super) fn connection_stats_for_tests(&self, node: u64) -> Option<quinn::ConnectionStats> {
+        lock(&self.conns).get(&node).map(|c| c.stats())
+    }
+
+    /// quinn's statistics of the member connections other hubs opened to this one.
+    pub(super) fn accepted_stats_for_tests(&self) -> Vec<quinn::ConnectionStats> {
+        lock(&self.live).values().map(|(_, c)| c.stats()).collect()
+    }
+
+    /// Kept streams opened so far, and those idle for `node`.
+    pub(super) fn kept_streams_for_tests(&self, node: u64) -> (u64, usize) {
+        (self.kept.opened(), self.kept.idle(node))
+    }
+
+    /// Open member connections to this hub.
+    pub(super) fn live_connections_for_tests(&self) -> usize {
+        lock(&self.live).len()
+    }
+
+    /// Sends raw bytes on a fresh stream to `target` and returns the raw answer.
+    pub(super) async fn raw_exchange_for_tests(&self, target: u64, bytes: &[u8]) -> Vec<u8> {
+        let conn = self.connection(target).await.expect("connected");
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        send.write_all(bytes).await.expect("write");
+        send.finish().expect("finish");
+        recv.read_to_end(MAX_FRAME).await.expect("answer")
+    }
 }
