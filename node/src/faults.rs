@@ -24,6 +24,8 @@
 //!   the source hears it is ready), `crash-migration-target-stored` (the final state stored,
 //!   before the source hears so), `crash-migration-target-committed` (the switch applied here,
 //!   before it says it serves — perhaps before the source heard of the commit).
+//! - `no-migrate-watch`: the hub does not serve `MIGRATE_WATCH`, as a hub from before it (a
+//!   migration's source must fall back to `MIGRATE_END`).
 //!
 //! A crash point fires at most once per data dir (a marker file `fault-crashed-NAME` remembers
 //! it), so a restarted hub runs on instead of crashing in a loop.

@@ -86,6 +86,7 @@ impl Worker for LoadMeter {
             &readings,
             config.task_cpus.unwrap_or_else(crate::config::machine_cpus),
             offered_memory,
+            self.hub.migrations().staged_memory_bytes(),
             cpu_pressure(),
         );
         metrics::gauge!("hubmesh_hub_load", "kind" => "cpu").set(f64::from(report.cpu_permille) / 1000.0);
@@ -105,17 +106,19 @@ impl Worker for LoadMeter {
     }
 }
 
-/// The report for one interval of `dt`, from the meters' readings at its start and end. Pure.
+/// The report for one interval of `dt`, from the meters' readings at its start and end, with
+/// `staged_memory` held for migrations to this hub (in the hub's memory, in no task's). Pure.
 fn measure(
     dt: Duration,
     before: &HashMap<String, MeterReading>,
     after: &HashMap<String, MeterReading>,
     task_cpus: u32,
     offered_memory: u64,
+    staged_memory: u64,
     cpu_pressure: Option<u32>,
 ) -> pb::LoadReport {
     let dt_ns = dt.as_nanos().max(1) as f64;
-    let (mut cpu_ns, mut memory) = (0u64, 0u64);
+    let (mut cpu_ns, mut memory) = (0u64, staged_memory);
     let mut tasks = Vec::new();
     for (name, now) in after {
         // A task that started during the interval counts from zero.
@@ -177,16 +180,29 @@ mod tests {
             ("a".to_owned(), reading(1900, 30, 10, 4 << 20)),
             ("new".to_owned(), reading(300, 10, 10, 0)),
         ]);
-        let r = measure(Duration::from_secs(1), &before, &after, 2, 64 << 20, Some(125));
+        let r = measure(Duration::from_secs(1), &before, &after, 2, 64 << 20, 0, Some(125));
         // 900 ms + 300 ms of CPU in 1 s against 2 cores: 60 %.
         assert_eq!(r.cpu_permille, 600);
-        assert_eq!(r.memory_permille, 63); // 4 MiB of 64 MiB
-                                           // a: 30 ms over 10 calls, new: 10 ms over 10 calls; the hub shows its longest queue.
+        // 4 MiB of 64 MiB.
+        assert_eq!(r.memory_permille, 63);
+        // a: 30 ms over 10 calls, new: 10 ms over 10 calls; the hub shows its longest queue.
         assert_eq!(r.queue_wait_us, 3000);
         assert_eq!(r.tasks.iter().map(|t| t.queue_wait_us).collect::<Vec<_>>(), [3000, 1000]);
         assert_eq!(r.cpu_pressure, Some(125));
         let names: Vec<(&str, u32)> = r.tasks.iter().map(|t| (t.name.as_str(), t.cpu_millicores)).collect();
         assert_eq!(names, [("a", 900), ("new", 300)]);
+    }
+
+    #[test]
+    fn staged_migrations_count_in_the_memory_but_in_no_task() {
+        let after = HashMap::from([("a".to_owned(), reading(0, 0, 0, 4 << 20))]);
+        let r = measure(Duration::from_secs(1), &HashMap::new(), &after, 1, 64 << 20, 28 << 20, None);
+        // 4 MiB of the task's and 28 MiB staged, of 64 MiB: half.
+        assert_eq!(r.memory_permille, 500);
+        assert_eq!(r.tasks.len(), 1);
+        assert_eq!(r.tasks[0].memory_bytes, 4 << 20);
+        let idle = measure(Duration::from_secs(1), &HashMap::new(), &HashMap::new(), 1, 64 << 20, 16 << 20, None);
+        assert_eq!((idle.memory_permille, idle.tasks.len()), (250, 0));
     }
 
     #[test]

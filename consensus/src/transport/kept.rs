@@ -51,6 +51,19 @@ pub(super) struct Kept {
     peers: Mutex<HashMap<u64, PeerStreams>>,
     /// Kept streams opened so far (a stream reused is not counted again).
     opened: AtomicU64,
+    /// Calls that took an idle kept stream.
+    reused: AtomicU64,
+}
+
+/// What the kept streams did so far (for `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeptStreamStats {
+    /// Kept streams opened.
+    pub opened: u64,
+    /// Calls that took an idle kept stream: no stream opened for them.
+    pub reused: u64,
+    /// Kept streams idle now, over every peer.
+    pub idle: u64,
 }
 
 /// What is kept for one peer: for its current connection only.
@@ -68,6 +81,7 @@ impl Kept {
             let mut peers = lock(&self.peers);
             let entry = peers.get_mut(&target).filter(|p| p.conn.stable_id() == conn.stable_id())?;
             if let Some(s) = entry.idle.pop() {
+                self.reused.fetch_add(1, Ordering::Relaxed);
                 return Some(Ok(s));
             }
         }
@@ -118,10 +132,13 @@ impl Kept {
         lock(&self.peers).clear();
     }
 
-    /// Kept streams opened so far.
-    #[cfg(test)]
-    pub(super) fn opened(&self) -> u64 {
-        self.opened.load(Ordering::Relaxed)
+    pub(super) fn stats(&self) -> KeptStreamStats {
+        let idle = lock(&self.peers).values().map(|p| p.idle.len() as u64).sum();
+        KeptStreamStats {
+            opened: self.opened.load(Ordering::Relaxed),
+            reused: self.reused.load(Ordering::Relaxed),
+            idle,
+        }
     }
 
     /// Idle streams kept for `target`.

@@ -29,6 +29,8 @@ async fn calls_after_the_first_go_on_kept_streams() {
         assert_eq!(a.call(2, ECHO, p.to_vec(), T).await.unwrap(), echoed(&p));
     }
     assert_eq!(a.kept_streams_for_tests(2), (1, 1), "one stream carried 50 calls in turn");
+    let stats = a.kept_stream_stats();
+    assert_eq!((stats.opened, stats.reused, stats.idle), (1, 49, 1), "49 calls took the idle stream");
     let big = vec![7u8; MAX_KEPT_REQUEST + 1];
     assert_eq!(a.call(2, ECHO, big.clone(), T).await.unwrap(), echoed(&big));
     assert_eq!(a.kept_streams_for_tests(2), (1, 1), "the large request took a stream of its own");

@@ -58,6 +58,7 @@ pub use server::MAX_JOIN_REQUEST;
 
 use crate::tls::{self, Identity};
 use exchange::{exchange, Exchange, Outgoing, CLOSE_REFUSED, CLOSE_REVOKED};
+pub use kept::KeptStreamStats;
 use kept::{exchange_kept, Kept, MAX_KEPT_REQUEST};
 
 /// Largest request or response.
@@ -537,6 +538,11 @@ impl Transport {
             })
         };
         tokio::time::timeout(timeout, fut).await.unwrap_or(Err(RpcError::Timeout))
+    }
+
+    /// What the streams kept between calls did so far.
+    pub fn kept_stream_stats(&self) -> KeptStreamStats {
+        self.kept.stats()
     }
 
     /// Drops every handler (they hold the Raft handle, which holds this endpoint: clearing them

@@ -559,7 +559,7 @@ impl Transport {
 
     /// Kept streams opened so far, and those idle for `node`.
     pub(super) fn kept_streams_for_tests(&self, node: u64) -> (u64, usize) {
-        (self.kept.opened(), self.kept.idle(node))
+        (self.kept.stats().opened, self.kept.idle(node))
     }
 
     /// Open member connections to this hub.

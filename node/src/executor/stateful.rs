@@ -281,8 +281,14 @@ impl StatefulTask {
     /// Sends a live migration's request; it waits for room in the queue rather than failing
     /// (the queue drains within a call's deadline).
     pub(crate) async fn migrate(&self, msg: MigrateMsg) -> Result<(), InvokeError> {
+        // Most often the queue has room: no thread hand-off (the freeze is inside the pause).
+        let msg = match self.tx.try_send(Msg::Migrate(msg)) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Disconnected(_)) => return Err(InvokeError::Unavailable("the task stopped".into())),
+            Err(TrySendError::Full(msg)) => msg,
+        };
         let tx = self.tx.clone();
-        tokio::task::spawn_blocking(move || tx.send(Msg::Migrate(msg)))
+        tokio::task::spawn_blocking(move || tx.send(msg))
             .await
             .map_err(|e| InvokeError::Unavailable(format!("the sending thread failed: {e}")))?
             .map_err(|_| InvokeError::Unavailable("the task stopped".into()))

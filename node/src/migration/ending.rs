@@ -143,6 +143,7 @@ impl Driver<'_> {
                 }
                 Ok(Err(e @ (RpcError::Remote(_) | RpcError::NotDelivered(_) | RpcError::Unreachable(..)))) => {
                     tracing::debug!(task = self.task, error = %e, "the target did not take the watch; asking again");
+                    metrics::counter!("hubmesh_migration_watch_fallbacks_total").increment(1);
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(e) => tracing::warn!(task = self.task, error = %e, "the watch's task failed; asking again"),

@@ -153,6 +153,13 @@ fn staging_room(hub: &Hub) -> bool {
     incoming + ready < MAX_STAGED
 }
 
+/// Bytes the staged instances of migrations to this hub hold, built or handed over: not a task's
+/// yet, but this hub's memory all the same.
+pub(super) fn staged_bytes(incoming: &HashMap<String, Incoming>, ready: &HashMap<String, Ready>) -> u64 {
+    let building = incoming.values().filter_map(|i| i.staged.as_ref());
+    building.chain(ready.values().map(|r| &r.staged)).map(StagedTask::memory_bytes).sum()
+}
+
 /// Drops `what` (staged instances: a pool slot and large buffers to free) off the runtime's
 /// threads.
 pub(super) fn drop_later<T: Send + 'static>(what: T) {

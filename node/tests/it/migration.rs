@@ -151,6 +151,64 @@ async fn a_durable_counter_migrates_back_and_forth_under_load_and_no_call_fails(
     assert_eq!(again, first[0].to_string().into_bytes(), "a retried key answers its first answer");
 }
 
+/// The sum over `hubs` of the counter `name` in their `/metrics`.
+async fn counter_total(hubs: &[Hub], name: &str) -> u64 {
+    let mut total = 0;
+    for h in hubs {
+        let text = reqwest::get(format!("{}/metrics", h.url)).await.unwrap().text().await.unwrap();
+        let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+        total += line.and_then(|l| l.split_whitespace().nth(1)).map_or(0, |v| v.parse::<u64>().unwrap());
+    }
+    total
+}
+
+/// Hubs from before `MIGRATE_WATCH` (a rolling upgrade's older half; the fault makes all three
+/// such hubs) refuse the watch: each source asks the target with `MIGRATE_END` after the commit
+/// instead, and the migrations go on as before — no call fails, each applies once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "fault-injection"), ignore = "needs the fault-injection feature: cargo test --workspace")]
+async fn a_target_that_does_not_know_the_watch_still_takes_the_task() {
+    let env = [("HUBMESH_FAULTS", "no-migrate-watch")];
+    let a = Hub::start_with_env("lwa", &[], &env).await;
+    let token = a.client.create_token(Some("10m")).await.unwrap().token;
+    let b = Hub::start_with_env("lwb", &["--join", &token], &env).await;
+    let c = Hub::start_with_env("lwc", &["--join", &token], &env).await;
+    let hubs = vec![a, b, c];
+    crate::failover::three_voters_everywhere(&hubs).await;
+    deploy_counter(&hubs[0], "tally").await;
+    placed_everywhere(&hubs, "tally").await;
+    let ids = node_ids(&hubs).await;
+    assert_eq!(hubs[1].client.invoke("tally", b"0".to_vec(), None).await.unwrap(), b"0");
+    assert_eq!(counter_total(&hubs, "hubmesh_migration_watch_fallbacks_total").await, 0);
+
+    step("a client calls while the counter migrates 6 times");
+    let stop = Arc::new(AtomicBool::new(false));
+    let caller = tokio::spawn(increment_until(hubs[0].client.clone(), "tally", "w".into(), stop.clone()));
+    let mut host = task(&hubs[0], "tally").await.placement.unwrap().node_id;
+    for i in 0..6usize {
+        let to = ids.iter().copied().filter(|id| *id != host).nth(i % 2).unwrap();
+        let m = hubs[i % 3]
+            .client
+            .migrate("tally", Some(&to.to_string()))
+            .await
+            .unwrap_or_else(|e| panic!("migration {i} failed: {e}\n{}", hubs[i % 3].log_tail(40)));
+        assert_eq!((m.from_node_id, m.to_node_id), (host, to), "migration {i}: {m:?}");
+        host = to;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let answers = caller.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+
+    step("every source fell back to MIGRATE_END; every call applied once");
+    assert_eq!(counter_total(&hubs, "hubmesh_migration_watch_fallbacks_total").await, 6);
+    // The mesh's small calls (Raft's, the migrations') went on streams kept between calls.
+    assert!(counter_total(&hubs, "hubmesh_mesh_kept_stream_reuses_total").await > 100);
+    assert!(answers.len() > 10, "the client kept calling: {} calls", answers.len());
+    assert_eq!(answers, (1..=answers.len() as u64).collect::<Vec<_>>(), "no call lost or applied twice");
+    let placed = hubs[2].client.invoke_placed("tally", b"0".to_vec(), None).await.unwrap();
+    assert_eq!(placed.node, Some(host), "the last target runs it");
+    assert_eq!(String::from_utf8(placed.output).unwrap(), answers.len().to_string());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn periodic_and_stateless_tasks_migrate_and_bad_requests_change_nothing() {
     let hubs = three_hubs("lp").await;
