@@ -85,9 +85,11 @@ impl Kept {
                 return Some(Ok(s));
             }
         }
-        self.opened.fetch_add(1, Ordering::Relaxed);
         Some(match conn.open_bi().await {
-            Ok((send, recv)) => Ok(KeptStream { send: Outgoing::new(send), recv, fresh: true, reusable: false }),
+            Ok((send, recv)) => {
+                self.opened.fetch_add(1, Ordering::Relaxed);
+                Ok(KeptStream { send: Outgoing::new(send), recv, fresh: true, reusable: false })
+            }
             Err(e) => Err(broken(conn, e)),
         })
     }

@@ -72,7 +72,7 @@ async fn metrics(State(s): State<ApiState>) -> String {
     metrics::gauge!("hubmesh_page_log_compaction_locked_bytes_max").set(log.compaction_locked_bytes_max as f64);
     let kept = s.hub.consensus().transport().kept_stream_stats();
     metrics::counter!("hubmesh_mesh_kept_streams_opened_total").absolute(kept.opened);
-    metrics::counter!("hubmesh_mesh_kept_stream_reuses_total").absolute(kept.reused);
+    metrics::counter!("hubmesh_mesh_kept_streams_reused_total").absolute(kept.reused);
     metrics::gauge!("hubmesh_mesh_kept_streams_idle").set(kept.idle as f64);
     s.metrics.as_ref().map(|h| h.render()).unwrap_or_default()
 }

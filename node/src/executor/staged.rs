@@ -114,9 +114,10 @@ impl StagedTask {
         self.limits == *limits
     }
 
-    /// Bytes of memory it holds (its instance's and the image's).
+    /// Bytes of memory it holds, measured as a running task's meter measures its instance: the
+    /// linear memory (the image beside it is not counted for either).
     pub fn memory_bytes(&self) -> u64 {
-        2 * self.image.staged_hashes().len() as u64 * PAGE as u64
+        self.image.staged_hashes().len() as u64 * PAGE as u64
     }
 
     /// Whether the staged memory is exactly `manifest`'s (its module, size and every page).

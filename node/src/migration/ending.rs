@@ -136,18 +136,29 @@ impl Driver<'_> {
     /// stuck or gone, and failover takes over.
     async fn serving(&self, watch: Option<Watch>, paused: Instant, epoch: u64) -> Result<Serving, RpcError> {
         if let Some(mut w) = watch {
-            match (&mut w.0).await {
+            let reason = match (&mut w.0).await {
                 Ok(Ok(s)) if s.target.epoch == epoch => return Ok(s),
                 Ok(Ok(s)) => {
-                    tracing::debug!(task = self.task, epoch = s.target.epoch, "the target serves another epoch")
+                    tracing::debug!(task = self.task, epoch = s.target.epoch, "the target serves another epoch");
+                    "other_epoch"
                 }
                 Ok(Err(e @ (RpcError::Remote(_) | RpcError::NotDelivered(_) | RpcError::Unreachable(..)))) => {
                     tracing::debug!(task = self.task, error = %e, "the target did not take the watch; asking again");
-                    metrics::counter!("hubmesh_migration_watch_fallbacks_total").increment(1);
+                    // A hub from before the watch refuses its stream kind as a bad request (the
+                    // watch itself never answers that).
+                    match e.code() {
+                        Some(pb::ErrorCode::BadRequest) => "not_served",
+                        Some(_) => "refused",
+                        None => "unreachable",
+                    }
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(e) => tracing::warn!(task = self.task, error = %e, "the watch's task failed; asking again"),
-            }
+                Err(e) => {
+                    tracing::warn!(task = self.task, error = %e, "the watch's task failed; asking again");
+                    "failed"
+                }
+            };
+            metrics::counter!("hubmesh_migration_watch_fallbacks_total", "reason" => reason).increment(1);
         }
         let asked = paused.elapsed();
         let target = self.end_on_target(epoch).await?;

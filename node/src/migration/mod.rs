@@ -386,12 +386,11 @@ pub(crate) fn register(hub: &Arc<Hub>) {
     });
     // A hub from before the watch does not know its stream kind (the fault makes this one such
     // a hub, for the test of the source's fallback to `MIGRATE_END`).
-    if crate::faults::armed("no-migrate-watch") {
-        return;
+    if !crate::faults::armed("no-migrate-watch") {
+        let h = Arc::downgrade(hub);
+        MIGRATE_WATCH.serve(&transport, move |_, req| {
+            let h = h.clone();
+            async move { target::watch(&alive(&h)?, req).await }
+        });
     }
-    let h = Arc::downgrade(hub);
-    MIGRATE_WATCH.serve(&transport, move |_, req| {
-        let h = h.clone();
-        async move { target::watch(&alive(&h)?, req).await }
-    });
 }

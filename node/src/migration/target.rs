@@ -38,6 +38,9 @@ pub(super) struct Incoming {
     /// The task's instance, built as the pages arrive (none if it could not be: the task then
     /// restores from the page log at the switch, as after a failover).
     staged: Option<StagedTask>,
+    /// Its memory, as of the last round applied: the hub's load counts it while a round has the
+    /// instance out.
+    staged_bytes: u64,
 }
 
 /// A staged instance whose migration handed over its final state: the reconciler starts the task
@@ -118,6 +121,7 @@ pub(super) async fn prepare(
         limit: memory.saturating_mul(4).saturating_add(1 << 20),
         since: Instant::now(),
         pin,
+        staged_bytes: staged.as_ref().map_or(0, StagedTask::memory_bytes),
         staged,
     };
     incoming.insert(task, entry);
@@ -156,8 +160,8 @@ fn staging_room(hub: &Hub) -> bool {
 /// Bytes the staged instances of migrations to this hub hold, built or handed over: not a task's
 /// yet, but this hub's memory all the same.
 pub(super) fn staged_bytes(incoming: &HashMap<String, Incoming>, ready: &HashMap<String, Ready>) -> u64 {
-    let building = incoming.values().filter_map(|i| i.staged.as_ref());
-    building.chain(ready.values().map(|r| &r.staged)).map(StagedTask::memory_bytes).sum()
+    let building: u64 = incoming.values().map(|i| i.staged_bytes).sum();
+    building + ready.values().map(|r| r.staged.memory_bytes()).sum::<u64>()
 }
 
 /// Drops `what` (staged instances: a pool slot and large buffers to free) off the runtime's
@@ -308,7 +312,10 @@ pub(super) async fn pages(
         None => {
             let (staged, pages) = apply_round(hub, staged, req.memory_pages, entries, pages).await?;
             match hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&req.task) {
-                Some(entry) if entry.id == req.id => entry.staged = staged,
+                Some(entry) if entry.id == req.id => {
+                    entry.staged_bytes = staged.as_ref().map_or(0, StagedTask::memory_bytes);
+                    entry.staged = staged;
+                }
                 _ => drop_later(staged),
             }
             let log = hub.executor().pages().clone();

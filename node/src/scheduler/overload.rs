@@ -101,7 +101,9 @@ impl Overload {
             }
         }
         let mut busy = busy.clone();
-        busy.extend(state.tasks.values().filter_map(|t| t.migration.map(|m| m.from)));
+        // A target sheds nothing while it receives: its load counts the staged instance, which is
+        // no task's yet (and the move under way changes its load anyway).
+        busy.extend(state.tasks.values().filter_map(|t| t.migration).flat_map(|m| [m.from, m.to]));
         let mut sources: Vec<(NodeId, &HubLoad)> = self
             .above_since
             .iter()

@@ -151,12 +151,13 @@ async fn a_durable_counter_migrates_back_and_forth_under_load_and_no_call_fails(
     assert_eq!(again, first[0].to_string().into_bytes(), "a retried key answers its first answer");
 }
 
-/// The sum over `hubs` of the counter `name` in their `/metrics`.
-async fn counter_total(hubs: &[Hub], name: &str) -> u64 {
+/// The sum over `hubs` of the counter `series` (a name with its labels, as `/metrics` writes
+/// them) in their `/metrics`.
+async fn counter_total(hubs: &[Hub], series: &str) -> u64 {
     let mut total = 0;
     for h in hubs {
         let text = reqwest::get(format!("{}/metrics", h.url)).await.unwrap().text().await.unwrap();
-        let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+        let line = text.lines().find(|l| l.split_whitespace().next() == Some(series));
         total += line.and_then(|l| l.split_whitespace().nth(1)).map_or(0, |v| v.parse::<u64>().unwrap());
     }
     total
@@ -168,6 +169,7 @@ async fn counter_total(hubs: &[Hub], name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(feature = "fault-injection"), ignore = "needs the fault-injection feature: cargo test --workspace")]
 async fn a_target_that_does_not_know_the_watch_still_takes_the_task() {
+    const FALLBACKS: &str = r#"hubmesh_migration_watch_fallbacks_total{reason="not_served"}"#;
     let env = [("HUBMESH_FAULTS", "no-migrate-watch")];
     let a = Hub::start_with_env("lwa", &[], &env).await;
     let token = a.client.create_token(Some("10m")).await.unwrap().token;
@@ -179,7 +181,7 @@ async fn a_target_that_does_not_know_the_watch_still_takes_the_task() {
     placed_everywhere(&hubs, "tally").await;
     let ids = node_ids(&hubs).await;
     assert_eq!(hubs[1].client.invoke("tally", b"0".to_vec(), None).await.unwrap(), b"0");
-    assert_eq!(counter_total(&hubs, "hubmesh_migration_watch_fallbacks_total").await, 0);
+    assert_eq!(counter_total(&hubs, FALLBACKS).await, 0);
 
     step("a client calls while the counter migrates 6 times");
     let stop = Arc::new(AtomicBool::new(false));
@@ -193,15 +195,18 @@ async fn a_target_that_does_not_know_the_watch_still_takes_the_task() {
             .await
             .unwrap_or_else(|e| panic!("migration {i} failed: {e}\n{}", hubs[i % 3].log_tail(40)));
         assert_eq!((m.from_node_id, m.to_node_id), (host, to), "migration {i}: {m:?}");
+        // The target's answer to MIGRATE_END said when it ran the task, within the pause.
+        let parts = [m.stored_us, m.applied_us, m.running_us, m.pause_us];
+        assert!(m.running_us > 0 && parts.windows(2).all(|w| w[0] <= w[1]), "the pause's parts: {m:?}");
         host = to;
     }
     stop.store(true, Ordering::Relaxed);
     let answers = caller.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
 
     step("every source fell back to MIGRATE_END; every call applied once");
-    assert_eq!(counter_total(&hubs, "hubmesh_migration_watch_fallbacks_total").await, 6);
+    assert_eq!(counter_total(&hubs, FALLBACKS).await, 6);
     // The mesh's small calls (Raft's, the migrations') went on streams kept between calls.
-    assert!(counter_total(&hubs, "hubmesh_mesh_kept_stream_reuses_total").await > 100);
+    assert!(counter_total(&hubs, "hubmesh_mesh_kept_streams_reused_total").await > 100);
     assert!(answers.len() > 10, "the client kept calling: {} calls", answers.len());
     assert_eq!(answers, (1..=answers.len() as u64).collect::<Vec<_>>(), "no call lost or applied twice");
     let placed = hubs[2].client.invoke_placed("tally", b"0".to_vec(), None).await.unwrap();

@@ -125,6 +125,30 @@ fn one_move_per_hub_at_a_time_and_never_a_pinned_or_recently_moved_task() {
 }
 
 #[test]
+fn a_hub_receiving_a_migration_sheds_nothing_meanwhile() {
+    let s = mesh(3, &[("a", 1), ("b", 1), ("c", 3)]);
+    let cores = BTreeMap::from([("a", 0.6), ("b", 0.4), ("c", 0.1)]);
+    let l = loads(&s, &cores);
+    let mut p = Overload::default();
+    p.round(&s, &l, 0, &TH, &BTreeSet::new(), &Near::default());
+    let begin = Command::BeginMigration {
+        task: "c".into(),
+        instance: 0,
+        id: 4,
+        from: NodeId(3),
+        to: NodeId(1),
+        expected: s.tasks["c"].instances[&0].epoch,
+        reason: MigrationReason::Manual,
+        at_ms: 0,
+    };
+    let mut receiving = s.clone();
+    receiving.apply(&begin).unwrap();
+    assert_eq!(p.round(&receiving, &l, 10_000, &TH, &BTreeSet::new(), &Near::default()), None, "receiving");
+    let m = p.round(&s, &l, 10_000, &TH, &BTreeSet::new(), &Near::default());
+    assert_eq!(m.map(|m| m.from), Some(NodeId(1)), "once the migration is over it sheds");
+}
+
+#[test]
 fn a_task_that_would_overload_any_target_stays_put() {
     let s = mesh(2, &[("hog", 1)]);
     let l = loads(&s, &BTreeMap::from([("hog", 0.95)]));
