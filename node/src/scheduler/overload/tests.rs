@@ -37,20 +37,25 @@ fn loads(s: &ClusterState, cores: &BTreeMap<&str, f64>) -> BTreeMap<NodeId, HubL
     out
 }
 
+/// The begin of migration 7 of `task` (at its current epoch) from hub `from` to hub `to`.
+fn begin(s: &ClusterState, task: &str, from: u64, to: u64, reason: MigrationReason, at_ms: u64) -> Command {
+    Command::BeginMigration {
+        task: task.into(),
+        instance: 0,
+        id: 7,
+        from: NodeId(from),
+        to: NodeId(to),
+        expected: s.tasks[task].instances[&0].epoch,
+        reason,
+        at_ms,
+    }
+}
+
 /// Applies a move as the mesh would: begin, then commit (a history event with the migration).
 fn apply(s: &mut ClusterState, m: &Move, now_ms: u64) {
     let epoch = s.tasks[&m.task].instances[&0].epoch;
-    let begin = Command::BeginMigration {
-        task: m.task.clone(),
-        instance: 0,
-        id: 7,
-        from: m.from,
-        to: m.to,
-        expected: epoch,
-        reason: MigrationReason::Overload,
-        at_ms: now_ms,
-    };
-    s.apply(&begin).unwrap();
+    let b = begin(s, &m.task, m.from.0, m.to.0, MigrationReason::Overload, now_ms);
+    s.apply(&b).unwrap();
     let commit = Command::CommitMigration {
         task: m.task.clone(),
         id: 7,
@@ -94,18 +99,8 @@ fn one_move_per_hub_at_a_time_and_never_a_pinned_or_recently_moved_task() {
     p.round(&s, &l, 0, &TH, &BTreeSet::new(), &Near::default());
     assert_eq!(p.round(&s, &l, 10_000, &TH, &BTreeSet::from([NodeId(1)]), &Near::default()), None, "busy");
     let epoch = s.tasks["a"].instances[&0].epoch;
-    let begin = Command::BeginMigration {
-        task: "b".into(),
-        instance: 0,
-        id: 3,
-        from: NodeId(1),
-        to: NodeId(2),
-        expected: s.tasks["b"].instances[&0].epoch,
-        reason: MigrationReason::Manual,
-        at_ms: 0,
-    };
     let mut migrating = s.clone();
-    migrating.apply(&begin).unwrap();
+    migrating.apply(&begin(&s, "b", 1, 2, MigrationReason::Manual, 0)).unwrap();
     assert_eq!(
         p.round(&migrating, &l, 10_000, &TH, &BTreeSet::new(), &Near::default()),
         None,
@@ -131,18 +126,8 @@ fn a_hub_receiving_a_migration_sheds_nothing_meanwhile() {
     let l = loads(&s, &cores);
     let mut p = Overload::default();
     p.round(&s, &l, 0, &TH, &BTreeSet::new(), &Near::default());
-    let begin = Command::BeginMigration {
-        task: "c".into(),
-        instance: 0,
-        id: 4,
-        from: NodeId(3),
-        to: NodeId(1),
-        expected: s.tasks["c"].instances[&0].epoch,
-        reason: MigrationReason::Manual,
-        at_ms: 0,
-    };
     let mut receiving = s.clone();
-    receiving.apply(&begin).unwrap();
+    receiving.apply(&begin(&s, "c", 3, 1, MigrationReason::Manual, 0)).unwrap();
     assert_eq!(p.round(&receiving, &l, 10_000, &TH, &BTreeSet::new(), &Near::default()), None, "receiving");
     let m = p.round(&s, &l, 10_000, &TH, &BTreeSet::new(), &Near::default());
     assert_eq!(m.map(|m| m.from), Some(NodeId(1)), "once the migration is over it sheds");
