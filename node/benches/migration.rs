@@ -8,7 +8,8 @@
 //!   every page of a 64 MiB task changes each second, faster than the rounds carry them.
 //!
 //! Reported per size: the pause the source measured (freeze → the target serves), the longest
-//! gap between two answers the looping client saw during a migration, the whole migration,
+//! gap between two answers the looping client saw during a migration (and, to read it against,
+//! in as many windows as long with no migration under way), the whole migration,
 //! rounds, bytes against the state and against the pages rewritten during the migration, and
 //! calls lost or doubled (the answers of all calls must be consecutive call counts). Every loop
 //! is bounded in count and time. `MIGRATION_BENCH_RUNS=N` changes the 20;
@@ -189,6 +190,22 @@ fn main() {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            // The same client's longest gap in windows as long as a migration's (the whole
+            // migration's p50 and the 200 ms after it) with none under way: what it sees anyway
+            // (periodic checkpoints, the writer's calls), against which the gaps above are read.
+            let whole = if totals.is_empty() { Duration::ZERO } else { pct(&mut totals.clone(), 0.5) };
+            let window = whole + Duration::from_millis(200);
+            let mut quiet = Vec::new();
+            for _ in 0..runs {
+                let began = Instant::now();
+                tokio::time::sleep(window).await;
+                {
+                    let s = seen.lock().unwrap();
+                    let during: Vec<Instant> = s.answers.iter().map(|(t, _)| *t).filter(|t| *t >= began).collect();
+                    quiet.push(during.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             stop.store(true, Ordering::Relaxed);
             caller.await.unwrap();
             if let Some(w) = writing {
@@ -228,6 +245,13 @@ fn main() {
                 s.failed + w.failed,
                 pct(&mut gaps, 0.5).as_secs_f64() * 1e3,
                 pct(&mut gaps, 0.99).as_secs_f64() * 1e3,
+            );
+            println!(
+                "| {mib} MiB: the same client's longest gap in as long a window with no migration ({} windows of {} ms) | {:.1} ms | {:.1} ms | |",
+                quiet.len(),
+                window.as_millis(),
+                pct(&mut quiet, 0.5).as_secs_f64() * 1e3,
+                pct(&mut quiet, 0.99).as_secs_f64() * 1e3,
             );
             let at = |q: f64, parts: &mut [Vec<Duration>; 5]| {
                 parts.iter_mut().map(|v| format!("{:.1}", pct(v, q).as_secs_f64() * 1e3)).collect::<Vec<_>>().join(" / ")
