@@ -290,15 +290,7 @@ impl Hub {
         let mut rx = self.consensus().watch();
         let name = name.to_owned();
         async move {
-            let _ = rx
-                .wait_for(|s| {
-                    let hub_up = serves(s, p.node);
-                    let still_placed = s.tasks.get(&name).is_some_and(|t| {
-                        t.placements().any(|(_, q)| q == p) || hub_up && t.history.iter().any(|h| migrated_from(h, p))
-                    });
-                    !((hub_up || !trusted) && still_placed)
-                })
-                .await;
+            let _ = rx.wait_for(|s| !trusts(s, &name, p, trusted)).await;
         }
     }
 
@@ -386,6 +378,22 @@ fn serves(state: &ClusterState, node: NodeId) -> bool {
     state.nodes.get(&node).is_some_and(|n| matches!(n.status, NodeStatus::Up | NodeStatus::Draining))
 }
 
+/// Whether `state` still trusts `p` to run `name` (see [`Hub::host_replaced`]). A placement newer
+/// than every one the state shows counts as placed: a migration's source relays its held calls to
+/// the target's new epoch as soon as the switch commits, and its own state may apply the switch a
+/// moment later (cutting the relay short there cost a 5 ms back-off).
+fn trusts(state: &ClusterState, name: &str, p: Placement, trusted: bool) -> bool {
+    let hub_up = serves(state, p.node);
+    let still_placed = state.tasks.get(name).is_some_and(|t| {
+        let mut placements = t.placements().map(|(_, q)| q).peekable();
+        let not_applied_yet = placements.peek().is_some() && placements.all(|q| q.epoch < p.epoch);
+        t.placements().any(|(_, q)| q == p)
+            || not_applied_yet
+            || hub_up && t.history.iter().any(|h| migrated_from(h, p))
+    });
+    (hub_up || !trusted) && still_placed
+}
+
 /// Whether `h` records a committed live migration away from `p`.
 fn migrated_from(h: &HistoryEvent, p: Placement) -> bool {
     h.migration.as_ref().is_some_and(|m| m.aborted.is_none() && m.from == p.node && m.from_epoch == p.epoch)
@@ -425,5 +433,39 @@ mod tests {
             InvokeError::OutcomeUnknown("cut short".into()).into(),
         ];
         assert!(!ran.iter().any(RouteError::is_refusal));
+    }
+
+    #[test]
+    fn a_placement_the_state_has_not_applied_yet_is_trusted_until_a_newer_one() {
+        use crate::scheduler::tests::{constrained_deploy, labelled_node};
+        use hubmesh_consensus::state::TaskKind;
+        use hubmesh_consensus::Command;
+        let mut s = ClusterState::default();
+        for id in 1..=3 {
+            s.apply(&labelled_node(id, 10, NodeStatus::Up, &[])).unwrap();
+        }
+        s.apply(&constrained_deploy("t", TaskKind::Stateful, &[])).unwrap();
+        let at =
+            |node: u64, s: &ClusterState| Placement { node: NodeId(node), epoch: s.tasks["t"].instances[&0].epoch };
+        let place = |node: u64, expected: Option<Epoch>| Command::PlaceInstance {
+            task: "t".into(),
+            instance: 0,
+            node: NodeId(node),
+            expected,
+        };
+        assert!(!trusts(&s, "t", Placement { node: NodeId(2), epoch: Epoch(1) }, true), "not placed at all");
+        s.apply(&place(1, None)).unwrap();
+        let on_1 = at(1, &s);
+        assert!(trusts(&s, "t", on_1, true), "placed there");
+        // Hub 2 at the next epoch: a switch this state has not applied yet.
+        let on_2 = Placement { node: NodeId(2), epoch: Epoch(on_1.epoch.0 + 1) };
+        assert!(trusts(&s, "t", on_2, true), "ahead of this state");
+        assert!(!trusts(&s, "t", Placement { node: NodeId(2), epoch: on_1.epoch }, true), "not placed there");
+        s.apply(&place(3, Some(on_1.epoch))).unwrap();
+        assert!(!trusts(&s, "t", on_1, true), "re-placed: the old host is not trusted");
+        assert!(!trusts(&s, "t", on_2, true), "re-placed at that epoch or later, elsewhere");
+        s.apply(&Command::SetNodeStatus { node: NodeId(3), status: NodeStatus::Down }).unwrap();
+        let on_3 = at(3, &s);
+        assert!(!trusts(&s, "t", on_3, true) && trusts(&s, "t", on_3, false), "a hub known down");
     }
 }
