@@ -285,7 +285,8 @@ impl Hub {
     /// was re-placed (a new epoch). A call still waiting on that hub then stops waiting.
     /// With `trusted` false (the hub was already not up when the call was made) only a new
     /// placement counts: the call was made knowing the hub was suspect. A live migration away
-    /// from `p` does not count while `p`'s hub serves: it relays the calls it held.
+    /// from `p` does not count while `p`'s hub serves: it relays the calls it held; nor does a
+    /// `p` newer than every placement the state shows (not applied here yet: see [`trusts`]).
     fn host_replaced(&self, name: &str, p: Placement, trusted: bool) -> impl std::future::Future<Output = ()> + use<> {
         let mut rx = self.consensus().watch();
         let name = name.to_owned();
