@@ -14,7 +14,8 @@
 //! calls lost or doubled (the answers of all calls must be consecutive call counts). Every loop
 //! is bounded in count and time. `MIGRATION_BENCH_RUNS=N` changes the 20;
 //! `MIGRATION_BENCH_SIZES=1,16` picks the sizes; `MIGRATION_BENCH_VERBOSE=1` says where each
-//! longest gap fell. Then the overload benchmark (`common::overload`,
+//! longest gap fell (with and without a migration); `MIGRATION_BENCH_CHECKPOINT_EVERY=60s`
+//! changes the task's checkpoint period (default 1s). Then the overload benchmark (`common::overload`,
 //! `MIGRATION_BENCH_OVERLOAD_RUNS=N`, default 5; `MIGRATION_BENCH_ONLY=overload` runs it alone).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,8 +105,11 @@ fn main() {
             .unwrap_or_else(|_| vec![1, 16, 64]);
         for mib in sizes {
             let task = format!("big{mib}");
+            // `MIGRATION_BENCH_CHECKPOINT_EVERY` (default 1s): the task's periodic checkpoints,
+            // which the client's gaps with no migration under way are read against.
+            let every = std::env::var("MIGRATION_BENCH_CHECKPOINT_EVERY").unwrap_or_else(|_| "1s".into());
             let params = DeployParams {
-                checkpoint_every: Some("1s".into()),
+                checkpoint_every: Some(every),
                 memory: Some(format!("{}MiB", mib + 16)),
                 ..Default::default()
             };
@@ -202,7 +206,12 @@ fn main() {
                 {
                     let s = seen.lock().unwrap();
                     let during: Vec<Instant> = s.answers.iter().map(|(t, _)| *t).filter(|t| *t >= began).collect();
-                    quiet.push(during.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default());
+                    let longest = during.windows(2).max_by_key(|w| w[1] - w[0]);
+                    if let (Some(w), Some(_)) = (longest, std::env::var_os("MIGRATION_BENCH_VERBOSE")) {
+                        let wall = std::time::SystemTime::now() - w[0].elapsed();
+                        eprintln!("{task} quiet: gap {:?} at {}", w[1] - w[0], humantime::format_rfc3339_micros(wall));
+                    }
+                    quiet.push(longest.map(|w| w[1] - w[0]).unwrap_or_default());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -57,7 +57,7 @@ async fn reconcile_once(hub: &Arc<Hub>, state: &Arc<ClusterState>) {
     // A task this hub is migrating away is the driver's: it stops it (without a checkpoint) once
     // the target serves, or keeps it if the migration is given up.
     let migrating = |n: &str| hub.migrations().is_outgoing(n);
-    hub.migrations().sweep();
+    hub.migrations().sweep(hub);
     crate::migration::abort_left_behind(hub, state);
     for name in running.keys().filter(|n| !desired.contains_key(*n) && !migrating(n)) {
         let deleted = !state.tasks.contains_key(name);

@@ -74,6 +74,7 @@ async fn metrics(State(s): State<ApiState>) -> String {
     metrics::counter!("hubmesh_mesh_kept_streams_opened_total").absolute(kept.opened);
     metrics::counter!("hubmesh_mesh_kept_streams_reused_total").absolute(kept.reused);
     metrics::gauge!("hubmesh_mesh_kept_streams_idle").set(kept.idle as f64);
+    metrics::gauge!("hubmesh_migration_staged_bytes").set(s.hub.migrations().staged_memory_bytes() as f64);
     s.metrics.as_ref().map(|h| h.render()).unwrap_or_default()
 }
 

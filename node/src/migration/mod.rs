@@ -132,6 +132,56 @@ mod tests {
     }
 
     #[test]
+    fn a_staged_migration_is_forgotten_once_the_state_shows_it_cannot_land_here() {
+        use crate::scheduler::tests::{constrained_deploy, labelled_node};
+        use hubmesh_consensus::state::{MigrationStats, NodeStatus, Placement, TaskKind};
+        let mut s = ClusterState::default();
+        for id in 1..=3 {
+            s.apply(&labelled_node(id, 10, NodeStatus::Up, &[])).unwrap();
+        }
+        s.apply(&constrained_deploy("t", TaskKind::Stateless, &[])).unwrap();
+        s.apply(&Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(1), expected: None }).unwrap();
+        let begin = |s: &ClusterState, id: u64| Command::BeginMigration {
+            task: "t".into(),
+            instance: 0,
+            id,
+            from: NodeId(1),
+            to: NodeId(2),
+            expected: s.placement("t", 0).unwrap().epoch,
+            reason: MigrationReason::Manual,
+            at_ms: 0,
+        };
+        let lands = |s: &ClusterState, id: u64| target::may_still_land(s, "t", id, NodeId(2));
+        assert!(!lands(&s, 5), "never begun");
+        s.apply(&begin(&s, 5)).unwrap();
+        assert!(lands(&s, 5) && !lands(&s, 6), "under way, and only that one");
+        s.apply(&Command::AbortMigration { task: "t".into(), id: 5, why: "x".into(), at_ms: 0 }).unwrap();
+        assert!(!lands(&s, 5), "aborted");
+        s.apply(&begin(&s, 7)).unwrap();
+        let expected = s.placement("t", 0).unwrap().epoch;
+        let commit = Command::CommitMigration {
+            task: "t".into(),
+            id: 7,
+            expected,
+            checkpoint: None,
+            based_on: None,
+            stats: MigrationStats::default(),
+            at_ms: 0,
+        };
+        s.apply(&commit).unwrap();
+        let moved: Placement = s.placement("t", 0).unwrap();
+        assert_eq!(moved.node, NodeId(2));
+        assert!(lands(&s, 7), "committed here: the reconciler takes the staged instance");
+        assert!(!target::may_still_land(&s, "t", 7, NodeId(3)), "committed elsewhere");
+        let away =
+            Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(3), expected: Some(moved.epoch) };
+        s.apply(&away).unwrap();
+        assert!(!lands(&s, 7), "re-placed since: too late to start it");
+        s.apply(&Command::DeleteTask { name: "t".into() }).unwrap();
+        assert!(!lands(&s, 7), "deleted");
+    }
+
+    #[test]
     fn every_error_survives_the_mesh_as_itself() {
         let all = [
             MigrateError::NotFound("t".into()),
@@ -191,9 +241,19 @@ impl Migrations {
         target::staged_bytes(&incoming, &ready)
     }
 
-    /// Forgets incoming migrations whose source stopped sending (it died or gave up without
-    /// telling): their pinned pages become garbage again. The reconciler calls it each round.
-    pub(crate) fn sweep(&self) {
+    /// Forgets incoming migrations that `state` shows ended without moving the task here, and
+    /// those whose source stopped sending (it died or gave up without telling): their staged
+    /// instances and pinned pages go. The reconciler calls it each round.
+    pub(crate) fn sweep(&self, hub: &Hub) {
+        {
+            let mut incoming = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+            // Read under the locks: every entry was added after its handler saw the begin in an
+            // applied state, so this one, no older, shows the begin too (a reconciler's round
+            // may run on a state from before it).
+            let state = hub.consensus().state();
+            target::forget_ended(&mut incoming, &mut ready, &state, hub.consensus().node_id());
+        }
         target::sweep(&mut self.incoming.lock().unwrap_or_else(|p| p.into_inner()));
         target::sweep_ready(&mut self.ready.lock().unwrap_or_else(|p| p.into_inner()));
         let mut handed_over = self.handed_over.lock().unwrap_or_else(|p| p.into_inner());

@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hubmesh_consensus::state::{checkpoint_key, parse_checkpoint_key, MigrationOutcome, TaskKind, TaskRecord};
+use hubmesh_consensus::state::{
+    checkpoint_key, parse_checkpoint_key, ClusterState, MigrationOutcome, TaskKind, TaskRecord,
+};
 use hubmesh_consensus::transport::Refusal;
 use hubmesh_consensus::{Epoch, NodeId};
 use hubmesh_proto::pb;
@@ -175,6 +177,36 @@ pub(super) fn sweep(incoming: &mut HashMap<String, Incoming>) {
     let stale: Vec<String> =
         incoming.iter().filter(|(_, i)| i.since.elapsed() >= super::BUDGET * 2).map(|(k, _)| k.clone()).collect();
     drop_later(stale.into_iter().filter_map(|k| incoming.remove(&k)).collect::<Vec<_>>());
+}
+
+/// Whether migration `id` of `task` may still make this hub the task's host: under way, or
+/// committed here with the task still placed at that epoch (the reconciler is about to take its
+/// staged instance).
+pub(super) fn may_still_land(state: &ClusterState, task: &str, id: u64, me: NodeId) -> bool {
+    state.tasks.get(task).is_some_and(|t| match t.migration_outcome(id) {
+        MigrationOutcome::Underway => true,
+        MigrationOutcome::Moved(p) => p.node == me && t.instances.get(&0) == Some(&p),
+        MigrationOutcome::NotMoved => false,
+    })
+}
+
+/// Forgets the migrations to this hub that the applied state shows ended without moving the task
+/// here (aborted, fenced by a failover after the source died, the task deleted): their staged
+/// instances and pinned pages go at once, not at the sweep's timeout. An entry exists only once
+/// this hub applied the migration's begin, so a state that no longer shows it under way is newer
+/// than the begin, never a lagging view of it.
+pub(super) fn forget_ended(
+    incoming: &mut HashMap<String, Incoming>,
+    ready: &mut HashMap<String, Ready>,
+    state: &ClusterState,
+    me: NodeId,
+) {
+    let ended: Vec<String> =
+        incoming.iter().filter(|(t, i)| !may_still_land(state, t, i.id, me)).map(|(t, _)| t.clone()).collect();
+    drop_later(ended.into_iter().filter_map(|t| incoming.remove(&t)).collect::<Vec<_>>());
+    let ended: Vec<String> =
+        ready.iter().filter(|(t, r)| !may_still_land(state, t, r.id, me)).map(|(t, _)| t.clone()).collect();
+    drop_later(ended.into_iter().filter_map(|t| ready.remove(&t)).collect::<Vec<_>>());
 }
 
 /// Forgets staged instances the reconciler did not take (the commit never came).

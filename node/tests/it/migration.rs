@@ -517,6 +517,12 @@ async fn kill_rounds(mut hubs: Vec<Hub>, plan: &[(KillAt, bool)]) {
             })
             .await;
         }
+        // Nor a staged instance of it: one the switch never came for goes as soon as the state
+        // shows its migration ended, not at the 60 s sweep.
+        wait_until(Duration::from_secs(10), "no staged instance left", || async {
+            counter_total(&hubs, "hubmesh_migration_staged_bytes").await == 0
+        })
+        .await;
         // A source that crashed before the switch and came back at once keeps the task at its
         // epoch: the migration it left behind was aborted (by itself: no failover, no watchdog
         // within the 30 s above).
