@@ -141,16 +141,17 @@ mod tests {
         }
         s.apply(&constrained_deploy("t", TaskKind::Stateless, &[])).unwrap();
         s.apply(&Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(1), expected: None }).unwrap();
-        let begin = |s: &ClusterState, id: u64| Command::BeginMigration {
+        let begin_to = |s: &ClusterState, id: u64, from: u64, to: u64| Command::BeginMigration {
             task: "t".into(),
             instance: 0,
             id,
-            from: NodeId(1),
-            to: NodeId(2),
+            from: NodeId(from),
+            to: NodeId(to),
             expected: s.placement("t", 0).unwrap().epoch,
             reason: MigrationReason::Manual,
             at_ms: 0,
         };
+        let begin = |s: &ClusterState, id: u64| begin_to(s, id, 1, 2);
         let lands = |s: &ClusterState, id: u64| target::may_still_land(s, "t", id, NodeId(2));
         assert!(!lands(&s, 5), "never begun");
         s.apply(&begin(&s, 5)).unwrap();
@@ -177,8 +178,20 @@ mod tests {
             Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(3), expected: Some(moved.epoch) };
         s.apply(&away).unwrap();
         assert!(!lands(&s, 7), "re-placed since: too late to start it");
+        // Back on hub 1, then a failover places it on the target itself while a migration is
+        // under way: the hub hosts the task, but not from that migration's state.
+        let now = |s: &ClusterState| Some(s.placement("t", 0).unwrap().epoch);
+        let back = Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(1), expected: now(&s) };
+        s.apply(&back).unwrap();
+        s.apply(&begin(&s, 9)).unwrap();
+        assert!(lands(&s, 9));
+        let failover = Command::PlaceInstance { task: "t".into(), instance: 0, node: NodeId(2), expected: now(&s) };
+        s.apply(&failover).unwrap();
+        assert!(!lands(&s, 9), "fenced by the failover");
+        s.apply(&begin_to(&s, 11, 2, 3)).unwrap();
+        assert!(target::may_still_land(&s, "t", 11, NodeId(3)));
         s.apply(&Command::DeleteTask { name: "t".into() }).unwrap();
-        assert!(!lands(&s, 7), "deleted");
+        assert!(!target::may_still_land(&s, "t", 11, NodeId(3)), "deleted while under way");
     }
 
     #[test]

@@ -116,6 +116,13 @@ pub(super) async fn prepare(
         if staging_room(hub) { stage(hub, t, &req.base_manifest, !req.base_key.is_empty()).await } else { None };
     let mut incoming = hub.migrations().incoming.lock().unwrap_or_else(|p| p.into_inner());
     sweep(&mut incoming);
+    // Again, under the lock: a prepare slowed by fetching its base may end after its migration
+    // was aborted, and must not replace the entry of a newer one.
+    if !expected(hub, &task, id, from) {
+        drop(incoming);
+        drop_later(staged);
+        return Err(refuse(pb::ErrorCode::Unavailable, "the migration is no longer under way"));
+    }
     let entry = Incoming {
         id,
         from,
@@ -185,7 +192,7 @@ pub(super) fn sweep(incoming: &mut HashMap<String, Incoming>) {
 pub(super) fn may_still_land(state: &ClusterState, task: &str, id: u64, me: NodeId) -> bool {
     state.tasks.get(task).is_some_and(|t| match t.migration_outcome(id) {
         MigrationOutcome::Underway => true,
-        MigrationOutcome::Moved(p) => p.node == me && t.instances.get(&0) == Some(&p),
+        MigrationOutcome::Moved(p) => p.node == me && t.placements().any(|(_, q)| q == p),
         MigrationOutcome::NotMoved => false,
     })
 }
