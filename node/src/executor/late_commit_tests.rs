@@ -12,6 +12,9 @@ use hubmesh_storage::{Hash, PageLog, PageWrite};
 use super::tests::{call, config, example, executor_in, rt, LIMITS};
 use super::*;
 
+/// A stored checkpoint: its manifest and the pages it refers to.
+type Stored = (Vec<u8>, Vec<Hash>);
+
 /// A mesh that commits a checkpoint only if it was built on the committed one (as the state
 /// machine checks). Its next commit goes through, but the instance hears that it may not have,
 /// and this hub applies it only later (`land`).
@@ -23,7 +26,7 @@ struct Mesh {
     /// Commits that fail with an unknown outcome, and did not commit.
     fail_unknown: AtomicUsize,
     /// What each commit carried, as the holders would store it: key → (manifest, refs).
-    stored: Mutex<HashMap<String, (Vec<u8>, Vec<Hash>)>>,
+    stored: Mutex<HashMap<String, Stored>>,
     /// The instance's page log, where a fetch puts the committed checkpoint.
     log: Mutex<Option<Arc<PageLog>>>,
     fetches: AtomicUsize,

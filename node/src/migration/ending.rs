@@ -105,11 +105,14 @@ impl Driver<'_> {
         let task = self.task.to_owned();
         let applied = self.hub.wait_state(Duration::from_secs(10), move |s| s.placement(&task, 0) == Some(p)).await;
         if applied {
-            // Off the runtime's threads: it joins the actor's thread, which frees the instance
-            // (for a 64 MiB task, milliseconds in which this worker would answer nothing, such
-            // as the relayed calls' answers coming back from the target).
+            // Off the runtime's threads: it queues the stop (waiting for room) and joins the
+            // actor's thread, which frees the instance and its image (for a 64 MiB task,
+            // milliseconds in which this worker would poll nothing else, such as the relayed
+            // calls' answers coming back from the target).
             let (ex, task) = (self.hub.executor().clone(), self.task.to_owned());
-            let _ = tokio::task::spawn_blocking(move || ex.detach_migrated(&task)).await;
+            if let Err(e) = tokio::task::spawn_blocking(move || ex.detach_migrated(&task)).await {
+                tracing::warn!(task = self.task, error = %e, "dropping the moved instance failed");
+            }
         } else {
             tracing::warn!(task = self.task, "this hub has not applied the migration's commit yet");
         }
